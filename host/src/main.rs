@@ -1,0 +1,126 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ferrite::plugins::{Registry, search_dirs};
+use ferrite::settings::Settings;
+
+/// Ferrite trains image diffusion models (full fine-tune, LoRA-family adapters, embeddings).
+#[derive(Parser)]
+#[command(name = "ferrite", version, about)]
+struct Cli {
+    /// Settings file (default: $XDG_CONFIG_HOME/ferrite/settings.toml).
+    #[arg(long, global = true)]
+    settings: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List, enable or disable plugins.
+    Plugins {
+        #[command(subcommand)]
+        action: PluginsAction,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsAction {
+    /// Every component of every plugin found: id, kind, version, path, enabled.
+    List,
+    /// Enable a component by id.
+    Enable { id: String },
+    /// Disable a component by id.
+    Disable { id: String },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Per-op overhead through the plugin ABI against calling burn directly.
+    Ops {
+        /// Compute device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRITE_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let settings_path = match cli.settings {
+        Some(p) => p,
+        None => Settings::default_path()?,
+    };
+    match cli.command {
+        None => {
+            use clap::CommandFactory;
+            Cli::command().print_help()?;
+            println!("\nThe desktop GUI is not built yet; use the commands above.");
+        }
+        Some(Command::Plugins { action }) => {
+            let mut settings = Settings::load(&settings_path)?;
+            match action {
+                PluginsAction::List => list_plugins(&settings),
+                PluginsAction::Enable { id } | PluginsAction::Disable { id } if id.is_empty() => {
+                    anyhow::bail!("give a component id (see `ferrite plugins list`)")
+                }
+                PluginsAction::Enable { id } => {
+                    settings.set_enabled(&id, true);
+                    settings.save(&settings_path).context("saving settings")?;
+                    println!("enabled {id}");
+                }
+                PluginsAction::Disable { id } => {
+                    let registry = Registry::discover(&search_dirs(&settings), &settings);
+                    if !registry.components().iter().any(|c| c.id == id) {
+                        eprintln!("note: no loaded plugin offers `{id}`; disabling it anyway");
+                    }
+                    settings.set_enabled(&id, false);
+                    settings.save(&settings_path).context("saving settings")?;
+                    println!("disabled {id}");
+                }
+            }
+        }
+        Some(Command::Bench { what: BenchWhat::Ops { device } }) => ferrite::bench::ops(&device)?,
+    }
+    Ok(())
+}
+
+fn list_plugins(settings: &Settings) {
+    let registry = Registry::discover(&search_dirs(settings), settings);
+    let rows: Vec<[String; 5]> = registry
+        .components()
+        .iter()
+        .map(|c| {
+            [
+                c.id.clone(),
+                c.kind.to_string(),
+                c.version.clone(),
+                if c.enabled { "yes".into() } else { "no".into() },
+                c.path.display().to_string(),
+            ]
+        })
+        .collect();
+    let header = ["ID", "KIND", "VERSION", "ENABLED", "PATH"].map(String::from);
+    let widths: Vec<usize> =
+        (0..4).map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in std::iter::once(&header).chain(&rows) {
+        println!("{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}", r[0], r[1], r[2], r[3], r[4], w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3]);
+    }
+    if rows.is_empty() {
+        println!("(no plugins found)");
+    }
+    for p in &registry.problems {
+        eprintln!("error: {p}");
+    }
+}

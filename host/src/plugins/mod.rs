@@ -1,0 +1,220 @@
+//! Plugin discovery, loading and the registry of components.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::lib_header_from_path;
+use abi_stable::std_types::RStr;
+use ferrite_plugin_api::{
+    ComponentKind,
+    abi::{ABI_VERSION, ComponentBox, PluginLibRef},
+    plugin::{ArchitectureHandle, OptimizerHandle},
+};
+
+use crate::runtime::host_ref;
+use crate::settings::Settings;
+
+/// One component offered by a loaded library.
+#[derive(Debug, Clone)]
+pub struct ComponentInfo {
+    pub kind: ComponentKind,
+    pub id: String,
+    pub version: String,
+    pub description: String,
+    pub options_schema: String,
+    pub path: PathBuf,
+    pub library: String,
+    pub enabled: bool,
+}
+
+/// A library that could not be used, and why. Displayed as one line.
+#[derive(Debug, Clone)]
+pub struct LoadProblem {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl fmt::Display for LoadProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("no {kind} plugin with id `{id}` (run `ferrite plugins list`)")]
+    NotFound { kind: ComponentKind, id: String },
+    #[error("{kind} `{id}` is disabled (run `ferrite plugins enable {id}`)")]
+    Disabled { kind: ComponentKind, id: String },
+    #[error("{kind} id `{id}` is offered by more than one library: {}; remove or disable one", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and "))]
+    Duplicate { kind: ComponentKind, id: String, paths: Vec<PathBuf> },
+    #[error("plugin `{id}` ({path}) failed to create its {kind}: {reason}")]
+    Instantiate { kind: ComponentKind, id: String, path: PathBuf, reason: String },
+}
+
+struct Library {
+    path: PathBuf,
+    root: PluginLibRef,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    libraries: Vec<Library>,
+    components: Vec<ComponentInfo>,
+    pub problems: Vec<LoadProblem>,
+}
+
+/// Where plugins are looked for, in order: `<exe dir>/plugins`, the executable's directory,
+/// `$FERRITE_PLUGIN_PATH` (`:`-separated), then the settings' `plugin_dirs`.
+pub fn search_dirs(settings: &Settings) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        dirs.push(exe_dir.join("plugins"));
+        dirs.push(exe_dir);
+    }
+    if let Some(p) = std::env::var_os("FERRITE_PLUGIN_PATH") {
+        dirs.extend(std::env::split_paths(&p).filter(|d| !d.as_os_str().is_empty()));
+    }
+    dirs.extend(settings.plugin_dirs.iter().cloned());
+    dirs
+}
+
+fn is_dylib(p: &Path) -> bool {
+    p.is_file() && p.extension().and_then(|e| e.to_str()) == Some(std::env::consts::DLL_EXTENSION)
+}
+
+/// Loads one library and checks it is a Ferrite plugin of a compatible ABI.
+fn load_library(path: &Path) -> Result<PluginLibRef, String> {
+    let header = lib_header_from_path(path).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("ferrite_plugin") || msg.to_lowercase().contains("symbol") {
+            format!("not a Ferrite plugin: it has no root module symbol ({})", first_line(&msg))
+        } else {
+            format!("cannot be loaded as a library: {}", first_line(&msg))
+        }
+    })?;
+    let root = header
+        .init_root_module::<PluginLibRef>()
+        .map_err(|e| format!("incompatible plugin ABI (rebuild it against this plugin-api): {}", first_line(&e.to_string())))?;
+    if root.abi_version() != ABI_VERSION {
+        return Err(format!(
+            "incompatible plugin ABI version {} (this host speaks {ABI_VERSION}); rebuild the plugin",
+            root.abi_version()
+        ));
+    }
+    (root.init())(host_ref())
+        .into_result()
+        .map_err(|e| format!("plugin `{}` failed to initialise: {e}", root.name()))?;
+    Ok(root)
+}
+
+fn first_line(s: &str) -> String {
+    let line = s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    line.chars().take(300).collect()
+}
+
+impl Registry {
+    /// Loads every library in `dirs`. Failures are collected in `problems`; loading goes on.
+    pub fn discover(dirs: &[PathBuf], settings: &Settings) -> Registry {
+        let mut reg = Registry::default();
+        let mut seen = std::collections::HashSet::new();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_dylib(p)).collect();
+            files.sort();
+            for path in files {
+                let canon = path.canonicalize().unwrap_or_else(|_| path.clone());
+                if !seen.insert(canon) {
+                    continue;
+                }
+                match load_library(&path) {
+                    Ok(root) => reg.add(path, root, settings),
+                    Err(reason) => {
+                        tracing::warn!("{}: {reason}", path.display());
+                        reg.problems.push(LoadProblem { path, reason });
+                    }
+                }
+            }
+        }
+        reg.report_duplicates();
+        reg
+    }
+
+    fn add(&mut self, path: PathBuf, root: PluginLibRef, settings: &Settings) {
+        for d in (root.describe())() {
+            self.components.push(ComponentInfo {
+                kind: d.kind,
+                enabled: settings.is_enabled(d.id.as_str()),
+                id: d.id.into_string(),
+                version: d.version.into_string(),
+                description: d.description.into_string(),
+                options_schema: d.options_schema.into_string(),
+                path: path.clone(),
+                library: root.name().to_string(),
+            });
+        }
+        self.libraries.push(Library { path, root });
+    }
+
+    fn report_duplicates(&mut self) {
+        let mut by_id: HashMap<(ComponentKind, &str), Vec<&PathBuf>> = HashMap::new();
+        for c in &self.components {
+            by_id.entry((c.kind, c.id.as_str())).or_default().push(&c.path);
+        }
+        let mut dups: Vec<LoadProblem> = by_id
+            .into_iter()
+            .filter(|(_, paths)| paths.len() > 1)
+            .map(|((kind, id), paths)| {
+                let paths: Vec<PathBuf> = paths.into_iter().cloned().collect();
+                let path = paths[paths.len() - 1].clone();
+                let reason = PluginError::Duplicate { kind, id: id.to_string(), paths }.to_string();
+                LoadProblem { path, reason }
+            })
+            .collect();
+        dups.sort_by(|a, b| a.reason.cmp(&b.reason));
+        self.problems.extend(dups);
+    }
+
+    pub fn components(&self) -> &[ComponentInfo] {
+        &self.components
+    }
+
+    /// The one enabled component of this kind and id, or why there is none.
+    pub fn find(&self, kind: ComponentKind, id: &str) -> Result<&ComponentInfo, PluginError> {
+        let matches: Vec<&ComponentInfo> = self.components.iter().filter(|c| c.kind == kind && c.id == id).collect();
+        match matches.as_slice() {
+            [] => Err(PluginError::NotFound { kind, id: id.into() }),
+            [c] if !c.enabled => Err(PluginError::Disabled { kind, id: id.into() }),
+            [c] => Ok(c),
+            many => Err(PluginError::Duplicate { kind, id: id.into(), paths: many.iter().map(|c| c.path.clone()).collect() }),
+        }
+    }
+
+    fn instantiate(&self, kind: ComponentKind, id: &str, options_json: &str) -> Result<ComponentBox, PluginError> {
+        let info = self.find(kind, id)?;
+        let lib = self.libraries.iter().find(|l| l.path == info.path).expect("component belongs to a loaded library");
+        (lib.root.instantiate())(kind, RStr::from_str(id), RStr::from_str(options_json))
+            .into_result()
+            .map_err(|e| PluginError::Instantiate { kind, id: id.into(), path: info.path.clone(), reason: e.into_string() })
+    }
+
+    pub fn optimizer(&self, id: &str, options_json: &str) -> Result<OptimizerHandle, PluginError> {
+        match self.instantiate(ComponentKind::Optimizer, id, options_json)? {
+            ComponentBox::Optimizer(o) => Ok(OptimizerHandle(o)),
+            _ => Err(self.wrong_kind(ComponentKind::Optimizer, id)),
+        }
+    }
+
+    pub fn architecture(&self, id: &str, options_json: &str) -> Result<ArchitectureHandle, PluginError> {
+        match self.instantiate(ComponentKind::Architecture, id, options_json)? {
+            ComponentBox::Architecture(a) => Ok(ArchitectureHandle(a)),
+            _ => Err(self.wrong_kind(ComponentKind::Architecture, id)),
+        }
+    }
+
+    fn wrong_kind(&self, kind: ComponentKind, id: &str) -> PluginError {
+        let path = self.find(kind, id).map(|c| c.path.clone()).unwrap_or_default();
+        PluginError::Instantiate { kind, id: id.into(), path, reason: format!("returned a component that is not a {kind}") }
+    }
+}

@@ -1,0 +1,187 @@
+//! The `HostApi` table: `extern "C"` entry points over the global runtime. Nothing here unwinds
+//! into a plugin: panics from the backend become error strings.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use abi_stable::{
+    prefix_type::PrefixTypeTrait,
+    std_types::{RErr, ROk, RResult, RSlice, RStr, RString, RVec, Tuple2},
+};
+use ferrite_plugin_api::{
+    DType, LogLevel, OpCode, TensorId,
+    abi::{ABI_VERSION, Attr, HostApi, HostRef, HostTensor, NamedTensor, WeightInfo},
+};
+
+use super::table::to_burn_dtype;
+use super::weights::{self, WeightFile};
+use super::{Runtime, RtResult, is_cancelled, lock};
+
+static WEIGHTS: Mutex<Option<HashMap<u64, Arc<WeightFile>>>> = Mutex::new(None);
+static NEXT_FILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn guarded<T>(f: impl FnOnce() -> RtResult<T>) -> RResult<T, RString> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => ROk(v),
+        Ok(Err(e)) => RErr(e.into()),
+        Err(p) => RErr(format!("tensor backend failed: {}", crate::panic_message(&*p)).into()),
+    }
+}
+
+fn with_rt<T>(f: impl FnOnce(&mut dyn Runtime) -> RtResult<T>) -> RResult<T, RString> {
+    guarded(|| {
+        let mut g = lock();
+        let rt = g.as_mut().ok_or("no compute device selected (runtime::init was not called)")?;
+        f(rt.as_mut())
+    })
+}
+
+fn weight_file(id: u64) -> RtResult<Arc<WeightFile>> {
+    let g = WEIGHTS.lock().unwrap_or_else(|e| e.into_inner());
+    g.as_ref()
+        .and_then(|m| m.get(&id))
+        .cloned()
+        .ok_or_else(|| format!("weights handle {id} is not open"))
+}
+
+extern "C" fn call(op: OpCode, inputs: RSlice<'_, TensorId>, attrs: RSlice<'_, Attr>) -> RResult<RVec<TensorId>, RString> {
+    with_rt(|rt| rt.call(op, inputs.as_slice(), attrs.as_slice()).map(RVec::from))
+}
+
+extern "C" fn retain(id: TensorId) -> RResult<TensorId, RString> {
+    with_rt(|rt| rt.retain(id))
+}
+
+extern "C" fn release(id: TensorId) {
+    let _ = with_rt(|rt| {
+        rt.release(id);
+        Ok(())
+    });
+}
+
+extern "C" fn shape(id: TensorId) -> RResult<RVec<u64>, RString> {
+    with_rt(|rt| Ok(rt.shape(id)?.into_iter().map(|d| d as u64).collect()))
+}
+
+extern "C" fn dtype(id: TensorId) -> RResult<DType, RString> {
+    with_rt(|rt| rt.dtype(id))
+}
+
+extern "C" fn to_host(id: TensorId) -> RResult<HostTensor, RString> {
+    with_rt(|rt| {
+        let dtype = rt.dtype(id)?;
+        let data = rt.data(id)?;
+        let shape = data.shape.iter().map(|&d| d as u64).collect();
+        let data = data.convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        Ok(HostTensor { shape, dtype, data: data.into() })
+    })
+}
+
+extern "C" fn open_weights(path: RStr<'_>) -> RResult<u64, RString> {
+    guarded(|| {
+        let f = WeightFile::open(path.as_str())?;
+        let id = NEXT_FILE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        WEIGHTS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().insert(id, Arc::new(f));
+        Ok(id)
+    })
+}
+
+extern "C" fn weight_infos(file: u64) -> RResult<RVec<WeightInfo>, RString> {
+    guarded(|| Ok(weight_file(file)?.infos()?.into()))
+}
+
+extern "C" fn weight_metadata(file: u64) -> RResult<RVec<Tuple2<RString, RString>>, RString> {
+    guarded(|| {
+        let m = weight_file(file)?.metadata()?;
+        Ok(m.into_iter().map(|(k, v)| Tuple2(k.into(), v.into())).collect())
+    })
+}
+
+extern "C" fn load_weight(file: u64, key: RStr<'_>, dtype: DType) -> RResult<TensorId, RString> {
+    guarded(|| {
+        let f = weight_file(file)?;
+        // Read outside the runtime lock: disk time should not block other tensor work.
+        let data = f.read(key.as_str(), to_burn_dtype(dtype)?)?;
+        with_rt(|rt| Ok(rt.upload(data))).into_result().map_err(RString::into_string)
+    })
+}
+
+extern "C" fn close_weights(file: u64) {
+    if let Some(m) = WEIGHTS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        m.remove(&file);
+    }
+}
+
+extern "C" fn save_safetensors(
+    path: RStr<'_>,
+    tensors: RSlice<'_, NamedTensor>,
+    metadata: RSlice<'_, Tuple2<RString, RString>>,
+) -> RResult<(), RString> {
+    guarded(|| {
+        let data = with_rt(|rt| tensors.iter().map(|n| Ok((n.name.to_string(), rt.data(n.tensor)?))).collect::<RtResult<Vec<_>>>())
+            .into_result()
+            .map_err(RString::into_string)?;
+        let meta = metadata.iter().map(|Tuple2(k, v)| (k.to_string(), v.to_string())).collect();
+        weights::save(Path::new(path.as_str()), data, meta)
+    })
+}
+
+extern "C" fn rng_new(seed: u64) -> u64 {
+    with_rt(|rt| Ok(rt.rng_new(seed))).unwrap_or(0)
+}
+
+extern "C" fn rng_release(id: u64) {
+    let _ = with_rt(|rt| {
+        rt.rng_release(id);
+        Ok(())
+    });
+}
+
+extern "C" fn log(level: LogLevel, target: RStr<'_>, msg: RStr<'_>) {
+    let (t, m) = (target.as_str(), msg.as_str());
+    match level {
+        LogLevel::Error => tracing::error!(plugin = t, "{m}"),
+        LogLevel::Warn => tracing::warn!(plugin = t, "{m}"),
+        LogLevel::Info => tracing::info!(plugin = t, "{m}"),
+        LogLevel::Debug => tracing::debug!(plugin = t, "{m}"),
+        LogLevel::Trace => tracing::trace!(plugin = t, "{m}"),
+    }
+}
+
+extern "C" fn device() -> RString {
+    lock().as_ref().map_or_else(|| "none".into(), |rt| rt.device_name().into())
+}
+
+extern "C" fn cancelled() -> bool {
+    is_cancelled()
+}
+
+/// The host services table (built once, lives for the process).
+pub fn host_ref() -> HostRef {
+    static HOST: OnceLock<HostRef> = OnceLock::new();
+    *HOST.get_or_init(|| {
+        HostApi {
+            abi_version: ABI_VERSION,
+            call,
+            retain,
+            release,
+            shape,
+            dtype,
+            to_host,
+            open_weights,
+            weight_infos,
+            weight_metadata,
+            load_weight,
+            close_weights,
+            save_safetensors,
+            rng_new,
+            rng_release,
+            log,
+            device,
+            is_cancelled: cancelled,
+        }
+        .leak_into_prefix()
+    })
+}

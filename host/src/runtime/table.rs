@@ -1,0 +1,208 @@
+//! The tensor table: every live tensor of the process, keyed by the handles plugins hold.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use burn_backend::{
+    AutodiffBackend, DType as BDType, FloatDType, TensorData, TensorMetadata, get_device_settings, read_sync,
+    tensor::{BoolTensor, FloatTensor, IntTensor},
+};
+use ferrite_plugin_api::{DType, TensorId};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::RtResult;
+
+/// A table entry. Integer and bool tensors exist for indices and masks.
+pub enum Value<B: AutodiffBackend> {
+    Float(FloatTensor<B>),
+    Int(IntTensor<B>),
+    Bool(BoolTensor<B>),
+    /// Gradients of one backward pass (behind a mutex: burn's are Send but not Sync).
+    Grads(Arc<Mutex<B::Gradients>>),
+}
+
+impl<B: AutodiffBackend> Clone for Value<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Value::Float(t) => Value::Float(t.clone()),
+            Value::Int(t) => Value::Int(t.clone()),
+            Value::Bool(t) => Value::Bool(t.clone()),
+            Value::Grads(g) => Value::Grads(g.clone()),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Value<B> {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Float(_) => "float tensor",
+            Value::Int(_) => "int tensor",
+            Value::Bool(_) => "bool tensor",
+            Value::Grads(_) => "gradients",
+        }
+    }
+
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Value::Float(t) => t.shape().to_vec(),
+            Value::Int(t) => t.shape().to_vec(),
+            Value::Bool(t) => t.shape().to_vec(),
+            Value::Grads(_) => vec![],
+        }
+    }
+}
+
+pub struct TensorTable<B: AutodiffBackend> {
+    pub device: B::Device,
+    pub device_name: String,
+    values: HashMap<u64, Value<B>>,
+    next: u64,
+    pub rngs: HashMap<u64, ChaCha8Rng>,
+    next_rng: u64,
+}
+
+pub fn to_burn_dtype(d: DType) -> RtResult<BDType> {
+    Ok(match d {
+        DType::F32 => BDType::F32,
+        DType::F16 => BDType::F16,
+        DType::BF16 => BDType::BF16,
+        DType::F64 => BDType::F64,
+        DType::I64 => BDType::I64,
+        DType::I32 => BDType::I32,
+        DType::U8 => BDType::U8,
+        DType::Bool => BDType::Bool(burn_backend::BoolStore::Native),
+        DType::F8E4M3 | DType::F8E5M2 => return Err(format!("dtype {d} is not supported by this backend")),
+    })
+}
+
+pub fn from_burn_dtype(d: BDType) -> DType {
+    match d {
+        BDType::F32 | BDType::Flex32 => DType::F32,
+        BDType::F16 => DType::F16,
+        BDType::BF16 => DType::BF16,
+        BDType::F64 => DType::F64,
+        BDType::I64 | BDType::U64 => DType::I64,
+        BDType::I32 | BDType::U32 | BDType::I16 | BDType::U16 | BDType::I8 => DType::I32,
+        BDType::U8 => DType::U8,
+        _ => DType::Bool,
+    }
+}
+
+pub fn float_dtype(d: DType) -> RtResult<FloatDType> {
+    match d {
+        DType::F32 => Ok(FloatDType::F32),
+        DType::F16 => Ok(FloatDType::F16),
+        DType::BF16 => Ok(FloatDType::BF16),
+        DType::F64 => Ok(FloatDType::F64),
+        other => Err(format!("{other} is not a float dtype this backend computes in")),
+    }
+}
+
+impl<B: AutodiffBackend> TensorTable<B> {
+    pub fn new(device: B::Device, device_name: String) -> Self {
+        Self { device, device_name, values: HashMap::new(), next: 1, rngs: HashMap::new(), next_rng: 1 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn insert(&mut self, v: Value<B>) -> TensorId {
+        let id = self.next;
+        self.next += 1;
+        self.values.insert(id, v);
+        TensorId(id)
+    }
+
+    pub fn get(&self, id: TensorId) -> RtResult<&Value<B>> {
+        self.values
+            .get(&id.0)
+            .ok_or_else(|| format!("tensor handle {} is not live (released or never created)", id.0))
+    }
+
+    pub fn replace(&mut self, id: TensorId, v: Value<B>) -> RtResult<()> {
+        match self.values.get_mut(&id.0) {
+            Some(slot) => {
+                *slot = v;
+                Ok(())
+            }
+            None => Err(format!("tensor handle {} is not live", id.0)),
+        }
+    }
+
+    pub fn remove(&mut self, id: TensorId) {
+        self.values.remove(&id.0);
+    }
+
+    pub fn float(&self, id: TensorId) -> RtResult<FloatTensor<B>> {
+        match self.get(id)? {
+            Value::Float(t) => Ok(t.clone()),
+            other => Err(format!("expected a float tensor, got {} (handle {})", other.kind(), id.0)),
+        }
+    }
+
+    /// An integer tensor; float values are truncated (so indices may come as floats).
+    pub fn int(&self, id: TensorId) -> RtResult<IntTensor<B>> {
+        match self.get(id)? {
+            Value::Int(t) => Ok(t.clone()),
+            Value::Float(t) => Ok(B::float_into_int(t.clone(), self.settings().int_dtype)),
+            other => Err(format!("expected an integer tensor, got {} (handle {})", other.kind(), id.0)),
+        }
+    }
+
+    /// A bool tensor; numeric values are `!= 0`.
+    pub fn bool(&self, id: TensorId) -> RtResult<BoolTensor<B>> {
+        let bd = self.settings().bool_dtype;
+        match self.get(id)? {
+            Value::Bool(t) => Ok(t.clone()),
+            Value::Float(t) => Ok(B::float_not_equal_elem(t.clone(), 0.0.into(), bd)),
+            Value::Int(t) => Ok(B::int_not_equal_elem(t.clone(), 0.into(), bd)),
+            other => Err(format!("expected a mask, got {} (handle {})", other.kind(), id.0)),
+        }
+    }
+
+    pub fn settings(&self) -> burn_backend::DeviceSettings {
+        get_device_settings::<B>(&self.device)
+    }
+
+    pub fn dtype(&self, id: TensorId) -> RtResult<DType> {
+        Ok(match self.get(id)? {
+            Value::Float(t) => from_burn_dtype(t.dtype()),
+            Value::Int(t) => from_burn_dtype(t.dtype()),
+            Value::Bool(_) => DType::Bool,
+            Value::Grads(_) => return Err("a gradients handle has no dtype".into()),
+        })
+    }
+
+    /// Reads a tensor back to host memory (a device sync).
+    pub fn data(&self, id: TensorId) -> RtResult<TensorData> {
+        let r = match self.get(id)?.clone() {
+            Value::Float(t) => read_sync(B::float_into_data(t)),
+            Value::Int(t) => read_sync(B::int_into_data(t)),
+            Value::Bool(t) => read_sync(B::bool_into_data(t)),
+            Value::Grads(_) => return Err("a gradients handle holds no data".into()),
+        };
+        r.map_err(|e| format!("reading tensor {} from the device: {e}", id.0))
+    }
+
+    /// Uploads host data: float data becomes a float tensor, integer data an int tensor.
+    pub fn upload(&mut self, data: TensorData) -> TensorId {
+        let v = if data.dtype.is_float() {
+            Value::Float(B::float_from_data(data, &self.device))
+        } else if data.dtype.is_bool() {
+            Value::Bool(B::bool_from_data(data, &self.device))
+        } else {
+            let int_dtype: BDType = self.settings().int_dtype.into();
+            Value::Int(B::int_from_data(data.convert_dtype(int_dtype), &self.device))
+        };
+        self.insert(v)
+    }
+
+    pub fn rng_new(&mut self, seed: u64) -> u64 {
+        let id = self.next_rng;
+        self.next_rng += 1;
+        self.rngs.insert(id, ChaCha8Rng::seed_from_u64(seed));
+        id
+    }
+}

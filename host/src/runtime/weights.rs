@@ -1,0 +1,124 @@
+//! Safetensors files: memory-mapped, listed from their header, read one tensor at a time.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use burn_backend::{DType as BDType, TensorData};
+use ferrite_plugin_api::{DType, abi::WeightInfo};
+use memmap2::Mmap;
+use safetensors::{Dtype as SDtype, SafeTensors};
+
+use super::RtResult;
+use super::table::from_burn_dtype;
+
+pub struct WeightFile {
+    pub path: String,
+    mmap: Mmap,
+}
+
+fn st_dtype(d: SDtype) -> Option<DType> {
+    Some(match d {
+        SDtype::F32 => DType::F32,
+        SDtype::F16 => DType::F16,
+        SDtype::BF16 => DType::BF16,
+        SDtype::F64 => DType::F64,
+        SDtype::I64 => DType::I64,
+        SDtype::I32 => DType::I32,
+        SDtype::U8 => DType::U8,
+        SDtype::BOOL => DType::Bool,
+        SDtype::F8_E4M3 => DType::F8E4M3,
+        SDtype::F8_E5M2 => DType::F8E5M2,
+        _ => return None,
+    })
+}
+
+fn burn_dtype(d: SDtype) -> Option<BDType> {
+    Some(match d {
+        SDtype::F32 => BDType::F32,
+        SDtype::F16 => BDType::F16,
+        SDtype::BF16 => BDType::BF16,
+        SDtype::F64 => BDType::F64,
+        SDtype::I64 => BDType::I64,
+        SDtype::I32 => BDType::I32,
+        SDtype::U8 => BDType::U8,
+        _ => return None,
+    })
+}
+
+impl WeightFile {
+    pub fn open(path: &str) -> RtResult<Self> {
+        let file = File::open(path).map_err(|e| format!("cannot open weights file {path}: {e}"))?;
+        // Safety: the map is read-only; a file truncated under us is the same hazard every
+        // safetensors reader accepts.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map weights file {path}: {e}"))?;
+        SafeTensors::read_metadata(&mmap)
+            .map_err(|e| format!("{path} is not a valid safetensors file: {e}"))?;
+        Ok(Self { path: path.to_string(), mmap })
+    }
+
+    fn tensors(&self) -> RtResult<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.mmap).map_err(|e| format!("{}: {e}", self.path))
+    }
+
+    pub fn infos(&self) -> RtResult<Vec<WeightInfo>> {
+        let st = self.tensors()?;
+        let mut out: Vec<WeightInfo> = st
+            .iter()
+            .filter_map(|(k, v)| {
+                Some(WeightInfo {
+                    key: k.into(),
+                    dtype: st_dtype(v.dtype())?,
+                    shape: v.shape().iter().map(|&d| d as u64).collect(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    pub fn metadata(&self) -> RtResult<Vec<(String, String)>> {
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap).map_err(|e| format!("{}: {e}", self.path))?;
+        let mut m: Vec<(String, String)> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        m.sort();
+        Ok(m)
+    }
+
+    /// Copies one tensor's bytes out of the map, converted to `dtype`.
+    pub fn read(&self, key: &str, dtype: BDType) -> RtResult<TensorData> {
+        let st = self.tensors()?;
+        let view = st
+            .tensor(key)
+            .map_err(|_| format!("{} has no tensor `{key}`", self.path))?;
+        let src = burn_dtype(view.dtype())
+            .ok_or_else(|| format!("{}: tensor `{key}` has dtype {:?}, which cannot be loaded", self.path, view.dtype()))?;
+        let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), src);
+        Ok(if src == dtype { data } else { data.convert_dtype(dtype) })
+    }
+}
+
+fn to_st_dtype(d: BDType) -> RtResult<SDtype> {
+    Ok(match from_burn_dtype(d) {
+        DType::F32 => SDtype::F32,
+        DType::F16 => SDtype::F16,
+        DType::BF16 => SDtype::BF16,
+        DType::F64 => SDtype::F64,
+        DType::I64 => SDtype::I64,
+        DType::I32 => SDtype::I32,
+        DType::U8 => SDtype::U8,
+        other => return Err(format!("cannot save a {other} tensor")),
+    })
+}
+
+/// Serialises host copies of tensors and writes them atomically.
+pub fn save(path: &Path, tensors: Vec<(String, TensorData)>, metadata: HashMap<String, String>) -> RtResult<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, data) in &tensors {
+        let view = safetensors::tensor::TensorView::new(to_st_dtype(data.dtype)?, data.shape.to_vec(), data.as_bytes())
+            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+        views.push((name.clone(), view));
+    }
+    let meta = (!metadata.is_empty()).then_some(metadata);
+    let bytes = safetensors::serialize(views, meta).map_err(|e| format!("serialising {}: {e}", path.display()))?;
+    crate::fsutil::write_atomic(path, &bytes).map_err(|e| e.to_string())
+}

@@ -1,0 +1,288 @@
+#![allow(non_local_definitions)] // sabi_trait expands to impls the lint flags.
+//! Types that cross the library boundary. Everything here is `StableAbi`: the host checks the
+//! layout of the root module (and so of everything reachable from it) when it loads a plugin.
+
+use abi_stable::{
+    StableAbi, declare_root_module_statics,
+    library::RootModule,
+    package_version_strings, sabi_trait,
+    sabi_types::VersionStrings,
+    std_types::{RBox, RResult, RSlice, RStr, RString, RVec, Tuple2},
+};
+
+/// Bumped when the meaning of an existing op or field changes (never for appended ones).
+pub const ABI_VERSION: u32 = 1;
+
+/// An opaque handle to a tensor owned by the host.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub u64);
+
+/// Element types. Broad on purpose: enum layouts cannot grow without breaking the ABI.
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I64,
+    I32,
+    U8,
+    Bool,
+    F8E4M3,
+    F8E5M2,
+}
+
+impl DType {
+    pub fn is_float(self) -> bool {
+        matches!(
+            self,
+            DType::F32 | DType::F16 | DType::BF16 | DType::F64 | DType::F8E4M3 | DType::F8E5M2
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F64 => "f64",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+            DType::U8 => "u8",
+            DType::Bool => "bool",
+            DType::F8E4M3 => "f8_e4m3",
+            DType::F8E5M2 => "f8_e5m2",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An operation code. A plain integer rather than an enum so that a plugin built against a newer
+/// `plugin-api` can send a code this host does not know and get a clear error back.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct OpCode(pub u32);
+
+/// A non-tensor argument of an op.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub enum Attr {
+    None,
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Ints(RVec<i64>),
+    Floats(RVec<f32>),
+    Str(RString),
+    DType(DType),
+}
+
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// One tensor of a safetensors file, as listed without reading its data.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct WeightInfo {
+    pub key: RString,
+    pub dtype: DType,
+    pub shape: RVec<u64>,
+}
+
+/// A tensor with a name: state export/import, safetensors saving.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    pub name: RString,
+    pub tensor: TensorId,
+}
+
+/// A tensor's values copied to host memory (as f32), for logs and tests.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: RVec<u64>,
+    pub dtype: DType,
+    pub data: RVec<f32>,
+}
+
+/// The services the host offers every plugin. A prefix type: fields are only ever appended, so a
+/// plugin built against an older `plugin-api` keeps loading.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = HostRef)))]
+#[sabi(missing_field(panic))]
+pub struct HostApi {
+    pub abi_version: u32,
+    /// Runs one op: tensor inputs, attributes, and the output handles (owned by the caller).
+    pub call: extern "C" fn(OpCode, RSlice<'_, TensorId>, RSlice<'_, Attr>) -> RResult<RVec<TensorId>, RString>,
+    /// A second handle to the same tensor.
+    pub retain: extern "C" fn(TensorId) -> RResult<TensorId, RString>,
+    pub release: extern "C" fn(TensorId),
+    pub shape: extern "C" fn(TensorId) -> RResult<RVec<u64>, RString>,
+    pub dtype: extern "C" fn(TensorId) -> RResult<DType, RString>,
+    pub to_host: extern "C" fn(TensorId) -> RResult<HostTensor, RString>,
+    /// Opens a safetensors file (memory-mapped; nothing is read but its header).
+    pub open_weights: extern "C" fn(RStr<'_>) -> RResult<u64, RString>,
+    pub weight_infos: extern "C" fn(u64) -> RResult<RVec<WeightInfo>, RString>,
+    pub weight_metadata: extern "C" fn(u64) -> RResult<RVec<Tuple2<RString, RString>>, RString>,
+    /// Reads one tensor of an open file onto the device, cast to the given dtype.
+    pub load_weight: extern "C" fn(u64, RStr<'_>, DType) -> RResult<TensorId, RString>,
+    pub close_weights: extern "C" fn(u64),
+    /// Writes tensors to a safetensors file atomically (temp name, fsync, rename).
+    pub save_safetensors: extern "C" fn(
+        RStr<'_>,
+        RSlice<'_, NamedTensor>,
+        RSlice<'_, Tuple2<RString, RString>>,
+    ) -> RResult<(), RString>,
+    /// A seeded random generator; `randn`/`rand` take its id.
+    pub rng_new: extern "C" fn(u64) -> u64,
+    pub rng_release: extern "C" fn(u64),
+    pub log: extern "C" fn(LogLevel, RStr<'_>, RStr<'_>),
+    /// The name of the device tensors live on (`cpu`, `cuda:0`).
+    pub device: extern "C" fn() -> RString,
+    #[sabi(last_prefix_field)]
+    pub is_cancelled: extern "C" fn() -> bool,
+}
+
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ComponentKind {
+    Architecture,
+    Adapter,
+    Optimizer,
+    Captioner,
+    Masker,
+}
+
+impl ComponentKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ComponentKind::Architecture => "architecture",
+            ComponentKind::Adapter => "adapter",
+            ComponentKind::Optimizer => "optimizer",
+            ComponentKind::Captioner => "captioner",
+            ComponentKind::Masker => "masker",
+        }
+    }
+}
+
+impl std::fmt::Display for ComponentKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct ComponentDescriptor {
+    pub kind: ComponentKind,
+    pub id: RString,
+    pub version: RString,
+    pub description: RString,
+    /// JSON schema of the component's options.
+    pub options_schema: RString,
+}
+
+/// An optimizer instance. Parameters are updated in place (`assign`); state tensors stay in the host.
+#[sabi_trait]
+pub trait OptimizerFfi: Send {
+    fn step(
+        &mut self,
+        params: RSlice<'_, TensorId>,
+        grads: RSlice<'_, TensorId>,
+        lr: f64,
+    ) -> RResult<(), RString>;
+    /// State tensors by name; the caller owns the returned handles.
+    fn state(&self) -> RResult<RVec<NamedTensor>, RString>;
+    #[sabi(last_prefix_field)]
+    fn load_state(&mut self, state: RSlice<'_, NamedTensor>) -> RResult<(), RString>;
+}
+
+/// A model. Issues to come append the diffusion entry points (text encoding, VAE, denoiser,
+/// schedule, adaptable layers) after `forward`.
+#[sabi_trait]
+pub trait ArchitectureFfi: Send {
+    /// Trainable parameters by name; the caller owns the returned handles.
+    fn parameters(&self) -> RResult<RVec<NamedTensor>, RString>;
+    #[sabi(last_prefix_field)]
+    fn forward(&self, inputs: RSlice<'_, TensorId>) -> RResult<RVec<TensorId>, RString>;
+}
+
+/// An adapter (LoRA, LoHa, ...) attached to one layer.
+#[sabi_trait]
+pub trait AdapterFfi: Send {
+    fn parameters(&self) -> RResult<RVec<NamedTensor>, RString>;
+    /// Output of the adapted layer given its input and the base layer's output.
+    #[sabi(last_prefix_field)]
+    fn forward(&self, x: TensorId, base_out: TensorId) -> RResult<TensorId, RString>;
+}
+
+/// Image (`[3, H, W]`, 0..1) to caption text.
+#[sabi_trait]
+pub trait CaptionerFfi: Send {
+    #[sabi(last_prefix_field)]
+    fn caption(&mut self, image: TensorId, prompt: RStr<'_>) -> RResult<RString, RString>;
+}
+
+/// Image (`[3, H, W]`, 0..1) and prompt to a `[1, H, W]` mask in 0..1.
+#[sabi_trait]
+pub trait MaskerFfi: Send {
+    #[sabi(last_prefix_field)]
+    fn mask(&mut self, image: TensorId, prompt: RStr<'_>) -> RResult<TensorId, RString>;
+}
+
+pub type OptimizerBox = OptimizerFfi_TO<'static, RBox<()>>;
+pub type ArchitectureBox = ArchitectureFfi_TO<'static, RBox<()>>;
+pub type AdapterBox = AdapterFfi_TO<'static, RBox<()>>;
+pub type CaptionerBox = CaptionerFfi_TO<'static, RBox<()>>;
+pub type MaskerBox = MaskerFfi_TO<'static, RBox<()>>;
+
+#[repr(u8)]
+#[derive(StableAbi)]
+pub enum ComponentBox {
+    Architecture(ArchitectureBox),
+    Adapter(AdapterBox),
+    Optimizer(OptimizerBox),
+    Captioner(CaptionerBox),
+    Masker(MaskerBox),
+}
+
+/// The root module every plugin library exports.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginLibRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginLib {
+    pub abi_version: u32,
+    pub name: RStr<'static>,
+    pub version: RStr<'static>,
+    /// Called once after loading, before anything else; the host handle stays valid for the
+    /// life of the process.
+    pub init: extern "C" fn(HostRef) -> RResult<(), RString>,
+    pub describe: extern "C" fn() -> RVec<ComponentDescriptor>,
+    #[sabi(last_prefix_field)]
+    pub instantiate:
+        extern "C" fn(ComponentKind, RStr<'_>, RStr<'_>) -> RResult<ComponentBox, RString>,
+}
+
+impl RootModule for PluginLibRef {
+    declare_root_module_statics! {PluginLibRef}
+    const BASE_NAME: &'static str = "ferrite_plugin";
+    const NAME: &'static str = "ferrite_plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}

@@ -1,0 +1,155 @@
+//! Access to the host services from plugin (or host) code.
+
+use std::sync::OnceLock;
+
+use abi_stable::std_types::{RResult, RSlice, RStr, RString, Tuple2};
+
+use crate::abi::{Attr, HostRef, LogLevel, NamedTensor, OpCode, TensorId, WeightInfo};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+static HOST: OnceLock<HostRef> = OnceLock::new();
+
+/// Installs the host services for this copy of `plugin-api` (each library has its own copy).
+pub fn set_host(host: HostRef) {
+    let _ = HOST.set(host);
+}
+
+pub fn host() -> Result<HostRef> {
+    HOST.get()
+        .copied()
+        .ok_or_else(|| Error::msg("ferrite host services are not initialised in this library"))
+}
+
+pub(crate) fn res<T>(r: RResult<T, RString>) -> Result<T> {
+    r.into_result().map_err(Error::from)
+}
+
+/// Runs an op and wraps its outputs.
+pub fn call(op: OpCode, inputs: &[&Tensor], attrs: &[Attr]) -> Result<Vec<Tensor>> {
+    let ids: Vec<TensorId> = inputs.iter().map(|t| t.id()).collect();
+    call_ids(op, &ids, attrs)
+}
+
+pub fn call_ids(op: OpCode, inputs: &[TensorId], attrs: &[Attr]) -> Result<Vec<Tensor>> {
+    let out = res((host()?.call())(op, RSlice::from_slice(inputs), RSlice::from_slice(attrs)))?;
+    Ok(out.into_iter().map(Tensor::from_raw).collect())
+}
+
+/// Runs an op that has exactly one output.
+pub fn call1(op: OpCode, inputs: &[&Tensor], attrs: &[Attr]) -> Result<Tensor> {
+    let mut out = call(op, inputs, attrs)?;
+    match out.len() {
+        1 => Ok(out.remove(0)),
+        n => Err(Error(format!("op {} returned {n} tensors, expected 1", op.name()))),
+    }
+}
+
+/// The device tensors live on (`cpu`, `cuda:0`).
+pub fn device() -> Result<String> {
+    Ok((host()?.device())().into_string())
+}
+
+pub fn is_cancelled() -> bool {
+    host().map(|h| (h.is_cancelled())()).unwrap_or(false)
+}
+
+pub fn log(level: LogLevel, target: &str, msg: &str) {
+    if let Ok(h) = host() {
+        (h.log())(level, RStr::from_str(target), RStr::from_str(msg));
+    }
+}
+
+/// A seeded random generator owned by the host; sequences are reproducible per seed.
+#[derive(Debug)]
+pub struct Generator {
+    id: u64,
+}
+
+impl Generator {
+    pub fn new(seed: u64) -> Result<Self> {
+        Ok(Self { id: (host()?.rng_new())(seed) })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        if let Ok(h) = host() {
+            (h.rng_release())(self.id);
+        }
+    }
+}
+
+/// An open safetensors file. Tensors are read one at a time, on request.
+#[derive(Debug)]
+pub struct Weights {
+    id: u64,
+    path: String,
+    infos: Vec<WeightInfo>,
+}
+
+impl Weights {
+    pub fn open(path: &str) -> Result<Self> {
+        let h = host()?;
+        let id = res((h.open_weights())(RStr::from_str(path)))?;
+        let infos = match res((h.weight_infos())(id)) {
+            Ok(i) => i.into_vec(),
+            Err(e) => {
+                (h.close_weights())(id);
+                return Err(e);
+            }
+        };
+        Ok(Self { id, path: path.to_string(), infos })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Every tensor in the file: key, dtype, shape.
+    pub fn infos(&self) -> &[WeightInfo] {
+        &self.infos
+    }
+
+    pub fn info(&self, key: &str) -> Option<&WeightInfo> {
+        self.infos.iter().find(|i| i.key.as_str() == key)
+    }
+
+    pub fn metadata(&self) -> Result<Vec<(String, String)>> {
+        let m = res((host()?.weight_metadata())(self.id))?;
+        Ok(m.into_iter().map(|Tuple2(k, v)| (k.into_string(), v.into_string())).collect())
+    }
+
+    /// Loads `key` to the device as `dtype`.
+    pub fn get(&self, key: &str, dtype: crate::DType) -> Result<Tensor> {
+        let id = res((host()?.load_weight())(self.id, RStr::from_str(key), dtype))?;
+        Ok(Tensor::from_raw(id))
+    }
+}
+
+impl Drop for Weights {
+    fn drop(&mut self) {
+        if let Ok(h) = host() {
+            (h.close_weights())(self.id);
+        }
+    }
+}
+
+/// Writes tensors (and string metadata) to `path` atomically.
+pub fn save_safetensors(path: &str, tensors: &[(&str, &Tensor)], metadata: &[(&str, &str)]) -> Result<()> {
+    let named: Vec<NamedTensor> = tensors
+        .iter()
+        .map(|(n, t)| NamedTensor { name: (*n).into(), tensor: t.id() })
+        .collect();
+    let meta: Vec<Tuple2<RString, RString>> =
+        metadata.iter().map(|(k, v)| Tuple2((*k).into(), (*v).into())).collect();
+    res((host()?.save_safetensors())(
+        RStr::from_str(path),
+        RSlice::from_slice(&named),
+        RSlice::from_slice(&meta),
+    ))
+}

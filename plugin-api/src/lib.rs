@@ -1,0 +1,19 @@
+//! The stable ABI between the Ferrite host and its plugins, and the safe layer plugins are
+//! written against. Plugins never hold tensor data: [`Tensor`] is a handle to a host tensor and
+//! every method is a host op.
+
+pub mod abi;
+mod error;
+pub mod host;
+pub mod nn;
+mod op;
+pub mod plugin;
+pub mod tensor;
+
+pub use abi::{ComponentKind, DType, LogLevel, OpCode, TensorId};
+pub use error::{Error, Result};
+pub use host::{Generator, Weights, save_safetensors};
+pub use plugin::{Architecture, Component, Descriptor, Optimizer, Plugin};
+pub use tensor::{Gradients, Tensor, ops};
+pub use abi_stable;
+pub use serde_json;

@@ -1,0 +1,303 @@
+//! The safe plugin traits, and the glue that exports them through the ABI.
+
+use std::mem::ManuallyDrop;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use abi_stable::{
+    prefix_type::PrefixTypeTrait,
+    sabi_trait::TD_Opaque,
+    std_types::{RErr, ROk, RResult, RSlice, RStr, RString, RVec},
+};
+
+use crate::abi::*;
+use crate::error::{Error, Result};
+use crate::host::{res, set_host};
+use crate::tensor::Tensor;
+
+/// What a component is, for `ferrite plugins list` and the GUI.
+#[derive(Debug, Clone)]
+pub struct Descriptor {
+    pub kind: ComponentKind,
+    pub id: String,
+    pub version: String,
+    pub description: String,
+    /// JSON schema of the options `instantiate` accepts.
+    pub options_schema: serde_json::Value,
+}
+
+pub trait Optimizer: Send {
+    /// Updates each `params[i]` in place (via [`Tensor::assign`]) from `grads[i]`.
+    fn step(&mut self, params: &[&Tensor], grads: &[&Tensor], lr: f64) -> Result<()>;
+    /// State tensors by name, to save with a backup.
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
+    fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()>;
+}
+
+pub trait Architecture: Send {
+    fn parameters(&self) -> Result<Vec<(String, Tensor)>>;
+    fn forward(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>>;
+}
+
+pub trait Adapter: Send {
+    fn parameters(&self) -> Result<Vec<(String, Tensor)>>;
+    fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor>;
+}
+
+pub trait Captioner: Send {
+    fn caption(&mut self, image: &Tensor, prompt: &str) -> Result<String>;
+}
+
+pub trait Masker: Send {
+    fn mask(&mut self, image: &Tensor, prompt: &str) -> Result<Tensor>;
+}
+
+pub enum Component {
+    Architecture(Box<dyn Architecture>),
+    Adapter(Box<dyn Adapter>),
+    Optimizer(Box<dyn Optimizer>),
+    Captioner(Box<dyn Captioner>),
+    Masker(Box<dyn Masker>),
+}
+
+/// A plugin library: implement this on a unit struct and call [`export_plugin!`](crate::export_plugin).
+pub trait Plugin: 'static {
+    const NAME: &'static str;
+    const VERSION: &'static str;
+    /// Runs once when the host loads the library.
+    fn init() -> Result<()> {
+        Ok(())
+    }
+    fn components() -> Vec<Descriptor>;
+    fn instantiate(kind: ComponentKind, id: &str, options: serde_json::Value) -> Result<Component>;
+}
+
+/// Exports a [`Plugin`] as this library's root module.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        #[::abi_stable::export_root_module]
+        pub fn ferrite_plugin_root() -> $crate::abi::PluginLibRef {
+            $crate::plugin::root_module::<$plugin>()
+        }
+    };
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs plugin code so that neither an error nor a panic crosses the ABI as anything but text.
+pub fn guard<T>(f: impl FnOnce() -> Result<T>) -> RResult<T, RString> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => ROk(v),
+        Ok(Err(e)) => RErr(e.0.into()),
+        Err(p) => RErr(format!("panicked: {}", panic_message(&*p)).into()),
+    }
+}
+
+fn borrowed(ids: RSlice<'_, TensorId>) -> Vec<ManuallyDrop<Tensor>> {
+    ids.iter().map(|&id| Tensor::borrow_raw(id)).collect()
+}
+
+fn refs(v: &[ManuallyDrop<Tensor>]) -> Vec<&Tensor> {
+    v.iter().map(|t| &**t).collect()
+}
+
+fn export_named(v: Vec<(String, Tensor)>) -> RVec<NamedTensor> {
+    v.into_iter()
+        .map(|(name, t)| NamedTensor { name: name.into(), tensor: t.into_raw() })
+        .collect()
+}
+
+/// Takes ownership of named handles received through the ABI.
+pub fn import_named(v: impl IntoIterator<Item = NamedTensor>) -> Vec<(String, Tensor)> {
+    v.into_iter()
+        .map(|n| (n.name.into_string(), Tensor::from_raw(n.tensor)))
+        .collect()
+}
+
+// ---- plugin side: safe traits behind the FFI traits ----
+
+struct OptimizerShim(Box<dyn Optimizer>);
+
+impl OptimizerFfi for OptimizerShim {
+    fn step(&mut self, params: RSlice<'_, TensorId>, grads: RSlice<'_, TensorId>, lr: f64) -> RResult<(), RString> {
+        guard(|| {
+            let (p, g) = (borrowed(params), borrowed(grads));
+            self.0.step(&refs(&p), &refs(&g), lr)
+        })
+    }
+    fn state(&self) -> RResult<RVec<NamedTensor>, RString> {
+        guard(|| self.0.state().map(export_named))
+    }
+    fn load_state(&mut self, state: RSlice<'_, NamedTensor>) -> RResult<(), RString> {
+        // The host keeps its handles; the plugin takes its own.
+        guard(|| {
+            let owned = state
+                .iter()
+                .map(|n| Ok((n.name.to_string(), Tensor::borrow_raw(n.tensor).try_clone()?)))
+                .collect::<Result<Vec<_>>>()?;
+            self.0.load_state(owned)
+        })
+    }
+}
+
+struct ArchitectureShim(Box<dyn Architecture>);
+
+impl ArchitectureFfi for ArchitectureShim {
+    fn parameters(&self) -> RResult<RVec<NamedTensor>, RString> {
+        guard(|| self.0.parameters().map(export_named))
+    }
+    fn forward(&self, inputs: RSlice<'_, TensorId>) -> RResult<RVec<TensorId>, RString> {
+        guard(|| {
+            let i = borrowed(inputs);
+            Ok(self.0.forward(&refs(&i))?.into_iter().map(Tensor::into_raw).collect())
+        })
+    }
+}
+
+struct AdapterShim(Box<dyn Adapter>);
+
+impl AdapterFfi for AdapterShim {
+    fn parameters(&self) -> RResult<RVec<NamedTensor>, RString> {
+        guard(|| self.0.parameters().map(export_named))
+    }
+    fn forward(&self, x: TensorId, base_out: TensorId) -> RResult<TensorId, RString> {
+        guard(|| {
+            let out = self.0.forward(&Tensor::borrow_raw(x), &Tensor::borrow_raw(base_out))?;
+            Ok(out.into_raw())
+        })
+    }
+}
+
+struct CaptionerShim(Box<dyn Captioner>);
+
+impl CaptionerFfi for CaptionerShim {
+    fn caption(&mut self, image: TensorId, prompt: RStr<'_>) -> RResult<RString, RString> {
+        guard(|| Ok(self.0.caption(&Tensor::borrow_raw(image), prompt.as_str())?.into()))
+    }
+}
+
+struct MaskerShim(Box<dyn Masker>);
+
+impl MaskerFfi for MaskerShim {
+    fn mask(&mut self, image: TensorId, prompt: RStr<'_>) -> RResult<TensorId, RString> {
+        guard(|| Ok(self.0.mask(&Tensor::borrow_raw(image), prompt.as_str())?.into_raw()))
+    }
+}
+
+impl From<Component> for ComponentBox {
+    fn from(c: Component) -> Self {
+        match c {
+            Component::Architecture(b) => {
+                ComponentBox::Architecture(ArchitectureFfi_TO::from_value(ArchitectureShim(b), TD_Opaque))
+            }
+            Component::Adapter(b) => ComponentBox::Adapter(AdapterFfi_TO::from_value(AdapterShim(b), TD_Opaque)),
+            Component::Optimizer(b) => {
+                ComponentBox::Optimizer(OptimizerFfi_TO::from_value(OptimizerShim(b), TD_Opaque))
+            }
+            Component::Captioner(b) => {
+                ComponentBox::Captioner(CaptionerFfi_TO::from_value(CaptionerShim(b), TD_Opaque))
+            }
+            Component::Masker(b) => ComponentBox::Masker(MaskerFfi_TO::from_value(MaskerShim(b), TD_Opaque)),
+        }
+    }
+}
+
+extern "C" fn init<P: Plugin>(host: HostRef) -> RResult<(), RString> {
+    guard(|| {
+        set_host(host);
+        P::init()
+    })
+}
+
+extern "C" fn describe<P: Plugin>() -> RVec<ComponentDescriptor> {
+    // A panic here would abort the host: describe only builds plain data, but guard it anyway.
+    guard(|| {
+        Ok(P::components()
+            .into_iter()
+            .map(|d| ComponentDescriptor {
+                kind: d.kind,
+                id: d.id.into(),
+                version: d.version.into(),
+                description: d.description.into(),
+                options_schema: d.options_schema.to_string().into(),
+            })
+            .collect())
+    })
+    .unwrap_or_else(|_| RVec::new())
+}
+
+extern "C" fn instantiate<P: Plugin>(
+    kind: ComponentKind,
+    id: RStr<'_>,
+    options_json: RStr<'_>,
+) -> RResult<ComponentBox, RString> {
+    guard(|| {
+        let json = options_json.as_str().trim();
+        let options = if json.is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            serde_json::from_str(json).map_err(|e| Error(format!("options of `{id}` are not valid JSON: {e}")))?
+        };
+        P::instantiate(kind, id.as_str(), options).map(ComponentBox::from)
+    })
+}
+
+/// Builds the root module of a plugin library (used by [`export_plugin!`](crate::export_plugin)).
+pub fn root_module<P: Plugin>() -> PluginLibRef {
+    PluginLib {
+        abi_version: ABI_VERSION,
+        name: RStr::from_str(P::NAME),
+        version: RStr::from_str(P::VERSION),
+        init: init::<P>,
+        describe: describe::<P>,
+        instantiate: instantiate::<P>,
+    }
+    .leak_into_prefix()
+}
+
+// ---- host side: safe wrappers over the FFI trait objects ----
+
+/// An optimizer instance loaded from a plugin.
+pub struct OptimizerHandle(pub OptimizerBox);
+
+impl OptimizerHandle {
+    pub fn step(&mut self, params: &[&Tensor], grads: &[&Tensor], lr: f64) -> Result<()> {
+        let p: Vec<TensorId> = params.iter().map(|t| t.id()).collect();
+        let g: Vec<TensorId> = grads.iter().map(|t| t.id()).collect();
+        res(self.0.step(RSlice::from_slice(&p), RSlice::from_slice(&g), lr))
+    }
+
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(import_named(res(self.0.state())?))
+    }
+
+    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let named: Vec<NamedTensor> = state
+            .iter()
+            .map(|(n, t)| NamedTensor { name: n.as_str().into(), tensor: t.id() })
+            .collect();
+        res(self.0.load_state(RSlice::from_slice(&named)))
+    }
+}
+
+/// A model instance loaded from a plugin.
+pub struct ArchitectureHandle(pub ArchitectureBox);
+
+impl ArchitectureHandle {
+    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(import_named(res(self.0.parameters())?))
+    }
+
+    pub fn forward(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let ids: Vec<TensorId> = inputs.iter().map(|t| t.id()).collect();
+        Ok(res(self.0.forward(RSlice::from_slice(&ids)))?
+            .into_iter()
+            .map(Tensor::from_raw)
+            .collect())
+    }
+}
