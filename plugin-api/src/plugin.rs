@@ -71,6 +71,23 @@ pub trait Plugin: 'static {
     fn instantiate(kind: ComponentKind, id: &str, options: serde_json::Value) -> Result<Component>;
 }
 
+/// Reads a component's options: fields given in `options` override `defaults`; an unknown field
+/// or a wrong type is an error naming the component (with `deny_unknown_fields` on `T`).
+pub fn parse_options<T: serde::Serialize + serde::de::DeserializeOwned>(
+    id: &str,
+    defaults: T,
+    options: serde_json::Value,
+) -> Result<T> {
+    let serde_json::Value::Object(given) = options else {
+        return Err(Error(format!("options of `{id}` must be a JSON object")));
+    };
+    let mut merged = serde_json::to_value(defaults).map_err(|e| Error(e.to_string()))?;
+    if let Some(m) = merged.as_object_mut() {
+        m.extend(given);
+    }
+    serde_json::from_value(merged).map_err(|e| Error(format!("options of `{id}`: {e}")))
+}
+
 /// Exports a [`Plugin`] as this library's root module.
 #[macro_export]
 macro_rules! export_plugin {
@@ -210,6 +227,11 @@ impl From<Component> for ComponentBox {
 extern "C" fn init<P: Plugin>(host: HostRef) -> RResult<(), RString> {
     guard(|| {
         set_host(host);
+        // This library has its own copy of std and so its own panic hook: report panics through
+        // the host's log instead of raw stderr (the error itself reaches the host via `guard`).
+        std::panic::set_hook(Box::new(|info| {
+            crate::host::log(LogLevel::Debug, P::NAME, &format!("panic: {info}"));
+        }));
         P::init()
     })
 }

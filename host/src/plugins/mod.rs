@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use abi_stable::library::lib_header_from_path;
+use abi_stable::library::{LibraryError, lib_header_from_path};
 use abi_stable::std_types::RStr;
 use ferrite_plugin_api::{
     ComponentKind,
@@ -84,19 +84,27 @@ fn is_dylib(p: &Path) -> bool {
     p.is_file() && p.extension().and_then(|e| e.to_str()) == Some(std::env::consts::DLL_EXTENSION)
 }
 
+fn describe_load_error(e: &LibraryError) -> String {
+    match e {
+        LibraryError::OpenError { err, .. } => format!("cannot be loaded as a shared library ({err})"),
+        LibraryError::GetSymbolError { .. } => {
+            "not a Ferrite plugin: it exports no Ferrite root module (was it built with `export_plugin!`?)".into()
+        }
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
+            "incompatible plugin ABI: built against plugin-api {actual_version}, this host needs {expected_version}; rebuild the plugin"
+        ),
+        LibraryError::AbiInstability(_) | LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => {
+            "incompatible plugin ABI: its root module layout differs from this host's plugin-api; rebuild the plugin".into()
+        }
+        LibraryError::RootModule { err, .. } => format!("its root module failed to load: {err}"),
+        other => format!("cannot be loaded: {}", first_line(&other.to_string())),
+    }
+}
+
 /// Loads one library and checks it is a Ferrite plugin of a compatible ABI.
 fn load_library(path: &Path) -> Result<PluginLibRef, String> {
-    let header = lib_header_from_path(path).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("ferrite_plugin") || msg.to_lowercase().contains("symbol") {
-            format!("not a Ferrite plugin: it has no root module symbol ({})", first_line(&msg))
-        } else {
-            format!("cannot be loaded as a library: {}", first_line(&msg))
-        }
-    })?;
-    let root = header
-        .init_root_module::<PluginLibRef>()
-        .map_err(|e| format!("incompatible plugin ABI (rebuild it against this plugin-api): {}", first_line(&e.to_string())))?;
+    let header = lib_header_from_path(path).map_err(|e| describe_load_error(&e))?;
+    let root = header.init_root_module::<PluginLibRef>().map_err(|e| describe_load_error(&e))?;
     if root.abi_version() != ABI_VERSION {
         return Err(format!(
             "incompatible plugin ABI version {} (this host speaks {ABI_VERSION}); rebuild the plugin",

@@ -1,0 +1,179 @@
+//! AdamW (decoupled weight decay) and Adam (L2 weight decay), with torch.optim's update rules.
+
+use ferrite_plugin_api::{
+    Component, ComponentKind, Descriptor, Error, Optimizer, Plugin, Result, Tensor, bail, export_plugin, parse_options,
+    serde_json::{self, json},
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamOptions {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamOptions {
+    fn defaults(decoupled: bool) -> Self {
+        // OneTrainer's defaults: AdamW decays by 1e-2, Adam not at all.
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: if decoupled { 1e-2 } else { 0.0 } }
+    }
+}
+
+fn schema(decoupled: bool) -> serde_json::Value {
+    let d = AdamOptions::defaults(decoupled);
+    json!({
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {
+            "beta1": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": d.beta1},
+            "beta2": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": d.beta2},
+            "eps": {"type": "number", "exclusiveMinimum": 0, "default": d.eps},
+            "weight_decay": {"type": "number", "minimum": 0, "default": d.weight_decay}
+        }
+    })
+}
+
+struct Moments {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+pub struct Adam {
+    opts: AdamOptions,
+    /// AdamW when true: decay is applied to the weights, not added to the gradient.
+    decoupled: bool,
+    step: u64,
+    state: Vec<Option<Moments>>,
+}
+
+impl Adam {
+    pub fn new(opts: AdamOptions, decoupled: bool) -> Result<Self> {
+        let ok = (0.0..1.0).contains(&opts.beta1) && (0.0..1.0).contains(&opts.beta2);
+        if !ok || opts.eps <= 0.0 || opts.weight_decay < 0.0 {
+            bail!("invalid Adam options {opts:?}: betas must be in [0, 1), eps > 0, weight_decay >= 0");
+        }
+        Ok(Self { opts, decoupled, step: 0, state: Vec::new() })
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self, params: &[&Tensor], grads: &[&Tensor], lr: f64) -> Result<()> {
+        if params.len() != grads.len() {
+            bail!("{} parameters but {} gradients", params.len(), grads.len());
+        }
+        if self.state.len() < params.len() {
+            self.state.resize_with(params.len(), || None);
+        }
+        self.step += 1;
+        let AdamOptions { beta1, beta2, eps, weight_decay } = self.opts;
+        let bias1 = 1.0 - beta1.powi(self.step as i32);
+        let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let mut p_new = p.detach()?;
+            let mut g = g.detach()?;
+            if weight_decay != 0.0 {
+                if self.decoupled {
+                    p_new = p_new.mul_scalar(1.0 - lr * weight_decay)?;
+                } else {
+                    g = g.add(&p_new.mul_scalar(weight_decay)?)?;
+                }
+            }
+            let m = match self.state[i].take() {
+                Some(m) => Moments {
+                    exp_avg: m.exp_avg.mul_scalar(beta1)?.add(&g.mul_scalar(1.0 - beta1)?)?,
+                    exp_avg_sq: m.exp_avg_sq.mul_scalar(beta2)?.add(&g.mul(&g)?.mul_scalar(1.0 - beta2)?)?,
+                },
+                None => Moments {
+                    exp_avg: g.mul_scalar(1.0 - beta1)?,
+                    exp_avg_sq: g.mul(&g)?.mul_scalar(1.0 - beta2)?,
+                },
+            };
+            let denom = m.exp_avg_sq.sqrt()?.div_scalar(bias2_sqrt)?.add_scalar(eps)?;
+            let update = m.exp_avg.div(&denom)?.mul_scalar(lr / bias1)?;
+            p.assign(&p_new.sub(&update)?)?;
+            self.state[i] = Some(m);
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("step".to_string(), Tensor::from_f32(&[self.step as f32], &[1])?)];
+        for (i, m) in self.state.iter().enumerate() {
+            if let Some(m) = m {
+                out.push((format!("{i}.exp_avg"), m.exp_avg.clone()));
+                out.push((format!("{i}.exp_avg_sq"), m.exp_avg_sq.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
+        let mut step = None;
+        let mut moments: Vec<(Option<Tensor>, Option<Tensor>)> = Vec::new();
+        for (name, t) in state {
+            if name == "step" {
+                step = Some(t.item()? as u64);
+                continue;
+            }
+            let (idx, field) = name
+                .split_once('.')
+                .and_then(|(i, f)| Some((i.parse::<usize>().ok()?, f)))
+                .ok_or_else(|| Error(format!("unknown Adam state tensor `{name}`")))?;
+            if moments.len() <= idx {
+                moments.resize_with(idx + 1, || (None, None));
+            }
+            match field {
+                "exp_avg" => moments[idx].0 = Some(t),
+                "exp_avg_sq" => moments[idx].1 = Some(t),
+                _ => bail!("unknown Adam state tensor `{name}`"),
+            }
+        }
+        self.step = step.ok_or_else(|| Error::msg("Adam state has no `step`"))?;
+        self.state = moments
+            .into_iter()
+            .enumerate()
+            .map(|(i, pair)| match pair {
+                (Some(exp_avg), Some(exp_avg_sq)) => Ok(Some(Moments { exp_avg, exp_avg_sq })),
+                (None, None) => Ok(None),
+                _ => Err(Error(format!("Adam state for parameter {i} is incomplete"))),
+            })
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+}
+
+pub struct AdamPlugin;
+
+impl Plugin for AdamPlugin {
+    const NAME: &'static str = "optim-adamw";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    fn components() -> Vec<Descriptor> {
+        let d = |id: &str, desc: &str, decoupled| Descriptor {
+            kind: ComponentKind::Optimizer,
+            id: id.into(),
+            version: Self::VERSION.into(),
+            description: desc.into(),
+            options_schema: schema(decoupled),
+        };
+        vec![
+            d("adamw", "AdamW: Adam with decoupled weight decay (torch.optim.AdamW)", true),
+            d("adam", "Adam with L2 weight decay (torch.optim.Adam)", false),
+        ]
+    }
+
+    fn instantiate(kind: ComponentKind, id: &str, options: serde_json::Value) -> Result<Component> {
+        let decoupled = match (kind, id) {
+            (ComponentKind::Optimizer, "adamw") => true,
+            (ComponentKind::Optimizer, "adam") => false,
+            _ => bail!("this library has no {kind} `{id}`"),
+        };
+        let opts = parse_options(id, AdamOptions::defaults(decoupled), options)?;
+        Ok(Component::Optimizer(Box::new(Adam::new(opts, decoupled)?)))
+    }
+}
+
+export_plugin!(AdamPlugin);

@@ -1,0 +1,54 @@
+//! Helpers shared by the end-to-end tests: where the build put the binary and the plugins.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `target/<profile>`: the test executable lives in its `deps/` folder.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+pub fn ferrite_bin() -> PathBuf {
+    let p = profile_dir().join(format!("ferrite{}", std::env::consts::EXE_SUFFIX));
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
+    p
+}
+
+pub fn dylib_name(stem: &str) -> String {
+    format!("{}{stem}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
+}
+
+/// A workspace plugin built by `cargo build --workspace`.
+pub fn workspace_plugin(stem: &str) -> PathBuf {
+    let p = profile_dir().join(dylib_name(stem));
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
+    p
+}
+
+/// A test plugin built from this crate's examples.
+pub fn test_plugin(name: &str) -> PathBuf {
+    let p = profile_dir().join("examples").join(dylib_name(name));
+    assert!(p.exists(), "{} is missing: it is built by `cargo test -p ferrite-tests`", p.display());
+    p
+}
+
+/// Copies `files` into a fresh directory (keeping their names unless renamed).
+pub fn plugin_dir(files: &[(&Path, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (src, name) in files {
+        std::fs::copy(src, dir.path().join(name)).expect("copy plugin");
+    }
+    dir
+}
+
+/// Runs the `ferrite` binary with a private config dir and the given plugin path.
+pub fn run_ferrite(args: &[&str], plugin_path: Option<&Path>, config_home: &Path) -> Output {
+    let mut cmd = Command::new(ferrite_bin());
+    cmd.args(args).env("XDG_CONFIG_HOME", config_home).env_remove("FERRITE_PLUGIN_PATH");
+    if let Some(p) = plugin_path {
+        cmd.env("FERRITE_PLUGIN_PATH", p);
+    }
+    cmd.output().expect("running ferrite")
+}
