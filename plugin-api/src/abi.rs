@@ -130,7 +130,7 @@ pub struct HostApi {
     pub abi_version: u32,
     /// Runs one op: tensor inputs, attributes, and the output handles (owned by the caller).
     pub call: extern "C" fn(OpCode, RSlice<'_, TensorId>, RSlice<'_, Attr>) -> RResult<RVec<TensorId>, RString>,
-    /// A second handle to the same tensor.
+    /// Another reference to the same handle (reference counted; `release` drops one).
     pub retain: extern "C" fn(TensorId) -> RResult<TensorId, RString>,
     pub release: extern "C" fn(TensorId),
     pub shape: extern "C" fn(TensorId) -> RResult<RVec<u64>, RString>,

@@ -40,7 +40,8 @@ impl Tensor {
         self.id
     }
 
-    /// A second handle to the same tensor (no data is copied).
+    /// Another reference to the same tensor (same handle, no data copied): an in-place
+    /// [`assign`](Self::assign) through one is seen through the other, as with torch Parameters.
     pub fn try_clone(&self) -> Result<Tensor> {
         Ok(Tensor::from_raw(res((host()?.retain())(self.id))?))
     }

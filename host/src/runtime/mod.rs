@@ -43,11 +43,10 @@ impl<B: AutodiffBackend> Runtime for TensorTable<B> {
         Ok(out.into_iter().map(|v| self.insert(v)).collect())
     }
     fn retain(&mut self, id: TensorId) -> RtResult<TensorId> {
-        let v = self.get(id)?.clone();
-        Ok(self.insert(v))
+        TensorTable::retain(self, id)
     }
     fn release(&mut self, id: TensorId) {
-        self.remove(id);
+        TensorTable::release(self, id)
     }
     fn shape(&self, id: TensorId) -> RtResult<Vec<usize>> {
         Ok(self.get(id)?.shape())

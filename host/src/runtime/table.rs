@@ -56,10 +56,16 @@ impl<B: AutodiffBackend> Value<B> {
 pub struct TensorTable<B: AutodiffBackend> {
     pub device: B::Device,
     pub device_name: String,
-    values: HashMap<u64, Value<B>>,
+    /// Value and reference count: `retain` hands out the same handle again, so an in-place
+    /// update (`assign`, `set_requires_grad`) is seen by every holder, as with a torch Parameter.
+    values: HashMap<u64, (Value<B>, u32)>,
     next: u64,
     pub rngs: HashMap<u64, ChaCha8Rng>,
     next_rng: u64,
+}
+
+fn not_live(id: TensorId) -> String {
+    format!("tensor handle {} is not live (released or never created)", id.0)
 }
 
 pub fn to_burn_dtype(d: DType) -> RtResult<BDType> {
@@ -111,28 +117,35 @@ impl<B: AutodiffBackend> TensorTable<B> {
     pub fn insert(&mut self, v: Value<B>) -> TensorId {
         let id = self.next;
         self.next += 1;
-        self.values.insert(id, v);
+        self.values.insert(id, (v, 1));
         TensorId(id)
     }
 
+    /// One more reference to the same handle.
+    pub fn retain(&mut self, id: TensorId) -> RtResult<TensorId> {
+        let slot = self.values.get_mut(&id.0).ok_or_else(|| not_live(id))?;
+        slot.1 += 1;
+        Ok(id)
+    }
+
     pub fn get(&self, id: TensorId) -> RtResult<&Value<B>> {
-        self.values
-            .get(&id.0)
-            .ok_or_else(|| format!("tensor handle {} is not live (released or never created)", id.0))
+        self.values.get(&id.0).map(|(v, _)| v).ok_or_else(|| not_live(id))
     }
 
     pub fn replace(&mut self, id: TensorId, v: Value<B>) -> RtResult<()> {
-        match self.values.get_mut(&id.0) {
-            Some(slot) => {
-                *slot = v;
-                Ok(())
-            }
-            None => Err(format!("tensor handle {} is not live", id.0)),
-        }
+        let slot = self.values.get_mut(&id.0).ok_or_else(|| not_live(id))?;
+        slot.0 = v;
+        Ok(())
     }
 
-    pub fn remove(&mut self, id: TensorId) {
-        self.values.remove(&id.0);
+    /// Drops one reference; the tensor goes when the last one does.
+    pub fn release(&mut self, id: TensorId) {
+        if let Some(slot) = self.values.get_mut(&id.0) {
+            slot.1 -= 1;
+            if slot.1 == 0 {
+                self.values.remove(&id.0);
+            }
+        }
     }
 
     pub fn float(&self, id: TensorId) -> RtResult<FloatTensor<B>> {

@@ -83,7 +83,8 @@ impl Optimizer for Adam {
             }
             let m = match self.state[i].take() {
                 Some(m) => Moments {
-                    exp_avg: m.exp_avg.mul_scalar(beta1)?.add(&g.mul_scalar(1.0 - beta1)?)?,
+                    // torch's lerp form: m + (g - m)(1 - beta1).
+                    exp_avg: m.exp_avg.add(&g.sub(&m.exp_avg)?.mul_scalar(1.0 - beta1)?)?,
                     exp_avg_sq: m.exp_avg_sq.mul_scalar(beta2)?.add(&g.mul(&g)?.mul_scalar(1.0 - beta2)?)?,
                 },
                 None => Moments {

@@ -1,0 +1,15 @@
+//! Alone in its own process so that the live-handle count is this test's only.
+
+use ferrite::runtime;
+
+#[path = "train_through_abi.rs"]
+#[allow(dead_code)]
+mod train_through_abi;
+
+#[test]
+fn training_returns_every_tensor_handle() {
+    runtime::init("cpu").unwrap();
+    let before = runtime::live_tensors();
+    train_through_abi::train("adamw", "{}", 1e-2, 5);
+    assert_eq!(runtime::live_tensors(), before, "model, optimizer state, grads and activations all released");
+}
