@@ -2,14 +2,12 @@
 
 use ferrite::runtime;
 
-#[path = "train_through_abi.rs"]
-#[allow(dead_code)]
-mod train_through_abi;
+mod common;
 
 #[test]
 fn training_returns_every_tensor_handle() {
     runtime::init("cpu").unwrap();
     let before = runtime::live_tensors();
-    train_through_abi::train("adamw", "{}", 1e-2, 5);
+    common::train("adamw", "{}", 1e-2, 5);
     assert_eq!(runtime::live_tensors(), before, "model, optimizer state, grads and activations all released");
 }
