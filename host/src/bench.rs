@@ -33,15 +33,22 @@ fn row(name: &str, direct: Duration, abi: Duration) {
 fn run<B: AutodiffBackend>(device: B::Device) -> Result<()> {
     let sync = || B::sync(&device).map_err(|e| anyhow::anyhow!("{e}"));
     println!("device: {}", runtime::device_name());
-    println!("{:<16} {:>12} {:>12} {:>15} {:>9}", "op", "burn direct", "through ABI", "overhead/op", "ratio");
+    println!(
+        "{:<16} {:>12} {:>12} {:>15} {:>9}",
+        "op", "burn direct", "through ABI", "overhead/op", "ratio"
+    );
 
     // A tiny tensor: the cost is all dispatch.
-    let tiny = |d: &B::Device| B::float_from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [4]), d);
+    let tiny =
+        |d: &B::Device| B::float_from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [4]), d);
     let (a, b) = (tiny(&device), tiny(&device));
     let n = 20_000;
     let direct = time(n, || B::float_add(a.clone(), b.clone()));
     sync()?;
-    let (ta, tb) = (Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0], &[4])?, Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0], &[4])?);
+    let (ta, tb) = (
+        Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0], &[4])?,
+        Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0], &[4])?,
+    );
     let abi = time(n, || ta.add(&tb));
     sync()?;
     row("add [4]", direct, abi);
@@ -63,7 +70,10 @@ fn run<B: AutodiffBackend>(device: B::Device) -> Result<()> {
         B::sync(&device).ok();
         r
     });
-    let (t1, t2) = (Tensor::ones(&[1024, 1024], ferrite_plugin_api::DType::F32)?, Tensor::ones(&[1024, 1024], ferrite_plugin_api::DType::F32)?);
+    let (t1, t2) = (
+        Tensor::ones(&[1024, 1024], ferrite_plugin_api::DType::F32)?,
+        Tensor::ones(&[1024, 1024], ferrite_plugin_api::DType::F32)?,
+    );
     let abi = time(iters, || {
         let r = t1.matmul(&t2);
         B::sync(&device).ok();
@@ -80,7 +90,10 @@ pub fn ops(device: &str) -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     {
-        let index = runtime::device_name().trim_start_matches("cuda:").parse().unwrap_or(0);
+        let index = runtime::device_name()
+            .trim_start_matches("cuda:")
+            .parse()
+            .unwrap_or(0);
         return run::<runtime::CudaBackend>(burn::backend::cuda::CudaDevice::new(index));
     }
     #[allow(unreachable_code)]

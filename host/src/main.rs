@@ -53,7 +53,8 @@ enum BenchWhat {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRITE_LOG").unwrap_or_else(|_| "error".into()),
+            tracing_subscriber::EnvFilter::try_from_env("FERRITE_LOG")
+                .unwrap_or_else(|_| "error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -91,7 +92,9 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Some(Command::Bench { what: BenchWhat::Ops { device } }) => ferrite::bench::ops(&device)?,
+        Some(Command::Bench {
+            what: BenchWhat::Ops { device },
+        }) => ferrite::bench::ops(&device)?,
     }
     Ok(())
 }
@@ -112,10 +115,28 @@ fn list_plugins(settings: &Settings) {
         })
         .collect();
     let header = ["ID", "KIND", "VERSION", "ENABLED", "PATH"].map(String::from);
-    let widths: Vec<usize> =
-        (0..4).map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..4)
+        .map(|i| {
+            rows.iter()
+                .chain([&header])
+                .map(|r| r[i].len())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     for r in std::iter::once(&header).chain(&rows) {
-        println!("{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}", r[0], r[1], r[2], r[3], r[4], w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3]);
+        println!(
+            "{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
+        );
     }
     if rows.is_empty() {
         println!("(no plugins found)");

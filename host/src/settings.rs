@@ -16,32 +16,52 @@ pub struct Settings {
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("cannot read settings file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("settings file {path} is not valid TOML: {source}; fix or delete it")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("cannot write settings file {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no user configuration directory (set XDG_CONFIG_HOME or HOME)")]
     NoConfigDir,
 }
 
 impl Settings {
     pub fn default_path() -> Result<PathBuf, SettingsError> {
-        dirs::config_dir().map(|d| d.join("ferrite").join("settings.toml")).ok_or(SettingsError::NoConfigDir)
+        dirs::config_dir()
+            .map(|d| d.join("ferrite").join("settings.toml"))
+            .ok_or(SettingsError::NoConfigDir)
     }
 
     /// Reads the file; a missing file is the default settings.
     pub fn load(path: &Path) -> Result<Self, SettingsError> {
         match std::fs::read_to_string(path) {
-            Ok(s) => toml::from_str(&s).map_err(|source| SettingsError::Parse { path: path.into(), source }),
+            Ok(s) => toml::from_str(&s).map_err(|source| SettingsError::Parse {
+                path: path.into(),
+                source,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(SettingsError::Read { path: path.into(), source }),
+            Err(source) => Err(SettingsError::Read {
+                path: path.into(),
+                source,
+            }),
         }
     }
 
     pub fn save(&self, path: &Path) -> Result<(), SettingsError> {
         let text = toml::to_string_pretty(self).expect("settings serialise to TOML");
-        crate::fsutil::write_atomic(path, text.as_bytes()).map_err(|source| SettingsError::Write { path: path.into(), source })
+        crate::fsutil::write_atomic(path, text.as_bytes()).map_err(|source| SettingsError::Write {
+            path: path.into(),
+            source,
+        })
     }
 
     pub fn is_enabled(&self, id: &str) -> bool {
@@ -84,6 +104,9 @@ mod tests {
         let p = dir.path().join("settings.toml");
         std::fs::write(&p, "plugin_dirs = [").unwrap();
         let e = Settings::load(&p).unwrap_err().to_string();
-        assert!(e.contains("settings.toml") && e.contains("not valid TOML"), "{e}");
+        assert!(
+            e.contains("settings.toml") && e.contains("not valid TOML"),
+            "{e}"
+        );
     }
 }

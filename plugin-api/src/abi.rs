@@ -129,7 +129,11 @@ pub struct HostTensor {
 pub struct HostApi {
     pub abi_version: u32,
     /// Runs one op: tensor inputs, attributes, and the output handles (owned by the caller).
-    pub call: extern "C" fn(OpCode, RSlice<'_, TensorId>, RSlice<'_, Attr>) -> RResult<RVec<TensorId>, RString>,
+    pub call: extern "C" fn(
+        OpCode,
+        RSlice<'_, TensorId>,
+        RSlice<'_, Attr>,
+    ) -> RResult<RVec<TensorId>, RString>,
     /// Another reference to the same handle (reference counted; `release` drops one).
     pub retain: extern "C" fn(TensorId) -> RResult<TensorId, RString>,
     pub release: extern "C" fn(TensorId),

@@ -32,7 +32,11 @@ pub fn call(op: OpCode, inputs: &[&Tensor], attrs: &[Attr]) -> Result<Vec<Tensor
 }
 
 pub fn call_ids(op: OpCode, inputs: &[TensorId], attrs: &[Attr]) -> Result<Vec<Tensor>> {
-    let out = res((host()?.call())(op, RSlice::from_slice(inputs), RSlice::from_slice(attrs)))?;
+    let out = res((host()?.call())(
+        op,
+        RSlice::from_slice(inputs),
+        RSlice::from_slice(attrs),
+    ))?;
     Ok(out.into_iter().map(Tensor::from_raw).collect())
 }
 
@@ -41,7 +45,10 @@ pub fn call1(op: OpCode, inputs: &[&Tensor], attrs: &[Attr]) -> Result<Tensor> {
     let mut out = call(op, inputs, attrs)?;
     match out.len() {
         1 => Ok(out.remove(0)),
-        n => Err(Error(format!("op {} returned {n} tensors, expected 1", op.name()))),
+        n => Err(Error(format!(
+            "op {} returned {n} tensors, expected 1",
+            op.name()
+        ))),
     }
 }
 
@@ -68,7 +75,9 @@ pub struct Generator {
 
 impl Generator {
     pub fn new(seed: u64) -> Result<Self> {
-        Ok(Self { id: (host()?.rng_new())(seed) })
+        Ok(Self {
+            id: (host()?.rng_new())(seed),
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -103,7 +112,11 @@ impl Weights {
                 return Err(e);
             }
         };
-        Ok(Self { id, path: path.to_string(), infos })
+        Ok(Self {
+            id,
+            path: path.to_string(),
+            infos,
+        })
     }
 
     pub fn path(&self) -> &str {
@@ -121,7 +134,9 @@ impl Weights {
 
     pub fn metadata(&self) -> Result<Vec<(String, String)>> {
         let m = res((host()?.weight_metadata())(self.id))?;
-        Ok(m.into_iter().map(|Tuple2(k, v)| (k.into_string(), v.into_string())).collect())
+        Ok(m.into_iter()
+            .map(|Tuple2(k, v)| (k.into_string(), v.into_string()))
+            .collect())
     }
 
     /// Loads `key` to the device as `dtype`.
@@ -140,13 +155,22 @@ impl Drop for Weights {
 }
 
 /// Writes tensors (and string metadata) to `path` atomically.
-pub fn save_safetensors(path: &str, tensors: &[(&str, &Tensor)], metadata: &[(&str, &str)]) -> Result<()> {
+pub fn save_safetensors(
+    path: &str,
+    tensors: &[(&str, &Tensor)],
+    metadata: &[(&str, &str)],
+) -> Result<()> {
     let named: Vec<NamedTensor> = tensors
         .iter()
-        .map(|(n, t)| NamedTensor { name: (*n).into(), tensor: t.id() })
+        .map(|(n, t)| NamedTensor {
+            name: (*n).into(),
+            tensor: t.id(),
+        })
         .collect();
-    let meta: Vec<Tuple2<RString, RString>> =
-        metadata.iter().map(|(k, v)| Tuple2((*k).into(), (*v).into())).collect();
+    let meta: Vec<Tuple2<RString, RString>> = metadata
+        .iter()
+        .map(|(k, v)| Tuple2((*k).into(), (*v).into()))
+        .collect();
     res((host()?.save_safetensors())(
         RStr::from_str(path),
         RSlice::from_slice(&named),

@@ -11,9 +11,9 @@ pub mod plugin;
 pub mod tensor;
 
 pub use abi::{ComponentKind, DType, LogLevel, OpCode, TensorId};
+pub use abi_stable;
 pub use error::{Error, Result};
 pub use host::{Generator, Weights, save_safetensors};
 pub use plugin::{Architecture, Component, Descriptor, Optimizer, Plugin, parse_options};
-pub use tensor::{Gradients, Tensor, ops};
-pub use abi_stable;
 pub use serde_json;
+pub use tensor::{Gradients, Tensor, ops};

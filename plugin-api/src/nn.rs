@@ -9,7 +9,11 @@ use crate::tensor::{
 };
 
 fn key(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") }
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
 }
 
 fn optional(w: &Weights, k: &str, dtype: DType) -> Result<Option<Tensor>> {
@@ -66,7 +70,11 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, options: ConvOptions) -> Self {
-        Self { weight, bias, options }
+        Self {
+            weight,
+            bias,
+            options,
+        }
     }
 
     pub fn load(w: &Weights, prefix: &str, options: ConvOptions, dtype: DType) -> Result<Self> {
@@ -110,7 +118,13 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::group_norm(x, self.groups, self.weight.as_ref(), self.bias.as_ref(), self.eps)
+        ops::group_norm(
+            x,
+            self.groups,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.eps,
+        )
     }
 }
 
@@ -162,7 +176,9 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn load(w: &Weights, prefix: &str, dtype: DType) -> Result<Self> {
-        Ok(Self { weight: w.get(&key(prefix, "weight"), dtype)? })
+        Ok(Self {
+            weight: w.get(&key(prefix, "weight"), dtype)?,
+        })
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {

@@ -125,7 +125,10 @@ fn refs(v: &[ManuallyDrop<Tensor>]) -> Vec<&Tensor> {
 
 fn export_named(v: Vec<(String, Tensor)>) -> RVec<NamedTensor> {
     v.into_iter()
-        .map(|(name, t)| NamedTensor { name: name.into(), tensor: t.into_raw() })
+        .map(|(name, t)| NamedTensor {
+            name: name.into(),
+            tensor: t.into_raw(),
+        })
         .collect()
 }
 
@@ -141,7 +144,12 @@ pub fn import_named(v: impl IntoIterator<Item = NamedTensor>) -> Vec<(String, Te
 struct OptimizerShim(Box<dyn Optimizer>);
 
 impl OptimizerFfi for OptimizerShim {
-    fn step(&mut self, params: RSlice<'_, TensorId>, grads: RSlice<'_, TensorId>, lr: f64) -> RResult<(), RString> {
+    fn step(
+        &mut self,
+        params: RSlice<'_, TensorId>,
+        grads: RSlice<'_, TensorId>,
+        lr: f64,
+    ) -> RResult<(), RString> {
         guard(|| {
             let (p, g) = (borrowed(params), borrowed(grads));
             self.0.step(&refs(&p), &refs(&g), lr)
@@ -155,7 +163,12 @@ impl OptimizerFfi for OptimizerShim {
         guard(|| {
             let owned = state
                 .iter()
-                .map(|n| Ok((n.name.to_string(), Tensor::borrow_raw(n.tensor).try_clone()?)))
+                .map(|n| {
+                    Ok((
+                        n.name.to_string(),
+                        Tensor::borrow_raw(n.tensor).try_clone()?,
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
             self.0.load_state(owned)
         })
@@ -171,7 +184,12 @@ impl ArchitectureFfi for ArchitectureShim {
     fn forward(&self, inputs: RSlice<'_, TensorId>) -> RResult<RVec<TensorId>, RString> {
         guard(|| {
             let i = borrowed(inputs);
-            Ok(self.0.forward(&refs(&i))?.into_iter().map(Tensor::into_raw).collect())
+            Ok(self
+                .0
+                .forward(&refs(&i))?
+                .into_iter()
+                .map(Tensor::into_raw)
+                .collect())
         })
     }
 }
@@ -184,7 +202,9 @@ impl AdapterFfi for AdapterShim {
     }
     fn forward(&self, x: TensorId, base_out: TensorId) -> RResult<TensorId, RString> {
         guard(|| {
-            let out = self.0.forward(&Tensor::borrow_raw(x), &Tensor::borrow_raw(base_out))?;
+            let out = self
+                .0
+                .forward(&Tensor::borrow_raw(x), &Tensor::borrow_raw(base_out))?;
             Ok(out.into_raw())
         })
     }
@@ -194,7 +214,12 @@ struct CaptionerShim(Box<dyn Captioner>);
 
 impl CaptionerFfi for CaptionerShim {
     fn caption(&mut self, image: TensorId, prompt: RStr<'_>) -> RResult<RString, RString> {
-        guard(|| Ok(self.0.caption(&Tensor::borrow_raw(image), prompt.as_str())?.into()))
+        guard(|| {
+            Ok(self
+                .0
+                .caption(&Tensor::borrow_raw(image), prompt.as_str())?
+                .into())
+        })
     }
 }
 
@@ -202,24 +227,33 @@ struct MaskerShim(Box<dyn Masker>);
 
 impl MaskerFfi for MaskerShim {
     fn mask(&mut self, image: TensorId, prompt: RStr<'_>) -> RResult<TensorId, RString> {
-        guard(|| Ok(self.0.mask(&Tensor::borrow_raw(image), prompt.as_str())?.into_raw()))
+        guard(|| {
+            Ok(self
+                .0
+                .mask(&Tensor::borrow_raw(image), prompt.as_str())?
+                .into_raw())
+        })
     }
 }
 
 impl From<Component> for ComponentBox {
     fn from(c: Component) -> Self {
         match c {
-            Component::Architecture(b) => {
-                ComponentBox::Architecture(ArchitectureFfi_TO::from_value(ArchitectureShim(b), TD_Opaque))
+            Component::Architecture(b) => ComponentBox::Architecture(
+                ArchitectureFfi_TO::from_value(ArchitectureShim(b), TD_Opaque),
+            ),
+            Component::Adapter(b) => {
+                ComponentBox::Adapter(AdapterFfi_TO::from_value(AdapterShim(b), TD_Opaque))
             }
-            Component::Adapter(b) => ComponentBox::Adapter(AdapterFfi_TO::from_value(AdapterShim(b), TD_Opaque)),
             Component::Optimizer(b) => {
                 ComponentBox::Optimizer(OptimizerFfi_TO::from_value(OptimizerShim(b), TD_Opaque))
             }
             Component::Captioner(b) => {
                 ComponentBox::Captioner(CaptionerFfi_TO::from_value(CaptionerShim(b), TD_Opaque))
             }
-            Component::Masker(b) => ComponentBox::Masker(MaskerFfi_TO::from_value(MaskerShim(b), TD_Opaque)),
+            Component::Masker(b) => {
+                ComponentBox::Masker(MaskerFfi_TO::from_value(MaskerShim(b), TD_Opaque))
+            }
         }
     }
 }
@@ -263,7 +297,8 @@ extern "C" fn instantiate<P: Plugin>(
         let options = if json.is_empty() {
             serde_json::Value::Object(Default::default())
         } else {
-            serde_json::from_str(json).map_err(|e| Error(format!("options of `{id}` are not valid JSON: {e}")))?
+            serde_json::from_str(json)
+                .map_err(|e| Error(format!("options of `{id}` are not valid JSON: {e}")))?
         };
         P::instantiate(kind, id.as_str(), options).map(ComponentBox::from)
     })
@@ -291,7 +326,9 @@ impl OptimizerHandle {
     pub fn step(&mut self, params: &[&Tensor], grads: &[&Tensor], lr: f64) -> Result<()> {
         let p: Vec<TensorId> = params.iter().map(|t| t.id()).collect();
         let g: Vec<TensorId> = grads.iter().map(|t| t.id()).collect();
-        res(self.0.step(RSlice::from_slice(&p), RSlice::from_slice(&g), lr))
+        res(self
+            .0
+            .step(RSlice::from_slice(&p), RSlice::from_slice(&g), lr))
     }
 
     pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -301,7 +338,10 @@ impl OptimizerHandle {
     pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
         let named: Vec<NamedTensor> = state
             .iter()
-            .map(|(n, t)| NamedTensor { name: n.as_str().into(), tensor: t.id() })
+            .map(|(n, t)| NamedTensor {
+                name: n.as_str().into(),
+                tensor: t.id(),
+            })
             .collect();
         res(self.0.load_state(RSlice::from_slice(&named)))
     }

@@ -57,7 +57,11 @@ impl Tensor {
     }
 
     pub fn full(shape: &[usize], value: f64, dtype: DType) -> Result<Tensor> {
-        call1(OpCode::FULL, &[], &[ints(shape), Attr::Float(value), Attr::DType(dtype)])
+        call1(
+            OpCode::FULL,
+            &[],
+            &[ints(shape), Attr::Float(value), Attr::DType(dtype)],
+        )
     }
 
     /// `start, start+step, ...` below `end`, as `dtype` (a float dtype or `I64`).
@@ -65,27 +69,48 @@ impl Tensor {
         call1(
             OpCode::ARANGE,
             &[],
-            &[Attr::Int(start), Attr::Int(end), Attr::Int(step), Attr::DType(dtype)],
+            &[
+                Attr::Int(start),
+                Attr::Int(end),
+                Attr::Int(step),
+                Attr::DType(dtype),
+            ],
         )
     }
 
     /// Standard normal samples drawn from `rng`.
     pub fn randn(shape: &[usize], rng: &Generator) -> Result<Tensor> {
-        call1(OpCode::RANDN, &[], &[ints(shape), Attr::Int(rng.id() as i64)])
+        call1(
+            OpCode::RANDN,
+            &[],
+            &[ints(shape), Attr::Int(rng.id() as i64)],
+        )
     }
 
     /// Uniform samples in [0, 1) drawn from `rng`.
     pub fn rand(shape: &[usize], rng: &Generator) -> Result<Tensor> {
-        call1(OpCode::RAND, &[], &[ints(shape), Attr::Int(rng.id() as i64)])
+        call1(
+            OpCode::RAND,
+            &[],
+            &[ints(shape), Attr::Int(rng.id() as i64)],
+        )
     }
 
     /// Uploads small host data (constants, test inputs).
     pub fn from_f32(data: &[f32], shape: &[usize]) -> Result<Tensor> {
-        call1(OpCode::FROM_F32, &[], &[Attr::Floats(data.into()), ints(shape)])
+        call1(
+            OpCode::FROM_F32,
+            &[],
+            &[Attr::Floats(data.into()), ints(shape)],
+        )
     }
 
     pub fn from_i64(data: &[i64], shape: &[usize]) -> Result<Tensor> {
-        call1(OpCode::FROM_I64, &[], &[Attr::Ints(data.into()), ints(shape)])
+        call1(
+            OpCode::FROM_I64,
+            &[],
+            &[Attr::Ints(data.into()), ints(shape)],
+        )
     }
 
     // ---- metadata and host copies ----
@@ -183,7 +208,10 @@ impl Tensor {
     pub fn unsqueeze(&self, dim: usize) -> Result<Tensor> {
         let mut s: Vec<i64> = self.shape()?.iter().map(|&d| d as i64).collect();
         if dim > s.len() {
-            return Err(Error(format!("unsqueeze({dim}) on a tensor of rank {}", s.len())));
+            return Err(Error(format!(
+                "unsqueeze({dim}) on a tensor of rank {}",
+                s.len()
+            )));
         }
         s.insert(dim, 1);
         self.reshape(&s)
@@ -192,7 +220,9 @@ impl Tensor {
     pub fn squeeze(&self, dim: usize) -> Result<Tensor> {
         let mut s: Vec<i64> = self.shape()?.iter().map(|&d| d as i64).collect();
         if s.get(dim) != Some(&1) {
-            return Err(Error(format!("squeeze({dim}) on shape {s:?}: that dimension is not 1")));
+            return Err(Error(format!(
+                "squeeze({dim}) on shape {s:?}: that dimension is not 1"
+            )));
         }
         s.remove(dim);
         self.reshape(&s)
@@ -343,7 +373,11 @@ impl Tensor {
     }
     /// Variance with Bessel's `correction` (0 = population, 1 = sample).
     pub fn var(&self, dims: &[usize], keepdim: bool, correction: usize) -> Result<Tensor> {
-        call1(OpCode::VAR, &[self], &[ints(dims), Attr::Bool(keepdim), int(correction)])
+        call1(
+            OpCode::VAR,
+            &[self],
+            &[ints(dims), Attr::Bool(keepdim), int(correction)],
+        )
     }
     /// Sum of all elements, as a tensor of shape `[1]`.
     pub fn sum_all(&self) -> Result<Tensor> {
@@ -444,13 +478,21 @@ pub mod ops {
 
     impl Default for ConvOptions {
         fn default() -> Self {
-            Self { stride: [1, 1], padding: [0, 0], dilation: [1, 1], groups: 1 }
+            Self {
+                stride: [1, 1],
+                padding: [0, 0],
+                dilation: [1, 1],
+                groups: 1,
+            }
         }
     }
 
     impl ConvOptions {
         pub fn padding(p: usize) -> Self {
-            Self { padding: [p, p], ..Self::default() }
+            Self {
+                padding: [p, p],
+                ..Self::default()
+            }
         }
         pub fn with_stride(mut self, s: usize) -> Self {
             self.stride = [s, s];
@@ -459,13 +501,23 @@ pub mod ops {
     }
 
     /// 2-D convolution, weight `[out, in/groups, kh, kw]`.
-    pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, o: ConvOptions) -> Result<Tensor> {
+    pub fn conv2d(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        o: ConvOptions,
+    ) -> Result<Tensor> {
         let mut inputs = vec![x, weight];
         inputs.extend(bias);
         call1(
             OpCode::CONV2D,
             &inputs,
-            &[ints(&o.stride), ints(&o.padding), ints(&o.dilation), int(o.groups)],
+            &[
+                ints(&o.stride),
+                ints(&o.padding),
+                ints(&o.dilation),
+                int(o.groups),
+            ],
         )
     }
 
@@ -500,11 +552,22 @@ pub mod ops {
         bias: Option<&Tensor>,
         eps: f64,
     ) -> Result<Tensor> {
-        affine_norm(OpCode::GROUP_NORM, x, weight, bias, &[int(groups), Attr::Float(eps)])
+        affine_norm(
+            OpCode::GROUP_NORM,
+            x,
+            weight,
+            bias,
+            &[int(groups), Attr::Float(eps)],
+        )
     }
 
     /// Layer norm over the last dimension.
-    pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    pub fn layer_norm(
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
         affine_norm(OpCode::LAYER_NORM, x, weight, bias, &[Attr::Float(eps)])
     }
 
@@ -541,7 +604,11 @@ pub mod ops {
     ) -> Result<Tensor> {
         let mut inputs = vec![q, k, v];
         inputs.extend(mask);
-        call1(OpCode::ATTENTION, &inputs, &[scale.map_or(Attr::None, Attr::Float)])
+        call1(
+            OpCode::ATTENTION,
+            &inputs,
+            &[scale.map_or(Attr::None, Attr::Float)],
+        )
     }
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -558,7 +625,11 @@ pub mod ops {
             InterpolateMode::Nearest => "nearest",
             InterpolateMode::Bilinear => "bilinear",
         };
-        call1(OpCode::INTERPOLATE, &[x], &[ints(&size), Attr::Str(m.into())])
+        call1(
+            OpCode::INTERPOLATE,
+            &[x],
+            &[ints(&size), Attr::Str(m.into())],
+        )
     }
 
     /// Zeroes elements with probability `p` and scales the rest by `1/(1-p)`.

@@ -2,8 +2,9 @@
 //! as a plugin built against an incompatible `plugin-api` would.
 
 use abi_stable::{
-    StableAbi, declare_root_module_statics, export_root_module, library::RootModule, package_version_strings,
-    prefix_type::PrefixTypeTrait, sabi_types::VersionStrings, std_types::RStr,
+    StableAbi, declare_root_module_statics, export_root_module, library::RootModule,
+    package_version_strings, prefix_type::PrefixTypeTrait, sabi_types::VersionStrings,
+    std_types::RStr,
 };
 
 #[repr(C)]
@@ -25,5 +26,9 @@ impl RootModule for OtherLibRef {
 
 #[export_root_module]
 pub fn root() -> OtherLibRef {
-    OtherLib { abi_version: 1, name: RStr::from_str("bad-layout") }.leak_into_prefix()
+    OtherLib {
+        abi_version: 1,
+        name: RStr::from_str("bad-layout"),
+    }
+    .leak_into_prefix()
 }

@@ -1,6 +1,8 @@
 //! A test plugin whose initialisation panics.
 
-use ferrite_plugin_api::{Component, ComponentKind, Descriptor, Plugin, Result, bail, export_plugin, serde_json};
+use ferrite_plugin_api::{
+    Component, ComponentKind, Descriptor, Plugin, Result, bail, export_plugin, serde_json,
+};
 
 struct Panicking;
 

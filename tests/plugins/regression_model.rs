@@ -1,7 +1,8 @@
 //! A test architecture plugin: a two-layer MLP written only against `plugin-api`.
 
 use ferrite_plugin_api::{
-    Architecture, Component, ComponentKind, Descriptor, Generator, Plugin, Result, Tensor, bail, export_plugin,
+    Architecture, Component, ComponentKind, Descriptor, Generator, Plugin, Result, Tensor, bail,
+    export_plugin,
     nn::{Linear, Parameters},
     parse_options,
     serde_json::{self, json},
@@ -40,7 +41,9 @@ impl Architecture for Mlp {
     }
 
     fn forward(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
-        let [x] = inputs else { bail!("test-mlp takes one input, got {}", inputs.len()) };
+        let [x] = inputs else {
+            bail!("test-mlp takes one input, got {}", inputs.len())
+        };
         Ok(vec![self.fc2.forward(&self.fc1.forward(x)?.silu()?)?])
     }
 }
@@ -65,7 +68,16 @@ impl Plugin for TestPlugin {
         if (kind, id) != (ComponentKind::Architecture, "test-mlp") {
             bail!("no {kind} `{id}` here");
         }
-        let o = parse_options(id, Options { inputs: 4, hidden: 32, outputs: 1, seed: 0 }, options)?;
+        let o = parse_options(
+            id,
+            Options {
+                inputs: 4,
+                hidden: 32,
+                outputs: 1,
+                seed: 0,
+            },
+            options,
+        )?;
         let rng = Generator::new(o.seed)?;
         Ok(Component::Architecture(Box::new(Mlp {
             fc1: init_linear(&rng, o.inputs, o.hidden)?,

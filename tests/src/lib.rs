@@ -12,25 +12,41 @@ pub fn profile_dir() -> PathBuf {
 
 pub fn ferrite_bin() -> PathBuf {
     let p = profile_dir().join(format!("ferrite{}", std::env::consts::EXE_SUFFIX));
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        p.display()
+    );
     p
 }
 
 pub fn dylib_name(stem: &str) -> String {
-    format!("{}{stem}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
+    format!(
+        "{}{stem}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    )
 }
 
 /// A workspace plugin built by `cargo build --workspace`.
 pub fn workspace_plugin(stem: &str) -> PathBuf {
     let p = profile_dir().join(dylib_name(stem));
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        p.display()
+    );
     p
 }
 
 /// A test plugin built from this crate's examples.
 pub fn test_plugin(name: &str) -> PathBuf {
     let p = profile_dir().join("examples").join(dylib_name(name));
-    assert!(p.exists(), "{} is missing: it is built by `cargo test -p ferrite-tests`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: it is built by `cargo test -p ferrite-tests`",
+        p.display()
+    );
     p
 }
 
@@ -46,7 +62,9 @@ pub fn plugin_dir(files: &[(&Path, &str)]) -> tempfile::TempDir {
 /// Runs the `ferrite` binary with a private config dir and the given plugin path.
 pub fn run_ferrite(args: &[&str], plugin_path: Option<&Path>, config_home: &Path) -> Output {
     let mut cmd = Command::new(ferrite_bin());
-    cmd.args(args).env("XDG_CONFIG_HOME", config_home).env_remove("FERRITE_PLUGIN_PATH");
+    cmd.args(args)
+        .env("XDG_CONFIG_HOME", config_home)
+        .env_remove("FERRITE_PLUGIN_PATH");
     if let Some(p) = plugin_path {
         cmd.env("FERRITE_PLUGIN_PATH", p);
     }

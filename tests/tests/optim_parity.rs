@@ -9,11 +9,19 @@ use ferrite_tests::profile_dir;
 const STEPS: usize = 10;
 
 fn fixture(name: &str) -> String {
-    format!("{}/fixtures/optim/{name}.safetensors", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/fixtures/optim/{name}.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 fn meta(w: &Weights, key: &str) -> String {
-    w.metadata().unwrap().into_iter().find(|(k, _)| k == key).map(|(_, v)| v).unwrap()
+    w.metadata()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .unwrap()
 }
 
 /// Runs the plugin over the fixture's gradients; returns the worst relative error per step.
@@ -23,20 +31,35 @@ fn replay(optimizer: &str, name: &str) -> f64 {
     let w = Weights::open(&fixture(name)).unwrap();
     let mut opt = registry.optimizer(optimizer, &meta(&w, "options")).unwrap();
     let lrs: Vec<f64> = serde_json::from_str(&meta(&w, "lrs")).unwrap();
-    let params: Vec<Tensor> = (0..2).map(|i| w.get(&format!("p{i}.init"), DType::F32).unwrap()).collect();
+    let params: Vec<Tensor> = (0..2)
+        .map(|i| w.get(&format!("p{i}.init"), DType::F32).unwrap())
+        .collect();
     let mut worst = 0.0f64;
     for (t, lr) in lrs.iter().enumerate().take(STEPS) {
-        let grads: Vec<Tensor> = (0..2).map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).unwrap()).collect();
-        opt.step(&params.iter().collect::<Vec<_>>(), &grads.iter().collect::<Vec<_>>(), *lr).unwrap();
+        let grads: Vec<Tensor> = (0..2)
+            .map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).unwrap())
+            .collect();
+        opt.step(
+            &params.iter().collect::<Vec<_>>(),
+            &grads.iter().collect::<Vec<_>>(),
+            *lr,
+        )
+        .unwrap();
         for (i, p) in params.iter().enumerate() {
-            let want = w.get(&format!("step{t}.p{i}"), DType::F32).unwrap().to_vec().unwrap();
+            let want = w
+                .get(&format!("step{t}.p{i}"), DType::F32)
+                .unwrap()
+                .to_vec()
+                .unwrap();
             for (a, b) in p.to_vec().unwrap().iter().zip(&want) {
                 let rel = ((a - b).abs() / b.abs().max(1e-6)) as f64;
                 worst = worst.max(rel);
             }
         }
     }
-    println!("{optimizer} vs torch ({name}): worst relative error over {STEPS} steps = {worst:.3e}");
+    println!(
+        "{optimizer} vs torch ({name}): worst relative error over {STEPS} steps = {worst:.3e}"
+    );
     worst
 }
 
@@ -67,24 +90,44 @@ fn adamw_state_round_trips() {
     let w = Weights::open(&fixture("adamw")).unwrap();
     let opts = meta(&w, "options");
     let lrs: Vec<f64> = serde_json::from_str(&meta(&w, "lrs")).unwrap();
-    let p = || -> Vec<Tensor> { (0..2).map(|i| w.get(&format!("p{i}.init"), DType::F32).unwrap()).collect() };
+    let p = || -> Vec<Tensor> {
+        (0..2)
+            .map(|i| w.get(&format!("p{i}.init"), DType::F32).unwrap())
+            .collect()
+    };
     let grads = |t: usize| -> Vec<Tensor> {
-        (0..2).map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).unwrap()).collect()
+        (0..2)
+            .map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).unwrap())
+            .collect()
     };
     // Straight run of 4 steps vs 2 steps + export/import into a fresh optimizer + 2 steps.
     let (a, b) = (p(), p());
     let mut oa = registry.optimizer("adamw", &opts).unwrap();
     let mut ob = registry.optimizer("adamw", &opts).unwrap();
-    for t in 0..4 {
+    for (t, &lr) in lrs.iter().enumerate().take(4) {
         let g = grads(t);
-        oa.step(&a.iter().collect::<Vec<_>>(), &g.iter().collect::<Vec<_>>(), lrs[t]).unwrap();
+        oa.step(
+            &a.iter().collect::<Vec<_>>(),
+            &g.iter().collect::<Vec<_>>(),
+            lr,
+        )
+        .unwrap();
         if t == 2 {
             let state = ob.state().unwrap();
-            assert!(state.iter().any(|(n, _)| n == "0.exp_avg_sq"), "{:?}", state.iter().map(|s| &s.0).collect::<Vec<_>>());
+            assert!(
+                state.iter().any(|(n, _)| n == "0.exp_avg_sq"),
+                "{:?}",
+                state.iter().map(|s| &s.0).collect::<Vec<_>>()
+            );
             ob = registry.optimizer("adamw", &opts).unwrap();
             ob.load_state(&state).unwrap();
         }
-        ob.step(&b.iter().collect::<Vec<_>>(), &g.iter().collect::<Vec<_>>(), lrs[t]).unwrap();
+        ob.step(
+            &b.iter().collect::<Vec<_>>(),
+            &g.iter().collect::<Vec<_>>(),
+            lr,
+        )
+        .unwrap();
     }
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.to_vec().unwrap(), y.to_vec().unwrap());
@@ -95,9 +138,17 @@ fn adamw_state_round_trips() {
 fn bad_options_name_the_optimizer_and_field() {
     runtime::init("cpu").unwrap();
     let registry = Registry::discover(&[profile_dir()], &Settings::default());
-    let e = registry.optimizer("adamw", r#"{"beta3": 0.5}"#).err().unwrap().to_string();
+    let e = registry
+        .optimizer("adamw", r#"{"beta3": 0.5}"#)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("adamw") && e.contains("beta3"), "{e}");
-    let e = registry.optimizer("sgd", r#"{"momentum": -1}"#).err().unwrap().to_string();
+    let e = registry
+        .optimizer("sgd", r#"{"momentum": -1}"#)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("momentum"), "{e}");
     let e = registry.optimizer("lion", "{}").err().unwrap().to_string();
     assert!(e.contains("no optimizer plugin with id `lion`"), "{e}");

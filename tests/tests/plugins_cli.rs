@@ -13,15 +13,25 @@ struct Listing {
 
 fn list(plugin_path: Option<&Path>, config: &Path) -> Listing {
     let out = run_ferrite(&["plugins", "list"], plugin_path, config);
-    assert!(out.status.success(), "plugins list failed: {}", String::from_utf8_lossy(&out.stderr));
-    Listing { stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() }
+    assert!(
+        out.status.success(),
+        "plugins list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Listing {
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
 }
 
 /// The workspace's optimizer plugins, found next to the executable, are listed and enabled.
 #[track_caller]
 fn others_still_load(l: &Listing) {
     for id in ["adamw", "adam", "sgd"] {
-        let row = l.stdout.lines().find(|r| r.split_whitespace().next() == Some(id));
+        let row = l
+            .stdout
+            .lines()
+            .find(|r| r.split_whitespace().next() == Some(id));
         let row = row.unwrap_or_else(|| panic!("`{id}` missing from:\n{}", l.stdout));
         assert!(row.contains("optimizer") && row.contains("yes"), "{row}");
     }
@@ -30,10 +40,22 @@ fn others_still_load(l: &Listing) {
 /// Exactly one error line, naming the file and containing `reason`.
 #[track_caller]
 fn one_error(l: &Listing, file: &str, reason: &str) {
-    let errors: Vec<&str> = l.stderr.lines().filter(|x| x.starts_with("error:")).collect();
+    let errors: Vec<&str> = l
+        .stderr
+        .lines()
+        .filter(|x| x.starts_with("error:"))
+        .collect();
     assert_eq!(errors.len(), 1, "stderr:\n{}", l.stderr);
-    assert!(errors[0].contains(file) && errors[0].contains(reason), "{}", errors[0]);
-    assert!(!l.stderr.contains("panicked at"), "a panic leaked to stderr:\n{}", l.stderr);
+    assert!(
+        errors[0].contains(file) && errors[0].contains(reason),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        !l.stderr.contains("panicked at"),
+        "a panic leaked to stderr:\n{}",
+        l.stderr
+    );
 }
 
 fn bad_case(example: &str, reason: &str) {
@@ -50,7 +72,11 @@ fn lists_workspace_plugins_with_kind_version_path() {
     let config = tempfile::tempdir().unwrap();
     let l = list(None, config.path());
     others_still_load(&l);
-    assert!(l.stdout.contains(&dylib_name("ferrite_optim_adamw")), "{}", l.stdout);
+    assert!(
+        l.stdout.contains(&dylib_name("ferrite_optim_adamw")),
+        "{}",
+        l.stdout
+    );
     assert!(l.stdout.lines().next().unwrap().contains("ID") && l.stdout.contains("0.1.0"));
     assert!(!l.stderr.contains("error"), "{}", l.stderr);
 }
@@ -61,7 +87,11 @@ fn plugin_path_adds_a_directory() {
     let name = dylib_name("regression_model");
     let dir = plugin_dir(&[(&test_plugin("regression_model"), &name)]);
     let l = list(Some(dir.path()), config.path());
-    let row = l.stdout.lines().find(|r| r.starts_with("test-mlp")).expect("test-mlp listed");
+    let row = l
+        .stdout
+        .lines()
+        .find(|r| r.starts_with("test-mlp"))
+        .expect("test-mlp listed");
     assert!(row.contains("architecture") && row.contains(&name), "{row}");
     others_still_load(&l);
 }
@@ -89,12 +119,18 @@ fn a_library_with_an_incompatible_abi_layout() {
 
 #[test]
 fn a_library_whose_init_fails() {
-    bad_case("init_fails", "failed to initialise: required model file model.onnx is missing");
+    bad_case(
+        "init_fails",
+        "failed to initialise: required model file model.onnx is missing",
+    );
 }
 
 #[test]
 fn a_library_whose_init_panics() {
-    bad_case("init_panics", "failed to initialise: panicked: plugin init exploded");
+    bad_case(
+        "init_panics",
+        "failed to initialise: panicked: plugin init exploded",
+    );
 }
 
 #[test]
@@ -104,19 +140,37 @@ fn two_libraries_offering_one_id_name_both_paths() {
     let original = workspace_plugin("ferrite_optim_sgd");
     let dir = plugin_dir(&[(&original, &copy)]);
     let l = list(Some(dir.path()), config.path());
-    one_error(&l, &copy, "optimizer id `sgd` is offered by more than one library");
-    assert!(l.stderr.contains(&original.display().to_string()), "{}", l.stderr);
+    one_error(
+        &l,
+        &copy,
+        "optimizer id `sgd` is offered by more than one library",
+    );
+    assert!(
+        l.stderr.contains(&original.display().to_string()),
+        "{}",
+        l.stderr
+    );
 }
 
 #[test]
 fn enable_and_disable_persist_in_the_settings_file() {
     let config = tempfile::tempdir().unwrap();
     let out = run_ferrite(&["plugins", "disable", "adam"], None, config.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let settings = std::fs::read_to_string(config.path().join("ferrite/settings.toml")).unwrap();
     assert!(settings.contains("adam"), "{settings}");
     let l = list(None, config.path());
-    let row = |id: &str| l.stdout.lines().find(|r| r.split_whitespace().next() == Some(id)).unwrap().to_string();
+    let row = |id: &str| {
+        l.stdout
+            .lines()
+            .find(|r| r.split_whitespace().next() == Some(id))
+            .unwrap()
+            .to_string()
+    };
     assert!(row("adam").contains(" no "), "{}", row("adam"));
     assert!(row("adamw").contains(" yes "), "{}", row("adamw"));
     let out = run_ferrite(&["plugins", "enable", "adam"], None, config.path());
@@ -129,11 +183,18 @@ fn enable_and_disable_persist_in_the_settings_file() {
 fn a_broken_settings_file_is_named() {
     let config = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(config.path().join("ferrite")).unwrap();
-    std::fs::write(config.path().join("ferrite/settings.toml"), "disabled_plugins = [").unwrap();
+    std::fs::write(
+        config.path().join("ferrite/settings.toml"),
+        "disabled_plugins = [",
+    )
+    .unwrap();
     let out = run_ferrite(&["plugins", "list"], None, config.path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("settings.toml") && err.contains("not valid TOML"), "{err}");
+    assert!(
+        err.contains("settings.toml") && err.contains("not valid TOML"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -141,7 +202,10 @@ fn help_lists_the_commands() {
     let config = tempfile::tempdir().unwrap();
     let out = run_ferrite(&["--help"], None, config.path());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("plugins") && text.contains("bench"), "{text}");
+    assert!(
+        out.status.success() && text.contains("plugins") && text.contains("bench"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -149,9 +213,16 @@ fn bench_ops_prints_ratios() {
     let config = tempfile::tempdir().unwrap();
     let out = run_ferrite(&["bench", "ops"], None, config.path());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for row in ["add [4]", "matmul 1024²"] {
-        let line = text.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("{row} missing:\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("{row} missing:\n{text}"));
         assert!(line.trim_end().ends_with('x'), "{line}");
     }
 }
@@ -163,7 +234,11 @@ fn cuda_device_without_cuda_build_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     // Either this binary lacks CUDA, or it has it and the machine lacks a driver.
-    assert!(err.contains("--features cuda") || err.contains("CUDA requested but no NVIDIA driver found"), "{err}");
+    assert!(
+        err.contains("--features cuda")
+            || err.contains("CUDA requested but no NVIDIA driver found"),
+        "{err}"
+    );
     let out = run_ferrite(&["bench", "ops", "--device", "tpu"], None, config.path());
     assert!(String::from_utf8_lossy(&out.stderr).contains("use cpu, cuda or cuda:N"));
 }

@@ -48,9 +48,18 @@ pub enum PluginError {
     #[error("{kind} `{id}` is disabled (run `ferrite plugins enable {id}`)")]
     Disabled { kind: ComponentKind, id: String },
     #[error("{kind} id `{id}` is offered by more than one library: {}; remove or disable one", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and "))]
-    Duplicate { kind: ComponentKind, id: String, paths: Vec<PathBuf> },
+    Duplicate {
+        kind: ComponentKind,
+        id: String,
+        paths: Vec<PathBuf>,
+    },
     #[error("plugin `{id}` ({path}) failed to create its {kind}: {reason}")]
-    Instantiate { kind: ComponentKind, id: String, path: PathBuf, reason: String },
+    Instantiate {
+        kind: ComponentKind,
+        id: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 struct Library {
@@ -69,7 +78,10 @@ pub struct Registry {
 /// `$FERRITE_PLUGIN_PATH` (`:`-separated), then the settings' `plugin_dirs`.
 pub fn search_dirs(settings: &Settings) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
         dirs.push(exe_dir.join("plugins"));
         dirs.push(exe_dir);
     }
@@ -104,7 +116,9 @@ fn describe_load_error(e: &LibraryError) -> String {
 /// Loads one library and checks it is a Ferrite plugin of a compatible ABI.
 fn load_library(path: &Path) -> Result<PluginLibRef, String> {
     let header = lib_header_from_path(path).map_err(|e| describe_load_error(&e))?;
-    let root = header.init_root_module::<PluginLibRef>().map_err(|e| describe_load_error(&e))?;
+    let root = header
+        .init_root_module::<PluginLibRef>()
+        .map_err(|e| describe_load_error(&e))?;
     if root.abi_version() != ABI_VERSION {
         return Err(format!(
             "incompatible plugin ABI version {} (this host speaks {ABI_VERSION}); rebuild the plugin",
@@ -118,7 +132,11 @@ fn load_library(path: &Path) -> Result<PluginLibRef, String> {
 }
 
 fn first_line(s: &str) -> String {
-    let line = s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    let line = s
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
     line.chars().take(300).collect()
 }
 
@@ -128,8 +146,13 @@ impl Registry {
         let mut reg = Registry::default();
         let mut seen = std::collections::HashSet::new();
         for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
-            let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_dylib(p)).collect();
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_dylib(p))
+                .collect();
             files.sort();
             for path in files {
                 let canon = path.canonicalize().unwrap_or_else(|_| path.clone());
@@ -168,7 +191,10 @@ impl Registry {
     fn report_duplicates(&mut self) {
         let mut by_id: HashMap<(ComponentKind, &str), Vec<&PathBuf>> = HashMap::new();
         for c in &self.components {
-            by_id.entry((c.kind, c.id.as_str())).or_default().push(&c.path);
+            by_id
+                .entry((c.kind, c.id.as_str()))
+                .or_default()
+                .push(&c.path);
         }
         let mut dups: Vec<LoadProblem> = by_id
             .into_iter()
@@ -176,7 +202,12 @@ impl Registry {
             .map(|((kind, id), paths)| {
                 let paths: Vec<PathBuf> = paths.into_iter().cloned().collect();
                 let path = paths[paths.len() - 1].clone();
-                let reason = PluginError::Duplicate { kind, id: id.to_string(), paths }.to_string();
+                let reason = PluginError::Duplicate {
+                    kind,
+                    id: id.to_string(),
+                    paths,
+                }
+                .to_string();
                 LoadProblem { path, reason }
             })
             .collect();
@@ -190,21 +221,49 @@ impl Registry {
 
     /// The one enabled component of this kind and id, or why there is none.
     pub fn find(&self, kind: ComponentKind, id: &str) -> Result<&ComponentInfo, PluginError> {
-        let matches: Vec<&ComponentInfo> = self.components.iter().filter(|c| c.kind == kind && c.id == id).collect();
+        let matches: Vec<&ComponentInfo> = self
+            .components
+            .iter()
+            .filter(|c| c.kind == kind && c.id == id)
+            .collect();
         match matches.as_slice() {
-            [] => Err(PluginError::NotFound { kind, id: id.into() }),
-            [c] if !c.enabled => Err(PluginError::Disabled { kind, id: id.into() }),
+            [] => Err(PluginError::NotFound {
+                kind,
+                id: id.into(),
+            }),
+            [c] if !c.enabled => Err(PluginError::Disabled {
+                kind,
+                id: id.into(),
+            }),
             [c] => Ok(c),
-            many => Err(PluginError::Duplicate { kind, id: id.into(), paths: many.iter().map(|c| c.path.clone()).collect() }),
+            many => Err(PluginError::Duplicate {
+                kind,
+                id: id.into(),
+                paths: many.iter().map(|c| c.path.clone()).collect(),
+            }),
         }
     }
 
-    fn instantiate(&self, kind: ComponentKind, id: &str, options_json: &str) -> Result<ComponentBox, PluginError> {
+    fn instantiate(
+        &self,
+        kind: ComponentKind,
+        id: &str,
+        options_json: &str,
+    ) -> Result<ComponentBox, PluginError> {
         let info = self.find(kind, id)?;
-        let lib = self.libraries.iter().find(|l| l.path == info.path).expect("component belongs to a loaded library");
+        let lib = self
+            .libraries
+            .iter()
+            .find(|l| l.path == info.path)
+            .expect("component belongs to a loaded library");
         (lib.root.instantiate())(kind, RStr::from_str(id), RStr::from_str(options_json))
             .into_result()
-            .map_err(|e| PluginError::Instantiate { kind, id: id.into(), path: info.path.clone(), reason: e.into_string() })
+            .map_err(|e| PluginError::Instantiate {
+                kind,
+                id: id.into(),
+                path: info.path.clone(),
+                reason: e.into_string(),
+            })
     }
 
     pub fn optimizer(&self, id: &str, options_json: &str) -> Result<OptimizerHandle, PluginError> {
@@ -214,7 +273,11 @@ impl Registry {
         }
     }
 
-    pub fn architecture(&self, id: &str, options_json: &str) -> Result<ArchitectureHandle, PluginError> {
+    pub fn architecture(
+        &self,
+        id: &str,
+        options_json: &str,
+    ) -> Result<ArchitectureHandle, PluginError> {
         match self.instantiate(ComponentKind::Architecture, id, options_json)? {
             ComponentBox::Architecture(a) => Ok(ArchitectureHandle(a)),
             _ => Err(self.wrong_kind(ComponentKind::Architecture, id)),
@@ -222,7 +285,15 @@ impl Registry {
     }
 
     fn wrong_kind(&self, kind: ComponentKind, id: &str) -> PluginError {
-        let path = self.find(kind, id).map(|c| c.path.clone()).unwrap_or_default();
-        PluginError::Instantiate { kind, id: id.into(), path, reason: format!("returned a component that is not a {kind}") }
+        let path = self
+            .find(kind, id)
+            .map(|c| c.path.clone())
+            .unwrap_or_default();
+        PluginError::Instantiate {
+            kind,
+            id: id.into(),
+            path,
+            reason: format!("returned a component that is not a {kind}"),
+        }
     }
 }

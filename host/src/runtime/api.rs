@@ -17,7 +17,7 @@ use ferrite_plugin_api::{
 
 use super::table::to_burn_dtype;
 use super::weights::{self, WeightFile};
-use super::{Runtime, RtResult, is_cancelled, lock};
+use super::{RtResult, Runtime, is_cancelled, lock};
 
 static WEIGHTS: Mutex<Option<HashMap<u64, Arc<WeightFile>>>> = Mutex::new(None);
 static NEXT_FILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -33,7 +33,9 @@ fn guarded<T>(f: impl FnOnce() -> RtResult<T>) -> RResult<T, RString> {
 fn with_rt<T>(f: impl FnOnce(&mut dyn Runtime) -> RtResult<T>) -> RResult<T, RString> {
     guarded(|| {
         let mut g = lock();
-        let rt = g.as_mut().ok_or("no compute device selected (runtime::init was not called)")?;
+        let rt = g
+            .as_mut()
+            .ok_or("no compute device selected (runtime::init was not called)")?;
         f(rt.as_mut())
     })
 }
@@ -46,8 +48,15 @@ fn weight_file(id: u64) -> RtResult<Arc<WeightFile>> {
         .ok_or_else(|| format!("weights handle {id} is not open"))
 }
 
-extern "C" fn call(op: OpCode, inputs: RSlice<'_, TensorId>, attrs: RSlice<'_, Attr>) -> RResult<RVec<TensorId>, RString> {
-    with_rt(|rt| rt.call(op, inputs.as_slice(), attrs.as_slice()).map(RVec::from))
+extern "C" fn call(
+    op: OpCode,
+    inputs: RSlice<'_, TensorId>,
+    attrs: RSlice<'_, Attr>,
+) -> RResult<RVec<TensorId>, RString> {
+    with_rt(|rt| {
+        rt.call(op, inputs.as_slice(), attrs.as_slice())
+            .map(RVec::from)
+    })
 }
 
 extern "C" fn retain(id: TensorId) -> RResult<TensorId, RString> {
@@ -74,8 +83,15 @@ extern "C" fn to_host(id: TensorId) -> RResult<HostTensor, RString> {
         let dtype = rt.dtype(id)?;
         let data = rt.data(id)?;
         let shape = data.shape.iter().map(|&d| d as u64).collect();
-        let data = data.convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-        Ok(HostTensor { shape, dtype, data: data.into() })
+        let data = data
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(HostTensor {
+            shape,
+            dtype,
+            data: data.into(),
+        })
     })
 }
 
@@ -83,7 +99,11 @@ extern "C" fn open_weights(path: RStr<'_>) -> RResult<u64, RString> {
     guarded(|| {
         let f = WeightFile::open(path.as_str())?;
         let id = NEXT_FILE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        WEIGHTS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().insert(id, Arc::new(f));
+        WEIGHTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_default()
+            .insert(id, Arc::new(f));
         Ok(id)
     })
 }
@@ -95,7 +115,9 @@ extern "C" fn weight_infos(file: u64) -> RResult<RVec<WeightInfo>, RString> {
 extern "C" fn weight_metadata(file: u64) -> RResult<RVec<Tuple2<RString, RString>>, RString> {
     guarded(|| {
         let m = weight_file(file)?.metadata()?;
-        Ok(m.into_iter().map(|(k, v)| Tuple2(k.into(), v.into())).collect())
+        Ok(m.into_iter()
+            .map(|(k, v)| Tuple2(k.into(), v.into()))
+            .collect())
     })
 }
 
@@ -104,7 +126,9 @@ extern "C" fn load_weight(file: u64, key: RStr<'_>, dtype: DType) -> RResult<Ten
         let f = weight_file(file)?;
         // Read outside the runtime lock: disk time should not block other tensor work.
         let data = f.read(key.as_str(), to_burn_dtype(dtype)?)?;
-        with_rt(|rt| Ok(rt.upload(data))).into_result().map_err(RString::into_string)
+        with_rt(|rt| Ok(rt.upload(data)))
+            .into_result()
+            .map_err(RString::into_string)
     })
 }
 
@@ -120,10 +144,18 @@ extern "C" fn save_safetensors(
     metadata: RSlice<'_, Tuple2<RString, RString>>,
 ) -> RResult<(), RString> {
     guarded(|| {
-        let data = with_rt(|rt| tensors.iter().map(|n| Ok((n.name.to_string(), rt.data(n.tensor)?))).collect::<RtResult<Vec<_>>>())
-            .into_result()
-            .map_err(RString::into_string)?;
-        let meta = metadata.iter().map(|Tuple2(k, v)| (k.to_string(), v.to_string())).collect();
+        let data = with_rt(|rt| {
+            tensors
+                .iter()
+                .map(|n| Ok((n.name.to_string(), rt.data(n.tensor)?)))
+                .collect::<RtResult<Vec<_>>>()
+        })
+        .into_result()
+        .map_err(RString::into_string)?;
+        let meta = metadata
+            .iter()
+            .map(|Tuple2(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         weights::save(Path::new(path.as_str()), data, meta)
     })
 }
@@ -151,7 +183,9 @@ extern "C" fn log(level: LogLevel, target: RStr<'_>, msg: RStr<'_>) {
 }
 
 extern "C" fn device() -> RString {
-    lock().as_ref().map_or_else(|| "none".into(), |rt| rt.device_name().into())
+    lock()
+        .as_ref()
+        .map_or_else(|| "none".into(), |rt| rt.device_name().into())
 }
 
 extern "C" fn cancelled() -> bool {

@@ -67,7 +67,7 @@ impl<B: AutodiffBackend> Runtime for TensorTable<B> {
         self.rngs.remove(&id);
     }
     fn live(&self) -> usize {
-        self.len()
+        TensorTable::live(self)
     }
 }
 
@@ -75,11 +75,15 @@ impl<B: AutodiffBackend> Runtime for TensorTable<B> {
 pub enum DeviceError {
     #[error("train_device `{0}` is not understood: use cpu, cuda or cuda:N")]
     Unknown(String),
-    #[error("train_device `{0}` needs CUDA, but this ferrite was built without it: rebuild with `--features cuda`")]
+    #[error(
+        "train_device `{0}` needs CUDA, but this ferrite was built without it: rebuild with `--features cuda`"
+    )]
     NotBuilt(String),
     #[error("CUDA requested but no NVIDIA driver found ({0})")]
     NoDriver(String),
-    #[error("the runtime already computes on `{current}` with live tensors; cannot switch to `{requested}`")]
+    #[error(
+        "the runtime already computes on `{current}` with live tensors; cannot switch to `{requested}`"
+    )]
     Busy { current: String, requested: String },
 }
 
@@ -109,23 +113,33 @@ fn parse_device(device: &str) -> Result<Option<usize>, DeviceError> {
 
 fn new_runtime(device: &str) -> Result<Box<dyn Runtime>, DeviceError> {
     match parse_device(device)? {
-        None => Ok(Box::new(TensorTable::<CpuBackend>::new(Default::default(), "cpu".into()))),
+        None => Ok(Box::new(TensorTable::<CpuBackend>::new(
+            Default::default(),
+            "cpu".into(),
+        ))),
         #[cfg(feature = "cuda")]
         Some(index) => {
             use burn_backend::Backend;
             let dev = burn::backend::cuda::CudaDevice::new(index);
             // burn panics on first use when there is no driver: probe once, here.
             let probe = std::panic::catch_unwind(|| {
-                let t = <CudaBackend as burn_backend::ops::FloatTensorOps<CudaBackend>>::float_zeros(
-                    burn_backend::Shape::from(vec![1]),
-                    &dev,
-                    burn_backend::FloatDType::F32,
-                );
-                let _ = burn_backend::read_sync(<CudaBackend as burn_backend::ops::FloatTensorOps<CudaBackend>>::float_into_data(t));
+                let t =
+                    <CudaBackend as burn_backend::ops::FloatTensorOps<CudaBackend>>::float_zeros(
+                        burn_backend::Shape::from(vec![1]),
+                        &dev,
+                        burn_backend::FloatDType::F32,
+                    );
+                let _ =
+                    burn_backend::read_sync(<CudaBackend as burn_backend::ops::FloatTensorOps<
+                        CudaBackend,
+                    >>::float_into_data(t));
                 CudaBackend::sync(&dev)
             });
             match probe {
-                Ok(Ok(())) => Ok(Box::new(TensorTable::<CudaBackend>::new(dev, format!("cuda:{index}")))),
+                Ok(Ok(())) => Ok(Box::new(TensorTable::<CudaBackend>::new(
+                    dev,
+                    format!("cuda:{index}"),
+                ))),
                 Ok(Err(e)) => Err(DeviceError::NoDriver(e.to_string())),
                 Err(p) => Err(DeviceError::NoDriver(crate::panic_message(&*p))),
             }
@@ -148,7 +162,10 @@ pub fn init(device: &str) -> Result<(), DeviceError> {
             return Ok(());
         }
         if rt.live() > 0 {
-            return Err(DeviceError::Busy { current: rt.device_name().into(), requested: wanted });
+            return Err(DeviceError::Busy {
+                current: rt.device_name().into(),
+                requested: wanted,
+            });
         }
     }
     *g = Some(new_runtime(device)?);
@@ -171,11 +188,12 @@ pub(crate) fn is_cancelled() -> bool {
 
 /// The device the runtime computes on (`none` before [`init`]).
 pub fn device_name() -> String {
-    lock().as_ref().map_or_else(|| "none".into(), |rt| rt.device_name().to_string())
+    lock()
+        .as_ref()
+        .map_or_else(|| "none".into(), |rt| rt.device_name().to_string())
 }
 
 /// Live tensor handles, for leak checks.
 pub fn live_tensors() -> usize {
     lock().as_ref().map_or(0, |rt| rt.live())
 }
-

@@ -4,7 +4,10 @@ use std::sync::{Arc, Mutex};
 
 use burn_backend::{
     AutodiffBackend, Distribution, Scalar, Shape, Slice, TensorData, TensorMetadata,
-    ops::{AttentionModuleOptions, ConvOptions, ConvTransposeOptions, InterpolateMode, InterpolateOptions},
+    ops::{
+        AttentionModuleOptions, ConvOptions, ConvTransposeOptions, InterpolateMode,
+        InterpolateOptions,
+    },
     tensor::FloatTensor,
 };
 use ferrite_plugin_api::{DType, OpCode, TensorId, abi::Attr};
@@ -15,6 +18,8 @@ use super::RtResult;
 use super::table::{TensorTable, Value, float_dtype};
 
 type F<B> = FloatTensor<B>;
+/// Optional affine weight and bias of a norm.
+type Affine<B> = (Option<F<B>>, Option<F<B>>);
 
 /// Typed access to an op's attributes, with errors that name the op and position.
 struct Attrs<'a> {
@@ -24,10 +29,16 @@ struct Attrs<'a> {
 
 impl Attrs<'_> {
     fn at(&self, i: usize) -> RtResult<&Attr> {
-        self.a.get(i).ok_or_else(|| format!("op {}: missing attribute {i}", self.op.name()))
+        self.a
+            .get(i)
+            .ok_or_else(|| format!("op {}: missing attribute {i}", self.op.name()))
     }
     fn err<T>(&self, i: usize, want: &str) -> RtResult<T> {
-        Err(format!("op {}: attribute {i} should be {want}, got {:?}", self.op.name(), self.a.get(i)))
+        Err(format!(
+            "op {}: attribute {i} should be {want}, got {:?}",
+            self.op.name(),
+            self.a.get(i)
+        ))
     }
     fn int(&self, i: usize) -> RtResult<i64> {
         match self.at(i)? {
@@ -37,7 +48,12 @@ impl Attrs<'_> {
     }
     fn usize(&self, i: usize) -> RtResult<usize> {
         let v = self.int(i)?;
-        usize::try_from(v).map_err(|_| format!("op {}: attribute {i} must not be negative, got {v}", self.op.name()))
+        usize::try_from(v).map_err(|_| {
+            format!(
+                "op {}: attribute {i} must not be negative, got {v}",
+                self.op.name()
+            )
+        })
     }
     fn ints(&self, i: usize) -> RtResult<&[i64]> {
         match self.at(i)? {
@@ -48,7 +64,11 @@ impl Attrs<'_> {
     fn usizes(&self, i: usize) -> RtResult<Vec<usize>> {
         self.ints(i)?
             .iter()
-            .map(|&v| usize::try_from(v).map_err(|_| format!("op {}: negative size {v} in attribute {i}", self.op.name())))
+            .map(|&v| {
+                usize::try_from(v).map_err(|_| {
+                    format!("op {}: negative size {v} in attribute {i}", self.op.name())
+                })
+            })
             .collect()
     }
     fn pair(&self, i: usize) -> RtResult<[usize; 2]> {
@@ -101,13 +121,24 @@ fn shape_of<B: AutodiffBackend>(t: &F<B>) -> Vec<usize> {
 }
 
 fn full_slices(rank: usize) -> Vec<Slice> {
-    vec![Slice { start: 0, end: None, step: 1 }; rank]
+    vec![
+        Slice {
+            start: 0,
+            end: None,
+            step: 1
+        };
+        rank
+    ]
 }
 
 /// Numpy broadcasting of two shapes, or an error naming both.
 fn broadcast_shape(a: &[usize], b: &[usize]) -> RtResult<Vec<usize>> {
     let r = a.len().max(b.len());
-    let pad = |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, r - s.len()).chain(s.iter().copied()).collect() };
+    let pad = |s: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(1, r - s.len())
+            .chain(s.iter().copied())
+            .collect()
+    };
     let (pa, pb) = (pad(a), pad(b));
     pa.iter()
         .zip(&pb)
@@ -138,7 +169,10 @@ fn align<B: AutodiffBackend>(a: F<B>, b: F<B>) -> RtResult<(F<B>, F<B>)> {
 
 fn check_dim(op: OpCode, dim: usize, rank: usize) -> RtResult<()> {
     if dim >= rank {
-        return Err(format!("op {}: dimension {dim} out of range for rank {rank}", op.name()));
+        return Err(format!(
+            "op {}: dimension {dim} out of range for rank {rank}",
+            op.name()
+        ));
     }
     Ok(())
 }
@@ -152,10 +186,23 @@ fn resolve_reshape(op: OpCode, from: &[usize], to: &[i64]) -> RtResult<Vec<usize
     }
     let out: Vec<usize> = to
         .iter()
-        .map(|&d| if d == -1 { if known == 0 { 0 } else { numel / known as usize } } else { d as usize })
+        .map(|&d| {
+            if d == -1 {
+                if known == 0 {
+                    0
+                } else {
+                    numel / known as usize
+                }
+            } else {
+                d as usize
+            }
+        })
         .collect();
     if out.iter().product::<usize>() != numel {
-        return Err(format!("op {}: cannot reshape {from:?} ({numel} elements) to {to:?}", op.name()));
+        return Err(format!(
+            "op {}: cannot reshape {from:?} ({numel} elements) to {to:?}",
+            op.name()
+        ));
     }
     Ok(out)
 }
@@ -164,14 +211,22 @@ fn reduce_dims(op: OpCode, dims: &[usize], rank: usize) -> RtResult<Vec<usize>> 
     for &d in dims {
         check_dim(op, d, rank)?;
     }
-    let mut d: Vec<usize> = if dims.is_empty() { (0..rank).collect() } else { dims.to_vec() };
+    let mut d: Vec<usize> = if dims.is_empty() {
+        (0..rank).collect()
+    } else {
+        dims.to_vec()
+    };
     d.sort_unstable();
     d.dedup();
     Ok(d)
 }
 
 impl<B: AutodiffBackend> TensorTable<B> {
-    fn n_inputs(op: OpCode, inputs: &[TensorId], range: std::ops::RangeInclusive<usize>) -> RtResult<()> {
+    fn n_inputs(
+        op: OpCode,
+        inputs: &[TensorId],
+        range: std::ops::RangeInclusive<usize>,
+    ) -> RtResult<()> {
         if !range.contains(&inputs.len()) {
             return Err(format!(
                 "op {}: expected {}..={} tensor inputs, got {}",
@@ -199,14 +254,25 @@ impl<B: AutodiffBackend> TensorTable<B> {
         if keepdim {
             return Ok(t);
         }
-        let mut out: Vec<usize> = shape.iter().enumerate().filter(|(i, _)| !dims.contains(i)).map(|(_, &s)| s).collect();
+        let mut out: Vec<usize> = shape
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !dims.contains(i))
+            .map(|(_, &s)| s)
+            .collect();
         if out.is_empty() {
             out.push(1);
         }
         Ok(B::float_reshape(t, Shape::from(out)))
     }
 
-    fn variance(&self, t: F<B>, dims: &[usize], keepdim: bool, correction: usize) -> RtResult<F<B>> {
+    fn variance(
+        &self,
+        t: F<B>,
+        dims: &[usize],
+        keepdim: bool,
+        correction: usize,
+    ) -> RtResult<F<B>> {
         let shape = shape_of::<B>(&t);
         let dims = reduce_dims(OpCode::VAR, dims, shape.len())?;
         let n: usize = dims.iter().map(|&d| shape[d]).product();
@@ -217,7 +283,10 @@ impl<B: AutodiffBackend> TensorTable<B> {
         let c = B::float_sub(t, mean);
         let sq = B::float_mul(c.clone(), c);
         let s = self.reduce(OpCode::SUM, sq, &dims, keepdim)?;
-        Ok(B::float_div_scalar(s, Scalar::Float((n - correction) as f64)))
+        Ok(B::float_div_scalar(
+            s,
+            Scalar::Float((n - correction) as f64),
+        ))
     }
 
     /// Normalises over the last dimension of `x` (population variance).
@@ -229,7 +298,13 @@ impl<B: AutodiffBackend> TensorTable<B> {
         Ok(B::float_div(B::float_sub(x, mean), denom))
     }
 
-    fn channel_affine(&self, x: F<B>, w: Option<F<B>>, b: Option<F<B>>, channel_dim: usize) -> RtResult<F<B>> {
+    fn channel_affine(
+        &self,
+        x: F<B>,
+        w: Option<F<B>>,
+        b: Option<F<B>>,
+        channel_dim: usize,
+    ) -> RtResult<F<B>> {
         let shape = shape_of::<B>(&x);
         let mut view = vec![1; shape.len()];
         view[channel_dim] = shape[channel_dim];
@@ -238,24 +313,38 @@ impl<B: AutodiffBackend> TensorTable<B> {
             if let Some(p) = p {
                 let ps = shape_of::<B>(&p);
                 if ps.iter().product::<usize>() != shape[channel_dim] {
-                    return Err(format!("norm: parameter of shape {ps:?} does not match {} channels", shape[channel_dim]));
+                    return Err(format!(
+                        "norm: parameter of shape {ps:?} does not match {} channels",
+                        shape[channel_dim]
+                    ));
                 }
                 let p = B::float_reshape(p, Shape::from(view.clone()));
-                x = if is_w { B::float_mul(x, p) } else { B::float_add(x, p) };
+                x = if is_w {
+                    B::float_mul(x, p)
+                } else {
+                    B::float_add(x, p)
+                };
             }
         }
         Ok(x)
     }
 
     /// Optional weight and bias inputs, as flagged by the last two attributes.
-    fn norm_params(&self, inputs: &[TensorId], a: &Attrs, flags_at: usize) -> RtResult<(Option<F<B>>, Option<F<B>>)> {
+    fn norm_params(
+        &self,
+        inputs: &[TensorId],
+        a: &Attrs,
+        flags_at: usize,
+    ) -> RtResult<Affine<B>> {
         let (hw, hb) = (a.boolean(flags_at)?, a.boolean(flags_at + 1)?);
         let mut next = inputs.iter().skip(1);
         let mut take = |present: bool| -> RtResult<Option<F<B>>> {
             if !present {
                 return Ok(None);
             }
-            let id = next.next().ok_or_else(|| format!("op {}: missing affine parameter input", a.op.name()))?;
+            let id = next
+                .next()
+                .ok_or_else(|| format!("op {}: missing affine parameter input", a.op.name()))?;
             self.float(*id).map(Some)
         };
         Ok((take(hw)?, take(hb)?))
@@ -263,23 +352,42 @@ impl<B: AutodiffBackend> TensorTable<B> {
 
     fn random(&mut self, op: OpCode, shape: Vec<usize>, rng: u64) -> RtResult<Value<B>> {
         let n: usize = shape.iter().product();
-        let g = self.rngs.get_mut(&rng).ok_or_else(|| format!("op {}: generator {rng} does not exist", op.name()))?;
+        let g = self
+            .rngs
+            .get_mut(&rng)
+            .ok_or_else(|| format!("op {}: generator {rng} does not exist", op.name()))?;
         let v: Vec<f32> = if op == OpCode::RANDN {
             (0..n).map(|_| g.sample(StandardNormal)).collect()
         } else {
             (0..n).map(|_| g.random::<f32>()).collect()
         };
-        Ok(Value::Float(B::float_from_data(TensorData::new(v, shape), &self.device)))
+        Ok(Value::Float(B::float_from_data(
+            TensorData::new(v, shape),
+            &self.device,
+        )))
     }
 
-    fn narrow_value(&self, v: Value<B>, dim: usize, start: usize, len: usize) -> RtResult<Value<B>> {
+    fn narrow_value(
+        &self,
+        v: Value<B>,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> RtResult<Value<B>> {
         let shape = v.shape();
         check_dim(OpCode::NARROW, dim, shape.len())?;
         if start + len > shape[dim] {
-            return Err(format!("op narrow: {start}+{len} exceeds size {} of dimension {dim} (shape {shape:?})", shape[dim]));
+            return Err(format!(
+                "op narrow: {start}+{len} exceeds size {} of dimension {dim} (shape {shape:?})",
+                shape[dim]
+            ));
         }
         let mut s = full_slices(shape.len());
-        s[dim] = Slice { start: start as isize, end: Some((start + len) as isize), step: 1 };
+        s[dim] = Slice {
+            start: start as isize,
+            end: Some((start + len) as isize),
+            step: 1,
+        };
         Ok(match v {
             Value::Float(t) => Value::Float(B::float_slice(t, &s)),
             Value::Int(t) => Value::Int(B::int_slice(t, &s)),
@@ -299,13 +407,20 @@ impl<B: AutodiffBackend> TensorTable<B> {
     }
 
     /// Runs one op. Outputs are new values; the caller stores them.
-    pub fn exec(&mut self, op: OpCode, inputs: &[TensorId], attrs: &[Attr]) -> RtResult<Vec<Value<B>>> {
+    pub fn exec(
+        &mut self,
+        op: OpCode,
+        inputs: &[TensorId],
+        attrs: &[Attr],
+    ) -> RtResult<Vec<Value<B>>> {
         let a = Attrs { op, a: attrs };
         let dev = self.device.clone();
         let bool_dt = self.settings().bool_dtype;
         let one = |t: F<B>| Ok(vec![Value::Float(t)]);
         let x = |i: usize| -> RtResult<F<B>> {
-            let id = inputs.get(i).ok_or_else(|| format!("op {}: missing tensor input {i}", op.name()))?;
+            let id = inputs
+                .get(i)
+                .ok_or_else(|| format!("op {}: missing tensor input {i}", op.name()))?;
             self.float(*id)
         };
         match op {
@@ -318,14 +433,24 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 };
                 if dt == DType::I64 || dt == DType::I32 {
                     let data = TensorData::full(shape, value as i64);
-                    return Ok(vec![Value::Int(B::int_from_data(data.convert_dtype(self.settings().int_dtype.into()), &dev))]);
+                    return Ok(vec![Value::Int(B::int_from_data(
+                        data.convert_dtype(self.settings().int_dtype.into()),
+                        &dev,
+                    ))]);
                 }
-                one(B::float_full(shape, Scalar::Float(value), &dev, float_dtype(dt)?))
+                one(B::float_full(
+                    shape,
+                    Scalar::Float(value),
+                    &dev,
+                    float_dtype(dt)?,
+                ))
             }
             OpCode::ARANGE => {
                 let (start, end, step, dt) = (a.int(0)?, a.int(1)?, a.usize(2)?, a.dtype(3)?);
                 if step == 0 || end < start {
-                    return Err(format!("op arange: empty or invalid range {start}..{end} step {step}"));
+                    return Err(format!(
+                        "op arange: empty or invalid range {start}..{end} step {step}"
+                    ));
                 }
                 let t = B::int_arange_step(start..end, step, &dev, self.settings().int_dtype);
                 if dt.is_float() {
@@ -341,16 +466,26 @@ impl<B: AutodiffBackend> TensorTable<B> {
             OpCode::FROM_F32 => {
                 let (data, shape) = (a.floats(0)?, a.usizes(1)?);
                 if data.len() != shape.iter().product::<usize>() {
-                    return Err(format!("op from_f32: {} values do not fill shape {shape:?}", data.len()));
+                    return Err(format!(
+                        "op from_f32: {} values do not fill shape {shape:?}",
+                        data.len()
+                    ));
                 }
-                one(B::float_from_data(TensorData::new(data.to_vec(), shape), &dev))
+                one(B::float_from_data(
+                    TensorData::new(data.to_vec(), shape),
+                    &dev,
+                ))
             }
             OpCode::FROM_I64 => {
                 let (data, shape) = (a.ints(0)?, a.usizes(1)?);
                 if data.len() != shape.iter().product::<usize>() {
-                    return Err(format!("op from_i64: {} values do not fill shape {shape:?}", data.len()));
+                    return Err(format!(
+                        "op from_i64: {} values do not fill shape {shape:?}",
+                        data.len()
+                    ));
                 }
-                let td = TensorData::new(data.to_vec(), shape).convert_dtype(self.settings().int_dtype.into());
+                let td = TensorData::new(data.to_vec(), shape)
+                    .convert_dtype(self.settings().int_dtype.into());
                 Ok(vec![Value::Int(B::int_from_data(td, &dev))])
             }
             OpCode::RESHAPE => {
@@ -365,7 +500,10 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let mut sorted = dims.clone();
                 sorted.sort_unstable();
                 if sorted != (0..shape_of::<B>(&t).len()).collect::<Vec<_>>() {
-                    return Err(format!("op permute: {dims:?} is not a permutation of the {} dims", shape_of::<B>(&t).len()));
+                    return Err(format!(
+                        "op permute: {dims:?} is not a permutation of the {} dims",
+                        shape_of::<B>(&t).len()
+                    ));
                 }
                 one(B::float_permute(t, &dims))
             }
@@ -380,14 +518,22 @@ impl<B: AutodiffBackend> TensorTable<B> {
             OpCode::NARROW => {
                 Self::n_inputs(op, inputs, 1..=1)?;
                 let v = self.get(inputs[0])?.clone();
-                Ok(vec![self.narrow_value(v, a.usize(0)?, a.usize(1)?, a.usize(2)?)?])
+                Ok(vec![self.narrow_value(
+                    v,
+                    a.usize(0)?,
+                    a.usize(1)?,
+                    a.usize(2)?,
+                )?])
             }
             OpCode::CAT | OpCode::STACK => {
                 if inputs.is_empty() {
                     return Err(format!("op {}: no tensors given", op.name()));
                 }
                 let dim = a.usize(0)?;
-                let mut ts = inputs.iter().map(|&i| self.float(i)).collect::<RtResult<Vec<_>>>()?;
+                let mut ts = inputs
+                    .iter()
+                    .map(|&i| self.float(i))
+                    .collect::<RtResult<Vec<_>>>()?;
                 if op == OpCode::STACK {
                     ts = ts
                         .into_iter()
@@ -403,9 +549,16 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 check_dim(op, dim, first.len())?;
                 for t in &ts[1..] {
                     let s = shape_of::<B>(t);
-                    let same = s.len() == first.len() && s.iter().zip(&first).enumerate().all(|(i, (p, q))| i == dim || p == q);
+                    let same = s.len() == first.len()
+                        && s.iter()
+                            .zip(&first)
+                            .enumerate()
+                            .all(|(i, (p, q))| i == dim || p == q);
                     if !same {
-                        return Err(format!("op {}: shapes {first:?} and {s:?} differ outside dimension {dim}", op.name()));
+                        return Err(format!(
+                            "op {}: shapes {first:?} and {s:?} differ outside dimension {dim}",
+                            op.name()
+                        ));
                     }
                 }
                 one(B::float_cat(ts, dim))
@@ -430,10 +583,14 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let v = self.get(inputs[0])?.clone();
                 let target = a.usizes(0)?;
                 let from = v.shape();
-                if target.len() < from.len() || broadcast_shape(&from, &target).ok().as_ref() != Some(&target) {
+                if target.len() < from.len()
+                    || broadcast_shape(&from, &target).ok().as_ref() != Some(&target)
+                {
                     return Err(format!("op expand: cannot expand {from:?} to {target:?}"));
                 }
-                let padded: Vec<usize> = std::iter::repeat_n(1, target.len() - from.len()).chain(from).collect();
+                let padded: Vec<usize> = std::iter::repeat_n(1, target.len() - from.len())
+                    .chain(from)
+                    .collect();
                 let v = Self::reshape_value(v, padded)?;
                 let s = Shape::from(target);
                 Ok(vec![match v {
@@ -459,7 +616,11 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let (ts, is) = (shape_of::<B>(&t), idx.shape().to_vec());
                 check_dim(op, dim, ts.len())?;
                 if ts.len() != is.len() {
-                    return Err(format!("op gather: index rank {} differs from input rank {}", is.len(), ts.len()));
+                    return Err(format!(
+                        "op gather: index rank {} differs from input rank {}",
+                        is.len(),
+                        ts.len()
+                    ));
                 }
                 one(B::float_gather(dim, t, idx))
             }
@@ -468,16 +629,29 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let (pads, value) = (a.usizes(0)?, a.float(1)?);
                 let shape = shape_of::<B>(&t);
                 if pads.len() % 2 != 0 || pads.len() / 2 > shape.len() {
-                    return Err(format!("op pad: {} pad values for rank {}", pads.len(), shape.len()));
+                    return Err(format!(
+                        "op pad: {} pad values for rank {}",
+                        pads.len(),
+                        shape.len()
+                    ));
                 }
                 let mut out = shape.clone();
                 let mut slices = full_slices(shape.len());
                 for (k, p) in pads.chunks(2).enumerate() {
                     let d = shape.len() - 1 - k;
                     out[d] += p[0] + p[1];
-                    slices[d] = Slice { start: p[0] as isize, end: Some((p[0] + shape[d]) as isize), step: 1 };
+                    slices[d] = Slice {
+                        start: p[0] as isize,
+                        end: Some((p[0] + shape[d]) as isize),
+                        step: 1,
+                    };
                 }
-                let base = B::float_full(Shape::from(out), Scalar::Float(value), &dev, t.dtype().into());
+                let base = B::float_full(
+                    Shape::from(out),
+                    Scalar::Float(value),
+                    &dev,
+                    t.dtype().into(),
+                );
                 one(B::float_slice_assign(base, &slices, t))
             }
             OpCode::ADD | OpCode::SUB | OpCode::MUL | OpCode::DIV | OpCode::POW => {
@@ -517,7 +691,10 @@ impl<B: AutodiffBackend> TensorTable<B> {
             }
             OpCode::QUICK_GELU => {
                 let t = x(0)?;
-                one(B::float_mul(t.clone(), B::sigmoid(B::float_mul_scalar(t, Scalar::Float(1.702)))))
+                one(B::float_mul(
+                    t.clone(),
+                    B::sigmoid(B::float_mul_scalar(t, Scalar::Float(1.702))),
+                ))
             }
             OpCode::GELU => {
                 let t = x(0)?;
@@ -526,12 +703,23 @@ impl<B: AutodiffBackend> TensorTable<B> {
                     "tanh" => {
                         // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
                         let cube = B::float_powf_scalar(t.clone(), Scalar::Float(3.0));
-                        let inner = B::float_add(t.clone(), B::float_mul_scalar(cube, Scalar::Float(0.044715)));
-                        let th = B::float_tanh(B::float_mul_scalar(inner, Scalar::Float((2.0 / std::f64::consts::PI).sqrt())));
-                        let g = B::float_mul_scalar(B::float_add_scalar(th, Scalar::Float(1.0)), Scalar::Float(0.5));
+                        let inner = B::float_add(
+                            t.clone(),
+                            B::float_mul_scalar(cube, Scalar::Float(0.044715)),
+                        );
+                        let th = B::float_tanh(B::float_mul_scalar(
+                            inner,
+                            Scalar::Float((2.0 / std::f64::consts::PI).sqrt()),
+                        ));
+                        let g = B::float_mul_scalar(
+                            B::float_add_scalar(th, Scalar::Float(1.0)),
+                            Scalar::Float(0.5),
+                        );
                         one(B::float_mul(t, g))
                     }
-                    other => Err(format!("op gelu: unknown approximation `{other}` (use none or tanh)")),
+                    other => Err(format!(
+                        "op gelu: unknown approximation `{other}` (use none or tanh)"
+                    )),
                 }
             }
             OpCode::RELU => one(B::relu(x(0)?)),
@@ -557,8 +745,12 @@ impl<B: AutodiffBackend> TensorTable<B> {
                     }
                 } else {
                     let (l, r) = align::<B>(x(0)?, x(1)?)?;
-                    let target = Shape::from(broadcast_shape(&shape_of::<B>(&l), &shape_of::<B>(&r))?);
-                    let (l, r) = (B::float_expand(l, target.clone()), B::float_expand(r, target));
+                    let target =
+                        Shape::from(broadcast_shape(&shape_of::<B>(&l), &shape_of::<B>(&r))?);
+                    let (l, r) = (
+                        B::float_expand(l, target.clone()),
+                        B::float_expand(r, target),
+                    );
                     match op {
                         OpCode::GT => B::float_greater(l, r, bool_dt),
                         OpCode::GE => B::float_greater_equal(l, r, bool_dt),
@@ -573,10 +765,20 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 Self::n_inputs(op, inputs, 3..=3)?;
                 let (c, t, f) = (self.bool(inputs[0])?, x(1)?, x(2)?);
                 let cs = c.shape().to_vec();
-                let target = broadcast_shape(&broadcast_shape(&cs, &shape_of::<B>(&t))?, &shape_of::<B>(&f))?;
+                let target = broadcast_shape(
+                    &broadcast_shape(&cs, &shape_of::<B>(&t))?,
+                    &shape_of::<B>(&f),
+                )?;
                 let r = target.len();
                 let s = Shape::from(target);
-                let c = B::bool_reshape(c, Shape::from(std::iter::repeat_n(1, r - cs.len()).chain(cs).collect::<Vec<_>>()));
+                let c = B::bool_reshape(
+                    c,
+                    Shape::from(
+                        std::iter::repeat_n(1, r - cs.len())
+                            .chain(cs)
+                            .collect::<Vec<_>>(),
+                    ),
+                );
                 let c = B::bool_expand(c, s.clone());
                 let t = B::float_expand(to_rank::<B>(t, r), s.clone());
                 let f = B::float_expand(to_rank::<B>(f, r), s);
@@ -595,7 +797,9 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let (l, r) = (x(0)?, x(1)?);
                 let (ls, rs) = (shape_of::<B>(&l), shape_of::<B>(&r));
                 if ls.len() < 2 || rs.len() < 2 || ls[ls.len() - 1] != rs[rs.len() - 2] {
-                    return Err(format!("op matmul: shapes {ls:?} and {rs:?} do not multiply"));
+                    return Err(format!(
+                        "op matmul: shapes {ls:?} and {rs:?} do not multiply"
+                    ));
                 }
                 broadcast_shape(&ls[..ls.len() - 2], &rs[..rs.len() - 2])?;
                 let r_ = ls.len().max(rs.len());
@@ -606,13 +810,19 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let (t, w) = (x(0)?, x(1)?);
                 let (ts, ws) = (shape_of::<B>(&t), shape_of::<B>(&w));
                 if ws.len() != 2 || ts.last() != Some(&ws[1]) {
-                    return Err(format!("op linear: input {ts:?} does not match weight {ws:?} ([out, in])"));
+                    return Err(format!(
+                        "op linear: input {ts:?} does not match weight {ws:?} ([out, in])"
+                    ));
                 }
                 let b = if inputs.len() == 3 { Some(x(2)?) } else { None };
                 if let Some(b) = &b
                     && shape_of::<B>(b) != [ws[0]]
                 {
-                    return Err(format!("op linear: bias {:?} does not match {} outputs", shape_of::<B>(b), ws[0]));
+                    return Err(format!(
+                        "op linear: bias {:?} does not match {} outputs",
+                        shape_of::<B>(b),
+                        ws[0]
+                    ));
                 }
                 one(B::linear(t, B::float_swap_dims(w, 0, 1), b))
             }
@@ -623,19 +833,39 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let (ts, ws) = (shape_of::<B>(&t), shape_of::<B>(&w));
                 let transposed = op == OpCode::CONV_TRANSPOSE2D;
                 let (stride, padding) = (a.pair(0)?, a.pair(1)?);
-                let (dilation, groups) = if transposed { (a.pair(3)?, a.usize(4)?) } else { (a.pair(2)?, a.usize(3)?) };
+                let (dilation, groups) = if transposed {
+                    (a.pair(3)?, a.usize(4)?)
+                } else {
+                    (a.pair(2)?, a.usize(3)?)
+                };
                 if stride.contains(&0) || dilation.contains(&0) || groups == 0 {
-                    return Err(format!("op {}: stride, dilation and groups must be positive", op.name()));
+                    return Err(format!(
+                        "op {}: stride, dilation and groups must be positive",
+                        op.name()
+                    ));
                 }
-                let in_ch = if transposed { ws.first().copied() } else { ws.get(1).map(|c| c * groups) };
+                let in_ch = if transposed {
+                    ws.first().copied()
+                } else {
+                    ws.get(1).map(|c| c * groups)
+                };
                 if ts.len() != 4 || ws.len() != 4 || in_ch != Some(ts[1]) {
-                    return Err(format!("op {}: input {ts:?} does not match weight {ws:?} (groups {groups})", op.name()));
+                    return Err(format!(
+                        "op {}: input {ts:?} does not match weight {ws:?} (groups {groups})",
+                        op.name()
+                    ));
                 }
                 if transposed {
-                    let opts = ConvTransposeOptions::new(stride, padding, a.pair(2)?, dilation, groups);
+                    let opts =
+                        ConvTransposeOptions::new(stride, padding, a.pair(2)?, dilation, groups);
                     one(B::conv_transpose2d(t, w, b, opts))
                 } else {
-                    one(B::conv2d(t, w, b, ConvOptions::new(stride, padding, dilation, groups)))
+                    one(B::conv2d(
+                        t,
+                        w,
+                        b,
+                        ConvOptions::new(stride, padding, dilation, groups),
+                    ))
                 }
             }
             OpCode::GROUP_NORM => {
@@ -643,10 +873,19 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let (groups, eps) = (a.usize(0)?, a.float(1)?);
                 let (w, b) = self.norm_params(inputs, &a, 2)?;
                 let shape = shape_of::<B>(&t);
-                if shape.len() < 2 || groups == 0 || shape[1] % groups != 0 {
-                    return Err(format!("op group_norm: {groups} groups do not divide the channels of {shape:?}"));
+                if shape.len() < 2 || groups == 0 || !shape[1].is_multiple_of(groups) {
+                    return Err(format!(
+                        "op group_norm: {groups} groups do not divide the channels of {shape:?}"
+                    ));
                 }
-                let g = B::float_reshape(t, Shape::from(vec![shape[0], groups, shape[1..].iter().product::<usize>() / groups]));
+                let g = B::float_reshape(
+                    t,
+                    Shape::from(vec![
+                        shape[0],
+                        groups,
+                        shape[1..].iter().product::<usize>() / groups,
+                    ]),
+                );
                 let n = self.normalize_last(g, eps)?;
                 let n = B::float_reshape(n, Shape::from(shape));
                 one(self.channel_affine(n, w, b, 1)?)
@@ -659,8 +898,16 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let n = if op == OpCode::LAYER_NORM {
                     self.normalize_last(t, eps)?
                 } else {
-                    let ms = self.reduce(OpCode::MEAN, B::float_mul(t.clone(), t.clone()), &[last], true)?;
-                    B::float_mul(t, B::float_recip(B::float_sqrt(B::float_add_scalar(ms, Scalar::Float(eps)))))
+                    let ms = self.reduce(
+                        OpCode::MEAN,
+                        B::float_mul(t.clone(), t.clone()),
+                        &[last],
+                        true,
+                    )?;
+                    B::float_mul(
+                        t,
+                        B::float_recip(B::float_sqrt(B::float_add_scalar(ms, Scalar::Float(eps)))),
+                    )
                 };
                 one(self.channel_affine(n, w, b, last)?)
             }
@@ -674,8 +921,15 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 Self::n_inputs(op, inputs, 3..=4)?;
                 let (q, k, v) = (x(0)?, x(1)?, x(2)?);
                 let (qs, ks, vs) = (shape_of::<B>(&q), shape_of::<B>(&k), shape_of::<B>(&v));
-                if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 || qs[3] != ks[3] || ks[2] != vs[2] {
-                    return Err(format!("op attention: q {qs:?}, k {ks:?}, v {vs:?} must be [B, H, L, D] and agree"));
+                if qs.len() != 4
+                    || ks.len() != 4
+                    || vs.len() != 4
+                    || qs[3] != ks[3]
+                    || ks[2] != vs[2]
+                {
+                    return Err(format!(
+                        "op attention: q {qs:?}, k {ks:?}, v {vs:?} must be [B, H, L, D] and agree"
+                    ));
                 }
                 let (mut mask, mut bias) = (None, None);
                 if let Some(&m) = inputs.get(3) {
@@ -686,7 +940,10 @@ impl<B: AutodiffBackend> TensorTable<B> {
                         other => return Err(format!("op attention: mask is a {}", other.kind())),
                     }
                 }
-                let opts = AttentionModuleOptions { scale: a.opt_float(0)?, ..Default::default() };
+                let opts = AttentionModuleOptions {
+                    scale: a.opt_float(0)?,
+                    ..Default::default()
+                };
                 one(B::attention(q, k, v, mask, bias, opts))
             }
             OpCode::INTERPOLATE => {
@@ -695,12 +952,20 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 let mode = match a.str(1)? {
                     "nearest" => InterpolateMode::Nearest,
                     "bilinear" => InterpolateMode::Bilinear,
-                    other => return Err(format!("op interpolate: unknown mode `{other}` (use nearest or bilinear)")),
+                    other => {
+                        return Err(format!(
+                            "op interpolate: unknown mode `{other}` (use nearest or bilinear)"
+                        ));
+                    }
                 };
                 if shape_of::<B>(&t).len() != 4 {
                     return Err("op interpolate: input must be [N, C, H, W]".into());
                 }
-                one(B::interpolate(t, size, InterpolateOptions::new(mode).with_align_corners(false)))
+                one(B::interpolate(
+                    t,
+                    size,
+                    InterpolateOptions::new(mode).with_align_corners(false),
+                ))
             }
             OpCode::DROPOUT => {
                 let t = x(0)?;
@@ -711,22 +976,35 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 if p == 0.0 {
                     return one(t);
                 }
-                let keep = B::float_random(t.shape(), Distribution::Bernoulli(1.0 - p), &dev, t.dtype().into());
+                let keep = B::float_random(
+                    t.shape(),
+                    Distribution::Bernoulli(1.0 - p),
+                    &dev,
+                    t.dtype().into(),
+                );
                 let keep = B::float_detach(keep);
-                one(B::float_mul_scalar(B::float_mul(t, keep), Scalar::Float(1.0 / (1.0 - p))))
+                one(B::float_mul_scalar(
+                    B::float_mul(t, keep),
+                    Scalar::Float(1.0 / (1.0 - p)),
+                ))
             }
             OpCode::EMBEDDING => {
                 Self::n_inputs(op, inputs, 2..=2)?;
                 let (w, ids) = (x(0)?, self.int(inputs[1])?);
                 let ws = shape_of::<B>(&w);
                 if ws.len() != 2 {
-                    return Err(format!("op embedding: weight must be [vocab, dim], got {ws:?}"));
+                    return Err(format!(
+                        "op embedding: weight must be [vocab, dim], got {ws:?}"
+                    ));
                 }
                 let mut out = ids.shape().to_vec();
                 let n: usize = out.iter().product();
                 let flat = B::int_reshape(ids, Shape::from(vec![n]));
                 out.push(ws[1]);
-                one(B::float_reshape(B::float_select(w, 0, flat), Shape::from(out)))
+                one(B::float_reshape(
+                    B::float_select(w, 0, flat),
+                    Shape::from(out),
+                ))
             }
             OpCode::CAST => {
                 Self::n_inputs(op, inputs, 1..=1)?;
@@ -737,7 +1015,9 @@ impl<B: AutodiffBackend> TensorTable<B> {
                     (Value::Float(t), false) if dt == DType::Bool => {
                         Value::Bool(B::float_not_equal_elem(t, Scalar::Float(0.0), bool_dt))
                     }
-                    (Value::Float(t), false) => Value::Int(B::float_into_int(t, self.settings().int_dtype)),
+                    (Value::Float(t), false) => {
+                        Value::Int(B::float_into_int(t, self.settings().int_dtype))
+                    }
                     (Value::Int(t), true) => Value::Float(B::int_into_float(t, float_dtype(dt)?)),
                     (Value::Bool(t), true) => Value::Float(B::bool_into_float(t, float_dtype(dt)?)),
                     (Value::Int(t), false) if dt != DType::Bool => Value::Int(t),
@@ -765,7 +1045,10 @@ impl<B: AutodiffBackend> TensorTable<B> {
             OpCode::BACKWARD => {
                 let t = x(0)?;
                 if t.shape().num_elements() != 1 {
-                    return Err(format!("op backward: the loss must have one element, got shape {:?}", shape_of::<B>(&t)));
+                    return Err(format!(
+                        "op backward: the loss must have one element, got shape {:?}",
+                        shape_of::<B>(&t)
+                    ));
                 }
                 Ok(vec![Value::Grads(Arc::new(Mutex::new(B::backward(t))))])
             }
@@ -773,17 +1056,29 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 Self::n_inputs(op, inputs, 2..=2)?;
                 let grads = match self.get(inputs[0])? {
                     Value::Grads(g) => g.clone(),
-                    other => return Err(format!("op grad: first input is a {}, not gradients", other.kind())),
+                    other => {
+                        return Err(format!(
+                            "op grad: first input is a {}, not gradients",
+                            other.kind()
+                        ));
+                    }
                 };
                 let p = x(1)?;
                 let grads = grads.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(B::grad(&p, &grads).map(|g| Value::Float(B::from_inner(g))).into_iter().collect())
+                Ok(B::grad(&p, &grads)
+                    .map(|g| Value::Float(B::from_inner(g)))
+                    .into_iter()
+                    .collect())
             }
             OpCode::ASSIGN => {
                 Self::n_inputs(op, inputs, 2..=2)?;
                 let (dst, src) = (x(0)?, x(1)?);
                 if shape_of::<B>(&dst) != shape_of::<B>(&src) {
-                    return Err(format!("op assign: shape {:?} into {:?}", shape_of::<B>(&src), shape_of::<B>(&dst)));
+                    return Err(format!(
+                        "op assign: shape {:?} into {:?}",
+                        shape_of::<B>(&src),
+                        shape_of::<B>(&dst)
+                    ));
                 }
                 let trainable = B::float_is_require_grad(&dst);
                 let new = B::float_set_require_grad(B::float_detach(src), trainable);

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use burn_backend::{
-    AutodiffBackend, DType as BDType, FloatDType, TensorData, TensorMetadata, get_device_settings, read_sync,
+    AutodiffBackend, DType as BDType, FloatDType, TensorData, TensorMetadata, get_device_settings,
+    read_sync,
     tensor::{BoolTensor, FloatTensor, IntTensor},
 };
 use ferrite_plugin_api::{DType, TensorId};
@@ -65,7 +66,10 @@ pub struct TensorTable<B: AutodiffBackend> {
 }
 
 fn not_live(id: TensorId) -> String {
-    format!("tensor handle {} is not live (released or never created)", id.0)
+    format!(
+        "tensor handle {} is not live (released or never created)",
+        id.0
+    )
 }
 
 pub fn to_burn_dtype(d: DType) -> RtResult<BDType> {
@@ -78,7 +82,9 @@ pub fn to_burn_dtype(d: DType) -> RtResult<BDType> {
         DType::I32 => BDType::I32,
         DType::U8 => BDType::U8,
         DType::Bool => BDType::Bool(burn_backend::BoolStore::Native),
-        DType::F8E4M3 | DType::F8E5M2 => return Err(format!("dtype {d} is not supported by this backend")),
+        DType::F8E4M3 | DType::F8E5M2 => {
+            return Err(format!("dtype {d} is not supported by this backend"));
+        }
     })
 }
 
@@ -101,16 +107,26 @@ pub fn float_dtype(d: DType) -> RtResult<FloatDType> {
         DType::F16 => Ok(FloatDType::F16),
         DType::BF16 => Ok(FloatDType::BF16),
         DType::F64 => Ok(FloatDType::F64),
-        other => Err(format!("{other} is not a float dtype this backend computes in")),
+        other => Err(format!(
+            "{other} is not a float dtype this backend computes in"
+        )),
     }
 }
 
 impl<B: AutodiffBackend> TensorTable<B> {
     pub fn new(device: B::Device, device_name: String) -> Self {
-        Self { device, device_name, values: HashMap::new(), next: 1, rngs: HashMap::new(), next_rng: 1 }
+        Self {
+            device,
+            device_name,
+            values: HashMap::new(),
+            next: 1,
+            rngs: HashMap::new(),
+            next_rng: 1,
+        }
     }
 
-    pub fn len(&self) -> usize {
+    /// Number of live tensors.
+    pub fn live(&self) -> usize {
         self.values.len()
     }
 
@@ -129,7 +145,10 @@ impl<B: AutodiffBackend> TensorTable<B> {
     }
 
     pub fn get(&self, id: TensorId) -> RtResult<&Value<B>> {
-        self.values.get(&id.0).map(|(v, _)| v).ok_or_else(|| not_live(id))
+        self.values
+            .get(&id.0)
+            .map(|(v, _)| v)
+            .ok_or_else(|| not_live(id))
     }
 
     pub fn replace(&mut self, id: TensorId, v: Value<B>) -> RtResult<()> {
@@ -151,7 +170,11 @@ impl<B: AutodiffBackend> TensorTable<B> {
     pub fn float(&self, id: TensorId) -> RtResult<FloatTensor<B>> {
         match self.get(id)? {
             Value::Float(t) => Ok(t.clone()),
-            other => Err(format!("expected a float tensor, got {} (handle {})", other.kind(), id.0)),
+            other => Err(format!(
+                "expected a float tensor, got {} (handle {})",
+                other.kind(),
+                id.0
+            )),
         }
     }
 
@@ -160,7 +183,11 @@ impl<B: AutodiffBackend> TensorTable<B> {
         match self.get(id)? {
             Value::Int(t) => Ok(t.clone()),
             Value::Float(t) => Ok(B::float_into_int(t.clone(), self.settings().int_dtype)),
-            other => Err(format!("expected an integer tensor, got {} (handle {})", other.kind(), id.0)),
+            other => Err(format!(
+                "expected an integer tensor, got {} (handle {})",
+                other.kind(),
+                id.0
+            )),
         }
     }
 
@@ -171,7 +198,11 @@ impl<B: AutodiffBackend> TensorTable<B> {
             Value::Bool(t) => Ok(t.clone()),
             Value::Float(t) => Ok(B::float_not_equal_elem(t.clone(), 0.0.into(), bd)),
             Value::Int(t) => Ok(B::int_not_equal_elem(t.clone(), 0.into(), bd)),
-            other => Err(format!("expected a mask, got {} (handle {})", other.kind(), id.0)),
+            other => Err(format!(
+                "expected a mask, got {} (handle {})",
+                other.kind(),
+                id.0
+            )),
         }
     }
 
@@ -207,7 +238,10 @@ impl<B: AutodiffBackend> TensorTable<B> {
             Value::Bool(B::bool_from_data(data, &self.device))
         } else {
             let int_dtype: BDType = self.settings().int_dtype.into();
-            Value::Int(B::int_from_data(data.convert_dtype(int_dtype), &self.device))
+            Value::Int(B::int_from_data(
+                data.convert_dtype(int_dtype),
+                &self.device,
+            ))
         };
         self.insert(v)
     }

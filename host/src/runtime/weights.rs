@@ -51,10 +51,14 @@ impl WeightFile {
         let file = File::open(path).map_err(|e| format!("cannot open weights file {path}: {e}"))?;
         // Safety: the map is read-only; a file truncated under us is the same hazard every
         // safetensors reader accepts.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map weights file {path}: {e}"))?;
+        let mmap = unsafe { Mmap::map(&file) }
+            .map_err(|e| format!("cannot map weights file {path}: {e}"))?;
         SafeTensors::read_metadata(&mmap)
             .map_err(|e| format!("{path} is not a valid safetensors file: {e}"))?;
-        Ok(Self { path: path.to_string(), mmap })
+        Ok(Self {
+            path: path.to_string(),
+            mmap,
+        })
     }
 
     fn tensors(&self) -> RtResult<SafeTensors<'_>> {
@@ -78,8 +82,14 @@ impl WeightFile {
     }
 
     pub fn metadata(&self) -> RtResult<Vec<(String, String)>> {
-        let (_, meta) = SafeTensors::read_metadata(&self.mmap).map_err(|e| format!("{}: {e}", self.path))?;
-        let mut m: Vec<(String, String)> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        let (_, meta) =
+            SafeTensors::read_metadata(&self.mmap).map_err(|e| format!("{}: {e}", self.path))?;
+        let mut m: Vec<(String, String)> = meta
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         m.sort();
         Ok(m)
     }
@@ -90,10 +100,19 @@ impl WeightFile {
         let view = st
             .tensor(key)
             .map_err(|_| format!("{} has no tensor `{key}`", self.path))?;
-        let src = burn_dtype(view.dtype())
-            .ok_or_else(|| format!("{}: tensor `{key}` has dtype {:?}, which cannot be loaded", self.path, view.dtype()))?;
+        let src = burn_dtype(view.dtype()).ok_or_else(|| {
+            format!(
+                "{}: tensor `{key}` has dtype {:?}, which cannot be loaded",
+                self.path,
+                view.dtype()
+            )
+        })?;
         let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), src);
-        Ok(if src == dtype { data } else { data.convert_dtype(dtype) })
+        Ok(if src == dtype {
+            data
+        } else {
+            data.convert_dtype(dtype)
+        })
     }
 }
 
@@ -111,14 +130,23 @@ fn to_st_dtype(d: BDType) -> RtResult<SDtype> {
 }
 
 /// Serialises host copies of tensors and writes them atomically.
-pub fn save(path: &Path, tensors: Vec<(String, TensorData)>, metadata: HashMap<String, String>) -> RtResult<()> {
+pub fn save(
+    path: &Path,
+    tensors: Vec<(String, TensorData)>,
+    metadata: HashMap<String, String>,
+) -> RtResult<()> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, data) in &tensors {
-        let view = safetensors::tensor::TensorView::new(to_st_dtype(data.dtype)?, data.shape.to_vec(), data.as_bytes())
-            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+        let view = safetensors::tensor::TensorView::new(
+            to_st_dtype(data.dtype)?,
+            data.shape.to_vec(),
+            data.as_bytes(),
+        )
+        .map_err(|e| format!("tensor `{name}`: {e}"))?;
         views.push((name.clone(), view));
     }
     let meta = (!metadata.is_empty()).then_some(metadata);
-    let bytes = safetensors::serialize(views, meta).map_err(|e| format!("serialising {}: {e}", path.display()))?;
+    let bytes = safetensors::serialize(views, meta)
+        .map_err(|e| format!("serialising {}: {e}", path.display()))?;
     crate::fsutil::write_atomic(path, &bytes).map_err(|e| e.to_string())
 }

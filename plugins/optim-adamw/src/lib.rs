@@ -1,7 +1,8 @@
 //! AdamW (decoupled weight decay) and Adam (L2 weight decay), with torch.optim's update rules.
 
 use ferrite_plugin_api::{
-    Component, ComponentKind, Descriptor, Error, Optimizer, Plugin, Result, Tensor, bail, export_plugin, parse_options,
+    Component, ComponentKind, Descriptor, Error, Optimizer, Plugin, Result, Tensor, bail,
+    export_plugin, parse_options,
     serde_json::{self, json},
 };
 use serde::{Deserialize, Serialize};
@@ -18,7 +19,12 @@ pub struct AdamOptions {
 impl AdamOptions {
     fn defaults(decoupled: bool) -> Self {
         // OneTrainer's defaults: AdamW decays by 1e-2, Adam not at all.
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: if decoupled { 1e-2 } else { 0.0 } }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: if decoupled { 1e-2 } else { 0.0 },
+        }
     }
 }
 
@@ -53,9 +59,16 @@ impl Adam {
     pub fn new(opts: AdamOptions, decoupled: bool) -> Result<Self> {
         let ok = (0.0..1.0).contains(&opts.beta1) && (0.0..1.0).contains(&opts.beta2);
         if !ok || opts.eps <= 0.0 || opts.weight_decay < 0.0 {
-            bail!("invalid Adam options {opts:?}: betas must be in [0, 1), eps > 0, weight_decay >= 0");
+            bail!(
+                "invalid Adam options {opts:?}: betas must be in [0, 1), eps > 0, weight_decay >= 0"
+            );
         }
-        Ok(Self { opts, decoupled, step: 0, state: Vec::new() })
+        Ok(Self {
+            opts,
+            decoupled,
+            step: 0,
+            state: Vec::new(),
+        })
     }
 }
 
@@ -68,7 +81,12 @@ impl Optimizer for Adam {
             self.state.resize_with(params.len(), || None);
         }
         self.step += 1;
-        let AdamOptions { beta1, beta2, eps, weight_decay } = self.opts;
+        let AdamOptions {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.opts;
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
@@ -84,15 +102,24 @@ impl Optimizer for Adam {
             let m = match self.state[i].take() {
                 Some(m) => Moments {
                     // torch's lerp form: m + (g - m)(1 - beta1).
-                    exp_avg: m.exp_avg.add(&g.sub(&m.exp_avg)?.mul_scalar(1.0 - beta1)?)?,
-                    exp_avg_sq: m.exp_avg_sq.mul_scalar(beta2)?.add(&g.mul(&g)?.mul_scalar(1.0 - beta2)?)?,
+                    exp_avg: m
+                        .exp_avg
+                        .add(&g.sub(&m.exp_avg)?.mul_scalar(1.0 - beta1)?)?,
+                    exp_avg_sq: m
+                        .exp_avg_sq
+                        .mul_scalar(beta2)?
+                        .add(&g.mul(&g)?.mul_scalar(1.0 - beta2)?)?,
                 },
                 None => Moments {
                     exp_avg: g.mul_scalar(1.0 - beta1)?,
                     exp_avg_sq: g.mul(&g)?.mul_scalar(1.0 - beta2)?,
                 },
             };
-            let denom = m.exp_avg_sq.sqrt()?.div_scalar(bias2_sqrt)?.add_scalar(eps)?;
+            let denom = m
+                .exp_avg_sq
+                .sqrt()?
+                .div_scalar(bias2_sqrt)?
+                .add_scalar(eps)?;
             let update = m.exp_avg.div(&denom)?.mul_scalar(lr / bias1)?;
             p.assign(&p_new.sub(&update)?)?;
             self.state[i] = Some(m);
@@ -101,7 +128,10 @@ impl Optimizer for Adam {
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("step".to_string(), Tensor::from_f32(&[self.step as f32], &[1])?)];
+        let mut out = vec![(
+            "step".to_string(),
+            Tensor::from_f32(&[self.step as f32], &[1])?,
+        )];
         for (i, m) in self.state.iter().enumerate() {
             if let Some(m) = m {
                 out.push((format!("{i}.exp_avg"), m.exp_avg.clone()));
@@ -137,7 +167,10 @@ impl Optimizer for Adam {
             .into_iter()
             .enumerate()
             .map(|(i, pair)| match pair {
-                (Some(exp_avg), Some(exp_avg_sq)) => Ok(Some(Moments { exp_avg, exp_avg_sq })),
+                (Some(exp_avg), Some(exp_avg_sq)) => Ok(Some(Moments {
+                    exp_avg,
+                    exp_avg_sq,
+                })),
                 (None, None) => Ok(None),
                 _ => Err(Error(format!("Adam state for parameter {i} is incomplete"))),
             })
@@ -161,8 +194,16 @@ impl Plugin for AdamPlugin {
             options_schema: schema(decoupled),
         };
         vec![
-            d("adamw", "AdamW: Adam with decoupled weight decay (torch.optim.AdamW)", true),
-            d("adam", "Adam with L2 weight decay (torch.optim.Adam)", false),
+            d(
+                "adamw",
+                "AdamW: Adam with decoupled weight decay (torch.optim.AdamW)",
+                true,
+            ),
+            d(
+                "adam",
+                "Adam with L2 weight decay (torch.optim.Adam)",
+                false,
+            ),
         ]
     }
 

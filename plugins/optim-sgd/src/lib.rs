@@ -1,7 +1,8 @@
 //! SGD with momentum, dampening and Nesterov, with torch.optim.SGD's update rule.
 
 use ferrite_plugin_api::{
-    Component, ComponentKind, Descriptor, Error, Optimizer, Plugin, Result, Tensor, bail, export_plugin, parse_options,
+    Component, ComponentKind, Descriptor, Error, Optimizer, Plugin, Result, Tensor, bail,
+    export_plugin, parse_options,
     serde_json::{self, json},
 };
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,12 @@ pub struct SgdOptions {
 
 impl Default for SgdOptions {
     fn default() -> Self {
-        Self { momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0 }
+        Self {
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -34,7 +40,10 @@ impl Sgd {
         if opts.nesterov && (opts.momentum <= 0.0 || opts.dampening != 0.0) {
             bail!("SGD: nesterov needs momentum > 0 and dampening 0");
         }
-        Ok(Self { opts, momentum: Vec::new() })
+        Ok(Self {
+            opts,
+            momentum: Vec::new(),
+        })
     }
 }
 
@@ -46,7 +55,12 @@ impl Optimizer for Sgd {
         if self.momentum.len() < params.len() {
             self.momentum.resize_with(params.len(), || None);
         }
-        let SgdOptions { momentum, dampening, nesterov, weight_decay } = self.opts;
+        let SgdOptions {
+            momentum,
+            dampening,
+            nesterov,
+            weight_decay,
+        } = self.opts;
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let p_old = p.detach()?;
             let mut d = g.detach()?;
@@ -55,10 +69,16 @@ impl Optimizer for Sgd {
             }
             if momentum != 0.0 {
                 let buf = match self.momentum[i].take() {
-                    Some(b) => b.mul_scalar(momentum)?.add(&d.mul_scalar(1.0 - dampening)?)?,
+                    Some(b) => b
+                        .mul_scalar(momentum)?
+                        .add(&d.mul_scalar(1.0 - dampening)?)?,
                     None => d.clone(),
                 };
-                d = if nesterov { d.add(&buf.mul_scalar(momentum)?)? } else { buf.clone() };
+                d = if nesterov {
+                    d.add(&buf.mul_scalar(momentum)?)?
+                } else {
+                    buf.clone()
+                };
                 self.momentum[i] = Some(buf);
             }
             p.assign(&p_old.sub(&d.mul_scalar(lr)?)?)?;
@@ -71,7 +91,10 @@ impl Optimizer for Sgd {
             .momentum
             .iter()
             .enumerate()
-            .filter_map(|(i, b)| b.as_ref().map(|b| (format!("{i}.momentum_buffer"), b.clone())))
+            .filter_map(|(i, b)| {
+                b.as_ref()
+                    .map(|b| (format!("{i}.momentum_buffer"), b.clone()))
+            })
             .collect())
     }
 
@@ -103,7 +126,8 @@ impl Plugin for SgdPlugin {
             kind: ComponentKind::Optimizer,
             id: "sgd".into(),
             version: Self::VERSION.into(),
-            description: "SGD with optional momentum, dampening and Nesterov (torch.optim.SGD)".into(),
+            description: "SGD with optional momentum, dampening and Nesterov (torch.optim.SGD)"
+                .into(),
             options_schema: json!({
                 "type": "object",
                 "additionalProperties": false,
