@@ -58,6 +58,9 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Backend panics inside ops are caught and reported as errors; log them instead of printing
+    // a raw backtrace (FERRITE_LOG=debug shows where they came from).
+    std::panic::set_hook(Box::new(|info| tracing::error!("{info}")));
     let cli = Cli::parse();
     let settings_path = match cli.settings {
         Some(p) => p,

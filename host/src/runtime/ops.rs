@@ -330,12 +330,7 @@ impl<B: AutodiffBackend> TensorTable<B> {
     }
 
     /// Optional weight and bias inputs, as flagged by the last two attributes.
-    fn norm_params(
-        &self,
-        inputs: &[TensorId],
-        a: &Attrs,
-        flags_at: usize,
-    ) -> RtResult<Affine<B>> {
+    fn norm_params(&self, inputs: &[TensorId], a: &Attrs, flags_at: usize) -> RtResult<Affine<B>> {
         let (hw, hb) = (a.boolean(flags_at)?, a.boolean(flags_at + 1)?);
         let mut next = inputs.iter().skip(1);
         let mut take = |present: bool| -> RtResult<Option<F<B>>> {
