@@ -25,8 +25,18 @@ pub trait Parameters {
     fn parameters(&self, prefix: &str, out: &mut Vec<(String, Tensor)>);
 }
 
-fn push(out: &mut Vec<(String, Tensor)>, prefix: &str, name: &str, t: &Tensor) {
-    out.push((key(prefix, name), t.clone()));
+/// Pushes the present ones of a layer's `weight` and `bias`.
+fn push(
+    out: &mut Vec<(String, Tensor)>,
+    prefix: &str,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+) {
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if let Some(t) = t {
+            out.push((key(prefix, name), t.clone()));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -54,10 +64,7 @@ impl Linear {
 
 impl Parameters for Linear {
     fn parameters(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        push(out, prefix, "weight", &self.weight);
-        if let Some(b) = &self.bias {
-            push(out, prefix, "bias", b);
-        }
+        push(out, prefix, Some(&self.weight), self.bias.as_ref());
     }
 }
 
@@ -92,10 +99,7 @@ impl Conv2d {
 
 impl Parameters for Conv2d {
     fn parameters(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        push(out, prefix, "weight", &self.weight);
-        if let Some(b) = &self.bias {
-            push(out, prefix, "bias", b);
-        }
+        push(out, prefix, Some(&self.weight), self.bias.as_ref());
     }
 }
 
@@ -130,11 +134,7 @@ impl GroupNorm {
 
 impl Parameters for GroupNorm {
     fn parameters(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        for (n, t) in [("weight", &self.weight), ("bias", &self.bias)] {
-            if let Some(t) = t {
-                push(out, prefix, n, t);
-            }
-        }
+        push(out, prefix, self.weight.as_ref(), self.bias.as_ref());
     }
 }
 
@@ -161,11 +161,7 @@ impl LayerNorm {
 
 impl Parameters for LayerNorm {
     fn parameters(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        for (n, t) in [("weight", &self.weight), ("bias", &self.bias)] {
-            if let Some(t) = t {
-                push(out, prefix, n, t);
-            }
-        }
+        push(out, prefix, self.weight.as_ref(), self.bias.as_ref());
     }
 }
 
@@ -188,6 +184,6 @@ impl Embedding {
 
 impl Parameters for Embedding {
     fn parameters(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        push(out, prefix, "weight", &self.weight);
+        push(out, prefix, Some(&self.weight), None);
     }
 }

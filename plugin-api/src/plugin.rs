@@ -99,7 +99,8 @@ macro_rules! export_plugin {
     };
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+/// Text of a caught panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())

@@ -26,7 +26,13 @@ fn guarded<T>(f: impl FnOnce() -> RtResult<T>) -> RResult<T, RString> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => ROk(v),
         Ok(Err(e)) => RErr(e.into()),
-        Err(p) => RErr(format!("tensor backend failed: {}", crate::panic_message(&*p)).into()),
+        Err(p) => RErr(
+            format!(
+                "tensor backend failed: {}",
+                ferrite_plugin_api::plugin::panic_message(&*p)
+            )
+            .into(),
+        ),
     }
 }
 

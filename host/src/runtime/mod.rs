@@ -141,7 +141,9 @@ fn new_runtime(device: &str) -> Result<Box<dyn Runtime>, DeviceError> {
                     format!("cuda:{index}"),
                 ))),
                 Ok(Err(e)) => Err(DeviceError::NoDriver(e.to_string())),
-                Err(p) => Err(DeviceError::NoDriver(crate::panic_message(&*p))),
+                Err(p) => Err(DeviceError::NoDriver(
+                    ferrite_plugin_api::plugin::panic_message(&*p),
+                )),
             }
         }
         #[cfg(not(feature = "cuda"))]
