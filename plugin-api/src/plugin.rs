@@ -85,7 +85,8 @@ pub fn parse_options<T: serde::Serialize + serde::de::DeserializeOwned>(
     if let Some(m) = merged.as_object_mut() {
         m.extend(given);
     }
-    serde_json::from_value(merged).map_err(|e| Error(format!("options of `{id}`: {e}")))
+    // serde_path_to_error names the field at fault ("hidden: invalid type ...").
+    serde_path_to_error::deserialize(merged).map_err(|e| Error(format!("options of `{id}`: {e}")))
 }
 
 /// Exports a [`Plugin`] as this library's root module.
