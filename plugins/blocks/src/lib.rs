@@ -1,0 +1,32 @@
+//! Model building blocks for architecture plugins. Module and field names mirror diffusers and
+//! transformers so that checkpoint keys map one to one. Everything here is plugin-api code: no
+//! tensor data lives in the plugin.
+
+pub mod clip;
+
+use ferrite_plugin_api::{Error, Result, Weights};
+
+/// Joins a key prefix and a name with a dot (an empty prefix adds nothing).
+pub fn key(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Checks that `key` exists in `w` with `shape`, so that a wrong checkpoint fails with a message
+/// naming the key instead of deep inside an op.
+pub fn expect_shape(w: &Weights, key: &str, shape: &[usize]) -> Result<()> {
+    let info = w
+        .info(key)
+        .ok_or_else(|| Error(format!("{}: missing tensor `{key}`", w.path())))?;
+    let got: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
+    if got != shape {
+        return Err(Error(format!(
+            "{}: tensor `{key}` has shape {got:?}, expected {shape:?} for this config",
+            w.path()
+        )));
+    }
+    Ok(())
+}
