@@ -43,7 +43,7 @@ impl ClipTextConfig {
     pub fn from_json(text: &str, source: &str) -> Result<Self> {
         let c: Self = serde_json::from_str(text)
             .map_err(|e| Error(format!("{source}: not a CLIP text config: {e}")))?;
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(Error(format!(
                 "{source}: hidden_size {} is not divisible by num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads
@@ -254,7 +254,7 @@ impl ClipTextTransformer {
 
     /// Encodes token ids (`batch` rows of equal length, host data from the tokenizer).
     pub fn forward(&self, ids: &[i64], batch: usize) -> Result<ClipTextOutput> {
-        if batch == 0 || ids.len() % batch != 0 {
+        if batch == 0 || !ids.len().is_multiple_of(batch) {
             return Err(Error(format!(
                 "{} token ids do not split into {batch} sequences",
                 ids.len()
