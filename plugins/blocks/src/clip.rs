@@ -8,6 +8,7 @@ use ferrite_plugin_api::{
 };
 use serde::Deserialize;
 
+use crate::layers::{layer_norm, linear};
 use crate::{expect_shape, key};
 
 /// The fields of a transformers `CLIPTextConfig` (`text_encoder/config.json`) this model uses.
@@ -57,16 +58,6 @@ impl ClipTextConfig {
         }
         Ok(c)
     }
-}
-
-fn linear(w: &Weights, prefix: &str, out: usize, inp: usize, dtype: DType) -> Result<Linear> {
-    expect_shape(w, &key(prefix, "weight"), &[out, inp])?;
-    Linear::load(w, prefix, dtype)
-}
-
-fn layer_norm(w: &Weights, prefix: &str, dim: usize, eps: f64, dtype: DType) -> Result<LayerNorm> {
-    expect_shape(w, &key(prefix, "weight"), &[dim])?;
-    LayerNorm::load(w, prefix, eps, dtype)
 }
 
 pub struct ClipAttention {

@@ -3,6 +3,9 @@
 //! tensor data lives in the plugin.
 
 pub mod clip;
+pub mod layers;
+pub mod resnet;
+pub mod vae;
 
 use ferrite_plugin_api::{Error, Result, Weights};
 
