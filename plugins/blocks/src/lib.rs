@@ -5,6 +5,8 @@
 pub mod clip;
 pub mod layers;
 pub mod resnet;
+pub mod transformer;
+pub mod unet;
 pub mod vae;
 
 use ferrite_plugin_api::{Error, Result, Weights};

@@ -1,0 +1,383 @@
+//! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x, config-driven (block types, widths, heads,
+//! linear or conv projections, transformer depth). SDXL's added embeddings are not built yet.
+
+use ferrite_plugin_api::{
+    DType, Error, Result, Tensor, Weights,
+    nn::{Conv2d, GroupNorm, Linear},
+    ops::ConvOptions,
+};
+use serde::Deserialize;
+
+use crate::key;
+use crate::layers::{conv2d, group_norm, linear};
+use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetCfg, Upsample2D};
+use crate::transformer::{Transformer2DCfg, Transformer2DModel};
+
+/// A config value that is one number for every block or one per block.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl PerBlock {
+    fn get(&self, i: usize) -> usize {
+        match self {
+            PerBlock::One(v) => *v,
+            PerBlock::Many(v) => v[i],
+        }
+    }
+    fn len_ok(&self, n: usize) -> bool {
+        matches!(self, PerBlock::One(_)) || matches!(self, PerBlock::Many(v) if v.len() == n)
+    }
+}
+
+/// The fields of `unet/config.json` the model uses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    /// diffusers' historical name: for SD 1.x/2.x this is the number of heads per block.
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    pub cross_attention_dim: usize,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default)]
+    pub freq_shift: usize,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default = "one_per_block")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default = "one")]
+    pub downsample_padding: usize,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+}
+
+fn thirty_two() -> usize {
+    32
+}
+fn norm_eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn one_per_block() -> PerBlock {
+    PerBlock::One(1)
+}
+
+impl UNetConfig {
+    pub fn from_json(text: &str, source: &str) -> Result<Self> {
+        let c: Self = serde_json::from_str(text)
+            .map_err(|e| Error(format!("{source}: not a UNet2DConditionModel config: {e}")))?;
+        let n = c.block_out_channels.len();
+        if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
+            return Err(Error(format!(
+                "{source}: block_out_channels and the block type lists must have one entry per block"
+            )));
+        }
+        if !c.heads().len_ok(n) || !c.transformer_layers_per_block.len_ok(n) {
+            return Err(Error(format!(
+                "{source}: per-block lists must have {n} entries"
+            )));
+        }
+        let known = [
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+            "CrossAttnUpBlock2D",
+            "UpBlock2D",
+        ];
+        if let Some(t) = c
+            .down_block_types
+            .iter()
+            .chain(&c.up_block_types)
+            .find(|t| !known.contains(&t.as_str()))
+        {
+            return Err(Error(format!(
+                "{source}: block type `{t}` is not supported"
+            )));
+        }
+        if let Some(t) = &c.addition_embed_type {
+            return Err(Error(format!(
+                "{source}: addition_embed_type `{t}` (SDXL) is not supported yet"
+            )));
+        }
+        Ok(c)
+    }
+
+    /// Heads per block (`num_attention_heads`, or `attention_head_dim` as diffusers reads it).
+    fn heads(&self) -> &PerBlock {
+        self.num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+    }
+
+    fn resnet(&self, in_channels: usize, out_channels: usize) -> ResnetCfg {
+        ResnetCfg {
+            in_channels,
+            out_channels,
+            groups: self.norm_num_groups,
+            eps: self.norm_eps,
+            temb_channels: Some(4 * self.block_out_channels[0]),
+        }
+    }
+
+    fn transformer(&self, channels: usize, block: usize) -> Transformer2DCfg {
+        Transformer2DCfg {
+            channels,
+            heads: self.heads().get(block),
+            context_dim: self.cross_attention_dim,
+            depth: self.transformer_layers_per_block.get(block),
+            groups: self.norm_num_groups,
+            use_linear_projection: self.use_linear_projection,
+        }
+    }
+}
+
+struct Block<S> {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    sampler: Option<S>,
+}
+
+impl<S> Block<S> {
+    fn step(&self, j: usize, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let h = self.resnets[j].forward(x, Some(temb))?;
+        match self.attentions.get(j) {
+            Some(a) => a.forward(&h, context),
+            None => Ok(h),
+        }
+    }
+}
+
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    linear_1: Linear,
+    linear_2: Linear,
+    conv_in: Conv2d,
+    down_blocks: Vec<Block<Downsample2D>>,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: Transformer2DModel,
+    up_blocks: Vec<Block<Upsample2D>>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    /// Loads from keys under `prefix` (empty for a diffusers `unet/` folder).
+    pub fn load(w: &Weights, prefix: &str, c: &UNetConfig, dtype: DType) -> Result<Self> {
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let temb = 4 * ch[0];
+        let k = |name: &str| key(prefix, name);
+
+        let mut down_blocks = Vec::new();
+        let mut out = ch[0];
+        for i in 0..n {
+            let (inp, p) = (out, k(&format!("down_blocks.{i}")));
+            out = ch[i];
+            let cross = c.down_block_types[i].starts_with("CrossAttn");
+            let mut b = Block {
+                resnets: Vec::new(),
+                attentions: Vec::new(),
+                sampler: None,
+            };
+            for j in 0..c.layers_per_block {
+                let rin = if j == 0 { inp } else { out };
+                b.resnets.push(ResnetBlock2D::load(
+                    w,
+                    &key(&p, &format!("resnets.{j}")),
+                    c.resnet(rin, out),
+                    dtype,
+                )?);
+                if cross {
+                    b.attentions.push(Transformer2DModel::load(
+                        w,
+                        &key(&p, &format!("attentions.{j}")),
+                        c.transformer(out, i),
+                        dtype,
+                    )?);
+                }
+            }
+            if i + 1 < n {
+                b.sampler = Some(Downsample2D::load(
+                    w,
+                    &key(&p, "downsamplers.0"),
+                    out,
+                    c.downsample_padding,
+                    dtype,
+                )?);
+            }
+            down_blocks.push(b);
+        }
+
+        let last = ch[n - 1];
+        let mid = |j: usize| {
+            ResnetBlock2D::load(
+                w,
+                &k(&format!("mid_block.resnets.{j}")),
+                c.resnet(last, last),
+                dtype,
+            )
+        };
+        let mid_resnets = [mid(0)?, mid(1)?];
+        let mid_attention = Transformer2DModel::load(
+            w,
+            &k("mid_block.attentions.0"),
+            c.transformer(last, n - 1),
+            dtype,
+        )?;
+
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut up_blocks = Vec::new();
+        let mut out = rev[0];
+        for i in 0..n {
+            let prev = out;
+            out = rev[i];
+            let inp = rev[(i + 1).min(n - 1)];
+            let p = k(&format!("up_blocks.{i}"));
+            let cross = c.up_block_types[i].starts_with("CrossAttn");
+            let layers = c.layers_per_block + 1;
+            let mut b = Block {
+                resnets: Vec::new(),
+                attentions: Vec::new(),
+                sampler: None,
+            };
+            for j in 0..layers {
+                let skip = if j == layers - 1 { inp } else { out };
+                let rin = if j == 0 { prev } else { out };
+                b.resnets.push(ResnetBlock2D::load(
+                    w,
+                    &key(&p, &format!("resnets.{j}")),
+                    c.resnet(rin + skip, out),
+                    dtype,
+                )?);
+                if cross {
+                    b.attentions.push(Transformer2DModel::load(
+                        w,
+                        &key(&p, &format!("attentions.{j}")),
+                        c.transformer(out, n - 1 - i),
+                        dtype,
+                    )?);
+                }
+            }
+            if i + 1 < n {
+                b.sampler = Some(Upsample2D::load(w, &key(&p, "upsamplers.0"), out, dtype)?);
+            }
+            up_blocks.push(b);
+        }
+
+        Ok(Self {
+            linear_1: linear(w, &k("time_embedding.linear_1"), temb, ch[0], dtype)?,
+            linear_2: linear(w, &k("time_embedding.linear_2"), temb, temb, dtype)?,
+            conv_in: conv2d(
+                w,
+                &k("conv_in"),
+                ch[0],
+                c.in_channels,
+                3,
+                ConvOptions::padding(1),
+                dtype,
+            )?,
+            down_blocks,
+            mid_resnets,
+            mid_attention,
+            up_blocks,
+            conv_norm_out: group_norm(
+                w,
+                &k("conv_norm_out"),
+                ch[0],
+                c.norm_num_groups,
+                c.norm_eps,
+                dtype,
+            )?,
+            conv_out: conv2d(
+                w,
+                &k("conv_out"),
+                c.out_channels,
+                ch[0],
+                3,
+                ConvOptions::padding(1),
+                dtype,
+            )?,
+            config: c.clone(),
+        })
+    }
+
+    /// diffusers' sinusoidal `Timesteps` embedding of `t` `[B]`, `[B, dim]`.
+    fn time_proj(&self, t: &Tensor) -> Result<Tensor> {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let denom = (half - self.config.freq_shift) as f64;
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (-(10000f64.ln()) * i as f64 / denom).exp() as f32)
+            .collect();
+        let args = t
+            .unsqueeze(1)?
+            .mul(&Tensor::from_f32(&freqs, &[1, half])?)?;
+        let (sin, cos) = (args.sin()?, args.cos()?);
+        if self.config.flip_sin_to_cos {
+            Tensor::cat(&[&cos, &sin], 1)
+        } else {
+            Tensor::cat(&[&sin, &cos], 1)
+        }
+    }
+
+    /// Predicts from noisy latents `[B, C, H, W]`, timesteps `[B]` and text states `[B, S, D]`.
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let s = sample.shape()?;
+        let f = 1 << (self.config.block_out_channels.len() - 1);
+        if s.len() != 4 || s[1] != self.config.in_channels || s[2] % f != 0 || s[3] % f != 0 {
+            return Err(Error(format!(
+                "UNet input must be [B, {}, H, W] with H and W multiples of {f}, got {s:?}",
+                self.config.in_channels
+            )));
+        }
+        let temb = self
+            .linear_2
+            .forward(&self.linear_1.forward(&self.time_proj(timesteps)?)?.silu()?)?;
+        let mut x = self.conv_in.forward(sample)?;
+        let mut skips = vec![x.clone()];
+        for b in &self.down_blocks {
+            for j in 0..b.resnets.len() {
+                x = b.step(j, &x, &temb, context)?;
+                skips.push(x.clone());
+            }
+            if let Some(d) = &b.sampler {
+                x = d.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+        x = self.mid_resnets[0].forward(&x, Some(&temb))?;
+        x = self.mid_attention.forward(&x, context)?;
+        x = self.mid_resnets[1].forward(&x, Some(&temb))?;
+        for b in &self.up_blocks {
+            for j in 0..b.resnets.len() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::msg("UNet skip connections out of step"))?;
+                x = b.step(j, &Tensor::cat(&[&x, &skip], 1)?, &temb, context)?;
+            }
+            if let Some(u) = &b.sampler {
+                x = u.forward(&x)?;
+            }
+        }
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+    }
+}
