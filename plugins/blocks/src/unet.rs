@@ -188,9 +188,9 @@ impl UNet2DConditionModel {
 
         let mut down_blocks = Vec::new();
         let mut out = ch[0];
-        for i in 0..n {
+        for (i, &width) in ch.iter().enumerate() {
             let (inp, p) = (out, k(&format!("down_blocks.{i}")));
-            out = ch[i];
+            out = width;
             let cross = c.down_block_types[i].starts_with("CrossAttn");
             let mut b = Block {
                 resnets: Vec::new(),
