@@ -4,4 +4,5 @@ pub mod bench;
 pub mod fsutil;
 pub mod plugins;
 pub mod runtime;
+pub mod sample;
 pub mod settings;

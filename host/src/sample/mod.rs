@@ -1,0 +1,5 @@
+//! Sampling: noise schedules and samplers, on host scalars and device tensors (no host syncs).
+
+pub mod schedule;
+
+pub use schedule::{NoiseSchedule, Prediction, Sampler, SamplerRun, SchedulerConfig, sample_cfg};
