@@ -141,8 +141,10 @@ fn new_runtime(device: &str) -> Result<Box<dyn Runtime>, DeviceError> {
                     format!("cuda:{index}"),
                 ))),
                 Ok(Err(e)) => Err(DeviceError::NoDriver(e.to_string())),
-                Err(p) => Err(DeviceError::NoDriver(
-                    ferrite_plugin_api::plugin::panic_message(&*p),
+                // The cause is logged by the worker thread that panicked; what reaches here is
+                // often only a closed channel.
+                Err(_) => Err(DeviceError::NoDriver(
+                    "the CUDA driver library (libcuda) could not be loaded or initialised".into(),
                 )),
             }
         }
