@@ -5,6 +5,7 @@
 pub mod clip;
 pub mod layers;
 pub mod resnet;
+pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
