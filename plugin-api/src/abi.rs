@@ -217,14 +217,30 @@ pub trait OptimizerFfi: Send {
     fn load_state(&mut self, state: RSlice<'_, NamedTensor>) -> RResult<(), RString>;
 }
 
-/// A model. Issues to come append the diffusion entry points (text encoding, VAE, denoiser,
-/// schedule, adaptable layers) after `forward`.
+/// A model. The diffusion entry points come after `forward`, past the prefix: a host can call
+/// them only on plugins that have them (older plugins report "not supported").
 #[sabi_trait]
 pub trait ArchitectureFfi: Send {
     /// Trainable parameters by name; the caller owns the returned handles.
     fn parameters(&self) -> RResult<RVec<NamedTensor>, RString>;
     #[sabi(last_prefix_field)]
     fn forward(&self, inputs: RSlice<'_, TensorId>) -> RResult<RVec<TensorId>, RString>;
+    /// JSON facts the host needs to sample and train: latent channels, VAE scale and scaling
+    /// factor, the scheduler config.
+    fn model_info(&self) -> RResult<RString, RString>;
+    /// Text states for each prompt (the caller owns the handles).
+    fn encode_text(&self, prompts: RSlice<'_, RString>) -> RResult<RVec<TensorId>, RString>;
+    /// Image `[B, 3, H, W]` in -1..1 to the latent distribution's mean and log-variance.
+    fn vae_encode(&self, image: TensorId) -> RResult<RVec<TensorId>, RString>;
+    /// Unscaled latents to an image in -1..1.
+    fn vae_decode(&self, latents: TensorId) -> RResult<TensorId, RString>;
+    /// The denoiser's prediction for noisy latents at timesteps `[B]` given text states.
+    fn denoise(
+        &self,
+        latents: TensorId,
+        timesteps: TensorId,
+        text: RSlice<'_, TensorId>,
+    ) -> RResult<TensorId, RString>;
 }
 
 /// An adapter (LoRA, LoHa, ...) attached to one layer.

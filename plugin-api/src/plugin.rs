@@ -33,9 +33,34 @@ pub trait Optimizer: Send {
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()>;
 }
 
+/// A model. The diffusion methods default to "not supported" so that small test models and
+/// future families implement only what they have.
 pub trait Architecture: Send {
     fn parameters(&self) -> Result<Vec<(String, Tensor)>>;
-    fn forward(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>>;
+    fn forward(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let _ = inputs;
+        Err(Error::msg("this model has no generic forward"))
+    }
+    /// See [`ArchitectureFfi::model_info`].
+    fn model_info(&self) -> Result<serde_json::Value> {
+        Err(Error::msg("this model is not a diffusion model"))
+    }
+    fn encode_text(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
+        let _ = prompts;
+        Err(Error::msg("this model has no text encoder"))
+    }
+    fn vae_encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _ = image;
+        Err(Error::msg("this model has no VAE"))
+    }
+    fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let _ = latents;
+        Err(Error::msg("this model has no VAE"))
+    }
+    fn denoise(&self, latents: &Tensor, timesteps: &Tensor, text: &[&Tensor]) -> Result<Tensor> {
+        let _ = (latents, timesteps, text);
+        Err(Error::msg("this model has no denoiser"))
+    }
 }
 
 pub trait Adapter: Send {
@@ -192,6 +217,45 @@ impl ArchitectureFfi for ArchitectureShim {
                 .into_iter()
                 .map(Tensor::into_raw)
                 .collect())
+        })
+    }
+    fn model_info(&self) -> RResult<RString, RString> {
+        guard(|| Ok(self.0.model_info()?.to_string().into()))
+    }
+    fn encode_text(&self, prompts: RSlice<'_, RString>) -> RResult<RVec<TensorId>, RString> {
+        guard(|| {
+            let p: Vec<&str> = prompts.iter().map(RString::as_str).collect();
+            Ok(self
+                .0
+                .encode_text(&p)?
+                .into_iter()
+                .map(Tensor::into_raw)
+                .collect())
+        })
+    }
+    fn vae_encode(&self, image: TensorId) -> RResult<RVec<TensorId>, RString> {
+        guard(|| {
+            let (m, l) = self.0.vae_encode(&Tensor::borrow_raw(image))?;
+            Ok(RVec::from(vec![m.into_raw(), l.into_raw()]))
+        })
+    }
+    fn vae_decode(&self, latents: TensorId) -> RResult<TensorId, RString> {
+        guard(|| Ok(self.0.vae_decode(&Tensor::borrow_raw(latents))?.into_raw()))
+    }
+    fn denoise(
+        &self,
+        latents: TensorId,
+        timesteps: TensorId,
+        text: RSlice<'_, TensorId>,
+    ) -> RResult<TensorId, RString> {
+        guard(|| {
+            let t = borrowed(text);
+            let out = self.0.denoise(
+                &Tensor::borrow_raw(latents),
+                &Tensor::borrow_raw(timesteps),
+                &refs(&t),
+            )?;
+            Ok(out.into_raw())
         })
     }
 }
@@ -363,5 +427,56 @@ impl ArchitectureHandle {
             .into_iter()
             .map(Tensor::from_raw)
             .collect())
+    }
+
+    /// Calls a method appended after the prefix: abi_stable panics when the plugin's vtable
+    /// predates it, which becomes a clear error here.
+    fn appended<T>(method: &str, f: impl FnOnce() -> RResult<T, RString>) -> Result<T> {
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(r) => res(r),
+            Err(_) => Err(Error(format!(
+                "this plugin predates `{method}`: rebuild it against the current plugin-api"
+            ))),
+        }
+    }
+
+    pub fn model_info(&self) -> Result<serde_json::Value> {
+        let text = Self::appended("model_info", || self.0.model_info())?;
+        serde_json::from_str(&text).map_err(|e| Error(format!("model_info is not JSON: {e}")))
+    }
+
+    pub fn encode_text(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
+        let p: Vec<RString> = prompts.iter().map(|&s| s.into()).collect();
+        let out = Self::appended("encode_text", || self.0.encode_text(RSlice::from_slice(&p)))?;
+        Ok(out.into_iter().map(Tensor::from_raw).collect())
+    }
+
+    pub fn vae_encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        let out = Self::appended("vae_encode", || self.0.vae_encode(image.id()))?;
+        let mut t: Vec<Tensor> = out.into_iter().map(Tensor::from_raw).collect();
+        match (t.pop(), t.pop()) {
+            (Some(logvar), Some(mean)) if t.is_empty() => Ok((mean, logvar)),
+            _ => Err(Error::msg("vae_encode must return mean and logvar")),
+        }
+    }
+
+    pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::from_raw(Self::appended("vae_decode", || {
+            self.0.vae_decode(latents.id())
+        })?))
+    }
+
+    pub fn denoise(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        text: &[&Tensor],
+    ) -> Result<Tensor> {
+        let ids: Vec<TensorId> = text.iter().map(|t| t.id()).collect();
+        let out = Self::appended("denoise", || {
+            self.0
+                .denoise(latents.id(), timesteps.id(), RSlice::from_slice(&ids))
+        })?;
+        Ok(Tensor::from_raw(out))
     }
 }
