@@ -23,11 +23,56 @@ enum Command {
         #[command(subcommand)]
         action: PluginsAction,
     },
+    /// Generate an image from a prompt.
+    Sample(SampleArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
     },
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    /// Model: a diffusers folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Architecture plugin id.
+    #[arg(long, default_value = "sd15")]
+    arch: String,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    cfg: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    #[arg(long, value_enum, default_value = "euler")]
+    sampler: SamplerArg,
+    /// Initial latent noise from a safetensors file (tensor `noise`), to reproduce a result exactly.
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    #[arg(long, default_value = "sample.png")]
+    out: PathBuf,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SamplerArg {
+    Ddim,
+    Euler,
+    EulerA,
+    DpmppKarras,
 }
 
 #[derive(Subcommand)]
@@ -95,10 +140,41 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Some(Command::Sample(args)) => sample(&Settings::load(&settings_path)?, args)?,
         Some(Command::Bench {
             what: BenchWhat::Ops { device },
         }) => ferrite::bench::ops(&device)?,
     }
+    Ok(())
+}
+
+fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
+    use ferrite::sample::{Sampler, generate};
+    ferrite::runtime::init(&a.device)?;
+    let registry = Registry::discover(&search_dirs(settings), settings);
+    let options = serde_json::json!({ "model": a.model.to_string_lossy() }).to_string();
+    let arch = registry.architecture(&a.arch, &options)?;
+    let req = generate::SampleRequest {
+        prompt: a.prompt,
+        negative_prompt: a.negative_prompt,
+        steps: a.steps,
+        cfg: a.cfg,
+        seed: a.seed,
+        width: a.width,
+        height: a.height,
+        sampler: match a.sampler {
+            SamplerArg::Ddim => Sampler::Ddim,
+            SamplerArg::Euler => Sampler::Euler,
+            SamplerArg::EulerA => Sampler::EulerAncestral,
+            SamplerArg::DpmppKarras => Sampler::DpmPp2mKarras,
+        },
+        init_noise: a.init_noise,
+    };
+    let bar = indicatif::ProgressBar::new(req.steps as u64).with_message("sampling");
+    let rgb = generate::generate(&arch, &req, || bar.inc(1))?;
+    bar.finish_and_clear();
+    generate::write_png(&a.out, req.width, req.height, rgb)?;
+    println!("wrote {}", a.out.display());
     Ok(())
 }
 

@@ -29,7 +29,7 @@ fn run(sampler: Sampler, name: &str) {
     let exp = Weights::open(&format!("{}/sampling/expected.safetensors", fixtures())).unwrap();
     let get = |k: &str| exp.get(k, DType::F32).unwrap();
     let schedule = schedule();
-    let r = SamplerRun::new(&schedule, sampler, 4).unwrap();
+    let mut r = SamplerRun::new(&schedule, sampler, 4, None).unwrap();
     let want_t: Vec<f64> = get(&format!("{name}.timesteps"))
         .to_vec()
         .unwrap()
@@ -38,7 +38,7 @@ fn run(sampler: Sampler, name: &str) {
         .collect();
     assert_eq!(r.timesteps, want_t, "timesteps");
     let ctx = Tensor::cat(&[&get("uncond"), &get("cond")], 0).unwrap();
-    let latents = sample_cfg(&r, &get("noise"), 7.5, |x, t| {
+    let latents = sample_cfg(&mut r, &get("noise"), 7.5, |x, t| {
         unet.forward(x, &Tensor::from_f32(&[t as f32, t as f32], &[2])?, &ctx)
     })
     .unwrap();
@@ -68,6 +68,35 @@ fn ddim_four_steps_match_diffusers() {
 #[test]
 fn euler_four_steps_match_diffusers() {
     run(Sampler::Euler, "euler");
+}
+
+#[test]
+fn dpmpp_2m_karras_four_steps_match_diffusers() {
+    run(Sampler::DpmPp2mKarras, "dpmpp_karras");
+}
+
+#[test]
+fn euler_ancestral_noise_follows_its_generator() {
+    runtime::init("cpu").unwrap();
+    let schedule = schedule();
+    let x = Tensor::ones(&[1, 4, 2, 2], DType::F32).unwrap();
+    let go = |seed: u64| -> Vec<f32> {
+        let mut r = SamplerRun::new(
+            &schedule,
+            Sampler::EulerAncestral,
+            3,
+            Some(ferrite_plugin_api::Generator::new(seed).unwrap()),
+        )
+        .unwrap();
+        // A denoiser that predicts zero noise: every change comes from the ancestral noise.
+        sample_cfg(&mut r, &x, 1.0, |input, _| input.mul_scalar(0.0))
+            .unwrap()
+            .to_vec()
+            .unwrap()
+    };
+    assert_eq!(go(3), go(3));
+    assert_ne!(go(3), go(4));
+    assert!(SamplerRun::new(&schedule, Sampler::EulerAncestral, 3, None).is_err());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Noise schedules read from a diffusers `scheduler_config.json`, and the deterministic DDIM and
 //! Euler samplers with diffusers' timestep spacings and update rules.
 
-use ferrite_plugin_api::{Error, Result, Tensor};
+use ferrite_plugin_api::{Error, Generator, Result, Tensor};
 use serde::Deserialize;
 
 /// The fields of a diffusers scheduler config this module uses; every one is read, none assumed.
@@ -59,6 +59,10 @@ pub enum Sampler {
     Ddim,
     /// Euler (EulerDiscreteScheduler without churn).
     Euler,
+    /// Euler ancestral (EulerAncestralDiscreteScheduler): fresh noise each step.
+    EulerAncestral,
+    /// DPM++ 2M with Karras sigmas (DPMSolverMultistepScheduler, dpmsolver++, order 2).
+    DpmPp2mKarras,
 }
 
 impl SchedulerConfig {
@@ -143,7 +147,7 @@ impl NoiseSchedule {
             .as_deref()
             .unwrap_or(match sampler {
                 Sampler::Ddim => "leading",
-                Sampler::Euler => "linspace",
+                _ => "linspace",
             })
     }
 
@@ -187,6 +191,47 @@ impl NoiseSchedule {
         Ok(ts)
     }
 
+    fn full_sigmas(&self) -> Vec<f64> {
+        self.alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a as f64) / a as f64).sqrt())
+            .collect()
+    }
+
+    /// Karras et al.'s schedule (rho 7) between the training schedule's extreme sigmas, and the
+    /// (rounded) timesteps those sigmas correspond to, as diffusers' `use_karras_sigmas`.
+    fn karras(&self, steps: usize) -> (Vec<f64>, Vec<f64>) {
+        let full = self.full_sigmas();
+        let (min, max) = (full[0], full[full.len() - 1]);
+        let rho = 7.0;
+        let (lo, hi) = (min.powf(1.0 / rho), max.powf(1.0 / rho));
+        let sigmas: Vec<f64> = (0..steps)
+            .map(|i| {
+                let ramp = if steps == 1 {
+                    0.0
+                } else {
+                    i as f64 / (steps - 1) as f64
+                };
+                (hi + ramp * (lo - hi)).powf(rho)
+            })
+            .collect();
+        let logs: Vec<f64> = full.iter().map(|s| s.ln()).collect();
+        let timesteps = sigmas
+            .iter()
+            .map(|s| {
+                let ls = s.max(1e-10).ln();
+                let low = logs
+                    .iter()
+                    .rposition(|&l| l <= ls)
+                    .unwrap_or(0)
+                    .min(logs.len() - 2);
+                let w = ((logs[low] - ls) / (logs[low] - logs[low + 1])).clamp(0.0, 1.0);
+                ((1.0 - w) * low as f64 + w * (low + 1) as f64).round()
+            })
+            .collect();
+        (sigmas, timesteps)
+    }
+
     fn sigma_at(&self, t: f64) -> f64 {
         // Linear interpolation of sigma over integer timesteps (np.interp).
         let sig = |i: usize| {
@@ -219,27 +264,51 @@ pub struct SamplerRun<'a> {
     pub timesteps: Vec<f64>,
     sigmas: Vec<f64>,
     steps: usize,
+    rng: Option<Generator>,
+    /// DPM++ 2M's previous data prediction.
+    previous_x0: Option<Tensor>,
 }
 
 impl<'a> SamplerRun<'a> {
-    pub fn new(schedule: &'a NoiseSchedule, sampler: Sampler, steps: usize) -> Result<Self> {
-        let timesteps = schedule.timesteps(sampler, steps)?;
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| schedule.sigma_at(t)).collect();
+    /// `rng` supplies the fresh noise of ancestral samplers (unused by the others).
+    pub fn new(
+        schedule: &'a NoiseSchedule,
+        sampler: Sampler,
+        steps: usize,
+        rng: Option<Generator>,
+    ) -> Result<Self> {
+        let (timesteps, mut sigmas) = if sampler == Sampler::DpmPp2mKarras {
+            if steps == 0 {
+                return Err(Error::msg("steps must be at least 1"));
+            }
+            let (s, t) = schedule.karras(steps);
+            (t, s)
+        } else {
+            let t = schedule.timesteps(sampler, steps)?;
+            let s = t.iter().map(|&t| schedule.sigma_at(t)).collect();
+            (t, s)
+        };
         sigmas.push(0.0);
+        if sampler == Sampler::EulerAncestral && rng.is_none() {
+            return Err(Error::msg("Euler ancestral needs a random generator"));
+        }
         Ok(Self {
             schedule,
             sampler,
             timesteps,
             sigmas,
             steps,
+            rng,
+            previous_x0: None,
         })
     }
 
     /// How much to scale unit-variance noise to start from.
     pub fn init_noise_sigma(&self) -> f64 {
         match self.sampler {
-            Sampler::Ddim => 1.0,
-            Sampler::Euler => {
+            // DPM-Solver works in the variance-preserving parametrisation.
+            Sampler::Ddim | Sampler::DpmPp2mKarras => 1.0,
+            Sampler::Euler | Sampler::EulerAncestral => {
                 let max = self.sigmas.iter().cloned().fold(0.0, f64::max);
                 match self.schedule.spacing(self.sampler) {
                     "linspace" | "trailing" => max,
@@ -252,17 +321,59 @@ impl<'a> SamplerRun<'a> {
     /// The denoiser's input at step `i` (Euler scales by 1/sqrt(σ²+1)).
     pub fn model_input(&self, i: usize, latents: &Tensor) -> Result<Tensor> {
         match self.sampler {
-            Sampler::Ddim => Ok(latents.clone()),
-            Sampler::Euler => latents.div_scalar((self.sigmas[i].powi(2) + 1.0).sqrt()),
+            Sampler::Ddim | Sampler::DpmPp2mKarras => Ok(latents.clone()),
+            Sampler::Euler | Sampler::EulerAncestral => {
+                latents.div_scalar((self.sigmas[i].powi(2) + 1.0).sqrt())
+            }
         }
     }
 
     /// The latents after step `i` given the model's prediction there.
-    pub fn step(&self, i: usize, model_output: &Tensor, latents: &Tensor) -> Result<Tensor> {
+    pub fn step(&mut self, i: usize, model_output: &Tensor, latents: &Tensor) -> Result<Tensor> {
         match self.sampler {
             Sampler::Ddim => self.ddim_step(i, model_output, latents),
-            Sampler::Euler => self.euler_step(i, model_output, latents),
+            Sampler::Euler => self.euler_step(i, model_output, latents, false),
+            Sampler::EulerAncestral => self.euler_step(i, model_output, latents, true),
+            Sampler::DpmPp2mKarras => self.dpmpp_2m_step(i, model_output, latents),
         }
+    }
+
+    /// DPM-Solver++ (2M): data prediction, first order on the first and last steps, second
+    /// order (midpoint) in between.
+    fn dpmpp_2m_step(&mut self, i: usize, out: &Tensor, x: &Tensor) -> Result<Tensor> {
+        // (alpha, sigma) of the variance-preserving form for a Karras sigma.
+        let vp = |s: f64| {
+            let a = 1.0 / (s * s + 1.0).sqrt();
+            (a, s * a)
+        };
+        let (a_s0, s_s0) = vp(self.sigmas[i]);
+        let x0 = match self.schedule.prediction {
+            Prediction::Epsilon => x.sub(&out.mul_scalar(s_s0)?)?.div_scalar(a_s0)?,
+            Prediction::VPrediction => x.mul_scalar(a_s0)?.sub(&out.mul_scalar(s_s0)?)?,
+        };
+        let next = self.sigmas[i + 1];
+        let result = if next == 0.0 {
+            // The final step lands on the data prediction.
+            x0.clone()
+        } else {
+            let (a_t, s_t) = vp(next);
+            let lambda = |a: f64, s: f64| a.ln() - s.ln();
+            let h = lambda(a_t, s_t) - lambda(a_s0, s_s0);
+            let coeff = -a_t * ((-h).exp() - 1.0);
+            let base = x.mul_scalar(s_t / s_s0)?;
+            match &self.previous_x0 {
+                Some(m1) if i > 0 => {
+                    let (a_s1, s_s1) = vp(self.sigmas[i - 1]);
+                    let r0 = (lambda(a_s0, s_s0) - lambda(a_s1, s_s1)) / h;
+                    let d1 = x0.sub(m1)?.div_scalar(r0)?;
+                    base.add(&x0.mul_scalar(coeff)?)?
+                        .add(&d1.mul_scalar(0.5 * coeff)?)?
+                }
+                _ => base.add(&x0.mul_scalar(coeff)?)?,
+            }
+        };
+        self.previous_x0 = Some(x0);
+        Ok(result)
     }
 
     fn ddim_step(&self, i: usize, out: &Tensor, x: &Tensor) -> Result<Tensor> {
@@ -289,8 +400,15 @@ impl<'a> SamplerRun<'a> {
             .add(&eps.mul_scalar((1.0 - a_prev).sqrt())?)
     }
 
-    fn euler_step(&self, i: usize, out: &Tensor, x: &Tensor) -> Result<Tensor> {
+    fn euler_step(&self, i: usize, out: &Tensor, x: &Tensor, ancestral: bool) -> Result<Tensor> {
         let (s, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
+        // Ancestral: step down to sigma_down, then add fresh noise of sigma_up.
+        let (s_down, s_up) = if ancestral {
+            let up = (s_next * s_next * (s * s - s_next * s_next) / (s * s)).sqrt();
+            ((s_next * s_next - up * up).sqrt(), up)
+        } else {
+            (s_next, 0.0)
+        };
         let x0 = match self.schedule.prediction {
             Prediction::Epsilon => x.sub(&out.mul_scalar(s)?)?,
             Prediction::VPrediction => {
@@ -299,7 +417,13 @@ impl<'a> SamplerRun<'a> {
             }
         };
         let derivative = x.sub(&x0)?.div_scalar(s)?;
-        x.add(&derivative.mul_scalar(s_next - s)?)
+        let stepped = x.add(&derivative.mul_scalar(s_down - s)?)?;
+        match &self.rng {
+            Some(rng) if s_up > 0.0 => {
+                stepped.add(&Tensor::randn(&x.shape()?, rng)?.mul_scalar(s_up)?)
+            }
+            _ => Ok(stepped),
+        }
     }
 }
 
@@ -307,13 +431,13 @@ impl<'a> SamplerRun<'a> {
 /// the unconditional and conditional halves stacked on the batch dimension, and the timestep, and
 /// returns its prediction for both halves in the same order.
 pub fn sample_cfg(
-    run: &SamplerRun,
+    run: &mut SamplerRun,
     noise: &Tensor,
     guidance_scale: f64,
     mut denoise: impl FnMut(&Tensor, f64) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let mut latents = noise.mul_scalar(run.init_noise_sigma())?;
-    for (i, &t) in run.timesteps.iter().enumerate() {
+    for (i, t) in run.timesteps.clone().into_iter().enumerate() {
         let input = run.model_input(i, &latents)?;
         let pred = denoise(&Tensor::cat(&[&input, &input], 0)?, t)?;
         let mut halves = pred.chunk(2, 0)?;

@@ -1,0 +1,110 @@
+//! `ferrite sample`: text to image with an architecture plugin, a sampler and CFG.
+
+use std::path::{Path, PathBuf};
+
+use ferrite_plugin_api::{
+    DType, Error, Generator, Result, Tensor, Weights, plugin::ArchitectureHandle,
+};
+
+use super::schedule::{NoiseSchedule, Sampler, SamplerRun, SchedulerConfig, sample_cfg};
+
+#[derive(Debug, Clone)]
+pub struct SampleRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub sampler: Sampler,
+    /// Initial latent noise (tensor `noise`, `[1, C, H/f, W/f]`) instead of seeded noise.
+    pub init_noise: Option<PathBuf>,
+}
+
+fn info_usize(info: &serde_json::Value, key: &str) -> Result<usize> {
+    info[key]
+        .as_u64()
+        .map(|v| v as usize)
+        .ok_or_else(|| Error(format!("model_info has no `{key}`")))
+}
+
+/// Runs the sampler and returns the image as RGB bytes (`height × width × 3`).
+pub fn generate(
+    arch: &ArchitectureHandle,
+    req: &SampleRequest,
+    mut on_step: impl FnMut(),
+) -> Result<Vec<u8>> {
+    let info = arch.model_info()?;
+    let (channels, f) = (
+        info_usize(&info, "latent_channels")?,
+        info_usize(&info, "vae_scale_factor")?,
+    );
+    if req.width == 0
+        || req.height == 0
+        || !req.width.is_multiple_of(f)
+        || !req.height.is_multiple_of(f)
+    {
+        return Err(Error(format!(
+            "--width and --height must be positive multiples of {f} for this model"
+        )));
+    }
+    let latent_shape = [1, channels, req.height / f, req.width / f];
+    let noise = match &req.init_noise {
+        Some(p) => {
+            let w = Weights::open(&p.to_string_lossy())?;
+            let n = w
+                .get("noise", DType::F32)
+                .map_err(|e| Error(format!("--init-noise: {e}")))?;
+            if n.shape()? != latent_shape {
+                return Err(Error(format!(
+                    "--init-noise {}: tensor `noise` has shape {:?}, this model and size need {latent_shape:?}",
+                    p.display(),
+                    n.shape()?
+                )));
+            }
+            n
+        }
+        None => Tensor::randn(&latent_shape, &Generator::new(req.seed)?)?,
+    };
+    let config: SchedulerConfig = serde_json::from_value(info["scheduler"].clone())
+        .map_err(|e| Error(format!("the model's scheduler config: {e}")))?;
+    let schedule = NoiseSchedule::new(config)?;
+    // Ancestral noise follows the seed (offset from the initial noise's stream).
+    let rng = Generator::new(req.seed.wrapping_add(1))?;
+    let mut run = SamplerRun::new(&schedule, req.sampler, req.steps, Some(rng))?;
+    let text = arch.encode_text(&[&req.negative_prompt, &req.prompt])?;
+    let text: Vec<&Tensor> = text.iter().collect();
+    let latents = sample_cfg(&mut run, &noise, req.cfg, |x, t| {
+        on_step();
+        arch.denoise(x, &Tensor::full(&[2], t, DType::F32)?, &text)
+    })?;
+    let scaling = info["scaling_factor"]
+        .as_f64()
+        .ok_or_else(|| Error::msg("model_info has no scaling_factor"))?;
+    let mut z = latents.div_scalar(scaling)?;
+    if let Some(shift) = info["shift_factor"].as_f64() {
+        z = z.add_scalar(shift)?;
+    }
+    let image = arch
+        .vae_decode(&z)?
+        .div_scalar(2.0)?
+        .add_scalar(0.5)?
+        .clamp(Some(0.0), Some(1.0))?;
+    // [1, 3, H, W] -> [H, W, 3], then the one host copy of the run.
+    let hwc = image.squeeze(0)?.permute(&[1, 2, 0])?.to_vec()?;
+    Ok(hwc.iter().map(|v| (v * 255.0).round() as u8).collect())
+}
+
+/// Encodes RGB bytes as PNG and writes them atomically.
+pub fn write_png(path: &Path, width: usize, height: usize, rgb: Vec<u8>) -> Result<()> {
+    let img = image::RgbImage::from_raw(width as u32, height as u32, rgb)
+        .ok_or_else(|| Error::msg("image buffer does not match its size"))?;
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error(format!("encoding PNG: {e}")))?;
+    crate::fsutil::write_atomic(path, &bytes).map_err(|e| Error(e.to_string()))
+}

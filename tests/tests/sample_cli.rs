@@ -1,0 +1,204 @@
+//! `ferrite sample` end to end on a tiny diffusers-saved SD 1.x pipeline (fixtures from
+//! tests/fixtures/gen/pipeline.py): with the same initial noise, prompt, negative prompt, steps and
+//! guidance, the PNG equals StableDiffusionPipeline's within 2/255 per pixel. Bad model folders
+//! give clear errors.
+
+use std::path::{Path, PathBuf};
+
+use ferrite_tests::run_ferrite;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline")
+}
+
+fn sample(model: &Path, sampler: &str, out: &Path) -> std::process::Output {
+    let config = tempfile::tempdir().unwrap();
+    let noise = fixture().join("noise.safetensors");
+    run_ferrite(
+        &[
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a red cat, best quality",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            "4",
+            "--cfg",
+            "4",
+            "--width",
+            "16",
+            "--height",
+            "16",
+            "--sampler",
+            sampler,
+            "--init-noise",
+            noise.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+        config.path(),
+    )
+}
+
+fn compare(sampler: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let o = sample(&fixture().join("model"), sampler, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(fixture().join(format!("expected_{sampler}.png")))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions());
+    let worst = got
+        .as_raw()
+        .iter()
+        .zip(want.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    println!("{sampler}: max pixel difference {worst}/255");
+    assert!(worst <= 2, "{sampler}: max pixel difference {worst}/255");
+}
+
+#[test]
+fn ddim_png_equals_diffusers_pipeline() {
+    compare("ddim");
+}
+
+#[test]
+fn euler_png_equals_diffusers_pipeline() {
+    compare("euler");
+}
+
+/// A copy of the fixture model to break in one way.
+fn broken_copy(f: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture().join("model");
+    for entry in walk(&src) {
+        let rel = entry.strip_prefix(&src).unwrap();
+        let dst = dir.path().join(rel);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &dst).unwrap();
+    }
+    f(dir.path());
+    dir
+}
+
+fn walk(p: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(p)
+        .unwrap()
+        .flat_map(|e| {
+            let p = e.unwrap().path();
+            if p.is_dir() { walk(&p) } else { vec![p] }
+        })
+        .collect()
+}
+
+#[track_caller]
+fn fails_with(model: &Path, needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = sample(model, "ddim", &dir.path().join("out.png"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    for n in needles {
+        assert!(err.contains(n), "`{n}` missing from:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !dir.path().join("out.png").exists(),
+        "no image is written on failure"
+    );
+}
+
+#[test]
+fn folder_missing_unet() {
+    let m = broken_copy(|d| std::fs::remove_dir_all(d.join("unet")).unwrap());
+    fails_with(m.path(), &["has no unet/"]);
+}
+
+#[test]
+fn sdxl_model_is_refused_with_what_was_found() {
+    let m = broken_copy(|d| {
+        let p = d.join("model_index.json");
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("StableDiffusionPipeline", "StableDiffusionXLPipeline");
+        std::fs::write(p, text).unwrap();
+    });
+    fails_with(
+        m.path(),
+        &[
+            "SDXL",
+            "StableDiffusionXLPipeline",
+            "use the sdxl architecture",
+        ],
+    );
+}
+
+#[test]
+fn truncated_safetensors_file() {
+    let m = broken_copy(|d| {
+        let p = d.join("unet/diffusion_pytorch_model.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    });
+    fails_with(
+        m.path(),
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "not a valid safetensors file",
+        ],
+    );
+}
+
+#[test]
+fn tensor_with_the_wrong_shape_names_the_key() {
+    let m = broken_copy(|d| {
+        // Claim a wider cross-attention than the weights have.
+        let p = d.join("unet/config.json");
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 48");
+        std::fs::write(p, text).unwrap();
+    });
+    fails_with(
+        m.path(),
+        &["attn2.to_k.weight", "has shape [16, 32], expected [16, 48]"],
+    );
+}
+
+#[test]
+fn init_noise_of_the_wrong_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let model = fixture().join("model");
+    let noise = fixture().join("noise.safetensors");
+    let o = run_ferrite(
+        &[
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--init-noise",
+            noise.to_str().unwrap(),
+            "--out",
+            dir.path().join("o.png").to_str().unwrap(),
+        ],
+        None,
+        config.path(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--init-noise") && err.contains("[1, 4, 16, 16]"),
+        "{err}"
+    );
+}
