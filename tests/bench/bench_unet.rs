@@ -1,0 +1,62 @@
+//! The Rust side of the UNet benchmark: loads the UNet that tests/bench/unet_sd15_level.py saved
+//! and prints forward and forward+backward times through the plugin-api runtime. Prints figures;
+//! asserts nothing.
+//!
+//!     cargo run --release -p ferrite-tests --example bench_unet -- /tmp/unet_bench [iters] [device]
+
+use std::time::Instant;
+
+use ferrite::runtime;
+use ferrite_blocks::unet::{UNet2DConditionModel, UNetConfig};
+use ferrite_plugin_api::{DType, Generator, Tensor, Weights};
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = args
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("usage: bench_unet UNET_DIR [iters] [device]"))?;
+    let iters: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let device = args.next().unwrap_or_else(|| "cpu".into());
+    runtime::init(&device)?;
+    let cfg_path = format!("{dir}/config.json");
+    let config = UNetConfig::from_json(&std::fs::read_to_string(&cfg_path)?, &cfg_path)?;
+    let w = Weights::open(&format!("{dir}/diffusion_pytorch_model.safetensors"))?;
+    let unet = UNet2DConditionModel::load(&w, "", &config, DType::F32)?;
+    let rng = Generator::new(0)?;
+    let x = Tensor::randn(&[1, 4, 64, 64], &rng)?;
+    let t = Tensor::full(&[1], 500.0, DType::F32)?;
+    let ctx = Tensor::randn(&[1, 77, 768], &rng)?;
+    // One host read per iteration waits for the device, as a logged loss would.
+    let forward = || -> anyhow::Result<()> {
+        unet.forward(&x, &t, &ctx)?.mean_all()?.item()?;
+        Ok(())
+    };
+    let train_step = || -> anyhow::Result<()> {
+        let x = x.detach()?;
+        x.set_requires_grad(true)?;
+        let loss = unet.forward(&x, &t, &ctx)?.powf(2.0)?.mean_all()?;
+        let grads = loss.backward()?;
+        grads
+            .get(&x)?
+            .ok_or_else(|| anyhow::anyhow!("no gradient"))?
+            .mean_all()?
+            .item()?;
+        Ok(())
+    };
+    println!("device {}", runtime::device_name());
+    for (name, f) in [
+        ("forward", &forward as &dyn Fn() -> anyhow::Result<()>),
+        ("forward+backward", &train_step),
+    ] {
+        f()?; // warm-up
+        let start = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        println!(
+            "ferrite {name:<17} {:9.1} ms",
+            start.elapsed().as_secs_f64() * 1000.0 / iters as f64
+        );
+    }
+    Ok(())
+}
