@@ -202,3 +202,38 @@ fn init_noise_of_the_wrong_shape() {
         "{err}"
     );
 }
+
+#[test]
+fn sd15_lists_its_adaptable_layers_by_diffusers_name() {
+    use ferrite::plugins::Registry;
+    use ferrite::settings::Settings;
+
+    ferrite::runtime::init("cpu").unwrap();
+    let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
+    let options = serde_json::json!({ "model": fixture().join("model") }).to_string();
+    let arch = registry.architecture("sd15", &options).unwrap();
+    let info = arch.model_info().unwrap();
+    let layers: Vec<&str> = info["adaptable_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for want in [
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.resnets.0.conv1",
+        "unet.up_blocks.1.attentions.0.proj_in",
+        "text_encoder.encoder.layers.0.self_attn.q_proj",
+        "text_encoder.encoder.layers.1.mlp.fc2",
+    ] {
+        assert!(layers.contains(&want), "{want} missing");
+    }
+    assert!(
+        !layers
+            .iter()
+            .any(|l| l.contains("norm") || l.contains("embeddings")),
+        "norms and embeddings are not adaptable"
+    );
+    assert_eq!(info["latent_channels"], 4);
+    assert_eq!(info["vae_scale_factor"], 2);
+}

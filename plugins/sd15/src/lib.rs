@@ -98,6 +98,22 @@ pub struct Sd15 {
     vae: AutoencoderKL,
     unet: UNet2DConditionModel,
     scheduler: serde_json::Value,
+    adaptable_layers: Vec<String>,
+}
+
+/// Linear and conv layers (rank-2 and rank-4 weights, embeddings aside) by module name, with the
+/// component as prefix: what adapters can attach to.
+fn adaptable(w: &Weights, component: &str) -> Vec<String> {
+    w.infos()
+        .iter()
+        .filter(|i| matches!(i.shape.len(), 2 | 4) && !i.key.contains("embeddings"))
+        .filter_map(|i| {
+            i.key
+                .as_str()
+                .strip_suffix(".weight")
+                .map(|m| format!("{component}.{m}"))
+        })
+        .collect()
 }
 
 impl Sd15 {
@@ -124,6 +140,9 @@ impl Sd15 {
 
         let te_w = open(&weights_file(&dir.join("text_encoder"), "model")?)?;
         let prefix = ClipTextTransformer::detect_prefix(&te_w);
+        let unet_w = open(&weights_file(&dir.join("unet"), "diffusion_pytorch_model")?)?;
+        let mut adaptable_layers = adaptable(&unet_w, "unet");
+        adaptable_layers.extend(adaptable(&te_w, "text_encoder"));
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: ClipTextTransformer::load(&te_w, prefix, None, &te_cfg, dtype)?,
@@ -133,13 +152,9 @@ impl Sd15 {
                 &vae_cfg,
                 dtype,
             )?,
-            unet: UNet2DConditionModel::load(
-                &open(&weights_file(&dir.join("unet"), "diffusion_pytorch_model")?)?,
-                "",
-                &unet_cfg,
-                dtype,
-            )?,
+            unet: UNet2DConditionModel::load(&unet_w, "", &unet_cfg, dtype)?,
             scheduler,
+            adaptable_layers,
         })
     }
 }
@@ -157,6 +172,7 @@ impl Architecture for Sd15 {
             "scaling_factor": v.scaling_factor,
             "shift_factor": v.shift_factor,
             "scheduler": self.scheduler,
+            "adaptable_layers": self.adaptable_layers,
         }))
     }
 
