@@ -106,6 +106,29 @@ impl VaeConfig {
     }
 }
 
+/// `count` resnets `{prefix}.resnets.{j}`, the first taking `first_in` channels.
+fn resnet_stack(
+    w: &Weights,
+    prefix: &str,
+    c: &VaeConfig,
+    count: usize,
+    first_in: usize,
+    out: usize,
+    dtype: DType,
+) -> Result<Vec<ResnetBlock2D>> {
+    (0..count)
+        .map(|j| {
+            let inp = if j == 0 { first_in } else { out };
+            ResnetBlock2D::load(
+                w,
+                &key(prefix, &format!("resnets.{j}")),
+                c.resnet(inp, out),
+                dtype,
+            )
+        })
+        .collect()
+}
+
 /// `UNetMidBlock2D` as the VAE uses it: resnet, optional attention, resnet.
 pub struct VaeMidBlock {
     pub resnets: [ResnetBlock2D; 2],
@@ -206,17 +229,7 @@ impl Encoder {
         let mut down_blocks = Vec::new();
         for (i, &out) in ch.iter().enumerate() {
             let p = key(prefix, &format!("down_blocks.{i}"));
-            let resnets = (0..c.layers_per_block)
-                .map(|j| {
-                    let inp = if j == 0 { prev } else { out };
-                    ResnetBlock2D::load(
-                        w,
-                        &key(&p, &format!("resnets.{j}")),
-                        c.resnet(inp, out),
-                        dtype,
-                    )
-                })
-                .collect::<Result<_>>()?;
+            let resnets = resnet_stack(w, &p, c, c.layers_per_block, prev, out, dtype)?;
             let sampler = (i + 1 < ch.len())
                 .then(|| Downsample2D::load(w, &key(&p, "downsamplers.0"), out, 0, dtype))
                 .transpose()?;
@@ -265,17 +278,7 @@ impl Decoder {
         let mut up_blocks = Vec::new();
         for (i, &out) in rev.iter().enumerate() {
             let p = key(prefix, &format!("up_blocks.{i}"));
-            let resnets = (0..=c.layers_per_block)
-                .map(|j| {
-                    let inp = if j == 0 { prev } else { out };
-                    ResnetBlock2D::load(
-                        w,
-                        &key(&p, &format!("resnets.{j}")),
-                        c.resnet(inp, out),
-                        dtype,
-                    )
-                })
-                .collect::<Result<_>>()?;
+            let resnets = resnet_stack(w, &p, c, c.layers_per_block + 1, prev, out, dtype)?;
             let sampler = (i + 1 < rev.len())
                 .then(|| Upsample2D::load(w, &key(&p, "upsamplers.0"), out, dtype))
                 .transpose()?;
