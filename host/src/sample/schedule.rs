@@ -440,11 +440,22 @@ pub fn sample_cfg(
     for (i, t) in run.timesteps.clone().into_iter().enumerate() {
         let input = run.model_input(i, &latents)?;
         let pred = denoise(&Tensor::cat(&[&input, &input], 0)?, t)?;
-        let mut halves = pred.chunk(2, 0)?;
-        let (cond, uncond) = (
-            halves.pop().expect("two halves"),
-            halves.pop().expect("two halves"),
-        );
+        if pred.shape()?
+            != input
+                .shape()?
+                .iter()
+                .enumerate()
+                .map(|(d, &n)| if d == 0 { 2 * n } else { n })
+                .collect::<Vec<_>>()
+        {
+            return Err(Error(format!(
+                "the denoiser returned shape {:?} for a doubled batch of {:?}",
+                pred.shape()?,
+                input.shape()?
+            )));
+        }
+        let b = input.dim(0)?;
+        let (uncond, cond) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
         let guided = uncond.add(&cond.sub(&uncond)?.mul_scalar(guidance_scale)?)?;
         latents = run.step(i, &guided, &latents)?;
     }
