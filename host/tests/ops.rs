@@ -1313,3 +1313,19 @@ fn unknown_op_code_is_a_clear_error() {
     .to_string();
     assert!(e.contains("not live"), "{e}");
 }
+
+#[test]
+fn fused_attention_without_grad_equals_the_tracked_path() {
+    // Long enough (600² scores) for flex to pick its flash kernel when nothing is tracked; the
+    // tracked call goes through burn-autodiff's decomposition. Both must agree.
+    init();
+    let s = [1, 2, 600, 8];
+    let (q, _) = r(&s, 140);
+    let (k, _) = r(&s, 141);
+    let (v, _) = r(&s, 142);
+    let fused = ops::attention(&t(&q, &s), &t(&k, &s), &t(&v, &s), None, None).unwrap();
+    let qt = t(&q, &s);
+    qt.set_requires_grad(true).unwrap();
+    let tracked = ops::attention(&qt, &t(&k, &s), &t(&v, &s), None, None).unwrap();
+    close(&fused, &tracked.to_vec().unwrap(), &s, 1e-5);
+}

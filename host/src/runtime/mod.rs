@@ -9,11 +9,11 @@ mod weights;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn_backend::{AutodiffBackend, TensorData};
+use burn_backend::TensorData;
 use ferrite_plugin_api::{DType, OpCode, TensorId, abi::Attr};
 
 pub use api::host_ref;
-pub use table::TensorTable;
+pub use table::{TensorTable, Tracking};
 pub use weights::WeightFile;
 
 pub type RtResult<T> = Result<T, String>;
@@ -34,7 +34,7 @@ pub trait Runtime: Send {
     fn live(&self) -> usize;
 }
 
-impl<B: AutodiffBackend> Runtime for TensorTable<B> {
+impl<B: Tracking> Runtime for TensorTable<B> {
     fn device_name(&self) -> &str {
         &self.device_name
     }

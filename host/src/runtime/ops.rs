@@ -15,7 +15,7 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 
 use super::RtResult;
-use super::table::{TensorTable, Value, float_dtype};
+use super::table::{TensorTable, Tracking, Value, float_dtype};
 
 type F<B> = FloatTensor<B>;
 /// Optional affine weight and bias of a norm.
@@ -221,7 +221,7 @@ fn reduce_dims(op: OpCode, dims: &[usize], rank: usize) -> RtResult<Vec<usize>> 
     Ok(d)
 }
 
-impl<B: AutodiffBackend> TensorTable<B> {
+impl<B: Tracking> TensorTable<B> {
     fn n_inputs(
         op: OpCode,
         inputs: &[TensorId],
@@ -939,7 +939,25 @@ impl<B: AutodiffBackend> TensorTable<B> {
                     scale: a.opt_float(0)?,
                     ..Default::default()
                 };
-                one(B::attention(q, k, v, mask, bias, opts))
+                // burn-autodiff always decomposes attention (materialising the scores); when no
+                // gradient is wanted, the backend's own fused kernel (flash on flex) can run.
+                let tracked = [&q, &k, &v]
+                    .into_iter()
+                    .chain(bias.as_ref())
+                    .any(B::is_tracked);
+                if tracked {
+                    return one(B::attention(q, k, v, mask, bias, opts));
+                }
+                let out =
+                    <B::InnerBackend as burn_backend::ops::ModuleOps<B::InnerBackend>>::attention(
+                        B::inner(q),
+                        B::inner(k),
+                        B::inner(v),
+                        mask.map(B::bool_inner),
+                        bias.map(B::inner),
+                        opts,
+                    );
+                one(B::from_inner(out))
             }
             OpCode::INTERPOLATE => {
                 let t = x(0)?;

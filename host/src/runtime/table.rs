@@ -54,6 +54,18 @@ impl<B: AutodiffBackend> Value<B> {
     }
 }
 
+/// Whether a float tensor takes part in an autodiff graph. burn's `AutodiffBackend` does not say;
+/// burn's `Autodiff` does, and it is the only autodiff backend the runtime is built on.
+pub trait Tracking: AutodiffBackend {
+    fn is_tracked(t: &FloatTensor<Self>) -> bool;
+}
+
+impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
+    fn is_tracked(t: &FloatTensor<Self>) -> bool {
+        t.is_tracked()
+    }
+}
+
 pub struct TensorTable<B: AutodiffBackend> {
     pub device: B::Device,
     pub device_name: String,
