@@ -103,8 +103,8 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    // Backend panics inside ops are caught and reported as errors; log them instead of printing
-    // a raw backtrace (FERRITE_LOG=debug shows where they came from).
+    // Backend panics inside ops are caught and reported as errors; this only keeps their raw
+    // backtraces off the terminal (the panic text still goes to the log).
     std::panic::set_hook(Box::new(|info| tracing::error!("{info}")));
     let cli = Cli::parse();
     let settings_path = match cli.settings {
