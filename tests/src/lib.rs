@@ -70,3 +70,13 @@ pub fn run_ferrite(args: &[&str], plugin_path: Option<&Path>, config_home: &Path
     }
     cmd.output().expect("running ferrite")
 }
+
+/// Largest absolute elementwise difference of two tensors of the same shape (parity checks).
+pub fn max_abs_diff(got: &ferrite_plugin_api::Tensor, want: &ferrite_plugin_api::Tensor) -> f32 {
+    assert_eq!(got.shape().unwrap(), want.shape().unwrap(), "shapes differ");
+    let (g, w) = (got.to_vec().unwrap(), want.to_vec().unwrap());
+    g.iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}

@@ -4,20 +4,11 @@
 
 use ferrite::runtime;
 use ferrite_blocks::clip::{ClipTextConfig, ClipTextTransformer};
-use ferrite_plugin_api::{DType, Tensor, Weights};
+use ferrite_plugin_api::{DType, Weights};
+use ferrite_tests::max_abs_diff;
 
 fn dir(case: &str) -> String {
     format!("{}/fixtures/clip/{case}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.shape().unwrap(), want.shape().unwrap());
-    got.to_vec()
-        .unwrap()
-        .iter()
-        .zip(want.to_vec().unwrap())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
 }
 
 fn load(case: &str) -> (ClipTextTransformer, Weights) {

@@ -36,15 +36,7 @@ fn check(case: &str) {
             &get("encoder_hidden_states"),
         )
         .unwrap();
-    let want = get("output");
-    assert_eq!(out.shape().unwrap(), want.shape().unwrap());
-    let d = out
-        .to_vec()
-        .unwrap()
-        .iter()
-        .zip(want.to_vec().unwrap())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let d = ferrite_tests::max_abs_diff(&out, &get("output"));
     println!("{case} unet output: max abs diff {d:.2e}");
     assert!(d < 1e-4, "{case}: max abs diff {d}");
 }
