@@ -9,6 +9,7 @@ use ferrite_plugin_api::{
 
 use crate::key;
 use crate::layers::{conv2d, group_norm, linear};
+use crate::transformer::Attention;
 
 pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
@@ -146,13 +147,10 @@ impl Upsample2D {
 }
 
 /// Single-head self-attention over the pixels of `[B, C, H, W]` with a residual (the VAE mid
-/// block's `Attention`: group_norm, to_q/to_k/to_v, to_out.0).
+/// block's `Attention`: group_norm, then the same to_q/to_k/to_v/to_out.0 as the UNet's).
 pub struct SpatialSelfAttention {
     pub group_norm: GroupNorm,
-    pub to_q: Linear,
-    pub to_k: Linear,
-    pub to_v: Linear,
-    pub to_out: Linear,
+    pub attention: Attention,
 }
 
 impl SpatialSelfAttention {
@@ -164,13 +162,9 @@ impl SpatialSelfAttention {
         eps: f64,
         dtype: DType,
     ) -> Result<Self> {
-        let c = channels;
         Ok(Self {
-            group_norm: group_norm(w, &key(prefix, "group_norm"), c, groups, eps, dtype)?,
-            to_q: linear(w, &key(prefix, "to_q"), c, c, dtype)?,
-            to_k: linear(w, &key(prefix, "to_k"), c, c, dtype)?,
-            to_v: linear(w, &key(prefix, "to_v"), c, c, dtype)?,
-            to_out: linear(w, &key(prefix, "to_out.0"), c, c, dtype)?,
+            group_norm: group_norm(w, &key(prefix, "group_norm"), channels, groups, eps, dtype)?,
+            attention: Attention::load(w, prefix, channels, channels, 1, dtype)?,
         })
     }
 
@@ -178,23 +172,14 @@ impl SpatialSelfAttention {
         let [b, c, h, wd] = x.shape()?[..] else {
             return Err(Error::msg("spatial attention expects [B, C, H, W]"));
         };
-        let (b, c, hw) = (b as i64, c as i64, (h * wd) as i64);
-        // [B, C, H, W] -> [B, 1, HW, C]: one head over all channels.
+        let (b, c, h, wd) = (b as i64, c as i64, h as i64, wd as i64);
+        // [B, C, H, W] -> [B, HW, C] and back.
         let seq = self
             .group_norm
             .forward(x)?
-            .reshape(&[b, c, hw])?
+            .reshape(&[b, c, h * wd])?
             .transpose(1, 2)?;
-        let head = |l: &Linear| l.forward(&seq)?.unsqueeze(1);
-        let o = ops::attention(
-            &head(&self.to_q)?,
-            &head(&self.to_k)?,
-            &head(&self.to_v)?,
-            None,
-            None,
-        )?;
-        let o = self.to_out.forward(&o.squeeze(1)?)?;
-        let o = o.transpose(1, 2)?.reshape(&[b, c, h as i64, wd as i64])?;
-        o.add(x)
+        let o = self.attention.forward(&seq, None)?;
+        o.transpose(1, 2)?.reshape(&[b, c, h, wd])?.add(x)
     }
 }
