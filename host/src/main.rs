@@ -24,7 +24,7 @@ enum Command {
         action: PluginsAction,
     },
     /// Generate an image from a prompt.
-    Sample(SampleArgs),
+    Sample(Box<SampleArgs>),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -34,9 +34,12 @@ enum Command {
 
 #[derive(clap::Args)]
 struct SampleArgs {
-    /// Model: a diffusers folder.
+    /// Model: a diffusers folder or a single-file checkpoint.
     #[arg(long)]
     model: PathBuf,
+    /// For a single-file model: a diffusers folder whose configs and tokenizer to use.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
     /// Architecture plugin id.
     #[arg(long, default_value = "sd15")]
     arch: String,
@@ -140,7 +143,7 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Some(Command::Sample(args)) => sample(&Settings::load(&settings_path)?, args)?,
+        Some(Command::Sample(args)) => sample(&Settings::load(&settings_path)?, *args)?,
         Some(Command::Bench {
             what: BenchWhat::Ops { device },
         }) => ferrite::bench::ops(&device)?,
@@ -152,8 +155,11 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
     use ferrite::sample::{Sampler, generate};
     ferrite::runtime::init(&a.device)?;
     let registry = Registry::discover(&search_dirs(settings), settings);
-    let options = serde_json::json!({ "model": a.model.to_string_lossy() }).to_string();
-    let arch = registry.architecture(&a.arch, &options)?;
+    let mut options = serde_json::json!({ "model": a.model.to_string_lossy() });
+    if let Some(c) = &a.model_config {
+        options["config"] = c.to_string_lossy().into();
+    }
+    let arch = registry.architecture(&a.arch, &options.to_string())?;
     let req = generate::SampleRequest {
         prompt: a.prompt,
         negative_prompt: a.negative_prompt,

@@ -1,6 +1,6 @@
 //! Access to the host services from plugin (or host) code.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use abi_stable::std_types::{RResult, RSlice, RStr, RString, Tuple2};
 
@@ -93,37 +93,87 @@ impl Drop for Generator {
     }
 }
 
-/// An open safetensors file. Tensors are read one at a time, on request.
+/// An open safetensors file; closed when the last view of it is dropped.
 #[derive(Debug)]
-pub struct Weights {
+struct OpenFile {
     id: u64,
     path: String,
+}
+
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        if let Ok(h) = host() {
+            (h.close_weights())(self.id);
+        }
+    }
+}
+
+/// The tensors of a safetensors file, read one at a time on request. A [`Weights::view`] shows
+/// them under other names and shapes (an original checkpoint's keys as diffusers names).
+#[derive(Debug, Clone)]
+pub struct Weights {
+    file: Arc<OpenFile>,
+    /// Tensors as this view names them.
     infos: Vec<WeightInfo>,
+    /// The key in the file of each entry of `infos` (None: the same key).
+    file_keys: Option<Vec<String>>,
 }
 
 impl Weights {
     pub fn open(path: &str) -> Result<Self> {
         let h = host()?;
-        let id = res((h.open_weights())(RStr::from_str(path)))?;
-        let infos = match res((h.weight_infos())(id)) {
-            Ok(i) => i.into_vec(),
-            Err(e) => {
-                (h.close_weights())(id);
-                return Err(e);
-            }
-        };
-        Ok(Self {
-            id,
+        let file = OpenFile {
+            id: res((h.open_weights())(RStr::from_str(path)))?,
             path: path.to_string(),
+        };
+        let infos = res((h.weight_infos())(file.id))?.into_vec();
+        Ok(Self {
+            file: Arc::new(file),
             infos,
+            file_keys: None,
         })
     }
 
-    pub fn path(&self) -> &str {
-        &self.path
+    /// The same file seen through `f`, which gives each tensor's name and shape in the view, or
+    /// None to leave it out. A new shape must hold as many elements; loading reshapes to it.
+    pub fn view(&self, mut f: impl FnMut(&WeightInfo) -> Option<WeightInfo>) -> Result<Weights> {
+        let mut infos = Vec::new();
+        let mut file_keys = Vec::new();
+        for (i, info) in self.infos.iter().enumerate() {
+            let Some(new) = f(info) else { continue };
+            let numel = |s: &[u64]| s.iter().product::<u64>();
+            if numel(&new.shape) != numel(&info.shape) {
+                return Err(Error(format!(
+                    "{}: tensor `{}` {:?} cannot be seen as `{}` {:?}",
+                    self.path(),
+                    info.key,
+                    info.shape,
+                    new.key,
+                    new.shape
+                )));
+            }
+            infos.push(new);
+            file_keys.push(self.file_key(i).to_string());
+        }
+        Ok(Weights {
+            file: self.file.clone(),
+            infos,
+            file_keys: Some(file_keys),
+        })
     }
 
-    /// Every tensor in the file: key, dtype, shape.
+    fn file_key(&self, i: usize) -> &str {
+        match &self.file_keys {
+            Some(k) => &k[i],
+            None => self.infos[i].key.as_str(),
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.file.path
+    }
+
+    /// Every tensor in the view: key, dtype, shape.
     pub fn infos(&self) -> &[WeightInfo] {
         &self.infos
     }
@@ -133,7 +183,7 @@ impl Weights {
     }
 
     pub fn metadata(&self) -> Result<Vec<(String, String)>> {
-        let m = res((host()?.weight_metadata())(self.id))?;
+        let m = res((host()?.weight_metadata())(self.file.id))?;
         Ok(m.into_iter()
             .map(|Tuple2(k, v)| (k.into_string(), v.into_string()))
             .collect())
@@ -141,16 +191,21 @@ impl Weights {
 
     /// Loads `key` to the device as `dtype`.
     pub fn get(&self, key: &str, dtype: crate::DType) -> Result<Tensor> {
-        let id = res((host()?.load_weight())(self.id, RStr::from_str(key), dtype))?;
-        Ok(Tensor::from_raw(id))
-    }
-}
-
-impl Drop for Weights {
-    fn drop(&mut self) {
-        if let Ok(h) = host() {
-            (h.close_weights())(self.id);
+        let Some(i) = self.infos.iter().position(|i| i.key.as_str() == key) else {
+            return Err(Error(format!("{}: no tensor `{key}`", self.path())));
+        };
+        let file_key = self.file_key(i);
+        let id = res((host()?.load_weight())(
+            self.file.id,
+            RStr::from_str(file_key),
+            dtype,
+        ))?;
+        let t = Tensor::from_raw(id);
+        if self.file_keys.is_none() {
+            return Ok(t);
         }
+        let shape: Vec<i64> = self.infos[i].shape.iter().map(|&d| d as i64).collect();
+        t.reshape(&shape)
     }
 }
 

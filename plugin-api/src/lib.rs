@@ -10,6 +10,7 @@ mod op;
 pub mod plugin;
 pub mod tensor;
 
+pub use abi::WeightInfo;
 pub use abi::{ComponentKind, DType, LogLevel, OpCode, TensorId};
 pub use abi_stable;
 pub use error::{Error, Result};

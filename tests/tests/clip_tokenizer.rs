@@ -1,8 +1,6 @@
 //! The CLIP tokenizer against transformers' CLIPTokenizer on ~50 varied prompts with the real
 //! CLIP BPE vocabulary (fixtures from tests/fixtures/gen/clip_tokenizer.py).
 
-use std::path::Path;
-
 use ferrite_blocks::tokenizer::ClipTokenizer;
 use serde::Deserialize;
 
@@ -18,16 +16,40 @@ struct Cases {
     cases: Vec<Case>,
 }
 
-fn dir() -> String {
-    format!("{}/fixtures/tokenizer", env!("CARGO_MANIFEST_DIR"))
+/// The built-in vocabulary written out as an SD `tokenizer/` folder.
+fn tokenizer_folder() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let vocab = format!("{}/../plugins/blocks/vocab", env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        format!("{vocab}/clip_vocab.json"),
+        d.path().join("vocab.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        format!("{vocab}/clip_merges.txt"),
+        d.path().join("merges.txt"),
+    )
+    .unwrap();
+    d
 }
 
 #[test]
 fn ids_equal_transformers_clip_tokenizer() {
-    let tok = ClipTokenizer::from_dir(Path::new(&dir())).unwrap();
-    let cases: Cases =
-        serde_json::from_str(&std::fs::read_to_string(format!("{}/cases.json", dir())).unwrap())
-            .unwrap();
+    let folder = tokenizer_folder();
+    for tok in [
+        ClipTokenizer::openai_clip().unwrap(),
+        ClipTokenizer::from_dir(folder.path()).unwrap(),
+    ] {
+        same_ids_as_transformers(&tok);
+    }
+}
+
+fn same_ids_as_transformers(tok: &ClipTokenizer) {
+    let cases = format!(
+        "{}/fixtures/tokenizer/cases.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let cases: Cases = serde_json::from_str(&std::fs::read_to_string(cases).unwrap()).unwrap();
     assert!(cases.cases.len() >= 50);
     let mut failures = Vec::new();
     for c in &cases.cases {
@@ -51,7 +73,7 @@ fn ids_equal_transformers_clip_tokenizer() {
 
 #[test]
 fn long_prompts_split_into_75_token_chunks() {
-    let tok = ClipTokenizer::from_dir(Path::new(&dir())).unwrap();
+    let tok = ClipTokenizer::openai_clip().unwrap();
     let text: String = (0..120).map(|i| format!("word{i} ")).collect();
     let all = tok.tokens(&text).unwrap();
     let chunks = tok.encode_chunks(&text).unwrap();

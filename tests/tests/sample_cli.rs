@@ -12,41 +12,47 @@ fn fixture() -> PathBuf {
 }
 
 fn sample(model: &Path, sampler: &str, out: &Path) -> std::process::Output {
+    sample_with(model, sampler, out, &[])
+}
+
+fn sample_with(model: &Path, sampler: &str, out: &Path, extra: &[&str]) -> std::process::Output {
     let config = tempfile::tempdir().unwrap();
     let noise = fixture().join("noise.safetensors");
-    run_ferrite(
-        &[
-            "sample",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a photo of a red cat, best quality",
-            "--negative-prompt",
-            "blurry",
-            "--steps",
-            "4",
-            "--cfg",
-            "4",
-            "--width",
-            "16",
-            "--height",
-            "16",
-            "--sampler",
-            sampler,
-            "--init-noise",
-            noise.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        None,
-        config.path(),
-    )
+    let mut args = vec![
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of a red cat, best quality",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "4",
+        "--cfg",
+        "4",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--sampler",
+        sampler,
+        "--init-noise",
+        noise.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    run_ferrite(&args, None, config.path())
 }
 
 fn compare(sampler: &str) {
+    compare_with(sampler, &fixture().join("model"), &[]);
+}
+
+fn compare_with(sampler: &str, model: &Path, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
-    let o = sample(&fixture().join("model"), sampler, &out);
+    let o = sample_with(model, sampler, &out, extra);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = image::open(&out).unwrap().to_rgb8();
     let want = image::open(fixture().join(format!("expected_{sampler}.png")))
@@ -67,6 +73,15 @@ fn compare(sampler: &str) {
 #[test]
 fn ddim_png_equals_diffusers_pipeline() {
     compare("ddim");
+}
+
+/// The same model as an original single-file checkpoint (tests/fixtures/gen/ldm_checkpoint.py),
+/// with the folder's configs and tokenizer as diffusers' `from_single_file(config=...)` takes them.
+#[test]
+fn single_file_checkpoint_png_equals_diffusers_pipeline() {
+    let folder = fixture().join("model");
+    let extra = ["--model-config", folder.to_str().unwrap()];
+    compare_with("ddim", &fixture().join("sd15_tiny_ldm.safetensors"), &extra);
 }
 
 #[test]
@@ -223,8 +238,8 @@ fn sd15_lists_its_adaptable_layers_by_diffusers_name() {
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
         "unet.down_blocks.0.resnets.0.conv1",
         "unet.up_blocks.1.attentions.0.proj_in",
-        "text_encoder.encoder.layers.0.self_attn.q_proj",
-        "text_encoder.encoder.layers.1.mlp.fc2",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "text_encoder.text_model.encoder.layers.1.mlp.fc2",
     ] {
         assert!(layers.contains(&want), "{want} missing");
     }

@@ -4,6 +4,7 @@
 
 pub mod clip;
 pub mod layers;
+pub mod ldm;
 pub mod resnet;
 pub mod tokenizer;
 pub mod transformer;

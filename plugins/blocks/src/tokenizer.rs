@@ -1,12 +1,13 @@
 //! The CLIP BPE tokenizer (as transformers' `CLIPTokenizer`) built with the `tokenizers` crate
-//! from an SD `tokenizer/` folder: `tokenizer.json` where present, else `vocab.json` + `merges.txt`.
+//! from an SD `tokenizer/` folder: `tokenizer.json` where present, else `vocab.json` + `merges.txt`;
+//! or OpenAI CLIP's vocabulary built in, for single-file checkpoints (which carry no tokenizer).
 
 use std::path::Path;
 
 use ferrite_plugin_api::{Error, Result};
 use tokenizers::{
     AddedToken, SplitDelimiterBehavior, Tokenizer,
-    models::bpe::BPE,
+    models::bpe::{BPE, BpeBuilder, Vocab},
     normalizers::{Lowercase, NFC, Replace, Sequence as Normalizers},
     pre_tokenizers::{byte_level::ByteLevel, sequence::Sequence as PreTokenizers, split::Split},
 };
@@ -39,7 +40,7 @@ impl ClipTokenizer {
         let inner = if json.exists() {
             Tokenizer::from_file(&json).map_err(|e| Error(format!("{}: {e}", json.display())))?
         } else {
-            Self::build(&dir.join("vocab.json"), &dir.join("merges.txt"))?
+            Self::from_files(&dir.join("vocab.json"), &dir.join("merges.txt"))?
         };
         let config: serde_json::Value =
             match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
@@ -64,7 +65,24 @@ impl ClipTokenizer {
         Self::new(inner, &pad, max_length, dir)
     }
 
-    fn build(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+    /// OpenAI CLIP's tokenizer (SD 1.x, and SDXL's and Flux's CLIP-L): 77 tokens, padded with
+    /// the end token.
+    pub fn openai_clip() -> Result<Self> {
+        let source = Path::new("built-in CLIP vocabulary");
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_str(include_str!("../vocab/clip_vocab.json"))
+                .map_err(|e| Error(format!("{}: {e}", source.display())))?;
+        let merges = include_str!("../vocab/clip_merges.txt")
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.is_empty())
+            .filter_map(|l| l.split_once(' '))
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merges);
+        Self::new(Self::with_pipeline(bpe, source)?, EOS, 77, source)
+    }
+
+    fn from_files(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
         for f in [vocab, merges] {
             if !f.exists() {
                 return Err(Error(format!(
@@ -74,7 +92,12 @@ impl ClipTokenizer {
             }
         }
         let to_str = |p: &Path| p.to_string_lossy().into_owned();
-        let bpe = BPE::from_file(&to_str(vocab), &to_str(merges))
+        Self::with_pipeline(BPE::from_file(&to_str(vocab), &to_str(merges)), vocab)
+    }
+
+    /// CLIP's normalisation and word splitting around a BPE model.
+    fn with_pipeline(bpe: BpeBuilder, vocab: &Path) -> Result<Tokenizer> {
+        let bpe = bpe
             .unk_token(EOS.into())
             .end_of_word_suffix("</w>".into())
             .build()

@@ -1,11 +1,13 @@
-//! Stable Diffusion 1.x: a diffusers folder (`model_index.json`, `unet/`, `vae/`,
-//! `text_encoder/`, `tokenizer/`, `scheduler/`), fp32 or `.fp16` weights, loaded lazily per tensor.
-//! Single-file (ldm) checkpoints are not loaded yet.
+//! Stable Diffusion 1.x from a diffusers folder (`model_index.json`, `unet/`, `vae/`,
+//! `text_encoder/`, `tokenizer/`, `scheduler/`; fp32 or `.fp16` weights) or a single-file original
+//! checkpoint (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`).
+//! Tensors are loaded lazily, one at a time, into the same diffusers-named modules either way.
 
 use std::path::{Path, PathBuf};
 
 use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
+    ldm,
     tokenizer::ClipTokenizer,
     unet::{UNet2DConditionModel, UNetConfig},
     vae::{AutoencoderKL, VaeConfig},
@@ -20,8 +22,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Options {
-    /// A diffusers folder.
+    /// A diffusers folder or a single-file checkpoint.
     model: String,
+    /// For a single file: a diffusers folder whose configs, tokenizer and scheduler to use
+    /// (diffusers' `from_single_file(config=...)`); without it, SD 1.x's originals.
+    config: Option<String>,
     /// Compute dtype of the weights: f32, f16 or bf16.
     dtype: String,
 }
@@ -51,16 +56,10 @@ fn open(path: &Path) -> Result<Weights> {
     Weights::open(&path.to_string_lossy())
 }
 
-/// Refuses models of another family with a message saying what was found.
-fn check_family(dir: &Path) -> Result<()> {
+/// Refuses a folder of another family with a message saying what was found.
+fn check_folder(dir: &Path) -> Result<()> {
     let index = dir.join("model_index.json");
     if !index.exists() {
-        if dir.is_file() {
-            bail!(
-                "{} is a single file: sd15 loads diffusers folders only for now",
-                dir.display()
-            );
-        }
         bail!(
             "{} is not a diffusers model folder (no model_index.json)",
             dir.display()
@@ -92,6 +91,100 @@ fn check_family(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a single file of another family with a message saying what was found.
+fn check_file(w: &Weights) -> Result<()> {
+    let any = |prefix: &str| w.infos().iter().any(|i| i.key.starts_with(prefix));
+    let found = if any("conditioner.embedders.") || any("model.diffusion_model.label_emb.") {
+        Some("an SDXL checkpoint (conditioner.embedders.*); use the sdxl architecture")
+    } else if any("double_blocks.") || any("model.diffusion_model.double_blocks.") {
+        Some("a Flux checkpoint (double_blocks.*); use the flux architecture")
+    } else if any("cond_stage_model.model.") {
+        Some(
+            "an SD 2.x checkpoint (OpenCLIP text encoder); sd15 loads SD 2.x as a diffusers folder only",
+        )
+    } else if !any(ldm::UNET_PREFIX) || !any(ldm::VAE_PREFIX) || !any(ldm::CLIP_PREFIX) {
+        Some(
+            "not a full SD 1.x checkpoint: it needs model.diffusion_model.*, first_stage_model.* \
+             and cond_stage_model.transformer.* tensors",
+        )
+    } else {
+        None
+    };
+    match found {
+        Some(what) => bail!("{} is {what}", w.path()),
+        None => Ok(()),
+    }
+}
+
+/// The configs of a model's parts.
+struct Configs {
+    unet: UNetConfig,
+    vae: VaeConfig,
+    text_encoder: ClipTextConfig,
+    scheduler: serde_json::Value,
+    tokenizer: ClipTokenizer,
+}
+
+impl Configs {
+    fn from_folder(dir: &Path) -> Result<Self> {
+        let path = |p: &str| dir.join(p);
+        let source = |p: &str| path(p).to_string_lossy().into_owned();
+        let unet = UNetConfig::from_json(
+            &read(&path("unet/config.json"))?,
+            &source("unet/config.json"),
+        )
+        .map_err(|e| {
+            if e.0.contains("addition_embed_type") {
+                Error(format!("{e}: this looks like SDXL; use sdxl"))
+            } else {
+                e
+            }
+        })?;
+        let sched = path("scheduler/scheduler_config.json");
+        Ok(Self {
+            unet,
+            vae: VaeConfig::from_json(
+                &read(&path("vae/config.json"))?,
+                &source("vae/config.json"),
+            )?,
+            text_encoder: ClipTextConfig::from_json(
+                &read(&path("text_encoder/config.json"))?,
+                &source("text_encoder/config.json"),
+            )?,
+            scheduler: serde_json::from_str(&read(&sched)?)
+                .map_err(|e| Error(format!("{}: {e}", sched.display())))?,
+            tokenizer: ClipTokenizer::from_dir(&path("tokenizer"))?,
+        })
+    }
+
+    /// A single file's configs: read off its shapes, the rest as SD 1.x's original config has it
+    /// (8 heads, 32 norm groups, VAE scaling 0.18215, the scaled-linear schedule, OpenAI CLIP's
+    /// tokenizer).
+    fn from_checkpoint(w: &Weights, text_encoder: &Weights) -> Result<Self> {
+        let source = w.path();
+        Ok(Self {
+            unet: UNetConfig::from_json(&ldm::unet_config(w)?.to_string(), source)?,
+            vae: VaeConfig::from_json(&ldm::vae_config(w)?.to_string(), source)?,
+            text_encoder: ClipTextConfig::from_json(
+                &ldm::clip_config(text_encoder)?.to_string(),
+                source,
+            )?,
+            scheduler: json!({
+                "num_train_timesteps": 1000,
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "prediction_type": "epsilon",
+                "steps_offset": 1,
+                "set_alpha_to_one": false,
+                "clip_sample": false,
+                "timestep_spacing": "leading",
+            }),
+            tokenizer: ClipTokenizer::openai_clip()?,
+        })
+    }
+}
+
 pub struct Sd15 {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextTransformer,
@@ -101,59 +194,85 @@ pub struct Sd15 {
     adaptable_layers: Vec<String>,
 }
 
-/// Linear and conv layers (rank-2 and rank-4 weights, embeddings aside) by module name, with the
-/// component as prefix: what adapters can attach to.
-fn adaptable(w: &Weights, component: &str) -> Vec<String> {
-    w.infos()
+/// Linear and conv layers (rank-2 and rank-4 weights, embeddings aside) by module name, with
+/// `prefix` (the component and any level the file leaves out): what adapters can attach to.
+fn adaptable(w: &Weights, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = w
+        .infos()
         .iter()
         .filter(|i| matches!(i.shape.len(), 2 | 4) && !i.key.contains("embeddings"))
         .filter_map(|i| {
-            i.key
-                .as_str()
-                .strip_suffix(".weight")
-                .map(|m| format!("{component}.{m}"))
+            let module = i.key.as_str().strip_suffix(".weight")?;
+            Some(format!(
+                "{prefix}.{}",
+                module.trim_start_matches("text_model.")
+            ))
         })
-        .collect()
+        .collect();
+    names.sort();
+    names
 }
 
 impl Sd15 {
-    pub fn load(dir: &Path, dtype: DType) -> Result<Self> {
-        check_family(dir)?;
-        let unet_cfg_path = dir.join("unet/config.json");
-        let unet_cfg =
-            UNetConfig::from_json(&read(&unet_cfg_path)?, &unet_cfg_path.to_string_lossy())
-                .map_err(|e| {
-                    if e.0.contains("addition_embed_type") {
-                        Error(format!("{e}: this looks like SDXL; use sdxl"))
-                    } else {
-                        e
-                    }
-                })?;
-        let vae_cfg_path = dir.join("vae/config.json");
-        let vae_cfg = VaeConfig::from_json(&read(&vae_cfg_path)?, &vae_cfg_path.to_string_lossy())?;
-        let te_cfg_path = dir.join("text_encoder/config.json");
-        let te_cfg =
-            ClipTextConfig::from_json(&read(&te_cfg_path)?, &te_cfg_path.to_string_lossy())?;
-        let sched_path = dir.join("scheduler/scheduler_config.json");
-        let scheduler: serde_json::Value = serde_json::from_str(&read(&sched_path)?)
-            .map_err(|e| Error(format!("{}: {e}", sched_path.display())))?;
+    /// Loads a diffusers folder, or a single-file checkpoint with the configs of the `config`
+    /// folder (SD 1.x's originals without one).
+    pub fn load(model: &Path, config: Option<&Path>, dtype: DType) -> Result<Self> {
+        if model.is_dir() {
+            check_folder(model)?;
+            let te = open(&weights_file(&model.join("text_encoder"), "model")?)?;
+            let unet = open(&weights_file(
+                &model.join("unet"),
+                "diffusion_pytorch_model",
+            )?)?;
+            let vae = open(&weights_file(
+                &model.join("vae"),
+                "diffusion_pytorch_model",
+            )?)?;
+            return Self::build(Configs::from_folder(model)?, &te, &unet, &vae, dtype);
+        }
+        if !model.is_file() {
+            bail!(
+                "{} does not exist (give a diffusers folder or a .safetensors checkpoint)",
+                model.display()
+            );
+        }
+        let w = open(model)?;
+        check_file(&w)?;
+        let te = ldm::clip(&w)?;
+        let configs = match config {
+            Some(dir) => {
+                check_folder(dir)?;
+                Configs::from_folder(dir)?
+            }
+            None => Configs::from_checkpoint(&w, &te).map_err(|e| {
+                Error(format!(
+                    "{e} (read as SD 1.x; for other settings give a diffusers folder as `config`, \
+                     --model-config on the command line)"
+                ))
+            })?,
+        };
+        let unet = ldm::unet(&w, configs.unet.layers_per_block)?;
+        let vae = ldm::vae(&w, configs.vae.block_out_channels.len())?;
+        Self::build(configs, &te, &unet, &vae, dtype)
+    }
 
-        let te_w = open(&weights_file(&dir.join("text_encoder"), "model")?)?;
-        let prefix = ClipTextTransformer::detect_prefix(&te_w);
-        let unet_w = open(&weights_file(&dir.join("unet"), "diffusion_pytorch_model")?)?;
-        let mut adaptable_layers = adaptable(&unet_w, "unet");
-        adaptable_layers.extend(adaptable(&te_w, "text_encoder"));
+    fn build(
+        c: Configs,
+        te: &Weights,
+        unet: &Weights,
+        vae: &Weights,
+        dtype: DType,
+    ) -> Result<Self> {
+        let prefix = ClipTextTransformer::detect_prefix(te);
+        let mut adaptable_layers = adaptable(unet, "unet");
+        // transformers' module names: `text_model.` whether or not the file has that level.
+        adaptable_layers.extend(adaptable(te, "text_encoder.text_model"));
         Ok(Self {
-            tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
-            text_encoder: ClipTextTransformer::load(&te_w, prefix, None, &te_cfg, dtype)?,
-            vae: AutoencoderKL::load(
-                &open(&weights_file(&dir.join("vae"), "diffusion_pytorch_model")?)?,
-                "",
-                &vae_cfg,
-                dtype,
-            )?,
-            unet: UNet2DConditionModel::load(&unet_w, "", &unet_cfg, dtype)?,
-            scheduler,
+            tokenizer: c.tokenizer,
+            text_encoder: ClipTextTransformer::load(te, prefix, None, &c.text_encoder, dtype)?,
+            vae: AutoencoderKL::load(vae, "", &c.vae, dtype)?,
+            unet: UNet2DConditionModel::load(unet, "", &c.unet, dtype)?,
+            scheduler: c.scheduler,
             adaptable_layers,
         })
     }
@@ -217,13 +336,14 @@ impl Plugin for Sd15Plugin {
             kind: ComponentKind::Architecture,
             id: "sd15".into(),
             version: Self::VERSION.into(),
-            description: "Stable Diffusion 1.x (diffusers folder)".into(),
+            description: "Stable Diffusion 1.x (diffusers folder or single-file checkpoint)".into(),
             options_schema: json!({
                 "type": "object",
                 "additionalProperties": false,
                 "required": ["model"],
                 "properties": {
-                    "model": {"type": "string", "description": "diffusers model folder"},
+                    "model": {"type": "string", "description": "diffusers model folder or single-file .safetensors checkpoint"},
+                    "config": {"type": "string", "description": "for a single file: diffusers folder whose configs and tokenizer to use (default: SD 1.x's)"},
                     "dtype": {"type": "string", "enum": ["f32", "f16", "bf16"], "default": "f32"}
                 }
             }),
@@ -238,12 +358,13 @@ impl Plugin for Sd15Plugin {
             id,
             Options {
                 model: String::new(),
+                config: None,
                 dtype: "f32".into(),
             },
             options,
         )?;
         if o.model.is_empty() {
-            bail!("sd15 needs the `model` option (a diffusers folder)");
+            bail!("sd15 needs the `model` option (a diffusers folder or a single-file checkpoint)");
         }
         let dtype = match o.dtype.as_str() {
             "f32" => DType::F32,
@@ -253,6 +374,7 @@ impl Plugin for Sd15Plugin {
         };
         Ok(Component::Architecture(Box::new(Sd15::load(
             Path::new(&o.model),
+            o.config.as_deref().map(Path::new),
             dtype,
         )?)))
     }

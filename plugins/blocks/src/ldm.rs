@@ -1,0 +1,323 @@
+//! Original (ldm / CompVis) single-file checkpoints: their keys seen as diffusers names, and the
+//! model configs read off the tensor shapes. The names follow diffusers' own conversion
+//! (`diffusers.loaders.single_file_utils`); values a file cannot show (heads, norm groups, VAE
+//! scaling) take SD 1.x's original config unless a diffusers config is given instead.
+
+use ferrite_plugin_api::{
+    Error, Result, WeightInfo, Weights,
+    serde_json::{Value, json},
+};
+
+pub const UNET_PREFIX: &str = "model.diffusion_model.";
+pub const VAE_PREFIX: &str = "first_stage_model.";
+pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+
+fn shape(w: &Weights, key: &str) -> Result<Vec<usize>> {
+    w.info(key)
+        .map(|i| i.shape.iter().map(|&d| d as usize).collect())
+        .ok_or_else(|| Error(format!("{}: missing tensor `{key}`", w.path())))
+}
+
+/// The distinct values of the path segment after `prefix` (`input_blocks.` → block numbers).
+fn indices(w: &Weights, prefix: &str) -> Vec<usize> {
+    let mut v: Vec<usize> = w
+        .infos()
+        .iter()
+        .filter_map(|i| i.key.as_str().strip_prefix(prefix))
+        .filter_map(|rest| rest.split('.').next()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn has(w: &Weights, key: &str) -> bool {
+    w.info(key).is_some()
+}
+
+/// `rest` split at its first `n` dots: `("a", "b", "c.d")` for n = 2.
+fn segments(rest: &str) -> Option<(&str, usize, &str)> {
+    let (head, tail) = rest.split_once('.')?;
+    let (n, tail) = tail.split_once('.')?;
+    Some((head, n.parse().ok()?, tail))
+}
+
+/// The view of the tensors under `prefix`, renamed by `rename` (None drops a tensor).
+fn renamed(
+    w: &Weights,
+    prefix: &str,
+    rename: impl Fn(&str, &[u64]) -> Option<(String, Vec<u64>)>,
+) -> Result<Weights> {
+    w.view(|info| {
+        let rest = info.key.as_str().strip_prefix(prefix)?;
+        let (key, shape) = rename(rest, &info.shape)?;
+        Some(WeightInfo {
+            key: key.into(),
+            dtype: info.dtype,
+            shape: shape.into(),
+        })
+    })
+}
+
+// ---- UNet ----
+
+fn unet_resnet(rest: &str) -> String {
+    for (old, new) in [
+        ("in_layers.0.", "norm1."),
+        ("in_layers.2.", "conv1."),
+        ("emb_layers.1.", "time_emb_proj."),
+        ("out_layers.0.", "norm2."),
+        ("out_layers.3.", "conv2."),
+        ("skip_connection.", "conv_shortcut."),
+    ] {
+        if let Some(t) = rest.strip_prefix(old) {
+            return format!("{new}{t}");
+        }
+    }
+    rest.to_string()
+}
+
+/// The diffusers name of an ldm UNet key (without `model.diffusion_model.`).
+pub fn unet_key(k: &str, layers_per_block: usize) -> Option<String> {
+    let per = layers_per_block + 1;
+    for (old, new) in [
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("input_blocks.0.0.", "conv_in."),
+        ("out.0.", "conv_norm_out."),
+        ("out.2.", "conv_out."),
+    ] {
+        if let Some(t) = k.strip_prefix(old) {
+            return Some(format!("{new}{t}"));
+        }
+    }
+    let (part, n, rest) = segments(k)?;
+    if part == "middle_block" {
+        return Some(match n {
+            0 | 2 => format!("mid_block.resnets.{}.{}", n / 2, unet_resnet(rest)),
+            1 => format!("mid_block.attentions.0.{rest}"),
+            _ => return None,
+        });
+    }
+    let (j, rest) = rest.split_once('.')?;
+    let j: usize = j.parse().ok()?;
+    Some(match part {
+        "input_blocks" if n >= 1 => {
+            let (b, l) = ((n - 1) / per, (n - 1) % per);
+            match (j, rest.strip_prefix("op.")) {
+                (0, Some(t)) => format!("down_blocks.{b}.downsamplers.0.conv.{t}"),
+                (0, None) => format!("down_blocks.{b}.resnets.{l}.{}", unet_resnet(rest)),
+                (1, _) => format!("down_blocks.{b}.attentions.{l}.{rest}"),
+                _ => return None,
+            }
+        }
+        "output_blocks" => {
+            let (b, l) = (n / per, n % per);
+            match (j, rest.strip_prefix("conv.")) {
+                (0, _) => format!("up_blocks.{b}.resnets.{l}.{}", unet_resnet(rest)),
+                (1 | 2, Some(t)) => format!("up_blocks.{b}.upsamplers.0.conv.{t}"),
+                (1, None) => format!("up_blocks.{b}.attentions.{l}.{rest}"),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// The UNet of a single-file checkpoint under diffusers names.
+pub fn unet(w: &Weights, layers_per_block: usize) -> Result<Weights> {
+    renamed(w, UNET_PREFIX, |k, s| {
+        unet_key(k, layers_per_block).map(|n| (n, s.to_vec()))
+    })
+}
+
+/// The UNet's `config.json` read off the shapes of an ldm checkpoint's `model.diffusion_model.*`.
+/// SD 1.x has 8 heads per block; a 1024-wide cross-attention (SD 2.x) has 64 channels per head;
+/// other values are left to the config's defaults (SD's).
+pub fn unet_config(w: &Weights) -> Result<Value> {
+    let p = |k: &str| format!("{UNET_PREFIX}{k}");
+    let conv_in = shape(w, &p("input_blocks.0.0.weight"))?;
+    let conv_out = shape(w, &p("out.2.weight"))?;
+    let inputs = indices(w, &p("input_blocks."));
+    let downsamplers = inputs
+        .iter()
+        .filter(|&&n| has(w, &p(&format!("input_blocks.{n}.0.op.weight"))))
+        .count();
+    let levels = downsamplers + 1;
+    let blocks = inputs.len().saturating_sub(1 + downsamplers);
+    if inputs.is_empty() || blocks == 0 || !blocks.is_multiple_of(levels) {
+        return Err(Error(format!(
+            "{}: the UNet's input_blocks do not form a SD UNet ({} blocks, {downsamplers} downsamplers)",
+            w.path(),
+            inputs.len()
+        )));
+    }
+    let lpb = blocks / levels;
+    let (mut widths, mut down, mut depth) = (vec![], vec![], vec![]);
+    let (mut cross, mut linear) = (None, false);
+    for b in 0..levels {
+        let n = 1 + b * (lpb + 1);
+        widths.push(shape(w, &p(&format!("input_blocks.{n}.0.out_layers.3.weight")))?[0]);
+        let attn = p(&format!("input_blocks.{n}.1."));
+        if let Ok(proj_in) = shape(w, &format!("{attn}proj_in.weight")) {
+            linear = proj_in.len() == 2;
+            depth.push(indices(w, &format!("{attn}transformer_blocks.")).len());
+            cross = Some(shape(w, &format!("{attn}transformer_blocks.0.attn2.to_k.weight"))?[1]);
+            down.push("CrossAttnDownBlock2D");
+        } else {
+            depth.push(1);
+            down.push("DownBlock2D");
+        }
+    }
+    let up: Vec<&str> = down
+        .iter()
+        .rev()
+        .map(|&d| match d {
+            "DownBlock2D" => "UpBlock2D",
+            _ => "CrossAttnUpBlock2D",
+        })
+        .collect();
+    let cross = cross.ok_or_else(|| {
+        Error(format!(
+            "{}: the UNet has no cross-attention (not a text-to-image SD UNet)",
+            w.path()
+        ))
+    })?;
+    let heads: Vec<usize> = if cross == 1024 {
+        widths.iter().map(|c| c / 64).collect()
+    } else {
+        vec![8; levels]
+    };
+    Ok(json!({
+        "in_channels": conv_in[1],
+        "out_channels": conv_out[0],
+        "down_block_types": down,
+        "up_block_types": up,
+        "block_out_channels": widths,
+        "layers_per_block": lpb,
+        "attention_head_dim": heads,
+        "cross_attention_dim": cross,
+        "use_linear_projection": linear,
+        "transformer_layers_per_block": depth,
+    }))
+}
+
+// ---- VAE ----
+
+fn vae_attention(rest: &str) -> Option<&'static str> {
+    Some(match rest.split('.').next()? {
+        "norm" => "group_norm",
+        "q" => "to_q",
+        "k" => "to_k",
+        "v" => "to_v",
+        "proj_out" => "to_out.0",
+        _ => return None,
+    })
+}
+
+/// The diffusers name and shape of an ldm VAE key (without `first_stage_model.`); the attention
+/// projections are 1×1 convs there and linear layers in diffusers.
+pub fn vae_key(k: &str, shape: &[u64], levels: usize) -> Option<(String, Vec<u64>)> {
+    let same = |n: String| Some((n, shape.to_vec()));
+    let (coder, rest) = k.split_once('.')?;
+    if !matches!(coder, "encoder" | "decoder") {
+        return matches!(coder, "quant_conv" | "post_quant_conv").then(|| (k.into(), shape.into()));
+    }
+    let rest = rest.replace("nin_shortcut", "conv_shortcut");
+    if let Some(t) = rest.strip_prefix("norm_out.") {
+        return same(format!("{coder}.conv_norm_out.{t}"));
+    }
+    if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+        return same(format!("{coder}.{rest}"));
+    }
+    if let Some(t) = rest.strip_prefix("mid.") {
+        let (part, t) = t.split_once('.')?;
+        return match part {
+            "block_1" => same(format!("{coder}.mid_block.resnets.0.{t}")),
+            "block_2" => same(format!("{coder}.mid_block.resnets.1.{t}")),
+            "attn_1" => {
+                let name = vae_attention(t)?;
+                let param = t.rsplit('.').next()?;
+                let s = if shape.len() > 2 { &shape[..2] } else { shape };
+                Some((
+                    format!("{coder}.mid_block.attentions.0.{name}.{param}"),
+                    s.to_vec(),
+                ))
+            }
+            _ => None,
+        };
+    }
+    let (dir, i, t) = segments(&rest)?;
+    // The decoder's `up` list runs from the lowest resolution's index upwards in reverse.
+    let (blocks, i) = match (coder, dir) {
+        ("encoder", "down") => ("down_blocks", i),
+        ("decoder", "up") => ("up_blocks", levels.checked_sub(1 + i)?),
+        _ => return None,
+    };
+    let name = if let Some(t) = t.strip_prefix("block.") {
+        format!("resnets.{t}")
+    } else if let Some(t) = t.strip_prefix("downsample.") {
+        format!("downsamplers.0.{t}")
+    } else if let Some(t) = t.strip_prefix("upsample.") {
+        format!("upsamplers.0.{t}")
+    } else {
+        return None;
+    };
+    same(format!("{coder}.{blocks}.{i}.{name}"))
+}
+
+/// The VAE of a single-file checkpoint under diffusers names.
+pub fn vae(w: &Weights, levels: usize) -> Result<Weights> {
+    renamed(w, VAE_PREFIX, |k, s| vae_key(k, s, levels))
+}
+
+/// The VAE's `config.json` read off the shapes of `first_stage_model.*` (norm groups and scaling
+/// left to the config's defaults: SD's 32 and 0.18215).
+pub fn vae_config(w: &Weights) -> Result<Value> {
+    let p = |k: &str| format!("{VAE_PREFIX}{k}");
+    let levels = indices(w, &p("encoder.down.")).len();
+    let widths = (0..levels)
+        .map(|i| shape(w, &p(&format!("encoder.down.{i}.block.0.conv1.weight"))).map(|s| s[0]))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(json!({
+        "in_channels": shape(w, &p("encoder.conv_in.weight"))?[1],
+        "out_channels": shape(w, &p("decoder.conv_out.weight"))?[0],
+        "down_block_types": vec!["DownEncoderBlock2D"; levels],
+        "up_block_types": vec!["UpDecoderBlock2D"; levels],
+        "block_out_channels": widths,
+        "layers_per_block": indices(w, &p("encoder.down.0.block.")).len(),
+        "latent_channels": shape(w, &p("decoder.conv_in.weight"))?[1],
+        "use_quant_conv": has(w, &p("quant_conv.weight")),
+        "use_post_quant_conv": has(w, &p("post_quant_conv.weight")),
+    }))
+}
+
+// ---- CLIP text encoder ----
+
+/// The text encoder of a single-file checkpoint under transformers' names (`text_model.*`); old
+/// files leave out the `text_model.` level.
+pub fn clip(w: &Weights) -> Result<Weights> {
+    renamed(w, CLIP_PREFIX, |k, s| {
+        if k.ends_with("position_ids") {
+            return None;
+        }
+        let k = k.strip_prefix("text_model.").unwrap_or(k);
+        Some((format!("text_model.{k}"), s.to_vec()))
+    })
+}
+
+/// The `config.json` of the text encoder seen by [`clip`], read off its shapes (OpenAI CLIP: 64
+/// channels per head; quick GELU by the config's default).
+pub fn clip_config(w: &Weights) -> Result<Value> {
+    let [vocab, hidden] = shape(w, "text_model.embeddings.token_embedding.weight")?[..] else {
+        return Err(Error(format!("{}: token_embedding is not 2-d", w.path())));
+    };
+    Ok(json!({
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": shape(w, "text_model.encoder.layers.0.mlp.fc1.weight")?[0],
+        "num_hidden_layers": indices(w, "text_model.encoder.layers.").len(),
+        "num_attention_heads": (hidden / 64).max(1),
+        "max_position_embeddings": shape(w, "text_model.embeddings.position_embedding.weight")?[0],
+    }))
+}
