@@ -1,5 +1,6 @@
 //! The Ferrite host: tensor runtime, plugin manager, settings and CLI commands.
 
+pub mod adapters;
 pub mod bench;
 pub mod fsutil;
 pub mod plugins;

@@ -60,6 +60,10 @@ struct SampleArgs {
     height: usize,
     #[arg(long, value_enum, default_value = "euler")]
     sampler: SamplerArg,
+    /// Adapter file to apply (kohya, diffusers/PEFT, comfy or LyCORIS naming), optionally with
+    /// a strength: `FILE` or `FILE:0.8`. May be repeated.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    loras: Vec<String>,
     /// Initial latent noise from a safetensors file (tensor `noise`), to reproduce a result exactly.
     #[arg(long)]
     init_noise: Option<PathBuf>,
@@ -160,6 +164,19 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
         options["config"] = c.to_string_lossy().into();
     }
     let arch = registry.architecture(&a.arch, &options.to_string())?;
+    if !a.loras.is_empty() {
+        let model = ferrite::adapters::ModelLayers::of(&arch)?;
+        for spec in &a.loras {
+            // `FILE:WEIGHT` when what follows the last colon is a number, else the whole path.
+            let (path, weight) = match spec.rsplit_once(':') {
+                Some((p, w)) if w.parse::<f64>().is_ok() => (p, w.parse()?),
+                _ => (spec.as_str(), 1.0),
+            };
+            let n = ferrite::adapters::load(&registry, &model, std::path::Path::new(path), weight)
+                .with_context(|| format!("--lora {spec}"))?;
+            tracing::info!("{path}: {n} adapted layers, strength {weight}");
+        }
+    }
     let req = generate::SampleRequest {
         prompt: a.prompt,
         negative_prompt: a.negative_prompt,

@@ -7,7 +7,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{RBox, RResult, RSlice, RStr, RString, RVec, Tuple2},
+    std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec, Tuple2},
 };
 
 /// Bumped when the meaning of an existing op or field changes (never for appended ones).
@@ -125,7 +125,8 @@ pub struct HostTensor {
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = HostRef)))]
-#[sabi(missing_field(panic))]
+// Fields appended after the prefix are `Option`s to plugins: an older host lacks them.
+#[sabi(missing_field(option))]
 pub struct HostApi {
     pub abi_version: u32,
     /// Runs one op: tensor inputs, attributes, and the output handles (owned by the caller).
@@ -161,6 +162,9 @@ pub struct HostApi {
     pub device: extern "C" fn() -> RString,
     #[sabi(last_prefix_field)]
     pub is_cancelled: extern "C" fn() -> bool,
+    /// The output of layer `name` with its attached adapters, given the layer's input and base
+    /// output; None when no adapter is attached to it.
+    pub adapt: extern "C" fn(RStr<'_>, TensorId, TensorId) -> RResult<ROption<TensorId>, RString>,
 }
 
 #[repr(u8)]
@@ -243,13 +247,26 @@ pub trait ArchitectureFfi: Send {
     ) -> RResult<TensorId, RString>;
 }
 
-/// An adapter (LoRA, LoHa, ...) attached to one layer.
+/// An adapter (LoRA, LoHa, ...) on one layer. Instantiated with the layer described in its
+/// options (`layer`: name, kind, weight shape, conv options), then bound to the layer's tensors.
 #[sabi_trait]
 pub trait AdapterFfi: Send {
+    /// Gives the adapter the layer's base weight and bias (before any other call).
+    fn bind(&mut self, weight: TensorId, bias: ROption<TensorId>) -> RResult<(), RString>;
+    /// The trainable tensors, under the adapter's own key suffixes (`lora_down.weight`, ...).
     fn parameters(&self) -> RResult<RVec<NamedTensor>, RString>;
-    /// Output of the adapted layer given its input and the base layer's output.
-    #[sabi(last_prefix_field)]
+    /// Everything a file holds for this layer: the parameters and constants such as `alpha`.
+    fn state(&self) -> RResult<RVec<NamedTensor>, RString>;
+    fn load_state(&mut self, state: RSlice<'_, NamedTensor>) -> RResult<(), RString>;
+    /// Dropout and the like apply only while training.
+    fn set_training(&mut self, training: bool);
+    /// The adapted layer's output given its input and the base layer's output.
     fn forward(&self, x: TensorId, base_out: TensorId) -> RResult<TensorId, RString>;
+    /// The base weight with the adapter merged in.
+    fn merged_weight(&mut self) -> RResult<TensorId, RString>;
+    /// The base weight back from a merged one.
+    #[sabi(last_prefix_field)]
+    fn unmerged_weight(&self, merged: TensorId) -> RResult<TensorId, RString>;
 }
 
 /// Image (`[3, H, W]`, 0..1) to caption text.

@@ -1,11 +1,12 @@
 //! Access to the host services from plugin (or host) code.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use abi_stable::std_types::{RResult, RSlice, RStr, RString, Tuple2};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, Tuple2};
 
 use crate::abi::{Attr, HostRef, LogLevel, NamedTensor, OpCode, TensorId, WeightInfo};
 use crate::error::{Error, Result};
+use crate::nn::AdaptableLayer;
 use crate::tensor::Tensor;
 
 static HOST: OnceLock<HostRef> = OnceLock::new();
@@ -53,6 +54,18 @@ pub fn call1(op: OpCode, inputs: &[&Tensor], attrs: &[Attr]) -> Result<Tensor> {
 }
 
 /// The device tensors live on (`cpu`, `cuda:0`).
+/// The output of layer `name` with whatever adapters the host has attached to it (`base_out`
+/// unchanged when none).
+pub fn adapt(name: &str, x: &Tensor, base_out: Tensor) -> Result<Tensor> {
+    let Some(adapt) = host()?.adapt() else {
+        return Ok(base_out);
+    };
+    match res(adapt(RStr::from_str(name), x.id(), base_out.id()))? {
+        ROption::RSome(id) => Ok(Tensor::from_raw(id)),
+        ROption::RNone => Ok(base_out),
+    }
+}
+
 pub fn device() -> Result<String> {
     Ok((host()?.device())().into_string())
 }
@@ -108,6 +121,29 @@ impl Drop for OpenFile {
     }
 }
 
+/// What was loaded through a [`Weights::scoped`] view: every tensor (a model's parameters) and
+/// the adaptable layers, named `<scope>.<key>`.
+#[derive(Debug, Default)]
+struct Scope {
+    name: String,
+    layers: Mutex<Vec<AdaptableLayer>>,
+    tensors: Mutex<Vec<(String, Tensor)>>,
+}
+
+impl Scope {
+    fn name(&self, key: &str) -> String {
+        if key.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}.{key}", self.name)
+        }
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The tensors of a safetensors file, read one at a time on request. A [`Weights::view`] shows
 /// them under other names and shapes (an original checkpoint's keys as diffusers names).
 #[derive(Debug, Clone)]
@@ -117,6 +153,7 @@ pub struct Weights {
     infos: Vec<WeightInfo>,
     /// The key in the file of each entry of `infos` (None: the same key).
     file_keys: Option<Vec<String>>,
+    scope: Option<Arc<Scope>>,
 }
 
 impl Weights {
@@ -131,7 +168,48 @@ impl Weights {
             file: Arc::new(file),
             infos,
             file_keys: None,
+            scope: None,
         })
+    }
+
+    /// The same tensors, remembered as they are loaded under `<name>.<key>` (see
+    /// [`Weights::tensors`]); the linear and conv layers loaded through it become adaptable
+    /// (see [`Weights::layers`]) and offer their output to the host's adapters.
+    pub fn scoped(&self, name: &str) -> Weights {
+        Weights {
+            scope: Some(Arc::new(Scope {
+                name: name.to_string(),
+                ..Scope::default()
+            })),
+            ..self.clone()
+        }
+    }
+
+    /// Records an adaptable layer loaded from `prefix` and returns its name (None when this
+    /// view is not scoped).
+    pub(crate) fn register(
+        &self,
+        prefix: &str,
+        layer: impl FnOnce(String) -> AdaptableLayer,
+    ) -> Option<String> {
+        let scope = self.scope.as_ref()?;
+        let name = scope.name(prefix);
+        locked(&scope.layers).push(layer(name.clone()));
+        Some(name)
+    }
+
+    /// The adaptable layers loaded through this scoped view so far, in load order.
+    pub fn layers(&self) -> Vec<AdaptableLayer> {
+        self.scope
+            .as_ref()
+            .map_or_else(Vec::new, |s| locked(&s.layers).clone())
+    }
+
+    /// The tensors loaded through this scoped view so far (the same handles the model holds).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.scope
+            .as_ref()
+            .map_or_else(Vec::new, |s| locked(&s.tensors).clone())
     }
 
     /// The same file seen through `f`, which gives each tensor's name and shape in the view, or
@@ -159,6 +237,7 @@ impl Weights {
             file: self.file.clone(),
             infos,
             file_keys: Some(file_keys),
+            scope: self.scope.clone(),
         })
     }
 
@@ -200,12 +279,15 @@ impl Weights {
             RStr::from_str(file_key),
             dtype,
         ))?;
-        let t = Tensor::from_raw(id);
-        if self.file_keys.is_none() {
-            return Ok(t);
+        let mut t = Tensor::from_raw(id);
+        if self.file_keys.is_some() {
+            let shape: Vec<i64> = self.infos[i].shape.iter().map(|&d| d as i64).collect();
+            t = t.reshape(&shape)?;
         }
-        let shape: Vec<i64> = self.infos[i].shape.iter().map(|&d| d as i64).collect();
-        t.reshape(&shape)
+        if let Some(scope) = &self.scope {
+            locked(&scope.tensors).push((scope.name(key), t.clone()));
+        }
+        Ok(t)
     }
 }
 

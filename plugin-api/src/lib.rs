@@ -3,6 +3,7 @@
 //! every method is a host op.
 
 pub mod abi;
+pub mod adapter;
 mod error;
 pub mod host;
 pub mod nn;
@@ -10,11 +11,11 @@ mod op;
 pub mod plugin;
 pub mod tensor;
 
-pub use abi::WeightInfo;
-pub use abi::{ComponentKind, DType, LogLevel, OpCode, TensorId};
+pub use abi::{ComponentKind, DType, LogLevel, OpCode, TensorId, WeightInfo};
 pub use abi_stable;
 pub use error::{Error, Result};
 pub use host::{Generator, Weights, save_safetensors};
-pub use plugin::{Architecture, Component, Descriptor, Optimizer, Plugin, parse_options};
+pub use nn::AdaptableLayer;
+pub use plugin::{Adapter, Architecture, Component, Descriptor, Optimizer, Plugin, parse_options};
 pub use serde_json;
 pub use tensor::{Gradients, Tensor, ops};

@@ -6,7 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use abi_stable::{
     prefix_type::PrefixTypeTrait,
     sabi_trait::TD_Opaque,
-    std_types::{RErr, ROk, RResult, RSlice, RStr, RString, RVec},
+    std_types::{RErr, ROk, ROption, RResult, RSlice, RStr, RString, RVec},
 };
 
 use crate::abi::*;
@@ -63,9 +63,16 @@ pub trait Architecture: Send {
     }
 }
 
+/// An adapter on one layer; see [`AdapterFfi`](crate::abi::AdapterFfi) for the contract.
 pub trait Adapter: Send {
+    fn bind(&mut self, weight: Tensor, bias: Option<Tensor>) -> Result<()>;
     fn parameters(&self) -> Result<Vec<(String, Tensor)>>;
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
+    fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()>;
+    fn set_training(&mut self, training: bool);
     fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor>;
+    fn merged_weight(&mut self) -> Result<Tensor>;
+    fn unmerged_weight(&self, merged: &Tensor) -> Result<Tensor>;
 }
 
 pub trait Captioner: Send {
@@ -186,20 +193,21 @@ impl OptimizerFfi for OptimizerShim {
         guard(|| self.0.state().map(export_named))
     }
     fn load_state(&mut self, state: RSlice<'_, NamedTensor>) -> RResult<(), RString> {
-        // The host keeps its handles; the plugin takes its own.
-        guard(|| {
-            let owned = state
-                .iter()
-                .map(|n| {
-                    Ok((
-                        n.name.to_string(),
-                        Tensor::borrow_raw(n.tensor).try_clone()?,
-                    ))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            self.0.load_state(owned)
-        })
+        guard(|| self.0.load_state(owned_named(state)?))
     }
+}
+
+/// The plugin's own handles to tensors the host passed (the host keeps its handles).
+fn owned_named(state: RSlice<'_, NamedTensor>) -> Result<Vec<(String, Tensor)>> {
+    state
+        .iter()
+        .map(|n| {
+            Ok((
+                n.name.to_string(),
+                Tensor::borrow_raw(n.tensor).try_clone()?,
+            ))
+        })
+        .collect()
 }
 
 struct ArchitectureShim(Box<dyn Architecture>);
@@ -263,8 +271,27 @@ impl ArchitectureFfi for ArchitectureShim {
 struct AdapterShim(Box<dyn Adapter>);
 
 impl AdapterFfi for AdapterShim {
+    fn bind(&mut self, weight: TensorId, bias: ROption<TensorId>) -> RResult<(), RString> {
+        guard(|| {
+            let weight = Tensor::borrow_raw(weight).try_clone()?;
+            let bias = match bias {
+                ROption::RSome(b) => Some(Tensor::borrow_raw(b).try_clone()?),
+                ROption::RNone => None,
+            };
+            self.0.bind(weight, bias)
+        })
+    }
     fn parameters(&self) -> RResult<RVec<NamedTensor>, RString> {
         guard(|| self.0.parameters().map(export_named))
+    }
+    fn state(&self) -> RResult<RVec<NamedTensor>, RString> {
+        guard(|| self.0.state().map(export_named))
+    }
+    fn load_state(&mut self, state: RSlice<'_, NamedTensor>) -> RResult<(), RString> {
+        guard(|| self.0.load_state(owned_named(state)?))
+    }
+    fn set_training(&mut self, training: bool) {
+        self.0.set_training(training)
     }
     fn forward(&self, x: TensorId, base_out: TensorId) -> RResult<TensorId, RString> {
         guard(|| {
@@ -272,6 +299,17 @@ impl AdapterFfi for AdapterShim {
                 .0
                 .forward(&Tensor::borrow_raw(x), &Tensor::borrow_raw(base_out))?;
             Ok(out.into_raw())
+        })
+    }
+    fn merged_weight(&mut self) -> RResult<TensorId, RString> {
+        guard(|| Ok(self.0.merged_weight()?.into_raw()))
+    }
+    fn unmerged_weight(&self, merged: TensorId) -> RResult<TensorId, RString> {
+        guard(|| {
+            Ok(self
+                .0
+                .unmerged_weight(&Tensor::borrow_raw(merged))?
+                .into_raw())
         })
     }
 }
@@ -402,14 +440,50 @@ impl OptimizerHandle {
     }
 
     pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
-        let named: Vec<NamedTensor> = state
-            .iter()
-            .map(|(n, t)| NamedTensor {
-                name: n.as_str().into(),
-                tensor: t.id(),
-            })
-            .collect();
-        res(self.0.load_state(RSlice::from_slice(&named)))
+        res(self.0.load_state(RSlice::from_slice(&export_refs(state))))
+    }
+}
+
+fn export_refs(state: &[(String, Tensor)]) -> Vec<NamedTensor> {
+    state
+        .iter()
+        .map(|(n, t)| NamedTensor {
+            name: n.as_str().into(),
+            tensor: t.id(),
+        })
+        .collect()
+}
+
+/// An adapter instance loaded from a plugin.
+pub struct AdapterHandle(pub AdapterBox);
+
+impl AdapterHandle {
+    pub fn bind(&mut self, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        let bias = bias.map(Tensor::id).into();
+        res(self.0.bind(weight.id(), bias))
+    }
+    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(import_named(res(self.0.parameters())?))
+    }
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(import_named(res(self.0.state())?))
+    }
+    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        res(self.0.load_state(RSlice::from_slice(&export_refs(state))))
+    }
+    pub fn set_training(&mut self, training: bool) {
+        self.0.set_training(training)
+    }
+    pub fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::from_raw(res(self
+            .0
+            .forward(x.id(), base_out.id()))?))
+    }
+    pub fn merged_weight(&mut self) -> Result<Tensor> {
+        Ok(Tensor::from_raw(res(self.0.merged_weight())?))
+    }
+    pub fn unmerged_weight(&self, merged: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::from_raw(res(self.0.unmerged_weight(merged.id()))?))
     }
 }
 

@@ -468,7 +468,7 @@ pub mod ops {
         call1(OpCode::LINEAR, &inputs, &[])
     }
 
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
     pub struct ConvOptions {
         pub stride: [usize; 2],
         pub padding: [usize; 2],

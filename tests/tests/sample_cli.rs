@@ -228,12 +228,9 @@ fn sd15_lists_its_adaptable_layers_by_diffusers_name() {
     let options = serde_json::json!({ "model": fixture().join("model") }).to_string();
     let arch = registry.architecture("sd15", &options).unwrap();
     let info = arch.model_info().unwrap();
-    let layers: Vec<&str> = info["adaptable_layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let all: Vec<ferrite_plugin_api::AdaptableLayer> =
+        serde_json::from_value(info["adaptable_layers"].clone()).unwrap();
+    let layers: Vec<&str> = all.iter().map(|l| l.name.as_str()).collect();
     for want in [
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
         "unet.down_blocks.0.resnets.0.conv1",
@@ -251,4 +248,70 @@ fn sd15_lists_its_adaptable_layers_by_diffusers_name() {
     );
     assert_eq!(info["latent_channels"], 4);
     assert_eq!(info["vae_scale_factor"], 2);
+
+    // Conv options and original (single-file) names come along; the original name of every
+    // UNet layer maps back to it through the single-file key mapping.
+    let down = all
+        .iter()
+        .find(|l| l.name == "unet.down_blocks.0.downsamplers.0.conv")
+        .unwrap();
+    assert_eq!(down.conv.unwrap().stride, [2, 2]);
+    assert_eq!(
+        down.original.as_deref(),
+        Some("model.diffusion_model.input_blocks.2.0.op")
+    );
+    for l in &all {
+        let original = l.original.as_deref().unwrap();
+        if let Some(m) = l.name.strip_prefix("unet.") {
+            let ldm = original.strip_prefix("model.diffusion_model.").unwrap();
+            assert_eq!(
+                ferrite_blocks::ldm::unet_key(&format!("{ldm}.weight"), 1),
+                Some(format!("{m}.weight")),
+                "{original}"
+            );
+        } else {
+            assert!(original.starts_with("cond_stage_model.transformer.text_model."));
+        }
+    }
+}
+
+#[test]
+fn lora_option_applies_adapters_with_a_strength() {
+    let lora = fixture().join("../adapters/lora_kohya.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let base = image::open(fixture().join("expected_ddim.png"))
+        .unwrap()
+        .to_rgb8();
+    let mut changes = Vec::new();
+    for weight in ["0.5", "1"] {
+        let out = dir.path().join(format!("lora-{weight}.png"));
+        let spec = format!("{}:{weight}", lora.display());
+        let o = sample_with(&fixture().join("model"), "ddim", &out, &["--lora", &spec]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let img = image::open(&out).unwrap().to_rgb8();
+        let change: u64 = img
+            .as_raw()
+            .iter()
+            .zip(base.as_raw())
+            .map(|(a, b)| a.abs_diff(*b) as u64)
+            .sum();
+        changes.push(change);
+    }
+    println!(
+        "summed pixel change from the base image: strength 0.5 {}, 1 {}",
+        changes[0], changes[1]
+    );
+    assert!(changes[0] > 0 && changes[1] > changes[0], "{changes:?}");
+
+    let o = sample_with(
+        &fixture().join("model"),
+        "ddim",
+        &dir.path().join("x.png"),
+        &["--lora", "/no/such/lora.safetensors"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--lora /no/such/lora.safetensors"),
+        "{err}"
+    );
 }

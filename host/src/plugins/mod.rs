@@ -9,7 +9,7 @@ use abi_stable::std_types::RStr;
 use ferrite_plugin_api::{
     ComponentKind,
     abi::{ABI_VERSION, ComponentBox, PluginLibRef},
-    plugin::{ArchitectureHandle, OptimizerHandle},
+    plugin::{AdapterHandle, ArchitectureHandle, OptimizerHandle},
 };
 
 use crate::runtime::host_ref;
@@ -270,6 +270,13 @@ impl Registry {
         match self.instantiate(ComponentKind::Optimizer, id, options_json)? {
             ComponentBox::Optimizer(o) => Ok(OptimizerHandle(o)),
             _ => Err(self.wrong_kind(ComponentKind::Optimizer, id)),
+        }
+    }
+
+    pub fn adapter(&self, id: &str, options_json: &str) -> Result<AdapterHandle, PluginError> {
+        match self.instantiate(ComponentKind::Adapter, id, options_json)? {
+            ComponentBox::Adapter(a) => Ok(AdapterHandle(a)),
+            _ => Err(self.wrong_kind(ComponentKind::Adapter, id)),
         }
     }
 

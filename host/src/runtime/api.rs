@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use abi_stable::{
     prefix_type::PrefixTypeTrait,
-    std_types::{RErr, ROk, RResult, RSlice, RStr, RString, RVec, Tuple2},
+    std_types::{RErr, ROk, ROption, RResult, RSlice, RStr, RString, RVec, Tuple2},
 };
 use ferrite_plugin_api::{
     DType, LogLevel, OpCode, TensorId,
@@ -198,6 +198,26 @@ extern "C" fn cancelled() -> bool {
     is_cancelled()
 }
 
+extern "C" fn adapt(
+    name: RStr<'_>,
+    x: TensorId,
+    base_out: TensorId,
+) -> RResult<ROption<TensorId>, RString> {
+    match catch_unwind(AssertUnwindSafe(|| {
+        crate::adapters::dispatch(name.as_str(), x, base_out)
+    })) {
+        Ok(Ok(out)) => ROk(out.into()),
+        Ok(Err(e)) => RErr(format!("adapter on `{name}`: {e}").into()),
+        Err(p) => RErr(
+            format!(
+                "adapter on `{name}` panicked: {}",
+                ferrite_plugin_api::plugin::panic_message(&*p)
+            )
+            .into(),
+        ),
+    }
+}
+
 /// The host services table (built once, lives for the process).
 pub fn host_ref() -> HostRef {
     static HOST: OnceLock<HostRef> = OnceLock::new();
@@ -221,6 +241,7 @@ pub fn host_ref() -> HostRef {
             log,
             device,
             is_cancelled: cancelled,
+            adapt,
         }
         .leak_into_prefix()
     })

@@ -124,6 +124,80 @@ pub fn unet_key(k: &str, layers_per_block: usize) -> Option<String> {
     })
 }
 
+fn unet_resnet_original(rest: &str) -> String {
+    for (new, old) in [
+        ("norm1", "in_layers.0"),
+        ("conv1", "in_layers.2"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("norm2", "out_layers.0"),
+        ("conv2", "out_layers.3"),
+        ("conv_shortcut", "skip_connection"),
+    ] {
+        if rest == new {
+            return old.to_string();
+        }
+    }
+    rest.to_string()
+}
+
+/// The original (ldm) name of a diffusers UNet module (the inverse of [`unet_key`] for module
+/// names): `down_blocks.0.attentions.0.proj_in` → `input_blocks.1.1.proj_in`. `cross_up[b]` says
+/// whether up block `b` has attentions (its upsampler then comes third).
+pub fn unet_original(module: &str, layers_per_block: usize, cross_up: &[bool]) -> Option<String> {
+    let per = layers_per_block + 1;
+    let fixed = [
+        ("conv_in", "input_blocks.0.0"),
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("conv_norm_out", "out.0"),
+        ("conv_out", "out.2"),
+    ];
+    if let Some((_, old)) = fixed.iter().find(|(new, _)| *new == module) {
+        return Some(old.to_string());
+    }
+    if let Some(rest) = module.strip_prefix("mid_block.") {
+        let (kind, rest) = rest.split_once('.')?;
+        let (i, rest) = rest.split_once('.')?;
+        return match (kind, i.parse::<usize>().ok()?) {
+            ("resnets", i) => Some(format!(
+                "middle_block.{}.{}",
+                2 * i,
+                unet_resnet_original(rest)
+            )),
+            ("attentions", 0) => Some(format!("middle_block.1.{rest}")),
+            _ => None,
+        };
+    }
+    let (part, b, rest) = segments(module)?;
+    let (kind, rest) = rest.split_once('.')?;
+    let (l, rest) = rest.split_once('.')?;
+    let l: usize = l.parse().ok()?;
+    Some(match (part, kind) {
+        ("down_blocks", "resnets") => {
+            format!(
+                "input_blocks.{}.0.{}",
+                1 + b * per + l,
+                unet_resnet_original(rest)
+            )
+        }
+        ("down_blocks", "attentions") => format!("input_blocks.{}.1.{rest}", 1 + b * per + l),
+        ("down_blocks", "downsamplers") => format!("input_blocks.{}.0.op", (b + 1) * per),
+        ("up_blocks", "resnets") => {
+            format!(
+                "output_blocks.{}.0.{}",
+                b * per + l,
+                unet_resnet_original(rest)
+            )
+        }
+        ("up_blocks", "attentions") => format!("output_blocks.{}.1.{rest}", b * per + l),
+        ("up_blocks", "upsamplers") => {
+            let j = if *cross_up.get(b)? { 2 } else { 1 };
+            format!("output_blocks.{}.{j}.conv", b * per + layers_per_block)
+        }
+        _ => return None,
+    })
+}
+
 /// The UNet of a single-file checkpoint under diffusers names.
 pub fn unet(w: &Weights, layers_per_block: usize) -> Result<Weights> {
     renamed(w, UNET_PREFIX, |k, s| {

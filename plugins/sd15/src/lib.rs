@@ -13,8 +13,8 @@ use ferrite_blocks::{
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
-    Architecture, Component, ComponentKind, DType, Descriptor, Error, Plugin, Result, Tensor,
-    Weights, bail, export_plugin, parse_options,
+    AdaptableLayer, Architecture, Component, ComponentKind, DType, Descriptor, Error, Plugin,
+    Result, Tensor, WeightInfo, Weights, bail, export_plugin, parse_options,
     serde_json::{self, json},
 };
 use serde::{Deserialize, Serialize};
@@ -191,26 +191,23 @@ pub struct Sd15 {
     vae: AutoencoderKL,
     unet: UNet2DConditionModel,
     scheduler: serde_json::Value,
-    adaptable_layers: Vec<String>,
+    /// Every UNet and text-encoder tensor, as `unet.<key>` and `text_encoder.text_model.<key>`.
+    parameters: Vec<(String, Tensor)>,
+    adaptable_layers: Vec<AdaptableLayer>,
 }
 
-/// Linear and conv layers (rank-2 and rank-4 weights, embeddings aside) by module name, with
-/// `prefix` (the component and any level the file leaves out): what adapters can attach to.
-fn adaptable(w: &Weights, prefix: &str) -> Vec<String> {
-    let mut names: Vec<String> = w
-        .infos()
-        .iter()
-        .filter(|i| matches!(i.shape.len(), 2 | 4) && !i.key.contains("embeddings"))
-        .filter_map(|i| {
-            let module = i.key.as_str().strip_suffix(".weight")?;
-            Some(format!(
-                "{prefix}.{}",
-                module.trim_start_matches("text_model.")
-            ))
+/// The text encoder's tensors under transformers' `text_model.` level, which transformers 5
+/// leaves out of the files it saves.
+fn with_text_model_level(w: Weights) -> Result<Weights> {
+    if ClipTextTransformer::detect_prefix(&w) == "text_model" {
+        return Ok(w);
+    }
+    w.view(|i| {
+        Some(WeightInfo {
+            key: format!("text_model.{}", i.key).into(),
+            ..i.clone()
         })
-        .collect();
-    names.sort();
-    names
+    })
 }
 
 impl Sd15 {
@@ -220,6 +217,7 @@ impl Sd15 {
         if model.is_dir() {
             check_folder(model)?;
             let te = open(&weights_file(&model.join("text_encoder"), "model")?)?;
+            let te = with_text_model_level(te)?;
             let unet = open(&weights_file(
                 &model.join("unet"),
                 "diffusion_pytorch_model",
@@ -263,24 +261,52 @@ impl Sd15 {
         vae: &Weights,
         dtype: DType,
     ) -> Result<Self> {
-        let prefix = ClipTextTransformer::detect_prefix(te);
-        let mut adaptable_layers = adaptable(unet, "unet");
-        // transformers' module names: `text_model.` whether or not the file has that level.
-        adaptable_layers.extend(adaptable(te, "text_encoder.text_model"));
-        Ok(Self {
+        // Scoped: what loads through these is the model's parameters and adaptable layers.
+        let (te, unet) = (te.scoped("text_encoder"), unet.scoped("unet"));
+        let model = Self {
             tokenizer: c.tokenizer,
-            text_encoder: ClipTextTransformer::load(te, prefix, None, &c.text_encoder, dtype)?,
+            text_encoder: ClipTextTransformer::load(
+                &te,
+                "text_model",
+                None,
+                &c.text_encoder,
+                dtype,
+            )?,
             vae: AutoencoderKL::load(vae, "", &c.vae, dtype)?,
-            unet: UNet2DConditionModel::load(unet, "", &c.unet, dtype)?,
+            unet: UNet2DConditionModel::load(&unet, "", &c.unet, dtype)?,
             scheduler: c.scheduler,
+            parameters: [unet.tensors(), te.tensors()].concat(),
+            adaptable_layers: Vec::new(),
+        };
+        let cross_up: Vec<bool> = c
+            .unet
+            .up_block_types
+            .iter()
+            .map(|t| t.starts_with("CrossAttn"))
+            .collect();
+        let original = |name: &str| {
+            if let Some(m) = name.strip_prefix("unet.") {
+                ldm::unet_original(m, c.unet.layers_per_block, &cross_up)
+                    .map(|o| format!("{}{o}", ldm::UNET_PREFIX))
+            } else {
+                name.strip_prefix("text_encoder.")
+                    .map(|m| format!("{}{m}", ldm::CLIP_PREFIX))
+            }
+        };
+        let mut adaptable_layers = [unet.layers(), te.layers()].concat();
+        for l in &mut adaptable_layers {
+            l.original = original(&l.name);
+        }
+        Ok(Self {
             adaptable_layers,
+            ..model
         })
     }
 }
 
 impl Architecture for Sd15 {
     fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
-        bail!("sd15 does not list trainable parameters yet")
+        Ok(self.parameters.clone())
     }
 
     fn model_info(&self) -> Result<serde_json::Value> {

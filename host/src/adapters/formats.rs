@@ -1,0 +1,356 @@
+//! Adapter files: kohya (`lora_unet_<flat diffusers name>`, `lora_te_...`, `.lora_down.weight`,
+//! `.lora_up.weight`, `.alpha`, `.dora_scale`, LoHa's `.hada_w*`), diffusers/PEFT
+//! (`unet.<name>.lora_A.weight` / `lora_B.weight`, alpha folded into B, DoRA's
+//! `lora_magnitude_vector`) and comfy (`diffusion_model.<original name>`,
+//! `text_encoders.clip_l.transformer.<name>`, kohya's suffixes). Reading takes any of these, and
+//! PEFT's `base_model.model.` / `.default`, LyCORIS's `lycoris_`, bare PEFT UNet names; a
+//! missing alpha means alpha = rank.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use ferrite_plugin_api::{AdaptableLayer, DType, Tensor, Weights};
+
+use super::{AdapterError, ModelLayers, Result, err};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Kohya,
+    Diffusers,
+    Comfy,
+}
+
+impl std::str::FromStr for Format {
+    type Err = AdapterError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "kohya" => Ok(Self::Kohya),
+            "diffusers" | "peft" => Ok(Self::Diffusers),
+            "comfy" => Ok(Self::Comfy),
+            _ => Err(AdapterError(format!(
+                "unknown adapter file format `{s}`: use kohya, diffusers or comfy"
+            ))),
+        }
+    }
+}
+
+/// One layer's adapter as read from a file, under kohya's suffixes.
+pub struct LayerState {
+    pub kind: String,
+    pub layer: AdaptableLayer,
+    pub rank: usize,
+    pub alpha: f64,
+    pub dora: bool,
+    pub state: Vec<(String, Tensor)>,
+}
+
+pub struct AdapterFile {
+    pub layers: Vec<LayerState>,
+}
+
+/// One attached adapter's state, to be written.
+pub struct AdapterState {
+    pub kind: String,
+    pub layer: AdaptableLayer,
+    pub state: Vec<(String, Tensor)>,
+}
+
+/// A layer and the (kohya suffix, file key) pairs a file has for it.
+type Group<'a> = (&'a AdaptableLayer, Vec<(&'static str, String)>);
+
+/// `unet.down_blocks.0...` → ("unet", "down_blocks.0...").
+fn split_component(name: &str) -> (&str, &str) {
+    name.split_once('.').unwrap_or(("", name))
+}
+
+fn flat(module: &str) -> String {
+    module.replace('.', "_")
+}
+
+/// The comfy name of a layer: ComfyUI's own prefixes over the original checkpoint names.
+fn comfy_name(layer: &AdaptableLayer) -> Option<String> {
+    let original = layer.original.as_deref()?;
+    if let Some(m) = original.strip_prefix("model.diffusion_model.") {
+        return Some(format!("diffusion_model.{m}"));
+    }
+    original
+        .strip_prefix("cond_stage_model.transformer.")
+        .map(|m| format!("text_encoders.clip_l.transformer.{m}"))
+}
+
+/// Every name a file may use for a layer, in any format.
+fn aliases(layer: &AdaptableLayer) -> Vec<String> {
+    let (component, module) = split_component(&layer.name);
+    let mut a = vec![layer.name.clone()];
+    match component {
+        "unet" => {
+            a.push(format!("lora_unet_{}", flat(module)));
+            a.push(format!("lycoris_{}", flat(module)));
+            a.push(module.to_string());
+        }
+        "text_encoder" => {
+            a.push(format!("lora_te_{}", flat(module)));
+            a.push(format!("lora_te1_{}", flat(module)));
+            a.push(module.to_string());
+        }
+        _ => {}
+    }
+    a.extend(comfy_name(layer));
+    a
+}
+
+/// Known key endings, and the kohya suffix each stands for.
+const SUFFIXES: [(&str, &str); 12] = [
+    (".lora_down.weight", "lora_down.weight"),
+    (".lora_up.weight", "lora_up.weight"),
+    (".lora_A.weight", "lora_down.weight"),
+    (".lora_B.weight", "lora_up.weight"),
+    (".lora_magnitude_vector.weight", "dora_scale"),
+    (".lora_magnitude_vector", "dora_scale"),
+    (".dora_scale", "dora_scale"),
+    (".alpha", "alpha"),
+    (".hada_w1_a", "hada_w1_a"),
+    (".hada_w1_b", "hada_w1_b"),
+    (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"),
+];
+
+/// (module part, kohya suffix) of a file key, with PEFT's wrappers removed.
+fn split_key(key: &str) -> Option<(String, &'static str)> {
+    let key = key.strip_prefix("base_model.model.").unwrap_or(key);
+    let key = key.replace(".default", "");
+    SUFFIXES
+        .iter()
+        .find_map(|(end, suffix)| key.strip_suffix(end).map(|m| (m.to_string(), *suffix)))
+}
+
+fn shape_of(w: &Weights, key: &str) -> Vec<usize> {
+    w.info(key)
+        .map(|i| i.shape.iter().map(|&d| d as usize).collect())
+        .unwrap_or_default()
+}
+
+/// Reads an adapter file for `model`: every tensor must belong to one of its layers.
+pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
+    let shown = path.display();
+    let w = Weights::open(&path.to_string_lossy()).map_err(err)?;
+    let by_alias: HashMap<String, &AdaptableLayer> = model
+        .layers
+        .iter()
+        .flat_map(|l| aliases(l).into_iter().map(move |a| (a, l)))
+        .collect();
+    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+    let mut unmatched = Vec::new();
+    for info in w.infos() {
+        let key = info.key.as_str();
+        match split_key(key).and_then(|(m, s)| Some((by_alias.get(&m)?, s))) {
+            Some((layer, suffix)) => groups
+                .entry(layer.name.clone())
+                .or_insert_with(|| (layer, Vec::new()))
+                .1
+                .push((suffix, key.to_string())),
+            None => unmatched.push(key.to_string()),
+        }
+    }
+    if !unmatched.is_empty() {
+        let n = unmatched.len();
+        unmatched.truncate(3);
+        return Err(AdapterError(format!(
+            "{shown}: {n} tensor(s) match no layer of this model (e.g. {}): an adapter for \
+             another architecture, or not an adapter file",
+            unmatched.join(", ")
+        )));
+    }
+    if groups.is_empty() {
+        return Err(AdapterError(format!(
+            "{shown}: no adapter tensors in the file"
+        )));
+    }
+    let mut layers = Vec::new();
+    for (name, (layer, keys)) in groups {
+        let find = |s: &str| {
+            keys.iter()
+                .find(|(k, _)| *k == s)
+                .map(|(_, key)| key.as_str())
+        };
+        let (kind, rank_key) = if find("hada_w1_b").is_some() {
+            ("loha", "hada_w1_b")
+        } else {
+            ("lora", "lora_down.weight")
+        };
+        let rank = find(rank_key)
+            .map(|k| shape_of(&w, k))
+            .and_then(|s| s.first().copied())
+            .ok_or_else(|| AdapterError(format!("{shown}: layer `{name}` has no {rank_key}")))?;
+        let mut state = Vec::new();
+        let mut alpha = rank as f64;
+        for (suffix, key) in &keys {
+            let t = w
+                .get(key, DType::F32)
+                .map_err(|e| AdapterError(format!("{shown}: {e}")))?;
+            if *suffix == "alpha" {
+                alpha = ferrite_plugin_api::adapter::scalar(&name, key, &t).map_err(err)?;
+            }
+            state.push((suffix.to_string(), t));
+        }
+        if !keys.iter().any(|(s, _)| *s == "alpha") {
+            state.push((
+                "alpha".into(),
+                Tensor::from_f32(&[alpha as f32], &[]).map_err(err)?,
+            ));
+        }
+        layers.push(LayerState {
+            kind: kind.into(),
+            layer: layer.clone(),
+            rank,
+            alpha,
+            dora: find("dora_scale").is_some(),
+            state,
+        });
+    }
+    Ok(AdapterFile { layers })
+}
+
+/// The file keys and tensors of one layer's state in `format`.
+fn layer_entries(
+    format: Format,
+    kind: &str,
+    layer: &AdaptableLayer,
+    state: &[(String, Tensor)],
+) -> Result<Vec<(String, Tensor)>> {
+    let (component, module) = split_component(&layer.name);
+    let prefix = match format {
+        Format::Kohya => match component {
+            "unet" => format!("lora_unet_{}", flat(module)),
+            "text_encoder" => format!("lora_te_{}", flat(module)),
+            _ => return Err(AdapterError(format!("no kohya name for `{}`", layer.name))),
+        },
+        Format::Comfy => comfy_name(layer).ok_or_else(|| {
+            AdapterError(format!("no comfy (original) name for `{}`", layer.name))
+        })?,
+        Format::Diffusers => layer.name.clone(),
+    };
+    if format != Format::Diffusers {
+        return Ok(state
+            .iter()
+            .map(|(k, t)| (format!("{prefix}.{k}"), t.clone()))
+            .collect());
+    }
+    if kind != "lora" {
+        return Err(AdapterError(format!(
+            "{kind} has no diffusers/PEFT format: save as kohya or comfy"
+        )));
+    }
+    // PEFT has no alpha: fold alpha/rank into lora_B.
+    let get = |k: &str| {
+        state
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| AdapterError(format!("layer `{}`: no {k} in its state", layer.name)))
+    };
+    let down = get("lora_down.weight")?;
+    let rank = down.shape().map_err(err)?[0];
+    let alpha =
+        ferrite_plugin_api::adapter::scalar(&layer.name, "alpha", &get("alpha")?).map_err(err)?;
+    let up = get("lora_up.weight")?
+        .mul_scalar(alpha / rank as f64)
+        .map_err(err)?;
+    let mut out = vec![
+        (format!("{prefix}.lora_A.weight"), down),
+        (format!("{prefix}.lora_B.weight"), up),
+    ];
+    if let Ok(m) = get("dora_scale") {
+        out.push((
+            format!("{prefix}.lora_magnitude_vector"),
+            m.reshape(&[-1]).map_err(err)?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Writes adapter states (kind, layer, state under kohya suffixes) to `path`.
+pub fn write(
+    path: &Path,
+    format: Format,
+    states: &[AdapterState],
+    base_model_version: &str,
+    extra: &[(String, String)],
+) -> Result<()> {
+    let Some(AdapterState {
+        kind, state: first, ..
+    }) = states.first()
+    else {
+        return Err(AdapterError("there are no adapters to save".into()));
+    };
+    let mut entries = Vec::new();
+    for a in states {
+        entries.extend(layer_entries(format, &a.kind, &a.layer, &a.state)?);
+    }
+    let dim = first
+        .iter()
+        .find(|(k, _)| k == "lora_down.weight" || k == "hada_w1_b")
+        .map(|(_, t)| t.shape().map(|s| s[0]))
+        .transpose()
+        .map_err(err)?
+        .unwrap_or(0);
+    let alpha = first
+        .iter()
+        .find(|(k, _)| k == "alpha")
+        .map(|(_, t)| ferrite_plugin_api::adapter::scalar("", "alpha", t))
+        .transpose()
+        .map_err(err)?
+        .unwrap_or(dim as f64);
+    let dora = first.iter().any(|(k, _)| k == "dora_scale");
+    let (module, args) = match (kind.as_str(), dora) {
+        ("loha", _) => ("lycoris.kohya", r#"{"algo": "loha"}"#.to_string()),
+        (_, true) => ("networks.lora", r#"{"dora_wd": "True"}"#.to_string()),
+        _ => ("networks.lora", "{}".to_string()),
+    };
+    let mut meta: Vec<(String, String)> = vec![
+        ("ss_network_module".into(), module.into()),
+        ("ss_network_dim".into(), dim.to_string()),
+        ("ss_network_alpha".into(), alpha.to_string()),
+        ("ss_network_args".into(), args),
+        ("ss_base_model_version".into(), base_model_version.into()),
+        (
+            "ss_output_format".into(),
+            format!("{format:?}").to_lowercase(),
+        ),
+    ];
+    meta.extend(extra.iter().cloned());
+    let tensors: Vec<(&str, &Tensor)> = entries.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &tensors, &meta)
+        .map_err(|e| AdapterError(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_split_into_module_and_kohya_suffix() {
+        let cases = [
+            (
+                "lora_unet_a_b.lora_down.weight",
+                "lora_unet_a_b",
+                "lora_down.weight",
+            ),
+            (
+                "base_model.model.a.b.lora_A.default.weight",
+                "a.b",
+                "lora_down.weight",
+            ),
+            ("unet.a.lora_B.weight", "unet.a", "lora_up.weight"),
+            ("a.lora_magnitude_vector.default.weight", "a", "dora_scale"),
+            ("unet.a.lora_magnitude_vector", "unet.a", "dora_scale"),
+            ("lycoris_a_b.hada_w2_b", "lycoris_a_b", "hada_w2_b"),
+            ("diffusion_model.x.alpha", "diffusion_model.x", "alpha"),
+        ];
+        for (key, module, suffix) in cases {
+            assert_eq!(split_key(key), Some((module.to_string(), suffix)), "{key}");
+        }
+        assert_eq!(split_key("model.diffusion_model.out.0.weight"), None);
+    }
+}

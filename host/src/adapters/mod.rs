@@ -1,0 +1,331 @@
+//! Adapters (LoRA, DoRA, LoHa, ...) attached to a model's layers. The architecture plugin lists
+//! its adaptable layers and names each one at forward time; the host keeps the adapter instances
+//! (from adapter plugins) by layer name and runs them on the layer's output
+//! ([`dispatch`], reached through the `adapt` host entry). One model's adapters are attached at
+//! a time.
+
+pub mod formats;
+pub mod select;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use ferrite_plugin_api::{
+    AdaptableLayer, Tensor, TensorId,
+    plugin::{AdapterHandle, ArchitectureHandle},
+};
+use serde::Serialize;
+
+use crate::plugins::Registry;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AdapterError(pub String);
+
+type Result<T> = std::result::Result<T, AdapterError>;
+
+fn err(e: impl std::fmt::Display) -> AdapterError {
+    AdapterError(e.to_string())
+}
+
+/// How to make fresh adapters (OneTrainer's LoRA options).
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterOptions {
+    /// The adapter plugin id: `lora` (with `dora` for DoRA) or `loha`.
+    #[serde(skip)]
+    pub kind: String,
+    pub rank: usize,
+    pub alpha: f64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dropout: f64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dora: bool,
+    pub seed: u64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+impl Default for AdapterOptions {
+    fn default() -> Self {
+        Self {
+            kind: "lora".into(),
+            rank: 16,
+            alpha: 1.0,
+            dropout: 0.0,
+            dora: false,
+            seed: 0,
+        }
+    }
+}
+
+/// A model's adaptable layers and parameters, as its architecture plugin lists them.
+pub struct ModelLayers {
+    pub layers: Vec<AdaptableLayer>,
+    params: HashMap<String, Tensor>,
+}
+
+impl ModelLayers {
+    pub fn of(arch: &ArchitectureHandle) -> Result<Self> {
+        let info = arch.model_info().map_err(err)?;
+        let layers: Vec<AdaptableLayer> = serde_json::from_value(info["adaptable_layers"].clone())
+            .map_err(|e| {
+                AdapterError(format!(
+                    "the model's adaptable_layers are not readable: {e}"
+                ))
+            })?;
+        let params = arch.parameters().map_err(err)?.into_iter().collect();
+        Ok(Self { layers, params })
+    }
+
+    pub fn find(&self, name: &str) -> Option<&AdaptableLayer> {
+        self.layers.iter().find(|l| l.name == name)
+    }
+
+    fn tensors(&self, layer: &AdaptableLayer) -> Result<(&Tensor, Option<&Tensor>)> {
+        let weight = self
+            .params
+            .get(&format!("{}.weight", layer.name))
+            .ok_or_else(|| AdapterError(format!("the model has no weight for `{}`", layer.name)))?;
+        Ok((weight, self.params.get(&format!("{}.bias", layer.name))))
+    }
+}
+
+struct Attached {
+    kind: String,
+    layer: AdaptableLayer,
+    adapter: AdapterHandle,
+    /// The layer's weight handle, when the adapter is merged into it.
+    merged_into: Option<Tensor>,
+}
+
+static ATTACHED: Mutex<BTreeMap<String, Vec<Attached>>> = Mutex::new(BTreeMap::new());
+
+fn attached() -> MutexGuard<'static, BTreeMap<String, Vec<Attached>>> {
+    ATTACHED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs the adapters attached to `name` on the layer's output (None: no adapter there).
+pub fn dispatch(
+    name: &str,
+    x: TensorId,
+    base_out: TensorId,
+) -> ferrite_plugin_api::Result<Option<TensorId>> {
+    let map = attached();
+    let Some(list) = map
+        .get(name)
+        .filter(|l| l.iter().any(|a| a.merged_into.is_none()))
+    else {
+        return Ok(None);
+    };
+    let x = Tensor::borrow_raw(x);
+    let mut out = Tensor::borrow_raw(base_out).try_clone()?;
+    for a in list.iter().filter(|a| a.merged_into.is_none()) {
+        out = a.adapter.forward(&x, &out)?;
+    }
+    Ok(Some(out.into_raw()))
+}
+
+/// How many layers and trainable values the attached adapters have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub layers: usize,
+    pub parameters: usize,
+}
+
+/// Makes one adapter from `plugin` for `layer`, bound to the model's tensors.
+fn make(
+    registry: &Registry,
+    model: &ModelLayers,
+    kind: &str,
+    layer: &AdaptableLayer,
+    options: serde_json::Value,
+) -> Result<AdapterHandle> {
+    let mut options = options;
+    options["layer"] = serde_json::to_value(layer).map_err(err)?;
+    let mut a = registry.adapter(kind, &options.to_string()).map_err(err)?;
+    let (w, b) = model.tensors(layer)?;
+    a.bind(w, b).map_err(err)?;
+    Ok(a)
+}
+
+fn attach(kind: &str, layer: &AdaptableLayer, adapter: AdapterHandle) {
+    attached()
+        .entry(layer.name.clone())
+        .or_default()
+        .push(Attached {
+            kind: kind.into(),
+            layer: layer.clone(),
+            adapter,
+            merged_into: None,
+        });
+}
+
+/// Attaches fresh adapters (initialised by the plugin) to `layers`.
+pub fn create(
+    registry: &Registry,
+    model: &ModelLayers,
+    layers: &[&AdaptableLayer],
+    options: &AdapterOptions,
+) -> Result<Summary> {
+    let json = serde_json::to_value(options).map_err(err)?;
+    for layer in layers {
+        let a = make(registry, model, &options.kind, layer, json.clone())?;
+        attach(&options.kind, layer, a);
+    }
+    summary()
+}
+
+/// Reads an adapter file in any supported format and attaches it with strength `multiplier`.
+/// Returns how many layers it adapts.
+pub fn load(
+    registry: &Registry,
+    model: &ModelLayers,
+    path: &std::path::Path,
+    multiplier: f64,
+) -> Result<usize> {
+    let file = formats::read(model, path)?;
+    let n = file.layers.len();
+    let mut made = Vec::with_capacity(n);
+    for l in file.layers {
+        let options = serde_json::json!({
+            "rank": l.rank,
+            "alpha": l.alpha,
+            "multiplier": multiplier,
+        });
+        let mut options = options;
+        if l.dora {
+            options["dora"] = true.into();
+        }
+        let mut a = make(registry, model, &l.kind, &l.layer, options)?;
+        a.load_state(&l.state)
+            .map_err(|e| AdapterError(format!("{}: {e}", path.display())))?;
+        made.push((l.kind, l.layer, a));
+    }
+    // Attach only once the whole file has loaded.
+    for (kind, layer, a) in made {
+        attach(&kind, &layer, a);
+    }
+    Ok(n)
+}
+
+/// Loads a file's values into the adapters already attached (resuming training from an adapter
+/// file): each of its layers needs an attached adapter of the same kind, rank and layout.
+pub fn resume(model: &ModelLayers, path: &std::path::Path) -> Result<usize> {
+    let file = formats::read(model, path)?;
+    let mut map = attached();
+    for l in &file.layers {
+        let a = map
+            .get_mut(&l.layer.name)
+            .and_then(|v| v.first_mut())
+            .ok_or_else(|| {
+                AdapterError(format!(
+                    "{}: layer `{}` has no adapter in this training (a different layer filter?)",
+                    path.display(),
+                    l.layer.name
+                ))
+            })?;
+        if a.kind != l.kind {
+            return Err(AdapterError(format!(
+                "{}: layer `{}` is {} in the file but {} here",
+                path.display(),
+                l.layer.name,
+                l.kind,
+                a.kind
+            )));
+        }
+        a.adapter
+            .load_state(&l.state)
+            .map_err(|e| AdapterError(format!("{}: {e}", path.display())))?;
+    }
+    Ok(file.layers.len())
+}
+
+/// Every trainable adapter tensor, as `<layer>.<suffix>`.
+pub fn parameters() -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for (name, list) in attached().iter() {
+        for a in list {
+            for (k, t) in a.adapter.parameters().map_err(err)? {
+                out.push((format!("{name}.{k}"), t));
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn summary() -> Result<Summary> {
+    let parameters = parameters()?
+        .iter()
+        .map(|(_, t)| t.shape().map(|s| s.iter().product::<usize>()))
+        .sum::<ferrite_plugin_api::Result<usize>>()
+        .map_err(err)?;
+    Ok(Summary {
+        layers: attached().len(),
+        parameters,
+    })
+}
+
+pub fn set_training(training: bool) {
+    for list in attached().values_mut() {
+        for a in list {
+            a.adapter.set_training(training);
+        }
+    }
+}
+
+/// Folds every attached adapter into its layer's weight (the adapters then stop running).
+pub fn merge(model: &ModelLayers) -> Result<()> {
+    for list in attached().values_mut() {
+        for a in list.iter_mut().filter(|a| a.merged_into.is_none()) {
+            let (w, _) = model.tensors(&a.layer)?;
+            let merged = a.adapter.merged_weight().map_err(err)?;
+            w.assign(&merged).map_err(err)?;
+            a.merged_into = Some(w.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Undoes [`merge`], newest adapter first.
+pub fn unmerge() -> Result<()> {
+    for list in attached().values_mut() {
+        for a in list.iter_mut().rev() {
+            if let Some(w) = a.merged_into.take() {
+                let base = a.adapter.unmerged_weight(&w).map_err(err)?;
+                w.assign(&base).map_err(err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Detaches every adapter (unmerge first if they were merged).
+pub fn clear() {
+    attached().clear();
+}
+
+/// The state of each attached adapter, for writing a file.
+fn states() -> Result<Vec<formats::AdapterState>> {
+    let map = attached();
+    let mut out = Vec::new();
+    for a in map.values().flatten() {
+        out.push(formats::AdapterState {
+            kind: a.kind.clone(),
+            layer: a.layer.clone(),
+            state: a.adapter.state().map_err(err)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Writes the attached adapters to `path` in `format`, with kohya's `ss_*` metadata and `extra`.
+pub fn save(
+    path: &std::path::Path,
+    format: formats::Format,
+    base_model_version: &str,
+    extra: &[(String, String)],
+) -> Result<()> {
+    formats::write(path, format, &states()?, base_model_version, extra)
+}

@@ -1,0 +1,34 @@
+//! Helpers shared by adapter plugins.
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// FNV-1a of the layer name mixed into the seed: every layer gets its own initialisation.
+pub fn layer_seed(seed: u64, layer: &str) -> u64 {
+    layer.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Copies a tensor read from a file into the adapter's own in place (handles held elsewhere, an
+/// optimizer's, stay valid), after checking its shape.
+pub fn load_into(layer: &str, key: &str, target: &Tensor, src: &Tensor) -> Result<()> {
+    let (want, got) = (target.shape()?, src.shape()?);
+    if want != got {
+        return Err(Error(format!(
+            "layer `{layer}`: `{key}` has shape {got:?}, this adapter expects {want:?} \
+             (a different rank or layer)"
+        )));
+    }
+    target.assign(&src.cast(target.dtype()?)?.detach()?)
+}
+
+/// A scalar such as kohya's `alpha` (0-d, or one element).
+pub fn scalar(layer: &str, key: &str, t: &Tensor) -> Result<f64> {
+    match t.to_vec()?[..] {
+        [v] => Ok(v as f64),
+        _ => Err(Error(format!(
+            "layer `{layer}`: `{key}` should hold one value"
+        ))),
+    }
+}

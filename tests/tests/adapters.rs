@@ -1,0 +1,324 @@
+//! Adapters on the tiny SD 1.x UNet (fixtures from tests/fixtures/gen/adapters.py): the same LoRA
+//! and DoRA weights applied by peft and by Ferrite give the same UNet output, LoHa matches
+//! LyCORIS's formula; merging equals running the adapter; every file format round-trips; files
+//! in foreign naming styles load; bad files fail clearly. The attached adapters are process-wide,
+//! so the tests here take turns.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use ferrite::adapters::{self, AdapterOptions, ModelLayers, formats::Format, select};
+use ferrite::plugins::Registry;
+use ferrite::settings::Settings;
+use ferrite_plugin_api::{DType, Tensor, Weights, plugin::ArchitectureHandle};
+use ferrite_tests::max_abs_diff;
+
+static TURN: Mutex<()> = Mutex::new(());
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+struct Setup {
+    _turn: MutexGuard<'static, ()>,
+    registry: Registry,
+    arch: ArchitectureHandle,
+    model: ModelLayers,
+    inputs: Weights,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        ferrite::runtime::init("cpu").unwrap();
+        adapters::clear();
+        let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
+        let options = serde_json::json!({ "model": fixtures().join("pipeline/model") });
+        let arch = registry.architecture("sd15", &options.to_string()).unwrap();
+        let model = ModelLayers::of(&arch).unwrap();
+        let inputs = Weights::open(
+            fixtures()
+                .join("adapters/inputs.safetensors")
+                .to_str()
+                .unwrap(),
+        )
+        .unwrap();
+        Self {
+            _turn: turn,
+            registry,
+            arch,
+            model,
+            inputs,
+        }
+    }
+
+    fn get(&self, k: &str) -> Tensor {
+        self.inputs.get(k, DType::F32).unwrap()
+    }
+
+    fn unet(&self) -> Tensor {
+        self.arch
+            .denoise(
+                &self.get("sample"),
+                &self.get("timesteps"),
+                &[&self.get("encoder_hidden_states")],
+            )
+            .unwrap()
+    }
+
+    fn load(&self, file: &Path) -> usize {
+        adapters::load(&self.registry, &self.model, file, 1.0).unwrap()
+    }
+}
+
+fn adapter_file(name: &str) -> PathBuf {
+    fixtures().join("adapters").join(name)
+}
+
+#[test]
+fn peft_lora_and_dora_and_lycoris_loha_give_the_reference_output() {
+    let s = Setup::new();
+    let base = s.unet();
+    assert!(max_abs_diff(&base, &s.get("base")) < 1e-4);
+    for (file, expected) in [
+        ("lora_peft.safetensors", "lora"),
+        ("lora_peft_raw.safetensors", "lora"),
+        ("lora_kohya.safetensors", "lora"),
+        ("dora_peft.safetensors", "dora"),
+        ("loha_lycoris.safetensors", "loha"),
+    ] {
+        adapters::clear();
+        let n = s.load(&adapter_file(file));
+        let d = max_abs_diff(&s.unet(), &s.get(expected));
+        println!("{file}: {n} layers, UNet output max abs diff {d:.2e} against {expected}");
+        assert!(n >= 20, "{file}: {n} layers");
+        assert!(d < 1e-4, "{file}: max abs diff {d}");
+    }
+    adapters::clear();
+    assert!(
+        max_abs_diff(&s.unet(), &base) == 0.0,
+        "cleared adapters leave nothing behind"
+    );
+}
+
+#[test]
+fn merging_equals_running_the_adapter_and_unmerging_restores() {
+    let s = Setup::new();
+    let base = s.unet();
+    for file in [
+        "lora_kohya.safetensors",
+        "dora_peft.safetensors",
+        "loha_lycoris.safetensors",
+    ] {
+        adapters::clear();
+        s.load(&adapter_file(file));
+        let adapted = s.unet();
+        adapters::merge(&s.model).unwrap();
+        let merged = s.unet();
+        adapters::unmerge().unwrap();
+        let restored = s.unet();
+        let (dm, du) = (
+            max_abs_diff(&merged, &adapted),
+            max_abs_diff(&restored, &adapted),
+        );
+        let db = {
+            adapters::clear();
+            max_abs_diff(&s.unet(), &base)
+        };
+        println!("{file}: merged vs adapter {dm:.2e}, unmerged vs adapter {du:.2e}, base {db:.2e}");
+        assert!(dm < 1e-5 && du < 1e-5 && db < 1e-5, "{file}");
+    }
+}
+
+fn values(params: Vec<(String, Tensor)>) -> Vec<(String, Vec<f32>)> {
+    params
+        .into_iter()
+        .map(|(k, t)| (k, t.to_vec().unwrap()))
+        .collect()
+}
+
+#[test]
+fn every_format_round_trips() {
+    let s = Setup::new();
+    let dir = tempfile::tempdir().unwrap();
+    for file in [
+        "lora_kohya.safetensors",
+        "dora_peft.safetensors",
+        "loha_lycoris.safetensors",
+    ] {
+        for format in [Format::Kohya, Format::Comfy, Format::Diffusers] {
+            adapters::clear();
+            s.load(&adapter_file(file));
+            let before = values(adapters::parameters().unwrap());
+            let out = s.unet();
+            let path = dir.path().join(format!("{format:?}-{file}"));
+            let saved = adapters::save(&path, format, "sd_v1", &[]);
+            if file.starts_with("loha") && format == Format::Diffusers {
+                let e = saved.unwrap_err().to_string();
+                assert!(e.contains("no diffusers/PEFT format"), "{e}");
+                continue;
+            }
+            saved.unwrap();
+            adapters::clear();
+            s.load(&path);
+            let after = values(adapters::parameters().unwrap());
+            let d = max_abs_diff(&s.unet(), &out);
+            println!("{file} as {format:?}: output after the round trip differs by {d:.2e}");
+            assert!(d < 1e-5, "{file} as {format:?}");
+            if format == Format::Diffusers {
+                // alpha is folded into lora_B: the same file comes back out.
+                let again = dir.path().join("again.safetensors");
+                adapters::save(&again, format, "sd_v1", &[]).unwrap();
+                let (a, b) = (
+                    Weights::open(path.to_str().unwrap()).unwrap(),
+                    Weights::open(again.to_str().unwrap()).unwrap(),
+                );
+                assert_eq!(a.infos().len(), b.infos().len());
+                for i in a.infos() {
+                    let k = i.key.as_str();
+                    assert_eq!(
+                        a.get(k, DType::F32).unwrap().to_vec().unwrap(),
+                        b.get(k, DType::F32).unwrap().to_vec().unwrap(),
+                        "{k}"
+                    );
+                }
+            } else {
+                assert_eq!(before, after, "{file} as {format:?}: identical tensors");
+            }
+        }
+    }
+    // kohya's metadata.
+    let w = Weights::open(
+        dir.path()
+            .join("Kohya-lora_kohya.safetensors")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let meta: std::collections::HashMap<String, String> =
+        w.metadata().unwrap().into_iter().collect();
+    assert_eq!(meta["ss_network_dim"], "4");
+    assert_eq!(meta["ss_network_alpha"], "8");
+    assert_eq!(meta["ss_base_model_version"], "sd_v1");
+    assert!(
+        w.info("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight")
+            .is_some()
+    );
+    let comfy = Weights::open(
+        dir.path()
+            .join("Comfy-lora_kohya.safetensors")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        comfy
+            .info("diffusion_model.input_blocks.1.1.proj_in.lora_down.weight")
+            .is_some()
+    );
+}
+
+#[test]
+fn fresh_adapters_start_as_the_base_model_and_count_what_they_add() {
+    let s = Setup::new();
+    let base = s.unet();
+    let filter = select::LayerFilter::new("attn-only", "", false).unwrap();
+    let layers = select::select(&s.model.layers, &filter, false);
+    assert!(layers.iter().all(|l| l.name.contains("attn")));
+    for (kind, dora) in [("lora", false), ("lora", true), ("loha", false)] {
+        adapters::clear();
+        let opts = AdapterOptions {
+            kind: kind.into(),
+            rank: 4,
+            alpha: 4.0,
+            dora,
+            ..Default::default()
+        };
+        let summary = adapters::create(&s.registry, &s.model, &layers, &opts).unwrap();
+        assert_eq!(summary.layers, layers.len());
+        let per_layer: usize = layers
+            .iter()
+            .map(|l| {
+                let (out, fan_in) = (l.shape[0], l.shape[1..].iter().product::<usize>());
+                match kind {
+                    "loha" => 2 * 4 * (out + fan_in),
+                    _ => 4 * (out + fan_in) + if dora { out } else { 0 },
+                }
+            })
+            .sum();
+        assert_eq!(summary.parameters, per_layer, "{kind} dora={dora}");
+        let d = max_abs_diff(&s.unet(), &base);
+        println!("fresh {kind} (dora {dora}): {summary:?}, output change {d:.1e}");
+        assert!(d < 1e-5, "{kind}: a fresh adapter changes nothing");
+    }
+    adapters::clear();
+}
+
+#[test]
+fn bad_adapter_files_fail_clearly() {
+    let s = Setup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, keys: &[&str]| {
+        let t = Tensor::zeros(&[4, 4], DType::F32).unwrap();
+        let named: Vec<(&str, &Tensor)> = keys.iter().map(|k| (*k, &t)).collect();
+        let p = dir.path().join(name);
+        ferrite_plugin_api::save_safetensors(p.to_str().unwrap(), &named, &[]).unwrap();
+        p
+    };
+    // An SDXL LoRA (original block names, second text encoder).
+    let sdxl = write(
+        "sdxl.safetensors",
+        &[
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+        ],
+    );
+    let e = adapters::load(&s.registry, &s.model, &sdxl, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sdxl.safetensors")
+            && e.contains("match no layer")
+            && e.contains("another architecture"),
+        "{e}"
+    );
+    let corrupt = dir.path().join("corrupt.safetensors");
+    std::fs::write(&corrupt, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    let e = adapters::load(&s.registry, &s.model, &corrupt, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("corrupt.safetensors"), "{e}");
+    assert!(adapters::summary().unwrap().layers == 0, "nothing attached");
+
+    // Resuming a rank-4 file into rank-8 adapters.
+    let filter = select::LayerFilter::new(
+        "custom",
+        "to_q, to_k, to_v, to_out.0, ff.net.2, proj_in, conv1, conv_shortcut",
+        false,
+    )
+    .unwrap();
+    let layers = select::select(&s.model.layers, &filter, false);
+    let opts = AdapterOptions {
+        rank: 8,
+        ..Default::default()
+    };
+    adapters::create(&s.registry, &s.model, &layers, &opts).unwrap();
+    let e = adapters::resume(&s.model, &adapter_file("lora_kohya.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_kohya.safetensors") && e.contains("different rank"),
+        "{e}"
+    );
+    adapters::clear();
+    // The same rank resumes.
+    let opts = AdapterOptions {
+        rank: 4,
+        ..Default::default()
+    };
+    adapters::create(&s.registry, &s.model, &layers, &opts).unwrap();
+    adapters::resume(&s.model, &adapter_file("lora_kohya.safetensors")).unwrap();
+    let d = max_abs_diff(&s.unet(), &s.get("lora"));
+    assert!(d < 1e-4, "resumed LoRA gives the reference output ({d})");
+    adapters::clear();
+}
