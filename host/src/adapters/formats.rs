@@ -261,10 +261,13 @@ fn layer_entries(
         (format!("{prefix}.lora_B.weight"), up),
     ];
     if let Ok(m) = get("dora_scale") {
-        out.push((
-            format!("{prefix}.lora_magnitude_vector"),
-            m.reshape(&[-1]).map_err(err)?,
-        ));
+        // peft's layout: [out] for a linear layer, [1, out, 1, 1] for a conv. diffusers reads
+        // the UNet's magnitude bare and the text encoder's (through transformers) as `.weight`.
+        let key = match component {
+            "text_encoder" => format!("{prefix}.lora_magnitude_vector.weight"),
+            _ => format!("{prefix}.lora_magnitude_vector"),
+        };
+        out.push((key, m.reshape(&layer.per_output_shape()).map_err(err)?));
     }
     Ok(out)
 }
