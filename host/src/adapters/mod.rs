@@ -174,7 +174,14 @@ pub fn create(
         let a = make(registry, model, &options.kind, layer, json.clone())?;
         attach(&options.kind, layer, a);
     }
-    summary()
+    let s = summary()?;
+    tracing::info!(
+        "{}: {} layers adapted, {} trainable values",
+        options.kind,
+        s.layers,
+        s.parameters
+    );
+    Ok(s)
 }
 
 /// Reads an adapter file in any supported format and attaches it with strength `multiplier`.
