@@ -7,3 +7,4 @@ pub mod plugins;
 pub mod runtime;
 pub mod sample;
 pub mod settings;
+pub mod train;

@@ -1,0 +1,633 @@
+//! The training configuration, in TOML with OneTrainer's option names (snake_case). A config is
+//! read over the defaults; a preset (`presets/<name>.toml`, a partial config) and `--set key=value`
+//! overrides go on top. Validation reports every problem at once, each with its key path.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("the config has {} problem(s):\n  {}", .0.len(), .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+/// Per model part (OneTrainer's `unet`, `text_encoder` sections).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartConfig {
+    pub train: bool,
+    /// Overrides the global learning rate for this part.
+    pub learning_rate: Option<f64>,
+    /// Caption dropout (text encoder): the probability of training on the empty prompt.
+    pub dropout_probability: f64,
+}
+
+impl PartConfig {
+    fn trained() -> Self {
+        Self {
+            train: true,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for PartConfig {
+    fn default() -> Self {
+        Self {
+            train: false,
+            learning_rate: None,
+            dropout_probability: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConceptConfig {
+    pub name: String,
+    pub enabled: bool,
+    /// `standard` or `validation`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: String,
+    /// `sample` (per-image .txt), `concept` (one text file: `text_file`), `filename`.
+    pub prompt_source: String,
+    pub text_file: String,
+    pub include_subdirectories: bool,
+    /// Repeats per epoch (`repeats`: floor(n·balancing)) or images per epoch (`samples`).
+    pub balancing: f64,
+    pub balancing_strategy: String,
+    pub loss_weight: f64,
+    /// Random horizontal flip.
+    pub enable_random_flip: bool,
+    /// Random crop offset inside the bucket's cover-scaled image (else centred).
+    pub enable_crop_jitter: bool,
+}
+
+impl Default for ConceptConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            enabled: true,
+            kind: "standard".into(),
+            path: String::new(),
+            prompt_source: "sample".into(),
+            text_file: String::new(),
+            include_subdirectories: false,
+            balancing: 1.0,
+            balancing_strategy: "repeats".into(),
+            loss_weight: 1.0,
+            enable_random_flip: true,
+            enable_crop_jitter: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SampleConfig {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    pub diffusion_steps: usize,
+    pub cfg_scale: f64,
+    /// ddim, euler, euler_a, dpmpp_2m_karras.
+    pub sampler: String,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: 512,
+            height: 512,
+            seed: 42,
+            diffusion_steps: 20,
+            cfg_scale: 7.0,
+            sampler: "euler".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `lora` or `fine_tune`.
+    pub training_method: String,
+    /// The architecture plugin id.
+    pub model_type: String,
+    pub base_model_name: String,
+    /// For a single-file base model: a diffusers folder to take configs and tokenizer from.
+    pub base_model_config: String,
+    pub output_model_destination: String,
+    /// LoRA: kohya, diffusers or comfy.
+    pub output_model_format: String,
+    pub workspace_dir: String,
+    pub cache_dir: String,
+    pub continue_last_backup: bool,
+    pub train_device: String,
+    pub seed: u64,
+
+    pub learning_rate: f64,
+    /// The optimizer plugin id and its options (any other keys of this table).
+    pub optimizer: toml::Table,
+    /// constant, linear, cosine, cosine_with_restarts.
+    pub learning_rate_scheduler: String,
+    /// Steps, or a fraction of all steps when at most 1.
+    pub learning_rate_warmup_steps: f64,
+    pub learning_rate_cycles: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// 0 turns clipping off.
+    pub clip_grad_norm: f64,
+
+    pub resolution: String,
+    pub aspect_ratio_bucketing: bool,
+
+    /// uniform, logit_normal.
+    pub timestep_distribution: String,
+    pub min_noising_strength: f64,
+    pub max_noising_strength: f64,
+    pub offset_noise_weight: f64,
+    pub mse_strength: f64,
+    pub mae_strength: f64,
+    /// constant or min_snr_gamma (with loss_weight_strength as gamma).
+    pub loss_weight_fn: String,
+    pub loss_weight_strength: f64,
+
+    pub unet: PartConfig,
+    pub text_encoder: PartConfig,
+
+    /// lora or loha.
+    pub peft_type: String,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// DoRA.
+    pub lora_decompose: bool,
+    /// attn-only, attn-mlp, full, custom.
+    pub lora_layer_preset: String,
+    /// custom: comma-separated module name parts, or a regex with `layer_filter_regex`.
+    pub lora_layers: String,
+    pub layer_filter_regex: bool,
+    /// Resume the adapter from this file.
+    pub lora_base_model: String,
+
+    pub sample_after: f64,
+    /// step, epoch, never.
+    pub sample_after_unit: String,
+    pub samples: Vec<SampleConfig>,
+
+    pub backup_after: f64,
+    /// step, epoch, never.
+    pub backup_after_unit: String,
+    pub rolling_backup_count: usize,
+    pub save_every: f64,
+    pub save_every_unit: String,
+
+    pub concepts: Vec<ConceptConfig>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        let mut optimizer = toml::Table::new();
+        optimizer.insert("optimizer".into(), "adamw".into());
+        Self {
+            training_method: "lora".into(),
+            model_type: "sd15".into(),
+            base_model_name: String::new(),
+            base_model_config: String::new(),
+            output_model_destination: "workspace/run/save/model.safetensors".into(),
+            output_model_format: "kohya".into(),
+            workspace_dir: "workspace/run".into(),
+            cache_dir: "workspace-cache/run".into(),
+            continue_last_backup: false,
+            train_device: "cpu".into(),
+            seed: 42,
+            learning_rate: 1e-4,
+            optimizer,
+            learning_rate_scheduler: "constant".into(),
+            learning_rate_warmup_steps: 0.0,
+            learning_rate_cycles: 1.0,
+            epochs: 100,
+            batch_size: 1,
+            gradient_accumulation_steps: 1,
+            clip_grad_norm: 1.0,
+            resolution: "512".into(),
+            aspect_ratio_bucketing: true,
+            timestep_distribution: "uniform".into(),
+            min_noising_strength: 0.0,
+            max_noising_strength: 1.0,
+            offset_noise_weight: 0.0,
+            mse_strength: 1.0,
+            mae_strength: 0.0,
+            loss_weight_fn: "constant".into(),
+            loss_weight_strength: 5.0,
+            unet: PartConfig::trained(),
+            text_encoder: PartConfig::default(),
+            peft_type: "lora".into(),
+            lora_rank: 16,
+            lora_alpha: 1.0,
+            lora_dropout: 0.0,
+            lora_decompose: false,
+            lora_layer_preset: "attn-mlp".into(),
+            lora_layers: String::new(),
+            layer_filter_regex: false,
+            lora_base_model: String::new(),
+            sample_after: 10.0,
+            sample_after_unit: "epoch".into(),
+            samples: Vec::new(),
+            backup_after: 30.0,
+            backup_after_unit: "epoch".into(),
+            rolling_backup_count: 3,
+            save_every: 0.0,
+            save_every_unit: "never".into(),
+            concepts: Vec::new(),
+        }
+    }
+}
+
+fn read_toml(path: &Path) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Read {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+/// Overlays `top` on `base`, table by table (arrays and values replace).
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// `a.b=value`: the value as TOML (a number, bool, array...), else as a string.
+fn set(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let bad = |m: &str| ConfigError::Invalid(vec![format!("--set {assignment}: {m}")]);
+    let (key, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| bad("expected key=value"))?;
+    let value = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts
+        .pop()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| bad("empty key"))?;
+    let mut t = table;
+    for p in parts {
+        t = t
+            .entry(p)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| bad(&format!("`{p}` is not a table")))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// The folder holding the bundled presets: `presets/` beside the executable's workspace, or
+/// `$FERRITE_PRESETS`.
+pub fn presets_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FERRITE_PRESETS") {
+        return d.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets")
+}
+
+impl TrainConfig {
+    /// Reads `config` (if any) over the defaults, then `preset` (a name in [`presets_dir`] or a
+    /// path), then each `key=value` of `sets`; validates the result.
+    pub fn load(config: Option<&Path>, preset: Option<&str>, sets: &[String]) -> Result<Self> {
+        let mut table =
+            toml::Table::try_from(TrainConfig::default()).expect("the defaults serialise to TOML");
+        if let Some(p) = config {
+            merge(&mut table, read_toml(p)?);
+        }
+        if let Some(name) = preset {
+            let path = if Path::new(name).is_file() {
+                PathBuf::from(name)
+            } else {
+                presets_dir().join(format!("{name}.toml"))
+            };
+            merge(&mut table, read_toml(&path)?);
+        }
+        for s in sets {
+            set(&mut table, s)?;
+        }
+        let source = config.map_or_else(|| "the config".into(), |p| p.display().to_string());
+        let c: TrainConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Invalid(vec![format!("{source}: {}: {}", e.path(), e.inner())])
+            })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serialises to TOML")
+    }
+
+    /// Every problem, each with its key path.
+    pub fn validate(&self) -> Result<()> {
+        let mut e = Vec::new();
+        let mut one_of = |key: &str, v: &str, allowed: &[&str]| {
+            if !allowed.contains(&v) {
+                e.push(format!("{key}: `{v}` is not one of {}", allowed.join(", ")));
+            }
+        };
+        one_of(
+            "training_method",
+            &self.training_method,
+            &["lora", "fine_tune"],
+        );
+        one_of(
+            "output_model_format",
+            &self.output_model_format,
+            &["kohya", "diffusers", "comfy"],
+        );
+        one_of(
+            "learning_rate_scheduler",
+            &self.learning_rate_scheduler,
+            &["constant", "linear", "cosine", "cosine_with_restarts"],
+        );
+        one_of(
+            "timestep_distribution",
+            &self.timestep_distribution,
+            &["uniform", "logit_normal"],
+        );
+        one_of(
+            "loss_weight_fn",
+            &self.loss_weight_fn,
+            &["constant", "min_snr_gamma"],
+        );
+        one_of("peft_type", &self.peft_type, &["lora", "loha"]);
+        one_of(
+            "lora_layer_preset",
+            &self.lora_layer_preset,
+            &["attn-only", "attn-mlp", "full", "custom"],
+        );
+        for (k, v) in [
+            ("sample_after_unit", &self.sample_after_unit),
+            ("backup_after_unit", &self.backup_after_unit),
+            ("save_every_unit", &self.save_every_unit),
+        ] {
+            one_of(k, v, &["step", "epoch", "never"]);
+        }
+        for (i, c) in self.concepts.iter().enumerate() {
+            let k = |f: &str| format!("concepts[{i}].{f}");
+            one_of(&k("type"), &c.kind, &["standard", "validation"]);
+            one_of(
+                &k("prompt_source"),
+                &c.prompt_source,
+                &["sample", "concept", "filename"],
+            );
+            one_of(
+                &k("balancing_strategy"),
+                &c.balancing_strategy,
+                &["repeats", "samples"],
+            );
+        }
+        for (i, s) in self.samples.iter().enumerate() {
+            one_of(
+                &format!("samples[{i}].sampler"),
+                &s.sampler,
+                &["ddim", "euler", "euler_a", "dpmpp_2m_karras"],
+            );
+        }
+        let mut check = |ok: bool, msg: &str| {
+            if !ok {
+                e.push(msg.to_string());
+            }
+        };
+        check(
+            !self.base_model_name.is_empty(),
+            "base_model_name: give a model folder or file",
+        );
+        check(self.learning_rate > 0.0, "learning_rate: must be above 0");
+        check(self.batch_size >= 1, "batch_size: must be at least 1");
+        check(
+            self.gradient_accumulation_steps >= 1,
+            "gradient_accumulation_steps: must be at least 1",
+        );
+        check(self.epochs >= 1, "epochs: must be at least 1");
+        check(
+            self.clip_grad_norm >= 0.0,
+            "clip_grad_norm: must be 0 (off) or more",
+        );
+        check(
+            (0.0..=1.0).contains(&self.min_noising_strength)
+                && (0.0..=1.0).contains(&self.max_noising_strength)
+                && self.min_noising_strength < self.max_noising_strength,
+            "min_noising_strength, max_noising_strength: need 0 <= min < max <= 1",
+        );
+        check(self.lora_rank >= 1, "lora_rank: must be at least 1");
+        check(
+            (0.0..1.0).contains(&self.lora_dropout),
+            "lora_dropout: must be in [0, 1)",
+        );
+        check(
+            self.unet.train || self.text_encoder.train,
+            "unet.train, text_encoder.train: train at least one part",
+        );
+        check(
+            (0.0..1.0).contains(&self.text_encoder.dropout_probability),
+            "text_encoder.dropout_probability: must be in [0, 1)",
+        );
+        check(
+            self.optimizer
+                .get("optimizer")
+                .and_then(|v| v.as_str())
+                .is_some(),
+            "optimizer.optimizer: name the optimizer plugin (adamw, adam, sgd, ...)",
+        );
+        check(
+            self.concepts
+                .iter()
+                .any(|c| c.enabled && c.kind == "standard"),
+            "concepts: add at least one enabled standard concept",
+        );
+        for (i, c) in self.concepts.iter().enumerate() {
+            check(
+                !c.path.is_empty(),
+                &format!("concepts[{i}].path: give the image folder"),
+            );
+            check(
+                c.balancing > 0.0,
+                &format!("concepts[{i}].balancing: must be above 0"),
+            );
+        }
+        if let Err(m) = self.resolutions() {
+            e.push(format!("resolution: {m}"));
+        }
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(e))
+        }
+    }
+
+    /// `512`, `512,768` (one chosen per image) or `WxH`, as (width, height) targets.
+    pub fn resolutions(&self) -> std::result::Result<Vec<(usize, usize)>, String> {
+        let parse = |s: &str| -> std::result::Result<usize, String> {
+            let v: usize = s
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{s}` is not a number"))?;
+            if v < 8 {
+                return Err(format!("{v} is too small"));
+            }
+            Ok(v)
+        };
+        self.resolution
+            .split(',')
+            .map(|r| match r.split_once('x') {
+                Some((w, h)) => Ok((parse(w)?, parse(h)?)),
+                None => parse(r).map(|v| (v, v)),
+            })
+            .collect()
+    }
+
+    /// The optimizer plugin id and its options (the table without `optimizer`).
+    pub fn optimizer_options(&self) -> (String, serde_json::Value) {
+        let mut t = self.optimizer.clone();
+        let id = t
+            .remove("optimizer")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        (id, serde_json::to_value(t).unwrap_or_default())
+    }
+
+    /// A path from the config, relative to `base` (the config file's folder) unless absolute.
+    pub fn path(base: &Path, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.into()
+        } else {
+            base.join(p)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const MINIMAL: &str = r#"
+base_model_name = "model"
+[[concepts]]
+path = "images"
+"#;
+
+    #[test]
+    fn presets_and_sets_go_over_the_config() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(
+            d.path(),
+            "c.toml",
+            &format!("learning_rate = 0.5\nlora_rank = 4\n{MINIMAL}"),
+        );
+        let preset = write(
+            d.path(),
+            "p.toml",
+            "lora_rank = 8\n[unet]\nlearning_rate = 0.25\n",
+        );
+        let sets = [
+            "epochs=3".to_string(),
+            "optimizer.weight_decay=0.0".to_string(),
+            "text_encoder.train=true".to_string(),
+        ];
+        let c = TrainConfig::load(Some(&cfg), Some(preset.to_str().unwrap()), &sets).unwrap();
+        assert_eq!(c.learning_rate, 0.5);
+        assert_eq!(c.lora_rank, 8, "the preset wins over the file");
+        assert_eq!(c.unet.learning_rate, Some(0.25));
+        assert!(c.unet.train, "defaults stay where nothing overrides them");
+        assert_eq!(c.epochs, 3);
+        assert!(c.text_encoder.train);
+        let (id, opts) = c.optimizer_options();
+        assert_eq!(
+            (id.as_str(), opts["weight_decay"].as_f64()),
+            ("adamw", Some(0.0))
+        );
+        // Round trip through TOML.
+        let again = write(d.path(), "again.toml", &c.to_toml());
+        assert_eq!(TrainConfig::load(Some(&again), None, &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(
+            d.path(),
+            "c.toml",
+            r#"
+learning_rate = -1
+batch_size = 0
+resolution = "abc"
+learning_rate_scheduler = "sometimes"
+[[concepts]]
+path = ""
+prompt_source = "dreams"
+"#,
+        );
+        let e = TrainConfig::load(Some(&cfg), None, &[])
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "base_model_name",
+            "learning_rate: must be above 0",
+            "batch_size",
+            "resolution: `abc`",
+            "learning_rate_scheduler: `sometimes`",
+            "concepts[0].prompt_source: `dreams`",
+            "concepts[0].path",
+        ] {
+            assert!(e.contains(needle), "`{needle}` missing from:\n{e}");
+        }
+        let typo = write(
+            d.path(),
+            "t.toml",
+            &format!("learning_rat = 1\n{MINIMAL}"),
+        );
+        let e = TrainConfig::load(Some(&typo), None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("learning_rat"), "{e}");
+        let wrong_type = write(
+            d.path(),
+            "w.toml",
+            &format!("{MINIMAL}\n[unet]\ntrain = \"yes\"\n"),
+        );
+        let e = TrainConfig::load(Some(&wrong_type), None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unet.train"), "{e}");
+    }
+}

@@ -1,0 +1,3 @@
+//! Training: the config, and the trainer.
+
+pub mod config;
