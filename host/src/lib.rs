@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod bench;
+pub mod data;
 pub mod fsutil;
 pub mod plugins;
 pub mod runtime;

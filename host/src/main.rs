@@ -25,6 +25,10 @@ enum Command {
     },
     /// Generate an image from a prompt.
     Sample(Box<SampleArgs>),
+    /// Train (LoRA-family adapter or fine-tune) from a TOML config.
+    Train(TrainArgs),
+    /// Write a starter config (and an images folder) into DIR.
+    Init { dir: PathBuf },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -72,6 +76,19 @@ struct SampleArgs {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The training config (TOML, OneTrainer's option names).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A preset over the config: a name from presets/ or a file.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Overrides, e.g. `--set learning_rate=1e-4 --set unet.train=false`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -148,10 +165,100 @@ fn main() -> Result<()> {
             }
         }
         Some(Command::Sample(args)) => sample(&Settings::load(&settings_path)?, *args)?,
+        Some(Command::Train(args)) => train(&Settings::load(&settings_path)?, args)?,
+        Some(Command::Init { dir }) => init(&dir)?,
         Some(Command::Bench {
             what: BenchWhat::Ops { device },
         }) => ferrite::bench::ops(&device)?,
     }
+    Ok(())
+}
+
+fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
+    use ferrite::train::{
+        config::TrainConfig,
+        trainer::{Event, Trainer},
+    };
+    let config = TrainConfig::load(a.config.as_deref(), a.preset.as_deref(), &a.sets)?;
+    let base = a
+        .config
+        .as_deref()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    ferrite::runtime::init(&config.train_device)?;
+    let registry = Registry::discover(&search_dirs(settings), settings);
+    let mut trainer = Trainer::new(config, &base, registry)?;
+    let bar = indicatif::ProgressBar::new(trainer.total_steps());
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}, {per_sec}]",
+    )?);
+    trainer.run(|e| match e {
+        Event::Started {
+            items, problems, ..
+        } => {
+            if !problems.is_empty() {
+                bar.suspend(|| {
+                    eprintln!("{} problem(s) in the data (left out):", problems.len());
+                    for p in &problems {
+                        eprintln!("  {p}");
+                    }
+                });
+            }
+            bar.println(format!("training on {items} images"));
+        }
+        Event::Step {
+            step,
+            epoch,
+            loss,
+            lr,
+        } => {
+            bar.set_position(step);
+            bar.set_message(format!("epoch {epoch} loss {loss:.4} lr {lr:.2e}"));
+        }
+        Event::Sample(p) => bar.println(format!("sample: {}", p.display())),
+        Event::Backup(p) => bar.println(format!("backup: {}", p.display())),
+        Event::Saved(p) => bar.println(format!("saved: {}", p.display())),
+    })?;
+    bar.finish();
+    Ok(())
+}
+
+/// A starter config: a LoRA on a model to fill in, one concept folder, one sample prompt.
+fn init(dir: &std::path::Path) -> Result<()> {
+    use ferrite::train::config::{ConceptConfig, SampleConfig, TrainConfig};
+    let config_path = dir.join("config.toml");
+    if config_path.exists() {
+        anyhow::bail!(
+            "{} exists already: not overwriting it",
+            config_path.display()
+        );
+    }
+    std::fs::create_dir_all(dir.join("images"))?;
+    let config = TrainConfig {
+        base_model_name: "path/to/model (a diffusers folder or a .safetensors checkpoint)".into(),
+        workspace_dir: "workspace".into(),
+        cache_dir: "workspace-cache".into(),
+        output_model_destination: "output/lora.safetensors".into(),
+        concepts: vec![ConceptConfig {
+            name: "my concept".into(),
+            path: "images".into(),
+            ..Default::default()
+        }],
+        samples: vec![SampleConfig {
+            prompt: "a photo of my concept".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    ferrite::fsutil::write_atomic(&config_path, config.to_toml().as_bytes())?;
+    println!(
+        "wrote {} and {}/: put images (with .txt captions) there, set base_model_name, then\n  \
+         ferrite train --config {}",
+        config_path.display(),
+        dir.join("images").display(),
+        config_path.display()
+    );
     Ok(())
 }
 

@@ -611,11 +611,7 @@ prompt_source = "dreams"
         ] {
             assert!(e.contains(needle), "`{needle}` missing from:\n{e}");
         }
-        let typo = write(
-            d.path(),
-            "t.toml",
-            &format!("learning_rat = 1\n{MINIMAL}"),
-        );
+        let typo = write(d.path(), "t.toml", &format!("learning_rat = 1\n{MINIMAL}"));
         let e = TrainConfig::load(Some(&typo), None, &[])
             .unwrap_err()
             .to_string();

@@ -1,3 +1,4 @@
 //! Training: the config, and the trainer.
 
 pub mod config;
+pub mod trainer;

@@ -194,6 +194,7 @@ pub struct Sd15 {
     /// Every UNet and text-encoder tensor, as `unet.<key>` and `text_encoder.text_model.<key>`.
     parameters: Vec<(String, Tensor)>,
     adaptable_layers: Vec<AdaptableLayer>,
+    unet_downsamples: usize,
 }
 
 /// The text encoder's tensors under transformers' `text_model.` level, which transformers 5
@@ -277,6 +278,7 @@ impl Sd15 {
             scheduler: c.scheduler,
             parameters: [unet.tensors(), te.tensors()].concat(),
             adaptable_layers: Vec::new(),
+            unet_downsamples: c.unet.block_out_channels.len() - 1,
         };
         let cross_up: Vec<bool> = c
             .unet
@@ -317,6 +319,8 @@ impl Architecture for Sd15 {
             "scaling_factor": v.scaling_factor,
             "shift_factor": v.shift_factor,
             "scheduler": self.scheduler,
+            // Image sides must divide by this: the VAE's factor times the UNet's downsamplings.
+            "resolution_step": v.scale_factor() << self.unet_downsamples,
             "adaptable_layers": self.adaptable_layers,
         }))
     }

@@ -1,0 +1,253 @@
+//! Training data: concepts scanned into items (image + captions), OneTrainer's aspect-ratio
+//! buckets, per-epoch order and augmentation drawn from the seed and the epoch (so a resumed run
+//! sees the same batches), and images prepared as `[3, H, W]` tensors in [-1, 1].
+
+pub mod buckets;
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::train::config::{ConceptConfig, TrainConfig};
+
+const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
+/// Smaller images are reported and left out.
+const MIN_SIDE: u32 = 8;
+
+/// One training image.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub path: PathBuf,
+    /// Caption candidates (one is drawn per epoch).
+    pub captions: Vec<String>,
+    pub concept: usize,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// The concepts' images, and the problems found while reading them.
+#[derive(Debug, Default)]
+pub struct Dataset {
+    pub items: Vec<Item>,
+    /// One line per unreadable/tiny image or missing caption.
+    pub problems: Vec<String>,
+}
+
+fn images_in(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.path());
+    for e in entries {
+        let p = e.path();
+        if p.is_dir() {
+            if recursive {
+                images_in(&p, true, out)?;
+            }
+        } else if p
+            .extension()
+            .and_then(|x| x.to_str())
+            .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+            && !p.to_string_lossy().ends_with("-masklabel.png")
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The captions of `image` for `concept`'s prompt source.
+fn captions(
+    concept: &ConceptConfig,
+    base: &Path,
+    image: &Path,
+) -> std::result::Result<Vec<String>, String> {
+    match concept.prompt_source.as_str() {
+        "filename" => Ok(vec![
+            image
+                .file_stem()
+                .map(|s| s.to_string_lossy().replace('_', " "))
+                .unwrap_or_default(),
+        ]),
+        "concept" => {
+            let f = TrainConfig::path(base, &concept.text_file);
+            std::fs::read_to_string(&f)
+                .map(|t| lines(&t))
+                .map_err(|e| format!("{}: {e}", f.display()))
+        }
+        _ => {
+            let f = image.with_extension("txt");
+            std::fs::read_to_string(&f)
+                .map(|t| lines(&t))
+                .map_err(|_| format!("{}: no caption file {}", image.display(), f.display()))
+        }
+    }
+}
+
+impl Dataset {
+    /// Reads every enabled concept of `kind` (`standard`, `validation`); paths are relative to
+    /// `base`. Problems are collected, not fatal: the run goes on with the rest.
+    pub fn scan(config: &TrainConfig, base: &Path, kind: &str) -> Self {
+        let mut d = Dataset::default();
+        for (ci, c) in config.concepts.iter().enumerate() {
+            if !c.enabled || c.kind != kind {
+                continue;
+            }
+            let dir = TrainConfig::path(base, &c.path);
+            let mut paths = Vec::new();
+            if let Err(e) = images_in(&dir, c.include_subdirectories, &mut paths) {
+                d.problems
+                    .push(format!("concept `{}`: {}: {e}", c.name, dir.display()));
+                continue;
+            }
+            for p in paths {
+                let (width, height) = match image::image_dimensions(&p) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        d.problems
+                            .push(format!("{}: unreadable image: {e}", p.display()));
+                        continue;
+                    }
+                };
+                if width < MIN_SIDE || height < MIN_SIDE {
+                    d.problems
+                        .push(format!("{}: {width}x{height} is too small", p.display()));
+                    continue;
+                }
+                let captions = match captions(c, base, &p) {
+                    Ok(caps) if !caps.is_empty() => caps,
+                    Ok(_) => {
+                        d.problems
+                            .push(format!("{}: the caption is empty", p.display()));
+                        vec![String::new()]
+                    }
+                    Err(e) => {
+                        d.problems.push(e);
+                        vec![String::new()]
+                    }
+                };
+                d.items.push(Item {
+                    path: p,
+                    captions,
+                    concept: ci,
+                    width,
+                    height,
+                });
+            }
+        }
+        d
+    }
+}
+
+/// A seeded generator for one purpose at one point of the run: the same (seed, purpose, index)
+/// always gives the same draws, which is what makes a resumed run repeat an uninterrupted one.
+pub fn rng(seed: u64, purpose: u64, index: u64) -> ChaCha8Rng {
+    let mut s = [0u8; 32];
+    s[..8].copy_from_slice(&seed.to_le_bytes());
+    s[8..16].copy_from_slice(&purpose.to_le_bytes());
+    s[16..24].copy_from_slice(&index.to_le_bytes());
+    ChaCha8Rng::from_seed(s)
+}
+
+/// What each batch of an epoch holds.
+#[derive(Debug, Clone)]
+pub struct BatchPlan {
+    pub items: Vec<usize>,
+    pub bucket: (usize, usize),
+}
+
+/// One epoch: items repeated per concept balancing, assigned to buckets, shuffled, batched.
+pub fn plan_epoch(
+    d: &Dataset,
+    config: &TrainConfig,
+    buckets: &buckets::Buckets,
+    epoch: u64,
+) -> Vec<BatchPlan> {
+    const PURPOSE: u64 = 1;
+    let mut r = rng(config.seed, PURPOSE, epoch);
+    let mut chosen = Vec::new();
+    for (ci, c) in config.concepts.iter().enumerate() {
+        let of: Vec<usize> = (0..d.items.len())
+            .filter(|&i| d.items[i].concept == ci)
+            .collect();
+        if of.is_empty() {
+            continue;
+        }
+        if c.balancing_strategy == "samples" {
+            for _ in 0..c.balancing.round() as usize {
+                chosen.push(of[r.random_range(0..of.len())]);
+            }
+        } else {
+            let n = ((of.len() as f64 * c.balancing).floor() as usize).max(1);
+            chosen.extend(of.iter().cycle().take(n));
+        }
+    }
+    chosen.shuffle(&mut r);
+    let mut by_bucket: std::collections::BTreeMap<(usize, usize), Vec<usize>> = Default::default();
+    for i in chosen {
+        let it = &d.items[i];
+        by_bucket
+            .entry(buckets.nearest(it.width as usize, it.height as usize))
+            .or_default()
+            .push(i);
+    }
+    let mut batches: Vec<BatchPlan> = by_bucket
+        .into_iter()
+        .flat_map(|(bucket, items)| {
+            items
+                .chunks(config.batch_size)
+                .map(|c| BatchPlan {
+                    items: c.to_vec(),
+                    bucket,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    batches.shuffle(&mut r);
+    batches
+}
+
+/// The image scaled to cover `bucket` (width, height), cropped (at a random offset with
+/// jitter, else centred), flipped at random when enabled: RGB f32 in [-1, 1], `[3, H, W]` order.
+pub fn prepare(
+    item: &Item,
+    concept: &ConceptConfig,
+    bucket: (usize, usize),
+    r: &mut ChaCha8Rng,
+) -> std::result::Result<Vec<f32>, String> {
+    let img = image::open(&item.path)
+        .map_err(|e| format!("{}: {e}", item.path.display()))?
+        .to_rgb8();
+    let (bw, bh) = (bucket.0 as u32, bucket.1 as u32);
+    let scale = (bw as f64 / img.width() as f64).max(bh as f64 / img.height() as f64);
+    let (sw, sh) = (
+        ((img.width() as f64 * scale).round() as u32).max(bw),
+        ((img.height() as f64 * scale).round() as u32).max(bh),
+    );
+    let scaled = image::imageops::resize(&img, sw, sh, image::imageops::FilterType::Lanczos3);
+    let (x, y) = if concept.enable_crop_jitter {
+        (r.random_range(0..=sw - bw), r.random_range(0..=sh - bh))
+    } else {
+        ((sw - bw) / 2, (sh - bh) / 2)
+    };
+    let mut crop = image::imageops::crop_imm(&scaled, x, y, bw, bh).to_image();
+    if concept.enable_random_flip && r.random_bool(0.5) {
+        crop = image::imageops::flip_horizontal(&crop);
+    }
+    let (w, h) = (bw as usize, bh as usize);
+    let mut out = vec![0f32; 3 * w * h];
+    for (px, py, p) in crop.enumerate_pixels() {
+        for c in 0..3 {
+            out[c * w * h + py as usize * w + px as usize] = p[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Ok(out)
+}

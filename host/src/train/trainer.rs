@@ -1,0 +1,778 @@
+//! The trainer: LoRA-family adapters or a full fine-tune of the parts marked `train`, one
+//! optimizer (plugin) per part with its own learning rate, epsilon or v targets, noise and
+//! timesteps drawn from the seed and the step, gradient accumulation and clipping, learning-rate
+//! schedules with warmup, samples, rolling backups and exact resume, and the final save.
+//!
+//! Every random draw at a point of the run comes from (seed, purpose, index), and the data order
+//! of an epoch from (seed, epoch): a run resumed from a backup repeats the uninterrupted one.
+
+use std::path::{Path, PathBuf};
+
+use ferrite_plugin_api::{
+    DType, Generator, Tensor, Weights,
+    plugin::{ArchitectureHandle, OptimizerHandle},
+};
+use rand::Rng;
+
+use crate::adapters::{self, AdapterOptions, ModelLayers, formats::Format, select};
+use crate::data::{self, Dataset, buckets::Buckets};
+use crate::plugins::Registry;
+use crate::sample::{NoiseSchedule, Prediction, Sampler, SchedulerConfig, generate};
+use crate::train::config::TrainConfig;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TrainError(pub String);
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+fn err(e: impl std::fmt::Display) -> TrainError {
+    TrainError(e.to_string())
+}
+
+/// Where the run is; what a backup stores besides the tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub epoch: u64,
+    /// Batches of the current epoch already used.
+    pub batch_in_epoch: usize,
+    /// Batches used in the whole run (indexes the random draws).
+    pub batches: u64,
+}
+
+/// What the trainer reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started {
+        items: usize,
+        problems: Vec<String>,
+        steps: u64,
+    },
+    Step {
+        step: u64,
+        epoch: u64,
+        loss: f32,
+        lr: f64,
+    },
+    Sample(PathBuf),
+    Backup(PathBuf),
+    Saved(PathBuf),
+}
+
+/// A model part's trainable tensors and their optimizer.
+struct Group {
+    part: String,
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    optimizer: OptimizerHandle,
+    lr: f64,
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    /// The config file's folder: relative paths start there.
+    base: PathBuf,
+    workspace: PathBuf,
+    registry: Registry,
+    arch: ArchitectureHandle,
+    model: ModelLayers,
+    schedule: NoiseSchedule,
+    info: serde_json::Value,
+    data: Dataset,
+    buckets: Buckets,
+    groups: Vec<Group>,
+    pub progress: Progress,
+    batches_per_epoch: usize,
+}
+
+const RNG_BATCH: u64 = 2;
+const RNG_NOISE: u64 = 3;
+
+impl Trainer {
+    /// Loads the model, makes the trainable tensors and optimizers, reads the data, and
+    /// resumes from the last backup when `continue_last_backup` is set.
+    pub fn new(config: TrainConfig, base: &Path, registry: Registry) -> Result<Self> {
+        let c = &config;
+        let workspace = TrainConfig::path(base, &c.workspace_dir);
+        std::fs::create_dir_all(&workspace)
+            .map_err(|e| TrainError(format!("workspace_dir {}: {e}", workspace.display())))?;
+        crate::fsutil::write_atomic(&workspace.join("config.toml"), c.to_toml().as_bytes())
+            .map_err(err)?;
+
+        let mut options = serde_json::json!({
+            "model": TrainConfig::path(base, &c.base_model_name),
+        });
+        if !c.base_model_config.is_empty() {
+            options["config"] = TrainConfig::path(base, &c.base_model_config)
+                .to_string_lossy()
+                .into();
+        }
+        let arch = registry
+            .architecture(&c.model_type, &options.to_string())
+            .map_err(err)?;
+        let info = arch.model_info().map_err(err)?;
+        let schedule = NoiseSchedule::new(
+            SchedulerConfig::from_json(&info["scheduler"].to_string(), "the model's scheduler")
+                .map_err(err)?,
+        )
+        .map_err(err)?;
+        let model = ModelLayers::of(&arch).map_err(err)?;
+
+        let data = Dataset::scan(c, base, "standard");
+        if data.items.is_empty() {
+            return Err(TrainError(format!(
+                "no training images found{}",
+                if data.problems.is_empty() {
+                    String::new()
+                } else {
+                    format!(":\n  {}", data.problems.join("\n  "))
+                }
+            )));
+        }
+        let res = c.resolutions().map_err(err)?[0];
+        let step = info["resolution_step"].as_u64().unwrap_or(8) as usize;
+        let buckets = Buckets::new(res, step, c.aspect_ratio_bucketing);
+
+        let mut t = Self {
+            groups: Vec::new(),
+            batches_per_epoch: 0,
+            progress: Progress {
+                step: 0,
+                epoch: 0,
+                batch_in_epoch: 0,
+                batches: 0,
+            },
+            config: config.clone(),
+            base: base.into(),
+            workspace,
+            registry,
+            arch,
+            model,
+            schedule,
+            info,
+            data,
+            buckets,
+        };
+        t.batches_per_epoch = data::plan_epoch(&t.data, &t.config, &t.buckets, 0).len();
+        t.groups = t.make_groups()?;
+        if t.config.continue_last_backup
+            && let Some(b) = t.last_backup()
+        {
+            t.restore(&b)?;
+        }
+        Ok(t)
+    }
+
+    fn make_groups(&self) -> Result<Vec<Group>> {
+        let c = &self.config;
+        let named: Vec<(String, Tensor)> = if c.training_method == "lora" {
+            adapters::clear();
+            let filter = select::LayerFilter::new(
+                &c.lora_layer_preset,
+                &c.lora_layers,
+                c.layer_filter_regex,
+            )
+            .map_err(err)?;
+            let layers: Vec<_> = select::select(&self.model.layers, &filter, c.text_encoder.train)
+                .into_iter()
+                .filter(|l| c.unet.train || !l.name.starts_with("unet."))
+                .collect();
+            let opts = AdapterOptions {
+                kind: c.peft_type.clone(),
+                rank: c.lora_rank,
+                alpha: c.lora_alpha,
+                dropout: c.lora_dropout,
+                dora: c.lora_decompose,
+                seed: c.seed,
+            };
+            adapters::create(&self.registry, &self.model, &layers, &opts).map_err(err)?;
+            if !c.lora_base_model.is_empty() {
+                adapters::resume(
+                    &self.model,
+                    &TrainConfig::path(&self.base, &c.lora_base_model),
+                )
+                .map_err(err)?;
+            }
+            adapters::set_training(true);
+            adapters::parameters().map_err(err)?
+        } else {
+            let all = self.arch.parameters().map_err(err)?;
+            for (_, t) in &all {
+                t.set_requires_grad(false).map_err(err)?;
+            }
+            all
+        };
+        let (opt_id, opt_options) = c.optimizer_options();
+        let mut groups = Vec::new();
+        for (part, pc) in [("unet", &c.unet), ("text_encoder", &c.text_encoder)] {
+            if !pc.train {
+                continue;
+            }
+            let (names, params): (Vec<String>, Vec<Tensor>) = named
+                .iter()
+                .filter(|(n, _)| n.starts_with(&format!("{part}.")))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .unzip();
+            if params.is_empty() {
+                continue;
+            }
+            for p in &params {
+                p.set_requires_grad(true).map_err(err)?;
+            }
+            let optimizer = self
+                .registry
+                .optimizer(&opt_id, &opt_options.to_string())
+                .map_err(err)?;
+            groups.push(Group {
+                part: part.into(),
+                names,
+                params,
+                optimizer,
+                lr: pc.learning_rate.unwrap_or(c.learning_rate),
+            });
+        }
+        if groups.is_empty() {
+            return Err(TrainError(
+                "nothing to train: no parameters in the parts marked train".into(),
+            ));
+        }
+        Ok(groups)
+    }
+
+    /// Optimizer steps in the whole run.
+    pub fn total_steps(&self) -> u64 {
+        (self.config.epochs * self.batches_per_epoch / self.config.gradient_accumulation_steps)
+            as u64
+    }
+
+    /// The learning-rate factor at `step`: warmup, then the schedule.
+    pub fn lr_factor(&self, step: u64) -> f64 {
+        let c = &self.config;
+        let total = self.total_steps().max(1) as f64;
+        let warmup = if c.learning_rate_warmup_steps <= 1.0 {
+            c.learning_rate_warmup_steps * total
+        } else {
+            c.learning_rate_warmup_steps
+        };
+        let s = step as f64;
+        if s < warmup {
+            return (s + 1.0) / warmup;
+        }
+        let p = ((s - warmup) / (total - warmup).max(1.0)).clamp(0.0, 1.0);
+        let pi = std::f64::consts::PI;
+        match c.learning_rate_scheduler.as_str() {
+            "linear" => 1.0 - p,
+            "cosine" => 0.5 * (1.0 + (pi * p).cos()),
+            "cosine_with_restarts" => {
+                0.5 * (1.0 + (pi * ((c.learning_rate_cycles * p) % 1.0)).cos())
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// The loss of one batch (divided by the accumulation steps), on the device.
+    fn batch_loss(&self, plan: &data::BatchPlan, index: u64) -> Result<Tensor> {
+        let c = &self.config;
+        let mut r = data::rng(c.seed, RNG_BATCH, index);
+        let (w, h) = plan.bucket;
+        let mut pixels = Vec::with_capacity(plan.items.len() * 3 * w * h);
+        let mut prompts = Vec::new();
+        let mut weights = Vec::new();
+        for &i in &plan.items {
+            let item = &self.data.items[i];
+            let concept = &c.concepts[item.concept];
+            pixels.extend(data::prepare(item, concept, plan.bucket, &mut r).map_err(err)?);
+            let caption = item.captions[r.random_range(0..item.captions.len())].clone();
+            let dropped = r.random_bool(c.text_encoder.dropout_probability);
+            prompts.push(if dropped { String::new() } else { caption });
+            weights.push(concept.loss_weight);
+        }
+        let b = plan.items.len();
+        let images = Tensor::from_f32(&pixels, &[b, 3, h, w]).map_err(err)?;
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let text = self.arch.encode_text(&refs).map_err(err)?.remove(0);
+
+        let noise_rng =
+            Generator::new(data::rng(c.seed, RNG_NOISE, index).random::<u64>()).map_err(err)?;
+        let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
+        let scaling = self.info["scaling_factor"].as_f64().unwrap_or(1.0);
+        let shift = self.info["shift_factor"].as_f64().unwrap_or(0.0);
+        let shape = mean.shape().map_err(err)?;
+        let latents = (|| {
+            mean.add(
+                &logvar
+                    .mul_scalar(0.5)?
+                    .exp()?
+                    .mul(&Tensor::randn(&shape, &noise_rng)?)?,
+            )?
+            .sub_scalar(shift)?
+            .mul_scalar(scaling)?
+            .detach()
+        })()
+        .map_err(err)?;
+        let mut noise = Tensor::randn(&shape, &noise_rng).map_err(err)?;
+        if c.offset_noise_weight > 0.0 {
+            let offset = Tensor::randn(&[b, shape[1], 1, 1], &noise_rng)
+                .and_then(|o| o.mul_scalar(c.offset_noise_weight))
+                .map_err(err)?;
+            noise = noise.add(&offset).map_err(err)?;
+        }
+
+        let n = self.schedule.alphas_cumprod.len();
+        let (lo, hi) = (
+            (c.min_noising_strength * n as f64) as usize,
+            ((c.max_noising_strength * n as f64) as usize).clamp(1, n),
+        );
+        let timesteps: Vec<usize> = (0..b)
+            .map(|_| match c.timestep_distribution.as_str() {
+                "logit_normal" => {
+                    let z: f64 =
+                        rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut r);
+                    let u = 1.0 / (1.0 + (-z).exp());
+                    (lo + (u * (hi - lo) as f64) as usize).min(hi - 1)
+                }
+                _ => r.random_range(lo..hi),
+            })
+            .collect();
+        let acp: Vec<f64> = timesteps
+            .iter()
+            .map(|&t| self.schedule.alphas_cumprod[t] as f64)
+            .collect();
+        let column = |v: Vec<f32>| Tensor::from_f32(&v, &[b, 1, 1, 1]);
+        let a = column(acp.iter().map(|x| x.sqrt() as f32).collect()).map_err(err)?;
+        let s = column(acp.iter().map(|x| (1.0 - x).sqrt() as f32).collect()).map_err(err)?;
+        let tt = Tensor::from_f32(
+            &timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+            &[b],
+        )
+        .map_err(err)?;
+
+        let loss = (|| {
+            let noisy = latents.mul(&a)?.add(&noise.mul(&s)?)?;
+            let pred = self.arch.denoise(&noisy, &tt, &[&text])?;
+            let target = match self.schedule.prediction {
+                Prediction::Epsilon => noise.clone(),
+                Prediction::VPrediction => noise.mul(&a)?.sub(&latents.mul(&s)?)?,
+            };
+            let diff = pred.sub(&target)?;
+            let mut per = diff
+                .powf(2.0)?
+                .mean(&[1, 2, 3], false)?
+                .mul_scalar(c.mse_strength)?;
+            if c.mae_strength > 0.0 {
+                per = per.add(
+                    &diff
+                        .abs()?
+                        .mean(&[1, 2, 3], false)?
+                        .mul_scalar(c.mae_strength)?,
+                )?;
+            }
+            // min-SNR-γ weights (Hang et al.), and the concepts' loss weights.
+            let w: Vec<f32> = acp
+                .iter()
+                .zip(&weights)
+                .map(|(&x, &cw)| {
+                    let snr = x / (1.0 - x);
+                    let lw = match c.loss_weight_fn.as_str() {
+                        "min_snr_gamma" => {
+                            let m = snr.min(c.loss_weight_strength);
+                            match self.schedule.prediction {
+                                Prediction::Epsilon => m / snr,
+                                Prediction::VPrediction => m / (snr + 1.0),
+                            }
+                        }
+                        _ => 1.0,
+                    };
+                    (lw * cw) as f32
+                })
+                .collect();
+            per.mul(&Tensor::from_f32(&w, &[b])?)?
+                .mean_all()?
+                .div_scalar(c.gradient_accumulation_steps as f64)
+        })()
+        .map_err(err)?;
+        Ok(loss)
+    }
+
+    /// Trains to the end (or until cancelled), reporting through `on_event`.
+    pub fn run(&mut self, mut on_event: impl FnMut(Event)) -> Result<()> {
+        on_event(Event::Started {
+            items: self.data.items.len(),
+            problems: self.data.problems.clone(),
+            steps: self.total_steps(),
+        });
+        let accum = self.config.gradient_accumulation_steps;
+        let mut acc: Vec<Vec<Option<Tensor>>> = Vec::new();
+        let mut acc_loss = 0.0f32;
+        let mut in_accum = 0;
+        while (self.progress.epoch as usize) < self.config.epochs {
+            let plan =
+                data::plan_epoch(&self.data, &self.config, &self.buckets, self.progress.epoch);
+            while self.progress.batch_in_epoch < plan.len() {
+                // Stopping keeps the work: a backup at the step reached (between steps only).
+                if in_accum == 0 && crate::runtime::is_cancelled() {
+                    if self.last_backup() != Some(self.backups_dir().join(self.backup_name())) {
+                        on_event(Event::Backup(self.backup()?));
+                    }
+                    return Ok(());
+                }
+                let batch = &plan[self.progress.batch_in_epoch];
+                let loss = self.batch_loss(batch, self.progress.batches)?;
+                let grads = loss.backward().map_err(err)?;
+                // The logged figure: one host read per batch.
+                acc_loss += loss.item().map_err(err)?;
+                let mut new = Vec::new();
+                for (gi, g) in self.groups.iter().enumerate() {
+                    let mut row = Vec::new();
+                    for (pi, p) in g.params.iter().enumerate() {
+                        let grad = grads.get(p).map_err(err)?;
+                        let prev = acc.get(gi).and_then(|r| r.get(pi)).cloned().flatten();
+                        row.push(match (prev, grad) {
+                            (Some(a), Some(b)) => Some(a.add(&b).map_err(err)?),
+                            (a, b) => b.or(a),
+                        });
+                    }
+                    new.push(row);
+                }
+                acc = new;
+                self.progress.batch_in_epoch += 1;
+                self.progress.batches += 1;
+                in_accum += 1;
+                if in_accum < accum {
+                    continue;
+                }
+                if !acc_loss.is_finite() {
+                    return Err(TrainError(format!(
+                        "the loss became {acc_loss} at step {} (epoch {}): stopping; {}",
+                        self.progress.step,
+                        self.progress.epoch,
+                        match self.last_backup() {
+                            Some(b) => format!("the last good backup is {}", b.display()),
+                            None => "there is no backup yet".into(),
+                        }
+                    )));
+                }
+                let lr_factor = self.lr_factor(self.progress.step);
+                self.apply(std::mem::take(&mut acc), lr_factor)?;
+                self.progress.step += 1;
+                on_event(Event::Step {
+                    step: self.progress.step,
+                    epoch: self.progress.epoch,
+                    loss: acc_loss,
+                    lr: self.config.learning_rate * lr_factor,
+                });
+                acc_loss = 0.0;
+                in_accum = 0;
+                self.after("step", self.progress.step, &mut on_event)?;
+            }
+            self.progress.epoch += 1;
+            self.progress.batch_in_epoch = 0;
+            self.after("epoch", self.progress.epoch, &mut on_event)?;
+        }
+        let out = self.save_output()?;
+        on_event(Event::Saved(out));
+        Ok(())
+    }
+
+    /// Clips the accumulated gradients and steps each part's optimizer.
+    fn apply(&mut self, grads: Vec<Vec<Option<Tensor>>>, lr_factor: f64) -> Result<()> {
+        let clip = self.config.clip_grad_norm;
+        let scale = if clip > 0.0 {
+            let mut sq: Option<Tensor> = None;
+            for g in grads.iter().flatten().flatten() {
+                let s = g.powf(2.0).and_then(|x| x.sum_all()).map_err(err)?;
+                sq = Some(match sq {
+                    Some(acc) => acc.add(&s).map_err(err)?,
+                    None => s,
+                });
+            }
+            // min(1, clip / (‖g‖ + 1e-6)), on the device.
+            sq.map(|s| {
+                s.sqrt()?
+                    .add_scalar(1e-6)?
+                    .powf(-1.0)?
+                    .mul_scalar(clip)?
+                    .clamp(None, Some(1.0))
+            })
+            .transpose()
+            .map_err(err)?
+        } else {
+            None
+        };
+        for (g, row) in self.groups.iter_mut().zip(grads) {
+            let (mut params, mut gs) = (Vec::new(), Vec::new());
+            for (p, grad) in g.params.iter().zip(row) {
+                if let Some(grad) = grad {
+                    let grad = match &scale {
+                        Some(s) => grad.mul(s).map_err(err)?,
+                        None => grad,
+                    };
+                    params.push(p);
+                    gs.push(grad);
+                }
+            }
+            let grefs: Vec<&Tensor> = gs.iter().collect();
+            g.optimizer
+                .step(&params, &grefs, g.lr * lr_factor)
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Samples, backups and saves due after `count` units of `unit`.
+    fn after(&mut self, unit: &str, count: u64, on_event: &mut impl FnMut(Event)) -> Result<()> {
+        let c = &self.config;
+        let due =
+            |every: f64, u: &str| u == unit && every >= 1.0 && count.is_multiple_of(every as u64);
+        let (sample, backup, save) = (
+            due(c.sample_after, &c.sample_after_unit),
+            due(c.backup_after, &c.backup_after_unit),
+            due(c.save_every, &c.save_every_unit),
+        );
+        if sample {
+            for p in self.sample()? {
+                on_event(Event::Sample(p));
+            }
+        }
+        if backup {
+            on_event(Event::Backup(self.backup()?));
+        }
+        if save {
+            on_event(Event::Saved(self.save_output()?));
+        }
+        Ok(())
+    }
+
+    /// Writes a PNG per configured sample under `workspace/samples/<n>-<prompt>/<step>.png`.
+    pub fn sample(&mut self) -> Result<Vec<PathBuf>> {
+        adapters::set_training(false);
+        let mut out = Vec::new();
+        for (i, s) in self.config.samples.iter().enumerate() {
+            let sampler = match s.sampler.as_str() {
+                "ddim" => Sampler::Ddim,
+                "euler_a" => Sampler::EulerAncestral,
+                "dpmpp_2m_karras" => Sampler::DpmPp2mKarras,
+                _ => Sampler::Euler,
+            };
+            let req = generate::SampleRequest {
+                prompt: s.prompt.clone(),
+                negative_prompt: s.negative_prompt.clone(),
+                steps: s.diffusion_steps,
+                cfg: s.cfg_scale,
+                seed: s.seed,
+                width: s.width,
+                height: s.height,
+                sampler,
+                init_noise: None,
+            };
+            let rgb = generate::generate(&self.arch, &req, || {}).map_err(err)?;
+            let slug: String = s
+                .prompt
+                .chars()
+                .map(|ch| {
+                    if ch.is_alphanumeric() {
+                        ch.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .take(40)
+                .collect();
+            let path = self
+                .workspace
+                .join("samples")
+                .join(format!("{i}-{slug}"))
+                .join(format!("{:06}.png", self.progress.step));
+            std::fs::create_dir_all(path.parent().expect("sample folder")).map_err(err)?;
+            generate::write_png(&path, s.width, s.height, rgb).map_err(err)?;
+            out.push(path);
+        }
+        adapters::set_training(true);
+        Ok(out)
+    }
+
+    fn backup_name(&self) -> String {
+        format!("backup-{:09}", self.progress.step)
+    }
+
+    fn backups_dir(&self) -> PathBuf {
+        self.workspace.join("backup")
+    }
+
+    /// The newest complete backup.
+    pub fn last_backup(&self) -> Option<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.backups_dir())
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("backup-"))
+                    && p.join("state.json").exists()
+            })
+            .collect();
+        dirs.sort();
+        dirs.pop()
+    }
+
+    /// Writes the full state (trainable tensors, optimizer states, progress, config) to a new
+    /// backup folder: built under a temporary name, then renamed; older ones beyond
+    /// `rolling_backup_count` are removed.
+    pub fn backup(&mut self) -> Result<PathBuf> {
+        let dir = self.backups_dir();
+        let name = self.backup_name();
+        let tmp = dir.join(format!(".tmp-{name}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(err)?;
+        for g in &self.groups {
+            let named: Vec<(&str, &Tensor)> = g
+                .names
+                .iter()
+                .map(String::as_str)
+                .zip(g.params.iter())
+                .collect();
+            let p = tmp.join(format!("{}.safetensors", g.part));
+            ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[]).map_err(err)?;
+            let state = g.optimizer.state().map_err(err)?;
+            let named: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            let p = tmp.join(format!("{}-optimizer.safetensors", g.part));
+            ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[]).map_err(err)?;
+        }
+        crate::fsutil::write_atomic(&tmp.join("config.toml"), self.config.to_toml().as_bytes())
+            .map_err(err)?;
+        let state = serde_json::to_vec_pretty(&self.progress).map_err(err)?;
+        crate::fsutil::write_atomic(&tmp.join("state.json"), &state).map_err(err)?;
+        let path = dir.join(&name);
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("backup-"))
+            })
+            .collect();
+        all.sort();
+        let keep = self.config.rolling_backup_count.max(1);
+        for old in all.iter().take(all.len().saturating_sub(keep)) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+        Ok(path)
+    }
+
+    /// Loads a backup written by [`Trainer::backup`] into this run.
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        let shown = dir.display();
+        for g in &mut self.groups {
+            let w = Weights::open(
+                &dir.join(format!("{}.safetensors", g.part))
+                    .to_string_lossy(),
+            )
+            .map_err(err)?;
+            for (name, p) in g.names.iter().zip(&g.params) {
+                let t = w.get(name, DType::F32).map_err(|e| {
+                    TrainError(format!(
+                        "backup {shown}: {e} (the config's trained layers changed since the backup?)"
+                    ))
+                })?;
+                let (want, got) = (p.shape().map_err(err)?, t.shape().map_err(err)?);
+                if want != got {
+                    return Err(TrainError(format!(
+                        "backup {shown}: `{name}` has shape {got:?} but this config makes {want:?} \
+                         (lora_rank or the model changed since the backup)"
+                    )));
+                }
+                p.assign(&t).map_err(err)?;
+            }
+            let ow = Weights::open(
+                &dir.join(format!("{}-optimizer.safetensors", g.part))
+                    .to_string_lossy(),
+            )
+            .map_err(err)?;
+            let state = ow
+                .infos()
+                .iter()
+                .map(|i| Ok((i.key.to_string(), ow.get(&i.key, DType::F32)?)))
+                .collect::<ferrite_plugin_api::Result<Vec<_>>>()
+                .map_err(err)?;
+            g.optimizer.load_state(&state).map_err(err)?;
+        }
+        let text = std::fs::read_to_string(dir.join("state.json")).map_err(err)?;
+        self.progress = serde_json::from_str(&text)
+            .map_err(|e| TrainError(format!("backup {shown}: state.json: {e}")))?;
+        tracing::info!("resumed from {shown} at step {}", self.progress.step);
+        Ok(())
+    }
+
+    /// The trained adapter (kohya/diffusers/comfy) or, for a fine-tune, the trained parts'
+    /// tensors under their diffusers names.
+    pub fn save_output(&self) -> Result<PathBuf> {
+        let c = &self.config;
+        let path = TrainConfig::path(&self.base, &c.output_model_destination);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(err)?;
+        }
+        if c.training_method == "lora" {
+            let format: Format = c.output_model_format.parse().map_err(err)?;
+            let meta = [
+                ("ss_learning_rate", c.learning_rate.to_string()),
+                (
+                    "ss_unet_lr",
+                    c.unet.learning_rate.unwrap_or(c.learning_rate).to_string(),
+                ),
+                (
+                    "ss_text_encoder_lr",
+                    c.text_encoder
+                        .learning_rate
+                        .unwrap_or(c.learning_rate)
+                        .to_string(),
+                ),
+                ("ss_epoch", self.progress.epoch.to_string()),
+                ("ss_steps", self.progress.step.to_string()),
+                ("ss_max_train_steps", self.total_steps().to_string()),
+                ("ss_num_train_images", self.data.items.len().to_string()),
+                ("ss_batch_size_per_device", c.batch_size.to_string()),
+                (
+                    "ss_gradient_accumulation_steps",
+                    c.gradient_accumulation_steps.to_string(),
+                ),
+                ("ss_lr_scheduler", c.learning_rate_scheduler.clone()),
+                (
+                    "ss_lr_warmup_steps",
+                    c.learning_rate_warmup_steps.to_string(),
+                ),
+                ("ss_optimizer", c.optimizer_options().0),
+                ("ss_seed", c.seed.to_string()),
+                ("ss_resolution", c.resolution.clone()),
+                ("ss_noise_offset", c.offset_noise_weight.to_string()),
+                ("ss_max_grad_norm", c.clip_grad_norm.to_string()),
+                (
+                    "ss_caption_dropout_rate",
+                    c.text_encoder.dropout_probability.to_string(),
+                ),
+                ("ss_training_comment", "trained with Ferrite".into()),
+            ]
+            .map(|(k, v)| (k.to_string(), v));
+            adapters::save(&path, format, "sd_v1", &meta).map_err(err)?;
+        } else {
+            let named: Vec<(&str, &Tensor)> = self
+                .groups
+                .iter()
+                .flat_map(|g| g.names.iter().map(String::as_str).zip(g.params.iter()))
+                .collect();
+            ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &named, &[])
+                .map_err(err)?;
+        }
+        Ok(path)
+    }
+
+    /// The trainable tensors by name (for tests and tools).
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.names.iter().cloned().zip(g.params.iter().cloned()))
+            .collect()
+    }
+}
