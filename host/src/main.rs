@@ -29,6 +29,15 @@ enum Command {
     Train(TrainArgs),
     /// Write a starter config (and an images folder) into DIR.
     Init { dir: PathBuf },
+    /// Train the built-in demo: a tiny model from scratch on generated coloured shapes.
+    Demo {
+        /// Where the model, data, samples and output go.
+        #[arg(long, default_value = "ferrite-demo")]
+        dir: PathBuf,
+        /// Overrides of presets/demo.toml, e.g. `--set epochs=10`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -167,6 +176,7 @@ fn main() -> Result<()> {
         Some(Command::Sample(args)) => sample(&Settings::load(&settings_path)?, *args)?,
         Some(Command::Train(args)) => train(&Settings::load(&settings_path)?, args)?,
         Some(Command::Init { dir }) => init(&dir)?,
+        Some(Command::Demo { dir, sets }) => demo(&Settings::load(&settings_path)?, &dir, &sets)?,
         Some(Command::Bench {
             what: BenchWhat::Ops { device },
         }) => ferrite::bench::ops(&device)?,
@@ -175,10 +185,7 @@ fn main() -> Result<()> {
 }
 
 fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
-    use ferrite::train::{
-        config::TrainConfig,
-        trainer::{Event, Trainer},
-    };
+    use ferrite::train::config::TrainConfig;
     let config = TrainConfig::load(a.config.as_deref(), a.preset.as_deref(), &a.sets)?;
     let base = a
         .config
@@ -186,26 +193,61 @@ fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
         .and_then(|p| p.parent())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
+    run_training(settings, config, &base)
+}
+
+fn demo(settings: &Settings, dir: &std::path::Path, sets: &[String]) -> Result<()> {
+    use ferrite::train::{config, demo};
+    let presets = config::presets_dir();
+    if !dir.join("model/model_index.json").exists() {
+        demo::build_model(&presets.join("demo-model"), &dir.join("model"), 0)?;
+    }
+    if !dir.join("data").exists() {
+        demo::build_dataset(&dir.join("data"), 16, 4, 0)?;
+    }
+    let preset = presets.join("demo.toml");
+    let config = config::TrainConfig::load(None, Some(&preset.to_string_lossy()), sets)?;
+    println!(
+        "demo in {}: samples go to {}",
+        dir.display(),
+        dir.join("workspace/samples").display()
+    );
+    run_training(settings, config, dir)
+}
+
+fn run_training(
+    settings: &Settings,
+    config: ferrite::train::config::TrainConfig,
+    base: &std::path::Path,
+) -> Result<()> {
+    use ferrite::train::trainer::{Event, Trainer};
     ferrite::runtime::init(&config.train_device)?;
     let registry = Registry::discover(&search_dirs(settings), settings);
-    let mut trainer = Trainer::new(config, &base, registry)?;
+    let mut trainer = Trainer::new(config, base, registry)?;
     let bar = indicatif::ProgressBar::new(trainer.total_steps());
     bar.set_style(indicatif::ProgressStyle::with_template(
         "{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}, {per_sec}]",
     )?);
+    // Without a terminal the bar draws nothing: then every line goes to stdout instead.
+    let say = |m: String| {
+        if bar.is_hidden() {
+            println!("{m}");
+        } else {
+            bar.println(m);
+        }
+    };
     trainer.run(|e| match e {
         Event::Started {
             items, problems, ..
         } => {
             if !problems.is_empty() {
-                bar.suspend(|| {
-                    eprintln!("{} problem(s) in the data (left out):", problems.len());
-                    for p in &problems {
-                        eprintln!("  {p}");
-                    }
-                });
+                say(format!(
+                    "{} problem(s) in the data (left out):\n  {}",
+                    problems.len(),
+                    problems.join("\n  ")
+                ));
             }
-            bar.println(format!("training on {items} images"));
+            say(format!("training on {items} images"));
         }
         Event::Step {
             step,
@@ -213,12 +255,16 @@ fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
             loss,
             lr,
         } => {
+            let m = format!("epoch {epoch} loss {loss:.4} lr {lr:.2e}");
+            if bar.is_hidden() && step % 10 == 0 {
+                println!("step {step}: {m}");
+            }
             bar.set_position(step);
-            bar.set_message(format!("epoch {epoch} loss {loss:.4} lr {lr:.2e}"));
+            bar.set_message(m);
         }
-        Event::Sample(p) => bar.println(format!("sample: {}", p.display())),
-        Event::Backup(p) => bar.println(format!("backup: {}", p.display())),
-        Event::Saved(p) => bar.println(format!("saved: {}", p.display())),
+        Event::Sample(p) => say(format!("sample: {}", p.display())),
+        Event::Backup(p) => say(format!("backup: {}", p.display())),
+        Event::Saved(p) => say(format!("saved: {}", p.display())),
     })?;
     bar.finish();
     Ok(())

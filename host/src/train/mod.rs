@@ -1,4 +1,5 @@
 //! Training: the config, and the trainer.
 
 pub mod config;
+pub mod demo;
 pub mod trainer;

@@ -30,6 +30,24 @@ fn err(e: impl std::fmt::Display) -> TrainError {
     TrainError(e.to_string())
 }
 
+/// Copies a model folder without its UNet and text-encoder weights (the VAE's stay).
+fn copy_except_weights(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(err)?;
+    for e in std::fs::read_dir(from).map_err(err)? {
+        let p = e.map_err(err)?.path();
+        let dest = to.join(p.file_name().unwrap_or_default());
+        let part = from.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if p.is_dir() {
+            copy_except_weights(&p, &dest)?;
+        } else if !(matches!(part, "unet" | "text_encoder")
+            && p.extension().is_some_and(|x| x == "safetensors"))
+        {
+            std::fs::copy(&p, &dest).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
 /// Where the run is; what a backup stores besides the tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
@@ -757,15 +775,36 @@ impl Trainer {
             .map(|(k, v)| (k.to_string(), v));
             adapters::save(&path, format, "sd_v1", &meta).map_err(err)?;
         } else {
-            let named: Vec<(&str, &Tensor)> = self
-                .groups
-                .iter()
-                .flat_map(|g| g.names.iter().map(String::as_str).zip(g.params.iter()))
-                .collect();
-            ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &named, &[])
-                .map_err(err)?;
+            self.save_diffusers_folder(&path)?;
         }
         Ok(path)
+    }
+
+    /// A fine-tune as a diffusers folder: the base folder's configs, tokenizer, scheduler and
+    /// VAE, with the model's UNet and text-encoder tensors as they are now.
+    fn save_diffusers_folder(&self, out: &Path) -> Result<()> {
+        let base = TrainConfig::path(&self.base, &self.config.base_model_name);
+        if !base.is_dir() {
+            return Err(TrainError(format!(
+                "saving a fine-tune of {} needs a diffusers folder as the base model (saving \
+                 single-file checkpoints is not built yet)",
+                base.display()
+            )));
+        }
+        copy_except_weights(&base, out)?;
+        let all = self.arch.parameters().map_err(err)?;
+        for (prefix, file) in [
+            ("unet.", "unet/diffusion_pytorch_model.safetensors"),
+            ("text_encoder.", "text_encoder/model.safetensors"),
+        ] {
+            let named: Vec<(&str, &Tensor)> = all
+                .iter()
+                .filter_map(|(n, t)| n.strip_prefix(prefix).map(|k| (k, t)))
+                .collect();
+            ferrite_plugin_api::save_safetensors(&out.join(file).to_string_lossy(), &named, &[])
+                .map_err(err)?;
+        }
+        Ok(())
     }
 
     /// The trainable tensors by name (for tests and tools).

@@ -56,6 +56,19 @@ fn open(path: &Path) -> Result<Weights> {
     Weights::open(&path.to_string_lossy())
 }
 
+/// Whether a diffusers folder says it has no VAE (`"vae": [null, null]`): a pixel-space model,
+/// such as the built-in demo's, whose "latents" are the image itself.
+fn pixel_space(dir: &Path) -> bool {
+    read(&dir.join("model_index.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| {
+            v["vae"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|x| x.is_null()))
+        })
+}
+
 /// Refuses a folder of another family with a message saying what was found.
 fn check_folder(dir: &Path) -> Result<()> {
     let index = dir.join("model_index.json");
@@ -81,6 +94,9 @@ fn check_folder(dir: &Path) -> Result<()> {
         );
     }
     for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        if part == "vae" && pixel_space(dir) {
+            continue;
+        }
         if !dir.join(part).is_dir() {
             bail!(
                 "model folder {} has no {part}/ (expected a diffusers Stable Diffusion folder)",
@@ -119,7 +135,8 @@ fn check_file(w: &Weights) -> Result<()> {
 /// The configs of a model's parts.
 struct Configs {
     unet: UNetConfig,
-    vae: VaeConfig,
+    /// None for a pixel-space model.
+    vae: Option<VaeConfig>,
     text_encoder: ClipTextConfig,
     scheduler: serde_json::Value,
     tokenizer: ClipTokenizer,
@@ -143,10 +160,14 @@ impl Configs {
         let sched = path("scheduler/scheduler_config.json");
         Ok(Self {
             unet,
-            vae: VaeConfig::from_json(
-                &read(&path("vae/config.json"))?,
-                &source("vae/config.json"),
-            )?,
+            vae: if pixel_space(dir) {
+                None
+            } else {
+                Some(VaeConfig::from_json(
+                    &read(&path("vae/config.json"))?,
+                    &source("vae/config.json"),
+                )?)
+            },
             text_encoder: ClipTextConfig::from_json(
                 &read(&path("text_encoder/config.json"))?,
                 &source("text_encoder/config.json"),
@@ -164,7 +185,10 @@ impl Configs {
         let source = w.path();
         Ok(Self {
             unet: UNetConfig::from_json(&ldm::unet_config(w)?.to_string(), source)?,
-            vae: VaeConfig::from_json(&ldm::vae_config(w)?.to_string(), source)?,
+            vae: Some(VaeConfig::from_json(
+                &ldm::vae_config(w)?.to_string(),
+                source,
+            )?),
             text_encoder: ClipTextConfig::from_json(
                 &ldm::clip_config(text_encoder)?.to_string(),
                 source,
@@ -188,7 +212,8 @@ impl Configs {
 pub struct Sd15 {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextTransformer,
-    vae: AutoencoderKL,
+    /// None for a pixel-space model.
+    vae: Option<AutoencoderKL>,
     unet: UNet2DConditionModel,
     scheduler: serde_json::Value,
     /// Every UNet and text-encoder tensor, as `unet.<key>` and `text_encoder.text_model.<key>`.
@@ -223,11 +248,21 @@ impl Sd15 {
                 &model.join("unet"),
                 "diffusion_pytorch_model",
             )?)?;
-            let vae = open(&weights_file(
-                &model.join("vae"),
-                "diffusion_pytorch_model",
-            )?)?;
-            return Self::build(Configs::from_folder(model)?, &te, &unet, &vae, dtype);
+            let vae = if pixel_space(model) {
+                None
+            } else {
+                Some(open(&weights_file(
+                    &model.join("vae"),
+                    "diffusion_pytorch_model",
+                )?)?)
+            };
+            return Self::build(
+                Configs::from_folder(model)?,
+                &te,
+                &unet,
+                vae.as_ref(),
+                dtype,
+            );
         }
         if !model.is_file() {
             bail!(
@@ -251,15 +286,19 @@ impl Sd15 {
             })?,
         };
         let unet = ldm::unet(&w, configs.unet.layers_per_block)?;
-        let vae = ldm::vae(&w, configs.vae.block_out_channels.len())?;
-        Self::build(configs, &te, &unet, &vae, dtype)
+        let levels = configs
+            .vae
+            .as_ref()
+            .map_or(1, |v| v.block_out_channels.len());
+        let vae = ldm::vae(&w, levels)?;
+        Self::build(configs, &te, &unet, Some(&vae), dtype)
     }
 
     fn build(
         c: Configs,
         te: &Weights,
         unet: &Weights,
-        vae: &Weights,
+        vae: Option<&Weights>,
         dtype: DType,
     ) -> Result<Self> {
         // Scoped: what loads through these is the model's parameters and adaptable layers.
@@ -273,7 +312,11 @@ impl Sd15 {
                 &c.text_encoder,
                 dtype,
             )?,
-            vae: AutoencoderKL::load(vae, "", &c.vae, dtype)?,
+            vae: match (vae, &c.vae) {
+                (Some(w), Some(cfg)) => Some(AutoencoderKL::load(w, "", cfg, dtype)?),
+                (None, None) => None,
+                _ => bail!("the model's VAE config and weights do not go together"),
+            },
             unet: UNet2DConditionModel::load(&unet, "", &c.unet, dtype)?,
             scheduler: c.scheduler,
             parameters: [unet.tensors(), te.tensors()].concat(),
@@ -312,15 +355,26 @@ impl Architecture for Sd15 {
     }
 
     fn model_info(&self) -> Result<serde_json::Value> {
-        let v = &self.vae.config;
+        let (channels, factor, scaling, shift) = match &self.vae {
+            Some(v) => {
+                let c = &v.config;
+                (
+                    c.latent_channels,
+                    c.scale_factor(),
+                    c.scaling_factor,
+                    c.shift_factor,
+                )
+            }
+            None => (3, 1, 1.0, None),
+        };
         Ok(json!({
-            "latent_channels": v.latent_channels,
-            "vae_scale_factor": v.scale_factor(),
-            "scaling_factor": v.scaling_factor,
-            "shift_factor": v.shift_factor,
+            "latent_channels": channels,
+            "vae_scale_factor": factor,
+            "scaling_factor": scaling,
+            "shift_factor": shift,
             "scheduler": self.scheduler,
             // Image sides must divide by this: the VAE's factor times the UNet's downsamplings.
-            "resolution_step": v.scale_factor() << self.unet_downsamples,
+            "resolution_step": factor << self.unet_downsamples,
             "adaptable_layers": self.adaptable_layers,
         }))
     }
@@ -335,13 +389,25 @@ impl Architecture for Sd15 {
         Ok(vec![out.last_hidden_state])
     }
 
+    /// Pixel space: the image itself, with a variance too small to matter.
     fn vae_encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
-        let d = self.vae.encode(image)?;
-        Ok((d.mean, d.logvar))
+        match &self.vae {
+            Some(vae) => {
+                let d = vae.encode(image)?;
+                Ok((d.mean, d.logvar))
+            }
+            None => Ok((
+                image.clone(),
+                Tensor::full(&image.shape()?, -60.0, DType::F32)?,
+            )),
+        }
     }
 
     fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vae.decode(latents)
+        match &self.vae {
+            Some(vae) => vae.decode(latents),
+            None => Ok(latents.clone()),
+        }
     }
 
     fn denoise(&self, latents: &Tensor, timesteps: &Tensor, text: &[&Tensor]) -> Result<Tensor> {
