@@ -1,7 +1,20 @@
 //! Helpers shared by adapter plugins.
 
 use crate::error::{Error, Result};
+use crate::nn::AdaptableLayer;
 use crate::tensor::Tensor;
+
+/// Checks that the weight an adapter is bound to is the one it was made for.
+pub fn check_weight(layer: &AdaptableLayer, weight: &Tensor) -> Result<()> {
+    let got = weight.shape()?;
+    if got != layer.shape {
+        return Err(Error(format!(
+            "layer `{}`: weight has shape {got:?}, the adapter was made for {:?}",
+            layer.name, layer.shape
+        )));
+    }
+    Ok(())
+}
 
 /// FNV-1a of the layer name mixed into the seed: every layer gets its own initialisation.
 pub fn layer_seed(seed: u64, layer: &str) -> u64 {

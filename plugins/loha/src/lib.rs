@@ -6,7 +6,7 @@
 use ferrite_plugin_api::{
     AdaptableLayer, Adapter, Component, ComponentKind, DType, Descriptor, Error, Generator, Plugin,
     Result, Tensor,
-    adapter::{layer_seed, load_into, scalar},
+    adapter::{check_weight, layer_seed, load_into, scalar},
     bail, export_plugin, parse_options,
     serde_json::{self, json},
 };
@@ -95,14 +95,7 @@ impl Loha {
 
 impl Adapter for Loha {
     fn bind(&mut self, weight: Tensor, _bias: Option<Tensor>) -> Result<()> {
-        let got = weight.shape()?;
-        if got != self.layer.shape {
-            bail!(
-                "layer `{}`: weight has shape {got:?}, the adapter was made for {:?}",
-                self.layer.name,
-                self.layer.shape
-            );
-        }
+        check_weight(&self.layer, &weight)?;
         self.base = Some(weight);
         Ok(())
     }

@@ -7,7 +7,7 @@
 use ferrite_plugin_api::{
     AdaptableLayer, Adapter, Component, ComponentKind, DType, Descriptor, Error, Generator, Plugin,
     Result, Tensor,
-    adapter::{layer_seed, load_into, scalar},
+    adapter::{check_weight, layer_seed, load_into, scalar},
     bail, export_plugin, parse_options,
     serde_json::{self, json},
 };
@@ -168,14 +168,7 @@ impl Lora {
 
 impl Adapter for Lora {
     fn bind(&mut self, weight: Tensor, bias: Option<Tensor>) -> Result<()> {
-        let got = weight.shape()?;
-        if got != self.layer.shape {
-            bail!(
-                "layer `{}`: weight has shape {got:?}, the adapter was made for {:?}",
-                self.layer.name,
-                self.layer.shape
-            );
-        }
+        check_weight(&self.layer, &weight)?;
         if self.o.dora {
             let m = self.row_norm(&weight)?;
             m.set_requires_grad(true)?;
