@@ -102,8 +102,26 @@ fn setup() -> (std::sync::MutexGuard<'static, ()>, tempfile::TempDir) {
 
 #[test]
 fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
+    resume_is_exact(false);
+}
+
+#[test]
+fn a_resumed_run_with_ema_repeats_the_uninterrupted_one_exactly() {
+    resume_is_exact(true);
+}
+
+fn resume_is_exact(ema: bool) {
     let (_turn, root) = setup();
     let root = root.path();
+    let config = |root: &Path, name: &str| {
+        let mut c = config(root, name);
+        if ema {
+            c.ema = "gpu".into();
+            c.ema_update_step_interval = 1;
+            c.ema_decay = 0.9;
+        }
+        c
+    };
     let whole = run(config(root, "whole"), root, None);
     assert_eq!(whole.losses.len(), 6, "6 images, batches of 2, 2 epochs");
 
@@ -125,8 +143,54 @@ fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
         assert_eq!(ka, kb);
         assert!(a == b, "{ka}: final weights differ");
     }
-    let out = root.join("split/out/lora.safetensors");
-    assert!(out.exists(), "the final LoRA is written");
+    // The saved LoRA (the EMA weights when EMA is on) holds the same tensors and metadata.
+    let read = |run: &str| {
+        let w = ferrite_plugin_api::Weights::open(
+            root.join(run)
+                .join("out/lora.safetensors")
+                .to_str()
+                .unwrap(),
+        )
+        .unwrap();
+        let mut meta = w.metadata().unwrap();
+        meta.sort();
+        let tensors: Vec<(String, Vec<f32>)> = w
+            .infos()
+            .iter()
+            .map(|i| {
+                let t = w.get(&i.key, ferrite_plugin_api::DType::F32).unwrap();
+                (i.key.to_string(), t.to_vec().unwrap())
+            })
+            .collect();
+        (meta, tensors)
+    };
+    assert!(read("split") == read("whole"), "same saved LoRA");
+    if ema {
+        let w = ferrite_plugin_api::Weights::open(
+            root.join("whole/out/lora.safetensors").to_str().unwrap(),
+        )
+        .unwrap();
+        let (k, trained) = &whole.weights[1];
+        let kohya = format!(
+            "lora_unet_{}",
+            k.strip_prefix("unet.")
+                .unwrap()
+                .replace(".lora_up.weight", "")
+                .replace('.', "_")
+        );
+        let saved = w
+            .get(
+                &format!("{kohya}.lora_up.weight"),
+                ferrite_plugin_api::DType::F32,
+            )
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        assert!(
+            &saved != trained,
+            "{k}: the saved weights are the EMA, not the last step's"
+        );
+    }
 }
 
 #[test]

@@ -149,6 +149,11 @@ pub struct TrainConfig {
     pub gradient_accumulation_steps: usize,
     /// 0 turns clipping off.
     pub clip_grad_norm: f64,
+    /// Exponential moving average of the trained weights: off, gpu or cpu (kept on the training
+    /// device either way for now). The saved model is the EMA one.
+    pub ema: String,
+    pub ema_decay: f64,
+    pub ema_update_step_interval: u64,
 
     pub resolution: String,
     pub aspect_ratio_bucketing: bool,
@@ -222,6 +227,9 @@ impl Default for TrainConfig {
             batch_size: 1,
             gradient_accumulation_steps: 1,
             clip_grad_norm: 1.0,
+            ema: "off".into(),
+            ema_decay: 0.999,
+            ema_update_step_interval: 5,
             resolution: "512".into(),
             aspect_ratio_bucketing: true,
             timestep_distribution: "uniform".into(),
@@ -383,6 +391,7 @@ impl TrainConfig {
             &["constant", "min_snr_gamma"],
         );
         one_of("peft_type", &self.peft_type, &["lora", "loha"]);
+        one_of("ema", &self.ema, &["off", "gpu", "cpu"]);
         one_of(
             "lora_layer_preset",
             &self.lora_layer_preset,
@@ -443,6 +452,10 @@ impl TrainConfig {
             "min_noising_strength, max_noising_strength: need 0 <= min < max <= 1",
         );
         check(self.lora_rank >= 1, "lora_rank: must be at least 1");
+        check(
+            (0.0..1.0).contains(&self.ema_decay) && self.ema_update_step_interval >= 1,
+            "ema_decay, ema_update_step_interval: need 0 <= decay < 1 and an interval of at least 1",
+        );
         check(
             (0.0..1.0).contains(&self.lora_dropout),
             "lora_dropout: must be in [0, 1)",

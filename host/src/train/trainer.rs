@@ -86,6 +86,8 @@ struct Group {
     params: Vec<Tensor>,
     optimizer: OptimizerHandle,
     lr: f64,
+    /// The moving average of `params`, when EMA is on.
+    ema: Option<Vec<Tensor>>,
 }
 
 pub struct Trainer {
@@ -243,12 +245,24 @@ impl Trainer {
                 .registry
                 .optimizer(&opt_id, &opt_options.to_string())
                 .map_err(err)?;
+            let ema = if c.ema == "off" {
+                None
+            } else {
+                Some(
+                    params
+                        .iter()
+                        .map(|p| p.detach())
+                        .collect::<ferrite_plugin_api::Result<Vec<_>>>()
+                        .map_err(err)?,
+                )
+            };
             groups.push(Group {
                 part: part.into(),
                 names,
                 params,
                 optimizer,
                 lr: pc.learning_rate.unwrap_or(c.learning_rate),
+                ema,
             });
         }
         if groups.is_empty() {
@@ -475,6 +489,9 @@ impl Trainer {
                 let lr_factor = self.lr_factor(self.progress.step);
                 self.apply(std::mem::take(&mut acc), lr_factor)?;
                 self.progress.step += 1;
+                if self.progress.step % self.config.ema_update_step_interval == 0 {
+                    self.update_ema()?;
+                }
                 on_event(Event::Step {
                     step: self.progress.step,
                     epoch: self.progress.epoch,
@@ -537,6 +554,41 @@ impl Trainer {
                 .map_err(err)?;
         }
         Ok(())
+    }
+
+    /// ema ← d·ema + (1 − d)·param, with d warming up as (1 + step)/(10 + step) towards
+    /// `ema_decay` (OneTrainer's and diffusers' rule).
+    fn update_ema(&mut self) -> Result<()> {
+        let s = self.progress.step as f64;
+        let d = self.config.ema_decay.min((1.0 + s) / (10.0 + s));
+        for g in &self.groups {
+            let Some(ema) = &g.ema else { continue };
+            for (e, p) in ema.iter().zip(&g.params) {
+                let next = e
+                    .mul_scalar(d)
+                    .and_then(|x| x.add(&p.detach()?.mul_scalar(1.0 - d)?))
+                    .map_err(err)?;
+                e.assign(&next).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the EMA weights in place of the trained ones (when EMA is on).
+    fn with_ema_weights<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut kept = Vec::new();
+        for g in &self.groups {
+            let Some(ema) = &g.ema else { continue };
+            for (e, p) in ema.iter().zip(&g.params) {
+                kept.push((p.clone(), p.detach().map_err(err)?));
+                p.assign(e).map_err(err)?;
+            }
+        }
+        let out = f();
+        for (p, v) in kept {
+            p.assign(&v).map_err(err)?;
+        }
+        out
     }
 
     /// Samples, backups and saves due after `count` units of `unit`.
@@ -656,6 +708,13 @@ impl Trainer {
             let named: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
             let p = tmp.join(format!("{}-optimizer.safetensors", g.part));
             ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[]).map_err(err)?;
+            if let Some(ema) = &g.ema {
+                let named: Vec<(&str, &Tensor)> =
+                    g.names.iter().map(String::as_str).zip(ema.iter()).collect();
+                let p = tmp.join(format!("{}-ema.safetensors", g.part));
+                ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[])
+                    .map_err(err)?;
+            }
         }
         crate::fsutil::write_atomic(&tmp.join("config.toml"), self.config.to_toml().as_bytes())
             .map_err(err)?;
@@ -716,6 +775,17 @@ impl Trainer {
                 .collect::<ferrite_plugin_api::Result<Vec<_>>>()
                 .map_err(err)?;
             g.optimizer.load_state(&state).map_err(err)?;
+            if let Some(ema) = &g.ema {
+                let ew = Weights::open(
+                    &dir.join(format!("{}-ema.safetensors", g.part))
+                        .to_string_lossy(),
+                )
+                .map_err(|e| TrainError(format!("backup {shown}: {e} (EMA was off then?)")))?;
+                for (name, e) in g.names.iter().zip(ema) {
+                    e.assign(&ew.get(name, DType::F32).map_err(err)?)
+                        .map_err(err)?;
+                }
+            }
         }
         let text = std::fs::read_to_string(dir.join("state.json")).map_err(err)?;
         self.progress = serde_json::from_str(&text)
@@ -727,6 +797,10 @@ impl Trainer {
     /// The trained adapter (kohya/diffusers/comfy) or, for a fine-tune, the trained parts'
     /// tensors under their diffusers names.
     pub fn save_output(&self) -> Result<PathBuf> {
+        self.with_ema_weights(|| self.write_output())
+    }
+
+    fn write_output(&self) -> Result<PathBuf> {
         let c = &self.config;
         let path = TrainConfig::path(&self.base, &c.output_model_destination);
         if let Some(parent) = path.parent() {
