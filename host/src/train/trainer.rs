@@ -489,7 +489,11 @@ impl Trainer {
                 let lr_factor = self.lr_factor(self.progress.step);
                 self.apply(std::mem::take(&mut acc), lr_factor)?;
                 self.progress.step += 1;
-                if self.progress.step % self.config.ema_update_step_interval == 0 {
+                if self
+                    .progress
+                    .step
+                    .is_multiple_of(self.config.ema_update_step_interval)
+                {
                     self.update_ema()?;
                 }
                 on_event(Event::Step {
