@@ -262,6 +262,13 @@ fn run_training(
             bar.set_position(step);
             bar.set_message(m);
         }
+        Event::Validation {
+            step,
+            concept,
+            loss,
+        } => say(format!(
+            "validation loss at step {step}, {concept}: {loss:.4}"
+        )),
         Event::Sample(p) => say(format!("sample: {}", p.display())),
         Event::Backup(p) => say(format!("backup: {}", p.display())),
         Event::Saved(p) => say(format!("saved: {}", p.display())),

@@ -239,3 +239,38 @@ fn lora_training_lowers_the_loss() {
     println!("mean loss over the first 3 epochs {first:.4}, the last 3 {last:.4}");
     assert!(last < first * 0.8, "{first} -> {last}");
 }
+
+#[test]
+fn validation_loss_is_repeatable_and_falls_as_the_lora_learns() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let mut c = config(root, "val");
+    c.epochs = 20;
+    c.backup_after_unit = "never".into();
+    c.validation = true;
+    c.validate_after = 5.0;
+    let mut v = c.concepts[0].clone();
+    v.name = "held out".into();
+    v.kind = "validation".into();
+    c.concepts.push(v);
+    let mut t = Trainer::new(c, root, registry()).unwrap();
+    let before = t.validate().unwrap();
+    assert_eq!(before, t.validate().unwrap(), "fixed timesteps and noise");
+    assert_eq!(before.len(), 1);
+    let mut seen = Vec::new();
+    t.run(|e| {
+        if let Event::Validation {
+            step,
+            concept,
+            loss,
+        } = e
+        {
+            assert_eq!(concept, "held out");
+            seen.push((step, loss));
+        }
+    })
+    .unwrap();
+    println!("validation loss: before {:.4}, then {seen:?}", before[0].1);
+    assert_eq!(seen.len(), 4, "every 5 epochs of 20");
+    assert!(seen[3].1 < 0.9 * before[0].1, "{before:?} -> {seen:?}");
+}

@@ -187,6 +187,12 @@ pub struct TrainConfig {
     /// Resume the adapter from this file.
     pub lora_base_model: String,
 
+    /// Loss on the validation concepts at fixed timesteps and noise, comparable over the run.
+    pub validation: bool,
+    pub validate_after: f64,
+    /// step, epoch, never.
+    pub validate_after_unit: String,
+
     pub sample_after: f64,
     /// step, epoch, never.
     pub sample_after_unit: String,
@@ -251,6 +257,9 @@ impl Default for TrainConfig {
             lora_layers: String::new(),
             layer_filter_regex: false,
             lora_base_model: String::new(),
+            validation: false,
+            validate_after: 1.0,
+            validate_after_unit: "epoch".into(),
             sample_after: 10.0,
             sample_after_unit: "epoch".into(),
             samples: Vec::new(),
@@ -399,6 +408,7 @@ impl TrainConfig {
         );
         for (k, v) in [
             ("sample_after_unit", &self.sample_after_unit),
+            ("validate_after_unit", &self.validate_after_unit),
             ("backup_after_unit", &self.backup_after_unit),
             ("save_every_unit", &self.save_every_unit),
         ] {

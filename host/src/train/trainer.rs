@@ -18,7 +18,7 @@ use crate::adapters::{self, AdapterOptions, ModelLayers, formats::Format, select
 use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
 use crate::sample::{NoiseSchedule, Prediction, Sampler, SchedulerConfig, generate};
-use crate::train::config::TrainConfig;
+use crate::train::config::{ConceptConfig, TrainConfig};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -74,6 +74,12 @@ pub enum Event {
         loss: f32,
         lr: f64,
     },
+    /// The validation loss of a concept at `step`.
+    Validation {
+        step: u64,
+        concept: String,
+        loss: f32,
+    },
     Sample(PathBuf),
     Backup(PathBuf),
     Saved(PathBuf),
@@ -101,6 +107,7 @@ pub struct Trainer {
     schedule: NoiseSchedule,
     info: serde_json::Value,
     data: Dataset,
+    validation: Dataset,
     buckets: Buckets,
     groups: Vec<Group>,
     pub progress: Progress,
@@ -109,6 +116,9 @@ pub struct Trainer {
 
 const RNG_BATCH: u64 = 2;
 const RNG_NOISE: u64 = 3;
+const RNG_VALIDATION: u64 = 4;
+/// Timesteps per validation image, evenly spread over the noising range.
+const VALIDATION_TIMESTEPS: usize = 8;
 
 impl Trainer {
     /// Loads the model, makes the trainable tensors and optimizers, reads the data, and
@@ -151,6 +161,7 @@ impl Trainer {
                 }
             )));
         }
+        let validation = Dataset::scan(c, base, "validation");
         let res = c.resolutions().map_err(err)?[0];
         let step = info["resolution_step"].as_u64().unwrap_or(8) as usize;
         let buckets = Buckets::new(res, step, c.aspect_ratio_bucketing);
@@ -173,6 +184,7 @@ impl Trainer {
             schedule,
             info,
             data,
+            validation,
             buckets,
         };
         t.batches_per_epoch = data::plan_epoch(&t.data, &t.config, &t.buckets, 0).len();
@@ -321,43 +333,12 @@ impl Trainer {
             prompts.push(if dropped { String::new() } else { caption });
             weights.push(concept.loss_weight);
         }
-        let b = plan.items.len();
-        let images = Tensor::from_f32(&pixels, &[b, 3, h, w]).map_err(err)?;
-        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let text = self.arch.encode_text(&refs).map_err(err)?.remove(0);
-
-        let noise_rng =
-            Generator::new(data::rng(c.seed, RNG_NOISE, index).random::<u64>()).map_err(err)?;
-        let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
-        let scaling = self.info["scaling_factor"].as_f64().unwrap_or(1.0);
-        let shift = self.info["shift_factor"].as_f64().unwrap_or(0.0);
-        let shape = mean.shape().map_err(err)?;
-        let latents = (|| {
-            mean.add(
-                &logvar
-                    .mul_scalar(0.5)?
-                    .exp()?
-                    .mul(&Tensor::randn(&shape, &noise_rng)?)?,
-            )?
-            .sub_scalar(shift)?
-            .mul_scalar(scaling)?
-            .detach()
-        })()
-        .map_err(err)?;
-        let mut noise = Tensor::randn(&shape, &noise_rng).map_err(err)?;
-        if c.offset_noise_weight > 0.0 {
-            let offset = Tensor::randn(&[b, shape[1], 1, 1], &noise_rng)
-                .and_then(|o| o.mul_scalar(c.offset_noise_weight))
-                .map_err(err)?;
-            noise = noise.add(&offset).map_err(err)?;
-        }
-
         let n = self.schedule.alphas_cumprod.len();
         let (lo, hi) = (
             (c.min_noising_strength * n as f64) as usize,
             ((c.max_noising_strength * n as f64) as usize).clamp(1, n),
         );
-        let timesteps: Vec<usize> = (0..b)
+        let timesteps: Vec<usize> = (0..plan.items.len())
             .map(|_| match c.timestep_distribution.as_str() {
                 "logit_normal" => {
                     let z: f64 =
@@ -368,6 +349,59 @@ impl Trainer {
                 _ => r.random_range(lo..hi),
             })
             .collect();
+        let noise_rng =
+            Generator::new(data::rng(c.seed, RNG_NOISE, index).random::<u64>()).map_err(err)?;
+        self.loss(
+            plan.bucket,
+            &pixels,
+            &prompts,
+            &weights,
+            &timesteps,
+            &noise_rng,
+        )
+    }
+
+    /// The loss of images (`[3, H, W]` each, concatenated) with their prompts and loss weights,
+    /// noised to `timesteps` with noise from `noise_rng`; divided by the accumulation steps.
+    fn loss(
+        &self,
+        (w, h): (usize, usize),
+        pixels: &[f32],
+        prompts: &[String],
+        weights: &[f64],
+        timesteps: &[usize],
+        noise_rng: &Generator,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let b = prompts.len();
+        let images = Tensor::from_f32(&pixels, &[b, 3, h, w]).map_err(err)?;
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let text = self.arch.encode_text(&refs).map_err(err)?.remove(0);
+
+        let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
+        let scaling = self.info["scaling_factor"].as_f64().unwrap_or(1.0);
+        let shift = self.info["shift_factor"].as_f64().unwrap_or(0.0);
+        let shape = mean.shape().map_err(err)?;
+        let latents = (|| {
+            mean.add(
+                &logvar
+                    .mul_scalar(0.5)?
+                    .exp()?
+                    .mul(&Tensor::randn(&shape, noise_rng)?)?,
+            )?
+            .sub_scalar(shift)?
+            .mul_scalar(scaling)?
+            .detach()
+        })()
+        .map_err(err)?;
+        let mut noise = Tensor::randn(&shape, noise_rng).map_err(err)?;
+        if c.offset_noise_weight > 0.0 {
+            let offset = Tensor::randn(&[b, shape[1], 1, 1], noise_rng)
+                .and_then(|o| o.mul_scalar(c.offset_noise_weight))
+                .map_err(err)?;
+            noise = noise.add(&offset).map_err(err)?;
+        }
+
         let acp: Vec<f64> = timesteps
             .iter()
             .map(|&t| self.schedule.alphas_cumprod[t] as f64)
@@ -404,7 +438,7 @@ impl Trainer {
             // min-SNR-γ weights (Hang et al.), and the concepts' loss weights.
             let w: Vec<f32> = acp
                 .iter()
-                .zip(&weights)
+                .zip(weights)
                 .map(|(&x, &cw)| {
                     let snr = x / (1.0 - x);
                     let lw = match c.loss_weight_fn.as_str() {
@@ -595,16 +629,78 @@ impl Trainer {
         out
     }
 
+    /// The loss of each validation concept at fixed timesteps and noise, so that the figures of
+    /// one run can be compared with each other: (concept name, mean loss).
+    pub fn validate(&self) -> Result<Vec<(String, f32)>> {
+        let c = &self.config;
+        let n = self.schedule.alphas_cumprod.len() as f64;
+        let (lo, hi) = (c.min_noising_strength * n, c.max_noising_strength * n);
+        let timesteps: Vec<usize> = (0..VALIDATION_TIMESTEPS)
+            .map(|k| (lo + (k as f64 + 0.5) * (hi - lo) / VALIDATION_TIMESTEPS as f64) as usize)
+            .collect();
+        let mut out = Vec::new();
+        for (ci, concept) in c.concepts.iter().enumerate() {
+            let items: Vec<_> = self
+                .validation
+                .items
+                .iter()
+                .enumerate()
+                .filter(|(_, it)| it.concept == ci)
+                .collect();
+            if items.is_empty() {
+                continue;
+            }
+            let fixed = ConceptConfig {
+                enable_crop_jitter: false,
+                enable_random_flip: false,
+                ..concept.clone()
+            };
+            let mut total = 0.0;
+            for (ii, item) in &items {
+                let mut r = data::rng(c.seed, RNG_VALIDATION, *ii as u64);
+                let bucket = self
+                    .buckets
+                    .nearest(item.width as usize, item.height as usize);
+                let pixels = data::prepare(item, &fixed, bucket, &mut r).map_err(err)?;
+                let t = timesteps.len();
+                let repeated: Vec<f32> = (0..t).flat_map(|_| pixels.iter().copied()).collect();
+                let prompts = vec![item.captions[0].clone(); t];
+                let noise = Generator::new(r.random::<u64>()).map_err(err)?;
+                let loss = self.loss(
+                    bucket,
+                    &repeated,
+                    &prompts,
+                    &vec![1.0; t],
+                    &timesteps,
+                    &noise,
+                )?;
+                total += loss.item().map_err(err)? * c.gradient_accumulation_steps as f32;
+            }
+            out.push((concept.name.clone(), total / items.len() as f32));
+        }
+        Ok(out)
+    }
+
     /// Samples, backups and saves due after `count` units of `unit`.
     fn after(&mut self, unit: &str, count: u64, on_event: &mut impl FnMut(Event)) -> Result<()> {
         let c = &self.config;
         let due =
             |every: f64, u: &str| u == unit && every >= 1.0 && count.is_multiple_of(every as u64);
-        let (sample, backup, save) = (
+        let (validate, sample, backup, save) = (
+            c.validation && due(c.validate_after, &c.validate_after_unit),
             due(c.sample_after, &c.sample_after_unit),
             due(c.backup_after, &c.backup_after_unit),
             due(c.save_every, &c.save_every_unit),
         );
+        if validate {
+            for (concept, loss) in self.validate()? {
+                on_event(Event::Validation {
+                    step: self.progress.step,
+                    concept,
+                    loss,
+                });
+            }
+        }
         if sample {
             for p in self.sample()? {
                 on_event(Event::Sample(p));
