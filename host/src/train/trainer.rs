@@ -374,7 +374,7 @@ impl Trainer {
     ) -> Result<Tensor> {
         let c = &self.config;
         let b = prompts.len();
-        let images = Tensor::from_f32(&pixels, &[b, 3, h, w]).map_err(err)?;
+        let images = Tensor::from_f32(pixels, &[b, 3, h, w]).map_err(err)?;
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let text = self.arch.encode_text(&refs).map_err(err)?.remove(0);
 
