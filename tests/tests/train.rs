@@ -273,4 +273,15 @@ fn validation_loss_is_repeatable_and_falls_as_the_lora_learns() {
     println!("validation loss: before {:.4}, then {seen:?}", before[0].1);
     assert_eq!(seen.len(), 4, "every 5 epochs of 20");
     assert!(seen[3].1 < 0.9 * before[0].1, "{before:?} -> {seen:?}");
+    let events: Vec<_> = std::fs::read_dir(root.join("val/tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(events.len(), 1, "one TensorBoard event file");
+    let bytes = std::fs::read(&events[0]).unwrap();
+    let tag = b"loss/validation/held out";
+    assert!(
+        bytes.windows(tag.len()).any(|w| w == tag),
+        "validation loss logged"
+    );
 }

@@ -133,6 +133,9 @@ pub struct TrainConfig {
     pub workspace_dir: String,
     pub cache_dir: String,
     pub continue_last_backup: bool,
+    /// TensorBoard event files (loss, learning rate, validation loss, samples) under
+    /// `workspace/tensorboard/`.
+    pub tensorboard: bool,
     pub train_device: String,
     pub seed: u64,
 
@@ -222,6 +225,7 @@ impl Default for TrainConfig {
             workspace_dir: "workspace/run".into(),
             cache_dir: "workspace-cache/run".into(),
             continue_last_backup: false,
+            tensorboard: true,
             train_device: "cpu".into(),
             seed: 42,
             learning_rate: 1e-4,

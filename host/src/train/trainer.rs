@@ -19,6 +19,7 @@ use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
 use crate::sample::{NoiseSchedule, Prediction, Sampler, SchedulerConfig, generate};
 use crate::train::config::{ConceptConfig, TrainConfig};
+use crate::train::tensorboard::EventWriter;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -112,6 +113,7 @@ pub struct Trainer {
     groups: Vec<Group>,
     pub progress: Progress,
     batches_per_epoch: usize,
+    tensorboard: Option<EventWriter>,
 }
 
 const RNG_BATCH: u64 = 2;
@@ -166,7 +168,17 @@ impl Trainer {
         let step = info["resolution_step"].as_u64().unwrap_or(8) as usize;
         let buckets = Buckets::new(res, step, c.aspect_ratio_bucketing);
 
+        let tensorboard = if c.tensorboard {
+            Some(
+                EventWriter::create(&workspace.join("tensorboard")).map_err(|e| {
+                    TrainError(format!("tensorboard: {}: {e}", workspace.display()))
+                })?,
+            )
+        } else {
+            None
+        };
         let mut t = Self {
+            tensorboard,
             groups: Vec::new(),
             batches_per_epoch: 0,
             progress: Progress {
@@ -530,11 +542,14 @@ impl Trainer {
                 {
                     self.update_ema()?;
                 }
+                let lr = self.config.learning_rate * lr_factor;
+                self.log_scalar("loss/train", acc_loss);
+                self.log_scalar("learning_rate", lr as f32);
                 on_event(Event::Step {
                     step: self.progress.step,
                     epoch: self.progress.epoch,
                     loss: acc_loss,
-                    lr: self.config.learning_rate * lr_factor,
+                    lr,
                 });
                 acc_loss = 0.0;
                 in_accum = 0;
@@ -629,6 +644,16 @@ impl Trainer {
         out
     }
 
+    /// Writes a scalar to the TensorBoard file; a failure is logged, not fatal.
+    fn log_scalar(&mut self, tag: &str, v: f32) {
+        let step = self.progress.step;
+        if let Some(tb) = &mut self.tensorboard
+            && let Err(e) = tb.scalar(tag, step, v)
+        {
+            tracing::warn!("tensorboard {}: {e}", tb.path().display());
+        }
+    }
+
     /// The loss of each validation concept at fixed timesteps and noise, so that the figures of
     /// one run can be compared with each other: (concept name, mean loss).
     pub fn validate(&self) -> Result<Vec<(String, f32)>> {
@@ -694,6 +719,7 @@ impl Trainer {
         );
         if validate {
             for (concept, loss) in self.validate()? {
+                self.log_scalar(&format!("loss/validation/{concept}"), loss);
                 on_event(Event::Validation {
                     step: self.progress.step,
                     concept,
@@ -757,6 +783,21 @@ impl Trainer {
                 .join(format!("{:06}.png", self.progress.step));
             std::fs::create_dir_all(path.parent().expect("sample folder")).map_err(err)?;
             generate::write_png(&path, s.width, s.height, rgb).map_err(err)?;
+            if let Some(tb) = &mut self.tensorboard {
+                let tag = format!("samples/{i}-{slug}");
+                let written = std::fs::read(&path).and_then(|png| {
+                    tb.image(
+                        &tag,
+                        self.progress.step,
+                        s.width as u32,
+                        s.height as u32,
+                        &png,
+                    )
+                });
+                if let Err(e) = written {
+                    tracing::warn!("tensorboard {}: {e}", tb.path().display());
+                }
+            }
             out.push(path);
         }
         adapters::set_training(true);
