@@ -285,3 +285,46 @@ fn validation_loss_is_repeatable_and_falls_as_the_lora_learns() {
         "validation loss logged"
     );
 }
+
+#[test]
+fn masked_training_only_learns_where_the_mask_is() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let images = root.join("images");
+    for i in 0..6 {
+        image::GrayImage::new(16, 16)
+            .save(images.join(format!("{i}-masklabel.png")))
+            .unwrap();
+    }
+    let mut c = config(root, "masked");
+    c.backup_after_unit = "never".into();
+    c.masked_training = true;
+    c.unmasked_probability = 0.0;
+    c.unmasked_weight = 0.0;
+    c.optimizer.insert("weight_decay".into(), 0.0.into());
+    let r = run(c, root, None);
+    assert!(
+        r.losses.iter().all(|&(_, l)| l == 0.0),
+        "black masks, no weight outside them: {:?}",
+        r.losses
+    );
+    let ups: Vec<&Vec<f32>> = r
+        .weights
+        .iter()
+        .filter(|(k, _)| k.ends_with("lora_up.weight"))
+        .map(|(_, v)| v)
+        .collect();
+    assert!(
+        !ups.is_empty() && ups.iter().all(|v| v.iter().all(|&x| x == 0.0)),
+        "nothing learned"
+    );
+
+    // The same images with the area outside the mask weighted 0.5: a loss, and learning.
+    let mut c = config(root, "half");
+    c.backup_after_unit = "never".into();
+    c.masked_training = true;
+    c.unmasked_probability = 0.0;
+    c.unmasked_weight = 0.5;
+    let r = run(c, root, None);
+    assert!(r.losses.iter().all(|&(_, l)| l > 0.0));
+}

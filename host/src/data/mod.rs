@@ -25,6 +25,8 @@ pub struct Item {
     pub concept: usize,
     pub width: u32,
     pub height: u32,
+    /// `<stem>-masklabel.png` beside the image: white is trained, black is not.
+    pub mask: Option<PathBuf>,
 }
 
 /// The concepts' images, and the problems found while reading them.
@@ -134,12 +136,17 @@ impl Dataset {
                         vec![String::new()]
                     }
                 };
+                let mask = p.with_file_name(format!(
+                    "{}-masklabel.png",
+                    p.file_stem().unwrap_or_default().to_string_lossy()
+                ));
                 d.items.push(Item {
                     path: p,
                     captions,
                     concept: ci,
                     width,
                     height,
+                    mask: mask.exists().then_some(mask),
                 });
             }
         }
@@ -215,39 +222,110 @@ pub fn plan_epoch(
     batches
 }
 
-/// The image scaled to cover `bucket` (width, height), cropped (at a random offset with
-/// jitter, else centred), flipped at random when enabled: RGB f32 in [-1, 1], `[3, H, W]` order.
+/// An image and its mask prepared for training.
+pub struct Prepared {
+    /// RGB in [-1, 1], `[3, H, W]` order.
+    pub pixels: Vec<f32>,
+    /// In [0, 1], `[H, W]`; all ones without a mask file.
+    pub mask: Vec<f32>,
+}
+
+/// The image scaled to cover `bucket` (width, height), cropped (at a random offset with jitter,
+/// else centred) and flipped at random when enabled; its mask goes through the same steps.
 pub fn prepare(
     item: &Item,
     concept: &ConceptConfig,
     bucket: (usize, usize),
     r: &mut ChaCha8Rng,
-) -> std::result::Result<Vec<f32>, String> {
+) -> std::result::Result<Prepared, String> {
     let img = image::open(&item.path)
         .map_err(|e| format!("{}: {e}", item.path.display()))?
         .to_rgb8();
+    let mask = match &item.mask {
+        Some(m) => Some(
+            image::open(m)
+                .map_err(|e| format!("{}: {e}", m.display()))?
+                .to_luma8(),
+        ),
+        None => None,
+    };
     let (bw, bh) = (bucket.0 as u32, bucket.1 as u32);
     let scale = (bw as f64 / img.width() as f64).max(bh as f64 / img.height() as f64);
     let (sw, sh) = (
         ((img.width() as f64 * scale).round() as u32).max(bw),
         ((img.height() as f64 * scale).round() as u32).max(bh),
     );
-    let scaled = image::imageops::resize(&img, sw, sh, image::imageops::FilterType::Lanczos3);
     let (x, y) = if concept.enable_crop_jitter {
         (r.random_range(0..=sw - bw), r.random_range(0..=sh - bh))
     } else {
         ((sw - bw) / 2, (sh - bh) / 2)
     };
-    let mut crop = image::imageops::crop_imm(&scaled, x, y, bw, bh).to_image();
-    if concept.enable_random_flip && r.random_bool(0.5) {
-        crop = image::imageops::flip_horizontal(&crop);
-    }
+    let flip = concept.enable_random_flip && r.random_bool(0.5);
+    let place = |i: &image::RgbImage| {
+        let scaled = image::imageops::resize(i, sw, sh, image::imageops::FilterType::Lanczos3);
+        let crop = image::imageops::crop_imm(&scaled, x, y, bw, bh).to_image();
+        if flip {
+            image::imageops::flip_horizontal(&crop)
+        } else {
+            crop
+        }
+    };
     let (w, h) = (bw as usize, bh as usize);
-    let mut out = vec![0f32; 3 * w * h];
-    for (px, py, p) in crop.enumerate_pixels() {
+    let mut pixels = vec![0f32; 3 * w * h];
+    for (px, py, p) in place(&img).enumerate_pixels() {
         for c in 0..3 {
-            out[c * w * h + py as usize * w + px as usize] = p[c] as f32 / 127.5 - 1.0;
+            pixels[c * w * h + py as usize * w + px as usize] = p[c] as f32 / 127.5 - 1.0;
         }
     }
-    Ok(out)
+    let mask = match mask {
+        Some(m) => {
+            let m = image::DynamicImage::ImageLuma8(m).to_rgb8();
+            place(&m).pixels().map(|p| p[0] as f32 / 255.0).collect()
+        }
+        None => vec![1.0; w * h],
+    };
+    Ok(Prepared { pixels, mask })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mask_goes_through_the_same_crop_and_flip_as_the_image() {
+        let d = tempfile::tempdir().unwrap();
+        // A horizontal ramp, and a mask with the same ramp.
+        let ramp = |x: u32| (x * 255 / 39) as u8;
+        image::RgbImage::from_fn(40, 24, |x, _| image::Rgb([ramp(x), 0, 0]))
+            .save(d.path().join("a.png"))
+            .unwrap();
+        image::GrayImage::from_fn(40, 24, |x, _| image::Luma([ramp(x)]))
+            .save(d.path().join("a-masklabel.png"))
+            .unwrap();
+        let item = Item {
+            path: d.path().join("a.png"),
+            captions: vec![],
+            concept: 0,
+            width: 40,
+            height: 24,
+            mask: Some(d.path().join("a-masklabel.png")),
+        };
+        let concept = ConceptConfig::default();
+        let mut flipped = 0;
+        for seed in 0..8 {
+            let p = prepare(&item, &concept, (16, 16), &mut rng(seed, 0, 0)).unwrap();
+            for (i, m) in p.mask.iter().enumerate() {
+                let red = (p.pixels[i] + 1.0) / 2.0;
+                assert!(
+                    (red - m).abs() < 0.02,
+                    "seed {seed} pixel {i}: {red} vs {m}"
+                );
+            }
+            flipped += usize::from(p.mask[0] > p.mask[15]);
+        }
+        assert!(
+            flipped > 0 && flipped < 8,
+            "flips happen at random ({flipped}/8)"
+        );
+    }
 }

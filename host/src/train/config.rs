@@ -166,6 +166,14 @@ pub struct TrainConfig {
     pub min_noising_strength: f64,
     pub max_noising_strength: f64,
     pub offset_noise_weight: f64,
+    /// Weighs the loss by each image's `<stem>-masklabel.png` (white = train).
+    pub masked_training: bool,
+    /// The chance that a step sees the whole image anyway.
+    pub unmasked_probability: f64,
+    /// The weight of the area outside the mask.
+    pub unmasked_weight: f64,
+    /// Divides each image's loss by its mask's area.
+    pub normalize_masked_area_loss: bool,
     pub mse_strength: f64,
     pub mae_strength: f64,
     /// constant or min_snr_gamma (with loss_weight_strength as gamma).
@@ -246,6 +254,10 @@ impl Default for TrainConfig {
             min_noising_strength: 0.0,
             max_noising_strength: 1.0,
             offset_noise_weight: 0.0,
+            masked_training: false,
+            unmasked_probability: 0.1,
+            unmasked_weight: 0.1,
+            normalize_masked_area_loss: false,
             mse_strength: 1.0,
             mae_strength: 0.0,
             loss_weight_fn: "constant".into(),
@@ -466,6 +478,11 @@ impl TrainConfig {
             "min_noising_strength, max_noising_strength: need 0 <= min < max <= 1",
         );
         check(self.lora_rank >= 1, "lora_rank: must be at least 1");
+        check(
+            (0.0..=1.0).contains(&self.unmasked_probability)
+                && (0.0..=1.0).contains(&self.unmasked_weight),
+            "unmasked_probability, unmasked_weight: must be in [0, 1]",
+        );
         check(
             (0.0..1.0).contains(&self.ema_decay) && self.ema_update_step_interval >= 1,
             "ema_decay, ema_update_step_interval: need 0 <= decay < 1 and an interval of at least 1",

@@ -86,6 +86,17 @@ pub enum Event {
     Saved(PathBuf),
 }
 
+/// Images ready for the loss: pixels (`[3, H, W]` each) and masks (`[H, W]` each),
+/// concatenated, with their prompts and loss weights.
+#[derive(Default)]
+struct Batch {
+    bucket: (usize, usize),
+    pixels: Vec<f32>,
+    masks: Vec<f32>,
+    prompts: Vec<String>,
+    weights: Vec<f64>,
+}
+
 /// A model part's trainable tensors and their optimizer.
 struct Group {
     part: String,
@@ -332,18 +343,27 @@ impl Trainer {
     fn batch_loss(&self, plan: &data::BatchPlan, index: u64) -> Result<Tensor> {
         let c = &self.config;
         let mut r = data::rng(c.seed, RNG_BATCH, index);
-        let (w, h) = plan.bucket;
-        let mut pixels = Vec::with_capacity(plan.items.len() * 3 * w * h);
-        let mut prompts = Vec::new();
-        let mut weights = Vec::new();
+        let mut batch = Batch {
+            bucket: plan.bucket,
+            ..Batch::default()
+        };
         for &i in &plan.items {
             let item = &self.data.items[i];
             let concept = &c.concepts[item.concept];
-            pixels.extend(data::prepare(item, concept, plan.bucket, &mut r).map_err(err)?);
+            let p = data::prepare(item, concept, plan.bucket, &mut r).map_err(err)?;
+            batch.pixels.extend(p.pixels);
+            // Now and then a step sees the whole image, as OneTrainer's unmasked_probability.
+            if c.masked_training && r.random_bool(c.unmasked_probability) {
+                batch.masks.extend(std::iter::repeat_n(1.0, p.mask.len()));
+            } else {
+                batch.masks.extend(p.mask);
+            }
             let caption = item.captions[r.random_range(0..item.captions.len())].clone();
             let dropped = r.random_bool(c.text_encoder.dropout_probability);
-            prompts.push(if dropped { String::new() } else { caption });
-            weights.push(concept.loss_weight);
+            batch
+                .prompts
+                .push(if dropped { String::new() } else { caption });
+            batch.weights.push(concept.loss_weight);
         }
         let n = self.schedule.alphas_cumprod.len();
         let (lo, hi) = (
@@ -363,28 +383,21 @@ impl Trainer {
             .collect();
         let noise_rng =
             Generator::new(data::rng(c.seed, RNG_NOISE, index).random::<u64>()).map_err(err)?;
-        self.loss(
-            plan.bucket,
-            &pixels,
-            &prompts,
-            &weights,
-            &timesteps,
-            &noise_rng,
-        )
+        self.loss(&batch, &timesteps, &noise_rng)
     }
 
-    /// The loss of images (`[3, H, W]` each, concatenated) with their prompts and loss weights,
-    /// noised to `timesteps` with noise from `noise_rng`; divided by the accumulation steps.
-    fn loss(
-        &self,
-        (w, h): (usize, usize),
-        pixels: &[f32],
-        prompts: &[String],
-        weights: &[f64],
-        timesteps: &[usize],
-        noise_rng: &Generator,
-    ) -> Result<Tensor> {
+    /// The loss of a batch noised to `timesteps` with noise from `noise_rng`, divided by the
+    /// accumulation steps.
+    fn loss(&self, batch: &Batch, timesteps: &[usize], noise_rng: &Generator) -> Result<Tensor> {
         let c = &self.config;
+        let Batch {
+            bucket: (w, h),
+            pixels,
+            masks,
+            prompts,
+            weights,
+        } = batch;
+        let (w, h) = (*w, *h);
         let b = prompts.len();
         let images = Tensor::from_f32(pixels, &[b, 3, h, w]).map_err(err)?;
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
@@ -434,11 +447,30 @@ impl Trainer {
                 Prediction::Epsilon => noise.clone(),
                 Prediction::VPrediction => noise.mul(&a)?.sub(&latents.mul(&s)?)?,
             };
-            let diff = pred.sub(&target)?;
+            let mut diff = pred.sub(&target)?;
+            let mut area = None;
+            if c.masked_training {
+                // The mask at latent size (mean over each f×f patch), as a loss weight between
+                // unmasked_weight and 1.
+                let f = self.info["vae_scale_factor"].as_u64().unwrap_or(1) as i64;
+                let (lh, lw) = (h as i64 / f, w as i64 / f);
+                let m = Tensor::from_f32(masks, &[b, 1, h, w])?
+                    .reshape(&[b as i64, 1, lh, f, lw, f])?
+                    .mean(&[3, 5], false)?;
+                let weight = m
+                    .mul_scalar(1.0 - c.unmasked_weight)?
+                    .add_scalar(c.unmasked_weight)?;
+                // The square root, so the squared error is weighted by the mask itself.
+                diff = diff.mul(&weight.sqrt()?)?;
+                area = Some(m.mean(&[1, 2, 3], false)?.clamp(Some(1e-6), None)?);
+            }
             let mut per = diff
                 .powf(2.0)?
                 .mean(&[1, 2, 3], false)?
                 .mul_scalar(c.mse_strength)?;
+            if let (Some(a), true) = (&area, c.normalize_masked_area_loss) {
+                per = per.div(a)?;
+            }
             if c.mae_strength > 0.0 {
                 per = per.add(
                     &diff
@@ -686,19 +718,17 @@ impl Trainer {
                 let bucket = self
                     .buckets
                     .nearest(item.width as usize, item.height as usize);
-                let pixels = data::prepare(item, &fixed, bucket, &mut r).map_err(err)?;
+                let p = data::prepare(item, &fixed, bucket, &mut r).map_err(err)?;
                 let t = timesteps.len();
-                let repeated: Vec<f32> = (0..t).flat_map(|_| pixels.iter().copied()).collect();
-                let prompts = vec![item.captions[0].clone(); t];
-                let noise = Generator::new(r.random::<u64>()).map_err(err)?;
-                let loss = self.loss(
+                let batch = Batch {
                     bucket,
-                    &repeated,
-                    &prompts,
-                    &vec![1.0; t],
-                    &timesteps,
-                    &noise,
-                )?;
+                    pixels: (0..t).flat_map(|_| p.pixels.iter().copied()).collect(),
+                    masks: (0..t).flat_map(|_| p.mask.iter().copied()).collect(),
+                    prompts: vec![item.captions[0].clone(); t],
+                    weights: vec![1.0; t],
+                };
+                let noise = Generator::new(r.random::<u64>()).map_err(err)?;
+                let loss = self.loss(&batch, &timesteps, &noise)?;
                 total += loss.item().map_err(err)? * c.gradient_accumulation_steps as f32;
             }
             out.push((concept.name.clone(), total / items.len() as f32));
