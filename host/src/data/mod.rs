@@ -2,6 +2,7 @@
 //! buckets, per-epoch order and augmentation drawn from the seed and the epoch (so a resumed run
 //! sees the same batches), and images prepared as `[3, H, W]` tensors in [-1, 1].
 
+pub mod augment;
 pub mod buckets;
 
 use std::path::{Path, PathBuf};

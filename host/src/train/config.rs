@@ -67,6 +67,25 @@ pub struct ConceptConfig {
     pub enable_random_flip: bool,
     /// Random crop offset inside the bucket's cover-scaled image (else centred).
     pub enable_crop_jitter: bool,
+    /// Rotation by up to `random_rotate_max_angle` degrees either way (random), or by exactly
+    /// that (fixed).
+    pub enable_random_rotate: bool,
+    pub enable_fixed_rotate: bool,
+    pub random_rotate_max_angle: f64,
+    /// Brightness, contrast, saturation and hue: a random change of up to the strength either
+    /// way, or exactly the strength (fixed). Strengths are fractions (hue: of a full turn).
+    pub enable_random_brightness: bool,
+    pub enable_fixed_brightness: bool,
+    pub random_brightness_max_strength: f64,
+    pub enable_random_contrast: bool,
+    pub enable_fixed_contrast: bool,
+    pub random_contrast_max_strength: f64,
+    pub enable_random_saturation: bool,
+    pub enable_fixed_saturation: bool,
+    pub random_saturation_max_strength: f64,
+    pub enable_random_hue: bool,
+    pub enable_fixed_hue: bool,
+    pub random_hue_max_strength: f64,
 }
 
 impl Default for ConceptConfig {
@@ -84,6 +103,21 @@ impl Default for ConceptConfig {
             loss_weight: 1.0,
             enable_random_flip: true,
             enable_crop_jitter: true,
+            enable_random_rotate: false,
+            enable_fixed_rotate: false,
+            random_rotate_max_angle: 0.0,
+            enable_random_brightness: false,
+            enable_fixed_brightness: false,
+            random_brightness_max_strength: 0.0,
+            enable_random_contrast: false,
+            enable_fixed_contrast: false,
+            random_contrast_max_strength: 0.0,
+            enable_random_saturation: false,
+            enable_fixed_saturation: false,
+            random_saturation_max_strength: 0.0,
+            enable_random_hue: false,
+            enable_fixed_hue: false,
+            random_hue_max_strength: 0.0,
         }
     }
 }
