@@ -2,7 +2,7 @@
 //! dataset: a LoRA run stopped and resumed from its backup repeats the uninterrupted run exactly
 //! (per-step losses and final weights, bitwise), and the loss goes down.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ferrite::plugins::Registry;
@@ -327,4 +327,58 @@ fn masked_training_only_learns_where_the_mask_is() {
     c.unmasked_weight = 0.5;
     let r = run(c, root, None);
     assert!(r.losses.iter().all(|&(_, l)| l > 0.0));
+}
+
+#[test]
+fn latent_cache_encodes_each_image_once_and_a_changed_image_again() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let cached = |root: &Path, clear: bool| {
+        let mut c = config(root, "cached");
+        c.epochs = 1;
+        c.backup_after_unit = "never".into();
+        c.cache_dir = "cache".into();
+        c.clear_cache_before_training = clear;
+        c
+    };
+    let files = || {
+        let mut f: Vec<(PathBuf, std::time::SystemTime)> =
+            std::fs::read_dir(root.join("cache/latents"))
+                .unwrap()
+                .map(|e| {
+                    let p = e.unwrap().path();
+                    let t = std::fs::metadata(&p).unwrap().modified().unwrap();
+                    (p, t)
+                })
+                .collect();
+        f.sort();
+        f
+    };
+    let first = run(cached(root, true), root, None);
+    let after_first = files();
+    // The toy set repeats each image twice; the cache is keyed by content.
+    assert_eq!(after_first.len(), 3, "one entry per distinct image");
+    let second = run(cached(root, false), root, None);
+    assert_eq!(files(), after_first, "nothing re-encoded");
+    assert_eq!(
+        first.losses, second.losses,
+        "the cache gives the same training"
+    );
+
+    // Change one image: only it is encoded again.
+    let p = root.join("images/0.png");
+    let mut img = image::open(&p).unwrap().to_rgb8();
+    img.put_pixel(0, 0, image::Rgb([1, 2, 3]));
+    img.save(&p).unwrap();
+    run(cached(root, false), root, None);
+    let now = files();
+    assert_eq!(now.len(), 4);
+    assert_eq!(now.iter().filter(|f| after_first.contains(f)).count(), 3);
+
+    run(cached(root, true), root, None);
+    assert_eq!(
+        files().len(),
+        4,
+        "clear_cache_before_training starts afresh"
+    );
 }

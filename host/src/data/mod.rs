@@ -170,6 +170,7 @@ pub fn rng(seed: u64, purpose: u64, index: u64) -> ChaCha8Rng {
 pub struct BatchPlan {
     pub items: Vec<usize>,
     pub bucket: (usize, usize),
+    pub epoch: u64,
 }
 
 /// One epoch: items repeated per concept balancing, assigned to buckets, shuffled, batched.
@@ -215,6 +216,7 @@ pub fn plan_epoch(
                 .map(|c| BatchPlan {
                     items: c.to_vec(),
                     bucket,
+                    epoch,
                 })
                 .collect::<Vec<_>>()
         })

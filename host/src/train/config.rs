@@ -63,6 +63,9 @@ pub struct ConceptConfig {
     pub balancing: f64,
     pub balancing_strategy: String,
     pub loss_weight: f64,
+    /// With latent caching: how many differently augmented versions of each image are cached
+    /// (epoch e uses version e mod n).
+    pub image_variations: usize,
     /// Random horizontal flip.
     pub enable_random_flip: bool,
     /// Random crop offset inside the bucket's cover-scaled image (else centred).
@@ -101,6 +104,7 @@ impl Default for ConceptConfig {
             balancing: 1.0,
             balancing_strategy: "repeats".into(),
             loss_weight: 1.0,
+            image_variations: 1,
             enable_random_flip: true,
             enable_crop_jitter: true,
             enable_random_rotate: false,
@@ -194,6 +198,10 @@ pub struct TrainConfig {
 
     pub resolution: String,
     pub aspect_ratio_bucketing: bool,
+    /// Encoded images cached on disk under cache_dir, keyed by a hash of everything that
+    /// changes them (so a changed image or setting re-encodes that image only).
+    pub latent_caching: bool,
+    pub clear_cache_before_training: bool,
 
     /// uniform, logit_normal.
     pub timestep_distribution: String,
@@ -284,6 +292,8 @@ impl Default for TrainConfig {
             ema_update_step_interval: 5,
             resolution: "512".into(),
             aspect_ratio_bucketing: true,
+            latent_caching: true,
+            clear_cache_before_training: true,
             timestep_distribution: "uniform".into(),
             min_noising_strength: 0.0,
             max_noising_strength: 1.0,

@@ -92,6 +92,8 @@ pub enum Event {
 struct Batch {
     bucket: (usize, usize),
     pixels: Vec<f32>,
+    /// The VAE's mean and log-variance, when they come from the cache (then `pixels` is empty).
+    encoded: Option<(Tensor, Tensor)>,
     masks: Vec<f32>,
     prompts: Vec<String>,
     weights: Vec<f64>,
@@ -125,6 +127,9 @@ pub struct Trainer {
     pub progress: Progress,
     batches_per_epoch: usize,
     tensorboard: Option<EventWriter>,
+    cache_dir: PathBuf,
+    /// What identifies the model for the latent cache: its path, when it changed, its info.
+    model_identity: String,
 }
 
 const RNG_BATCH: u64 = 2;
@@ -188,7 +193,23 @@ impl Trainer {
         } else {
             None
         };
+        let cache_dir = TrainConfig::path(base, &c.cache_dir);
+        if c.clear_cache_before_training {
+            let _ = std::fs::remove_dir_all(cache_dir.join("latents"));
+        }
+        let model_path = TrainConfig::path(base, &c.base_model_name);
+        let modified = std::fs::metadata(&model_path)
+            .and_then(|m| m.modified())
+            .map(|t| format!("{t:?}"))
+            .unwrap_or_default();
+        let mut identity = info.clone();
+        if let Some(o) = identity.as_object_mut() {
+            o.remove("adaptable_layers");
+        }
+        let model_identity = format!("{} {modified} {identity}", model_path.display());
         let mut t = Self {
+            cache_dir,
+            model_identity,
             tensorboard,
             groups: Vec::new(),
             batches_per_epoch: 0,
@@ -347,10 +368,21 @@ impl Trainer {
             bucket: plan.bucket,
             ..Batch::default()
         };
+        let mut encoded = Vec::new();
         for &i in &plan.items {
             let item = &self.data.items[i];
             let concept = &c.concepts[item.concept];
-            let p = data::prepare(item, concept, plan.bucket, &mut r).map_err(err)?;
+            let p = if c.latent_caching {
+                let variation = plan.epoch % concept.image_variations as u64;
+                let (mean, logvar, mask) = self.cached(item, concept, plan.bucket, variation)?;
+                encoded.push((mean, logvar));
+                data::Prepared {
+                    pixels: Vec::new(),
+                    mask,
+                }
+            } else {
+                data::prepare(item, concept, plan.bucket, &mut r).map_err(err)?
+            };
             batch.pixels.extend(p.pixels);
             // Now and then a step sees the whole image, as OneTrainer's unmasked_probability.
             if c.masked_training && r.random_bool(c.unmasked_probability) {
@@ -364,6 +396,12 @@ impl Trainer {
                 .prompts
                 .push(if dropped { String::new() } else { caption });
             batch.weights.push(concept.loss_weight);
+        }
+        if !encoded.is_empty() {
+            let cat = |f: fn(&(Tensor, Tensor)) -> &Tensor| {
+                Tensor::cat(&encoded.iter().map(f).collect::<Vec<_>>(), 0)
+            };
+            batch.encoded = Some((cat(|e| &e.0).map_err(err)?, cat(|e| &e.1).map_err(err)?));
         }
         let n = self.schedule.alphas_cumprod.len();
         let (lo, hi) = (
@@ -393,17 +431,23 @@ impl Trainer {
         let Batch {
             bucket: (w, h),
             pixels,
+            encoded,
             masks,
             prompts,
             weights,
         } = batch;
         let (w, h) = (*w, *h);
         let b = prompts.len();
-        let images = Tensor::from_f32(pixels, &[b, 3, h, w]).map_err(err)?;
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let text = self.arch.encode_text(&refs).map_err(err)?.remove(0);
 
-        let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
+        let (mean, logvar) = match encoded {
+            Some((m, l)) => (m.clone(), l.clone()),
+            None => {
+                let images = Tensor::from_f32(pixels, &[b, 3, h, w]).map_err(err)?;
+                self.arch.vae_encode(&images).map_err(err)?
+            }
+        };
         let scaling = self.info["scaling_factor"].as_f64().unwrap_or(1.0);
         let shift = self.info["shift_factor"].as_f64().unwrap_or(0.0);
         let shape = mean.shape().map_err(err)?;
@@ -676,6 +720,84 @@ impl Trainer {
         out
     }
 
+    /// The encoded image (VAE mean and log-variance, `[1, C, h, w]`) and its prepared mask for
+    /// one variation, from the cache or encoded and cached now. The key hashes the image and mask
+    /// files, the bucket, the concept's image settings, the variation, the seed and the model, so
+    /// a change to any of them re-encodes that image only.
+    fn cached(
+        &self,
+        item: &data::Item,
+        concept: &ConceptConfig,
+        bucket: (usize, usize),
+        variation: u64,
+    ) -> Result<(Tensor, Tensor, Vec<f32>)> {
+        use sha2::{Digest, Sha256};
+        let mut image_settings = serde_json::to_value(concept).map_err(err)?;
+        if let Some(o) = image_settings.as_object_mut() {
+            for k in [
+                "name",
+                "enabled",
+                "path",
+                "prompt_source",
+                "text_file",
+                "balancing",
+            ] {
+                o.remove(k);
+            }
+            for k in [
+                "balancing_strategy",
+                "loss_weight",
+                "include_subdirectories",
+                "type",
+            ] {
+                o.remove(k);
+            }
+        }
+        let mut h = Sha256::new();
+        h.update(b"ferrite latent cache v1\0");
+        h.update(
+            std::fs::read(&item.path)
+                .map_err(|e| TrainError(format!("{}: {e}", item.path.display())))?,
+        );
+        if let Some(m) = &item.mask {
+            h.update(std::fs::read(m).map_err(|e| TrainError(format!("{}: {e}", m.display())))?);
+        }
+        h.update(
+            format!(
+                "{bucket:?} {image_settings} {variation} {} {}",
+                self.config.seed, self.model_identity
+            )
+            .as_bytes(),
+        );
+        let digest = h.finalize();
+        let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self
+            .cache_dir
+            .join("latents")
+            .join(format!("{key}.safetensors"));
+        let (w, hgt) = bucket;
+        if let Ok(f) = Weights::open(&path.to_string_lossy()) {
+            let get = |k: &str| f.get(k, DType::F32);
+            if let (Ok(m), Ok(l), Ok(mask)) = (get("mean"), get("logvar"), get("mask")) {
+                return Ok((m, l, mask.to_vec().map_err(err)?));
+            }
+        }
+        let seed = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+        let p = data::prepare(item, concept, bucket, &mut data::rng(seed, 0, 0)).map_err(err)?;
+        let images = Tensor::from_f32(&p.pixels, &[1, 3, hgt, w]).map_err(err)?;
+        let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
+        let (mean, logvar) = (mean.detach().map_err(err)?, logvar.detach().map_err(err)?);
+        let mask = Tensor::from_f32(&p.mask, &[hgt, w]).map_err(err)?;
+        std::fs::create_dir_all(path.parent().expect("cache folder")).map_err(err)?;
+        ferrite_plugin_api::save_safetensors(
+            &path.to_string_lossy(),
+            &[("mean", &mean), ("logvar", &logvar), ("mask", &mask)],
+            &[],
+        )
+        .map_err(err)?;
+        Ok((mean, logvar, p.mask))
+    }
+
     /// Writes a scalar to the TensorBoard file; a failure is logged, not fatal.
     fn log_scalar(&mut self, tag: &str, v: f32) {
         let step = self.progress.step;
@@ -722,6 +844,7 @@ impl Trainer {
                 let t = timesteps.len();
                 let batch = Batch {
                     bucket,
+                    encoded: None,
                     pixels: (0..t).flat_map(|_| p.pixels.iter().copied()).collect(),
                     masks: (0..t).flat_map(|_| p.mask.iter().copied()).collect(),
                     prompts: vec![item.captions[0].clone(); t],
