@@ -382,3 +382,31 @@ fn latent_cache_encodes_each_image_once_and_a_changed_image_again() {
         "clear_cache_before_training starts afresh"
     );
 }
+
+#[test]
+fn prior_images_are_trained_towards_the_model_without_its_adapter() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let first_loss = |kind: &str| {
+        let mut c = config(root, kind);
+        c.epochs = 1;
+        c.backup_after_unit = "never".into();
+        c.concepts[0].kind = kind.into();
+        if kind == "prior" {
+            // A standard concept is required; this one gives no images per epoch.
+            let mut none = c.concepts[0].clone();
+            none.kind = "standard".into();
+            none.balancing_strategy = "samples".into();
+            none.balancing = 0.1;
+            c.concepts.push(none);
+        }
+        run(c, root, None).losses[0].1
+    };
+    let (standard, prior) = (first_loss("standard"), first_loss("prior"));
+    println!("first-step loss: standard {standard:.4}, prior {prior:.2e}");
+    // A fresh LoRA changes nothing, so the model already predicts its own prior.
+    assert!(
+        standard > 0.1 && prior < 1e-6,
+        "standard {standard}, prior {prior}"
+    );
+}

@@ -101,6 +101,17 @@ struct Attached {
 }
 
 static ATTACHED: Mutex<BTreeMap<String, Vec<Attached>>> = Mutex::new(BTreeMap::new());
+/// Off: layers run as if no adapter were attached (the base model's prediction).
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Runs `f` with the adapters switched off: the base model.
+pub fn without_adapters<T>(f: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::Ordering;
+    let was = ENABLED.swap(false, Ordering::SeqCst);
+    let out = f();
+    ENABLED.store(was, Ordering::SeqCst);
+    out
+}
 
 fn attached() -> MutexGuard<'static, BTreeMap<String, Vec<Attached>>> {
     ATTACHED.lock().unwrap_or_else(|e| e.into_inner())

@@ -96,12 +96,12 @@ fn captions(
 }
 
 impl Dataset {
-    /// Reads every enabled concept of `kind` (`standard`, `validation`); paths are relative to
-    /// `base`. Problems are collected, not fatal: the run goes on with the rest.
-    pub fn scan(config: &TrainConfig, base: &Path, kind: &str) -> Self {
+    /// Reads every enabled concept of the `kinds` given (`standard`, `prior`, `validation`);
+    /// paths are relative to `base`. Problems are collected, not fatal: the run goes on.
+    pub fn scan(config: &TrainConfig, base: &Path, kinds: &[&str]) -> Self {
         let mut d = Dataset::default();
         for (ci, c) in config.concepts.iter().enumerate() {
-            if !c.enabled || c.kind != kind {
+            if !c.enabled || !kinds.contains(&c.kind.as_str()) {
                 continue;
             }
             let dir = TrainConfig::path(base, &c.path);

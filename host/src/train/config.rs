@@ -51,7 +51,8 @@ impl Default for PartConfig {
 pub struct ConceptConfig {
     pub name: String,
     pub enabled: bool,
-    /// `standard` or `validation`.
+    /// `standard`, `prior` (trained towards the model's own prediction without the adapter, to
+    /// keep what it knew: OneTrainer's prior prediction) or `validation`.
     #[serde(rename = "type")]
     pub kind: String,
     pub path: String,
@@ -476,7 +477,7 @@ impl TrainConfig {
         }
         for (i, c) in self.concepts.iter().enumerate() {
             let k = |f: &str| format!("concepts[{i}].{f}");
-            one_of(&k("type"), &c.kind, &["standard", "validation"]);
+            one_of(&k("type"), &c.kind, &["standard", "prior", "validation"]);
             one_of(
                 &k("prompt_source"),
                 &c.prompt_source,

@@ -97,6 +97,8 @@ struct Batch {
     masks: Vec<f32>,
     prompts: Vec<String>,
     weights: Vec<f64>,
+    /// Per image: a prior concept's, whose target is the model's prediction without adapters.
+    prior: Vec<bool>,
 }
 
 /// A model part's trainable tensors and their optimizer.
@@ -168,7 +170,7 @@ impl Trainer {
         .map_err(err)?;
         let model = ModelLayers::of(&arch).map_err(err)?;
 
-        let data = Dataset::scan(c, base, "standard");
+        let data = Dataset::scan(c, base, &["standard", "prior"]);
         if data.items.is_empty() {
             return Err(TrainError(format!(
                 "no training images found{}",
@@ -179,7 +181,7 @@ impl Trainer {
                 }
             )));
         }
-        let validation = Dataset::scan(c, base, "validation");
+        let validation = Dataset::scan(c, base, &["validation"]);
         let res = c.resolutions().map_err(err)?[0];
         let step = info["resolution_step"].as_u64().unwrap_or(8) as usize;
         let buckets = Buckets::new(res, step, c.aspect_ratio_bucketing);
@@ -396,6 +398,7 @@ impl Trainer {
                 .prompts
                 .push(if dropped { String::new() } else { caption });
             batch.weights.push(concept.loss_weight);
+            batch.prior.push(concept.kind == "prior");
         }
         if !encoded.is_empty() {
             let cat = |f: fn(&(Tensor, Tensor)) -> &Tensor| {
@@ -435,6 +438,7 @@ impl Trainer {
             masks,
             prompts,
             weights,
+            prior,
         } = batch;
         let (w, h) = (*w, *h);
         let b = prompts.len();
@@ -487,10 +491,25 @@ impl Trainer {
         let loss = (|| {
             let noisy = latents.mul(&a)?.add(&noise.mul(&s)?)?;
             let pred = self.arch.denoise(&noisy, &tt, &[&text])?;
-            let target = match self.schedule.prediction {
+            let mut target = match self.schedule.prediction {
                 Prediction::Epsilon => noise.clone(),
                 Prediction::VPrediction => noise.mul(&a)?.sub(&latents.mul(&s)?)?,
             };
+            if prior.iter().any(|&p| p) {
+                // Prior images learn to predict what the model predicts without its adapter.
+                let base = adapters::without_adapters(|| self.arch.denoise(&noisy, &tt, &[&text]))?
+                    .detach()?;
+                let m = Tensor::from_f32(
+                    &prior
+                        .iter()
+                        .map(|&p| if p { 1.0 } else { 0.0 })
+                        .collect::<Vec<f32>>(),
+                    &[b, 1, 1, 1],
+                )?;
+                target = base
+                    .mul(&m)?
+                    .add(&target.mul(&m.neg()?.add_scalar(1.0)?)?)?;
+            }
             let mut diff = pred.sub(&target)?;
             let mut area = None;
             if c.masked_training {
@@ -849,6 +868,7 @@ impl Trainer {
                     masks: (0..t).flat_map(|_| p.mask.iter().copied()).collect(),
                     prompts: vec![item.captions[0].clone(); t],
                     weights: vec![1.0; t],
+                    prior: vec![false; t],
                 };
                 let noise = Generator::new(r.random::<u64>()).map_err(err)?;
                 let loss = self.loss(&batch, &timesteps, &noise)?;
