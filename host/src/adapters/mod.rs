@@ -151,9 +151,8 @@ fn make(
     model: &ModelLayers,
     kind: &str,
     layer: &AdaptableLayer,
-    options: serde_json::Value,
+    mut options: serde_json::Value,
 ) -> Result<AdapterHandle> {
-    let mut options = options;
     options["layer"] = serde_json::to_value(layer).map_err(err)?;
     let mut a = registry.adapter(kind, &options.to_string()).map_err(err)?;
     let (w, b) = model.tensors(layer)?;
@@ -207,12 +206,11 @@ pub fn load(
     let n = file.layers.len();
     let mut made = Vec::with_capacity(n);
     for l in file.layers {
-        let options = serde_json::json!({
+        let mut options = serde_json::json!({
             "rank": l.rank,
             "alpha": l.alpha,
             "multiplier": multiplier,
         });
-        let mut options = options;
         if l.dora {
             options["dora"] = true.into();
         }
@@ -319,7 +317,7 @@ pub fn unmerge() -> Result<()> {
     Ok(())
 }
 
-/// Detaches every adapter (unmerge first if they were merged).
+/// Detaches every adapter; merged ones stay in the weights ([`unmerge`] first to undo them).
 pub fn clear() {
     attached().clear();
 }
