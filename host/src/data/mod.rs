@@ -173,11 +173,39 @@ pub struct BatchPlan {
     pub epoch: u64,
 }
 
+/// The caption as the concept's text options make it: tags (split at `tag_delimiter`) after the
+/// first `keep_tags_count` shuffled and/or dropped with `tag_dropout_probability` each.
+pub fn vary_caption(caption: &str, c: &ConceptConfig, r: &mut ChaCha8Rng) -> String {
+    if !c.enable_tag_shuffling && !c.tag_dropout_enable {
+        return caption.to_string();
+    }
+    let tags: Vec<&str> = caption
+        .split(c.tag_delimiter.as_str())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    let keep = c.keep_tags_count.min(tags.len());
+    let mut rest: Vec<&str> = tags[keep..].to_vec();
+    if c.tag_dropout_enable {
+        rest.retain(|_| !r.random_bool(c.tag_dropout_probability));
+    }
+    if c.enable_tag_shuffling {
+        rest.shuffle(r);
+    }
+    let joiner = format!("{} ", c.tag_delimiter.trim_end());
+    tags[..keep]
+        .iter()
+        .chain(&rest)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(&joiner)
+}
+
 /// One epoch: items repeated per concept balancing, assigned to buckets, shuffled, batched.
 pub fn plan_epoch(
     d: &Dataset,
     config: &TrainConfig,
-    buckets: &buckets::Buckets,
+    buckets: &[buckets::Buckets],
     epoch: u64,
 ) -> Vec<BatchPlan> {
     const PURPOSE: u64 = 1;
@@ -203,8 +231,14 @@ pub fn plan_epoch(
     let mut by_bucket: std::collections::BTreeMap<(usize, usize), Vec<usize>> = Default::default();
     for i in chosen {
         let it = &d.items[i];
+        // Several resolutions: one at random per image and epoch.
+        let res = if buckets.len() > 1 {
+            &buckets[r.random_range(0..buckets.len())]
+        } else {
+            &buckets[0]
+        };
         by_bucket
-            .entry(buckets.nearest(it.width as usize, it.height as usize))
+            .entry(res.nearest(it.width as usize, it.height as usize))
             .or_default()
             .push(i);
     }
@@ -293,6 +327,65 @@ pub fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_resolutions_are_drawn_per_image_and_batches_keep_one_bucket() {
+        let items = (0..12)
+            .map(|i| Item {
+                path: PathBuf::from(format!("{i}.png")),
+                captions: vec![],
+                concept: 0,
+                width: 64,
+                height: 64,
+                mask: None,
+            })
+            .collect();
+        let d = Dataset {
+            items,
+            problems: vec![],
+        };
+        let config = TrainConfig {
+            batch_size: 2,
+            concepts: vec![ConceptConfig::default()],
+            ..TrainConfig::default()
+        };
+        let sets = [16, 24].map(|r| buckets::Buckets::new((r, r), 8, true));
+        let mut seen = std::collections::BTreeSet::new();
+        for epoch in 0..4 {
+            let plan = plan_epoch(&d, &config, &sets, epoch);
+            assert_eq!(plan.iter().map(|b| b.items.len()).sum::<usize>(), 12);
+            seen.extend(plan.iter().map(|b| b.bucket));
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [(16, 16), (24, 24)]);
+        let one = plan_epoch(&d, &config, &sets[..1], 0);
+        assert!(
+            one.iter()
+                .all(|b| b.bucket == (16, 16) && b.items.len() == 2)
+        );
+    }
+
+    #[test]
+    fn tags_shuffle_and_drop_after_the_kept_ones() {
+        let caption = "sks dog, red collar, grass, sunny, photo";
+        let mut c = ConceptConfig::default();
+        let mut r = rng(0, 0, 0);
+        assert_eq!(vary_caption(caption, &c, &mut r), caption, "off by default");
+        c.enable_tag_shuffling = true;
+        c.keep_tags_count = 1;
+        let mut orders = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let v = vary_caption(caption, &c, &mut r);
+            assert!(v.starts_with("sks dog, "), "{v}");
+            let mut tags: Vec<&str> = v.split(", ").collect();
+            tags.sort();
+            assert_eq!(tags, ["grass", "photo", "red collar", "sks dog", "sunny"]);
+            orders.insert(v);
+        }
+        assert!(orders.len() > 5, "shuffled");
+        c.tag_dropout_enable = true;
+        c.tag_dropout_probability = 1.0;
+        assert_eq!(vary_caption(caption, &c, &mut r), "sks dog");
+    }
 
     #[test]
     fn the_mask_goes_through_the_same_crop_and_flip_as_the_image() {

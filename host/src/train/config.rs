@@ -67,6 +67,13 @@ pub struct ConceptConfig {
     /// With latent caching: how many differently augmented versions of each image are cached
     /// (epoch e uses version e mod n).
     pub image_variations: usize,
+    /// Tags (split at `tag_delimiter`) after the first `keep_tags_count` are shuffled each time
+    /// an image is used, and/or dropped with `tag_dropout_probability` each.
+    pub enable_tag_shuffling: bool,
+    pub tag_delimiter: String,
+    pub keep_tags_count: usize,
+    pub tag_dropout_enable: bool,
+    pub tag_dropout_probability: f64,
     /// Random horizontal flip.
     pub enable_random_flip: bool,
     /// Random crop offset inside the bucket's cover-scaled image (else centred).
@@ -106,6 +113,11 @@ impl Default for ConceptConfig {
             balancing_strategy: "repeats".into(),
             loss_weight: 1.0,
             image_variations: 1,
+            enable_tag_shuffling: false,
+            tag_delimiter: ",".into(),
+            keep_tags_count: 1,
+            tag_dropout_enable: false,
+            tag_dropout_probability: 0.0,
             enable_random_flip: true,
             enable_crop_jitter: true,
             enable_random_rotate: false,
@@ -577,7 +589,8 @@ impl TrainConfig {
         }
     }
 
-    /// `512`, `512,768` (one chosen per image) or `WxH`, as (width, height) targets.
+    /// `512`, `512,768` (one chosen at random per image and epoch) or `WxH`, as (width, height)
+    /// targets.
     pub fn resolutions(&self) -> std::result::Result<Vec<(usize, usize)>, String> {
         let parse = |s: &str| -> std::result::Result<usize, String> {
             let v: usize = s

@@ -124,7 +124,8 @@ pub struct Trainer {
     info: serde_json::Value,
     data: Dataset,
     validation: Dataset,
-    buckets: Buckets,
+    /// One bucket set per resolution of the config (validation uses the first).
+    buckets: Vec<Buckets>,
     groups: Vec<Group>,
     pub progress: Progress,
     batches_per_epoch: usize,
@@ -182,9 +183,13 @@ impl Trainer {
             )));
         }
         let validation = Dataset::scan(c, base, &["validation"]);
-        let res = c.resolutions().map_err(err)?[0];
         let step = info["resolution_step"].as_u64().unwrap_or(8) as usize;
-        let buckets = Buckets::new(res, step, c.aspect_ratio_bucketing);
+        let buckets: Vec<Buckets> = c
+            .resolutions()
+            .map_err(err)?
+            .into_iter()
+            .map(|res| Buckets::new(res, step, c.aspect_ratio_bucketing))
+            .collect();
 
         let tensorboard = if c.tensorboard {
             Some(
@@ -392,7 +397,11 @@ impl Trainer {
             } else {
                 batch.masks.extend(p.mask);
             }
-            let caption = item.captions[r.random_range(0..item.captions.len())].clone();
+            let caption = data::vary_caption(
+                &item.captions[r.random_range(0..item.captions.len())],
+                concept,
+                &mut r,
+            );
             let dropped = r.random_bool(c.text_encoder.dropout_probability);
             batch
                 .prompts
@@ -856,9 +865,7 @@ impl Trainer {
             let mut total = 0.0;
             for (ii, item) in &items {
                 let mut r = data::rng(c.seed, RNG_VALIDATION, *ii as u64);
-                let bucket = self
-                    .buckets
-                    .nearest(item.width as usize, item.height as usize);
+                let bucket = self.buckets[0].nearest(item.width as usize, item.height as usize);
                 let p = data::prepare(item, &fixed, bucket, &mut r).map_err(err)?;
                 let t = timesteps.len();
                 let batch = Batch {
