@@ -410,3 +410,28 @@ fn prior_images_are_trained_towards_the_model_without_its_adapter() {
         "standard {standard}, prior {prior}"
     );
 }
+
+#[test]
+fn loss_options_change_the_loss_as_they_should() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let first = |name: &str, change: &dyn Fn(&mut TrainConfig)| {
+        let mut c = config(root, name);
+        c.epochs = 1;
+        c.backup_after_unit = "never".into();
+        change(&mut c);
+        run(c, root, None).losses[0].1
+    };
+    let plain = first("plain", &|_| {});
+    let perturbed = first("perturbed", &|c| c.perturbation_noise_weight = 0.1);
+    let huber = first("huber", &|c| {
+        c.mse_strength = 0.0;
+        c.huber_strength = 1.0;
+    });
+    let p2 = first("p2", &|c| c.loss_weight_fn = "p2".into());
+    println!("first-step loss: mse {plain}, perturbed {perturbed}, huber {huber}, p2 {p2}");
+    assert!(perturbed != plain && perturbed.is_finite());
+    // Huber is at most half the squared error, and p2 weights every step below 1.
+    assert!(huber < 0.5 * plain + 1e-6, "{huber} vs {plain}");
+    assert!(p2 < plain, "{p2} vs {plain}");
+}

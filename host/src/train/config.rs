@@ -221,6 +221,8 @@ pub struct TrainConfig {
     pub min_noising_strength: f64,
     pub max_noising_strength: f64,
     pub offset_noise_weight: f64,
+    /// Extra noise in the model's input that it is not asked to predict (input perturbation).
+    pub perturbation_noise_weight: f64,
     /// Weighs the loss by each image's `<stem>-masklabel.png` (white = train).
     pub masked_training: bool,
     /// The chance that a step sees the whole image anyway.
@@ -231,7 +233,10 @@ pub struct TrainConfig {
     pub normalize_masked_area_loss: bool,
     pub mse_strength: f64,
     pub mae_strength: f64,
-    /// constant or min_snr_gamma (with loss_weight_strength as gamma).
+    /// Huber loss (quadratic within huber_delta, linear beyond).
+    pub huber_strength: f64,
+    pub huber_delta: f64,
+    /// constant, min_snr_gamma (strength = γ), debiased_estimation, p2 (strength = exponent).
     pub loss_weight_fn: String,
     pub loss_weight_strength: f64,
 
@@ -311,12 +316,15 @@ impl Default for TrainConfig {
             min_noising_strength: 0.0,
             max_noising_strength: 1.0,
             offset_noise_weight: 0.0,
+            perturbation_noise_weight: 0.0,
             masked_training: false,
             unmasked_probability: 0.1,
             unmasked_weight: 0.1,
             normalize_masked_area_loss: false,
             mse_strength: 1.0,
             mae_strength: 0.0,
+            huber_strength: 0.0,
+            huber_delta: 1.0,
             loss_weight_fn: "constant".into(),
             loss_weight_strength: 5.0,
             unet: PartConfig::trained(),

@@ -31,6 +31,36 @@ fn err(e: impl std::fmt::Display) -> TrainError {
     TrainError(e.to_string())
 }
 
+/// The weight of a timestep's loss from its signal-to-noise ratio: `min_snr_gamma` (Hang et al.;
+/// strength = γ), `debiased_estimation` (1/√SNR, kohya's), `p2` (1/(1 + SNR)^strength, Choi et al.),
+/// else 1.
+pub fn loss_weight(function: &str, strength: f64, snr: f64, prediction: Prediction) -> f64 {
+    match function {
+        "min_snr_gamma" => {
+            let m = snr.min(strength);
+            match prediction {
+                Prediction::Epsilon => m / snr,
+                Prediction::VPrediction => m / (snr + 1.0),
+            }
+        }
+        // kohya clamps the SNR at 1000 so the noisiest steps do not dominate.
+        "debiased_estimation" => 1.0 / snr.min(1000.0).sqrt(),
+        "p2" => 1.0 / (1.0 + snr).powf(strength),
+        _ => 1.0,
+    }
+}
+
+/// The Huber loss of each element: quadratic within `delta`, linear beyond (torch's
+/// `huber_loss`, reduction none).
+pub fn huber(diff: &Tensor, delta: f64) -> ferrite_plugin_api::Result<Tensor> {
+    let abs = diff.abs()?;
+    let inside = abs.clamp(None, Some(delta))?;
+    inside
+        .powf(2.0)?
+        .mul_scalar(0.5)?
+        .add(&abs.sub(&inside)?.mul_scalar(delta)?)
+}
+
 /// Copies a model folder without its UNet and text-encoder weights (the VAE's stay).
 fn copy_except_weights(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).map_err(err)?;
@@ -498,7 +528,15 @@ impl Trainer {
         .map_err(err)?;
 
         let loss = (|| {
-            let noisy = latents.mul(&a)?.add(&noise.mul(&s)?)?;
+            // Input perturbation (Ning et al.): the model sees extra noise it is not asked to
+            // predict.
+            let noisy = if c.perturbation_noise_weight > 0.0 {
+                let extra =
+                    Tensor::randn(&shape, noise_rng)?.mul_scalar(c.perturbation_noise_weight)?;
+                latents.mul(&a)?.add(&noise.add(&extra)?.mul(&s)?)?
+            } else {
+                latents.mul(&a)?.add(&noise.mul(&s)?)?
+            };
             let pred = self.arch.denoise(&noisy, &tt, &[&text])?;
             let mut target = match self.schedule.prediction {
                 Prediction::Epsilon => noise.clone(),
@@ -551,22 +589,24 @@ impl Trainer {
                         .mul_scalar(c.mae_strength)?,
                 )?;
             }
-            // min-SNR-γ weights (Hang et al.), and the concepts' loss weights.
+            if c.huber_strength > 0.0 {
+                per = per.add(
+                    &huber(&diff, c.huber_delta)?
+                        .mean(&[1, 2, 3], false)?
+                        .mul_scalar(c.huber_strength)?,
+                )?;
+            }
+            // Timestep loss weights, and the concepts' loss weights.
             let w: Vec<f32> = acp
                 .iter()
                 .zip(weights)
                 .map(|(&x, &cw)| {
-                    let snr = x / (1.0 - x);
-                    let lw = match c.loss_weight_fn.as_str() {
-                        "min_snr_gamma" => {
-                            let m = snr.min(c.loss_weight_strength);
-                            match self.schedule.prediction {
-                                Prediction::Epsilon => m / snr,
-                                Prediction::VPrediction => m / (snr + 1.0),
-                            }
-                        }
-                        _ => 1.0,
-                    };
+                    let lw = loss_weight(
+                        &c.loss_weight_fn,
+                        c.loss_weight_strength,
+                        x / (1.0 - x),
+                        self.schedule.prediction,
+                    );
                     (lw * cw) as f32
                 })
                 .collect();
@@ -1208,5 +1248,43 @@ impl Trainer {
             .iter()
             .flat_map(|g| g.names.iter().cloned().zip(g.params.iter().cloned()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huber_is_quadratic_then_linear() {
+        crate::runtime::init("cpu").unwrap();
+        let d = [-3.0f32, -1.0, -0.5, 0.0, 0.25, 2.0];
+        let t = Tensor::from_f32(&d, &[6]).unwrap();
+        let got = huber(&t, 1.0).unwrap().to_vec().unwrap();
+        let want: Vec<f32> = d
+            .iter()
+            .map(|&x| {
+                if x.abs() <= 1.0 {
+                    0.5 * x * x
+                } else {
+                    x.abs() - 0.5
+                }
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn timestep_weights() {
+        let e = Prediction::Epsilon;
+        assert_eq!(loss_weight("constant", 5.0, 3.0, e), 1.0);
+        assert_eq!(loss_weight("min_snr_gamma", 5.0, 10.0, e), 0.5);
+        assert_eq!(loss_weight("min_snr_gamma", 5.0, 2.0, e), 1.0);
+        assert_eq!(
+            loss_weight("min_snr_gamma", 5.0, 10.0, Prediction::VPrediction),
+            5.0 / 11.0
+        );
+        assert_eq!(loss_weight("debiased_estimation", 0.0, 4.0, e), 0.5);
+        assert_eq!(loss_weight("p2", 1.0, 3.0, e), 0.25);
     }
 }
