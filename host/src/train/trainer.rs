@@ -79,8 +79,11 @@ fn copy_except_weights(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// An image file, a bucket and a variation: one latent cache entry.
+type CacheSlot = (PathBuf, (usize, usize), u64);
+
 /// Where the run is; what a backup stores besides the tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     /// Optimizer steps taken.
     pub step: u64,
@@ -161,6 +164,8 @@ pub struct Trainer {
     batches_per_epoch: usize,
     tensorboard: Option<EventWriter>,
     cache_dir: PathBuf,
+    /// Latent cache file and augmentation seed per (image, bucket, variation), once worked out.
+    cache_entries: std::sync::Mutex<std::collections::HashMap<CacheSlot, (PathBuf, u64)>>,
     /// What identifies the model for the latent cache: its path, when it changed, its info.
     model_identity: String,
 }
@@ -245,17 +250,13 @@ impl Trainer {
         }
         let model_identity = format!("{} {modified} {identity}", model_path.display());
         let mut t = Self {
+            cache_entries: Default::default(),
             cache_dir,
             model_identity,
             tensorboard,
             groups: Vec::new(),
             batches_per_epoch: 0,
-            progress: Progress {
-                step: 0,
-                epoch: 0,
-                batch_in_epoch: 0,
-                batches: 0,
-            },
+            progress: Progress::default(),
             config: config.clone(),
             base: base.into(),
             workspace,
@@ -789,9 +790,7 @@ impl Trainer {
     }
 
     /// The encoded image (VAE mean and log-variance, `[1, C, h, w]`) and its prepared mask for
-    /// one variation, from the cache or encoded and cached now. The key hashes the image and mask
-    /// files, the bucket, the concept's image settings, the variation, the seed and the model, so
-    /// a change to any of them re-encodes that image only.
+    /// one variation, from the cache or encoded and cached now (see [`Trainer::cache_entry`]).
     fn cached(
         &self,
         item: &data::Item,
@@ -799,50 +798,7 @@ impl Trainer {
         bucket: (usize, usize),
         variation: u64,
     ) -> Result<(Tensor, Tensor, Vec<f32>)> {
-        use sha2::{Digest, Sha256};
-        let mut image_settings = serde_json::to_value(concept).map_err(err)?;
-        if let Some(o) = image_settings.as_object_mut() {
-            for k in [
-                "name",
-                "enabled",
-                "path",
-                "prompt_source",
-                "text_file",
-                "balancing",
-            ] {
-                o.remove(k);
-            }
-            for k in [
-                "balancing_strategy",
-                "loss_weight",
-                "include_subdirectories",
-                "type",
-            ] {
-                o.remove(k);
-            }
-        }
-        let mut h = Sha256::new();
-        h.update(b"ferrite latent cache v1\0");
-        h.update(
-            std::fs::read(&item.path)
-                .map_err(|e| TrainError(format!("{}: {e}", item.path.display())))?,
-        );
-        if let Some(m) = &item.mask {
-            h.update(std::fs::read(m).map_err(|e| TrainError(format!("{}: {e}", m.display())))?);
-        }
-        h.update(
-            format!(
-                "{bucket:?} {image_settings} {variation} {} {}",
-                self.config.seed, self.model_identity
-            )
-            .as_bytes(),
-        );
-        let digest = h.finalize();
-        let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        let path = self
-            .cache_dir
-            .join("latents")
-            .join(format!("{key}.safetensors"));
+        let (path, seed) = self.cache_entry(item, concept, bucket, variation)?;
         let (w, hgt) = bucket;
         if let Ok(f) = Weights::open(&path.to_string_lossy()) {
             let get = |k: &str| f.get(k, DType::F32);
@@ -850,7 +806,6 @@ impl Trainer {
                 return Ok((m, l, mask.to_vec().map_err(err)?));
             }
         }
-        let seed = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
         let p = data::prepare(item, concept, bucket, &mut data::rng(seed, 0, 0)).map_err(err)?;
         let images = Tensor::from_f32(&p.pixels, &[1, 3, hgt, w]).map_err(err)?;
         let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
@@ -864,6 +819,68 @@ impl Trainer {
         )
         .map_err(err)?;
         Ok((mean, logvar, p.mask))
+    }
+
+    /// The cache file of one image variation and the seed of its augmentation, both from a hash
+    /// of the image and mask files, the bucket, the concept's image settings, the variation, the
+    /// seed and the model, so a change to any of them re-encodes that image only. Worked out once
+    /// per run: the files are read for it the first time only.
+    fn cache_entry(
+        &self,
+        item: &data::Item,
+        concept: &ConceptConfig,
+        bucket: (usize, usize),
+        variation: u64,
+    ) -> Result<(PathBuf, u64)> {
+        use sha2::{Digest, Sha256};
+        let memo_key = (item.path.clone(), bucket, variation);
+        let mut memo = self.cache_entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = memo.get(&memo_key) {
+            return Ok(entry.clone());
+        }
+        let mut image_settings = serde_json::to_value(concept).map_err(err)?;
+        if let Some(o) = image_settings.as_object_mut() {
+            // What does not change the encoded image.
+            for k in [
+                "name",
+                "enabled",
+                "type",
+                "path",
+                "include_subdirectories",
+                "prompt_source",
+                "text_file",
+                "balancing",
+                "balancing_strategy",
+                "loss_weight",
+            ] {
+                o.remove(k);
+            }
+        }
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|e| TrainError(format!("{}: {e}", p.display())));
+        let mut h = Sha256::new();
+        h.update(b"ferrite latent cache v1\0");
+        h.update(read(&item.path)?);
+        if let Some(m) = &item.mask {
+            h.update(read(m)?);
+        }
+        h.update(
+            format!(
+                "{bucket:?} {image_settings} {variation} {} {}",
+                self.config.seed, self.model_identity
+            )
+            .as_bytes(),
+        );
+        let digest = h.finalize();
+        let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let entry = (
+            self.cache_dir
+                .join("latents")
+                .join(format!("{key}.safetensors")),
+            u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")),
+        );
+        memo.insert(memo_key, entry.clone());
+        Ok(entry)
     }
 
     /// Writes a scalar to the TensorBoard file; a failure is logged, not fatal.

@@ -303,26 +303,14 @@ impl Sd15 {
     ) -> Result<Self> {
         // Scoped: what loads through these is the model's parameters and adaptable layers.
         let (te, unet) = (te.scoped("text_encoder"), unet.scoped("unet"));
-        let model = Self {
-            tokenizer: c.tokenizer,
-            text_encoder: ClipTextTransformer::load(
-                &te,
-                "text_model",
-                None,
-                &c.text_encoder,
-                dtype,
-            )?,
-            vae: match (vae, &c.vae) {
-                (Some(w), Some(cfg)) => Some(AutoencoderKL::load(w, "", cfg, dtype)?),
-                (None, None) => None,
-                _ => bail!("the model's VAE config and weights do not go together"),
-            },
-            unet: UNet2DConditionModel::load(&unet, "", &c.unet, dtype)?,
-            scheduler: c.scheduler,
-            parameters: [unet.tensors(), te.tensors()].concat(),
-            adaptable_layers: Vec::new(),
-            unet_downsamples: c.unet.block_out_channels.len() - 1,
+        let text_encoder =
+            ClipTextTransformer::load(&te, "text_model", None, &c.text_encoder, dtype)?;
+        let vae = match (vae, &c.vae) {
+            (Some(w), Some(cfg)) => Some(AutoencoderKL::load(w, "", cfg, dtype)?),
+            (None, None) => None,
+            _ => bail!("the model's VAE config and weights do not go together"),
         };
+        let unet_model = UNet2DConditionModel::load(&unet, "", &c.unet, dtype)?;
         let cross_up: Vec<bool> = c
             .unet
             .up_block_types
@@ -343,8 +331,14 @@ impl Sd15 {
             l.original = original(&l.name);
         }
         Ok(Self {
+            tokenizer: c.tokenizer,
+            text_encoder,
+            vae,
+            unet: unet_model,
+            scheduler: c.scheduler,
+            parameters: [unet.tensors(), te.tensors()].concat(),
             adaptable_layers,
-            ..model
+            unet_downsamples: c.unet.block_out_channels.len() - 1,
         })
     }
 }
