@@ -254,6 +254,7 @@ fn run_training(
             epoch,
             loss,
             lr,
+            ..
         } => {
             let m = format!("epoch {epoch} loss {loss:.4} lr {lr:.2e}");
             if bar.is_hidden() && step % 10 == 0 {
@@ -352,6 +353,7 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
             SamplerArg::DpmppKarras => Sampler::DpmPp2mKarras,
         },
         init_noise: a.init_noise,
+        prediction_type: None,
     };
     let bar = indicatif::ProgressBar::new(req.steps as u64).with_message("sampling");
     let rgb = generate::generate(&arch, &req, || bar.inc(1))?;

@@ -245,6 +245,9 @@ pub trait ArchitectureFfi: Send {
         timesteps: TensorId,
         text: RSlice<'_, TensorId>,
     ) -> RResult<TensorId, RString>;
+    /// Every tensor of the model (VAE and text encoders included) under the names of a file
+    /// `layout` (`ldm`: an original single-file checkpoint), for saving a fine-tune.
+    fn export(&self, layout: RStr<'_>) -> RResult<RVec<NamedTensor>, RString>;
 }
 
 /// An adapter (LoRA, LoHa, ...) on one layer. Instantiated with the layer described in its

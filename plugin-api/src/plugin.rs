@@ -61,6 +61,12 @@ pub trait Architecture: Send {
         let _ = (latents, timesteps, text);
         Err(Error::msg("this model has no denoiser"))
     }
+    /// See [`ArchitectureFfi::export`].
+    fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
+        Err(Error(format!(
+            "this model cannot be written in the `{layout}` layout"
+        )))
+    }
 }
 
 /// An adapter on one layer; see [`AdapterFfi`](crate::abi::AdapterFfi) for the contract.
@@ -249,6 +255,9 @@ impl ArchitectureFfi for ArchitectureShim {
     }
     fn vae_decode(&self, latents: TensorId) -> RResult<TensorId, RString> {
         guard(|| Ok(self.0.vae_decode(&Tensor::borrow_raw(latents))?.into_raw()))
+    }
+    fn export(&self, layout: RStr<'_>) -> RResult<RVec<NamedTensor>, RString> {
+        guard(|| Ok(export_named(self.0.export(layout.as_str())?)))
     }
     fn denoise(
         &self,
@@ -538,6 +547,12 @@ impl ArchitectureHandle {
         Ok(Tensor::from_raw(Self::appended("vae_decode", || {
             self.0.vae_decode(latents.id())
         })?))
+    }
+
+    /// Every tensor under the names of a file `layout` (`ldm`).
+    pub fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
+        let out = Self::appended("export", || self.0.export(RStr::from_str(layout)))?;
+        Ok(import_named(out))
     }
 
     pub fn denoise(

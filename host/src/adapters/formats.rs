@@ -24,11 +24,13 @@ impl std::str::FromStr for Format {
     type Err = AdapterError;
     fn from_str(s: &str) -> Result<Self> {
         match s {
-            "kohya" => Ok(Self::Kohya),
+            // A `.safetensors` LoRA without more said is kohya's layout: what A1111 and ComfyUI
+            // read.
+            "kohya" | "safetensors" => Ok(Self::Kohya),
             "diffusers" | "peft" => Ok(Self::Diffusers),
             "comfy" => Ok(Self::Comfy),
             _ => Err(AdapterError(format!(
-                "unknown adapter file format `{s}`: use kohya, diffusers or comfy"
+                "unknown adapter file format `{s}`: use safetensors (kohya), kohya, diffusers or comfy"
             ))),
         }
     }

@@ -4,6 +4,8 @@
 
 pub mod augment;
 pub mod buckets;
+pub mod caption;
+pub mod loader;
 
 use std::path::{Path, PathBuf};
 
@@ -173,34 +175,6 @@ pub struct BatchPlan {
     pub epoch: u64,
 }
 
-/// The caption as the concept's text options make it: tags (split at `tag_delimiter`) after the
-/// first `keep_tags_count` shuffled and/or dropped with `tag_dropout_probability` each.
-pub fn vary_caption(caption: &str, c: &ConceptConfig, r: &mut ChaCha8Rng) -> String {
-    if !c.enable_tag_shuffling && !c.tag_dropout_enable {
-        return caption.to_string();
-    }
-    let tags: Vec<&str> = caption
-        .split(c.tag_delimiter.as_str())
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .collect();
-    let keep = c.keep_tags_count.min(tags.len());
-    let mut rest: Vec<&str> = tags[keep..].to_vec();
-    if c.tag_dropout_enable {
-        rest.retain(|_| !r.random_bool(c.tag_dropout_probability));
-    }
-    if c.enable_tag_shuffling {
-        rest.shuffle(r);
-    }
-    let joiner = format!("{} ", c.tag_delimiter.trim_end());
-    tags[..keep]
-        .iter()
-        .chain(&rest)
-        .copied()
-        .collect::<Vec<_>>()
-        .join(&joiner)
-}
-
 /// One epoch: items repeated per concept balancing, assigned to buckets, shuffled, batched.
 pub fn plan_epoch(
     d: &Dataset,
@@ -362,29 +336,6 @@ mod tests {
             one.iter()
                 .all(|b| b.bucket == (16, 16) && b.items.len() == 2)
         );
-    }
-
-    #[test]
-    fn tags_shuffle_and_drop_after_the_kept_ones() {
-        let caption = "sks dog, red collar, grass, sunny, photo";
-        let mut c = ConceptConfig::default();
-        let mut r = rng(0, 0, 0);
-        assert_eq!(vary_caption(caption, &c, &mut r), caption, "off by default");
-        c.enable_tag_shuffling = true;
-        c.keep_tags_count = 1;
-        let mut orders = std::collections::HashSet::new();
-        for _ in 0..20 {
-            let v = vary_caption(caption, &c, &mut r);
-            assert!(v.starts_with("sks dog, "), "{v}");
-            let mut tags: Vec<&str> = v.split(", ").collect();
-            tags.sort();
-            assert_eq!(tags, ["grass", "photo", "red collar", "sks dog", "sunny"]);
-            orders.insert(v);
-        }
-        assert!(orders.len() > 5, "shuffled");
-        c.tag_dropout_enable = true;
-        c.tag_dropout_probability = 1.0;
-        assert_eq!(vary_caption(caption, &c, &mut r), "sks dog");
     }
 
     #[test]

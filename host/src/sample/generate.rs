@@ -20,6 +20,8 @@ pub struct SampleRequest {
     pub sampler: Sampler,
     /// Initial latent noise (tensor `noise`, `[1, C, H/f, W/f]`) instead of seeded noise.
     pub init_noise: Option<PathBuf>,
+    /// `epsilon` or `v_prediction` instead of what the model's scheduler says.
+    pub prediction_type: Option<String>,
 }
 
 fn info_usize(info: &serde_json::Value, key: &str) -> Result<usize> {
@@ -67,8 +69,11 @@ pub fn generate(
         }
         None => Tensor::randn(&latent_shape, &Generator::new(req.seed)?)?,
     };
-    let config: SchedulerConfig = serde_json::from_value(info["scheduler"].clone())
+    let mut config: SchedulerConfig = serde_json::from_value(info["scheduler"].clone())
         .map_err(|e| Error(format!("the model's scheduler config: {e}")))?;
+    if let Some(p) = &req.prediction_type {
+        config.prediction_type = p.clone();
+    }
     let schedule = NoiseSchedule::new(config)?;
     // Ancestral noise follows the seed (offset from the initial noise's stream).
     let rng = Generator::new(req.seed.wrapping_add(1))?;

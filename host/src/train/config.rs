@@ -25,6 +25,10 @@ pub struct PartConfig {
     pub learning_rate: Option<f64>,
     /// Caption dropout (text encoder): the probability of training on the empty prompt.
     pub dropout_probability: f64,
+    /// This part stops training after so many units (step, epoch, second, minute, hour; 0 or
+    /// `never`: trains to the end). The run ends when every trained part has stopped.
+    pub stop_training_after: f64,
+    pub stop_training_after_unit: String,
 }
 
 impl PartConfig {
@@ -42,6 +46,8 @@ impl Default for PartConfig {
             train: false,
             learning_rate: None,
             dropout_probability: 0.0,
+            stop_training_after: 0.0,
+            stop_training_after_unit: "never".into(),
         }
     }
 }
@@ -67,6 +73,9 @@ pub struct ConceptConfig {
     /// With latent caching: how many differently augmented versions of each image are cached
     /// (epoch e uses version e mod n).
     pub image_variations: usize,
+    /// How many differently drawn captions (line, tag shuffle/dropout, capitalisation) each image
+    /// has: epoch e uses version e mod n (so the text-embedding cache holds n per image).
+    pub text_variations: usize,
     /// Tags (split at `tag_delimiter`) after the first `keep_tags_count` are shuffled each time
     /// an image is used, and/or dropped with `tag_dropout_probability` each.
     pub enable_tag_shuffling: bool,
@@ -74,6 +83,13 @@ pub struct ConceptConfig {
     pub keep_tags_count: usize,
     pub tag_dropout_enable: bool,
     pub tag_dropout_probability: f64,
+    /// Capitalisation randomised per tag with `caps_randomize_probability`, one of the
+    /// comma-separated modes: capslock, title, first, random; after lower-casing the whole
+    /// caption first when `caps_randomize_lowercase`.
+    pub caps_randomize_enable: bool,
+    pub caps_randomize_mode: String,
+    pub caps_randomize_probability: f64,
+    pub caps_randomize_lowercase: bool,
     /// Random horizontal flip.
     pub enable_random_flip: bool,
     /// Random crop offset inside the bucket's cover-scaled image (else centred).
@@ -113,11 +129,16 @@ impl Default for ConceptConfig {
             balancing_strategy: "repeats".into(),
             loss_weight: 1.0,
             image_variations: 1,
+            text_variations: 1,
             enable_tag_shuffling: false,
             tag_delimiter: ",".into(),
             keep_tags_count: 1,
             tag_dropout_enable: false,
             tag_dropout_probability: 0.0,
+            caps_randomize_enable: false,
+            caps_randomize_mode: "capslock, title, first, random".into(),
+            caps_randomize_probability: 0.0,
+            caps_randomize_lowercase: false,
             enable_random_flip: true,
             enable_crop_jitter: true,
             enable_random_rotate: false,
@@ -179,7 +200,9 @@ pub struct TrainConfig {
     /// For a single-file base model: a diffusers folder to take configs and tokenizer from.
     pub base_model_config: String,
     pub output_model_destination: String,
-    /// LoRA: kohya, diffusers or comfy.
+    /// LoRA: `safetensors` (kohya's layout, what A1111 and ComfyUI read), `kohya`, `diffusers`
+    /// or `comfy`. Fine-tune: `safetensors` (one file in the original checkpoint layout) or
+    /// `diffusers` (a model folder).
     pub output_model_format: String,
     pub workspace_dir: String,
     pub cache_dir: String,
@@ -189,6 +212,8 @@ pub struct TrainConfig {
     pub tensorboard: bool,
     pub train_device: String,
     pub seed: u64,
+    /// Threads that decode and augment images ahead of the trainer (0: the trainer does it).
+    pub dataloader_threads: usize,
 
     pub learning_rate: f64,
     /// The optimizer plugin id and its options (any other keys of this table).
@@ -203,8 +228,9 @@ pub struct TrainConfig {
     pub gradient_accumulation_steps: usize,
     /// 0 turns clipping off.
     pub clip_grad_norm: f64,
-    /// Exponential moving average of the trained weights: off, gpu or cpu (kept on the training
-    /// device either way for now). The saved model is the EMA one.
+    /// Exponential moving average of the trained weights: off, gpu (kept on the training device)
+    /// or cpu (kept in host memory, updated there every `ema_update_step_interval` steps). The
+    /// saved model is the EMA one.
     pub ema: String,
     pub ema_decay: f64,
     pub ema_update_step_interval: u64,
@@ -216,8 +242,13 @@ pub struct TrainConfig {
     pub latent_caching: bool,
     pub clear_cache_before_training: bool,
 
-    /// uniform, logit_normal.
+    /// uniform, logit_normal, heavy_tail (continuous); sigmoid, cos_map, inverted_parabola
+    /// (weights over the timesteps). `noising_weight`/`noising_bias` shape them as OneTrainer's.
     pub timestep_distribution: String,
+    pub noising_weight: f64,
+    pub noising_bias: f64,
+    /// Shifts timesteps towards the noisy end (>1) or the clean end (<1); 1 leaves them.
+    pub timestep_shift: f64,
     pub min_noising_strength: f64,
     pub max_noising_strength: f64,
     pub offset_noise_weight: f64,
@@ -236,6 +267,12 @@ pub struct TrainConfig {
     /// Huber loss (quadratic within huber_delta, linear beyond).
     pub huber_strength: f64,
     pub huber_delta: f64,
+    /// log(cosh(prediction − target)).
+    pub log_cosh_strength: f64,
+    /// Train (and sample) as v-prediction or epsilon-prediction whatever the model's scheduler
+    /// says (for models whose config does not say what they were trained as).
+    pub force_v_prediction: bool,
+    pub force_epsilon_prediction: bool,
     /// constant, min_snr_gamma (strength = γ), debiased_estimation, p2 (strength = exponent).
     pub loss_weight_fn: String,
     pub loss_weight_strength: f64,
@@ -261,16 +298,16 @@ pub struct TrainConfig {
     /// Loss on the validation concepts at fixed timesteps and noise, comparable over the run.
     pub validation: bool,
     pub validate_after: f64,
-    /// step, epoch, never.
+    /// step, epoch, second, minute, hour, always (every step), never.
     pub validate_after_unit: String,
 
     pub sample_after: f64,
-    /// step, epoch, never.
+    /// step, epoch, second, minute, hour, always (every step), never.
     pub sample_after_unit: String,
     pub samples: Vec<SampleConfig>,
 
     pub backup_after: f64,
-    /// step, epoch, never.
+    /// step, epoch, second, minute, hour, always (every step), never.
     pub backup_after_unit: String,
     pub rolling_backup_count: usize,
     pub save_every: f64,
@@ -289,13 +326,14 @@ impl Default for TrainConfig {
             base_model_name: String::new(),
             base_model_config: String::new(),
             output_model_destination: "workspace/run/save/model.safetensors".into(),
-            output_model_format: "kohya".into(),
+            output_model_format: "safetensors".into(),
             workspace_dir: "workspace/run".into(),
             cache_dir: "workspace-cache/run".into(),
             continue_last_backup: false,
             tensorboard: true,
             train_device: "cpu".into(),
             seed: 42,
+            dataloader_threads: 2,
             learning_rate: 1e-4,
             optimizer,
             learning_rate_scheduler: "constant".into(),
@@ -313,6 +351,9 @@ impl Default for TrainConfig {
             latent_caching: true,
             clear_cache_before_training: true,
             timestep_distribution: "uniform".into(),
+            noising_weight: 0.0,
+            noising_bias: 0.0,
+            timestep_shift: 1.0,
             min_noising_strength: 0.0,
             max_noising_strength: 1.0,
             offset_noise_weight: 0.0,
@@ -325,6 +366,9 @@ impl Default for TrainConfig {
             mae_strength: 0.0,
             huber_strength: 0.0,
             huber_delta: 1.0,
+            log_cosh_strength: 0.0,
+            force_v_prediction: false,
+            force_epsilon_prediction: false,
             loss_weight_fn: "constant".into(),
             loss_weight_strength: 5.0,
             unet: PartConfig::trained(),
@@ -353,6 +397,11 @@ impl Default for TrainConfig {
         }
     }
 }
+
+/// When validation, samples, backups and saves happen, and when a part stops training.
+pub const UNITS: [&str; 7] = [
+    "step", "epoch", "second", "minute", "hour", "always", "never",
+];
 
 fn read_toml(path: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
@@ -460,11 +509,19 @@ impl TrainConfig {
             &self.training_method,
             &["lora", "fine_tune"],
         );
-        one_of(
-            "output_model_format",
-            &self.output_model_format,
-            &["kohya", "diffusers", "comfy"],
-        );
+        if self.training_method == "lora" {
+            one_of(
+                "output_model_format",
+                &self.output_model_format,
+                &["safetensors", "kohya", "diffusers", "comfy"],
+            );
+        } else {
+            one_of(
+                "output_model_format",
+                &self.output_model_format,
+                &["safetensors", "diffusers"],
+            );
+        }
         one_of(
             "learning_rate_scheduler",
             &self.learning_rate_scheduler,
@@ -473,12 +530,19 @@ impl TrainConfig {
         one_of(
             "timestep_distribution",
             &self.timestep_distribution,
-            &["uniform", "logit_normal"],
+            &[
+                "uniform",
+                "logit_normal",
+                "heavy_tail",
+                "sigmoid",
+                "cos_map",
+                "inverted_parabola",
+            ],
         );
         one_of(
             "loss_weight_fn",
             &self.loss_weight_fn,
-            &["constant", "min_snr_gamma"],
+            &["constant", "min_snr_gamma", "debiased_estimation", "p2"],
         );
         one_of("peft_type", &self.peft_type, &["lora", "loha"]);
         one_of("ema", &self.ema, &["off", "gpu", "cpu"]);
@@ -492,8 +556,16 @@ impl TrainConfig {
             ("validate_after_unit", &self.validate_after_unit),
             ("backup_after_unit", &self.backup_after_unit),
             ("save_every_unit", &self.save_every_unit),
+            (
+                "unet.stop_training_after_unit",
+                &self.unet.stop_training_after_unit,
+            ),
+            (
+                "text_encoder.stop_training_after_unit",
+                &self.text_encoder.stop_training_after_unit,
+            ),
         ] {
-            one_of(k, v, &["step", "epoch", "never"]);
+            one_of(k, v, &UNITS);
         }
         for (i, c) in self.concepts.iter().enumerate() {
             let k = |f: &str| format!("concepts[{i}].{f}");
@@ -503,6 +575,13 @@ impl TrainConfig {
                 &c.prompt_source,
                 &["sample", "concept", "filename"],
             );
+            for mode in c.caps_randomize_mode.split(',') {
+                one_of(
+                    &k("caps_randomize_mode"),
+                    mode.trim(),
+                    &["capslock", "title", "first", "random"],
+                );
+            }
             one_of(
                 &k("balancing_strategy"),
                 &c.balancing_strategy,
@@ -543,6 +622,11 @@ impl TrainConfig {
             "min_noising_strength, max_noising_strength: need 0 <= min < max <= 1",
         );
         check(self.lora_rank >= 1, "lora_rank: must be at least 1");
+        check(
+            !(self.force_v_prediction && self.force_epsilon_prediction),
+            "force_v_prediction, force_epsilon_prediction: choose one",
+        );
+        check(self.timestep_shift > 0.0, "timestep_shift: must be above 0");
         check(
             (0.0..=1.0).contains(&self.unmasked_probability)
                 && (0.0..=1.0).contains(&self.unmasked_weight),
@@ -586,6 +670,10 @@ impl TrainConfig {
                 c.balancing > 0.0,
                 &format!("concepts[{i}].balancing: must be above 0"),
             );
+            check(
+                c.image_variations >= 1 && c.text_variations >= 1,
+                &format!("concepts[{i}].image_variations, text_variations: at least 1"),
+            );
         }
         if let Err(m) = self.resolutions() {
             e.push(format!("resolution: {m}"));
@@ -617,6 +705,17 @@ impl TrainConfig {
                 None => parse(r).map(|v| (v, v)),
             })
             .collect()
+    }
+
+    /// `v_prediction` or `epsilon` when one is forced.
+    pub fn forced_prediction(&self) -> Option<&'static str> {
+        if self.force_v_prediction {
+            Some("v_prediction")
+        } else if self.force_epsilon_prediction {
+            Some("epsilon")
+        } else {
+            None
+        }
     }
 
     /// The optimizer plugin id and its options (the table without `optimizer`).

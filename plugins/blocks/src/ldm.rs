@@ -340,6 +340,58 @@ pub fn vae_key(k: &str, shape: &[u64], levels: usize) -> Option<(String, Vec<u64
     same(format!("{coder}.{blocks}.{i}.{name}"))
 }
 
+/// The original (ldm) name of a diffusers VAE tensor (the inverse of [`vae_key`]), and whether
+/// it is an attention projection (a linear layer in diffusers, a 1×1 conv in the original).
+pub fn vae_original(name: &str, levels: usize) -> Option<(String, bool)> {
+    let plain = |n: String| Some((n, false));
+    let (coder, rest) = name.split_once('.')?;
+    if !matches!(coder, "encoder" | "decoder") {
+        return matches!(coder, "quant_conv" | "post_quant_conv").then(|| (name.into(), false));
+    }
+    let rest = rest.replace("conv_shortcut", "nin_shortcut");
+    if let Some(t) = rest.strip_prefix("conv_norm_out.") {
+        return plain(format!("{coder}.norm_out.{t}"));
+    }
+    if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+        return plain(format!("{coder}.{rest}"));
+    }
+    if let Some(t) = rest.strip_prefix("mid_block.") {
+        if let Some(t) = t.strip_prefix("resnets.0.") {
+            return plain(format!("{coder}.mid.block_1.{t}"));
+        }
+        if let Some(t) = t.strip_prefix("resnets.1.") {
+            return plain(format!("{coder}.mid.block_2.{t}"));
+        }
+        let t = t.strip_prefix("attentions.0.")?;
+        let (module, param) = t.rsplit_once('.')?;
+        let old = match module {
+            "group_norm" => "norm",
+            "to_q" => "q",
+            "to_k" => "k",
+            "to_v" => "v",
+            "to_out.0" => "proj_out",
+            _ => return None,
+        };
+        return Some((format!("{coder}.mid.attn_1.{old}.{param}"), old != "norm"));
+    }
+    let (dir, i, t) = segments(&rest)?;
+    let (blocks, i) = match (coder, dir) {
+        ("encoder", "down_blocks") => ("down", i),
+        ("decoder", "up_blocks") => ("up", levels.checked_sub(1 + i)?),
+        _ => return None,
+    };
+    let t = if let Some(t) = t.strip_prefix("resnets.") {
+        format!("block.{t}")
+    } else if let Some(t) = t.strip_prefix("downsamplers.0.") {
+        format!("downsample.{t}")
+    } else if let Some(t) = t.strip_prefix("upsamplers.0.") {
+        format!("upsample.{t}")
+    } else {
+        return None;
+    };
+    plain(format!("{coder}.{blocks}.{i}.{t}"))
+}
+
 /// The VAE of a single-file checkpoint under diffusers names.
 pub fn vae(w: &Weights, levels: usize) -> Result<Weights> {
     renamed(w, VAE_PREFIX, |k, s| vae_key(k, s, levels))

@@ -220,6 +220,10 @@ pub struct Sd15 {
     parameters: Vec<(String, Tensor)>,
     adaptable_layers: Vec<AdaptableLayer>,
     unet_downsamples: usize,
+    /// The VAE's tensors under diffusers names and its level count, for [`Architecture::export`].
+    vae_weights: Option<(Weights, usize)>,
+    /// The UNet's layers per block and which up blocks have attentions (for ldm names).
+    unet_layout: (usize, Vec<bool>),
 }
 
 /// The text encoder's tensors under transformers' `text_model.` level, which transformers 5
@@ -301,6 +305,9 @@ impl Sd15 {
         vae: Option<&Weights>,
         dtype: DType,
     ) -> Result<Self> {
+        let vae_weights = vae
+            .zip(c.vae.as_ref())
+            .map(|(w, cfg)| (w.clone(), cfg.block_out_channels.len()));
         // Scoped: what loads through these is the model's parameters and adaptable layers.
         let (te, unet) = (te.scoped("text_encoder"), unet.scoped("unet"));
         let text_encoder =
@@ -339,6 +346,8 @@ impl Sd15 {
             parameters: [unet.tensors(), te.tensors()].concat(),
             adaptable_layers,
             unet_downsamples: c.unet.block_out_channels.len() - 1,
+            vae_weights,
+            unet_layout: (c.unet.layers_per_block, cross_up),
         })
     }
 }
@@ -346,6 +355,44 @@ impl Sd15 {
 impl Architecture for Sd15 {
     fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(self.parameters.clone())
+    }
+
+    /// `ldm`: the layout of SD 1.x's original single-file checkpoints (what A1111 and ComfyUI
+    /// load), UNet and text encoder as they are now, the VAE as loaded.
+    fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
+        if layout != "ldm" {
+            bail!("sd15 writes the `ldm` layout only, not `{layout}`");
+        }
+        let (per_block, cross_up) = &self.unet_layout;
+        let mut out = Vec::new();
+        for (name, t) in &self.parameters {
+            let key = if let Some(k) = name.strip_prefix("unet.") {
+                let (module, param) = k
+                    .rsplit_once('.')
+                    .ok_or_else(|| Error(format!("unexpected UNet tensor `{k}`")))?;
+                let m = ldm::unet_original(module, *per_block, cross_up)
+                    .ok_or_else(|| Error(format!("no original name for UNet tensor `{k}`")))?;
+                format!("{}{m}.{param}", ldm::UNET_PREFIX)
+            } else if let Some(k) = name.strip_prefix("text_encoder.") {
+                format!("{}{k}", ldm::CLIP_PREFIX)
+            } else {
+                bail!("unexpected parameter `{name}`");
+            };
+            out.push((key, t.clone()));
+        }
+        if let Some((w, levels)) = &self.vae_weights {
+            for info in w.infos() {
+                let k = info.key.as_str();
+                let (old, conv) = ldm::vae_original(k, *levels)
+                    .ok_or_else(|| Error(format!("no original name for VAE tensor `{k}`")))?;
+                let mut t = w.get(k, DType::F32)?;
+                if conv && t.rank()? == 2 {
+                    t = t.unsqueeze(2)?.unsqueeze(3)?;
+                }
+                out.push((format!("{}{old}", ldm::VAE_PREFIX), t));
+            }
+        }
+        Ok(out)
     }
 
     fn model_info(&self) -> Result<serde_json::Value> {

@@ -6,7 +6,13 @@
 //! Every random draw at a point of the run comes from (seed, purpose, index), and the data order
 //! of an epoch from (seed, epoch): a run resumed from a backup repeats the uninterrupted one.
 
+mod backup;
+mod ema;
+mod output;
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferrite_plugin_api::{
     DType, Generator, Tensor, Weights,
@@ -14,12 +20,17 @@ use ferrite_plugin_api::{
 };
 use rand::Rng;
 
-use crate::adapters::{self, AdapterOptions, ModelLayers, formats::Format, select};
+use crate::adapters::{self, AdapterOptions, ModelLayers, select};
+use crate::data::loader::{self, Image, Loaded, Prefetch};
 use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
 use crate::sample::{NoiseSchedule, Prediction, Sampler, SchedulerConfig, generate};
+use crate::train::cache::Caches;
 use crate::train::config::{ConceptConfig, TrainConfig};
+use crate::train::loss::{huber, log_cosh, loss_weight};
 use crate::train::tensorboard::EventWriter;
+use crate::train::timesteps::Timesteps;
+use ema::Ema;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -30,57 +41,6 @@ type Result<T> = std::result::Result<T, TrainError>;
 fn err(e: impl std::fmt::Display) -> TrainError {
     TrainError(e.to_string())
 }
-
-/// The weight of a timestep's loss from its signal-to-noise ratio: `min_snr_gamma` (Hang et al.;
-/// strength = γ), `debiased_estimation` (1/√SNR, kohya's), `p2` (1/(1 + SNR)^strength, Choi et al.),
-/// else 1.
-pub fn loss_weight(function: &str, strength: f64, snr: f64, prediction: Prediction) -> f64 {
-    match function {
-        "min_snr_gamma" => {
-            let m = snr.min(strength);
-            match prediction {
-                Prediction::Epsilon => m / snr,
-                Prediction::VPrediction => m / (snr + 1.0),
-            }
-        }
-        // kohya clamps the SNR at 1000 so the noisiest steps do not dominate.
-        "debiased_estimation" => 1.0 / snr.min(1000.0).sqrt(),
-        "p2" => 1.0 / (1.0 + snr).powf(strength),
-        _ => 1.0,
-    }
-}
-
-/// The Huber loss of each element: quadratic within `delta`, linear beyond (torch's
-/// `huber_loss`, reduction none).
-pub fn huber(diff: &Tensor, delta: f64) -> ferrite_plugin_api::Result<Tensor> {
-    let abs = diff.abs()?;
-    let inside = abs.clamp(None, Some(delta))?;
-    inside
-        .powf(2.0)?
-        .mul_scalar(0.5)?
-        .add(&abs.sub(&inside)?.mul_scalar(delta)?)
-}
-
-/// Copies a model folder without its UNet and text-encoder weights (the VAE's stay).
-fn copy_except_weights(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(err)?;
-    for e in std::fs::read_dir(from).map_err(err)? {
-        let p = e.map_err(err)?.path();
-        let dest = to.join(p.file_name().unwrap_or_default());
-        let part = from.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if p.is_dir() {
-            copy_except_weights(&p, &dest)?;
-        } else if !(matches!(part, "unet" | "text_encoder")
-            && p.extension().is_some_and(|x| x == "safetensors"))
-        {
-            std::fs::copy(&p, &dest).map_err(err)?;
-        }
-    }
-    Ok(())
-}
-
-/// An image file, a bucket and a variation: one latent cache entry.
-type CacheSlot = (PathBuf, (usize, usize), u64);
 
 /// Where the run is; what a backup stores besides the tensors.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -107,6 +67,8 @@ pub enum Event {
         epoch: u64,
         loss: f32,
         lr: f64,
+        /// How long this step waited for its batches from the data loader.
+        data_wait: Duration,
     },
     /// The validation loss of a concept at `step`.
     Validation {
@@ -119,16 +81,16 @@ pub enum Event {
     Saved(PathBuf),
 }
 
-/// Images ready for the loss: pixels (`[3, H, W]` each) and masks (`[H, W]` each),
-/// concatenated, with their prompts and loss weights.
-#[derive(Default)]
+/// A batch on the device, ready for the loss.
 struct Batch {
     bucket: (usize, usize),
-    pixels: Vec<f32>,
-    /// The VAE's mean and log-variance, when they come from the cache (then `pixels` is empty).
-    encoded: Option<(Tensor, Tensor)>,
+    /// The VAE's mean and log-variance, `[B, C, h, w]`.
+    mean: Tensor,
+    logvar: Tensor,
+    /// `[H, W]` per image, concatenated.
     masks: Vec<f32>,
-    prompts: Vec<String>,
+    /// Text-encoder states, `[B, tokens, width]`.
+    text: Tensor,
     weights: Vec<f64>,
     /// Per image: a prior concept's, whose target is the model's prediction without adapters.
     prior: Vec<bool>,
@@ -142,7 +104,9 @@ struct Group {
     optimizer: OptimizerHandle,
     lr: f64,
     /// The moving average of `params`, when EMA is on.
-    ema: Option<Vec<Tensor>>,
+    ema: Option<Ema>,
+    /// It stopped training (stop_training_after) and keeps its weights from then on.
+    stopped: bool,
 }
 
 pub struct Trainer {
@@ -155,7 +119,7 @@ pub struct Trainer {
     model: ModelLayers,
     schedule: NoiseSchedule,
     info: serde_json::Value,
-    data: Dataset,
+    data: Arc<Dataset>,
     validation: Dataset,
     /// One bucket set per resolution of the config (validation uses the first).
     buckets: Vec<Buckets>,
@@ -163,16 +127,23 @@ pub struct Trainer {
     pub progress: Progress,
     batches_per_epoch: usize,
     tensorboard: Option<EventWriter>,
-    cache_dir: PathBuf,
-    /// Latent cache file and augmentation seed per (image, bucket, variation), once worked out.
-    cache_entries: std::sync::Mutex<std::collections::HashMap<CacheSlot, (PathBuf, u64)>>,
-    /// What identifies the model for the latent cache: its path, when it changed, its info.
-    model_identity: String,
+    caches: Arc<Caches>,
+    timesteps: Arc<Timesteps>,
+    /// The text encoder is frozen and latents are cached: its states are cached too.
+    text_cached: bool,
+    /// When this process started training, and when each timed action last ran.
+    started: Instant,
+    last_done: std::collections::HashMap<&'static str, Instant>,
 }
 
-const RNG_BATCH: u64 = 2;
-const RNG_NOISE: u64 = 3;
 const RNG_VALIDATION: u64 = 4;
+
+/// Where `after` and `stop_parts` are called: after an optimizer step or an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    Step,
+    Epoch,
+}
 /// Timesteps per validation image, evenly spread over the noising range.
 const VALIDATION_TIMESTEPS: usize = 8;
 
@@ -199,11 +170,13 @@ impl Trainer {
             .architecture(&c.model_type, &options.to_string())
             .map_err(err)?;
         let info = arch.model_info().map_err(err)?;
-        let schedule = NoiseSchedule::new(
+        let mut scheduler =
             SchedulerConfig::from_json(&info["scheduler"].to_string(), "the model's scheduler")
-                .map_err(err)?,
-        )
-        .map_err(err)?;
+                .map_err(err)?;
+        if let Some(p) = c.forced_prediction() {
+            scheduler.prediction_type = p.into();
+        }
+        let schedule = NoiseSchedule::new(scheduler).map_err(err)?;
         let model = ModelLayers::of(&arch).map_err(err)?;
 
         let data = Dataset::scan(c, base, &["standard", "prior"]);
@@ -235,24 +208,22 @@ impl Trainer {
         } else {
             None
         };
-        let cache_dir = TrainConfig::path(base, &c.cache_dir);
+        let caches = Caches::new(
+            TrainConfig::path(base, &c.cache_dir),
+            &TrainConfig::path(base, &c.base_model_name),
+            &info,
+            c.seed,
+        );
         if c.clear_cache_before_training {
-            let _ = std::fs::remove_dir_all(cache_dir.join("latents"));
+            caches.clear();
         }
-        let model_path = TrainConfig::path(base, &c.base_model_name);
-        let modified = std::fs::metadata(&model_path)
-            .and_then(|m| m.modified())
-            .map(|t| format!("{t:?}"))
-            .unwrap_or_default();
-        let mut identity = info.clone();
-        if let Some(o) = identity.as_object_mut() {
-            o.remove("adaptable_layers");
-        }
-        let model_identity = format!("{} {modified} {identity}", model_path.display());
+        let timesteps = Timesteps::new(c, schedule.alphas_cumprod.len());
         let mut t = Self {
-            cache_entries: Default::default(),
-            cache_dir,
-            model_identity,
+            caches: Arc::new(caches),
+            timesteps: Arc::new(timesteps),
+            text_cached: c.latent_caching && !c.text_encoder.train,
+            started: Instant::now(),
+            last_done: Default::default(),
             tensorboard,
             groups: Vec::new(),
             batches_per_epoch: 0,
@@ -265,7 +236,7 @@ impl Trainer {
             model,
             schedule,
             info,
-            data,
+            data: Arc::new(data),
             validation,
             buckets,
         };
@@ -339,16 +310,9 @@ impl Trainer {
                 .registry
                 .optimizer(&opt_id, &opt_options.to_string())
                 .map_err(err)?;
-            let ema = if c.ema == "off" {
-                None
-            } else {
-                Some(
-                    params
-                        .iter()
-                        .map(|p| p.detach())
-                        .collect::<ferrite_plugin_api::Result<Vec<_>>>()
-                        .map_err(err)?,
-                )
+            let ema = match c.ema.as_str() {
+                "off" => None,
+                on => Some(Ema::new(&params, on == "cpu").map_err(err)?),
             };
             groups.push(Group {
                 part: part.into(),
@@ -357,6 +321,7 @@ impl Trainer {
                 optimizer,
                 lr: pc.learning_rate.unwrap_or(c.learning_rate),
                 ema,
+                stopped: false,
             });
         }
         if groups.is_empty() {
@@ -398,73 +363,129 @@ impl Trainer {
         }
     }
 
-    /// The loss of one batch (divided by the accumulation steps), on the device.
-    fn batch_loss(&self, plan: &data::BatchPlan, index: u64) -> Result<Tensor> {
-        let c = &self.config;
-        let mut r = data::rng(c.seed, RNG_BATCH, index);
-        let mut batch = Batch {
-            bucket: plan.bucket,
-            ..Batch::default()
-        };
-        let mut encoded = Vec::new();
-        for &i in &plan.items {
-            let item = &self.data.items[i];
-            let concept = &c.concepts[item.concept];
-            let p = if c.latent_caching {
-                let variation = plan.epoch % concept.image_variations as u64;
-                let (mean, logvar, mask) = self.cached(item, concept, plan.bucket, variation)?;
-                encoded.push((mean, logvar));
-                data::Prepared {
-                    pixels: Vec::new(),
-                    mask,
-                }
-            } else {
-                data::prepare(item, concept, plan.bucket, &mut r).map_err(err)?
-            };
-            batch.pixels.extend(p.pixels);
-            // Now and then a step sees the whole image, as OneTrainer's unmasked_probability.
-            if c.masked_training && r.random_bool(c.unmasked_probability) {
-                batch.masks.extend(std::iter::repeat_n(1.0, p.mask.len()));
-            } else {
-                batch.masks.extend(p.mask);
+    /// The data loader's view of this run.
+    fn loader_context(&self) -> Arc<loader::Context> {
+        Arc::new(loader::Context {
+            data: self.data.clone(),
+            config: Arc::new(self.config.clone()),
+            caches: self.caches.clone(),
+            timesteps: self.timesteps.clone(),
+            text_cached: self.text_cached,
+        })
+    }
+
+    /// Text-encoder states for `prompts`, `[B, tokens, width]`; from the text cache when it is
+    /// on (prompts not in it are encoded together and written).
+    fn text_states(&self, prompts: &[String]) -> Result<Tensor> {
+        let encode = |ps: &[&str]| -> Result<Tensor> {
+            let mut out = self.arch.encode_text(ps).map_err(err)?;
+            if out.is_empty() {
+                return Err(TrainError(
+                    "the model's encode_text returned nothing".into(),
+                ));
             }
-            let caption = data::vary_caption(
-                &item.captions[r.random_range(0..item.captions.len())],
-                concept,
-                &mut r,
-            );
-            let dropped = r.random_bool(c.text_encoder.dropout_probability);
-            batch
-                .prompts
-                .push(if dropped { String::new() } else { caption });
-            batch.weights.push(concept.loss_weight);
-            batch.prior.push(concept.kind == "prior");
+            Ok(out.swap_remove(0))
+        };
+        if !self.text_cached {
+            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+            return encode(&refs);
         }
-        if !encoded.is_empty() {
-            let cat = |f: fn(&(Tensor, Tensor)) -> &Tensor| {
-                Tensor::cat(&encoded.iter().map(f).collect::<Vec<_>>(), 0)
-            };
-            batch.encoded = Some((cat(|e| &e.0).map_err(err)?, cat(|e| &e.1).map_err(err)?));
+        let mut states: Vec<Option<Tensor>> = Vec::new();
+        let mut missing = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let entry = self.caches.text_entry(p);
+            let hit = Weights::open(&entry.to_string_lossy())
+                .and_then(|w| w.get("states", DType::F32))
+                .ok();
+            if hit.is_none() {
+                missing.push((i, entry));
+            }
+            states.push(hit);
         }
-        let n = self.schedule.alphas_cumprod.len();
-        let (lo, hi) = (
-            (c.min_noising_strength * n as f64) as usize,
-            ((c.max_noising_strength * n as f64) as usize).clamp(1, n),
-        );
-        let timesteps: Vec<usize> = (0..plan.items.len())
-            .map(|_| match c.timestep_distribution.as_str() {
-                "logit_normal" => {
-                    let z: f64 =
-                        rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut r);
-                    let u = 1.0 / (1.0 + (-z).exp());
-                    (lo + (u * (hi - lo) as f64) as usize).min(hi - 1)
+        if !missing.is_empty() {
+            let refs: Vec<&str> = missing.iter().map(|(i, _)| prompts[*i].as_str()).collect();
+            let encoded = encode(&refs)?.detach().map_err(err)?;
+            for (k, (i, entry)) in missing.iter().enumerate() {
+                let one = encoded.narrow(0, k, 1).map_err(err)?;
+                std::fs::create_dir_all(entry.parent().expect("cache folder")).map_err(err)?;
+                ferrite_plugin_api::save_safetensors(
+                    &entry.to_string_lossy(),
+                    &[("states", &one)],
+                    &[],
+                )
+                .map_err(|e| TrainError(format!("text cache {}: {e}", entry.display())))?;
+                self.caches
+                    .texts_encoded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                states[*i] = Some(one);
+            }
+        }
+        let states: Vec<Tensor> = states.into_iter().flatten().collect();
+        Tensor::cat(&states.iter().collect::<Vec<_>>(), 0).map_err(err)
+    }
+
+    /// A loaded batch on the device: images encoded (cache misses are encoded and written
+    /// now), text states, and the loss of it.
+    fn batch_loss(&self, loaded: Loaded) -> Result<Tensor> {
+        let (w, h) = loaded.bucket;
+        let mut pixels = Vec::new();
+        let mut encoded = Vec::new();
+        for image in loaded.images {
+            match image {
+                Image::Pixels(p) => pixels.extend(p),
+                Image::Cached {
+                    shape,
+                    mean,
+                    logvar,
+                } => encoded.push((
+                    Tensor::from_f32(&mean, &shape).map_err(err)?,
+                    Tensor::from_f32(&logvar, &shape).map_err(err)?,
+                )),
+                Image::Miss {
+                    pixels,
+                    mask,
+                    entry,
+                } => {
+                    let images = Tensor::from_f32(&pixels, &[1, 3, h, w]).map_err(err)?;
+                    let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
+                    let (mean, logvar) =
+                        (mean.detach().map_err(err)?, logvar.detach().map_err(err)?);
+                    let mask = Tensor::from_f32(&mask, &[h, w]).map_err(err)?;
+                    std::fs::create_dir_all(entry.parent().expect("cache folder")).map_err(err)?;
+                    ferrite_plugin_api::save_safetensors(
+                        &entry.to_string_lossy(),
+                        &[("mean", &mean), ("logvar", &logvar), ("mask", &mask)],
+                        &[],
+                    )
+                    .map_err(|e| TrainError(format!("latent cache {}: {e}", entry.display())))?;
+                    self.caches
+                        .latents_encoded
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    encoded.push((mean, logvar));
                 }
-                _ => r.random_range(lo..hi),
-            })
-            .collect();
-        let noise_rng =
-            Generator::new(data::rng(c.seed, RNG_NOISE, index).random::<u64>()).map_err(err)?;
-        self.loss(&batch, &timesteps, &noise_rng)
+            }
+        }
+        let b = loaded.prompts.len();
+        let (mean, logvar) = if encoded.is_empty() {
+            let images = Tensor::from_f32(&pixels, &[b, 3, h, w]).map_err(err)?;
+            self.arch.vae_encode(&images).map_err(err)?
+        } else {
+            let cat = |f: fn(&(Tensor, Tensor)) -> &Tensor| {
+                Tensor::cat(&encoded.iter().map(f).collect::<Vec<_>>(), 0).map_err(err)
+            };
+            (cat(|e| &e.0)?, cat(|e| &e.1)?)
+        };
+        let batch = Batch {
+            bucket: loaded.bucket,
+            mean,
+            logvar,
+            masks: loaded.masks,
+            text: self.text_states(&loaded.prompts)?,
+            weights: loaded.weights,
+            prior: loaded.prior,
+        };
+        let noise = Generator::new(loaded.noise_seed).map_err(err)?;
+        self.loss(&batch, &loaded.timesteps, &noise)
     }
 
     /// The loss of a batch noised to `timesteps` with noise from `noise_rng`, divided by the
@@ -473,25 +494,15 @@ impl Trainer {
         let c = &self.config;
         let Batch {
             bucket: (w, h),
-            pixels,
-            encoded,
+            mean,
+            logvar,
             masks,
-            prompts,
+            text,
             weights,
             prior,
         } = batch;
         let (w, h) = (*w, *h);
-        let b = prompts.len();
-        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let text = self.arch.encode_text(&refs).map_err(err)?.remove(0);
-
-        let (mean, logvar) = match encoded {
-            Some((m, l)) => (m.clone(), l.clone()),
-            None => {
-                let images = Tensor::from_f32(pixels, &[b, 3, h, w]).map_err(err)?;
-                self.arch.vae_encode(&images).map_err(err)?
-            }
-        };
+        let b = weights.len();
         let scaling = self.info["scaling_factor"].as_f64().unwrap_or(1.0);
         let shift = self.info["shift_factor"].as_f64().unwrap_or(0.0);
         let shape = mean.shape().map_err(err)?;
@@ -538,14 +549,14 @@ impl Trainer {
             } else {
                 latents.mul(&a)?.add(&noise.mul(&s)?)?
             };
-            let pred = self.arch.denoise(&noisy, &tt, &[&text])?;
+            let pred = self.arch.denoise(&noisy, &tt, &[text])?;
             let mut target = match self.schedule.prediction {
                 Prediction::Epsilon => noise.clone(),
                 Prediction::VPrediction => noise.mul(&a)?.sub(&latents.mul(&s)?)?,
             };
             if prior.iter().any(|&p| p) {
                 // Prior images learn to predict what the model predicts without its adapter.
-                let base = adapters::without_adapters(|| self.arch.denoise(&noisy, &tt, &[&text]))?
+                let base = adapters::without_adapters(|| self.arch.denoise(&noisy, &tt, &[text]))?
                     .detach()?;
                 let m = Tensor::from_f32(
                     &prior
@@ -590,6 +601,13 @@ impl Trainer {
                         .mul_scalar(c.mae_strength)?,
                 )?;
             }
+            if c.log_cosh_strength > 0.0 {
+                per = per.add(
+                    &log_cosh(&diff)?
+                        .mean(&[1, 2, 3], false)?
+                        .mul_scalar(c.log_cosh_strength)?,
+                )?;
+            }
             if c.huber_strength > 0.0 {
                 per = per.add(
                     &huber(&diff, c.huber_delta)?
@@ -630,10 +648,19 @@ impl Trainer {
         let mut acc: Vec<Vec<Option<Tensor>>> = Vec::new();
         let mut acc_loss = 0.0f32;
         let mut in_accum = 0;
-        while (self.progress.epoch as usize) < self.config.epochs {
+        let mut data_wait = Duration::ZERO;
+        let context = self.loader_context();
+        'epochs: while (self.progress.epoch as usize) < self.config.epochs {
             let plan =
                 data::plan_epoch(&self.data, &self.config, &self.buckets, self.progress.epoch);
-            while self.progress.batch_in_epoch < plan.len() {
+            let mut batches = Prefetch::start(
+                context.clone(),
+                plan,
+                self.progress.batch_in_epoch,
+                self.progress.batches,
+                self.config.dataloader_threads,
+            );
+            loop {
                 // Stopping keeps the work: a backup at the step reached (between steps only).
                 if in_accum == 0 && crate::runtime::is_cancelled() {
                     if self.last_backup() != Some(self.backups_dir().join(self.backup_name())) {
@@ -641,8 +668,12 @@ impl Trainer {
                     }
                     return Ok(());
                 }
-                let batch = &plan[self.progress.batch_in_epoch];
-                let loss = self.batch_loss(batch, self.progress.batches)?;
+                let waiting = Instant::now();
+                let Some(loaded) = batches.next_batch() else {
+                    break;
+                };
+                data_wait += waiting.elapsed();
+                let loss = self.batch_loss(loaded.map_err(TrainError)?)?;
                 let grads = loss.backward().map_err(err)?;
                 // The logged figure: one host read per batch.
                 acc_loss += loss.item().map_err(err)?;
@@ -650,7 +681,11 @@ impl Trainer {
                 for (gi, g) in self.groups.iter().enumerate() {
                     let mut row = Vec::new();
                     for (pi, p) in g.params.iter().enumerate() {
-                        let grad = grads.get(p).map_err(err)?;
+                        let grad = if g.stopped {
+                            None
+                        } else {
+                            grads.get(p).map_err(err)?
+                        };
                         let prev = acc.get(gi).and_then(|r| r.get(pi)).cloned().flatten();
                         row.push(match (prev, grad) {
                             (Some(a), Some(b)) => Some(a.add(&b).map_err(err)?),
@@ -695,18 +730,88 @@ impl Trainer {
                     epoch: self.progress.epoch,
                     loss: acc_loss,
                     lr,
+                    data_wait: std::mem::take(&mut data_wait),
                 });
                 acc_loss = 0.0;
                 in_accum = 0;
-                self.after("step", self.progress.step, &mut on_event)?;
+                self.after(Moment::Step, &mut on_event)?;
+                if self.stop_parts(Moment::Step)? {
+                    break 'epochs;
+                }
             }
             self.progress.epoch += 1;
             self.progress.batch_in_epoch = 0;
-            self.after("epoch", self.progress.epoch, &mut on_event)?;
+            self.after(Moment::Epoch, &mut on_event)?;
+            if self.stop_parts(Moment::Epoch)? {
+                break;
+            }
         }
         let out = self.save_output()?;
         on_event(Event::Saved(out));
         Ok(())
+    }
+
+    /// Whether something set to happen every `every` `unit`s is due at `at` (`key` names it
+    /// for the timed units, which count from when it last ran or from the start).
+    fn due(&mut self, key: &'static str, every: f64, unit: &str, at: Moment) -> bool {
+        let count = match at {
+            Moment::Step => self.progress.step,
+            Moment::Epoch => self.progress.epoch,
+        };
+        let seconds = match unit {
+            "second" => 1.0,
+            "minute" => 60.0,
+            "hour" => 3600.0,
+            "always" => return at == Moment::Step,
+            "step" => {
+                return at == Moment::Step && every >= 1.0 && count.is_multiple_of(every as u64);
+            }
+            "epoch" => {
+                return at == Moment::Epoch && every >= 1.0 && count.is_multiple_of(every as u64);
+            }
+            _ => return false,
+        };
+        if at != Moment::Step || every <= 0.0 {
+            return false;
+        }
+        let since = *self.last_done.get(key).unwrap_or(&self.started);
+        let due = since.elapsed().as_secs_f64() >= every * seconds;
+        if due {
+            self.last_done.insert(key, Instant::now());
+        }
+        due
+    }
+
+    /// Stops the parts whose stop_training_after has come; true when no part trains any more.
+    fn stop_parts(&mut self, at: Moment) -> Result<bool> {
+        let c = &self.config;
+        let (step, epoch) = (self.progress.step as f64, self.progress.epoch as f64);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        for g in &mut self.groups {
+            let pc = if g.part == "unet" {
+                &c.unet
+            } else {
+                &c.text_encoder
+            };
+            let after = pc.stop_training_after;
+            let reached = after > 0.0
+                && match (pc.stop_training_after_unit.as_str(), at) {
+                    ("step", Moment::Step) => step >= after,
+                    ("epoch", Moment::Epoch) => epoch >= after,
+                    ("second", _) => elapsed >= after,
+                    ("minute", _) => elapsed >= after * 60.0,
+                    ("hour", _) => elapsed >= after * 3600.0,
+                    _ => false,
+                };
+            if reached && !g.stopped {
+                tracing::info!("{} stops training at step {step}", g.part);
+                g.stopped = true;
+                for p in &g.params {
+                    p.set_requires_grad(false).map_err(err)?;
+                }
+            }
+        }
+        Ok(self.groups.iter().all(|g| g.stopped))
     }
 
     /// Clips the accumulated gradients and steps each part's optimizer.
@@ -735,6 +840,9 @@ impl Trainer {
             None
         };
         for (g, row) in self.groups.iter_mut().zip(grads) {
+            if g.stopped {
+                continue;
+            }
             let (mut params, mut gs) = (Vec::new(), Vec::new());
             for (p, grad) in g.params.iter().zip(row) {
                 if let Some(grad) = grad {
@@ -759,14 +867,9 @@ impl Trainer {
     fn update_ema(&mut self) -> Result<()> {
         let s = self.progress.step as f64;
         let d = self.config.ema_decay.min((1.0 + s) / (10.0 + s));
-        for g in &self.groups {
-            let Some(ema) = &g.ema else { continue };
-            for (e, p) in ema.iter().zip(&g.params) {
-                let next = e
-                    .mul_scalar(d)
-                    .and_then(|x| x.add(&p.detach()?.mul_scalar(1.0 - d)?))
-                    .map_err(err)?;
-                e.assign(&next).map_err(err)?;
+        for g in &mut self.groups {
+            if let Some(ema) = &mut g.ema {
+                ema.update(&g.params, d).map_err(err)?;
             }
         }
         Ok(())
@@ -777,7 +880,7 @@ impl Trainer {
         let mut kept = Vec::new();
         for g in &self.groups {
             let Some(ema) = &g.ema else { continue };
-            for (e, p) in ema.iter().zip(&g.params) {
+            for (e, p) in ema.tensors().map_err(err)?.iter().zip(&g.params) {
                 kept.push((p.clone(), p.detach().map_err(err)?));
                 p.assign(e).map_err(err)?;
             }
@@ -787,100 +890,6 @@ impl Trainer {
             p.assign(&v).map_err(err)?;
         }
         out
-    }
-
-    /// The encoded image (VAE mean and log-variance, `[1, C, h, w]`) and its prepared mask for
-    /// one variation, from the cache or encoded and cached now (see [`Trainer::cache_entry`]).
-    fn cached(
-        &self,
-        item: &data::Item,
-        concept: &ConceptConfig,
-        bucket: (usize, usize),
-        variation: u64,
-    ) -> Result<(Tensor, Tensor, Vec<f32>)> {
-        let (path, seed) = self.cache_entry(item, concept, bucket, variation)?;
-        let (w, hgt) = bucket;
-        if let Ok(f) = Weights::open(&path.to_string_lossy()) {
-            let get = |k: &str| f.get(k, DType::F32);
-            if let (Ok(m), Ok(l), Ok(mask)) = (get("mean"), get("logvar"), get("mask")) {
-                return Ok((m, l, mask.to_vec().map_err(err)?));
-            }
-        }
-        let p = data::prepare(item, concept, bucket, &mut data::rng(seed, 0, 0)).map_err(err)?;
-        let images = Tensor::from_f32(&p.pixels, &[1, 3, hgt, w]).map_err(err)?;
-        let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
-        let (mean, logvar) = (mean.detach().map_err(err)?, logvar.detach().map_err(err)?);
-        let mask = Tensor::from_f32(&p.mask, &[hgt, w]).map_err(err)?;
-        std::fs::create_dir_all(path.parent().expect("cache folder")).map_err(err)?;
-        ferrite_plugin_api::save_safetensors(
-            &path.to_string_lossy(),
-            &[("mean", &mean), ("logvar", &logvar), ("mask", &mask)],
-            &[],
-        )
-        .map_err(err)?;
-        Ok((mean, logvar, p.mask))
-    }
-
-    /// The cache file of one image variation and the seed of its augmentation, both from a hash
-    /// of the image and mask files, the bucket, the concept's image settings, the variation, the
-    /// seed and the model, so a change to any of them re-encodes that image only. Worked out once
-    /// per run: the files are read for it the first time only.
-    fn cache_entry(
-        &self,
-        item: &data::Item,
-        concept: &ConceptConfig,
-        bucket: (usize, usize),
-        variation: u64,
-    ) -> Result<(PathBuf, u64)> {
-        use sha2::{Digest, Sha256};
-        let memo_key = (item.path.clone(), bucket, variation);
-        let mut memo = self.cache_entries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = memo.get(&memo_key) {
-            return Ok(entry.clone());
-        }
-        let mut image_settings = serde_json::to_value(concept).map_err(err)?;
-        if let Some(o) = image_settings.as_object_mut() {
-            // What does not change the encoded image.
-            for k in [
-                "name",
-                "enabled",
-                "type",
-                "path",
-                "include_subdirectories",
-                "prompt_source",
-                "text_file",
-                "balancing",
-                "balancing_strategy",
-                "loss_weight",
-            ] {
-                o.remove(k);
-            }
-        }
-        let read =
-            |p: &Path| std::fs::read(p).map_err(|e| TrainError(format!("{}: {e}", p.display())));
-        let mut h = Sha256::new();
-        h.update(b"ferrite latent cache v1\0");
-        h.update(read(&item.path)?);
-        if let Some(m) = &item.mask {
-            h.update(read(m)?);
-        }
-        h.update(
-            format!(
-                "{bucket:?} {image_settings} {variation} {} {}",
-                self.config.seed, self.model_identity
-            )
-            .as_bytes(),
-        );
-        let digest = h.finalize();
-        let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        let entry = (
-            self.cache_dir
-                .join("latents")
-                .join(format!("{key}.safetensors")),
-            u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")),
-        );
-        memo.insert(memo_key, entry.clone());
-        Ok(entry)
     }
 
     /// Writes a scalar to the TensorBoard file; a failure is logged, not fatal.
@@ -925,12 +934,16 @@ impl Trainer {
                 let bucket = self.buckets[0].nearest(item.width as usize, item.height as usize);
                 let p = data::prepare(item, &fixed, bucket, &mut r).map_err(err)?;
                 let t = timesteps.len();
+                let image =
+                    Tensor::from_f32(&p.pixels, &[1, 3, bucket.1, bucket.0]).map_err(err)?;
+                let (mean, logvar) = self.arch.vae_encode(&image).map_err(err)?;
+                let repeat = |x: &Tensor| Tensor::cat(&vec![x; t], 0).map_err(err);
                 let batch = Batch {
                     bucket,
-                    encoded: None,
-                    pixels: (0..t).flat_map(|_| p.pixels.iter().copied()).collect(),
+                    mean: repeat(&mean)?,
+                    logvar: repeat(&logvar)?,
                     masks: (0..t).flat_map(|_| p.mask.iter().copied()).collect(),
-                    prompts: vec![item.captions[0].clone(); t],
+                    text: repeat(&self.text_states(&item.captions[..1])?)?,
                     weights: vec![1.0; t],
                     prior: vec![false; t],
                 };
@@ -943,16 +956,14 @@ impl Trainer {
         Ok(out)
     }
 
-    /// Samples, backups and saves due after `count` units of `unit`.
-    fn after(&mut self, unit: &str, count: u64, on_event: &mut impl FnMut(Event)) -> Result<()> {
-        let c = &self.config;
-        let due =
-            |every: f64, u: &str| u == unit && every >= 1.0 && count.is_multiple_of(every as u64);
+    /// Validation, samples, backups and saves due at `at`.
+    fn after(&mut self, at: Moment, on_event: &mut impl FnMut(Event)) -> Result<()> {
+        let c = self.config.clone();
         let (validate, sample, backup, save) = (
-            c.validation && due(c.validate_after, &c.validate_after_unit),
-            due(c.sample_after, &c.sample_after_unit),
-            due(c.backup_after, &c.backup_after_unit),
-            due(c.save_every, &c.save_every_unit),
+            c.validation && self.due("validate", c.validate_after, &c.validate_after_unit, at),
+            self.due("sample", c.sample_after, &c.sample_after_unit, at),
+            self.due("backup", c.backup_after, &c.backup_after_unit, at),
+            self.due("save", c.save_every, &c.save_every_unit, at),
         );
         if validate {
             for (concept, loss) in self.validate()? {
@@ -999,6 +1010,7 @@ impl Trainer {
                 height: s.height,
                 sampler,
                 init_noise: None,
+                prediction_type: self.config.forced_prediction().map(str::to_string),
             };
             let rgb = generate::generate(&self.arch, &req, || {}).map_err(err)?;
             let slug: String = s
@@ -1041,267 +1053,11 @@ impl Trainer {
         Ok(out)
     }
 
-    fn backup_name(&self) -> String {
-        format!("backup-{:09}", self.progress.step)
-    }
-
-    fn backups_dir(&self) -> PathBuf {
-        self.workspace.join("backup")
-    }
-
-    /// The newest complete backup.
-    pub fn last_backup(&self) -> Option<PathBuf> {
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.backups_dir())
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("backup-"))
-                    && p.join("state.json").exists()
-            })
-            .collect();
-        dirs.sort();
-        dirs.pop()
-    }
-
-    /// Writes the full state (trainable tensors, optimizer states, progress, config) to a new
-    /// backup folder: built under a temporary name, then renamed; older ones beyond
-    /// `rolling_backup_count` are removed.
-    pub fn backup(&mut self) -> Result<PathBuf> {
-        let dir = self.backups_dir();
-        let name = self.backup_name();
-        let tmp = dir.join(format!(".tmp-{name}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(err)?;
-        for g in &self.groups {
-            let named: Vec<(&str, &Tensor)> = g
-                .names
-                .iter()
-                .map(String::as_str)
-                .zip(g.params.iter())
-                .collect();
-            let p = tmp.join(format!("{}.safetensors", g.part));
-            ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[]).map_err(err)?;
-            let state = g.optimizer.state().map_err(err)?;
-            let named: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let p = tmp.join(format!("{}-optimizer.safetensors", g.part));
-            ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[]).map_err(err)?;
-            if let Some(ema) = &g.ema {
-                let named: Vec<(&str, &Tensor)> =
-                    g.names.iter().map(String::as_str).zip(ema.iter()).collect();
-                let p = tmp.join(format!("{}-ema.safetensors", g.part));
-                ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[])
-                    .map_err(err)?;
-            }
-        }
-        crate::fsutil::write_atomic(&tmp.join("config.toml"), self.config.to_toml().as_bytes())
-            .map_err(err)?;
-        let state = serde_json::to_vec_pretty(&self.progress).map_err(err)?;
-        crate::fsutil::write_atomic(&tmp.join("state.json"), &state).map_err(err)?;
-        let path = dir.join(&name);
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(err)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("backup-"))
-            })
-            .collect();
-        all.sort();
-        let keep = self.config.rolling_backup_count.max(1);
-        for old in all.iter().take(all.len().saturating_sub(keep)) {
-            let _ = std::fs::remove_dir_all(old);
-        }
-        Ok(path)
-    }
-
-    /// Loads a backup written by [`Trainer::backup`] into this run.
-    fn restore(&mut self, dir: &Path) -> Result<()> {
-        let shown = dir.display();
-        for g in &mut self.groups {
-            let w = Weights::open(
-                &dir.join(format!("{}.safetensors", g.part))
-                    .to_string_lossy(),
-            )
-            .map_err(err)?;
-            for (name, p) in g.names.iter().zip(&g.params) {
-                let t = w.get(name, DType::F32).map_err(|e| {
-                    TrainError(format!(
-                        "backup {shown}: {e} (the config's trained layers changed since the backup?)"
-                    ))
-                })?;
-                let (want, got) = (p.shape().map_err(err)?, t.shape().map_err(err)?);
-                if want != got {
-                    return Err(TrainError(format!(
-                        "backup {shown}: `{name}` has shape {got:?} but this config makes {want:?} \
-                         (lora_rank or the model changed since the backup)"
-                    )));
-                }
-                p.assign(&t).map_err(err)?;
-            }
-            let ow = Weights::open(
-                &dir.join(format!("{}-optimizer.safetensors", g.part))
-                    .to_string_lossy(),
-            )
-            .map_err(err)?;
-            let state = ow
-                .infos()
-                .iter()
-                .map(|i| Ok((i.key.to_string(), ow.get(&i.key, DType::F32)?)))
-                .collect::<ferrite_plugin_api::Result<Vec<_>>>()
-                .map_err(err)?;
-            g.optimizer.load_state(&state).map_err(err)?;
-            if let Some(ema) = &g.ema {
-                let ew = Weights::open(
-                    &dir.join(format!("{}-ema.safetensors", g.part))
-                        .to_string_lossy(),
-                )
-                .map_err(|e| TrainError(format!("backup {shown}: {e} (EMA was off then?)")))?;
-                for (name, e) in g.names.iter().zip(ema) {
-                    e.assign(&ew.get(name, DType::F32).map_err(err)?)
-                        .map_err(err)?;
-                }
-            }
-        }
-        let text = std::fs::read_to_string(dir.join("state.json")).map_err(err)?;
-        self.progress = serde_json::from_str(&text)
-            .map_err(|e| TrainError(format!("backup {shown}: state.json: {e}")))?;
-        tracing::info!("resumed from {shown} at step {}", self.progress.step);
-        Ok(())
-    }
-
-    /// The trained adapter (kohya/diffusers/comfy) or, for a fine-tune, the trained parts'
-    /// tensors under their diffusers names.
-    pub fn save_output(&self) -> Result<PathBuf> {
-        self.with_ema_weights(|| self.write_output())
-    }
-
-    fn write_output(&self) -> Result<PathBuf> {
-        let c = &self.config;
-        let path = TrainConfig::path(&self.base, &c.output_model_destination);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(err)?;
-        }
-        if c.training_method == "lora" {
-            let format: Format = c.output_model_format.parse().map_err(err)?;
-            let meta = [
-                ("ss_learning_rate", c.learning_rate.to_string()),
-                (
-                    "ss_unet_lr",
-                    c.unet.learning_rate.unwrap_or(c.learning_rate).to_string(),
-                ),
-                (
-                    "ss_text_encoder_lr",
-                    c.text_encoder
-                        .learning_rate
-                        .unwrap_or(c.learning_rate)
-                        .to_string(),
-                ),
-                ("ss_epoch", self.progress.epoch.to_string()),
-                ("ss_steps", self.progress.step.to_string()),
-                ("ss_max_train_steps", self.total_steps().to_string()),
-                ("ss_num_train_images", self.data.items.len().to_string()),
-                ("ss_batch_size_per_device", c.batch_size.to_string()),
-                (
-                    "ss_gradient_accumulation_steps",
-                    c.gradient_accumulation_steps.to_string(),
-                ),
-                ("ss_lr_scheduler", c.learning_rate_scheduler.clone()),
-                (
-                    "ss_lr_warmup_steps",
-                    c.learning_rate_warmup_steps.to_string(),
-                ),
-                ("ss_optimizer", c.optimizer_options().0),
-                ("ss_seed", c.seed.to_string()),
-                ("ss_resolution", c.resolution.clone()),
-                ("ss_noise_offset", c.offset_noise_weight.to_string()),
-                ("ss_max_grad_norm", c.clip_grad_norm.to_string()),
-                (
-                    "ss_caption_dropout_rate",
-                    c.text_encoder.dropout_probability.to_string(),
-                ),
-                ("ss_training_comment", "trained with Ferrite".into()),
-            ]
-            .map(|(k, v)| (k.to_string(), v));
-            adapters::save(&path, format, "sd_v1", &meta).map_err(err)?;
-        } else {
-            self.save_diffusers_folder(&path)?;
-        }
-        Ok(path)
-    }
-
-    /// A fine-tune as a diffusers folder: the base folder's configs, tokenizer, scheduler and
-    /// VAE, with the model's UNet and text-encoder tensors as they are now.
-    fn save_diffusers_folder(&self, out: &Path) -> Result<()> {
-        let base = TrainConfig::path(&self.base, &self.config.base_model_name);
-        if !base.is_dir() {
-            return Err(TrainError(format!(
-                "saving a fine-tune of {} needs a diffusers folder as the base model (saving \
-                 single-file checkpoints is not built yet)",
-                base.display()
-            )));
-        }
-        copy_except_weights(&base, out)?;
-        let all = self.arch.parameters().map_err(err)?;
-        for (prefix, file) in [
-            ("unet.", "unet/diffusion_pytorch_model.safetensors"),
-            ("text_encoder.", "text_encoder/model.safetensors"),
-        ] {
-            let named: Vec<(&str, &Tensor)> = all
-                .iter()
-                .filter_map(|(n, t)| n.strip_prefix(prefix).map(|k| (k, t)))
-                .collect();
-            ferrite_plugin_api::save_safetensors(&out.join(file).to_string_lossy(), &named, &[])
-                .map_err(err)?;
-        }
-        Ok(())
-    }
-
     /// The trainable tensors by name (for tests and tools).
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
         self.groups
             .iter()
             .flat_map(|g| g.names.iter().cloned().zip(g.params.iter().cloned()))
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn huber_is_quadratic_then_linear() {
-        crate::runtime::init("cpu").unwrap();
-        let d = [-3.0f32, -1.0, -0.5, 0.0, 0.25, 2.0];
-        let t = Tensor::from_f32(&d, &[6]).unwrap();
-        let got = huber(&t, 1.0).unwrap().to_vec().unwrap();
-        let want: Vec<f32> = d
-            .iter()
-            .map(|&x| {
-                if x.abs() <= 1.0 {
-                    0.5 * x * x
-                } else {
-                    x.abs() - 0.5
-                }
-            })
-            .collect();
-        assert_eq!(got, want);
-    }
-
-    #[test]
-    fn timestep_weights() {
-        let e = Prediction::Epsilon;
-        assert_eq!(loss_weight("constant", 5.0, 3.0, e), 1.0);
-        assert_eq!(loss_weight("min_snr_gamma", 5.0, 10.0, e), 0.5);
-        assert_eq!(loss_weight("min_snr_gamma", 5.0, 2.0, e), 1.0);
-        assert_eq!(
-            loss_weight("min_snr_gamma", 5.0, 10.0, Prediction::VPrediction),
-            5.0 / 11.0
-        );
-        assert_eq!(loss_weight("debiased_estimation", 0.0, 4.0, e), 0.5);
-        assert_eq!(loss_weight("p2", 1.0, 3.0, e), 0.25);
     }
 }
