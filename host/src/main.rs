@@ -242,7 +242,7 @@ fn run_training(
         } => {
             if !problems.is_empty() {
                 say(format!(
-                    "{} problem(s) in the data (left out):\n  {}",
+                    "{} problem(s) in the data (unreadable and tiny images are left out):\n  {}",
                     problems.len(),
                     problems.join("\n  ")
                 ));

@@ -68,6 +68,8 @@ fn registry() -> Registry {
 struct Run {
     losses: Vec<(u64, f32)>,
     weights: Vec<(String, Vec<f32>)>,
+    /// (latents, text states) the run encoded because the cache did not have them.
+    encoded: (usize, usize),
 }
 
 /// Trains with `config`; cancels after `stop_at` steps when given.
@@ -90,7 +92,11 @@ fn run(config: TrainConfig, root: &Path, stop_at: Option<u64>) -> Run {
         .into_iter()
         .map(|(k, v)| (k, v.to_vec().unwrap()))
         .collect();
-    Run { losses, weights }
+    Run {
+        losses,
+        weights,
+        encoded: t.cache_encoded(),
+    }
 }
 
 fn setup() -> (std::sync::MutexGuard<'static, ()>, tempfile::TempDir) {
@@ -194,36 +200,76 @@ fn resume_is_exact(ema: bool) {
 }
 
 #[test]
-fn bad_data_is_reported_and_training_goes_on() {
+fn bad_data_is_reported_once_per_file_and_training_goes_on() {
     let (_turn, root) = setup();
     let root = root.path();
     let images = root.join("images");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
+    let caption =
+        |stem: &str| std::fs::write(images.join(format!("{stem}.txt")), "a photo").unwrap();
     std::fs::write(images.join("broken.png"), b"not a png").unwrap();
-    image::RgbImage::new(4, 4)
-        .save(images.join("tiny.png"))
+    for f in ["truncated.jpg", "cmyk.jpg"] {
+        std::fs::copy(fixtures.join(f), images.join(f)).unwrap();
+        caption(f.trim_end_matches(".jpg"));
+    }
+    let deep = image::ImageBuffer::<image::Rgb<u16>, _>::from_fn(24, 24, |x, _| {
+        image::Rgb([x as u16 * 2000, 30000, 65535])
+    });
+    deep.save(images.join("rgb16.png")).unwrap();
+    caption("rgb16");
+    image::RgbImage::new(1, 1)
+        .save(images.join("one.png"))
         .unwrap();
+    caption("one");
     image::RgbImage::new(16, 16)
         .save(images.join("uncaptioned.png"))
         .unwrap();
+    image::RgbImage::new(16, 16)
+        .save(images.join("masked.png"))
+        .unwrap();
+    caption("masked");
+    image::GrayImage::from_pixel(8, 8, image::Luma([255]))
+        .save(images.join("masked-masklabel.png"))
+        .unwrap();
+
     let mut c = config(root, "bad");
     c.epochs = 1;
+    c.masked_training = true;
     let mut t = Trainer::new(c, root, registry()).unwrap();
-    let mut problems = Vec::new();
-    t.run(|e| {
-        if let Event::Started { problems: p, .. } = e {
+    let (mut problems, mut items, mut saved) = (Vec::new(), 0, false);
+    t.run(|e| match e {
+        Event::Started {
+            problems: p,
+            items: n,
+            ..
+        } => {
             problems = p;
+            items = n;
         }
+        Event::Saved(_) => saved = true,
+        _ => {}
     })
     .unwrap();
     let all = problems.join("\n");
-    assert_eq!(problems.len(), 3, "{all}");
-    for needle in [
-        "broken.png: unreadable",
-        "tiny.png: 4x4 is too small",
-        "uncaptioned.png",
+    println!("the data report:\n{all}");
+    assert!(saved, "the run went to the end");
+    // The toy set's 6, the CMYK and 16-bit images, the uncaptioned and the masked one.
+    assert_eq!(items, 10, "{all}");
+    for (file, says) in [
+        ("broken.png", "unreadable"),
+        ("truncated.jpg", "unreadable"),
+        ("one.png", "1x1 is too small"),
+        ("uncaptioned.png", "no caption"),
+        ("masked-masklabel.png", "8x8 but the image is 16x16"),
     ] {
-        assert!(all.contains(needle), "`{needle}` missing from:\n{all}");
+        let lines: Vec<&String> = problems
+            .iter()
+            .filter(|l| l.contains(&format!("/{file}")))
+            .collect();
+        assert_eq!(lines.len(), 1, "`{file}` once in:\n{all}");
+        assert!(lines[0].contains(says), "{}", lines[0]);
     }
+    assert_eq!(problems.len(), 5, "{all}");
 }
 
 #[test]
@@ -330,7 +376,7 @@ fn masked_training_only_learns_where_the_mask_is() {
 }
 
 #[test]
-fn latent_cache_encodes_each_image_once_and_a_changed_image_again() {
+fn the_caches_encode_each_image_and_caption_once_and_a_changed_one_again() {
     let (_turn, root) = setup();
     let root = root.path();
     let cached = |root: &Path, clear: bool| {
@@ -356,21 +402,30 @@ fn latent_cache_encodes_each_image_once_and_a_changed_image_again() {
     };
     let first = run(cached(root, true), root, None);
     let after_first = files();
-    // The toy set repeats each image twice; the cache is keyed by content.
+    // The toy set repeats each image twice; the cache is keyed by content. Three captions.
     assert_eq!(after_first.len(), 3, "one entry per distinct image");
+    assert_eq!(first.encoded, (3, 3), "(latents, texts) encoded");
     let second = run(cached(root, false), root, None);
     assert_eq!(files(), after_first, "nothing re-encoded");
+    assert_eq!(second.encoded, (0, 0), "nothing encoded");
     assert_eq!(
         first.losses, second.losses,
         "the cache gives the same training"
     );
+
+    // Change one caption: only its text entry is encoded again.
+    std::fs::write(root.join("images/0.txt"), "a crimson square\n").unwrap();
+    let third = run(cached(root, false), root, None);
+    assert_eq!(third.encoded, (0, 1), "one text entry re-encoded");
+    assert_eq!(files(), after_first);
 
     // Change one image: only it is encoded again.
     let p = root.join("images/0.png");
     let mut img = image::open(&p).unwrap().to_rgb8();
     img.put_pixel(0, 0, image::Rgb([1, 2, 3]));
     img.save(&p).unwrap();
-    run(cached(root, false), root, None);
+    let changed = run(cached(root, false), root, None);
+    assert_eq!(changed.encoded, (1, 0), "one image re-encoded");
     let now = files();
     assert_eq!(now.len(), 4);
     assert_eq!(now.iter().filter(|f| after_first.contains(f)).count(), 3);

@@ -90,68 +90,145 @@ fn captions(
         }
         _ => {
             let f = image.with_extension("txt");
-            std::fs::read_to_string(&f)
-                .map(|t| lines(&t))
-                .map_err(|_| format!("{}: no caption file {}", image.display(), f.display()))
+            std::fs::read_to_string(&f).map(|t| lines(&t)).map_err(|_| {
+                format!(
+                    "{}: no caption file {}: trained with an empty caption",
+                    image.display(),
+                    f.display()
+                )
+            })
         }
+    }
+}
+
+/// What reading one image found: its size and mask, or the problem.
+struct Checked {
+    size: std::result::Result<(u32, u32), String>,
+    /// A problem with the mask, reported beside the image (which is still used).
+    mask_problem: Option<String>,
+    mask: Option<PathBuf>,
+}
+
+/// Decodes the image fully (a truncated file fails here, not mid-run) and checks its mask.
+fn check(p: &Path) -> Checked {
+    let size = image::open(p)
+        .map(|i| (i.width(), i.height()))
+        .map_err(|e| format!("{}: unreadable image: {e}", p.display()));
+    let mask = p.with_file_name(format!(
+        "{}-masklabel.png",
+        p.file_stem().unwrap_or_default().to_string_lossy()
+    ));
+    if !mask.exists() {
+        return Checked {
+            size,
+            mask_problem: None,
+            mask: None,
+        };
+    }
+    let (mask_problem, mask) = match (image::image_dimensions(&mask), &size) {
+        (Err(e), _) => (
+            Some(format!(
+                "{}: unreadable mask, trained without it: {e}",
+                mask.display()
+            )),
+            None,
+        ),
+        (Ok((mw, mh)), Ok((w, h))) if (mw, mh) != (*w, *h) => (
+            Some(format!(
+                "{}: the mask is {mw}x{mh} but the image is {w}x{h}: it is stretched to fit",
+                mask.display()
+            )),
+            Some(mask),
+        ),
+        _ => (None, Some(mask)),
+    };
+    Checked {
+        size,
+        mask_problem,
+        mask,
     }
 }
 
 impl Dataset {
     /// Reads every enabled concept of the `kinds` given (`standard`, `prior`, `validation`);
-    /// paths are relative to `base`. Problems are collected, not fatal: the run goes on.
+    /// paths are relative to `base`. Every image is decoded once here, on `dataloader_threads`
+    /// threads, so that problems are collected up front, not met mid-run: the run goes on
+    /// without the images that have them.
     pub fn scan(config: &TrainConfig, base: &Path, kinds: &[&str]) -> Self {
         let mut d = Dataset::default();
+        let mut found = Vec::new();
         for (ci, c) in config.concepts.iter().enumerate() {
             if !c.enabled || !kinds.contains(&c.kind.as_str()) {
                 continue;
             }
             let dir = TrainConfig::path(base, &c.path);
             let mut paths = Vec::new();
-            if let Err(e) = images_in(&dir, c.include_subdirectories, &mut paths) {
-                d.problems
-                    .push(format!("concept `{}`: {}: {e}", c.name, dir.display()));
-                continue;
+            match images_in(&dir, c.include_subdirectories, &mut paths) {
+                Ok(()) => found.extend(paths.into_iter().map(|p| (ci, p))),
+                Err(e) => d
+                    .problems
+                    .push(format!("concept `{}`: {}: {e}", c.name, dir.display())),
             }
-            for p in paths {
-                let (width, height) = match image::image_dimensions(&p) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        d.problems
-                            .push(format!("{}: unreadable image: {e}", p.display()));
-                        continue;
-                    }
-                };
-                if width < MIN_SIDE || height < MIN_SIDE {
-                    d.problems
-                        .push(format!("{}: {width}x{height} is too small", p.display()));
+        }
+        let threads = config.dataloader_threads.max(1);
+        let chunk = found.len().div_ceil(threads).max(1);
+        let checked: Vec<Checked> = std::thread::scope(|s| {
+            let jobs: Vec<_> = found
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|(_, p)| {
+                                // A decoder that panics on a file only loses that file.
+                                std::panic::catch_unwind(|| check(p)).unwrap_or_else(|_| Checked {
+                                    size: Err(format!("{}: the image decoder failed", p.display())),
+                                    mask_problem: None,
+                                    mask: None,
+                                })
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .flat_map(|j| j.join().unwrap_or_default())
+                .collect()
+        });
+        for ((ci, p), checked) in found.into_iter().zip(checked) {
+            let c = &config.concepts[ci];
+            let (width, height) = match checked.size {
+                Ok(s) => s,
+                Err(e) => {
+                    d.problems.push(e);
                     continue;
                 }
-                let captions = match captions(c, base, &p) {
-                    Ok(caps) if !caps.is_empty() => caps,
-                    Ok(_) => {
-                        d.problems
-                            .push(format!("{}: the caption is empty", p.display()));
-                        vec![String::new()]
-                    }
-                    Err(e) => {
-                        d.problems.push(e);
-                        vec![String::new()]
-                    }
-                };
-                let mask = p.with_file_name(format!(
-                    "{}-masklabel.png",
-                    p.file_stem().unwrap_or_default().to_string_lossy()
-                ));
-                d.items.push(Item {
-                    path: p,
-                    captions,
-                    concept: ci,
-                    width,
-                    height,
-                    mask: mask.exists().then_some(mask),
-                });
+            };
+            if width < MIN_SIDE || height < MIN_SIDE {
+                d.problems
+                    .push(format!("{}: {width}x{height} is too small", p.display()));
+                continue;
             }
+            d.problems.extend(checked.mask_problem);
+            let captions = match captions(c, base, &p) {
+                Ok(caps) if !caps.is_empty() => caps,
+                Ok(_) => {
+                    d.problems
+                        .push(format!("{}: the caption is empty", p.display()));
+                    vec![String::new()]
+                }
+                Err(e) => {
+                    d.problems.push(e);
+                    vec![String::new()]
+                }
+            };
+            d.items.push(Item {
+                path: p,
+                captions,
+                concept: ci,
+                width,
+                height,
+                mask: checked.mask,
+            });
         }
         d
     }

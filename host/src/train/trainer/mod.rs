@@ -446,6 +446,14 @@ impl Trainer {
                     mask,
                     entry,
                 } => {
+                    // Loaded ahead: an earlier batch may have written the entry since.
+                    let written = Weights::open(&entry.to_string_lossy()).and_then(|f| {
+                        Ok((f.get("mean", DType::F32)?, f.get("logvar", DType::F32)?))
+                    });
+                    if let Ok(pair) = written {
+                        encoded.push(pair);
+                        continue;
+                    }
                     let images = Tensor::from_f32(&pixels, &[1, 3, h, w]).map_err(err)?;
                     let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
                     let (mean, logvar) =
@@ -1051,6 +1059,11 @@ impl Trainer {
         }
         adapters::set_training(true);
         Ok(out)
+    }
+
+    /// (latents, text states) encoded in this run because the cache did not have them.
+    pub fn cache_encoded(&self) -> (usize, usize) {
+        self.caches.encoded()
     }
 
     /// The trainable tensors by name (for tests and tools).
