@@ -129,6 +129,9 @@ enum BenchWhat {
 }
 
 fn main() -> Result<()> {
+    // Tests make debug builds pause at named points (FAILPOINTS), e.g. mid-way through a backup.
+    #[cfg(debug_assertions)]
+    let _failpoints = fail::FailScenario::setup();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRITE_LOG")
@@ -236,6 +239,14 @@ fn run_training(
             bar.println(m);
         }
     };
+    if let Some(from) = trainer.resumed_from() {
+        say(format!(
+            "resumed from {} at step {}",
+            from.display(),
+            trainer.progress.step
+        ));
+        bar.set_position(trainer.progress.step);
+    }
     trainer.run(|e| match e {
         Event::Started {
             items, problems, ..

@@ -80,3 +80,22 @@ pub fn max_abs_diff(got: &ferrite_plugin_api::Tensor, want: &ferrite_plugin_api:
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max)
 }
+
+/// Six coloured squares on a grey background (three colours, each twice), captioned "a red
+/// square" and so on.
+pub fn toy_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let colours = [
+        ("red", [220u8, 30, 30]),
+        ("blue", [30, 30, 220]),
+        ("green", [30, 200, 30]),
+    ];
+    for (i, (name, rgb)) in colours.iter().cycle().take(6).enumerate() {
+        let img = image::RgbImage::from_fn(16, 16, |x, y| {
+            let inside = (3 + i as u32 % 3..13).contains(&x) && (3..13).contains(&y);
+            image::Rgb(if inside { *rgb } else { [128, 128, 128] })
+        });
+        img.save(dir.join(format!("{i}.png"))).unwrap();
+        std::fs::write(dir.join(format!("{i}.txt")), format!("a {name} square\n")).unwrap();
+    }
+}

@@ -9,27 +9,10 @@ use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
 use ferrite::train::config::TrainConfig;
 use ferrite::train::trainer::{Event, Trainer};
+use ferrite_tests::toy_dataset;
 
 /// Adapters and the cancellation flag are process-wide: runs take turns.
 static TURN: Mutex<()> = Mutex::new(());
-
-/// Coloured squares on a grey background, captioned "a red square" and so on.
-fn toy_dataset(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let colours = [
-        ("red", [220u8, 30, 30]),
-        ("blue", [30, 30, 220]),
-        ("green", [30, 200, 30]),
-    ];
-    for (i, (name, rgb)) in colours.iter().cycle().take(6).enumerate() {
-        let img = image::RgbImage::from_fn(16, 16, |x, y| {
-            let inside = (3 + i as u32 % 3..13).contains(&x) && (3..13).contains(&y);
-            image::Rgb(if inside { *rgb } else { [128, 128, 128] })
-        });
-        img.save(dir.join(format!("{i}.png"))).unwrap();
-        std::fs::write(dir.join(format!("{i}.txt")), format!("a {name} square\n")).unwrap();
-    }
-}
 
 fn config(root: &Path, workspace: &str) -> TrainConfig {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");

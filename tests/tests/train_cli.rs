@@ -83,3 +83,90 @@ fn a_bad_config_lists_every_problem() {
         stderr(&o)
     );
 }
+
+/// A run killed while it writes a backup leaves the previous backup whole: the next run resumes
+/// from it and trains to the end. The child pauses mid-backup at a fail point (debug builds read
+/// FAILPOINTS) and is killed there.
+#[test]
+fn killing_the_process_mid_backup_keeps_the_previous_backup() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let config = root.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"base_model_name = "{}"
+workspace_dir = "ws"
+output_model_destination = "out/lora.safetensors"
+resolution = "16"
+batch_size = 2
+epochs = 3
+lora_rank = 4
+backup_after = 1
+backup_after_unit = "step"
+rolling_backup_count = 10
+sample_after_unit = "never"
+[[concepts]]
+path = "images"
+"#,
+            model.display()
+        ),
+    )
+    .unwrap();
+    let backups = root.join("ws/backup");
+    // Backups 1 and 2 are written; the third pauses after its first file.
+    let mut child = std::process::Command::new(ferrite_tests::ferrite_bin())
+        .args(["train", "--config", config.to_str().unwrap()])
+        .env("XDG_CONFIG_HOME", home.path())
+        .env_remove("FERRITE_PLUGIN_PATH")
+        .env("FAILPOINTS", "backup-write=2*off->sleep(120000)")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = backups.join(".tmp-backup-000000003");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !partial.join("unet-optimizer.safetensors").exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the run ended ({status}) before the third backup:\n{err}");
+        }
+        assert!(std::time::Instant::now() < deadline, "no third backup");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        backups.join("backup-000000002/state.json").exists(),
+        "the previous backup is complete"
+    );
+    assert!(!backups.join("backup-000000003").exists());
+    assert!(!partial.join("state.json").exists());
+
+    let o = run_ferrite(
+        &[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--set",
+            "continue_last_backup=true",
+        ],
+        None,
+        home.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("resumed from") && out.contains("backup-000000002"),
+        "{out}"
+    );
+    assert!(root.join("out/lora.safetensors").exists());
+    assert!(
+        backups.join("backup-000000009/state.json").exists(),
+        "trained to the end"
+    );
+}

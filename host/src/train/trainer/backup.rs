@@ -54,7 +54,7 @@ impl Trainer {
             let named: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
             let p = tmp.join(format!("{}-optimizer.safetensors", g.part));
             ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[]).map_err(err)?;
-            // Tests stop the process here, mid-write (the `failpoints` feature).
+            // Tests stop the process here, mid-write (FAILPOINTS, debug builds).
             fail::fail_point!("backup-write");
             if let Some(ema) = &g.ema {
                 let ema = ema.tensors().map_err(err)?;

@@ -134,6 +134,7 @@ pub struct Trainer {
     /// When this process started training, and when each timed action last ran.
     started: Instant,
     last_done: std::collections::HashMap<&'static str, Instant>,
+    resumed_from: Option<PathBuf>,
 }
 
 const RNG_VALIDATION: u64 = 4;
@@ -224,6 +225,7 @@ impl Trainer {
             text_cached: c.latent_caching && !c.text_encoder.train,
             started: Instant::now(),
             last_done: Default::default(),
+            resumed_from: None,
             tensorboard,
             groups: Vec::new(),
             batches_per_epoch: 0,
@@ -246,6 +248,7 @@ impl Trainer {
             && let Some(b) = t.last_backup()
         {
             t.restore(&b)?;
+            t.resumed_from = Some(b);
         }
         Ok(t)
     }
@@ -1059,6 +1062,11 @@ impl Trainer {
         }
         adapters::set_training(true);
         Ok(out)
+    }
+
+    /// The backup this run continues from, when it does.
+    pub fn resumed_from(&self) -> Option<&Path> {
+        self.resumed_from.as_deref()
     }
 
     /// (latents, text states) encoded in this run because the cache did not have them.
