@@ -206,3 +206,37 @@ fn other_families_are_refused_with_what_was_found() {
     .unwrap();
     assert!(e.contains("does not exist"), "{e}");
 }
+
+/// Writing the model back in the original layout (what a fine-tune saved as one file holds)
+/// gives the checkpoint's own names and values, from a folder or from the file itself.
+#[test]
+fn export_to_the_original_layout_gives_back_the_checkpoint() {
+    let registry = registry();
+    let file = Weights::open(&checkpoint().to_string_lossy()).unwrap();
+    let want: std::collections::BTreeSet<String> = file
+        .infos()
+        .iter()
+        .map(|i| i.key.to_string())
+        .filter(|k| !k.ends_with("position_ids"))
+        .collect();
+    for options in [
+        serde_json::json!({ "model": fixture().join("model") }),
+        serde_json::json!({ "model": checkpoint(), "config": fixture().join("model") }),
+    ] {
+        let m = sd15(&registry, options.clone()).unwrap();
+        let exported = m.export("ldm").unwrap();
+        let got: std::collections::BTreeSet<String> =
+            exported.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(
+            got.symmetric_difference(&want).collect::<Vec<_>>(),
+            Vec::<&String>::new(),
+            "{options}"
+        );
+        for (k, t) in &exported {
+            let orig = file.get(k, DType::F32).unwrap();
+            assert_eq!(t.shape().unwrap(), orig.shape().unwrap(), "{k}");
+            assert_eq!(t.to_vec().unwrap(), orig.to_vec().unwrap(), "{k}");
+        }
+        assert!(m.export("diffusers").is_err());
+    }
+}

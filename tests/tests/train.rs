@@ -473,3 +473,201 @@ fn loss_options_change_the_loss_as_they_should() {
     assert!(huber < 0.5 * plain + 1e-6, "{huber} vs {plain}");
     assert!(p2 < plain, "{p2} vs {plain}");
 }
+
+#[test]
+fn loader_threads_do_not_change_the_run() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    for caching in [false, true] {
+        let losses = |threads: usize| {
+            let mut c = config(root, &format!("threads{threads}{caching}"));
+            c.backup_after_unit = "never".into();
+            c.latent_caching = caching;
+            c.dataloader_threads = threads;
+            c.cache_dir = format!("cache{threads}");
+            let r = run(c, root, None);
+            (r.losses, r.weights)
+        };
+        let inline = losses(0);
+        assert_eq!(inline.0.len(), 6);
+        for threads in [1, 3] {
+            assert_eq!(
+                losses(threads),
+                inline,
+                "{threads} threads, caching {caching}"
+            );
+        }
+    }
+}
+
+/// Reads the tensors of a saved file.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let w = ferrite_plugin_api::Weights::open(&path.to_string_lossy()).unwrap();
+    let mut out: Vec<_> = w
+        .infos()
+        .iter()
+        .map(|i| {
+            let t = w.get(&i.key, ferrite_plugin_api::DType::F32).unwrap();
+            (i.key.to_string(), t.to_vec().unwrap())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn ema_in_host_memory_matches_ema_on_the_device() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let saved = |mode: &str| {
+        let mut c = config(root, mode);
+        c.backup_after_unit = "never".into();
+        c.ema = mode.into();
+        c.ema_update_step_interval = 1;
+        run(c, root, None);
+        tensors(&root.join(format!("{mode}/out/lora.safetensors")))
+    };
+    let (gpu, cpu, off) = (saved("gpu"), saved("cpu"), saved("off"));
+    let mut worst = 0f32;
+    for ((k, a), (_, b)) in gpu.iter().zip(&cpu) {
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+        }
+        assert_eq!(a.len(), b.len(), "{k}");
+    }
+    println!("EMA in host memory vs on the device: max abs diff {worst:e}");
+    assert!(worst < 1e-6, "{worst}");
+    assert_ne!(gpu, off, "the saved weights are the average");
+}
+
+#[test]
+fn a_part_stops_after_its_limit_and_always_and_timed_units_fire() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let mut c = config(root, "limits");
+    c.epochs = 10;
+    c.unet.stop_training_after = 2.0;
+    c.unet.stop_training_after_unit = "step".into();
+    c.backup_after_unit = "always".into();
+    c.save_every = 0.001;
+    c.save_every_unit = "second".into();
+    let mut t = Trainer::new(c, root, registry()).unwrap();
+    let (mut steps, mut backups, mut saves) = (0, 0, 0);
+    t.run(|e| match e {
+        Event::Step { .. } => steps += 1,
+        Event::Backup(_) => backups += 1,
+        Event::Saved(_) => saves += 1,
+        _ => {}
+    })
+    .unwrap();
+    assert_eq!(
+        steps, 2,
+        "the only trained part stopped after 2 steps: the run ends"
+    );
+    assert_eq!(backups, 2, "a backup after every step");
+    assert_eq!(saves, 3, "a timed save after each step, and the final one");
+}
+
+#[test]
+fn a_fine_tune_saves_one_original_layout_file_that_loads_as_the_trained_model() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let mut c = config(root, "ft");
+    c.training_method = "fine_tune".into();
+    c.epochs = 1;
+    c.learning_rate = 1e-3;
+    c.backup_after_unit = "never".into();
+    c.output_model_destination = "ft/out/model.safetensors".into();
+    let mut t = Trainer::new(c, root, registry()).unwrap();
+    t.run(|_| {}).unwrap();
+    let trained: std::collections::HashMap<String, Vec<f32>> = t
+        .trainable()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_vec().unwrap()))
+        .collect();
+    drop(t);
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let options = serde_json::json!({
+        "model": root.join("ft/out/model.safetensors"),
+        "config": folder,
+    });
+    let registry = registry();
+    let saved = registry.architecture("sd15", &options.to_string()).unwrap();
+    let base = registry
+        .architecture("sd15", &serde_json::json!({ "model": folder }).to_string())
+        .unwrap();
+    let mut changed = 0;
+    for (k, v) in saved.parameters().unwrap() {
+        let v = v.to_vec().unwrap();
+        if let Some(want) = trained.get(&k) {
+            assert_eq!(&v, want, "{k}: the saved UNet is the trained one");
+            changed += 1;
+        }
+    }
+    assert_eq!(changed, trained.len());
+    let moved = base
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, v)| trained.get(k).is_some_and(|t| *t != v.to_vec().unwrap()))
+        .count();
+    assert!(moved > 0, "training changed the UNet");
+    // The VAE comes along unchanged.
+    let image =
+        ferrite_plugin_api::Tensor::full(&[1, 3, 16, 16], 0.25, ferrite_plugin_api::DType::F32)
+            .unwrap();
+    let (a, _) = saved.vae_encode(&image).unwrap();
+    let (b, _) = base.vae_encode(&image).unwrap();
+    assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap());
+}
+
+#[test]
+fn a_forced_prediction_type_trains_and_saves_as_that() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let first = |name: &str, force_v: bool| {
+        let mut c = config(root, name);
+        c.training_method = "fine_tune".into();
+        c.epochs = 1;
+        c.backup_after_unit = "never".into();
+        c.force_v_prediction = force_v;
+        c.output_model_format = "diffusers".into();
+        c.output_model_destination = format!("{name}/out/model");
+        run(c, root, None).losses[0].1
+    };
+    let (eps, v) = (first("eps", false), first("v", true));
+    assert_ne!(eps, v, "a v target is not the noise");
+    let scheduler = |name: &str| {
+        let text = std::fs::read_to_string(
+            root.join(format!("{name}/out/model/scheduler/scheduler_config.json")),
+        )
+        .unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["prediction_type"].clone()
+    };
+    assert_eq!(scheduler("v"), "v_prediction");
+    assert_eq!(scheduler("eps"), "epsilon");
+}
+
+#[test]
+fn text_variations_are_the_captions_cached_per_image() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    for i in 0..6 {
+        let p = root.join(format!("images/{i}.txt"));
+        let first = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, format!("{first}photo {i}\nthing {i}\n")).unwrap();
+    }
+    let encoded = |variations: usize| {
+        let mut c = config(root, &format!("tv{variations}"));
+        c.epochs = 3;
+        c.backup_after_unit = "never".into();
+        c.cache_dir = format!("cache-tv{variations}");
+        c.concepts[0].text_variations = variations;
+        run(c, root, None).encoded.1
+    };
+    let (one, three) = (encoded(1), encoded(3));
+    println!("text states encoded over 3 epochs: 1 variation {one}, 3 variations {three}");
+    // One caption per image for the whole run: at most one entry per image.
+    assert!(one <= 6, "{one}");
+    assert!(three > one, "{three} vs {one}");
+}
