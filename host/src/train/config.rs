@@ -791,6 +791,31 @@ path = "images"
     }
 
     #[test]
+    fn every_bundled_preset_loads_over_a_minimal_config() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(d.path(), "c.toml", MINIMAL);
+        let mut names: Vec<String> = std::fs::read_dir(presets_dir())
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.unwrap().path();
+                (p.extension()? == "toml")
+                    .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+            })
+            .collect();
+        names.sort();
+        assert_eq!(names, ["demo", "sd15-finetune", "sd15-lora"]);
+        for name in &names {
+            let c = TrainConfig::load(Some(&cfg), Some(name), &[]);
+            assert!(c.is_ok(), "{name}: {}", c.unwrap_err());
+        }
+        let ft = TrainConfig::load(Some(&cfg), Some("sd15-finetune"), &[]).unwrap();
+        assert_eq!(
+            (ft.training_method.as_str(), ft.text_encoder.learning_rate),
+            ("fine_tune", Some(5e-6))
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key() {
         let d = tempfile::tempdir().unwrap();
         let cfg = write(
