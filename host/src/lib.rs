@@ -4,6 +4,7 @@ pub mod adapters;
 pub mod bench;
 pub mod data;
 pub mod fsutil;
+pub mod gui;
 pub mod plugins;
 pub mod runtime;
 pub mod sample;

@@ -29,6 +29,18 @@ enum Command {
     Train(TrainArgs),
     /// Write a starter config (and an images folder) into DIR.
     Init { dir: PathBuf },
+    /// Open the desktop app (also what `ferrite` with no command does).
+    Gui {
+        /// A config to open.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Capture every tab as a PNG into this folder, print frame times, and close.
+        #[arg(long, value_name = "DIR")]
+        screenshots: Option<PathBuf>,
+        /// Start training the config right away.
+        #[arg(long)]
+        start: bool,
+    },
     /// Train the built-in demo: a tiny model from scratch on generated coloured shapes.
     Demo {
         /// Where the model, data, samples and output go.
@@ -148,11 +160,12 @@ fn main() -> Result<()> {
         None => Settings::default_path()?,
     };
     match cli.command {
-        None => {
-            use clap::CommandFactory;
-            Cli::command().print_help()?;
-            println!("\nThe desktop GUI is not built yet; use the commands above.");
-        }
+        None => gui(&settings_path, None, None, false)?,
+        Some(Command::Gui {
+            config,
+            screenshots,
+            start,
+        }) => gui(&settings_path, config, screenshots, start)?,
         Some(Command::Plugins { action }) => {
             let mut settings = Settings::load(&settings_path)?;
             match action {
@@ -185,6 +198,26 @@ fn main() -> Result<()> {
         }) => ferrite::bench::ops(&device)?,
     }
     Ok(())
+}
+
+fn gui(
+    settings_path: &std::path::Path,
+    config: Option<PathBuf>,
+    screenshots: Option<PathBuf>,
+    start: bool,
+) -> Result<()> {
+    let settings = Settings::load(settings_path)?;
+    let options = ferrite::gui::AppOptions {
+        plugin_dirs: search_dirs(&settings),
+        settings_path: Some(settings_path.to_path_buf()),
+        config,
+    };
+    ferrite::gui::run(options, screenshots, start).map_err(|e| {
+        anyhow::anyhow!(
+            "the window could not open: {e}
+(no display? the command-line tools work without              one: `ferrite --help`)"
+        )
+    })
 }
 
 fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
@@ -284,6 +317,7 @@ fn run_training(
         Event::Sample(p) => say(format!("sample: {}", p.display())),
         Event::Backup(p) => say(format!("backup: {}", p.display())),
         Event::Saved(p) => say(format!("saved: {}", p.display())),
+        Event::Paused(_) => {}
     })?;
     bar.finish();
     Ok(())
@@ -291,32 +325,7 @@ fn run_training(
 
 /// A starter config: a LoRA on a model to fill in, one concept folder, one sample prompt.
 fn init(dir: &std::path::Path) -> Result<()> {
-    use ferrite::train::config::{ConceptConfig, SampleConfig, TrainConfig};
-    let config_path = dir.join("config.toml");
-    if config_path.exists() {
-        anyhow::bail!(
-            "{} exists already: not overwriting it",
-            config_path.display()
-        );
-    }
-    std::fs::create_dir_all(dir.join("images"))?;
-    let config = TrainConfig {
-        base_model_name: "path/to/model (a diffusers folder or a .safetensors checkpoint)".into(),
-        workspace_dir: "workspace".into(),
-        cache_dir: "workspace-cache".into(),
-        output_model_destination: "output/lora.safetensors".into(),
-        concepts: vec![ConceptConfig {
-            name: "my concept".into(),
-            path: "images".into(),
-            ..Default::default()
-        }],
-        samples: vec![SampleConfig {
-            prompt: "a photo of my concept".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    ferrite::fsutil::write_atomic(&config_path, config.to_toml().as_bytes())?;
+    let config_path = ferrite::train::config::TrainConfig::write_starter(dir)?;
     println!(
         "wrote {} and {}/: put images (with .txt captions) there, set base_model_name, then\n  \
          ferrite train --config {}",

@@ -17,9 +17,10 @@ pub enum ConfigError {
 type Result<T> = std::result::Result<T, ConfigError>;
 
 /// Per model part (OneTrainer's `unet`, `text_encoder` sections).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct PartConfig {
+    /// Train this part (its weights, or its adapters for LoRA).
     pub train: bool,
     /// Overrides the global learning rate for this part.
     pub learning_rate: Option<f64>,
@@ -28,6 +29,7 @@ pub struct PartConfig {
     /// This part stops training after so many units (step, epoch, second, minute, hour; 0 or
     /// `never`: trains to the end). The run ends when every trained part has stopped.
     pub stop_training_after: f64,
+    /// The unit of stop_training_after.
     pub stop_training_after_unit: String,
 }
 
@@ -52,23 +54,30 @@ impl Default for PartConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConceptConfig {
+    /// A name for the concept (shown in reports and validation figures).
     pub name: String,
+    /// Whether the concept is used.
     pub enabled: bool,
     /// `standard`, `prior` (trained towards the model's own prediction without the adapter, to
     /// keep what it knew: OneTrainer's prior prediction) or `validation`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The folder holding the images (relative to the config file unless absolute).
     pub path: String,
     /// `sample` (per-image .txt), `concept` (one text file: `text_file`), `filename`.
     pub prompt_source: String,
+    /// prompt_source `concept`: the text file whose lines are the captions.
     pub text_file: String,
+    /// Also read images in sub-folders of path.
     pub include_subdirectories: bool,
     /// Repeats per epoch (`repeats`: floor(n·balancing)) or images per epoch (`samples`).
     pub balancing: f64,
+    /// repeats: floor(images × balancing) per epoch; samples: exactly balancing images per epoch, drawn at random.
     pub balancing_strategy: String,
+    /// Multiplies this concept's loss.
     pub loss_weight: f64,
     /// With latent caching: how many differently augmented versions of each image are cached
     /// (epoch e uses version e mod n).
@@ -79,16 +88,23 @@ pub struct ConceptConfig {
     /// Tags (split at `tag_delimiter`) after the first `keep_tags_count` are shuffled each time
     /// an image is used, and/or dropped with `tag_dropout_probability` each.
     pub enable_tag_shuffling: bool,
+    /// What separates tags in a caption.
     pub tag_delimiter: String,
+    /// The first tags kept in place (never shuffled or dropped).
     pub keep_tags_count: usize,
+    /// Drop tags at random (after the kept ones).
     pub tag_dropout_enable: bool,
+    /// The chance that each tag is dropped.
     pub tag_dropout_probability: f64,
     /// Capitalisation randomised per tag with `caps_randomize_probability`, one of the
     /// comma-separated modes: capslock, title, first, random; after lower-casing the whole
     /// caption first when `caps_randomize_lowercase`.
     pub caps_randomize_enable: bool,
+    /// Comma-separated modes drawn from: capslock, title, first, random.
     pub caps_randomize_mode: String,
+    /// The chance that a tag's capitalisation is changed.
     pub caps_randomize_probability: f64,
+    /// Lower-case the whole caption first.
     pub caps_randomize_lowercase: bool,
     /// Random horizontal flip.
     pub enable_random_flip: bool,
@@ -97,21 +113,34 @@ pub struct ConceptConfig {
     /// Rotation by up to `random_rotate_max_angle` degrees either way (random), or by exactly
     /// that (fixed).
     pub enable_random_rotate: bool,
+    /// Rotate every image by exactly random_rotate_max_angle.
     pub enable_fixed_rotate: bool,
+    /// Degrees of rotation: the most either way (random) or the angle (fixed).
     pub random_rotate_max_angle: f64,
     /// Brightness, contrast, saturation and hue: a random change of up to the strength either
     /// way, or exactly the strength (fixed). Strengths are fractions (hue: of a full turn).
     pub enable_random_brightness: bool,
+    /// Change brightness by exactly the strength.
     pub enable_fixed_brightness: bool,
+    /// Brightness change: the most either way (random) or the change (fixed).
     pub random_brightness_max_strength: f64,
+    /// A random contrast change of up to the strength either way.
     pub enable_random_contrast: bool,
+    /// Change contrast by exactly the strength.
     pub enable_fixed_contrast: bool,
+    /// Contrast change: the most either way (random) or the change (fixed).
     pub random_contrast_max_strength: f64,
+    /// A random saturation change of up to the strength either way.
     pub enable_random_saturation: bool,
+    /// Change saturation by exactly the strength.
     pub enable_fixed_saturation: bool,
+    /// Saturation change: the most either way (random) or the change (fixed).
     pub random_saturation_max_strength: f64,
+    /// A random hue shift of up to the strength (a fraction of a turn) either way.
     pub enable_random_hue: bool,
+    /// Shift hue by exactly the strength.
     pub enable_fixed_hue: bool,
+    /// Hue shift as a fraction of a full turn: the most either way (random) or the shift (fixed).
     pub random_hue_max_strength: f64,
 }
 
@@ -160,15 +189,22 @@ impl Default for ConceptConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SampleConfig {
+    /// What to draw.
     pub prompt: String,
+    /// What to steer away from (classifier-free guidance).
     pub negative_prompt: String,
+    /// Image width in pixels (a multiple of the model's step).
     pub width: usize,
+    /// Image height in pixels (a multiple of the model's step).
     pub height: usize,
+    /// The seed of the initial noise: the same seed gives comparable samples over a run.
     pub seed: u64,
+    /// Sampler steps.
     pub diffusion_steps: usize,
+    /// Classifier-free guidance scale.
     pub cfg_scale: f64,
     /// ddim, euler, euler_a, dpmpp_2m_karras.
     pub sampler: String,
@@ -189,42 +225,55 @@ impl Default for SampleConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// `lora` or `fine_tune`.
     pub training_method: String,
     /// The architecture plugin id.
     pub model_type: String,
+    /// The model to train: a diffusers folder or a single-file .safetensors checkpoint.
     pub base_model_name: String,
     /// For a single-file base model: a diffusers folder to take configs and tokenizer from.
     pub base_model_config: String,
+    /// Where the trained model (or LoRA) is written.
     pub output_model_destination: String,
     /// LoRA: `safetensors` (kohya's layout, what A1111 and ComfyUI read), `kohya`, `diffusers`
     /// or `comfy`. Fine-tune: `safetensors` (one file in the original checkpoint layout) or
     /// `diffusers` (a model folder).
     pub output_model_format: String,
+    /// Samples, backups, TensorBoard files and the effective config go here.
     pub workspace_dir: String,
+    /// The latent and text-embedding caches.
     pub cache_dir: String,
+    /// Resume from the newest backup in the workspace (exactly where it stopped).
     pub continue_last_backup: bool,
     /// TensorBoard event files (loss, learning rate, validation loss, samples) under
     /// `workspace/tensorboard/`.
     pub tensorboard: bool,
+    /// Where to compute: cpu, cuda or cuda:N.
     pub train_device: String,
+    /// Seeds every random draw (data order, augmentation, noise, timesteps).
     pub seed: u64,
     /// Threads that decode and augment images ahead of the trainer (0: the trainer does it).
     pub dataloader_threads: usize,
 
+    /// The learning rate (each part can set its own).
     pub learning_rate: f64,
     /// The optimizer plugin id and its options (any other keys of this table).
+    #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
     pub optimizer: toml::Table,
     /// constant, linear, cosine, cosine_with_restarts.
     pub learning_rate_scheduler: String,
     /// Steps, or a fraction of all steps when at most 1.
     pub learning_rate_warmup_steps: f64,
+    /// cosine_with_restarts: how many cycles over the run.
     pub learning_rate_cycles: f64,
+    /// Passes over the data.
     pub epochs: usize,
+    /// Images per step (one bucket per batch).
     pub batch_size: usize,
+    /// Batches whose gradients add up to one optimizer step.
     pub gradient_accumulation_steps: usize,
     /// 0 turns clipping off.
     pub clip_grad_norm: f64,
@@ -232,25 +281,35 @@ pub struct TrainConfig {
     /// or cpu (kept in host memory, updated there every `ema_update_step_interval` steps). The
     /// saved model is the EMA one.
     pub ema: String,
+    /// How slowly the average follows the weights (warmed up from 0).
     pub ema_decay: f64,
+    /// Steps between EMA updates.
     pub ema_update_step_interval: u64,
 
+    /// `512`, several (`512,768`: one drawn per image and epoch) or `WxH`.
     pub resolution: String,
+    /// OneTrainer's aspect buckets (1:1 to 1:4 and transposes); off: square crops.
     pub aspect_ratio_bucketing: bool,
     /// Encoded images cached on disk under cache_dir, keyed by a hash of everything that
     /// changes them (so a changed image or setting re-encodes that image only).
     pub latent_caching: bool,
+    /// Empty the caches when a run starts.
     pub clear_cache_before_training: bool,
 
     /// uniform, logit_normal, heavy_tail (continuous); sigmoid, cos_map, inverted_parabola
     /// (weights over the timesteps). `noising_weight`/`noising_bias` shape them as OneTrainer's.
     pub timestep_distribution: String,
+    /// Shapes the timestep distribution (logit_normal: spread − 1; heavy_tail: tail weight; sigmoid/inverted_parabola: steepness).
     pub noising_weight: f64,
+    /// Moves the timestep distribution towards noisy (>0) or clean (<0) timesteps.
     pub noising_bias: f64,
     /// Shifts timesteps towards the noisy end (>1) or the clean end (<1); 1 leaves them.
     pub timestep_shift: f64,
+    /// The least noise trained on, as a fraction of the schedule.
     pub min_noising_strength: f64,
+    /// The most noise trained on, as a fraction of the schedule.
     pub max_noising_strength: f64,
+    /// Adds per-channel constant noise (helps very dark or bright images).
     pub offset_noise_weight: f64,
     /// Extra noise in the model's input that it is not asked to predict (input perturbation).
     pub perturbation_noise_weight: f64,
@@ -262,28 +321,38 @@ pub struct TrainConfig {
     pub unmasked_weight: f64,
     /// Divides each image's loss by its mask's area.
     pub normalize_masked_area_loss: bool,
+    /// Weight of the mean squared error.
     pub mse_strength: f64,
+    /// Weight of the mean absolute error.
     pub mae_strength: f64,
     /// Huber loss (quadratic within huber_delta, linear beyond).
     pub huber_strength: f64,
+    /// Where the Huber loss turns from quadratic to linear.
     pub huber_delta: f64,
     /// log(cosh(prediction − target)).
     pub log_cosh_strength: f64,
     /// Train (and sample) as v-prediction or epsilon-prediction whatever the model's scheduler
     /// says (for models whose config does not say what they were trained as).
     pub force_v_prediction: bool,
+    /// Train (and sample) as epsilon-prediction whatever the scheduler says.
     pub force_epsilon_prediction: bool,
     /// constant, min_snr_gamma (strength = γ), debiased_estimation, p2 (strength = exponent).
     pub loss_weight_fn: String,
+    /// γ for min_snr_gamma, the exponent for p2.
     pub loss_weight_strength: f64,
 
+    /// UNet options.
     pub unet: PartConfig,
+    /// Text encoder options.
     pub text_encoder: PartConfig,
 
     /// lora or loha.
     pub peft_type: String,
+    /// The rank of each adapter.
     pub lora_rank: usize,
+    /// Scales the adapter by alpha / rank.
     pub lora_alpha: f64,
+    /// Dropout on the adapter input while training.
     pub lora_dropout: f64,
     /// DoRA.
     pub lora_decompose: bool,
@@ -291,28 +360,37 @@ pub struct TrainConfig {
     pub lora_layer_preset: String,
     /// custom: comma-separated module name parts, or a regex with `layer_filter_regex`.
     pub lora_layers: String,
+    /// lora_layers is a regular expression.
     pub layer_filter_regex: bool,
     /// Resume the adapter from this file.
     pub lora_base_model: String,
 
     /// Loss on the validation concepts at fixed timesteps and noise, comparable over the run.
     pub validation: bool,
+    /// How often validation runs.
     pub validate_after: f64,
     /// step, epoch, second, minute, hour, always (every step), never.
     pub validate_after_unit: String,
 
+    /// How often samples are made.
     pub sample_after: f64,
     /// step, epoch, second, minute, hour, always (every step), never.
     pub sample_after_unit: String,
+    /// The sample prompts.
     pub samples: Vec<SampleConfig>,
 
+    /// How often a full backup is written.
     pub backup_after: f64,
     /// step, epoch, second, minute, hour, always (every step), never.
     pub backup_after_unit: String,
+    /// Backups kept (older ones are removed).
     pub rolling_backup_count: usize,
+    /// How often the output model is written during the run (besides the end).
     pub save_every: f64,
+    /// step, epoch, second, minute, hour, always, never.
     pub save_every_unit: String,
 
+    /// The training data.
     pub concepts: Vec<ConceptConfig>,
 }
 
@@ -463,10 +541,37 @@ pub fn presets_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets")
 }
 
+/// The bundled presets' names, sorted.
+pub fn preset_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(presets_dir())
+        .map(|d| {
+            d.filter_map(|e| {
+                let p = e.ok()?.path();
+                let stem = p.file_stem()?.to_string_lossy().into_owned();
+                (p.extension()? == "toml").then_some(stem)
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 impl TrainConfig {
     /// Reads `config` (if any) over the defaults, then `preset` (a name in [`presets_dir`] or a
     /// path), then each `key=value` of `sets`; validates the result.
     pub fn load(config: Option<&Path>, preset: Option<&str>, sets: &[String]) -> Result<Self> {
+        let c = Self::load_unchecked(config, preset, sets)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// As [`TrainConfig::load`], without the validation (the GUI shows problems at the fields).
+    pub fn load_unchecked(
+        config: Option<&Path>,
+        preset: Option<&str>,
+        sets: &[String],
+    ) -> Result<Self> {
         let mut table =
             toml::Table::try_from(TrainConfig::default()).expect("the defaults serialise to TOML");
         if let Some(p) = config {
@@ -488,8 +593,46 @@ impl TrainConfig {
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 ConfigError::Invalid(vec![format!("{source}: {}: {}", e.path(), e.inner())])
             })?;
-        c.validate()?;
         Ok(c)
+    }
+
+    /// What `ferrite init` writes: a LoRA config with one concept (`images/`) and one sample, the
+    /// model left to fill in.
+    pub fn starter() -> Self {
+        Self {
+            base_model_name: "path/to/model (a diffusers folder or a .safetensors checkpoint)"
+                .into(),
+            workspace_dir: "workspace".into(),
+            cache_dir: "workspace-cache".into(),
+            output_model_destination: "output/lora.safetensors".into(),
+            concepts: vec![ConceptConfig {
+                name: "my concept".into(),
+                path: "images".into(),
+                ..Default::default()
+            }],
+            samples: vec![SampleConfig {
+                prompt: "a photo of my concept".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Writes [`TrainConfig::starter`] as `dir/config.toml` with an empty `dir/images/`; refuses
+    /// to overwrite a config.
+    pub fn write_starter(dir: &Path) -> Result<PathBuf> {
+        let path = dir.join("config.toml");
+        let fail = |message: String| ConfigError::Read {
+            path: path.clone(),
+            message,
+        };
+        if path.exists() {
+            return Err(fail("exists already: not overwriting it".into()));
+        }
+        std::fs::create_dir_all(dir.join("images")).map_err(|e| fail(e.to_string()))?;
+        crate::fsutil::write_atomic(&path, Self::starter().to_toml().as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(path)
     }
 
     pub fn to_toml(&self) -> String {
@@ -794,15 +937,7 @@ path = "images"
     fn every_bundled_preset_loads_over_a_minimal_config() {
         let d = tempfile::tempdir().unwrap();
         let cfg = write(d.path(), "c.toml", MINIMAL);
-        let mut names: Vec<String> = std::fs::read_dir(presets_dir())
-            .unwrap()
-            .filter_map(|e| {
-                let p = e.unwrap().path();
-                (p.extension()? == "toml")
-                    .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
-            })
-            .collect();
-        names.sort();
+        let names = preset_names();
         assert_eq!(names, ["demo", "sd15-finetune", "sd15-lora"]);
         for name in &names {
             let c = TrainConfig::load(Some(&cfg), Some(name), &[]);

@@ -12,6 +12,7 @@ mod output;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrite_plugin_api::{
@@ -79,6 +80,16 @@ pub enum Event {
     Sample(PathBuf),
     Backup(PathBuf),
     Saved(PathBuf),
+    /// The run waits (true) or goes on (false), as [`Controls::pause`] asked.
+    Paused(bool),
+}
+
+/// Requests to a running trainer from another thread (the GUI), seen between steps.
+#[derive(Debug, Default)]
+pub struct Controls {
+    pub pause: AtomicBool,
+    pub sample_now: AtomicBool,
+    pub backup_now: AtomicBool,
 }
 
 /// A batch on the device, ready for the loss.
@@ -135,6 +146,7 @@ pub struct Trainer {
     started: Instant,
     last_done: std::collections::HashMap<&'static str, Instant>,
     resumed_from: Option<PathBuf>,
+    controls: Arc<Controls>,
 }
 
 const RNG_VALIDATION: u64 = 4;
@@ -226,6 +238,7 @@ impl Trainer {
             started: Instant::now(),
             last_done: Default::default(),
             resumed_from: None,
+            controls: Default::default(),
             tensorboard,
             groups: Vec::new(),
             batches_per_epoch: 0,
@@ -679,6 +692,9 @@ impl Trainer {
                     }
                     return Ok(());
                 }
+                if in_accum == 0 {
+                    self.serve_controls(&mut on_event)?;
+                }
                 let waiting = Instant::now();
                 let Some(loaded) = batches.next_batch() else {
                     break;
@@ -760,6 +776,32 @@ impl Trainer {
         let out = self.save_output()?;
         on_event(Event::Saved(out));
         Ok(())
+    }
+
+    /// Waits while paused; samples or backs up when asked.
+    fn serve_controls(&mut self, on_event: &mut impl FnMut(Event)) -> Result<()> {
+        let controls = self.controls.clone();
+        if controls.pause.load(Ordering::Relaxed) {
+            on_event(Event::Paused(true));
+            while controls.pause.load(Ordering::Relaxed) && !crate::runtime::is_cancelled() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            on_event(Event::Paused(false));
+        }
+        if controls.sample_now.swap(false, Ordering::Relaxed) {
+            for p in self.sample()? {
+                on_event(Event::Sample(p));
+            }
+        }
+        if controls.backup_now.swap(false, Ordering::Relaxed) {
+            on_event(Event::Backup(self.backup()?));
+        }
+        Ok(())
+    }
+
+    /// Where another thread asks this run to pause, sample or back up.
+    pub fn controls(&self) -> Arc<Controls> {
+        self.controls.clone()
     }
 
     /// Whether something set to happen every `every` `unit`s is due at `at` (`key` names it
