@@ -62,8 +62,9 @@ impl ConceptsUi {
                 self.open_window(config.concepts.len() - 1);
             }
             ui.separator();
-            ui.label("Concept set file");
-            ui.add(egui::TextEdit::singleline(&mut self.set_path).desired_width(260.0));
+            let label = ui.label("Concept set file");
+            ui.add(egui::TextEdit::singleline(&mut self.set_path).desired_width(260.0))
+                .labelled_by(label.id);
             if ui.button("Save set").clicked() {
                 self.message = Some(self.save_set(config, base));
             }

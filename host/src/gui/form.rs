@@ -182,7 +182,7 @@ impl Fields<'_> {
                 .get(key)
                 .or_else(|| self.problems.get(key));
             if let Some(m) = message {
-                ui.label(RichText::new(format!("→ {m}")).color(Color32::from_rgb(230, 90, 70)));
+                ui.label(RichText::new(format!("(!) {m}")).color(Color32::from_rgb(230, 90, 70)));
             }
         });
         ui.end_row();
@@ -287,7 +287,7 @@ impl Fields<'_> {
             }
         }
         if let Some(m) = self.state.parse_errors.get(key) {
-            ui.label(RichText::new(format!("→ {m}")).color(Color32::from_rgb(230, 90, 70)));
+            ui.label(RichText::new(format!("(!) {m}")).color(Color32::from_rgb(230, 90, 70)));
         }
     }
 

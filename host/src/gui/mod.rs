@@ -11,9 +11,9 @@ mod tools;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use eframe::egui;
-
 pub use app::{App, AppOptions, Tab};
+/// The egui version the app is built with (for tests and tools driving it).
+pub use eframe::egui;
 pub use run::Phase;
 
 /// Screenshot mode: each tab in turn is shown, captured and written as `<dir>/<tab>.png`; the

@@ -1,0 +1,192 @@
+//! The desktop app driven through its accessibility tree (egui_kittest): widgets found by label
+//! and role, clicked and typed into. A demo run is started from the GUI, sampled, paused,
+//! resumed and stopped; a config is saved and loaded back; an invalid value is marked at its
+//! field and Start is refused with the reason.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use ferrite::gui::egui::accesskit::Role;
+use ferrite::gui::egui::{Key, Modifiers};
+use ferrite::gui::{App, AppOptions, Phase};
+
+/// The trainer's cancel flag and adapters are process-wide: one run at a time.
+static TURN: Mutex<()> = Mutex::new(());
+
+fn app(dir: &Path) -> Harness<'static, App> {
+    let app = App::new(AppOptions {
+        plugin_dirs: vec![ferrite_tests::profile_dir()],
+        settings_path: Some(dir.join("settings.toml")),
+        config: None,
+    });
+    Harness::builder()
+        .with_size([1280.0, 900.0])
+        .build_ui_state(|ui, app: &mut App| app.show(ui), app)
+}
+
+/// Replaces the text of the text field labelled `label`.
+fn set_text(h: &mut Harness<'static, App>, label: &str, text: &str) {
+    h.get_by_role_and_label(Role::TextInput, label).focus();
+    h.run();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::A);
+    h.run();
+    h.get_by_role_and_label(Role::TextInput, label)
+        .type_text(text);
+    h.run();
+}
+
+fn click(h: &mut Harness<'static, App>, label: &str) {
+    h.get_by_label(label).click_accesskit();
+    h.run();
+}
+
+fn tab(h: &mut Harness<'static, App>, name: &str) {
+    h.get_by_role_and_label(Role::Button, name)
+        .click_accesskit();
+    h.run();
+}
+
+/// Steps the app (in real time: the trainer runs on its own thread) until `done`.
+fn wait_for(
+    h: &mut Harness<'static, App>,
+    what: &str,
+    done: impl Fn(&Harness<'static, App>) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !done(h) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; log:\n{}",
+            h.state()
+                .run
+                .log
+                .iter()
+                .map(|l| l.text.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        h.step();
+    }
+}
+
+#[test]
+fn a_demo_run_from_the_gui_samples_pauses_resumes_and_stops() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let presets = ferrite::train::config::presets_dir();
+    ferrite::train::demo::build_model(&presets.join("demo-model"), &root.join("model"), 0).unwrap();
+    ferrite::train::demo::build_dataset(&root.join("shapes"), 16, 2, 0).unwrap();
+    let mut h = app(root);
+
+    // The preset over the defaults; relative paths start at the config file's folder.
+    h.get_by_label("Preset").click();
+    h.run();
+    click(&mut h, "demo");
+    assert_eq!(h.state().config.training_method, "fine_tune");
+    set_text(
+        &mut h,
+        "Config file",
+        &root.join("demo.toml").display().to_string(),
+    );
+
+    // Replace the preset's concept with one pointing at the generated folder.
+    tab(&mut h, "Concepts");
+    click(&mut h, "Delete shapes");
+    click(&mut h, "Add concept");
+    set_text(&mut h, "Path", &root.join("shapes").display().to_string());
+    assert_eq!(h.state().config.concepts.len(), 1);
+    assert!(h.state().config.concepts[0].path.ends_with("shapes"));
+
+    tab(&mut h, "Training");
+    set_text(&mut h, "Epochs", "100");
+    assert_eq!(h.state().config.epochs, 100);
+
+    click(&mut h, "Start training");
+    assert!(
+        h.state().status.as_ref().is_some_and(|(ok, _)| *ok),
+        "{:?}",
+        h.state().status
+    );
+    wait_for(&mut h, "the first steps", |h| h.state().run.step >= 2);
+    assert!(
+        h.query_all_by_label_contains("· step ").next().is_some(),
+        "the progress line shows the step"
+    );
+
+    click(&mut h, "Sample now");
+    wait_for(&mut h, "a sample image", |h| {
+        h.query_by_label_contains("a-red-circle at step").is_some()
+    });
+
+    click(&mut h, "Pause");
+    wait_for(&mut h, "the pause", |h| {
+        h.state().run.phase == Phase::Paused
+    });
+    let paused_at = h.state().run.step;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(50));
+        h.step();
+    }
+    assert_eq!(h.state().run.step, paused_at, "no steps while paused");
+
+    click(&mut h, "Resume");
+    wait_for(&mut h, "steps after resuming", |h| {
+        h.state().run.step > paused_at
+    });
+
+    click(&mut h, "Stop");
+    wait_for(&mut h, "the stop", |h| !h.state().run.active());
+    assert_eq!(h.state().run.phase, Phase::Finished);
+    let backups = root.join("workspace/backup");
+    assert!(
+        std::fs::read_dir(&backups).is_ok_and(|mut d| d.next().is_some()),
+        "stopping wrote a backup"
+    );
+}
+
+#[test]
+fn options_save_and_load_and_invalid_values_are_refused_at_start() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("my.toml");
+    let mut h = app(dir.path());
+    set_text(&mut h, "Config file", &config.display().to_string());
+    tab(&mut h, "Training");
+    set_text(&mut h, "Epochs", "7");
+    click(&mut h, "Save");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("epochs = 7"), "{text}");
+
+    set_text(&mut h, "Epochs", "3");
+    assert_eq!(h.state().config.epochs, 3);
+    click(&mut h, "Load");
+    assert_eq!(h.state().config.epochs, 7);
+    h.run();
+    assert_eq!(
+        h.get_by_role_and_label(Role::TextInput, "Epochs")
+            .value()
+            .as_deref(),
+        Some("7"),
+        "the field shows the loaded value"
+    );
+
+    // A bad value: marked at the field, and Start says why it will not start.
+    set_text(&mut h, "Learning rate", "-1");
+    assert!(h.query_by_label_contains("must be above 0").is_some());
+    set_text(&mut h, "Batch size", "two");
+    assert!(h.query_by_label_contains("`two` is not a number").is_some());
+    click(&mut h, "Start training");
+    let (ok, status) = h.state().status.clone().unwrap();
+    assert!(!ok && status.starts_with("Start refused"), "{status}");
+    assert!(
+        status.contains("learning_rate: must be above 0"),
+        "{status}"
+    );
+    assert!(status.contains("batch_size"), "{status}");
+    assert_eq!(h.state().run.phase, Phase::Idle);
+}
