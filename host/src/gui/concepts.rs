@@ -87,9 +87,10 @@ impl ConceptsUi {
                 }
                 ui.end_row();
                 for (i, c) in config.concepts.iter_mut().enumerate() {
+                    let name = display_name(i, &c.name);
                     ui.checkbox(&mut c.enabled, "")
                         .on_hover_text(f.help.get("concepts.enabled"));
-                    ui.label(&c.name);
+                    ui.label(&name);
                     ui.label(&c.kind);
                     let problem = f.problems.get(&format!("concepts[{i}].path"));
                     ui.label(if c.path.is_empty() {
@@ -98,14 +99,14 @@ impl ConceptsUi {
                         &c.path
                     })
                     .on_hover_text(problem.map_or("", String::as_str));
-                    if ui.button(format!("Edit {}", c.name)).clicked() {
+                    if ui.button(format!("Edit {name}")).clicked() {
                         action = Some(("edit", i));
                     }
                     ui.horizontal(|ui| {
-                        if ui.button(format!("Duplicate {}", c.name)).clicked() {
+                        if ui.button(format!("Duplicate {name}")).clicked() {
                             action = Some(("duplicate", i));
                         }
-                        if ui.button(format!("Delete {}", c.name)).clicked() {
+                        if ui.button(format!("Delete {name}")).clicked() {
                             action = Some(("delete", i));
                         }
                     });
@@ -183,11 +184,14 @@ impl ConceptsUi {
             return;
         };
         let mut open = true;
-        let title = format!("Concept: {}", config.concepts[i].name);
+        let title = format!("Concept: {}", display_name(i, &config.concepts[i].name));
         egui::Window::new(title)
             .id(egui::Id::unique("concept window"))
             .open(&mut open)
-            .default_width(560.0)
+            .default_width(600.0)
+            .max_width(720.0)
+            .default_height(560.0)
+            .default_pos(egui::pos2(440.0, 110.0))
             .show(ui.ctx(), |ui| {
                 ui.horizontal(|ui| {
                     for (t, name) in [
@@ -239,59 +243,81 @@ impl ConceptsUi {
                         });
                     }
                     ConceptTab::Augmentation => {
-                        let c = &mut config.concepts[i];
-                        f.grid(ui, "concept augmentation", |f, ui| {
-                            f.check(ui, &k("enable_crop_jitter"), &mut c.enable_crop_jitter);
-                            f.check(ui, &k("enable_random_flip"), &mut c.enable_random_flip);
-                            f.check(ui, &k("enable_random_rotate"), &mut c.enable_random_rotate);
-                            f.check(ui, &k("enable_fixed_rotate"), &mut c.enable_fixed_rotate);
-                            f.num(
-                                ui,
-                                &k("random_rotate_max_angle"),
-                                &mut c.random_rotate_max_angle,
-                            );
-                            for (r, fx, s, name) in [
-                                (
-                                    &mut c.enable_random_brightness,
-                                    &mut c.enable_fixed_brightness,
-                                    &mut c.random_brightness_max_strength,
-                                    "brightness",
-                                ),
-                                (
-                                    &mut c.enable_random_contrast,
-                                    &mut c.enable_fixed_contrast,
-                                    &mut c.random_contrast_max_strength,
-                                    "contrast",
-                                ),
-                                (
-                                    &mut c.enable_random_saturation,
-                                    &mut c.enable_fixed_saturation,
-                                    &mut c.random_saturation_max_strength,
-                                    "saturation",
-                                ),
-                                (
-                                    &mut c.enable_random_hue,
-                                    &mut c.enable_fixed_hue,
-                                    &mut c.random_hue_max_strength,
-                                    "hue",
-                                ),
-                            ] {
-                                f.check(ui, &k(&format!("enable_random_{name}")), r);
-                                f.check(ui, &k(&format!("enable_fixed_{name}")), fx);
-                                f.num(ui, &k(&format!("random_{name}_max_strength")), s);
-                            }
+                        ui.horizontal_top(|ui| {
+                            let c = &mut config.concepts[i];
+                            ui.vertical(|ui| {
+                                f.grid(ui, "concept augmentation", |f, ui| {
+                                    f.check(
+                                        ui,
+                                        &k("enable_crop_jitter"),
+                                        &mut c.enable_crop_jitter,
+                                    );
+                                    f.check(
+                                        ui,
+                                        &k("enable_random_flip"),
+                                        &mut c.enable_random_flip,
+                                    );
+                                    f.check(
+                                        ui,
+                                        &k("enable_random_rotate"),
+                                        &mut c.enable_random_rotate,
+                                    );
+                                    f.check(
+                                        ui,
+                                        &k("enable_fixed_rotate"),
+                                        &mut c.enable_fixed_rotate,
+                                    );
+                                    f.num(
+                                        ui,
+                                        &k("random_rotate_max_angle"),
+                                        &mut c.random_rotate_max_angle,
+                                    );
+                                    for (r, fx, s, name) in [
+                                        (
+                                            &mut c.enable_random_brightness,
+                                            &mut c.enable_fixed_brightness,
+                                            &mut c.random_brightness_max_strength,
+                                            "brightness",
+                                        ),
+                                        (
+                                            &mut c.enable_random_contrast,
+                                            &mut c.enable_fixed_contrast,
+                                            &mut c.random_contrast_max_strength,
+                                            "contrast",
+                                        ),
+                                        (
+                                            &mut c.enable_random_saturation,
+                                            &mut c.enable_fixed_saturation,
+                                            &mut c.random_saturation_max_strength,
+                                            "saturation",
+                                        ),
+                                        (
+                                            &mut c.enable_random_hue,
+                                            &mut c.enable_fixed_hue,
+                                            &mut c.random_hue_max_strength,
+                                            "hue",
+                                        ),
+                                    ] {
+                                        f.check(ui, &k(&format!("enable_random_{name}")), r);
+                                        f.check(ui, &k(&format!("enable_fixed_{name}")), fx);
+                                        f.num(ui, &k(&format!("random_{name}_max_strength")), s);
+                                    }
+                                })
+                            });
+                            ui.vertical(|ui| {
+                                if ui.button("Update preview").clicked() {
+                                    self.update_preview(ui.ctx(), config, i, base);
+                                }
+                                if let Some(e) = &self.preview_error {
+                                    ui.label(e);
+                                }
+                                if let Some(t) = &self.preview {
+                                    ui.label("One image, augmented as for training");
+                                    let size = egui::vec2(200.0, 200.0);
+                                    ui.add(egui::Image::new(t).fit_to_exact_size(size));
+                                }
+                            });
                         });
-                        ui.separator();
-                        if ui.button("Update preview").clicked() {
-                            self.update_preview(ui.ctx(), config, i, base);
-                        }
-                        if let Some(e) = &self.preview_error {
-                            ui.label(e);
-                        }
-                        if let Some(t) = &self.preview {
-                            ui.label("Preview (one image, augmented as for training)");
-                            ui.add(egui::Image::new(t).fit_to_exact_size(egui::vec2(256.0, 256.0)));
-                        }
                     }
                     ConceptTab::Text => {
                         let c = &mut config.concepts[i];
@@ -339,7 +365,13 @@ impl ConceptsUi {
     }
 
     /// One image of the concept prepared as for training, with fresh random draws.
-    fn update_preview(&mut self, ctx: &egui::Context, config: &TrainConfig, i: usize, base: &Path) {
+    pub fn update_preview(
+        &mut self,
+        ctx: &egui::Context,
+        config: &TrainConfig,
+        i: usize,
+        base: &Path,
+    ) {
         let only = only_concept(config, i);
         let d = Dataset::scan(&only, base, &["standard", "prior", "validation"]);
         let mut r = data::rng(rand::rng().random(), 0, 0);
@@ -365,11 +397,21 @@ impl ConceptsUi {
                     })
                     .collect();
                 let img = egui::ColorImage::from_rgba_unmultiplied([w, h], &rgba);
-                self.preview = Some(ctx.load_texture("concept preview", img, Default::default()));
+                self.preview =
+                    Some(ctx.load_texture("concept preview", img, egui::TextureOptions::NEAREST));
                 self.preview_error = None;
             }
             Err(e) => self.preview_error = Some(e),
         }
+    }
+}
+
+/// The concept's name, or "concept N" when it has none.
+fn display_name(i: usize, name: &str) -> String {
+    if name.trim().is_empty() {
+        format!("concept {}", i + 1)
+    } else {
+        name.to_string()
     }
 }
 

@@ -348,3 +348,58 @@ impl Fields<'_> {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_has_a_description_and_the_plain_ones_their_default() {
+        let help = Help::new();
+        let keys = |prefix: &str, v: Value| -> Vec<String> {
+            v.as_object()
+                .unwrap()
+                .keys()
+                .map(|k| format!("{prefix}{k}"))
+                .collect()
+        };
+        let mut all = keys("", serde_json::to_value(TrainConfig::default()).unwrap());
+        all.extend(keys(
+            "unet.",
+            serde_json::to_value(TrainConfig::default().unet).unwrap(),
+        ));
+        all.extend(keys(
+            "concepts.",
+            serde_json::to_value(ConceptConfig::default()).unwrap(),
+        ));
+        all.extend(keys(
+            "samples.",
+            serde_json::to_value(SampleConfig::default()).unwrap(),
+        ));
+        for k in &all {
+            let text = help.get(k);
+            let description = text.split("\nDefault:").next().unwrap_or("");
+            assert!(!description.trim().is_empty(), "`{k}` has no description");
+        }
+        assert!(help.get("epochs").ends_with("Default: 100"));
+        assert!(
+            help.get("concepts[3].balancing_strategy")
+                .contains("Default: repeats")
+        );
+        assert!(help.get("unet.learning_rate").contains("global"));
+    }
+
+    #[test]
+    fn titles_and_problem_keys() {
+        assert_eq!(title("learning_rate"), "Learning rate");
+        assert_eq!(title("unet.stop_training_after"), "Stop training after");
+        assert_eq!(title("ema_decay"), "EMA decay");
+        assert_eq!(title("lora_rank"), "LoRA rank");
+        let p = problems_by_key(&[
+            "learning_rate: must be above 0".into(),
+            "min_noising_strength, max_noising_strength: need min < max".into(),
+        ]);
+        assert_eq!(p["learning_rate"], "must be above 0");
+        assert_eq!(p["max_noising_strength"], "need min < max");
+    }
+}

@@ -12,12 +12,40 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 pub use app::{App, AppOptions, Tab};
+use concepts::ConceptTab;
 /// The egui version the app is built with (for tests and tools driving it).
 pub use eframe::egui;
 pub use run::Phase;
 
-/// Screenshot mode: each tab in turn is shown, captured and written as `<dir>/<tab>.png`; the
-/// window then closes. Frame times seen meanwhile are printed.
+/// What screenshot mode captures, in order: every tab, and the concept window's augmentation
+/// preview and statistics.
+const SHOTS: [(&str, Tab, Option<ConceptTab>); 14] = [
+    ("general", Tab::General, None),
+    ("model", Tab::Model, None),
+    ("data", Tab::Data, None),
+    ("concepts", Tab::Concepts, Some(ConceptTab::General)),
+    (
+        "concept-augmentation",
+        Tab::Concepts,
+        Some(ConceptTab::Augmentation),
+    ),
+    (
+        "concept-statistics",
+        Tab::Concepts,
+        Some(ConceptTab::Statistics),
+    ),
+    ("training", Tab::Training, None),
+    ("sampling", Tab::Sampling, None),
+    ("backup", Tab::Backup, None),
+    ("lora", Tab::Lora, None),
+    ("embedding", Tab::Embedding, None),
+    ("tools", Tab::Tools, None),
+    ("plugins", Tab::Plugins, None),
+    ("run", Tab::Run, None),
+];
+
+/// Screenshot mode: each of [`SHOTS`] in turn is shown, captured and written as
+/// `<dir>/<name>.png`; the window then closes. Frame times seen meanwhile are printed.
 struct Screenshots {
     dir: PathBuf,
     next: usize,
@@ -25,6 +53,8 @@ struct Screenshots {
     pending: Arc<Mutex<Option<Result<PathBuf, String>>>>,
     waiting: bool,
     done: bool,
+    /// Whole-frame CPU time (UI and rendering) while a run was active, from eframe.
+    frame_cpu: Vec<f32>,
 }
 
 struct Window {
@@ -33,9 +63,12 @@ struct Window {
 }
 
 impl eframe::App for Window {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         self.app.show(ui);
         if let Some(s) = &mut self.screenshots {
+            if let (Some(cpu), true) = (frame.info().cpu_usage, self.app.run.active()) {
+                s.frame_cpu.push(cpu);
+            }
             let ctx = ui.ctx().clone();
             screenshot_step(&mut self.app, s, &ctx);
         }
@@ -59,12 +92,13 @@ fn screenshot_step(app: &mut App, s: &mut Screenshots, ctx: &egui::Context) {
         s.next += 1;
         s.frames_on_tab = 0;
     }
-    let Some(&tab) = Tab::ALL.get(s.next) else {
+    let Some(&(name, tab, concept_tab)) = SHOTS.get(s.next) else {
         print_frame_times("UI time per frame, last 240 frames", &app.frame_times);
         print_frame_times(
             "UI time per frame while training",
             &app.training_frame_times,
         );
+        print_frame_times("whole frame (UI + rendering) while training", &s.frame_cpu);
         s.done = true;
         if app.run.active() {
             app.run.stop();
@@ -76,20 +110,27 @@ fn screenshot_step(app: &mut App, s: &mut Screenshots, ctx: &egui::Context) {
     };
     app.tab = tab;
     // The concept window shows over the Concepts tab.
-    if tab == Tab::Concepts && !app.config.concepts.is_empty() {
-        app.concepts.open.get_or_insert(0);
-    } else {
-        app.concepts.open = None;
+    match concept_tab {
+        Some(t) if !app.config.concepts.is_empty() => {
+            app.concepts.open.get_or_insert(0);
+            app.concepts.tab = t;
+            if t == ConceptTab::Augmentation && app.concepts.preview.is_none() {
+                let base = app.base();
+                app.concepts.update_preview(ctx, &app.config, 0, &base);
+            }
+        }
+        _ => app.concepts.open = None,
     }
     s.frames_on_tab += 1;
-    // Let layout settle (combo widths, textures) before capturing; the Run tab waits for a
-    // sample while a run is going (up to about a minute).
+    // Let layout settle (combo widths, textures) before capturing; the Run tab waits (up to
+    // about two minutes) for samples from a few epochs in, so they show what was learned.
+    let latest = app.run.samples.values().map(|s| s.step).max().unwrap_or(0);
     let waiting_for_sample =
-        tab == Tab::Run && app.run.active() && app.run.samples.is_empty() && s.frames_on_tab < 900;
+        tab == Tab::Run && app.run.active() && latest < 36 && s.frames_on_tab < 1800;
     if s.frames_on_tab < 8 || waiting_for_sample {
         return;
     }
-    let path = s.dir.join(format!("{}.png", tab.name().to_lowercase()));
+    let path = s.dir.join(format!("{name}.png"));
     let pending = s.pending.clone();
     s.waiting = true;
     ctx.request_screenshot(move |image| {
@@ -146,6 +187,7 @@ pub fn run(options: AppOptions, screenshots: Option<PathBuf>, start: bool) -> Re
             pending: Default::default(),
             waiting: false,
             done: false,
+            frame_cpu: Vec::new(),
         }
     });
     eframe::run_native(
