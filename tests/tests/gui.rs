@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use ferrite::gui::egui::accesskit::Role;
-use ferrite::gui::egui::{Key, Modifiers};
+use ferrite::gui::egui::{Key, Modifiers, ViewportEvent, ViewportId};
 use ferrite::gui::{App, AppOptions, Phase};
 
 /// The trainer's cancel flag and adapters are process-wide: one run at a time.
@@ -138,6 +138,20 @@ fn a_demo_run_from_the_gui_samples_pauses_resumes_and_stops() {
     wait_for(&mut h, "steps after resuming", |h| {
         h.state().run.step > paused_at
     });
+
+    // Closing the window while training asks first; keeping on training goes on.
+    h.input_mut()
+        .viewports
+        .entry(ViewportId::ROOT)
+        .or_default()
+        .events
+        .push(ViewportEvent::Close);
+    h.run();
+    let question = "Stop the run and save a backup before closing?";
+    assert!(h.query_by_label(question).is_some());
+    click(&mut h, "Keep training");
+    assert!(h.query_by_label(question).is_none());
+    assert!(h.state().run.active());
 
     click(&mut h, "Stop");
     wait_for(&mut h, "the stop", |h| !h.state().run.active());
