@@ -151,6 +151,34 @@ pub struct Trainer {
 
 const RNG_VALIDATION: u64 = 4;
 
+/// While it lives, the trained tensors record no autodiff graph (sampling and validation need
+/// none, and building it made sampling several times slower).
+struct Untracked(Vec<Tensor>);
+
+impl Untracked {
+    fn new(groups: &[Group]) -> Result<Self> {
+        let tracked: Vec<Tensor> = groups
+            .iter()
+            .filter(|g| !g.stopped)
+            .flat_map(|g| g.params.iter().cloned())
+            .collect();
+        for p in &tracked {
+            p.set_requires_grad(false).map_err(err)?;
+        }
+        Ok(Self(tracked))
+    }
+}
+
+impl Drop for Untracked {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if let Err(e) = p.set_requires_grad(true) {
+                tracing::error!("re-enabling gradients: {e}");
+            }
+        }
+    }
+}
+
 /// Where `after` and `stop_parts` are called: after an optimizer step or an epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Moment {
@@ -958,6 +986,7 @@ impl Trainer {
     /// The loss of each validation concept at fixed timesteps and noise, so that the figures of
     /// one run can be compared with each other: (concept name, mean loss).
     pub fn validate(&self) -> Result<Vec<(String, f32)>> {
+        let _untracked = Untracked::new(&self.groups)?;
         let c = &self.config;
         let n = self.schedule.alphas_cumprod.len() as f64;
         let (lo, hi) = (c.min_noising_strength * n, c.max_noising_strength * n);
@@ -1044,6 +1073,7 @@ impl Trainer {
 
     /// Writes a PNG per configured sample under `workspace/samples/<n>-<prompt>/<step>.png`.
     pub fn sample(&mut self) -> Result<Vec<PathBuf>> {
+        let _untracked = Untracked::new(&self.groups)?;
         adapters::set_training(false);
         let mut out = Vec::new();
         for (i, s) in self.config.samples.iter().enumerate() {
