@@ -484,13 +484,17 @@ fn show_stats(ui: &mut Ui, s: &Stats) {
     for p in &s.problems {
         ui.label(egui::RichText::new(p).color(egui::Color32::from_rgb(230, 150, 60)));
     }
-    ui.horizontal_wrapped(|ui| {
-        for (t, caption) in &s.thumbnails {
+    // Six to a row keeps the window narrow.
+    egui::Grid::new("thumbnails").show(ui, |ui| {
+        for (k, (t, caption)) in s.thumbnails.iter().enumerate() {
             ui.vertical(|ui| {
-                ui.set_width(110.0);
-                ui.add(egui::Image::new(t).max_size(egui::vec2(96.0, 96.0)));
+                ui.set_width(96.0);
+                ui.add(egui::Image::new(t).max_size(egui::vec2(80.0, 80.0)));
                 ui.small(caption);
             });
+            if k % 6 == 5 {
+                ui.end_row();
+            }
         }
     });
 }

@@ -123,10 +123,10 @@ fn screenshot_step(app: &mut App, s: &mut Screenshots, ctx: &egui::Context) {
     }
     s.frames_on_tab += 1;
     // Let layout settle (combo widths, textures) before capturing; the Run tab waits (up to
-    // about two minutes) for samples from a few epochs in, so they show what was learned.
+    // about four minutes) for samples from a few epochs in, so they show what was learned.
     let latest = app.run.samples.values().map(|s| s.step).max().unwrap_or(0);
     let waiting_for_sample =
-        tab == Tab::Run && app.run.active() && latest < 36 && s.frames_on_tab < 1800;
+        tab == Tab::Run && app.run.active() && latest < 96 && s.frames_on_tab < 2400;
     if s.frames_on_tab < 8 || waiting_for_sample {
         return;
     }
