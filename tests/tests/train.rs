@@ -134,24 +134,11 @@ fn resume_is_exact(ema: bool) {
     }
     // The saved LoRA (the EMA weights when EMA is on) holds the same tensors and metadata.
     let read = |run: &str| {
-        let w = ferrite_plugin_api::Weights::open(
-            root.join(run)
-                .join("out/lora.safetensors")
-                .to_str()
-                .unwrap(),
-        )
-        .unwrap();
+        let path = root.join(run).join("out/lora.safetensors");
+        let w = ferrite_plugin_api::Weights::open(path.to_str().unwrap()).unwrap();
         let mut meta = w.metadata().unwrap();
         meta.sort();
-        let tensors: Vec<(String, Vec<f32>)> = w
-            .infos()
-            .iter()
-            .map(|i| {
-                let t = w.get(&i.key, ferrite_plugin_api::DType::F32).unwrap();
-                (i.key.to_string(), t.to_vec().unwrap())
-            })
-            .collect();
-        (meta, tensors)
+        (meta, tensors(&path))
     };
     assert!(read("split") == read("whole"), "same saved LoRA");
     if ema {

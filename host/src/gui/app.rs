@@ -13,7 +13,7 @@ use super::run::{Phase, RunView};
 use super::tools::Tools;
 use crate::plugins::{ComponentInfo, LoadProblem, Registry};
 use crate::settings::Settings;
-use crate::train::config::{SampleConfig, TrainConfig, preset_names};
+use crate::train::config::{SampleConfig, TrainConfig, choices, preset_names};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tab {
@@ -462,9 +462,9 @@ impl App {
                         false,
                     );
                     let formats: &[&str] = if c.training_method == "lora" {
-                        &["safetensors", "kohya", "diffusers", "comfy"]
+                        choices::LORA_FORMATS
                     } else {
-                        &["safetensors", "diffusers"]
+                        choices::FINE_TUNE_FORMATS
                     };
                     f.choice(
                         ui,
@@ -540,7 +540,7 @@ impl App {
                     ui,
                     "lora_layer_preset",
                     &mut c.lora_layer_preset,
-                    &["attn-only", "attn-mlp", "full", "custom"],
+                    choices::LORA_LAYER_PRESETS,
                 );
                 f.text(ui, "lora_layers", &mut c.lora_layers);
                 f.check(ui, "layer_filter_regex", &mut c.layer_filter_regex);
@@ -683,7 +683,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             ui,
             "learning_rate_scheduler",
             &mut c.learning_rate_scheduler,
-            &["constant", "linear", "cosine", "cosine_with_restarts"],
+            choices::SCHEDULERS,
         );
         f.num(
             ui,
@@ -699,7 +699,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             &mut c.gradient_accumulation_steps,
         );
         f.num(ui, "clip_grad_norm", &mut c.clip_grad_norm);
-        f.choice(ui, "ema", &mut c.ema, &["off", "gpu", "cpu"]);
+        f.choice(ui, "ema", &mut c.ema, choices::EMA);
         f.num(ui, "ema_decay", &mut c.ema_decay);
         f.num(
             ui,
@@ -717,14 +717,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             ui,
             "timestep_distribution",
             &mut c.timestep_distribution,
-            &[
-                "uniform",
-                "logit_normal",
-                "heavy_tail",
-                "sigmoid",
-                "cos_map",
-                "inverted_parabola",
-            ],
+            choices::TIMESTEP_DISTRIBUTIONS,
         );
         f.num(ui, "noising_weight", &mut c.noising_weight);
         f.num(ui, "noising_bias", &mut c.noising_bias);
@@ -750,7 +743,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             ui,
             "loss_weight_fn",
             &mut c.loss_weight_fn,
-            &["constant", "min_snr_gamma", "debiased_estimation", "p2"],
+            choices::LOSS_WEIGHT_FNS,
         );
         f.num(ui, "loss_weight_strength", &mut c.loss_weight_strength);
         f.check(ui, "masked_training", &mut c.masked_training);
@@ -791,12 +784,7 @@ fn sampling_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig) {
             f.num(ui, &k("seed"), &mut s.seed);
             f.num(ui, &k("diffusion_steps"), &mut s.diffusion_steps);
             f.num(ui, &k("cfg_scale"), &mut s.cfg_scale);
-            f.choice(
-                ui,
-                &k("sampler"),
-                &mut s.sampler,
-                &["ddim", "euler", "euler_a", "dpmpp_2m_karras"],
-            );
+            f.choice(ui, &k("sampler"), &mut s.sampler, choices::SAMPLERS);
         });
         ui.separator();
     }

@@ -11,7 +11,7 @@ use rand::Rng;
 
 use super::form::Fields;
 use crate::data::{self, Dataset, buckets::Buckets};
-use crate::train::config::{ConceptConfig, TrainConfig};
+use crate::train::config::{ConceptConfig, TrainConfig, choices};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConceptTab {
@@ -211,18 +211,13 @@ impl ConceptsUi {
                         f.grid(ui, "concept general", |f, ui| {
                             f.text(ui, &k("name"), &mut c.name);
                             f.check(ui, &k("enabled"), &mut c.enabled);
-                            f.choice(
-                                ui,
-                                &k("type"),
-                                &mut c.kind,
-                                &["standard", "prior", "validation"],
-                            );
+                            f.choice(ui, &k("type"), &mut c.kind, choices::CONCEPT_TYPES);
                             f.path(ui, &k("path"), &mut c.path, true);
                             f.choice(
                                 ui,
                                 &k("prompt_source"),
                                 &mut c.prompt_source,
-                                &["sample", "concept", "filename"],
+                                choices::PROMPT_SOURCES,
                             );
                             f.path(ui, &k("text_file"), &mut c.text_file, false);
                             f.check(
@@ -237,7 +232,7 @@ impl ConceptsUi {
                                 ui,
                                 &k("balancing_strategy"),
                                 &mut c.balancing_strategy,
-                                &["repeats", "samples"],
+                                choices::BALANCING_STRATEGIES,
                             );
                             f.num(ui, &k("loss_weight"), &mut c.loss_weight);
                         });
@@ -373,7 +368,7 @@ impl ConceptsUi {
         base: &Path,
     ) {
         let only = only_concept(config, i);
-        let d = Dataset::scan(&only, base, &["standard", "prior", "validation"]);
+        let d = Dataset::scan(&only, base, choices::CONCEPT_TYPES);
         let mut r = data::rng(rand::rng().random(), 0, 0);
         let Some(item) = d.items.get(r.random_range(0..d.items.len().max(1))) else {
             self.preview_error = Some("no readable images in this concept's folder".into());
@@ -428,7 +423,7 @@ fn only_concept(config: &TrainConfig, i: usize) -> TrainConfig {
 
 fn statistics(ctx: &egui::Context, config: &TrainConfig, i: usize, base: &Path) -> Stats {
     let only = only_concept(config, i);
-    let d = Dataset::scan(&only, base, &["standard", "prior", "validation"]);
+    let d = Dataset::scan(&only, base, choices::CONCEPT_TYPES);
     let res = config
         .resolutions()
         .ok()

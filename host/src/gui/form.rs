@@ -220,18 +220,18 @@ impl Fields<'_> {
         });
     }
 
+    /// Keeps or clears the parse error of `key`.
+    fn record(&mut self, key: &str, parsed: Result<(), String>) {
+        match parsed {
+            Ok(()) => self.state.parse_errors.remove(key),
+            Err(e) => self.state.parse_errors.insert(key.to_string(), e),
+        };
+    }
+
     pub fn num<T: FromStr + Display>(&mut self, ui: &mut Ui, key: &str, v: &mut T) {
         if let Some(text) = self.number_row(ui, key, v.to_string()) {
-            match text.trim().parse::<T>() {
-                Ok(x) => {
-                    *v = x;
-                    self.state.parse_errors.remove(key);
-                }
-                Err(_) => {
-                    let e = format!("`{text}` is not a number");
-                    self.state.parse_errors.insert(key.to_string(), e);
-                }
-            }
+            let parsed = text.trim().parse::<T>().map(|x| *v = x);
+            self.record(key, parsed.map_err(|_| format!("`{text}` is not a number")));
         }
     }
 
@@ -240,20 +240,15 @@ impl Fields<'_> {
         let shown = v.map(|x| x.to_string()).unwrap_or_default();
         if let Some(text) = self.number_row(ui, key, shown) {
             let t = text.trim();
-            match t.parse::<f64>() {
-                _ if t.is_empty() => {
-                    *v = None;
-                    self.state.parse_errors.remove(key);
-                }
-                Ok(x) => {
-                    *v = Some(x);
-                    self.state.parse_errors.remove(key);
-                }
-                Err(_) => {
-                    let e = format!("`{text}` is not a number (empty: the global value)");
-                    self.state.parse_errors.insert(key.to_string(), e);
-                }
-            }
+            let parsed = if t.is_empty() {
+                *v = None;
+                Ok(())
+            } else {
+                t.parse::<f64>()
+                    .map(|x| *v = Some(x))
+                    .map_err(|_| format!("`{text}` is not a number (empty: the global value)"))
+            };
+            self.record(key, parsed);
         }
     }
 
@@ -275,16 +270,9 @@ impl Fields<'_> {
             .labelled_by(label)
             .on_hover_text(tip);
         if r.changed() {
-            match buffer.trim().parse::<f64>() {
-                Ok(x) => {
-                    *v = x;
-                    self.state.parse_errors.remove(key);
-                }
-                Err(_) => {
-                    let e = format!("`{buffer}` is not a number");
-                    self.state.parse_errors.insert(key.to_string(), e);
-                }
-            }
+            let text = buffer.clone();
+            let parsed = text.trim().parse::<f64>().map(|x| *v = x);
+            self.record(key, parsed.map_err(|_| format!("`{text}` is not a number")));
         }
         if let Some(m) = self.state.parse_errors.get(key) {
             ui.label(RichText::new(format!("(!) {m}")).color(Color32::from_rgb(230, 90, 70)));

@@ -481,6 +481,31 @@ pub const UNITS: [&str; 7] = [
     "step", "epoch", "second", "minute", "hour", "always", "never",
 ];
 
+/// The values each choice option takes (validation and the GUI's drop-downs).
+pub mod choices {
+    pub const TRAINING_METHODS: &[&str] = &["lora", "fine_tune"];
+    pub const LORA_FORMATS: &[&str] = &["safetensors", "kohya", "diffusers", "comfy"];
+    pub const FINE_TUNE_FORMATS: &[&str] = &["safetensors", "diffusers"];
+    pub const SCHEDULERS: &[&str] = &["constant", "linear", "cosine", "cosine_with_restarts"];
+    pub const TIMESTEP_DISTRIBUTIONS: &[&str] = &[
+        "uniform",
+        "logit_normal",
+        "heavy_tail",
+        "sigmoid",
+        "cos_map",
+        "inverted_parabola",
+    ];
+    pub const LOSS_WEIGHT_FNS: &[&str] =
+        &["constant", "min_snr_gamma", "debiased_estimation", "p2"];
+    pub const EMA: &[&str] = &["off", "gpu", "cpu"];
+    pub const LORA_LAYER_PRESETS: &[&str] = &["attn-only", "attn-mlp", "full", "custom"];
+    pub const CONCEPT_TYPES: &[&str] = &["standard", "prior", "validation"];
+    pub const PROMPT_SOURCES: &[&str] = &["sample", "concept", "filename"];
+    pub const CAPS_MODES: &[&str] = &["capslock", "title", "first", "random"];
+    pub const BALANCING_STRATEGIES: &[&str] = &["repeats", "samples"];
+    pub const SAMPLERS: &[&str] = &["ddim", "euler", "euler_a", "dpmpp_2m_karras"];
+}
+
 fn read_toml(path: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
         path: path.into(),
@@ -650,49 +675,42 @@ impl TrainConfig {
         one_of(
             "training_method",
             &self.training_method,
-            &["lora", "fine_tune"],
+            choices::TRAINING_METHODS,
         );
         if self.training_method == "lora" {
             one_of(
                 "output_model_format",
                 &self.output_model_format,
-                &["safetensors", "kohya", "diffusers", "comfy"],
+                choices::LORA_FORMATS,
             );
         } else {
             one_of(
                 "output_model_format",
                 &self.output_model_format,
-                &["safetensors", "diffusers"],
+                choices::FINE_TUNE_FORMATS,
             );
         }
         one_of(
             "learning_rate_scheduler",
             &self.learning_rate_scheduler,
-            &["constant", "linear", "cosine", "cosine_with_restarts"],
+            choices::SCHEDULERS,
         );
         one_of(
             "timestep_distribution",
             &self.timestep_distribution,
-            &[
-                "uniform",
-                "logit_normal",
-                "heavy_tail",
-                "sigmoid",
-                "cos_map",
-                "inverted_parabola",
-            ],
+            choices::TIMESTEP_DISTRIBUTIONS,
         );
         one_of(
             "loss_weight_fn",
             &self.loss_weight_fn,
-            &["constant", "min_snr_gamma", "debiased_estimation", "p2"],
+            choices::LOSS_WEIGHT_FNS,
         );
         one_of("peft_type", &self.peft_type, &["lora", "loha"]);
-        one_of("ema", &self.ema, &["off", "gpu", "cpu"]);
+        one_of("ema", &self.ema, choices::EMA);
         one_of(
             "lora_layer_preset",
             &self.lora_layer_preset,
-            &["attn-only", "attn-mlp", "full", "custom"],
+            choices::LORA_LAYER_PRESETS,
         );
         for (k, v) in [
             ("sample_after_unit", &self.sample_after_unit),
@@ -712,30 +730,26 @@ impl TrainConfig {
         }
         for (i, c) in self.concepts.iter().enumerate() {
             let k = |f: &str| format!("concepts[{i}].{f}");
-            one_of(&k("type"), &c.kind, &["standard", "prior", "validation"]);
+            one_of(&k("type"), &c.kind, choices::CONCEPT_TYPES);
             one_of(
                 &k("prompt_source"),
                 &c.prompt_source,
-                &["sample", "concept", "filename"],
+                choices::PROMPT_SOURCES,
             );
             for mode in c.caps_randomize_mode.split(',') {
-                one_of(
-                    &k("caps_randomize_mode"),
-                    mode.trim(),
-                    &["capslock", "title", "first", "random"],
-                );
+                one_of(&k("caps_randomize_mode"), mode.trim(), choices::CAPS_MODES);
             }
             one_of(
                 &k("balancing_strategy"),
                 &c.balancing_strategy,
-                &["repeats", "samples"],
+                choices::BALANCING_STRATEGIES,
             );
         }
         for (i, s) in self.samples.iter().enumerate() {
             one_of(
                 &format!("samples[{i}].sampler"),
                 &s.sampler,
-                &["ddim", "euler", "euler_a", "dpmpp_2m_karras"],
+                choices::SAMPLERS,
             );
         }
         let mut check = |ok: bool, msg: &str| {
