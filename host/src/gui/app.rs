@@ -401,6 +401,16 @@ impl App {
                 self.run.backup_now();
             }
             ui.separator();
+            if !active && !problems.is_empty() {
+                ui.label(
+                    RichText::new(format!(
+                        "{} problem(s) to fix before starting (marked at the fields)",
+                        problems.len()
+                    ))
+                    .color(Color32::from_rgb(230, 150, 60)),
+                )
+                .on_hover_text(problems.join("\n"));
+            }
             ui.label(format!("{:?}", self.run.phase).to_lowercase());
             if self.run.phase != Phase::Idle {
                 ui.label(self.run.progress_text());
