@@ -362,7 +362,10 @@ impl App {
         ui.horizontal_wrapped(|ui| {
             let active = self.run.active();
             if ui
-                .add_enabled(!active, egui::Button::new("Start training"))
+                .add_enabled(
+                    !active && !self.tools.busy(),
+                    egui::Button::new("Start training"),
+                )
                 .on_hover_text(if problems.is_empty() {
                     "Start with this config".to_string()
                 } else {
@@ -562,9 +565,12 @@ impl App {
                      exists in this version. Their options appear here when it does.",
                 );
             }
-            Tab::Tools => self
-                .tools
-                .show(ui, &base, &self.options.plugin_dirs, &self.settings, c),
+            Tab::Tools => {
+                let training = self.run.active();
+                let dirs = &self.options.plugin_dirs;
+                self.tools
+                    .show(ui, &base, dirs, &self.settings, c, training);
+            }
             Tab::Plugins => self.plugins_tab(ui),
             Tab::Run => self.run.show(ui),
         }
