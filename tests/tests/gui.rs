@@ -172,9 +172,12 @@ fn options_save_and_load_and_invalid_values_are_refused_at_start() {
     set_text(&mut h, "Config file", &config.display().to_string());
     tab(&mut h, "Training");
     set_text(&mut h, "Epochs", "7");
+    // An option drawn from the optimizer plugin's JSON schema.
+    set_text(&mut h, "Weight decay", "0.05");
     click(&mut h, "Save");
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains("epochs = 7"), "{text}");
+    assert!(text.contains("weight_decay = 0.05"), "{text}");
 
     set_text(&mut h, "Epochs", "3");
     assert_eq!(h.state().config.epochs, 3);

@@ -254,23 +254,13 @@ impl Fields<'_> {
 
     /// A number field without its row (for rows drawn elsewhere, such as plugin options).
     pub fn num_bare(&mut self, ui: &mut Ui, key: &str, v: &mut f64, label: egui::Id, tip: &str) {
-        let shown = v.to_string();
-        let buffer = self
-            .state
-            .buffers
-            .entry(key.to_string())
-            .or_insert_with(|| shown.clone());
-        if !self.state.parse_errors.contains_key(key)
-            && buffer.trim().parse::<f64>().ok() != Some(*v)
-        {
-            *buffer = shown;
-        }
+        let mut text = self.typed(key, v.to_string());
         let r = ui
-            .add(egui::TextEdit::singleline(buffer).desired_width(120.0))
+            .add(egui::TextEdit::singleline(&mut text).desired_width(120.0))
             .labelled_by(label)
             .on_hover_text(tip);
         if r.changed() {
-            let text = buffer.clone();
+            self.state.buffers.insert(key.to_string(), text.clone());
             let parsed = text.trim().parse::<f64>().map(|x| *v = x);
             self.record(key, parsed.map_err(|_| format!("`{text}` is not a number")));
         }
@@ -279,20 +269,25 @@ impl Fields<'_> {
         }
     }
 
-    /// A text field over the number `shown`; the typed text when it changed.
-    fn number_row(&mut self, ui: &mut Ui, key: &str, shown: String) -> Option<String> {
+    /// What the number field of `key` shows: the text typed into it, unless the value `shown`
+    /// was changed elsewhere (a loaded config or preset).
+    fn typed(&mut self, key: &str, shown: String) -> String {
         let buffer = self
             .state
             .buffers
             .entry(key.to_string())
             .or_insert_with(|| shown.clone());
-        // Changed elsewhere (a loaded config or preset): show the value itself.
         if !self.state.parse_errors.contains_key(key)
             && buffer.trim().parse::<f64>().ok() != shown.parse::<f64>().ok()
         {
             *buffer = shown;
         }
-        let mut text = buffer.clone();
+        buffer.clone()
+    }
+
+    /// A text field over the number `shown`; the typed text when it changed.
+    fn number_row(&mut self, ui: &mut Ui, key: &str, shown: String) -> Option<String> {
+        let mut text = self.typed(key, shown);
         let mut changed = false;
         self.row(ui, key, |ui, label| {
             // Only optional numbers are ever empty: then the global value applies.
