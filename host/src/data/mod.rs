@@ -109,15 +109,47 @@ struct Checked {
     mask: Option<PathBuf>,
 }
 
+/// `<stem>-masklabel.png` beside the image.
+fn mask_path(image: &Path) -> PathBuf {
+    image.with_file_name(format!(
+        "{}-masklabel.png",
+        image.file_stem().unwrap_or_default().to_string_lossy()
+    ))
+}
+
+/// The image files of a concept's folder, sorted (nothing is read).
+pub fn concept_images(c: &ConceptConfig, base: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    images_in(
+        &TrainConfig::path(base, &c.path),
+        c.include_subdirectories,
+        &mut paths,
+    )?;
+    Ok(paths)
+}
+
+/// One image as an item of concept 0, from its header and mask file (no captions): for showing
+/// it prepared as for training.
+pub fn preview_item(path: &Path) -> std::result::Result<Item, String> {
+    let (width, height) =
+        image::image_dimensions(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mask = mask_path(path);
+    Ok(Item {
+        path: path.to_path_buf(),
+        captions: Vec::new(),
+        concept: 0,
+        width,
+        height,
+        mask: mask.exists().then_some(mask),
+    })
+}
+
 /// Decodes the image fully (a truncated file fails here, not mid-run) and checks its mask.
 fn check(p: &Path) -> Checked {
     let size = image::open(p)
         .map(|i| (i.width(), i.height()))
         .map_err(|e| format!("{}: unreadable image: {e}", p.display()));
-    let mask = p.with_file_name(format!(
-        "{}-masklabel.png",
-        p.file_stem().unwrap_or_default().to_string_lossy()
-    ));
+    let mask = mask_path(p);
     if !mask.exists() {
         return Checked {
             size,
@@ -161,13 +193,13 @@ impl Dataset {
             if !c.enabled || !kinds.contains(&c.kind.as_str()) {
                 continue;
             }
-            let dir = TrainConfig::path(base, &c.path);
-            let mut paths = Vec::new();
-            match images_in(&dir, c.include_subdirectories, &mut paths) {
-                Ok(()) => found.extend(paths.into_iter().map(|p| (ci, p))),
-                Err(e) => d
-                    .problems
-                    .push(format!("concept `{}`: {}: {e}", c.name, dir.display())),
+            match concept_images(c, base) {
+                Ok(paths) => found.extend(paths.into_iter().map(|p| (ci, p))),
+                Err(e) => d.problems.push(format!(
+                    "concept `{}`: {}: {e}",
+                    c.name,
+                    TrainConfig::path(base, &c.path).display()
+                )),
             }
         }
         let threads = config.dataloader_threads.max(1);

@@ -367,12 +367,19 @@ impl ConceptsUi {
         i: usize,
         base: &Path,
     ) {
-        let only = only_concept(config, i);
-        let d = Dataset::scan(&only, base, choices::CONCEPT_TYPES);
+        // One image picked from the folder listing: nothing else is read.
+        let paths = data::concept_images(&config.concepts[i], base).unwrap_or_default();
         let mut r = data::rng(rand::rng().random(), 0, 0);
-        let Some(item) = d.items.get(r.random_range(0..d.items.len().max(1))) else {
-            self.preview_error = Some("no readable images in this concept's folder".into());
+        let Some(path) = paths.get(r.random_range(0..paths.len().max(1))) else {
+            self.preview_error = Some("no images in this concept's folder".into());
             return;
+        };
+        let item = match data::preview_item(path) {
+            Ok(item) => item,
+            Err(e) => {
+                self.preview_error = Some(e);
+                return;
+            }
         };
         let res = config
             .resolutions()
@@ -381,7 +388,7 @@ impl ConceptsUi {
             .unwrap_or((512, 512));
         let bucket = Buckets::new(res, 8, config.aspect_ratio_bucketing)
             .nearest(item.width as usize, item.height as usize);
-        match data::prepare(item, &config.concepts[i], bucket, &mut r) {
+        match data::prepare(&item, &config.concepts[i], bucket, &mut r) {
             Ok(p) => {
                 let (w, h) = bucket;
                 let rgba: Vec<u8> = (0..w * h)
