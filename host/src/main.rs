@@ -257,7 +257,24 @@ fn run_training(
     base: &std::path::Path,
 ) -> Result<()> {
     use ferrite::train::trainer::{Event, Trainer};
-    ferrite::runtime::init(&config.train_device)?;
+    // The first Ctrl-C (or SIGTERM) stops as the app's Stop does: the step ends, a backup and
+    // the output model are written. A second one quits at once; the last backup stays whole
+    // (backups are built under a temporary name, then renamed).
+    let signals = std::sync::atomic::AtomicUsize::new(0);
+    ctrlc::set_handler(move || {
+        if signals.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            eprintln!(
+                "\nstopping after this step: a backup and the output model will be written \
+                 (press Ctrl-C again to quit at once)"
+            );
+            ferrite::runtime::cancel();
+        } else {
+            eprintln!("\nquitting now; the last backup is intact");
+            std::process::exit(130);
+        }
+    })
+    .context("installing the Ctrl-C handler")?;
+    let device = ferrite::runtime::init(&config.train_device)?;
     let registry = Registry::discover(&search_dirs(settings), settings);
     let mut trainer = Trainer::new(config, base, registry)?;
     let bar = indicatif::ProgressBar::new(trainer.total_steps());
@@ -272,6 +289,7 @@ fn run_training(
             bar.println(m);
         }
     };
+    say(device);
     if let Some(from) = trainer.resumed_from() {
         say(format!(
             "resumed from {} at step {}",

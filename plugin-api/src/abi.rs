@@ -111,6 +111,16 @@ pub struct NamedTensor {
     pub tensor: TensorId,
 }
 
+/// One parameter of an optimizer step: its stable name (state is kept by it), the tensor, and its
+/// gradient, absent when it got none this step (the optimizer then leaves it and its state).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct ParamGrad {
+    pub name: RString,
+    pub param: TensorId,
+    pub grad: ROption<TensorId>,
+}
+
 /// A tensor's values copied to host memory (as f32), for logs and tests.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq)]
@@ -209,12 +219,7 @@ pub struct ComponentDescriptor {
 /// An optimizer instance. Parameters are updated in place (`assign`); state tensors stay in the host.
 #[sabi_trait]
 pub trait OptimizerFfi: Send {
-    fn step(
-        &mut self,
-        params: RSlice<'_, TensorId>,
-        grads: RSlice<'_, TensorId>,
-        lr: f64,
-    ) -> RResult<(), RString>;
+    fn step(&mut self, params: RSlice<'_, ParamGrad>, lr: f64) -> RResult<(), RString>;
     /// State tensors by name; the caller owns the returned handles.
     fn state(&self) -> RResult<RVec<NamedTensor>, RString>;
     #[sabi(last_prefix_field)]

@@ -16,6 +16,8 @@ pub use abi_stable;
 pub use error::{Error, Result};
 pub use host::{Generator, Weights, save_safetensors};
 pub use nn::AdaptableLayer;
-pub use plugin::{Adapter, Architecture, Component, Descriptor, Optimizer, Plugin, parse_options};
+pub use plugin::{
+    Adapter, Architecture, Component, Descriptor, Optimizer, Param, Plugin, parse_options,
+};
 pub use serde_json;
 pub use tensor::{Gradients, Tensor, ops};

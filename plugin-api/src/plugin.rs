@@ -25,10 +25,20 @@ pub struct Descriptor {
     pub options_schema: serde_json::Value,
 }
 
+/// One parameter of an optimizer step.
+pub struct Param<'a> {
+    /// The parameter's stable name: optimizer state is kept (and saved) by it.
+    pub name: &'a str,
+    pub tensor: &'a Tensor,
+    /// None when the parameter got no gradient this step: it is skipped and its state kept,
+    /// as torch's optimizers do for `grad is None`.
+    pub grad: Option<&'a Tensor>,
+}
+
 pub trait Optimizer: Send {
-    /// Updates each `params[i]` in place (via [`Tensor::assign`]) from `grads[i]`.
-    fn step(&mut self, params: &[&Tensor], grads: &[&Tensor], lr: f64) -> Result<()>;
-    /// State tensors by name, to save with a backup.
+    /// Updates each parameter that has a gradient in place (via [`Tensor::assign`]).
+    fn step(&mut self, params: &[Param<'_>], lr: f64) -> Result<()>;
+    /// State tensors by name (parameter names inside), to save with a backup.
     fn state(&self) -> Result<Vec<(String, Tensor)>>;
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()>;
 }
@@ -184,15 +194,27 @@ pub fn import_named(v: impl IntoIterator<Item = NamedTensor>) -> Vec<(String, Te
 struct OptimizerShim(Box<dyn Optimizer>);
 
 impl OptimizerFfi for OptimizerShim {
-    fn step(
-        &mut self,
-        params: RSlice<'_, TensorId>,
-        grads: RSlice<'_, TensorId>,
-        lr: f64,
-    ) -> RResult<(), RString> {
+    fn step(&mut self, params: RSlice<'_, ParamGrad>, lr: f64) -> RResult<(), RString> {
         guard(|| {
-            let (p, g) = (borrowed(params), borrowed(grads));
-            self.0.step(&refs(&p), &refs(&g), lr)
+            let held: Vec<(ManuallyDrop<Tensor>, Option<ManuallyDrop<Tensor>>)> = params
+                .iter()
+                .map(|p| {
+                    (
+                        Tensor::borrow_raw(p.param),
+                        p.grad.into_option().map(Tensor::borrow_raw),
+                    )
+                })
+                .collect();
+            let named: Vec<Param<'_>> = params
+                .iter()
+                .zip(&held)
+                .map(|(p, (t, g))| Param {
+                    name: p.name.as_str(),
+                    tensor: t,
+                    grad: g.as_deref(),
+                })
+                .collect();
+            self.0.step(&named, lr)
         })
     }
     fn state(&self) -> RResult<RVec<NamedTensor>, RString> {
@@ -436,12 +458,17 @@ pub fn root_module<P: Plugin>() -> PluginLibRef {
 pub struct OptimizerHandle(pub OptimizerBox);
 
 impl OptimizerHandle {
-    pub fn step(&mut self, params: &[&Tensor], grads: &[&Tensor], lr: f64) -> Result<()> {
-        let p: Vec<TensorId> = params.iter().map(|t| t.id()).collect();
-        let g: Vec<TensorId> = grads.iter().map(|t| t.id()).collect();
-        res(self
-            .0
-            .step(RSlice::from_slice(&p), RSlice::from_slice(&g), lr))
+    /// One step over named parameters (those without a gradient are skipped).
+    pub fn step(&mut self, params: &[Param<'_>], lr: f64) -> Result<()> {
+        let p: Vec<ParamGrad> = params
+            .iter()
+            .map(|p| ParamGrad {
+                name: p.name.into(),
+                param: p.tensor.id(),
+                grad: p.grad.map(|g| g.id()).into(),
+            })
+            .collect();
+        res(self.0.step(RSlice::from_slice(&p), lr))
     }
 
     pub fn state(&self) -> Result<Vec<(String, Tensor)>> {

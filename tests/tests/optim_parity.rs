@@ -3,7 +3,7 @@
 use ferrite::plugins::Registry;
 use ferrite::runtime;
 use ferrite::settings::Settings;
-use ferrite_plugin_api::{DType, Tensor, Weights};
+use ferrite_plugin_api::{DType, Param, Tensor, Weights};
 use ferrite_tests::profile_dir;
 
 const STEPS: usize = 10;
@@ -13,6 +13,21 @@ fn fixture(name: &str) -> String {
         "{}/fixtures/optim/{name}.safetensors",
         env!("CARGO_MANIFEST_DIR")
     )
+}
+
+/// Parameters `p0`, `p1`, ... with their gradients (None: no gradient this step).
+fn named<'a>(params: &'a [Tensor], grads: &'a [Option<Tensor>]) -> Vec<Param<'a>> {
+    const NAMES: [&str; 2] = ["p0", "p1"];
+    params
+        .iter()
+        .zip(grads)
+        .enumerate()
+        .map(|(i, (tensor, grad))| Param {
+            name: NAMES[i],
+            tensor,
+            grad: grad.as_ref(),
+        })
+        .collect()
 }
 
 fn meta(w: &Weights, key: &str) -> String {
@@ -36,15 +51,10 @@ fn replay(optimizer: &str, name: &str) -> f64 {
         .collect();
     let mut worst = 0.0f64;
     for (t, lr) in lrs.iter().enumerate().take(STEPS) {
-        let grads: Vec<Tensor> = (0..2)
-            .map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).unwrap())
+        let grads: Vec<Option<Tensor>> = (0..2)
+            .map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).ok())
             .collect();
-        opt.step(
-            &params.iter().collect::<Vec<_>>(),
-            &grads.iter().collect::<Vec<_>>(),
-            *lr,
-        )
-        .unwrap();
+        opt.step(&named(&params, &grads), *lr).unwrap();
         for (i, p) in params.iter().enumerate() {
             let want = w
                 .get(&format!("step{t}.p{i}"), DType::F32)
@@ -83,6 +93,18 @@ fn sgd_dampened_matches_torch() {
     assert!(replay("sgd", "sgd_dampened") < 1e-6);
 }
 
+/// A parameter without a gradient is skipped with its state kept (torch's `grad is None`), and
+/// the other parameter's updates stay torch's: state goes by name, not by position.
+#[test]
+fn adamw_skips_a_parameter_without_a_gradient_as_torch_does() {
+    assert!(replay("adamw", "adamw_missing_grad") < 1e-6);
+}
+
+#[test]
+fn sgd_skips_a_parameter_without_a_gradient_as_torch_does() {
+    assert!(replay("sgd", "sgd_missing_grad") < 1e-6);
+}
+
 #[test]
 fn adamw_state_round_trips() {
     runtime::init("cpu").unwrap();
@@ -95,9 +117,9 @@ fn adamw_state_round_trips() {
             .map(|i| w.get(&format!("p{i}.init"), DType::F32).unwrap())
             .collect()
     };
-    let grads = |t: usize| -> Vec<Tensor> {
+    let grads = |t: usize| -> Vec<Option<Tensor>> {
         (0..2)
-            .map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).unwrap())
+            .map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).ok())
             .collect()
     };
     // Straight run of 4 steps vs 2 steps + export/import into a fresh optimizer + 2 steps.
@@ -106,28 +128,18 @@ fn adamw_state_round_trips() {
     let mut ob = registry.optimizer("adamw", &opts).unwrap();
     for (t, &lr) in lrs.iter().enumerate().take(4) {
         let g = grads(t);
-        oa.step(
-            &a.iter().collect::<Vec<_>>(),
-            &g.iter().collect::<Vec<_>>(),
-            lr,
-        )
-        .unwrap();
+        oa.step(&named(&a, &g), lr).unwrap();
         if t == 2 {
             let state = ob.state().unwrap();
             assert!(
-                state.iter().any(|(n, _)| n == "0.exp_avg_sq"),
+                state.iter().any(|(n, _)| n == "p0.exp_avg_sq"),
                 "{:?}",
                 state.iter().map(|s| &s.0).collect::<Vec<_>>()
             );
             ob = registry.optimizer("adamw", &opts).unwrap();
             ob.load_state(&state).unwrap();
         }
-        ob.step(
-            &b.iter().collect::<Vec<_>>(),
-            &g.iter().collect::<Vec<_>>(),
-            lr,
-        )
-        .unwrap();
+        ob.step(&named(&b, &g), lr).unwrap();
     }
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.to_vec().unwrap(), y.to_vec().unwrap());

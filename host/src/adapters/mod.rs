@@ -123,6 +123,9 @@ pub fn dispatch(
     x: TensorId,
     base_out: TensorId,
 ) -> ferrite_plugin_api::Result<Option<TensorId>> {
+    if !ENABLED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(None);
+    }
     let map = attached();
     let Some(list) = map
         .get(name)

@@ -52,6 +52,9 @@ pub struct Loaded {
     pub prior: Vec<bool>,
     pub timesteps: Vec<usize>,
     pub noise_seed: u64,
+    /// With debug_mode: each image as it enters the VAE (`[3, H, W]` in [-1, 1]), also when its
+    /// latents come from the cache.
+    pub inputs: Vec<Vec<f32>>,
 }
 
 /// What the workers read.
@@ -79,15 +82,20 @@ impl Context {
             prior: Vec::new(),
             timesteps: Vec::new(),
             noise_seed: 0,
+            inputs: Vec::new(),
         };
         for &i in &plan.items {
             let item = &self.data.items[i];
             let concept = &c.concepts[item.concept];
-            let (image, mask) = if c.latent_caching {
+            let debug = c.debug_mode;
+            let (image, mask, input) = if c.latent_caching {
                 let variation = plan.epoch % concept.image_variations as u64;
                 let (entry, seed) =
                     self.caches
                         .latent_entry(item, concept, plan.bucket, variation)?;
+                // The entry's augmentation comes from its own seed, so it can be redone.
+                let prepare =
+                    || data::prepare(item, concept, plan.bucket, &mut data::rng(seed, 0, 0));
                 match read_f32(&entry, &["mean", "logvar", "mask"]).as_deref() {
                     Some([(shape, mean), (_, logvar), (_, mask)]) => (
                         Image::Cached {
@@ -96,10 +104,11 @@ impl Context {
                             logvar: logvar.clone(),
                         },
                         mask.clone(),
+                        if debug { Some(prepare()?.pixels) } else { None },
                     ),
                     _ => {
-                        let p =
-                            data::prepare(item, concept, plan.bucket, &mut data::rng(seed, 0, 0))?;
+                        let p = prepare()?;
+                        let input = debug.then(|| p.pixels.clone());
                         (
                             Image::Miss {
                                 pixels: p.pixels,
@@ -107,13 +116,16 @@ impl Context {
                                 entry,
                             },
                             p.mask,
+                            input,
                         )
                     }
                 }
             } else {
                 let p = data::prepare(item, concept, plan.bucket, &mut r)?;
-                (Image::Pixels(p.pixels), p.mask)
+                let input = debug.then(|| p.pixels.clone());
+                (Image::Pixels(p.pixels), p.mask, input)
             };
+            b.inputs.extend(input);
             b.images.push(image);
             // Now and then a step sees the whole image, as OneTrainer's unmasked_probability.
             if c.masked_training && r.random_bool(c.unmasked_probability) {

@@ -350,8 +350,18 @@ pub struct Prepared {
     pub mask: Vec<f32>,
 }
 
-/// The image scaled to cover `bucket` (width, height), cropped (at a random offset with jitter,
-/// else centred) and flipped at random when enabled; its mask goes through the same steps.
+/// `[3, H, W]` in [-1, 1] as RGB bytes (`H × W × 3`).
+pub fn rgb_bytes(chw: &[f32], w: usize, h: usize) -> Vec<u8> {
+    let plane = w * h;
+    (0..plane)
+        .flat_map(|i| (0..3).map(move |c| ((chw[c * plane + i] + 1.0) * 127.5).round() as u8))
+        .collect()
+}
+
+/// The image scaled to cover `bucket` (width, height) and cropped (at a random offset with
+/// jitter, else centred), then flipped, rotated and colour-changed as the concept says
+/// ([`augment::Drawn`]); its mask (all ones without a mask file) goes through the same crop,
+/// flip and rotation. Training, validation, the debug output and the GUI's preview all use this.
 pub fn prepare(
     item: &Item,
     concept: &ConceptConfig,
@@ -380,31 +390,38 @@ pub fn prepare(
     } else {
         ((sw - bw) / 2, (sh - bh) / 2)
     };
-    let flip = concept.enable_random_flip && r.random_bool(0.5);
-    let place = |i: &image::RgbImage| {
+    fn place<P: image::Pixel<Subpixel = u8> + 'static>(
+        i: &image::ImageBuffer<P, Vec<u8>>,
+        (sw, sh): (u32, u32),
+        (x, y, bw, bh): (u32, u32, u32, u32),
+    ) -> image::ImageBuffer<P, Vec<u8>> {
         let scaled = image::imageops::resize(i, sw, sh, image::imageops::FilterType::Lanczos3);
-        let crop = image::imageops::crop_imm(&scaled, x, y, bw, bh).to_image();
-        if flip {
-            image::imageops::flip_horizontal(&crop)
-        } else {
-            crop
-        }
+        image::imageops::crop_imm(&scaled, x, y, bw, bh).to_image()
+    }
+    let crop = (x, y, bw, bh);
+    let mut pixels = augment::Planes::from_rgb(&place(&img, (sw, sh), crop));
+    let mut mask = match mask {
+        Some(m) => augment::Planes::from_luma(&place(&m, (sw, sh), crop)),
+        None => augment::Planes {
+            width: bw as usize,
+            height: bh as usize,
+            channels: 1,
+            data: vec![1.0; (bw * bh) as usize],
+        },
     };
-    let (w, h) = (bw as usize, bh as usize);
-    let mut pixels = vec![0f32; 3 * w * h];
-    for (px, py, p) in place(&img).enumerate_pixels() {
+    augment::Drawn::draw(concept, r).apply(&mut pixels, &mut mask);
+    // [H, W, 3] in [0, 1] to [3, H, W] in [-1, 1].
+    let plane = (bw * bh) as usize;
+    let mut chw = vec![0f32; 3 * plane];
+    for (i, p) in pixels.data.chunks_exact(3).enumerate() {
         for c in 0..3 {
-            pixels[c * w * h + py as usize * w + px as usize] = p[c] as f32 / 127.5 - 1.0;
+            chw[c * plane + i] = p[c] * 2.0 - 1.0;
         }
     }
-    let mask = match mask {
-        Some(m) => {
-            let m = image::DynamicImage::ImageLuma8(m).to_rgb8();
-            place(&m).pixels().map(|p| p[0] as f32 / 255.0).collect()
-        }
-        None => vec![1.0; w * h],
-    };
-    Ok(Prepared { pixels, mask })
+    Ok(Prepared {
+        pixels: chw,
+        mask: mask.data,
+    })
 }
 
 #[cfg(test)]

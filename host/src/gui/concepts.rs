@@ -252,6 +252,7 @@ impl ConceptsUi {
                                         &k("enable_random_flip"),
                                         &mut c.enable_random_flip,
                                     );
+                                    f.check(ui, &k("enable_fixed_flip"), &mut c.enable_fixed_flip);
                                     f.check(
                                         ui,
                                         &k("enable_random_rotate"),
@@ -391,14 +392,7 @@ impl ConceptsUi {
         match data::prepare(&item, &config.concepts[i], bucket, &mut r) {
             Ok(p) => {
                 let (w, h) = bucket;
-                let rgba: Vec<u8> = (0..w * h)
-                    .flat_map(|px| {
-                        let c =
-                            |ch: usize| ((p.pixels[ch * w * h + px] + 1.0) * 127.5).round() as u8;
-                        [c(0), c(1), c(2), 255]
-                    })
-                    .collect();
-                let img = egui::ColorImage::from_rgba_unmultiplied([w, h], &rgba);
+                let img = egui::ColorImage::from_rgb([w, h], &data::rgb_bytes(&p.pixels, w, h));
                 self.preview =
                     Some(ctx.load_texture("concept preview", img, egui::TextureOptions::NEAREST));
                 self.preview_error = None;

@@ -120,7 +120,7 @@ impl RunView {
             .name("trainer".into())
             .spawn(move || {
                 crate::runtime::reset_cancel();
-                let result = (|| {
+                let run = || {
                     crate::runtime::init(&config.train_device).map_err(|e| e.to_string())?;
                     let mut t = Trainer::new(config, &base, registry).map_err(|e| e.to_string())?;
                     let _ = tx.send(Msg::Started(t.controls()));
@@ -129,7 +129,15 @@ impl RunView {
                         ctx.request_repaint();
                     })
                     .map_err(|e| e.to_string())
-                })();
+                };
+                // A panic in the trainer ends the run as a failure with its message.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                    .unwrap_or_else(|p| {
+                        Err(format!(
+                            "the trainer failed: {}",
+                            ferrite_plugin_api::plugin::panic_message(&*p)
+                        ))
+                    });
                 let _ = tx.send(Msg::Done(result));
                 ctx.request_repaint();
             })

@@ -244,6 +244,51 @@ impl Registry {
         }
     }
 
+    /// What is wrong with `options` for the component `id` of `kind`, by its own options schema:
+    /// (the option at fault, when one is, and the problem). Not found or disabled components
+    /// give one problem without an option.
+    pub fn option_problems(
+        &self,
+        kind: ComponentKind,
+        id: &str,
+        options: &serde_json::Value,
+    ) -> Vec<(Option<String>, String)> {
+        let info = match self.find(kind, id) {
+            Ok(i) => i,
+            Err(e) => return vec![(None, e.to_string())],
+        };
+        let schema = match serde_json::from_str(&info.options_schema)
+            .map_err(|e| e.to_string())
+            .and_then(|s| jsonschema::validator_for(&s).map_err(|e| e.to_string()))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                return vec![(
+                    None,
+                    format!("the {kind} `{id}` has an unreadable options schema: {e}"),
+                )];
+            }
+        };
+        let mut out = Vec::new();
+        for e in schema.iter_errors(options) {
+            match e.kind() {
+                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => out
+                    .extend(unexpected.iter().map(|u| {
+                        (
+                            Some(u.clone()),
+                            format!("the {kind} `{id}` has no option `{u}`"),
+                        )
+                    })),
+                _ => {
+                    let path = e.instance_path().as_str().trim_start_matches('/');
+                    let option = path.split('/').next().filter(|p| !p.is_empty());
+                    out.push((option.map(str::to_string), format!("{kind} `{id}`: {e}")));
+                }
+            }
+        }
+        out
+    }
+
     fn instantiate(
         &self,
         kind: ComponentKind,

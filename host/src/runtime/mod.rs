@@ -30,6 +30,8 @@ pub trait Runtime: Send {
     fn upload(&mut self, data: TensorData) -> TensorId;
     fn rng_new(&mut self, seed: u64) -> u64;
     fn rng_release(&mut self, id: u64);
+    /// Seeds the backend's own generator (dropout masks), so a run's draws repeat.
+    fn seed(&mut self, seed: u64);
     /// Number of live handles (leak checks in tests).
     fn live(&self) -> usize;
 }
@@ -66,6 +68,9 @@ impl<B: Tracking> Runtime for TensorTable<B> {
     fn rng_release(&mut self, id: u64) {
         self.rngs.remove(&id);
     }
+    fn seed(&mut self, seed: u64) {
+        <B as burn_backend::Backend>::seed(&self.device, seed);
+    }
     fn live(&self) -> usize {
         TensorTable::live(self)
     }
@@ -73,7 +78,7 @@ impl<B: Tracking> Runtime for TensorTable<B> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("train_device `{0}` is not understood: use cpu, cuda or cuda:N")]
+    #[error("train_device `{0}` is not understood: use auto, cpu, cuda or cuda:N")]
     Unknown(String),
     #[error(
         "train_device `{0}` needs CUDA, but this ferrite was built without it: rebuild with `--features cuda`"
@@ -98,6 +103,23 @@ pub(crate) fn lock() -> std::sync::MutexGuard<'static, Option<Box<dyn Runtime>>>
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
+
+/// `auto`: the first CUDA device when this build has CUDA and a driver answers, else the CPU,
+/// and why.
+fn resolve_auto() -> (String, String) {
+    #[cfg(feature = "cuda")]
+    {
+        match new_runtime("cuda:0") {
+            Ok(_) => (
+                "cuda:0".into(),
+                "this build has CUDA and a driver answered".into(),
+            ),
+            Err(e) => ("cpu".into(), e.to_string()),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    ("cpu".into(), "this ferrite was built without CUDA".into())
+}
 
 fn parse_device(device: &str) -> Result<Option<usize>, DeviceError> {
     match device.trim() {
@@ -153,17 +175,33 @@ fn new_runtime(device: &str) -> Result<Box<dyn Runtime>, DeviceError> {
     }
 }
 
-/// Selects the compute device (`cpu`, `cuda`, `cuda:N`) and installs the host services for the
-/// host's own use of `plugin-api`. Calling it again with the same device is a no-op.
-pub fn init(device: &str) -> Result<(), DeviceError> {
+/// Selects the compute device (`auto`, `cpu`, `cuda`, `cuda:N`) and installs the host services
+/// for the host's own use of `plugin-api`; says where it computes (and why, for `auto`). Calling
+/// it again with the same device is a no-op.
+pub fn init(device: &str) -> Result<String, DeviceError> {
+    let (device, why) = if device.trim() == "auto" {
+        // Already computing somewhere: that is where `auto` stays.
+        if let Some(rt) = lock().as_ref() {
+            return Ok(format!(
+                "computing on {} (train_device auto: already in use)",
+                rt.device_name()
+            ));
+        }
+        let (d, why) = resolve_auto();
+        (d, format!(" (train_device auto: {why})"))
+    } else {
+        (device.to_string(), String::new())
+    };
     let mut g = lock();
-    let wanted = match parse_device(device)? {
+    let wanted = match parse_device(&device)? {
         None => "cpu".to_string(),
         Some(i) => format!("cuda:{i}"),
     };
+    let said = format!("computing on {wanted}{why}");
+    tracing::info!("{said}");
     if let Some(rt) = g.as_ref() {
         if rt.device_name() == wanted {
-            return Ok(());
+            return Ok(said);
         }
         if rt.live() > 0 {
             return Err(DeviceError::Busy {
@@ -172,9 +210,16 @@ pub fn init(device: &str) -> Result<(), DeviceError> {
             });
         }
     }
-    *g = Some(new_runtime(device)?);
+    *g = Some(new_runtime(&device)?);
     ferrite_plugin_api::host::set_host(host_ref());
-    Ok(())
+    Ok(said)
+}
+
+/// Seeds the backend's generator (what dropout draws from).
+pub fn seed_random(seed: u64) {
+    if let Some(rt) = lock().as_mut() {
+        rt.seed(seed);
+    }
 }
 
 /// Asks running work (training, sampling) to stop at its next check.

@@ -84,6 +84,15 @@ pub fn generate(
         on_step();
         arch.denoise(x, &Tensor::full(&[2], t, DType::F32)?, &text)
     })?;
+    decode(arch, &info, &latents)
+}
+
+/// Scaled latents `[1, C, h, w]` decoded by the model's VAE, as RGB bytes (`H × W × 3`).
+pub fn decode(
+    arch: &ArchitectureHandle,
+    info: &serde_json::Value,
+    latents: &Tensor,
+) -> Result<Vec<u8>> {
     let scaling = info["scaling_factor"]
         .as_f64()
         .ok_or_else(|| Error::msg("model_info has no scaling_factor"))?;
@@ -96,7 +105,7 @@ pub fn generate(
         .div_scalar(2.0)?
         .add_scalar(0.5)?
         .clamp(Some(0.0), Some(1.0))?;
-    // [1, 3, H, W] -> [H, W, 3], then the one host copy of the run.
+    // [1, 3, H, W] -> [H, W, 3], then the one host copy.
     let hwc = image.squeeze(0)?.permute(&[1, 2, 0])?.to_vec()?;
     Ok(hwc.iter().map(|v| (v * 255.0).round() as u8).collect())
 }

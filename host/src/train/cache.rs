@@ -20,11 +20,13 @@ fn hex(digest: &[u8]) -> String {
 /// An image file, a bucket and a variation: one latent cache entry.
 type Slot = (PathBuf, (usize, usize), u64);
 
-/// What the caches share: the folder, and what identifies the model (its path, when it
-/// changed, its facts) and the run's seed.
+/// What the caches share: the folder, what identifies the model (its path, when it changed, its
+/// facts), and the run's seed (part of a latent entry's key only when the image is augmented at
+/// random).
 pub struct Caches {
     pub dir: PathBuf,
     identity: String,
+    seed: u64,
     /// Latent cache file and augmentation seed per (image, bucket, variation), once worked out.
     memo: Mutex<HashMap<Slot, (PathBuf, u64)>>,
     /// Entries encoded (not found in the cache) during this run.
@@ -44,7 +46,8 @@ impl Caches {
         }
         Self {
             dir,
-            identity: format!("{} {modified} {facts} {seed}", model.display()),
+            identity: format!("{} {modified} {facts}", model.display()),
+            seed,
             memo: Default::default(),
             latents_encoded: AtomicUsize::new(0),
             texts_encoded: AtomicUsize::new(0),
@@ -60,7 +63,7 @@ impl Caches {
 
     /// The cache file of one image variation and the seed of its augmentation, both from a hash
     /// of the image and mask files, the bucket, the concept's image settings, the variation, the
-    /// seed and the model. Worked out once per run: the files are read for it the first time only.
+    /// model, and the seed when an option draws at random. Worked out once per run: the files are read for it the first time only.
     pub fn latent_entry(
         &self,
         item: &Item,
@@ -102,6 +105,9 @@ impl Caches {
             )
             .as_bytes(),
         );
+        if concept.random_image_augmentation() {
+            h.update(format!(" seed {}", self.seed).as_bytes());
+        }
         let digest = h.finalize();
         let entry = (
             self.dir

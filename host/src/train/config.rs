@@ -106,23 +106,26 @@ pub struct ConceptConfig {
     pub caps_randomize_probability: f64,
     /// Lower-case the whole caption first.
     pub caps_randomize_lowercase: bool,
-    /// Random horizontal flip.
+    /// Random horizontal flip (half of the time).
     pub enable_random_flip: bool,
+    /// Flip every image horizontally.
+    pub enable_fixed_flip: bool,
     /// Random crop offset inside the bucket's cover-scaled image (else centred).
     pub enable_crop_jitter: bool,
     /// Rotation by up to `random_rotate_max_angle` degrees either way (random), or by exactly
-    /// that (fixed).
+    /// that (fixed); the mask turns with the image, uncovered corners are black (and masked out).
     pub enable_random_rotate: bool,
     /// Rotate every image by exactly random_rotate_max_angle.
     pub enable_fixed_rotate: bool,
     /// Degrees of rotation: the most either way (random) or the angle (fixed).
     pub random_rotate_max_angle: f64,
-    /// Brightness, contrast, saturation and hue: a random change of up to the strength either
-    /// way, or exactly the strength (fixed). Strengths are fractions (hue: of a full turn).
+    /// Brightness, contrast, saturation: a random factor in 1 ± strength, or exactly 1 +
+    /// strength (fixed), as torchvision's adjust_*; hue: a shift of up to ± strength/2 turns
+    /// (fixed: strength/2). The image only, never the mask.
     pub enable_random_brightness: bool,
     /// Change brightness by exactly the strength.
     pub enable_fixed_brightness: bool,
-    /// Brightness change: the most either way (random) or the change (fixed).
+    /// Brightness: the most either way (random) or the change (fixed), as a factor offset.
     pub random_brightness_max_strength: f64,
     /// A random contrast change of up to the strength either way.
     pub enable_random_contrast: bool,
@@ -136,11 +139,11 @@ pub struct ConceptConfig {
     pub enable_fixed_saturation: bool,
     /// Saturation change: the most either way (random) or the change (fixed).
     pub random_saturation_max_strength: f64,
-    /// A random hue shift of up to the strength (a fraction of a turn) either way.
+    /// A random hue shift of up to half the strength (a fraction of a turn) either way.
     pub enable_random_hue: bool,
     /// Shift hue by exactly the strength.
     pub enable_fixed_hue: bool,
-    /// Hue shift as a fraction of a full turn: the most either way (random) or the shift (fixed).
+    /// Hue: twice the largest shift in turns (random), or twice the shift (fixed), as OneTrainer.
     pub random_hue_max_strength: f64,
 }
 
@@ -169,6 +172,7 @@ impl Default for ConceptConfig {
             caps_randomize_probability: 0.0,
             caps_randomize_lowercase: false,
             enable_random_flip: true,
+            enable_fixed_flip: false,
             enable_crop_jitter: true,
             enable_random_rotate: false,
             enable_fixed_rotate: false,
@@ -185,6 +189,33 @@ impl Default for ConceptConfig {
             enable_random_hue: false,
             enable_fixed_hue: false,
             random_hue_max_strength: 0.0,
+        }
+    }
+}
+
+impl ConceptConfig {
+    /// Whether any image option draws at random (then a prepared image depends on the seed).
+    pub fn random_image_augmentation(&self) -> bool {
+        self.enable_crop_jitter
+            || self.enable_random_flip
+            || self.enable_random_rotate
+            || self.enable_random_brightness
+            || self.enable_random_contrast
+            || self.enable_random_saturation
+            || self.enable_random_hue
+    }
+
+    /// The concept with its random image options off (the fixed ones stay): validation images.
+    pub fn without_random_augmentation(&self) -> Self {
+        Self {
+            enable_crop_jitter: false,
+            enable_random_flip: false,
+            enable_random_rotate: false,
+            enable_random_brightness: false,
+            enable_random_contrast: false,
+            enable_random_saturation: false,
+            enable_random_hue: false,
+            ..self.clone()
         }
     }
 }
@@ -251,7 +282,8 @@ pub struct TrainConfig {
     /// TensorBoard event files (loss, learning rate, validation loss, samples) under
     /// `workspace/tensorboard/`.
     pub tensorboard: bool,
-    /// Where to compute: cpu, cuda or cuda:N.
+    /// Where to compute: auto (the first CUDA device when this build has CUDA and a driver is
+    /// found, else the CPU), cpu, cuda or cuda:N.
     pub train_device: String,
     /// Seeds every random draw (data order, augmentation, noise, timesteps).
     pub seed: u64,
@@ -293,7 +325,8 @@ pub struct TrainConfig {
     /// Encoded images cached on disk under cache_dir, keyed by a hash of everything that
     /// changes them (so a changed image or setting re-encodes that image only).
     pub latent_caching: bool,
-    /// Empty the caches when a run starts.
+    /// Empty the caches when a run starts (off: entries are reused; their keys already change
+    /// with whatever changes them).
     pub clear_cache_before_training: bool,
 
     /// uniform, logit_normal, heavy_tail (continuous); sigmoid, cos_map, inverted_parabola
@@ -390,6 +423,20 @@ pub struct TrainConfig {
     /// step, epoch, second, minute, hour, always, never.
     pub save_every_unit: String,
 
+    /// Text-encoder layers skipped from the end (CLIP skip; 1 = the penultimate layer's states,
+    /// as anime models expect), for training, validation and samples.
+    pub text_encoder_layer_skip: usize,
+
+    /// Writes what each debug step trained on under debug_dir: per image of the batch the input
+    /// after every augmentation, its mask, and the target and the prediction decoded as images.
+    pub debug_mode: bool,
+    /// Where debug images go (relative to the config file unless absolute).
+    pub debug_dir: String,
+    /// How often debug images are written.
+    pub debug_after: f64,
+    /// step, epoch, second, minute, hour, always (every step), never.
+    pub debug_after_unit: String,
+
     /// The training data.
     pub concepts: Vec<ConceptConfig>,
 }
@@ -409,7 +456,7 @@ impl Default for TrainConfig {
             cache_dir: "workspace-cache/run".into(),
             continue_last_backup: false,
             tensorboard: true,
-            train_device: "cpu".into(),
+            train_device: "auto".into(),
             seed: 42,
             dataloader_threads: 2,
             learning_rate: 1e-4,
@@ -427,7 +474,7 @@ impl Default for TrainConfig {
             resolution: "512".into(),
             aspect_ratio_bucketing: true,
             latent_caching: true,
-            clear_cache_before_training: true,
+            clear_cache_before_training: false,
             timestep_distribution: "uniform".into(),
             noising_weight: 0.0,
             noising_bias: 0.0,
@@ -471,6 +518,11 @@ impl Default for TrainConfig {
             rolling_backup_count: 3,
             save_every: 0.0,
             save_every_unit: "never".into(),
+            text_encoder_layer_skip: 0,
+            debug_mode: false,
+            debug_dir: "debug".into(),
+            debug_after: 1.0,
+            debug_after_unit: "epoch".into(),
             concepts: Vec::new(),
         }
     }
@@ -717,6 +769,7 @@ impl TrainConfig {
             ("validate_after_unit", &self.validate_after_unit),
             ("backup_after_unit", &self.backup_after_unit),
             ("save_every_unit", &self.save_every_unit),
+            ("debug_after_unit", &self.debug_after_unit),
             (
                 "unet.stop_training_after_unit",
                 &self.unet.stop_training_after_unit,
@@ -820,6 +873,14 @@ impl TrainConfig {
         );
         for (i, c) in self.concepts.iter().enumerate() {
             check(
+                !(c.enabled && c.kind == "prior" && self.training_method != "lora"),
+                &format!(
+                    "concepts[{i}].type: a prior concept trains towards the model without its \
+                     adapter, and a fine-tune has no adapter: use it with training_method = \
+                     \"lora\", or make it a standard concept"
+                ),
+            );
+            check(
                 !c.path.is_empty(),
                 &format!("concepts[{i}].path: give the image folder"),
             );
@@ -883,6 +944,55 @@ impl TrainConfig {
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
         (id, serde_json::to_value(t).unwrap_or_default())
+    }
+
+    /// The adapter's options as its plugin receives them (LoRA training).
+    pub fn adapter_options(&self) -> crate::adapters::AdapterOptions {
+        crate::adapters::AdapterOptions {
+            kind: self.peft_type.clone(),
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            dora: self.lora_decompose,
+            seed: self.seed,
+        }
+    }
+
+    /// The adapter's and the optimizer's options checked against their plugins' own schemas,
+    /// each problem naming the config key (e.g. LoHa has no dropout: `lora_dropout`).
+    pub fn validate_plugin_options(&self, registry: &crate::plugins::Registry) -> Result<()> {
+        use ferrite_plugin_api::ComponentKind;
+        let mut e = Vec::new();
+        if self.training_method == "lora" {
+            let a = self.adapter_options();
+            let json = serde_json::to_value(&a).unwrap_or_default();
+            for (option, problem) in
+                registry.option_problems(ComponentKind::Adapter, &a.kind, &json)
+            {
+                let key = match option.as_deref() {
+                    Some("rank") => "lora_rank",
+                    Some("alpha") => "lora_alpha",
+                    Some("dropout") => "lora_dropout",
+                    Some("dora") => "lora_decompose",
+                    Some("seed") => "seed",
+                    _ => "peft_type",
+                };
+                e.push(format!("{key}: {problem}"));
+            }
+        }
+        let (id, options) = self.optimizer_options();
+        for (option, problem) in registry.option_problems(ComponentKind::Optimizer, &id, &options) {
+            let key = option.map_or_else(
+                || "optimizer.optimizer".into(),
+                |o| format!("optimizer.{o}"),
+            );
+            e.push(format!("{key}: {problem}"));
+        }
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(e))
+        }
     }
 
     /// A path from the config, relative to `base` (the config file's folder) unless absolute.

@@ -1,7 +1,9 @@
 //! AdamW (decoupled weight decay) and Adam (L2 weight decay), with torch.optim's update rules.
 
+use std::collections::BTreeMap;
+
 use ferrite_plugin_api::{
-    Component, ComponentKind, Descriptor, Error, Optimizer, Plugin, Result, Tensor, bail,
+    Component, ComponentKind, Descriptor, Error, Optimizer, Param, Plugin, Result, Tensor, bail,
     export_plugin, parse_options,
     serde_json::{self, json},
 };
@@ -42,7 +44,10 @@ fn schema(decoupled: bool) -> serde_json::Value {
     })
 }
 
+/// One parameter's state: its own step count (a parameter skipped for lack of a gradient does
+/// not count the step, as in torch) and moments.
 struct Moments {
+    step: u64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
@@ -51,8 +56,8 @@ pub struct Adam {
     opts: AdamOptions,
     /// AdamW when true: decay is applied to the weights, not added to the gradient.
     decoupled: bool,
-    step: u64,
-    state: Vec<Option<Moments>>,
+    /// By parameter name.
+    state: BTreeMap<String, Moments>,
 }
 
 impl Adam {
@@ -66,31 +71,24 @@ impl Adam {
         Ok(Self {
             opts,
             decoupled,
-            step: 0,
-            state: Vec::new(),
+            state: BTreeMap::new(),
         })
     }
 }
 
+const FIELDS: [&str; 3] = ["step", "exp_avg", "exp_avg_sq"];
+
 impl Optimizer for Adam {
-    fn step(&mut self, params: &[&Tensor], grads: &[&Tensor], lr: f64) -> Result<()> {
-        if params.len() != grads.len() {
-            bail!("{} parameters but {} gradients", params.len(), grads.len());
-        }
-        if self.state.len() < params.len() {
-            self.state.resize_with(params.len(), || None);
-        }
-        self.step += 1;
+    fn step(&mut self, params: &[Param<'_>], lr: f64) -> Result<()> {
         let AdamOptions {
             beta1,
             beta2,
             eps,
             weight_decay,
         } = self.opts;
-        let bias1 = 1.0 - beta1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let mut p_new = p.detach()?;
+        for p in params {
+            let Some(g) = p.grad else { continue };
+            let mut p_new = p.tensor.detach()?;
             let mut g = g.detach()?;
             if weight_decay != 0.0 {
                 if self.decoupled {
@@ -99,8 +97,9 @@ impl Optimizer for Adam {
                     g = g.add(&p_new.mul_scalar(weight_decay)?)?;
                 }
             }
-            let m = match self.state[i].take() {
+            let m = match self.state.remove(p.name) {
                 Some(m) => Moments {
+                    step: m.step + 1,
                     // torch's lerp form: m + (g - m)(1 - beta1).
                     exp_avg: m
                         .exp_avg
@@ -111,68 +110,60 @@ impl Optimizer for Adam {
                         .add(&g.mul(&g)?.mul_scalar(1.0 - beta2)?)?,
                 },
                 None => Moments {
+                    step: 1,
                     exp_avg: g.mul_scalar(1.0 - beta1)?,
                     exp_avg_sq: g.mul(&g)?.mul_scalar(1.0 - beta2)?,
                 },
             };
+            let bias1 = 1.0 - beta1.powi(m.step as i32);
+            let bias2_sqrt = (1.0 - beta2.powi(m.step as i32)).sqrt();
             let denom = m
                 .exp_avg_sq
                 .sqrt()?
                 .div_scalar(bias2_sqrt)?
                 .add_scalar(eps)?;
             let update = m.exp_avg.div(&denom)?.mul_scalar(lr / bias1)?;
-            p.assign(&p_new.sub(&update)?)?;
-            self.state[i] = Some(m);
+            p.tensor.assign(&p_new.sub(&update)?)?;
+            self.state.insert(p.name.to_string(), m);
         }
         Ok(())
     }
 
+    /// `<parameter>.step`, `<parameter>.exp_avg`, `<parameter>.exp_avg_sq`.
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![(
-            "step".to_string(),
-            Tensor::from_f32(&[self.step as f32], &[1])?,
-        )];
-        for (i, m) in self.state.iter().enumerate() {
-            if let Some(m) = m {
-                out.push((format!("{i}.exp_avg"), m.exp_avg.clone()));
-                out.push((format!("{i}.exp_avg_sq"), m.exp_avg_sq.clone()));
-            }
+        let mut out = Vec::new();
+        for (name, m) in &self.state {
+            out.push((
+                format!("{name}.step"),
+                Tensor::from_f32(&[m.step as f32], &[1])?,
+            ));
+            out.push((format!("{name}.exp_avg"), m.exp_avg.clone()));
+            out.push((format!("{name}.exp_avg_sq"), m.exp_avg_sq.clone()));
         }
         Ok(out)
     }
 
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
-        let mut step = None;
-        let mut moments: Vec<(Option<Tensor>, Option<Tensor>)> = Vec::new();
+        let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
         for (name, t) in state {
-            if name == "step" {
-                step = Some(t.item()? as u64);
-                continue;
-            }
-            let (idx, field) = name
-                .split_once('.')
-                .and_then(|(i, f)| Some((i.parse::<usize>().ok()?, f)))
+            let (param, field) = name
+                .rsplit_once('.')
+                .and_then(|(p, f)| Some((p, FIELDS.iter().position(|x| *x == f)?)))
                 .ok_or_else(|| Error(format!("unknown Adam state tensor `{name}`")))?;
-            if moments.len() <= idx {
-                moments.resize_with(idx + 1, || (None, None));
-            }
-            match field {
-                "exp_avg" => moments[idx].0 = Some(t),
-                "exp_avg_sq" => moments[idx].1 = Some(t),
-                _ => bail!("unknown Adam state tensor `{name}`"),
-            }
+            parts.entry(param.to_string()).or_default()[field] = Some(t);
         }
-        self.step = step.ok_or_else(|| Error::msg("Adam state has no `step`"))?;
-        self.state = moments
+        self.state = parts
             .into_iter()
-            .enumerate()
-            .map(|(i, pair)| match pair {
-                (Some(exp_avg), Some(exp_avg_sq)) => Ok(Some(Moments {
-                    exp_avg,
-                    exp_avg_sq,
-                })),
-                (None, None) => Ok(None),
-                _ => Err(Error(format!("Adam state for parameter {i} is incomplete"))),
+            .map(|(name, p)| match p {
+                [Some(step), Some(exp_avg), Some(exp_avg_sq)] => Ok((
+                    name,
+                    Moments {
+                        step: step.item()? as u64,
+                        exp_avg,
+                        exp_avg_sq,
+                    },
+                )),
+                _ => Err(Error(format!("Adam state for `{name}` is incomplete"))),
             })
             .collect::<Result<_>>()?;
         Ok(())

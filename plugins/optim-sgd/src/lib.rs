@@ -1,10 +1,12 @@
 //! SGD with momentum, dampening and Nesterov, with torch.optim.SGD's update rule.
 
 use ferrite_plugin_api::{
-    Component, ComponentKind, Descriptor, Error, Optimizer, Plugin, Result, Tensor, bail,
+    Component, ComponentKind, Descriptor, Error, Optimizer, Param, Plugin, Result, Tensor, bail,
     export_plugin, parse_options,
     serde_json::{self, json},
 };
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,7 +31,8 @@ impl Default for SgdOptions {
 
 pub struct Sgd {
     opts: SgdOptions,
-    momentum: Vec<Option<Tensor>>,
+    /// The momentum buffer of each parameter, by name.
+    momentum: BTreeMap<String, Tensor>,
 }
 
 impl Sgd {
@@ -42,33 +45,28 @@ impl Sgd {
         }
         Ok(Self {
             opts,
-            momentum: Vec::new(),
+            momentum: BTreeMap::new(),
         })
     }
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, params: &[&Tensor], grads: &[&Tensor], lr: f64) -> Result<()> {
-        if params.len() != grads.len() {
-            bail!("{} parameters but {} gradients", params.len(), grads.len());
-        }
-        if self.momentum.len() < params.len() {
-            self.momentum.resize_with(params.len(), || None);
-        }
+    fn step(&mut self, params: &[Param<'_>], lr: f64) -> Result<()> {
         let SgdOptions {
             momentum,
             dampening,
             nesterov,
             weight_decay,
         } = self.opts;
-        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let p_old = p.detach()?;
+        for p in params {
+            let Some(g) = p.grad else { continue };
+            let p_old = p.tensor.detach()?;
             let mut d = g.detach()?;
             if weight_decay != 0.0 {
                 d = d.add(&p_old.mul_scalar(weight_decay)?)?;
             }
             if momentum != 0.0 {
-                let buf = match self.momentum[i].take() {
+                let buf = match self.momentum.remove(p.name) {
                     Some(b) => b
                         .mul_scalar(momentum)?
                         .add(&d.mul_scalar(1.0 - dampening)?)?,
@@ -79,9 +77,9 @@ impl Optimizer for Sgd {
                 } else {
                     buf.clone()
                 };
-                self.momentum[i] = Some(buf);
+                self.momentum.insert(p.name.to_string(), buf);
             }
-            p.assign(&p_old.sub(&d.mul_scalar(lr)?)?)?;
+            p.tensor.assign(&p_old.sub(&d.mul_scalar(lr)?)?)?;
         }
         Ok(())
     }
@@ -90,25 +88,17 @@ impl Optimizer for Sgd {
         Ok(self
             .momentum
             .iter()
-            .enumerate()
-            .filter_map(|(i, b)| {
-                b.as_ref()
-                    .map(|b| (format!("{i}.momentum_buffer"), b.clone()))
-            })
+            .map(|(name, b)| (format!("{name}.momentum_buffer"), b.clone()))
             .collect())
     }
 
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
-        let mut bufs: Vec<Option<Tensor>> = Vec::new();
+        let mut bufs = BTreeMap::new();
         for (name, t) in state {
-            let idx = name
+            let param = name
                 .strip_suffix(".momentum_buffer")
-                .and_then(|i| i.parse::<usize>().ok())
                 .ok_or_else(|| Error(format!("unknown SGD state tensor `{name}`")))?;
-            if bufs.len() <= idx {
-                bufs.resize_with(idx + 1, || None);
-            }
-            bufs[idx] = Some(t);
+            bufs.insert(param.to_string(), t);
         }
         self.momentum = bufs;
         Ok(())

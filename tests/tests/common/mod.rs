@@ -3,7 +3,7 @@
 use ferrite::plugins::Registry;
 use ferrite::runtime;
 use ferrite::settings::Settings;
-use ferrite_plugin_api::{Generator, Tensor};
+use ferrite_plugin_api::{Generator, Param, Tensor};
 use ferrite_tests::{dylib_name, plugin_dir, profile_dir, test_plugin};
 
 /// Trains the test MLP plugin on a small regression task; returns the first and last loss.
@@ -33,33 +33,28 @@ pub fn train(optimizer: &str, options: &str, lr: f64, steps: usize) -> (f32, f32
         .sub(&col(2).mul(&col(3)).unwrap())
         .unwrap();
 
-    let params: Vec<Tensor> = model
-        .parameters()
-        .unwrap()
-        .into_iter()
-        .map(|(_, t)| t)
-        .collect();
+    let params: Vec<(String, Tensor)> = model.parameters().unwrap();
     assert_eq!(params.len(), 4, "fc1/fc2 weight and bias");
     let (mut first, mut last) = (0.0, 0.0);
     for step in 0..steps {
         let pred = model.forward(&[&x]).unwrap().remove(0);
         let loss = pred.sub(&y).unwrap().powf(2.0).unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
-        let g: Vec<Tensor> = params
+        let g: Vec<Option<Tensor>> = params.iter().map(|(_, p)| grads.get(p).unwrap()).collect();
+        assert!(
+            g.iter().all(Option::is_some),
+            "every parameter has a gradient"
+        );
+        let named: Vec<Param<'_>> = params
             .iter()
-            .map(|p| {
-                grads
-                    .get(p)
-                    .unwrap()
-                    .expect("every parameter has a gradient")
+            .zip(&g)
+            .map(|((name, tensor), grad)| Param {
+                name,
+                tensor,
+                grad: grad.as_ref(),
             })
             .collect();
-        opt.step(
-            &params.iter().collect::<Vec<_>>(),
-            &g.iter().collect::<Vec<_>>(),
-            lr,
-        )
-        .unwrap();
+        opt.step(&named, lr).unwrap();
         // Reading the loss back is the one host sync per step, as a logged figure would be.
         let l = loss.item().unwrap();
         if step == 0 {

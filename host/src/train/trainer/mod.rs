@@ -7,6 +7,8 @@
 //! of an epoch from (seed, epoch): a run resumed from a backup repeats the uninterrupted one.
 
 mod backup;
+mod batch;
+mod debug;
 mod ema;
 mod output;
 
@@ -16,21 +18,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrite_plugin_api::{
-    DType, Generator, Tensor, Weights,
+    Generator, Param, Tensor,
     plugin::{ArchitectureHandle, OptimizerHandle},
 };
 use rand::Rng;
 
-use crate::adapters::{self, AdapterOptions, ModelLayers, select};
-use crate::data::loader::{self, Image, Loaded, Prefetch};
+use crate::adapters::{self, ModelLayers, select};
+use crate::data::loader::{self, Prefetch};
 use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
-use crate::sample::{NoiseSchedule, Prediction, Sampler, SchedulerConfig, generate};
+use crate::sample::{NoiseSchedule, Sampler, SchedulerConfig, generate};
 use crate::train::cache::Caches;
-use crate::train::config::{ConceptConfig, TrainConfig};
-use crate::train::loss::{huber, log_cosh, loss_weight};
+use crate::train::config::TrainConfig;
 use crate::train::tensorboard::EventWriter;
 use crate::train::timesteps::Timesteps;
+use batch::Batch;
 use ema::Ema;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,21 +94,6 @@ pub struct Controls {
     pub backup_now: AtomicBool,
 }
 
-/// A batch on the device, ready for the loss.
-struct Batch {
-    bucket: (usize, usize),
-    /// The VAE's mean and log-variance, `[B, C, h, w]`.
-    mean: Tensor,
-    logvar: Tensor,
-    /// `[H, W]` per image, concatenated.
-    masks: Vec<f32>,
-    /// Text-encoder states, `[B, tokens, width]`.
-    text: Tensor,
-    weights: Vec<f64>,
-    /// Per image: a prior concept's, whose target is the model's prediction without adapters.
-    prior: Vec<bool>,
-}
-
 /// A model part's trainable tensors and their optimizer.
 struct Group {
     part: String,
@@ -147,9 +134,12 @@ pub struct Trainer {
     last_done: std::collections::HashMap<&'static str, Instant>,
     resumed_from: Option<PathBuf>,
     controls: Arc<Controls>,
+    /// With debug_mode: what the last batch trained on, for the debug images.
+    debug_last: Option<debug::Snapshot>,
 }
 
 const RNG_VALIDATION: u64 = 4;
+const RNG_DROPOUT: u64 = 6;
 
 /// While it lives, the trained tensors record no autodiff graph (sampling and validation need
 /// none, and building it made sampling several times slower).
@@ -193,6 +183,7 @@ impl Trainer {
     /// resumes from the last backup when `continue_last_backup` is set.
     pub fn new(config: TrainConfig, base: &Path, registry: Registry) -> Result<Self> {
         let c = &config;
+        c.validate_plugin_options(&registry).map_err(err)?;
         let workspace = TrainConfig::path(base, &c.workspace_dir);
         std::fs::create_dir_all(&workspace)
             .map_err(|e| TrainError(format!("workspace_dir {}: {e}", workspace.display())))?;
@@ -267,6 +258,7 @@ impl Trainer {
             last_done: Default::default(),
             resumed_from: None,
             controls: Default::default(),
+            debug_last: None,
             tensorboard,
             groups: Vec::new(),
             batches_per_epoch: 0,
@@ -283,6 +275,7 @@ impl Trainer {
             validation,
             buckets,
         };
+        t.check_destination()?;
         t.batches_per_epoch = data::plan_epoch(&t.data, &t.config, &t.buckets, 0).len();
         t.groups = t.make_groups()?;
         if t.config.continue_last_backup
@@ -308,15 +301,8 @@ impl Trainer {
                 .into_iter()
                 .filter(|l| c.unet.train || !l.name.starts_with("unet."))
                 .collect();
-            let opts = AdapterOptions {
-                kind: c.peft_type.clone(),
-                rank: c.lora_rank,
-                alpha: c.lora_alpha,
-                dropout: c.lora_dropout,
-                dora: c.lora_decompose,
-                seed: c.seed,
-            };
-            adapters::create(&self.registry, &self.model, &layers, &opts).map_err(err)?;
+            adapters::create(&self.registry, &self.model, &layers, &c.adapter_options())
+                .map_err(err)?;
             if !c.lora_base_model.is_empty() {
                 adapters::resume(
                     &self.model,
@@ -418,277 +404,6 @@ impl Trainer {
         })
     }
 
-    /// Text-encoder states for `prompts`, `[B, tokens, width]`; from the text cache when it is
-    /// on (prompts not in it are encoded together and written).
-    fn text_states(&self, prompts: &[String]) -> Result<Tensor> {
-        let encode = |ps: &[&str]| -> Result<Tensor> {
-            let mut out = self.arch.encode_text(ps).map_err(err)?;
-            if out.is_empty() {
-                return Err(TrainError(
-                    "the model's encode_text returned nothing".into(),
-                ));
-            }
-            Ok(out.swap_remove(0))
-        };
-        if !self.text_cached {
-            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-            return encode(&refs);
-        }
-        let mut states: Vec<Option<Tensor>> = Vec::new();
-        let mut missing = Vec::new();
-        for (i, p) in prompts.iter().enumerate() {
-            let entry = self.caches.text_entry(p);
-            let hit = Weights::open(&entry.to_string_lossy())
-                .and_then(|w| w.get("states", DType::F32))
-                .ok();
-            if hit.is_none() {
-                missing.push((i, entry));
-            }
-            states.push(hit);
-        }
-        if !missing.is_empty() {
-            let refs: Vec<&str> = missing.iter().map(|(i, _)| prompts[*i].as_str()).collect();
-            let encoded = encode(&refs)?.detach().map_err(err)?;
-            for (k, (i, entry)) in missing.iter().enumerate() {
-                let one = encoded.narrow(0, k, 1).map_err(err)?;
-                std::fs::create_dir_all(entry.parent().expect("cache folder")).map_err(err)?;
-                ferrite_plugin_api::save_safetensors(
-                    &entry.to_string_lossy(),
-                    &[("states", &one)],
-                    &[],
-                )
-                .map_err(|e| TrainError(format!("text cache {}: {e}", entry.display())))?;
-                self.caches
-                    .texts_encoded
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                states[*i] = Some(one);
-            }
-        }
-        let states: Vec<Tensor> = states.into_iter().flatten().collect();
-        Tensor::cat(&states.iter().collect::<Vec<_>>(), 0).map_err(err)
-    }
-
-    /// A loaded batch on the device: images encoded (cache misses are encoded and written
-    /// now), text states, and the loss of it.
-    fn batch_loss(&self, loaded: Loaded) -> Result<Tensor> {
-        let (w, h) = loaded.bucket;
-        let mut pixels = Vec::new();
-        let mut encoded = Vec::new();
-        for image in loaded.images {
-            match image {
-                Image::Pixels(p) => pixels.extend(p),
-                Image::Cached {
-                    shape,
-                    mean,
-                    logvar,
-                } => encoded.push((
-                    Tensor::from_f32(&mean, &shape).map_err(err)?,
-                    Tensor::from_f32(&logvar, &shape).map_err(err)?,
-                )),
-                Image::Miss {
-                    pixels,
-                    mask,
-                    entry,
-                } => {
-                    // Loaded ahead: an earlier batch may have written the entry since.
-                    let written = Weights::open(&entry.to_string_lossy()).and_then(|f| {
-                        Ok((f.get("mean", DType::F32)?, f.get("logvar", DType::F32)?))
-                    });
-                    if let Ok(pair) = written {
-                        encoded.push(pair);
-                        continue;
-                    }
-                    let images = Tensor::from_f32(&pixels, &[1, 3, h, w]).map_err(err)?;
-                    let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
-                    let (mean, logvar) =
-                        (mean.detach().map_err(err)?, logvar.detach().map_err(err)?);
-                    let mask = Tensor::from_f32(&mask, &[h, w]).map_err(err)?;
-                    std::fs::create_dir_all(entry.parent().expect("cache folder")).map_err(err)?;
-                    ferrite_plugin_api::save_safetensors(
-                        &entry.to_string_lossy(),
-                        &[("mean", &mean), ("logvar", &logvar), ("mask", &mask)],
-                        &[],
-                    )
-                    .map_err(|e| TrainError(format!("latent cache {}: {e}", entry.display())))?;
-                    self.caches
-                        .latents_encoded
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    encoded.push((mean, logvar));
-                }
-            }
-        }
-        let b = loaded.prompts.len();
-        let (mean, logvar) = if encoded.is_empty() {
-            let images = Tensor::from_f32(&pixels, &[b, 3, h, w]).map_err(err)?;
-            self.arch.vae_encode(&images).map_err(err)?
-        } else {
-            let cat = |f: fn(&(Tensor, Tensor)) -> &Tensor| {
-                Tensor::cat(&encoded.iter().map(f).collect::<Vec<_>>(), 0).map_err(err)
-            };
-            (cat(|e| &e.0)?, cat(|e| &e.1)?)
-        };
-        let batch = Batch {
-            bucket: loaded.bucket,
-            mean,
-            logvar,
-            masks: loaded.masks,
-            text: self.text_states(&loaded.prompts)?,
-            weights: loaded.weights,
-            prior: loaded.prior,
-        };
-        let noise = Generator::new(loaded.noise_seed).map_err(err)?;
-        self.loss(&batch, &loaded.timesteps, &noise)
-    }
-
-    /// The loss of a batch noised to `timesteps` with noise from `noise_rng`, divided by the
-    /// accumulation steps.
-    fn loss(&self, batch: &Batch, timesteps: &[usize], noise_rng: &Generator) -> Result<Tensor> {
-        let c = &self.config;
-        let Batch {
-            bucket: (w, h),
-            mean,
-            logvar,
-            masks,
-            text,
-            weights,
-            prior,
-        } = batch;
-        let (w, h) = (*w, *h);
-        let b = weights.len();
-        let scaling = self.info["scaling_factor"].as_f64().unwrap_or(1.0);
-        let shift = self.info["shift_factor"].as_f64().unwrap_or(0.0);
-        let shape = mean.shape().map_err(err)?;
-        let latents = (|| {
-            mean.add(
-                &logvar
-                    .mul_scalar(0.5)?
-                    .exp()?
-                    .mul(&Tensor::randn(&shape, noise_rng)?)?,
-            )?
-            .sub_scalar(shift)?
-            .mul_scalar(scaling)?
-            .detach()
-        })()
-        .map_err(err)?;
-        let mut noise = Tensor::randn(&shape, noise_rng).map_err(err)?;
-        if c.offset_noise_weight > 0.0 {
-            let offset = Tensor::randn(&[b, shape[1], 1, 1], noise_rng)
-                .and_then(|o| o.mul_scalar(c.offset_noise_weight))
-                .map_err(err)?;
-            noise = noise.add(&offset).map_err(err)?;
-        }
-
-        let acp: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| self.schedule.alphas_cumprod[t] as f64)
-            .collect();
-        let column = |v: Vec<f32>| Tensor::from_f32(&v, &[b, 1, 1, 1]);
-        let a = column(acp.iter().map(|x| x.sqrt() as f32).collect()).map_err(err)?;
-        let s = column(acp.iter().map(|x| (1.0 - x).sqrt() as f32).collect()).map_err(err)?;
-        let tt = Tensor::from_f32(
-            &timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-            &[b],
-        )
-        .map_err(err)?;
-
-        let loss = (|| {
-            // Input perturbation (Ning et al.): the model sees extra noise it is not asked to
-            // predict.
-            let noisy = if c.perturbation_noise_weight > 0.0 {
-                let extra =
-                    Tensor::randn(&shape, noise_rng)?.mul_scalar(c.perturbation_noise_weight)?;
-                latents.mul(&a)?.add(&noise.add(&extra)?.mul(&s)?)?
-            } else {
-                latents.mul(&a)?.add(&noise.mul(&s)?)?
-            };
-            let pred = self.arch.denoise(&noisy, &tt, &[text])?;
-            let mut target = match self.schedule.prediction {
-                Prediction::Epsilon => noise.clone(),
-                Prediction::VPrediction => noise.mul(&a)?.sub(&latents.mul(&s)?)?,
-            };
-            if prior.iter().any(|&p| p) {
-                // Prior images learn to predict what the model predicts without its adapter.
-                let base = adapters::without_adapters(|| self.arch.denoise(&noisy, &tt, &[text]))?
-                    .detach()?;
-                let m = Tensor::from_f32(
-                    &prior
-                        .iter()
-                        .map(|&p| if p { 1.0 } else { 0.0 })
-                        .collect::<Vec<f32>>(),
-                    &[b, 1, 1, 1],
-                )?;
-                target = base
-                    .mul(&m)?
-                    .add(&target.mul(&m.neg()?.add_scalar(1.0)?)?)?;
-            }
-            let mut diff = pred.sub(&target)?;
-            let mut area = None;
-            if c.masked_training {
-                // The mask at latent size (mean over each f×f patch), as a loss weight between
-                // unmasked_weight and 1.
-                let f = self.info["vae_scale_factor"].as_u64().unwrap_or(1) as i64;
-                let (lh, lw) = (h as i64 / f, w as i64 / f);
-                let m = Tensor::from_f32(masks, &[b, 1, h, w])?
-                    .reshape(&[b as i64, 1, lh, f, lw, f])?
-                    .mean(&[3, 5], false)?;
-                let weight = m
-                    .mul_scalar(1.0 - c.unmasked_weight)?
-                    .add_scalar(c.unmasked_weight)?;
-                // The square root, so the squared error is weighted by the mask itself.
-                diff = diff.mul(&weight.sqrt()?)?;
-                area = Some(m.mean(&[1, 2, 3], false)?.clamp(Some(1e-6), None)?);
-            }
-            let mut per = diff
-                .powf(2.0)?
-                .mean(&[1, 2, 3], false)?
-                .mul_scalar(c.mse_strength)?;
-            if let (Some(a), true) = (&area, c.normalize_masked_area_loss) {
-                per = per.div(a)?;
-            }
-            if c.mae_strength > 0.0 {
-                per = per.add(
-                    &diff
-                        .abs()?
-                        .mean(&[1, 2, 3], false)?
-                        .mul_scalar(c.mae_strength)?,
-                )?;
-            }
-            if c.log_cosh_strength > 0.0 {
-                per = per.add(
-                    &log_cosh(&diff)?
-                        .mean(&[1, 2, 3], false)?
-                        .mul_scalar(c.log_cosh_strength)?,
-                )?;
-            }
-            if c.huber_strength > 0.0 {
-                per = per.add(
-                    &huber(&diff, c.huber_delta)?
-                        .mean(&[1, 2, 3], false)?
-                        .mul_scalar(c.huber_strength)?,
-                )?;
-            }
-            // Timestep loss weights, and the concepts' loss weights.
-            let w: Vec<f32> = acp
-                .iter()
-                .zip(weights)
-                .map(|(&x, &cw)| {
-                    let lw = loss_weight(
-                        &c.loss_weight_fn,
-                        c.loss_weight_strength,
-                        x / (1.0 - x),
-                        self.schedule.prediction,
-                    );
-                    (lw * cw) as f32
-                })
-                .collect();
-            per.mul(&Tensor::from_f32(&w, &[b])?)?
-                .mean_all()?
-                .div_scalar(c.gradient_accumulation_steps as f64)
-        })()
-        .map_err(err)?;
-        Ok(loss)
-    }
-
     /// Trains to the end (or until cancelled), reporting through `on_event`.
     pub fn run(&mut self, mut on_event: impl FnMut(Event)) -> Result<()> {
         on_event(Event::Started {
@@ -713,11 +428,13 @@ impl Trainer {
                 self.config.dataloader_threads,
             );
             loop {
-                // Stopping keeps the work: a backup at the step reached (between steps only).
+                // Stopping keeps the work (between steps only): a backup at the step reached,
+                // and the output model as it is, as OneTrainer saves at the end of a stopped run.
                 if in_accum == 0 && crate::runtime::is_cancelled() {
                     if self.last_backup() != Some(self.backups_dir().join(self.backup_name())) {
                         on_event(Event::Backup(self.backup()?));
                     }
+                    on_event(Event::Saved(self.save_output()?));
                     return Ok(());
                 }
                 if in_accum == 0 {
@@ -728,7 +445,16 @@ impl Trainer {
                     break;
                 };
                 data_wait += waiting.elapsed();
-                let loss = self.batch_loss(loaded.map_err(TrainError)?)?;
+                let loaded = loaded.map_err(TrainError)?;
+                // Dropout masks come from the run's seed and the batch: a resumed run repeats them.
+                crate::runtime::seed_random(
+                    data::rng(self.config.seed, RNG_DROPOUT, self.progress.batches).random(),
+                );
+                let (batch, loss, forward) = self.batch_loss(&loaded)?;
+                if self.config.debug_mode {
+                    self.debug_last = Some(debug::Snapshot::new(self, &loaded, &batch, &forward)?);
+                }
+                drop((batch, forward));
                 let grads = loss.backward().map_err(err)?;
                 // The logged figure: one host read per batch.
                 acc_loss += loss.item().map_err(err)?;
@@ -924,21 +650,28 @@ impl Trainer {
             if g.stopped {
                 continue;
             }
-            let (mut params, mut gs) = (Vec::new(), Vec::new());
-            for (p, grad) in g.params.iter().zip(row) {
-                if let Some(grad) = grad {
-                    let grad = match &scale {
-                        Some(s) => grad.mul(s).map_err(err)?,
-                        None => grad,
-                    };
-                    params.push(p);
-                    gs.push(grad);
-                }
-            }
-            let grefs: Vec<&Tensor> = gs.iter().collect();
-            g.optimizer
-                .step(&params, &grefs, g.lr * lr_factor)
+            // Every parameter goes by name; one without a gradient is skipped by the
+            // optimizer with its state kept.
+            let scaled: Vec<Option<Tensor>> = row
+                .into_iter()
+                .map(|grad| match (grad, &scale) {
+                    (Some(grad), Some(s)) => grad.mul(s).map(Some),
+                    (grad, _) => Ok(grad),
+                })
+                .collect::<ferrite_plugin_api::Result<_>>()
                 .map_err(err)?;
+            let params: Vec<Param<'_>> = g
+                .names
+                .iter()
+                .zip(&g.params)
+                .zip(&scaled)
+                .map(|((name, tensor), grad)| Param {
+                    name,
+                    tensor,
+                    grad: grad.as_ref(),
+                })
+                .collect();
+            g.optimizer.step(&params, g.lr * lr_factor).map_err(err)?;
         }
         Ok(())
     }
@@ -1005,11 +738,7 @@ impl Trainer {
             if items.is_empty() {
                 continue;
             }
-            let fixed = ConceptConfig {
-                enable_crop_jitter: false,
-                enable_random_flip: false,
-                ..concept.clone()
-            };
+            let fixed = concept.without_random_augmentation();
             let mut total = 0.0;
             for (ii, item) in &items {
                 let mut r = data::rng(c.seed, RNG_VALIDATION, *ii as u64);
@@ -1030,7 +759,8 @@ impl Trainer {
                     prior: vec![false; t],
                 };
                 let noise = Generator::new(r.random::<u64>()).map_err(err)?;
-                let loss = self.loss(&batch, &timesteps, &noise)?;
+                let f = self.forward(&batch, &timesteps, &noise)?;
+                let loss = self.loss(&batch, &f)?;
                 total += loss.item().map_err(err)? * c.gradient_accumulation_steps as f32;
             }
             out.push((concept.name.clone(), total / items.len() as f32));
@@ -1041,6 +771,12 @@ impl Trainer {
     /// Validation, samples, backups and saves due at `at`.
     fn after(&mut self, at: Moment, on_event: &mut impl FnMut(Event)) -> Result<()> {
         let c = self.config.clone();
+        if c.debug_mode
+            && self.due("debug", c.debug_after, &c.debug_after_unit, at)
+            && let Some(s) = &self.debug_last
+        {
+            self.write_debug(s)?;
+        }
         let (validate, sample, backup, save) = (
             c.validation && self.due("validate", c.validate_after, &c.validate_after_unit, at),
             self.due("sample", c.sample_after, &c.sample_after_unit, at),

@@ -9,6 +9,67 @@ use super::{Result, TrainError, Trainer, err};
 use crate::adapters::{self, formats::Format};
 use crate::train::config::TrainConfig;
 
+/// The file in every folder output Ferrite writes: a folder without it is not replaced.
+const MARKER: &str = ".ferrite-output";
+
+/// `p` made absolute with symlinks and `..` resolved as far as it exists (the rest appended).
+fn resolved(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut rest = Vec::new();
+    let mut head = abs.as_path();
+    loop {
+        if let Ok(c) = head.canonicalize() {
+            return rest.iter().rev().fold(c, |acc: PathBuf, n| acc.join(n));
+        }
+        match (head.parent(), head.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                head = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Why `dest` may not be written as the output (or None): it is or holds one of the run's own
+/// folders, or is inside the base model, the cache or the workspace's managed folders; a folder
+/// output must not replace a folder Ferrite did not write.
+pub(super) fn destination_problem(
+    dest: &Path,
+    folder_output: bool,
+    protected: &[(&str, PathBuf)],
+    inside_forbidden: &[(&str, PathBuf)],
+) -> Option<String> {
+    let d = resolved(dest);
+    for (what, p) in protected {
+        let p = resolved(p);
+        if d == p || p.starts_with(&d) {
+            return Some(format!(
+                "output_model_destination {} is or holds the {what} ({}): choose another path",
+                dest.display(),
+                p.display()
+            ));
+        }
+    }
+    for (what, p) in inside_forbidden {
+        if d.starts_with(resolved(p)) {
+            return Some(format!(
+                "output_model_destination {} is inside the {what} ({}): choose another path",
+                dest.display(),
+                p.display()
+            ));
+        }
+    }
+    if d.is_dir() && !(folder_output && d.join(MARKER).is_file()) {
+        return Some(format!(
+            "output_model_destination {} is an existing folder that Ferrite did not write: it is \
+             left as it is; choose another path or remove it yourself",
+            dest.display()
+        ));
+    }
+    None
+}
+
 /// Copies a model folder without its UNet and text-encoder weights (the VAE's stay).
 fn copy_except_weights(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).map_err(err)?;
@@ -28,6 +89,33 @@ fn copy_except_weights(from: &Path, to: &Path) -> Result<()> {
 }
 
 impl Trainer {
+    /// Refuses an output destination that would overwrite the base model, the workspace, the
+    /// cache or a folder Ferrite did not write (checked before training starts).
+    pub(super) fn check_destination(&self) -> Result<()> {
+        let c = &self.config;
+        let dest = TrainConfig::path(&self.base, &c.output_model_destination);
+        let base_model = TrainConfig::path(&self.base, &c.base_model_name);
+        let cache = TrainConfig::path(&self.base, &c.cache_dir);
+        let ws = &self.workspace;
+        let folder = c.training_method != "lora" && c.output_model_format == "diffusers";
+        let protected = [
+            ("base model", base_model.clone()),
+            ("workspace", ws.clone()),
+            ("cache", cache.clone()),
+        ];
+        let inside = [
+            ("base model", base_model),
+            ("cache", cache),
+            ("workspace's backups", self.backups_dir()),
+            ("workspace's samples", ws.join("samples")),
+            ("workspace's TensorBoard files", ws.join("tensorboard")),
+        ];
+        match destination_problem(&dest, folder, &protected, &inside) {
+            Some(p) => Err(TrainError(p)),
+            None => Ok(()),
+        }
+    }
+
     /// The trained adapter (kohya/diffusers/comfy) or, for a fine-tune, the trained parts'
     /// tensors under their diffusers names.
     pub fn save_output(&self) -> Result<PathBuf> {
@@ -107,13 +195,32 @@ impl Trainer {
         let base = TrainConfig::path(&self.base, &self.config.base_model_name);
         if !base.is_dir() {
             return Err(TrainError(format!(
-                "output_model_format `diffusers` copies the base model's folder, but {} is a                  file: use output_model_format = \"safetensors\"",
+                "output_model_format `diffusers` copies the base model's folder, but {} is a \
+                 file: use output_model_format = \"safetensors\"",
                 base.display()
             )));
         }
         let name = out.file_name().unwrap_or_default().to_string_lossy();
         let tmp = out.with_file_name(format!(".tmp-{name}"));
-        let _ = std::fs::remove_dir_all(&tmp);
+        let old = out.with_file_name(format!(".old-{name}"));
+        // Leftovers of an interrupted save are ours only when they carry the marker.
+        for leftover in [&tmp, &old] {
+            if leftover.exists() {
+                if !leftover.join(MARKER).is_file() {
+                    return Err(TrainError(format!(
+                        "{} is in the way of saving {} and Ferrite did not write it: move it away",
+                        leftover.display(),
+                        out.display()
+                    )));
+                }
+                std::fs::remove_dir_all(leftover).map_err(err)?;
+            }
+        }
+        if let Some(p) = destination_problem(out, true, &[], &[]) {
+            return Err(TrainError(p));
+        }
+        std::fs::create_dir_all(&tmp).map_err(err)?;
+        crate::fsutil::write_atomic(&tmp.join(MARKER), b"written by Ferrite\n").map_err(err)?;
         copy_except_weights(&base, &tmp)?;
         let all = self.arch.parameters().map_err(err)?;
         for (prefix, file) in [
@@ -138,8 +245,16 @@ impl Trainer {
             let text = serde_json::to_string_pretty(&v).map_err(err)?;
             crate::fsutil::write_atomic(&scheduler, text.as_bytes()).map_err(err)?;
         }
-        let _ = std::fs::remove_dir_all(out);
+        // Replace: the old output aside, the new one in, then the old one gone; a crash at any
+        // point leaves one complete output (at `out`, or aside with the marker).
+        let had_old = out.exists();
+        if had_old {
+            std::fs::rename(out, &old).map_err(err)?;
+        }
         std::fs::rename(&tmp, out).map_err(err)?;
+        if had_old {
+            std::fs::remove_dir_all(&old).map_err(err)?;
+        }
         Ok(())
     }
 }
