@@ -94,8 +94,12 @@ struct SampleArgs {
     init_noise: Option<PathBuf>,
     #[arg(long, default_value = "sample.png")]
     out: PathBuf,
-    /// Compute device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// CLIP skip: text states from this many layers before the last (1: the penultimate, as
+    /// anime models expect; OneTrainer's text_encoder_layer_skip).
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     device: String,
 }
 
@@ -361,6 +365,9 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
     let mut options = serde_json::json!({ "model": a.model.to_string_lossy() });
     if let Some(c) = &a.model_config {
         options["config"] = c.to_string_lossy().into();
+    }
+    if a.clip_skip > 0 {
+        options["text_encoder_layer_skip"] = a.clip_skip.into();
     }
     let arch = registry.architecture(&a.arch, &options.to_string())?;
     if !a.loras.is_empty() {

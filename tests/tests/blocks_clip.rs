@@ -31,7 +31,7 @@ fn check(case: &str) {
     let ids_t = exp.get("input_ids", DType::I64).unwrap();
     let batch = ids_t.shape().unwrap()[0];
     let ids: Vec<i64> = ids_t.to_vec().unwrap().iter().map(|&v| v as i64).collect();
-    let out = model.forward(&ids, batch).unwrap();
+    let out = model.forward(&ids, batch, 0).unwrap();
     let mut pairs = vec![
         ("last_hidden_state", &out.last_hidden_state),
         ("penultimate", &out.penultimate_hidden_state),

@@ -461,6 +461,9 @@ impl App {
                 f.text(ui, "train_device", &mut c.train_device);
                 f.num(ui, "dataloader_threads", &mut c.dataloader_threads);
                 f.num(ui, "seed", &mut c.seed);
+                f.check(ui, "debug_mode", &mut c.debug_mode);
+                f.path(ui, "debug_dir", &mut c.debug_dir, true);
+                f.every(ui, "debug_after", &mut c.debug_after, &mut c.debug_after_unit);
             }),
             Tab::Model => {
                 f.grid(ui, "model", |f, ui| {
@@ -490,6 +493,11 @@ impl App {
                         ui,
                         "force_epsilon_prediction",
                         &mut c.force_epsilon_prediction,
+                    );
+                    f.num(
+                        ui,
+                        "text_encoder_layer_skip",
+                        &mut c.text_encoder_layer_skip,
                     );
                 });
                 for (part, pc) in [("unet", &mut c.unet), ("text_encoder", &mut c.text_encoder)] {

@@ -27,6 +27,8 @@ pub struct Caches {
     pub dir: PathBuf,
     identity: String,
     seed: u64,
+    /// The text encoder's layer skip changes every text entry.
+    layer_skip: usize,
     /// Latent cache file and augmentation seed per (image, bucket, variation), once worked out.
     memo: Mutex<HashMap<Slot, (PathBuf, u64)>>,
     /// Entries encoded (not found in the cache) during this run.
@@ -35,7 +37,13 @@ pub struct Caches {
 }
 
 impl Caches {
-    pub fn new(dir: PathBuf, model: &Path, info: &serde_json::Value, seed: u64) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        model: &Path,
+        info: &serde_json::Value,
+        seed: u64,
+        layer_skip: usize,
+    ) -> Self {
         let modified = std::fs::metadata(model)
             .and_then(|m| m.modified())
             .map(|t| format!("{t:?}"))
@@ -48,6 +56,7 @@ impl Caches {
             dir,
             identity: format!("{} {modified} {facts}", model.display()),
             seed,
+            layer_skip,
             memo: Default::default(),
             latents_encoded: AtomicUsize::new(0),
             texts_encoded: AtomicUsize::new(0),
@@ -126,6 +135,9 @@ impl Caches {
         h.update(prompt.as_bytes());
         h.update(b"\0");
         h.update(self.identity.as_bytes());
+        if self.layer_skip > 0 {
+            h.update(format!(" layer skip {}", self.layer_skip).as_bytes());
+        }
         self.dir
             .join("text")
             .join(format!("{}.safetensors", hex(&h.finalize())))

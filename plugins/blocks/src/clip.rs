@@ -137,6 +137,10 @@ impl ClipEncoderLayer {
 pub struct ClipTextOutput {
     /// Output of the last layer after `final_layer_norm`, `[B, L, D]`.
     pub last_hidden_state: Tensor,
+    /// With clip skip `n`: the output of the layer `n` before the last, through
+    /// `final_layer_norm` (diffusers' `clip_skip`, OneTrainer's `text_encoder_layer_skip`); the
+    /// same as `last_hidden_state` for 0.
+    pub skipped_hidden_state: Tensor,
     /// Output of the next-to-last layer, without the final norm (`hidden_states[-2]`), for
     /// clip skip.
     pub penultimate_hidden_state: Tensor,
@@ -243,8 +247,15 @@ impl ClipTextTransformer {
             .collect()
     }
 
-    /// Encodes token ids (`batch` rows of equal length, host data from the tokenizer).
-    pub fn forward(&self, ids: &[i64], batch: usize) -> Result<ClipTextOutput> {
+    /// Encodes token ids (`batch` rows of equal length, host data from the tokenizer); `skip`
+    /// layers from the end give `skipped_hidden_state`.
+    pub fn forward(&self, ids: &[i64], batch: usize, skip: usize) -> Result<ClipTextOutput> {
+        if skip >= self.layers.len() {
+            return Err(Error(format!(
+                "clip skip {skip}: the text encoder has only {} layers",
+                self.layers.len()
+            )));
+        }
         if batch == 0 || !ids.len().is_multiple_of(batch) {
             return Err(Error(format!(
                 "{} token ids do not split into {batch} sequences",
@@ -278,11 +289,15 @@ impl ClipTextTransformer {
             .collect();
         let mask = Tensor::from_f32(&causal, &[1, 1, len, len])?.gt_scalar(0.5)?;
         let mut penultimate = x.clone();
+        let mut skipped = None;
         for (i, layer) in self.layers.iter().enumerate() {
             if i + 1 == self.layers.len() {
                 penultimate = x.clone();
             }
             x = layer.forward(&x, &mask)?;
+            if skip > 0 && i + 1 + skip == self.layers.len() {
+                skipped = Some(self.final_layer_norm.forward(&x)?);
+            }
         }
         let last = self.final_layer_norm.forward(&x)?;
         let rows: Vec<i64> = self
@@ -301,6 +316,7 @@ impl ClipTextTransformer {
             .map(|p| p.forward(&pooled))
             .transpose()?;
         Ok(ClipTextOutput {
+            skipped_hidden_state: skipped.unwrap_or_else(|| last.clone()),
             last_hidden_state: last,
             penultimate_hidden_state: penultimate,
             pooled,

@@ -175,16 +175,4 @@ impl ClipTokenizer {
         let t = self.tokens(text)?;
         Ok(self.frame(&t[..t.len().min(self.max_length - 2)]))
     }
-
-    /// Long prompts as A1111 and OneTrainer take them: chunks of `max_length - 2` tokens, each
-    /// framed and padded on its own (at least one chunk, for the empty prompt).
-    pub fn encode_chunks(&self, text: &str) -> Result<Vec<Vec<i64>>> {
-        let t = self.tokens(text)?;
-        if t.is_empty() {
-            return Ok(vec![self.frame(&[])]);
-        }
-        Ok(t.chunks(self.max_length - 2)
-            .map(|c| self.frame(c))
-            .collect())
-    }
 }

@@ -29,6 +29,9 @@ struct Options {
     config: Option<String>,
     /// Compute dtype of the weights: f32, f16 or bf16.
     dtype: String,
+    /// CLIP skip: text states from this many layers before the last (OneTrainer's
+    /// `text_encoder_layer_skip`).
+    text_encoder_layer_skip: usize,
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -224,6 +227,8 @@ pub struct Sd15 {
     vae_weights: Option<(Weights, usize)>,
     /// The UNet's layers per block and which up blocks have attentions (for ldm names).
     unet_layout: (usize, Vec<bool>),
+    /// CLIP skip.
+    layer_skip: usize,
 }
 
 /// The text encoder's tensors under transformers' `text_model.` level, which transformers 5
@@ -348,6 +353,7 @@ impl Sd15 {
             unet_downsamples: c.unet.block_out_channels.len() - 1,
             vae_weights,
             unet_layout: (c.unet.layers_per_block, cross_up),
+            layer_skip: 0,
         })
     }
 }
@@ -420,14 +426,17 @@ impl Architecture for Sd15 {
         }))
     }
 
-    /// Prompts longer than 75 tokens are truncated, as diffusers' pipeline does.
+    /// Prompts longer than 75 tokens are truncated, as diffusers' pipeline and OneTrainer do;
+    /// with CLIP skip the states come from an earlier layer (through the final norm).
     fn encode_text(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
         let mut ids = Vec::new();
         for p in prompts {
             ids.extend(self.tokenizer.encode(p)?);
         }
-        let out = self.text_encoder.forward(&ids, prompts.len())?;
-        Ok(vec![out.last_hidden_state])
+        let out = self
+            .text_encoder
+            .forward(&ids, prompts.len(), self.layer_skip)?;
+        Ok(vec![out.skipped_hidden_state])
     }
 
     /// Pixel space: the image itself, with a variance too small to matter.
@@ -481,7 +490,8 @@ impl Plugin for Sd15Plugin {
                 "properties": {
                     "model": {"type": "string", "description": "diffusers model folder or single-file .safetensors checkpoint"},
                     "config": {"type": "string", "description": "for a single file: diffusers folder whose configs and tokenizer to use (default: SD 1.x's)"},
-                    "dtype": {"type": "string", "enum": ["f32", "f16", "bf16"], "default": "f32"}
+                    "dtype": {"type": "string", "enum": ["f32", "f16", "bf16"], "default": "f32"},
+                    "text_encoder_layer_skip": {"type": "integer", "minimum": 0, "default": 0, "description": "CLIP skip: text states from this many layers before the last"}
                 }
             }),
         }]
@@ -497,6 +507,7 @@ impl Plugin for Sd15Plugin {
                 model: String::new(),
                 config: None,
                 dtype: "f32".into(),
+                text_encoder_layer_skip: 0,
             },
             options,
         )?;
@@ -509,11 +520,9 @@ impl Plugin for Sd15Plugin {
             "bf16" => DType::BF16,
             other => bail!("sd15 option dtype `{other}`: use f32, f16 or bf16"),
         };
-        Ok(Component::Architecture(Box::new(Sd15::load(
-            Path::new(&o.model),
-            o.config.as_deref().map(Path::new),
-            dtype,
-        )?)))
+        let mut model = Sd15::load(Path::new(&o.model), o.config.as_deref().map(Path::new), dtype)?;
+        model.layer_skip = o.text_encoder_layer_skip;
+        Ok(Component::Architecture(Box::new(model)))
     }
 }
 

@@ -193,6 +193,11 @@ impl Trainer {
         let mut options = serde_json::json!({
             "model": TrainConfig::path(base, &c.base_model_name),
         });
+        // CLIP skip is the model's business (training, validation and samples all encode
+        // through it); only asked for when set, as not every architecture has it.
+        if c.text_encoder_layer_skip > 0 {
+            options["text_encoder_layer_skip"] = c.text_encoder_layer_skip.into();
+        }
         if !c.base_model_config.is_empty() {
             options["config"] = TrainConfig::path(base, &c.base_model_config)
                 .to_string_lossy()
@@ -245,6 +250,7 @@ impl Trainer {
             &TrainConfig::path(base, &c.base_model_name),
             &info,
             c.seed,
+            c.text_encoder_layer_skip,
         );
         if c.clear_cache_before_training {
             caches.clear();
