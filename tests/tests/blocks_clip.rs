@@ -93,7 +93,7 @@ fn wrong_shapes_and_configs_are_named() {
     let (model, _) = load("sd1_tiny");
     assert!(
         model
-            .forward(&[1, 2, 3], 2)
+            .forward(&[1, 2, 3], 2, 0)
             .err()
             .unwrap()
             .to_string()
@@ -101,7 +101,7 @@ fn wrong_shapes_and_configs_are_named() {
     );
     assert!(
         model
-            .forward(&[1, 5000], 1)
+            .forward(&[1, 5000], 1, 0)
             .err()
             .unwrap()
             .to_string()

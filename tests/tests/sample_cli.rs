@@ -50,12 +50,16 @@ fn compare(sampler: &str) {
 }
 
 fn compare_with(sampler: &str, model: &Path, extra: &[&str]) {
+    compare_to(&format!("expected_{sampler}.png"), sampler, model, extra);
+}
+
+fn compare_to(expected: &str, sampler: &str, model: &Path, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
     let o = sample_with(model, sampler, &out, extra);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = image::open(&out).unwrap().to_rgb8();
-    let want = image::open(fixture().join(format!("expected_{sampler}.png")))
+    let want = image::open(fixture().join(expected))
         .unwrap()
         .to_rgb8();
     assert_eq!(got.dimensions(), want.dimensions());
@@ -73,6 +77,18 @@ fn compare_with(sampler: &str, model: &Path, extra: &[&str]) {
 #[test]
 fn ddim_png_equals_diffusers_pipeline() {
     compare("ddim");
+}
+
+/// CLIP skip 1 (the penultimate layer's states through the final norm, for the prompt and the
+/// negative prompt): diffusers' pipeline given those embeddings (tests/fixtures/gen/clip_skip.py).
+#[test]
+fn clip_skip_png_equals_diffusers_pipeline() {
+    compare_to(
+        "expected_ddim_clip_skip1.png",
+        "ddim",
+        &fixture().join("model"),
+        &["--clip-skip", "1"],
+    );
 }
 
 /// The same model as an original single-file checkpoint (tests/fixtures/gen/ldm_checkpoint.py),

@@ -91,15 +91,21 @@ fn setup() -> (std::sync::MutexGuard<'static, ()>, tempfile::TempDir) {
 
 #[test]
 fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
-    resume_is_exact(false);
+    resume_is_exact(false, 0.0);
 }
 
 #[test]
 fn a_resumed_run_with_ema_repeats_the_uninterrupted_one_exactly() {
-    resume_is_exact(true);
+    resume_is_exact(true, 0.0);
 }
 
-fn resume_is_exact(ema: bool) {
+/// Dropout masks are drawn from the run's seed and the batch, not from a global generator.
+#[test]
+fn a_resumed_run_with_lora_dropout_repeats_the_uninterrupted_one_exactly() {
+    resume_is_exact(false, 0.1);
+}
+
+fn resume_is_exact(ema: bool, dropout: f64) {
     let (_turn, root) = setup();
     let root = root.path();
     let config = |root: &Path, name: &str| {
@@ -109,6 +115,7 @@ fn resume_is_exact(ema: bool) {
             c.ema_update_step_interval = 1;
             c.ema_decay = 0.9;
         }
+        c.lora_dropout = dropout;
         c
     };
     let whole = run(config(root, "whole"), root, None);
@@ -408,32 +415,138 @@ fn the_caches_encode_each_image_and_caption_once_and_a_changed_one_again() {
     );
 }
 
+/// After a LoRA has learnt something, a prior image's loss is the distance between the adapted
+/// model's prediction and the model's own without the adapter (computed here by detaching the
+/// adapters), not ~0 as when the "base" prediction still ran through the adapter.
 #[test]
 fn prior_images_are_trained_towards_the_model_without_its_adapter() {
     let (_turn, root) = setup();
     let root = root.path();
-    let first_loss = |kind: &str| {
-        let mut c = config(root, kind);
+    let mut c = config(root, "prior");
+    c.batch_size = 1;
+    c.epochs = 1;
+    c.learning_rate = 0.05;
+    c.backup_after_unit = "never".into();
+    let mut prior = c.concepts[0].clone();
+    prior.kind = "prior".into();
+    c.concepts.push(prior);
+    let mut t = Trainer::new(c, root, registry()).unwrap();
+    t.run(|_| {}).unwrap();
+    let k = (0..)
+        .find(|&k| t.probe(1, k).unwrap().loaded.prior[0])
+        .unwrap();
+    let adapted = t.probe(1, k).unwrap();
+    ferrite::adapters::clear();
+    let base = t.probe(1, k).unwrap().prediction;
+    let want = adapted
+        .prediction
+        .sub(&base)
+        .unwrap()
+        .powf(2.0)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .item()
+        .unwrap();
+    println!(
+        "prior loss after training {:.6}, MSE(adapted, without adapters) {want:.6}",
+        adapted.loss
+    );
+    assert!(want > 1e-4, "the LoRA learnt nothing: {want}");
+    assert!(
+        (adapted.loss - want).abs() <= 1e-4 * want.max(1.0),
+        "prior loss {} vs {want}",
+        adapted.loss
+    );
+}
+
+/// With nothing drawn at random in the images, a run with another seed reuses every cache entry
+/// (the default keeps the cache); an edited caption re-encodes that caption only.
+#[test]
+fn a_second_run_with_another_seed_reuses_the_cache() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let cached = |name: &str, seed: u64| {
+        let mut c = config(root, name);
+        c.epochs = 1;
+        c.seed = seed;
+        c.backup_after_unit = "never".into();
+        c.cache_dir = "reuse-cache".into();
+        c.concepts[0].enable_crop_jitter = false;
+        c.concepts[0].enable_random_flip = false;
+        run(c, root, None).encoded
+    };
+    let first = cached("seed1", 1);
+    assert_eq!(first, (6, 3), "6 images, 3 distinct captions");
+    assert_eq!(cached("seed2", 2), (0, 0), "another seed encodes nothing");
+    std::fs::write(root.join("images/0.txt"), "a crimson square\n").unwrap();
+    assert_eq!(cached("seed3", 3), (0, 1), "the edited caption only");
+}
+
+/// A diffusers-folder output never replaces what Ferrite did not write: a folder holding a user
+/// file, or the workspace, is refused before training with the reason; a previous Ferrite output
+/// is replaced.
+#[test]
+fn the_output_never_replaces_what_ferrite_did_not_write() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    let folder_config = |dest: &str| {
+        let mut c = config(root, "dest");
+        c.training_method = "fine_tune".into();
+        c.output_model_format = "diffusers".into();
+        c.output_model_destination = dest.into();
         c.epochs = 1;
         c.backup_after_unit = "never".into();
-        c.concepts[0].kind = kind.into();
-        if kind == "prior" {
-            // A standard concept is required; this one gives no images per epoch.
-            let mut none = c.concepts[0].clone();
-            none.kind = "standard".into();
-            none.balancing_strategy = "samples".into();
-            none.balancing = 0.1;
-            c.concepts.push(none);
-        }
-        run(c, root, None).losses[0].1
+        c
     };
-    let (standard, prior) = (first_loss("standard"), first_loss("prior"));
-    println!("first-step loss: standard {standard:.4}, prior {prior:.2e}");
-    // A fresh LoRA changes nothing, so the model already predicts its own prior.
-    assert!(
-        standard > 0.1 && prior < 1e-6,
-        "standard {standard}, prior {prior}"
-    );
+    let user = root.join("mine");
+    std::fs::create_dir_all(&user).unwrap();
+    std::fs::write(user.join("notes.txt"), "my notes").unwrap();
+    let e = Trainer::new(folder_config("mine"), root, registry())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("mine") && e.contains("did not write"), "{e}");
+    assert_eq!(std::fs::read_to_string(user.join("notes.txt")).unwrap(), "my notes");
+    let e = Trainer::new(folder_config("dest"), root, registry())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("holds the workspace"), "{e}");
+    // Its own output is replaced, and nothing is left aside.
+    for _ in 0..2 {
+        run(folder_config("model-out"), root, None);
+        assert!(root.join("model-out/unet/diffusion_pytorch_model.safetensors").exists());
+    }
+    let names: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("model-out"))
+        .collect();
+    assert_eq!(names, ["model-out"]);
+}
+
+/// Options an adapter plugin does not have are refused when the run starts, naming the config
+/// key, instead of failing when the adapters are made.
+#[test]
+fn adapter_options_are_checked_against_the_plugins_schema() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    for (key, change) in [
+        ("lora_dropout", (|c: &mut TrainConfig| c.lora_dropout = 0.1) as fn(&mut TrainConfig)),
+        ("lora_decompose", |c: &mut TrainConfig| c.lora_decompose = true),
+    ] {
+        let mut c = config(root, "loha");
+        c.peft_type = "loha".into();
+        change(&mut c);
+        let e = Trainer::new(c, root, registry()).err().unwrap().to_string();
+        println!("{e}");
+        assert!(e.contains(&format!("{key}: the adapter `loha` has no option")), "{e}");
+    }
+    let mut c = config(root, "opt");
+    c.optimizer.insert("beta3".into(), 0.5.into());
+    let e = Trainer::new(c, root, registry()).err().unwrap().to_string();
+    assert!(e.contains("optimizer.beta3"), "{e}");
 }
 
 #[test]

@@ -170,3 +170,198 @@ path = "images"
         "trained to the end"
     );
 }
+
+/// A LoRA config on the tiny pipeline in `root` (images in `root/images`), with `extra` lines.
+fn lora_config(root: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let config = root.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"base_model_name = "{}"
+workspace_dir = "ws"
+output_model_destination = "out/lora.safetensors"
+resolution = "16"
+lora_rank = 4
+sample_after_unit = "never"
+{extra}
+[[concepts]]
+path = "images"
+"#,
+            model.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{name}");
+}
+
+/// The first SIGINT stops as the app's Stop does (the step ends, a backup and the output model
+/// are written, and where they went is said); the run then resumes from that backup. A second
+/// signal quits at once and the last backup stays whole.
+#[test]
+fn ctrl_c_stops_with_a_backup_and_the_output_and_a_second_quits_at_once() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let config = lora_config(
+        root,
+        "batch_size = 1\nepochs = 200\nbackup_after = 2\nbackup_after_unit = \"step\"\nrolling_backup_count = 100",
+    );
+    let start = |args: &[&str]| {
+        std::process::Command::new(ferrite_tests::ferrite_bin())
+            .args(["train", "--config", config.to_str().unwrap()])
+            .args(args)
+            .env("XDG_CONFIG_HOME", home.path())
+            .env_remove("FERRITE_PLUGIN_PATH")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let backups = root.join("ws/backup");
+    let wait_for = |child: &mut std::process::Child, path: &std::path::Path| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while !path.exists() {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+            assert!(std::time::Instant::now() < deadline, "{} never came", path.display());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let mut child = start(&[]);
+    wait_for(&mut child, &backups.join("backup-000000002/state.json"));
+    signal(&child, "INT");
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    println!("{out}\n{err}");
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("computing on cpu (train_device auto: this ferrite was built without CUDA)"),
+        "{out}"
+    );
+    assert!(err.contains("stopping after this step"), "{err}");
+    // The stop's backup is the last one named.
+    let backup = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("backup: "))
+        .last()
+        .filter(|_| out.contains("saved: "))
+        .unwrap_or_else(|| panic!("no backup and output named:\n{out}"));
+    assert!(std::path::Path::new(backup).join("state.json").exists());
+    assert!(root.join("out/lora.safetensors").exists());
+
+    // Resumed from the stop; a second signal then quits at once.
+    let mut child = start(&["--set", "continue_last_backup=true"]);
+    let next = {
+        let n: u64 = backup.rsplit('-').next().unwrap().parse().unwrap();
+        backups.join(format!("backup-{:09}/state.json", n + 2))
+    };
+    wait_for(&mut child, &next);
+    signal(&child, "INT");
+    signal(&child, "INT");
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("resumed from") && out.contains(backup), "{out}");
+    assert!(!o.status.success(), "the second signal quits");
+    let newest = std::fs::read_dir(&backups)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("backup-"))
+        .max()
+        .unwrap();
+    assert!(newest.join("state.json").exists(), "{}", newest.display());
+}
+
+fn read_rgb(p: &std::path::Path) -> image::RgbImage {
+    image::open(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .to_rgb8()
+}
+
+/// Debug mode writes each step's input exactly as it entered the VAE: a one-image concept turned
+/// by a fixed 90°, then brightened, hue-shifted and flipped, shows exactly those changes.
+#[test]
+fn debug_inputs_show_the_fixed_augmentations() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    // A red block in the top-left quadrant on dark grey: every turn and flip shows.
+    let original = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb(if x < 8 && y < 6 { [200, 0, 0] } else { [60, 60, 60] })
+    });
+    original.save(root.join("images/one.png")).unwrap();
+    std::fs::write(root.join("images/one.txt"), "a red block").unwrap();
+    let cases: [(&str, &str, fn(&image::RgbImage) -> image::RgbImage); 4] = [
+        (
+            "rotate",
+            "enable_fixed_rotate = true\nrandom_rotate_max_angle = 90.0",
+            // Counter-clockwise, as torchvision turns.
+            image::imageops::rotate270,
+        ),
+        (
+            "brightness",
+            "enable_fixed_brightness = true\nrandom_brightness_max_strength = 0.25",
+            |i| {
+                image::RgbImage::from_fn(16, 16, |x, y| {
+                    image::Rgb(i.get_pixel(x, y).0.map(|v| (v as f32 * 1.25).round() as u8))
+                })
+            },
+        ),
+        (
+            // Half the strength in turns: a third of a turn takes red to green.
+            "hue",
+            "enable_fixed_hue = true\nrandom_hue_max_strength = 0.6666667",
+            |i| {
+                image::RgbImage::from_fn(16, 16, |x, y| {
+                    let [r, g, b] = i.get_pixel(x, y).0;
+                    image::Rgb([b, r, g])
+                })
+            },
+        ),
+        ("flip", "enable_fixed_flip = true", image::imageops::flip_horizontal),
+    ];
+    for (name, option, expected) in cases {
+        let config = lora_config(
+            root,
+            &format!(
+                "epochs = 1\nbatch_size = 1\ndebug_mode = true\ndebug_dir = \"debug-{name}\"\n\
+                 debug_after = 1\ndebug_after_unit = \"step\"\nbackup_after_unit = \"never\""
+            ),
+        );
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "path = \"images\"",
+            &format!("path = \"images\"\nenable_crop_jitter = false\nenable_random_flip = false\n{option}"),
+        );
+        std::fs::write(&config, text).unwrap();
+        let o = run_ferrite(&["train", "--config", config.to_str().unwrap()], None, home.path());
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let debug = root.join(format!("debug-{name}"));
+        let input = read_rgb(&debug.join("1-0-input.png"));
+        let want = expected(&original);
+        let worst = input
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        println!("{name}: debug input vs the expected change, worst pixel difference {worst}/255");
+        assert!(worst <= 1, "{name}: {worst}");
+        for f in ["target", "predicted"] {
+            assert!(debug.join(format!("1-0-{f}.png")).exists(), "{name}: {f}");
+        }
+    }
+}

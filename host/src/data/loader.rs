@@ -18,6 +18,11 @@ use crate::train::timesteps::Timesteps;
 pub const RNG_BATCH: u64 = 2;
 pub const RNG_NOISE: u64 = 3;
 const RNG_CAPTION: u64 = 5;
+// Each purpose has its own stream, so that an option that draws for one (a caption option, the
+// unmasked probability) leaves the others' draws as they were.
+const RNG_MASK: u64 = 7;
+const RNG_BATCH_CAPTION: u64 = 8;
+const RNG_TIMESTEPS: u64 = 9;
 /// Batches each worker prepares ahead.
 const AHEAD: usize = 2;
 
@@ -73,6 +78,8 @@ impl Context {
     pub fn load(&self, plan: &BatchPlan, index: u64) -> Result<Loaded, String> {
         let c = &*self.config;
         let mut r = data::rng(c.seed, RNG_BATCH, index);
+        let mut mask_r = data::rng(c.seed, RNG_MASK, index);
+        let mut caption_r = data::rng(c.seed, RNG_BATCH_CAPTION, index);
         let mut b = Loaded {
             bucket: plan.bucket,
             images: Vec::new(),
@@ -128,7 +135,7 @@ impl Context {
             b.inputs.extend(input);
             b.images.push(image);
             // Now and then a step sees the whole image, as OneTrainer's unmasked_probability.
-            if c.masked_training && r.random_bool(c.unmasked_probability) {
+            if c.masked_training && mask_r.random_bool(c.unmasked_probability) {
                 b.masks.extend(std::iter::repeat_n(1.0, mask.len()));
             } else {
                 b.masks.extend(mask);
@@ -138,16 +145,17 @@ impl Context {
                 let mut cr = data::rng(c.seed, RNG_CAPTION, (i as u64) << 24 | variation);
                 caption::draw(&item.captions, concept, &mut cr)
             } else {
-                caption::draw(&item.captions, concept, &mut r)
+                caption::draw(&item.captions, concept, &mut caption_r)
             };
-            let dropped = r.random_bool(c.text_encoder.dropout_probability);
+            let dropped = caption_r.random_bool(c.text_encoder.dropout_probability);
             b.prompts
                 .push(if dropped { String::new() } else { caption });
             b.weights.push(concept.loss_weight);
             b.prior.push(concept.kind == "prior");
         }
+        let mut time_r = data::rng(c.seed, RNG_TIMESTEPS, index);
         b.timesteps = (0..plan.items.len())
-            .map(|_| self.timesteps.draw(&mut r))
+            .map(|_| self.timesteps.draw(&mut time_r))
             .collect();
         b.noise_seed = data::rng(c.seed, RNG_NOISE, index).random::<u64>();
         Ok(b)

@@ -1075,6 +1075,31 @@ path = "images"
     }
 
     #[test]
+    fn a_prior_concept_in_a_fine_tune_is_refused_with_the_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(
+            d.path(),
+            "c.toml",
+            &format!(
+                "training_method = \"fine_tune\"\n{MINIMAL}\n[[concepts]]\npath = \"p\"\ntype = \"prior\"\n"
+            ),
+        );
+        let e = TrainConfig::load(Some(&cfg), None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("concepts[1].type") && e.contains("a fine-tune has no adapter"),
+            "{e}"
+        );
+        let lora = write(
+            d.path(),
+            "l.toml",
+            &format!("{MINIMAL}\n[[concepts]]\npath = \"p\"\ntype = \"prior\"\n"),
+        );
+        TrainConfig::load(Some(&lora), None, &[]).unwrap();
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key() {
         let d = tempfile::tempdir().unwrap();
         let cfg = write(

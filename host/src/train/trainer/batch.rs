@@ -155,9 +155,9 @@ impl Trainer {
         Ok((batch, loss, f))
     }
 
-    /// Batch `index` of the run as the trainer would see it at `epoch` (for tests): its loss as
-    /// the trainer computes it (not divided by accumulation), and the model's prediction.
-    pub fn loss_and_prediction_of(&self, epoch: u64, index: usize) -> Result<(f32, Tensor)> {
+    /// Batch `index` of `epoch` as the trainer sees it (for tests): what the loader made, its
+    /// loss (not divided by accumulation) and the model's prediction.
+    pub fn probe(&self, epoch: u64, index: usize) -> Result<Probe> {
         let plan = crate::data::plan_epoch(&self.data, &self.config, &self.buckets, epoch);
         let p = plan
             .get(index)
@@ -168,7 +168,12 @@ impl Trainer {
             .map_err(TrainError)?;
         let (_, loss, f) = self.batch_loss(&loaded)?;
         let loss = loss.item().map_err(err)? * self.config.gradient_accumulation_steps as f32;
-        Ok((loss, f.pred))
+        Ok(Probe {
+            items: p.items.clone(),
+            loaded,
+            loss,
+            prediction: f.pred,
+        })
     }
 
     /// Noises the batch to `timesteps` with noise from `noise_rng` and runs the model: its
@@ -340,6 +345,15 @@ impl Trainer {
         .map_err(err)?;
         Ok(loss)
     }
+}
+
+/// A batch as the trainer sees it: see [`Trainer::probe`].
+pub struct Probe {
+    /// The dataset items in the batch.
+    pub items: Vec<usize>,
+    pub loaded: Loaded,
+    pub loss: f32,
+    pub prediction: Tensor,
 }
 
 /// One forward pass over a batch.

@@ -33,6 +33,7 @@ use crate::train::config::TrainConfig;
 use crate::train::tensorboard::EventWriter;
 use crate::train::timesteps::Timesteps;
 use batch::Batch;
+pub use batch::Probe;
 use ema::Ema;
 
 #[derive(Debug, thiserror::Error)]
