@@ -59,9 +59,7 @@ fn compare_to(expected: &str, sampler: &str, model: &Path, extra: &[&str]) {
     let o = sample_with(model, sampler, &out, extra);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = image::open(&out).unwrap().to_rgb8();
-    let want = image::open(fixture().join(expected))
-        .unwrap()
-        .to_rgb8();
+    let want = image::open(fixture().join(expected)).unwrap().to_rgb8();
     assert_eq!(got.dimensions(), want.dimensions());
     let worst = got
         .as_raw()

@@ -232,8 +232,17 @@ fn ctrl_c_stops_with_a_backup_and_the_output_and_a_second_quits_at_once() {
     let wait_for = |child: &mut std::process::Child, path: &std::path::Path| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
         while !path.exists() {
-            assert!(child.try_wait().unwrap().is_none(), "the run ended early");
-            assert!(std::time::Instant::now() < deadline, "{} never came", path.display());
+            if let Some(status) = child.try_wait().unwrap() {
+                let (mut out, mut err) = (String::new(), String::new());
+                std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                panic!("the run ended early ({status}):\n{out}\n{err}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never came",
+                path.display()
+            );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     };
@@ -266,19 +275,28 @@ fn ctrl_c_stops_with_a_backup_and_the_output_and_a_second_quits_at_once() {
     let mut child = start(&["--set", "continue_last_backup=true"]);
     let next = {
         let n: u64 = backup.rsplit('-').next().unwrap().parse().unwrap();
-        backups.join(format!("backup-{:09}/state.json", n + 2))
+        // The next periodic backup (every second step).
+        backups.join(format!("backup-{:09}/state.json", (n / 2 + 1) * 2))
     };
     wait_for(&mut child, &next);
     signal(&child, "INT");
     signal(&child, "INT");
     let o = child.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("resumed from") && out.contains(backup), "{out}");
+    assert!(
+        out.contains("resumed from") && out.contains(backup),
+        "{out}"
+    );
     assert!(!o.status.success(), "the second signal quits");
     let newest = std::fs::read_dir(&backups)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("backup-"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("backup-")
+        })
         .max()
         .unwrap();
     assert!(newest.join("state.json").exists(), "{}", newest.display());
@@ -300,7 +318,11 @@ fn debug_inputs_show_the_fixed_augmentations() {
     std::fs::create_dir_all(root.join("images")).unwrap();
     // A red block in the top-left quadrant on dark grey: every turn and flip shows.
     let original = image::RgbImage::from_fn(16, 16, |x, y| {
-        image::Rgb(if x < 8 && y < 6 { [200, 0, 0] } else { [60, 60, 60] })
+        image::Rgb(if x < 8 && y < 6 {
+            [200, 0, 0]
+        } else {
+            [60, 60, 60]
+        })
     });
     original.save(root.join("images/one.png")).unwrap();
     std::fs::write(root.join("images/one.txt"), "a red block").unwrap();
@@ -331,7 +353,11 @@ fn debug_inputs_show_the_fixed_augmentations() {
                 })
             },
         ),
-        ("flip", "enable_fixed_flip = true", image::imageops::flip_horizontal),
+        (
+            "flip",
+            "enable_fixed_flip = true",
+            image::imageops::flip_horizontal,
+        ),
     ];
     for (name, option, expected) in cases {
         let config = lora_config(
@@ -346,7 +372,11 @@ fn debug_inputs_show_the_fixed_augmentations() {
             &format!("path = \"images\"\nenable_crop_jitter = false\nenable_random_flip = false\n{option}"),
         );
         std::fs::write(&config, text).unwrap();
-        let o = run_ferrite(&["train", "--config", config.to_str().unwrap()], None, home.path());
+        let o = run_ferrite(
+            &["train", "--config", config.to_str().unwrap()],
+            None,
+            home.path(),
+        );
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         let debug = root.join(format!("debug-{name}"));
         let input = read_rgb(&debug.join("1-0-input.png"));

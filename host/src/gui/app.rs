@@ -463,7 +463,12 @@ impl App {
                 f.num(ui, "seed", &mut c.seed);
                 f.check(ui, "debug_mode", &mut c.debug_mode);
                 f.path(ui, "debug_dir", &mut c.debug_dir, true);
-                f.every(ui, "debug_after", &mut c.debug_after, &mut c.debug_after_unit);
+                f.every(
+                    ui,
+                    "debug_after",
+                    &mut c.debug_after,
+                    &mut c.debug_after_unit,
+                );
             }),
             Tab::Model => {
                 f.grid(ui, "model", |f, ui| {

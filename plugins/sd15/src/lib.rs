@@ -520,7 +520,11 @@ impl Plugin for Sd15Plugin {
             "bf16" => DType::BF16,
             other => bail!("sd15 option dtype `{other}`: use f32, f16 or bf16"),
         };
-        let mut model = Sd15::load(Path::new(&o.model), o.config.as_deref().map(Path::new), dtype)?;
+        let mut model = Sd15::load(
+            Path::new(&o.model),
+            o.config.as_deref().map(Path::new),
+            dtype,
+        )?;
         model.layer_skip = o.text_encoder_layer_skip;
         Ok(Component::Architecture(Box::new(model)))
     }
