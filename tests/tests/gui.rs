@@ -207,3 +207,36 @@ fn options_save_and_load_and_invalid_values_are_refused_at_start() {
     assert!(status.contains("batch_size"), "{status}");
     assert_eq!(h.state().run.phase, Phase::Idle);
 }
+
+/// A panic on the trainer's thread ends the run as failed, with the message in the log, instead
+/// of leaving the Run view on "Running".
+#[test]
+fn a_panic_in_the_trainer_shows_as_a_failed_run() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let presets = ferrite::train::config::presets_dir();
+    ferrite::train::demo::build_model(&presets.join("demo-model"), &root.join("model"), 0).unwrap();
+    // The preset's concept folder, beside the config file.
+    ferrite::train::demo::build_dataset(&root.join("data"), 16, 1, 0).unwrap();
+    let mut h = app(root);
+    h.get_by_label("Preset").click();
+    h.run();
+    click(&mut h, "demo");
+    set_text(
+        &mut h,
+        "Config file",
+        &root.join("demo.toml").display().to_string(),
+    );
+    fail::cfg("train-step", "panic(a deliberate test panic)").unwrap();
+    click(&mut h, "Start training");
+    wait_for(&mut h, "the failure", |h| !h.state().run.active());
+    fail::remove("train-step");
+    assert_eq!(h.state().run.phase, Phase::Failed);
+    let log: Vec<&str> = h.state().run.log.iter().map(|l| l.text.as_str()).collect();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("the trainer failed: a deliberate test panic")),
+        "{log:?}"
+    );
+}

@@ -453,6 +453,8 @@ impl Trainer {
                 };
                 data_wait += waiting.elapsed();
                 let loaded = loaded.map_err(TrainError)?;
+                // Where tests make a step fail or panic.
+                fail::fail_point!("train-step", |m| Err(TrainError(m.unwrap_or_default())));
                 // Dropout masks come from the run's seed and the batch: a resumed run repeats them.
                 crate::runtime::seed_random(
                     data::rng(self.config.seed, RNG_DROPOUT, self.progress.batches).random(),
