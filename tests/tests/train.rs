@@ -120,6 +120,18 @@ fn resume_is_exact(ema: bool, dropout: f64) {
     };
     let whole = run(config(root, "whole"), root, None);
     assert_eq!(whole.losses.len(), 6, "6 images, batches of 2, 2 epochs");
+    if dropout > 0.0 {
+        // Dropout is on: the run differs from one without it once the adapter has moved.
+        let mut plain = config(root, "plain");
+        plain.lora_dropout = 0.0;
+        let plain = run(plain, root, None);
+        assert_eq!(plain.losses[0], whole.losses[0]);
+        assert_ne!(
+            plain.losses[1..],
+            whole.losses[1..],
+            "dropout changed nothing"
+        );
+    }
 
     let first = run(config(root, "split"), root, Some(3));
     assert_eq!(first.losses, whole.losses[..3], "same start");

@@ -264,8 +264,8 @@ fn ctrl_c_stops_with_a_backup_and_the_output_and_a_second_quits_at_once() {
     // The stop's backup is the last one named.
     let backup = out
         .lines()
-        .filter_map(|l| l.strip_prefix("backup: "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("backup: "))
         .filter(|_| out.contains("saved: "))
         .unwrap_or_else(|| panic!("no backup and output named:\n{out}"));
     assert!(std::path::Path::new(backup).join("state.json").exists());
@@ -326,7 +326,8 @@ fn debug_inputs_show_the_fixed_augmentations() {
     });
     original.save(root.join("images/one.png")).unwrap();
     std::fs::write(root.join("images/one.txt"), "a red block").unwrap();
-    let cases: [(&str, &str, fn(&image::RgbImage) -> image::RgbImage); 4] = [
+    type Expected = fn(&image::RgbImage) -> image::RgbImage;
+    let cases: [(&str, &str, Expected); 4] = [
         (
             "rotate",
             "enable_fixed_rotate = true\nrandom_rotate_max_angle = 90.0",
