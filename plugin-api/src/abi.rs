@@ -11,7 +11,7 @@ use abi_stable::{
 };
 
 /// Bumped when the meaning of an existing op or field changes (never for appended ones).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// An opaque handle to a tensor owned by the host.
 #[repr(transparent)]

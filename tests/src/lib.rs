@@ -81,6 +81,17 @@ pub fn max_abs_diff(got: &ferrite_plugin_api::Tensor, want: &ferrite_plugin_api:
         .fold(0.0, f32::max)
 }
 
+/// Largest difference of one channel value between two images of the same size.
+pub fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions(), "sizes differ");
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Six coloured squares on a grey background (three colours, each twice), captioned "a red
 /// square" and so on.
 pub fn toy_dataset(dir: &Path) {

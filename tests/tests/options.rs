@@ -533,7 +533,7 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ("lora_alpha", "adapters"),
     (
         "lora_dropout",
-        "train::a_resumed_run_with_lora_dropout_repeats_the_uninterrupted_one_exactly",
+        "train::a_resumed_run_with_ema_and_lora_dropout_repeats_the_uninterrupted_one_exactly",
     ),
     ("lora_decompose", "adapters (DoRA)"),
     ("lora_layer_preset", "adapters: layer selection"),

@@ -240,5 +240,5 @@ fn cuda_device_without_cuda_build_is_a_clear_error() {
         "{err}"
     );
     let out = run_ferrite(&["bench", "ops", "--device", "tpu"], None, config.path());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("use cpu, cuda or cuda:N"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use auto, cpu, cuda or cuda:N"));
 }

@@ -61,13 +61,7 @@ fn compare_to(expected: &str, sampler: &str, model: &Path, extra: &[&str]) {
     let got = image::open(&out).unwrap().to_rgb8();
     let want = image::open(fixture().join(expected)).unwrap().to_rgb8();
     assert_eq!(got.dimensions(), want.dimensions());
-    let worst = got
-        .as_raw()
-        .iter()
-        .zip(want.as_raw())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let worst = ferrite_tests::max_pixel_diff(&got, &want);
     println!("{sampler}: max pixel difference {worst}/255");
     assert!(worst <= 2, "{sampler}: max pixel difference {worst}/255");
 }

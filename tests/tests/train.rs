@@ -101,8 +101,8 @@ fn a_resumed_run_with_ema_repeats_the_uninterrupted_one_exactly() {
 
 /// Dropout masks are drawn from the run's seed and the batch, not from a global generator.
 #[test]
-fn a_resumed_run_with_lora_dropout_repeats_the_uninterrupted_one_exactly() {
-    resume_is_exact(false, 0.1);
+fn a_resumed_run_with_ema_and_lora_dropout_repeats_the_uninterrupted_one_exactly() {
+    resume_is_exact(true, 0.1);
 }
 
 fn resume_is_exact(ema: bool, dropout: f64) {

@@ -93,29 +93,11 @@ fn killing_the_process_mid_backup_keeps_the_previous_backup() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     ferrite_tests::toy_dataset(&root.join("images"));
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
-    let config = root.join("c.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"base_model_name = "{}"
-workspace_dir = "ws"
-output_model_destination = "out/lora.safetensors"
-resolution = "16"
-batch_size = 2
-epochs = 3
-lora_rank = 4
-backup_after = 1
-backup_after_unit = "step"
-rolling_backup_count = 10
-sample_after_unit = "never"
-[[concepts]]
-path = "images"
-"#,
-            model.display()
-        ),
-    )
-    .unwrap();
+    let config = lora_config(
+        root,
+        "batch_size = 2\nepochs = 3\nbackup_after = 1\nbackup_after_unit = \"step\"\n\
+         rolling_backup_count = 10",
+    );
     let backups = root.join("ws/backup");
     // Backups 1 and 2 are written; the third pauses after its first file.
     let mut child = std::process::Command::new(ferrite_tests::ferrite_bin())
@@ -204,7 +186,7 @@ fn signal(child: &std::process::Child, name: &str) {
     assert!(ok, "kill -{name}");
 }
 
-/// The first SIGINT stops as the app's Stop does (the step ends, a backup and the output model
+/// The first SIGINT (or SIGTERM) stops as the app's Stop does (the step ends, a backup and the output model
 /// are written, and where they went is said); the run then resumes from that backup. A second
 /// signal quits at once and the last backup stays whole.
 #[test]
@@ -279,7 +261,8 @@ fn ctrl_c_stops_with_a_backup_and_the_output_and_a_second_quits_at_once() {
         backups.join(format!("backup-{:09}/state.json", (n / 2 + 1) * 2))
     };
     wait_for(&mut child, &next);
-    signal(&child, "INT");
+    // SIGTERM stops as SIGINT does; the second signal quits at once.
+    signal(&child, "TERM");
     signal(&child, "INT");
     let o = child.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
@@ -382,13 +365,7 @@ fn debug_inputs_show_the_fixed_augmentations() {
         let debug = root.join(format!("debug-{name}"));
         let input = read_rgb(&debug.join("1-0-input.png"));
         let want = expected(&original);
-        let worst = input
-            .as_raw()
-            .iter()
-            .zip(want.as_raw())
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let worst = ferrite_tests::max_pixel_diff(&input, &want);
         println!("{name}: debug input vs the expected change, worst pixel difference {worst}/255");
         assert!(worst <= 1, "{name}: {worst}");
         for f in ["target", "predicted"] {

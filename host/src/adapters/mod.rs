@@ -104,13 +104,18 @@ static ATTACHED: Mutex<BTreeMap<String, Vec<Attached>>> = Mutex::new(BTreeMap::n
 /// Off: layers run as if no adapter were attached (the base model's prediction).
 static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Runs `f` with the adapters switched off: the base model.
+/// Runs `f` with the adapters switched off: the base model. They are back on afterwards, even
+/// when `f` panics.
 pub fn without_adapters<T>(f: impl FnOnce() -> T) -> T {
     use std::sync::atomic::Ordering;
-    let was = ENABLED.swap(false, Ordering::SeqCst);
-    let out = f();
-    ENABLED.store(was, Ordering::SeqCst);
-    out
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.store(self.0, Ordering::SeqCst);
+        }
+    }
+    let _restore = Restore(ENABLED.swap(false, Ordering::SeqCst));
+    f()
 }
 
 fn attached() -> MutexGuard<'static, BTreeMap<String, Vec<Attached>>> {

@@ -146,7 +146,7 @@ fn hsv_to_rgb(h: f32, s: f32, v: f32) -> [f32; 3] {
 }
 
 /// What was drawn for one image (also what the debug output and tests look at).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Drawn {
     pub flip: bool,
     /// Degrees, counter-clockwise.
@@ -351,8 +351,15 @@ mod tests {
             img.data.chunks(3).map(|p| p[0]).collect::<Vec<_>>(),
             mask.data
         );
-        // 45°: the corners are uncovered, hence black.
-        let turned = half(1).rotate(45.0);
+        // 45°: the corners are uncovered, hence black (masked out); the middle stays.
+        let ones = Planes {
+            width: 16,
+            height: 16,
+            channels: 1,
+            data: vec![1.0; 256],
+        };
+        let turned = ones.rotate(45.0);
         assert_eq!(turned.data[0], 0.0);
+        assert!((turned.data[8 * 16 + 8] - 1.0).abs() < 1e-5);
     }
 }

@@ -17,8 +17,8 @@ fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An image file, a bucket and a variation: one latent cache entry.
-type Slot = (PathBuf, (usize, usize), u64);
+/// An image file of a concept, a bucket and a variation: one latent cache entry.
+type Slot = (PathBuf, usize, (usize, usize), u64);
 
 /// What the caches share: the folder, what identifies the model (its path, when it changed, its
 /// facts), and the run's seed (part of a latent entry's key only when the image is augmented at
@@ -80,7 +80,7 @@ impl Caches {
         bucket: (usize, usize),
         variation: u64,
     ) -> Result<(PathBuf, u64), String> {
-        let memo_key = (item.path.clone(), bucket, variation);
+        let memo_key = (item.path.clone(), item.concept, bucket, variation);
         if let Some(entry) = self.lock().get(&memo_key) {
             return Ok(entry.clone());
         }

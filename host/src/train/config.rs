@@ -888,6 +888,27 @@ impl TrainConfig {
                 c.balancing > 0.0,
                 &format!("concepts[{i}].balancing: must be above 0"),
             );
+            for (key, v) in [
+                ("random_rotate_max_angle", c.random_rotate_max_angle),
+                (
+                    "random_brightness_max_strength",
+                    c.random_brightness_max_strength,
+                ),
+                (
+                    "random_contrast_max_strength",
+                    c.random_contrast_max_strength,
+                ),
+                (
+                    "random_saturation_max_strength",
+                    c.random_saturation_max_strength,
+                ),
+                ("random_hue_max_strength", c.random_hue_max_strength),
+            ] {
+                check(
+                    v.is_finite(),
+                    &format!("concepts[{i}].{key}: must be a finite number"),
+                );
+            }
             check(
                 c.image_variations >= 1 && c.text_variations >= 1,
                 &format!("concepts[{i}].image_variations, text_variations: at least 1"),

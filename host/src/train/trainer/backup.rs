@@ -86,7 +86,12 @@ impl Trainer {
             .collect();
         all.sort();
         let keep = self.config.rolling_backup_count.max(1);
-        for old in all.iter().take(all.len().saturating_sub(keep)) {
+        // Only complete backups of ours go (a backup folder holds state.json).
+        for old in all
+            .iter()
+            .filter(|p| p.join("state.json").is_file())
+            .take(all.len().saturating_sub(keep))
+        {
             let _ = std::fs::remove_dir_all(old);
         }
         Ok(path)

@@ -253,9 +253,6 @@ impl Trainer {
             c.seed,
             c.text_encoder_layer_skip,
         );
-        if c.clear_cache_before_training {
-            caches.clear();
-        }
         let timesteps = Timesteps::new(c, schedule.alphas_cumprod.len());
         let mut t = Self {
             caches: Arc::new(caches),
@@ -283,6 +280,10 @@ impl Trainer {
             buckets,
         };
         t.check_destination()?;
+        // Emptied only once the run is sure to start.
+        if t.config.clear_cache_before_training {
+            t.caches.clear();
+        }
         t.batches_per_epoch = data::plan_epoch(&t.data, &t.config, &t.buckets, 0).len();
         t.groups = t.make_groups()?;
         if t.config.continue_last_backup
@@ -441,7 +442,10 @@ impl Trainer {
                     if self.last_backup() != Some(self.backups_dir().join(self.backup_name())) {
                         on_event(Event::Backup(self.backup()?));
                     }
-                    on_event(Event::Saved(self.save_output()?));
+                    // (Not when no step was taken: nothing would replace a previous output.)
+                    if self.progress.step > 0 {
+                        on_event(Event::Saved(self.save_output()?));
+                    }
                     return Ok(());
                 }
                 if in_accum == 0 {

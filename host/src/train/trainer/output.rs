@@ -60,6 +60,13 @@ pub(super) fn destination_problem(
             ));
         }
     }
+    if folder_output && d.exists() && !d.is_dir() {
+        return Some(format!(
+            "output_model_destination {} is a file, and this output is a folder: choose another \
+             path",
+            dest.display()
+        ));
+    }
     if d.is_dir() && !(folder_output && d.join(MARKER).is_file()) {
         return Some(format!(
             "output_model_destination {} is an existing folder that Ferrite did not write: it is \
@@ -213,7 +220,12 @@ impl Trainer {
                         out.display()
                     )));
                 }
-                std::fs::remove_dir_all(leftover).map_err(err)?;
+                if leftover == &old && !out.exists() {
+                    // A save stopped between its renames: the old output is the complete one.
+                    std::fs::rename(&old, out).map_err(err)?;
+                } else {
+                    std::fs::remove_dir_all(leftover).map_err(err)?;
+                }
             }
         }
         if let Some(p) = destination_problem(out, true, &[], &[]) {
