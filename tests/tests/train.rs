@@ -798,3 +798,32 @@ fn text_variations_are_the_captions_cached_per_image() {
     assert!(one <= 6, "{one}");
     assert!(three > one, "{three} vs {one}");
 }
+
+/// A backup whose optimizer state was kept by position (before ABI 2) is refused with the way
+/// forward, instead of loading moments onto other tensors.
+#[test]
+fn a_backup_with_optimizer_state_by_position_is_refused() {
+    let (_turn, root) = setup();
+    let root = root.path();
+    run(config(root, "old"), root, Some(3));
+    let file = root.join("old/backup/backup-000000003/unet-optimizer.safetensors");
+    let w = ferrite_plugin_api::Weights::open(file.to_str().unwrap()).unwrap();
+    let tensors: Vec<(String, ferrite_plugin_api::Tensor)> = w
+        .infos()
+        .iter()
+        .map(|i| {
+            (
+                i.key.to_string(),
+                w.get(&i.key, ferrite_plugin_api::DType::F32).unwrap(),
+            )
+        })
+        .collect();
+    drop(w);
+    let named: Vec<(&str, &ferrite_plugin_api::Tensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    ferrite_plugin_api::save_safetensors(file.to_str().unwrap(), &named, &[]).unwrap();
+    let mut c = config(root, "old");
+    c.continue_last_backup = true;
+    let e = Trainer::new(c, root, registry()).err().unwrap().to_string();
+    assert!(e.contains("written by an older Ferrite"), "{e}");
+}

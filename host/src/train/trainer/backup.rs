@@ -8,6 +8,9 @@ use ferrite_plugin_api::{DType, Tensor, Weights};
 
 use super::{Result, TrainError, Trainer, err};
 
+/// The metadata that marks an optimizer state file keyed by parameter name.
+const STATE_BY_NAME: (&str, &str) = ("ferrite_optimizer_state", "by-name");
+
 impl Trainer {
     pub(super) fn backup_name(&self) -> String {
         format!("backup-{:09}", self.progress.step)
@@ -53,7 +56,8 @@ impl Trainer {
             let state = g.optimizer.state().map_err(err)?;
             let named: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
             let p = tmp.join(format!("{}-optimizer.safetensors", g.part));
-            ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[]).map_err(err)?;
+            ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[STATE_BY_NAME])
+                .map_err(err)?;
             // Tests stop the process here, mid-write (FAILPOINTS, debug builds).
             fail::fail_point!("backup-write");
             if let Some(ema) = &g.ema {
@@ -126,6 +130,18 @@ impl Trainer {
                     .to_string_lossy(),
             )
             .map_err(err)?;
+            // Before ABI 2 optimizers kept state by position: it would land on other tensors.
+            if !ow
+                .metadata()
+                .map_err(err)?
+                .iter()
+                .any(|(k, v)| (k.as_str(), v.as_str()) == STATE_BY_NAME)
+            {
+                return Err(TrainError(format!(
+                    "backup {shown} was written by an older Ferrite, whose optimizer state cannot \
+                     be resumed: start a new run from its weights (lora_base_model) instead"
+                )));
+            }
             let state = ow
                 .infos()
                 .iter()
