@@ -206,6 +206,25 @@ fn options_save_and_load_and_invalid_values_are_refused_at_start() {
     );
     assert!(status.contains("batch_size"), "{status}");
     assert_eq!(h.state().run.phase, Phase::Idle);
+
+    // Options the adapter plugin does not have are refused at Start too, naming the key.
+    set_text(&mut h, "Learning rate", "0.001");
+    set_text(&mut h, "Batch size", "1");
+    let c = &mut h.state_mut().config;
+    c.base_model_name = "model".into();
+    c.concepts = vec![ferrite::train::config::ConceptConfig {
+        path: "images".into(),
+        ..Default::default()
+    }];
+    c.peft_type = "loha".into();
+    c.lora_dropout = 0.1;
+    click(&mut h, "Start training");
+    let (ok, status) = h.state().status.clone().unwrap();
+    assert!(
+        !ok && status.contains("lora_dropout: the adapter `loha` has no option `dropout`"),
+        "{status}"
+    );
+    assert_eq!(h.state().run.phase, Phase::Idle);
 }
 
 /// A panic on the trainer's thread ends the run as failed, with the message in the log, instead

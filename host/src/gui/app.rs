@@ -224,7 +224,18 @@ impl App {
     }
 
     pub fn start(&mut self, ctx: &egui::Context) {
-        let problems = self.problems();
+        let mut problems = self.problems();
+        // The adapter's and optimizer's options against their plugins' schemas (needs the
+        // plugins, so checked here rather than every frame).
+        let registry = self.registry();
+        if problems.is_empty()
+            && let Err(e) = self.config.validate_plugin_options(&registry)
+        {
+            problems = match e {
+                crate::train::config::ConfigError::Invalid(v) => v,
+                e => vec![e.to_string()],
+            };
+        }
         if !problems.is_empty() {
             self.set_status(false, format!("Start refused: {}", problems.join("; ")));
             return;
@@ -232,7 +243,7 @@ impl App {
         self.set_status(true, "training started");
         self.tab = Tab::Run;
         self.run
-            .start(ctx, self.config.clone(), self.base(), self.registry());
+            .start(ctx, self.config.clone(), self.base(), registry);
     }
 
     /// The whole app in `ui` (eframe's window, or a test harness).
