@@ -261,9 +261,14 @@ fn ctrl_c_stops_with_a_backup_and_the_output_and_a_second_quits_at_once() {
         backups.join(format!("backup-{:09}/state.json", (n / 2 + 1) * 2))
     };
     wait_for(&mut child, &next);
-    // SIGTERM stops as SIGINT does; the second signal quits at once.
-    signal(&child, "TERM");
-    signal(&child, "INT");
+    // SIGTERM stops as SIGINT does; the second signal (sent right after, before the stop can
+    // have finished) quits at once.
+    let pid = child.id();
+    let sent = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid} && kill -INT {pid}")])
+        .status()
+        .unwrap();
+    assert!(sent.success());
     let o = child.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
