@@ -104,21 +104,25 @@ pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
 
-/// `auto`: the first CUDA device when this build has CUDA and a driver answers, else the CPU,
-/// and why.
-fn resolve_auto() -> (String, String) {
+fn cpu_runtime() -> Box<dyn Runtime> {
+    Box::new(TensorTable::<CpuBackend>::new(
+        Default::default(),
+        "cpu".into(),
+    ))
+}
+
+/// `auto`: the first CUDA device when this build has CUDA and a driver answers, else the CPU;
+/// the runtime, and why.
+fn auto_runtime() -> (Box<dyn Runtime>, String) {
     #[cfg(feature = "cuda")]
     {
         match new_runtime("cuda:0") {
-            Ok(_) => (
-                "cuda:0".into(),
-                "this build has CUDA and a driver answered".into(),
-            ),
-            Err(e) => ("cpu".into(), e.to_string()),
+            Ok(rt) => (rt, "this build has CUDA and a driver answered".into()),
+            Err(e) => (cpu_runtime(), e.to_string()),
         }
     }
     #[cfg(not(feature = "cuda"))]
-    ("cpu".into(), "this ferrite was built without CUDA".into())
+    (cpu_runtime(), "this ferrite was built without CUDA".into())
 }
 
 fn parse_device(device: &str) -> Result<Option<usize>, DeviceError> {
@@ -135,10 +139,7 @@ fn parse_device(device: &str) -> Result<Option<usize>, DeviceError> {
 
 fn new_runtime(device: &str) -> Result<Box<dyn Runtime>, DeviceError> {
     match parse_device(device)? {
-        None => Ok(Box::new(TensorTable::<CpuBackend>::new(
-            Default::default(),
-            "cpu".into(),
-        ))),
+        None => Ok(cpu_runtime()),
         #[cfg(feature = "cuda")]
         Some(index) => {
             use burn_backend::Backend;
@@ -179,25 +180,33 @@ fn new_runtime(device: &str) -> Result<Box<dyn Runtime>, DeviceError> {
 /// for the host's own use of `plugin-api`; says where it computes (and why, for `auto`). Calling
 /// it again with the same device is a no-op.
 pub fn init(device: &str) -> Result<String, DeviceError> {
-    let (device, why) = if device.trim() == "auto" {
+    let mut g = lock();
+    if device.trim() == "auto" {
         // Already computing somewhere: that is where `auto` stays.
-        if let Some(rt) = lock().as_ref() {
-            return Ok(format!(
+        let said = match g.as_ref() {
+            Some(rt) => format!(
                 "computing on {} (train_device auto: already in use)",
                 rt.device_name()
-            ));
-        }
-        let (d, why) = resolve_auto();
-        (d, format!(" (train_device auto: {why})"))
-    } else {
-        (device.to_string(), String::new())
-    };
-    let mut g = lock();
-    let wanted = match parse_device(&device)? {
+            ),
+            None => {
+                let (rt, why) = auto_runtime();
+                let said = format!(
+                    "computing on {} (train_device auto: {why})",
+                    rt.device_name()
+                );
+                *g = Some(rt);
+                ferrite_plugin_api::host::set_host(host_ref());
+                said
+            }
+        };
+        tracing::info!("{said}");
+        return Ok(said);
+    }
+    let wanted = match parse_device(device)? {
         None => "cpu".to_string(),
         Some(i) => format!("cuda:{i}"),
     };
-    let said = format!("computing on {wanted}{why}");
+    let said = format!("computing on {wanted}");
     tracing::info!("{said}");
     if let Some(rt) = g.as_ref() {
         if rt.device_name() == wanted {
@@ -210,7 +219,7 @@ pub fn init(device: &str) -> Result<String, DeviceError> {
             });
         }
     }
-    *g = Some(new_runtime(&device)?);
+    *g = Some(new_runtime(device)?);
     ferrite_plugin_api::host::set_host(host_ref());
     Ok(said)
 }
