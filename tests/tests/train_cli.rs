@@ -186,9 +186,9 @@ fn signal(child: &std::process::Child, name: &str) {
     assert!(ok, "kill -{name}");
 }
 
-/// The first SIGINT (or SIGTERM) stops as the app's Stop does (the step ends, a backup and the output model
-/// are written, and where they went is said); the run then resumes from that backup. A second
-/// signal quits at once and the last backup stays whole.
+/// The first SIGINT (or SIGTERM) stops as the app's Stop does (the step ends, a backup and the
+/// output model are written, and where they went is said); the run then resumes from that backup.
+/// A second signal quits at once and the last backup stays whole.
 #[test]
 fn ctrl_c_stops_with_a_backup_and_the_output_and_a_second_quits_at_once() {
     let home = tempfile::tempdir().unwrap();
