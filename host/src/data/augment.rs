@@ -18,20 +18,14 @@ pub struct Planes {
 }
 
 impl Planes {
-    pub fn from_rgb(img: &image::RgbImage) -> Self {
+    /// An 8-bit image (RGB or grey) scaled to [0, 1].
+    pub fn from_image<P: image::Pixel<Subpixel = u8>>(
+        img: &image::ImageBuffer<P, Vec<u8>>,
+    ) -> Self {
         Self {
             width: img.width() as usize,
             height: img.height() as usize,
-            channels: 3,
-            data: img.as_raw().iter().map(|&v| v as f32 / 255.0).collect(),
-        }
-    }
-
-    pub fn from_luma(img: &image::GrayImage) -> Self {
-        Self {
-            width: img.width() as usize,
-            height: img.height() as usize,
-            channels: 1,
+            channels: P::CHANNEL_COUNT as usize,
             data: img.as_raw().iter().map(|&v| v as f32 / 255.0).collect(),
         }
     }

@@ -91,10 +91,10 @@ impl Context {
             noise_seed: 0,
             inputs: Vec::new(),
         };
+        let debug = c.debug_mode;
         for &i in &plan.items {
             let item = &self.data.items[i];
             let concept = &c.concepts[item.concept];
-            let debug = c.debug_mode;
             let (image, mask, input) = if c.latent_caching {
                 let variation = plan.epoch % concept.image_variations as u64;
                 let (entry, seed) =

@@ -399,9 +399,9 @@ pub fn prepare(
         image::imageops::crop_imm(&scaled, x, y, bw, bh).to_image()
     }
     let crop = (x, y, bw, bh);
-    let mut pixels = augment::Planes::from_rgb(&place(&img, (sw, sh), crop));
+    let mut pixels = augment::Planes::from_image(&place(&img, (sw, sh), crop));
     let mut mask = match mask {
-        Some(m) => augment::Planes::from_luma(&place(&m, (sw, sh), crop)),
+        Some(m) => augment::Planes::from_image(&place(&m, (sw, sh), crop)),
         None => augment::Planes {
             width: bw as usize,
             height: bh as usize,

@@ -29,7 +29,8 @@ pub struct Caches {
     seed: u64,
     /// The text encoder's layer skip changes every text entry.
     layer_skip: usize,
-    /// Latent cache file and augmentation seed per (image, bucket, variation), once worked out.
+    /// Latent cache file and augmentation seed per (image, concept, bucket, variation), once
+    /// worked out.
     memo: Mutex<HashMap<Slot, (PathBuf, u64)>>,
     /// Entries encoded (not found in the cache) during this run.
     pub latents_encoded: AtomicUsize,
@@ -72,7 +73,8 @@ impl Caches {
 
     /// The cache file of one image variation and the seed of its augmentation, both from a hash
     /// of the image and mask files, the bucket, the concept's image settings, the variation, the
-    /// model, and the seed when an option draws at random. Worked out once per run: the files are read for it the first time only.
+    /// model, and the seed when an option draws at random. Worked out once per run: the files are
+    /// read for it the first time only.
     pub fn latent_entry(
         &self,
         item: &Item,
