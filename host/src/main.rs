@@ -128,9 +128,9 @@ enum SamplerArg {
 enum PluginsAction {
     /// Every component of every plugin found: id, kind, version, path, enabled.
     List,
-    /// Enable a component by id.
+    /// Enable the library offering a component (by the component's id).
     Enable { id: String },
-    /// Disable a component by id.
+    /// Disable the library offering a component: it is no longer loaded at all.
     Disable { id: String },
 }
 
@@ -177,19 +177,14 @@ fn main() -> Result<()> {
                 PluginsAction::Enable { id } | PluginsAction::Disable { id } if id.is_empty() => {
                     anyhow::bail!("give a component id (see `ferrite plugins list`)")
                 }
-                PluginsAction::Enable { id } => {
-                    settings.set_enabled(&id, true);
-                    settings.save(&settings_path).context("saving settings")?;
-                    println!("enabled {id}");
-                }
-                PluginsAction::Disable { id } => {
+                PluginsAction::Enable { ref id } | PluginsAction::Disable { ref id } => {
+                    let on = matches!(action, PluginsAction::Enable { .. });
                     let registry = Registry::discover(&search_dirs(&settings), &settings);
-                    if !registry.components().iter().any(|c| c.id == id) {
-                        eprintln!("note: no loaded plugin offers `{id}`; disabling it anyway");
-                    }
-                    settings.set_enabled(&id, false);
+                    let said = registry
+                        .set_enabled(&mut settings, id, on)
+                        .map_err(anyhow::Error::msg)?;
                     settings.save(&settings_path).context("saving settings")?;
-                    println!("disabled {id}");
+                    println!("{said}");
                 }
             }
         }

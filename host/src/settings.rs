@@ -9,8 +9,27 @@ use serde::{Deserialize, Serialize};
 pub struct Settings {
     /// Extra directories searched for plugin libraries.
     pub plugin_dirs: Vec<PathBuf>,
-    /// Component ids the user turned off (`ferrite plugins disable ID`).
-    pub disabled_plugins: Vec<String>,
+    /// Libraries the user turned off (`ferrite plugins disable ID`): never loaded, so their code
+    /// never runs; their components are listed from here.
+    pub disabled_libraries: Vec<DisabledLibrary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DisabledLibrary {
+    pub path: PathBuf,
+    pub name: String,
+    /// Its components as they were when it was disabled.
+    pub components: Vec<ListedComponent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListedComponent {
+    /// `architecture`, `adapter`, `optimizer`, `captioner` or `masker`.
+    pub kind: String,
+    pub id: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,16 +83,28 @@ impl Settings {
         })
     }
 
-    pub fn is_enabled(&self, id: &str) -> bool {
-        !self.disabled_plugins.iter().any(|d| d == id)
+    /// The entry that disables the library at `path`, if any.
+    pub fn disabled(&self, path: &Path) -> Option<&DisabledLibrary> {
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let path = canon(path);
+        self.disabled_libraries
+            .iter()
+            .find(|d| canon(&d.path) == path)
     }
 
-    pub fn set_enabled(&mut self, id: &str, enabled: bool) {
-        self.disabled_plugins.retain(|d| d != id);
-        if !enabled {
-            self.disabled_plugins.push(id.to_string());
-            self.disabled_plugins.sort();
-        }
+    pub fn disable(&mut self, library: DisabledLibrary) {
+        self.enable(&library.path.clone());
+        self.disabled_libraries.push(library);
+        self.disabled_libraries.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+
+    /// Turns the library at `path` back on; false when it was not disabled.
+    pub fn enable(&mut self, path: &Path) -> bool {
+        let before = self.disabled_libraries.len();
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let path = canon(path);
+        self.disabled_libraries.retain(|d| canon(&d.path) != path);
+        self.disabled_libraries.len() != before
     }
 }
 
@@ -87,15 +118,25 @@ mod tests {
         let p = dir.path().join("ferrite/settings.toml");
         let mut s = Settings::load(&p).unwrap();
         assert_eq!(s, Settings::default());
-        s.set_enabled("adamw", false);
+        let lib = PathBuf::from("/opt/plugins/libferrite_optim_adamw.so");
+        s.disable(DisabledLibrary {
+            path: lib.clone(),
+            name: "optim-adamw".into(),
+            components: vec![ListedComponent {
+                kind: "optimizer".into(),
+                id: "adamw".into(),
+                version: "0.1.0".into(),
+                description: String::new(),
+            }],
+        });
         s.plugin_dirs.push("/opt/plugins".into());
         s.save(&p).unwrap();
-        let back = Settings::load(&p).unwrap();
-        assert!(!back.is_enabled("adamw"));
+        let mut back = Settings::load(&p).unwrap();
+        assert_eq!(back.disabled(&lib).unwrap().components[0].id, "adamw");
         assert_eq!(back.plugin_dirs, vec![PathBuf::from("/opt/plugins")]);
-        let mut back = back;
-        back.set_enabled("adamw", true);
-        assert!(back.is_enabled("adamw"));
+        assert!(back.enable(&lib));
+        assert!(back.disabled(&lib).is_none());
+        assert!(!back.enable(&lib));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use ferrite::runtime;
 use ferrite_plugin_api::{
-    DType, Generator, Result, Tensor,
+    DType, Generator, Result, Tensor, TensorId,
     ops::{self, ConvOptions, InterpolateMode},
 };
 
@@ -1297,21 +1297,48 @@ fn detach_assign_and_requires_grad() {
     );
 }
 
+/// The raw ABI call, as a plugin built against another plugin-api would make it.
+fn raw_call(code: u32, inputs: &[TensorId]) -> String {
+    use abi_stable::std_types::RSlice;
+    let h = ferrite_plugin_api::host::host().unwrap();
+    (h.call())(
+        ferrite_plugin_api::OpCode(code),
+        RSlice::from_slice(inputs),
+        RSlice::from_slice(&[]),
+    )
+    .into_result()
+    .unwrap_err()
+    .into_string()
+}
+
 #[test]
 fn unknown_op_code_is_a_clear_error() {
     init();
-    let e = ferrite_plugin_api::host::call(ferrite_plugin_api::OpCode(9999), &[], &[])
-        .unwrap_err()
-        .to_string();
+    let e = raw_call(9999, &[]);
     assert!(e.contains("9999") && e.contains("not known"), "{e}");
-    let e = ferrite_plugin_api::host::call_ids(
-        ferrite_plugin_api::OpCode::EXP,
-        &[ferrite_plugin_api::TensorId(u64::MAX)],
-        &[],
-    )
-    .unwrap_err()
-    .to_string();
+    let e = raw_call(ferrite_plugin_api::OpCode::EXP.0, &[TensorId(u64::MAX)]);
     assert!(e.contains("not live"), "{e}");
+    // The op table checks the number of inputs before anything runs.
+    let e = raw_call(ferrite_plugin_api::OpCode::EXP.0, &[]);
+    assert!(e.contains("op exp: expected 1 tensor inputs, got 0"), "{e}");
+}
+
+#[test]
+fn each_holder_has_its_own_handle() {
+    init();
+    let h = ferrite_plugin_api::host::host().unwrap();
+    let a = t(&[1.0, 2.0], &[2]);
+    let b = a.try_clone().unwrap();
+    assert_ne!(a.id(), b.id(), "a retain gives a new handle");
+    // An in-place update through one handle is seen through the other.
+    b.assign(&t(&[5.0, 6.0], &[2])).unwrap();
+    assert_eq!(a.to_vec().unwrap(), vec![5.0, 6.0]);
+    // A holder that releases its handle twice cannot drop the other holder's reference.
+    let extra = b.try_clone().unwrap().into_raw();
+    (h.release())(extra);
+    (h.release())(extra);
+    drop(b);
+    assert_eq!(a.to_vec().unwrap(), vec![5.0, 6.0]);
 }
 
 #[test]

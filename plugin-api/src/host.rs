@@ -2,11 +2,13 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use abi_stable::nonexhaustive_enum::NonExhaustive;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, Tuple2};
 
-use crate::abi::{Attr, HostRef, LogLevel, NamedTensor, OpCode, TensorId, WeightInfo};
+use crate::abi::{HostRef, LogLevel, NamedTensor, TensorId, WeightInfo, known};
 use crate::error::{Error, Result};
 use crate::nn::AdaptableLayer;
+use crate::op::Op;
 use crate::tensor::Tensor;
 
 static HOST: OnceLock<HostRef> = OnceLock::new();
@@ -26,30 +28,44 @@ pub(crate) fn res<T>(r: RResult<T, RString>) -> Result<T> {
     r.into_result().map_err(Error::from)
 }
 
-/// Runs an op and wraps its outputs.
-pub fn call(op: OpCode, inputs: &[&Tensor], attrs: &[Attr]) -> Result<Vec<Tensor>> {
-    let ids: Vec<TensorId> = inputs.iter().map(|t| t.id()).collect();
-    call_ids(op, &ids, attrs)
+/// Runs an op on its required inputs and wraps its outputs.
+pub fn call(op: Op, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+    call_opt(op, inputs, &[])
 }
 
-pub fn call_ids(op: OpCode, inputs: &[TensorId], attrs: &[Attr]) -> Result<Vec<Tensor>> {
+/// Runs an op with its required inputs and its optional ones (absent: None).
+pub fn call_opt(op: Op, inputs: &[&Tensor], optional: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let ids: Vec<TensorId> = inputs
+        .iter()
+        .map(|t| t.id())
+        .chain(
+            optional
+                .iter()
+                .map(|t| t.map_or(TensorId::NONE, Tensor::id)),
+        )
+        .collect();
     let out = res((host()?.call())(
-        op,
-        RSlice::from_slice(inputs),
-        RSlice::from_slice(attrs),
+        op.code(),
+        RSlice::from_slice(&ids),
+        RSlice::from_slice(&op.encode()),
     ))?;
     Ok(out.into_iter().map(Tensor::from_raw).collect())
 }
 
 /// Runs an op that has exactly one output.
-pub fn call1(op: OpCode, inputs: &[&Tensor], attrs: &[Attr]) -> Result<Tensor> {
-    let mut out = call(op, inputs, attrs)?;
+pub fn call1(op: Op, inputs: &[&Tensor]) -> Result<Tensor> {
+    one(op.code().name(), call(op, inputs)?)
+}
+
+/// [`call1`] with optional inputs.
+pub fn call1_opt(op: Op, inputs: &[&Tensor], optional: &[Option<&Tensor>]) -> Result<Tensor> {
+    one(op.code().name(), call_opt(op, inputs, optional)?)
+}
+
+fn one(op: &str, mut out: Vec<Tensor>) -> Result<Tensor> {
     match out.len() {
         1 => Ok(out.remove(0)),
-        n => Err(Error(format!(
-            "op {} returned {n} tensors, expected 1",
-            op.name()
-        ))),
+        n => Err(Error(format!("op {op} returned {n} tensors, expected 1"))),
     }
 }
 
@@ -57,10 +73,11 @@ pub fn call1(op: OpCode, inputs: &[&Tensor], attrs: &[Attr]) -> Result<Tensor> {
 /// The output of layer `name` with whatever adapters the host has attached to it (`base_out`
 /// unchanged when none).
 pub fn adapt(name: &str, x: &Tensor, base_out: Tensor) -> Result<Tensor> {
-    let Some(adapt) = host()?.adapt() else {
-        return Ok(base_out);
-    };
-    match res(adapt(RStr::from_str(name), x.id(), base_out.id()))? {
+    match res((host()?.adapt())(
+        RStr::from_str(name),
+        x.id(),
+        base_out.id(),
+    ))? {
         ROption::RSome(id) => Ok(Tensor::from_raw(id)),
         ROption::RNone => Ok(base_out),
     }
@@ -76,7 +93,11 @@ pub fn is_cancelled() -> bool {
 
 pub fn log(level: LogLevel, target: &str, msg: &str) {
     if let Ok(h) = host() {
-        (h.log())(level, RStr::from_str(target), RStr::from_str(msg));
+        (h.log())(
+            NonExhaustive::new(level),
+            RStr::from_str(target),
+            RStr::from_str(msg),
+        );
     }
 }
 
@@ -89,7 +110,7 @@ pub struct Generator {
 impl Generator {
     pub fn new(seed: u64) -> Result<Self> {
         Ok(Self {
-            id: (host()?.rng_new())(seed),
+            id: res((host()?.rng_new())(seed))?,
         })
     }
 
@@ -163,7 +184,16 @@ impl Weights {
             id: res((h.open_weights())(RStr::from_str(path)))?,
             path: path.to_string(),
         };
-        let infos = res((h.weight_infos())(file.id))?.into_vec();
+        let infos = res((h.weight_infos())(file.id))?
+            .into_iter()
+            .map(|e| {
+                Ok(WeightInfo {
+                    dtype: known("dtype", &e.dtype).map_err(|m| Error(format!("{path}: {m}")))?,
+                    key: e.key.into_string(),
+                    shape: e.shape.into_vec(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             file: Arc::new(file),
             infos,
@@ -244,7 +274,7 @@ impl Weights {
     fn file_key(&self, i: usize) -> &str {
         match &self.file_keys {
             Some(k) => &k[i],
-            None => self.infos[i].key.as_str(),
+            None => &self.infos[i].key,
         }
     }
 
@@ -258,7 +288,7 @@ impl Weights {
     }
 
     pub fn info(&self, key: &str) -> Option<&WeightInfo> {
-        self.infos.iter().find(|i| i.key.as_str() == key)
+        self.infos.iter().find(|i| i.key == key)
     }
 
     pub fn metadata(&self) -> Result<Vec<(String, String)>> {
@@ -270,14 +300,14 @@ impl Weights {
 
     /// Loads `key` to the device as `dtype`.
     pub fn get(&self, key: &str, dtype: crate::DType) -> Result<Tensor> {
-        let Some(i) = self.infos.iter().position(|i| i.key.as_str() == key) else {
+        let Some(i) = self.infos.iter().position(|i| i.key == key) else {
             return Err(Error(format!("{}: no tensor `{key}`", self.path())));
         };
         let file_key = self.file_key(i);
         let id = res((host()?.load_weight())(
             self.file.id,
             RStr::from_str(file_key),
-            dtype,
+            dtype.to_ne(),
         ))?;
         let mut t = Tensor::from_raw(id);
         if self.file_keys.is_some() {

@@ -7,7 +7,7 @@ pub mod adapter;
 mod error;
 pub mod host;
 pub mod nn;
-mod op;
+pub mod op;
 pub mod plugin;
 pub mod tensor;
 
@@ -16,6 +16,7 @@ pub use abi_stable;
 pub use error::{Error, Result};
 pub use host::{Generator, Weights, save_safetensors};
 pub use nn::AdaptableLayer;
+pub use op::Op;
 pub use plugin::{
     Adapter, Architecture, Component, Descriptor, Optimizer, Param, Plugin, parse_options,
 };

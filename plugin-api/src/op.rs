@@ -1,153 +1,443 @@
-//! Op codes. Codes are never reused or renumbered; new ops are appended.
+//! The op table: every op's code, name, tensor inputs and attributes, written once. The plugin
+//! side encodes an [`Op`] and the host decodes the same [`Op`], so no attribute slot can mean one
+//! thing to a plugin and another to the host. Codes are never reused or renumbered; new ops and
+//! new attribute structs are appended (a minor ABI bump).
 
-use crate::abi::OpCode;
+use abi_stable::std_types::RVec;
 
-impl OpCode {
-    pub const ZEROS: OpCode = OpCode(1);
-    pub const ONES: OpCode = OpCode(2);
-    pub const FULL: OpCode = OpCode(3);
-    pub const ARANGE: OpCode = OpCode(4);
-    pub const RANDN: OpCode = OpCode(5);
-    pub const RAND: OpCode = OpCode(6);
-    pub const FROM_F32: OpCode = OpCode(7);
-    pub const FROM_I64: OpCode = OpCode(8);
-    pub const RESHAPE: OpCode = OpCode(9);
-    pub const PERMUTE: OpCode = OpCode(10);
-    pub const TRANSPOSE: OpCode = OpCode(11);
-    pub const NARROW: OpCode = OpCode(12);
-    pub const CAT: OpCode = OpCode(13);
-    pub const STACK: OpCode = OpCode(14);
-    pub const CHUNK: OpCode = OpCode(15);
-    pub const EXPAND: OpCode = OpCode(16);
-    pub const INDEX_SELECT: OpCode = OpCode(17);
-    pub const GATHER: OpCode = OpCode(18);
-    pub const PAD: OpCode = OpCode(19);
-    pub const ADD: OpCode = OpCode(20);
-    pub const SUB: OpCode = OpCode(21);
-    pub const MUL: OpCode = OpCode(22);
-    pub const DIV: OpCode = OpCode(23);
-    pub const POW: OpCode = OpCode(24);
-    pub const NEG: OpCode = OpCode(25);
-    pub const EXP: OpCode = OpCode(26);
-    pub const LOG: OpCode = OpCode(27);
-    pub const SQRT: OpCode = OpCode(28);
-    pub const RSQRT: OpCode = OpCode(29);
-    pub const ABS: OpCode = OpCode(30);
-    pub const SIN: OpCode = OpCode(31);
-    pub const COS: OpCode = OpCode(32);
-    pub const TANH: OpCode = OpCode(33);
-    pub const SIGMOID: OpCode = OpCode(34);
-    pub const SILU: OpCode = OpCode(35);
-    pub const GELU: OpCode = OpCode(36);
-    pub const QUICK_GELU: OpCode = OpCode(37);
-    pub const RELU: OpCode = OpCode(38);
-    pub const CLAMP: OpCode = OpCode(39);
-    pub const GT: OpCode = OpCode(40);
-    pub const GE: OpCode = OpCode(41);
-    pub const LT: OpCode = OpCode(42);
-    pub const LE: OpCode = OpCode(43);
-    pub const EQ: OpCode = OpCode(44);
-    pub const WHERE: OpCode = OpCode(45);
-    pub const SUM: OpCode = OpCode(46);
-    pub const MEAN: OpCode = OpCode(47);
-    pub const MAX: OpCode = OpCode(48);
-    pub const VAR: OpCode = OpCode(49);
-    pub const MATMUL: OpCode = OpCode(50);
-    pub const LINEAR: OpCode = OpCode(51);
-    pub const CONV2D: OpCode = OpCode(52);
-    pub const CONV_TRANSPOSE2D: OpCode = OpCode(53);
-    pub const GROUP_NORM: OpCode = OpCode(54);
-    pub const LAYER_NORM: OpCode = OpCode(55);
-    pub const RMS_NORM: OpCode = OpCode(56);
-    pub const SOFTMAX: OpCode = OpCode(57);
-    pub const ATTENTION: OpCode = OpCode(58);
-    pub const INTERPOLATE: OpCode = OpCode(59);
-    pub const DROPOUT: OpCode = OpCode(60);
-    pub const EMBEDDING: OpCode = OpCode(61);
-    pub const CAST: OpCode = OpCode(62);
-    pub const TO_DEVICE: OpCode = OpCode(63);
-    pub const DETACH: OpCode = OpCode(64);
-    pub const SET_REQUIRES_GRAD: OpCode = OpCode(65);
-    pub const BACKWARD: OpCode = OpCode(66);
-    pub const GRAD: OpCode = OpCode(67);
-    pub const ASSIGN: OpCode = OpCode(68);
+use crate::abi::{Attr, Attr_NE, DType, OpCode, known};
 
-    /// All known ops, for error messages and benchmarks.
-    pub const ALL: &[(OpCode, &str)] = &[
-        (OpCode::ZEROS, "zeros"),
-        (OpCode::ONES, "ones"),
-        (OpCode::FULL, "full"),
-        (OpCode::ARANGE, "arange"),
-        (OpCode::RANDN, "randn"),
-        (OpCode::RAND, "rand"),
-        (OpCode::FROM_F32, "from_f32"),
-        (OpCode::FROM_I64, "from_i64"),
-        (OpCode::RESHAPE, "reshape"),
-        (OpCode::PERMUTE, "permute"),
-        (OpCode::TRANSPOSE, "transpose"),
-        (OpCode::NARROW, "narrow"),
-        (OpCode::CAT, "cat"),
-        (OpCode::STACK, "stack"),
-        (OpCode::CHUNK, "chunk"),
-        (OpCode::EXPAND, "expand"),
-        (OpCode::INDEX_SELECT, "index_select"),
-        (OpCode::GATHER, "gather"),
-        (OpCode::PAD, "pad"),
-        (OpCode::ADD, "add"),
-        (OpCode::SUB, "sub"),
-        (OpCode::MUL, "mul"),
-        (OpCode::DIV, "div"),
-        (OpCode::POW, "pow"),
-        (OpCode::NEG, "neg"),
-        (OpCode::EXP, "exp"),
-        (OpCode::LOG, "log"),
-        (OpCode::SQRT, "sqrt"),
-        (OpCode::RSQRT, "rsqrt"),
-        (OpCode::ABS, "abs"),
-        (OpCode::SIN, "sin"),
-        (OpCode::COS, "cos"),
-        (OpCode::TANH, "tanh"),
-        (OpCode::SIGMOID, "sigmoid"),
-        (OpCode::SILU, "silu"),
-        (OpCode::GELU, "gelu"),
-        (OpCode::QUICK_GELU, "quick_gelu"),
-        (OpCode::RELU, "relu"),
-        (OpCode::CLAMP, "clamp"),
-        (OpCode::GT, "gt"),
-        (OpCode::GE, "ge"),
-        (OpCode::LT, "lt"),
-        (OpCode::LE, "le"),
-        (OpCode::EQ, "eq"),
-        (OpCode::WHERE, "where"),
-        (OpCode::SUM, "sum"),
-        (OpCode::MEAN, "mean"),
-        (OpCode::MAX, "max"),
-        (OpCode::VAR, "var"),
-        (OpCode::MATMUL, "matmul"),
-        (OpCode::LINEAR, "linear"),
-        (OpCode::CONV2D, "conv2d"),
-        (OpCode::CONV_TRANSPOSE2D, "conv_transpose2d"),
-        (OpCode::GROUP_NORM, "group_norm"),
-        (OpCode::LAYER_NORM, "layer_norm"),
-        (OpCode::RMS_NORM, "rms_norm"),
-        (OpCode::SOFTMAX, "softmax"),
-        (OpCode::ATTENTION, "attention"),
-        (OpCode::INTERPOLATE, "interpolate"),
-        (OpCode::DROPOUT, "dropout"),
-        (OpCode::EMBEDDING, "embedding"),
-        (OpCode::CAST, "cast"),
-        (OpCode::TO_DEVICE, "to_device"),
-        (OpCode::DETACH, "detach"),
-        (OpCode::SET_REQUIRES_GRAD, "set_requires_grad"),
-        (OpCode::BACKWARD, "backward"),
-        (OpCode::GRAD, "grad"),
-        (OpCode::ASSIGN, "assign"),
-    ];
+/// One attribute's Rust type and its ABI form.
+pub trait AttrValue: Sized {
+    /// What the attribute should be, for errors.
+    const WANT: &'static str;
+    fn to_attr(&self) -> Attr;
+    /// None when `a` is not of this type. `None` stands for an absent attribute.
+    fn from_attr(a: Option<&Attr>) -> Option<Self>;
+}
 
-    pub fn name(self) -> &'static str {
-        OpCode::ALL
-            .iter()
-            .find(|(c, _)| *c == self)
-            .map_or("unknown", |(_, n)| n)
+macro_rules! attr_value {
+    ($t:ty, $want:literal, |$s:ident| $to:expr, $pat:pat => $from:expr) => {
+        impl AttrValue for $t {
+            const WANT: &'static str = $want;
+            fn to_attr(&self) -> Attr {
+                let $s = self;
+                $to
+            }
+            fn from_attr(a: Option<&Attr>) -> Option<Self> {
+                match a {
+                    $pat => Some($from),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+attr_value!(i64, "an integer", |v| Attr::Int(*v), Some(Attr::Int(v)) => *v);
+attr_value!(f64, "a number", |v| Attr::Float(*v), Some(Attr::Float(v)) => *v);
+attr_value!(bool, "a bool", |v| Attr::Bool(*v), Some(Attr::Bool(v)) => *v);
+attr_value!(String, "a string", |v| Attr::Str(v.as_str().into()), Some(Attr::Str(v)) => v.to_string());
+attr_value!(Vec<i64>, "a list of integers", |v| Attr::Ints(v.as_slice().into()), Some(Attr::Ints(v)) => v.to_vec());
+attr_value!(Vec<f32>, "a list of floats", |v| Attr::Floats(v.as_slice().into()), Some(Attr::Floats(v)) => v.to_vec());
+
+impl AttrValue for usize {
+    const WANT: &'static str = "a non-negative integer";
+    fn to_attr(&self) -> Attr {
+        Attr::Int(*self as i64)
+    }
+    fn from_attr(a: Option<&Attr>) -> Option<Self> {
+        usize::try_from(i64::from_attr(a)?).ok()
+    }
+}
+
+impl AttrValue for u64 {
+    const WANT: &'static str = "a non-negative integer";
+    fn to_attr(&self) -> Attr {
+        Attr::Int(*self as i64)
+    }
+    fn from_attr(a: Option<&Attr>) -> Option<Self> {
+        Some(i64::from_attr(a)? as u64)
+    }
+}
+
+impl AttrValue for Vec<usize> {
+    const WANT: &'static str = "a list of non-negative integers";
+    fn to_attr(&self) -> Attr {
+        Attr::Ints(self.iter().map(|&v| v as i64).collect())
+    }
+    fn from_attr(a: Option<&Attr>) -> Option<Self> {
+        Vec::<i64>::from_attr(a)?
+            .into_iter()
+            .map(|v| usize::try_from(v).ok())
+            .collect()
+    }
+}
+
+impl AttrValue for [usize; 2] {
+    const WANT: &'static str = "two non-negative integers";
+    fn to_attr(&self) -> Attr {
+        self.to_vec().to_attr()
+    }
+    fn from_attr(a: Option<&Attr>) -> Option<Self> {
+        Vec::<usize>::from_attr(a)?.try_into().ok()
+    }
+}
+
+impl AttrValue for DType {
+    const WANT: &'static str = "a dtype";
+    fn to_attr(&self) -> Attr {
+        Attr::DType(self.to_ne())
+    }
+    fn from_attr(a: Option<&Attr>) -> Option<Self> {
+        match a {
+            Some(Attr::DType(d)) => d.as_enum().ok().copied(),
+            _ => None,
+        }
+    }
+}
+
+impl<T: AttrValue> AttrValue for Option<T> {
+    const WANT: &'static str = T::WANT;
+    fn to_attr(&self) -> Attr {
+        self.as_ref().map_or(Attr::None, T::to_attr)
+    }
+    fn from_attr(a: Option<&Attr>) -> Option<Self> {
+        match a {
+            None | Some(Attr::None) => Some(None),
+            a => T::from_attr(a).map(Some),
+        }
+    }
+}
+
+/// Closed sets of names that cross as strings.
+macro_rules! attr_names {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($(#[$vm])* $variant),* }
+
+        impl AttrValue for $name {
+            const WANT: &'static str = concat!("one of" $(, " ", $text)*);
+            fn to_attr(&self) -> Attr {
+                Attr::Str(match self { $(Self::$variant => $text),* }.into())
+            }
+            fn from_attr(a: Option<&Attr>) -> Option<Self> {
+                match a {
+                    $(Some(Attr::Str(s)) if s.as_str() == $text => Some(Self::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+attr_names!(
+    /// How `gelu` is computed.
+    GeluApproximation { None = "none", Tanh = "tanh" }
+);
+
+attr_names!(
+    InterpolateMode {
+        /// torch's `nearest` (floor of the scaled index).
+        Nearest = "nearest",
+        /// torch's `bilinear` with `align_corners=False`.
+        Bilinear = "bilinear",
+    }
+);
+
+/// Attributes of one kind of op, in ABI order.
+pub trait OpArgs: Sized {
+    fn encode(&self, out: &mut Vec<Attr>);
+    fn decode(op: &str, attrs: &[Attr]) -> Result<Self, String>;
+}
+
+fn attr<T: AttrValue>(op: &str, field: &str, i: usize, attrs: &[Attr]) -> Result<T, String> {
+    T::from_attr(attrs.get(i)).ok_or_else(|| match attrs.get(i) {
+        None => format!("op {op}: attribute `{field}` is missing"),
+        Some(got) => format!(
+            "op {op}: attribute `{field}` should be {}, got {got:?}",
+            T::WANT
+        ),
+    })
+}
+
+macro_rules! op_args {
+    ($($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $t:ty),* $(,)? })*) => {
+        $(
+            $(#[$m])*
+            #[derive(Debug, Clone, PartialEq)]
+            pub struct $name { $($(#[$fm])* pub $field: $t),* }
+
+            impl OpArgs for $name {
+                fn encode(&self, _out: &mut Vec<Attr>) {
+                    $(_out.push(self.$field.to_attr());)*
+                }
+                #[allow(unused_mut, unused_variables)]
+                fn decode(op: &str, attrs: &[Attr]) -> Result<Self, String> {
+                    let mut i = 0;
+                    let v = $name { $($field: { i += 1; attr(op, stringify!($field), i - 1, attrs)? }),* };
+                    if attrs.len() > i {
+                        return Err(format!(
+                            "op {op}: {} attributes given, this host knows {i} (a plugin built against a newer plugin-api?)",
+                            attrs.len()
+                        ));
+                    }
+                    Ok(v)
+                }
+            }
+        )*
+    };
+}
+
+op_args! {
+    /// No attributes.
+    NoArgs {}
+    /// A constant tensor.
+    Fill { shape: Vec<usize>, value: f64, dtype: DType }
+    Arange { start: i64, end: i64, step: usize, dtype: DType }
+    /// Random draws from a host generator.
+    Random { shape: Vec<usize>, rng: u64 }
+    FromF32 { data: Vec<f32>, shape: Vec<usize> }
+    FromI64 { data: Vec<i64>, shape: Vec<usize> }
+    /// `-1` in one place infers that dimension.
+    Reshape { shape: Vec<i64> }
+    Dims { dims: Vec<usize> }
+    Shape { shape: Vec<usize> }
+    Transpose { dim0: usize, dim1: usize }
+    Narrow { dim: usize, start: usize, len: usize }
+    Dim { dim: usize }
+    Chunk { chunks: usize, dim: usize }
+    /// Pads the last dimensions, `[last_before, last_after, ...]`.
+    Pad { pads: Vec<usize>, value: f64 }
+    /// With one tensor input, the other operand is `scalar`.
+    Binary { scalar: Option<f64> }
+    Gelu { approximation: GeluApproximation }
+    Clamp { min: Option<f64>, max: Option<f64> }
+    /// Over `dims` (all when empty).
+    Reduce { dims: Vec<usize>, keepdim: bool }
+    Var { dims: Vec<usize>, keepdim: bool, correction: usize }
+    Conv { stride: [usize; 2], padding: [usize; 2], dilation: [usize; 2], groups: usize }
+    ConvTranspose {
+        stride: [usize; 2],
+        padding: [usize; 2],
+        output_padding: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+    }
+    GroupNorm { groups: usize, eps: f64 }
+    Norm { eps: f64 }
+    /// `None`: `1/sqrt(D)`.
+    Attention { scale: Option<f64> }
+    Interpolate { size: [usize; 2], mode: InterpolateMode }
+    Dropout { p: f64 }
+    Cast { dtype: DType }
+    ToDevice { device: String }
+    RequiresGrad { requires: bool }
+}
+
+/// How many tensor inputs an op takes: `required` ones, then `optional` ones (passed as
+/// [`TensorId::NONE`](crate::TensorId::NONE) when absent), or with `variadic` any number ≥
+/// `required`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inputs {
+    pub required: usize,
+    pub optional: usize,
+    pub variadic: bool,
+}
+
+impl Inputs {
+    pub fn check(self, op: &str, n: usize) -> Result<(), String> {
+        let ok = if self.variadic {
+            n >= self.required
+        } else {
+            n == self.required + self.optional
+        };
+        if ok {
+            return Ok(());
+        }
+        let want = match (self.variadic, self.optional) {
+            (true, _) => format!("at least {}", self.required),
+            (false, 0) => self.required.to_string(),
+            (false, o) => format!("{} (the last {o} optional)", self.required + o),
+        };
+        Err(format!("op {op}: expected {want} tensor inputs, got {n}"))
+    }
+}
+
+macro_rules! op_table {
+    ($($code:literal $konst:ident $variant:ident $name:literal ($req:literal, $opt:literal, $var:literal) $args:ident;)*) => {
+        impl OpCode {
+            $(pub const $konst: OpCode = OpCode($code);)*
+
+            /// All known ops, for error messages and benchmarks.
+            pub const ALL: &'static [(OpCode, &'static str)] = &[$((OpCode($code), $name)),*];
+
+            pub fn name(self) -> &'static str {
+                match self.0 {
+                    $($code => $name,)*
+                    _ => "unknown",
+                }
+            }
+
+            /// The op's tensor inputs; None for an op this side does not know.
+            pub fn inputs(self) -> Option<Inputs> {
+                match self.0 {
+                    $($code => Some(Inputs { required: $req, optional: $opt, variadic: $var }),)*
+                    _ => None,
+                }
+            }
+        }
+
+        /// An op with its attributes, as both sides see it.
+        #[derive(Debug, Clone, PartialEq)]
+        #[non_exhaustive]
+        pub enum Op {
+            $($variant($args),)*
+        }
+
+        impl Op {
+            pub fn code(&self) -> OpCode {
+                match self {
+                    $(Op::$variant(_) => OpCode($code),)*
+                }
+            }
+
+            pub fn encode(&self) -> RVec<Attr_NE> {
+                let mut out = Vec::new();
+                match self {
+                    $(Op::$variant(a) => a.encode(&mut out),)*
+                }
+                out.into_iter().map(Attr_NE::new).collect()
+            }
+
+            /// The op `code` with its attributes checked against the table (and its number of
+            /// inputs, `n_inputs`); errors name the op and the attribute.
+            pub fn decode(code: OpCode, n_inputs: usize, attrs: &[Attr_NE]) -> Result<Op, String> {
+                let Some(inputs) = code.inputs() else {
+                    return Err(format!(
+                        "op code {} is not known to this host (a plugin built against a newer plugin-api?)",
+                        code.0
+                    ));
+                };
+                inputs.check(code.name(), n_inputs)?;
+                let attrs = attrs
+                    .iter()
+                    .map(|a| known("op attribute", a))
+                    .collect::<Result<Vec<Attr>, String>>()?;
+                Ok(match code.0 {
+                    $($code => Op::$variant($args::decode($name, &attrs)?),)*
+                    _ => unreachable!("inputs() knows exactly the codes matched here"),
+                })
+            }
+        }
+    };
+}
+
+op_table! {
+    1 ZEROS Zeros "zeros" (0, 0, false) Fill;
+    2 ONES Ones "ones" (0, 0, false) Fill;
+    3 FULL Full "full" (0, 0, false) Fill;
+    4 ARANGE Arange "arange" (0, 0, false) Arange;
+    5 RANDN Randn "randn" (0, 0, false) Random;
+    6 RAND Rand "rand" (0, 0, false) Random;
+    7 FROM_F32 FromF32 "from_f32" (0, 0, false) FromF32;
+    8 FROM_I64 FromI64 "from_i64" (0, 0, false) FromI64;
+    9 RESHAPE Reshape "reshape" (1, 0, false) Reshape;
+    10 PERMUTE Permute "permute" (1, 0, false) Dims;
+    11 TRANSPOSE Transpose "transpose" (1, 0, false) Transpose;
+    12 NARROW Narrow "narrow" (1, 0, false) Narrow;
+    13 CAT Cat "cat" (1, 0, true) Dim;
+    14 STACK Stack "stack" (1, 0, true) Dim;
+    15 CHUNK Chunk "chunk" (1, 0, false) Chunk;
+    16 EXPAND Expand "expand" (1, 0, false) Shape;
+    17 INDEX_SELECT IndexSelect "index_select" (2, 0, false) Dim;
+    18 GATHER Gather "gather" (2, 0, false) Dim;
+    19 PAD Pad "pad" (1, 0, false) Pad;
+    20 ADD Add "add" (1, 1, false) Binary;
+    21 SUB Sub "sub" (1, 1, false) Binary;
+    22 MUL Mul "mul" (1, 1, false) Binary;
+    23 DIV Div "div" (1, 1, false) Binary;
+    24 POW Pow "pow" (1, 1, false) Binary;
+    25 NEG Neg "neg" (1, 0, false) NoArgs;
+    26 EXP Exp "exp" (1, 0, false) NoArgs;
+    27 LOG Log "log" (1, 0, false) NoArgs;
+    28 SQRT Sqrt "sqrt" (1, 0, false) NoArgs;
+    29 RSQRT Rsqrt "rsqrt" (1, 0, false) NoArgs;
+    30 ABS Abs "abs" (1, 0, false) NoArgs;
+    31 SIN Sin "sin" (1, 0, false) NoArgs;
+    32 COS Cos "cos" (1, 0, false) NoArgs;
+    33 TANH Tanh "tanh" (1, 0, false) NoArgs;
+    34 SIGMOID Sigmoid "sigmoid" (1, 0, false) NoArgs;
+    35 SILU Silu "silu" (1, 0, false) NoArgs;
+    36 GELU Gelu "gelu" (1, 0, false) Gelu;
+    37 QUICK_GELU QuickGelu "quick_gelu" (1, 0, false) NoArgs;
+    38 RELU Relu "relu" (1, 0, false) NoArgs;
+    39 CLAMP Clamp "clamp" (1, 0, false) Clamp;
+    40 GT Gt "gt" (1, 1, false) Binary;
+    41 GE Ge "ge" (1, 1, false) Binary;
+    42 LT Lt "lt" (1, 1, false) Binary;
+    43 LE Le "le" (1, 1, false) Binary;
+    44 EQ Eq "eq" (1, 1, false) Binary;
+    45 WHERE Where "where" (3, 0, false) NoArgs;
+    46 SUM Sum "sum" (1, 0, false) Reduce;
+    47 MEAN Mean "mean" (1, 0, false) Reduce;
+    48 MAX Max "max" (1, 0, false) Reduce;
+    49 VAR Var "var" (1, 0, false) Var;
+    50 MATMUL Matmul "matmul" (2, 0, false) NoArgs;
+    51 LINEAR Linear "linear" (2, 1, false) NoArgs;
+    52 CONV2D Conv2d "conv2d" (2, 1, false) Conv;
+    53 CONV_TRANSPOSE2D ConvTranspose2d "conv_transpose2d" (2, 1, false) ConvTranspose;
+    54 GROUP_NORM GroupNorm "group_norm" (1, 2, false) GroupNorm;
+    55 LAYER_NORM LayerNorm "layer_norm" (1, 2, false) Norm;
+    56 RMS_NORM RmsNorm "rms_norm" (1, 1, false) Norm;
+    57 SOFTMAX Softmax "softmax" (1, 0, false) Dim;
+    58 ATTENTION Attention "attention" (3, 1, false) Attention;
+    59 INTERPOLATE Interpolate "interpolate" (1, 0, false) Interpolate;
+    60 DROPOUT Dropout "dropout" (1, 0, false) Dropout;
+    61 EMBEDDING Embedding "embedding" (2, 0, false) NoArgs;
+    62 CAST Cast "cast" (1, 0, false) Cast;
+    63 TO_DEVICE ToDevice "to_device" (1, 0, false) ToDevice;
+    64 DETACH Detach "detach" (1, 0, false) NoArgs;
+    65 SET_REQUIRES_GRAD SetRequiresGrad "set_requires_grad" (1, 0, false) RequiresGrad;
+    66 BACKWARD Backward "backward" (1, 0, false) NoArgs;
+    67 GRAD Grad "grad" (2, 0, false) NoArgs;
+    68 ASSIGN Assign "assign" (2, 0, false) NoArgs;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_round_trip_through_the_table() {
+        let op = Op::ConvTranspose2d(ConvTranspose {
+            stride: [2, 2],
+            padding: [1, 1],
+            output_padding: [1, 0],
+            dilation: [1, 1],
+            groups: 1,
+        });
+        let back = Op::decode(op.code(), 3, &op.encode()).unwrap();
+        assert_eq!(back, op);
+        let clamp = Op::Clamp(Clamp {
+            min: None,
+            max: Some(1.0),
+        });
+        assert_eq!(Op::decode(clamp.code(), 1, &clamp.encode()).unwrap(), clamp);
+    }
+
+    #[test]
+    fn decoding_names_the_op_and_attribute() {
+        let attrs: RVec<Attr_NE> = vec![Attr_NE::new(Attr::Float(1.0))].into();
+        let e = Op::decode(OpCode::SOFTMAX, 1, &attrs).unwrap_err();
+        assert!(e.contains("softmax") && e.contains("`dim`"), "{e}");
+        let e = Op::decode(OpCode::SOFTMAX, 2, &attrs).unwrap_err();
+        assert!(e.contains("expected 1 tensor inputs, got 2"), "{e}");
+        let e = Op::decode(OpCode(9999), 1, &attrs).unwrap_err();
+        assert!(e.contains("9999") && e.contains("newer plugin-api"), "{e}");
+        let two = [Attr_NE::new(Attr::Int(0)), Attr_NE::new(Attr::Int(1))];
+        let e = Op::decode(OpCode::SOFTMAX, 1, &two).unwrap_err();
+        assert!(e.contains("2 attributes"), "{e}");
     }
 }

@@ -4,6 +4,7 @@ use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use abi_stable::{
+    nonexhaustive_enum::NonExhaustive,
     prefix_type::PrefixTypeTrait,
     sabi_trait::TD_Opaque,
     std_types::{RErr, ROk, ROption, RResult, RSlice, RStr, RString, RVec},
@@ -137,7 +138,8 @@ pub fn parse_options<T: serde::Serialize + serde::de::DeserializeOwned>(
     serde_path_to_error::deserialize(merged).map_err(|e| Error(format!("options of `{id}`: {e}")))
 }
 
-/// Exports a [`Plugin`] as this library's root module.
+/// Exports a [`Plugin`] as this library's root module. The library depends on `abi_stable` itself
+/// (its attribute macro names the crate by its absolute path).
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
@@ -321,8 +323,11 @@ impl AdapterFfi for AdapterShim {
     fn load_state(&mut self, state: RSlice<'_, NamedTensor>) -> RResult<(), RString> {
         guard(|| self.0.load_state(owned_named(state)?))
     }
-    fn set_training(&mut self, training: bool) {
-        self.0.set_training(training)
+    fn set_training(&mut self, training: bool) -> RResult<(), RString> {
+        guard(|| {
+            self.0.set_training(training);
+            Ok(())
+        })
     }
     fn forward(&self, x: TensorId, base_out: TensorId) -> RResult<TensorId, RString> {
         guard(|| {
@@ -405,13 +410,12 @@ extern "C" fn init<P: Plugin>(host: HostRef) -> RResult<(), RString> {
     })
 }
 
-extern "C" fn describe<P: Plugin>() -> RVec<ComponentDescriptor> {
-    // A panic here would abort the host: describe only builds plain data, but guard it anyway.
+extern "C" fn describe<P: Plugin>() -> RResult<RVec<ComponentDescriptor>, RString> {
     guard(|| {
         Ok(P::components()
             .into_iter()
             .map(|d| ComponentDescriptor {
-                kind: d.kind,
+                kind: d.kind.to_ne(),
                 id: d.id.into(),
                 version: d.version.into(),
                 description: d.description.into(),
@@ -419,15 +423,15 @@ extern "C" fn describe<P: Plugin>() -> RVec<ComponentDescriptor> {
             })
             .collect())
     })
-    .unwrap_or_else(|_| RVec::new())
 }
 
 extern "C" fn instantiate<P: Plugin>(
-    kind: ComponentKind,
+    kind: ComponentKind_NE,
     id: RStr<'_>,
     options_json: RStr<'_>,
-) -> RResult<ComponentBox, RString> {
+) -> RResult<ComponentBox_NE, RString> {
     guard(|| {
+        let kind = known("component kind", &kind).map_err(Error)?;
         let json = options_json.as_str().trim();
         let options = if json.is_empty() {
             serde_json::Value::Object(Default::default())
@@ -435,14 +439,14 @@ extern "C" fn instantiate<P: Plugin>(
             serde_json::from_str(json)
                 .map_err(|e| Error(format!("options of `{id}` are not valid JSON: {e}")))?
         };
-        P::instantiate(kind, id.as_str(), options).map(ComponentBox::from)
+        P::instantiate(kind, id.as_str(), options)
+            .map(|c| NonExhaustive::new(ComponentBox::from(c)))
     })
 }
 
 /// Builds the root module of a plugin library (used by [`export_plugin!`](crate::export_plugin)).
 pub fn root_module<P: Plugin>() -> PluginLibRef {
     PluginLib {
-        abi_version: ABI_VERSION,
         name: RStr::from_str(P::NAME),
         version: RStr::from_str(P::VERSION),
         init: init::<P>,
@@ -507,8 +511,8 @@ impl AdapterHandle {
     pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
         res(self.0.load_state(RSlice::from_slice(&export_refs(state))))
     }
-    pub fn set_training(&mut self, training: bool) {
-        self.0.set_training(training)
+    pub fn set_training(&mut self, training: bool) -> Result<()> {
+        res(self.0.set_training(training))
     }
     pub fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor> {
         Ok(Tensor::from_raw(res(self
@@ -539,30 +543,19 @@ impl ArchitectureHandle {
             .collect())
     }
 
-    /// Calls a method appended after the prefix: abi_stable panics when the plugin's vtable
-    /// predates it, which becomes a clear error here.
-    fn appended<T>(method: &str, f: impl FnOnce() -> RResult<T, RString>) -> Result<T> {
-        match catch_unwind(AssertUnwindSafe(f)) {
-            Ok(r) => res(r),
-            Err(_) => Err(Error(format!(
-                "this plugin predates `{method}`: rebuild it against the current plugin-api"
-            ))),
-        }
-    }
-
     pub fn model_info(&self) -> Result<serde_json::Value> {
-        let text = Self::appended("model_info", || self.0.model_info())?;
+        let text = res(self.0.model_info())?;
         serde_json::from_str(&text).map_err(|e| Error(format!("model_info is not JSON: {e}")))
     }
 
     pub fn encode_text(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
         let p: Vec<RString> = prompts.iter().map(|&s| s.into()).collect();
-        let out = Self::appended("encode_text", || self.0.encode_text(RSlice::from_slice(&p)))?;
+        let out = res(self.0.encode_text(RSlice::from_slice(&p)))?;
         Ok(out.into_iter().map(Tensor::from_raw).collect())
     }
 
     pub fn vae_encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
-        let out = Self::appended("vae_encode", || self.0.vae_encode(image.id()))?;
+        let out = res(self.0.vae_encode(image.id()))?;
         let mut t: Vec<Tensor> = out.into_iter().map(Tensor::from_raw).collect();
         match (t.pop(), t.pop()) {
             (Some(logvar), Some(mean)) if t.is_empty() => Ok((mean, logvar)),
@@ -571,14 +564,12 @@ impl ArchitectureHandle {
     }
 
     pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(Tensor::from_raw(Self::appended("vae_decode", || {
-            self.0.vae_decode(latents.id())
-        })?))
+        Ok(Tensor::from_raw(res(self.0.vae_decode(latents.id()))?))
     }
 
     /// Every tensor under the names of a file `layout` (`ldm`).
     pub fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
-        let out = Self::appended("export", || self.0.export(RStr::from_str(layout)))?;
+        let out = res(self.0.export(RStr::from_str(layout)))?;
         Ok(import_named(out))
     }
 
@@ -589,10 +580,9 @@ impl ArchitectureHandle {
         text: &[&Tensor],
     ) -> Result<Tensor> {
         let ids: Vec<TensorId> = text.iter().map(|t| t.id()).collect();
-        let out = Self::appended("denoise", || {
-            self.0
-                .denoise(latents.id(), timesteps.id(), RSlice::from_slice(&ids))
-        })?;
+        let out = res(self
+            .0
+            .denoise(latents.id(), timesteps.id(), RSlice::from_slice(&ids)))?;
         Ok(Tensor::from_raw(out))
     }
 }

@@ -2,9 +2,10 @@
 
 use std::mem::ManuallyDrop;
 
-use crate::abi::{Attr, DType, HostTensor, OpCode, TensorId};
+use crate::abi::{DType, HostTensor, TensorId, known};
 use crate::error::{Error, Result};
-use crate::host::{Generator, call, call1, host, res};
+use crate::host::{Generator, call, call1, call1_opt, host, res};
+use crate::op::{self, Op};
 
 /// A handle to a host-owned tensor; released when dropped.
 #[derive(Debug)]
@@ -12,12 +13,19 @@ pub struct Tensor {
     id: TensorId,
 }
 
-fn ints(v: &[usize]) -> Attr {
-    Attr::Ints(v.iter().map(|&x| x as i64).collect())
+fn fill(shape: &[usize], value: f64, dtype: DType) -> op::Fill {
+    op::Fill {
+        shape: shape.to_vec(),
+        value,
+        dtype,
+    }
 }
 
-fn int(v: usize) -> Attr {
-    Attr::Int(v as i64)
+fn random(shape: &[usize], rng: &Generator) -> op::Random {
+    op::Random {
+        shape: shape.to_vec(),
+        rng: rng.id(),
+    }
 }
 
 impl Tensor {
@@ -49,67 +57,60 @@ impl Tensor {
     // ---- creation ----
 
     pub fn zeros(shape: &[usize], dtype: DType) -> Result<Tensor> {
-        call1(OpCode::ZEROS, &[], &[ints(shape), Attr::DType(dtype)])
+        call1(Op::Zeros(fill(shape, 0.0, dtype)), &[])
     }
 
     pub fn ones(shape: &[usize], dtype: DType) -> Result<Tensor> {
-        call1(OpCode::ONES, &[], &[ints(shape), Attr::DType(dtype)])
+        call1(Op::Ones(fill(shape, 1.0, dtype)), &[])
     }
 
     pub fn full(shape: &[usize], value: f64, dtype: DType) -> Result<Tensor> {
-        call1(
-            OpCode::FULL,
-            &[],
-            &[ints(shape), Attr::Float(value), Attr::DType(dtype)],
-        )
+        call1(Op::Full(fill(shape, value, dtype)), &[])
     }
 
     /// `start, start+step, ...` below `end`, as `dtype` (a float dtype or `I64`).
     pub fn arange(start: i64, end: i64, step: i64, dtype: DType) -> Result<Tensor> {
+        let step = usize::try_from(step)
+            .map_err(|_| Error(format!("arange: step {step} must be positive")))?;
         call1(
-            OpCode::ARANGE,
+            Op::Arange(op::Arange {
+                start,
+                end,
+                step,
+                dtype,
+            }),
             &[],
-            &[
-                Attr::Int(start),
-                Attr::Int(end),
-                Attr::Int(step),
-                Attr::DType(dtype),
-            ],
         )
     }
 
     /// Standard normal samples drawn from `rng`.
     pub fn randn(shape: &[usize], rng: &Generator) -> Result<Tensor> {
-        call1(
-            OpCode::RANDN,
-            &[],
-            &[ints(shape), Attr::Int(rng.id() as i64)],
-        )
+        call1(Op::Randn(random(shape, rng)), &[])
     }
 
     /// Uniform samples in [0, 1) drawn from `rng`.
     pub fn rand(shape: &[usize], rng: &Generator) -> Result<Tensor> {
-        call1(
-            OpCode::RAND,
-            &[],
-            &[ints(shape), Attr::Int(rng.id() as i64)],
-        )
+        call1(Op::Rand(random(shape, rng)), &[])
     }
 
     /// Uploads small host data (constants, test inputs).
     pub fn from_f32(data: &[f32], shape: &[usize]) -> Result<Tensor> {
         call1(
-            OpCode::FROM_F32,
+            Op::FromF32(op::FromF32 {
+                data: data.to_vec(),
+                shape: shape.to_vec(),
+            }),
             &[],
-            &[Attr::Floats(data.into()), ints(shape)],
         )
     }
 
     pub fn from_i64(data: &[i64], shape: &[usize]) -> Result<Tensor> {
         call1(
-            OpCode::FROM_I64,
+            Op::FromI64(op::FromI64 {
+                data: data.to_vec(),
+                shape: shape.to_vec(),
+            }),
             &[],
-            &[Attr::Ints(data.into()), ints(shape)],
         )
     }
 
@@ -133,7 +134,7 @@ impl Tensor {
     }
 
     pub fn dtype(&self) -> Result<DType> {
-        res((host()?.dtype())(self.id))
+        known("dtype", &res((host()?.dtype())(self.id))?).map_err(Error)
     }
 
     /// Copies the values to host memory: for logs and tests only.
@@ -158,51 +159,72 @@ impl Tensor {
 
     /// `-1` in one place infers that dimension.
     pub fn reshape(&self, shape: &[i64]) -> Result<Tensor> {
-        call1(OpCode::RESHAPE, &[self], &[Attr::Ints(shape.into())])
+        call1(
+            Op::Reshape(op::Reshape {
+                shape: shape.to_vec(),
+            }),
+            &[self],
+        )
     }
 
     pub fn permute(&self, dims: &[usize]) -> Result<Tensor> {
-        call1(OpCode::PERMUTE, &[self], &[ints(dims)])
+        call1(
+            Op::Permute(op::Dims {
+                dims: dims.to_vec(),
+            }),
+            &[self],
+        )
     }
 
     pub fn transpose(&self, d0: usize, d1: usize) -> Result<Tensor> {
-        call1(OpCode::TRANSPOSE, &[self], &[int(d0), int(d1)])
+        call1(Op::Transpose(op::Transpose { dim0: d0, dim1: d1 }), &[self])
     }
 
     /// `len` elements of `dim` from `start`.
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
-        call1(OpCode::NARROW, &[self], &[int(dim), int(start), int(len)])
+        call1(Op::Narrow(op::Narrow { dim, start, len }), &[self])
     }
 
     pub fn cat(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
-        call1(OpCode::CAT, tensors, &[int(dim)])
+        call1(Op::Cat(op::Dim { dim }), tensors)
     }
 
     pub fn stack(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
-        call1(OpCode::STACK, tensors, &[int(dim)])
+        call1(Op::Stack(op::Dim { dim }), tensors)
     }
 
     /// Splits `dim` into `chunks` pieces (the last may be smaller, as in torch).
     pub fn chunk(&self, chunks: usize, dim: usize) -> Result<Vec<Tensor>> {
-        call(OpCode::CHUNK, &[self], &[int(chunks), int(dim)])
+        call(Op::Chunk(op::Chunk { chunks, dim }), &[self])
     }
 
     /// Broadcasts size-1 dimensions (and new leading ones) to `shape`.
     pub fn expand(&self, shape: &[usize]) -> Result<Tensor> {
-        call1(OpCode::EXPAND, &[self], &[ints(shape)])
+        call1(
+            Op::Expand(op::Shape {
+                shape: shape.to_vec(),
+            }),
+            &[self],
+        )
     }
 
     pub fn index_select(&self, dim: usize, indices: &Tensor) -> Result<Tensor> {
-        call1(OpCode::INDEX_SELECT, &[self, indices], &[int(dim)])
+        call1(Op::IndexSelect(op::Dim { dim }), &[self, indices])
     }
 
     pub fn gather(&self, dim: usize, indices: &Tensor) -> Result<Tensor> {
-        call1(OpCode::GATHER, &[self, indices], &[int(dim)])
+        call1(Op::Gather(op::Dim { dim }), &[self, indices])
     }
 
     /// Constant padding; `pads` as in torch: (last-dim left, last-dim right, next-to-last left, ...).
     pub fn pad(&self, pads: &[usize], value: f64) -> Result<Tensor> {
-        call1(OpCode::PAD, &[self], &[ints(pads), Attr::Float(value)])
+        call1(
+            Op::Pad(op::Pad {
+                pads: pads.to_vec(),
+                value,
+            }),
+            &[self],
+        )
     }
 
     pub fn unsqueeze(&self, dim: usize) -> Result<Tensor> {
@@ -243,190 +265,218 @@ impl Tensor {
     // ---- elementwise ----
 
     pub fn add(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::ADD, &[self, o], &[])
+        self.binary(Op::Add, Some(o), None)
     }
     pub fn sub(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::SUB, &[self, o], &[])
+        self.binary(Op::Sub, Some(o), None)
     }
     pub fn mul(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::MUL, &[self, o], &[])
+        self.binary(Op::Mul, Some(o), None)
     }
     pub fn div(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::DIV, &[self, o], &[])
+        self.binary(Op::Div, Some(o), None)
     }
     pub fn pow(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::POW, &[self, o], &[])
+        self.binary(Op::Pow, Some(o), None)
     }
     pub fn add_scalar(&self, v: f64) -> Result<Tensor> {
-        call1(OpCode::ADD, &[self], &[Attr::Float(v)])
+        self.binary(Op::Add, None, Some(v))
     }
     pub fn sub_scalar(&self, v: f64) -> Result<Tensor> {
-        call1(OpCode::SUB, &[self], &[Attr::Float(v)])
+        self.binary(Op::Sub, None, Some(v))
     }
     pub fn mul_scalar(&self, v: f64) -> Result<Tensor> {
-        call1(OpCode::MUL, &[self], &[Attr::Float(v)])
+        self.binary(Op::Mul, None, Some(v))
     }
     pub fn div_scalar(&self, v: f64) -> Result<Tensor> {
-        call1(OpCode::DIV, &[self], &[Attr::Float(v)])
+        self.binary(Op::Div, None, Some(v))
     }
     pub fn powf(&self, v: f64) -> Result<Tensor> {
-        call1(OpCode::POW, &[self], &[Attr::Float(v)])
+        self.binary(Op::Pow, None, Some(v))
     }
 
-    fn unary(&self, op: OpCode) -> Result<Tensor> {
-        call1(op, &[self], &[])
+    /// `self ∘ other` for a tensor operand, `self ∘ scalar` for a number.
+    fn binary(
+        &self,
+        op: fn(op::Binary) -> Op,
+        other: Option<&Tensor>,
+        scalar: Option<f64>,
+    ) -> Result<Tensor> {
+        call1_opt(op(op::Binary { scalar }), &[self], &[other])
+    }
+
+    fn unary(&self, op: fn(op::NoArgs) -> Op) -> Result<Tensor> {
+        call1(op(op::NoArgs {}), &[self])
     }
     pub fn neg(&self) -> Result<Tensor> {
-        self.unary(OpCode::NEG)
+        self.unary(Op::Neg)
     }
     pub fn exp(&self) -> Result<Tensor> {
-        self.unary(OpCode::EXP)
+        self.unary(Op::Exp)
     }
     pub fn log(&self) -> Result<Tensor> {
-        self.unary(OpCode::LOG)
+        self.unary(Op::Log)
     }
     pub fn sqrt(&self) -> Result<Tensor> {
-        self.unary(OpCode::SQRT)
+        self.unary(Op::Sqrt)
     }
     pub fn rsqrt(&self) -> Result<Tensor> {
-        self.unary(OpCode::RSQRT)
+        self.unary(Op::Rsqrt)
     }
     pub fn abs(&self) -> Result<Tensor> {
-        self.unary(OpCode::ABS)
+        self.unary(Op::Abs)
     }
     pub fn sin(&self) -> Result<Tensor> {
-        self.unary(OpCode::SIN)
+        self.unary(Op::Sin)
     }
     pub fn cos(&self) -> Result<Tensor> {
-        self.unary(OpCode::COS)
+        self.unary(Op::Cos)
     }
     pub fn tanh(&self) -> Result<Tensor> {
-        self.unary(OpCode::TANH)
+        self.unary(Op::Tanh)
     }
     pub fn sigmoid(&self) -> Result<Tensor> {
-        self.unary(OpCode::SIGMOID)
+        self.unary(Op::Sigmoid)
     }
     pub fn silu(&self) -> Result<Tensor> {
-        self.unary(OpCode::SILU)
+        self.unary(Op::Silu)
     }
     /// Exact (erf) GELU.
     pub fn gelu(&self) -> Result<Tensor> {
-        call1(OpCode::GELU, &[self], &[Attr::Str("none".into())])
+        call1(
+            Op::Gelu(op::Gelu {
+                approximation: op::GeluApproximation::None,
+            }),
+            &[self],
+        )
     }
     /// GELU with the tanh approximation.
     pub fn gelu_tanh(&self) -> Result<Tensor> {
-        call1(OpCode::GELU, &[self], &[Attr::Str("tanh".into())])
+        call1(
+            Op::Gelu(op::Gelu {
+                approximation: op::GeluApproximation::Tanh,
+            }),
+            &[self],
+        )
     }
     /// `x * sigmoid(1.702 x)`, as in CLIP.
     pub fn quick_gelu(&self) -> Result<Tensor> {
-        self.unary(OpCode::QUICK_GELU)
+        self.unary(Op::QuickGelu)
     }
     pub fn relu(&self) -> Result<Tensor> {
-        self.unary(OpCode::RELU)
+        self.unary(Op::Relu)
     }
     pub fn clamp(&self, min: Option<f64>, max: Option<f64>) -> Result<Tensor> {
-        let a = |v: Option<f64>| v.map_or(Attr::None, Attr::Float);
-        call1(OpCode::CLAMP, &[self], &[a(min), a(max)])
+        call1(Op::Clamp(op::Clamp { min, max }), &[self])
     }
 
     // ---- comparisons (bool results) and selection ----
 
     pub fn gt(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::GT, &[self, o], &[])
+        self.binary(Op::Gt, Some(o), None)
     }
     pub fn ge(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::GE, &[self, o], &[])
+        self.binary(Op::Ge, Some(o), None)
     }
     pub fn lt(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::LT, &[self, o], &[])
+        self.binary(Op::Lt, Some(o), None)
     }
     pub fn le(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::LE, &[self, o], &[])
+        self.binary(Op::Le, Some(o), None)
     }
     pub fn eq(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::EQ, &[self, o], &[])
+        self.binary(Op::Eq, Some(o), None)
     }
     pub fn gt_scalar(&self, v: f64) -> Result<Tensor> {
-        call1(OpCode::GT, &[self], &[Attr::Float(v)])
+        self.binary(Op::Gt, None, Some(v))
     }
     pub fn lt_scalar(&self, v: f64) -> Result<Tensor> {
-        call1(OpCode::LT, &[self], &[Attr::Float(v)])
+        self.binary(Op::Lt, None, Some(v))
     }
     /// `cond ? a : b`, elementwise with broadcasting.
     pub fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        call1(OpCode::WHERE, &[cond, a, b], &[])
+        call1(Op::Where(op::NoArgs {}), &[cond, a, b])
     }
 
     // ---- reductions ----
 
-    fn reduce(&self, op: OpCode, dims: &[usize], keepdim: bool) -> Result<Tensor> {
-        call1(op, &[self], &[ints(dims), Attr::Bool(keepdim)])
+    fn reduce(&self, op: fn(op::Reduce) -> Op, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        let dims = dims.to_vec();
+        call1(op(op::Reduce { dims, keepdim }), &[self])
     }
     pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
-        self.reduce(OpCode::SUM, dims, keepdim)
+        self.reduce(Op::Sum, dims, keepdim)
     }
     pub fn mean(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
-        self.reduce(OpCode::MEAN, dims, keepdim)
+        self.reduce(Op::Mean, dims, keepdim)
     }
     pub fn max(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
-        self.reduce(OpCode::MAX, dims, keepdim)
+        self.reduce(Op::Max, dims, keepdim)
     }
     /// Variance with Bessel's `correction` (0 = population, 1 = sample).
     pub fn var(&self, dims: &[usize], keepdim: bool, correction: usize) -> Result<Tensor> {
         call1(
-            OpCode::VAR,
+            Op::Var(op::Var {
+                dims: dims.to_vec(),
+                keepdim,
+                correction,
+            }),
             &[self],
-            &[ints(dims), Attr::Bool(keepdim), int(correction)],
         )
     }
     /// Sum of all elements, as a tensor of shape `[1]`.
     pub fn sum_all(&self) -> Result<Tensor> {
-        self.reduce(OpCode::SUM, &[], false)
+        self.reduce(Op::Sum, &[], false)
     }
     pub fn mean_all(&self) -> Result<Tensor> {
-        self.reduce(OpCode::MEAN, &[], false)
+        self.reduce(Op::Mean, &[], false)
     }
 
     // ---- linear algebra and nn primitives ----
 
     /// Batched matrix product with broadcasting of batch dimensions.
     pub fn matmul(&self, o: &Tensor) -> Result<Tensor> {
-        call1(OpCode::MATMUL, &[self, o], &[])
+        call1(Op::Matmul(op::NoArgs {}), &[self, o])
     }
 
     pub fn softmax(&self, dim: usize) -> Result<Tensor> {
-        call1(OpCode::SOFTMAX, &[self], &[int(dim)])
+        call1(Op::Softmax(op::Dim { dim }), &[self])
     }
 
     pub fn cast(&self, dtype: DType) -> Result<Tensor> {
-        call1(OpCode::CAST, &[self], &[Attr::DType(dtype)])
+        call1(Op::Cast(op::Cast { dtype }), &[self])
     }
 
     pub fn to_device(&self, device: &str) -> Result<Tensor> {
-        call1(OpCode::TO_DEVICE, &[self], &[Attr::Str(device.into())])
+        call1(
+            Op::ToDevice(op::ToDevice {
+                device: device.into(),
+            }),
+            &[self],
+        )
     }
 
     // ---- autodiff ----
 
     /// The same values, cut from the graph.
     pub fn detach(&self) -> Result<Tensor> {
-        self.unary(OpCode::DETACH)
+        self.unary(Op::Detach)
     }
 
     /// Marks this tensor (in place) as a leaf whose gradient is wanted.
     pub fn set_requires_grad(&self, requires: bool) -> Result<()> {
-        call(OpCode::SET_REQUIRES_GRAD, &[self], &[Attr::Bool(requires)]).map(drop)
+        call(Op::SetRequiresGrad(op::RequiresGrad { requires }), &[self]).map(drop)
     }
 
     /// Back-propagates from this (scalar) tensor.
     pub fn backward(&self) -> Result<Gradients> {
-        Ok(Gradients(call1(OpCode::BACKWARD, &[self], &[])?))
+        Ok(Gradients(call1(Op::Backward(op::NoArgs {}), &[self])?))
     }
 
     /// Replaces this handle's value with `src`'s (detached); a trainable tensor stays trainable.
     /// This is how optimizers update parameters in place.
     pub fn assign(&self, src: &Tensor) -> Result<()> {
-        call(OpCode::ASSIGN, &[self, src], &[]).map(drop)
+        call(Op::Assign(op::NoArgs {}), &[self, src]).map(drop)
     }
 }
 
@@ -452,7 +502,7 @@ pub struct Gradients(Tensor);
 impl Gradients {
     /// The gradient of `param`, or `None` if it did not take part in the graph.
     pub fn get(&self, param: &Tensor) -> Result<Option<Tensor>> {
-        let mut out = call(OpCode::GRAD, &[&self.0, param], &[])?;
+        let mut out = call(Op::Grad(op::NoArgs {}), &[&self.0, param])?;
         Ok(out.pop())
     }
 }
@@ -460,12 +510,11 @@ impl Gradients {
 /// Functional forms of the fused ops.
 pub mod ops {
     use super::*;
+    pub use crate::op::InterpolateMode;
 
     /// `x @ weight.T + bias`, weight as in torch: `[out, in]`.
     pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let mut inputs = vec![x, weight];
-        inputs.extend(bias);
-        call1(OpCode::LINEAR, &inputs, &[])
+        call1_opt(Op::Linear(op::NoArgs {}), &[x, weight], &[bias])
     }
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -507,18 +556,13 @@ pub mod ops {
         bias: Option<&Tensor>,
         o: ConvOptions,
     ) -> Result<Tensor> {
-        let mut inputs = vec![x, weight];
-        inputs.extend(bias);
-        call1(
-            OpCode::CONV2D,
-            &inputs,
-            &[
-                ints(&o.stride),
-                ints(&o.padding),
-                ints(&o.dilation),
-                int(o.groups),
-            ],
-        )
+        let args = op::Conv {
+            stride: o.stride,
+            padding: o.padding,
+            dilation: o.dilation,
+            groups: o.groups,
+        };
+        call1_opt(Op::Conv2d(args), &[x, weight], &[bias])
     }
 
     /// Transposed 2-D convolution, weight `[in, out/groups, kh, kw]` as in torch.
@@ -529,19 +573,14 @@ pub mod ops {
         o: ConvOptions,
         output_padding: [usize; 2],
     ) -> Result<Tensor> {
-        let mut inputs = vec![x, weight];
-        inputs.extend(bias);
-        call1(
-            OpCode::CONV_TRANSPOSE2D,
-            &inputs,
-            &[
-                ints(&o.stride),
-                ints(&o.padding),
-                ints(&output_padding),
-                ints(&o.dilation),
-                int(o.groups),
-            ],
-        )
+        let args = op::ConvTranspose {
+            stride: o.stride,
+            padding: o.padding,
+            output_padding,
+            dilation: o.dilation,
+            groups: o.groups,
+        };
+        call1_opt(Op::ConvTranspose2d(args), &[x, weight], &[bias])
     }
 
     /// Group norm over `[N, C, ...]`, with optional per-channel affine.
@@ -552,13 +591,8 @@ pub mod ops {
         bias: Option<&Tensor>,
         eps: f64,
     ) -> Result<Tensor> {
-        affine_norm(
-            OpCode::GROUP_NORM,
-            x,
-            weight,
-            bias,
-            &[int(groups), Attr::Float(eps)],
-        )
+        let args = op::GroupNorm { groups, eps };
+        call1_opt(Op::GroupNorm(args), &[x], &[weight, bias])
     }
 
     /// Layer norm over the last dimension.
@@ -568,29 +602,12 @@ pub mod ops {
         bias: Option<&Tensor>,
         eps: f64,
     ) -> Result<Tensor> {
-        affine_norm(OpCode::LAYER_NORM, x, weight, bias, &[Attr::Float(eps)])
+        call1_opt(Op::LayerNorm(op::Norm { eps }), &[x], &[weight, bias])
     }
 
     /// RMS norm over the last dimension.
     pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-        affine_norm(OpCode::RMS_NORM, x, weight, None, &[Attr::Float(eps)])
-    }
-
-    // Optional inputs are passed positionally; flags say which are present.
-    fn affine_norm(
-        op: OpCode,
-        x: &Tensor,
-        weight: Option<&Tensor>,
-        bias: Option<&Tensor>,
-        attrs: &[Attr],
-    ) -> Result<Tensor> {
-        let mut inputs = vec![x];
-        inputs.extend(weight);
-        inputs.extend(bias);
-        let mut a = attrs.to_vec();
-        a.push(Attr::Bool(weight.is_some()));
-        a.push(Attr::Bool(bias.is_some()));
-        call1(op, &inputs, &a)
+        call1_opt(Op::RmsNorm(op::Norm { eps }), &[x], &[weight])
     }
 
     /// `softmax(q kᵀ · scale + mask) v` over `[B, H, L, D]`; `scale` defaults to `1/sqrt(D)`.
@@ -602,43 +619,21 @@ pub mod ops {
         mask: Option<&Tensor>,
         scale: Option<f64>,
     ) -> Result<Tensor> {
-        let mut inputs = vec![q, k, v];
-        inputs.extend(mask);
-        call1(
-            OpCode::ATTENTION,
-            &inputs,
-            &[scale.map_or(Attr::None, Attr::Float)],
-        )
-    }
-
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum InterpolateMode {
-        /// torch's `nearest` (floor of the scaled index).
-        Nearest,
-        /// torch's `bilinear` with `align_corners=False`.
-        Bilinear,
+        call1_opt(Op::Attention(op::Attention { scale }), &[q, k, v], &[mask])
     }
 
     /// Resizes `[N, C, H, W]` to `size`.
     pub fn interpolate(x: &Tensor, size: [usize; 2], mode: InterpolateMode) -> Result<Tensor> {
-        let m = match mode {
-            InterpolateMode::Nearest => "nearest",
-            InterpolateMode::Bilinear => "bilinear",
-        };
-        call1(
-            OpCode::INTERPOLATE,
-            &[x],
-            &[ints(&size), Attr::Str(m.into())],
-        )
+        call1(Op::Interpolate(op::Interpolate { size, mode }), &[x])
     }
 
     /// Zeroes elements with probability `p` and scales the rest by `1/(1-p)`.
     pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
-        call1(OpCode::DROPOUT, &[x], &[Attr::Float(p)])
+        call1(Op::Dropout(op::Dropout { p }), &[x])
     }
 
     /// Rows of `weight` `[V, D]` picked by integer `ids` of any shape; output `ids.shape + [D]`.
     pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
-        call1(OpCode::EMBEDDING, &[weight, ids], &[])
+        call1(Op::Embedding(op::NoArgs {}), &[weight, ids])
     }
 }

@@ -1,10 +1,9 @@
-//! A test library exporting a root module under Ferrite's name but with a different layout,
-//! as a plugin built against an incompatible `plugin-api` would.
+//! A test library exporting a root module under Ferrite's name and ABI major version but with a
+//! different layout, as a plugin built against a broken `plugin-api` would.
 
 use abi_stable::{
     StableAbi, declare_root_module_statics, export_root_module, library::RootModule,
-    package_version_strings, prefix_type::PrefixTypeTrait, sabi_types::VersionStrings,
-    std_types::RStr,
+    prefix_type::PrefixTypeTrait, sabi_types::VersionStrings, std_types::RStr,
 };
 
 #[repr(C)]
@@ -21,7 +20,9 @@ impl RootModule for OtherLibRef {
     declare_root_module_statics! {OtherLibRef}
     const BASE_NAME: &'static str = "ferrite_plugin";
     const NAME: &'static str = "ferrite_plugin";
-    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+    // The host's own ABI version: the refusal comes from the layout check.
+    const VERSION_STRINGS: VersionStrings =
+        VersionStrings::new(ferrite_plugin_api::abi::ABI_VERSION);
 }
 
 #[export_root_module]

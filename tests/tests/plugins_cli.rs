@@ -118,6 +118,17 @@ fn a_library_with_an_incompatible_abi_layout() {
 }
 
 #[test]
+fn a_library_built_for_a_newer_abi_major_is_refused_with_both_versions() {
+    bad_case(
+        "newer_abi",
+        &format!(
+            "built for ABI 2.0.0, this host speaks ABI {}",
+            ferrite_plugin_api::abi::ABI_VERSION
+        ),
+    );
+}
+
+#[test]
 fn a_library_whose_init_fails() {
     bad_case(
         "init_fails",
@@ -130,6 +141,14 @@ fn a_library_whose_init_panics() {
     bad_case(
         "init_panics",
         "failed to initialise: panicked: plugin init exploded",
+    );
+}
+
+#[test]
+fn a_library_whose_describe_panics() {
+    bad_case(
+        "describe_panics",
+        "failed to describe its components: panicked: describe exploded",
     );
 }
 
@@ -152,31 +171,65 @@ fn two_libraries_offering_one_id_name_both_paths() {
     );
 }
 
+fn row(l: &Listing, id: &str) -> String {
+    l.stdout
+        .lines()
+        .find(|r| r.split_whitespace().next() == Some(id))
+        .unwrap_or_else(|| panic!("`{id}` missing from:\n{}", l.stdout))
+        .to_string()
+}
+
 #[test]
-fn enable_and_disable_persist_in_the_settings_file() {
+fn disabling_a_component_turns_its_library_off_and_back_on() {
     let config = tempfile::tempdir().unwrap();
     let out = run_ferrite(&["plugins", "disable", "adam"], None, config.path());
+    let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        said.contains("disabled library `optim-adamw` (adamw, adam)"),
+        "{said}"
+    );
     let settings = std::fs::read_to_string(config.path().join("ferrite/settings.toml")).unwrap();
-    assert!(settings.contains("adam"), "{settings}");
+    assert!(settings.contains("optim_adamw"), "{settings}");
+    // Both components of the library are listed (from the settings), as disabled.
     let l = list(None, config.path());
-    let row = |id: &str| {
-        l.stdout
-            .lines()
-            .find(|r| r.split_whitespace().next() == Some(id))
-            .unwrap()
-            .to_string()
-    };
-    assert!(row("adam").contains(" no "), "{}", row("adam"));
-    assert!(row("adamw").contains(" yes "), "{}", row("adamw"));
-    let out = run_ferrite(&["plugins", "enable", "adam"], None, config.path());
+    assert!(row(&l, "adam").contains(" no "), "{}", row(&l, "adam"));
+    assert!(row(&l, "adamw").contains(" no "), "{}", row(&l, "adamw"));
+    assert!(row(&l, "sgd").contains(" yes "), "{}", row(&l, "sgd"));
+    let out = run_ferrite(&["plugins", "enable", "adamw"], None, config.path());
     assert!(out.status.success());
     let l = list(None, config.path());
     others_still_load(&l);
+}
+
+#[test]
+fn a_disabled_library_is_never_loaded() {
+    // A library whose init fails: disabled, its init must not run, so no load error appears.
+    let config = tempfile::tempdir().unwrap();
+    let name = dylib_name("init_fails");
+    let dir = plugin_dir(&[(&test_plugin("init_fails"), &name)]);
+    let settings = format!(
+        r#"[[disabled_libraries]]
+path = "{}"
+name = "init-fails"
+components = [{{ kind = "optimizer", id = "never-loaded", version = "0.1.0" }}]
+"#,
+        dir.path().join(&name).display()
+    );
+    std::fs::create_dir_all(config.path().join("ferrite")).unwrap();
+    std::fs::write(config.path().join("ferrite/settings.toml"), settings).unwrap();
+    let l = list(Some(dir.path()), config.path());
+    assert!(!l.stderr.contains("error:"), "init ran:\n{}", l.stderr);
+    assert!(row(&l, "never-loaded").contains(" no "), "{}", l.stdout);
+    others_still_load(&l);
+    // Without the entry, the same library does load (and fails): the test can fail.
+    std::fs::remove_file(config.path().join("ferrite/settings.toml")).unwrap();
+    let l = list(Some(dir.path()), config.path());
+    one_error(&l, &name, "failed to initialise");
 }
 
 #[test]

@@ -291,12 +291,15 @@ pub fn summary() -> Result<Summary> {
     })
 }
 
-pub fn set_training(training: bool) {
-    for list in attached().values_mut() {
+pub fn set_training(training: bool) -> Result<()> {
+    for (layer, list) in attached().iter_mut() {
         for a in list {
-            a.adapter.set_training(training);
+            a.adapter
+                .set_training(training)
+                .map_err(|e| err(format!("adapter on `{layer}`: {e}")))?;
         }
     }
+    Ok(())
 }
 
 /// Folds every attached adapter into its layer's weight (the adapters then stop running).

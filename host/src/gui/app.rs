@@ -648,7 +648,10 @@ impl App {
             }
         }
         if let Some((id, on)) = changed {
-            self.settings.set_enabled(&id, on);
+            // The registry that lists the components knows their libraries.
+            if let Err(e) = self.registry().set_enabled(&mut self.settings, &id, on) {
+                self.set_status(false, e);
+            }
             let path = self
                 .options
                 .settings_path

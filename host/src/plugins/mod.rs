@@ -8,12 +8,12 @@ use abi_stable::library::{LibraryError, lib_header_from_path};
 use abi_stable::std_types::RStr;
 use ferrite_plugin_api::{
     ComponentKind,
-    abi::{ABI_VERSION, ComponentBox, PluginLibRef},
+    abi::{ComponentBox, PluginLibRef, known},
     plugin::{AdapterHandle, ArchitectureHandle, OptimizerHandle},
 };
 
 use crate::runtime::host_ref;
-use crate::settings::Settings;
+use crate::settings::{DisabledLibrary, ListedComponent, Settings};
 
 /// One component offered by a loaded library.
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ impl fmt::Display for LoadProblem {
 pub enum PluginError {
     #[error("no {kind} plugin with id `{id}` (run `ferrite plugins list`)")]
     NotFound { kind: ComponentKind, id: String },
-    #[error("{kind} `{id}` is disabled (run `ferrite plugins enable {id}`)")]
+    #[error("{kind} `{id}` is disabled with its library (run `ferrite plugins enable {id}`)")]
     Disabled { kind: ComponentKind, id: String },
     #[error("{kind} id `{id}` is offered by more than one library: {}; remove or disable one", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and "))]
     Duplicate {
@@ -103,7 +103,7 @@ fn describe_load_error(e: &LibraryError) -> String {
             "not a Ferrite plugin: it exports no Ferrite root module (was it built with `export_plugin!`?)".into()
         }
         LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
-            "incompatible plugin ABI: built against plugin-api {actual_version}, this host needs {expected_version}; rebuild the plugin"
+            "built for ABI {actual_version}, this host speaks ABI {expected_version} (another major version): rebuild the plugin against this Ferrite's plugin-api"
         ),
         LibraryError::AbiInstability(_) | LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => {
             "incompatible plugin ABI: its root module layout differs from this host's plugin-api; rebuild the plugin".into()
@@ -119,12 +119,6 @@ fn load_library(path: &Path) -> Result<PluginLibRef, String> {
     let root = header
         .init_root_module::<PluginLibRef>()
         .map_err(|e| describe_load_error(&e))?;
-    if root.abi_version() != ABI_VERSION {
-        return Err(format!(
-            "incompatible plugin ABI version {} (this host speaks {ABI_VERSION}); rebuild the plugin",
-            root.abi_version()
-        ));
-    }
     (root.init())(host_ref())
         .into_result()
         .map_err(|e| format!("plugin `{}` failed to initialise: {e}", root.name()))?;
@@ -159,8 +153,12 @@ impl Registry {
                 if !seen.insert(canon) {
                     continue;
                 }
-                match load_library(&path) {
-                    Ok(root) => reg.add(path, root, settings),
+                if let Some(off) = settings.disabled(&path) {
+                    reg.add_disabled(path, off);
+                    continue;
+                }
+                match load_library(&path).and_then(|root| reg.add(path.clone(), root)) {
+                    Ok(()) => {}
                     Err(reason) => {
                         tracing::warn!("{}: {reason}", path.display());
                         reg.problems.push(LoadProblem { path, reason });
@@ -172,20 +170,94 @@ impl Registry {
         reg
     }
 
-    fn add(&mut self, path: PathBuf, root: PluginLibRef, settings: &Settings) {
-        for d in (root.describe())() {
-            self.components.push(ComponentInfo {
-                kind: d.kind,
-                enabled: settings.is_enabled(d.id.as_str()),
+    fn add(&mut self, path: PathBuf, root: PluginLibRef) -> Result<(), String> {
+        let name = root.name();
+        let described = (root.describe())()
+            .into_result()
+            .map_err(|e| format!("plugin `{name}` failed to describe its components: {e}"))?;
+        let mut components = Vec::new();
+        for d in described {
+            let kind = known("component kind", &d.kind)
+                .map_err(|e| format!("plugin `{name}`, component `{}`: {e}", d.id))?;
+            components.push(ComponentInfo {
+                kind,
+                enabled: true,
                 id: d.id.into_string(),
                 version: d.version.into_string(),
                 description: d.description.into_string(),
                 options_schema: d.options_schema.into_string(),
                 path: path.clone(),
-                library: root.name().to_string(),
+                library: name.to_string(),
             });
         }
+        self.components.extend(components);
         self.libraries.push(Library { path, root });
+        Ok(())
+    }
+
+    /// Lists a disabled library's components (as the settings remember them) without loading it.
+    fn add_disabled(&mut self, path: PathBuf, off: &DisabledLibrary) {
+        for c in &off.components {
+            let Some(kind) = ComponentKind::from_name(&c.kind) else {
+                continue;
+            };
+            self.components.push(ComponentInfo {
+                kind,
+                enabled: false,
+                id: c.id.clone(),
+                version: c.version.clone(),
+                description: c.description.clone(),
+                options_schema: "{}".into(),
+                path: path.clone(),
+                library: off.name.clone(),
+            });
+        }
+    }
+
+    /// Turns the library offering component `id` off (it is not loaded from then on) or back on;
+    /// says what changed. Takes effect at the next discovery.
+    pub fn set_enabled(
+        &self,
+        settings: &mut Settings,
+        id: &str,
+        on: bool,
+    ) -> Result<String, String> {
+        let Some(c) = self.components.iter().find(|c| c.id == id) else {
+            return Err(format!(
+                "no plugin offers a component `{id}` (see `ferrite plugins list`)"
+            ));
+        };
+        let siblings: Vec<&ComponentInfo> = self
+            .components
+            .iter()
+            .filter(|o| o.path == c.path)
+            .collect();
+        let names = siblings
+            .iter()
+            .map(|o| o.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if on {
+            settings.enable(&c.path);
+            return Ok(format!("enabled library `{}` ({names})", c.library));
+        }
+        settings.disable(DisabledLibrary {
+            path: c.path.clone(),
+            name: c.library.clone(),
+            components: siblings
+                .iter()
+                .map(|o| ListedComponent {
+                    kind: o.kind.name().into(),
+                    id: o.id.clone(),
+                    version: o.version.clone(),
+                    description: o.description.clone(),
+                })
+                .collect(),
+        });
+        Ok(format!(
+            "disabled library `{}` ({names}): it is no longer loaded",
+            c.library
+        ))
     }
 
     fn report_duplicates(&mut self) {
@@ -301,14 +373,22 @@ impl Registry {
             .iter()
             .find(|l| l.path == info.path)
             .expect("component belongs to a loaded library");
-        (lib.root.instantiate())(kind, RStr::from_str(id), RStr::from_str(options_json))
-            .into_result()
-            .map_err(|e| PluginError::Instantiate {
-                kind,
-                id: id.into(),
-                path: info.path.clone(),
-                reason: e.into_string(),
-            })
+        let fail = |reason: String| PluginError::Instantiate {
+            kind,
+            id: id.into(),
+            path: info.path.clone(),
+            reason,
+        };
+        let boxed = (lib.root.instantiate())(
+            kind.to_ne(),
+            RStr::from_str(id),
+            RStr::from_str(options_json),
+        )
+        .into_result()
+        .map_err(|e| fail(e.into_string()))?;
+        boxed
+            .into_enum()
+            .map_err(|e| fail(format!("returned an unknown kind of component: {e}")))
     }
 
     pub fn optimizer(&self, id: &str, options_json: &str) -> Result<OptimizerHandle, PluginError> {

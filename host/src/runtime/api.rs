@@ -11,8 +11,11 @@ use abi_stable::{
     std_types::{RErr, ROk, ROption, RResult, RSlice, RStr, RString, RVec, Tuple2},
 };
 use ferrite_plugin_api::{
-    DType, LogLevel, OpCode, TensorId,
-    abi::{ABI_VERSION, Attr, HostApi, HostRef, HostTensor, NamedTensor, WeightInfo},
+    LogLevel, Op, OpCode, TensorId,
+    abi::{
+        Attr_NE, DType_NE, HostApi, HostRef, HostTensor, LogLevel_NE, NamedTensor, WeightEntry,
+        known,
+    },
 };
 
 use super::table::to_burn_dtype;
@@ -55,13 +58,16 @@ fn weight_file(id: u64) -> RtResult<Arc<WeightFile>> {
 }
 
 extern "C" fn call(
-    op: OpCode,
+    code: OpCode,
     inputs: RSlice<'_, TensorId>,
-    attrs: RSlice<'_, Attr>,
+    attrs: RSlice<'_, Attr_NE>,
 ) -> RResult<RVec<TensorId>, RString> {
-    with_rt(|rt| {
-        rt.call(op, inputs.as_slice(), attrs.as_slice())
-            .map(RVec::from)
+    guarded(|| {
+        // Decoding needs no runtime: do it before taking the lock.
+        let op = Op::decode(code, inputs.len(), attrs.as_slice())?;
+        with_rt(|rt| rt.call(&op, inputs.as_slice()).map(RVec::from))
+            .into_result()
+            .map_err(RString::into_string)
     })
 }
 
@@ -70,18 +76,23 @@ extern "C" fn retain(id: TensorId) -> RResult<TensorId, RString> {
 }
 
 extern "C" fn release(id: TensorId) {
-    let _ = with_rt(|rt| {
-        rt.release(id);
-        Ok(())
-    });
+    let released = with_rt(|rt| Ok(rt.release(id)));
+    if let ROk(false) = released {
+        // A plugin (or the host) released a handle it did not hold: each holder has its own
+        // handle, so nothing else was dropped; say so, as it is a bug in the caller.
+        tracing::warn!(
+            "tensor handle {} released but not live (released twice?); ignored",
+            id.0
+        );
+    }
 }
 
 extern "C" fn shape(id: TensorId) -> RResult<RVec<u64>, RString> {
     with_rt(|rt| Ok(rt.shape(id)?.into_iter().map(|d| d as u64).collect()))
 }
 
-extern "C" fn dtype(id: TensorId) -> RResult<DType, RString> {
-    with_rt(|rt| rt.dtype(id))
+extern "C" fn dtype(id: TensorId) -> RResult<DType_NE, RString> {
+    with_rt(|rt| rt.dtype(id).map(|d| d.to_ne()))
 }
 
 extern "C" fn to_host(id: TensorId) -> RResult<HostTensor, RString> {
@@ -95,7 +106,7 @@ extern "C" fn to_host(id: TensorId) -> RResult<HostTensor, RString> {
             .map_err(|e| format!("{e:?}"))?;
         Ok(HostTensor {
             shape,
-            dtype,
+            dtype: dtype.to_ne(),
             data: data.into(),
         })
     })
@@ -114,8 +125,18 @@ extern "C" fn open_weights(path: RStr<'_>) -> RResult<u64, RString> {
     })
 }
 
-extern "C" fn weight_infos(file: u64) -> RResult<RVec<WeightInfo>, RString> {
-    guarded(|| Ok(weight_file(file)?.infos()?.into()))
+extern "C" fn weight_infos(file: u64) -> RResult<RVec<WeightEntry>, RString> {
+    guarded(|| {
+        Ok(weight_file(file)?
+            .infos()?
+            .into_iter()
+            .map(|i| WeightEntry {
+                key: i.key.into(),
+                dtype: i.dtype.to_ne(),
+                shape: i.shape.into(),
+            })
+            .collect())
+    })
 }
 
 extern "C" fn weight_metadata(file: u64) -> RResult<RVec<Tuple2<RString, RString>>, RString> {
@@ -127,8 +148,9 @@ extern "C" fn weight_metadata(file: u64) -> RResult<RVec<Tuple2<RString, RString
     })
 }
 
-extern "C" fn load_weight(file: u64, key: RStr<'_>, dtype: DType) -> RResult<TensorId, RString> {
+extern "C" fn load_weight(file: u64, key: RStr<'_>, dtype: DType_NE) -> RResult<TensorId, RString> {
     guarded(|| {
+        let dtype = known("dtype", &dtype)?;
         let f = weight_file(file)?;
         // Read outside the runtime lock: disk time should not block other tensor work.
         let data = f.read(key.as_str(), to_burn_dtype(dtype)?)?;
@@ -166,8 +188,8 @@ extern "C" fn save_safetensors(
     })
 }
 
-extern "C" fn rng_new(seed: u64) -> u64 {
-    with_rt(|rt| Ok(rt.rng_new(seed))).unwrap_or(0)
+extern "C" fn rng_new(seed: u64) -> RResult<u64, RString> {
+    with_rt(|rt| Ok(rt.rng_new(seed)))
 }
 
 extern "C" fn rng_release(id: u64) {
@@ -177,14 +199,15 @@ extern "C" fn rng_release(id: u64) {
     });
 }
 
-extern "C" fn log(level: LogLevel, target: RStr<'_>, msg: RStr<'_>) {
+extern "C" fn log(level: LogLevel_NE, target: RStr<'_>, msg: RStr<'_>) {
     let (t, m) = (target.as_str(), msg.as_str());
-    match level {
-        LogLevel::Error => tracing::error!(plugin = t, "{m}"),
-        LogLevel::Warn => tracing::warn!(plugin = t, "{m}"),
-        LogLevel::Info => tracing::info!(plugin = t, "{m}"),
-        LogLevel::Debug => tracing::debug!(plugin = t, "{m}"),
-        LogLevel::Trace => tracing::trace!(plugin = t, "{m}"),
+    // A level from a newer plugin-api is logged as a warning rather than lost.
+    match level.as_enum() {
+        Ok(LogLevel::Error) => tracing::error!(plugin = t, "{m}"),
+        Ok(LogLevel::Info) => tracing::info!(plugin = t, "{m}"),
+        Ok(LogLevel::Debug) => tracing::debug!(plugin = t, "{m}"),
+        Ok(LogLevel::Trace) => tracing::trace!(plugin = t, "{m}"),
+        _ => tracing::warn!(plugin = t, "{m}"),
     }
 }
 
@@ -223,7 +246,6 @@ pub fn host_ref() -> HostRef {
     static HOST: OnceLock<HostRef> = OnceLock::new();
     *HOST.get_or_init(|| {
         HostApi {
-            abi_version: ABI_VERSION,
             call,
             retain,
             release,

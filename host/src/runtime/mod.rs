@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn_backend::TensorData;
-use ferrite_plugin_api::{DType, OpCode, TensorId, abi::Attr};
+use ferrite_plugin_api::{DType, Op, TensorId};
 
 pub use api::host_ref;
 pub use table::{TensorTable, Tracking};
@@ -21,9 +21,10 @@ pub type RtResult<T> = Result<T, String>;
 /// Object-safe face of a [`TensorTable`] over some backend, so the backend is picked at run time.
 pub trait Runtime: Send {
     fn device_name(&self) -> &str;
-    fn call(&mut self, op: OpCode, inputs: &[TensorId], attrs: &[Attr]) -> RtResult<Vec<TensorId>>;
+    fn call(&mut self, op: &Op, inputs: &[TensorId]) -> RtResult<Vec<TensorId>>;
     fn retain(&mut self, id: TensorId) -> RtResult<TensorId>;
-    fn release(&mut self, id: TensorId);
+    /// False when `id` was not live.
+    fn release(&mut self, id: TensorId) -> bool;
     fn shape(&self, id: TensorId) -> RtResult<Vec<usize>>;
     fn dtype(&self, id: TensorId) -> RtResult<DType>;
     fn data(&self, id: TensorId) -> RtResult<TensorData>;
@@ -40,14 +41,14 @@ impl<B: Tracking> Runtime for TensorTable<B> {
     fn device_name(&self) -> &str {
         &self.device_name
     }
-    fn call(&mut self, op: OpCode, inputs: &[TensorId], attrs: &[Attr]) -> RtResult<Vec<TensorId>> {
-        let out = self.exec(op, inputs, attrs)?;
+    fn call(&mut self, op: &Op, inputs: &[TensorId]) -> RtResult<Vec<TensorId>> {
+        let out = self.exec(op, inputs)?;
         Ok(out.into_iter().map(|v| self.insert(v)).collect())
     }
     fn retain(&mut self, id: TensorId) -> RtResult<TensorId> {
         TensorTable::retain(self, id)
     }
-    fn release(&mut self, id: TensorId) {
+    fn release(&mut self, id: TensorId) -> bool {
         TensorTable::release(self, id)
     }
     fn shape(&self, id: TensorId) -> RtResult<Vec<usize>> {

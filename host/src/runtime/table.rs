@@ -69,9 +69,12 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
 pub struct TensorTable<B: AutodiffBackend> {
     pub device: B::Device,
     pub device_name: String,
-    /// Value and reference count: `retain` hands out the same handle again, so an in-place
-    /// update (`assign`, `set_requires_grad`) is seen by every holder, as with a torch Parameter.
-    values: HashMap<u64, (Value<B>, u32)>,
+    /// Handle → slot. Each holder has its own handle (`retain` makes a new one), so a holder
+    /// that releases one handle too many cannot drop another holder's reference.
+    handles: HashMap<u64, u64>,
+    /// Slot → value and number of handles: an in-place update (`assign`, `set_requires_grad`)
+    /// through one handle is seen by every holder, as with a torch Parameter.
+    slots: HashMap<u64, (Value<B>, u32)>,
     next: u64,
     pub rngs: HashMap<u64, ChaCha8Rng>,
     next_rng: u64,
@@ -94,7 +97,7 @@ pub fn to_burn_dtype(d: DType) -> RtResult<BDType> {
         DType::I32 => BDType::I32,
         DType::U8 => BDType::U8,
         DType::Bool => BDType::Bool(burn_backend::BoolStore::Native),
-        DType::F8E4M3 | DType::F8E5M2 => {
+        _ => {
             return Err(format!("dtype {d} is not supported by this backend"));
         }
     })
@@ -130,53 +133,74 @@ impl<B: AutodiffBackend> TensorTable<B> {
         Self {
             device,
             device_name,
-            values: HashMap::new(),
+            handles: HashMap::new(),
+            slots: HashMap::new(),
             next: 1,
             rngs: HashMap::new(),
             next_rng: 1,
         }
     }
 
-    /// Number of live tensors.
+    /// Number of live handles.
     pub fn live(&self) -> usize {
-        self.values.len()
+        self.handles.len()
     }
 
-    pub fn insert(&mut self, v: Value<B>) -> TensorId {
+    fn new_handle(&mut self, slot: u64) -> TensorId {
         let id = self.next;
         self.next += 1;
-        self.values.insert(id, (v, 1));
+        self.handles.insert(id, slot);
         TensorId(id)
     }
 
-    /// One more reference to the same handle.
+    pub fn insert(&mut self, v: Value<B>) -> TensorId {
+        let id = self.new_handle(self.next);
+        self.slots.insert(id.0, (v, 1));
+        id
+    }
+
+    fn slot(&self, id: TensorId) -> RtResult<u64> {
+        self.handles.get(&id.0).copied().ok_or_else(|| not_live(id))
+    }
+
+    /// A new handle to the same tensor.
     pub fn retain(&mut self, id: TensorId) -> RtResult<TensorId> {
-        let slot = self.values.get_mut(&id.0).ok_or_else(|| not_live(id))?;
-        slot.1 += 1;
-        Ok(id)
+        let slot = self.slot(id)?;
+        if let Some(s) = self.slots.get_mut(&slot) {
+            s.1 += 1;
+        }
+        Ok(self.new_handle(slot))
     }
 
     pub fn get(&self, id: TensorId) -> RtResult<&Value<B>> {
-        self.values
-            .get(&id.0)
+        let slot = self.slot(id)?;
+        self.slots
+            .get(&slot)
             .map(|(v, _)| v)
             .ok_or_else(|| not_live(id))
     }
 
+    /// Replaces the value every handle to `id`'s tensor sees.
     pub fn replace(&mut self, id: TensorId, v: Value<B>) -> RtResult<()> {
-        let slot = self.values.get_mut(&id.0).ok_or_else(|| not_live(id))?;
-        slot.0 = v;
+        let slot = self.slot(id)?;
+        let s = self.slots.get_mut(&slot).ok_or_else(|| not_live(id))?;
+        s.0 = v;
         Ok(())
     }
 
-    /// Drops one reference; the tensor goes when the last one does.
-    pub fn release(&mut self, id: TensorId) {
-        if let Some(slot) = self.values.get_mut(&id.0) {
-            slot.1 -= 1;
-            if slot.1 == 0 {
-                self.values.remove(&id.0);
+    /// Drops one handle; the tensor goes with its last handle. False when `id` was not live
+    /// (released twice, or never created): nothing else is touched.
+    pub fn release(&mut self, id: TensorId) -> bool {
+        let Some(slot) = self.handles.remove(&id.0) else {
+            return false;
+        };
+        if let Some(s) = self.slots.get_mut(&slot) {
+            s.1 -= 1;
+            if s.1 == 0 {
+                self.slots.remove(&slot);
             }
         }
+        true
     }
 
     pub fn float(&self, id: TensorId) -> RtResult<FloatTensor<B>> {

@@ -757,7 +757,8 @@ impl TrainConfig {
             &self.loss_weight_fn,
             choices::LOSS_WEIGHT_FNS,
         );
-        one_of("peft_type", &self.peft_type, &["lora", "loha"]);
+        // peft_type is an adapter plugin's id: checked against the registry (plugins extend
+        // the set) in `validate_plugin_options`.
         one_of("ema", &self.ema, choices::EMA);
         one_of(
             "lora_layer_preset",

@@ -52,9 +52,9 @@ fn renamed(
         let rest = info.key.as_str().strip_prefix(prefix)?;
         let (key, shape) = rename(rest, &info.shape)?;
         Some(WeightInfo {
-            key: key.into(),
+            key,
             dtype: info.dtype,
-            shape: shape.into(),
+            shape,
         })
     })
 }

@@ -239,7 +239,7 @@ fn with_text_model_level(w: Weights) -> Result<Weights> {
     }
     w.view(|i| {
         Some(WeightInfo {
-            key: format!("text_model.{}", i.key).into(),
+            key: format!("text_model.{}", i.key),
             ..i.clone()
         })
     })

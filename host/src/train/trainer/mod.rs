@@ -318,7 +318,7 @@ impl Trainer {
                 )
                 .map_err(err)?;
             }
-            adapters::set_training(true);
+            adapters::set_training(true).map_err(err)?;
             adapters::parameters().map_err(err)?
         } else {
             let all = self.arch.parameters().map_err(err)?;
@@ -823,7 +823,7 @@ impl Trainer {
     /// Writes a PNG per configured sample under `workspace/samples/<n>-<prompt>/<step>.png`.
     pub fn sample(&mut self) -> Result<Vec<PathBuf>> {
         let _untracked = Untracked::new(&self.groups)?;
-        adapters::set_training(false);
+        adapters::set_training(false).map_err(err)?;
         let mut out = Vec::new();
         for (i, s) in self.config.samples.iter().enumerate() {
             let sampler = match s.sampler.as_str() {
@@ -881,7 +881,7 @@ impl Trainer {
             }
             out.push(path);
         }
-        adapters::set_training(true);
+        adapters::set_training(true).map_err(err)?;
         Ok(out)
     }
 

@@ -1,0 +1,98 @@
+//! Ops that make tensors from attributes: constants, ranges, random draws, uploads.
+
+use burn_backend::{Scalar, Shape, TensorData};
+use ferrite_plugin_api::{DType, op};
+use rand::Rng;
+use rand_distr::StandardNormal;
+
+use super::{RtResult, TensorTable, Tracking, Value, one};
+use crate::runtime::table::float_dtype;
+
+impl<B: Tracking> TensorTable<B> {
+    pub(super) fn fill(&self, a: &op::Fill) -> RtResult<Vec<Value<B>>> {
+        let shape = Shape::from(a.shape.clone());
+        if a.dtype == DType::I64 || a.dtype == DType::I32 {
+            let data = TensorData::full(shape, a.value as i64);
+            return Ok(vec![Value::Int(B::int_from_data(
+                data.convert_dtype(self.settings().int_dtype.into()),
+                &self.device,
+            ))]);
+        }
+        one(B::float_full(
+            shape,
+            Scalar::Float(a.value),
+            &self.device,
+            float_dtype(a.dtype)?,
+        ))
+    }
+
+    pub(super) fn arange(&self, a: &op::Arange) -> RtResult<Vec<Value<B>>> {
+        if a.step == 0 || a.end < a.start {
+            return Err(format!(
+                "op arange: empty or invalid range {}..{} step {}",
+                a.start, a.end, a.step
+            ));
+        }
+        let t = B::int_arange_step(
+            a.start..a.end,
+            a.step,
+            &self.device,
+            self.settings().int_dtype,
+        );
+        if a.dtype.is_float() {
+            one(B::int_into_float(t, float_dtype(a.dtype)?))
+        } else {
+            Ok(vec![Value::Int(t)])
+        }
+    }
+
+    /// Standard normal (`normal`) or uniform [0, 1) draws from a host generator.
+    pub(super) fn random(
+        &mut self,
+        op: &str,
+        a: &op::Random,
+        normal: bool,
+    ) -> RtResult<Vec<Value<B>>> {
+        let n: usize = a.shape.iter().product();
+        let g = self
+            .rngs
+            .get_mut(&a.rng)
+            .ok_or_else(|| format!("op {op}: generator {} does not exist", a.rng))?;
+        let v: Vec<f32> = if normal {
+            (0..n).map(|_| g.sample(StandardNormal)).collect()
+        } else {
+            (0..n).map(|_| g.random::<f32>()).collect()
+        };
+        one(B::float_from_data(
+            TensorData::new(v, a.shape.clone()),
+            &self.device,
+        ))
+    }
+
+    pub(super) fn upload_f32(&self, a: &op::FromF32) -> RtResult<Vec<Value<B>>> {
+        if a.data.len() != a.shape.iter().product::<usize>() {
+            return Err(format!(
+                "op from_f32: {} values do not fill shape {:?}",
+                a.data.len(),
+                a.shape
+            ));
+        }
+        one(B::float_from_data(
+            TensorData::new(a.data.clone(), a.shape.clone()),
+            &self.device,
+        ))
+    }
+
+    pub(super) fn upload_i64(&self, a: &op::FromI64) -> RtResult<Vec<Value<B>>> {
+        if a.data.len() != a.shape.iter().product::<usize>() {
+            return Err(format!(
+                "op from_i64: {} values do not fill shape {:?}",
+                a.data.len(),
+                a.shape
+            ));
+        }
+        let td = TensorData::new(a.data.clone(), a.shape.clone())
+            .convert_dtype(self.settings().int_dtype.into());
+        Ok(vec![Value::Int(B::int_from_data(td, &self.device))])
+    }
+}

@@ -1,0 +1,24 @@
+/// An error from the host or a plugin, as text: it crosses the ABI as a string anyway.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Error(pub String);
+
+impl Error {
+    pub fn msg(m: impl Into<String>) -> Self {
+        Error(m.into())
+    }
+}
+
+impl From<abi_stable::std_types::RString> for Error {
+    fn from(s: abi_stable::std_types::RString) -> Self {
+        Error(s.into_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Returns early with an [`Error`] built from a format string.
+#[macro_export]
+macro_rules! bail {
+    ($($t:tt)*) => { return Err($crate::Error(format!($($t)*))) };
+}

@@ -1,0 +1,346 @@
+//! Access to the host services from plugin (or host) code.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use abi_stable::nonexhaustive_enum::NonExhaustive;
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, Tuple2};
+
+use crate::abi::{HostRef, LogLevel, NamedTensor, TensorId, WeightInfo, known};
+use crate::error::{Error, Result};
+use crate::nn::AdaptableLayer;
+use crate::op::Op;
+use crate::tensor::Tensor;
+
+static HOST: OnceLock<HostRef> = OnceLock::new();
+
+/// Installs the host services for this copy of `plugin-api` (each library has its own copy).
+pub fn set_host(host: HostRef) {
+    let _ = HOST.set(host);
+}
+
+pub fn host() -> Result<HostRef> {
+    HOST.get()
+        .copied()
+        .ok_or_else(|| Error::msg("ferrite host services are not initialised in this library"))
+}
+
+pub(crate) fn res<T>(r: RResult<T, RString>) -> Result<T> {
+    r.into_result().map_err(Error::from)
+}
+
+/// Runs an op on its required inputs and wraps its outputs.
+pub fn call(op: Op, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+    call_opt(op, inputs, &[])
+}
+
+/// Runs an op with its required inputs and its optional ones (absent: None).
+pub fn call_opt(op: Op, inputs: &[&Tensor], optional: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let ids: Vec<TensorId> = inputs
+        .iter()
+        .map(|t| t.id())
+        .chain(
+            optional
+                .iter()
+                .map(|t| t.map_or(TensorId::NONE, Tensor::id)),
+        )
+        .collect();
+    let out = res((host()?.call())(
+        op.code(),
+        RSlice::from_slice(&ids),
+        RSlice::from_slice(&op.encode()),
+    ))?;
+    Ok(out.into_iter().map(Tensor::from_raw).collect())
+}
+
+/// Runs an op that has exactly one output.
+pub fn call1(op: Op, inputs: &[&Tensor]) -> Result<Tensor> {
+    one(op.code().name(), call(op, inputs)?)
+}
+
+/// [`call1`] with optional inputs.
+pub fn call1_opt(op: Op, inputs: &[&Tensor], optional: &[Option<&Tensor>]) -> Result<Tensor> {
+    one(op.code().name(), call_opt(op, inputs, optional)?)
+}
+
+fn one(op: &str, mut out: Vec<Tensor>) -> Result<Tensor> {
+    match out.len() {
+        1 => Ok(out.remove(0)),
+        n => Err(Error(format!("op {op} returned {n} tensors, expected 1"))),
+    }
+}
+
+/// The device tensors live on (`cpu`, `cuda:0`).
+/// The output of layer `name` with whatever adapters the host has attached to it (`base_out`
+/// unchanged when none).
+pub fn adapt(name: &str, x: &Tensor, base_out: Tensor) -> Result<Tensor> {
+    match res((host()?.adapt())(
+        RStr::from_str(name),
+        x.id(),
+        base_out.id(),
+    ))? {
+        ROption::RSome(id) => Ok(Tensor::from_raw(id)),
+        ROption::RNone => Ok(base_out),
+    }
+}
+
+pub fn device() -> Result<String> {
+    Ok((host()?.device())().into_string())
+}
+
+pub fn is_cancelled() -> bool {
+    host().map(|h| (h.is_cancelled())()).unwrap_or(false)
+}
+
+pub fn log(level: LogLevel, target: &str, msg: &str) {
+    if let Ok(h) = host() {
+        (h.log())(
+            NonExhaustive::new(level),
+            RStr::from_str(target),
+            RStr::from_str(msg),
+        );
+    }
+}
+
+/// A seeded random generator owned by the host; sequences are reproducible per seed.
+#[derive(Debug)]
+pub struct Generator {
+    id: u64,
+}
+
+impl Generator {
+    pub fn new(seed: u64) -> Result<Self> {
+        Ok(Self {
+            id: res((host()?.rng_new())(seed))?,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        if let Ok(h) = host() {
+            (h.rng_release())(self.id);
+        }
+    }
+}
+
+/// An open safetensors file; closed when the last view of it is dropped.
+#[derive(Debug)]
+struct OpenFile {
+    id: u64,
+    path: String,
+}
+
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        if let Ok(h) = host() {
+            (h.close_weights())(self.id);
+        }
+    }
+}
+
+/// What was loaded through a [`Weights::scoped`] view: every tensor (a model's parameters) and
+/// the adaptable layers, named `<scope>.<key>`.
+#[derive(Debug, Default)]
+struct Scope {
+    name: String,
+    layers: Mutex<Vec<AdaptableLayer>>,
+    tensors: Mutex<Vec<(String, Tensor)>>,
+}
+
+impl Scope {
+    fn name(&self, key: &str) -> String {
+        if key.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}.{key}", self.name)
+        }
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The tensors of a safetensors file, read one at a time on request. A [`Weights::view`] shows
+/// them under other names and shapes (an original checkpoint's keys as diffusers names).
+#[derive(Debug, Clone)]
+pub struct Weights {
+    file: Arc<OpenFile>,
+    /// Tensors as this view names them.
+    infos: Vec<WeightInfo>,
+    /// The key in the file of each entry of `infos` (None: the same key).
+    file_keys: Option<Vec<String>>,
+    scope: Option<Arc<Scope>>,
+}
+
+impl Weights {
+    pub fn open(path: &str) -> Result<Self> {
+        let h = host()?;
+        let file = OpenFile {
+            id: res((h.open_weights())(RStr::from_str(path)))?,
+            path: path.to_string(),
+        };
+        let infos = res((h.weight_infos())(file.id))?
+            .into_iter()
+            .map(|e| {
+                Ok(WeightInfo {
+                    dtype: known("dtype", &e.dtype).map_err(|m| Error(format!("{path}: {m}")))?,
+                    key: e.key.into_string(),
+                    shape: e.shape.into_vec(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            file: Arc::new(file),
+            infos,
+            file_keys: None,
+            scope: None,
+        })
+    }
+
+    /// The same tensors, remembered as they are loaded under `<name>.<key>` (see
+    /// [`Weights::tensors`]); the linear and conv layers loaded through it become adaptable
+    /// (see [`Weights::layers`]) and offer their output to the host's adapters.
+    pub fn scoped(&self, name: &str) -> Weights {
+        Weights {
+            scope: Some(Arc::new(Scope {
+                name: name.to_string(),
+                ..Scope::default()
+            })),
+            ..self.clone()
+        }
+    }
+
+    /// Records an adaptable layer loaded from `prefix` and returns its name (None when this
+    /// view is not scoped).
+    pub(crate) fn register(
+        &self,
+        prefix: &str,
+        layer: impl FnOnce(String) -> AdaptableLayer,
+    ) -> Option<String> {
+        let scope = self.scope.as_ref()?;
+        let name = scope.name(prefix);
+        locked(&scope.layers).push(layer(name.clone()));
+        Some(name)
+    }
+
+    /// The adaptable layers loaded through this scoped view so far, in load order.
+    pub fn layers(&self) -> Vec<AdaptableLayer> {
+        self.scope
+            .as_ref()
+            .map_or_else(Vec::new, |s| locked(&s.layers).clone())
+    }
+
+    /// The tensors loaded through this scoped view so far (the same handles the model holds).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.scope
+            .as_ref()
+            .map_or_else(Vec::new, |s| locked(&s.tensors).clone())
+    }
+
+    /// The same file seen through `f`, which gives each tensor's name and shape in the view, or
+    /// None to leave it out. A new shape must hold as many elements; loading reshapes to it.
+    pub fn view(&self, mut f: impl FnMut(&WeightInfo) -> Option<WeightInfo>) -> Result<Weights> {
+        let mut infos = Vec::new();
+        let mut file_keys = Vec::new();
+        for (i, info) in self.infos.iter().enumerate() {
+            let Some(new) = f(info) else { continue };
+            let numel = |s: &[u64]| s.iter().product::<u64>();
+            if numel(&new.shape) != numel(&info.shape) {
+                return Err(Error(format!(
+                    "{}: tensor `{}` {:?} cannot be seen as `{}` {:?}",
+                    self.path(),
+                    info.key,
+                    info.shape,
+                    new.key,
+                    new.shape
+                )));
+            }
+            infos.push(new);
+            file_keys.push(self.file_key(i).to_string());
+        }
+        Ok(Weights {
+            file: self.file.clone(),
+            infos,
+            file_keys: Some(file_keys),
+            scope: self.scope.clone(),
+        })
+    }
+
+    fn file_key(&self, i: usize) -> &str {
+        match &self.file_keys {
+            Some(k) => &k[i],
+            None => &self.infos[i].key,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.file.path
+    }
+
+    /// Every tensor in the view: key, dtype, shape.
+    pub fn infos(&self) -> &[WeightInfo] {
+        &self.infos
+    }
+
+    pub fn info(&self, key: &str) -> Option<&WeightInfo> {
+        self.infos.iter().find(|i| i.key == key)
+    }
+
+    pub fn metadata(&self) -> Result<Vec<(String, String)>> {
+        let m = res((host()?.weight_metadata())(self.file.id))?;
+        Ok(m.into_iter()
+            .map(|Tuple2(k, v)| (k.into_string(), v.into_string()))
+            .collect())
+    }
+
+    /// Loads `key` to the device as `dtype`.
+    pub fn get(&self, key: &str, dtype: crate::DType) -> Result<Tensor> {
+        let Some(i) = self.infos.iter().position(|i| i.key == key) else {
+            return Err(Error(format!("{}: no tensor `{key}`", self.path())));
+        };
+        let file_key = self.file_key(i);
+        let id = res((host()?.load_weight())(
+            self.file.id,
+            RStr::from_str(file_key),
+            dtype.to_ne(),
+        ))?;
+        let mut t = Tensor::from_raw(id);
+        if self.file_keys.is_some() {
+            let shape: Vec<i64> = self.infos[i].shape.iter().map(|&d| d as i64).collect();
+            t = t.reshape(&shape)?;
+        }
+        if let Some(scope) = &self.scope {
+            locked(&scope.tensors).push((scope.name(key), t.clone()));
+        }
+        Ok(t)
+    }
+}
+
+/// Writes tensors (and string metadata) to `path` atomically.
+pub fn save_safetensors(
+    path: &str,
+    tensors: &[(&str, &Tensor)],
+    metadata: &[(&str, &str)],
+) -> Result<()> {
+    let named: Vec<NamedTensor> = tensors
+        .iter()
+        .map(|(n, t)| NamedTensor {
+            name: (*n).into(),
+            tensor: t.id(),
+        })
+        .collect();
+    let meta: Vec<Tuple2<RString, RString>> = metadata
+        .iter()
+        .map(|(k, v)| Tuple2((*k).into(), (*v).into()))
+        .collect();
+    res((host()?.save_safetensors())(
+        RStr::from_str(path),
+        RSlice::from_slice(&named),
+        RSlice::from_slice(&meta),
+    ))
+}
