@@ -4,6 +4,7 @@ pub mod adapters;
 pub mod bench;
 pub mod data;
 pub mod fsutil;
+#[cfg(feature = "gui")]
 pub mod gui;
 pub mod plugins;
 pub mod runtime;

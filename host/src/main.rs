@@ -30,6 +30,7 @@ enum Command {
     /// Write a starter config (and an images folder) into DIR.
     Init { dir: PathBuf },
     /// Open the desktop app (also what `ferrite` with no command does).
+    #[cfg(feature = "gui")]
     Gui {
         /// A config to open.
         #[arg(long)]
@@ -164,7 +165,13 @@ fn main() -> Result<()> {
         None => Settings::default_path()?,
     };
     match cli.command {
+        #[cfg(feature = "gui")]
         None => gui(&settings_path, None, None, false)?,
+        #[cfg(not(feature = "gui"))]
+        None => anyhow::bail!(
+            "this ferrite was built without the desktop app (headless): give a command, see `ferrite --help`"
+        ),
+        #[cfg(feature = "gui")]
         Some(Command::Gui {
             config,
             screenshots,
@@ -199,6 +206,7 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "gui")]
 fn gui(
     settings_path: &std::path::Path,
     config: Option<PathBuf>,

@@ -12,6 +12,15 @@ pub struct Settings {
     /// Libraries the user turned off (`ferrite plugins disable ID`): never loaded, so their code
     /// never runs; their components are listed from here.
     pub disabled_libraries: Vec<DisabledLibrary>,
+    /// Component ids turned off by Ferrite before libraries were disabled whole. Still honoured
+    /// (those components are listed as disabled, though their library loads); `ferrite plugins
+    /// disable|enable` replaces the entries of the library it changes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disabled_plugins: Vec<String>,
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,26 +94,25 @@ impl Settings {
 
     /// The entry that disables the library at `path`, if any.
     pub fn disabled(&self, path: &Path) -> Option<&DisabledLibrary> {
-        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-        let path = canon(path);
+        let path = canonical(path);
         self.disabled_libraries
             .iter()
-            .find(|d| canon(&d.path) == path)
+            .find(|d| canonical(&d.path) == path)
     }
 
     pub fn disable(&mut self, library: DisabledLibrary) {
         self.enable(&library.path.clone());
+        self.disabled_plugins
+            .retain(|id| !library.components.iter().any(|c| &c.id == id));
         self.disabled_libraries.push(library);
         self.disabled_libraries.sort_by(|a, b| a.path.cmp(&b.path));
     }
 
-    /// Turns the library at `path` back on; false when it was not disabled.
-    pub fn enable(&mut self, path: &Path) -> bool {
-        let before = self.disabled_libraries.len();
-        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-        let path = canon(path);
-        self.disabled_libraries.retain(|d| canon(&d.path) != path);
-        self.disabled_libraries.len() != before
+    /// Turns the library at `path` back on.
+    pub fn enable(&mut self, path: &Path) {
+        let path = canonical(path);
+        self.disabled_libraries
+            .retain(|d| canonical(&d.path) != path);
     }
 }
 
@@ -134,9 +142,8 @@ mod tests {
         let mut back = Settings::load(&p).unwrap();
         assert_eq!(back.disabled(&lib).unwrap().components[0].id, "adamw");
         assert_eq!(back.plugin_dirs, vec![PathBuf::from("/opt/plugins")]);
-        assert!(back.enable(&lib));
+        back.enable(&lib);
         assert!(back.disabled(&lib).is_none());
-        assert!(!back.enable(&lib));
     }
 
     #[test]

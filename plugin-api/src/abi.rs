@@ -328,6 +328,7 @@ pub trait ArchitectureFfi: Send {
     ) -> RResult<TensorId, RString>;
     /// Every tensor of the model (VAE and text encoders included) under the names of a file
     /// `layout` (`ldm`: an original single-file checkpoint), for saving a fine-tune.
+    #[sabi(last_prefix_field)]
     fn export(&self, layout: RStr<'_>) -> RResult<RVec<NamedTensor>, RString>;
 }
 
@@ -390,7 +391,8 @@ pub enum ComponentBox {
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginLibRef)))]
-#[sabi(missing_field(panic))]
+// Entry points appended after 1.0 are `Option`s to the host: a 1.0 plugin lacks them.
+#[sabi(missing_field(option))]
 pub struct PluginLib {
     pub name: RStr<'static>,
     pub version: RStr<'static>,

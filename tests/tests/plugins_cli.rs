@@ -233,6 +233,20 @@ components = [{{ kind = "optimizer", id = "never-loaded", version = "0.1.0" }}]
 }
 
 #[test]
+fn component_ids_disabled_by_an_older_ferrite_stay_disabled() {
+    let config = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(config.path().join("ferrite")).unwrap();
+    std::fs::write(
+        config.path().join("ferrite/settings.toml"),
+        "disabled_plugins = [\"sgd\"]\n",
+    )
+    .unwrap();
+    let l = list(None, config.path());
+    assert!(row(&l, "sgd").contains(" no "), "{}", row(&l, "sgd"));
+    assert!(row(&l, "adamw").contains(" yes "), "{}", row(&l, "adamw"));
+}
+
+#[test]
 fn a_broken_settings_file_is_named() {
     let config = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(config.path().join("ferrite")).unwrap();

@@ -649,7 +649,9 @@ impl App {
         }
         if let Some((id, on)) = changed {
             // The registry that lists the components knows their libraries.
-            if let Err(e) = self.registry().set_enabled(&mut self.settings, &id, on) {
+            if let Err(e) =
+                crate::plugins::set_enabled(&self.components, &mut self.settings, &id, on)
+            {
                 self.set_status(false, e);
             }
             let path = self

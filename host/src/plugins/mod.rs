@@ -157,7 +157,7 @@ impl Registry {
                     reg.add_disabled(path, off);
                     continue;
                 }
-                match load_library(&path).and_then(|root| reg.add(path.clone(), root)) {
+                match load_library(&path).and_then(|root| reg.add(path.clone(), root, settings)) {
                     Ok(()) => {}
                     Err(reason) => {
                         tracing::warn!("{}: {reason}", path.display());
@@ -170,7 +170,12 @@ impl Registry {
         reg
     }
 
-    fn add(&mut self, path: PathBuf, root: PluginLibRef) -> Result<(), String> {
+    fn add(
+        &mut self,
+        path: PathBuf,
+        root: PluginLibRef,
+        settings: &Settings,
+    ) -> Result<(), String> {
         let name = root.name();
         let described = (root.describe())()
             .into_result()
@@ -181,7 +186,7 @@ impl Registry {
                 .map_err(|e| format!("plugin `{name}`, component `{}`: {e}", d.id))?;
             components.push(ComponentInfo {
                 kind,
-                enabled: true,
+                enabled: !settings.disabled_plugins.iter().any(|i| d.id.as_str() == i),
                 id: d.id.into_string(),
                 version: d.version.into_string(),
                 description: d.description.into_string(),
@@ -199,6 +204,11 @@ impl Registry {
     fn add_disabled(&mut self, path: PathBuf, off: &DisabledLibrary) {
         for c in &off.components {
             let Some(kind) = ComponentKind::from_name(&c.kind) else {
+                tracing::warn!(
+                    "settings: disabled component `{}` has an unknown kind `{}`; not listed",
+                    c.id,
+                    c.kind
+                );
                 continue;
             };
             self.components.push(ComponentInfo {
@@ -222,42 +232,7 @@ impl Registry {
         id: &str,
         on: bool,
     ) -> Result<String, String> {
-        let Some(c) = self.components.iter().find(|c| c.id == id) else {
-            return Err(format!(
-                "no plugin offers a component `{id}` (see `ferrite plugins list`)"
-            ));
-        };
-        let siblings: Vec<&ComponentInfo> = self
-            .components
-            .iter()
-            .filter(|o| o.path == c.path)
-            .collect();
-        let names = siblings
-            .iter()
-            .map(|o| o.id.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        if on {
-            settings.enable(&c.path);
-            return Ok(format!("enabled library `{}` ({names})", c.library));
-        }
-        settings.disable(DisabledLibrary {
-            path: c.path.clone(),
-            name: c.library.clone(),
-            components: siblings
-                .iter()
-                .map(|o| ListedComponent {
-                    kind: o.kind.name().into(),
-                    id: o.id.clone(),
-                    version: o.version.clone(),
-                    description: o.description.clone(),
-                })
-                .collect(),
-        });
-        Ok(format!(
-            "disabled library `{}` ({names}): it is no longer loaded",
-            c.library
-        ))
+        set_enabled(&self.components, settings, id, on)
     }
 
     fn report_duplicates(&mut self) {
@@ -428,4 +403,48 @@ impl Registry {
             reason: format!("returned a component that is not a {kind}"),
         }
     }
+}
+
+/// [`Registry::set_enabled`] over components already listed (the GUI's).
+pub fn set_enabled(
+    components: &[ComponentInfo],
+    settings: &mut Settings,
+    id: &str,
+    on: bool,
+) -> Result<String, String> {
+    let Some(c) = components.iter().find(|c| c.id == id) else {
+        return Err(format!(
+            "no plugin offers a component `{id}` (see `ferrite plugins list`)"
+        ));
+    };
+    let siblings: Vec<&ComponentInfo> = components.iter().filter(|o| o.path == c.path).collect();
+    let names = siblings
+        .iter()
+        .map(|o| o.id.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    settings
+        .disabled_plugins
+        .retain(|d| !siblings.iter().any(|o| &o.id == d));
+    if on {
+        settings.enable(&c.path);
+        return Ok(format!("enabled library `{}` ({names})", c.library));
+    }
+    settings.disable(DisabledLibrary {
+        path: c.path.clone(),
+        name: c.library.clone(),
+        components: siblings
+            .iter()
+            .map(|o| ListedComponent {
+                kind: o.kind.name().into(),
+                id: o.id.clone(),
+                version: o.version.clone(),
+                description: o.description.clone(),
+            })
+            .collect(),
+    });
+    Ok(format!(
+        "disabled library `{}` ({names}): it is no longer loaded",
+        c.library
+    ))
 }

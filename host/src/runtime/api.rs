@@ -76,15 +76,17 @@ extern "C" fn retain(id: TensorId) -> RResult<TensorId, RString> {
 }
 
 extern "C" fn release(id: TensorId) {
-    let released = with_rt(|rt| Ok(rt.release(id)));
-    if let ROk(false) = released {
-        // A plugin (or the host) released a handle it did not hold: each holder has its own
-        // handle, so nothing else was dropped; say so, as it is a bug in the caller.
-        tracing::warn!(
-            "tensor handle {} released but not live (released twice?); ignored",
-            id.0
-        );
-    }
+    let _ = with_rt(|rt| {
+        if !rt.release(id) {
+            // A plugin (or the host) released a handle it did not hold: each holder has its own
+            // handle, so nothing else was dropped; say so, as it is a bug in the caller.
+            tracing::warn!(
+                "tensor handle {} released but not live (released twice?)",
+                id.0
+            );
+        }
+        Ok(())
+    });
 }
 
 extern "C" fn shape(id: TensorId) -> RResult<RVec<u64>, RString> {
@@ -161,9 +163,12 @@ extern "C" fn load_weight(file: u64, key: RStr<'_>, dtype: DType_NE) -> RResult<
 }
 
 extern "C" fn close_weights(file: u64) {
-    if let Some(m) = WEIGHTS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        m.remove(&file);
-    }
+    let _ = guarded(|| {
+        if let Some(m) = WEIGHTS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            m.remove(&file);
+        }
+        Ok(())
+    });
 }
 
 extern "C" fn save_safetensors(
@@ -201,20 +206,27 @@ extern "C" fn rng_release(id: u64) {
 
 extern "C" fn log(level: LogLevel_NE, target: RStr<'_>, msg: RStr<'_>) {
     let (t, m) = (target.as_str(), msg.as_str());
-    // A level from a newer plugin-api is logged as a warning rather than lost.
-    match level.as_enum() {
-        Ok(LogLevel::Error) => tracing::error!(plugin = t, "{m}"),
-        Ok(LogLevel::Info) => tracing::info!(plugin = t, "{m}"),
-        Ok(LogLevel::Debug) => tracing::debug!(plugin = t, "{m}"),
-        Ok(LogLevel::Trace) => tracing::trace!(plugin = t, "{m}"),
-        _ => tracing::warn!(plugin = t, "{m}"),
-    }
+    // A subscriber that panics must not unwind into the plugin.
+    let _ = guarded(|| {
+        // A level from a newer plugin-api is logged as a warning rather than lost.
+        match level.as_enum() {
+            Ok(LogLevel::Error) => tracing::error!(plugin = t, "{m}"),
+            Ok(LogLevel::Info) => tracing::info!(plugin = t, "{m}"),
+            Ok(LogLevel::Debug) => tracing::debug!(plugin = t, "{m}"),
+            Ok(LogLevel::Trace) => tracing::trace!(plugin = t, "{m}"),
+            _ => tracing::warn!(plugin = t, "{m}"),
+        }
+        Ok(())
+    });
 }
 
 extern "C" fn device() -> RString {
-    lock()
-        .as_ref()
-        .map_or_else(|| "none".into(), |rt| rt.device_name().into())
+    guarded(|| {
+        Ok(lock()
+            .as_ref()
+            .map_or_else(|| "none".into(), |rt| rt.device_name().into()))
+    })
+    .unwrap_or_else(|e| e)
 }
 
 extern "C" fn cancelled() -> bool {

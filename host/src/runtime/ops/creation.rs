@@ -9,10 +9,15 @@ use super::{RtResult, TensorTable, Tracking, Value, one};
 use crate::runtime::table::float_dtype;
 
 impl<B: Tracking> TensorTable<B> {
-    pub(super) fn fill(&self, a: &op::Fill) -> RtResult<Vec<Value<B>>> {
-        let shape = Shape::from(a.shape.clone());
-        if a.dtype == DType::I64 || a.dtype == DType::I32 {
-            let data = TensorData::full(shape, a.value as i64);
+    pub(super) fn fill(
+        &self,
+        shape: &[usize],
+        value: f64,
+        dtype: DType,
+    ) -> RtResult<Vec<Value<B>>> {
+        let shape = Shape::from(shape.to_vec());
+        if dtype == DType::I64 || dtype == DType::I32 {
+            let data = TensorData::full(shape, value as i64);
             return Ok(vec![Value::Int(B::int_from_data(
                 data.convert_dtype(self.settings().int_dtype.into()),
                 &self.device,
@@ -20,9 +25,9 @@ impl<B: Tracking> TensorTable<B> {
         }
         one(B::float_full(
             shape,
-            Scalar::Float(a.value),
+            Scalar::Float(value),
             &self.device,
-            float_dtype(a.dtype)?,
+            float_dtype(dtype)?,
         ))
     }
 

@@ -98,12 +98,7 @@ impl<B: Tracking> TensorTable<B> {
                 B::sigmoid(B::float_mul_scalar(t, Scalar::Float(1.702))),
             ),
             Op::Relu(_) => B::relu(t),
-            other => {
-                return Err(format!(
-                    "op {} has no implementation in this host",
-                    other.code().name()
-                ));
-            }
+            other => return Err(format!("op {} is not a unary map", other.code().name())),
         })
     }
 

@@ -83,7 +83,10 @@ fn one<B: burn_backend::AutodiffBackend>(t: F<B>) -> RtResult<Vec<Value<B>>> {
 impl<B: Tracking> TensorTable<B> {
     /// Float input `i` (its count was checked against the op table).
     fn f(&self, ids: &[TensorId], i: usize) -> RtResult<F<B>> {
-        self.float(ids[i])
+        let id = ids
+            .get(i)
+            .ok_or_else(|| format!("missing tensor input {i}"))?;
+        self.float(*id)
     }
 
     /// Optional float input `i`.
@@ -98,7 +101,9 @@ impl<B: Tracking> TensorTable<B> {
     pub fn exec(&mut self, op: &Op, ids: &[TensorId]) -> RtResult<Vec<Value<B>>> {
         let name = op.code().name();
         match op {
-            Op::Zeros(a) | Op::Ones(a) | Op::Full(a) => self.fill(a),
+            Op::Zeros(a) => self.fill(&a.shape, 0.0, a.dtype),
+            Op::Ones(a) => self.fill(&a.shape, 1.0, a.dtype),
+            Op::Full(a) => self.fill(&a.shape, a.value, a.dtype),
             Op::Arange(a) => self.arange(a),
             Op::Randn(a) => self.random(name, a, true),
             Op::Rand(a) => self.random(name, a, false),
@@ -152,8 +157,19 @@ impl<B: Tracking> TensorTable<B> {
             Op::Backward(_) => self.backward(ids[0]),
             Op::Grad(_) => self.grad(ids),
             Op::Assign(_) => self.assign(ids),
-            // Unary float maps.
-            _ => {
+            Op::Neg(_)
+            | Op::Exp(_)
+            | Op::Log(_)
+            | Op::Sqrt(_)
+            | Op::Rsqrt(_)
+            | Op::Abs(_)
+            | Op::Sin(_)
+            | Op::Cos(_)
+            | Op::Tanh(_)
+            | Op::Sigmoid(_)
+            | Op::Silu(_)
+            | Op::QuickGelu(_)
+            | Op::Relu(_) => {
                 let t = self.f(ids, 0)?;
                 one(self.unary(op, t)?)
             }

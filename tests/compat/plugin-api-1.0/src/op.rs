@@ -193,6 +193,8 @@ macro_rules! op_args {
 op_args! {
     /// No attributes.
     NoArgs {}
+    /// Zeros or ones.
+    Shaped { shape: Vec<usize>, dtype: DType }
     /// A constant tensor.
     Fill { shape: Vec<usize>, value: f64, dtype: DType }
     Arange { start: i64, end: i64, step: usize, dtype: DType }
@@ -270,7 +272,7 @@ macro_rules! op_table {
         impl OpCode {
             $(pub const $konst: OpCode = OpCode($code);)*
 
-            /// All known ops, for error messages and benchmarks.
+            /// All known ops.
             pub const ALL: &'static [(OpCode, &'static str)] = &[$((OpCode($code), $name)),*];
 
             pub fn name(self) -> &'static str {
@@ -289,9 +291,9 @@ macro_rules! op_table {
             }
         }
 
-        /// An op with its attributes, as both sides see it.
+        /// An op with its attributes, as both sides see it. Exhaustive on purpose (it never
+        /// crosses the ABI as such): a new op does not compile in the host until it is run there.
         #[derive(Debug, Clone, PartialEq)]
-        #[non_exhaustive]
         pub enum Op {
             $($variant($args),)*
         }
@@ -335,8 +337,8 @@ macro_rules! op_table {
 }
 
 op_table! {
-    1 ZEROS Zeros "zeros" (0, 0, false) Fill;
-    2 ONES Ones "ones" (0, 0, false) Fill;
+    1 ZEROS Zeros "zeros" (0, 0, false) Shaped;
+    2 ONES Ones "ones" (0, 0, false) Shaped;
     3 FULL Full "full" (0, 0, false) Fill;
     4 ARANGE Arange "arange" (0, 0, false) Arange;
     5 RANDN Randn "randn" (0, 0, false) Random;

@@ -13,10 +13,9 @@ pub struct Tensor {
     id: TensorId,
 }
 
-fn fill(shape: &[usize], value: f64, dtype: DType) -> op::Fill {
-    op::Fill {
+fn shaped(shape: &[usize], dtype: DType) -> op::Shaped {
+    op::Shaped {
         shape: shape.to_vec(),
-        value,
         dtype,
     }
 }
@@ -57,15 +56,22 @@ impl Tensor {
     // ---- creation ----
 
     pub fn zeros(shape: &[usize], dtype: DType) -> Result<Tensor> {
-        call1(Op::Zeros(fill(shape, 0.0, dtype)), &[])
+        call1(Op::Zeros(shaped(shape, dtype)), &[])
     }
 
     pub fn ones(shape: &[usize], dtype: DType) -> Result<Tensor> {
-        call1(Op::Ones(fill(shape, 1.0, dtype)), &[])
+        call1(Op::Ones(shaped(shape, dtype)), &[])
     }
 
     pub fn full(shape: &[usize], value: f64, dtype: DType) -> Result<Tensor> {
-        call1(Op::Full(fill(shape, value, dtype)), &[])
+        call1(
+            Op::Full(op::Fill {
+                shape: shape.to_vec(),
+                value,
+                dtype,
+            }),
+            &[],
+        )
     }
 
     /// `start, start+step, ...` below `end`, as `dtype` (a float dtype or `I64`).
