@@ -187,9 +187,9 @@ fn main() -> Result<()> {
                 PluginsAction::Enable { ref id } | PluginsAction::Disable { ref id } => {
                     let on = matches!(action, PluginsAction::Enable { .. });
                     let registry = Registry::discover(&search_dirs(&settings), &settings);
-                    let said = registry
-                        .set_enabled(&mut settings, id, on)
-                        .map_err(anyhow::Error::msg)?;
+                    let said =
+                        ferrite::plugins::set_enabled(registry.components(), &mut settings, id, on)
+                            .map_err(anyhow::Error::msg)?;
                     settings.save(&settings_path).context("saving settings")?;
                     println!("{said}");
                 }

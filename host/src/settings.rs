@@ -101,7 +101,7 @@ impl Settings {
     }
 
     pub fn disable(&mut self, library: DisabledLibrary) {
-        self.enable(&library.path.clone());
+        self.enable(&library.path);
         self.disabled_plugins
             .retain(|id| !library.components.iter().any(|c| &c.id == id));
         self.disabled_libraries.push(library);

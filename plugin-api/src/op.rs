@@ -5,7 +5,7 @@
 
 use abi_stable::std_types::RVec;
 
-use crate::abi::{Attr, Attr_NE, DType, OpCode, known};
+use crate::abi::{Attr, Attr_NE, DType, OpCode, known_ref};
 
 /// One attribute's Rust type and its ABI form.
 pub trait AttrValue: Sized {
@@ -149,11 +149,12 @@ attr_names!(
 /// Attributes of one kind of op, in ABI order.
 pub trait OpArgs: Sized {
     fn encode(&self, out: &mut Vec<Attr>);
-    fn decode(op: &str, attrs: &[Attr]) -> Result<Self, String>;
+    fn decode(op: &str, attrs: &[&Attr]) -> Result<Self, String>;
 }
 
-fn attr<T: AttrValue>(op: &str, field: &str, i: usize, attrs: &[Attr]) -> Result<T, String> {
-    T::from_attr(attrs.get(i)).ok_or_else(|| match attrs.get(i) {
+fn attr<T: AttrValue>(op: &str, field: &str, i: usize, attrs: &[&Attr]) -> Result<T, String> {
+    let a = attrs.get(i).copied();
+    T::from_attr(a).ok_or_else(|| match a {
         None => format!("op {op}: attribute `{field}` is missing"),
         Some(got) => format!(
             "op {op}: attribute `{field}` should be {}, got {got:?}",
@@ -174,7 +175,7 @@ macro_rules! op_args {
                     $(_out.push(self.$field.to_attr());)*
                 }
                 #[allow(unused_mut, unused_variables)]
-                fn decode(op: &str, attrs: &[Attr]) -> Result<Self, String> {
+                fn decode(op: &str, attrs: &[&Attr]) -> Result<Self, String> {
                     let mut i = 0;
                     let v = $name { $($field: { i += 1; attr(op, stringify!($field), i - 1, attrs)? }),* };
                     if attrs.len() > i {
@@ -272,8 +273,6 @@ macro_rules! op_table {
         impl OpCode {
             $(pub const $konst: OpCode = OpCode($code);)*
 
-            /// All known ops.
-            pub const ALL: &'static [(OpCode, &'static str)] = &[$((OpCode($code), $name)),*];
 
             pub fn name(self) -> &'static str {
                 match self.0 {
@@ -323,10 +322,11 @@ macro_rules! op_table {
                     ));
                 };
                 inputs.check(code.name(), n_inputs)?;
+                // Borrowed, not copied: attributes can hold uploads (`from_f32`).
                 let attrs = attrs
                     .iter()
-                    .map(|a| known("op attribute", a))
-                    .collect::<Result<Vec<Attr>, String>>()?;
+                    .map(|a| known_ref("op attribute", a))
+                    .collect::<Result<Vec<&Attr>, String>>()?;
                 Ok(match code.0 {
                     $($code => Op::$variant($args::decode($name, &attrs)?),)*
                     _ => unreachable!("inputs() knows exactly the codes matched here"),

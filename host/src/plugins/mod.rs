@@ -224,17 +224,6 @@ impl Registry {
         }
     }
 
-    /// Turns the library offering component `id` off (it is not loaded from then on) or back on;
-    /// says what changed. Takes effect at the next discovery.
-    pub fn set_enabled(
-        &self,
-        settings: &mut Settings,
-        id: &str,
-        on: bool,
-    ) -> Result<String, String> {
-        set_enabled(&self.components, settings, id, on)
-    }
-
     fn report_duplicates(&mut self) {
         let mut by_id: HashMap<(ComponentKind, &str), Vec<&PathBuf>> = HashMap::new();
         for c in &self.components {
@@ -405,7 +394,9 @@ impl Registry {
     }
 }
 
-/// [`Registry::set_enabled`] over components already listed (the GUI's).
+/// Turns the library offering component `id` (one of `components`, as a registry lists them)
+/// off — it is not loaded from then on — or back on; says what changed. Takes effect at the next
+/// discovery.
 pub fn set_enabled(
     components: &[ComponentInfo],
     settings: &mut Settings,

@@ -8,6 +8,16 @@ use rand_distr::StandardNormal;
 use super::{RtResult, TensorTable, Tracking, Value, one};
 use crate::runtime::table::float_dtype;
 
+/// Uploaded values must fill the shape exactly.
+fn check_fill(op: &str, values: usize, shape: &[usize]) -> RtResult<()> {
+    if values != shape.iter().product::<usize>() {
+        return Err(format!(
+            "op {op}: {values} values do not fill shape {shape:?}"
+        ));
+    }
+    Ok(())
+}
+
 impl<B: Tracking> TensorTable<B> {
     pub(super) fn fill(
         &self,
@@ -75,13 +85,7 @@ impl<B: Tracking> TensorTable<B> {
     }
 
     pub(super) fn upload_f32(&self, a: &op::FromF32) -> RtResult<Vec<Value<B>>> {
-        if a.data.len() != a.shape.iter().product::<usize>() {
-            return Err(format!(
-                "op from_f32: {} values do not fill shape {:?}",
-                a.data.len(),
-                a.shape
-            ));
-        }
+        check_fill("from_f32", a.data.len(), &a.shape)?;
         one(B::float_from_data(
             TensorData::new(a.data.clone(), a.shape.clone()),
             &self.device,
@@ -89,13 +93,7 @@ impl<B: Tracking> TensorTable<B> {
     }
 
     pub(super) fn upload_i64(&self, a: &op::FromI64) -> RtResult<Vec<Value<B>>> {
-        if a.data.len() != a.shape.iter().product::<usize>() {
-            return Err(format!(
-                "op from_i64: {} values do not fill shape {:?}",
-                a.data.len(),
-                a.shape
-            ));
-        }
+        check_fill("from_i64", a.data.len(), &a.shape)?;
         let td = TensorData::new(a.data.clone(), a.shape.clone())
             .convert_dtype(self.settings().int_dtype.into());
         Ok(vec![Value::Int(B::int_from_data(td, &self.device))])

@@ -16,30 +16,29 @@ use abi_stable::{
 /// refused by hosts of another major ("built for ABI N, this host speaks M").
 pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// A value of a non-exhaustive ABI enum that this side does not know (sent by a peer built
-/// against a newer `plugin-api`): an error naming the enum and the discriminant.
-pub fn unknown_variant<E: abi_stable::nonexhaustive_enum::GetEnumInfo>(
-    what: &str,
-    discriminant: E::Discriminant,
-) -> String
+/// A non-exhaustive ABI enum's value, or an error naming the variant this side does not know
+/// (sent by a peer built against a newer `plugin-api`).
+pub fn known_ref<'a, E, S, I>(what: &str, v: &'a NonExhaustive<E, S, I>) -> Result<&'a E, String>
 where
+    E: abi_stable::nonexhaustive_enum::GetEnumInfo,
     E::Discriminant: std::fmt::Debug,
 {
-    format!(
-        "unknown {what} #{discriminant:?} (sent by a peer built against a newer plugin-api than \
-         this side's {ABI_VERSION}): update this side"
-    )
+    v.as_enum().map_err(|_| {
+        format!(
+            "unknown {what} #{:?} (sent by a peer built against a newer plugin-api than this \
+             side's {ABI_VERSION}): update this side",
+            v.get_discriminant()
+        )
+    })
 }
 
-/// Unwraps a non-exhaustive ABI enum, or says which variant this side does not know.
+/// [`known_ref`], copied out.
 pub fn known<E, S, I>(what: &str, v: &NonExhaustive<E, S, I>) -> Result<E, String>
 where
     E: abi_stable::nonexhaustive_enum::GetEnumInfo + Clone,
     E::Discriminant: std::fmt::Debug,
 {
-    v.as_enum()
-        .cloned()
-        .map_err(|_| unknown_variant::<E>(what, v.get_discriminant()))
+    known_ref(what, v).cloned()
 }
 
 /// An opaque handle to a tensor owned by the host.
