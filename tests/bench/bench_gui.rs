@@ -40,10 +40,10 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(20.0);
     let dir = tempfile::tempdir()?;
     let root = dir.path();
-    let presets = ferrite::train::config::presets_dir();
+    let presets = ferrite::config::presets_dir();
     ferrite::train::demo::build_model(&presets.join("demo-model"), &root.join("model"), 0)?;
     ferrite::train::demo::build_dataset(&root.join("data"), 16, 4, 0)?;
-    let mut config = ferrite::train::config::TrainConfig::load_unchecked(None, Some("demo"), &[])?;
+    let mut config = ferrite::config::TrainConfig::load_unchecked(None, Some("demo"), &[])?;
     config.sample_after = 2.0;
     let path = root.join("demo.toml");
     std::fs::write(&path, config.to_toml())?;

@@ -9,9 +9,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use ferrite::config::TrainConfig;
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
-use ferrite::train::config::TrainConfig;
 use ferrite::train::trainer::{Event, Trainer};
 
 /// Steps left out of the figures while caches and allocators warm up.
@@ -65,7 +65,7 @@ path = "photos"
     let mut t = Trainer::new(config, root, registry)?;
     let (mut times, mut waits) = (Vec::new(), Vec::new());
     let mut last = std::time::Instant::now();
-    ferrite::runtime::reset_cancel();
+    let cancel = t.controls().cancel.clone();
     t.run(|e| {
         if let Event::Step {
             step, data_wait, ..
@@ -75,11 +75,10 @@ path = "photos"
             waits.push(data_wait);
             last = std::time::Instant::now();
             if step as usize == steps {
-                ferrite::runtime::cancel();
+                cancel.cancel();
             }
         }
     })?;
-    ferrite::runtime::reset_cancel();
     let n = (times.len() - WARMUP) as u32;
     let mean = |v: &[Duration]| v[WARMUP..].iter().sum::<Duration>() / n;
     Ok((mean(&times), mean(&waits)))

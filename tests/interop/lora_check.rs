@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use ferrite::adapters::{self, AdapterOptions, ModelLayers, formats::Format, select};
+use ferrite::adapters::{AdapterOptions, ModelLayers, formats::Format, select};
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
 use ferrite_plugin_api::{DType, Generator, Tensor, Weights};
@@ -23,7 +23,11 @@ fn main() -> anyhow::Result<()> {
     let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
     let options = serde_json::json!({ "model": fixtures.join("pipeline/model") });
     let arch = registry.architecture("sd15", &options.to_string())?;
-    let model = ModelLayers::of(&arch)?;
+    let model = std::sync::Arc::new(ModelLayers::of(&arch)?);
+    let device = ferrite::runtime::Device::current().expect("runtime::init above");
+    let _scope = ferrite::runtime::Scope::new(device)
+        .with_adapters(model.clone())
+        .enter();
     let inputs = Weights::open(
         &fixtures
             .join("adapters/inputs.safetensors")
@@ -32,7 +36,7 @@ fn main() -> anyhow::Result<()> {
     let get = |k: &str| inputs.get(k, DType::F32);
 
     for (name, dora) in [("lora", false), ("dora", true)] {
-        adapters::clear();
+        model.clear();
         let layers = select::select(
             &model.layers,
             &select::LayerFilter::new("full", "", false)?,
@@ -45,10 +49,10 @@ fn main() -> anyhow::Result<()> {
             seed: 1,
             ..Default::default()
         };
-        let summary = adapters::create(&registry, &model, &layers, &opts)?;
+        let summary = model.create(&registry, &layers, &opts)?;
         // A fresh LoRA is the identity: give lora_up (and DoRA's magnitude) values.
         let rng = Generator::new(5)?;
-        for (k, t) in adapters::parameters()? {
+        for (k, t) in model.parameters()? {
             if k.ends_with("lora_up.weight") {
                 t.assign(&Tensor::randn(&t.shape()?, &rng)?.mul_scalar(0.05)?)?;
             } else if k.ends_with("dora_scale") {
@@ -75,7 +79,7 @@ fn main() -> anyhow::Result<()> {
         )?;
         for format in [Format::Kohya, Format::Diffusers] {
             let file = out.join(format!("{name}_{format:?}.safetensors").to_lowercase());
-            adapters::save(&file, format, "sd_v1", &[])?;
+            model.save(&file, format, "sd_v1", &[])?;
             println!(
                 "{}: {} layers, {} values",
                 file.display(),
@@ -84,6 +88,6 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    adapters::clear();
+    model.clear();
     Ok(())
 }

@@ -1,41 +1,42 @@
 //! Adapters on the tiny SD 1.x UNet (fixtures from tests/fixtures/gen/adapters.py): the same LoRA
 //! and DoRA weights applied by peft and by Ferrite give the same UNet output, LoHa matches
 //! LyCORIS's formula; merging equals running the adapter; every file format round-trips; files
-//! in foreign naming styles load; bad files fail clearly. The attached adapters are process-wide,
-//! so the tests here take turns.
+//! in foreign naming styles load; bad files fail clearly. Each test loads its own model, whose
+//! adapters are its own, so the tests run in parallel.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
 
-use ferrite::adapters::{self, AdapterOptions, ModelLayers, formats::Format, select};
+use ferrite::adapters::{AdapterOptions, ModelLayers, formats::Format, select};
 use ferrite::plugins::Registry;
+use ferrite::runtime::{Device, Entered, Scope};
 use ferrite::settings::Settings;
 use ferrite_plugin_api::{DType, Tensor, Weights, plugin::ArchitectureHandle};
 use ferrite_tests::max_abs_diff;
-
-static TURN: Mutex<()> = Mutex::new(());
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
 struct Setup {
-    _turn: MutexGuard<'static, ()>,
     registry: Registry,
     arch: ArchitectureHandle,
-    model: ModelLayers,
+    /// Each test's own model with its own adapters (tests run in parallel), in the scope its
+    /// denoising runs in.
+    model: Arc<ModelLayers>,
     inputs: Weights,
+    _scope: Entered,
 }
 
 impl Setup {
     fn new() -> Self {
-        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         ferrite::runtime::init("cpu").unwrap();
-        adapters::clear();
         let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
         let options = serde_json::json!({ "model": fixtures().join("pipeline/model") });
         let arch = registry.architecture("sd15", &options.to_string()).unwrap();
-        let model = ModelLayers::of(&arch).unwrap();
+        let model = Arc::new(ModelLayers::of(&arch).unwrap());
+        let device = Device::current().unwrap();
+        let scope = Scope::new(device).with_adapters(model.clone()).enter();
         let inputs = Weights::open(
             fixtures()
                 .join("adapters/inputs.safetensors")
@@ -44,11 +45,11 @@ impl Setup {
         )
         .unwrap();
         Self {
-            _turn: turn,
             registry,
             arch,
             model,
             inputs,
+            _scope: scope,
         }
     }
 
@@ -67,7 +68,7 @@ impl Setup {
     }
 
     fn load(&self, file: &Path) -> usize {
-        adapters::load(&self.registry, &self.model, file, 1.0).unwrap()
+        self.model.load(&self.registry, file, 1.0).unwrap()
     }
 }
 
@@ -87,14 +88,14 @@ fn peft_lora_and_dora_and_lycoris_loha_give_the_reference_output() {
         ("dora_peft.safetensors", "dora"),
         ("loha_lycoris.safetensors", "loha"),
     ] {
-        adapters::clear();
+        s.model.clear();
         let n = s.load(&adapter_file(file));
         let d = max_abs_diff(&s.unet(), &s.get(expected));
         println!("{file}: {n} layers, UNet output max abs diff {d:.2e} against {expected}");
         assert!(n >= 20, "{file}: {n} layers");
         assert!(d < 1e-4, "{file}: max abs diff {d}");
     }
-    adapters::clear();
+    s.model.clear();
     assert!(
         max_abs_diff(&s.unet(), &base) == 0.0,
         "cleared adapters leave nothing behind"
@@ -110,19 +111,19 @@ fn merging_equals_running_the_adapter_and_unmerging_restores() {
         "dora_peft.safetensors",
         "loha_lycoris.safetensors",
     ] {
-        adapters::clear();
+        s.model.clear();
         s.load(&adapter_file(file));
         let adapted = s.unet();
-        adapters::merge(&s.model).unwrap();
+        s.model.merge().unwrap();
         let merged = s.unet();
-        adapters::unmerge().unwrap();
+        s.model.unmerge().unwrap();
         let restored = s.unet();
         let (dm, du) = (
             max_abs_diff(&merged, &adapted),
             max_abs_diff(&restored, &adapted),
         );
         let db = {
-            adapters::clear();
+            s.model.clear();
             max_abs_diff(&s.unet(), &base)
         };
         println!("{file}: merged vs adapter {dm:.2e}, unmerged vs adapter {du:.2e}, base {db:.2e}");
@@ -147,28 +148,28 @@ fn every_format_round_trips() {
         "loha_lycoris.safetensors",
     ] {
         for format in [Format::Kohya, Format::Comfy, Format::Diffusers] {
-            adapters::clear();
+            s.model.clear();
             s.load(&adapter_file(file));
-            let before = values(adapters::parameters().unwrap());
+            let before = values(s.model.parameters().unwrap());
             let out = s.unet();
             let path = dir.path().join(format!("{format:?}-{file}"));
-            let saved = adapters::save(&path, format, "sd_v1", &[]);
+            let saved = s.model.save(&path, format, "sd_v1", &[]);
             if file.starts_with("loha") && format == Format::Diffusers {
                 let e = saved.unwrap_err().to_string();
                 assert!(e.contains("no diffusers/PEFT format"), "{e}");
                 continue;
             }
             saved.unwrap();
-            adapters::clear();
+            s.model.clear();
             s.load(&path);
-            let after = values(adapters::parameters().unwrap());
+            let after = values(s.model.parameters().unwrap());
             let d = max_abs_diff(&s.unet(), &out);
             println!("{file} as {format:?}: output after the round trip differs by {d:.2e}");
             assert!(d < 1e-5, "{file} as {format:?}");
             if format == Format::Diffusers {
                 // alpha is folded into lora_B: the same file comes back out.
                 let again = dir.path().join("again.safetensors");
-                adapters::save(&again, format, "sd_v1", &[]).unwrap();
+                s.model.save(&again, format, "sd_v1", &[]).unwrap();
                 let (a, b) = (
                     Weights::open(path.to_str().unwrap()).unwrap(),
                     Weights::open(again.to_str().unwrap()).unwrap(),
@@ -226,7 +227,7 @@ fn fresh_adapters_start_as_the_base_model_and_count_what_they_add() {
     let layers = select::select(&s.model.layers, &filter, false);
     assert!(layers.iter().all(|l| l.name.contains("attn")));
     for (kind, dora) in [("lora", false), ("lora", true), ("loha", false)] {
-        adapters::clear();
+        s.model.clear();
         let opts = AdapterOptions {
             kind: kind.into(),
             rank: 4,
@@ -234,7 +235,7 @@ fn fresh_adapters_start_as_the_base_model_and_count_what_they_add() {
             dora,
             ..Default::default()
         };
-        let summary = adapters::create(&s.registry, &s.model, &layers, &opts).unwrap();
+        let summary = s.model.create(&s.registry, &layers, &opts).unwrap();
         assert_eq!(summary.layers, layers.len());
         let per_layer: usize = layers
             .iter()
@@ -251,7 +252,7 @@ fn fresh_adapters_start_as_the_base_model_and_count_what_they_add() {
         println!("fresh {kind} (dora {dora}): {summary:?}, output change {d:.1e}");
         assert!(d < 1e-5, "{kind}: a fresh adapter changes nothing");
     }
-    adapters::clear();
+    s.model.clear();
 }
 
 #[test]
@@ -273,7 +274,9 @@ fn bad_adapter_files_fail_clearly() {
             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
         ],
     );
-    let e = adapters::load(&s.registry, &s.model, &sdxl, 1.0)
+    let e = s
+        .model
+        .load(&s.registry, &sdxl, 1.0)
         .unwrap_err()
         .to_string();
     assert!(
@@ -284,11 +287,13 @@ fn bad_adapter_files_fail_clearly() {
     );
     let corrupt = dir.path().join("corrupt.safetensors");
     std::fs::write(&corrupt, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
-    let e = adapters::load(&s.registry, &s.model, &corrupt, 1.0)
+    let e = s
+        .model
+        .load(&s.registry, &corrupt, 1.0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("corrupt.safetensors"), "{e}");
-    assert!(adapters::summary().unwrap().layers == 0, "nothing attached");
+    assert!(s.model.summary().unwrap().layers == 0, "nothing attached");
 
     // Resuming a rank-4 file into rank-8 adapters.
     let filter = select::LayerFilter::new(
@@ -302,23 +307,27 @@ fn bad_adapter_files_fail_clearly() {
         rank: 8,
         ..Default::default()
     };
-    adapters::create(&s.registry, &s.model, &layers, &opts).unwrap();
-    let e = adapters::resume(&s.model, &adapter_file("lora_kohya.safetensors"))
+    s.model.create(&s.registry, &layers, &opts).unwrap();
+    let e = s
+        .model
+        .resume(&adapter_file("lora_kohya.safetensors"))
         .unwrap_err()
         .to_string();
     assert!(
         e.contains("lora_kohya.safetensors") && e.contains("different rank"),
         "{e}"
     );
-    adapters::clear();
+    s.model.clear();
     // The same rank resumes.
     let opts = AdapterOptions {
         rank: 4,
         ..Default::default()
     };
-    adapters::create(&s.registry, &s.model, &layers, &opts).unwrap();
-    adapters::resume(&s.model, &adapter_file("lora_kohya.safetensors")).unwrap();
+    s.model.create(&s.registry, &layers, &opts).unwrap();
+    s.model
+        .resume(&adapter_file("lora_kohya.safetensors"))
+        .unwrap();
     let d = max_abs_diff(&s.unet(), &s.get("lora"));
     assert!(d < 1e-4, "resumed LoRA gives the reference output ({d})");
-    adapters::clear();
+    s.model.clear();
 }

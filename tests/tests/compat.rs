@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ferrite::config::TrainConfig;
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
-use ferrite::train::config::TrainConfig;
 use ferrite::train::trainer::{Event, Trainer};
 use ferrite_plugin_api::ComponentKind;
 use ferrite_tests::{dylib_name, profile_dir, toy_dataset};

@@ -2,9 +2,9 @@
 //! a seeded random start, on generated coloured shapes) lowers the loss clearly, and its samples
 //! for "red" prompts are redder than for "blue" prompts (same seed otherwise).
 
+use ferrite::config::{TrainConfig, presets_dir};
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
-use ferrite::train::config::{TrainConfig, presets_dir};
 use ferrite::train::demo;
 use ferrite::train::trainer::{Event, Trainer};
 

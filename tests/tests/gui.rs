@@ -13,7 +13,8 @@ use ferrite::gui::egui::accesskit::Role;
 use ferrite::gui::egui::{Key, Modifiers, ViewportEvent, ViewportId};
 use ferrite::gui::{App, AppOptions, Phase};
 
-/// The trainer's cancel flag and adapters are process-wide: one run at a time.
+/// Failpoints (the failed-run test makes every trainer step panic) are process-wide: one run at
+/// a time.
 static TURN: Mutex<()> = Mutex::new(());
 
 fn app(dir: &Path) -> Harness<'static, App> {
@@ -78,7 +79,7 @@ fn a_demo_run_from_the_gui_samples_pauses_resumes_and_stops() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let presets = ferrite::train::config::presets_dir();
+    let presets = ferrite::config::presets_dir();
     ferrite::train::demo::build_model(&presets.join("demo-model"), &root.join("model"), 0).unwrap();
     ferrite::train::demo::build_dataset(&root.join("shapes"), 16, 2, 0).unwrap();
     let mut h = app(root);
@@ -212,7 +213,7 @@ fn options_save_and_load_and_invalid_values_are_refused_at_start() {
     set_text(&mut h, "Batch size", "1");
     let c = &mut h.state_mut().config;
     c.base_model_name = "model".into();
-    c.concepts = vec![ferrite::train::config::ConceptConfig {
+    c.concepts = vec![ferrite::config::ConceptConfig {
         path: "images".into(),
         ..Default::default()
     }];
@@ -234,7 +235,7 @@ fn a_panic_in_the_trainer_shows_as_a_failed_run() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let presets = ferrite::train::config::presets_dir();
+    let presets = ferrite::config::presets_dir();
     ferrite::train::demo::build_model(&presets.join("demo-model"), &root.join("model"), 0).unwrap();
     // The preset's concept folder, beside the config file.
     ferrite::train::demo::build_dataset(&root.join("data"), 16, 1, 0).unwrap();

@@ -7,9 +7,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use ferrite::config::{ConceptConfig, TrainConfig};
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
-use ferrite::train::config::{ConceptConfig, TrainConfig};
 use ferrite::train::trainer::Trainer;
 use ferrite_tests::profile_dir;
 

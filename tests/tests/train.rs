@@ -1,18 +1,17 @@
 //! Training end to end on the tiny SD 1.x pipeline (tests/fixtures/pipeline) with a generated toy
 //! dataset: a LoRA run stopped and resumed from its backup repeats the uninterrupted run exactly
-//! (per-step losses and final weights, bitwise), and the loss goes down.
+//! (per-step losses and final weights, bitwise), and the loss goes down. Runs share nothing
+//! process-wide: the tests here train at the same time.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Barrier;
 
+use ferrite::config::TrainConfig;
 use ferrite::plugins::Registry;
+use ferrite::runtime::Device;
 use ferrite::settings::Settings;
-use ferrite::train::config::TrainConfig;
 use ferrite::train::trainer::{Event, Trainer};
 use ferrite_tests::toy_dataset;
-
-/// Adapters and the cancellation flag are process-wide: runs take turns.
-static TURN: Mutex<()> = Mutex::new(());
 
 fn config(root: &Path, workspace: &str) -> TrainConfig {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
@@ -57,19 +56,27 @@ struct Run {
 
 /// Trains with `config`; cancels after `stop_at` steps when given.
 fn run(config: TrainConfig, root: &Path, stop_at: Option<u64>) -> Run {
-    let mut t = Trainer::new(config, root, registry()).unwrap();
+    let t = Trainer::new(config, root, registry()).unwrap();
+    run_trainer(t, stop_at, None)
+}
+
+/// Runs `t`; cancels after `stop_at` steps when given, and waits at step 1 for the other runs
+/// sharing `meet` (so that they are surely training at the same time).
+fn run_trainer(mut t: Trainer, stop_at: Option<u64>, meet: Option<&Barrier>) -> Run {
     let mut losses = Vec::new();
-    ferrite::runtime::reset_cancel();
+    let cancel = t.controls().cancel.clone();
     t.run(|e| {
         if let Event::Step { step, loss, .. } = e {
             losses.push((step, loss));
+            if let (1, Some(m)) = (step, meet) {
+                m.wait();
+            }
             if Some(step) == stop_at {
-                ferrite::runtime::cancel();
+                cancel.cancel();
             }
         }
     })
     .unwrap();
-    ferrite::runtime::reset_cancel();
     let weights = t
         .trainable()
         .into_iter()
@@ -82,11 +89,58 @@ fn run(config: TrainConfig, root: &Path, stop_at: Option<u64>) -> Run {
     }
 }
 
-fn setup() -> (std::sync::MutexGuard<'static, ()>, tempfile::TempDir) {
-    let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+fn setup() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
     toy_dataset(&root.path().join("images"));
-    (turn, root)
+    root
+}
+
+/// Two runs on two runtimes of their own, in two threads at once: each ends exactly as it does
+/// alone (losses and weights bitwise), and stopping one leaves the other running. Each has
+/// LoRA dropout, so each runtime's generator is its own too.
+#[test]
+fn two_models_train_on_two_runtimes_at_the_same_time() {
+    let root = setup();
+    let root = root.path();
+    let config = |name: &str, seed: u64| {
+        let mut c = config(root, name);
+        c.seed = seed;
+        c.lora_dropout = 0.1;
+        c
+    };
+    let on = |device: &Device, c: TrainConfig| {
+        Trainer::on(device.clone(), Default::default(), c, root, registry()).unwrap()
+    };
+    let (a, _) = Device::open("cpu").unwrap();
+    let (b, _) = Device::open("cpu").unwrap();
+    assert!(!a.same(&b), "two runtimes");
+    let alone_a = run_trainer(on(&a, config("alone-a", 1)), None, None);
+    let alone_b = run_trainer(on(&b, config("alone-b", 2)), None, None);
+    assert_ne!(alone_a.losses, alone_b.losses, "two different runs");
+    let (a_live, b_live) = (a.live(), b.live());
+
+    // Together: B is stopped after 2 steps; A goes on to the end.
+    let meet = Barrier::new(2);
+    let (together_a, together_b) = std::thread::scope(|s| {
+        let ta = s.spawn(|| run_trainer(on(&a, config("both-a", 1)), None, Some(&meet)));
+        let tb = s.spawn(|| run_trainer(on(&b, config("both-b", 2)), Some(2), Some(&meet)));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    assert_eq!(together_a.losses, alone_a.losses, "run A, bitwise");
+    assert_eq!(
+        together_a.weights, alone_a.weights,
+        "run A's weights, bitwise"
+    );
+    assert_eq!(
+        together_b.losses,
+        alone_b.losses[..2],
+        "run B until its stop"
+    );
+    assert_eq!(
+        (a.live(), b.live()),
+        (a_live, b_live),
+        "each run released its tensors on its own runtime"
+    );
 }
 
 #[test]
@@ -106,7 +160,7 @@ fn a_resumed_run_with_ema_and_lora_dropout_repeats_the_uninterrupted_one_exactly
 }
 
 fn resume_is_exact(ema: bool, dropout: f64) {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let config = |root: &Path, name: &str| {
         let mut c = config(root, name);
@@ -190,7 +244,7 @@ fn resume_is_exact(ema: bool, dropout: f64) {
 
 #[test]
 fn bad_data_is_reported_once_per_file_and_training_goes_on() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let images = root.join("images");
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
@@ -263,7 +317,7 @@ fn bad_data_is_reported_once_per_file_and_training_goes_on() {
 
 #[test]
 fn lora_training_lowers_the_loss() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let mut c = config(root, "long");
     c.epochs = 40;
@@ -277,7 +331,7 @@ fn lora_training_lowers_the_loss() {
 
 #[test]
 fn validation_loss_is_repeatable_and_falls_as_the_lora_learns() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let mut c = config(root, "val");
     c.epochs = 20;
@@ -323,7 +377,7 @@ fn validation_loss_is_repeatable_and_falls_as_the_lora_learns() {
 
 #[test]
 fn masked_training_only_learns_where_the_mask_is() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let images = root.join("images");
     for i in 0..6 {
@@ -366,7 +420,7 @@ fn masked_training_only_learns_where_the_mask_is() {
 
 #[test]
 fn the_caches_encode_each_image_and_caption_once_and_a_changed_one_again() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let cached = |root: &Path, clear: bool| {
         let mut c = config(root, "cached");
@@ -432,7 +486,7 @@ fn the_caches_encode_each_image_and_caption_once_and_a_changed_one_again() {
 /// adapters), not ~0 as when the "base" prediction still ran through the adapter.
 #[test]
 fn prior_images_are_trained_towards_the_model_without_its_adapter() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let mut c = config(root, "prior");
     c.batch_size = 1;
@@ -448,7 +502,7 @@ fn prior_images_are_trained_towards_the_model_without_its_adapter() {
         .find(|&k| t.probe(1, k).unwrap().loaded.prior[0])
         .unwrap();
     let adapted = t.probe(1, k).unwrap();
-    ferrite::adapters::clear();
+    t.model().clear();
     let base = t.probe(1, k).unwrap().prediction;
     let want = adapted
         .prediction
@@ -476,7 +530,7 @@ fn prior_images_are_trained_towards_the_model_without_its_adapter() {
 /// (the default keeps the cache); an edited caption re-encodes that caption only.
 #[test]
 fn a_second_run_with_another_seed_reuses_the_cache() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let cached = |name: &str, seed: u64| {
         let mut c = config(root, name);
@@ -501,7 +555,7 @@ fn a_second_run_with_another_seed_reuses_the_cache() {
 /// is replaced.
 #[test]
 fn the_output_never_replaces_what_ferrite_did_not_write() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let folder_config = |dest: &str| {
         let mut c = config(root, "dest");
@@ -549,7 +603,7 @@ fn the_output_never_replaces_what_ferrite_did_not_write() {
 /// key, instead of failing when the adapters are made.
 #[test]
 fn adapter_options_are_checked_against_the_plugins_schema() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     for (key, change) in [
         (
@@ -578,7 +632,7 @@ fn adapter_options_are_checked_against_the_plugins_schema() {
 
 #[test]
 fn loss_options_change_the_loss_as_they_should() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let first = |name: &str, change: &dyn Fn(&mut TrainConfig)| {
         let mut c = config(root, name);
@@ -603,7 +657,7 @@ fn loss_options_change_the_loss_as_they_should() {
 
 #[test]
 fn loader_threads_do_not_change_the_run() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     for caching in [false, true] {
         let losses = |threads: usize| {
@@ -644,7 +698,7 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn ema_in_host_memory_matches_ema_on_the_device() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let saved = |mode: &str| {
         let mut c = config(root, mode);
@@ -669,7 +723,7 @@ fn ema_in_host_memory_matches_ema_on_the_device() {
 
 #[test]
 fn a_part_stops_after_its_limit_and_always_and_timed_units_fire() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let mut c = config(root, "limits");
     c.epochs = 10;
@@ -697,7 +751,7 @@ fn a_part_stops_after_its_limit_and_always_and_timed_units_fire() {
 
 #[test]
 fn a_fine_tune_saves_one_original_layout_file_that_loads_as_the_trained_model() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let mut c = config(root, "ft");
     c.training_method = "fine_tune".into();
@@ -750,7 +804,7 @@ fn a_fine_tune_saves_one_original_layout_file_that_loads_as_the_trained_model() 
 
 #[test]
 fn a_forced_prediction_type_trains_and_saves_as_that() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     let first = |name: &str, force_v: bool| {
         let mut c = config(root, name);
@@ -777,7 +831,7 @@ fn a_forced_prediction_type_trains_and_saves_as_that() {
 
 #[test]
 fn text_variations_are_the_captions_cached_per_image() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     for i in 0..6 {
         let p = root.join(format!("images/{i}.txt"));
@@ -803,7 +857,7 @@ fn text_variations_are_the_captions_cached_per_image() {
 /// forward, instead of loading moments onto other tensors.
 #[test]
 fn a_backup_with_optimizer_state_by_position_is_refused() {
-    let (_turn, root) = setup();
+    let root = setup();
     let root = root.path();
     run(config(root, "old"), root, Some(3));
     let file = root.join("old/backup/backup-000000003/unet-optimizer.safetensors");

@@ -1,0 +1,14 @@
+//! The engine: everything a run does above the tensor runtime — plugins, config, data, training,
+//! sampling and adapters. No windowing and no command line: the GUI and the `ferrite` binary
+//! drive it.
+
+pub mod adapters;
+pub mod config;
+pub mod data;
+pub mod plugins;
+pub mod sample;
+pub mod settings;
+pub mod train;
+
+pub use ferrite_runtime as runtime;
+pub use ferrite_runtime::fsutil;

@@ -1,0 +1,8 @@
+//! Training: the trainer and what it uses.
+
+pub mod cache;
+pub mod demo;
+pub mod loss;
+pub mod tensorboard;
+pub mod timesteps;
+pub mod trainer;

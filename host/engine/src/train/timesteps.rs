@@ -1,0 +1,183 @@
+//! Training timesteps drawn as OneTrainer draws them: between `min_noising_strength` and
+//! `max_noising_strength` of the schedule, from a continuous distribution (uniform, logit_normal,
+//! heavy_tail) or from weights over the timesteps (sigmoid, cos_map, inverted_parabola), shifted
+//! by `timestep_shift`.
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::TrainConfig;
+
+pub struct Timesteps {
+    kind: String,
+    /// The schedule's length.
+    n: usize,
+    lo: usize,
+    hi: usize,
+    weight: f64,
+    bias: f64,
+    shift: f64,
+    /// Discrete distributions: cumulative weights over lo..hi.
+    cumulative: Vec<f64>,
+}
+
+impl Timesteps {
+    pub fn new(c: &TrainConfig, n: usize) -> Self {
+        let lo = (c.min_noising_strength * n as f64) as usize;
+        let hi = ((c.max_noising_strength * n as f64) as usize).clamp(lo + 1, n);
+        let (weight, bias, shift) = (c.noising_weight, c.noising_bias, c.timestep_shift);
+        let count = hi - lo;
+        // Weights at evenly spaced points of [0, 1], moved by the inverse shift and scaled by
+        // its derivative (the width of a shifted bucket).
+        let x = |i: usize| i as f64 / (count.max(2) - 1) as f64;
+        let shifted = |x: f64| x / (shift - shift * x + x);
+        let derivative = |x: f64| shift / (shift + x - x * shift).powi(2);
+        let weights: Option<Vec<f64>> = match c.timestep_distribution.as_str() {
+            "cos_map" => Some(
+                (0..count)
+                    .map(|i| {
+                        let s = shifted(x(i));
+                        let pi = std::f64::consts::PI;
+                        2.0 / (pi - 2.0 * pi * s + 2.0 * pi * s * s) * derivative(x(i))
+                    })
+                    .collect(),
+            ),
+            "sigmoid" => Some(
+                (0..count)
+                    .map(|i| {
+                        // OneTrainer applies the shift twice here; kept for the same draws.
+                        let s = shifted(shifted(x(i)));
+                        derivative(x(i)) / (1.0 + (-weight * (s - (bias + 0.5))).exp())
+                    })
+                    .collect(),
+            ),
+            "inverted_parabola" => Some(
+                (0..count)
+                    .map(|i| {
+                        let s = shifted(x(i));
+                        (-weight * (s - (bias + 0.5)).powi(2) + 2.0).max(0.0) * derivative(x(i))
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let cumulative = weights
+            .map(|w| {
+                w.iter()
+                    .scan(0.0, |acc, v| {
+                        *acc += v;
+                        Some(*acc)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            kind: c.timestep_distribution.clone(),
+            n,
+            lo,
+            hi,
+            weight,
+            bias,
+            shift,
+            cumulative,
+        }
+    }
+
+    /// One timestep in `lo..hi`.
+    pub fn draw(&self, r: &mut ChaCha8Rng) -> usize {
+        let (lo, hi) = (self.lo, self.hi);
+        if let Some(&total) = self.cumulative.last() {
+            let u = r.random::<f64>() * total;
+            let i = self.cumulative.partition_point(|&c| c <= u);
+            return (lo + i).min(hi - 1);
+        }
+        let span = (hi - lo) as f64;
+        let t = match self.kind.as_str() {
+            "logit_normal" => {
+                let z: f64 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, r);
+                let normal = self.bias + (self.weight + 1.0) * z;
+                lo as f64 + span / (1.0 + (-normal).exp())
+            }
+            "heavy_tail" => {
+                let u: f64 = r.random();
+                let half_pi = std::f64::consts::FRAC_PI_2;
+                let u = 1.0 - u - self.weight * ((half_pi * u).cos().powi(2) - 1.0 + u);
+                lo as f64 + u * span
+            }
+            _ if self.shift == 1.0 => return r.random_range(lo..hi),
+            _ => lo as f64 + span * r.random::<f64>(),
+        };
+        let n = self.n as f64;
+        let t = n * self.shift * t / ((self.shift - 1.0) * t + n);
+        (t.max(0.0) as usize).clamp(lo, hi - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn histogram(kind: &str, change: impl Fn(&mut TrainConfig)) -> [usize; 4] {
+        let mut c = TrainConfig {
+            timestep_distribution: kind.into(),
+            ..TrainConfig::default()
+        };
+        change(&mut c);
+        let t = Timesteps::new(&c, 1000);
+        let mut r = crate::data::rng(0, 0, 0);
+        let mut h = [0; 4];
+        for _ in 0..4000 {
+            let s = t.draw(&mut r);
+            assert!(s < 1000);
+            h[s / 250] += 1;
+        }
+        h
+    }
+
+    #[test]
+    fn distributions_put_their_weight_where_they_should() {
+        let flat = histogram("uniform", |_| {});
+        assert!(flat.iter().all(|&n| (850..1150).contains(&n)), "{flat:?}");
+        // logit-normal and cos_map favour the middle; heavy_tail with weight 0 is uniform.
+        let ln = histogram("logit_normal", |_| {});
+        assert!(ln[1] + ln[2] > 2 * (ln[0] + ln[3]), "{ln:?}");
+        let ht = histogram("heavy_tail", |_| {});
+        assert!(ht.iter().all(|&n| (850..1150).contains(&n)), "{ht:?}");
+        // sigmoid with a steep weight: nearly all draws in the noisy half, almost none in the
+        // cleanest quarter.
+        let sig = histogram("sigmoid", |c| c.noising_weight = 20.0);
+        assert!(
+            sig[2] + sig[3] > 9 * (sig[0] + sig[1]) && sig[0] < 20,
+            "{sig:?}"
+        );
+        let par = histogram("inverted_parabola", |c| c.noising_weight = 8.0);
+        assert!(par[1] + par[2] > par[0] + par[3], "{par:?}");
+        let cos = histogram("cos_map", |_| {});
+        assert!(cos[1] + cos[2] > cos[0] + cos[3], "{cos:?}");
+        // A shift above 1 moves draws towards the noisy end.
+        let shifted = histogram("uniform", |c| c.timestep_shift = 3.0);
+        assert!(shifted[3] > 2 * shifted[0], "{shifted:?}");
+        // The noising range bounds every draw.
+        let mut c = TrainConfig {
+            min_noising_strength: 0.25,
+            max_noising_strength: 0.5,
+            timestep_distribution: "sigmoid".into(),
+            ..TrainConfig::default()
+        };
+        for kind in [
+            "uniform",
+            "logit_normal",
+            "heavy_tail",
+            "sigmoid",
+            "cos_map",
+        ] {
+            c.timestep_distribution = kind.into();
+            let t = Timesteps::new(&c, 1000);
+            let mut r = crate::data::rng(1, 0, 0);
+            assert!(
+                (0..500).all(|_| (250..500).contains(&t.draw(&mut r))),
+                "{kind}"
+            );
+        }
+    }
+}

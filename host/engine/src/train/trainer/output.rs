@@ -1,0 +1,275 @@
+//! The final save (and `save_every`): a LoRA in the chosen file layout with kohya's training
+//! metadata, or a fine-tuned model as a diffusers folder or one single-file checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use ferrite_plugin_api::Tensor;
+
+use super::{Result, TrainError, Trainer, err};
+use crate::adapters::formats::Format;
+use crate::config::TrainConfig;
+
+/// The file in every folder output Ferrite writes: a folder without it is not replaced.
+const MARKER: &str = ".ferrite-output";
+
+/// `p` made absolute with symlinks and `..` resolved as far as it exists (the rest appended).
+fn resolved(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut rest = Vec::new();
+    let mut head = abs.as_path();
+    loop {
+        if let Ok(c) = head.canonicalize() {
+            return rest.iter().rev().fold(c, |acc: PathBuf, n| acc.join(n));
+        }
+        match (head.parent(), head.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                head = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Why `dest` may not be written as the output (or None): it is or holds one of the run's own
+/// folders, or is inside the base model, the cache or the workspace's managed folders; a folder
+/// output must not replace a folder Ferrite did not write.
+pub(super) fn destination_problem(
+    dest: &Path,
+    folder_output: bool,
+    protected: &[(&str, PathBuf)],
+    inside_forbidden: &[(&str, PathBuf)],
+) -> Option<String> {
+    let d = resolved(dest);
+    for (what, p) in protected {
+        let p = resolved(p);
+        if d == p || p.starts_with(&d) {
+            return Some(format!(
+                "output_model_destination {} is or holds the {what} ({}): choose another path",
+                dest.display(),
+                p.display()
+            ));
+        }
+    }
+    for (what, p) in inside_forbidden {
+        if d.starts_with(resolved(p)) {
+            return Some(format!(
+                "output_model_destination {} is inside the {what} ({}): choose another path",
+                dest.display(),
+                p.display()
+            ));
+        }
+    }
+    if folder_output && d.exists() && !d.is_dir() {
+        return Some(format!(
+            "output_model_destination {} is a file, and this output is a folder: choose another \
+             path",
+            dest.display()
+        ));
+    }
+    if d.is_dir() && !(folder_output && d.join(MARKER).is_file()) {
+        return Some(format!(
+            "output_model_destination {} is an existing folder that Ferrite did not write: it is \
+             left as it is; choose another path or remove it yourself",
+            dest.display()
+        ));
+    }
+    None
+}
+
+/// Copies a model folder without its UNet and text-encoder weights (the VAE's stay).
+fn copy_except_weights(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(err)?;
+    for e in std::fs::read_dir(from).map_err(err)? {
+        let p = e.map_err(err)?.path();
+        let dest = to.join(p.file_name().unwrap_or_default());
+        let part = from.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if p.is_dir() {
+            copy_except_weights(&p, &dest)?;
+        } else if !(matches!(part, "unet" | "text_encoder")
+            && p.extension().is_some_and(|x| x == "safetensors"))
+        {
+            std::fs::copy(&p, &dest).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+impl Trainer {
+    /// Refuses an output destination that would overwrite the base model, the workspace, the
+    /// cache or a folder Ferrite did not write (checked before training starts).
+    pub(super) fn check_destination(&self) -> Result<()> {
+        let c = &self.config;
+        let dest = TrainConfig::path(&self.base, &c.output_model_destination);
+        let base_model = TrainConfig::path(&self.base, &c.base_model_name);
+        let cache = TrainConfig::path(&self.base, &c.cache_dir);
+        let ws = &self.workspace;
+        let folder = c.training_method != "lora" && c.output_model_format == "diffusers";
+        let protected = [
+            ("base model", base_model.clone()),
+            ("workspace", ws.clone()),
+            ("cache", cache.clone()),
+        ];
+        let inside = [
+            ("base model", base_model),
+            ("cache", cache),
+            ("workspace's backups", self.backups_dir()),
+            ("workspace's samples", ws.join("samples")),
+            ("workspace's TensorBoard files", ws.join("tensorboard")),
+        ];
+        match destination_problem(&dest, folder, &protected, &inside) {
+            Some(p) => Err(TrainError(p)),
+            None => Ok(()),
+        }
+    }
+
+    /// The trained adapter (kohya/diffusers/comfy) or, for a fine-tune, the trained parts'
+    /// tensors under their diffusers names.
+    pub fn save_output(&self) -> Result<PathBuf> {
+        let _scope = self.scope.enter();
+        self.with_ema_weights(|| self.write_output())
+    }
+
+    fn write_output(&self) -> Result<PathBuf> {
+        let c = &self.config;
+        let path = TrainConfig::path(&self.base, &c.output_model_destination);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(err)?;
+        }
+        if c.training_method == "lora" {
+            let format: Format = c.output_model_format.parse().map_err(err)?;
+            let meta = [
+                ("ss_learning_rate", c.learning_rate.to_string()),
+                (
+                    "ss_unet_lr",
+                    c.unet.learning_rate.unwrap_or(c.learning_rate).to_string(),
+                ),
+                (
+                    "ss_text_encoder_lr",
+                    c.text_encoder
+                        .learning_rate
+                        .unwrap_or(c.learning_rate)
+                        .to_string(),
+                ),
+                ("ss_epoch", self.progress.epoch.to_string()),
+                ("ss_steps", self.progress.step.to_string()),
+                ("ss_max_train_steps", self.total_steps().to_string()),
+                ("ss_num_train_images", self.data.items.len().to_string()),
+                ("ss_batch_size_per_device", c.batch_size.to_string()),
+                (
+                    "ss_gradient_accumulation_steps",
+                    c.gradient_accumulation_steps.to_string(),
+                ),
+                ("ss_lr_scheduler", c.learning_rate_scheduler.clone()),
+                (
+                    "ss_lr_warmup_steps",
+                    c.learning_rate_warmup_steps.to_string(),
+                ),
+                ("ss_optimizer", c.optimizer_options().0),
+                ("ss_seed", c.seed.to_string()),
+                ("ss_resolution", c.resolution.clone()),
+                ("ss_noise_offset", c.offset_noise_weight.to_string()),
+                ("ss_max_grad_norm", c.clip_grad_norm.to_string()),
+                (
+                    "ss_caption_dropout_rate",
+                    c.text_encoder.dropout_probability.to_string(),
+                ),
+                ("ss_training_comment", "trained with Ferrite".into()),
+            ]
+            .map(|(k, v)| (k.to_string(), v));
+            self.model
+                .save(&path, format, "sd_v1", &meta)
+                .map_err(err)?;
+        } else if c.output_model_format == "diffusers" {
+            self.save_diffusers_folder(&path)?;
+        } else {
+            self.save_single_file(&path)?;
+        }
+        Ok(path)
+    }
+
+    /// A fine-tune as one safetensors file in the original (ldm) checkpoint layout, as the
+    /// architecture plugin names it: UNet, text encoder and VAE.
+    fn save_single_file(&self, out: &Path) -> Result<()> {
+        let all = self.arch.export("ldm").map_err(err)?;
+        let named: Vec<(&str, &Tensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let meta = [("ferrite_base_model", self.config.base_model_name.as_str())];
+        ferrite_plugin_api::save_safetensors(&out.to_string_lossy(), &named, &meta)
+            .map_err(|e| TrainError(format!("{}: {e}", out.display())))
+    }
+
+    /// A fine-tune as a diffusers folder: the base folder's configs, tokenizer, scheduler and
+    /// VAE, with the model's UNet and text-encoder tensors as they are now. Built beside `out`
+    /// under a temporary name, then put in its place.
+    fn save_diffusers_folder(&self, out: &Path) -> Result<()> {
+        let base = TrainConfig::path(&self.base, &self.config.base_model_name);
+        if !base.is_dir() {
+            return Err(TrainError(format!(
+                "output_model_format `diffusers` copies the base model's folder, but {} is a \
+                 file: use output_model_format = \"safetensors\"",
+                base.display()
+            )));
+        }
+        let name = out.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = out.with_file_name(format!(".tmp-{name}"));
+        let old = out.with_file_name(format!(".old-{name}"));
+        // Leftovers of an interrupted save are ours only when they carry the marker.
+        for leftover in [&tmp, &old] {
+            if leftover.exists() {
+                if !leftover.join(MARKER).is_file() {
+                    return Err(TrainError(format!(
+                        "{} is in the way of saving {} and Ferrite did not write it: move it away",
+                        leftover.display(),
+                        out.display()
+                    )));
+                }
+                if leftover == &old && !out.exists() {
+                    // A save stopped between its renames: the old output is the complete one.
+                    std::fs::rename(&old, out).map_err(err)?;
+                } else {
+                    std::fs::remove_dir_all(leftover).map_err(err)?;
+                }
+            }
+        }
+        if let Some(p) = destination_problem(out, true, &[], &[]) {
+            return Err(TrainError(p));
+        }
+        std::fs::create_dir_all(&tmp).map_err(err)?;
+        crate::fsutil::write_atomic(&tmp.join(MARKER), b"written by Ferrite\n").map_err(err)?;
+        copy_except_weights(&base, &tmp)?;
+        let all = self.arch.parameters().map_err(err)?;
+        for (prefix, file) in [
+            ("unet.", "unet/diffusion_pytorch_model.safetensors"),
+            ("text_encoder.", "text_encoder/model.safetensors"),
+        ] {
+            let named: Vec<(&str, &Tensor)> = all
+                .iter()
+                .filter_map(|(n, t)| n.strip_prefix(prefix).map(|k| (k, t)))
+                .collect();
+            ferrite_plugin_api::save_safetensors(&tmp.join(file).to_string_lossy(), &named, &[])
+                .map_err(err)?;
+        }
+        // A forced prediction type is what the model now predicts: say so for the samplers.
+        let scheduler = tmp.join("scheduler/scheduler_config.json");
+        if let (Some(p), Ok(text)) = (
+            self.config.forced_prediction(),
+            std::fs::read_to_string(&scheduler),
+        ) {
+            let mut v: serde_json::Value = serde_json::from_str(&text).map_err(err)?;
+            v["prediction_type"] = p.into();
+            let text = serde_json::to_string_pretty(&v).map_err(err)?;
+            crate::fsutil::write_atomic(&scheduler, text.as_bytes()).map_err(err)?;
+        }
+        // Replace: the old output aside, the new one in, then the old one gone; a crash at any
+        // point leaves one complete output (at `out`, or aside with the marker).
+        let had_old = out.exists();
+        if had_old {
+            std::fs::rename(out, &old).map_err(err)?;
+        }
+        std::fs::rename(&tmp, out).map_err(err)?;
+        if had_old {
+            std::fs::remove_dir_all(&old).map_err(err)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! The `ferrite` binary's library face: the layers below under one name, for the CLI, tests and
+//! tools. Runtime (`ferrite-runtime`) → engine (`ferrite-engine`) → GUI (`ferrite-gui`, feature
+//! `gui`).
+
+pub use ferrite_engine::{
+    adapters, config, data, fsutil, plugins, runtime, sample, settings, train,
+};
+#[cfg(feature = "gui")]
+pub use ferrite_gui as gui;
+pub use ferrite_runtime::bench;

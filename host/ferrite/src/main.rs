@@ -1,0 +1,466 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ferrite::plugins::{Registry, search_dirs};
+use ferrite::settings::Settings;
+
+/// Ferrite trains image diffusion models (full fine-tune, LoRA-family adapters, embeddings).
+#[derive(Parser)]
+#[command(name = "ferrite", version, about)]
+struct Cli {
+    /// Settings file (default: $XDG_CONFIG_HOME/ferrite/settings.toml).
+    #[arg(long, global = true)]
+    settings: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List, enable or disable plugins.
+    Plugins {
+        #[command(subcommand)]
+        action: PluginsAction,
+    },
+    /// Generate an image from a prompt.
+    Sample(Box<SampleArgs>),
+    /// Train (LoRA-family adapter or fine-tune) from a TOML config.
+    Train(TrainArgs),
+    /// Write a starter config (and an images folder) into DIR.
+    Init { dir: PathBuf },
+    /// Open the desktop app (also what `ferrite` with no command does).
+    #[cfg(feature = "gui")]
+    Gui {
+        /// A config to open.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Capture every tab as a PNG into this folder, print frame times, and close.
+        #[arg(long, value_name = "DIR")]
+        screenshots: Option<PathBuf>,
+        /// Start training the config right away.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Train the built-in demo: a tiny model from scratch on generated coloured shapes.
+    Demo {
+        /// Where the model, data, samples and output go.
+        #[arg(long, default_value = "ferrite-demo")]
+        dir: PathBuf,
+        /// Overrides of presets/demo.toml, e.g. `--set epochs=10`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    /// Model: a diffusers folder or a single-file checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    /// For a single-file model: a diffusers folder whose configs and tokenizer to use.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// Architecture plugin id.
+    #[arg(long, default_value = "sd15")]
+    arch: String,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    cfg: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    #[arg(long, value_enum, default_value = "euler")]
+    sampler: SamplerArg,
+    /// Adapter file to apply (kohya, diffusers/PEFT, comfy or LyCORIS naming), optionally with
+    /// a strength: `FILE` or `FILE:0.8`. May be repeated.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    loras: Vec<String>,
+    /// Initial latent noise from a safetensors file (tensor `noise`), to reproduce a result exactly.
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    #[arg(long, default_value = "sample.png")]
+    out: PathBuf,
+    /// CLIP skip: text states from this many layers before the last (1: the penultimate, as
+    /// anime models expect; OneTrainer's text_encoder_layer_skip).
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The training config (TOML, OneTrainer's option names).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A preset over the config: a name from presets/ or a file.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Overrides, e.g. `--set learning_rate=1e-4 --set unet.train=false`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SamplerArg {
+    Ddim,
+    Euler,
+    EulerA,
+    DpmppKarras,
+}
+
+#[derive(Subcommand)]
+enum PluginsAction {
+    /// Every component of every plugin found: id, kind, version, path, enabled.
+    List,
+    /// Enable the library offering a component (by the component's id).
+    Enable { id: String },
+    /// Disable the library offering a component: it is no longer loaded at all.
+    Disable { id: String },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Per-op overhead through the plugin ABI against calling burn directly.
+    Ops {
+        /// Compute device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn main() -> Result<()> {
+    // Tests make debug builds pause at named points (FAILPOINTS), e.g. mid-way through a backup.
+    #[cfg(debug_assertions)]
+    let _failpoints = fail::FailScenario::setup();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRITE_LOG")
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Backend panics inside ops are caught and reported as errors; this only keeps their raw
+    // backtraces off the terminal (the panic text still goes to the log).
+    std::panic::set_hook(Box::new(|info| tracing::error!("{info}")));
+    let cli = Cli::parse();
+    let settings_path = match cli.settings {
+        Some(p) => p,
+        None => Settings::default_path()?,
+    };
+    match cli.command {
+        #[cfg(feature = "gui")]
+        None => gui(&settings_path, None, None, false)?,
+        #[cfg(not(feature = "gui"))]
+        None => anyhow::bail!(
+            "this ferrite was built without the desktop app (headless): give a command, see `ferrite --help`"
+        ),
+        #[cfg(feature = "gui")]
+        Some(Command::Gui {
+            config,
+            screenshots,
+            start,
+        }) => gui(&settings_path, config, screenshots, start)?,
+        Some(Command::Plugins { action }) => {
+            let mut settings = Settings::load(&settings_path)?;
+            match action {
+                PluginsAction::List => list_plugins(&settings),
+                PluginsAction::Enable { id } | PluginsAction::Disable { id } if id.is_empty() => {
+                    anyhow::bail!("give a component id (see `ferrite plugins list`)")
+                }
+                PluginsAction::Enable { ref id } | PluginsAction::Disable { ref id } => {
+                    let on = matches!(action, PluginsAction::Enable { .. });
+                    let registry = Registry::discover(&search_dirs(&settings), &settings);
+                    let said =
+                        ferrite::plugins::set_enabled(registry.components(), &mut settings, id, on)
+                            .map_err(anyhow::Error::msg)?;
+                    settings.save(&settings_path).context("saving settings")?;
+                    println!("{said}");
+                }
+            }
+        }
+        Some(Command::Sample(args)) => sample(&Settings::load(&settings_path)?, *args)?,
+        Some(Command::Train(args)) => train(&Settings::load(&settings_path)?, args)?,
+        Some(Command::Init { dir }) => init(&dir)?,
+        Some(Command::Demo { dir, sets }) => demo(&Settings::load(&settings_path)?, &dir, &sets)?,
+        Some(Command::Bench {
+            what: BenchWhat::Ops { device },
+        }) => ferrite::bench::ops(&device)?,
+    }
+    Ok(())
+}
+
+#[cfg(feature = "gui")]
+fn gui(
+    settings_path: &std::path::Path,
+    config: Option<PathBuf>,
+    screenshots: Option<PathBuf>,
+    start: bool,
+) -> Result<()> {
+    let settings = Settings::load(settings_path)?;
+    let options = ferrite::gui::AppOptions {
+        plugin_dirs: search_dirs(&settings),
+        settings_path: Some(settings_path.to_path_buf()),
+        config,
+    };
+    ferrite::gui::run(options, screenshots, start).map_err(|e| {
+        anyhow::anyhow!(
+            "the window could not open: {e}
+(no display? the command-line tools work without              one: `ferrite --help`)"
+        )
+    })
+}
+
+fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
+    use ferrite::config::TrainConfig;
+    let config = TrainConfig::load(a.config.as_deref(), a.preset.as_deref(), &a.sets)?;
+    let base = a
+        .config
+        .as_deref()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    run_training(settings, config, &base)
+}
+
+fn demo(settings: &Settings, dir: &std::path::Path, sets: &[String]) -> Result<()> {
+    use ferrite::{config, train::demo};
+    let presets = config::presets_dir();
+    if !dir.join("model/model_index.json").exists() {
+        demo::build_model(&presets.join("demo-model"), &dir.join("model"), 0)?;
+    }
+    if !dir.join("data").exists() {
+        demo::build_dataset(&dir.join("data"), 16, 4, 0)?;
+    }
+    let preset = presets.join("demo.toml");
+    let config = config::TrainConfig::load(None, Some(&preset.to_string_lossy()), sets)?;
+    println!(
+        "demo in {}: samples go to {}",
+        dir.display(),
+        dir.join("workspace/samples").display()
+    );
+    run_training(settings, config, dir)
+}
+
+fn run_training(
+    settings: &Settings,
+    config: ferrite::config::TrainConfig,
+    base: &std::path::Path,
+) -> Result<()> {
+    use ferrite::train::trainer::{Controls, Event, Trainer};
+    let controls = std::sync::Arc::new(Controls::default());
+    let cancel = controls.cancel.clone();
+    // The first Ctrl-C (or SIGTERM) stops as the app's Stop does: the step ends, a backup and
+    // the output model are written. A second one quits at once; the last backup stays whole
+    // (backups are built under a temporary name, then renamed).
+    let signals = std::sync::atomic::AtomicUsize::new(0);
+    ctrlc::set_handler(move || {
+        if signals.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            eprintln!(
+                "\nstopping after this step: a backup and the output model will be written \
+                 (press Ctrl-C again to quit at once)"
+            );
+            cancel.cancel();
+        } else {
+            eprintln!("\nquitting now; the last backup is intact");
+            std::process::exit(130);
+        }
+    })
+    .context("installing the Ctrl-C handler")?;
+    let (device, said) = ferrite::runtime::for_device(&config.train_device)?;
+    let registry = Registry::discover(&search_dirs(settings), settings);
+    let mut trainer = Trainer::on(device, controls, config, base, registry)?;
+    let bar = indicatif::ProgressBar::new(trainer.total_steps());
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}, {per_sec}]",
+    )?);
+    // Without a terminal the bar draws nothing: then every line goes to stdout instead.
+    let say = |m: String| {
+        if bar.is_hidden() {
+            println!("{m}");
+        } else {
+            bar.println(m);
+        }
+    };
+    say(said);
+    if let Some(from) = trainer.resumed_from() {
+        say(format!(
+            "resumed from {} at step {}",
+            from.display(),
+            trainer.progress.step
+        ));
+        bar.set_position(trainer.progress.step);
+    }
+    trainer.run(|e| match e {
+        Event::Started {
+            items, problems, ..
+        } => {
+            if !problems.is_empty() {
+                say(format!(
+                    "{} problem(s) in the data (unreadable and tiny images are left out):\n  {}",
+                    problems.len(),
+                    problems.join("\n  ")
+                ));
+            }
+            say(format!("training on {items} images"));
+        }
+        Event::Step {
+            step,
+            epoch,
+            loss,
+            lr,
+            ..
+        } => {
+            let m = format!("epoch {epoch} loss {loss:.4} lr {lr:.2e}");
+            if bar.is_hidden() && step % 10 == 0 {
+                println!("step {step}: {m}");
+            }
+            bar.set_position(step);
+            bar.set_message(m);
+        }
+        Event::Validation {
+            step,
+            concept,
+            loss,
+        } => say(format!(
+            "validation loss at step {step}, {concept}: {loss:.4}"
+        )),
+        Event::Sample(p) => say(format!("sample: {}", p.display())),
+        Event::Backup(p) => say(format!("backup: {}", p.display())),
+        Event::Saved(p) => say(format!("saved: {}", p.display())),
+        Event::Paused(_) => {}
+    })?;
+    bar.finish();
+    Ok(())
+}
+
+/// A starter config: a LoRA on a model to fill in, one concept folder, one sample prompt.
+fn init(dir: &std::path::Path) -> Result<()> {
+    let config_path = ferrite::config::TrainConfig::write_starter(dir)?;
+    println!(
+        "wrote {} and {}/: put images (with .txt captions) there, set base_model_name, then\n  \
+         ferrite train --config {}",
+        config_path.display(),
+        dir.join("images").display(),
+        config_path.display()
+    );
+    Ok(())
+}
+
+fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
+    use ferrite::sample::{Sampler, generate};
+    let (device, _) = ferrite::runtime::for_device(&a.device)?;
+    let mut scope = ferrite::runtime::Scope::new(device);
+    let _loading = scope.enter();
+    let registry = Registry::discover(&search_dirs(settings), settings);
+    let mut options = serde_json::json!({ "model": a.model.to_string_lossy() });
+    if let Some(c) = &a.model_config {
+        options["config"] = c.to_string_lossy().into();
+    }
+    if a.clip_skip > 0 {
+        options["text_encoder_layer_skip"] = a.clip_skip.into();
+    }
+    let arch = registry.architecture(&a.arch, &options.to_string())?;
+    let model = std::sync::Arc::new(ferrite::adapters::ModelLayers::of(&arch)?);
+    scope = scope.with_adapters(model.clone());
+    let _scope = scope.enter();
+    if !a.loras.is_empty() {
+        for spec in &a.loras {
+            // `FILE:WEIGHT` when what follows the last colon is a number, else the whole path.
+            let (path, weight) = match spec.rsplit_once(':') {
+                Some((p, w)) if w.parse::<f64>().is_ok() => (p, w.parse()?),
+                _ => (spec.as_str(), 1.0),
+            };
+            let n = model
+                .load(&registry, std::path::Path::new(path), weight)
+                .with_context(|| format!("--lora {spec}"))?;
+            tracing::info!("{path}: {n} adapted layers, strength {weight}");
+        }
+    }
+    let req = generate::SampleRequest {
+        prompt: a.prompt,
+        negative_prompt: a.negative_prompt,
+        steps: a.steps,
+        cfg: a.cfg,
+        seed: a.seed,
+        width: a.width,
+        height: a.height,
+        sampler: match a.sampler {
+            SamplerArg::Ddim => Sampler::Ddim,
+            SamplerArg::Euler => Sampler::Euler,
+            SamplerArg::EulerA => Sampler::EulerAncestral,
+            SamplerArg::DpmppKarras => Sampler::DpmPp2mKarras,
+        },
+        init_noise: a.init_noise,
+        prediction_type: None,
+    };
+    let bar = indicatif::ProgressBar::new(req.steps as u64).with_message("sampling");
+    let rgb = generate::generate(&arch, &req, || bar.inc(1))?;
+    bar.finish_and_clear();
+    generate::write_png(&a.out, req.width, req.height, rgb)?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn list_plugins(settings: &Settings) {
+    let registry = Registry::discover(&search_dirs(settings), settings);
+    let rows: Vec<[String; 5]> = registry
+        .components()
+        .iter()
+        .map(|c| {
+            [
+                c.id.clone(),
+                c.kind.to_string(),
+                c.version.clone(),
+                if c.enabled { "yes".into() } else { "no".into() },
+                c.path.display().to_string(),
+            ]
+        })
+        .collect();
+    let header = ["ID", "KIND", "VERSION", "ENABLED", "PATH"].map(String::from);
+    let widths: Vec<usize> = (0..4)
+        .map(|i| {
+            rows.iter()
+                .chain([&header])
+                .map(|r| r[i].len())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in std::iter::once(&header).chain(&rows) {
+        println!(
+            "{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
+        );
+    }
+    if rows.is_empty() {
+        println!("(no plugins found)");
+    }
+    for p in &registry.problems {
+        eprintln!("error: {p}");
+    }
+}

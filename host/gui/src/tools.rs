@@ -1,0 +1,229 @@
+//! The Tools tab: front-ends for the CLI's tool commands: `ferrite sample` (an image from a model,
+//! optionally with LoRAs, on a background thread) and `ferrite init` (a starter project).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, channel};
+
+use eframe::egui::{self, Ui};
+
+use crate::config::TrainConfig;
+use crate::plugins::Registry;
+use crate::sample::{Sampler, generate};
+use crate::settings::Settings;
+
+pub struct Tools {
+    model: String,
+    lora: String,
+    lora_weight: f64,
+    prompt: String,
+    negative: String,
+    steps: usize,
+    cfg: f64,
+    seed: u64,
+    size: usize,
+    out: String,
+    running: Option<Receiver<Result<PathBuf, String>>>,
+    result: Option<Result<(PathBuf, Option<egui::TextureHandle>), String>>,
+    project: String,
+    project_message: Option<String>,
+}
+
+impl Default for Tools {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            lora: String::new(),
+            lora_weight: 1.0,
+            prompt: "a photo of a cat".into(),
+            negative: String::new(),
+            steps: 20,
+            cfg: 7.0,
+            seed: 42,
+            size: 512,
+            out: "sample.png".into(),
+            running: None,
+            result: None,
+            project: String::new(),
+            project_message: None,
+        }
+    }
+}
+
+impl Tools {
+    /// A sample is being generated (training waits for it: adapters are process-wide).
+    pub fn busy(&self) -> bool {
+        self.running.is_some()
+    }
+
+    pub fn show(
+        &mut self,
+        ui: &mut Ui,
+        base: &Path,
+        plugin_dirs: &[PathBuf],
+        settings: &Settings,
+        config: &TrainConfig,
+        training: bool,
+    ) {
+        ui.strong("Sample an image (ferrite sample)");
+        if self.model.is_empty() {
+            self.model = config.base_model_name.clone();
+        }
+        egui::Grid::new("sample tool")
+            .num_columns(2)
+            .show(ui, |ui| {
+                let row = |ui: &mut Ui, name: &str, add: &mut dyn FnMut(&mut Ui, egui::Id)| {
+                    let l = ui.label(name);
+                    add(ui, l.id);
+                    ui.end_row();
+                };
+                row(ui, "Model", &mut |ui, l| {
+                    ui.text_edit_singleline(&mut self.model).labelled_by(l);
+                });
+                row(ui, "LoRA file (optional)", &mut |ui, l| {
+                    ui.text_edit_singleline(&mut self.lora).labelled_by(l);
+                });
+                row(ui, "LoRA strength", &mut |ui, l| {
+                    ui.add(egui::DragValue::new(&mut self.lora_weight).speed(0.05))
+                        .labelled_by(l);
+                });
+                row(ui, "Prompt", &mut |ui, l| {
+                    ui.text_edit_singleline(&mut self.prompt).labelled_by(l);
+                });
+                row(ui, "Negative prompt", &mut |ui, l| {
+                    ui.text_edit_singleline(&mut self.negative).labelled_by(l);
+                });
+                row(ui, "Steps", &mut |ui, l| {
+                    ui.add(egui::DragValue::new(&mut self.steps).range(1..=200))
+                        .labelled_by(l);
+                });
+                row(ui, "CFG scale", &mut |ui, l| {
+                    ui.add(egui::DragValue::new(&mut self.cfg).speed(0.1))
+                        .labelled_by(l);
+                });
+                row(ui, "Seed", &mut |ui, l| {
+                    ui.add(egui::DragValue::new(&mut self.seed)).labelled_by(l);
+                });
+                row(ui, "Size (square)", &mut |ui, l| {
+                    ui.add(egui::DragValue::new(&mut self.size).range(8..=2048))
+                        .labelled_by(l);
+                });
+                row(ui, "Output PNG", &mut |ui, l| {
+                    ui.text_edit_singleline(&mut self.out).labelled_by(l);
+                });
+            });
+        let busy = self.running.is_some();
+        // Adapters are attached process-wide by layer name: a second model beside a running
+        // LoRA training would see (or replace) its adapters.
+        let generate = ui
+            .add_enabled(!busy && !training, egui::Button::new("Generate"))
+            .on_disabled_hover_text("not while training: wait for the run to end or stop it");
+        if generate.clicked() {
+            let (device, model_type) = (&config.train_device, &config.model_type);
+            self.generate(ui.ctx(), base, plugin_dirs, settings, device, model_type);
+        }
+        if let Some(rx) = &self.running
+            && let Ok(r) = rx.try_recv()
+        {
+            self.running = None;
+            self.result = Some(r.map(|p| {
+                let t = super::run::load_texture(ui.ctx(), &p);
+                (p, t)
+            }));
+        }
+        if busy {
+            ui.spinner();
+        }
+        match &self.result {
+            Some(Ok((p, t))) => {
+                ui.label(format!("wrote {}", p.display()));
+                if let Some(t) = t {
+                    ui.add(egui::Image::new(t).fit_to_exact_size(egui::vec2(256.0, 256.0)));
+                }
+            }
+            Some(Err(e)) => {
+                ui.colored_label(egui::Color32::from_rgb(230, 90, 70), e);
+            }
+            None => {}
+        }
+        ui.separator();
+        ui.strong("New project (ferrite init)");
+        ui.horizontal(|ui| {
+            let l = ui.label("Folder");
+            ui.text_edit_singleline(&mut self.project).labelled_by(l.id);
+            if ui.button("Create starter project").clicked() {
+                let dir = TrainConfig::path(base, &self.project);
+                self.project_message = Some(match TrainConfig::write_starter(&dir) {
+                    Ok(p) => format!("wrote {}: load it in the top bar", p.display()),
+                    Err(e) => e.to_string(),
+                });
+            }
+        });
+        if let Some(m) = &self.project_message {
+            ui.label(m);
+        }
+    }
+
+    fn generate(
+        &mut self,
+        ctx: &egui::Context,
+        base: &Path,
+        plugin_dirs: &[PathBuf],
+        settings: &Settings,
+        device: &str,
+        model_type: &str,
+    ) {
+        let (tx, rx) = channel();
+        self.running = Some(rx);
+        self.result = None;
+        let model = TrainConfig::path(base, &self.model);
+        let lora = (!self.lora.trim().is_empty()).then(|| TrainConfig::path(base, &self.lora));
+        let out = TrainConfig::path(base, &self.out);
+        let req = generate::SampleRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative.clone(),
+            steps: self.steps,
+            cfg: self.cfg,
+            seed: self.seed,
+            width: self.size,
+            height: self.size,
+            sampler: Sampler::Euler,
+            init_noise: None,
+            prediction_type: None,
+        };
+        let (dirs, settings, device, weight) = (
+            plugin_dirs.to_vec(),
+            settings.clone(),
+            device.to_string(),
+            self.lora_weight,
+        );
+        let model_type = model_type.to_string();
+        let ctx = ctx.clone();
+        std::thread::spawn(move || {
+            let r = (|| -> Result<PathBuf, String> {
+                let (device, _) = crate::runtime::for_device(&device).map_err(|e| e.to_string())?;
+                let mut scope = crate::runtime::Scope::new(device);
+                let _loading = scope.enter();
+                let registry = Registry::discover(&dirs, &settings);
+                let options = serde_json::json!({ "model": model });
+                let arch = registry
+                    .architecture(&model_type, &options.to_string())
+                    .map_err(|e| e.to_string())?;
+                let layers =
+                    Arc::new(crate::adapters::ModelLayers::of(&arch).map_err(|e| e.to_string())?);
+                scope = scope.with_adapters(layers.clone());
+                let _scope = scope.enter();
+                if let Some(l) = &lora {
+                    layers
+                        .load(&registry, l, weight)
+                        .map_err(|e| e.to_string())?;
+                }
+                let rgb = generate::generate(&arch, &req, || {}).map_err(|e| e.to_string())?;
+                generate::write_png(&out, req.width, req.height, rgb).map_err(|e| e.to_string())?;
+                Ok(out)
+            })();
+            let _ = tx.send(r);
+            ctx.request_repaint();
+        });
+    }
+}

@@ -1,0 +1,293 @@
+//! The fused network ops: matmul and linear, convolutions, norms, softmax, attention,
+//! interpolation, dropout, embedding.
+
+use burn_backend::{
+    Distribution, Scalar, Shape, TensorMetadata,
+    ops::{
+        AttentionModuleOptions, ConvOptions, ConvTransposeOptions, InterpolateMode,
+        InterpolateOptions,
+    },
+};
+use ferrite_plugin_api::{TensorId, op};
+
+use super::{
+    F, RtResult, TensorTable, Tracking, Value, broadcast_shape, check_dim, one, shape_of, to_rank,
+};
+
+/// Input, weight and optional bias.
+type ConvInputs<B> = (F<B>, F<B>, Option<F<B>>);
+
+impl<B: Tracking> TensorTable<B> {
+    pub(super) fn matmul(&self, ids: &[TensorId]) -> RtResult<Vec<Value<B>>> {
+        let (l, r) = (self.f(ids, 0)?, self.f(ids, 1)?);
+        let (ls, rs) = (shape_of::<B>(&l), shape_of::<B>(&r));
+        if ls.len() < 2 || rs.len() < 2 || ls[ls.len() - 1] != rs[rs.len() - 2] {
+            return Err(format!(
+                "op matmul: shapes {ls:?} and {rs:?} do not multiply"
+            ));
+        }
+        broadcast_shape(&ls[..ls.len() - 2], &rs[..rs.len() - 2])?;
+        let rank = ls.len().max(rs.len());
+        one(B::float_matmul(
+            to_rank::<B>(l, rank),
+            to_rank::<B>(r, rank),
+        ))
+    }
+
+    pub(super) fn linear(&self, ids: &[TensorId]) -> RtResult<Vec<Value<B>>> {
+        let (t, w, b) = (self.f(ids, 0)?, self.f(ids, 1)?, self.opt_f(ids, 2)?);
+        let (ts, ws) = (shape_of::<B>(&t), shape_of::<B>(&w));
+        if ws.len() != 2 || ts.last() != Some(&ws[1]) {
+            return Err(format!(
+                "op linear: input {ts:?} does not match weight {ws:?} ([out, in])"
+            ));
+        }
+        if let Some(b) = &b
+            && shape_of::<B>(b) != [ws[0]]
+        {
+            return Err(format!(
+                "op linear: bias {:?} does not match {} outputs",
+                shape_of::<B>(b),
+                ws[0]
+            ));
+        }
+        one(B::linear(t, B::float_swap_dims(w, 0, 1), b))
+    }
+
+    /// Input, weight and bias of a convolution, checked against each other.
+    fn conv_inputs(
+        &self,
+        op: &str,
+        ids: &[TensorId],
+        stride: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+        transposed: bool,
+    ) -> RtResult<ConvInputs<B>> {
+        let (t, w, b) = (self.f(ids, 0)?, self.f(ids, 1)?, self.opt_f(ids, 2)?);
+        let (ts, ws) = (shape_of::<B>(&t), shape_of::<B>(&w));
+        if stride.contains(&0) || dilation.contains(&0) || groups == 0 {
+            return Err(format!(
+                "op {op}: stride, dilation and groups must be positive"
+            ));
+        }
+        let in_ch = if transposed {
+            ws.first().copied()
+        } else {
+            ws.get(1).map(|c| c * groups)
+        };
+        if ts.len() != 4 || ws.len() != 4 || in_ch != Some(ts[1]) {
+            return Err(format!(
+                "op {op}: input {ts:?} does not match weight {ws:?} (groups {groups})"
+            ));
+        }
+        Ok((t, w, b))
+    }
+
+    pub(super) fn conv2d(&self, ids: &[TensorId], a: &op::Conv) -> RtResult<Vec<Value<B>>> {
+        let (t, w, b) = self.conv_inputs("conv2d", ids, a.stride, a.dilation, a.groups, false)?;
+        let opts = ConvOptions::new(a.stride, a.padding, a.dilation, a.groups);
+        one(B::conv2d(t, w, b, opts))
+    }
+
+    pub(super) fn conv_transpose2d(
+        &self,
+        ids: &[TensorId],
+        a: &op::ConvTranspose,
+    ) -> RtResult<Vec<Value<B>>> {
+        let (t, w, b) = self.conv_inputs(
+            "conv_transpose2d",
+            ids,
+            a.stride,
+            a.dilation,
+            a.groups,
+            true,
+        )?;
+        let opts =
+            ConvTransposeOptions::new(a.stride, a.padding, a.output_padding, a.dilation, a.groups);
+        one(B::conv_transpose2d(t, w, b, opts))
+    }
+
+    /// Multiplies by the weight and adds the bias, both per channel of `channel_dim`.
+    fn channel_affine(
+        &self,
+        x: F<B>,
+        w: Option<F<B>>,
+        b: Option<F<B>>,
+        channel_dim: usize,
+    ) -> RtResult<F<B>> {
+        let shape = shape_of::<B>(&x);
+        let mut view = vec![1; shape.len()];
+        view[channel_dim] = shape[channel_dim];
+        let mut x = x;
+        for (p, is_w) in [(w, true), (b, false)] {
+            if let Some(p) = p {
+                let ps = shape_of::<B>(&p);
+                if ps.iter().product::<usize>() != shape[channel_dim] {
+                    return Err(format!(
+                        "norm: parameter of shape {ps:?} does not match {} channels",
+                        shape[channel_dim]
+                    ));
+                }
+                let p = B::float_reshape(p, Shape::from(view.clone()));
+                x = if is_w {
+                    B::float_mul(x, p)
+                } else {
+                    B::float_add(x, p)
+                };
+            }
+        }
+        Ok(x)
+    }
+
+    pub(super) fn group_norm(
+        &self,
+        ids: &[TensorId],
+        a: &op::GroupNorm,
+    ) -> RtResult<Vec<Value<B>>> {
+        let t = self.f(ids, 0)?;
+        let (w, b) = (self.opt_f(ids, 1)?, self.opt_f(ids, 2)?);
+        let groups = a.groups;
+        let shape = shape_of::<B>(&t);
+        if shape.len() < 2 || groups == 0 || !shape[1].is_multiple_of(groups) {
+            return Err(format!(
+                "op group_norm: {groups} groups do not divide the channels of {shape:?}"
+            ));
+        }
+        let g = B::float_reshape(
+            t,
+            Shape::from(vec![
+                shape[0],
+                groups,
+                shape[1..].iter().product::<usize>() / groups,
+            ]),
+        );
+        let n = self.normalize_last(g, a.eps)?;
+        let n = B::float_reshape(n, Shape::from(shape));
+        one(self.channel_affine(n, w, b, 1)?)
+    }
+
+    pub(super) fn layer_norm(&self, ids: &[TensorId], eps: f64) -> RtResult<Vec<Value<B>>> {
+        let t = self.f(ids, 0)?;
+        let (w, b) = (self.opt_f(ids, 1)?, self.opt_f(ids, 2)?);
+        let last = shape_of::<B>(&t).len() - 1;
+        let n = self.normalize_last(t, eps)?;
+        one(self.channel_affine(n, w, b, last)?)
+    }
+
+    pub(super) fn rms_norm(&self, ids: &[TensorId], eps: f64) -> RtResult<Vec<Value<B>>> {
+        let t = self.f(ids, 0)?;
+        let w = self.opt_f(ids, 1)?;
+        let last = shape_of::<B>(&t).len() - 1;
+        let ms = Self::mean_over(B::float_mul(t.clone(), t.clone()), &[last])?;
+        let n = B::float_mul(
+            t,
+            B::float_recip(B::float_sqrt(B::float_add_scalar(ms, Scalar::Float(eps)))),
+        );
+        one(self.channel_affine(n, w, None, last)?)
+    }
+
+    pub(super) fn softmax(&self, id: TensorId, dim: usize) -> RtResult<Vec<Value<B>>> {
+        let t = self.float(id)?;
+        check_dim("softmax", dim, shape_of::<B>(&t).len())?;
+        one(B::softmax(t, dim))
+    }
+
+    pub(super) fn attention(&self, ids: &[TensorId], a: &op::Attention) -> RtResult<Vec<Value<B>>> {
+        let (q, k, v) = (self.f(ids, 0)?, self.f(ids, 1)?, self.f(ids, 2)?);
+        let (qs, ks, vs) = (shape_of::<B>(&q), shape_of::<B>(&k), shape_of::<B>(&v));
+        if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 || qs[3] != ks[3] || ks[2] != vs[2] {
+            return Err(format!(
+                "op attention: q {qs:?}, k {ks:?}, v {vs:?} must be [B, H, L, D] and agree"
+            ));
+        }
+        let (mut mask, mut bias) = (None, None);
+        if let Some(&m) = ids.get(3).filter(|&&m| m != TensorId::NONE) {
+            let target = Shape::from(vec![qs[0], qs[1], qs[2], ks[2]]);
+            match self.get(m)? {
+                Value::Bool(b) => mask = Some(B::bool_expand(b, target)),
+                Value::Float(f) => bias = Some(B::float_expand(to_rank::<B>(f, 4), target)),
+                other => return Err(format!("op attention: mask is a {}", other.kind())),
+            }
+        }
+        let opts = AttentionModuleOptions {
+            scale: a.scale,
+            ..Default::default()
+        };
+        // burn-autodiff always decomposes attention (materialising the scores); when no
+        // gradient is wanted, the backend's own fused kernel (flash on flex) can run.
+        let tracked = [&q, &k, &v]
+            .into_iter()
+            .chain(bias.as_ref())
+            .any(B::is_tracked);
+        if tracked {
+            return one(B::attention(q, k, v, mask, bias, opts));
+        }
+        let out = <B::InnerBackend as burn_backend::ops::ModuleOps<B::InnerBackend>>::attention(
+            B::inner(q),
+            B::inner(k),
+            B::inner(v),
+            mask.map(B::bool_inner),
+            bias.map(B::inner),
+            opts,
+        );
+        one(B::from_inner(out))
+    }
+
+    pub(super) fn interpolate(&self, id: TensorId, a: &op::Interpolate) -> RtResult<Vec<Value<B>>> {
+        let t = self.float(id)?;
+        let mode = match a.mode {
+            op::InterpolateMode::Nearest => InterpolateMode::Nearest,
+            op::InterpolateMode::Bilinear => InterpolateMode::Bilinear,
+        };
+        if shape_of::<B>(&t).len() != 4 {
+            return Err("op interpolate: input must be [N, C, H, W]".into());
+        }
+        one(B::interpolate(
+            t,
+            a.size,
+            InterpolateOptions::new(mode).with_align_corners(false),
+        ))
+    }
+
+    pub(super) fn dropout(&self, id: TensorId, p: f64) -> RtResult<Vec<Value<B>>> {
+        let t = self.float(id)?;
+        if !(0.0..1.0).contains(&p) {
+            return Err(format!("op dropout: probability {p} outside [0, 1)"));
+        }
+        if p == 0.0 {
+            return one(t);
+        }
+        let keep = self.backend_random(|| {
+            B::float_random(
+                t.shape(),
+                Distribution::Bernoulli(1.0 - p),
+                &self.device,
+                t.dtype().into(),
+            )
+        });
+        let keep = B::float_detach(keep);
+        one(B::float_mul_scalar(
+            B::float_mul(t, keep),
+            Scalar::Float(1.0 / (1.0 - p)),
+        ))
+    }
+
+    pub(super) fn embedding(&self, ids: &[TensorId]) -> RtResult<Vec<Value<B>>> {
+        let (w, idx) = (self.f(ids, 0)?, self.int(ids[1])?);
+        let ws = shape_of::<B>(&w);
+        if ws.len() != 2 {
+            return Err(format!(
+                "op embedding: weight must be [vocab, dim], got {ws:?}"
+            ));
+        }
+        let mut out = idx.shape().to_vec();
+        let n: usize = out.iter().product();
+        let flat = B::int_reshape(idx, Shape::from(vec![n]));
+        out.push(ws[1]);
+        one(B::float_reshape(
+            B::float_select(w, 0, flat),
+            Shape::from(out),
+        ))
+    }
+}

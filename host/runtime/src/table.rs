@@ -1,0 +1,373 @@
+//! The tensor table: every live tensor of the process, keyed by the handles plugins hold.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use burn_backend::{
+    AutodiffBackend, DType as BDType, FloatDType, TensorData, TensorMetadata, get_device_settings,
+    read_sync,
+    tensor::{BoolTensor, FloatTensor, IntTensor},
+};
+use ferrite_plugin_api::{DType, TensorId};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::RtResult;
+
+/// A table entry. Integer and bool tensors exist for indices and masks.
+pub enum Value<B: AutodiffBackend> {
+    Float(FloatTensor<B>),
+    Int(IntTensor<B>),
+    Bool(BoolTensor<B>),
+    /// Gradients of one backward pass (behind a mutex: burn's are Send but not Sync).
+    Grads(Arc<Mutex<B::Gradients>>),
+}
+
+impl<B: AutodiffBackend> Clone for Value<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Value::Float(t) => Value::Float(t.clone()),
+            Value::Int(t) => Value::Int(t.clone()),
+            Value::Bool(t) => Value::Bool(t.clone()),
+            Value::Grads(g) => Value::Grads(g.clone()),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Value<B> {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Float(_) => "float tensor",
+            Value::Int(_) => "int tensor",
+            Value::Bool(_) => "bool tensor",
+            Value::Grads(_) => "gradients",
+        }
+    }
+
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Value::Float(t) => t.shape().to_vec(),
+            Value::Int(t) => t.shape().to_vec(),
+            Value::Bool(t) => t.shape().to_vec(),
+            Value::Grads(_) => vec![],
+        }
+    }
+}
+
+/// Whether a float tensor takes part in an autodiff graph. burn's `AutodiffBackend` does not say;
+/// burn's `Autodiff` does, and it is the only autodiff backend the runtime is built on.
+pub trait Tracking: AutodiffBackend {
+    fn is_tracked(t: &FloatTensor<Self>) -> bool;
+}
+
+impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
+    fn is_tracked(t: &FloatTensor<Self>) -> bool {
+        t.is_tracked()
+    }
+}
+
+pub struct TensorTable<B: AutodiffBackend> {
+    pub device: B::Device,
+    pub device_name: String,
+    /// Held only to look up or store values, never while an op computes: runs on other threads
+    /// sharing this runtime wait for a map access, not for each other's kernels.
+    live: Mutex<Live<B>>,
+    rngs: Mutex<Rngs>,
+    /// Where dropout masks come from outside any [`crate::Scope`]; a scope's run draws from
+    /// its own.
+    dropout: Mutex<ChaCha8Rng>,
+}
+
+/// The backend keeps one generator per process: seeding it and drawing from it happen under
+/// this lock, so draws of two runtimes never interleave.
+static BACKEND_RNG: Mutex<()> = Mutex::new(());
+
+/// The handles and values of one runtime.
+struct Live<B: AutodiffBackend> {
+    /// Handle → slot. Each holder has its own handle (`retain` makes a new one), so a holder
+    /// that releases one handle too many cannot drop another holder's reference.
+    handles: HashMap<u64, u64>,
+    /// Slot → value and number of handles: an in-place update (`assign`, `set_requires_grad`)
+    /// through one handle is seen by every holder, as with a torch Parameter.
+    slots: HashMap<u64, (Value<B>, u32)>,
+    next: u64,
+}
+
+/// Host-side generators (`rng_new`), for draws that repeat whatever the device.
+struct Rngs {
+    map: HashMap<u64, ChaCha8Rng>,
+    next: u64,
+}
+
+/// Handles and generator ids carry their runtime's number in the top bits, so a handle alone
+/// says which runtime holds it.
+pub const RUNTIME_SHIFT: u32 = 48;
+
+/// The runtime number a handle or generator id belongs to.
+pub fn runtime_of(id: u64) -> u16 {
+    (id >> RUNTIME_SHIFT) as u16
+}
+
+fn not_live(id: TensorId) -> String {
+    format!(
+        "tensor handle {} is not live (released or never created)",
+        id.0
+    )
+}
+
+pub fn to_burn_dtype(d: DType) -> RtResult<BDType> {
+    Ok(match d {
+        DType::F32 => BDType::F32,
+        DType::F16 => BDType::F16,
+        DType::BF16 => BDType::BF16,
+        DType::F64 => BDType::F64,
+        DType::I64 => BDType::I64,
+        DType::I32 => BDType::I32,
+        DType::U8 => BDType::U8,
+        DType::Bool => BDType::Bool(burn_backend::BoolStore::Native),
+        _ => {
+            return Err(format!("dtype {d} is not supported by this backend"));
+        }
+    })
+}
+
+pub fn from_burn_dtype(d: BDType) -> DType {
+    match d {
+        BDType::F32 | BDType::Flex32 => DType::F32,
+        BDType::F16 => DType::F16,
+        BDType::BF16 => DType::BF16,
+        BDType::F64 => DType::F64,
+        BDType::I64 | BDType::U64 => DType::I64,
+        BDType::I32 | BDType::U32 | BDType::I16 | BDType::U16 | BDType::I8 => DType::I32,
+        BDType::U8 => DType::U8,
+        _ => DType::Bool,
+    }
+}
+
+pub fn float_dtype(d: DType) -> RtResult<FloatDType> {
+    match d {
+        DType::F32 => Ok(FloatDType::F32),
+        DType::F16 => Ok(FloatDType::F16),
+        DType::BF16 => Ok(FloatDType::BF16),
+        DType::F64 => Ok(FloatDType::F64),
+        other => Err(format!(
+            "{other} is not a float dtype this backend computes in"
+        )),
+    }
+}
+
+impl<B: AutodiffBackend> TensorTable<B> {
+    /// An empty table; its handles are numbered in runtime `index`'s range.
+    pub fn new(device: B::Device, device_name: String, index: u16) -> Self {
+        let first = (u64::from(index) << RUNTIME_SHIFT) | 1;
+        Self {
+            device,
+            device_name,
+            live: Mutex::new(Live {
+                handles: HashMap::new(),
+                slots: HashMap::new(),
+                next: first,
+            }),
+            rngs: Mutex::new(Rngs {
+                map: HashMap::new(),
+                next: first,
+            }),
+            dropout: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+        }
+    }
+
+    /// Runs `draw` (a backend random op) seeded from the calling run's dropout generator (the
+    /// runtime's own outside any run).
+    pub fn backend_random<T>(&self, draw: impl FnOnce() -> T) -> T {
+        let seed = match crate::scope::current() {
+            Some(s) => s.next_dropout_seed(),
+            None => self
+                .dropout
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .next_u64(),
+        };
+        let _backend = BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner());
+        B::seed(&self.device, seed);
+        draw()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Live<B>> {
+        // Every update below leaves the maps consistent, so a panic elsewhere does not poison
+        // them in any way that matters.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_rngs(&self) -> MutexGuard<'_, Rngs> {
+        self.rngs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of live handles.
+    pub fn live(&self) -> usize {
+        self.lock().handles.len()
+    }
+
+    pub fn insert(&self, v: Value<B>) -> TensorId {
+        let mut l = self.lock();
+        let id = l.next;
+        l.next += 1;
+        l.handles.insert(id, id);
+        l.slots.insert(id, (v, 1));
+        TensorId(id)
+    }
+
+    /// A new handle to the same tensor.
+    pub fn retain(&self, id: TensorId) -> RtResult<TensorId> {
+        let mut l = self.lock();
+        let slot = l.slot(id)?;
+        if let Some(s) = l.slots.get_mut(&slot) {
+            s.1 += 1;
+        }
+        let new = l.next;
+        l.next += 1;
+        l.handles.insert(new, slot);
+        Ok(TensorId(new))
+    }
+
+    /// The value behind `id` (values are cheap to clone: the data is shared).
+    pub fn get(&self, id: TensorId) -> RtResult<Value<B>> {
+        let l = self.lock();
+        let slot = l.slot(id)?;
+        l.slots
+            .get(&slot)
+            .map(|(v, _)| v.clone())
+            .ok_or_else(|| not_live(id))
+    }
+
+    /// Replaces the value every handle to `id`'s tensor sees.
+    pub fn replace(&self, id: TensorId, v: Value<B>) -> RtResult<()> {
+        let mut l = self.lock();
+        let slot = l.slot(id)?;
+        let s = l.slots.get_mut(&slot).ok_or_else(|| not_live(id))?;
+        s.0 = v;
+        Ok(())
+    }
+
+    /// Drops one handle; the tensor goes with its last handle. False when `id` was not live
+    /// (released twice, or never created): nothing else is touched.
+    pub fn release(&self, id: TensorId) -> bool {
+        let dropped = {
+            let mut l = self.lock();
+            let Some(slot) = l.handles.remove(&id.0) else {
+                return false;
+            };
+            match l.slots.get_mut(&slot) {
+                Some(s) if s.1 > 1 => {
+                    s.1 -= 1;
+                    None
+                }
+                _ => l.slots.remove(&slot),
+            }
+        };
+        // The last handle's value is freed outside the lock (device memory release).
+        drop(dropped);
+        true
+    }
+
+    pub fn float(&self, id: TensorId) -> RtResult<FloatTensor<B>> {
+        match self.get(id)? {
+            Value::Float(t) => Ok(t),
+            other => Err(format!(
+                "expected a float tensor, got {} (handle {})",
+                other.kind(),
+                id.0
+            )),
+        }
+    }
+
+    /// An integer tensor; float values are truncated (so indices may come as floats).
+    pub fn int(&self, id: TensorId) -> RtResult<IntTensor<B>> {
+        match self.get(id)? {
+            Value::Int(t) => Ok(t),
+            Value::Float(t) => Ok(B::float_into_int(t, self.settings().int_dtype)),
+            other => Err(format!(
+                "expected an integer tensor, got {} (handle {})",
+                other.kind(),
+                id.0
+            )),
+        }
+    }
+
+    /// A bool tensor; numeric values are `!= 0`.
+    pub fn bool(&self, id: TensorId) -> RtResult<BoolTensor<B>> {
+        let bd = self.settings().bool_dtype;
+        match self.get(id)? {
+            Value::Bool(t) => Ok(t),
+            Value::Float(t) => Ok(B::float_not_equal_elem(t, 0.0.into(), bd)),
+            Value::Int(t) => Ok(B::int_not_equal_elem(t, 0.into(), bd)),
+            other => Err(format!(
+                "expected a mask, got {} (handle {})",
+                other.kind(),
+                id.0
+            )),
+        }
+    }
+
+    pub fn settings(&self) -> burn_backend::DeviceSettings {
+        get_device_settings::<B>(&self.device)
+    }
+
+    pub fn dtype(&self, id: TensorId) -> RtResult<DType> {
+        Ok(match self.get(id)? {
+            Value::Float(t) => from_burn_dtype(t.dtype()),
+            Value::Int(t) => from_burn_dtype(t.dtype()),
+            Value::Bool(_) => DType::Bool,
+            Value::Grads(_) => return Err("a gradients handle has no dtype".into()),
+        })
+    }
+
+    /// Reads a tensor back to host memory (a device sync).
+    pub fn data(&self, id: TensorId) -> RtResult<TensorData> {
+        let r = match self.get(id)? {
+            Value::Float(t) => read_sync(B::float_into_data(t)),
+            Value::Int(t) => read_sync(B::int_into_data(t)),
+            Value::Bool(t) => read_sync(B::bool_into_data(t)),
+            Value::Grads(_) => return Err("a gradients handle holds no data".into()),
+        };
+        r.map_err(|e| format!("reading tensor {} from the device: {e}", id.0))
+    }
+
+    /// Uploads host data: float data becomes a float tensor, integer data an int tensor.
+    pub fn upload(&self, data: TensorData) -> TensorId {
+        let v = if data.dtype.is_float() {
+            Value::Float(B::float_from_data(data, &self.device))
+        } else if data.dtype.is_bool() {
+            Value::Bool(B::bool_from_data(data, &self.device))
+        } else {
+            let int_dtype: BDType = self.settings().int_dtype.into();
+            Value::Int(B::int_from_data(
+                data.convert_dtype(int_dtype),
+                &self.device,
+            ))
+        };
+        self.insert(v)
+    }
+
+    pub fn rng_new(&self, seed: u64) -> u64 {
+        let mut r = self.lock_rngs();
+        let id = r.next;
+        r.next += 1;
+        r.map.insert(id, ChaCha8Rng::seed_from_u64(seed));
+        id
+    }
+
+    pub fn rng_release(&self, id: u64) {
+        self.lock_rngs().map.remove(&id);
+    }
+
+    /// Runs `f` with generator `id`, or None when it does not exist.
+    pub fn with_rng<T>(&self, id: u64, f: impl FnOnce(&mut ChaCha8Rng) -> T) -> Option<T> {
+        self.lock_rngs().map.get_mut(&id).map(f)
+    }
+}
+
+impl<B: AutodiffBackend> Live<B> {
+    fn slot(&self, id: TensorId) -> RtResult<u64> {
+        self.handles.get(&id.0).copied().ok_or_else(|| not_live(id))
+    }
+}

@@ -1,9 +1,0 @@
-//! Training: the config, the trainer and what it uses.
-
-pub mod cache;
-pub mod config;
-pub mod demo;
-pub mod loss;
-pub mod tensorboard;
-pub mod timesteps;
-pub mod trainer;
