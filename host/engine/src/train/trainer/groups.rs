@@ -1,0 +1,244 @@
+//! The trained parts (UNet, text encoder, or the adapters): their tensors and optimizers, the
+//! optimizer step with gradient clipping, stopping a part, and EMA.
+
+use ferrite_plugin_api::{Param, Tensor, plugin::OptimizerHandle};
+
+use super::ema::Ema;
+use super::intervals::Moment;
+use super::{Result, TrainError, Trainer, err};
+use crate::adapters::select;
+use crate::config::TrainConfig;
+
+/// A model part's trainable tensors and their optimizer.
+pub(super) struct Group {
+    pub(super) part: String,
+    pub(super) names: Vec<String>,
+    pub(super) params: Vec<Tensor>,
+    pub(super) optimizer: OptimizerHandle,
+    pub(super) lr: f64,
+    /// The moving average of `params`, when EMA is on.
+    pub(super) ema: Option<Ema>,
+    /// It stopped training (stop_training_after) and keeps its weights from then on.
+    pub(super) stopped: bool,
+}
+
+/// While it lives, the trained tensors record no autodiff graph (sampling and validation need
+/// none, and building it made sampling several times slower).
+pub(super) struct Untracked(Vec<Tensor>);
+
+impl Untracked {
+    pub(super) fn new(groups: &[Group]) -> Result<Self> {
+        let tracked: Vec<Tensor> = groups
+            .iter()
+            .filter(|g| !g.stopped)
+            .flat_map(|g| g.params.iter().cloned())
+            .collect();
+        for p in &tracked {
+            p.set_requires_grad(false).map_err(err)?;
+        }
+        Ok(Self(tracked))
+    }
+}
+
+impl Drop for Untracked {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if let Err(e) = p.set_requires_grad(true) {
+                tracing::error!("re-enabling gradients: {e}");
+            }
+        }
+    }
+}
+
+impl Trainer {
+    pub(super) fn make_groups(&self) -> Result<Vec<Group>> {
+        let c = &self.config;
+        let named: Vec<(String, Tensor)> = if c.training_method == "lora" {
+            self.model.clear();
+            let filter = select::LayerFilter::new(
+                &c.lora_layer_preset,
+                &c.lora_layers,
+                c.layer_filter_regex,
+            )
+            .map_err(err)?;
+            let layers: Vec<_> = select::select(&self.model.layers, &filter, c.text_encoder.train)
+                .into_iter()
+                .filter(|l| c.unet.train || !l.name.starts_with("unet."))
+                .collect();
+            self.model
+                .create(&self.registry, &layers, &c.adapter_options())
+                .map_err(err)?;
+            if !c.lora_base_model.is_empty() {
+                self.model
+                    .resume(&TrainConfig::path(&self.base, &c.lora_base_model))
+                    .map_err(err)?;
+            }
+            self.model.set_training(true).map_err(err)?;
+            self.model.parameters().map_err(err)?
+        } else {
+            let all = self.arch.parameters().map_err(err)?;
+            for (_, t) in &all {
+                t.set_requires_grad(false).map_err(err)?;
+            }
+            all
+        };
+        let (opt_id, opt_options) = c.optimizer_options();
+        let mut groups = Vec::new();
+        for (part, pc) in [("unet", &c.unet), ("text_encoder", &c.text_encoder)] {
+            if !pc.train {
+                continue;
+            }
+            let (names, params): (Vec<String>, Vec<Tensor>) = named
+                .iter()
+                .filter(|(n, _)| n.starts_with(&format!("{part}.")))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .unzip();
+            if params.is_empty() {
+                continue;
+            }
+            for p in &params {
+                p.set_requires_grad(true).map_err(err)?;
+            }
+            let optimizer = self
+                .registry
+                .optimizer(&opt_id, &opt_options.to_string())
+                .map_err(err)?;
+            let ema = match c.ema.as_str() {
+                "off" => None,
+                on => Some(Ema::new(&params, on == "cpu").map_err(err)?),
+            };
+            groups.push(Group {
+                part: part.into(),
+                names,
+                params,
+                optimizer,
+                lr: pc.learning_rate.unwrap_or(c.learning_rate),
+                ema,
+                stopped: false,
+            });
+        }
+        if groups.is_empty() {
+            return Err(TrainError(
+                "nothing to train: no parameters in the parts marked train".into(),
+            ));
+        }
+        Ok(groups)
+    }
+
+    /// Stops the parts whose stop_training_after has come; true when no part trains any more.
+    pub(super) fn stop_parts(&mut self, at: Moment) -> Result<bool> {
+        let c = &self.config;
+        let (step, epoch) = (self.progress.step as f64, self.progress.epoch as f64);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        for g in &mut self.groups {
+            let pc = if g.part == "unet" {
+                &c.unet
+            } else {
+                &c.text_encoder
+            };
+            let after = pc.stop_training_after;
+            let reached = after > 0.0
+                && match (pc.stop_training_after_unit.as_str(), at) {
+                    ("step", Moment::Step) => step >= after,
+                    ("epoch", Moment::Epoch) => epoch >= after,
+                    ("second", _) => elapsed >= after,
+                    ("minute", _) => elapsed >= after * 60.0,
+                    ("hour", _) => elapsed >= after * 3600.0,
+                    _ => false,
+                };
+            if reached && !g.stopped {
+                tracing::info!("{} stops training at step {step}", g.part);
+                g.stopped = true;
+                for p in &g.params {
+                    p.set_requires_grad(false).map_err(err)?;
+                }
+            }
+        }
+        Ok(self.groups.iter().all(|g| g.stopped))
+    }
+
+    /// Clips the accumulated gradients and steps each part's optimizer.
+    pub(super) fn apply(&mut self, grads: Vec<Vec<Option<Tensor>>>, lr_factor: f64) -> Result<()> {
+        let clip = self.config.clip_grad_norm;
+        let scale = if clip > 0.0 {
+            let mut sq: Option<Tensor> = None;
+            for g in grads.iter().flatten().flatten() {
+                let s = g.powf(2.0).and_then(|x| x.sum_all()).map_err(err)?;
+                sq = Some(match sq {
+                    Some(acc) => acc.add(&s).map_err(err)?,
+                    None => s,
+                });
+            }
+            // min(1, clip / (‖g‖ + 1e-6)), on the device.
+            sq.map(|s| {
+                s.sqrt()?
+                    .add_scalar(1e-6)?
+                    .powf(-1.0)?
+                    .mul_scalar(clip)?
+                    .clamp(None, Some(1.0))
+            })
+            .transpose()
+            .map_err(err)?
+        } else {
+            None
+        };
+        for (g, row) in self.groups.iter_mut().zip(grads) {
+            if g.stopped {
+                continue;
+            }
+            // Every parameter goes by name; one without a gradient is skipped by the
+            // optimizer with its state kept.
+            let scaled: Vec<Option<Tensor>> = row
+                .into_iter()
+                .map(|grad| match (grad, &scale) {
+                    (Some(grad), Some(s)) => grad.mul(s).map(Some),
+                    (grad, _) => Ok(grad),
+                })
+                .collect::<ferrite_plugin_api::Result<_>>()
+                .map_err(err)?;
+            let params: Vec<Param<'_>> = g
+                .names
+                .iter()
+                .zip(&g.params)
+                .zip(&scaled)
+                .map(|((name, tensor), grad)| Param {
+                    name,
+                    tensor,
+                    grad: grad.as_ref(),
+                })
+                .collect();
+            g.optimizer.step(&params, g.lr * lr_factor).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// ema ← d·ema + (1 − d)·param, with d warming up as (1 + step)/(10 + step) towards
+    /// `ema_decay` (OneTrainer's and diffusers' rule).
+    pub(super) fn update_ema(&mut self) -> Result<()> {
+        let s = self.progress.step as f64;
+        let d = self.config.ema_decay.min((1.0 + s) / (10.0 + s));
+        for g in &mut self.groups {
+            if let Some(ema) = &mut g.ema {
+                ema.update(&g.params, d).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the EMA weights in place of the trained ones (when EMA is on).
+    pub(super) fn with_ema_weights<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut kept = Vec::new();
+        for g in &self.groups {
+            let Some(ema) = &g.ema else { continue };
+            for (e, p) in ema.tensors().map_err(err)?.iter().zip(&g.params) {
+                kept.push((p.clone(), p.detach().map_err(err)?));
+                p.assign(e).map_err(err)?;
+            }
+        }
+        let out = f();
+        for (p, v) in kept {
+            p.assign(&v).map_err(err)?;
+        }
+        out
+    }
+}
