@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
         model.clear();
         let layers = select::select(
             &model.layers,
-            &select::LayerFilter::new("full", "", false)?,
+            &select::LayerFilter::new(ferrite::config::LayerPreset::Full, "", false)?,
             true,
         );
         let opts = AdapterOptions {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferrite::adapters::{AdapterOptions, ModelLayers, formats::Format, select};
+use ferrite::config::LayerPreset;
 use ferrite::plugins::Registry;
 use ferrite::runtime::{Device, Entered, Scope};
 use ferrite::settings::Settings;
@@ -223,7 +224,7 @@ fn every_format_round_trips() {
 fn fresh_adapters_start_as_the_base_model_and_count_what_they_add() {
     let s = Setup::new();
     let base = s.unet();
-    let filter = select::LayerFilter::new("attn-only", "", false).unwrap();
+    let filter = select::LayerFilter::new(LayerPreset::AttnOnly, "", false).unwrap();
     let layers = select::select(&s.model.layers, &filter, false);
     assert!(layers.iter().all(|l| l.name.contains("attn")));
     for (kind, dora) in [("lora", false), ("lora", true), ("loha", false)] {
@@ -297,7 +298,7 @@ fn bad_adapter_files_fail_clearly() {
 
     // Resuming a rank-4 file into rank-8 adapters.
     let filter = select::LayerFilter::new(
-        "custom",
+        LayerPreset::Custom,
         "to_q, to_k, to_v, to_out.0, ff.net.2, proj_in, conv1, conv_shortcut",
         false,
     )

@@ -88,7 +88,10 @@ fn a_demo_run_from_the_gui_samples_pauses_resumes_and_stops() {
     h.get_by_label("Preset").click();
     h.run();
     click(&mut h, "demo");
-    assert_eq!(h.state().config.training_method, "fine_tune");
+    assert_eq!(
+        h.state().config.training_method,
+        ferrite::config::TrainingMethod::FineTune
+    );
     set_text(
         &mut h,
         "Config file",

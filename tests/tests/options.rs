@@ -4,6 +4,9 @@
 //! `TrainConfig` must be in the table or in the list of options shown by other tests, so an option
 //! added without a row fails here.
 
+use ferrite::config::{
+    BalancingStrategy, ConceptType, LossWeightFn, PromptSource, TimestepDistribution,
+};
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -119,11 +122,11 @@ fn table() -> Vec<Row> {
             // A standard concept is required; this one adds no images.
             |c| {
                 let mut none = c.concepts[0].clone();
-                none.balancing_strategy = "samples".into();
+                none.balancing_strategy = BalancingStrategy::Samples;
                 none.balancing = 0.1;
                 c.concepts.push(none);
             },
-            |c| c0(c).kind = "prior".into(),
+            |c| c0(c).kind = ConceptType::Prior,
             &[Batch, Loss]
         ),
         Row::Elsewhere(
@@ -136,13 +139,13 @@ fn table() -> Vec<Row> {
         ),
         row!(
             "concepts.prompt_source",
-            |c| c0(c).prompt_source = "filename".into(),
+            |c| c0(c).prompt_source = PromptSource::Filename,
             &[Captions]
         ),
         row!(
             "concepts.text_file",
             |c| {
-                c0(c).prompt_source = "concept".into();
+                c0(c).prompt_source = PromptSource::Concept;
                 c0(c).text_file = "alpha.txt".into();
             },
             |c| c0(c).text_file = "beta.txt".into(),
@@ -151,7 +154,7 @@ fn table() -> Vec<Row> {
         row!("concepts.balancing", |c| c0(c).balancing = 2.0, &[Batch]),
         row!(
             "concepts.balancing_strategy",
-            |c| c0(c).balancing_strategy = "samples".into(),
+            |c| c0(c).balancing_strategy = BalancingStrategy::Samples,
             &[Batch]
         ),
         row!(
@@ -363,18 +366,18 @@ fn table() -> Vec<Row> {
         // ---- noise and timesteps ----
         row!(
             "timestep_distribution",
-            |c| c.timestep_distribution = "logit_normal".into(),
+            |c| c.timestep_distribution = TimestepDistribution::LogitNormal,
             &[Timesteps]
         ),
         row!(
             "noising_weight",
-            |c| c.timestep_distribution = "logit_normal".into(),
+            |c| c.timestep_distribution = TimestepDistribution::LogitNormal,
             |c| c.noising_weight = 1.0,
             &[Timesteps]
         ),
         row!(
             "noising_bias",
-            |c| c.timestep_distribution = "logit_normal".into(),
+            |c| c.timestep_distribution = TimestepDistribution::LogitNormal,
             |c| c.noising_bias = 0.5,
             &[Timesteps]
         ),
@@ -455,12 +458,12 @@ fn table() -> Vec<Row> {
         // (min_snr_gamma only changes steps whose SNR is above γ, which a batch may not have.)
         row!(
             "loss_weight_fn",
-            |c| c.loss_weight_fn = "p2".into(),
+            |c| c.loss_weight_fn = LossWeightFn::P2,
             &[Loss]
         ),
         row!(
             "loss_weight_strength",
-            |c| c.loss_weight_fn = "min_snr_gamma".into(),
+            |c| c.loss_weight_fn = LossWeightFn::MinSnrGamma,
             |c| c.loss_weight_strength = 0.5,
             &[Loss]
         ),

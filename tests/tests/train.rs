@@ -3,6 +3,7 @@
 //! (per-step losses and final weights, bitwise), and the loss goes down. Runs share nothing
 //! process-wide: the tests here train at the same time.
 
+use ferrite::config::{ConceptType, EmaMode, LossWeightFn, OutputFormat, TimeUnit, TrainingMethod};
 use std::path::{Path, PathBuf};
 use std::sync::Barrier;
 
@@ -165,7 +166,7 @@ fn resume_is_exact(ema: bool, dropout: f64) {
     let config = |root: &Path, name: &str| {
         let mut c = config(root, name);
         if ema {
-            c.ema = "gpu".into();
+            c.ema = EmaMode::Gpu;
             c.ema_update_step_interval = 1;
             c.ema_decay = 0.9;
         }
@@ -321,7 +322,7 @@ fn lora_training_lowers_the_loss() {
     let root = root.path();
     let mut c = config(root, "long");
     c.epochs = 40;
-    c.backup_after_unit = "never".into();
+    c.backup_after_unit = TimeUnit::Never;
     let r = run(c, root, None);
     let mean = |s: &[(u64, f32)]| s.iter().map(|(_, l)| l).sum::<f32>() / s.len() as f32;
     let (first, last) = (mean(&r.losses[..9]), mean(&r.losses[r.losses.len() - 9..]));
@@ -335,12 +336,12 @@ fn validation_loss_is_repeatable_and_falls_as_the_lora_learns() {
     let root = root.path();
     let mut c = config(root, "val");
     c.epochs = 20;
-    c.backup_after_unit = "never".into();
+    c.backup_after_unit = TimeUnit::Never;
     c.validation = true;
     c.validate_after = 5.0;
     let mut v = c.concepts[0].clone();
     v.name = "held out".into();
-    v.kind = "validation".into();
+    v.kind = ConceptType::Validation;
     c.concepts.push(v);
     let mut t = Trainer::new(c, root, registry()).unwrap();
     let before = t.validate().unwrap();
@@ -386,7 +387,7 @@ fn masked_training_only_learns_where_the_mask_is() {
             .unwrap();
     }
     let mut c = config(root, "masked");
-    c.backup_after_unit = "never".into();
+    c.backup_after_unit = TimeUnit::Never;
     c.masked_training = true;
     c.unmasked_probability = 0.0;
     c.unmasked_weight = 0.0;
@@ -410,7 +411,7 @@ fn masked_training_only_learns_where_the_mask_is() {
 
     // The same images with the area outside the mask weighted 0.5: a loss, and learning.
     let mut c = config(root, "half");
-    c.backup_after_unit = "never".into();
+    c.backup_after_unit = TimeUnit::Never;
     c.masked_training = true;
     c.unmasked_probability = 0.0;
     c.unmasked_weight = 0.5;
@@ -425,7 +426,7 @@ fn the_caches_encode_each_image_and_caption_once_and_a_changed_one_again() {
     let cached = |root: &Path, clear: bool| {
         let mut c = config(root, "cached");
         c.epochs = 1;
-        c.backup_after_unit = "never".into();
+        c.backup_after_unit = TimeUnit::Never;
         c.cache_dir = "cache".into();
         c.clear_cache_before_training = clear;
         c
@@ -492,9 +493,9 @@ fn prior_images_are_trained_towards_the_model_without_its_adapter() {
     c.batch_size = 1;
     c.epochs = 1;
     c.learning_rate = 0.05;
-    c.backup_after_unit = "never".into();
+    c.backup_after_unit = TimeUnit::Never;
     let mut prior = c.concepts[0].clone();
-    prior.kind = "prior".into();
+    prior.kind = ConceptType::Prior;
     c.concepts.push(prior);
     let mut t = Trainer::new(c, root, registry()).unwrap();
     t.run(|_| {}).unwrap();
@@ -536,7 +537,7 @@ fn a_second_run_with_another_seed_reuses_the_cache() {
         let mut c = config(root, name);
         c.epochs = 1;
         c.seed = seed;
-        c.backup_after_unit = "never".into();
+        c.backup_after_unit = TimeUnit::Never;
         c.cache_dir = "reuse-cache".into();
         c.concepts[0].enable_crop_jitter = false;
         c.concepts[0].enable_random_flip = false;
@@ -559,11 +560,11 @@ fn the_output_never_replaces_what_ferrite_did_not_write() {
     let root = root.path();
     let folder_config = |dest: &str| {
         let mut c = config(root, "dest");
-        c.training_method = "fine_tune".into();
-        c.output_model_format = "diffusers".into();
+        c.training_method = TrainingMethod::FineTune;
+        c.output_model_format = OutputFormat::Diffusers;
         c.output_model_destination = dest.into();
         c.epochs = 1;
-        c.backup_after_unit = "never".into();
+        c.backup_after_unit = TimeUnit::Never;
         c
     };
     let user = root.join("mine");
@@ -637,7 +638,7 @@ fn loss_options_change_the_loss_as_they_should() {
     let first = |name: &str, change: &dyn Fn(&mut TrainConfig)| {
         let mut c = config(root, name);
         c.epochs = 1;
-        c.backup_after_unit = "never".into();
+        c.backup_after_unit = TimeUnit::Never;
         change(&mut c);
         run(c, root, None).losses[0].1
     };
@@ -647,7 +648,7 @@ fn loss_options_change_the_loss_as_they_should() {
         c.mse_strength = 0.0;
         c.huber_strength = 1.0;
     });
-    let p2 = first("p2", &|c| c.loss_weight_fn = "p2".into());
+    let p2 = first("p2", &|c| c.loss_weight_fn = LossWeightFn::P2);
     println!("first-step loss: mse {plain}, perturbed {perturbed}, huber {huber}, p2 {p2}");
     assert!(perturbed != plain && perturbed.is_finite());
     // Huber is at most half the squared error, and p2 weights every step below 1.
@@ -662,7 +663,7 @@ fn loader_threads_do_not_change_the_run() {
     for caching in [false, true] {
         let losses = |threads: usize| {
             let mut c = config(root, &format!("threads{threads}{caching}"));
-            c.backup_after_unit = "never".into();
+            c.backup_after_unit = TimeUnit::Never;
             c.latent_caching = caching;
             c.dataloader_threads = threads;
             c.cache_dir = format!("cache{threads}");
@@ -700,15 +701,20 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
 fn ema_in_host_memory_matches_ema_on_the_device() {
     let root = setup();
     let root = root.path();
-    let saved = |mode: &str| {
-        let mut c = config(root, mode);
-        c.backup_after_unit = "never".into();
-        c.ema = mode.into();
+    let saved = |mode: EmaMode| {
+        let name = mode.to_string();
+        let mut c = config(root, &name);
+        c.backup_after_unit = TimeUnit::Never;
+        c.ema = mode;
         c.ema_update_step_interval = 1;
         run(c, root, None);
-        tensors(&root.join(format!("{mode}/out/lora.safetensors")))
+        tensors(&root.join(format!("{name}/out/lora.safetensors")))
     };
-    let (gpu, cpu, off) = (saved("gpu"), saved("cpu"), saved("off"));
+    let (gpu, cpu, off) = (
+        saved(EmaMode::Gpu),
+        saved(EmaMode::Cpu),
+        saved(EmaMode::Off),
+    );
     let mut worst = 0f32;
     for ((k, a), (_, b)) in gpu.iter().zip(&cpu) {
         for (x, y) in a.iter().zip(b) {
@@ -728,10 +734,10 @@ fn a_part_stops_after_its_limit_and_always_and_timed_units_fire() {
     let mut c = config(root, "limits");
     c.epochs = 10;
     c.unet.stop_training_after = 2.0;
-    c.unet.stop_training_after_unit = "step".into();
-    c.backup_after_unit = "always".into();
+    c.unet.stop_training_after_unit = TimeUnit::Step;
+    c.backup_after_unit = TimeUnit::Always;
     c.save_every = 0.001;
-    c.save_every_unit = "second".into();
+    c.save_every_unit = TimeUnit::Second;
     let mut t = Trainer::new(c, root, registry()).unwrap();
     let (mut steps, mut backups, mut saves) = (0, 0, 0);
     t.run(|e| match e {
@@ -754,10 +760,10 @@ fn a_fine_tune_saves_one_original_layout_file_that_loads_as_the_trained_model() 
     let root = setup();
     let root = root.path();
     let mut c = config(root, "ft");
-    c.training_method = "fine_tune".into();
+    c.training_method = TrainingMethod::FineTune;
     c.epochs = 1;
     c.learning_rate = 1e-3;
-    c.backup_after_unit = "never".into();
+    c.backup_after_unit = TimeUnit::Never;
     c.output_model_destination = "ft/out/model.safetensors".into();
     let mut t = Trainer::new(c, root, registry()).unwrap();
     t.run(|_| {}).unwrap();
@@ -808,11 +814,11 @@ fn a_forced_prediction_type_trains_and_saves_as_that() {
     let root = root.path();
     let first = |name: &str, force_v: bool| {
         let mut c = config(root, name);
-        c.training_method = "fine_tune".into();
+        c.training_method = TrainingMethod::FineTune;
         c.epochs = 1;
-        c.backup_after_unit = "never".into();
+        c.backup_after_unit = TimeUnit::Never;
         c.force_v_prediction = force_v;
-        c.output_model_format = "diffusers".into();
+        c.output_model_format = OutputFormat::Diffusers;
         c.output_model_destination = format!("{name}/out/model");
         run(c, root, None).losses[0].1
     };
@@ -841,7 +847,7 @@ fn text_variations_are_the_captions_cached_per_image() {
     let encoded = |variations: usize| {
         let mut c = config(root, &format!("tv{variations}"));
         c.epochs = 3;
-        c.backup_after_unit = "never".into();
+        c.backup_after_unit = TimeUnit::Never;
         c.cache_dir = format!("cache-tv{variations}");
         c.concepts[0].text_variations = variations;
         run(c, root, None).encoded.1

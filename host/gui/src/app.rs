@@ -11,7 +11,7 @@ use super::concepts::ConceptsUi;
 use super::form::{Fields, FormState, Help, problems_by_key};
 use super::run::{Phase, RunView};
 use super::tools::Tools;
-use crate::config::{SampleConfig, TrainConfig, choices, preset_names};
+use crate::config::{OutputFormat, SampleConfig, TrainConfig, TrainingMethod, preset_names};
 use crate::plugins::{ComponentInfo, LoadProblem, Registry};
 use crate::settings::Settings;
 
@@ -275,7 +275,7 @@ impl App {
         egui::Panel::top("tabs").show(ui, |ui| {
             ui.horizontal_wrapped(|ui| {
                 for t in Tab::ALL {
-                    if t == Tab::Lora && self.config.training_method != "lora" {
+                    if t == Tab::Lora && self.config.training_method != TrainingMethod::Lora {
                         continue;
                     }
                     ui.selectable_value(&mut self.tab, t, t.name());
@@ -329,15 +329,19 @@ impl App {
                 .labelled_by(label.id);
             let label = ui.label("Training method");
             egui::ComboBox::from_id_salt("training method")
-                .selected_text(match self.config.training_method.as_str() {
-                    "lora" => "LoRA",
-                    _ => "Fine tune",
+                .selected_text(match self.config.training_method {
+                    TrainingMethod::Lora => "LoRA",
+                    TrainingMethod::FineTune => "Fine tune",
                 })
                 .show_ui(ui, |ui| {
-                    ui.selectable_value(&mut self.config.training_method, "lora".into(), "LoRA");
                     ui.selectable_value(
                         &mut self.config.training_method,
-                        "fine_tune".into(),
+                        TrainingMethod::Lora,
+                        "LoRA",
+                    );
+                    ui.selectable_value(
+                        &mut self.config.training_method,
+                        TrainingMethod::FineTune,
                         "Fine tune",
                     );
                 })
@@ -484,7 +488,7 @@ impl App {
             Tab::Model => {
                 f.grid(ui, "model", |f, ui| {
                     let archs: Vec<&str> = archs.iter().map(String::as_str).collect();
-                    f.choice(ui, "model_type", &mut c.model_type, &archs);
+                    f.choice_id(ui, "model_type", &mut c.model_type, &archs);
                     f.path(ui, "base_model_name", &mut c.base_model_name, false);
                     f.path(ui, "base_model_config", &mut c.base_model_config, true);
                     f.path(
@@ -493,16 +497,11 @@ impl App {
                         &mut c.output_model_destination,
                         false,
                     );
-                    let formats: &[&str] = if c.training_method == "lora" {
-                        choices::LORA_FORMATS
-                    } else {
-                        choices::FINE_TUNE_FORMATS
-                    };
-                    f.choice(
+                    f.choice_of(
                         ui,
                         "output_model_format",
                         &mut c.output_model_format,
-                        formats,
+                        OutputFormat::allowed(c.training_method),
                     );
                     f.check(ui, "force_v_prediction", &mut c.force_v_prediction);
                     f.check(
@@ -568,17 +567,12 @@ impl App {
             }),
             Tab::Lora => f.grid(ui, "lora", |f, ui| {
                 let adapters: Vec<&str> = adapters.iter().map(String::as_str).collect();
-                f.choice(ui, "peft_type", &mut c.peft_type, &adapters);
+                f.choice_id(ui, "peft_type", &mut c.peft_type, &adapters);
                 f.num(ui, "lora_rank", &mut c.lora_rank);
                 f.num(ui, "lora_alpha", &mut c.lora_alpha);
                 f.num(ui, "lora_dropout", &mut c.lora_dropout);
                 f.check(ui, "lora_decompose", &mut c.lora_decompose);
-                f.choice(
-                    ui,
-                    "lora_layer_preset",
-                    &mut c.lora_layer_preset,
-                    choices::LORA_LAYER_PRESETS,
-                );
+                f.choice(ui, "lora_layer_preset", &mut c.lora_layer_preset);
                 f.text(ui, "lora_layers", &mut c.lora_layers);
                 f.check(ui, "layer_filter_regex", &mut c.layer_filter_regex);
                 f.path(ui, "lora_base_model", &mut c.lora_base_model, false);
@@ -728,7 +722,6 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             ui,
             "learning_rate_scheduler",
             &mut c.learning_rate_scheduler,
-            choices::SCHEDULERS,
         );
         f.num(
             ui,
@@ -744,7 +737,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             &mut c.gradient_accumulation_steps,
         );
         f.num(ui, "clip_grad_norm", &mut c.clip_grad_norm);
-        f.choice(ui, "ema", &mut c.ema, choices::EMA);
+        f.choice(ui, "ema", &mut c.ema);
         f.num(ui, "ema_decay", &mut c.ema_decay);
         f.num(
             ui,
@@ -758,12 +751,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
     ui.separator();
     ui.strong("Noise and timesteps");
     f.grid(ui, "noise", |f, ui| {
-        f.choice(
-            ui,
-            "timestep_distribution",
-            &mut c.timestep_distribution,
-            choices::TIMESTEP_DISTRIBUTIONS,
-        );
+        f.choice(ui, "timestep_distribution", &mut c.timestep_distribution);
         f.num(ui, "noising_weight", &mut c.noising_weight);
         f.num(ui, "noising_bias", &mut c.noising_bias);
         f.num(ui, "timestep_shift", &mut c.timestep_shift);
@@ -784,12 +772,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
         f.num(ui, "log_cosh_strength", &mut c.log_cosh_strength);
         f.num(ui, "huber_strength", &mut c.huber_strength);
         f.num(ui, "huber_delta", &mut c.huber_delta);
-        f.choice(
-            ui,
-            "loss_weight_fn",
-            &mut c.loss_weight_fn,
-            choices::LOSS_WEIGHT_FNS,
-        );
+        f.choice(ui, "loss_weight_fn", &mut c.loss_weight_fn);
         f.num(ui, "loss_weight_strength", &mut c.loss_weight_strength);
         f.check(ui, "masked_training", &mut c.masked_training);
         f.num(ui, "unmasked_probability", &mut c.unmasked_probability);
@@ -829,7 +812,7 @@ fn sampling_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig) {
             f.num(ui, &k("seed"), &mut s.seed);
             f.num(ui, &k("diffusion_steps"), &mut s.diffusion_steps);
             f.num(ui, &k("cfg_scale"), &mut s.cfg_scale);
-            f.choice(ui, &k("sampler"), &mut s.sampler, choices::SAMPLERS);
+            f.choice(ui, &k("sampler"), &mut s.sampler);
         });
         ui.separator();
     }

@@ -10,7 +10,7 @@ use eframe::egui::{self, Ui};
 use rand::Rng;
 
 use super::form::Fields;
-use crate::config::{ConceptConfig, TrainConfig, choices};
+use crate::config::{ConceptConfig, ConceptType, TrainConfig, VariantArray};
 use crate::data::{self, Dataset, buckets::Buckets};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,7 +91,7 @@ impl ConceptsUi {
                     ui.checkbox(&mut c.enabled, "")
                         .on_hover_text(f.help.get("concepts.enabled"));
                     ui.label(&name);
-                    ui.label(&c.kind);
+                    ui.label(c.kind.as_ref());
                     let problem = f.problems.get(&format!("concepts[{i}].path"));
                     ui.label(if c.path.is_empty() {
                         "(no folder)"
@@ -211,14 +211,9 @@ impl ConceptsUi {
                         f.grid(ui, "concept general", |f, ui| {
                             f.text(ui, &k("name"), &mut c.name);
                             f.check(ui, &k("enabled"), &mut c.enabled);
-                            f.choice(ui, &k("type"), &mut c.kind, choices::CONCEPT_TYPES);
+                            f.choice(ui, &k("type"), &mut c.kind);
                             f.path(ui, &k("path"), &mut c.path, true);
-                            f.choice(
-                                ui,
-                                &k("prompt_source"),
-                                &mut c.prompt_source,
-                                choices::PROMPT_SOURCES,
-                            );
+                            f.choice(ui, &k("prompt_source"), &mut c.prompt_source);
                             f.path(ui, &k("text_file"), &mut c.text_file, false);
                             f.check(
                                 ui,
@@ -228,12 +223,7 @@ impl ConceptsUi {
                             f.num(ui, &k("image_variations"), &mut c.image_variations);
                             f.num(ui, &k("text_variations"), &mut c.text_variations);
                             f.num(ui, &k("balancing"), &mut c.balancing);
-                            f.choice(
-                                ui,
-                                &k("balancing_strategy"),
-                                &mut c.balancing_strategy,
-                                choices::BALANCING_STRATEGIES,
-                            );
+                            f.choice(ui, &k("balancing_strategy"), &mut c.balancing_strategy);
                             f.num(ui, &k("loss_weight"), &mut c.loss_weight);
                         });
                     }
@@ -424,7 +414,7 @@ fn only_concept(config: &TrainConfig, i: usize) -> TrainConfig {
 
 fn statistics(ctx: &egui::Context, config: &TrainConfig, i: usize, base: &Path) -> Stats {
     let only = only_concept(config, i);
-    let d = Dataset::scan(&only, base, choices::CONCEPT_TYPES);
+    let d = Dataset::scan(&only, base, ConceptType::VARIANTS);
     let res = config
         .resolutions()
         .ok()

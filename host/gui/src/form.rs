@@ -10,7 +10,7 @@ use std::str::FromStr;
 use eframe::egui::{self, Color32, RichText, Ui};
 use serde_json::Value;
 
-use crate::config::{ConceptConfig, SampleConfig, TrainConfig};
+use crate::config::{Choice, ConceptConfig, SampleConfig, TimeUnit, TrainConfig};
 
 /// Descriptions and defaults of every option, by key path (`unet.learning_rate`,
 /// `concepts.path`: list entries without their index).
@@ -306,12 +306,13 @@ impl Fields<'_> {
         }
     }
 
-    pub fn choice(&mut self, ui: &mut Ui, key: &str, v: &mut String, options: &[&str]) {
+    /// A drop-down of plugin ids (a set plugins extend).
+    pub fn choice_id(&mut self, ui: &mut Ui, key: &str, v: &mut String, ids: &[&str]) {
         self.row(ui, key, |ui, label| {
             egui::ComboBox::from_id_salt(key)
                 .selected_text(v.as_str())
                 .show_ui(ui, |ui| {
-                    for o in options {
+                    for o in ids {
                         ui.selectable_value(v, o.to_string(), *o);
                     }
                 })
@@ -320,10 +321,30 @@ impl Fields<'_> {
         });
     }
 
+    /// A drop-down of every value of `C`.
+    pub fn choice<C: Choice>(&mut self, ui: &mut Ui, key: &str, v: &mut C) {
+        self.choice_of(ui, key, v, C::VARIANTS);
+    }
+
+    /// A drop-down of `options`, some values of `C`.
+    pub fn choice_of<C: Choice>(&mut self, ui: &mut Ui, key: &str, v: &mut C, options: &[C]) {
+        self.row(ui, key, |ui, label| {
+            egui::ComboBox::from_id_salt(key)
+                .selected_text(v.as_ref())
+                .show_ui(ui, |ui| {
+                    for o in options {
+                        ui.selectable_value(v, *o, o.as_ref());
+                    }
+                })
+                .response
+                .labelled_by(label)
+        });
+    }
+
     /// `every` units, e.g. sample_after + sample_after_unit, on one row.
-    pub fn every(&mut self, ui: &mut Ui, key: &str, v: &mut f64, unit: &mut String) {
+    pub fn every(&mut self, ui: &mut Ui, key: &str, v: &mut f64, unit: &mut TimeUnit) {
         self.num(ui, key, v);
-        self.choice(ui, &format!("{key}_unit"), unit, &crate::config::UNITS);
+        self.choice(ui, &format!("{key}_unit"), unit);
     }
 }
 

@@ -22,7 +22,7 @@ pub fn optimizer(
         .to_string();
     let ids: Vec<&str> = optimizers.iter().map(|c| c.id.as_str()).collect();
     f.grid(ui, "optimizer id", |f, ui| {
-        f.choice(ui, "optimizer.optimizer", &mut id, &ids)
+        f.choice_id(ui, "optimizer.optimizer", &mut id, &ids)
     });
     if table.get("optimizer").and_then(|v| v.as_str()) != Some(id.as_str()) {
         // Another optimizer: its own options start from their defaults.

@@ -12,6 +12,7 @@ use std::path::Path;
 use ferrite_plugin_api::{AdaptableLayer, DType, Tensor, Weights};
 
 use super::{AdapterError, ModelLayers, Result, err};
+use crate::config::OutputFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -20,18 +21,14 @@ pub enum Format {
     Comfy,
 }
 
-impl std::str::FromStr for Format {
-    type Err = AdapterError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
+impl From<OutputFormat> for Format {
+    fn from(f: OutputFormat) -> Self {
+        match f {
             // A `.safetensors` LoRA without more said is kohya's layout: what A1111 and ComfyUI
             // read.
-            "kohya" | "safetensors" => Ok(Self::Kohya),
-            "diffusers" | "peft" => Ok(Self::Diffusers),
-            "comfy" => Ok(Self::Comfy),
-            _ => Err(AdapterError(format!(
-                "unknown adapter file format `{s}`: use safetensors (kohya), kohya, diffusers or comfy"
-            ))),
+            OutputFormat::Kohya | OutputFormat::Safetensors => Self::Kohya,
+            OutputFormat::Diffusers => Self::Diffusers,
+            OutputFormat::Comfy => Self::Comfy,
         }
     }
 }

@@ -6,6 +6,7 @@ use ferrite_plugin_api::AdaptableLayer;
 use regex::Regex;
 
 use super::{AdapterError, Result};
+use crate::config::LayerPreset;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayerFilter {
@@ -19,14 +20,14 @@ pub enum LayerFilter {
 }
 
 impl LayerFilter {
-    /// `preset` is `attn-only`, `attn-mlp`, `full` or `custom`; `custom` reads `filter` as
-    /// comma-separated substrings, or as a regex when `regex` is set.
-    pub fn new(preset: &str, filter: &str, regex: bool) -> Result<Self> {
+    /// `custom` reads `filter` as comma-separated substrings, or as a regex when `regex` is
+    /// set.
+    pub fn new(preset: LayerPreset, filter: &str, regex: bool) -> Result<Self> {
         Ok(match preset {
-            "attn-only" => Self::AttnOnly,
-            "attn-mlp" => Self::AttnMlp,
-            "full" => Self::Full,
-            "custom" if regex => {
+            LayerPreset::AttnOnly => Self::AttnOnly,
+            LayerPreset::AttnMlp => Self::AttnMlp,
+            LayerPreset::Full => Self::Full,
+            LayerPreset::Custom if regex => {
                 Regex::new(filter).map_err(|e| {
                     AdapterError(format!(
                         "layer_filter: `{filter}` is not a valid regex: {e}"
@@ -34,7 +35,7 @@ impl LayerFilter {
                 })?;
                 Self::Regex(filter.to_string())
             }
-            "custom" => {
+            LayerPreset::Custom => {
                 let parts: Vec<String> = filter
                     .split(',')
                     .map(|s| s.trim().to_string())
@@ -47,11 +48,6 @@ impl LayerFilter {
                     ));
                 }
                 Self::Substrings(parts)
-            }
-            other => {
-                return Err(AdapterError(format!(
-                    "layer_filter_preset `{other}`: use attn-only, attn-mlp, full or custom"
-                )));
             }
         })
     }
@@ -117,16 +113,17 @@ mod tests {
                 .map(|l| layers.iter().position(|x| x == *l).unwrap())
                 .collect()
         };
-        let f = |p: &str, s: &str, r: bool| LayerFilter::new(p, s, r).unwrap();
-        assert_eq!(names(&f("attn-only", "", false), false), [0]);
-        assert_eq!(names(&f("attn-mlp", "", false), false), [0, 1, 2]);
-        assert_eq!(names(&f("full", "", false), true), [0, 1, 2, 3, 4]);
-        assert_eq!(names(&f("custom", "ff.net, conv1", false), false), [1, 3]);
+        let f = |p: LayerPreset, s: &str, r: bool| LayerFilter::new(p, s, r).unwrap();
+        use LayerPreset::*;
+        assert_eq!(names(&f(AttnOnly, "", false), false), [0]);
+        assert_eq!(names(&f(AttnMlp, "", false), false), [0, 1, 2]);
+        assert_eq!(names(&f(Full, "", false), true), [0, 1, 2, 3, 4]);
+        assert_eq!(names(&f(Custom, "ff.net, conv1", false), false), [1, 3]);
         assert_eq!(
-            names(&f("custom", r"attn\d\.to_q$|proj_in", true), false),
+            names(&f(Custom, r"attn\d\.to_q$|proj_in", true), false),
             [0, 2]
         );
-        assert!(LayerFilter::new("custom", "(", true).is_err());
-        assert!(LayerFilter::new("everything", "", false).is_err());
+        assert!(LayerFilter::new(Custom, "(", true).is_err());
+        assert!(LayerFilter::new(Custom, " , ", false).is_err());
     }
 }

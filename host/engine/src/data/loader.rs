@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use rand::Rng;
 
-use crate::config::TrainConfig;
+use crate::config::{ConceptType, TrainConfig};
 use crate::data::{self, BatchPlan, Dataset, caption};
 use crate::train::cache::{Caches, read_f32};
 use crate::train::timesteps::Timesteps;
@@ -151,7 +151,7 @@ impl Context {
             b.prompts
                 .push(if dropped { String::new() } else { caption });
             b.weights.push(concept.loss_weight);
-            b.prior.push(concept.kind == "prior");
+            b.prior.push(concept.kind == ConceptType::Prior);
         }
         let mut time_r = data::rng(c.seed, RNG_TIMESTEPS, index);
         b.timesteps = (0..plan.items.len())

@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{ConceptConfig, TrainConfig};
+use crate::config::{BalancingStrategy, ConceptConfig, ConceptType, PromptSource, TrainConfig};
 
 const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
 /// Smaller images are reported and left out.
@@ -75,14 +75,14 @@ fn captions(
     base: &Path,
     image: &Path,
 ) -> std::result::Result<Vec<String>, String> {
-    match concept.prompt_source.as_str() {
-        "filename" => Ok(vec![
+    match concept.prompt_source {
+        PromptSource::Filename => Ok(vec![
             image
                 .file_stem()
                 .map(|s| s.to_string_lossy().replace('_', " "))
                 .unwrap_or_default(),
         ]),
-        "concept" => {
+        PromptSource::Concept => {
             let f = TrainConfig::path(base, &concept.text_file);
             std::fs::read_to_string(&f)
                 .map(|t| lines(&t))
@@ -186,11 +186,11 @@ impl Dataset {
     /// paths are relative to `base`. Every image is decoded once here, on `dataloader_threads`
     /// threads, so that problems are collected up front, not met mid-run: the run goes on
     /// without the images that have them.
-    pub fn scan(config: &TrainConfig, base: &Path, kinds: &[&str]) -> Self {
+    pub fn scan(config: &TrainConfig, base: &Path, kinds: &[ConceptType]) -> Self {
         let mut d = Dataset::default();
         let mut found = Vec::new();
         for (ci, c) in config.concepts.iter().enumerate() {
-            if !c.enabled || !kinds.contains(&c.kind.as_str()) {
+            if !c.enabled || !kinds.contains(&c.kind) {
                 continue;
             }
             match concept_images(c, base) {
@@ -301,7 +301,7 @@ pub fn plan_epoch(
         if of.is_empty() {
             continue;
         }
-        if c.balancing_strategy == "samples" {
+        if c.balancing_strategy == BalancingStrategy::Samples {
             for _ in 0..c.balancing.round() as usize {
                 chosen.push(of[r.random_range(0..of.len())]);
             }

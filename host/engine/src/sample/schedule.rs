@@ -53,15 +53,34 @@ pub enum Prediction {
     VPrediction,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Samplers, named in configs as OneTrainer names them.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+    strum::VariantArray,
+    strum::AsRefStr,
+    strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Sampler {
     /// DDIM with eta 0.
     Ddim,
     /// Euler (EulerDiscreteScheduler without churn).
     Euler,
     /// Euler ancestral (EulerAncestralDiscreteScheduler): fresh noise each step.
+    #[serde(rename = "euler_a")]
+    #[strum(serialize = "euler_a")]
     EulerAncestral,
     /// DPM++ 2M with Karras sigmas (DPMSolverMultistepScheduler, dpmsolver++, order 2).
+    #[serde(rename = "dpmpp_2m_karras")]
+    #[strum(serialize = "dpmpp_2m_karras")]
     DpmPp2mKarras,
 }
 

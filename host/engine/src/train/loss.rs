@@ -3,14 +3,15 @@
 
 use ferrite_plugin_api::Tensor;
 
+use crate::config::LossWeightFn;
 use crate::sample::Prediction;
 
 /// The weight of a timestep's loss from its signal-to-noise ratio: `min_snr_gamma` (Hang et al.;
 /// strength = γ), `debiased_estimation` (1/√SNR, kohya's), `p2` (1/(1 + SNR)^strength, Choi et al.),
 /// else 1.
-pub fn loss_weight(function: &str, strength: f64, snr: f64, prediction: Prediction) -> f64 {
+pub fn loss_weight(function: LossWeightFn, strength: f64, snr: f64, prediction: Prediction) -> f64 {
     match function {
-        "min_snr_gamma" => {
+        LossWeightFn::MinSnrGamma => {
             let m = snr.min(strength);
             match prediction {
                 Prediction::Epsilon => m / snr,
@@ -18,9 +19,9 @@ pub fn loss_weight(function: &str, strength: f64, snr: f64, prediction: Predicti
             }
         }
         // kohya clamps the SNR at 1000 so the noisiest steps do not dominate.
-        "debiased_estimation" => 1.0 / snr.min(1000.0).sqrt(),
-        "p2" => 1.0 / (1.0 + snr).powf(strength),
-        _ => 1.0,
+        LossWeightFn::DebiasedEstimation => 1.0 / snr.min(1000.0).sqrt(),
+        LossWeightFn::P2 => 1.0 / (1.0 + snr).powf(strength),
+        LossWeightFn::Constant => 1.0,
     }
 }
 
@@ -73,14 +74,22 @@ mod tests {
     #[test]
     fn timestep_weights() {
         let e = Prediction::Epsilon;
-        assert_eq!(loss_weight("constant", 5.0, 3.0, e), 1.0);
-        assert_eq!(loss_weight("min_snr_gamma", 5.0, 10.0, e), 0.5);
-        assert_eq!(loss_weight("min_snr_gamma", 5.0, 2.0, e), 1.0);
+        assert_eq!(loss_weight(LossWeightFn::Constant, 5.0, 3.0, e), 1.0);
+        assert_eq!(loss_weight(LossWeightFn::MinSnrGamma, 5.0, 10.0, e), 0.5);
+        assert_eq!(loss_weight(LossWeightFn::MinSnrGamma, 5.0, 2.0, e), 1.0);
         assert_eq!(
-            loss_weight("min_snr_gamma", 5.0, 10.0, Prediction::VPrediction),
+            loss_weight(
+                LossWeightFn::MinSnrGamma,
+                5.0,
+                10.0,
+                Prediction::VPrediction
+            ),
             5.0 / 11.0
         );
-        assert_eq!(loss_weight("debiased_estimation", 0.0, 4.0, e), 0.5);
-        assert_eq!(loss_weight("p2", 1.0, 3.0, e), 0.25);
+        assert_eq!(
+            loss_weight(LossWeightFn::DebiasedEstimation, 0.0, 4.0, e),
+            0.5
+        );
+        assert_eq!(loss_weight(LossWeightFn::P2, 1.0, 3.0, e), 0.25);
     }
 }

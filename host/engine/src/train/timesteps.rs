@@ -6,10 +6,10 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::TrainConfig;
+use crate::config::{TimestepDistribution, TrainConfig};
 
 pub struct Timesteps {
-    kind: String,
+    kind: TimestepDistribution,
     /// The schedule's length.
     n: usize,
     lo: usize,
@@ -32,8 +32,8 @@ impl Timesteps {
         let x = |i: usize| i as f64 / (count.max(2) - 1) as f64;
         let shifted = |x: f64| x / (shift - shift * x + x);
         let derivative = |x: f64| shift / (shift + x - x * shift).powi(2);
-        let weights: Option<Vec<f64>> = match c.timestep_distribution.as_str() {
-            "cos_map" => Some(
+        let weights: Option<Vec<f64>> = match c.timestep_distribution {
+            TimestepDistribution::CosMap => Some(
                 (0..count)
                     .map(|i| {
                         let s = shifted(x(i));
@@ -42,7 +42,7 @@ impl Timesteps {
                     })
                     .collect(),
             ),
-            "sigmoid" => Some(
+            TimestepDistribution::Sigmoid => Some(
                 (0..count)
                     .map(|i| {
                         // OneTrainer applies the shift twice here; kept for the same draws.
@@ -51,7 +51,7 @@ impl Timesteps {
                     })
                     .collect(),
             ),
-            "inverted_parabola" => Some(
+            TimestepDistribution::InvertedParabola => Some(
                 (0..count)
                     .map(|i| {
                         let s = shifted(x(i));
@@ -72,7 +72,7 @@ impl Timesteps {
             })
             .unwrap_or_default();
         Self {
-            kind: c.timestep_distribution.clone(),
+            kind: c.timestep_distribution,
             n,
             lo,
             hi,
@@ -92,13 +92,13 @@ impl Timesteps {
             return (lo + i).min(hi - 1);
         }
         let span = (hi - lo) as f64;
-        let t = match self.kind.as_str() {
-            "logit_normal" => {
+        let t = match self.kind {
+            TimestepDistribution::LogitNormal => {
                 let z: f64 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, r);
                 let normal = self.bias + (self.weight + 1.0) * z;
                 lo as f64 + span / (1.0 + (-normal).exp())
             }
-            "heavy_tail" => {
+            TimestepDistribution::HeavyTail => {
                 let u: f64 = r.random();
                 let half_pi = std::f64::consts::FRAC_PI_2;
                 let u = 1.0 - u - self.weight * ((half_pi * u).cos().powi(2) - 1.0 + u);
@@ -117,9 +117,9 @@ impl Timesteps {
 mod tests {
     use super::*;
 
-    fn histogram(kind: &str, change: impl Fn(&mut TrainConfig)) -> [usize; 4] {
+    fn histogram(kind: TimestepDistribution, change: impl Fn(&mut TrainConfig)) -> [usize; 4] {
         let mut c = TrainConfig {
-            timestep_distribution: kind.into(),
+            timestep_distribution: kind,
             ..TrainConfig::default()
         };
         change(&mut c);
@@ -136,42 +136,44 @@ mod tests {
 
     #[test]
     fn distributions_put_their_weight_where_they_should() {
-        let flat = histogram("uniform", |_| {});
+        let flat = histogram(TimestepDistribution::Uniform, |_| {});
         assert!(flat.iter().all(|&n| (850..1150).contains(&n)), "{flat:?}");
         // logit-normal and cos_map favour the middle; heavy_tail with weight 0 is uniform.
-        let ln = histogram("logit_normal", |_| {});
+        let ln = histogram(TimestepDistribution::LogitNormal, |_| {});
         assert!(ln[1] + ln[2] > 2 * (ln[0] + ln[3]), "{ln:?}");
-        let ht = histogram("heavy_tail", |_| {});
+        let ht = histogram(TimestepDistribution::HeavyTail, |_| {});
         assert!(ht.iter().all(|&n| (850..1150).contains(&n)), "{ht:?}");
         // sigmoid with a steep weight: nearly all draws in the noisy half, almost none in the
         // cleanest quarter.
-        let sig = histogram("sigmoid", |c| c.noising_weight = 20.0);
+        let sig = histogram(TimestepDistribution::Sigmoid, |c| c.noising_weight = 20.0);
         assert!(
             sig[2] + sig[3] > 9 * (sig[0] + sig[1]) && sig[0] < 20,
             "{sig:?}"
         );
-        let par = histogram("inverted_parabola", |c| c.noising_weight = 8.0);
+        let par = histogram(TimestepDistribution::InvertedParabola, |c| {
+            c.noising_weight = 8.0
+        });
         assert!(par[1] + par[2] > par[0] + par[3], "{par:?}");
-        let cos = histogram("cos_map", |_| {});
+        let cos = histogram(TimestepDistribution::CosMap, |_| {});
         assert!(cos[1] + cos[2] > cos[0] + cos[3], "{cos:?}");
         // A shift above 1 moves draws towards the noisy end.
-        let shifted = histogram("uniform", |c| c.timestep_shift = 3.0);
+        let shifted = histogram(TimestepDistribution::Uniform, |c| c.timestep_shift = 3.0);
         assert!(shifted[3] > 2 * shifted[0], "{shifted:?}");
         // The noising range bounds every draw.
         let mut c = TrainConfig {
             min_noising_strength: 0.25,
             max_noising_strength: 0.5,
-            timestep_distribution: "sigmoid".into(),
+            timestep_distribution: TimestepDistribution::Sigmoid,
             ..TrainConfig::default()
         };
         for kind in [
-            "uniform",
-            "logit_normal",
-            "heavy_tail",
-            "sigmoid",
-            "cos_map",
+            TimestepDistribution::Uniform,
+            TimestepDistribution::LogitNormal,
+            TimestepDistribution::HeavyTail,
+            TimestepDistribution::Sigmoid,
+            TimestepDistribution::CosMap,
         ] {
-            c.timestep_distribution = kind.into();
+            c.timestep_distribution = kind;
             let t = Timesteps::new(&c, 1000);
             let mut r = crate::data::rng(1, 0, 0);
             assert!(

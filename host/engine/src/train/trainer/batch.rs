@@ -332,7 +332,7 @@ impl Trainer {
                 .zip(weights)
                 .map(|(&x, &cw)| {
                     let lw = loss_weight(
-                        &c.loss_weight_fn,
+                        c.loss_weight_fn,
                         c.loss_weight_strength,
                         x / (1.0 - x),
                         self.schedule.prediction,

@@ -7,7 +7,7 @@ use super::ema::Ema;
 use super::intervals::Moment;
 use super::{Result, TrainError, Trainer, err};
 use crate::adapters::select;
-use crate::config::TrainConfig;
+use crate::config::{EmaMode, TimeUnit, TrainConfig, TrainingMethod};
 
 /// A model part's trainable tensors and their optimizer.
 pub(super) struct Group {
@@ -53,14 +53,11 @@ impl Drop for Untracked {
 impl Trainer {
     pub(super) fn make_groups(&self) -> Result<Vec<Group>> {
         let c = &self.config;
-        let named: Vec<(String, Tensor)> = if c.training_method == "lora" {
+        let named: Vec<(String, Tensor)> = if c.training_method == TrainingMethod::Lora {
             self.model.clear();
-            let filter = select::LayerFilter::new(
-                &c.lora_layer_preset,
-                &c.lora_layers,
-                c.layer_filter_regex,
-            )
-            .map_err(err)?;
+            let filter =
+                select::LayerFilter::new(c.lora_layer_preset, &c.lora_layers, c.layer_filter_regex)
+                    .map_err(err)?;
             let layers: Vec<_> = select::select(&self.model.layers, &filter, c.text_encoder.train)
                 .into_iter()
                 .filter(|l| c.unet.train || !l.name.starts_with("unet."))
@@ -103,9 +100,9 @@ impl Trainer {
                 .registry
                 .optimizer(&opt_id, &opt_options.to_string())
                 .map_err(err)?;
-            let ema = match c.ema.as_str() {
-                "off" => None,
-                on => Some(Ema::new(&params, on == "cpu").map_err(err)?),
+            let ema = match c.ema {
+                EmaMode::Off => None,
+                on => Some(Ema::new(&params, on == EmaMode::Cpu).map_err(err)?),
             };
             groups.push(Group {
                 part: part.into(),
@@ -138,12 +135,12 @@ impl Trainer {
             };
             let after = pc.stop_training_after;
             let reached = after > 0.0
-                && match (pc.stop_training_after_unit.as_str(), at) {
-                    ("step", Moment::Step) => step >= after,
-                    ("epoch", Moment::Epoch) => epoch >= after,
-                    ("second", _) => elapsed >= after,
-                    ("minute", _) => elapsed >= after * 60.0,
-                    ("hour", _) => elapsed >= after * 3600.0,
+                && match (pc.stop_training_after_unit, at) {
+                    (TimeUnit::Step, Moment::Step) => step >= after,
+                    (TimeUnit::Epoch, Moment::Epoch) => epoch >= after,
+                    (TimeUnit::Second, _) => elapsed >= after,
+                    (TimeUnit::Minute, _) => elapsed >= after * 60.0,
+                    (TimeUnit::Hour, _) => elapsed >= after * 3600.0,
                     _ => false,
                 };
             if reached && !g.stopped {

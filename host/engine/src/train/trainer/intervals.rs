@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::{Event, Result, Trainer};
+use crate::config::TimeUnit;
 
 /// Where `after` and `stop_parts` are called: after an optimizer step or an epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,23 +16,29 @@ pub(super) enum Moment {
 impl Trainer {
     /// Whether something set to happen every `every` `unit`s is due at `at` (`key` names it
     /// for the timed units, which count from when it last ran or from the start).
-    pub(super) fn due(&mut self, key: &'static str, every: f64, unit: &str, at: Moment) -> bool {
+    pub(super) fn due(
+        &mut self,
+        key: &'static str,
+        every: f64,
+        unit: TimeUnit,
+        at: Moment,
+    ) -> bool {
         let count = match at {
             Moment::Step => self.progress.step,
             Moment::Epoch => self.progress.epoch,
         };
         let seconds = match unit {
-            "second" => 1.0,
-            "minute" => 60.0,
-            "hour" => 3600.0,
-            "always" => return at == Moment::Step,
-            "step" => {
+            TimeUnit::Second => 1.0,
+            TimeUnit::Minute => 60.0,
+            TimeUnit::Hour => 3600.0,
+            TimeUnit::Always => return at == Moment::Step,
+            TimeUnit::Step => {
                 return at == Moment::Step && every >= 1.0 && count.is_multiple_of(every as u64);
             }
-            "epoch" => {
+            TimeUnit::Epoch => {
                 return at == Moment::Epoch && every >= 1.0 && count.is_multiple_of(every as u64);
             }
-            _ => return false,
+            TimeUnit::Never => return false,
         };
         if at != Moment::Step || every <= 0.0 {
             return false;
@@ -48,16 +55,16 @@ impl Trainer {
     pub(super) fn after(&mut self, at: Moment, on_event: &mut impl FnMut(Event)) -> Result<()> {
         let c = self.config.clone();
         if c.debug_mode
-            && self.due("debug", c.debug_after, &c.debug_after_unit, at)
+            && self.due("debug", c.debug_after, c.debug_after_unit, at)
             && let Some(s) = &self.debug_last
         {
             self.write_debug(s)?;
         }
         let (validate, sample, backup, save) = (
-            c.validation && self.due("validate", c.validate_after, &c.validate_after_unit, at),
-            self.due("sample", c.sample_after, &c.sample_after_unit, at),
-            self.due("backup", c.backup_after, &c.backup_after_unit, at),
-            self.due("save", c.save_every, &c.save_every_unit, at),
+            c.validation && self.due("validate", c.validate_after, c.validate_after_unit, at),
+            self.due("sample", c.sample_after, c.sample_after_unit, at),
+            self.due("backup", c.backup_after, c.backup_after_unit, at),
+            self.due("save", c.save_every, c.save_every_unit, at),
         );
         if validate {
             for (concept, loss) in self.validate()? {

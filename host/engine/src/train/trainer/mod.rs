@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ferrite_plugin_api::{Tensor, plugin::ArchitectureHandle};
 
 use crate::adapters::ModelLayers;
-use crate::config::TrainConfig;
+use crate::config::{ConceptType, TrainConfig};
 use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
 use crate::runtime::{Cancel, Device, Scope};
@@ -189,7 +189,7 @@ impl Trainer {
         scope = scope.with_adapters(model.clone());
         let _scope = scope.enter();
 
-        let data = Dataset::scan(c, base, &["standard", "prior"]);
+        let data = Dataset::scan(c, base, &[ConceptType::Standard, ConceptType::Prior]);
         if data.items.is_empty() {
             return Err(TrainError(format!(
                 "no training images found{}",
@@ -200,7 +200,7 @@ impl Trainer {
                 }
             )));
         }
-        let validation = Dataset::scan(c, base, &["validation"]);
+        let validation = Dataset::scan(c, base, &[ConceptType::Validation]);
         let step = info["resolution_step"].as_u64().unwrap_or(8) as usize;
         let buckets: Vec<Buckets> = c
             .resolutions()

@@ -7,7 +7,7 @@ use ferrite_plugin_api::Tensor;
 
 use super::{Result, TrainError, Trainer, err};
 use crate::adapters::formats::Format;
-use crate::config::TrainConfig;
+use crate::config::{OutputFormat, TrainConfig, TrainingMethod};
 
 /// The file in every folder output Ferrite writes: a folder without it is not replaced.
 const MARKER: &str = ".ferrite-output";
@@ -104,7 +104,8 @@ impl Trainer {
         let base_model = TrainConfig::path(&self.base, &c.base_model_name);
         let cache = TrainConfig::path(&self.base, &c.cache_dir);
         let ws = &self.workspace;
-        let folder = c.training_method != "lora" && c.output_model_format == "diffusers";
+        let folder = c.training_method != TrainingMethod::Lora
+            && c.output_model_format == OutputFormat::Diffusers;
         let protected = [
             ("base model", base_model.clone()),
             ("workspace", ws.clone()),
@@ -136,8 +137,8 @@ impl Trainer {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(err)?;
         }
-        if c.training_method == "lora" {
-            let format: Format = c.output_model_format.parse().map_err(err)?;
+        if c.training_method == TrainingMethod::Lora {
+            let format = Format::from(c.output_model_format);
             let meta = [
                 ("ss_learning_rate", c.learning_rate.to_string()),
                 (
@@ -160,7 +161,7 @@ impl Trainer {
                     "ss_gradient_accumulation_steps",
                     c.gradient_accumulation_steps.to_string(),
                 ),
-                ("ss_lr_scheduler", c.learning_rate_scheduler.clone()),
+                ("ss_lr_scheduler", c.learning_rate_scheduler.to_string()),
                 (
                     "ss_lr_warmup_steps",
                     c.learning_rate_warmup_steps.to_string(),
@@ -180,7 +181,7 @@ impl Trainer {
             self.model
                 .save(&path, format, "sd_v1", &meta)
                 .map_err(err)?;
-        } else if c.output_model_format == "diffusers" {
+        } else if c.output_model_format == OutputFormat::Diffusers {
             self.save_diffusers_folder(&path)?;
         } else {
             self.save_single_file(&path)?;

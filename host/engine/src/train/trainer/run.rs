@@ -10,8 +10,8 @@ use rand::Rng;
 use super::debug;
 use super::intervals::Moment;
 use super::{Event, Result, TrainError, Trainer, err};
-use crate::data::loader::{self, Prefetch};
 use crate::data;
+use crate::data::loader::{self, Prefetch};
 
 const RNG_DROPOUT: u64 = 6;
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use super::groups::Untracked;
 use super::{Result, Trainer, err};
-use crate::sample::{Sampler, generate};
+use crate::sample::generate;
 
 impl Trainer {
     /// Writes a PNG per configured sample under `workspace/samples/<n>-<prompt>/<step>.png`.
@@ -14,12 +14,6 @@ impl Trainer {
         self.model.set_training(false).map_err(err)?;
         let mut out = Vec::new();
         for (i, s) in self.config.samples.iter().enumerate() {
-            let sampler = match s.sampler.as_str() {
-                "ddim" => Sampler::Ddim,
-                "euler_a" => Sampler::EulerAncestral,
-                "dpmpp_2m_karras" => Sampler::DpmPp2mKarras,
-                _ => Sampler::Euler,
-            };
             let req = generate::SampleRequest {
                 prompt: s.prompt.clone(),
                 negative_prompt: s.negative_prompt.clone(),
@@ -28,7 +22,7 @@ impl Trainer {
                 seed: s.seed,
                 width: s.width,
                 height: s.height,
-                sampler,
+                sampler: s.sampler,
                 init_noise: None,
                 prediction_type: self.config.forced_prediction().map(str::to_string),
             };

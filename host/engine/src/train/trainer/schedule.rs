@@ -1,6 +1,7 @@
 //! How long the run is and the learning rate along it (warmup, then the schedule).
 
 use super::Trainer;
+use crate::config::LrScheduler;
 
 impl Trainer {
     /// Optimizer steps in the whole run.
@@ -24,13 +25,13 @@ impl Trainer {
         }
         let p = ((s - warmup) / (total - warmup).max(1.0)).clamp(0.0, 1.0);
         let pi = std::f64::consts::PI;
-        match c.learning_rate_scheduler.as_str() {
-            "linear" => 1.0 - p,
-            "cosine" => 0.5 * (1.0 + (pi * p).cos()),
-            "cosine_with_restarts" => {
+        match c.learning_rate_scheduler {
+            LrScheduler::Linear => 1.0 - p,
+            LrScheduler::Cosine => 0.5 * (1.0 + (pi * p).cos()),
+            LrScheduler::CosineWithRestarts => {
                 0.5 * (1.0 + (pi * ((c.learning_rate_cycles * p) % 1.0)).cos())
             }
-            _ => 1.0,
+            LrScheduler::Constant => 1.0,
         }
     }
 }

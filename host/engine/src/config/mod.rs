@@ -6,6 +6,16 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod choices;
+
+pub use crate::sample::Sampler;
+pub use choices::{
+    BalancingStrategy, Choice, ConceptType, EmaMode, LayerPreset, LossWeightFn, LrScheduler,
+    OutputFormat, PromptSource, TimeUnit, TimestepDistribution, TrainingMethod,
+};
+/// `VARIANTS`: every value of a choice.
+pub use strum::VariantArray;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {message}")]
@@ -30,7 +40,7 @@ pub struct PartConfig {
     /// `never`: trains to the end). The run ends when every trained part has stopped.
     pub stop_training_after: f64,
     /// The unit of stop_training_after.
-    pub stop_training_after_unit: String,
+    pub stop_training_after_unit: TimeUnit,
 }
 
 impl PartConfig {
@@ -49,7 +59,7 @@ impl Default for PartConfig {
             learning_rate: None,
             dropout_probability: 0.0,
             stop_training_after: 0.0,
-            stop_training_after_unit: "never".into(),
+            stop_training_after_unit: TimeUnit::Never,
         }
     }
 }
@@ -64,11 +74,11 @@ pub struct ConceptConfig {
     /// `standard`, `prior` (trained towards the model's own prediction without the adapter, to
     /// keep what it knew: OneTrainer's prior prediction) or `validation`.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: ConceptType,
     /// The folder holding the images (relative to the config file unless absolute).
     pub path: String,
     /// `sample` (per-image .txt), `concept` (one text file: `text_file`), `filename`.
-    pub prompt_source: String,
+    pub prompt_source: PromptSource,
     /// prompt_source `concept`: the text file whose lines are the captions.
     pub text_file: String,
     /// Also read images in sub-folders of path.
@@ -76,7 +86,7 @@ pub struct ConceptConfig {
     /// Repeats per epoch (`repeats`: floor(n·balancing)) or images per epoch (`samples`).
     pub balancing: f64,
     /// repeats: floor(images × balancing) per epoch; samples: exactly balancing images per epoch, drawn at random.
-    pub balancing_strategy: String,
+    pub balancing_strategy: BalancingStrategy,
     /// Multiplies this concept's loss.
     pub loss_weight: f64,
     /// With latent caching: how many differently augmented versions of each image are cached
@@ -152,13 +162,13 @@ impl Default for ConceptConfig {
         Self {
             name: String::new(),
             enabled: true,
-            kind: "standard".into(),
+            kind: ConceptType::Standard,
             path: String::new(),
-            prompt_source: "sample".into(),
+            prompt_source: PromptSource::Sample,
             text_file: String::new(),
             include_subdirectories: false,
             balancing: 1.0,
-            balancing_strategy: "repeats".into(),
+            balancing_strategy: BalancingStrategy::Repeats,
             loss_weight: 1.0,
             image_variations: 1,
             text_variations: 1,
@@ -238,7 +248,7 @@ pub struct SampleConfig {
     /// Classifier-free guidance scale.
     pub cfg_scale: f64,
     /// ddim, euler, euler_a, dpmpp_2m_karras.
-    pub sampler: String,
+    pub sampler: Sampler,
 }
 
 impl Default for SampleConfig {
@@ -251,7 +261,7 @@ impl Default for SampleConfig {
             seed: 42,
             diffusion_steps: 20,
             cfg_scale: 7.0,
-            sampler: "euler".into(),
+            sampler: Sampler::Euler,
         }
     }
 }
@@ -260,7 +270,7 @@ impl Default for SampleConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// `lora` or `fine_tune`.
-    pub training_method: String,
+    pub training_method: TrainingMethod,
     /// The architecture plugin id.
     pub model_type: String,
     /// The model to train: a diffusers folder or a single-file .safetensors checkpoint.
@@ -272,7 +282,7 @@ pub struct TrainConfig {
     /// LoRA: `safetensors` (kohya's layout, what A1111 and ComfyUI read), `kohya`, `diffusers`
     /// or `comfy`. Fine-tune: `safetensors` (one file in the original checkpoint layout) or
     /// `diffusers` (a model folder).
-    pub output_model_format: String,
+    pub output_model_format: OutputFormat,
     /// Samples, backups, TensorBoard files and the effective config go here.
     pub workspace_dir: String,
     /// The latent and text-embedding caches.
@@ -296,7 +306,7 @@ pub struct TrainConfig {
     #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
     pub optimizer: toml::Table,
     /// constant, linear, cosine, cosine_with_restarts.
-    pub learning_rate_scheduler: String,
+    pub learning_rate_scheduler: LrScheduler,
     /// Steps, or a fraction of all steps when at most 1.
     pub learning_rate_warmup_steps: f64,
     /// cosine_with_restarts: how many cycles over the run.
@@ -312,7 +322,7 @@ pub struct TrainConfig {
     /// Exponential moving average of the trained weights: off, gpu (kept on the training device)
     /// or cpu (kept in host memory, updated there every `ema_update_step_interval` steps). The
     /// saved model is the EMA one.
-    pub ema: String,
+    pub ema: EmaMode,
     /// How slowly the average follows the weights (warmed up from 0).
     pub ema_decay: f64,
     /// Steps between EMA updates.
@@ -331,7 +341,7 @@ pub struct TrainConfig {
 
     /// uniform, logit_normal, heavy_tail (continuous); sigmoid, cos_map, inverted_parabola
     /// (weights over the timesteps). `noising_weight`/`noising_bias` shape them as OneTrainer's.
-    pub timestep_distribution: String,
+    pub timestep_distribution: TimestepDistribution,
     /// Shapes the timestep distribution (logit_normal: spread − 1; heavy_tail: tail weight; sigmoid/inverted_parabola: steepness).
     pub noising_weight: f64,
     /// Moves the timestep distribution towards noisy (>0) or clean (<0) timesteps.
@@ -370,7 +380,7 @@ pub struct TrainConfig {
     /// Train (and sample) as epsilon-prediction whatever the scheduler says.
     pub force_epsilon_prediction: bool,
     /// constant, min_snr_gamma (strength = γ), debiased_estimation, p2 (strength = exponent).
-    pub loss_weight_fn: String,
+    pub loss_weight_fn: LossWeightFn,
     /// γ for min_snr_gamma, the exponent for p2.
     pub loss_weight_strength: f64,
 
@@ -390,7 +400,7 @@ pub struct TrainConfig {
     /// DoRA.
     pub lora_decompose: bool,
     /// attn-only, attn-mlp, full, custom.
-    pub lora_layer_preset: String,
+    pub lora_layer_preset: LayerPreset,
     /// custom: comma-separated module name parts, or a regex with `layer_filter_regex`.
     pub lora_layers: String,
     /// lora_layers is a regular expression.
@@ -403,25 +413,25 @@ pub struct TrainConfig {
     /// How often validation runs.
     pub validate_after: f64,
     /// step, epoch, second, minute, hour, always (every step), never.
-    pub validate_after_unit: String,
+    pub validate_after_unit: TimeUnit,
 
     /// How often samples are made.
     pub sample_after: f64,
     /// step, epoch, second, minute, hour, always (every step), never.
-    pub sample_after_unit: String,
+    pub sample_after_unit: TimeUnit,
     /// The sample prompts.
     pub samples: Vec<SampleConfig>,
 
     /// How often a full backup is written.
     pub backup_after: f64,
     /// step, epoch, second, minute, hour, always (every step), never.
-    pub backup_after_unit: String,
+    pub backup_after_unit: TimeUnit,
     /// Backups kept (older ones are removed).
     pub rolling_backup_count: usize,
     /// How often the output model is written during the run (besides the end).
     pub save_every: f64,
     /// step, epoch, second, minute, hour, always, never.
-    pub save_every_unit: String,
+    pub save_every_unit: TimeUnit,
 
     /// Text-encoder layers skipped from the end (CLIP skip; 1 = the penultimate layer's states,
     /// as anime models expect), for training, validation and samples.
@@ -435,7 +445,7 @@ pub struct TrainConfig {
     /// How often debug images are written.
     pub debug_after: f64,
     /// step, epoch, second, minute, hour, always (every step), never.
-    pub debug_after_unit: String,
+    pub debug_after_unit: TimeUnit,
 
     /// The training data.
     pub concepts: Vec<ConceptConfig>,
@@ -446,12 +456,12 @@ impl Default for TrainConfig {
         let mut optimizer = toml::Table::new();
         optimizer.insert("optimizer".into(), "adamw".into());
         Self {
-            training_method: "lora".into(),
+            training_method: TrainingMethod::Lora,
             model_type: "sd15".into(),
             base_model_name: String::new(),
             base_model_config: String::new(),
             output_model_destination: "workspace/run/save/model.safetensors".into(),
-            output_model_format: "safetensors".into(),
+            output_model_format: OutputFormat::Safetensors,
             workspace_dir: "workspace/run".into(),
             cache_dir: "workspace-cache/run".into(),
             continue_last_backup: false,
@@ -461,21 +471,21 @@ impl Default for TrainConfig {
             dataloader_threads: 2,
             learning_rate: 1e-4,
             optimizer,
-            learning_rate_scheduler: "constant".into(),
+            learning_rate_scheduler: LrScheduler::Constant,
             learning_rate_warmup_steps: 0.0,
             learning_rate_cycles: 1.0,
             epochs: 100,
             batch_size: 1,
             gradient_accumulation_steps: 1,
             clip_grad_norm: 1.0,
-            ema: "off".into(),
+            ema: EmaMode::Off,
             ema_decay: 0.999,
             ema_update_step_interval: 5,
             resolution: "512".into(),
             aspect_ratio_bucketing: true,
             latent_caching: true,
             clear_cache_before_training: false,
-            timestep_distribution: "uniform".into(),
+            timestep_distribution: TimestepDistribution::Uniform,
             noising_weight: 0.0,
             noising_bias: 0.0,
             timestep_shift: 1.0,
@@ -494,7 +504,7 @@ impl Default for TrainConfig {
             log_cosh_strength: 0.0,
             force_v_prediction: false,
             force_epsilon_prediction: false,
-            loss_weight_fn: "constant".into(),
+            loss_weight_fn: LossWeightFn::Constant,
             loss_weight_strength: 5.0,
             unet: PartConfig::trained(),
             text_encoder: PartConfig::default(),
@@ -503,60 +513,33 @@ impl Default for TrainConfig {
             lora_alpha: 1.0,
             lora_dropout: 0.0,
             lora_decompose: false,
-            lora_layer_preset: "attn-mlp".into(),
+            lora_layer_preset: LayerPreset::AttnMlp,
             lora_layers: String::new(),
             layer_filter_regex: false,
             lora_base_model: String::new(),
             validation: false,
             validate_after: 1.0,
-            validate_after_unit: "epoch".into(),
+            validate_after_unit: TimeUnit::Epoch,
             sample_after: 10.0,
-            sample_after_unit: "epoch".into(),
+            sample_after_unit: TimeUnit::Epoch,
             samples: Vec::new(),
             backup_after: 30.0,
-            backup_after_unit: "epoch".into(),
+            backup_after_unit: TimeUnit::Epoch,
             rolling_backup_count: 3,
             save_every: 0.0,
-            save_every_unit: "never".into(),
+            save_every_unit: TimeUnit::Never,
             text_encoder_layer_skip: 0,
             debug_mode: false,
             debug_dir: "debug".into(),
             debug_after: 1.0,
-            debug_after_unit: "epoch".into(),
+            debug_after_unit: TimeUnit::Epoch,
             concepts: Vec::new(),
         }
     }
 }
 
-/// When validation, samples, backups and saves happen, and when a part stops training.
-pub const UNITS: [&str; 7] = [
-    "step", "epoch", "second", "minute", "hour", "always", "never",
-];
-
-/// The values each choice option takes (validation and the GUI's drop-downs).
-pub mod choices {
-    pub const TRAINING_METHODS: &[&str] = &["lora", "fine_tune"];
-    pub const LORA_FORMATS: &[&str] = &["safetensors", "kohya", "diffusers", "comfy"];
-    pub const FINE_TUNE_FORMATS: &[&str] = &["safetensors", "diffusers"];
-    pub const SCHEDULERS: &[&str] = &["constant", "linear", "cosine", "cosine_with_restarts"];
-    pub const TIMESTEP_DISTRIBUTIONS: &[&str] = &[
-        "uniform",
-        "logit_normal",
-        "heavy_tail",
-        "sigmoid",
-        "cos_map",
-        "inverted_parabola",
-    ];
-    pub const LOSS_WEIGHT_FNS: &[&str] =
-        &["constant", "min_snr_gamma", "debiased_estimation", "p2"];
-    pub const EMA: &[&str] = &["off", "gpu", "cpu"];
-    pub const LORA_LAYER_PRESETS: &[&str] = &["attn-only", "attn-mlp", "full", "custom"];
-    pub const CONCEPT_TYPES: &[&str] = &["standard", "prior", "validation"];
-    pub const PROMPT_SOURCES: &[&str] = &["sample", "concept", "filename"];
-    pub const CAPS_MODES: &[&str] = &["capslock", "title", "first", "random"];
-    pub const BALANCING_STRATEGIES: &[&str] = &["repeats", "samples"];
-    pub const SAMPLERS: &[&str] = &["ddim", "euler", "euler_a", "dpmpp_2m_karras"];
-}
+/// The capitalisation changes `caps_randomize_mode` lists (comma-separated, as OneTrainer).
+pub const CAPS_MODES: &[&str] = &["capslock", "title", "first", "random"];
 
 fn read_toml(path: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
@@ -666,10 +649,20 @@ impl TrainConfig {
             set(&mut table, s)?;
         }
         let source = config.map_or_else(|| "the config".into(), |p| p.display().to_string());
+        let bad_choices = choices::check_choices(&mut table);
         let c: TrainConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 ConfigError::Invalid(vec![format!("{source}: {}: {}", e.path(), e.inner())])
             })?;
+        if !bad_choices.is_empty() {
+            // A bad choice has no typed value: the config cannot be used, but everything else
+            // wrong with it is said in the same breath.
+            let mut all = bad_choices;
+            if let Err(ConfigError::Invalid(more)) = c.validate() {
+                all.extend(more);
+            }
+            return Err(ConfigError::Invalid(all));
+        }
         Ok(c)
     }
 
@@ -724,87 +717,27 @@ impl TrainConfig {
                 e.push(format!("{key}: `{v}` is not one of {}", allowed.join(", ")));
             }
         };
+        // The enums are checked when the config is read; what is left is a value valid on
+        // its own but not with the rest.
+        let formats: Vec<&str> = OutputFormat::allowed(self.training_method)
+            .iter()
+            .map(AsRef::as_ref)
+            .collect();
         one_of(
-            "training_method",
-            &self.training_method,
-            choices::TRAINING_METHODS,
-        );
-        if self.training_method == "lora" {
-            one_of(
-                "output_model_format",
-                &self.output_model_format,
-                choices::LORA_FORMATS,
-            );
-        } else {
-            one_of(
-                "output_model_format",
-                &self.output_model_format,
-                choices::FINE_TUNE_FORMATS,
-            );
-        }
-        one_of(
-            "learning_rate_scheduler",
-            &self.learning_rate_scheduler,
-            choices::SCHEDULERS,
-        );
-        one_of(
-            "timestep_distribution",
-            &self.timestep_distribution,
-            choices::TIMESTEP_DISTRIBUTIONS,
-        );
-        one_of(
-            "loss_weight_fn",
-            &self.loss_weight_fn,
-            choices::LOSS_WEIGHT_FNS,
+            "output_model_format",
+            self.output_model_format.as_ref(),
+            &formats,
         );
         // peft_type is an adapter plugin's id: checked against the registry (plugins extend
         // the set) in `validate_plugin_options`.
-        one_of("ema", &self.ema, choices::EMA);
-        one_of(
-            "lora_layer_preset",
-            &self.lora_layer_preset,
-            choices::LORA_LAYER_PRESETS,
-        );
-        for (k, v) in [
-            ("sample_after_unit", &self.sample_after_unit),
-            ("validate_after_unit", &self.validate_after_unit),
-            ("backup_after_unit", &self.backup_after_unit),
-            ("save_every_unit", &self.save_every_unit),
-            ("debug_after_unit", &self.debug_after_unit),
-            (
-                "unet.stop_training_after_unit",
-                &self.unet.stop_training_after_unit,
-            ),
-            (
-                "text_encoder.stop_training_after_unit",
-                &self.text_encoder.stop_training_after_unit,
-            ),
-        ] {
-            one_of(k, v, &UNITS);
-        }
         for (i, c) in self.concepts.iter().enumerate() {
-            let k = |f: &str| format!("concepts[{i}].{f}");
-            one_of(&k("type"), &c.kind, choices::CONCEPT_TYPES);
-            one_of(
-                &k("prompt_source"),
-                &c.prompt_source,
-                choices::PROMPT_SOURCES,
-            );
             for mode in c.caps_randomize_mode.split(',') {
-                one_of(&k("caps_randomize_mode"), mode.trim(), choices::CAPS_MODES);
+                one_of(
+                    &format!("concepts[{i}].caps_randomize_mode"),
+                    mode.trim(),
+                    CAPS_MODES,
+                );
             }
-            one_of(
-                &k("balancing_strategy"),
-                &c.balancing_strategy,
-                choices::BALANCING_STRATEGIES,
-            );
-        }
-        for (i, s) in self.samples.iter().enumerate() {
-            one_of(
-                &format!("samples[{i}].sampler"),
-                &s.sampler,
-                choices::SAMPLERS,
-            );
         }
         let mut check = |ok: bool, msg: &str| {
             if !ok {
@@ -869,12 +802,14 @@ impl TrainConfig {
         check(
             self.concepts
                 .iter()
-                .any(|c| c.enabled && c.kind == "standard"),
+                .any(|c| c.enabled && c.kind == ConceptType::Standard),
             "concepts: add at least one enabled standard concept",
         );
         for (i, c) in self.concepts.iter().enumerate() {
             check(
-                !(c.enabled && c.kind == "prior" && self.training_method != "lora"),
+                !(c.enabled
+                    && c.kind == ConceptType::Prior
+                    && self.training_method != TrainingMethod::Lora),
                 &format!(
                     "concepts[{i}].type: a prior concept trains towards the model without its \
                      adapter, and a fine-tune has no adapter: use it with training_method = \
@@ -985,7 +920,7 @@ impl TrainConfig {
     pub fn validate_plugin_options(&self, registry: &crate::plugins::Registry) -> Result<()> {
         use ferrite_plugin_api::ComponentKind;
         let mut e = Vec::new();
-        if self.training_method == "lora" {
+        if self.training_method == TrainingMethod::Lora {
             let a = self.adapter_options();
             let json = serde_json::to_value(&a).unwrap_or_default();
             for (option, problem) in
@@ -1091,8 +1026,8 @@ path = "images"
         }
         let ft = TrainConfig::load(Some(&cfg), Some("sd15-finetune"), &[]).unwrap();
         assert_eq!(
-            (ft.training_method.as_str(), ft.text_encoder.learning_rate),
-            ("fine_tune", Some(5e-6))
+            (ft.training_method, ft.text_encoder.learning_rate),
+            (TrainingMethod::FineTune, Some(5e-6))
         );
     }
 

@@ -1,0 +1,225 @@
+//! The options whose values Ferrite fixes, as enums: a config names them in OneTrainer's
+//! spelling; anything else is refused when the config is read, naming the key and the values
+//! allowed. (Plugin ids — model_type, peft_type, the optimizer — stay strings: plugins extend
+//! those sets, and they are checked against the registry.)
+
+use serde::{Deserialize, Serialize};
+use strum::{AsRefStr, Display, VariantArray};
+
+/// A closed set of values the GUI offers in a drop-down.
+pub trait Choice: Copy + PartialEq + AsRef<str> + VariantArray + 'static {}
+impl<T: Copy + PartialEq + AsRef<str> + VariantArray + 'static> Choice for T {}
+
+macro_rules! choices {
+    ($(
+        $(#[$meta:meta])*
+        $name:ident ($case:literal) { $($(#[$vmeta:meta])* $variant:ident),+ $(,)? }
+    )+) => {$(
+        $(#[$meta])*
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+            VariantArray, AsRefStr, Display,
+        )]
+        #[serde(rename_all = $case)]
+        #[strum(serialize_all = $case)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+    )+};
+}
+
+choices! {
+    /// What a run trains.
+    TrainingMethod ("snake_case") {
+        /// LoRA-family adapters (the adapter plugin of `peft_type`).
+        Lora,
+        /// The model's own weights.
+        FineTune,
+    }
+
+    /// The output file's layout.
+    OutputFormat ("snake_case") {
+        /// One safetensors file (kohya's keys for adapters).
+        Safetensors,
+        /// kohya's adapter keys (what AUTOMATIC1111 and Forge read).
+        Kohya,
+        /// diffusers' layout (peft keys for adapters).
+        Diffusers,
+        /// ComfyUI's adapter keys.
+        Comfy,
+    }
+
+    /// How the learning rate falls after warmup.
+    LrScheduler ("snake_case") {
+        Constant,
+        Linear,
+        Cosine,
+        CosineWithRestarts,
+    }
+
+    /// How training timesteps are drawn.
+    TimestepDistribution ("snake_case") {
+        Uniform,
+        LogitNormal,
+        HeavyTail,
+        Sigmoid,
+        CosMap,
+        InvertedParabola,
+    }
+
+    /// Per-timestep loss weighting.
+    LossWeightFn ("snake_case") {
+        Constant,
+        MinSnrGamma,
+        DebiasedEstimation,
+        P2,
+    }
+
+    /// Where the exponential moving average of the weights is kept.
+    EmaMode ("snake_case") {
+        Off,
+        /// On the training device.
+        Gpu,
+        /// In host memory.
+        Cpu,
+    }
+
+    /// OneTrainer's layer presets for adapters.
+    LayerPreset ("kebab-case") {
+        AttnOnly,
+        AttnMlp,
+        Full,
+        /// The layers matched by `lora_layers`.
+        Custom,
+    }
+
+    /// What a concept's images are for.
+    ConceptType ("snake_case") {
+        Standard,
+        /// Prior preservation: the target is the model's own prediction without adapters.
+        Prior,
+        /// Validation only (never trained on).
+        Validation,
+    }
+
+    /// Where a concept's captions come from.
+    PromptSource ("snake_case") {
+        /// A `.txt` beside each image.
+        Sample,
+        /// One text file for the whole concept.
+        Concept,
+        /// The image's file name.
+        Filename,
+    }
+
+    /// How a concept's weight in an epoch is given.
+    BalancingStrategy ("snake_case") {
+        /// Each image so many times.
+        Repeats,
+        /// So many images.
+        Samples,
+    }
+
+    /// The unit of an interval (sample_after, backup_after, ...) or of stop_training_after.
+    TimeUnit ("snake_case") {
+        Step,
+        Epoch,
+        Second,
+        Minute,
+        Hour,
+        Always,
+        Never,
+    }
+}
+
+impl OutputFormat {
+    /// The formats a run of `method` can write.
+    pub fn allowed(method: TrainingMethod) -> &'static [Self] {
+        match method {
+            TrainingMethod::Lora => Self::VARIANTS,
+            TrainingMethod::FineTune => &[Self::Safetensors, Self::Diffusers],
+        }
+    }
+}
+
+/// Checks every choice in a config table against the values its enum allows (read from the
+/// config's JSON schema, so every enum field anywhere is covered), so that all bad values are
+/// reported at once with their keys rather than the first one alone. Each bad value is replaced
+/// by an allowed one, so the rest of the config can still be read and checked.
+pub(super) fn check_choices(table: &mut toml::Table) -> Vec<String> {
+    let schema = serde_json::to_value(schemars::schema_for!(super::TrainConfig))
+        .expect("the config's schema is JSON");
+    let mut problems = Vec::new();
+    let mut value = toml::Value::Table(std::mem::take(table));
+    walk(&schema, &schema, &mut value, "", &mut problems);
+    if let toml::Value::Table(t) = value {
+        *table = t;
+    }
+    problems
+}
+
+/// The node a `$ref` points at (`#/$defs/Name`), or the node itself.
+fn resolve<'a>(root: &'a serde_json::Value, node: &'a serde_json::Value) -> &'a serde_json::Value {
+    match node.get("$ref").and_then(|r| r.as_str()) {
+        Some(r) => r
+            .strip_prefix("#/")
+            .and_then(|p| root.pointer(&format!("/{p}")))
+            .unwrap_or(node),
+        None => node,
+    }
+}
+
+/// The strings an enum schema allows: its `enum`, its `const`, or those of its `oneOf` (how
+/// schemars writes variants, some with doc comments).
+fn allowed(node: &serde_json::Value) -> Vec<&str> {
+    if let Some(c) = node.get("const").and_then(|c| c.as_str()) {
+        return vec![c];
+    }
+    if let Some(e) = node.get("enum").and_then(|e| e.as_array()) {
+        return e.iter().filter_map(|v| v.as_str()).collect();
+    }
+    node.get("oneOf")
+        .and_then(|o| o.as_array())
+        .map(|o| o.iter().flat_map(allowed).collect())
+        .unwrap_or_default()
+}
+
+fn walk(
+    root: &serde_json::Value,
+    node: &serde_json::Value,
+    value: &mut toml::Value,
+    key: &str,
+    problems: &mut Vec<String>,
+) {
+    let node = resolve(root, node);
+    match value {
+        toml::Value::Table(t) => {
+            let Some(props) = node.get("properties") else {
+                return;
+            };
+            for (k, v) in t.iter_mut() {
+                if let Some(p) = props.get(k) {
+                    let key = if key.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{key}.{k}")
+                    };
+                    walk(root, p, v, &key, problems);
+                }
+            }
+        }
+        toml::Value::Array(items) => {
+            if let Some(item) = node.get("items") {
+                for (i, v) in items.iter_mut().enumerate() {
+                    walk(root, item, v, &format!("{key}[{i}]"), problems);
+                }
+            }
+        }
+        toml::Value::String(s) => {
+            let allowed = allowed(node);
+            if !allowed.is_empty() && !allowed.contains(&s.as_str()) {
+                problems.push(format!("{key}: `{s}` is not one of {}", allowed.join(", ")));
+                *s = allowed[0].to_string();
+            }
+        }
+        _ => {}
+    }
+}
