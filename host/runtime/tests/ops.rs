@@ -907,6 +907,23 @@ fn group_norm_matches_formula() {
     });
 }
 
+/// A scalar has no last dimension to normalise over: an error naming the op, not a panic.
+#[test]
+fn norms_of_a_scalar_are_a_clear_error() {
+    init();
+    let scalar = t(&[2.0], &[]);
+    for (name, r) in [
+        ("layer_norm", ops::layer_norm(&scalar, None, None, 1e-5)),
+        ("rms_norm", ops::rms_norm(&scalar, None, 1e-5)),
+    ] {
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("op {name}")) && e.contains("at least one dimension"),
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn layer_norm_and_rms_norm_match_formula() {
     init();

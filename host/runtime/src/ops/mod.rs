@@ -67,6 +67,14 @@ fn align<B: burn_backend::AutodiffBackend>(a: F<B>, b: F<B>) -> RtResult<(F<B>, 
     Ok((to_rank::<B>(a, out.len()), to_rank::<B>(b, out.len())))
 }
 
+/// The last dimension of `t`, or an error for a scalar (which has none).
+fn last_dim<B: burn_backend::AutodiffBackend>(op: &str, t: &F<B>) -> RtResult<usize> {
+    shape_of::<B>(t)
+        .len()
+        .checked_sub(1)
+        .ok_or_else(|| format!("op {op}: the input needs at least one dimension, got a scalar"))
+}
+
 fn check_dim(op: &str, dim: usize, rank: usize) -> RtResult<()> {
     if dim >= rank {
         return Err(format!(

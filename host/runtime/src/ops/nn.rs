@@ -11,7 +11,8 @@ use burn_backend::{
 use ferrite_plugin_api::{TensorId, op};
 
 use super::{
-    F, RtResult, TensorTable, Tracking, Value, broadcast_shape, check_dim, one, shape_of, to_rank,
+    F, RtResult, TensorTable, Tracking, Value, broadcast_shape, check_dim, last_dim, one, shape_of,
+    to_rank,
 };
 
 /// Input, weight and optional bias.
@@ -170,7 +171,7 @@ impl<B: Tracking> TensorTable<B> {
     pub(super) fn layer_norm(&self, ids: &[TensorId], eps: f64) -> RtResult<Vec<Value<B>>> {
         let t = self.f(ids, 0)?;
         let (w, b) = (self.opt_f(ids, 1)?, self.opt_f(ids, 2)?);
-        let last = shape_of::<B>(&t).len() - 1;
+        let last = last_dim::<B>("layer_norm", &t)?;
         let n = self.normalize_last(t, eps)?;
         one(self.channel_affine(n, w, b, last)?)
     }
@@ -178,7 +179,7 @@ impl<B: Tracking> TensorTable<B> {
     pub(super) fn rms_norm(&self, ids: &[TensorId], eps: f64) -> RtResult<Vec<Value<B>>> {
         let t = self.f(ids, 0)?;
         let w = self.opt_f(ids, 1)?;
-        let last = shape_of::<B>(&t).len() - 1;
+        let last = last_dim::<B>("rms_norm", &t)?;
         let ms = Self::mean_over(B::float_mul(t.clone(), t.clone()), &[last])?;
         let n = B::float_mul(
             t,

@@ -3,7 +3,7 @@
 use burn_backend::{Scalar, Shape};
 use ferrite_plugin_api::Op;
 
-use super::{F, RtResult, TensorTable, Tracking, check_dim, shape_of};
+use super::{F, RtResult, TensorTable, Tracking, check_dim, last_dim, shape_of};
 
 fn reduce_dims(op: &str, dims: &[usize], rank: usize) -> RtResult<Vec<usize>> {
     for &d in dims {
@@ -92,7 +92,7 @@ impl<B: Tracking> TensorTable<B> {
 
     /// Normalises over the last dimension of `x` (population variance).
     pub(super) fn normalize_last(&self, x: F<B>, eps: f64) -> RtResult<F<B>> {
-        let last = shape_of::<B>(&x).len() - 1;
+        let last = last_dim::<B>("normalize", &x)?;
         let mean = Self::mean_over(x.clone(), &[last])?;
         let var = self.variance(x.clone(), &[last], true, 0)?;
         let denom = B::float_sqrt(B::float_add_scalar(var, Scalar::Float(eps)));
