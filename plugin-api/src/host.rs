@@ -1,4 +1,11 @@
 //! Access to the host services from plugin (or host) code.
+//!
+//! Calls on tensors go to wherever those tensors live. What a call cannot tell from its tensors
+//! — where a tensor made from nothing goes (`zeros`, uploads, loaded weights, generators),
+//! whether the run was cancelled, which adapters a layer runs — comes from the run the host is
+//! serving on the calling thread: call these from the thread the host called into the plugin
+//! on (work handed to a thread of the plugin's own gets the default device, no adapters and no
+//! stop request).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -69,7 +76,6 @@ fn one(op: &str, mut out: Vec<Tensor>) -> Result<Tensor> {
     }
 }
 
-/// The device tensors live on (`cpu`, `cuda:0`).
 /// The output of layer `name` with whatever adapters the host has attached to it (`base_out`
 /// unchanged when none).
 pub fn adapt(name: &str, x: &Tensor, base_out: Tensor) -> Result<Tensor> {
@@ -83,6 +89,7 @@ pub fn adapt(name: &str, x: &Tensor, base_out: Tensor) -> Result<Tensor> {
     }
 }
 
+/// The device new tensors go to on this thread (`cpu`, `cuda:0`).
 pub fn device() -> Result<String> {
     Ok((host()?.device())().into_string())
 }

@@ -143,6 +143,27 @@ fn a_demo_run_from_the_gui_samples_pauses_resumes_and_stops() {
         h.state().run.step > paused_at
     });
 
+    // The app samples beside the run: a model of its own (its adapters, its scope) on the same
+    // device, while the run goes on.
+    tab(&mut h, "Tools");
+    for (label, v) in [("Size (square)", 16.0), ("Steps", 2.0)] {
+        h.get_by_role_and_label(Role::SpinButton, label)
+            .set_value_accesskit(v);
+        h.run();
+    }
+    let image = root.join("tool.png");
+    set_text(&mut h, "Output PNG", &image.display().to_string());
+    let before = h.state().run.step;
+    // (Not `click`: the spinner keeps the frame busy until the image is written.)
+    h.get_by_label("Generate").click_accesskit();
+    h.step();
+    wait_for(&mut h, "the tool's image", |h| {
+        h.query_by_label_contains("wrote ").is_some()
+    });
+    assert!(image.exists(), "the tool wrote its image");
+    wait_for(&mut h, "steps meanwhile", |h| h.state().run.step > before);
+    assert!(h.state().run.active(), "the run went on");
+
     // Closing the window while training asks first; keeping on training goes on.
     h.input_mut()
         .viewports

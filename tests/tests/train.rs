@@ -53,6 +53,8 @@ struct Run {
     weights: Vec<(String, Vec<f32>)>,
     /// (latents, text states) the run encoded because the cache did not have them.
     encoded: (usize, usize),
+    /// What the `meet` function of [`run_trainer`] returned at step 1.
+    live_at_meeting: usize,
 }
 
 /// Trains with `config`; cancels after `stop_at` steps when given.
@@ -61,16 +63,23 @@ fn run(config: TrainConfig, root: &Path, stop_at: Option<u64>) -> Run {
     run_trainer(t, stop_at, None)
 }
 
-/// Runs `t`; cancels after `stop_at` steps when given, and waits at step 1 for the other runs
-/// sharing `meet` (so that they are surely training at the same time).
-fn run_trainer(mut t: Trainer, stop_at: Option<u64>, meet: Option<&Barrier>) -> Run {
+/// Runs `t`; cancels after `stop_at` steps when given. With `meet`, waits at step 1 for the other
+/// runs sharing the barrier (so that they are surely training at the same time) and notes what
+/// the function given returns then.
+fn run_trainer(
+    mut t: Trainer,
+    stop_at: Option<u64>,
+    meet: Option<(&Barrier, &dyn Fn() -> usize)>,
+) -> Run {
+    let mut live_at_meeting = 0;
     let mut losses = Vec::new();
     let cancel = t.controls().cancel.clone();
     t.run(|e| {
         if let Event::Step { step, loss, .. } = e {
             losses.push((step, loss));
-            if let (1, Some(m)) = (step, meet) {
-                m.wait();
+            if let (1, Some((barrier, live))) = (step, meet) {
+                live_at_meeting = live();
+                barrier.wait();
             }
             if Some(step) == stop_at {
                 cancel.cancel();
@@ -87,6 +96,7 @@ fn run_trainer(mut t: Trainer, stop_at: Option<u64>, meet: Option<&Barrier>) -> 
         losses,
         weights,
         encoded: t.cache_encoded(),
+        live_at_meeting,
     }
 }
 
@@ -97,8 +107,9 @@ fn setup() -> tempfile::TempDir {
 }
 
 /// Two runs on two runtimes of their own, in two threads at once: each ends exactly as it does
-/// alone (losses and weights bitwise), and stopping one leaves the other running. Each has
-/// LoRA dropout, so each runtime's generator is its own too.
+/// alone (losses and weights bitwise), its tensors live on its own runtime, its adapters train,
+/// and stopping one leaves the other running. Each has LoRA dropout, so each run's generator is
+/// its own too, and each encodes its own cache meanwhile.
 #[test]
 fn two_models_train_on_two_runtimes_at_the_same_time() {
     let root = setup();
@@ -107,6 +118,7 @@ fn two_models_train_on_two_runtimes_at_the_same_time() {
         let mut c = config(root, name);
         c.seed = seed;
         c.lora_dropout = 0.1;
+        c.cache_dir = format!("{name}-cache");
         c
     };
     let on = |device: &Device, c: TrainConfig| {
@@ -114,19 +126,41 @@ fn two_models_train_on_two_runtimes_at_the_same_time() {
     };
     let (a, _) = Device::open("cpu").unwrap();
     let (b, _) = Device::open("cpu").unwrap();
-    assert!(!a.same(&b), "two runtimes");
     let alone_a = run_trainer(on(&a, config("alone-a", 1)), None, None);
     let alone_b = run_trainer(on(&b, config("alone-b", 2)), None, None);
     assert_ne!(alone_a.losses, alone_b.losses, "two different runs");
-    let (a_live, b_live) = (a.live(), b.live());
+    assert!(
+        alone_a
+            .weights
+            .iter()
+            .any(|(k, w)| k.ends_with("lora_up.weight") && w.iter().any(|&v| v != 0.0)),
+        "the adapters trained (lora_up starts at zero)"
+    );
+    assert_eq!(
+        (a.live(), b.live()),
+        (0, 0),
+        "each run released its tensors"
+    );
 
-    // Together: B is stopped after 2 steps; A goes on to the end.
+    // Together: B is stopped after 2 steps; A goes on to the end. At step 1 both hold their
+    // tensors on their own runtime.
     let meet = Barrier::new(2);
+    let live_at_step_1 = |d: &Device| {
+        let d = d.clone();
+        move || d.live()
+    };
     let (together_a, together_b) = std::thread::scope(|s| {
-        let ta = s.spawn(|| run_trainer(on(&a, config("both-a", 1)), None, Some(&meet)));
-        let tb = s.spawn(|| run_trainer(on(&b, config("both-b", 2)), Some(2), Some(&meet)));
+        let ta = s.spawn(|| {
+            let t = on(&a, config("both-a", 1));
+            run_trainer(t, None, Some((&meet, &live_at_step_1(&a))))
+        });
+        let tb = s.spawn(|| {
+            let t = on(&b, config("both-b", 2));
+            run_trainer(t, Some(2), Some((&meet, &live_at_step_1(&b))))
+        });
         (ta.join().unwrap(), tb.join().unwrap())
     });
+    assert!(together_a.live_at_meeting > 0 && together_b.live_at_meeting > 0);
     assert_eq!(together_a.losses, alone_a.losses, "run A, bitwise");
     assert_eq!(
         together_a.weights, alone_a.weights,
@@ -138,9 +172,13 @@ fn two_models_train_on_two_runtimes_at_the_same_time() {
         "run B until its stop"
     );
     assert_eq!(
+        together_a.encoded, alone_a.encoded,
+        "run A encoded its own cache"
+    );
+    assert_eq!(
         (a.live(), b.live()),
-        (a_live, b_live),
-        "each run released its tensors on its own runtime"
+        (0, 0),
+        "each run released its tensors"
     );
 }
 

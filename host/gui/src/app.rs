@@ -11,7 +11,9 @@ use super::concepts::ConceptsUi;
 use super::form::{Fields, FormState, Help, problems_by_key};
 use super::run::{Phase, RunView};
 use super::tools::Tools;
-use crate::config::{OutputFormat, SampleConfig, TrainConfig, TrainingMethod, preset_names};
+use crate::config::{
+    OutputFormat, SampleConfig, TimeUnit, TrainConfig, TrainingMethod, preset_names,
+};
 use crate::plugins::{ComponentInfo, LoadProblem, Registry};
 use crate::settings::Settings;
 
@@ -377,10 +379,7 @@ impl App {
         ui.horizontal_wrapped(|ui| {
             let active = self.run.active();
             if ui
-                .add_enabled(
-                    !active && !self.tools.busy(),
-                    egui::Button::new("Start training"),
-                )
+                .add_enabled(!active, egui::Button::new("Start training"))
                 .on_hover_text(if problems.is_empty() {
                     "Start with this config".to_string()
                 } else {
@@ -525,11 +524,16 @@ impl App {
                     f.grid(ui, part, |f, ui| {
                         f.check(ui, &format!("{part}.train"), &mut pc.train);
                         f.opt_num(ui, &format!("{part}.learning_rate"), &mut pc.learning_rate);
-                        f.every(
+                        f.num(
                             ui,
                             &format!("{part}.stop_training_after"),
                             &mut pc.stop_training_after,
+                        );
+                        f.choice_of(
+                            ui,
+                            &format!("{part}.stop_training_after_unit"),
                             &mut pc.stop_training_after_unit,
+                            TimeUnit::STOPS,
                         );
                         if part == "text_encoder" {
                             f.num(
@@ -584,10 +588,8 @@ impl App {
                 );
             }
             Tab::Tools => {
-                let training = self.run.active();
                 let dirs = &self.options.plugin_dirs;
-                self.tools
-                    .show(ui, &base, dirs, &self.settings, c, training);
+                self.tools.show(ui, &base, dirs, &self.settings, c);
             }
             Tab::Plugins => self.plugins_tab(ui),
             Tab::Run => self.run.show(ui),

@@ -17,7 +17,8 @@ use crate::plugins::Registry;
 use crate::train::trainer::{Controls, Event, Trainer};
 
 enum Msg {
-    Started(Arc<Controls>),
+    /// The model is loaded and the run begins.
+    Started,
     Event(Event),
     Done(Result<(), String>),
 }
@@ -127,7 +128,7 @@ impl RunView {
                         .map_err(|e| e.to_string())?;
                     let mut t = Trainer::on(device, controls, config, &base, registry)
                         .map_err(|e| e.to_string())?;
-                    let _ = tx.send(Msg::Started(t.controls()));
+                    let _ = tx.send(Msg::Started);
                     t.run(|e| {
                         let _ = tx.send(Msg::Event(e));
                         ctx.request_repaint();
@@ -183,8 +184,7 @@ impl RunView {
         let msgs: Vec<Msg> = rx.try_iter().collect();
         for m in msgs {
             match m {
-                Msg::Started(c) => {
-                    self.controls = Some(c);
+                Msg::Started => {
                     if self.phase == Phase::Starting {
                         self.phase = Phase::Running;
                     }

@@ -51,11 +51,6 @@ impl Default for Tools {
 }
 
 impl Tools {
-    /// A sample is being generated (training waits for it: adapters are process-wide).
-    pub fn busy(&self) -> bool {
-        self.running.is_some()
-    }
-
     pub fn show(
         &mut self,
         ui: &mut Ui,
@@ -63,7 +58,6 @@ impl Tools {
         plugin_dirs: &[PathBuf],
         settings: &Settings,
         config: &TrainConfig,
-        training: bool,
     ) {
         ui.strong("Sample an image (ferrite sample)");
         if self.model.is_empty() {
@@ -113,11 +107,10 @@ impl Tools {
                 });
             });
         let busy = self.running.is_some();
-        // Adapters are attached process-wide by layer name: a second model beside a running
-        // LoRA training would see (or replace) its adapters.
+        // A training may run meanwhile: this model, its adapters and its scope are its own.
         let generate = ui
-            .add_enabled(!busy && !training, egui::Button::new("Generate"))
-            .on_disabled_hover_text("not while training: wait for the run to end or stop it");
+            .add_enabled(!busy, egui::Button::new("Generate"))
+            .on_disabled_hover_text("generating: wait for the image");
         if generate.clicked() {
             let (device, model_type) = (&config.train_device, &config.model_type);
             self.generate(ui.ctx(), base, plugin_dirs, settings, device, model_type);

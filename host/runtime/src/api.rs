@@ -41,9 +41,13 @@ fn guarded<T>(f: impl FnOnce() -> RtResult<T>) -> RResult<T, RString> {
     }
 }
 
+/// Tensors made from nothing go to the calling thread's run (else the default runtime).
+const NO_DEVICE: &str = "no compute device selected on this thread (runtime::init, or a run's \
+                         scope; a thread of a plugin's own has none)";
+
 /// Runs `f` on the runtime new tensors go to on this thread.
 fn with_current<T>(f: impl FnOnce(&dyn Runtime) -> RtResult<T>) -> RtResult<T> {
-    let d = Device::current().ok_or("no compute device selected (runtime::init was not called)")?;
+    let d = Device::current().ok_or(NO_DEVICE)?;
     f(d.rt())
 }
 
@@ -66,16 +70,15 @@ fn with_owner<T>(id: TensorId, f: impl FnOnce(&dyn Runtime) -> RtResult<T>) -> R
 fn op_runtime(inputs: &[TensorId]) -> RtResult<Device> {
     let mut given = inputs.iter().filter(|&&id| id != TensorId::NONE);
     let Some(&first) = given.next() else {
-        return Device::current()
-            .ok_or_else(|| "no compute device selected (runtime::init was not called)".into());
+        return Device::current().ok_or_else(|| NO_DEVICE.into());
     };
     if let Some(&other) = given.find(|id| runtime_of(id.0) != runtime_of(first.0)) {
         let name = |id: TensorId| {
             Device::of(id.0).map_or("a closed runtime".into(), |d| d.name().to_string())
         };
         return Err(format!(
-            "tensor handles {} and {} belong to different runtimes ({} and {}): move one with \
-             to_device first",
+            "tensor handles {} and {} belong to different runtimes ({} and {}): one run's \
+             tensors cannot take part in another's ops",
             first.0,
             other.0,
             name(first),

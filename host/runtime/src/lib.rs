@@ -1,5 +1,6 @@
-//! The tensor runtime: one burn backend with autodiff, a table of live tensors, and the host
-//! services table handed to plugins.
+//! The tensor runtime: burn with autodiff, one table of live tensors per runtime (a value:
+//! [`Device`]), the scopes that tell plugin calls which run they serve, and the host services
+//! table handed to plugins.
 
 mod api;
 pub mod bench;
@@ -9,7 +10,9 @@ mod scope;
 mod table;
 mod weights;
 
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 
 use burn_backend::TensorData;
 use ferrite_plugin_api::{DType, Op, TensorId};
@@ -106,7 +109,7 @@ impl std::fmt::Debug for Device {
 
 /// Every runtime opened in this process, by number (a handle's top bits): how a plugin's handle
 /// finds its table. Weak: the runs own their runtimes.
-static RUNTIMES: Mutex<Vec<Weak<dyn Runtime>>> = Mutex::new(Vec::new());
+static RUNTIMES: RwLock<Vec<Weak<dyn Runtime>>> = RwLock::new(Vec::new());
 /// The runtime of code that entered none ([`init`]: the CLI and tests that use one device).
 static DEFAULT: Mutex<Option<Device>> = Mutex::new(None);
 /// One runtime per device, for whoever asks by device ([`for_device`]).
@@ -116,8 +119,13 @@ fn shared_devices() -> MutexGuard<'static, Vec<Device>> {
     SHARED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn runtimes() -> MutexGuard<'static, Vec<Weak<dyn Runtime>>> {
-    RUNTIMES.lock().unwrap_or_else(|e| e.into_inner())
+/// Read on every call on handles (concurrent runs share the lock); written when one opens.
+fn runtimes() -> RwLockReadGuard<'static, Vec<Weak<dyn Runtime>>> {
+    RUNTIMES.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn runtimes_mut() -> RwLockWriteGuard<'static, Vec<Weak<dyn Runtime>>> {
+    RUNTIMES.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn default_device() -> MutexGuard<'static, Option<Device>> {
@@ -129,7 +137,7 @@ impl Device {
     /// and where it computes (and why, for `auto`).
     pub fn open(device: &str) -> Result<(Self, String), DeviceError> {
         let index = {
-            let mut all = runtimes();
+            let mut all = runtimes_mut();
             if all.len() >= usize::from(u16::MAX) {
                 return Err(DeviceError::TooMany);
             }
@@ -148,7 +156,7 @@ impl Device {
             let said = format!("computing on {}", rt.device_name());
             (rt, said)
         };
-        runtimes()[usize::from(index) - 1] = Arc::downgrade(&rt);
+        runtimes_mut()[usize::from(index) - 1] = Arc::downgrade(&rt);
         ferrite_plugin_api::host::set_host(host_ref());
         Ok((Self { rt }, said))
     }
@@ -269,40 +277,38 @@ fn new_runtime(device: &str, index: u16) -> Result<Arc<dyn Runtime>, DeviceError
 
 /// The runtime shared by everything computing on `device` (`auto`, `cpu`, `cuda`, `cuda:N`),
 /// opened on first use and kept for the process; and where it computes (and why, for `auto`,
-/// which keeps to the default runtime once there is one).
+/// which is resolved once per process).
 pub fn for_device(device: &str) -> Result<(Device, String), DeviceError> {
+    // What `auto` resolved to the first time (the CUDA probe runs once), and what was said.
+    static AUTO: OnceLock<(String, String)> = OnceLock::new();
     let mut shared = shared_devices();
-    let wanted = match device.trim() {
-        "auto" => match default_device().clone() {
-            Some(d) => {
-                let said = format!(
-                    "computing on {} (train_device auto: already in use)",
-                    d.name()
-                );
-                return Ok((d, said));
-            }
-            None => None,
-        },
-        _ => Some(match parse_device(device)? {
+    let auto = device.trim() == "auto";
+    let (wanted, said) = if auto {
+        match AUTO.get() {
+            Some((name, said)) => (Some(name.clone()), said.clone()),
+            None => (None, String::new()),
+        }
+    } else {
+        let name = match parse_device(device)? {
             None => "cpu".to_string(),
             Some(i) => format!("cuda:{i}"),
-        }),
+        };
+        let said = format!("computing on {name}");
+        (Some(name), said)
     };
-    if let Some(d) = wanted
-        .as_deref()
-        .and_then(|w| shared.iter().find(|d| d.name() == w))
-    {
-        return Ok((d.clone(), format!("computing on {}", d.name())));
+    if let Some(d) = wanted.and_then(|w| shared.iter().find(|d| d.name() == w)) {
+        return Ok((d.clone(), said));
     }
     let (d, said) = Device::open(device)?;
-    match shared.iter().find(|s| s.name() == d.name()) {
-        // `auto` resolved to a device already open: use that one.
-        Some(existing) => Ok((existing.clone(), said)),
-        None => {
-            shared.push(d.clone());
-            Ok((d, said))
-        }
+    if auto {
+        let _ = AUTO.set((d.name().to_string(), said.clone()));
     }
+    // `auto` may resolve to a device already open: keep one runtime per device.
+    if let Some(existing) = shared.iter().find(|s| s.name() == d.name()) {
+        return Ok((existing.clone(), said));
+    }
+    shared.push(d.clone());
+    Ok((d, said))
 }
 
 /// Selects the default runtime: where code that entered no [`Scope`] computes (the CLI,

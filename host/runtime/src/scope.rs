@@ -27,10 +27,6 @@ impl Cancel {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
-
-    pub fn reset(&self) {
-        self.0.store(false, Ordering::SeqCst);
-    }
 }
 
 /// Runs the adapters attached to a model's layer on the layer's output: `(layer name, layer

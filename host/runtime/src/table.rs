@@ -1,4 +1,4 @@
-//! The tensor table: every live tensor of the process, keyed by the handles plugins hold.
+//! The tensor table: every live tensor of one runtime, keyed by the handles plugins hold.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -130,6 +130,18 @@ choices! {
     }
 }
 
+impl TimeUnit {
+    /// The units a part can stop training after (`always` is no time to stop at).
+    pub const STOPS: &[Self] = &[
+        Self::Step,
+        Self::Epoch,
+        Self::Second,
+        Self::Minute,
+        Self::Hour,
+        Self::Never,
+    ];
+}
+
 impl OutputFormat {
     /// The formats a run of `method` can write.
     pub fn allowed(method: TrainingMethod) -> &'static [Self] {

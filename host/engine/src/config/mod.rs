@@ -626,7 +626,9 @@ impl TrainConfig {
         Ok(c)
     }
 
-    /// As [`TrainConfig::load`], without the validation (the GUI shows problems at the fields).
+    /// As [`TrainConfig::load`], without the validation (the GUI shows problems at the fields),
+    /// except for choices: a value outside an option's set cannot be held, so it fails the load
+    /// (with every other problem of the config, to fix them in one go).
     pub fn load_unchecked(
         config: Option<&Path>,
         preset: Option<&str>,
@@ -649,11 +651,14 @@ impl TrainConfig {
             set(&mut table, s)?;
         }
         let source = config.map_or_else(|| "the config".into(), |p| p.display().to_string());
-        let bad_choices = choices::check_choices(&mut table);
-        let c: TrainConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::Invalid(vec![format!("{source}: {}: {}", e.path(), e.inner())])
-            })?;
+        let mut bad_choices = choices::check_choices(&mut table);
+        let c: TrainConfig = match serde_path_to_error::deserialize(toml::Value::Table(table)) {
+            Ok(c) => c,
+            Err(e) => {
+                bad_choices.push(format!("{source}: {}: {}", e.path(), e.inner()));
+                return Err(ConfigError::Invalid(bad_choices));
+            }
+        };
         if !bad_choices.is_empty() {
             // A bad choice has no typed value: the config cannot be used, but everything else
             // wrong with it is said in the same breath.
@@ -730,6 +735,14 @@ impl TrainConfig {
         );
         // peft_type is an adapter plugin's id: checked against the registry (plugins extend
         // the set) in `validate_plugin_options`.
+        let stops: Vec<&str> = TimeUnit::STOPS.iter().map(AsRef::as_ref).collect();
+        for (part, pc) in [("unet", &self.unet), ("text_encoder", &self.text_encoder)] {
+            one_of(
+                &format!("{part}.stop_training_after_unit"),
+                pc.stop_training_after_unit.as_ref(),
+                &stops,
+            );
+        }
         for (i, c) in self.concepts.iter().enumerate() {
             for mode in c.caps_randomize_mode.split(',') {
                 one_of(
@@ -1067,9 +1080,15 @@ learning_rate = -1
 batch_size = 0
 resolution = "abc"
 learning_rate_scheduler = "sometimes"
+[unet]
+stop_training_after_unit = "fortnight"
+[text_encoder]
+stop_training_after_unit = "always"
 [[concepts]]
 path = ""
 prompt_source = "dreams"
+[[samples]]
+sampler = "magic"
 "#,
         );
         let e = TrainConfig::load(Some(&cfg), None, &[])
@@ -1083,6 +1102,9 @@ prompt_source = "dreams"
             "learning_rate_scheduler: `sometimes`",
             "concepts[0].prompt_source: `dreams`",
             "concepts[0].path",
+            "unet.stop_training_after_unit: `fortnight`",
+            "samples[0].sampler: `magic` is not one of ddim, euler, euler_a, dpmpp_2m_karras",
+            "text_encoder.stop_training_after_unit: `always`",
         ] {
             assert!(e.contains(needle), "`{needle}` missing from:\n{e}");
         }
@@ -1094,11 +1116,14 @@ prompt_source = "dreams"
         let wrong_type = write(
             d.path(),
             "w.toml",
-            &format!("{MINIMAL}\n[unet]\ntrain = \"yes\"\n"),
+            &format!("ema = \"sometimes\"\n{MINIMAL}\n[unet]\ntrain = \"yes\"\n"),
         );
         let e = TrainConfig::load(Some(&wrong_type), None, &[])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unet.train"), "{e}");
+        assert!(
+            e.contains("unet.train") && e.contains("ema: `sometimes`"),
+            "{e}"
+        );
     }
 }

@@ -5,7 +5,8 @@
 
 use ferrite_plugin_api::Tensor;
 
-use super::batch::{Batch, Forward};
+use super::batch::Forward;
+use super::encode::Batch;
 use super::{Result, Trainer, err};
 use crate::config::TrainConfig;
 use crate::data::{loader::Loaded, rgb_bytes};

@@ -10,8 +10,10 @@ mod backup;
 mod batch;
 mod debug;
 mod ema;
+mod encode;
 mod groups;
 mod intervals;
+mod loss;
 mod output;
 mod run;
 mod samples;
@@ -136,7 +138,7 @@ impl Trainer {
     /// another), stopped through its own [`Controls`].
     pub fn new(config: TrainConfig, base: &Path, registry: Registry) -> Result<Self> {
         let device = Device::current().ok_or_else(|| {
-            TrainError("no compute device selected (runtime::init was not called)".into())
+            TrainError("no compute device selected: give train_device (runtime::init)".into())
         })?;
         Self::on(device, Default::default(), config, base, registry)
     }

@@ -3,7 +3,7 @@
 use ferrite_plugin_api::{Generator, Tensor};
 use rand::Rng;
 
-use super::batch::Batch;
+use super::encode::Batch;
 use super::groups::Untracked;
 use super::{Result, Trainer, err};
 use crate::data;
