@@ -1,7 +1,7 @@
-//! Which runtime, cancellation flag and adapters a thread's plugin calls reach. Handles name
-//! their runtime themselves; what a handle cannot say (where a new tensor is made, whether the
-//! run was cancelled, which model's adapters a layer runs) comes from the scope the host entered
-//! on the calling thread before calling into a plugin.
+//! Which run a thread's plugin calls serve. Handles name their runtime themselves; what a handle
+//! cannot say (where a new tensor is made, whether the run was cancelled, which model's adapters
+//! a layer runs, where dropout draws from) comes from the scope the host entered on the calling
+//! thread before calling into a plugin.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
