@@ -1,9 +1,10 @@
 //! `ferrite-blocks`' UNet2DConditionModel against diffusers (fixtures from
 //! tests/fixtures/gen/unet.py): output within 1e-4 max abs difference (f32, CPU), for an SD 1.x
-//! layout with several heads and an SD 2.x layout with linear projections.
+//! layout with several heads, an SD 2.x layout with linear projections, and an SDXL layout with
+//! added time/text embeddings and per-level transformer depth.
 
 use ferrite::runtime;
-use ferrite_blocks::unet::{UNet2DConditionModel, UNetConfig};
+use ferrite_blocks::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use ferrite_plugin_api::{DType, Weights};
 
 fn dir(case: &str) -> String {
@@ -29,11 +30,23 @@ fn check(case: &str) {
     let unet = load(case);
     let exp = Weights::open(&format!("{}/expected.safetensors", dir(case))).unwrap();
     let get = |k: &str| exp.get(k, DType::F32).unwrap();
+    let (text_embeds, time_ids) = (
+        exp.get("text_embeds", DType::F32),
+        exp.get("time_ids", DType::F32),
+    );
+    let added = match (&text_embeds, &time_ids) {
+        (Ok(text_embeds), Ok(time_ids)) => Some(AddedCond {
+            text_embeds,
+            time_ids,
+        }),
+        _ => None,
+    };
     let out = unet
-        .forward(
+        .forward_with(
             &get("sample"),
             &get("timesteps"),
             &get("encoder_hidden_states"),
+            added.as_ref(),
         )
         .unwrap();
     let d = ferrite_tests::max_abs_diff(&out, &get("output"));
@@ -49,6 +62,28 @@ fn sd1_layout_unet_matches_diffusers() {
 #[test]
 fn sd2_layout_unet_with_linear_projection_matches_diffusers() {
     check("sd2_tiny_linear");
+}
+
+#[test]
+fn sdxl_layout_unet_with_added_embeddings_matches_diffusers() {
+    check("sdxl_tiny");
+}
+
+/// Without its added conditioning an SDXL UNet says what it needs instead of running without.
+#[test]
+fn sdxl_unet_without_text_embeds_and_time_ids_is_a_clear_error() {
+    let unet = load("sdxl_tiny");
+    let exp = Weights::open(&format!("{}/expected.safetensors", dir("sdxl_tiny"))).unwrap();
+    let get = |k: &str| exp.get(k, DType::F32).unwrap();
+    let e = unet
+        .forward(
+            &get("sample"),
+            &get("timesteps"),
+            &get("encoder_hidden_states"),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("text_embeds and time_ids"), "{e}");
 }
 
 #[test]

@@ -61,8 +61,15 @@ pub struct UNetConfig {
     pub transformer_layers_per_block: PerBlock,
     #[serde(default = "one")]
     pub downsample_padding: usize,
+    /// `text_time` (SDXL): a pooled text vector and six size/crop ids join the time embedding.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of each time id's sinusoidal embedding (`text_time`).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of the added embedding: pooled text width + 6 × addition_time_embed_dim.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
 }
 
 fn thirty_two() -> usize {
@@ -112,12 +119,19 @@ impl UNetConfig {
                 "{source}: block type `{t}` is not supported"
             )));
         }
-        if let Some(t) = &c.addition_embed_type {
-            return Err(Error(format!(
-                "{source}: addition_embed_type `{t}` (SDXL) is not supported yet"
-            )));
+        let sizes_given = c.addition_time_embed_dim.is_some()
+            && c.projection_class_embeddings_input_dim.is_some();
+        match c.addition_embed_type.as_deref() {
+            None => Ok(c),
+            Some("text_time") if sizes_given => Ok(c),
+            Some("text_time") => Err(Error(format!(
+                "{source}: addition_embed_type text_time needs addition_time_embed_dim and \
+                 projection_class_embeddings_input_dim"
+            ))),
+            Some(t) => Err(Error(format!(
+                "{source}: addition_embed_type `{t}` is not supported (text_time is)"
+            ))),
         }
-        Ok(c)
     }
 
     /// Heads per block (`num_attention_heads`, or `attention_head_dim` as diffusers reads it).
@@ -165,10 +179,19 @@ impl<S> Block<S> {
     }
 }
 
+/// SDXL's conditioning beside the text states: the pooled text vector `[B, D]` and the six
+/// ids `[B, 6]` (original height, width, crop top, left, target height, width).
+pub struct AddedCond<'a> {
+    pub text_embeds: &'a Tensor,
+    pub time_ids: &'a Tensor,
+}
+
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     linear_1: Linear,
     linear_2: Linear,
+    /// `add_embedding` (text_time): linear_1, linear_2.
+    add_embedding: Option<(Linear, Linear)>,
     conv_in: Conv2d,
     down_blocks: Vec<Block<Downsample2D>>,
     mid_resnets: [ResnetBlock2D; 2],
@@ -282,7 +305,15 @@ impl UNet2DConditionModel {
             up_blocks.push(b);
         }
 
+        let add_embedding = match c.projection_class_embeddings_input_dim {
+            Some(width) if c.addition_embed_type.is_some() => Some((
+                linear(w, &k("add_embedding.linear_1"), temb, width, dtype)?,
+                linear(w, &k("add_embedding.linear_2"), temb, temb, dtype)?,
+            )),
+            _ => None,
+        };
         Ok(Self {
+            add_embedding,
             linear_1: linear(w, &k("time_embedding.linear_1"), temb, ch[0], dtype)?,
             linear_2: linear(w, &k("time_embedding.linear_2"), temb, temb, dtype)?,
             conv_in: conv2d(
@@ -319,9 +350,8 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// diffusers' sinusoidal `Timesteps` embedding of `t` `[B]`, `[B, dim]`.
-    fn time_proj(&self, t: &Tensor) -> Result<Tensor> {
-        let dim = self.config.block_out_channels[0];
+    /// diffusers' sinusoidal `Timesteps` embedding of `t` `[N]`, `[N, dim]`.
+    fn time_proj(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
         let half = dim / 2;
         let denom = (half - self.config.freq_shift) as f64;
         let freqs: Vec<f32> = (0..half)
@@ -340,6 +370,40 @@ impl UNet2DConditionModel {
 
     /// Predicts from noisy latents `[B, C, H, W]`, timesteps `[B]` and text states `[B, S, D]`.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, context, None)
+    }
+
+    /// The time embedding `[B, 4·C]`, with SDXL's added embedding when the model has one.
+    fn time_embedding(&self, timesteps: &Tensor, added: Option<&AddedCond>) -> Result<Tensor> {
+        let t = self.time_proj(timesteps, self.config.block_out_channels[0])?;
+        let temb = self.linear_2.forward(&self.linear_1.forward(&t)?.silu()?)?;
+        let Some((l1, l2)) = &self.add_embedding else {
+            return Ok(temb);
+        };
+        let a = added.ok_or_else(|| {
+            Error::msg("this UNet (addition_embed_type text_time) needs text_embeds and time_ids")
+        })?;
+        let ids = a.time_ids.shape()?;
+        let b = timesteps.shape()?.first().copied().unwrap_or(0);
+        if ids != [b, 6] {
+            return Err(Error(format!("time_ids must be [{b}, 6], got {ids:?}")));
+        }
+        let dim = self.config.addition_time_embed_dim.unwrap_or_default();
+        let time_embeds = self
+            .time_proj(&a.time_ids.reshape(&[-1])?, dim)?
+            .reshape(&[b as i64, -1])?;
+        let joined = Tensor::cat(&[a.text_embeds, &time_embeds], 1)?;
+        temb.add(&l2.forward(&l1.forward(&joined)?.silu()?)?)
+    }
+
+    /// [`UNet2DConditionModel::forward`] with SDXL's added conditioning.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Result<Tensor> {
         let s = sample.shape()?;
         let f = 1 << (self.config.block_out_channels.len() - 1);
         if s.len() != 4 || s[1] != self.config.in_channels || s[2] % f != 0 || s[3] % f != 0 {
@@ -348,9 +412,7 @@ impl UNet2DConditionModel {
                 self.config.in_channels
             )));
         }
-        let temb = self
-            .linear_2
-            .forward(&self.linear_1.forward(&self.time_proj(timesteps)?)?.silu()?)?;
+        let temb = self.time_embedding(timesteps, added)?;
         let mut x = self.conv_in.forward(sample)?;
         let mut skips = vec![x.clone()];
         for b in &self.down_blocks {

@@ -152,14 +152,13 @@ impl Configs {
         let unet = UNetConfig::from_json(
             &read(&path("unet/config.json"))?,
             &source("unet/config.json"),
-        )
-        .map_err(|e| {
-            if e.0.contains("addition_embed_type") {
-                Error(format!("{e}: this looks like SDXL; use sdxl"))
-            } else {
-                e
-            }
-        })?;
+        )?;
+        if let Some(t) = &unet.addition_embed_type {
+            return Err(Error(format!(
+                "{}: addition_embed_type `{t}`: this looks like SDXL; use sdxl",
+                source("unet/config.json")
+            )));
+        }
         let sched = path("scheduler/scheduler_config.json");
         Ok(Self {
             unet,
