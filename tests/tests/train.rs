@@ -5,7 +5,8 @@
 
 use ferrite::config::{ConceptType, EmaMode, LossWeightFn, OutputFormat, TimeUnit, TrainingMethod};
 use std::path::{Path, PathBuf};
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use ferrite::config::TrainConfig;
 use ferrite::plugins::Registry;
@@ -63,13 +64,41 @@ fn run(config: TrainConfig, root: &Path, stop_at: Option<u64>) -> Run {
     run_trainer(t, stop_at, None)
 }
 
+/// Where runs wait for each other (a barrier that gives up, so a run that failed before it
+/// fails the test instead of hanging it).
+struct Meeting {
+    arrived: AtomicUsize,
+    runs: usize,
+}
+
+impl Meeting {
+    fn of(runs: usize) -> Self {
+        Self {
+            arrived: AtomicUsize::new(0),
+            runs,
+        }
+    }
+
+    fn wait(&self) {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.arrived.load(Ordering::SeqCst) < self.runs {
+            assert!(
+                Instant::now() < deadline,
+                "the other run never reached step 1"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 /// Runs `t`; cancels after `stop_at` steps when given. With `meet`, waits at step 1 for the other
 /// runs sharing the barrier (so that they are surely training at the same time) and notes what
 /// the function given returns then.
 fn run_trainer(
     mut t: Trainer,
     stop_at: Option<u64>,
-    meet: Option<(&Barrier, &dyn Fn() -> usize)>,
+    meet: Option<(&Meeting, &dyn Fn() -> usize)>,
 ) -> Run {
     let mut live_at_meeting = 0;
     let mut losses = Vec::new();
@@ -144,7 +173,7 @@ fn two_models_train_on_two_runtimes_at_the_same_time() {
 
     // Together: B is stopped after 2 steps; A goes on to the end. At step 1 both hold their
     // tensors on their own runtime.
-    let meet = Barrier::new(2);
+    let meet = Meeting::of(2);
     let live_at_step_1 = |d: &Device| {
         let d = d.clone();
         move || d.live()
@@ -171,6 +200,7 @@ fn two_models_train_on_two_runtimes_at_the_same_time() {
         alone_b.losses[..2],
         "run B until its stop"
     );
+    assert_ne!(alone_a.encoded, (0, 0), "a run with an empty cache encodes");
     assert_eq!(
         together_a.encoded, alone_a.encoded,
         "run A encoded its own cache"

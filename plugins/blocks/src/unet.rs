@@ -1,5 +1,6 @@
-//! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x, config-driven (block types, widths, heads,
-//! linear or conv projections, transformer depth). SDXL's added embeddings are not built yet.
+//! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x and SDXL, config-driven (block types,
+//! widths, heads, linear or conv projections, transformer depth per level, SDXL's added
+//! time/text embeddings).
 
 use ferrite_plugin_api::{
     DType, Error, Result, Tensor, Weights,
@@ -119,14 +120,16 @@ impl UNetConfig {
                 "{source}: block type `{t}` is not supported"
             )));
         }
-        let sizes_given = c.addition_time_embed_dim.is_some()
-            && c.projection_class_embeddings_input_dim.is_some();
+        // The sinusoids need an even width with room for the shift.
+        let sizes_given = c.projection_class_embeddings_input_dim.is_some()
+            && c.addition_time_embed_dim
+                .is_some_and(|d| d % 2 == 0 && d / 2 > c.freq_shift);
         match c.addition_embed_type.as_deref() {
             None => Ok(c),
             Some("text_time") if sizes_given => Ok(c),
             Some("text_time") => Err(Error(format!(
-                "{source}: addition_embed_type text_time needs addition_time_embed_dim and \
-                 projection_class_embeddings_input_dim"
+                "{source}: addition_embed_type text_time needs an even addition_time_embed_dim \
+                 (above twice freq_shift) and projection_class_embeddings_input_dim"
             ))),
             Some(t) => Err(Error(format!(
                 "{source}: addition_embed_type `{t}` is not supported (text_time is)"

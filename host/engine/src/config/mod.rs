@@ -1070,6 +1070,13 @@ path = "images"
     }
 
     #[test]
+    fn a_part_can_stop_after_every_unit_but_always() {
+        let mut all: Vec<TimeUnit> = TimeUnit::VARIANTS.to_vec();
+        all.retain(|u| *u != TimeUnit::Always);
+        assert_eq!(TimeUnit::STOPS, all);
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key() {
         let d = tempfile::tempdir().unwrap();
         let cfg = write(
