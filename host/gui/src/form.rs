@@ -308,32 +308,33 @@ impl Fields<'_> {
 
     /// A drop-down of plugin ids (a set plugins extend).
     pub fn choice_id(&mut self, ui: &mut Ui, key: &str, v: &mut String, ids: &[&str]) {
-        self.row(ui, key, |ui, label| {
-            egui::ComboBox::from_id_salt(key)
-                .selected_text(v.as_str())
-                .show_ui(ui, |ui| {
-                    for o in ids {
-                        ui.selectable_value(v, o.to_string(), *o);
-                    }
-                })
-                .response
-                .labelled_by(label)
-        });
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        self.combo(ui, key, v, &ids);
     }
 
     /// A drop-down of every value of `C`.
     pub fn choice<C: Choice>(&mut self, ui: &mut Ui, key: &str, v: &mut C) {
-        self.choice_of(ui, key, v, C::VARIANTS);
+        self.combo(ui, key, v, C::VARIANTS);
     }
 
     /// A drop-down of `options`, some values of `C`.
     pub fn choice_of<C: Choice>(&mut self, ui: &mut Ui, key: &str, v: &mut C, options: &[C]) {
+        self.combo(ui, key, v, options);
+    }
+
+    fn combo<T: PartialEq + Clone + AsRef<str>>(
+        &mut self,
+        ui: &mut Ui,
+        key: &str,
+        v: &mut T,
+        options: &[T],
+    ) {
         self.row(ui, key, |ui, label| {
             egui::ComboBox::from_id_salt(key)
                 .selected_text(v.as_ref())
                 .show_ui(ui, |ui| {
                     for o in options {
-                        ui.selectable_value(v, *o, o.as_ref());
+                        ui.selectable_value(v, o.clone(), o.as_ref());
                     }
                 })
                 .response
