@@ -5,6 +5,7 @@
 pub mod abi;
 pub mod adapter;
 mod error;
+pub mod family;
 pub mod host;
 pub mod nn;
 pub mod op;
@@ -14,6 +15,7 @@ pub mod tensor;
 pub use abi::{ComponentKind, DType, LogLevel, OpCode, TensorId, WeightInfo};
 pub use abi_stable;
 pub use error::{Error, Result};
+pub use family::{ModelInfo, Part, PartKind};
 pub use host::{Generator, Weights, save_safetensors};
 pub use nn::AdaptableLayer;
 pub use op::Op;

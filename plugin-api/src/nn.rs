@@ -1,5 +1,7 @@
 //! Layers built on [`Tensor`], loaded by diffusers-style key prefixes.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::DType;
@@ -49,9 +51,16 @@ pub struct AdaptableLayer {
     pub shape: Vec<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conv: Option<ConvOptions>,
-    /// The module's name in the original single-file layout, for formats that use it (comfy).
+    /// The module's name in the original single-file layout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original: Option<String>,
+    /// Its key (without the tensor suffixes) in each adapter file layout the model supports
+    /// besides diffusers/PEFT, whose key is `name` ([`crate::family::layouts`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub keys: BTreeMap<String, String>,
+    /// More names adapter files may use for it (read, never written).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 impl AdaptableLayer {
@@ -62,6 +71,8 @@ impl AdaptableLayer {
             shape: weight.shape().unwrap_or_default(),
             conv,
             original: None,
+            keys: BTreeMap::new(),
+            aliases: Vec::new(),
         }
     }
 }

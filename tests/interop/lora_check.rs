@@ -38,9 +38,9 @@ fn main() -> anyhow::Result<()> {
     for (name, dora) in [("lora", false), ("dora", true)] {
         model.clear();
         let layers = select::select(
-            &model.layers,
+            &model.info,
             &select::LayerFilter::new(ferrite::config::LayerPreset::Full, "", false)?,
-            true,
+            |_| true,
         );
         let opts = AdapterOptions {
             rank: 4,
@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
         )?;
         for format in [Format::Kohya, Format::Diffusers] {
             let file = out.join(format!("{name}_{format:?}.safetensors").to_lowercase());
-            model.save(&file, format, "sd_v1", &[])?;
+            model.save(&file, format, &[])?;
             println!(
                 "{}: {} layers, {} values",
                 file.display(),

@@ -154,7 +154,7 @@ fn every_format_round_trips() {
             let before = values(s.model.parameters().unwrap());
             let out = s.unet();
             let path = dir.path().join(format!("{format:?}-{file}"));
-            let saved = s.model.save(&path, format, "sd_v1", &[]);
+            let saved = s.model.save(&path, format, &[]);
             if file.starts_with("loha") && format == Format::Diffusers {
                 let e = saved.unwrap_err().to_string();
                 assert!(e.contains("no diffusers/PEFT format"), "{e}");
@@ -170,7 +170,7 @@ fn every_format_round_trips() {
             if format == Format::Diffusers {
                 // alpha is folded into lora_B: the same file comes back out.
                 let again = dir.path().join("again.safetensors");
-                s.model.save(&again, format, "sd_v1", &[]).unwrap();
+                s.model.save(&again, format, &[]).unwrap();
                 let (a, b) = (
                     Weights::open(path.to_str().unwrap()).unwrap(),
                     Weights::open(again.to_str().unwrap()).unwrap(),
@@ -225,7 +225,7 @@ fn fresh_adapters_start_as_the_base_model_and_count_what_they_add() {
     let s = Setup::new();
     let base = s.unet();
     let filter = select::LayerFilter::new(LayerPreset::AttnOnly, "", false).unwrap();
-    let layers = select::select(&s.model.layers, &filter, false);
+    let layers = select::select(&s.model.info, &filter, |p| p == "unet");
     assert!(layers.iter().all(|l| l.name.contains("attn")));
     for (kind, dora) in [("lora", false), ("lora", true), ("loha", false)] {
         s.model.clear();
@@ -303,7 +303,7 @@ fn bad_adapter_files_fail_clearly() {
         false,
     )
     .unwrap();
-    let layers = select::select(&s.model.layers, &filter, false);
+    let layers = select::select(&s.model.info, &filter, |p| p == "unet");
     let opts = AdapterOptions {
         rank: 8,
         ..Default::default()

@@ -529,6 +529,10 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "train: per-part tests (dropout_probability is in the table)",
     ),
     (
+        "text_encoder_2",
+        "sdxl: sdxl_lora_trains_each_part_named_by_its_table",
+    ),
+    (
         "peft_type",
         "adapters, train::adapter_options_are_checked_against_the_plugins_schema",
     ),

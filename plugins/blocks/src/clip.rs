@@ -2,7 +2,7 @@
 //! SD 1.x (quick GELU), SD 2.x and SDXL (GELU, projection) from one config.
 
 use ferrite_plugin_api::{
-    DType, Error, Result, Tensor, Weights,
+    DType, Error, Result, Tensor, WeightInfo, Weights,
     nn::{Embedding, LayerNorm, Linear},
     ops,
 };
@@ -144,6 +144,8 @@ pub struct ClipTextOutput {
     /// Output of the next-to-last layer, without the final norm (`hidden_states[-2]`), for
     /// clip skip.
     pub penultimate_hidden_state: Tensor,
+    /// transformers' `hidden_states`: the embeddings, then each layer's output (no final norm).
+    pub hidden_states: Vec<Tensor>,
     /// `last_hidden_state` at each sequence's end-of-text token, `[B, D]`.
     pub pooled: Tensor,
     /// `pooled` through `text_projection`, where the model has one, `[B, P]`.
@@ -212,6 +214,20 @@ impl ClipTextTransformer {
             )?,
             text_projection,
             config: c.clone(),
+        })
+    }
+
+    /// The tensors of a text-encoder file under transformers' `text_model.` level, which
+    /// transformers 5 leaves out of the `CLIPTextModel` files it saves.
+    pub fn with_text_model_level(w: Weights) -> Result<Weights> {
+        if Self::detect_prefix(&w) == "text_model" {
+            return Ok(w);
+        }
+        w.view(|i| {
+            Some(WeightInfo {
+                key: format!("text_model.{}", i.key),
+                ..i.clone()
+            })
         })
     }
 
@@ -290,11 +306,13 @@ impl ClipTextTransformer {
         let mask = Tensor::from_f32(&causal, &[1, 1, len, len])?.gt_scalar(0.5)?;
         let mut penultimate = x.clone();
         let mut skipped = None;
+        let mut hidden_states = vec![x.clone()];
         for (i, layer) in self.layers.iter().enumerate() {
             if i + 1 == self.layers.len() {
                 penultimate = x.clone();
             }
             x = layer.forward(&x, &mask)?;
+            hidden_states.push(x.clone());
             if skip > 0 && i + 1 + skip == self.layers.len() {
                 skipped = Some(self.final_layer_norm.forward(&x)?);
             }
@@ -319,6 +337,7 @@ impl ClipTextTransformer {
             skipped_hidden_state: skipped.unwrap_or_else(|| last.clone()),
             last_hidden_state: last,
             penultimate_hidden_state: penultimate,
+            hidden_states,
             pooled,
             text_embeds,
         })

@@ -3,18 +3,21 @@
 //! checkpoint (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`).
 //! Tensors are loaded lazily, one at a time, into the same diffusers-named modules either way.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
-    ldm,
+    folder::{self, read, read_json},
+    keys, ldm,
     tokenizer::ClipTokenizer,
     unet::{UNet2DConditionModel, UNetConfig},
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
-    AdaptableLayer, Architecture, Component, ComponentKind, DType, Descriptor, Error, Plugin,
-    Result, Tensor, WeightInfo, Weights, bail, export_plugin, parse_options,
+    AdaptableLayer, Architecture, Component, ComponentKind, DType, Descriptor, Error, ModelInfo,
+    Part, PartKind, Plugin, Result, Tensor, Weights, bail, export_plugin,
+    family::{Conditioning, Metadata, Objective},
+    parse_options,
     serde_json::{self, json},
 };
 use serde::{Deserialize, Serialize};
@@ -34,31 +37,6 @@ struct Options {
     text_encoder_layer_skip: usize,
 }
 
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error(format!("cannot read {}: {e}", path.display())))
-}
-
-/// `name.safetensors`, else its `.fp16` variant.
-fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
-    for f in [
-        format!("{stem}.safetensors"),
-        format!("{stem}.fp16.safetensors"),
-    ] {
-        let p = dir.join(f);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    Err(Error(format!(
-        "{} has no {stem}.safetensors (nor a .fp16 variant)",
-        dir.display()
-    )))
-}
-
-fn open(path: &Path) -> Result<Weights> {
-    Weights::open(&path.to_string_lossy())
-}
-
 /// Whether a diffusers folder says it has no VAE (`"vae": [null, null]`): a pixel-space model,
 /// such as the built-in demo's, whose "latents" are the image itself.
 fn pixel_space(dir: &Path) -> bool {
@@ -74,15 +52,7 @@ fn pixel_space(dir: &Path) -> bool {
 
 /// Refuses a folder of another family with a message saying what was found.
 fn check_folder(dir: &Path) -> Result<()> {
-    let index = dir.join("model_index.json");
-    if !index.exists() {
-        bail!(
-            "{} is not a diffusers model folder (no model_index.json)",
-            dir.display()
-        );
-    }
-    let v: serde_json::Value = serde_json::from_str(&read(&index)?)
-        .map_err(|e| Error(format!("{}: {e}", index.display())))?;
+    let v = folder::model_index(dir)?;
     let class = v["_class_name"].as_str().unwrap_or("");
     if class.contains("XL") || v.get("text_encoder_2").is_some() {
         bail!(
@@ -96,18 +66,11 @@ fn check_folder(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-        if part == "vae" && pixel_space(dir) {
-            continue;
-        }
-        if !dir.join(part).is_dir() {
-            bail!(
-                "model folder {} has no {part}/ (expected a diffusers Stable Diffusion folder)",
-                dir.display()
-            );
-        }
-    }
-    Ok(())
+    let parts: Vec<&str> = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+        .into_iter()
+        .filter(|&p| p != "vae" || !pixel_space(dir))
+        .collect();
+    folder::require_parts(dir, &parts, "Stable Diffusion")
 }
 
 /// Refuses a single file of another family with a message saying what was found.
@@ -159,7 +122,6 @@ impl Configs {
                 source("unet/config.json")
             )));
         }
-        let sched = path("scheduler/scheduler_config.json");
         Ok(Self {
             unet,
             vae: if pixel_space(dir) {
@@ -174,8 +136,7 @@ impl Configs {
                 &read(&path("text_encoder/config.json"))?,
                 &source("text_encoder/config.json"),
             )?,
-            scheduler: serde_json::from_str(&read(&sched)?)
-                .map_err(|e| Error(format!("{}: {e}", sched.display())))?,
+            scheduler: read_json(&path("scheduler/scheduler_config.json"))?,
             tokenizer: ClipTokenizer::from_dir(&path("tokenizer"))?,
         })
     }
@@ -230,39 +191,19 @@ pub struct Sd15 {
     layer_skip: usize,
 }
 
-/// The text encoder's tensors under transformers' `text_model.` level, which transformers 5
-/// leaves out of the files it saves.
-fn with_text_model_level(w: Weights) -> Result<Weights> {
-    if ClipTextTransformer::detect_prefix(&w) == "text_model" {
-        return Ok(w);
-    }
-    w.view(|i| {
-        Some(WeightInfo {
-            key: format!("text_model.{}", i.key),
-            ..i.clone()
-        })
-    })
-}
-
 impl Sd15 {
     /// Loads a diffusers folder, or a single-file checkpoint with the configs of the `config`
     /// folder (SD 1.x's originals without one).
     pub fn load(model: &Path, config: Option<&Path>, dtype: DType) -> Result<Self> {
         if model.is_dir() {
             check_folder(model)?;
-            let te = open(&weights_file(&model.join("text_encoder"), "model")?)?;
-            let te = with_text_model_level(te)?;
-            let unet = open(&weights_file(
-                &model.join("unet"),
-                "diffusion_pytorch_model",
-            )?)?;
+            let te = folder::part_weights(model, "text_encoder", "model")?;
+            let te = ClipTextTransformer::with_text_model_level(te)?;
+            let unet = folder::part_weights(model, "unet", "diffusion_pytorch_model")?;
             let vae = if pixel_space(model) {
                 None
             } else {
-                Some(open(&weights_file(
-                    &model.join("vae"),
-                    "diffusion_pytorch_model",
-                )?)?)
+                Some(folder::part_weights(model, "vae", "diffusion_pytorch_model")?)
             };
             return Self::build(
                 Configs::from_folder(model)?,
@@ -278,7 +219,7 @@ impl Sd15 {
                 model.display()
             );
         }
-        let w = open(model)?;
+        let w = folder::open(model)?;
         check_file(&w)?;
         let te = ldm::clip(&w)?;
         let configs = match config {
@@ -328,18 +269,30 @@ impl Sd15 {
             .iter()
             .map(|t| t.starts_with("CrossAttn"))
             .collect();
-        let original = |name: &str| {
-            if let Some(m) = name.strip_prefix("unet.") {
-                ldm::unet_original(m, c.unet.layers_per_block, &cross_up)
-                    .map(|o| format!("{}{o}", ldm::UNET_PREFIX))
-            } else {
-                name.strip_prefix("text_encoder.")
-                    .map(|m| format!("{}{m}", ldm::CLIP_PREFIX))
-            }
-        };
         let mut adaptable_layers = [unet.layers(), te.layers()].concat();
         for l in &mut adaptable_layers {
-            l.original = original(&l.name);
+            let m = keys::module(l).to_string();
+            if l.name.starts_with("unet.") {
+                let o = ldm::unet_original(&m, c.unet.layers_per_block, &cross_up)
+                    .ok_or_else(|| Error(format!("no original name for UNet module `{m}`")))?;
+                // kohya names SD 1.x layers by their diffusers names.
+                let comfy = format!("diffusion_model.{o}");
+                keys::set(
+                    l,
+                    format!("lora_unet_{}", keys::flat(&m)),
+                    comfy,
+                    vec![format!("lycoris_{}", keys::flat(&m)), m.clone()],
+                );
+                l.original = Some(format!("{}{o}", ldm::UNET_PREFIX));
+            } else {
+                keys::set(
+                    l,
+                    format!("lora_te_{}", keys::flat(&m)),
+                    format!("text_encoders.clip_l.transformer.{m}"),
+                    vec![format!("lora_te1_{}", keys::flat(&m)), m.clone()],
+                );
+                l.original = Some(format!("{}{m}", ldm::CLIP_PREFIX));
+            }
         }
         Ok(Self {
             tokenizer: c.tokenizer,
@@ -401,7 +354,7 @@ impl Architecture for Sd15 {
     }
 
     fn model_info(&self) -> Result<serde_json::Value> {
-        let (channels, factor, scaling, shift) = match &self.vae {
+        let (latent_channels, vae_scale_factor, scaling_factor, shift_factor) = match &self.vae {
             Some(v) => {
                 let c = &v.config;
                 (
@@ -413,16 +366,48 @@ impl Architecture for Sd15 {
             }
             None => (3, 1, 1.0, None),
         };
-        Ok(json!({
-            "latent_channels": channels,
-            "vae_scale_factor": factor,
-            "scaling_factor": scaling,
-            "shift_factor": shift,
-            "scheduler": self.scheduler,
+        let part = |id: &str, name: &str, kind, file: &str| Part {
+            id: id.into(),
+            name: name.into(),
+            config_table: id.into(),
+            kind,
+            trainable: true,
+            default_learning_rate: None,
+            diffusers_file: Some(file.into()),
+        };
+        Ok(ModelInfo {
+            parts: vec![
+                part(
+                    "unet",
+                    "UNet",
+                    PartKind::Denoiser,
+                    "unet/diffusion_pytorch_model.safetensors",
+                ),
+                part(
+                    "text_encoder",
+                    "Text encoder (CLIP ViT-L)",
+                    PartKind::TextEncoder,
+                    "text_encoder/model.safetensors",
+                ),
+            ],
+            conditioning: Conditioning::default(),
+            objective: Objective::Ddpm {
+                scheduler: self.scheduler.clone(),
+            },
+            latent_channels,
+            vae_scale_factor,
+            scaling_factor,
+            shift_factor,
             // Image sides must divide by this: the VAE's factor times the UNet's downsamplings.
-            "resolution_step": factor << self.unet_downsamples,
-            "adaptable_layers": self.adaptable_layers,
-        }))
+            resolution_step: vae_scale_factor << self.unet_downsamples,
+            adaptable_layers: self.adaptable_layers.clone(),
+            metadata: Metadata {
+                base_model_version: "sd_v1".into(),
+                modelspec_architecture: "stable-diffusion-v1".into(),
+            },
+            single_file_layout: Some("ldm".into()),
+        }
+        .to_json())
     }
 
     /// Prompts longer than 75 tokens are truncated, as diffusers' pipeline and OneTrainer do;

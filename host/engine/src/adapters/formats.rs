@@ -1,15 +1,16 @@
-//! Adapter files: kohya (`lora_unet_<flat diffusers name>`, `lora_te_...`, `.lora_down.weight`,
-//! `.lora_up.weight`, `.alpha`, `.dora_scale`, LoHa's `.hada_w*`), diffusers/PEFT
-//! (`unet.<name>.lora_A.weight` / `lora_B.weight`, alpha folded into B, DoRA's
-//! `lora_magnitude_vector`) and comfy (`diffusion_model.<original name>`,
-//! `text_encoders.clip_l.transformer.<name>`, kohya's suffixes). Reading takes any of these, and
-//! PEFT's `base_model.model.` / `.default`, LyCORIS's `lycoris_`, bare PEFT UNet names; a
-//! missing alpha means alpha = rank.
+//! Adapter files: kohya (the layer's kohya key, `.lora_down.weight`, `.lora_up.weight`,
+//! `.alpha`, `.dora_scale`, LoHa's `.hada_w*`), diffusers/PEFT (`<part>.<name>.lora_A.weight` /
+//! `lora_B.weight`, alpha folded into B, DoRA's `lora_magnitude_vector`) and comfy (the layer's
+//! comfy key, kohya's suffixes). The model names each layer's keys; reading takes any of them,
+//! the model's other aliases, and PEFT's `base_model.model.` / `.default`; a missing alpha means
+//! alpha = rank.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use ferrite_plugin_api::{AdaptableLayer, DType, Tensor, Weights};
+use ferrite_plugin_api::{
+    AdaptableLayer, DType, ModelInfo, PartKind, Tensor, Weights, family::layouts,
+};
 
 use super::{AdapterError, ModelLayers, Result, err};
 use crate::config::OutputFormat;
@@ -57,44 +58,11 @@ pub struct AdapterState {
 /// A layer and the (kohya suffix, file key) pairs a file has for it.
 type Group<'a> = (&'a AdaptableLayer, Vec<(&'static str, String)>);
 
-/// `unet.down_blocks.0...` → ("unet", "down_blocks.0...").
-fn split_component(name: &str) -> (&str, &str) {
-    name.split_once('.').unwrap_or(("", name))
-}
-
-fn flat(module: &str) -> String {
-    module.replace('.', "_")
-}
-
-/// The comfy name of a layer: ComfyUI's own prefixes over the original checkpoint names.
-fn comfy_name(layer: &AdaptableLayer) -> Option<String> {
-    let original = layer.original.as_deref()?;
-    if let Some(m) = original.strip_prefix("model.diffusion_model.") {
-        return Some(format!("diffusion_model.{m}"));
-    }
-    original
-        .strip_prefix("cond_stage_model.transformer.")
-        .map(|m| format!("text_encoders.clip_l.transformer.{m}"))
-}
-
 /// Every name a file may use for a layer, in any format.
 fn aliases(layer: &AdaptableLayer) -> Vec<String> {
-    let (component, module) = split_component(&layer.name);
     let mut a = vec![layer.name.clone()];
-    match component {
-        "unet" => {
-            a.push(format!("lora_unet_{}", flat(module)));
-            a.push(format!("lycoris_{}", flat(module)));
-            a.push(module.to_string());
-        }
-        "text_encoder" => {
-            a.push(format!("lora_te_{}", flat(module)));
-            a.push(format!("lora_te1_{}", flat(module)));
-            a.push(module.to_string());
-        }
-        _ => {}
-    }
-    a.extend(comfy_name(layer));
+    a.extend(layer.keys.values().cloned());
+    a.extend(layer.aliases.iter().cloned());
     a
 }
 
@@ -215,18 +183,21 @@ fn layer_entries(
     format: Format,
     kind: &str,
     layer: &AdaptableLayer,
+    part: Option<PartKind>,
     state: &[(String, Tensor)],
 ) -> Result<Vec<(String, Tensor)>> {
-    let (component, module) = split_component(&layer.name);
+    let key = |layout: &str| {
+        layer.keys.get(layout).cloned().ok_or_else(|| {
+            AdapterError(format!(
+                "the model names no {layout} key for layer `{}`: save in another \
+                 output_model_format",
+                layer.name
+            ))
+        })
+    };
     let prefix = match format {
-        Format::Kohya => match component {
-            "unet" => format!("lora_unet_{}", flat(module)),
-            "text_encoder" => format!("lora_te_{}", flat(module)),
-            _ => return Err(AdapterError(format!("no kohya name for `{}`", layer.name))),
-        },
-        Format::Comfy => comfy_name(layer).ok_or_else(|| {
-            AdapterError(format!("no comfy (original) name for `{}`", layer.name))
-        })?,
+        Format::Kohya => key(layouts::KOHYA)?,
+        Format::Comfy => key(layouts::COMFY)?,
         Format::Diffusers => layer.name.clone(),
     };
     if format != Format::Diffusers {
@@ -262,8 +233,8 @@ fn layer_entries(
     if let Ok(m) = get("dora_scale") {
         // peft's layout: [out] for a linear layer, [1, out, 1, 1] for a conv. diffusers reads
         // the UNet's magnitude bare and the text encoder's (through transformers) as `.weight`.
-        let key = match component {
-            "text_encoder" => format!("{prefix}.lora_magnitude_vector.weight"),
+        let key = match part {
+            Some(PartKind::TextEncoder) => format!("{prefix}.lora_magnitude_vector.weight"),
             _ => format!("{prefix}.lora_magnitude_vector"),
         };
         out.push((key, m.reshape(&layer.per_output_shape()).map_err(err)?));
@@ -271,12 +242,12 @@ fn layer_entries(
     Ok(out)
 }
 
-/// Writes adapter states (kind, layer, state under kohya suffixes) to `path`.
+/// Writes adapter states (kind, layer, state under kohya suffixes) of a model to `path`.
 pub fn write(
     path: &Path,
     format: Format,
     states: &[AdapterState],
-    base_model_version: &str,
+    model: &ModelInfo,
     extra: &[(String, String)],
 ) -> Result<()> {
     let Some(AdapterState {
@@ -287,7 +258,8 @@ pub fn write(
     };
     let mut entries = Vec::new();
     for a in states {
-        entries.extend(layer_entries(format, &a.kind, &a.layer, &a.state)?);
+        let part = model.part_of(&a.layer.name).map(|p| p.kind);
+        entries.extend(layer_entries(format, &a.kind, &a.layer, part, &a.state)?);
     }
     let dim = first
         .iter()
@@ -314,12 +286,21 @@ pub fn write(
         ("ss_network_dim".into(), dim.to_string()),
         ("ss_network_alpha".into(), alpha.to_string()),
         ("ss_network_args".into(), args),
-        ("ss_base_model_version".into(), base_model_version.into()),
+        (
+            "ss_base_model_version".into(),
+            model.metadata.base_model_version.clone(),
+        ),
         (
             "ss_output_format".into(),
             format!("{format:?}").to_lowercase(),
         ),
     ];
+    if !model.metadata.modelspec_architecture.is_empty() {
+        meta.push((
+            "modelspec.architecture".into(),
+            format!("{}/lora", model.metadata.modelspec_architecture),
+        ));
+    }
     meta.extend(extra.iter().cloned());
     let tensors: Vec<(&str, &Tensor)> = entries.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use ferrite_plugin_api::{
-    AdaptableLayer, Tensor, TensorId,
+    AdaptableLayer, ModelInfo, Tensor, TensorId,
     plugin::{AdapterHandle, ArchitectureHandle},
 };
 use serde::Serialize;
@@ -64,6 +64,8 @@ impl Default for AdapterOptions {
 /// A loaded model's adaptable layers and parameters, as its architecture plugin lists them, and
 /// the adapters attached to it.
 pub struct ModelLayers {
+    /// The model's contract: its parts, layers and file metadata.
+    pub info: ModelInfo,
     pub layers: Vec<AdaptableLayer>,
     params: HashMap<String, Tensor>,
     attached: Mutex<BTreeMap<String, Vec<Attached>>>,
@@ -88,16 +90,11 @@ pub struct Summary {
 
 impl ModelLayers {
     pub fn of(arch: &ArchitectureHandle) -> Result<Self> {
-        let info = arch.model_info().map_err(err)?;
-        let layers: Vec<AdaptableLayer> = serde_json::from_value(info["adaptable_layers"].clone())
-            .map_err(|e| {
-                AdapterError(format!(
-                    "the model's adaptable_layers are not readable: {e}"
-                ))
-            })?;
+        let info = ModelInfo::from_json(&arch.model_info().map_err(err)?).map_err(AdapterError)?;
         let params = arch.parameters().map_err(err)?.into_iter().collect();
         Ok(Self {
-            layers,
+            layers: info.adaptable_layers.clone(),
+            info,
             params,
             attached: Mutex::default(),
             enabled: AtomicBool::new(true),
@@ -331,16 +328,15 @@ impl ModelLayers {
         Ok(out)
     }
 
-    /// Writes the attached adapters to `path` in `format`, with kohya's `ss_*` metadata and
-    /// `extra`.
+    /// Writes the attached adapters to `path` in `format`, with kohya's `ss_*` metadata, the
+    /// model's own and `extra`.
     pub fn save(
         &self,
         path: &std::path::Path,
         format: formats::Format,
-        base_model_version: &str,
         extra: &[(String, String)],
     ) -> Result<()> {
-        formats::write(path, format, &self.states()?, base_model_version, extra)
+        formats::write(path, format, &self.states()?, &self.info, extra)
     }
 }
 

@@ -1,8 +1,8 @@
-//! Which layers get adapters: OneTrainer's layer presets over the UNet's layers (`attn-only`:
-//! modules containing `attn`; `attn-mlp`: `attentions`; `full`: all), or a custom filter (comma-
-//! separated substrings, or a regex); the text encoder's linear layers join when it is trained.
+//! Which layers get adapters: OneTrainer's layer presets over the denoiser's layers
+//! (`attn-only`: modules containing `attn`; `attn-mlp`: `attentions`; `full`: all), or a custom
+//! filter (comma-separated substrings, or a regex); a trained text encoder's layers all join.
 
-use ferrite_plugin_api::AdaptableLayer;
+use ferrite_plugin_api::{AdaptableLayer, ModelInfo, PartKind};
 use regex::Regex;
 
 use super::{AdapterError, Result};
@@ -63,22 +63,27 @@ impl LayerFilter {
     }
 }
 
-/// The layers to adapt: the UNet's by `filter`, and with `text_encoder` every text-encoder layer.
+/// The layers to adapt among the model's in the parts `trained` says (by part id): a
+/// denoiser's by `filter`, every layer of the others.
 pub fn select<'a>(
-    layers: &'a [AdaptableLayer],
+    model: &'a ModelInfo,
     filter: &LayerFilter,
-    text_encoder: bool,
+    trained: impl Fn(&str) -> bool,
 ) -> Vec<&'a AdaptableLayer> {
     let re = match filter {
         LayerFilter::Regex(r) => Regex::new(r).ok(),
         _ => None,
     };
-    layers
+    model
+        .adaptable_layers
         .iter()
-        .filter(|l| match l.name.split_once('.') {
-            Some(("unet", module)) => filter.matches(module, re.as_ref()),
-            Some(("text_encoder", _)) => text_encoder,
-            _ => false,
+        .filter(|l| {
+            let (Some(part), Some((_, module))) = (model.part_of(&l.name), l.name.split_once('.'))
+            else {
+                return false;
+            };
+            trained(&part.id)
+                && (part.kind != PartKind::Denoiser || filter.matches(module, re.as_ref()))
         })
         .collect()
 }
@@ -87,30 +92,30 @@ pub fn select<'a>(
 mod tests {
     use super::*;
 
-    fn layer(name: &str) -> AdaptableLayer {
-        AdaptableLayer {
-            name: name.into(),
-            shape: vec![4, 4],
-            conv: None,
-            original: None,
-        }
-    }
-
     #[test]
     fn presets_pick_onetrainers_layers() {
-        let layers: Vec<AdaptableLayer> = [
+        let names = [
             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
             "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
             "unet.down_blocks.0.attentions.0.proj_in",
             "unet.down_blocks.0.resnets.0.conv1",
             "text_encoder.text_model.encoder.layers.0.mlp.fc1",
-        ]
-        .map(layer)
-        .to_vec();
+        ];
+        let part = |id: &str, kind: &str| {
+            serde_json::json!({"id": id, "name": id, "config_table": id, "kind": kind})
+        };
+        let model = ModelInfo::from_json(&serde_json::json!({
+            "parts": [part("unet", "denoiser"), part("text_encoder", "text_encoder")],
+            "objective": {"type": "ddpm", "scheduler": {}},
+            "latent_channels": 4, "vae_scale_factor": 8, "scaling_factor": 1.0,
+            "resolution_step": 8,
+            "adaptable_layers": names.map(|n| serde_json::json!({"name": n, "shape": [4, 4]})),
+        }))
+        .unwrap();
         let names = |f: &LayerFilter, te: bool| -> Vec<usize> {
-            select(&layers, f, te)
+            select(&model, f, |p| p == "unet" || te)
                 .iter()
-                .map(|l| layers.iter().position(|x| x == *l).unwrap())
+                .map(|l| names.iter().position(|x| *x == l.name).unwrap())
                 .collect()
         };
         let f = |p: LayerPreset, s: &str, r: bool| LayerFilter::new(p, s, r).unwrap();

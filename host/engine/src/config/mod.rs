@@ -388,6 +388,8 @@ pub struct TrainConfig {
     pub unet: PartConfig,
     /// Text encoder options.
     pub text_encoder: PartConfig,
+    /// Second text encoder options (SDXL's OpenCLIP ViT-bigG).
+    pub text_encoder_2: PartConfig,
 
     /// lora or loha.
     pub peft_type: String,
@@ -508,6 +510,7 @@ impl Default for TrainConfig {
             loss_weight_strength: 5.0,
             unet: PartConfig::trained(),
             text_encoder: PartConfig::default(),
+            text_encoder_2: PartConfig::default(),
             peft_type: "lora".into(),
             lora_rank: 16,
             lora_alpha: 1.0,
@@ -736,7 +739,7 @@ impl TrainConfig {
         // peft_type is an adapter plugin's id: checked against the registry (plugins extend
         // the set) in `validate_plugin_options`.
         let stops: Vec<&str> = TimeUnit::STOPS.iter().map(AsRef::as_ref).collect();
-        for (part, pc) in [("unet", &self.unet), ("text_encoder", &self.text_encoder)] {
+        for (part, pc) in self.part_tables() {
             one_of(
                 &format!("{part}.stop_training_after_unit"),
                 pc.stop_training_after_unit.as_ref(),
@@ -798,8 +801,8 @@ impl TrainConfig {
             "lora_dropout: must be in [0, 1)",
         );
         check(
-            self.unet.train || self.text_encoder.train,
-            "unet.train, text_encoder.train: train at least one part",
+            self.part_tables().iter().any(|(_, p)| p.train),
+            "unet.train, text_encoder.train, text_encoder_2.train: train at least one part",
         );
         check(
             (0.0..1.0).contains(&self.text_encoder.dropout_probability),
@@ -893,6 +896,28 @@ impl TrainConfig {
                 None => parse(r).map(|v| (v, v)),
             })
             .collect()
+    }
+
+    /// The per-part tables by OneTrainer's names.
+    pub fn part_tables(&self) -> [(&'static str, &PartConfig); 3] {
+        [
+            ("unet", &self.unet),
+            ("text_encoder", &self.text_encoder),
+            ("text_encoder_2", &self.text_encoder_2),
+        ]
+    }
+
+    /// The table a model part is configured by (its `config_table`), if the config has it.
+    pub fn part(&self, table: &str) -> Option<&PartConfig> {
+        self.part_tables()
+            .into_iter()
+            .find(|(t, _)| *t == table)
+            .map(|(_, p)| p)
+    }
+
+    /// Whether this run trains a model part (it can be, and its table says so).
+    pub fn trains(&self, part: &ferrite_plugin_api::Part) -> bool {
+        part.trainable && self.part(&part.config_table).is_some_and(|t| t.train)
     }
 
     /// `v_prediction` or `epsilon` when one is forced.

@@ -40,6 +40,7 @@ pub enum Image {
     Miss {
         pixels: Vec<f32>,
         mask: Vec<f32>,
+        geometry: [f32; 6],
         entry: PathBuf,
     },
 }
@@ -52,6 +53,8 @@ pub struct Loaded {
     /// the whole image).
     pub masks: Vec<f32>,
     pub prompts: Vec<String>,
+    /// Per image: [`data::Prepared::geometry`], concatenated.
+    pub geometry: Vec<f32>,
     pub weights: Vec<f64>,
     /// Per image: a prior concept's.
     pub prior: Vec<bool>,
@@ -85,6 +88,7 @@ impl Context {
             images: Vec::new(),
             masks: Vec::new(),
             prompts: Vec::new(),
+            geometry: Vec::new(),
             weights: Vec::new(),
             prior: Vec::new(),
             timesteps: Vec::new(),
@@ -95,7 +99,7 @@ impl Context {
         for &i in &plan.items {
             let item = &self.data.items[i];
             let concept = &c.concepts[item.concept];
-            let (image, mask, input) = if c.latent_caching {
+            let (image, mask, geometry, input) = if c.latent_caching {
                 let variation = plan.epoch % concept.image_variations as u64;
                 let (entry, seed) =
                     self.caches
@@ -103,16 +107,21 @@ impl Context {
                 // The entry's augmentation comes from its own seed, so it can be redone.
                 let prepare =
                     || data::prepare(item, concept, plan.bucket, &mut data::rng(seed, 0, 0));
-                match read_f32(&entry, &["mean", "logvar", "mask"]).as_deref() {
-                    Some([(shape, mean), (_, logvar), (_, mask)]) => (
-                        Image::Cached {
-                            shape: shape.clone(),
-                            mean: mean.clone(),
-                            logvar: logvar.clone(),
-                        },
-                        mask.clone(),
-                        if debug { Some(prepare()?.pixels) } else { None },
-                    ),
+                match read_f32(&entry, &["mean", "logvar", "mask", "geometry"]).as_deref() {
+                    Some([(shape, mean), (_, logvar), (_, mask), (_, geometry)])
+                        if geometry.len() == 6 =>
+                    {
+                        (
+                            Image::Cached {
+                                shape: shape.clone(),
+                                mean: mean.clone(),
+                                logvar: logvar.clone(),
+                            },
+                            mask.clone(),
+                            geometry.clone(),
+                            if debug { Some(prepare()?.pixels) } else { None },
+                        )
+                    }
                     _ => {
                         let p = prepare()?;
                         let input = debug.then(|| p.pixels.clone());
@@ -120,9 +129,11 @@ impl Context {
                             Image::Miss {
                                 pixels: p.pixels,
                                 mask: p.mask.clone(),
+                                geometry: p.geometry,
                                 entry,
                             },
                             p.mask,
+                            p.geometry.to_vec(),
                             input,
                         )
                     }
@@ -130,8 +141,9 @@ impl Context {
             } else {
                 let p = data::prepare(item, concept, plan.bucket, &mut r)?;
                 let input = debug.then(|| p.pixels.clone());
-                (Image::Pixels(p.pixels), p.mask, input)
+                (Image::Pixels(p.pixels), p.mask, p.geometry.to_vec(), input)
             };
+            b.geometry.extend(geometry);
             b.inputs.extend(input);
             b.images.push(image);
             // Now and then a step sees the whole image, as OneTrainer's unmasked_probability.

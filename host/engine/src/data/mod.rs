@@ -348,6 +348,9 @@ pub struct Prepared {
     pub pixels: Vec<f32>,
     /// In [0, 1], `[H, W]`; all ones without a mask file.
     pub mask: Vec<f32>,
+    /// Original height and width, crop top and left (in the scaled image), and the bucket's
+    /// height and width: what SDXL-like models are conditioned on.
+    pub geometry: [f32; 6],
 }
 
 /// `[3, H, W]` in [-1, 1] as RGB bytes (`H × W × 3`).
@@ -421,6 +424,7 @@ pub fn prepare(
     Ok(Prepared {
         pixels: chw,
         mask: mask.data,
+        geometry: [img.height(), img.width(), y, x, bh, bw].map(|v| v as f32),
     })
 }
 

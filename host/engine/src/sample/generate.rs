@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use ferrite_plugin_api::{
-    DType, Error, Generator, Result, Tensor, Weights, plugin::ArchitectureHandle,
+    DType, Error, Generator, ModelInfo, Result, Tensor, Weights, family::Objective,
+    plugin::ArchitectureHandle,
 };
 
 use super::schedule::{NoiseSchedule, Sampler, SamplerRun, SchedulerConfig, sample_cfg};
@@ -24,11 +25,31 @@ pub struct SampleRequest {
     pub prediction_type: Option<String>,
 }
 
-fn info_usize(info: &serde_json::Value, key: &str) -> Result<usize> {
-    info[key]
-        .as_u64()
-        .map(|v| v as usize)
-        .ok_or_else(|| Error(format!("model_info has no `{key}`")))
+/// The conditioning of a CFG pair (negative, then positive prompt) for a `width × height`
+/// image: the model's text tensors, zeros for an empty negative where the model says so, and the
+/// images' geometry (uncropped, original size = target size, as diffusers' pipelines do) when it
+/// takes that.
+fn cfg_conditioning(
+    arch: &ArchitectureHandle,
+    info: &ModelInfo,
+    req: &SampleRequest,
+) -> Result<Vec<Tensor>> {
+    let mut cond = arch.encode_text(&[&req.negative_prompt, &req.prompt])?;
+    if info.conditioning.zeros_for_empty_negative && req.negative_prompt.is_empty() {
+        cond = cond
+            .iter()
+            .map(|t| {
+                let zeros = t.narrow(0, 0, 1)?.mul_scalar(0.0)?;
+                Tensor::cat(&[&zeros, &t.narrow(0, 1, 1)?], 0)
+            })
+            .collect::<Result<_>>()?;
+    }
+    if info.conditioning.image_geometry {
+        let (h, w) = (req.height as f32, req.width as f32);
+        let row = [h, w, 0.0, 0.0, h, w];
+        cond.push(Tensor::from_f32(&[row, row].concat(), &[2, 6])?);
+    }
+    Ok(cond)
 }
 
 /// Runs the sampler and returns the image as RGB bytes (`height × width × 3`).
@@ -37,11 +58,8 @@ pub fn generate(
     req: &SampleRequest,
     mut on_step: impl FnMut(),
 ) -> Result<Vec<u8>> {
-    let info = arch.model_info()?;
-    let (channels, f) = (
-        info_usize(&info, "latent_channels")?,
-        info_usize(&info, "vae_scale_factor")?,
-    );
+    let info = ModelInfo::from_json(&arch.model_info()?).map_err(Error)?;
+    let (channels, f) = (info.latent_channels, info.vae_scale_factor);
     if req.width == 0
         || req.height == 0
         || !req.width.is_multiple_of(f)
@@ -69,7 +87,8 @@ pub fn generate(
         }
         None => Tensor::randn(&latent_shape, &Generator::new(req.seed)?)?,
     };
-    let mut config: SchedulerConfig = serde_json::from_value(info["scheduler"].clone())
+    let Objective::Ddpm { scheduler } = &info.objective;
+    let mut config: SchedulerConfig = serde_json::from_value(scheduler.clone())
         .map_err(|e| Error(format!("the model's scheduler config: {e}")))?;
     if let Some(p) = &req.prediction_type {
         config.prediction_type = p.clone();
@@ -78,26 +97,19 @@ pub fn generate(
     // Ancestral noise follows the seed (offset from the initial noise's stream).
     let rng = Generator::new(req.seed.wrapping_add(1))?;
     let mut run = SamplerRun::new(&schedule, req.sampler, req.steps, Some(rng))?;
-    let text = arch.encode_text(&[&req.negative_prompt, &req.prompt])?;
-    let text: Vec<&Tensor> = text.iter().collect();
+    let cond = cfg_conditioning(arch, &info, req)?;
+    let cond: Vec<&Tensor> = cond.iter().collect();
     let latents = sample_cfg(&mut run, &noise, req.cfg, |x, t| {
         on_step();
-        arch.denoise(x, &Tensor::full(&[2], t, DType::F32)?, &text)
+        arch.denoise(x, &Tensor::full(&[2], t, DType::F32)?, &cond)
     })?;
     decode(arch, &info, &latents)
 }
 
 /// Scaled latents `[1, C, h, w]` decoded by the model's VAE, as RGB bytes (`H × W × 3`).
-pub fn decode(
-    arch: &ArchitectureHandle,
-    info: &serde_json::Value,
-    latents: &Tensor,
-) -> Result<Vec<u8>> {
-    let scaling = info["scaling_factor"]
-        .as_f64()
-        .ok_or_else(|| Error::msg("model_info has no scaling_factor"))?;
-    let mut z = latents.div_scalar(scaling)?;
-    if let Some(shift) = info["shift_factor"].as_f64() {
+pub fn decode(arch: &ArchitectureHandle, info: &ModelInfo, latents: &Tensor) -> Result<Vec<u8>> {
+    let mut z = latents.div_scalar(info.scaling_factor)?;
+    if let Some(shift) = info.shift_factor {
         z = z.add_scalar(shift)?;
     }
     let image = arch

@@ -53,13 +53,13 @@ impl Trainer {
         let Batch {
             mean,
             logvar,
-            text,
             prior,
             ..
         } = batch;
+        let cond = batch.cond();
         let b = prior.len();
-        let scaling = self.info["scaling_factor"].as_f64().unwrap_or(1.0);
-        let shift = self.info["shift_factor"].as_f64().unwrap_or(0.0);
+        let scaling = self.info.scaling_factor;
+        let shift = self.info.shift_factor.unwrap_or(0.0);
         (|| {
             let shape = mean.shape()?;
             let latents = mean
@@ -98,7 +98,7 @@ impl Trainer {
             } else {
                 latents.mul(&a)?.add(&noise.mul(&s)?)?
             };
-            let pred = self.arch.denoise(&noisy, &tt, &[text])?;
+            let pred = self.arch.denoise(&noisy, &tt, &cond)?;
             let mut target = match self.schedule.prediction {
                 Prediction::Epsilon => noise.clone(),
                 Prediction::VPrediction => noise.mul(&a)?.sub(&latents.mul(&s)?)?,
@@ -107,7 +107,7 @@ impl Trainer {
                 // Prior images learn to predict what the model predicts without its adapter.
                 let base = self
                     .model
-                    .without_adapters(|| self.arch.denoise(&noisy, &tt, &[text]))?
+                    .without_adapters(|| self.arch.denoise(&noisy, &tt, &cond))?
                     .detach()?;
                 let m = Tensor::from_f32(
                     &prior

@@ -1,5 +1,6 @@
-//! A loaded batch on the device: images encoded by the VAE or read from the latent cache, text
-//! states encoded or read from the text cache (misses are encoded and written).
+//! A loaded batch on the device: images encoded by the VAE or read from the latent cache, the
+//! model's text tensors encoded or read from the text cache (misses are encoded and written),
+//! and each image's geometry when the model is conditioned on it.
 
 use ferrite_plugin_api::{DType, Tensor, Weights};
 
@@ -14,62 +15,90 @@ pub(super) struct Batch {
     pub logvar: Tensor,
     /// `[H, W]` per image, concatenated.
     pub masks: Vec<f32>,
-    /// Text-encoder states, `[B, tokens, width]`.
-    pub text: Tensor,
+    /// What the denoiser is conditioned on: the model's text tensors (batch first), then the
+    /// images' geometry `[B, 6]` when it takes that.
+    pub cond: Vec<Tensor>,
     pub weights: Vec<f64>,
     /// Per image: a prior concept's, whose target is the model's prediction without adapters.
     pub prior: Vec<bool>,
 }
 
+impl Batch {
+    pub fn cond(&self) -> Vec<&Tensor> {
+        self.cond.iter().collect()
+    }
+}
+
 impl Trainer {
-    /// Text-encoder states for `prompts`, `[B, tokens, width]`; from the text cache when it is
-    /// on (prompts not in it are encoded together and written).
-    pub(super) fn text_states(&self, prompts: &[String]) -> Result<Tensor> {
-        let encode = |ps: &[&str]| -> Result<Tensor> {
-            let mut out = self.arch.encode_text(ps).map_err(err)?;
-            if out.is_empty() {
-                return Err(TrainError(
-                    "the model's encode_text returned nothing".into(),
-                ));
+    /// The model's text tensors for `prompts` (batch first, in the order of its
+    /// `conditioning.text`); from the text cache when it is on (prompts not in it are encoded
+    /// together and written).
+    pub(super) fn text_states(&self, prompts: &[String]) -> Result<Vec<Tensor>> {
+        let names = &self.info.conditioning.text;
+        let encode = |ps: &[&str]| -> Result<Vec<Tensor>> {
+            let out = self.arch.encode_text(ps).map_err(err)?;
+            if out.len() != names.len() {
+                return Err(TrainError(format!(
+                    "the model's encode_text returned {} tensors, its conditioning names {}",
+                    out.len(),
+                    names.len()
+                )));
             }
-            Ok(out.swap_remove(0))
+            Ok(out)
         };
         if !self.text_cached {
             let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
             return encode(&refs);
         }
-        let mut states: Vec<Option<Tensor>> = Vec::new();
+        let mut rows: Vec<Option<Vec<Tensor>>> = Vec::new();
         let mut missing = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
             let entry = self.caches.text_entry(p);
             let hit = Weights::open(&entry.to_string_lossy())
-                .and_then(|w| w.get("states", DType::F32))
+                .and_then(|w| names.iter().map(|n| w.get(n, DType::F32)).collect())
                 .ok();
             if hit.is_none() {
                 missing.push((i, entry));
             }
-            states.push(hit);
+            rows.push(hit);
         }
         if !missing.is_empty() {
             let refs: Vec<&str> = missing.iter().map(|(i, _)| prompts[*i].as_str()).collect();
-            let encoded = encode(&refs)?.detach().map_err(err)?;
+            let encoded = encode(&refs)?;
             for (k, (i, entry)) in missing.iter().enumerate() {
-                let one = encoded.narrow(0, k, 1).map_err(err)?;
+                let one = encoded
+                    .iter()
+                    .map(|t| t.narrow(0, k, 1)?.detach())
+                    .collect::<ferrite_plugin_api::Result<Vec<_>>>()
+                    .map_err(err)?;
                 std::fs::create_dir_all(entry.parent().expect("cache folder")).map_err(err)?;
-                ferrite_plugin_api::save_safetensors(
-                    &entry.to_string_lossy(),
-                    &[("states", &one)],
-                    &[],
-                )
-                .map_err(|e| TrainError(format!("text cache {}: {e}", entry.display())))?;
+                let named: Vec<(&str, &Tensor)> =
+                    names.iter().map(String::as_str).zip(&one).collect();
+                ferrite_plugin_api::save_safetensors(&entry.to_string_lossy(), &named, &[])
+                    .map_err(|e| TrainError(format!("text cache {}: {e}", entry.display())))?;
                 self.caches
                     .texts_encoded
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                states[*i] = Some(one);
+                rows[*i] = Some(one);
             }
         }
-        let states: Vec<Tensor> = states.into_iter().flatten().collect();
-        Tensor::cat(&states.iter().collect::<Vec<_>>(), 0).map_err(err)
+        let rows: Vec<Vec<Tensor>> = rows.into_iter().flatten().collect();
+        (0..names.len())
+            .map(|n| {
+                let column: Vec<&Tensor> = rows.iter().map(|r| &r[n]).collect();
+                Tensor::cat(&column, 0).map_err(err)
+            })
+            .collect()
+    }
+
+    /// The denoiser's conditioning for a batch: its text tensors, then the images' geometry
+    /// (`[B, 6]`, concatenated rows) when the model takes it.
+    pub(super) fn conditioning(&self, prompts: &[String], geometry: &[f32]) -> Result<Vec<Tensor>> {
+        let mut cond = self.text_states(prompts)?;
+        if self.info.conditioning.image_geometry {
+            cond.push(Tensor::from_f32(geometry, &[prompts.len(), 6]).map_err(err)?);
+        }
+        Ok(cond)
     }
 
     /// A loaded batch on the device: images encoded (cache misses are encoded and written
@@ -92,6 +121,7 @@ impl Trainer {
                 Image::Miss {
                     pixels,
                     mask,
+                    geometry,
                     entry,
                 } => {
                     // Loaded ahead: an earlier batch may have written the entry since.
@@ -107,10 +137,16 @@ impl Trainer {
                     let (mean, logvar) =
                         (mean.detach().map_err(err)?, logvar.detach().map_err(err)?);
                     let mask = Tensor::from_f32(mask, &[h, w]).map_err(err)?;
+                    let geometry = Tensor::from_f32(geometry, &[6]).map_err(err)?;
                     std::fs::create_dir_all(entry.parent().expect("cache folder")).map_err(err)?;
                     ferrite_plugin_api::save_safetensors(
                         &entry.to_string_lossy(),
-                        &[("mean", &mean), ("logvar", &logvar), ("mask", &mask)],
+                        &[
+                            ("mean", &mean),
+                            ("logvar", &logvar),
+                            ("mask", &mask),
+                            ("geometry", &geometry),
+                        ],
                         &[],
                     )
                     .map_err(|e| TrainError(format!("latent cache {}: {e}", entry.display())))?;
@@ -136,7 +172,7 @@ impl Trainer {
             mean,
             logvar,
             masks: loaded.masks.clone(),
-            text: self.text_states(&loaded.prompts)?,
+            cond: self.conditioning(&loaded.prompts, &loaded.geometry)?,
             weights: loaded.weights.clone(),
             prior: loaded.prior.clone(),
         })

@@ -11,7 +11,9 @@ use crate::config::{EmaMode, TimeUnit, TrainConfig, TrainingMethod};
 
 /// A model part's trainable tensors and their optimizer.
 pub(super) struct Group {
+    /// The model part's id, and the config table it is configured by.
     pub(super) part: String,
+    pub(super) table: String,
     pub(super) names: Vec<String>,
     pub(super) params: Vec<Tensor>,
     pub(super) optimizer: OptimizerHandle,
@@ -58,10 +60,8 @@ impl Trainer {
             let filter =
                 select::LayerFilter::new(c.lora_layer_preset, &c.lora_layers, c.layer_filter_regex)
                     .map_err(err)?;
-            let layers: Vec<_> = select::select(&self.model.layers, &filter, c.text_encoder.train)
-                .into_iter()
-                .filter(|l| c.unet.train || !l.name.starts_with("unet."))
-                .collect();
+            let info = &self.model.info;
+            let layers = select::select(info, &filter, |id| info.part(id).is_some_and(|p| c.trains(p)));
             self.model
                 .create(&self.registry, &layers, &c.adapter_options())
                 .map_err(err)?;
@@ -81,13 +81,13 @@ impl Trainer {
         };
         let (opt_id, opt_options) = c.optimizer_options();
         let mut groups = Vec::new();
-        for (part, pc) in [("unet", &c.unet), ("text_encoder", &c.text_encoder)] {
-            if !pc.train {
+        for part in &self.info.parts {
+            let Some(pc) = c.part(&part.config_table).filter(|_| c.trains(part)) else {
                 continue;
-            }
+            };
             let (names, params): (Vec<String>, Vec<Tensor>) = named
                 .iter()
-                .filter(|(n, _)| n.starts_with(&format!("{part}.")))
+                .filter(|(n, _)| n.starts_with(&format!("{}.", part.id)))
                 .map(|(n, t)| (n.clone(), t.clone()))
                 .unzip();
             if params.is_empty() {
@@ -105,11 +105,15 @@ impl Trainer {
                 on => Some(Ema::new(&params, on == EmaMode::Cpu).map_err(err)?),
             };
             groups.push(Group {
-                part: part.into(),
+                part: part.id.clone(),
+                table: part.config_table.clone(),
                 names,
                 params,
                 optimizer,
-                lr: pc.learning_rate.unwrap_or(c.learning_rate),
+                lr: pc
+                    .learning_rate
+                    .or(part.default_learning_rate)
+                    .unwrap_or(c.learning_rate),
                 ema,
                 stopped: false,
             });
@@ -128,10 +132,8 @@ impl Trainer {
         let (step, epoch) = (self.progress.step as f64, self.progress.epoch as f64);
         let elapsed = self.started.elapsed().as_secs_f64();
         for g in &mut self.groups {
-            let pc = if g.part == "unet" {
-                &c.unet
-            } else {
-                &c.text_encoder
+            let Some(pc) = c.part(&g.table) else {
+                continue;
             };
             let after = pc.stop_training_after;
             let reached = after > 0.0

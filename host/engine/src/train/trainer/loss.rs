@@ -26,7 +26,7 @@ impl Trainer {
             if c.masked_training {
                 // The mask at latent size (mean over each f×f patch), as a loss weight between
                 // unmasked_weight and 1.
-                let f = self.info["vae_scale_factor"].as_u64().unwrap_or(1) as i64;
+                let f = self.info.vae_scale_factor as i64;
                 let (lh, lw) = (h as i64 / f, w as i64 / f);
                 let m = Tensor::from_f32(masks, &[b, 1, h, w])?
                     .reshape(&[b as i64, 1, lh, f, lw, f])?

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use ferrite_plugin_api::{Tensor, plugin::ArchitectureHandle};
+use ferrite_plugin_api::{ModelInfo, PartKind, Tensor, family::Objective, plugin::ArchitectureHandle};
 
 use crate::adapters::ModelLayers;
 use crate::config::{ConceptType, TrainConfig};
@@ -111,7 +111,8 @@ pub struct Trainer {
     /// The runtime, stop flag and adapters the run's plugin calls reach.
     scope: Scope,
     schedule: NoiseSchedule,
-    info: serde_json::Value,
+    /// The model's family contract.
+    info: ModelInfo,
     data: Arc<Dataset>,
     validation: Dataset,
     /// One bucket set per resolution of the config (validation uses the first).
@@ -179,15 +180,16 @@ impl Trainer {
         let arch = registry
             .architecture(&c.model_type, &options.to_string())
             .map_err(err)?;
-        let info = arch.model_info().map_err(err)?;
+        let model = Arc::new(ModelLayers::of(&arch).map_err(err)?);
+        let info = model.info.clone();
+        let Objective::Ddpm { scheduler } = &info.objective;
         let mut scheduler =
-            SchedulerConfig::from_json(&info["scheduler"].to_string(), "the model's scheduler")
+            SchedulerConfig::from_json(&scheduler.to_string(), "the model's scheduler")
                 .map_err(err)?;
         if let Some(p) = c.forced_prediction() {
             scheduler.prediction_type = p.into();
         }
         let schedule = NoiseSchedule::new(scheduler).map_err(err)?;
-        let model = Arc::new(ModelLayers::of(&arch).map_err(err)?);
         scope = scope.with_adapters(model.clone());
         let _scope = scope.enter();
 
@@ -203,7 +205,7 @@ impl Trainer {
             )));
         }
         let validation = Dataset::scan(c, base, &[ConceptType::Validation]);
-        let step = info["resolution_step"].as_u64().unwrap_or(8) as usize;
+        let step = info.resolution_step;
         let buckets: Vec<Buckets> = c
             .resolutions()
             .map_err(err)?
@@ -223,7 +225,7 @@ impl Trainer {
         let caches = Caches::new(
             TrainConfig::path(base, &c.cache_dir),
             &TrainConfig::path(base, &c.base_model_name),
-            &info,
+            &info.to_json(),
             c.seed,
             c.text_encoder_layer_skip,
         );
@@ -231,7 +233,11 @@ impl Trainer {
         let mut t = Self {
             caches: Arc::new(caches),
             timesteps: Arc::new(timesteps),
-            text_cached: c.latent_caching && !c.text_encoder.train,
+            text_cached: c.latent_caching
+                && !info
+                    .parts
+                    .iter()
+                    .any(|p| p.kind == PartKind::TextEncoder && c.trains(p)),
             started: Instant::now(),
             last_done: Default::default(),
             resumed_from: None,

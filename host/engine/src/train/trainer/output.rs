@@ -77,16 +77,16 @@ pub(super) fn destination_problem(
     None
 }
 
-/// Copies a model folder without its UNet and text-encoder weights (the VAE's stay).
-fn copy_except_weights(from: &Path, to: &Path) -> Result<()> {
+/// Copies a model folder without the weight files in the folders `replaced` (the parts whose
+/// tensors are written anew; the VAE's stay).
+fn copy_except_weights(from: &Path, to: &Path, replaced: &[PathBuf]) -> Result<()> {
     std::fs::create_dir_all(to).map_err(err)?;
     for e in std::fs::read_dir(from).map_err(err)? {
         let p = e.map_err(err)?.path();
         let dest = to.join(p.file_name().unwrap_or_default());
-        let part = from.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if p.is_dir() {
-            copy_except_weights(&p, &dest)?;
-        } else if !(matches!(part, "unet" | "text_encoder")
+            copy_except_weights(&p, &dest, replaced)?;
+        } else if !(replaced.iter().any(|r| r == from)
             && p.extension().is_some_and(|x| x == "safetensors"))
         {
             std::fs::copy(&p, &dest).map_err(err)?;
@@ -178,9 +178,7 @@ impl Trainer {
                 ("ss_training_comment", "trained with Ferrite".into()),
             ]
             .map(|(k, v)| (k.to_string(), v));
-            self.model
-                .save(&path, format, "sd_v1", &meta)
-                .map_err(err)?;
+            self.model.save(&path, format, &meta).map_err(err)?;
         } else if c.output_model_format == OutputFormat::Diffusers {
             self.save_diffusers_folder(&path)?;
         } else {
@@ -189,18 +187,28 @@ impl Trainer {
         Ok(path)
     }
 
-    /// A fine-tune as one safetensors file in the original (ldm) checkpoint layout, as the
-    /// architecture plugin names it: UNet, text encoder and VAE.
+    /// A fine-tune as one safetensors file in the model's original single-file layout, as the
+    /// architecture plugin names it.
     fn save_single_file(&self, out: &Path) -> Result<()> {
-        let all = self.arch.export("ldm").map_err(err)?;
+        let layout = self.info.single_file_layout.as_deref().ok_or_else(|| {
+            TrainError(
+                "this model has no single-file layout: use output_model_format = \"diffusers\""
+                    .into(),
+            )
+        })?;
+        let all = self.arch.export(layout).map_err(err)?;
         let named: Vec<(&str, &Tensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let meta = [("ferrite_base_model", self.config.base_model_name.as_str())];
+        let arch = format!("{}/full", self.info.metadata.modelspec_architecture);
+        let mut meta = vec![("ferrite_base_model", self.config.base_model_name.as_str())];
+        if !self.info.metadata.modelspec_architecture.is_empty() {
+            meta.push(("modelspec.architecture", &arch));
+        }
         ferrite_plugin_api::save_safetensors(&out.to_string_lossy(), &named, &meta)
             .map_err(|e| TrainError(format!("{}: {e}", out.display())))
     }
 
     /// A fine-tune as a diffusers folder: the base folder's configs, tokenizer, scheduler and
-    /// VAE, with the model's UNet and text-encoder tensors as they are now. Built beside `out`
+    /// whatever has no tensors in the model, with each part's tensors as they are now. Built beside `out`
     /// under a temporary name, then put in its place.
     fn save_diffusers_folder(&self, out: &Path) -> Result<()> {
         let base = TrainConfig::path(&self.base, &self.config.base_model_name);
@@ -237,15 +245,22 @@ impl Trainer {
         }
         std::fs::create_dir_all(&tmp).map_err(err)?;
         crate::fsutil::write_atomic(&tmp.join(MARKER), b"written by Ferrite\n").map_err(err)?;
-        copy_except_weights(&base, &tmp)?;
+        let files: Vec<(String, &str)> = self
+            .info
+            .parts
+            .iter()
+            .filter_map(|p| Some((format!("{}.", p.id), p.diffusers_file.as_deref()?)))
+            .collect();
+        let replaced: Vec<PathBuf> = files
+            .iter()
+            .filter_map(|(_, f)| Some(base.join(f).parent()?.to_path_buf()))
+            .collect();
+        copy_except_weights(&base, &tmp, &replaced)?;
         let all = self.arch.parameters().map_err(err)?;
-        for (prefix, file) in [
-            ("unet.", "unet/diffusion_pytorch_model.safetensors"),
-            ("text_encoder.", "text_encoder/model.safetensors"),
-        ] {
+        for (prefix, file) in &files {
             let named: Vec<(&str, &Tensor)> = all
                 .iter()
-                .filter_map(|(n, t)| n.strip_prefix(prefix).map(|k| (k, t)))
+                .filter_map(|(n, t)| n.strip_prefix(prefix.as_str()).map(|k| (k, t)))
                 .collect();
             ferrite_plugin_api::save_safetensors(&tmp.join(file).to_string_lossy(), &named, &[])
                 .map_err(err)?;

@@ -52,7 +52,11 @@ impl Trainer {
                     mean: repeat(&mean)?,
                     logvar: repeat(&logvar)?,
                     masks: (0..t).flat_map(|_| p.mask.iter().copied()).collect(),
-                    text: repeat(&self.text_states(&item.captions[..1])?)?,
+                    cond: self
+                        .conditioning(&item.captions[..1], &p.geometry)?
+                        .iter()
+                        .map(repeat)
+                        .collect::<Result<_>>()?,
                     weights: vec![1.0; t],
                     prior: vec![false; t],
                 };

@@ -1,0 +1,62 @@
+//! Diffusers model folders: reading their configs and finding their weight files.
+
+use std::path::{Path, PathBuf};
+
+use ferrite_plugin_api::{Error, Result, Weights, serde_json};
+
+pub fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error(format!("cannot read {}: {e}", path.display())))
+}
+
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    serde_json::from_str(&read(path)?).map_err(|e| Error(format!("{}: {e}", path.display())))
+}
+
+/// `<stem>.safetensors` in `dir`, else its `.fp16` variant.
+pub fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
+    for f in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
+        let p = dir.join(f);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(Error(format!(
+        "{} has no {stem}.safetensors (nor a .fp16 variant)",
+        dir.display()
+    )))
+}
+
+pub fn open(path: &Path) -> Result<Weights> {
+    Weights::open(&path.to_string_lossy())
+}
+
+/// The weights of a diffusers model folder's `part/` (`diffusion_pytorch_model` or `model`).
+pub fn part_weights(dir: &Path, part: &str, stem: &str) -> Result<Weights> {
+    open(&weights_file(&dir.join(part), stem)?)
+}
+
+/// A folder's `model_index.json`, or an error saying it is not a diffusers folder.
+pub fn model_index(dir: &Path) -> Result<serde_json::Value> {
+    let index = dir.join("model_index.json");
+    if !index.exists() {
+        return Err(Error(format!(
+            "{} is not a diffusers model folder (no model_index.json)",
+            dir.display()
+        )));
+    }
+    read_json(&index)
+}
+
+/// The parts a folder must have, or an error naming the first missing one.
+pub fn require_parts(dir: &Path, parts: &[&str], what: &str) -> Result<()> {
+    match parts.iter().find(|p| !dir.join(p).is_dir()) {
+        Some(p) => Err(Error(format!(
+            "model folder {} has no {p}/ (expected a diffusers {what} folder)",
+            dir.display()
+        ))),
+        None => Ok(()),
+    }
+}
