@@ -83,6 +83,8 @@ pub fn unet_key(k: &str, layers_per_block: usize) -> Option<String> {
     for (old, new) in [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
         ("input_blocks.0.0.", "conv_in."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
@@ -149,6 +151,8 @@ pub fn unet_original(module: &str, layers_per_block: usize, cross_up: &[bool]) -
         ("conv_in", "input_blocks.0.0"),
         ("time_embedding.linear_1", "time_embed.0"),
         ("time_embedding.linear_2", "time_embed.2"),
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
         ("conv_norm_out", "out.0"),
         ("conv_out", "out.2"),
     ];

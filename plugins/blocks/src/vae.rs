@@ -31,6 +31,9 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// The VAE must run in f32 even when the model computes in f16 (SDXL's VAE overflows).
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
     #[serde(default = "yes")]
     pub use_quant_conv: bool,
     #[serde(default = "yes")]

@@ -26,6 +26,16 @@ pub struct SchedulerConfig {
     pub timestep_spacing: Option<String>,
     #[serde(default)]
     pub rescale_betas_zero_snr: bool,
+    /// DDIM clips its predicted clean sample to ±`clip_sample_range` (on unless the config
+    /// says otherwise, as DDIMScheduler's default; SDXL's Euler config does not say).
+    #[serde(default = "yes")]
+    pub clip_sample: bool,
+    #[serde(default = "one")]
+    pub clip_sample_range: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn thousand() -> usize {
@@ -414,6 +424,12 @@ impl<'a> SamplerRun<'a> {
                 x.mul_scalar(sa)?.sub(&out.mul_scalar(sb)?)?,
                 out.mul_scalar(sa)?.add(&x.mul_scalar(sb)?)?,
             ),
+        };
+        let c = &self.schedule.config;
+        let x0 = if c.clip_sample {
+            x0.clamp(Some(-c.clip_sample_range), Some(c.clip_sample_range))?
+        } else {
+            x0
         };
         x0.mul_scalar(a_prev.sqrt())?
             .add(&eps.mul_scalar((1.0 - a_prev).sqrt())?)

@@ -1,0 +1,116 @@
+//! SDXL end to end on a tiny diffusers-saved pipeline (fixtures from
+//! tests/fixtures/gen/sdxl_pipeline.py): both text encoders against `encode_prompt`, `ferrite
+//! sample` against StableDiffusionXLPipeline from the same noise (DDIM, Euler, and the zero
+//! embeddings of an absent negative prompt), and the folder refusals.
+
+use std::path::{Path, PathBuf};
+
+use ferrite::plugins::Registry;
+use ferrite::settings::Settings;
+use ferrite_plugin_api::{DType, Weights, plugin::ArchitectureHandle};
+use ferrite_tests::run_ferrite;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sdxl")
+}
+
+fn load(options: serde_json::Value) -> ArchitectureHandle {
+    ferrite::runtime::init("cpu").unwrap();
+    let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
+    registry
+        .architecture("sdxl", &options.to_string())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn both_text_encoders_match_diffusers_encode_prompt() {
+    for (skip, suffix) in [(0, ""), (1, "_clip_skip1")] {
+        let arch = load(serde_json::json!({
+            "model": fixture().join("model"),
+            "text_encoder_layer_skip": skip,
+        }));
+        let want = Weights::open(&fixture().join("text.safetensors").to_string_lossy()).unwrap();
+        let out = arch
+            .encode_text(&["a photo of a red cat, best quality"])
+            .unwrap();
+        assert_eq!(out.len(), 2, "states and pooled");
+        for (got, name) in out.iter().zip(["prompt_embeds", "pooled_prompt_embeds"]) {
+            let w = want.get(&format!("{name}{suffix}"), DType::F32).unwrap();
+            assert_eq!(got.shape().unwrap(), w.shape().unwrap(), "{name}{suffix}");
+            let d = ferrite_tests::max_abs_diff(got, &w);
+            println!("{name}{suffix}: max abs diff {d:e}");
+            assert!(d < 1e-4, "{name}{suffix}: max abs diff {d}");
+        }
+    }
+}
+
+fn compare(expected: &str, sampler: &str, negative: Option<&str>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let noise = fixture().join("noise.safetensors");
+    let model = fixture().join("model");
+    let mut args = vec![
+        "sample",
+        "--arch",
+        "sdxl",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of a red cat, best quality",
+        "--steps",
+        "4",
+        "--cfg",
+        "4",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--sampler",
+        sampler,
+        "--init-noise",
+        noise.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    if let Some(n) = negative {
+        args.extend(["--negative-prompt", n]);
+    }
+    let o = run_ferrite(&args, None, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(fixture().join(expected)).unwrap().to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions());
+    let worst = ferrite_tests::max_pixel_diff(&got, &want);
+    println!("{expected}: max pixel difference {worst}/255");
+    assert!(worst <= 2, "{expected}: max pixel difference {worst}/255");
+}
+
+#[test]
+fn ddim_png_equals_stable_diffusion_xl_pipeline() {
+    compare("expected_ddim.png", "ddim", Some("blurry"));
+}
+
+#[test]
+fn euler_png_equals_stable_diffusion_xl_pipeline() {
+    compare("expected_euler.png", "euler", Some("blurry"));
+}
+
+/// No negative prompt: zero text embeddings for the unconditional half, as the model's
+/// `force_zeros_for_empty_prompt` says (the encoded empty prompt gives another image).
+#[test]
+fn an_empty_negative_prompt_is_zero_embeddings() {
+    compare("expected_euler_no_negative.png", "euler", None);
+}
+
+#[test]
+fn other_families_are_refused_naming_what_was_found() {
+    ferrite::runtime::init("cpu").unwrap();
+    let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
+    let sd15 = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let e = registry
+        .architecture("sdxl", &serde_json::json!({ "model": sd15 }).to_string())
+        .err()
+        .expect("an SD 1.x folder is refused");
+    assert!(e.to_string().contains("not an SDXL model"), "{e}");
+    assert!(e.to_string().contains("use sd15"), "{e}");
+}
