@@ -203,7 +203,11 @@ impl Sd15 {
             let vae = if pixel_space(model) {
                 None
             } else {
-                Some(folder::part_weights(model, "vae", "diffusion_pytorch_model")?)
+                Some(folder::part_weights(
+                    model,
+                    "vae",
+                    "diffusion_pytorch_model",
+                )?)
             };
             return Self::build(
                 Configs::from_folder(model)?,

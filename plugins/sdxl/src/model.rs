@@ -133,11 +133,12 @@ impl Sdxl {
         };
         // The text encoders' attention and MLP layers (not the projection), as sd-scripts and
         // peft adapt them.
-        let mut adaptable_layers: Vec<AdaptableLayer> = [unet_w.layers(), te.layers(), te2.layers()]
-            .concat()
-            .into_iter()
-            .filter(|l| l.name.starts_with("unet.") || l.name.contains(".encoder.layers."))
-            .collect();
+        let mut adaptable_layers: Vec<AdaptableLayer> =
+            [unet_w.layers(), te.layers(), te2.layers()]
+                .concat()
+                .into_iter()
+                .filter(|l| l.name.starts_with("unet.") || l.name.contains(".encoder.layers."))
+                .collect();
         name_layers(&mut adaptable_layers, &layout)?;
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,

@@ -101,9 +101,7 @@ mod tests {
             "unet.down_blocks.0.resnets.0.conv1",
             "text_encoder.text_model.encoder.layers.0.mlp.fc1",
         ];
-        let part = |id: &str, kind: &str| {
-            serde_json::json!({"id": id, "name": id, "config_table": id, "kind": kind})
-        };
+        let part = |id: &str, kind: &str| serde_json::json!({"id": id, "name": id, "config_table": id, "kind": kind});
         let model = ModelInfo::from_json(&serde_json::json!({
             "parts": [part("unet", "denoiser"), part("text_encoder", "text_encoder")],
             "objective": {"type": "ddpm", "scheduler": {}},

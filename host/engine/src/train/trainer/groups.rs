@@ -61,7 +61,9 @@ impl Trainer {
                 select::LayerFilter::new(c.lora_layer_preset, &c.lora_layers, c.layer_filter_regex)
                     .map_err(err)?;
             let info = &self.model.info;
-            let layers = select::select(info, &filter, |id| info.part(id).is_some_and(|p| c.trains(p)));
+            let layers = select::select(info, &filter, |id| {
+                info.part(id).is_some_and(|p| c.trains(p))
+            });
             self.model
                 .create(&self.registry, &layers, &c.adapter_options())
                 .map_err(err)?;

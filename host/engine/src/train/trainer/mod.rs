@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use ferrite_plugin_api::{ModelInfo, PartKind, Tensor, family::Objective, plugin::ArchitectureHandle};
+use ferrite_plugin_api::{
+    ModelInfo, PartKind, Tensor, family::Objective, plugin::ArchitectureHandle,
+};
 
 use crate::adapters::ModelLayers;
 use crate::config::{ConceptType, TrainConfig};
