@@ -172,6 +172,16 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Where a tensor of a [`Weights::view_pieces`] view comes from in its file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    pub key: String,
+    /// Only these rows (first dimension) of it: one of q, k, v from a fused `in_proj`.
+    pub rows: Option<std::ops::Range<u64>>,
+    /// Transposed (a 2-D `x @ W` matrix read as a linear layer's `[out, in]` weight).
+    pub transpose: bool,
+}
+
 /// The tensors of a safetensors file, read one at a time on request. A [`Weights::view`] shows
 /// them under other names and shapes (an original checkpoint's keys as diffusers names).
 #[derive(Debug, Clone)]
@@ -179,8 +189,8 @@ pub struct Weights {
     file: Arc<OpenFile>,
     /// Tensors as this view names them.
     infos: Vec<WeightInfo>,
-    /// The key in the file of each entry of `infos` (None: the same key).
-    file_keys: Option<Vec<String>>,
+    /// Where in the file each entry of `infos` comes from (None: the same key, whole).
+    sources: Option<Vec<Source>>,
     scope: Option<Arc<Scope>>,
 }
 
@@ -204,7 +214,7 @@ impl Weights {
         Ok(Self {
             file: Arc::new(file),
             infos,
-            file_keys: None,
+            sources: None,
             scope: None,
         })
     }
@@ -252,36 +262,86 @@ impl Weights {
     /// The same file seen through `f`, which gives each tensor's name and shape in the view, or
     /// None to leave it out. A new shape must hold as many elements; loading reshapes to it.
     pub fn view(&self, mut f: impl FnMut(&WeightInfo) -> Option<WeightInfo>) -> Result<Weights> {
+        self.view_pieces(|info| {
+            f(info)
+                .map(|new| {
+                    vec![(
+                        new,
+                        Source {
+                            key: String::new(),
+                            rows: None,
+                            transpose: false,
+                        },
+                    )]
+                })
+                .unwrap_or_default()
+        })
+    }
+
+    /// Like [`Weights::view`], but a tensor may become several (its row ranges) or a transposed
+    /// one: `f` gives each new tensor with its [`Source`] (whose `key` is filled in here).
+    pub fn view_pieces(
+        &self,
+        mut f: impl FnMut(&WeightInfo) -> Vec<(WeightInfo, Source)>,
+    ) -> Result<Weights> {
         let mut infos = Vec::new();
-        let mut file_keys = Vec::new();
+        let mut sources = Vec::new();
         for (i, info) in self.infos.iter().enumerate() {
-            let Some(new) = f(info) else { continue };
-            let numel = |s: &[u64]| s.iter().product::<u64>();
-            if numel(&new.shape) != numel(&info.shape) {
-                return Err(Error(format!(
-                    "{}: tensor `{}` {:?} cannot be seen as `{}` {:?}",
-                    self.path(),
-                    info.key,
-                    info.shape,
-                    new.key,
-                    new.shape
-                )));
+            let from = self.source(i);
+            for (new, piece) in f(info) {
+                let mut shape = info.shape.clone();
+                let rows = match (&piece.rows, &from.rows) {
+                    (Some(r), None) if r.end <= shape.first().copied().unwrap_or(0) => {
+                        shape[0] = r.end - r.start;
+                        Some(r.clone())
+                    }
+                    (None, rows) => rows.clone(),
+                    _ => {
+                        return Err(Error(format!(
+                            "{}: rows {:?} of tensor `{}` {:?} cannot be taken",
+                            self.path(),
+                            piece.rows,
+                            info.key,
+                            info.shape
+                        )));
+                    }
+                };
+                let numel = |s: &[u64]| s.iter().product::<u64>();
+                let transposable = !piece.transpose || shape.len() == 2;
+                if numel(&new.shape) != numel(&shape) || !transposable {
+                    return Err(Error(format!(
+                        "{}: tensor `{}` {:?} cannot be seen as `{}` {:?}",
+                        self.path(),
+                        info.key,
+                        info.shape,
+                        new.key,
+                        new.shape
+                    )));
+                }
+                infos.push(new);
+                sources.push(Source {
+                    key: from.key.clone(),
+                    rows,
+                    transpose: piece.transpose != from.transpose,
+                });
             }
-            infos.push(new);
-            file_keys.push(self.file_key(i).to_string());
         }
         Ok(Weights {
             file: self.file.clone(),
             infos,
-            file_keys: Some(file_keys),
+            sources: Some(sources),
             scope: self.scope.clone(),
         })
     }
 
-    fn file_key(&self, i: usize) -> &str {
-        match &self.file_keys {
-            Some(k) => &k[i],
-            None => &self.infos[i].key,
+    fn source(&self, i: usize) -> Source {
+        match &self.sources {
+            Some(s) => s[i].clone(),
+            None => Source {
+                key: self.infos[i].key.clone(),
+                rows: None,
+                transpose: false,
+            },
         }
     }
 
@@ -310,14 +370,20 @@ impl Weights {
         let Some(i) = self.infos.iter().position(|i| i.key == key) else {
             return Err(Error(format!("{}: no tensor `{key}`", self.path())));
         };
-        let file_key = self.file_key(i);
+        let source = self.source(i);
         let id = res((host()?.load_weight())(
             self.file.id,
-            RStr::from_str(file_key),
+            RStr::from_str(&source.key),
             dtype.to_ne(),
         ))?;
         let mut t = Tensor::from_raw(id);
-        if self.file_keys.is_some() {
+        if self.sources.is_some() {
+            if let Some(r) = &source.rows {
+                t = t.narrow(0, r.start as usize, (r.end - r.start) as usize)?;
+            }
+            if source.transpose {
+                t = t.transpose(0, 1)?;
+            }
             let shape: Vec<i64> = self.infos[i].shape.iter().map(|&d| d as i64).collect();
             t = t.reshape(&shape)?;
         }

@@ -45,10 +45,19 @@ fn both_text_encoders_match_diffusers_encode_prompt() {
 }
 
 fn compare(expected: &str, sampler: &str, negative: Option<&str>) {
+    compare_model(expected, sampler, negative, &fixture().join("model"), &[]);
+}
+
+fn compare_model(
+    expected: &str,
+    sampler: &str,
+    negative: Option<&str>,
+    model: &Path,
+    extra: &[&str],
+) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
     let noise = fixture().join("noise.safetensors");
-    let model = fixture().join("model");
     let mut args = vec![
         "sample",
         "--arch",
@@ -75,6 +84,7 @@ fn compare(expected: &str, sampler: &str, negative: Option<&str>) {
     if let Some(n) = negative {
         args.extend(["--negative-prompt", n]);
     }
+    args.extend(extra);
     let o = run_ferrite(&args, None, dir.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = image::open(&out).unwrap().to_rgb8();
@@ -113,4 +123,54 @@ fn other_families_are_refused_naming_what_was_found() {
         .expect("an SD 1.x folder is refused");
     assert!(e.to_string().contains("not an SDXL model"), "{e}");
     assert!(e.to_string().contains("use sd15"), "{e}");
+}
+
+/// The model written in the original single-file layout (`sd_xl_base_1.0`'s keys, the second
+/// text encoder in OpenCLIP's layout with fused `in_proj`) loads back as the same model: `ferrite
+/// sample` from the file makes StableDiffusionXLPipeline's image.
+#[test]
+fn single_file_export_loads_back_as_the_same_model() {
+    let arch = load(serde_json::json!({ "model": fixture().join("model") }));
+    let all = arch.export("ldm").unwrap();
+    let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
+    for want in [
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+        "conditioner.embedders.1.model.text_projection",
+        "first_stage_model.encoder.mid.attn_1.q.weight",
+    ] {
+        assert!(keys.contains(&want), "{want} missing");
+    }
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.contains("k_proj") && k.contains("embedders.1"))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sdxl.safetensors");
+    let named: Vec<(&str, &ferrite_plugin_api::Tensor)> =
+        all.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    ferrite_plugin_api::save_safetensors(&file.to_string_lossy(), &named, &[]).unwrap();
+
+    let back = load(serde_json::json!({ "model": file, "config": fixture().join("model") }));
+    let want: std::collections::HashMap<String, Vec<f32>> = arch
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_vec().unwrap()))
+        .collect();
+    let got = back.parameters().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (k, t) in got {
+        assert_eq!(Some(&t.to_vec().unwrap()), want.get(&k), "{k}");
+    }
+    compare_model(
+        "expected_euler.png",
+        "euler",
+        Some("blurry"),
+        &file,
+        &["--model-config", fixture().join("model").to_str().unwrap()],
+    );
 }

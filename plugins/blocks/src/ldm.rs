@@ -210,7 +210,8 @@ pub fn unet(w: &Weights, layers_per_block: usize) -> Result<Weights> {
 }
 
 /// The UNet's `config.json` read off the shapes of an ldm checkpoint's `model.diffusion_model.*`.
-/// SD 1.x has 8 heads per block; a 1024-wide cross-attention (SD 2.x) has 64 channels per head;
+/// SD 1.x has 8 heads per block; a 1024- or 2048-wide cross-attention (SD 2.x, SDXL) has 64
+/// channels per head, and SDXL's `label_emb` makes the added text/time embeddings;
 /// other values are left to the config's defaults (SD's).
 pub fn unet_config(w: &Weights) -> Result<Value> {
     let p = |k: &str| format!("{UNET_PREFIX}{k}");
@@ -261,12 +262,17 @@ pub fn unet_config(w: &Weights) -> Result<Value> {
             w.path()
         ))
     })?;
-    let heads: Vec<usize> = if cross == 1024 {
+    // SD 2.x (1024) and SDXL (2048): 64 channels per head; SD 1.x: 8 heads.
+    let heads: Vec<usize> = if matches!(cross, 1024 | 2048) {
         widths.iter().map(|c| c / 64).collect()
     } else {
         vec![8; levels]
     };
+    // SDXL's added embeddings: pooled text and the size/crop sinusoids into `label_emb`.
+    let added = shape(w, &p("label_emb.0.0.weight")).ok().map(|s| s[1]);
     Ok(json!({
+        "addition_embed_type": added.map(|_| "text_time"),
+        "projection_class_embeddings_input_dim": added,
         "in_channels": conv_in[1],
         "out_channels": conv_out[0],
         "down_block_types": down,
@@ -427,7 +433,13 @@ pub fn vae_config(w: &Weights) -> Result<Value> {
 /// The text encoder of a single-file checkpoint under transformers' names (`text_model.*`); old
 /// files leave out the `text_model.` level.
 pub fn clip(w: &Weights) -> Result<Weights> {
-    renamed(w, CLIP_PREFIX, |k, s| {
+    clip_at(w, CLIP_PREFIX)
+}
+
+/// [`clip`] for a text encoder under another prefix (SDXL's
+/// `conditioner.embedders.0.transformer.`).
+pub fn clip_at(w: &Weights, prefix: &str) -> Result<Weights> {
+    renamed(w, prefix, |k, s| {
         if k.ends_with("position_ids") {
             return None;
         }

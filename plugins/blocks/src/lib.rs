@@ -7,6 +7,7 @@ pub mod folder;
 pub mod keys;
 pub mod layers;
 pub mod ldm;
+pub mod open_clip;
 pub mod resnet;
 pub mod tokenizer;
 pub mod transformer;

@@ -68,6 +68,12 @@ impl ClipTokenizer {
     /// OpenAI CLIP's tokenizer (SD 1.x, and SDXL's and Flux's CLIP-L): 77 tokens, padded with
     /// the end token.
     pub fn openai_clip() -> Result<Self> {
+        Self::openai_clip_padded(EOS)
+    }
+
+    /// [`ClipTokenizer::openai_clip`] padding with `pad` (SD 2.x's and SDXL's OpenCLIP
+    /// tokenizer pads with `!`).
+    pub fn openai_clip_padded(pad: &str) -> Result<Self> {
         let source = Path::new("built-in CLIP vocabulary");
         let vocab: std::collections::HashMap<String, u32> =
             serde_json::from_str(include_str!("../vocab/clip_vocab.json"))
@@ -79,7 +85,7 @@ impl ClipTokenizer {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
         let bpe = BPE::builder().vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merges);
-        Self::new(Self::with_pipeline(bpe, source)?, EOS, 77, source)
+        Self::new(Self::with_pipeline(bpe, source)?, pad, 77, source)
     }
 
     fn from_files(vocab: &Path, merges: &Path) -> Result<Tokenizer> {

@@ -5,14 +5,16 @@ use std::path::Path;
 use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
     folder::{self, read, read_json},
+    ldm, open_clip,
     tokenizer::ClipTokenizer,
     unet::{AddedCond, UNet2DConditionModel, UNetConfig},
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
-    AdaptableLayer, Architecture, DType, Error, ModelInfo, Part, PartKind, Result, Tensor, bail,
+    AdaptableLayer, Architecture, DType, Error, ModelInfo, Part, PartKind, Result, Tensor, Weights,
+    bail,
     family::{Conditioning, Metadata, Objective},
-    serde_json,
+    serde_json::{self, json},
 };
 
 use crate::names::{UnetLayout, name_layers};
@@ -54,6 +56,114 @@ fn config<T>(dir: &Path, file: &str, parse: fn(&str, &str) -> Result<T>) -> Resu
     parse(&read(&p)?, &p.to_string_lossy())
 }
 
+/// Where a single-file checkpoint keeps SDXL's text encoders.
+const TE1_PREFIX: &str = "conditioner.embedders.0.transformer.";
+const TE2_PREFIX: &str = "conditioner.embedders.1.model.";
+
+/// Refuses a single file of another family with a message saying what was found.
+fn check_file(w: &Weights) -> Result<()> {
+    let any = |prefix: &str| w.infos().iter().any(|i| i.key.starts_with(prefix));
+    let found = if any("double_blocks.") || any("model.diffusion_model.double_blocks.") {
+        Some("a Flux checkpoint (double_blocks.*); use the flux architecture")
+    } else if any("cond_stage_model.") {
+        Some("an SD 1.x/2.x checkpoint (cond_stage_model.*); use sd15")
+    } else if !any(TE1_PREFIX)
+        || !any(TE2_PREFIX)
+        || !any(ldm::UNET_PREFIX)
+        || !any(ldm::VAE_PREFIX)
+    {
+        Some(
+            "not a full SDXL checkpoint: it needs model.diffusion_model.*, first_stage_model.*, \
+             conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.* tensors",
+        )
+    } else {
+        None
+    };
+    match found {
+        Some(what) => bail!("{} is {what}", w.path()),
+        None => Ok(()),
+    }
+}
+
+/// The configs of a model's parts.
+struct Configs {
+    unet: UNetConfig,
+    vae: VaeConfig,
+    text_encoder: ClipTextConfig,
+    text_encoder_2: ClipTextConfig,
+    tokenizer: ClipTokenizer,
+    tokenizer_2: ClipTokenizer,
+    scheduler: serde_json::Value,
+    force_zeros_for_empty_prompt: bool,
+}
+
+impl Configs {
+    fn from_folder(dir: &Path) -> Result<Self> {
+        let index = check_folder(dir)?;
+        Ok(Self {
+            unet: config(dir, "unet/config.json", UNetConfig::from_json)?,
+            vae: config(dir, "vae/config.json", VaeConfig::from_json)?,
+            text_encoder: config(dir, "text_encoder/config.json", ClipTextConfig::from_json)?,
+            text_encoder_2: config(dir, "text_encoder_2/config.json", ClipTextConfig::from_json)?,
+            tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
+            tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
+            scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
+            force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"]
+                .as_bool()
+                .unwrap_or(true),
+        })
+    }
+
+    /// A single file's configs: read off its shapes, the rest as SDXL base 1.0's published
+    /// configs have it (VAE scaling 0.13025, force_upcast, 64 channels per head, OpenAI CLIP's
+    /// tokenizer for both encoders, the second padding with `!`, its Euler schedule).
+    fn from_checkpoint(w: &Weights, te: &Weights, te2: &Weights) -> Result<Self> {
+        let source = w.path();
+        let te2_config = ClipTextConfig::from_json(&open_clip::config(te2)?.to_string(), source)?;
+        let mut unet = ldm::unet_config(w)?;
+        let pooled = te2_config.projection_dim.unwrap_or(te2_config.hidden_size);
+        let added = unet["projection_class_embeddings_input_dim"]
+            .as_u64()
+            .ok_or_else(|| Error(format!("{source}: the UNet has no label_emb (not SDXL)")))?;
+        // label_emb takes the pooled text and six sinusoid embeddings of the sizes and crop.
+        unet["addition_time_embed_dim"] = ((added as usize).saturating_sub(pooled) / 6).into();
+        let mut vae = ldm::vae_config(w)?;
+        vae["scaling_factor"] = 0.13025.into();
+        vae["force_upcast"] = true.into();
+        Ok(Self {
+            unet: UNetConfig::from_json(&unet.to_string(), source)?,
+            vae: VaeConfig::from_json(&vae.to_string(), source)?,
+            text_encoder: ClipTextConfig::from_json(&ldm::clip_config(te)?.to_string(), source)?,
+            text_encoder_2: te2_config,
+            tokenizer: ClipTokenizer::openai_clip()?,
+            tokenizer_2: ClipTokenizer::openai_clip_padded("!")?,
+            scheduler: json!({
+                "_class_name": "EulerDiscreteScheduler",
+                "num_train_timesteps": 1000,
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "prediction_type": "epsilon",
+                "steps_offset": 1,
+                "set_alpha_to_one": false,
+                "clip_sample": false,
+                "timestep_spacing": "leading",
+                "interpolation_type": "linear",
+                "use_karras_sigmas": false,
+            }),
+            force_zeros_for_empty_prompt: true,
+        })
+    }
+}
+
+/// The weights of each part under diffusers / transformers names.
+struct PartWeights {
+    unet: Weights,
+    vae: Weights,
+    text_encoder: Weights,
+    text_encoder_2: Weights,
+}
+
 pub struct Sdxl {
     tokenizer: ClipTokenizer,
     tokenizer_2: ClipTokenizer,
@@ -67,65 +177,92 @@ pub struct Sdxl {
     /// and `text_encoder_2.<key>`.
     parameters: Vec<(String, Tensor)>,
     adaptable_layers: Vec<AdaptableLayer>,
+    layout: UnetLayout,
+    /// The VAE's tensors under diffusers names, for [`Architecture::export`].
+    vae_weights: Weights,
     /// CLIP skip: text states from this many layers before the penultimate one.
     pub layer_skip: usize,
 }
 
 impl Sdxl {
-    /// Loads a diffusers SDXL folder (fp32 or `.fp16` weights).
-    pub fn load(dir: &Path, dtype: DType) -> Result<Self> {
-        let index = check_folder(dir)?;
-        let unet_config = config(dir, "unet/config.json", UNetConfig::from_json)?;
-        if unet_config.addition_embed_type.as_deref() != Some("text_time") {
+    /// Loads a diffusers SDXL folder (fp32 or `.fp16` weights), or a single-file checkpoint
+    /// (`sd_xl_base_1.0.safetensors` layout) with the configs of the `config` folder (SDXL
+    /// base's without one).
+    pub fn load(model: &Path, config: Option<&Path>, dtype: DType) -> Result<Self> {
+        if model.is_dir() {
+            let configs = Configs::from_folder(model)?;
+            let part = |p: &str, stem: &str| folder::part_weights(model, p, stem);
+            let weights = PartWeights {
+                unet: part("unet", "diffusion_pytorch_model")?,
+                vae: part("vae", "diffusion_pytorch_model")?,
+                text_encoder: ClipTextTransformer::with_text_model_level(part(
+                    "text_encoder",
+                    "model",
+                )?)?,
+                text_encoder_2: part("text_encoder_2", "model")?,
+            };
+            return Self::build(configs, weights, dtype);
+        }
+        if !model.is_file() {
             bail!(
-                "{}: the UNet has no text_time added embeddings: not an SDXL base UNet",
-                dir.join("unet/config.json").display()
+                "{} does not exist (give a diffusers SDXL folder or a .safetensors checkpoint)",
+                model.display()
             );
         }
-        let vae_config = config(dir, "vae/config.json", VaeConfig::from_json)?;
-        let te_config = config(dir, "text_encoder/config.json", ClipTextConfig::from_json)?;
-        let te2_config = config(dir, "text_encoder_2/config.json", ClipTextConfig::from_json)?;
+        let w = folder::open(model)?;
+        check_file(&w)?;
+        let te = ldm::clip_at(&w, TE1_PREFIX)?;
+        let te2 = open_clip::text_model(&w, TE2_PREFIX)?;
+        let configs = match config {
+            Some(dir) => Configs::from_folder(dir)?,
+            None => Configs::from_checkpoint(&w, &te, &te2).map_err(|e| {
+                Error(format!(
+                    "{e} (read as SDXL base; for other settings give a diffusers folder as \
+                     `config`, --model-config on the command line)"
+                ))
+            })?,
+        };
+        let weights = PartWeights {
+            unet: ldm::unet(&w, configs.unet.layers_per_block)?,
+            vae: ldm::vae(&w, configs.vae.block_out_channels.len())?,
+            text_encoder: te,
+            text_encoder_2: te2,
+        };
+        Self::build(configs, weights, dtype)
+    }
 
-        let te = ClipTextTransformer::with_text_model_level(folder::part_weights(
-            dir,
-            "text_encoder",
-            "model",
-        )?)?;
-        let te2 = folder::part_weights(dir, "text_encoder_2", "model")?;
-        let unet_w = folder::part_weights(dir, "unet", "diffusion_pytorch_model")?;
-        let vae_w = folder::part_weights(dir, "vae", "diffusion_pytorch_model")?;
+    fn build(c: Configs, w: PartWeights, dtype: DType) -> Result<Self> {
+        if c.unet.addition_embed_type.as_deref() != Some("text_time") {
+            bail!("the UNet has no text_time added embeddings: not an SDXL base UNet");
+        }
         // Scoped: what loads through these is the model's parameters and adaptable layers.
-        let (te, te2, unet_w) = (
-            te.scoped("text_encoder"),
-            te2.scoped("text_encoder_2"),
-            unet_w.scoped("unet"),
-        );
-        let text_encoder = ClipTextTransformer::load(&te, "text_model", None, &te_config, dtype)?;
-        let te2_prefix = ClipTextTransformer::detect_prefix(&te2);
+        let te = w.text_encoder.scoped("text_encoder");
+        let te2 = w.text_encoder_2.scoped("text_encoder_2");
+        let unet_w = w.unet.scoped("unet");
+        let text_encoder =
+            ClipTextTransformer::load(&te, "text_model", None, &c.text_encoder, dtype)?;
         let text_encoder_2 = ClipTextTransformer::load(
             &te2,
-            te2_prefix,
+            ClipTextTransformer::detect_prefix(&te2),
             Some("text_projection"),
-            &te2_config,
+            &c.text_encoder_2,
             dtype,
         )?;
         if text_encoder_2.text_projection.is_none() {
-            bail!(
-                "{}: text_encoder_2 has no text_projection (SDXL's pooled text embeddings)",
-                dir.display()
-            );
+            bail!("text_encoder_2 has no text_projection (SDXL's pooled text embeddings)");
         }
         // diffusers' force_upcast: the VAE runs in f32 whatever the model's dtype.
-        let vae_dtype = if vae_config.force_upcast {
+        let vae_dtype = if c.vae.force_upcast {
             DType::F32
         } else {
             dtype
         };
-        let vae = AutoencoderKL::load(&vae_w, "", &vae_config, vae_dtype)?;
-        let unet = UNet2DConditionModel::load(&unet_w, "", &unet_config, dtype)?;
+        let vae = AutoencoderKL::load(&w.vae, "", &c.vae, vae_dtype)?;
+        let unet = UNet2DConditionModel::load(&unet_w, "", &c.unet, dtype)?;
         let layout = UnetLayout {
-            layers_per_block: unet_config.layers_per_block,
-            cross_up: unet_config
+            layers_per_block: c.unet.layers_per_block,
+            cross_up: c
+                .unet
                 .up_block_types
                 .iter()
                 .map(|t| t.starts_with("CrossAttn"))
@@ -141,18 +278,18 @@ impl Sdxl {
                 .collect();
         name_layers(&mut adaptable_layers, &layout)?;
         Ok(Self {
-            tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
-            tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
+            tokenizer: c.tokenizer,
+            tokenizer_2: c.tokenizer_2,
             text_encoder,
             text_encoder_2,
             vae,
             unet,
-            scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
-            force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"]
-                .as_bool()
-                .unwrap_or(true),
+            scheduler: c.scheduler,
+            force_zeros_for_empty_prompt: c.force_zeros_for_empty_prompt,
             parameters: [unet_w.tensors(), te.tensors(), te2.tensors()].concat(),
             adaptable_layers,
+            layout,
+            vae_weights: w.vae,
             layer_skip: 0,
         })
     }
@@ -245,9 +382,48 @@ impl Architecture for Sdxl {
                 base_model_version: "sdxl_base_v1-0".into(),
                 modelspec_architecture: "stable-diffusion-xl-v1-base".into(),
             },
-            single_file_layout: None,
+            single_file_layout: Some("ldm".into()),
         }
         .to_json())
+    }
+
+    /// `ldm`: the layout of SDXL's original single-file checkpoints (`sd_xl_base_1.0`), what
+    /// A1111/Forge and ComfyUI load: the UNet and text encoders as they are now, the VAE as
+    /// loaded.
+    fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
+        if layout != "ldm" {
+            bail!("sdxl writes the `ldm` layout only, not `{layout}`");
+        }
+        let mut out = Vec::new();
+        let mut te2 = Vec::new();
+        for (name, t) in &self.parameters {
+            if let Some(k) = name.strip_prefix("unet.") {
+                let (module, param) = k
+                    .rsplit_once('.')
+                    .ok_or_else(|| Error(format!("unexpected UNet tensor `{k}`")))?;
+                let m = self.layout.original(module)?;
+                out.push((format!("{}{m}.{param}", ldm::UNET_PREFIX), t.clone()));
+            } else if let Some(k) = name.strip_prefix("text_encoder.") {
+                out.push((format!("{TE1_PREFIX}{k}"), t.clone()));
+            } else if let Some(k) = name.strip_prefix("text_encoder_2.") {
+                te2.push((k.to_string(), t.clone()));
+            } else {
+                bail!("unexpected parameter `{name}`");
+            }
+        }
+        out.extend(open_clip::export(&te2, TE2_PREFIX)?);
+        let levels = self.vae.config.block_out_channels.len();
+        for info in self.vae_weights.infos() {
+            let k = info.key.as_str();
+            let (old, conv) = ldm::vae_original(k, levels)
+                .ok_or_else(|| Error(format!("no original name for VAE tensor `{k}`")))?;
+            let mut t = self.vae_weights.get(k, DType::F32)?;
+            if conv && t.rank()? == 2 {
+                t = t.unsqueeze(2)?.unsqueeze(3)?;
+            }
+            out.push((format!("{}{old}", ldm::VAE_PREFIX), t));
+        }
+        Ok(out)
     }
 
     /// `[states, pooled]`: both encoders' penultimate states side by side `[B, 77, 768 + 1280]`
