@@ -174,3 +174,21 @@ fn single_file_export_loads_back_as_the_same_model() {
         &["--model-config", fixture().join("model").to_str().unwrap()],
     );
 }
+
+/// sd-scripts' names for the first layers of each kind in the real SDXL base UNet (layers per
+/// block 2, depth [1, 2, 10]), each checked against diffusers' kohya converter by
+/// tests/fixtures/gen/sdxl_kohya_names.py, are exactly the ones Ferrite gives.
+#[test]
+fn kohya_names_of_the_real_sdxl_unet_are_sd_scripts_names() {
+    let text = std::fs::read_to_string(fixture().join("kohya_names.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let layout = ferrite_blocks::ldm::UnetLayout {
+        layers_per_block: v["layers_per_block"].as_u64().unwrap() as usize,
+        cross_up: serde_json::from_value(v["up_blocks_with_attention"].clone()).unwrap(),
+    };
+    let pairs = v["kohya_to_diffusers"].as_object().unwrap();
+    assert!(pairs.len() >= 20);
+    for (kohya, module) in pairs {
+        assert_eq!(&layout.kohya(module.as_str().unwrap()).unwrap(), kohya);
+    }
+}

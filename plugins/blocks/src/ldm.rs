@@ -142,6 +142,39 @@ fn unet_resnet_original(rest: &str) -> String {
     rest.to_string()
 }
 
+/// A UNet's block layout, which its original module names depend on.
+#[derive(Debug, Clone)]
+pub struct UnetLayout {
+    pub layers_per_block: usize,
+    /// Per up block: whether it has attentions.
+    pub cross_up: Vec<bool>,
+}
+
+impl UnetLayout {
+    pub fn of(c: &crate::unet::UNetConfig) -> Self {
+        Self {
+            layers_per_block: c.layers_per_block,
+            cross_up: c
+                .up_block_types
+                .iter()
+                .map(|t| t.starts_with("CrossAttn"))
+                .collect(),
+        }
+    }
+
+    /// The original (ldm) module name of a diffusers UNet module.
+    pub fn original(&self, module: &str) -> Result<String> {
+        unet_original(module, self.layers_per_block, &self.cross_up)
+            .ok_or_else(|| Error(format!("no original name for UNet module `{module}`")))
+    }
+
+    /// sd-scripts' LoRA name of a UNet layer where its U-Net keeps the original blocks (SDXL):
+    /// `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`.
+    pub fn kohya(&self, module: &str) -> Result<String> {
+        Ok(format!("lora_unet_{}", crate::keys::flat(&self.original(module)?)))
+    }
+}
+
 /// The original (ldm) name of a diffusers UNet module (the inverse of [`unet_key`] for module
 /// names): `down_blocks.0.attentions.0.proj_in` → `input_blocks.1.1.proj_in`. `cross_up[b]` says
 /// whether up block `b` has attentions (its upsampler then comes third).

@@ -5,7 +5,8 @@ use std::path::Path;
 use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
     folder::{self, read, read_json},
-    ldm, open_clip,
+    ldm::{self, UnetLayout},
+    open_clip,
     tokenizer::ClipTokenizer,
     unet::{AddedCond, UNet2DConditionModel, UNetConfig},
     vae::{AutoencoderKL, VaeConfig},
@@ -17,7 +18,7 @@ use ferrite_plugin_api::{
     serde_json::{self, json},
 };
 
-use crate::names::{UnetLayout, name_layers};
+use crate::names::name_layers;
 
 /// Refuses a folder of another family with a message saying what was found.
 fn check_folder(dir: &Path) -> Result<serde_json::Value> {
@@ -259,15 +260,7 @@ impl Sdxl {
         };
         let vae = AutoencoderKL::load(&w.vae, "", &c.vae, vae_dtype)?;
         let unet = UNet2DConditionModel::load(&unet_w, "", &c.unet, dtype)?;
-        let layout = UnetLayout {
-            layers_per_block: c.unet.layers_per_block,
-            cross_up: c
-                .unet
-                .up_block_types
-                .iter()
-                .map(|t| t.starts_with("CrossAttn"))
-                .collect(),
-        };
+        let layout = UnetLayout::of(&c.unet);
         // The text encoders' attention and MLP layers (not the projection), as sd-scripts and
         // peft adapt them.
         let mut adaptable_layers: Vec<AdaptableLayer> =

@@ -3,28 +3,8 @@
 //! and the text encoders by transformers' modules under `lora_te1_` / `lora_te2_`; ComfyUI uses
 //! `diffusion_model.<original>` and `text_encoders.clip_l|clip_g.transformer.<module>`.
 
-use ferrite_blocks::{keys, ldm};
+use ferrite_blocks::{keys, ldm, ldm::UnetLayout};
 use ferrite_plugin_api::{AdaptableLayer, Error, Result};
-
-/// The UNet's block layout, which the original names depend on.
-pub struct UnetLayout {
-    pub layers_per_block: usize,
-    /// Per up block: whether it has attentions.
-    pub cross_up: Vec<bool>,
-}
-
-impl UnetLayout {
-    /// The original (ldm) module name of a diffusers UNet module.
-    pub fn original(&self, module: &str) -> Result<String> {
-        ldm::unet_original(module, self.layers_per_block, &self.cross_up)
-            .ok_or_else(|| Error(format!("no original name for UNet module `{module}`")))
-    }
-
-    /// sd-scripts' name of a UNet layer.
-    pub fn kohya(&self, module: &str) -> Result<String> {
-        Ok(format!("lora_unet_{}", keys::flat(&self.original(module)?)))
-    }
-}
 
 /// Sets the file keys of every layer: `unet.*`, `text_encoder.*` (CLIP-L) and
 /// `text_encoder_2.*` (OpenCLIP bigG).
