@@ -249,3 +249,35 @@ fn a_fine_tune_saves_a_diffusers_folder_with_every_part() {
     }
     assert_eq!(checked, trained.len(), "every trained tensor was saved");
 }
+
+/// The bundled `sdxl-lora` preset trains the tiny SDXL model (at its size) and writes a kohya
+/// file.
+#[test]
+fn the_sdxl_lora_preset_trains() {
+    let root = setup();
+    let root = root.path();
+    let p = root.join("base.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "base_model_name = \"{}\"\nworkspace_dir = \"ws\"\noutput_model_destination = \
+             \"ws/out/lora.safetensors\"\n[[concepts]]\npath = \"images\"\n",
+            model().display()
+        ),
+    )
+    .unwrap();
+    let sets = [
+        "resolution=\"16\"",
+        "batch_size=2",
+        "epochs=1",
+        "sample_after_unit=never",
+        "backup_after_unit=never",
+    ]
+    .map(String::from);
+    let c = TrainConfig::load(Some(&p), Some("sdxl-lora"), &sets).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.model_type, "sdxl");
+    let (parts, _) = train(root, c);
+    assert_eq!(parts, BTreeSet::from(["unet".to_string()]));
+    let w = Weights::open(&root.join("ws/out/lora.safetensors").to_string_lossy()).unwrap();
+    assert!(w.infos().iter().all(|i| i.key.starts_with("lora_unet_")));
+}

@@ -171,7 +171,10 @@ impl UnetLayout {
     /// sd-scripts' LoRA name of a UNet layer where its U-Net keeps the original blocks (SDXL):
     /// `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`.
     pub fn kohya(&self, module: &str) -> Result<String> {
-        Ok(format!("lora_unet_{}", crate::keys::flat(&self.original(module)?)))
+        Ok(format!(
+            "lora_unet_{}",
+            crate::keys::flat(&self.original(module)?)
+        ))
     }
 }
 

@@ -1057,7 +1057,16 @@ path = "images"
         let d = tempfile::tempdir().unwrap();
         let cfg = write(d.path(), "c.toml", MINIMAL);
         let names = preset_names();
-        assert_eq!(names, ["demo", "sd15-finetune", "sd15-lora"]);
+        assert_eq!(
+            names,
+            [
+                "demo",
+                "sd15-finetune",
+                "sd15-lora",
+                "sdxl-finetune",
+                "sdxl-lora"
+            ]
+        );
         for name in &names {
             let c = TrainConfig::load(Some(&cfg), Some(name), &[]);
             assert!(c.is_ok(), "{name}: {}", c.unwrap_err());
@@ -1066,6 +1075,20 @@ path = "images"
         assert_eq!(
             (ft.training_method, ft.text_encoder.learning_rate),
             (TrainingMethod::FineTune, Some(5e-6))
+        );
+        // OneTrainer's "#sdxl 1.0 LoRA" values.
+        let xl = TrainConfig::load(Some(&cfg), Some("sdxl-lora"), &[]).unwrap();
+        assert_eq!(
+            (
+                xl.model_type.as_str(),
+                xl.resolution.as_str(),
+                xl.learning_rate,
+                xl.batch_size,
+                xl.offset_noise_weight,
+                xl.learning_rate_warmup_steps,
+                xl.text_encoder_2.train,
+            ),
+            ("sdxl", "1024", 3e-4, 4, 0.05, 200.0, false)
         );
     }
 
