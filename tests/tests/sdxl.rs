@@ -192,3 +192,17 @@ fn kohya_names_of_the_real_sdxl_unet_are_sd_scripts_names() {
         assert_eq!(&layout.kohya(module.as_str().unwrap()).unwrap(), kohya);
     }
 }
+
+/// A LoRA that peft and diffusers' `save_lora_weights` wrote for the UNet and both text encoders
+/// (tests/fixtures/gen/sdxl_lora.py) applies as in diffusers: the same image.
+#[test]
+fn a_peft_lora_saved_by_diffusers_applies_as_in_diffusers() {
+    let lora = fixture().join("peft_lora.safetensors");
+    compare_model(
+        "expected_euler_peft_lora.png",
+        "euler",
+        Some("blurry"),
+        &fixture().join("model"),
+        &["--lora", lora.to_str().unwrap()],
+    );
+}

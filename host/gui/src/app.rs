@@ -514,13 +514,14 @@ impl App {
                         &mut c.text_encoder_layer_skip,
                     );
                 });
-                for (part, pc) in [("unet", &mut c.unet), ("text_encoder", &mut c.text_encoder)] {
+                // OneTrainer's part tables; a model uses those of its parts.
+                for (part, title, pc) in [
+                    ("unet", "UNet", &mut c.unet),
+                    ("text_encoder", "Text encoder", &mut c.text_encoder),
+                    ("text_encoder_2", "Text encoder 2", &mut c.text_encoder_2),
+                ] {
                     ui.separator();
-                    ui.strong(if part == "unet" {
-                        "UNet"
-                    } else {
-                        "Text encoder"
-                    });
+                    ui.strong(title);
                     f.grid(ui, part, |f, ui| {
                         f.check(ui, &format!("{part}.train"), &mut pc.train);
                         f.opt_num(ui, &format!("{part}.learning_rate"), &mut pc.learning_rate);

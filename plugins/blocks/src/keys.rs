@@ -19,3 +19,9 @@ pub fn set(layer: &mut AdaptableLayer, kohya: String, comfy: String, aliases: Ve
     layer.keys.insert(layouts::COMFY.into(), comfy);
     layer.aliases = aliases;
 }
+
+/// A transformers text-encoder layer's name without the `text_model.` level, as diffusers saves
+/// LoRAs of transformers 5 `CLIPTextModel`s (`text_encoder.encoder.layers.0...`).
+pub fn without_text_model(layer: &AdaptableLayer) -> String {
+    layer.name.replacen(".text_model.", ".", 1)
+}

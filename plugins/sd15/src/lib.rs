@@ -289,11 +289,16 @@ impl Sd15 {
                 );
                 l.original = Some(format!("{}{o}", ldm::UNET_PREFIX));
             } else {
+                let aliases = vec![
+                    format!("lora_te1_{}", keys::flat(&m)),
+                    m.clone(),
+                    keys::without_text_model(l),
+                ];
                 keys::set(
                     l,
                     format!("lora_te_{}", keys::flat(&m)),
                     format!("text_encoders.clip_l.transformer.{m}"),
-                    vec![format!("lora_te1_{}", keys::flat(&m)), m.clone()],
+                    aliases,
                 );
                 l.original = Some(format!("{}{m}", ldm::CLIP_PREFIX));
             }

@@ -28,18 +28,25 @@ pub fn name_layers(layers: &mut [AdaptableLayer], unet: &UnetLayout) -> Result<(
                 );
                 l.original = Some(format!("{}{o}", ldm::UNET_PREFIX));
             }
-            "text_encoder" => keys::set(
-                l,
-                format!("lora_te1_{}", keys::flat(&m)),
-                format!("text_encoders.clip_l.transformer.{m}"),
-                Vec::new(),
-            ),
-            "text_encoder_2" => keys::set(
-                l,
-                format!("lora_te2_{}", keys::flat(&m)),
-                format!("text_encoders.clip_g.transformer.{m}"),
-                Vec::new(),
-            ),
+            // No bare module names: both encoders have the same ones.
+            "text_encoder" => {
+                let aliases = vec![keys::without_text_model(l)];
+                keys::set(
+                    l,
+                    format!("lora_te1_{}", keys::flat(&m)),
+                    format!("text_encoders.clip_l.transformer.{m}"),
+                    aliases,
+                )
+            }
+            "text_encoder_2" => {
+                let aliases = vec![keys::without_text_model(l)];
+                keys::set(
+                    l,
+                    format!("lora_te2_{}", keys::flat(&m)),
+                    format!("text_encoders.clip_g.transformer.{m}"),
+                    aliases,
+                )
+            }
             _ => return Err(Error(format!("unexpected layer `{}`", l.name))),
         }
     }

@@ -262,6 +262,7 @@ impl Trainer {
             validation,
             buckets,
         };
+        t.check_output_format()?;
         t.check_destination()?;
         // Emptied only once the run is sure to start.
         if t.config.clear_cache_before_training {

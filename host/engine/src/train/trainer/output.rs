@@ -96,6 +96,21 @@ fn copy_except_weights(from: &Path, to: &Path, replaced: &[PathBuf]) -> Result<(
 }
 
 impl Trainer {
+    /// Refuses an output the model cannot be written as (checked before training starts).
+    pub(super) fn check_output_format(&self) -> Result<()> {
+        let c = &self.config;
+        if c.training_method != TrainingMethod::Lora
+            && c.output_model_format != OutputFormat::Diffusers
+            && self.info.single_file_layout.is_none()
+        {
+            return Err(TrainError(format!(
+                "output_model_format `{}`: this model has no single-file layout; use `diffusers`",
+                c.output_model_format
+            )));
+        }
+        Ok(())
+    }
+
     /// Refuses an output destination that would overwrite the base model, the workspace, the
     /// cache or a folder Ferrite did not write (checked before training starts).
     pub(super) fn check_destination(&self) -> Result<()> {
