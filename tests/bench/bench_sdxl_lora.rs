@@ -1,0 +1,99 @@
+//! The Rust side of the SDXL LoRA step benchmark (tests/bench/sdxl_lora_step.sh): `ferrite`'s
+//! trainer on the folder tests/bench/sdxl_lora_step.py built (SDXL base's UNet, random weights),
+//! a LoRA of rank 16 (alpha 1) on the `attn-mlp` layers, AdamW, one 512×512 image per step.
+//! Prints the mean step time after the first step (which also encodes and caches the image and
+//! caption) and the process's peak resident memory; asserts nothing.
+//!
+//!     cargo run -p ferrite-tests --example bench_sdxl_lora -- DIR [steps] [device]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferrite::config::TrainConfig;
+use ferrite::plugins::Registry;
+use ferrite::settings::Settings;
+use ferrite::train::trainer::{Event, Trainer};
+
+/// VmHWM of this process, in GiB.
+fn peak_rss_gib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / (1024.0 * 1024.0))
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = args
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("usage: bench_sdxl_lora DIR [steps] [device]"))?;
+    let steps: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
+    let device = args.next().unwrap_or_else(|| "cpu".into());
+    let root = Path::new(&dir);
+    let images = root.join("images");
+    std::fs::create_dir_all(&images)?;
+    image::RgbImage::from_fn(512, 512, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]))
+        .save(images.join("0.png"))?;
+    std::fs::write(images.join("0.txt"), "a photo")?;
+    let text = format!(
+        r#"
+model_type = "sdxl"
+base_model_name = "{}"
+workspace_dir = "ws"
+output_model_destination = "out/lora.safetensors"
+train_device = "{device}"
+resolution = "512"
+batch_size = 1
+epochs = 1000
+learning_rate = 0.0003
+lora_rank = 16
+lora_alpha = 1.0
+lora_layer_preset = "attn-mlp"
+latent_caching = true
+backup_after_unit = "never"
+sample_after_unit = "never"
+tensorboard = false
+[optimizer]
+optimizer = "adamw"
+weight_decay = 0.01
+[[concepts]]
+path = "images"
+"#,
+        root.join("model").display()
+    );
+    let p = root.join("bench.toml");
+    std::fs::write(&p, text)?;
+    let config = TrainConfig::load(Some(&p), None, &[])?;
+    let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
+    let loading = Instant::now();
+    let mut t = Trainer::new(config, root, registry)?;
+    println!(
+        "ferrite loaded in {:.1} s, {} LoRA tensors",
+        loading.elapsed().as_secs_f64(),
+        t.trainable().len()
+    );
+    let mut times = Vec::new();
+    let mut last = Instant::now();
+    let cancel = t.controls().cancel.clone();
+    t.run(|e| {
+        if let Event::Step { step, .. } = e {
+            times.push(last.elapsed());
+            last = Instant::now();
+            if step == steps + 1 {
+                cancel.cancel();
+            }
+        }
+    })?;
+    let timed = &times[1..];
+    let mean = timed.iter().sum::<Duration>() / timed.len().max(1) as u32;
+    println!(
+        "ferrite LoRA step 512x512 (64x64 latent): {:8.1} s, peak memory {:.1} GiB",
+        mean.as_secs_f64(),
+        peak_rss_gib()
+    );
+    Ok(())
+}

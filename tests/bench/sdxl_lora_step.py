@@ -1,0 +1,115 @@
+"""The PyTorch side of the SDXL LoRA step benchmark, and the model both sides use.
+
+    python3 tests/bench/sdxl_lora_step.py build DIR   # DIR/model: SDXL pipeline folder
+    python3 tests/bench/sdxl_lora_step.py torch DIR [steps]
+
+`build` writes a diffusers SDXL folder whose UNet is SDXL base 1.0's published config with random
+weights (saved in float16 to halve the file; both sides compute in float32), with one-layer
+text encoders of SDXL's widths (768 and 1280, pooled 1280) and a small VAE of SDXL's factor 8, so
+that a 512×512 image is a 64×64 latent and the text states are 77×2048 as in SDXL.
+
+`torch` runs diffusers + peft: a LoRA of rank 16 (alpha 1) on the UNet's attention-block layers
+(what Ferrite's `attn-mlp` preset adapts), AdamW, one MSE step per batch of one 64×64 latent with
+SDXL's added conditioning; prints the mean step time after a warm-up step and the process's peak
+resident memory. tests/bench/sdxl_lora_step.sh runs both sides one after the other.
+"""
+import os
+import resource
+import sys
+import time
+
+import torch
+
+UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[5, 10, 20], cross_attention_dim=2048, norm_num_groups=32, use_linear_projection=True,
+    transformer_layers_per_block=[1, 2, 10], addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, flip_sin_to_cos=True, freq_shift=0,
+)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def build(out):
+    import importlib.util
+    import shutil
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    gen = os.path.join(os.path.dirname(__file__), "..", "fixtures", "gen", "pipeline.py")
+    spec = importlib.util.spec_from_file_location("pipeline", gen)
+    sd15 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd15)
+    tok = os.path.join(out, "tok_src")
+    vocab_size = sd15.byte_vocab(tok)
+    vocab, merges = os.path.join(tok, "vocab.json"), os.path.join(tok, "merges.txt")
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, max_position_embeddings=77,
+               num_hidden_layers=1, vocab_size=vocab_size)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                      hidden_act="quick_gelu", pad_token_id=vocab_size - 1, **ids))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                     num_attention_heads=20, hidden_act="gelu",
+                                                     projection_dim=1280, pad_token_id=0, **ids))
+    vae = AutoencoderKL(block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        scaling_factor=0.13025)
+    unet = UNet2DConditionModel(**UNET).half()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=CLIPTokenizer(vocab, merges),
+        tokenizer_2=CLIPTokenizer(vocab, merges, pad_token="!"), unet=unet, scheduler=scheduler,
+    )
+    pipe.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
+    shutil.rmtree(tok)
+    params = sum(p.numel() for p in unet.parameters())
+    print(f"wrote {out}/model: SDXL base UNet config, {params / 1e9:.2f} B parameters")
+
+
+def peak_rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def torch_step(out, steps):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "model", "unet"), torch_dtype=torch.float32)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=1, init_lora_weights="gaussian", target_modules=TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 64, 64, generator=g)
+    ctx = torch.randn(1, 77, 2048, generator=g)
+    added = {"text_embeds": torch.randn(1, 1280, generator=g),
+             "time_ids": torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]])}
+    target = torch.randn(1, 4, 64, 64, generator=g)
+    t = torch.tensor([500.0])
+
+    def step():
+        loss = torch.nn.functional.mse_loss(unet(x, t, ctx, added_cond_kwargs=added).sample, target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{sum(p.numel() for p in params) / 1e6:.1f} M LoRA parameters")
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    per = (time.perf_counter() - start) / steps
+    print(f"torch   LoRA step 512x512 (64x64 latent): {per:8.1f} s, peak memory {peak_rss_gib():.1f} GiB")
+
+
+if __name__ == "__main__":
+    what, out = sys.argv[1], sys.argv[2]
+    if what == "build":
+        build(out)
+    else:
+        torch_step(out, int(sys.argv[3]) if len(sys.argv) > 3 else 1)
