@@ -5,6 +5,8 @@
 //! Every field has a default, so a model from a plugin built before a field existed still reads
 //! (ABI 1.0 plugins declared no parts: each parameter-name prefix is then a part of its own).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::nn::AdaptableLayer;
@@ -129,6 +131,9 @@ pub struct Metadata {
     /// `stable-diffusion-xl-v1-base`).
     #[serde(default)]
     pub modelspec_architecture: String,
+    /// More metadata for adapter files (`ss_v2`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, String>,
 }
 
 /// Adapter file layouts a layer can have a key in (besides diffusers/PEFT, which is its name).

@@ -33,11 +33,14 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("usage: bench_sdxl_lora DIR [steps] [device]"))?;
     let steps: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
     let device = args.next().unwrap_or_else(|| "cpu".into());
+    ferrite::runtime::init(&device)?;
     let root = Path::new(&dir);
     let images = root.join("images");
     std::fs::create_dir_all(&images)?;
-    image::RgbImage::from_fn(512, 512, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]))
-        .save(images.join("0.png"))?;
+    image::RgbImage::from_fn(512, 512, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+    })
+    .save(images.join("0.png"))?;
     std::fs::write(images.join("0.txt"), "a photo")?;
     let text = format!(
         r#"

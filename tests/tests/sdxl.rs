@@ -1,7 +1,8 @@
 //! SDXL end to end on a tiny diffusers-saved pipeline (fixtures from
-//! tests/fixtures/gen/sdxl_pipeline.py): both text encoders against `encode_prompt`, `ferrite
-//! sample` against StableDiffusionXLPipeline from the same noise (DDIM, Euler, and the zero
-//! embeddings of an absent negative prompt), and the folder refusals.
+//! tests/fixtures/gen/sdxl_pipeline.py and the scripts named at each test): both text encoders
+//! against `encode_prompt`, `ferrite sample` against StableDiffusionXLPipeline from the same noise
+//! (DDIM, Euler, the zero embeddings of an absent negative prompt, a peft LoRA, the single file),
+//! the single-file export, sd-scripts' names, and the folder refusals.
 
 use std::path::{Path, PathBuf};
 
@@ -123,56 +124,22 @@ fn other_families_are_refused_naming_what_was_found() {
         .expect("an SD 1.x folder is refused");
     assert!(e.to_string().contains("not an SDXL model"), "{e}");
     assert!(e.to_string().contains("use sd15"), "{e}");
-}
-
-/// The model written in the original single-file layout (`sd_xl_base_1.0`'s keys, the second
-/// text encoder in OpenCLIP's layout with fused `in_proj`) loads back as the same model: `ferrite
-/// sample` from the file makes StableDiffusionXLPipeline's image.
-#[test]
-fn single_file_export_loads_back_as_the_same_model() {
-    let arch = load(serde_json::json!({ "model": fixture().join("model") }));
-    let all = arch.export("ldm").unwrap();
-    let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
-    for want in [
-        "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
-        "model.diffusion_model.label_emb.0.0.weight",
-        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
-        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
-        "conditioner.embedders.1.model.text_projection",
-        "first_stage_model.encoder.mid.attn_1.q.weight",
-    ] {
-        assert!(keys.contains(&want), "{want} missing");
-    }
-    assert!(
-        !keys
-            .iter()
-            .any(|k| k.contains("k_proj") && k.contains("embedders.1"))
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("sdxl.safetensors");
-    let named: Vec<(&str, &ferrite_plugin_api::Tensor)> =
-        all.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    ferrite_plugin_api::save_safetensors(&file.to_string_lossy(), &named, &[]).unwrap();
-
-    let back = load(serde_json::json!({ "model": file, "config": fixture().join("model") }));
-    let want: std::collections::HashMap<String, Vec<f32>> = arch
-        .parameters()
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| (k, t.to_vec().unwrap()))
-        .collect();
-    let got = back.parameters().unwrap();
-    assert_eq!(got.len(), want.len());
-    for (k, t) in got {
-        assert_eq!(Some(&t.to_vec().unwrap()), want.get(&k), "{k}");
-    }
-    compare_model(
-        "expected_euler.png",
-        "euler",
-        Some("blurry"),
-        &file,
-        &["--model-config", fixture().join("model").to_str().unwrap()],
-    );
+    let sd15_file = sd15.with_file_name("sd15_tiny_ldm.safetensors");
+    let e = registry
+        .architecture(
+            "sdxl",
+            &serde_json::json!({ "model": sd15_file }).to_string(),
+        )
+        .err()
+        .expect("an SD 1.x file is refused");
+    assert!(e.to_string().contains("SD 1.x/2.x checkpoint"), "{e}");
+    // And the other way round.
+    let xl_file = fixture().join("sdxl_tiny_ldm.safetensors");
+    let e = registry
+        .architecture("sd15", &serde_json::json!({ "model": xl_file }).to_string())
+        .err()
+        .expect("an SDXL file is refused by sd15");
+    assert!(e.to_string().contains("use the sdxl architecture"), "{e}");
 }
 
 /// sd-scripts' names for the first layers of each kind in the real SDXL base UNet (layers per
@@ -205,4 +172,31 @@ fn a_peft_lora_saved_by_diffusers_applies_as_in_diffusers() {
         &fixture().join("model"),
         &["--lora", lora.to_str().unwrap()],
     );
+}
+
+/// The tiny pipeline as an `sd_xl_base`-layout single file written independently by
+/// tests/fixtures/gen/sdxl_ldm_checkpoint.py (diffusers' conversion reads it back exactly, and
+/// from_single_file gives the folder's image): it loads to the folder's image, and Ferrite's
+/// export of the folder is that file, key for key and value for value.
+#[test]
+fn the_reference_single_file_loads_and_equals_ferrites_export() {
+    let reference = fixture().join("sdxl_tiny_ldm.safetensors");
+    compare_model(
+        "expected_euler.png",
+        "euler",
+        Some("blurry"),
+        &reference,
+        &["--model-config", fixture().join("model").to_str().unwrap()],
+    );
+    let arch = load(serde_json::json!({ "model": fixture().join("model") }));
+    let want = Weights::open(&reference.to_string_lossy()).unwrap();
+    let got = arch.export("ldm").unwrap();
+    assert_eq!(got.len(), want.infos().len());
+    for (k, t) in &got {
+        let w = want
+            .get(k, DType::F32)
+            .unwrap_or_else(|e| panic!("{k}: not in the reference file: {e}"));
+        assert_eq!(t.shape().unwrap(), w.shape().unwrap(), "{k}");
+        assert_eq!(t.to_vec().unwrap(), w.to_vec().unwrap(), "{k}");
+    }
 }

@@ -281,3 +281,63 @@ fn the_sdxl_lora_preset_trains() {
     let w = Weights::open(&root.join("ws/out/lora.safetensors").to_string_lossy()).unwrap();
     assert!(w.infos().iter().all(|i| i.key.starts_with("lora_unet_")));
 }
+
+/// Samples during training and validation go through the same conditioning (both text tensors
+/// and the geometry), and DoRA and LoHa train SDXL as LoRA does.
+#[test]
+fn sdxl_samples_validates_and_trains_dora_and_loha() {
+    let root = setup();
+    let root = root.path();
+    let valid = root.join("valid");
+    ferrite_tests::toy_dataset(&valid);
+    for (ws, extra) in [
+        ("dora", "lora_decompose = true"),
+        ("loha", "peft_type = \"loha\""),
+    ] {
+        let mut c = config(
+            root,
+            ws,
+            &format!(
+                "{extra}\nsample_after = 1\nvalidation = true\nvalidate_after = 1\n\
+                 validate_after_unit = \"epoch\"\n[[samples]]\nprompt = \"a red square\"\n\
+                 width = 16\nheight = 16\ndiffusion_steps = 2"
+            ),
+        );
+        c.sample_after_unit = TimeUnit::Epoch;
+        c.concepts.push(ferrite::config::ConceptConfig {
+            path: "valid".into(),
+            kind: ferrite::config::ConceptType::Validation,
+            ..Default::default()
+        });
+        let mut t = Trainer::new(c, root, registry()).unwrap_or_else(|e| panic!("{e}"));
+        let (mut samples, mut validations) = (0, 0);
+        t.run(|e| match e {
+            Event::Sample(_) => samples += 1,
+            Event::Validation { loss, .. } => {
+                assert!(loss.is_finite());
+                validations += 1
+            }
+            _ => {}
+        })
+        .unwrap_or_else(|e| panic!("{ws}: {e}"));
+        assert!(
+            samples > 0 && validations > 0,
+            "{ws}: {samples} samples, {validations} validations"
+        );
+        let w = Weights::open(
+            &root
+                .join(format!("{ws}/out/lora.safetensors"))
+                .to_string_lossy(),
+        )
+        .unwrap();
+        let want = if ws == "loha" {
+            ".hada_w1_a"
+        } else {
+            ".dora_scale"
+        };
+        assert!(
+            w.infos().iter().any(|i| i.key.ends_with(want)),
+            "{ws}: {want}"
+        );
+    }
+}

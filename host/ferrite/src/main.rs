@@ -102,6 +102,16 @@ struct SampleArgs {
     /// Compute device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// What the model predicts, when its scheduler config says otherwise or a single file cannot
+    /// say (an SD 2.x 512 base file reads as v-prediction, as SD 2.1 768-v).
+    #[arg(long, value_enum)]
+    prediction_type: Option<PredictionArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PredictionArg {
+    Epsilon,
+    VPrediction,
 }
 
 #[derive(clap::Args)]
@@ -408,7 +418,13 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
             SamplerArg::DpmppKarras => Sampler::DpmPp2mKarras,
         },
         init_noise: a.init_noise,
-        prediction_type: None,
+        prediction_type: a.prediction_type.map(|p| {
+            match p {
+                PredictionArg::Epsilon => "epsilon",
+                PredictionArg::VPrediction => "v_prediction",
+            }
+            .to_string()
+        }),
     };
     let bar = indicatif::ProgressBar::new(req.steps as u64).with_message("sampling");
     let rgb = generate::generate(&arch, &req, || bar.inc(1))?;

@@ -4,13 +4,15 @@
 //! scaling) take SD 1.x's original config unless a diffusers config is given instead.
 
 use ferrite_plugin_api::{
-    Error, Result, WeightInfo, Weights,
+    Error, Result, Tensor, WeightInfo, Weights,
     serde_json::{Value, json},
 };
 
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+/// SD 2.x's OpenCLIP ViT-H text tower ([`crate::open_clip`]).
+pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 
 fn shape(w: &Weights, key: &str) -> Result<Vec<usize>> {
     w.info(key)
@@ -40,6 +42,23 @@ fn segments(rest: &str) -> Option<(&str, usize, &str)> {
     let (head, tail) = rest.split_once('.')?;
     let (n, tail) = tail.split_once('.')?;
     Some((head, n.parse().ok()?, tail))
+}
+
+/// A diffusers VAE's tensors under the original names (`first_stage_model.*`), its attention
+/// projections as the 1×1 convs they are there.
+pub fn vae_export(w: &Weights, levels: usize) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for info in w.infos() {
+        let k = info.key.as_str();
+        let (old, conv) = vae_original(k, levels)
+            .ok_or_else(|| Error(format!("no original name for VAE tensor `{k}`")))?;
+        let mut t = w.get(k, ferrite_plugin_api::DType::F32)?;
+        if conv && t.rank()? == 2 {
+            t = t.unsqueeze(2)?.unsqueeze(3)?;
+        }
+        out.push((format!("{VAE_PREFIX}{old}"), t));
+    }
+    Ok(out)
 }
 
 /// The view of the tensors under `prefix`, renamed by `rename` (None drops a tensor).
@@ -166,6 +185,14 @@ impl UnetLayout {
     pub fn original(&self, module: &str) -> Result<String> {
         unet_original(module, self.layers_per_block, &self.cross_up)
             .ok_or_else(|| Error(format!("no original name for UNet module `{module}`")))
+    }
+
+    /// The original checkpoint key of a diffusers UNet tensor (`model.diffusion_model.*`).
+    pub fn export_key(&self, key: &str) -> Result<String> {
+        let (module, param) = key
+            .rsplit_once('.')
+            .ok_or_else(|| Error(format!("unexpected UNet tensor `{key}`")))?;
+        Ok(format!("{UNET_PREFIX}{}.{param}", self.original(module)?))
     }
 
     /// sd-scripts' LoRA name of a UNet layer where its U-Net keeps the original blocks (SDXL):

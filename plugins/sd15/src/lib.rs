@@ -1,14 +1,18 @@
-//! Stable Diffusion 1.x from a diffusers folder (`model_index.json`, `unet/`, `vae/`,
+//! Stable Diffusion 1.x and 2.x from a diffusers folder (`model_index.json`, `unet/`, `vae/`,
 //! `text_encoder/`, `tokenizer/`, `scheduler/`; fp32 or `.fp16` weights) or a single-file original
-//! checkpoint (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`).
-//! Tensors are loaded lazily, one at a time, into the same diffusers-named modules either way.
+//! checkpoint (`model.diffusion_model.*`, `first_stage_model.*`, and SD 1's CLIP
+//! `cond_stage_model.transformer.*` or SD 2's OpenCLIP `cond_stage_model.model.*` with fused
+//! attention `in_proj`). Tensors are loaded lazily, one at a time, into the same diffusers-named
+//! modules either way. SD 2.x is told apart by its text encoder (GELU, OpenCLIP ViT-H).
 
 use std::path::Path;
 
 use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
     folder::{self, read, read_json},
-    keys, ldm,
+    keys,
+    ldm::{self, UnetLayout},
+    open_clip,
     tokenizer::ClipTokenizer,
     unet::{UNet2DConditionModel, UNetConfig},
     vae::{AutoencoderKL, VaeConfig},
@@ -80,14 +84,14 @@ fn check_file(w: &Weights) -> Result<()> {
         Some("an SDXL checkpoint (conditioner.embedders.*); use the sdxl architecture")
     } else if any("double_blocks.") || any("model.diffusion_model.double_blocks.") {
         Some("a Flux checkpoint (double_blocks.*); use the flux architecture")
-    } else if any("cond_stage_model.model.") {
+    } else if !any(ldm::UNET_PREFIX)
+        || !any(ldm::VAE_PREFIX)
+        || !(any(ldm::CLIP_PREFIX) || any(ldm::OPEN_CLIP_PREFIX))
+    {
         Some(
-            "an SD 2.x checkpoint (OpenCLIP text encoder); sd15 loads SD 2.x as a diffusers folder only",
-        )
-    } else if !any(ldm::UNET_PREFIX) || !any(ldm::VAE_PREFIX) || !any(ldm::CLIP_PREFIX) {
-        Some(
-            "not a full SD 1.x checkpoint: it needs model.diffusion_model.*, first_stage_model.* \
-             and cond_stage_model.transformer.* tensors",
+            "not a full SD 1.x/2.x checkpoint: it needs model.diffusion_model.*, \
+             first_stage_model.* and cond_stage_model.transformer.* (SD 1) or \
+             cond_stage_model.model.* (SD 2) tensors",
         )
     } else {
         None
@@ -143,31 +147,43 @@ impl Configs {
 
     /// A single file's configs: read off its shapes, the rest as SD 1.x's original config has it
     /// (8 heads, 32 norm groups, VAE scaling 0.18215, the scaled-linear schedule, OpenAI CLIP's
-    /// tokenizer).
-    fn from_checkpoint(w: &Weights, text_encoder: &Weights) -> Result<Self> {
+    /// tokenizer); for SD 2.x (`sd2`) as SD 2.1's: 64 channels per head, the OpenCLIP tower's
+    /// 23 blocks that SD 2 uses (the 24th is not), the tokenizer padding with `!`, and
+    /// v-prediction (SD 2.1 768-v; diffusers' default for SD 2 files too; force_epsilon_prediction
+    /// for the 512 base models).
+    fn from_checkpoint(w: &Weights, text_encoder: &Weights, sd2: bool) -> Result<Self> {
         let source = w.path();
+        let mut te = if sd2 {
+            open_clip::config(text_encoder)?
+        } else {
+            ldm::clip_config(text_encoder)?
+        };
+        if sd2 {
+            te["num_hidden_layers"] = (te["num_hidden_layers"].as_u64().unwrap_or(1) - 1).into();
+        }
         Ok(Self {
             unet: UNetConfig::from_json(&ldm::unet_config(w)?.to_string(), source)?,
             vae: Some(VaeConfig::from_json(
                 &ldm::vae_config(w)?.to_string(),
                 source,
             )?),
-            text_encoder: ClipTextConfig::from_json(
-                &ldm::clip_config(text_encoder)?.to_string(),
-                source,
-            )?,
+            text_encoder: ClipTextConfig::from_json(&te.to_string(), source)?,
             scheduler: json!({
                 "num_train_timesteps": 1000,
                 "beta_start": 0.00085,
                 "beta_end": 0.012,
                 "beta_schedule": "scaled_linear",
-                "prediction_type": "epsilon",
+                "prediction_type": if sd2 { "v_prediction" } else { "epsilon" },
                 "steps_offset": 1,
                 "set_alpha_to_one": false,
                 "clip_sample": false,
                 "timestep_spacing": "leading",
             }),
-            tokenizer: ClipTokenizer::openai_clip()?,
+            tokenizer: if sd2 {
+                ClipTokenizer::openai_clip_padded("!")?
+            } else {
+                ClipTokenizer::openai_clip()?
+            },
         })
     }
 }
@@ -185,8 +201,10 @@ pub struct Sd15 {
     unet_downsamples: usize,
     /// The VAE's tensors under diffusers names and its level count, for [`Architecture::export`].
     vae_weights: Option<(Weights, usize)>,
-    /// The UNet's layers per block and which up blocks have attentions (for ldm names).
-    unet_layout: (usize, Vec<bool>),
+    /// The UNet's block layout (for original names).
+    unet_layout: UnetLayout,
+    /// SD 2.x: an OpenCLIP ViT-H text encoder (GELU).
+    sd2: bool,
     /// CLIP skip.
     layer_skip: usize,
 }
@@ -225,16 +243,25 @@ impl Sd15 {
         }
         let w = folder::open(model)?;
         check_file(&w)?;
-        let te = ldm::clip(&w)?;
+        let sd2 = w
+            .infos()
+            .iter()
+            .any(|i| i.key.starts_with(ldm::OPEN_CLIP_PREFIX));
+        let te = if sd2 {
+            open_clip::text_model(&w, ldm::OPEN_CLIP_PREFIX)?
+        } else {
+            ldm::clip(&w)?
+        };
         let configs = match config {
             Some(dir) => {
                 check_folder(dir)?;
                 Configs::from_folder(dir)?
             }
-            None => Configs::from_checkpoint(&w, &te).map_err(|e| {
+            None => Configs::from_checkpoint(&w, &te, sd2).map_err(|e| {
                 Error(format!(
-                    "{e} (read as SD 1.x; for other settings give a diffusers folder as `config`, \
-                     --model-config on the command line)"
+                    "{e} (read as SD {}; for other settings give a diffusers folder as `config`, \
+                     --model-config on the command line)",
+                    if sd2 { "2.1" } else { "1.x" }
                 ))
             })?,
         };
@@ -267,19 +294,16 @@ impl Sd15 {
             _ => bail!("the model's VAE config and weights do not go together"),
         };
         let unet_model = UNet2DConditionModel::load(&unet, "", &c.unet, dtype)?;
-        let cross_up: Vec<bool> = c
-            .unet
-            .up_block_types
-            .iter()
-            .map(|t| t.starts_with("CrossAttn"))
-            .collect();
+        let unet_layout = UnetLayout::of(&c.unet);
+        let sd2 = c.text_encoder.hidden_act == "gelu";
+        // ComfyUI's name for the text encoder: SD 2's OpenCLIP ViT-H is its `clip_h`.
+        let comfy_te = if sd2 { "clip_h" } else { "clip_l" };
         let mut adaptable_layers = [unet.layers(), te.layers()].concat();
         for l in &mut adaptable_layers {
             let m = keys::module(l).to_string();
             if l.name.starts_with("unet.") {
-                let o = ldm::unet_original(&m, c.unet.layers_per_block, &cross_up)
-                    .ok_or_else(|| Error(format!("no original name for UNet module `{m}`")))?;
-                // kohya names SD 1.x layers by their diffusers names.
+                let o = unet_layout.original(&m)?;
+                // kohya names SD 1.x and 2.x layers by their diffusers names.
                 let comfy = format!("diffusion_model.{o}");
                 keys::set(
                     l,
@@ -297,10 +321,12 @@ impl Sd15 {
                 keys::set(
                     l,
                     format!("lora_te_{}", keys::flat(&m)),
-                    format!("text_encoders.clip_l.transformer.{m}"),
+                    format!("text_encoders.{comfy_te}.transformer.{m}"),
                     aliases,
                 );
-                l.original = Some(format!("{}{m}", ldm::CLIP_PREFIX));
+                if !sd2 {
+                    l.original = Some(format!("{}{m}", ldm::CLIP_PREFIX));
+                }
             }
         }
         Ok(Self {
@@ -313,9 +339,39 @@ impl Sd15 {
             adaptable_layers,
             unet_downsamples: c.unet.block_out_channels.len() - 1,
             vae_weights,
-            unet_layout: (c.unet.layers_per_block, cross_up),
+            unet_layout,
+            sd2,
             layer_skip: 0,
         })
+    }
+}
+
+impl Sd15 {
+    /// kohya's and modelspec's names for the model (sd-scripts marks SD 2 LoRAs `ss_v2`, and
+    /// v-prediction ones `ss_v_parameterization`).
+    fn metadata(&self) -> Metadata {
+        if !self.sd2 {
+            return Metadata {
+                base_model_version: "sd_v1".into(),
+                modelspec_architecture: "stable-diffusion-v1".into(),
+                extra: Default::default(),
+            };
+        }
+        let v = self.scheduler["prediction_type"] == "v_prediction";
+        let mut extra = std::collections::BTreeMap::from([("ss_v2".into(), "True".into())]);
+        if v {
+            extra.insert("ss_v_parameterization".into(), "True".into());
+        }
+        Metadata {
+            base_model_version: "sd_v2".into(),
+            modelspec_architecture: if v {
+                "stable-diffusion-v2-768-v"
+            } else {
+                "stable-diffusion-v2-512"
+            }
+            .into(),
+            extra,
+        }
     }
 }
 
@@ -324,40 +380,35 @@ impl Architecture for Sd15 {
         Ok(self.parameters.clone())
     }
 
-    /// `ldm`: the layout of SD 1.x's original single-file checkpoints (what A1111 and ComfyUI
-    /// load), UNet and text encoder as they are now, the VAE as loaded.
+    /// `ldm`: the layout of SD 1.x's and 2.x's original single-file checkpoints (what A1111 and
+    /// ComfyUI load), UNet and text encoder as they are now, the VAE as loaded. SD 2's text
+    /// encoder is written in OpenCLIP's layout with the blocks SD 2 uses (not the unused 24th
+    /// block nor the text projection, which diffusers' folders do not have either).
     fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
         if layout != "ldm" {
             bail!("sd15 writes the `ldm` layout only, not `{layout}`");
         }
-        let (per_block, cross_up) = &self.unet_layout;
         let mut out = Vec::new();
+        let mut te = Vec::new();
         for (name, t) in &self.parameters {
-            let key = if let Some(k) = name.strip_prefix("unet.") {
-                let (module, param) = k
-                    .rsplit_once('.')
-                    .ok_or_else(|| Error(format!("unexpected UNet tensor `{k}`")))?;
-                let m = ldm::unet_original(module, *per_block, cross_up)
-                    .ok_or_else(|| Error(format!("no original name for UNet tensor `{k}`")))?;
-                format!("{}{m}.{param}", ldm::UNET_PREFIX)
+            if let Some(k) = name.strip_prefix("unet.") {
+                out.push((self.unet_layout.export_key(k)?, t.clone()));
             } else if let Some(k) = name.strip_prefix("text_encoder.") {
-                format!("{}{k}", ldm::CLIP_PREFIX)
+                te.push((k.to_string(), t.clone()));
             } else {
                 bail!("unexpected parameter `{name}`");
-            };
-            out.push((key, t.clone()));
+            }
+        }
+        if self.sd2 {
+            out.extend(open_clip::export(&te, ldm::OPEN_CLIP_PREFIX)?);
+        } else {
+            out.extend(
+                te.into_iter()
+                    .map(|(k, t)| (format!("{}{k}", ldm::CLIP_PREFIX), t)),
+            );
         }
         if let Some((w, levels)) = &self.vae_weights {
-            for info in w.infos() {
-                let k = info.key.as_str();
-                let (old, conv) = ldm::vae_original(k, *levels)
-                    .ok_or_else(|| Error(format!("no original name for VAE tensor `{k}`")))?;
-                let mut t = w.get(k, DType::F32)?;
-                if conv && t.rank()? == 2 {
-                    t = t.unsqueeze(2)?.unsqueeze(3)?;
-                }
-                out.push((format!("{}{old}", ldm::VAE_PREFIX), t));
-            }
+            out.extend(ldm::vae_export(w, *levels)?);
         }
         Ok(out)
     }
@@ -394,7 +445,11 @@ impl Architecture for Sd15 {
                 ),
                 part(
                     "text_encoder",
-                    "Text encoder (CLIP ViT-L)",
+                    if self.sd2 {
+                        "Text encoder (OpenCLIP ViT-H)"
+                    } else {
+                        "Text encoder (CLIP ViT-L)"
+                    },
                     PartKind::TextEncoder,
                     "text_encoder/model.safetensors",
                 ),
@@ -410,10 +465,7 @@ impl Architecture for Sd15 {
             // Image sides must divide by this: the VAE's factor times the UNet's downsamplings.
             resolution_step: vae_scale_factor << self.unet_downsamples,
             adaptable_layers: self.adaptable_layers.clone(),
-            metadata: Metadata {
-                base_model_version: "sd_v1".into(),
-                modelspec_architecture: "stable-diffusion-v1".into(),
-            },
+            metadata: self.metadata(),
             single_file_layout: Some("ldm".into()),
         }
         .to_json())
@@ -470,28 +522,33 @@ impl Plugin for Sd15Plugin {
     const NAME: &'static str = "sd15";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
+    /// `sd15` and `sd2` are the same model code (SD 2.x is told apart by its text encoder); two
+    /// ids so that configs say which family they train.
     fn components() -> Vec<Descriptor> {
-        vec![Descriptor {
+        let describe = |id: &str, family: &str| Descriptor {
             kind: ComponentKind::Architecture,
-            id: "sd15".into(),
+            id: id.into(),
             version: Self::VERSION.into(),
-            description: "Stable Diffusion 1.x (diffusers folder or single-file checkpoint)".into(),
+            description: format!(
+                "Stable Diffusion {family} (diffusers folder or single-file checkpoint)"
+            ),
             options_schema: json!({
                 "type": "object",
                 "additionalProperties": false,
                 "required": ["model"],
                 "properties": {
                     "model": {"type": "string", "description": "diffusers model folder or single-file .safetensors checkpoint"},
-                    "config": {"type": "string", "description": "for a single file: diffusers folder whose configs and tokenizer to use (default: SD 1.x's)"},
+                    "config": {"type": "string", "description": "for a single file: diffusers folder whose configs and tokenizer to use (default: SD 1.x's, or SD 2.1's for an OpenCLIP text encoder)"},
                     "dtype": {"type": "string", "enum": ["f32", "f16", "bf16"], "default": "f32"},
                     "text_encoder_layer_skip": {"type": "integer", "minimum": 0, "default": 0, "description": "CLIP skip: text states from this many layers before the last"}
                 }
             }),
-        }]
+        };
+        vec![describe("sd15", "1.x"), describe("sd2", "2.x")]
     }
 
     fn instantiate(kind: ComponentKind, id: &str, options: serde_json::Value) -> Result<Component> {
-        if (kind, id) != (ComponentKind::Architecture, "sd15") {
+        if kind != ComponentKind::Architecture || !matches!(id, "sd15" | "sd2") {
             bail!("this library has no {kind} `{id}`");
         }
         let o = parse_options(
@@ -505,13 +562,13 @@ impl Plugin for Sd15Plugin {
             options,
         )?;
         if o.model.is_empty() {
-            bail!("sd15 needs the `model` option (a diffusers folder or a single-file checkpoint)");
+            bail!("{id} needs the `model` option (a diffusers folder or a single-file checkpoint)");
         }
         let dtype = match o.dtype.as_str() {
             "f32" => DType::F32,
             "f16" => DType::F16,
             "bf16" => DType::BF16,
-            other => bail!("sd15 option dtype `{other}`: use f32, f16 or bf16"),
+            other => bail!("{id} option dtype `{other}`: use f32, f16 or bf16"),
         };
         let mut model = Sd15::load(
             Path::new(&o.model),

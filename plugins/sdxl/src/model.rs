@@ -374,6 +374,7 @@ impl Architecture for Sdxl {
             metadata: Metadata {
                 base_model_version: "sdxl_base_v1-0".into(),
                 modelspec_architecture: "stable-diffusion-xl-v1-base".into(),
+                extra: Default::default(),
             },
             single_file_layout: Some("ldm".into()),
         }
@@ -391,11 +392,7 @@ impl Architecture for Sdxl {
         let mut te2 = Vec::new();
         for (name, t) in &self.parameters {
             if let Some(k) = name.strip_prefix("unet.") {
-                let (module, param) = k
-                    .rsplit_once('.')
-                    .ok_or_else(|| Error(format!("unexpected UNet tensor `{k}`")))?;
-                let m = self.layout.original(module)?;
-                out.push((format!("{}{m}.{param}", ldm::UNET_PREFIX), t.clone()));
+                out.push((self.layout.export_key(k)?, t.clone()));
             } else if let Some(k) = name.strip_prefix("text_encoder.") {
                 out.push((format!("{TE1_PREFIX}{k}"), t.clone()));
             } else if let Some(k) = name.strip_prefix("text_encoder_2.") {
@@ -406,16 +403,7 @@ impl Architecture for Sdxl {
         }
         out.extend(open_clip::export(&te2, TE2_PREFIX)?);
         let levels = self.vae.config.block_out_channels.len();
-        for info in self.vae_weights.infos() {
-            let k = info.key.as_str();
-            let (old, conv) = ldm::vae_original(k, levels)
-                .ok_or_else(|| Error(format!("no original name for VAE tensor `{k}`")))?;
-            let mut t = self.vae_weights.get(k, DType::F32)?;
-            if conv && t.rank()? == 2 {
-                t = t.unsqueeze(2)?.unsqueeze(3)?;
-            }
-            out.push((format!("{}{old}", ldm::VAE_PREFIX), t));
-        }
+        out.extend(ldm::vae_export(&self.vae_weights, levels)?);
         Ok(out)
     }
 

@@ -301,6 +301,7 @@ pub fn write(
             format!("{}/lora", model.metadata.modelspec_architecture),
         ));
     }
+    meta.extend(model.metadata.extra.clone());
     meta.extend(extra.iter().cloned());
     let tensors: Vec<(&str, &Tensor)> = entries.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

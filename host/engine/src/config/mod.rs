@@ -1063,6 +1063,7 @@ path = "images"
                 "demo",
                 "sd15-finetune",
                 "sd15-lora",
+                "sd2-lora",
                 "sdxl-finetune",
                 "sdxl-lora"
             ]
