@@ -2,8 +2,9 @@
 //! that [`Architecture::model_info`](crate::Architecture::model_info) returns. The host trains,
 //! caches, samples, validates and saves any family through it alone.
 //!
-//! Every field has a default, so a model from a plugin built before a field existed still reads
-//! (ABI 1.0 plugins declared no parts: each parameter-name prefix is then a part of its own).
+//! A model from a plugin built before the contract (ABI 1.0) still reads: its top-level
+//! `scheduler` is a DDPM objective, each layer-name prefix is a part of its own, and it names no
+//! adapter-file keys (only the diffusers/PEFT layout can then be written).
 
 use std::collections::BTreeMap;
 
@@ -146,8 +147,18 @@ pub mod layouts {
 
 impl ModelInfo {
     pub fn from_json(v: &serde_json::Value) -> Result<Self, String> {
-        let mut info: Self = serde_path_to_error::deserialize(v.clone())
-            .map_err(|e| format!("the model's info: {e}"))?;
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut()
+            && !o.contains_key("objective")
+            && let Some(scheduler) = o.get("scheduler").cloned()
+        {
+            o.insert(
+                "objective".into(),
+                serde_json::json!({"type": "ddpm", "scheduler": scheduler}),
+            );
+        }
+        let mut info: Self =
+            serde_path_to_error::deserialize(v).map_err(|e| format!("the model's info: {e}"))?;
         if info.parts.is_empty() {
             info.parts = implied_parts(&info.adaptable_layers);
         }
@@ -187,4 +198,30 @@ fn implied_parts(layers: &[AdaptableLayer]) -> Vec<Part> {
             diffusers_file: None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the sd15 plugin of ABI 1.0 returned.
+    #[test]
+    fn a_model_from_before_the_contract_reads() {
+        let v = serde_json::json!({
+            "latent_channels": 4, "vae_scale_factor": 8, "scaling_factor": 0.18215,
+            "shift_factor": null, "resolution_step": 64,
+            "scheduler": {"prediction_type": "epsilon"},
+            "adaptable_layers": [
+                {"name": "unet.conv_in", "shape": [4, 4, 3, 3]},
+                {"name": "text_encoder.text_model.encoder.layers.0.mlp.fc1", "shape": [4, 4]},
+            ],
+        });
+        let info = ModelInfo::from_json(&v).unwrap();
+        let Objective::Ddpm { scheduler } = &info.objective;
+        assert_eq!(scheduler["prediction_type"], "epsilon");
+        let ids: Vec<&str> = info.parts.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["text_encoder", "unet"]);
+        assert_eq!(info.conditioning.text, ["states"]);
+        assert!(ModelInfo::from_json(&serde_json::json!({"latent_channels": 4})).is_err());
+    }
 }

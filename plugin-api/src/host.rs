@@ -289,40 +289,40 @@ impl Weights {
         for (i, info) in self.infos.iter().enumerate() {
             let from = self.source(i);
             for (new, piece) in f(info) {
-                let mut shape = info.shape.clone();
-                let rows = match (&piece.rows, &from.rows) {
-                    (Some(r), None) if r.end <= shape.first().copied().unwrap_or(0) => {
-                        shape[0] = r.end - r.start;
-                        Some(r.clone())
-                    }
-                    (None, rows) => rows.clone(),
-                    _ => {
-                        return Err(Error(format!(
-                            "{}: rows {:?} of tensor `{}` {:?} cannot be taken",
-                            self.path(),
-                            piece.rows,
-                            info.key,
-                            info.shape
-                        )));
-                    }
-                };
-                let numel = |s: &[u64]| s.iter().product::<u64>();
-                let transposable = !piece.transpose || shape.len() == 2;
-                if numel(&new.shape) != numel(&shape) || !transposable {
-                    return Err(Error(format!(
-                        "{}: tensor `{}` {:?} cannot be seen as `{}` {:?}",
+                let refuse = |why: &str| {
+                    Err(Error(format!(
+                        "{}: tensor `{}` {:?} cannot be seen as `{}` {:?}: {why}",
                         self.path(),
                         info.key,
                         info.shape,
                         new.key,
                         new.shape
-                    )));
+                    )))
+                };
+                // Rows and transposes apply to the file's tensor: only a view of the file itself
+                // may ask for them.
+                if (piece.rows.is_some() || piece.transpose) && self.sources.is_some() {
+                    return refuse("rows or a transpose of a view");
+                }
+                let mut shape = info.shape.clone();
+                if let Some(r) = &piece.rows {
+                    match shape.first_mut() {
+                        Some(d) if r.start <= r.end && r.end <= *d => *d = r.end - r.start,
+                        _ => return refuse(&format!("rows {r:?} out of range")),
+                    }
+                }
+                let numel = |s: &[u64]| s.iter().product::<u64>();
+                if numel(&new.shape) != numel(&shape) {
+                    return refuse("another number of elements");
+                }
+                if piece.transpose && shape.len() != 2 {
+                    return refuse("only a 2-d tensor transposes");
                 }
                 infos.push(new);
                 sources.push(Source {
                     key: from.key.clone(),
-                    rows,
-                    transpose: piece.transpose != from.transpose,
+                    rows: piece.rows.or(from.rows.clone()),
+                    transpose: piece.transpose || from.transpose,
                 });
             }
         }

@@ -9,7 +9,7 @@ use ferrite::config::{OutputFormat, TrainConfig};
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
 use ferrite::train::trainer::Trainer;
-use ferrite_plugin_api::{DType, ModelInfo, Weights, plugin::ArchitectureHandle};
+use ferrite_plugin_api::{DType, Weights, plugin::ArchitectureHandle};
 use ferrite_tests::run_ferrite;
 
 fn fixture() -> PathBuf {
@@ -119,24 +119,51 @@ fn the_export_is_the_reference_file_without_what_sd2_does_not_use() {
     }
 }
 
-/// Without a config folder a file with an OpenCLIP tower reads as SD 2.1: v-prediction and the
-/// 23 blocks SD 2 uses.
+/// Without a config folder, a file's OpenCLIP tower is read off its shapes: the reference
+/// file's tower is the folder's text encoder plus the 24th block (which SD 2 leaves unused).
 #[test]
-fn a_single_file_alone_reads_as_sd_2_1() {
-    let arch = load(serde_json::json!({ "model": fixture().join("sd2_tiny_ldm.safetensors") }));
-    let info = ModelInfo::from_json(&arch.model_info().unwrap()).unwrap();
-    let ferrite_plugin_api::family::Objective::Ddpm { scheduler } = &info.objective;
-    assert_eq!(scheduler["prediction_type"], "v_prediction");
-    let layers = info
-        .adaptable_layers
-        .iter()
-        .filter(|l| l.name.ends_with(".self_attn.q_proj"))
-        .count();
-    assert_eq!(layers, 23);
-    assert_eq!(
-        info.metadata.modelspec_architecture,
-        "stable-diffusion-v2-768-v"
-    );
+fn the_open_clip_tower_is_read_off_its_shapes() {
+    registry();
+    let file =
+        Weights::open(&fixture().join("sd2_tiny_ldm.safetensors").to_string_lossy()).unwrap();
+    let tower = ferrite_blocks::open_clip::text_model(&file, "cond_stage_model.model.").unwrap();
+    let got = ferrite_blocks::open_clip::config(&tower).unwrap();
+    let text = std::fs::read_to_string(fixture().join("model/text_encoder/config.json")).unwrap();
+    let want: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for k in [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "max_position_embeddings",
+    ] {
+        assert_eq!(got[k], want[k], "{k}");
+    }
+    assert_eq!(got["num_hidden_layers"], 24);
+    assert_eq!(got["hidden_act"], "gelu");
+    assert_eq!(got["projection_dim"], 32);
+    // q, k and v come out of the fused in_proj rows.
+    let q = tower
+        .get(
+            "text_model.encoder.layers.3.self_attn.k_proj.weight",
+            DType::F32,
+        )
+        .unwrap();
+    let folder = Weights::open(
+        &fixture()
+            .join("model/text_encoder/model.safetensors")
+            .to_string_lossy(),
+    )
+    .unwrap();
+    let want = folder
+        .get("encoder.layers.3.self_attn.k_proj.weight", DType::F32)
+        .or_else(|_| {
+            folder.get(
+                "text_model.encoder.layers.3.self_attn.k_proj.weight",
+                DType::F32,
+            )
+        })
+        .unwrap();
+    assert_eq!(q.to_vec().unwrap(), want.to_vec().unwrap());
 }
 
 /// A LoRA on the UNet and text encoder says SD 2 (v) in its metadata, and in ComfyUI's layout

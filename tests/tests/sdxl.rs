@@ -200,3 +200,50 @@ fn the_reference_single_file_loads_and_equals_ferrites_export() {
         assert_eq!(t.to_vec().unwrap(), w.to_vec().unwrap(), "{k}");
     }
 }
+
+/// Without a config folder, the UNet and the second text encoder are read off the file's shapes
+/// (`label_emb` gives the added time embedding width): what the folder's configs say.
+#[test]
+fn a_single_files_structure_is_read_off_its_shapes() {
+    load(serde_json::json!({ "model": fixture().join("model") }));
+    let file = Weights::open(
+        &fixture()
+            .join("sdxl_tiny_ldm.safetensors")
+            .to_string_lossy(),
+    )
+    .unwrap();
+    let config = |part: &str| -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(fixture().join(format!("model/{part}/config.json"))).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let te2 =
+        ferrite_blocks::open_clip::text_model(&file, "conditioner.embedders.1.model.").unwrap();
+    let got = ferrite_blocks::open_clip::config(&te2).unwrap();
+    let want = config("text_encoder_2");
+    for k in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "projection_dim",
+    ] {
+        assert_eq!(got[k], want[k], "text_encoder_2 {k}");
+    }
+    let got = ferrite_blocks::ldm::sdxl_unet_config(&file, 16).unwrap();
+    let want = config("unet");
+    for k in [
+        "block_out_channels",
+        "layers_per_block",
+        "down_block_types",
+        "up_block_types",
+        "transformer_layers_per_block",
+        "cross_attention_dim",
+        "use_linear_projection",
+        "addition_embed_type",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+    ] {
+        assert_eq!(got[k], want[k], "unet {k}");
+    }
+    assert!(ferrite_blocks::ldm::sdxl_unet_config(&file, 15).is_err());
+}

@@ -87,7 +87,7 @@ fn sdxl_lora_trains_each_part_named_by_its_table() {
     let all = config(
         root,
         "all",
-        "[text_encoder]\ntrain = true\n[text_encoder_2]\ntrain = true\nlearning_rate = 0.02",
+        "[text_encoder]\ntrain = true\n[text_encoder_2]\ntrain = true",
     );
     let (parts, unmoved) = train(root, all);
     assert_eq!(

@@ -955,3 +955,16 @@ fn a_backup_with_optimizer_state_by_position_is_refused() {
     let e = Trainer::new(c, root, registry()).err().unwrap().to_string();
     assert!(e.contains("written by an older Ferrite"), "{e}");
 }
+
+/// A part table that says `train` must configure a part of the model: `text_encoder_2` on an
+/// SD 1.x model is refused before anything loads, naming the model's parts.
+#[test]
+fn a_trained_table_the_model_has_no_part_for_is_refused() {
+    let root = setup();
+    let root = root.path();
+    let mut c = config(root, "te2");
+    c.text_encoder_2.train = true;
+    let e = Trainer::new(c, root, registry()).err().expect("refused");
+    assert!(e.to_string().contains("text_encoder_2.train"), "{e}");
+    assert!(e.to_string().contains("unet, text_encoder"), "{e}");
+}

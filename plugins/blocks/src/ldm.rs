@@ -332,7 +332,9 @@ pub fn unet_config(w: &Weights) -> Result<Value> {
         vec![8; levels]
     };
     // SDXL's added embeddings: pooled text and the size/crop sinusoids into `label_emb`.
-    let added = shape(w, &p("label_emb.0.0.weight")).ok().map(|s| s[1]);
+    let added = shape(w, &p("label_emb.0.0.weight"))
+        .ok()
+        .and_then(|s| s.get(1).copied());
     Ok(json!({
         "addition_embed_type": added.map(|_| "text_time"),
         "projection_class_embeddings_input_dim": added,
@@ -347,6 +349,33 @@ pub fn unet_config(w: &Weights) -> Result<Value> {
         "use_linear_projection": linear,
         "transformer_layers_per_block": depth,
     }))
+}
+
+/// [`unet_config`] for SDXL: `label_emb` takes the pooled text (`pooled` features, the second
+/// text encoder's projection) and six sinusoid embeddings of the sizes and crop.
+pub fn sdxl_unet_config(w: &Weights, pooled: usize) -> Result<Value> {
+    let mut unet = unet_config(w)?;
+    let added = unet["projection_class_embeddings_input_dim"]
+        .as_u64()
+        .map(|a| a as usize)
+        .ok_or_else(|| {
+            Error(format!(
+                "{}: the UNet has no label_emb (not SDXL)",
+                w.path()
+            ))
+        })?;
+    let sinusoids = added
+        .checked_sub(pooled)
+        .filter(|&n| n > 0 && n % 6 == 0)
+        .ok_or_else(|| {
+            Error(format!(
+                "{}: label_emb takes {added} features, which is not the pooled text ({pooled}) \
+                 and six size/crop embeddings",
+                w.path()
+            ))
+        })?;
+    unet["addition_time_embed_dim"] = (sinusoids / 6).into();
+    Ok(unet)
 }
 
 // ---- VAE ----

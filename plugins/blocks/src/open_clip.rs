@@ -63,10 +63,14 @@ pub fn text_model(w: &Weights, prefix: &str) -> Result<Weights> {
             let shape = vec![info.shape[1], info.shape[0]];
             return vec![piece("text_projection.weight".into(), shape, None, true)];
         }
+        // A fused tensor that does not split in three is left out: loading then names the q,
+        // k or v tensor it lacks.
         if let Some(rest) = k.strip_prefix("transformer.resblocks.")
             && let Some((i, what)) = rest.split_once(".attn.in_proj_")
         {
-            let d = info.shape[0] / 3;
+            let Some(d) = info.shape.first().filter(|&&n| n % 3 == 0).map(|n| n / 3) else {
+                return Vec::new();
+            };
             let mut shape = info.shape.clone();
             shape[0] = d;
             return ["q", "k", "v"]
@@ -85,18 +89,25 @@ pub fn text_model(w: &Weights, prefix: &str) -> Result<Weights> {
     })
 }
 
-fn shape(w: &Weights, key: &str) -> Result<Vec<usize>> {
-    w.info(key)
-        .map(|i| i.shape.iter().map(|&d| d as usize).collect())
-        .ok_or_else(|| Error(format!("{}: missing tensor `{key}`", w.path())))
+/// Dimension `i` of tensor `key`.
+fn dim(w: &Weights, key: &str, i: usize) -> Result<usize> {
+    let info = w
+        .info(key)
+        .ok_or_else(|| Error(format!("{}: missing tensor `{key}`", w.path())))?;
+    info.shape.get(i).map(|&d| d as usize).ok_or_else(|| {
+        Error(format!(
+            "{}: tensor `{key}` has shape {:?}, too few dimensions",
+            w.path(),
+            info.shape
+        ))
+    })
 }
 
 /// The transformers config of a tower seen through [`text_model`]: 64 channels per head, GELU,
 /// OpenAI's vocabulary and end token rule (eos id 2: the highest id ends the text).
 pub fn config(w: &Weights) -> Result<Value> {
-    let [vocab, hidden] = shape(w, "text_model.embeddings.token_embedding.weight")?[..] else {
-        return Err(Error(format!("{}: token_embedding is not 2-d", w.path())));
-    };
+    let token = "text_model.embeddings.token_embedding.weight";
+    let (vocab, hidden) = (dim(w, token, 0)?, dim(w, token, 1)?);
     let layers = (0..)
         .take_while(|i| {
             w.info(&format!("text_model.encoder.layers.{i}.mlp.fc1.weight"))
@@ -106,12 +117,12 @@ pub fn config(w: &Weights) -> Result<Value> {
     Ok(json!({
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": shape(w, "text_model.encoder.layers.0.mlp.fc1.weight")?[0],
+        "intermediate_size": dim(w, "text_model.encoder.layers.0.mlp.fc1.weight", 0)?,
         "num_hidden_layers": layers,
         "num_attention_heads": (hidden / 64).max(1),
-        "max_position_embeddings": shape(w, "text_model.embeddings.position_embedding.weight")?[0],
+        "max_position_embeddings": dim(w, "text_model.embeddings.position_embedding.weight", 0)?,
         "hidden_act": "gelu",
-        "projection_dim": shape(w, "text_projection.weight").ok().map(|s| s[0]),
+        "projection_dim": dim(w, "text_projection.weight", 0).ok(),
         "bos_token_id": 0,
         "eos_token_id": 2,
         "pad_token_id": 1,

@@ -19,7 +19,7 @@ use ferrite_blocks::{
 };
 use ferrite_plugin_api::{
     AdaptableLayer, Architecture, Component, ComponentKind, DType, Descriptor, Error, ModelInfo,
-    Part, PartKind, Plugin, Result, Tensor, Weights, bail, export_plugin,
+    PartKind, Plugin, Result, Tensor, Weights, bail, export_plugin,
     family::{Conditioning, Metadata, Objective},
     parse_options,
     serde_json::{self, json},
@@ -148,7 +148,7 @@ impl Configs {
     /// A single file's configs: read off its shapes, the rest as SD 1.x's original config has it
     /// (8 heads, 32 norm groups, VAE scaling 0.18215, the scaled-linear schedule, OpenAI CLIP's
     /// tokenizer); for SD 2.x (`sd2`) as SD 2.1's: 64 channels per head, the OpenCLIP tower's
-    /// 23 blocks that SD 2 uses (the 24th is not), the tokenizer padding with `!`, and
+    /// blocks but the last, which SD 2 does not use, the tokenizer padding with `!`, and
     /// v-prediction (SD 2.1 768-v; diffusers' default for SD 2 files too; force_epsilon_prediction
     /// for the 512 base models).
     fn from_checkpoint(w: &Weights, text_encoder: &Weights, sd2: bool) -> Result<Self> {
@@ -158,8 +158,11 @@ impl Configs {
         } else {
             ldm::clip_config(text_encoder)?
         };
-        if sd2 {
-            te["num_hidden_layers"] = (te["num_hidden_layers"].as_u64().unwrap_or(1) - 1).into();
+        // An original SD 2 file has the whole OpenCLIP tower (its projection included); SD 2 does
+        // not use its last block. Ferrite's own export has neither.
+        if sd2 && text_encoder.info("text_projection.weight").is_some() {
+            let blocks = te["num_hidden_layers"].as_u64().unwrap_or(0);
+            te["num_hidden_layers"] = blocks.saturating_sub(1).max(1).into();
         }
         Ok(Self {
             unet: UNetConfig::from_json(&ldm::unet_config(w)?.to_string(), source)?,
@@ -426,15 +429,7 @@ impl Architecture for Sd15 {
             }
             None => (3, 1, 1.0, None),
         };
-        let part = |id: &str, name: &str, kind, file: &str| Part {
-            id: id.into(),
-            name: name.into(),
-            config_table: id.into(),
-            kind,
-            trainable: true,
-            default_learning_rate: None,
-            diffusers_file: Some(file.into()),
-        };
+        let part = ferrite_blocks::part;
         Ok(ModelInfo {
             parts: vec![
                 part(
@@ -564,17 +559,20 @@ impl Plugin for Sd15Plugin {
         if o.model.is_empty() {
             bail!("{id} needs the `model` option (a diffusers folder or a single-file checkpoint)");
         }
-        let dtype = match o.dtype.as_str() {
-            "f32" => DType::F32,
-            "f16" => DType::F16,
-            "bf16" => DType::BF16,
-            other => bail!("{id} option dtype `{other}`: use f32, f16 or bf16"),
-        };
+        let dtype = ferrite_blocks::dtype_option(id, &o.dtype)?;
         let mut model = Sd15::load(
             Path::new(&o.model),
             o.config.as_deref().map(Path::new),
             dtype,
         )?;
+        if model.sd2 != (id == "sd2") {
+            let (is, use_id) = if model.sd2 {
+                ("an SD 2.x model (OpenCLIP text encoder)", "sd2")
+            } else {
+                ("an SD 1.x model (CLIP ViT-L text encoder)", "sd15")
+            };
+            bail!("{} is {is}: use model_type `{use_id}`", o.model);
+        }
         model.layer_skip = o.text_encoder_layer_skip;
         Ok(Component::Architecture(Box::new(model)))
     }

@@ -11,8 +11,7 @@ pub mod names;
 use std::path::Path;
 
 use ferrite_plugin_api::{
-    Component, ComponentKind, DType, Descriptor, Plugin, Result, bail, export_plugin,
-    parse_options,
+    Component, ComponentKind, Descriptor, Plugin, Result, bail, export_plugin, parse_options,
     serde_json::{self, json},
 };
 use serde::{Deserialize, Serialize};
@@ -77,12 +76,7 @@ impl Plugin for SdxlPlugin {
         if o.model.is_empty() {
             bail!("sdxl needs the `model` option (a diffusers SDXL folder)");
         }
-        let dtype = match o.dtype.as_str() {
-            "f32" => DType::F32,
-            "f16" => DType::F16,
-            "bf16" => DType::BF16,
-            other => bail!("sdxl option dtype `{other}`: use f32, f16 or bf16"),
-        };
+        let dtype = ferrite_blocks::dtype_option(id, &o.dtype)?;
         let mut model = Sdxl::load(
             Path::new(&o.model),
             o.config.as_deref().map(Path::new),

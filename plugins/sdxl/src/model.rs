@@ -12,8 +12,7 @@ use ferrite_blocks::{
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
-    AdaptableLayer, Architecture, DType, Error, ModelInfo, Part, PartKind, Result, Tensor, Weights,
-    bail,
+    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, Weights, bail,
     family::{Conditioning, Metadata, Objective},
     serde_json::{self, json},
 };
@@ -121,13 +120,8 @@ impl Configs {
     fn from_checkpoint(w: &Weights, te: &Weights, te2: &Weights) -> Result<Self> {
         let source = w.path();
         let te2_config = ClipTextConfig::from_json(&open_clip::config(te2)?.to_string(), source)?;
-        let mut unet = ldm::unet_config(w)?;
         let pooled = te2_config.projection_dim.unwrap_or(te2_config.hidden_size);
-        let added = unet["projection_class_embeddings_input_dim"]
-            .as_u64()
-            .ok_or_else(|| Error(format!("{source}: the UNet has no label_emb (not SDXL)")))?;
-        // label_emb takes the pooled text and six sinusoid embeddings of the sizes and crop.
-        unet["addition_time_embed_dim"] = ((added as usize).saturating_sub(pooled) / 6).into();
+        let unet = ldm::sdxl_unet_config(w, pooled)?;
         let mut vae = ldm::vae_config(w)?;
         vae["scaling_factor"] = 0.13025.into();
         vae["force_upcast"] = true.into();
@@ -325,15 +319,7 @@ impl Architecture for Sdxl {
         let vae = &self.vae.config;
         let factor = vae.scale_factor();
         let downsamples = self.unet.config.block_out_channels.len() - 1;
-        let part = |id: &str, name: &str, kind, file: &str| Part {
-            id: id.into(),
-            name: name.into(),
-            config_table: id.into(),
-            kind,
-            trainable: true,
-            default_learning_rate: None,
-            diffusers_file: Some(file.into()),
-        };
+        let part = ferrite_blocks::part;
         Ok(ModelInfo {
             parts: vec![
                 part(

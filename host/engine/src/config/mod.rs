@@ -808,6 +808,19 @@ impl TrainConfig {
             (0.0..1.0).contains(&self.text_encoder.dropout_probability),
             "text_encoder.dropout_probability: must be in [0, 1)",
         );
+        // Caption dropout drops the whole prompt, for every text encoder at once.
+        for (table, pc) in [
+            ("unet", &self.unet),
+            ("text_encoder_2", &self.text_encoder_2),
+        ] {
+            check(
+                pc.dropout_probability == 0.0,
+                &format!(
+                    "{table}.dropout_probability: caption dropout is \
+                     text_encoder.dropout_probability (for every text encoder)"
+                ),
+            );
+        }
         check(
             self.optimizer
                 .get("optimizer")
@@ -1090,6 +1103,19 @@ path = "images"
                 xl.text_encoder_2.train,
             ),
             ("sdxl", "1024", 3e-4, 4, 0.05, 200.0, false)
+        );
+    }
+
+    #[test]
+    fn caption_dropout_is_the_first_text_encoders_table_only() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(d.path(), "c.toml", MINIMAL);
+        let sets = ["text_encoder_2.dropout_probability=0.5".to_string()];
+        let e = TrainConfig::load(Some(&cfg), None, &sets).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("text_encoder_2.dropout_probability: caption dropout is"),
+            "{e}"
         );
     }
 

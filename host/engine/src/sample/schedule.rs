@@ -26,8 +26,9 @@ pub struct SchedulerConfig {
     pub timestep_spacing: Option<String>,
     #[serde(default)]
     pub rescale_betas_zero_snr: bool,
-    /// DDIM clips its predicted clean sample to ±`clip_sample_range` (on unless the config
-    /// says otherwise, as DDIMScheduler's default; SDXL's Euler config does not say).
+    /// DDIM clips its predicted clean sample to ±`clip_sample_range`: on unless the config says
+    /// otherwise, as DDIMScheduler's default (a config written for another scheduler, as
+    /// diffusers' EulerDiscreteScheduler saves one, may not say).
     #[serde(default = "yes")]
     pub clip_sample: bool,
     #[serde(default = "one")]

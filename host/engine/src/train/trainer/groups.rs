@@ -106,6 +106,14 @@ impl Trainer {
                 EmaMode::Off => None,
                 on => Some(Ema::new(&params, on == EmaMode::Cpu).map_err(err)?),
             };
+            tracing::info!(
+                "training {}: {} tensors at learning rate {}",
+                part.name,
+                params.len(),
+                pc.learning_rate
+                    .or(part.default_learning_rate)
+                    .unwrap_or(c.learning_rate)
+            );
             groups.push(Group {
                 part: part.id.clone(),
                 table: part.config_table.clone(),

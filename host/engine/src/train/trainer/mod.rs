@@ -136,6 +136,33 @@ pub struct Trainer {
     debug_last: Option<debug::Snapshot>,
 }
 
+/// Every part of the model has a config table, and every table that says `train` configures a
+/// part of this model.
+fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
+    if let Some(p) = info
+        .parts
+        .iter()
+        .find(|p| c.part(&p.config_table).is_none())
+    {
+        return Err(TrainError(format!(
+            "the model's part `{}` is configured by a `[{}]` table, which Ferrite's config does \
+             not have: update Ferrite",
+            p.name, p.config_table
+        )));
+    }
+    for (table, pc) in c.part_tables() {
+        if pc.train && !info.parts.iter().any(|p| p.config_table == table) {
+            let tables: Vec<&str> = info.parts.iter().map(|p| p.config_table.as_str()).collect();
+            return Err(TrainError(format!(
+                "{table}.train: this model has no part configured by `[{table}]` (its parts: {}); \
+                 set it to false",
+                tables.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Trainer {
     /// A run on the current runtime ([`crate::runtime::init`]'s, unless the thread entered
     /// another), stopped through its own [`Controls`].
@@ -184,6 +211,7 @@ impl Trainer {
             .map_err(err)?;
         let model = Arc::new(ModelLayers::of(&arch).map_err(err)?);
         let info = model.info.clone();
+        check_parts(c, &info)?;
         let Objective::Ddpm { scheduler } = &info.objective;
         let mut scheduler =
             SchedulerConfig::from_json(&scheduler.to_string(), "the model's scheduler")

@@ -213,10 +213,10 @@ impl Trainer {
         })?;
         let all = self.arch.export(layout).map_err(err)?;
         let named: Vec<(&str, &Tensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let arch = format!("{}/full", self.info.metadata.modelspec_architecture);
+        let arch = self.info.metadata.modelspec_architecture.as_str();
         let mut meta = vec![("ferrite_base_model", self.config.base_model_name.as_str())];
-        if !self.info.metadata.modelspec_architecture.is_empty() {
-            meta.push(("modelspec.architecture", &arch));
+        if !arch.is_empty() {
+            meta.push(("modelspec.architecture", arch));
         }
         ferrite_plugin_api::save_safetensors(&out.to_string_lossy(), &named, &meta)
             .map_err(|e| TrainError(format!("{}: {e}", out.display())))
