@@ -187,7 +187,10 @@ fn other_families_are_refused_with_what_was_found() {
             ][..],
             "not a full SD 1.x/2.x checkpoint",
         ),
-        (&["some.other.weight"][..], "not a full SD 1.x/2.x checkpoint"),
+        (
+            &["some.other.weight"][..],
+            "not a full SD 1.x/2.x checkpoint",
+        ),
     ] {
         let d = file_with(keys);
         let path = d.path().join("model.safetensors");
