@@ -78,6 +78,49 @@ fn renamed(
     })
 }
 
+/// The family an original single-file checkpoint holds, told by its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFamily {
+    /// `cond_stage_model.transformer.*`: SD 1.x's CLIP.
+    Sd1,
+    /// `cond_stage_model.model.*`: SD 2.x's OpenCLIP.
+    Sd2,
+    /// `conditioner.embedders.*` or `label_emb`.
+    Sdxl,
+    /// `double_blocks.*`.
+    Flux,
+    Unknown,
+}
+
+impl FileFamily {
+    pub fn of(w: &Weights) -> Self {
+        let any = |prefix: &str| w.infos().iter().any(|i| i.key.starts_with(prefix));
+        if any("double_blocks.") || any("model.diffusion_model.double_blocks.") {
+            Self::Flux
+        } else if any("conditioner.embedders.") || any("model.diffusion_model.label_emb.") {
+            Self::Sdxl
+        } else if any(OPEN_CLIP_PREFIX) {
+            Self::Sd2
+        } else if any(CLIP_PREFIX) {
+            Self::Sd1
+        } else {
+            Self::Unknown
+        }
+    }
+
+    /// What a plugin that does not load this family says about it.
+    pub fn refusal(self) -> &'static str {
+        match self {
+            Self::Sd1 | Self::Sd2 => {
+                "an SD 1.x/2.x checkpoint (cond_stage_model.*); use sd15 or sd2"
+            }
+            Self::Sdxl => "an SDXL checkpoint (conditioner.embedders.*); use the sdxl architecture",
+            Self::Flux => "a Flux checkpoint (double_blocks.*); use the flux architecture",
+            Self::Unknown => "not a Stable Diffusion checkpoint",
+        }
+    }
+}
+
 // ---- UNet ----
 
 fn unet_resnet(rest: &str) -> String {

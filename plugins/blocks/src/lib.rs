@@ -8,13 +8,14 @@ pub mod keys;
 pub mod layers;
 pub mod ldm;
 pub mod open_clip;
+pub mod options;
 pub mod resnet;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
 
-use ferrite_plugin_api::{DType, Error, Part, PartKind, Result, Weights};
+use ferrite_plugin_api::{Error, Part, PartKind, Result, Weights};
 
 /// Joins a key prefix and a name with a dot (an empty prefix adds nothing).
 pub fn key(prefix: &str, name: &str) -> String {
@@ -39,18 +40,6 @@ pub fn expect_shape(w: &Weights, key: &str, shape: &[usize]) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// A compute dtype option (`f32`, `f16`, `bf16`) of component `id`.
-pub fn dtype_option(id: &str, value: &str) -> Result<DType> {
-    match value {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => Err(Error(format!(
-            "{id} option dtype `{other}`: use f32, f16 or bf16"
-        ))),
-    }
 }
 
 /// A trainable model part configured by OneTrainer's table of the same name, whose tensors a

@@ -11,8 +11,9 @@ use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
     folder::{self, read, read_json},
     keys,
-    ldm::{self, UnetLayout},
+    ldm::{self, FileFamily, UnetLayout},
     open_clip,
+    options::ArchOptions,
     tokenizer::ClipTokenizer,
     unet::{UNet2DConditionModel, UNetConfig},
     vae::{AutoencoderKL, VaeConfig},
@@ -21,25 +22,8 @@ use ferrite_plugin_api::{
     AdaptableLayer, Architecture, Component, ComponentKind, DType, Descriptor, Error, ModelInfo,
     PartKind, Plugin, Result, Tensor, Weights, bail, export_plugin,
     family::{Conditioning, Metadata, Objective},
-    parse_options,
     serde_json::{self, json},
 };
-use serde::{Deserialize, Serialize};
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Options {
-    /// A diffusers folder or a single-file checkpoint.
-    model: String,
-    /// For a single file: a diffusers folder whose configs, tokenizer and scheduler to use
-    /// (diffusers' `from_single_file(config=...)`); without it, SD 1.x's originals.
-    config: Option<String>,
-    /// Compute dtype of the weights: f32, f16 or bf16.
-    dtype: String,
-    /// CLIP skip: text states from this many layers before the last (OneTrainer's
-    /// `text_encoder_layer_skip`).
-    text_encoder_layer_skip: usize,
-}
 
 /// Whether a diffusers folder says it has no VAE (`"vae": [null, null]`): a pixel-space model,
 /// such as the built-in demo's, whose "latents" are the image itself.
@@ -77,29 +61,21 @@ fn check_folder(dir: &Path) -> Result<()> {
     folder::require_parts(dir, &parts, "Stable Diffusion")
 }
 
-/// Refuses a single file of another family with a message saying what was found.
-fn check_file(w: &Weights) -> Result<()> {
+/// Refuses a single file of another family with a message saying what was found; the family
+/// (SD 1 or SD 2) of one it loads.
+fn check_file(w: &Weights) -> Result<FileFamily> {
     let any = |prefix: &str| w.infos().iter().any(|i| i.key.starts_with(prefix));
-    let found = if any("conditioner.embedders.") || any("model.diffusion_model.label_emb.") {
-        Some("an SDXL checkpoint (conditioner.embedders.*); use the sdxl architecture")
-    } else if any("double_blocks.") || any("model.diffusion_model.double_blocks.") {
-        Some("a Flux checkpoint (double_blocks.*); use the flux architecture")
-    } else if !any(ldm::UNET_PREFIX)
-        || !any(ldm::VAE_PREFIX)
-        || !(any(ldm::CLIP_PREFIX) || any(ldm::OPEN_CLIP_PREFIX))
-    {
-        Some(
+    let family = FileFamily::of(w);
+    let found = match family {
+        FileFamily::Sdxl | FileFamily::Flux => family.refusal(),
+        _ if !any(ldm::UNET_PREFIX) || !any(ldm::VAE_PREFIX) || family == FileFamily::Unknown => {
             "not a full SD 1.x/2.x checkpoint: it needs model.diffusion_model.*, \
              first_stage_model.* and cond_stage_model.transformer.* (SD 1) or \
-             cond_stage_model.model.* (SD 2) tensors",
-        )
-    } else {
-        None
+             cond_stage_model.model.* (SD 2) tensors"
+        }
+        _ => return Ok(family),
     };
-    match found {
-        Some(what) => bail!("{} is {what}", w.path()),
-        None => Ok(()),
-    }
+    bail!("{} is {found}", w.path())
 }
 
 /// The configs of a model's parts.
@@ -245,11 +221,7 @@ impl Sd15 {
             );
         }
         let w = folder::open(model)?;
-        check_file(&w)?;
-        let sd2 = w
-            .infos()
-            .iter()
-            .any(|i| i.key.starts_with(ldm::OPEN_CLIP_PREFIX));
+        let sd2 = check_file(&w)? == FileFamily::Sd2;
         let te = if sd2 {
             open_clip::text_model(&w, ldm::OPEN_CLIP_PREFIX)?
         } else {
@@ -520,60 +492,36 @@ impl Plugin for Sd15Plugin {
     /// `sd15` and `sd2` are the same model code (SD 2.x is told apart by its text encoder); two
     /// ids so that configs say which family they train.
     fn components() -> Vec<Descriptor> {
-        let describe = |id: &str, family: &str| Descriptor {
+        let describe = |id: &str, family: &str, defaults: &str| Descriptor {
             kind: ComponentKind::Architecture,
             id: id.into(),
             version: Self::VERSION.into(),
             description: format!(
                 "Stable Diffusion {family} (diffusers folder or single-file checkpoint)"
             ),
-            options_schema: json!({
-                "type": "object",
-                "additionalProperties": false,
-                "required": ["model"],
-                "properties": {
-                    "model": {"type": "string", "description": "diffusers model folder or single-file .safetensors checkpoint"},
-                    "config": {"type": "string", "description": "for a single file: diffusers folder whose configs and tokenizer to use (default: SD 1.x's, or SD 2.1's for an OpenCLIP text encoder)"},
-                    "dtype": {"type": "string", "enum": ["f32", "f16", "bf16"], "default": "f32"},
-                    "text_encoder_layer_skip": {"type": "integer", "minimum": 0, "default": 0, "description": "CLIP skip: text states from this many layers before the last"}
-                }
-            }),
+            options_schema: ArchOptions::schema(defaults),
         };
-        vec![describe("sd15", "1.x"), describe("sd2", "2.x")]
+        vec![
+            describe("sd15", "1.x", "SD 1.x's"),
+            describe("sd2", "2.x", "SD 2.1's"),
+        ]
     }
 
     fn instantiate(kind: ComponentKind, id: &str, options: serde_json::Value) -> Result<Component> {
         if kind != ComponentKind::Architecture || !matches!(id, "sd15" | "sd2") {
             bail!("this library has no {kind} `{id}`");
         }
-        let o = parse_options(
-            id,
-            Options {
-                model: String::new(),
-                config: None,
-                dtype: "f32".into(),
-                text_encoder_layer_skip: 0,
-            },
-            options,
-        )?;
-        if o.model.is_empty() {
-            bail!("{id} needs the `model` option (a diffusers folder or a single-file checkpoint)");
-        }
-        let dtype = ferrite_blocks::dtype_option(id, &o.dtype)?;
-        let mut model = Sd15::load(
-            Path::new(&o.model),
-            o.config.as_deref().map(Path::new),
-            dtype,
-        )?;
+        let o = ArchOptions::parse(id, options)?;
+        let mut model = Sd15::load(&o.model, o.config.as_deref(), o.dtype)?;
+        model.layer_skip = o.layer_skip;
         if model.sd2 != (id == "sd2") {
             let (is, use_id) = if model.sd2 {
                 ("an SD 2.x model (OpenCLIP text encoder)", "sd2")
             } else {
                 ("an SD 1.x model (CLIP ViT-L text encoder)", "sd15")
             };
-            bail!("{} is {is}: use model_type `{use_id}`", o.model);
+            bail!("{} is {is}: use model_type `{use_id}`", o.model.display());
         }
-        model.layer_skip = o.text_encoder_layer_skip;
         Ok(Component::Architecture(Box::new(model)))
     }
 }

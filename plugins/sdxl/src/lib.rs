@@ -8,30 +8,12 @@
 pub mod model;
 pub mod names;
 
-use std::path::Path;
-
+use ferrite_blocks::options::ArchOptions;
 use ferrite_plugin_api::{
-    Component, ComponentKind, Descriptor, Plugin, Result, bail, export_plugin, parse_options,
-    serde_json::{self, json},
+    Component, ComponentKind, Descriptor, Plugin, Result, bail, export_plugin, serde_json,
 };
-use serde::{Deserialize, Serialize};
 
 pub use model::Sdxl;
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Options {
-    /// A diffusers folder or a single-file checkpoint.
-    model: String,
-    /// For a single file: a diffusers folder whose configs and tokenizers to use (diffusers'
-    /// `from_single_file(config=...)`); without it, SDXL base 1.0's.
-    config: Option<String>,
-    /// Compute dtype of the weights: f32, f16 or bf16 (the VAE stays f32 where its config
-    /// says `force_upcast`).
-    dtype: String,
-    /// CLIP skip for both text encoders (diffusers' `clip_skip`).
-    text_encoder_layer_skip: usize,
-}
 
 pub struct SdxlPlugin;
 
@@ -45,17 +27,7 @@ impl Plugin for SdxlPlugin {
             id: "sdxl".into(),
             version: Self::VERSION.into(),
             description: "Stable Diffusion XL (diffusers folder or single-file checkpoint)".into(),
-            options_schema: json!({
-                "type": "object",
-                "additionalProperties": false,
-                "required": ["model"],
-                "properties": {
-                    "model": {"type": "string", "description": "diffusers SDXL model folder or single-file .safetensors checkpoint"},
-                    "config": {"type": "string", "description": "for a single file: diffusers folder whose configs and tokenizers to use (default: SDXL base 1.0's)"},
-                    "dtype": {"type": "string", "enum": ["f32", "f16", "bf16"], "default": "f32"},
-                    "text_encoder_layer_skip": {"type": "integer", "minimum": 0, "default": 0, "description": "CLIP skip for both text encoders"}
-                }
-            }),
+            options_schema: ArchOptions::schema("SDXL base 1.0's"),
         }]
     }
 
@@ -63,26 +35,9 @@ impl Plugin for SdxlPlugin {
         if (kind, id) != (ComponentKind::Architecture, "sdxl") {
             bail!("this library has no {kind} `{id}`");
         }
-        let o = parse_options(
-            id,
-            Options {
-                model: String::new(),
-                config: None,
-                dtype: "f32".into(),
-                text_encoder_layer_skip: 0,
-            },
-            options,
-        )?;
-        if o.model.is_empty() {
-            bail!("sdxl needs the `model` option (a diffusers SDXL folder)");
-        }
-        let dtype = ferrite_blocks::dtype_option(id, &o.dtype)?;
-        let mut model = Sdxl::load(
-            Path::new(&o.model),
-            o.config.as_deref().map(Path::new),
-            dtype,
-        )?;
-        model.layer_skip = o.text_encoder_layer_skip;
+        let o = ArchOptions::parse(id, options)?;
+        let mut model = Sdxl::load(&o.model, o.config.as_deref(), o.dtype)?;
+        model.layer_skip = o.layer_skip;
         Ok(Component::Architecture(Box::new(model)))
     }
 }

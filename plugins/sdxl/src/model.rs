@@ -5,7 +5,7 @@ use std::path::Path;
 use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
     folder::{self, read, read_json},
-    ldm::{self, UnetLayout},
+    ldm::{self, FileFamily, UnetLayout},
     open_clip,
     tokenizer::ClipTokenizer,
     unet::{AddedCond, UNet2DConditionModel, UNetConfig},
@@ -63,26 +63,23 @@ const TE2_PREFIX: &str = "conditioner.embedders.1.model.";
 /// Refuses a single file of another family with a message saying what was found.
 fn check_file(w: &Weights) -> Result<()> {
     let any = |prefix: &str| w.infos().iter().any(|i| i.key.starts_with(prefix));
-    let found = if any("double_blocks.") || any("model.diffusion_model.double_blocks.") {
-        Some("a Flux checkpoint (double_blocks.*); use the flux architecture")
-    } else if any("cond_stage_model.") {
-        Some("an SD 1.x/2.x checkpoint (cond_stage_model.*); use sd15")
-    } else if !any(TE1_PREFIX)
-        || !any(TE2_PREFIX)
-        || !any(ldm::UNET_PREFIX)
-        || !any(ldm::VAE_PREFIX)
-    {
-        Some(
+    let family = FileFamily::of(w);
+    let found = match family {
+        FileFamily::Sdxl
+            if any(TE1_PREFIX)
+                && any(TE2_PREFIX)
+                && any(ldm::UNET_PREFIX)
+                && any(ldm::VAE_PREFIX) =>
+        {
+            return Ok(());
+        }
+        FileFamily::Sdxl | FileFamily::Unknown => {
             "not a full SDXL checkpoint: it needs model.diffusion_model.*, first_stage_model.*, \
-             conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.* tensors",
-        )
-    } else {
-        None
+             conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.* tensors"
+        }
+        other => other.refusal(),
     };
-    match found {
-        Some(what) => bail!("{} is {what}", w.path()),
-        None => Ok(()),
-    }
+    bail!("{} is {found}", w.path())
 }
 
 /// The configs of a model's parts.
