@@ -341,3 +341,105 @@ fn sdxl_samples_validates_and_trains_dora_and_loha() {
         );
     }
 }
+
+/// One trained LoRA written in every layout Ferrite writes (kohya, diffusers/PEFT, comfy) and as
+/// a kohya file with diffusers module names (what some trainers write for SDXL) reads back into
+/// the same adapters: the model gives the same prediction with each.
+#[test]
+fn every_sdxl_lora_layout_reads_back_to_the_same_adapters() {
+    use ferrite::adapters::ModelLayers;
+    use ferrite_plugin_api::{Generator, Tensor};
+
+    let root = setup();
+    let root = root.path();
+    let mut files = Vec::new();
+    for format in [
+        ferrite::config::OutputFormat::Kohya,
+        ferrite::config::OutputFormat::Diffusers,
+        ferrite::config::OutputFormat::Comfy,
+    ] {
+        let ws = format!("{format}");
+        let mut c = config(root, &ws, "[text_encoder_2]\ntrain = true");
+        c.output_model_format = format;
+        train(root, c);
+        files.push(root.join(format!("{ws}/out/lora.safetensors")));
+    }
+    // The kohya file under diffusers module names: `lora_unet_down_blocks_1_attentions_0_...`.
+    let registry = registry();
+    let arch = registry
+        .architecture("sdxl", &serde_json::json!({ "model": model() }).to_string())
+        .unwrap();
+    let layers = ModelLayers::of(&arch).unwrap();
+    let kohya = Weights::open(&files[0].to_string_lossy()).unwrap();
+    let renamed: Vec<(String, Tensor)> = kohya
+        .infos()
+        .iter()
+        .map(|i| {
+            let (module, suffix) = i.key.split_once('.').unwrap();
+            let layer = layers
+                .layers
+                .iter()
+                .find(|l| l.keys.get("kohya").map(String::as_str) == Some(module))
+                .unwrap();
+            let name = match layer.name.strip_prefix("unet.") {
+                Some(m) => format!("lora_unet_{}", m.replace('.', "_")),
+                None => module.to_string(),
+            };
+            (
+                format!("{name}.{suffix}"),
+                kohya.get(&i.key, DType::F32).unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        renamed
+            .iter()
+            .any(|(k, _)| k.starts_with("lora_unet_down_blocks_1_"))
+    );
+    let diffusers_named = root.join("kohya_diffusers_names.safetensors");
+    let named: Vec<(&str, &Tensor)> = renamed.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    ferrite_plugin_api::save_safetensors(&diffusers_named.to_string_lossy(), &named, &[]).unwrap();
+    files.push(diffusers_named);
+
+    let g = Generator::new(3).unwrap();
+    let x = Tensor::randn(&[1, 4, 8, 8], &g).unwrap();
+    let t = Tensor::full(&[1], 500.0, DType::F32).unwrap();
+    let geometry = Tensor::from_f32(&[16.0, 16.0, 0.0, 0.0, 16.0, 16.0], &[1, 6]).unwrap();
+    let predict = |file: &Path| {
+        let arch = registry
+            .architecture("sdxl", &serde_json::json!({ "model": model() }).to_string())
+            .unwrap();
+        let layers = std::sync::Arc::new(ModelLayers::of(&arch).unwrap());
+        assert!(
+            layers.load(&registry, file, 1.0).unwrap() > 0,
+            "{}",
+            file.display()
+        );
+        let scope = ferrite::runtime::Scope::new(ferrite::runtime::Device::current().unwrap())
+            .with_adapters(layers.clone());
+        let _in = scope.enter();
+        let cond = arch.encode_text(&["a red square"]).unwrap();
+        arch.denoise(&x, &t, &[&cond[0], &cond[1], &geometry])
+            .unwrap()
+            .to_vec()
+            .unwrap()
+    };
+    let base = {
+        let cond = arch.encode_text(&["a red square"]).unwrap();
+        arch.denoise(&x, &t, &[&cond[0], &cond[1], &geometry])
+            .unwrap()
+            .to_vec()
+            .unwrap()
+    };
+    let want = predict(&files[0]);
+    assert_ne!(want, base, "the LoRA changes the prediction");
+    for f in &files[1..] {
+        let got = predict(f);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{}: {worst}", f.display());
+    }
+}
