@@ -211,3 +211,16 @@ fn lora_files_say_sd2() {
         assert!(keys.iter().any(|k| k.starts_with(te)), "{te}* in {keys:?}");
     }
 }
+
+/// The `sd15` and `sd2` ids must match the model: each refuses the other's, naming the right one.
+#[test]
+fn sd15_and_sd2_refuse_each_others_models() {
+    let registry = registry();
+    let sd2 = serde_json::json!({ "model": fixture().join("model") }).to_string();
+    let e = registry.architecture("sd15", &sd2).err().expect("refused");
+    assert!(e.to_string().contains("use the `sd2` architecture"), "{e}");
+    let sd1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let sd1 = serde_json::json!({ "model": sd1 }).to_string();
+    let e = registry.architecture("sd2", &sd1).err().expect("refused");
+    assert!(e.to_string().contains("use the `sd15` architecture"), "{e}");
+}

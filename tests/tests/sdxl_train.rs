@@ -359,7 +359,11 @@ fn every_sdxl_lora_layout_reads_back_to_the_same_adapters() {
         ferrite::config::OutputFormat::Comfy,
     ] {
         let ws = format!("{format}");
-        let mut c = config(root, &ws, "[text_encoder_2]\ntrain = true");
+        let mut c = config(
+            root,
+            &ws,
+            "[text_encoder]\ntrain = true\n[text_encoder_2]\ntrain = true",
+        );
         c.output_model_format = format;
         train(root, c);
         files.push(root.join(format!("{ws}/out/lora.safetensors")));

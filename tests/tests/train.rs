@@ -957,7 +957,7 @@ fn a_backup_with_optimizer_state_by_position_is_refused() {
 }
 
 /// A part table that says `train` must configure a part of the model: `text_encoder_2` on an
-/// SD 1.x model is refused before anything loads, naming the model's parts.
+/// SD 1.x model is refused before training, naming the model's parts.
 #[test]
 fn a_trained_table_the_model_has_no_part_for_is_refused() {
     let root = setup();

@@ -20,6 +20,16 @@ fn shape(w: &Weights, key: &str) -> Result<Vec<usize>> {
         .ok_or_else(|| Error(format!("{}: missing tensor `{key}`", w.path())))
 }
 
+/// Dimension `i` of tensor `key`, or an error naming both.
+pub(crate) fn dim(w: &Weights, key: &str, i: usize) -> Result<usize> {
+    shape(w, key)?.get(i).copied().ok_or_else(|| {
+        Error(format!(
+            "{}: tensor `{key}` has too few dimensions (no dimension {i})",
+            w.path()
+        ))
+    })
+}
+
 /// The distinct values of the path segment after `prefix` (`input_blocks.` → block numbers).
 fn indices(w: &Weights, prefix: &str) -> Vec<usize> {
     let mut v: Vec<usize> = w
@@ -321,8 +331,8 @@ pub fn unet(w: &Weights, layers_per_block: usize) -> Result<Weights> {
 /// other values are left to the config's defaults (SD's).
 pub fn unet_config(w: &Weights) -> Result<Value> {
     let p = |k: &str| format!("{UNET_PREFIX}{k}");
-    let conv_in = shape(w, &p("input_blocks.0.0.weight"))?;
-    let conv_out = shape(w, &p("out.2.weight"))?;
+    let in_channels = dim(w, &p("input_blocks.0.0.weight"), 1)?;
+    let out_channels = dim(w, &p("out.2.weight"), 0)?;
     let inputs = indices(w, &p("input_blocks."));
     let downsamplers = inputs
         .iter()
@@ -342,12 +352,20 @@ pub fn unet_config(w: &Weights) -> Result<Value> {
     let (mut cross, mut linear) = (None, false);
     for b in 0..levels {
         let n = 1 + b * (lpb + 1);
-        widths.push(shape(w, &p(&format!("input_blocks.{n}.0.out_layers.3.weight")))?[0]);
+        widths.push(dim(
+            w,
+            &p(&format!("input_blocks.{n}.0.out_layers.3.weight")),
+            0,
+        )?);
         let attn = p(&format!("input_blocks.{n}.1."));
         if let Ok(proj_in) = shape(w, &format!("{attn}proj_in.weight")) {
             linear = proj_in.len() == 2;
             depth.push(indices(w, &format!("{attn}transformer_blocks.")).len());
-            cross = Some(shape(w, &format!("{attn}transformer_blocks.0.attn2.to_k.weight"))?[1]);
+            cross = Some(dim(
+                w,
+                &format!("{attn}transformer_blocks.0.attn2.to_k.weight"),
+                1,
+            )?);
             down.push("CrossAttnDownBlock2D");
         } else {
             depth.push(1);
@@ -381,8 +399,8 @@ pub fn unet_config(w: &Weights) -> Result<Value> {
     Ok(json!({
         "addition_embed_type": added.map(|_| "text_time"),
         "projection_class_embeddings_input_dim": added,
-        "in_channels": conv_in[1],
-        "out_channels": conv_out[0],
+        "in_channels": in_channels,
+        "out_channels": out_channels,
         "down_block_types": down,
         "up_block_types": up,
         "block_out_channels": widths,
@@ -548,16 +566,16 @@ pub fn vae_config(w: &Weights) -> Result<Value> {
     let p = |k: &str| format!("{VAE_PREFIX}{k}");
     let levels = indices(w, &p("encoder.down.")).len();
     let widths = (0..levels)
-        .map(|i| shape(w, &p(&format!("encoder.down.{i}.block.0.conv1.weight"))).map(|s| s[0]))
+        .map(|i| dim(w, &p(&format!("encoder.down.{i}.block.0.conv1.weight")), 0))
         .collect::<Result<Vec<_>>>()?;
     Ok(json!({
-        "in_channels": shape(w, &p("encoder.conv_in.weight"))?[1],
-        "out_channels": shape(w, &p("decoder.conv_out.weight"))?[0],
+        "in_channels": dim(w, &p("encoder.conv_in.weight"), 1)?,
+        "out_channels": dim(w, &p("decoder.conv_out.weight"), 0)?,
         "down_block_types": vec!["DownEncoderBlock2D"; levels],
         "up_block_types": vec!["UpDecoderBlock2D"; levels],
         "block_out_channels": widths,
         "layers_per_block": indices(w, &p("encoder.down.0.block.")).len(),
-        "latent_channels": shape(w, &p("decoder.conv_in.weight"))?[1],
+        "latent_channels": dim(w, &p("decoder.conv_in.weight"), 1)?,
         "use_quant_conv": has(w, &p("quant_conv.weight")),
         "use_post_quant_conv": has(w, &p("post_quant_conv.weight")),
     }))
@@ -592,9 +610,9 @@ pub fn clip_config(w: &Weights) -> Result<Value> {
     Ok(json!({
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": shape(w, "text_model.encoder.layers.0.mlp.fc1.weight")?[0],
+        "intermediate_size": dim(w, "text_model.encoder.layers.0.mlp.fc1.weight", 0)?,
         "num_hidden_layers": indices(w, "text_model.encoder.layers.").len(),
         "num_attention_heads": (hidden / 64).max(1),
-        "max_position_embeddings": shape(w, "text_model.embeddings.position_embedding.weight")?[0],
+        "max_position_embeddings": dim(w, "text_model.embeddings.position_embedding.weight", 0)?,
     }))
 }

@@ -3,6 +3,7 @@
 //! (the fused attention `in_proj` split into q, k, v; `text_projection` transposed into a linear
 //! weight), the config read off the shapes, and the way back for export.
 
+use crate::ldm::dim;
 use ferrite_plugin_api::{
     Error, Result, Tensor, WeightInfo, Weights,
     host::Source,
@@ -86,20 +87,6 @@ pub fn text_model(w: &Weights, prefix: &str) -> Result<Weights> {
         renamed(k)
             .map(|key| vec![piece(key, info.shape.clone(), None, false)])
             .unwrap_or_default()
-    })
-}
-
-/// Dimension `i` of tensor `key`.
-fn dim(w: &Weights, key: &str, i: usize) -> Result<usize> {
-    let info = w
-        .info(key)
-        .ok_or_else(|| Error(format!("{}: missing tensor `{key}`", w.path())))?;
-    info.shape.get(i).map(|&d| d as usize).ok_or_else(|| {
-        Error(format!(
-            "{}: tensor `{key}` has shape {:?}, too few dimensions",
-            w.path(),
-            info.shape
-        ))
     })
 }
 

@@ -520,7 +520,10 @@ impl Plugin for Sd15Plugin {
             } else {
                 ("an SD 1.x model (CLIP ViT-L text encoder)", "sd15")
             };
-            bail!("{} is {is}: use model_type `{use_id}`", o.model.display());
+            bail!(
+                "{} is {is}: use the `{use_id}` architecture (model_type, --arch)",
+                o.model.display()
+            );
         }
         Ok(Component::Architecture(Box::new(model)))
     }
