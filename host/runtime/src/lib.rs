@@ -3,6 +3,7 @@
 //! table handed to plugins.
 
 mod api;
+pub mod attention;
 pub mod bench;
 pub mod fsutil;
 mod ops;

@@ -58,11 +58,31 @@ impl<B: AutodiffBackend> Value<B> {
 /// burn's `Autodiff` does, and it is the only autodiff backend the runtime is built on.
 pub trait Tracking: AutodiffBackend {
     fn is_tracked(t: &FloatTensor<Self>) -> bool;
+    /// Unmasked attention of `[B, H, L, D]` tensors in O(L) extra memory
+    /// ([`crate::attention`]).
+    fn memory_efficient_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
 }
 
 impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
     fn is_tracked(t: &FloatTensor<Self>) -> bool {
         t.is_tracked()
+    }
+
+    fn memory_efficient_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        crate::attention::attention::<
+            B,
+            burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
+        >(q, k, v, scale)
     }
 }
 

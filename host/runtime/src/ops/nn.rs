@@ -215,12 +215,17 @@ impl<B: Tracking> TensorTable<B> {
             scale: a.scale,
             ..Default::default()
         };
-        // burn-autodiff always decomposes attention (materialising the scores); when no
-        // gradient is wanted, the backend's own fused kernel (flash on flex) can run.
+        // burn-autodiff always decomposes attention (materialising the scores): in training,
+        // unmasked attention is the runtime's own O(L) op; when no gradient is wanted, the
+        // backend's own fused kernel (flash on flex) can run.
         let tracked = [&q, &k, &v]
             .into_iter()
             .chain(bias.as_ref())
             .any(B::is_tracked);
+        if tracked && mask.is_none() && bias.is_none() {
+            let scale = a.scale.unwrap_or(1.0 / (qs[3] as f64).sqrt());
+            return one(B::memory_efficient_attention(q, k, v, scale));
+        }
         if tracked {
             return one(B::attention(q, k, v, mask, bias, opts));
         }
