@@ -312,8 +312,11 @@ impl RunView {
             ui.vertical(|ui| {
                 ui.set_width(half);
                 ui.label("Loss");
+                // From step 0: one step's point alone makes an empty x range, which egui_plot
+                // refuses (a debug assertion).
                 Plot::new("loss")
                     .height(180.0)
+                    .include_x(0.0)
                     .legend(Legend::default())
                     .show(ui, |p| {
                         p.line(Line::new("loss", PlotPoints::from(self.loss.clone())));
@@ -332,7 +335,7 @@ impl RunView {
             ui.vertical(|ui| {
                 ui.set_width(half);
                 ui.label("Learning rate");
-                Plot::new("lr").height(180.0).show(ui, |p| {
+                Plot::new("lr").height(180.0).include_x(0.0).show(ui, |p| {
                     p.line(Line::new(
                         "learning rate",
                         PlotPoints::from(self.lr.clone()),

@@ -66,6 +66,9 @@ pub trait Tracking: AutodiffBackend {
         v: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self>;
+    /// `(x − mean) / sqrt(var + eps)` over the last dimension, keeping one tensor for backward
+    /// ([`crate::normalize`]).
+    fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
 }
 
 impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
@@ -79,12 +82,16 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
         v: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        crate::attention::attention::<
-            B,
-            burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
-        >(q, k, v, scale)
+        crate::attention::attention::<B, NoCheckpointing>(q, k, v, scale)
+    }
+
+    fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        crate::normalize::normalize_last::<B, NoCheckpointing>(x, eps)
     }
 }
+
+/// `burn::backend::Autodiff`'s default strategy: no recomputation.
+type NoCheckpointing = burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 
 pub struct TensorTable<B: AutodiffBackend> {
     pub device: B::Device,

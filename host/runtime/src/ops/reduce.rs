@@ -93,6 +93,10 @@ impl<B: Tracking> TensorTable<B> {
     /// Normalises over the last dimension of `x` (population variance).
     pub(super) fn normalize_last(&self, x: F<B>, eps: f64) -> RtResult<F<B>> {
         let last = last_dim::<B>("normalize", &x)?;
+        // In training, one op that keeps only its output for backward.
+        if B::is_tracked(&x) {
+            return Ok(B::normalize_last(x, eps));
+        }
         let mean = Self::mean_over(x.clone(), &[last])?;
         let var = self.variance(x.clone(), &[last], true, 0)?;
         let denom = B::float_sqrt(B::float_add_scalar(var, Scalar::Float(eps)));
