@@ -1,17 +1,18 @@
-"""The PyTorch side of the SDXL LoRA step benchmark, and the model both sides use.
+"""The PyTorch side of the real-size LoRA step benchmark, and the model both sides use.
 
-    python3 tests/bench/sdxl_lora_step.py build DIR   # DIR/model: SDXL pipeline folder
-    python3 tests/bench/sdxl_lora_step.py torch DIR [steps]
+    python3 tests/bench/lora_step.py build sd15|sdxl DIR   # DIR/model: a pipeline folder
+    python3 tests/bench/lora_step.py torch sd15|sdxl DIR [steps]
 
-`build` writes a diffusers SDXL folder whose UNet is SDXL base 1.0's published config with random
-weights (saved in float16 to halve the file; both sides compute in float32), with one-layer
-text encoders of SDXL's widths (768 and 1280, pooled 1280) and a small VAE of SDXL's factor 8, so
-that a 512×512 image is a 64×64 latent and the text states are 77×2048 as in SDXL.
+`build` writes a diffusers folder whose UNet is the published config (SD 1.5's, or SDXL base
+1.0's) with random weights (saved in float16 to halve the file; both sides compute in float32),
+with one-layer text encoders of the family's widths (SD 1.5: 768; SDXL: 768 and 1280, pooled
+1280) and a small VAE of factor 8, so that a 512×512 image is a 64×64 latent and the text states
+are as wide as the real ones.
 
 `torch` runs diffusers + peft: a LoRA of rank 16 (alpha 1) on the UNet's attention-block layers
-(what Ferrite's `attn-mlp` preset adapts), AdamW, one MSE step per batch of one 64×64 latent with
-SDXL's added conditioning; prints the mean step time after a warm-up step and the process's peak
-resident memory. tests/bench/sdxl_lora_step.sh runs both sides one after the other.
+(what Ferrite's `attn-mlp` preset adapts), AdamW, one MSE step per batch of one 64×64 latent (with
+SDXL's added conditioning); prints the mean step time after a warm-up step and the process's peak
+resident memory. tests/bench/lora_step.sh runs both sides one after the other.
 """
 import os
 import resource
@@ -20,7 +21,13 @@ import time
 
 import torch
 
-UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+)
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
@@ -31,11 +38,12 @@ UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
-def build(out):
+def build(family, out):
     import importlib.util
     import shutil
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     gen = os.path.join(os.path.dirname(__file__), "..", "fixtures", "gen", "pipeline.py")
@@ -56,24 +64,34 @@ def build(out):
     vae = AutoencoderKL(block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=4, latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                         scaling_factor=0.13025)
-    unet = UNet2DConditionModel(**UNET).half()
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=CLIPTokenizer(vocab, merges),
-        tokenizer_2=CLIPTokenizer(vocab, merges, pad_token="!"), unet=unet, scheduler=scheduler,
-    )
+    if family == "sdxl":
+        unet = UNet2DConditionModel(**SDXL_UNET).half()
+        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           steps_offset=1, timestep_spacing="leading")
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=CLIPTokenizer(vocab, merges),
+            tokenizer_2=CLIPTokenizer(vocab, merges, pad_token="!"), unet=unet, scheduler=scheduler,
+        )
+    else:
+        vae.register_to_config(scaling_factor=0.18215)
+        unet = UNet2DConditionModel(**SD15_UNET).half()
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=te, tokenizer=CLIPTokenizer(vocab, merges), unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
     shutil.rmtree(tok)
     params = sum(p.numel() for p in unet.parameters())
-    print(f"wrote {out}/model: SDXL base UNet config, {params / 1e9:.2f} B parameters")
+    print(f"wrote {out}/model: {family} UNet config, {params / 1e9:.2f} B parameters")
 
 
 def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def torch_step(out, steps):
+def torch_step(family, out, steps):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -84,9 +102,9 @@ def torch_step(out, steps):
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 64, 64, generator=g)
-    ctx = torch.randn(1, 77, 2048, generator=g)
+    ctx = torch.randn(1, 77, 2048 if family == "sdxl" else 768, generator=g)
     added = {"text_embeds": torch.randn(1, 1280, generator=g),
-             "time_ids": torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]])}
+             "time_ids": torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]])} if family == "sdxl" else None
     target = torch.randn(1, 4, 64, 64, generator=g)
     t = torch.tensor([500.0])
 
@@ -108,8 +126,9 @@ def torch_step(out, steps):
 
 
 if __name__ == "__main__":
-    what, out = sys.argv[1], sys.argv[2]
+    what, family, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    assert family in ("sd15", "sdxl"), family
     if what == "build":
-        build(out)
+        build(family, out)
     else:
-        torch_step(out, int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+        torch_step(family, out, int(sys.argv[4]) if len(sys.argv) > 4 else 1)

@@ -1,10 +1,11 @@
-//! The Rust side of the SDXL LoRA step benchmark (tests/bench/sdxl_lora_step.sh): `ferrite`'s
-//! trainer on the folder tests/bench/sdxl_lora_step.py built (SDXL base's UNet, random weights),
+//! The Rust side of the real-size LoRA step benchmark (tests/bench/lora_step.sh): `ferrite`'s
+//! trainer on the folder tests/bench/lora_step.py built (SD 1.5's or SDXL base's UNet, random
+//! weights),
 //! a LoRA of rank 16 (alpha 1) on the `attn-mlp` layers, AdamW, one 512×512 image per step.
 //! Prints the mean step time after the first step (which also encodes and caches the image and
 //! caption) and the process's peak resident memory; asserts nothing.
 //!
-//!     cargo run -p ferrite-tests --example bench_sdxl_lora -- DIR [steps] [device]
+//!     cargo run -p ferrite-tests --example bench_lora_step -- sd15|sdxl DIR [steps] [device]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -28,9 +29,9 @@ fn peak_rss_gib() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = args
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("usage: bench_sdxl_lora DIR [steps] [device]"))?;
+    let usage = || anyhow::anyhow!("usage: bench_lora_step sd15|sdxl DIR [steps] [device]");
+    let family = args.next().ok_or_else(usage)?;
+    let dir = args.next().ok_or_else(usage)?;
     let steps: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
     let device = args.next().unwrap_or_else(|| "cpu".into());
     ferrite::runtime::init(&device)?;
@@ -44,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(images.join("0.txt"), "a photo")?;
     let text = format!(
         r#"
-model_type = "sdxl"
+model_type = "{family}"
 base_model_name = "{}"
 workspace_dir = "ws"
 output_model_destination = "out/lora.safetensors"
