@@ -2,8 +2,10 @@
 //! keeps every `[B, H, Lq, Lk]` probability matrix for backward (SD 1.5 at 512²: ~0.5 GiB per
 //! self-attention layer per image). The forward runs over chunks of query rows and keeps only the
 //! output and each row's log-sum-exp; the backward recomputes each chunk's probabilities from
-//! them (FlashAttention's recurrence, over chunks rather than tiles). Without a mask or bias only:
-//! masked attention keeps burn's path.
+//! them (FlashAttention's recurrence, over chunks rather than tiles). Without a mask or bias,
+//! for q, k and v of one batch and head count with no empty dimension (the op table checks):
+//! other attention keeps burn's path. Computed in the inputs' dtype (f32 today; keeping the
+//! log-sum-exp in f32 is for mixed precision to add).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::{
@@ -76,10 +78,11 @@ pub fn forward<B: Backend>(
     rows_per_chunk: usize,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let lq = dims::<B>(q)[2];
+    let step = rows_per_chunk.max(1);
     let kt = transpose::<B>(k);
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
-    for start in (0..lq).step_by(rows_per_chunk.max(1)) {
-        let end = (start + rows_per_chunk).min(lq);
+    for start in (0..lq).step_by(step) {
+        let end = (start + step).min(lq);
         let s = scores::<B>(&rows::<B>(q, start, end), &kt, scale);
         let m = B::float_max_dim(s.clone(), 3);
         let e = B::float_exp(B::float_sub(s.clone(), widen::<B>(m.clone(), &s)));
@@ -105,12 +108,13 @@ pub fn backward<B: Backend>(
     rows_per_chunk: usize,
 ) -> [FloatTensor<B>; 3] {
     let lq = dims::<B>(q)[2];
+    let step = rows_per_chunk.max(1);
     let (kt, vt) = (transpose::<B>(k), transpose::<B>(v));
     // Dᵢ = Σⱼ dOᵢⱼ Oᵢⱼ: the softmax backward's row term.
     let d = B::float_sum_dim(B::float_mul(grad.clone(), out.clone()), 3);
     let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
-    for start in (0..lq).step_by(rows_per_chunk.max(1)) {
-        let end = (start + rows_per_chunk).min(lq);
+    for start in (0..lq).step_by(step) {
+        let end = (start + step).min(lq);
         let qc = rows::<B>(q, start, end);
         let s = scores::<B>(&qc, &kt, scale);
         let p = B::float_exp(B::float_sub(

@@ -1361,7 +1361,7 @@ fn each_holder_has_its_own_handle() {
 #[test]
 fn fused_attention_without_grad_equals_the_tracked_path() {
     // Long enough (600² scores) for flex to pick its flash kernel when nothing is tracked; the
-    // tracked call goes through burn-autodiff's decomposition. Both must agree.
+    // tracked call goes through the runtime's O(L) op. Both must agree.
     init();
     let s = [1, 2, 600, 8];
     let (q, _) = r(&s, 140);
@@ -1372,4 +1372,28 @@ fn fused_attention_without_grad_equals_the_tracked_path() {
     qt.set_requires_grad(true).unwrap();
     let tracked = ops::attention(&qt, &t(&k, &s), &t(&v, &s), None, None).unwrap();
     close(&fused, &tracked.to_vec().unwrap(), &s, 1e-5);
+}
+
+/// Unmasked attention in training (the runtime's O(L) op) has the gradients of central
+/// differences; q, k and v of different batch or head counts are refused, tracked or not.
+#[test]
+fn attention_gradients_in_training_match_finite_differences() {
+    init();
+    let attention = |x: &[Tensor]| ops::attention(&x[0], &x[1], &x[2], None, None);
+    grad_check(
+        &[
+            r(&[1, 2, 5, 3], 150),
+            r(&[1, 2, 4, 3], 151),
+            r(&[1, 2, 4, 2], 152),
+        ],
+        attention,
+    );
+    let (q, k) = (r(&[2, 1, 3, 2], 153), r(&[1, 1, 4, 2], 154));
+    let (q, k) = (t(&q.0, &q.1), t(&k.0, &k.1));
+    q.set_requires_grad(true).unwrap();
+    let e = ops::attention(&q, &k, &k, None, None).unwrap_err();
+    assert!(
+        e.to_string().contains("must be [B, H, L, D] and agree"),
+        "{e}"
+    );
 }

@@ -197,7 +197,14 @@ impl<B: Tracking> TensorTable<B> {
     pub(super) fn attention(&self, ids: &[TensorId], a: &op::Attention) -> RtResult<Vec<Value<B>>> {
         let (q, k, v) = (self.f(ids, 0)?, self.f(ids, 1)?, self.f(ids, 2)?);
         let (qs, ks, vs) = (shape_of::<B>(&q), shape_of::<B>(&k), shape_of::<B>(&v));
-        if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 || qs[3] != ks[3] || ks[2] != vs[2] {
+        if qs.len() != 4
+            || ks.len() != 4
+            || vs.len() != 4
+            || qs[..2] != ks[..2]
+            || ks[..2] != vs[..2]
+            || qs[3] != ks[3]
+            || ks[2] != vs[2]
+        {
             return Err(format!(
                 "op attention: q {qs:?}, k {ks:?}, v {vs:?} must be [B, H, L, D] and agree"
             ));
@@ -222,7 +229,11 @@ impl<B: Tracking> TensorTable<B> {
             .into_iter()
             .chain(bias.as_ref())
             .any(B::is_tracked);
-        if tracked && mask.is_none() && bias.is_none() {
+        // The O(L) op takes q, k and v of one batch and head count (no broadcasting) and no
+        // empty dimension.
+        let plain =
+            qs[..2] == ks[..2] && ks[..2] == vs[..2] && !qs.contains(&0) && !ks.contains(&0);
+        if tracked && mask.is_none() && bias.is_none() && plain {
             let scale = a.scale.unwrap_or(1.0 / (qs[3] as f64).sqrt());
             return one(B::memory_efficient_attention(q, k, v, scale));
         }

@@ -94,7 +94,7 @@ impl<B: Tracking> TensorTable<B> {
     pub(super) fn normalize_last(&self, x: F<B>, eps: f64) -> RtResult<F<B>> {
         let last = last_dim::<B>("normalize", &x)?;
         // In training, one op that keeps only its output for backward.
-        if B::is_tracked(&x) {
+        if B::is_tracked(&x) && shape_of::<B>(&x)[last] > 0 {
             return Ok(B::normalize_last(x, eps));
         }
         let mean = Self::mean_over(x.clone(), &[last])?;
