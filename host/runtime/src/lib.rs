@@ -6,6 +6,7 @@ mod api;
 pub mod attention;
 pub mod bench;
 pub mod fsutil;
+pub mod gated;
 pub mod normalize;
 mod ops;
 mod scope;

@@ -69,6 +69,8 @@ pub trait Tracking: AutodiffBackend {
     /// `(x − mean) / sqrt(var + eps)` over the last dimension, keeping one tensor for backward
     /// ([`crate::normalize`]).
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+    /// `x · sigmoid(a·x)` (SiLU, quick GELU), keeping only `x` for backward ([`crate::gated`]).
+    fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self>;
 }
 
 impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
@@ -87,6 +89,10 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
 
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         crate::normalize::normalize_last::<B, NoCheckpointing>(x, eps)
+    }
+
+    fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self> {
+        crate::gated::x_sigmoid::<B, NoCheckpointing>(x, a)
     }
 }
 

@@ -92,11 +92,8 @@ impl<B: Tracking> TensorTable<B> {
             Op::Cos(_) => B::float_cos(t),
             Op::Tanh(_) => B::float_tanh(t),
             Op::Sigmoid(_) => B::sigmoid(t),
-            Op::Silu(_) => B::float_mul(t.clone(), B::sigmoid(t)),
-            Op::QuickGelu(_) => B::float_mul(
-                t.clone(),
-                B::sigmoid(B::float_mul_scalar(t, Scalar::Float(1.702))),
-            ),
+            Op::Silu(_) => B::x_sigmoid(t, 1.0),
+            Op::QuickGelu(_) => B::x_sigmoid(t, 1.702),
             Op::Relu(_) => B::relu(t),
             other => return Err(format!("op {} is not a unary map", other.code().name())),
         })
