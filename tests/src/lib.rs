@@ -110,3 +110,39 @@ pub fn toy_dataset(dir: &Path) {
         std::fs::write(dir.join(format!("{i}.txt")), format!("a {name} square\n")).unwrap();
     }
 }
+
+/// `ferrite sample` with the settings the pipeline fixtures' generators use (their prompt, 4
+/// steps, guidance 4, 16×16, the fixture's `noise.safetensors`), then the largest pixel
+/// difference from `fixture/expected`. `args` go last (`--arch`, `--model`, `--sampler`,
+/// `--negative-prompt`, ...).
+pub fn sample_diff(fixture: &Path, expected: &str, args: &[&str]) -> u8 {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let noise = fixture.join("noise.safetensors");
+    let mut all = vec![
+        "sample",
+        "--prompt",
+        "a photo of a red cat, best quality",
+        "--steps",
+        "4",
+        "--cfg",
+        "4",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--init-noise",
+        noise.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    all.extend(args);
+    let o = run_ferrite(&all, None, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(fixture.join(expected)).unwrap().to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions());
+    let worst = max_pixel_diff(&got, &want);
+    println!("{expected} {args:?}: max pixel difference {worst}/255");
+    worst
+}

@@ -10,7 +10,6 @@ use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
 use ferrite::train::trainer::Trainer;
 use ferrite_plugin_api::{DType, Weights, plugin::ArchitectureHandle};
-use ferrite_tests::run_ferrite;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd2")
@@ -29,47 +28,10 @@ fn load(options: serde_json::Value) -> ArchitectureHandle {
 
 /// The largest pixel difference from StableDiffusionPipeline's image.
 fn sample(model: &Path, extra: &[&str]) -> u8 {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.png");
-    let noise = fixture().join("noise.safetensors");
-    let mut args = vec![
-        "sample",
-        "--arch",
-        "sd2",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "a photo of a red cat, best quality",
-        "--negative-prompt",
-        "blurry",
-        "--steps",
-        "4",
-        "--cfg",
-        "4",
-        "--width",
-        "16",
-        "--height",
-        "16",
-        "--sampler",
-        "ddim",
-        "--init-noise",
-        noise.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    let mut args = vec!["--arch", "sd2", "--model", model.to_str().unwrap()];
+    args.extend(["--sampler", "ddim", "--negative-prompt", "blurry"]);
     args.extend(extra);
-    let o = run_ferrite(&args, None, dir.path());
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let got = image::open(&out).unwrap().to_rgb8();
-    let want = image::open(fixture().join("expected_ddim.png"))
-        .unwrap()
-        .to_rgb8();
-    let worst = ferrite_tests::max_pixel_diff(&got, &want);
-    println!(
-        "{} {extra:?}: max pixel difference {worst}/255",
-        model.display()
-    );
-    worst
+    ferrite_tests::sample_diff(&fixture(), "expected_ddim.png", &args)
 }
 
 /// v-prediction read from the folder's scheduler config.

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
 use ferrite_plugin_api::{DType, Weights, plugin::ArchitectureHandle};
-use ferrite_tests::run_ferrite;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sdxl")
@@ -56,43 +55,13 @@ fn compare_model(
     model: &Path,
     extra: &[&str],
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.png");
-    let noise = fixture().join("noise.safetensors");
-    let mut args = vec![
-        "sample",
-        "--arch",
-        "sdxl",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "a photo of a red cat, best quality",
-        "--steps",
-        "4",
-        "--cfg",
-        "4",
-        "--width",
-        "16",
-        "--height",
-        "16",
-        "--sampler",
-        sampler,
-        "--init-noise",
-        noise.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    let mut args = vec!["--arch", "sdxl", "--model", model.to_str().unwrap()];
+    args.extend(["--sampler", sampler]);
     if let Some(n) = negative {
         args.extend(["--negative-prompt", n]);
     }
     args.extend(extra);
-    let o = run_ferrite(&args, None, dir.path());
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let got = image::open(&out).unwrap().to_rgb8();
-    let want = image::open(fixture().join(expected)).unwrap().to_rgb8();
-    assert_eq!(got.dimensions(), want.dimensions());
-    let worst = ferrite_tests::max_pixel_diff(&got, &want);
-    println!("{expected}: max pixel difference {worst}/255");
+    let worst = ferrite_tests::sample_diff(&fixture(), expected, &args);
     assert!(worst <= 2, "{expected}: max pixel difference {worst}/255");
 }
 
