@@ -54,15 +54,10 @@ fn compare_with(sampler: &str, model: &Path, extra: &[&str]) {
 }
 
 fn compare_to(expected: &str, sampler: &str, model: &Path, extra: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.png");
-    let o = sample_with(model, sampler, &out, extra);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let got = image::open(&out).unwrap().to_rgb8();
-    let want = image::open(fixture().join(expected)).unwrap().to_rgb8();
-    assert_eq!(got.dimensions(), want.dimensions());
-    let worst = ferrite_tests::max_pixel_diff(&got, &want);
-    println!("{sampler}: max pixel difference {worst}/255");
+    let mut args = vec!["--model", model.to_str().unwrap(), "--sampler", sampler];
+    args.extend(["--negative-prompt", "blurry"]);
+    args.extend(extra);
+    let worst = ferrite_tests::sample_diff(&fixture(), expected, &args);
     assert!(worst <= 2, "{sampler}: max pixel difference {worst}/255");
 }
 
