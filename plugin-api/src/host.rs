@@ -15,7 +15,7 @@ use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, Tuple2};
 use crate::abi::{HostRef, LogLevel, NamedTensor, TensorId, WeightInfo, known};
 use crate::error::{Error, Result};
 use crate::nn::AdaptableLayer;
-use crate::op::Op;
+use crate::op::{self, Op};
 use crate::tensor::Tensor;
 
 static HOST: OnceLock<HostRef> = OnceLock::new();
@@ -73,6 +73,23 @@ fn one(op: &str, mut out: Vec<Tensor>) -> Result<Tensor> {
     match out.len() {
         1 => Ok(out.remove(0)),
         n => Err(Error(format!("op {op} returned {n} tensors, expected 1"))),
+    }
+}
+
+/// Runs `block` as one unit of gradient checkpointing (ABI 1.2): when the host checkpoints
+/// this run, it keeps only the block's inputs and recomputes the block in backward, so the
+/// activations inside it are not held between forward and backward. The result is the same
+/// either way. Architectures mark their repeated blocks (resnets, transformer layers) with it;
+/// tensors made inside other than the returned one carry no gradient out of the block.
+pub fn checkpoint(block: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    call(Op::CheckpointBegin(op::NoArgs {}), &[])?;
+    match block() {
+        Ok(out) => call1(Op::CheckpointEnd(op::NoArgs {}), &[&out]),
+        Err(e) => {
+            // Ends the block without output, so later ops are not recorded into it.
+            let _ = call(Op::CheckpointEnd(op::NoArgs {}), &[]);
+            Err(e)
+        }
     }
 }
 

@@ -16,7 +16,7 @@ pub use abi::{ComponentKind, DType, LogLevel, OpCode, TensorId, WeightInfo};
 pub use abi_stable;
 pub use error::{Error, Result};
 pub use family::{ModelInfo, Part, PartKind};
-pub use host::{Generator, Weights, save_safetensors};
+pub use host::{Generator, Weights, checkpoint, save_safetensors};
 pub use nn::AdaptableLayer;
 pub use op::Op;
 pub use plugin::{

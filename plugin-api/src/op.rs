@@ -405,6 +405,9 @@ op_table! {
     66 BACKWARD Backward "backward" (1, 0, false) NoArgs;
     67 GRAD Grad "grad" (2, 0, false) NoArgs;
     68 ASSIGN Assign "assign" (2, 0, false) NoArgs;
+    // 1.2: gradient checkpointing of a block (see `host::checkpoint`).
+    69 CHECKPOINT_BEGIN CheckpointBegin "checkpoint_begin" (0, 0, false) NoArgs;
+    70 CHECKPOINT_END CheckpointEnd "checkpoint_end" (0, 0, true) NoArgs;
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 //! Prints the mean step time after the first step (which also encodes and caches the image and
 //! caption) and the process's peak resident memory; asserts nothing.
 //!
-//!     cargo run -p ferrite-tests --example bench_lora_step -- sd15|sdxl DIR [steps] [device]
+//!     cargo run -p ferrite-tests --example bench_lora_step -- sd15|sdxl DIR [steps] [device] [key=value ...]
+//!
+//! `key=value` pairs set config options as `ferrite train --set` does (say
+//! `gradient_checkpointing=off`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,11 +32,13 @@ fn peak_rss_gib() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let usage = || anyhow::anyhow!("usage: bench_lora_step sd15|sdxl DIR [steps] [device]");
+    let usage =
+        || anyhow::anyhow!("usage: bench_lora_step sd15|sdxl DIR [steps] [device] [key=value ...]");
     let family = args.next().ok_or_else(usage)?;
     let dir = args.next().ok_or_else(usage)?;
     let steps: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
     let device = args.next().unwrap_or_else(|| "cpu".into());
+    let sets: Vec<String> = args.collect();
     ferrite::runtime::init(&device)?;
     let root = Path::new(&dir);
     let images = root.join("images");
@@ -71,7 +76,7 @@ path = "images"
     );
     let p = root.join("bench.toml");
     std::fs::write(&p, text)?;
-    let config = TrainConfig::load(Some(&p), None, &[])?;
+    let config = TrainConfig::load(Some(&p), None, &sets)?;
     let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
     let loading = Instant::now();
     let mut t = Trainer::new(config, root, registry)?;
@@ -95,7 +100,8 @@ path = "images"
     let timed = &times[1..];
     let mean = timed.iter().sum::<Duration>() / timed.len().max(1) as u32;
     println!(
-        "ferrite LoRA step 512x512 (64x64 latent): {:8.1} s, peak memory {:.1} GiB",
+        "ferrite LoRA step 512x512 (64x64 latent) {}: {:8.1} s, peak memory {:.1} GiB",
+        sets.join(" "),
         mean.as_secs_f64(),
         peak_rss_gib()
     );

@@ -91,12 +91,14 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def torch_step(family, out, steps):
+def torch_step(family, out, steps, checkpointing):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "model", "unet"), torch_dtype=torch.float32)
     unet.requires_grad_(False)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.add_adapter(LoraConfig(r=16, lora_alpha=1, init_lora_weights="gaussian", target_modules=TARGETS))
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
@@ -122,7 +124,9 @@ def torch_step(family, out, steps):
     for _ in range(steps):
         step()
     per = (time.perf_counter() - start) / steps
-    print(f"torch   LoRA step 512x512 (64x64 latent): {per:8.1f} s, peak memory {peak_rss_gib():.1f} GiB")
+    label = "gradient_checkpointing=on" if checkpointing else "gradient_checkpointing=off"
+    print(f"torch   LoRA step 512x512 (64x64 latent) {label}: {per:8.1f} s, "
+          f"peak memory {peak_rss_gib():.1f} GiB")
 
 
 if __name__ == "__main__":
@@ -131,4 +135,5 @@ if __name__ == "__main__":
     if what == "build":
         build(family, out)
     else:
-        torch_step(family, out, int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+        steps = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+        torch_step(family, out, steps, len(sys.argv) > 5 and sys.argv[5] == "checkpointing")

@@ -1,10 +1,10 @@
 #!/bin/sh
 # One LoRA training step of a real-size SD 1.5 or SDXL UNet (the published config, random weights)
-# at 512x512
-# on this machine: diffusers + peft (the UNet step: forward, MSE, backward, AdamW), then Ferrite
-# (a whole trainer step: batch from the cache, noise, forward, loss, backward, AdamW), each in its
-# own process. Prints step times, peak memory and their ratio; asserts nothing. Ferrite is built
-# in the dev profile (dependencies, burn included, at opt-level 3; Ferrite's crates at 1).
+# at 512x512 on this machine, with gradient checkpointing and without: diffusers + peft (the UNet
+# step: forward, MSE, backward, AdamW), then Ferrite (a whole trainer step: batch from the cache,
+# noise, forward, loss, backward, AdamW), each in its own process. Prints step times, peak memory
+# and their ratios; asserts nothing. Ferrite is built in the dev profile (dependencies, burn
+# included, at opt-level 3; Ferrite's crates at 1).
 #   sh tests/bench/lora_step.sh sd15|sdxl [DIR] [PYTHON] [steps]
 set -e
 family=${1:?sd15 or sdxl}
@@ -14,15 +14,22 @@ steps=${4:-1}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$dir"
 [ -d "$dir/model" ] || "$py" "$root/tests/bench/lora_step.py" build "$family" "$dir"
-"$py" "$root/tests/bench/lora_step.py" torch "$family" "$dir" "$steps" | tee "$dir/torch.txt"
+("$py" "$root/tests/bench/lora_step.py" torch "$family" "$dir" "$steps" checkpointing \
+  && "$py" "$root/tests/bench/lora_step.py" torch "$family" "$dir" "$steps") | tee "$dir/torch.txt"
 (cd "$root" && cargo build -q -p ferrite-sd15 -p ferrite-sdxl -p ferrite-lora -p ferrite-optim-adamw \
-  && cargo run -q -p ferrite-tests --example bench_lora_step -- "$family" "$dir" "$steps") | tee "$dir/ferrite.txt"
+  && cargo run -q -p ferrite-tests --example bench_lora_step -- "$family" "$dir" "$steps" cpu \
+  && cargo run -q -p ferrite-tests --example bench_lora_step -- "$family" "$dir" "$steps" cpu \
+       gradient_checkpointing=off) | tee "$dir/ferrite.txt"
 "$py" - "$dir" <<'PY'
 import re, sys
-def figures(f):
+def all_figures(f):
     t = open(f"{sys.argv[1]}/{f}").read()
-    m = re.search(r"step .*?:\s*([\d.]+) s, peak memory ([\d.]+) GiB", t)
-    return float(m.group(1)), float(m.group(2))
-(ts, tm), (fs, fm) = figures("torch.txt"), figures("ferrite.txt")
-print(f"ferrite / torch: step time {fs / ts:.2f}x, peak memory {fm / tm:.2f}x")
+    return re.findall(r"step (.*?):\s*([\d.]+) s, peak memory ([\d.]+) GiB", t)
+def label(what):
+    return what.split(")", 1)[-1].strip() or "gradient_checkpointing=on"
+torch = {label(w): (float(t), float(m)) for w, t, m in all_figures("torch.txt")}
+for what, fs, fm in all_figures("ferrite.txt"):
+    ts, tm = torch[label(what)]
+    print(f"{label(what)}: ferrite / torch step time {float(fs) / ts:.2f}x, "
+          f"peak memory {float(fm) / tm:.2f}x")
 PY

@@ -521,12 +521,18 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ),
     ("ema_decay", "train: EMA tests"),
     ("ema_update_step_interval", "train: EMA tests"),
+    (
+        "gradient_checkpointing",
+        "train::gradient_checkpointing_trains_the_same_model, runtime checkpoint tests, \
+         tests/bench/lora_step.sh (memory)",
+    ),
     ("latent_caching", "train: cache tests"),
     ("clear_cache_before_training", "train: cache tests"),
     ("unet", "train: per-part tests"),
     (
         "text_encoder",
-        "train: per-part tests (dropout_probability is in the table)",
+        "train: per-part tests (dropout_probability is in the table; weight_dtype: \
+         train::frozen_weights_kept_below_f32_train_near_the_f32_run)",
     ),
     (
         "text_encoder_2",

@@ -3,7 +3,10 @@
 //! (per-step losses and final weights, bitwise), and the loss goes down. Runs share nothing
 //! process-wide: the tests here train at the same time.
 
-use ferrite::config::{ConceptType, EmaMode, LossWeightFn, OutputFormat, TimeUnit, TrainingMethod};
+use ferrite::config::{
+    ConceptType, EmaMode, GradientCheckpointing, LossWeightFn, OutputFormat, TimeUnit,
+    TrainingMethod, WeightDtype,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -967,4 +970,116 @@ fn a_trained_table_the_model_has_no_part_for_is_refused() {
     let e = Trainer::new(c, root, registry()).err().expect("refused");
     assert!(e.to_string().contains("text_encoder_2.train"), "{e}");
     assert!(e.to_string().contains("unet, text_encoder"), "{e}");
+}
+
+/// `gradient_checkpointing` recomputes the UNet's and text encoder's blocks in backward instead
+/// of keeping their activations; the run is the same either way, to f32 round-off (LoRA with
+/// dropout, whose masks the replay must draw again, and a fine-tune of the UNet and the text
+/// encoder).
+#[test]
+fn gradient_checkpointing_trains_the_same_model() {
+    let root = setup();
+    let root = root.path();
+    // The largest change from `a` to `b`, relative to `b` (floored at 1e-2).
+    let differ = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| {
+        assert_eq!(a.len(), b.len());
+        let mut worst = 0f32;
+        for ((k, a), (_, b)) in a.iter().zip(b) {
+            assert_eq!(a.len(), b.len(), "{k}");
+            for (x, y) in a.iter().zip(b) {
+                worst = worst.max((x - y).abs() / y.abs().max(1e-2));
+            }
+        }
+        worst
+    };
+    for fine_tune in [false, true] {
+        let trained = |checkpointing: GradientCheckpointing| {
+            let mut c = config(root, &format!("ckpt-{checkpointing}-{fine_tune}"));
+            c.backup_after_unit = TimeUnit::Never;
+            c.gradient_checkpointing = checkpointing;
+            // SGD: the weights move by the gradients themselves (Adam's normalisation would
+            // blow up round-off in near-zero gradients).
+            c.optimizer
+                .insert("optimizer".into(), toml::Value::String("sgd".into()));
+            if fine_tune {
+                c.training_method = TrainingMethod::FineTune;
+                c.learning_rate = 0.05;
+                c.text_encoder.train = true;
+                c.output_model_destination = format!("ckpt-{checkpointing}/model.safetensors");
+            } else {
+                c.learning_rate = 0.5;
+                c.lora_dropout = 0.2;
+            }
+            let t = Trainer::new(c, root, registry()).unwrap();
+            let start: Vec<(String, Vec<f32>)> = t
+                .trainable()
+                .into_iter()
+                .map(|(k, v)| (k, v.to_vec().unwrap()))
+                .collect();
+            (start, run_trainer(t, None, None))
+        };
+        let ((start, on), (_, off)) = (
+            trained(GradientCheckpointing::On),
+            trained(GradientCheckpointing::Off),
+        );
+        assert_eq!(on.losses.len(), 6);
+        for ((_, a), (_, b)) in on.losses.iter().zip(&off.losses) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "loss {a} vs {b}");
+        }
+        let (moved, apart) = (
+            differ(&start, &off.weights),
+            differ(&on.weights, &off.weights),
+        );
+        println!("fine_tune {fine_tune}: weights moved by {moved:e}, runs differ by {apart:e}");
+        assert!(
+            moved > 1e-2,
+            "fine_tune {fine_tune}: training moved nothing ({moved})"
+        );
+        assert!(apart < 1e-5, "fine_tune {fine_tune}: {apart}");
+    }
+}
+
+/// `weight_dtype` keeps a part's frozen weights in bf16, f16, float8 or nfloat4: a LoRA run
+/// trains on the rounded weights (losses near the f32 run's, not equal to them), and a
+/// fine-tuned part is refused.
+#[test]
+fn frozen_weights_kept_below_f32_train_near_the_f32_run() {
+    let root = setup();
+    let root = root.path();
+    let losses = |dtype: WeightDtype| {
+        let mut c = config(root, &format!("wd-{dtype}"));
+        c.backup_after_unit = TimeUnit::Never;
+        for part in [&mut c.unet, &mut c.text_encoder] {
+            part.weight_dtype = dtype;
+        }
+        run(c, root, None).losses
+    };
+    let f32_losses = losses(WeightDtype::Float32);
+    // How far each format's losses may stray: its rounding error on N(0, σ) weights.
+    for (dtype, tolerance) in [
+        (WeightDtype::Bfloat16, 2e-3),
+        (WeightDtype::Float16, 2e-3),
+        (WeightDtype::Float8, 1e-2),
+        (WeightDtype::Nfloat4, 2e-2),
+    ] {
+        let kept = losses(dtype);
+        assert_eq!(kept.len(), f32_losses.len());
+        assert_ne!(kept, f32_losses, "{dtype}: the weights were not rounded");
+        let worst = kept
+            .iter()
+            .zip(&f32_losses)
+            .map(|((_, a), (_, b))| (a - b).abs() / b.abs())
+            .fold(0f32, f32::max);
+        println!("{dtype}: losses within {worst:e} of float32's");
+        assert!(worst <= tolerance, "{dtype}: {worst}");
+    }
+
+    let mut c = config(root, "wd-ft");
+    c.training_method = TrainingMethod::FineTune;
+    c.unet.weight_dtype = WeightDtype::Bfloat16;
+    let e = Trainer::new(c, root, registry()).err().unwrap().to_string();
+    assert!(
+        e.contains("unet.weight_dtype") && e.contains("float32"),
+        "{e}"
+    );
 }

@@ -536,6 +536,7 @@ impl App {
                             &mut pc.stop_training_after_unit,
                             TimeUnit::STOPS,
                         );
+                        f.choice(ui, &format!("{part}.weight_dtype"), &mut pc.weight_dtype);
                         if part == "text_encoder" {
                             f.num(
                                 ui,
@@ -747,6 +748,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             "ema_update_step_interval",
             &mut c.ema_update_step_interval,
         );
+        f.choice(ui, "gradient_checkpointing", &mut c.gradient_checkpointing);
     });
     ui.separator();
     ui.strong("Optimizer");

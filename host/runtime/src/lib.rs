@@ -5,8 +5,10 @@
 mod api;
 pub mod attention;
 pub mod bench;
+pub mod checkpoint;
 pub mod fsutil;
 pub mod gated;
+pub mod kept;
 pub mod normalize;
 mod ops;
 mod scope;
@@ -21,6 +23,7 @@ use burn_backend::TensorData;
 use ferrite_plugin_api::{DType, Op, TensorId};
 
 pub use api::host_ref;
+pub use kept::WeightFormat;
 pub use scope::{Adapt, Cancel, Entered, Scope};
 pub use table::{TensorTable, Tracking};
 pub use weights::WeightFile;
@@ -38,6 +41,10 @@ pub trait Runtime: Send + Sync {
     fn dtype(&self, id: TensorId) -> RtResult<DType>;
     fn data(&self, id: TensorId) -> RtResult<TensorData>;
     fn upload(&self, data: TensorData) -> TensorId;
+    /// Keeps a frozen weight in `format` (ops still read it as f32).
+    fn store(&self, id: TensorId, format: WeightFormat) -> RtResult<()>;
+    /// Bytes a float tensor's data takes as kept.
+    fn kept_bytes(&self, id: TensorId) -> RtResult<usize>;
     fn rng_new(&self, seed: u64) -> u64;
     fn rng_release(&self, id: u64);
     /// Number of live handles (leak checks in tests).
@@ -49,6 +56,12 @@ impl<B: Tracking> Runtime for TensorTable<B> {
         &self.device_name
     }
     fn call(&self, op: &Op, inputs: &[TensorId]) -> RtResult<Vec<TensorId>> {
+        match op {
+            Op::CheckpointBegin(_) => return self.checkpoint_begin(),
+            Op::CheckpointEnd(_) => return self.checkpoint_end(inputs),
+            _ if self.recording() => return self.record(op, inputs),
+            _ => {}
+        }
         let out = self.exec(op, inputs)?;
         Ok(out.into_iter().map(|v| self.insert(v)).collect())
     }
@@ -69,6 +82,12 @@ impl<B: Tracking> Runtime for TensorTable<B> {
     }
     fn upload(&self, data: TensorData) -> TensorId {
         TensorTable::upload(self, data)
+    }
+    fn store(&self, id: TensorId, format: WeightFormat) -> RtResult<()> {
+        TensorTable::store(self, id, format)
+    }
+    fn kept_bytes(&self, id: TensorId) -> RtResult<usize> {
+        TensorTable::kept_bytes(self, id)
     }
     fn rng_new(&self, seed: u64) -> u64 {
         TensorTable::rng_new(self, seed)
@@ -185,6 +204,17 @@ impl Device {
     /// Live tensor handles, for leak checks.
     pub fn live(&self) -> usize {
         self.rt.live()
+    }
+
+    /// Keeps the frozen weight `id` in `format` from now on (a part's `weight_dtype`); ops
+    /// read it as f32. Trained tensors are refused.
+    pub fn store_weight(&self, id: TensorId, format: WeightFormat) -> RtResult<()> {
+        self.rt.store(id, format)
+    }
+
+    /// Bytes the float tensor `id`'s data takes as kept (quantised or not).
+    pub fn kept_bytes(&self, id: TensorId) -> RtResult<usize> {
+        self.rt.kept_bytes(id)
     }
 
     /// The same runtime.

@@ -49,6 +49,9 @@ pub struct Scope {
     pub cancel: Cancel,
     /// The model whose adapters layers run (None: layers run as they are).
     pub adapters: Option<Arc<dyn Adapt>>,
+    /// Whether the blocks architectures mark are checkpointed (`gradient_checkpointing`):
+    /// recomputed in backward instead of keeping their activations.
+    pub checkpointing: bool,
     /// Where the run's dropout masks come from: its own, so that other runs on the same
     /// runtime do not change its draws.
     dropout: Arc<Mutex<ChaCha8Rng>>,
@@ -75,6 +78,7 @@ impl Scope {
             device,
             cancel: Cancel::default(),
             adapters: None,
+            checkpointing: false,
             dropout: Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(0))),
         }
     }
@@ -99,6 +103,11 @@ impl Scope {
 
     pub fn with_adapters(mut self, model: Arc<dyn Adapt>) -> Self {
         self.adapters = Some(model);
+        self
+    }
+
+    pub fn with_checkpointing(mut self, on: bool) -> Self {
+        self.checkpointing = on;
         self
     }
 

@@ -13,6 +13,8 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::RtResult;
+use crate::checkpoint::{Frames, Replay, SeedQueue};
+use crate::kept::{Kept, WeightFormat};
 
 /// A table entry. Integer and bool tensors exist for indices and masks.
 pub enum Value<B: AutodiffBackend> {
@@ -21,6 +23,9 @@ pub enum Value<B: AutodiffBackend> {
     Bool(BoolTensor<B>),
     /// Gradients of one backward pass (behind a mutex: burn's are Send but not Sync).
     Grads(Arc<Mutex<B::Gradients>>),
+    /// A frozen weight kept in less memory (a part's `weight_dtype`, [`crate::kept`]): ops read
+    /// it as f32.
+    Kept(Kept<B>),
 }
 
 impl<B: AutodiffBackend> Clone for Value<B> {
@@ -30,6 +35,7 @@ impl<B: AutodiffBackend> Clone for Value<B> {
             Value::Int(t) => Value::Int(t.clone()),
             Value::Bool(t) => Value::Bool(t.clone()),
             Value::Grads(g) => Value::Grads(g.clone()),
+            Value::Kept(k) => Value::Kept(k.clone()),
         }
     }
 }
@@ -41,12 +47,14 @@ impl<B: AutodiffBackend> Value<B> {
             Value::Int(_) => "int tensor",
             Value::Bool(_) => "bool tensor",
             Value::Grads(_) => "gradients",
+            Value::Kept(_) => "stored weight",
         }
     }
 
     pub fn shape(&self) -> Vec<usize> {
         match self {
             Value::Float(t) => t.shape().to_vec(),
+            Value::Kept(k) => k.shape(),
             Value::Int(t) => t.shape().to_vec(),
             Value::Bool(t) => t.shape().to_vec(),
             Value::Grads(_) => vec![],
@@ -71,6 +79,13 @@ pub trait Tracking: AutodiffBackend {
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
     /// `x · sigmoid(a·x)` (SiLU, quick GELU), keeping only `x` for backward ([`crate::gated`]).
     fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self>;
+    /// A checkpointed block's output (computed untracked) as one node over its tracked inputs,
+    /// whose gradients `replay` gives ([`crate::checkpoint`]).
+    fn checkpoint(
+        parents: Vec<FloatTensor<Self>>,
+        output: FloatTensor<Self::InnerBackend>,
+        replay: Arc<dyn Replay<Self::InnerBackend>>,
+    ) -> FloatTensor<Self>;
 }
 
 impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
@@ -94,6 +109,14 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
     fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self> {
         crate::gated::x_sigmoid::<B, NoCheckpointing>(x, a)
     }
+
+    fn checkpoint(
+        parents: Vec<FloatTensor<Self>>,
+        output: FloatTensor<B>,
+        replay: Arc<dyn Replay<B>>,
+    ) -> FloatTensor<Self> {
+        crate::checkpoint::block_node::<B, NoCheckpointing>(parents, output, replay)
+    }
 }
 
 /// `burn::backend::Autodiff`'s default strategy: no recomputation.
@@ -109,6 +132,10 @@ pub struct TensorTable<B: AutodiffBackend> {
     /// Where dropout masks come from outside any [`crate::Scope`]; a scope's run draws from
     /// its own.
     dropout: Mutex<ChaCha8Rng>,
+    /// Blocks being recorded for gradient checkpointing, per thread.
+    pub(crate) frames: Frames<B>,
+    /// Dropout seeds to use first (a checkpointed block's replay draws its masks again).
+    replay_seeds: SeedQueue,
 }
 
 /// The backend keeps one generator per process: seeding it and drawing from it happen under
@@ -206,20 +233,40 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 next: first,
             }),
             dropout: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+            frames: Frames::default(),
+            replay_seeds: SeedQueue::default(),
         }
+    }
+
+    /// Seeds the next dropout draws take, before any other.
+    pub(crate) fn queue_seeds(&self, seeds: &[u64]) {
+        self.replay_seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(seeds);
     }
 
     /// Runs `draw` (a backend random op) seeded from the calling run's dropout generator (the
     /// runtime's own outside any run).
-    pub fn backend_random<T>(&self, draw: impl FnOnce() -> T) -> T {
-        let seed = match crate::scope::current() {
-            Some(s) => s.next_dropout_seed(),
-            None => self
+    pub fn backend_random<T>(&self, draw: impl FnOnce() -> T) -> T
+    where
+        B: Tracking,
+    {
+        let queued = self
+            .replay_seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        let seed = match (queued, crate::scope::current()) {
+            (Some(seed), _) => seed,
+            (None, Some(s)) => s.next_dropout_seed(),
+            (None, None) => self
                 .dropout
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .next_u64(),
         };
+        self.note_seed(seed);
         let _backend = BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner());
         B::seed(&self.device, seed);
         draw()
@@ -262,14 +309,48 @@ impl<B: AutodiffBackend> TensorTable<B> {
         Ok(TensorId(new))
     }
 
-    /// The value behind `id` (values are cheap to clone: the data is shared).
+    /// The slot `id` refers to: handles made by `retain` share their original's.
+    pub(crate) fn slot_of(&self, id: TensorId) -> RtResult<u64> {
+        self.lock().slot(id)
+    }
+
+    /// The value behind `id` as ops compute with it: a stored weight comes as an f32 copy
+    /// (values are cheap to clone: the data is shared).
     pub fn get(&self, id: TensorId) -> RtResult<Value<B>> {
+        Ok(match self.get_stored(id)? {
+            Value::Kept(k) => Value::Float(k.dequantize(self.settings().int_dtype)),
+            v => v,
+        })
+    }
+
+    /// The value behind `id` as it is kept.
+    pub(crate) fn get_stored(&self, id: TensorId) -> RtResult<Value<B>> {
         let l = self.lock();
         let slot = l.slot(id)?;
         l.slots
             .get(&slot)
             .map(|(v, _)| v.clone())
             .ok_or_else(|| not_live(id))
+    }
+
+    /// Keeps the frozen float tensor `id` in `format` from now on (every handle to it sees
+    /// the change); ops still read it as f32. F32 keeps it as it is.
+    pub fn store(&self, id: TensorId, format: WeightFormat) -> RtResult<()> {
+        let t = match self.get(id)? {
+            Value::Float(t) if B::float_is_require_grad(&t) => {
+                return Err(format!(
+                    "tensor {} is trained: only frozen weights are kept below f32",
+                    id.0
+                ));
+            }
+            Value::Float(t) => t,
+            other => return Err(format!("cannot keep a {} as a weight", other.kind())),
+        };
+        let v = match Kept::new(t.clone(), format)? {
+            Some(k) => Value::Kept(k),
+            None => Value::Float(t),
+        };
+        self.replace(id, v)
     }
 
     /// Replaces the value every handle to `id`'s tensor sees.
@@ -345,9 +426,18 @@ impl<B: AutodiffBackend> TensorTable<B> {
         get_device_settings::<B>(&self.device)
     }
 
+    pub fn kept_bytes(&self, id: TensorId) -> RtResult<usize> {
+        match self.get_stored(id)? {
+            Value::Float(t) => Ok(t.shape().num_elements() * t.dtype().size()),
+            Value::Kept(k) => Ok(k.bytes()),
+            other => Err(format!("a {} is not a weight", other.kind())),
+        }
+    }
+
     pub fn dtype(&self, id: TensorId) -> RtResult<DType> {
-        Ok(match self.get(id)? {
+        Ok(match self.get_stored(id)? {
             Value::Float(t) => from_burn_dtype(t.dtype()),
+            Value::Kept(k) => from_burn_dtype(k.dtype()),
             Value::Int(t) => from_burn_dtype(t.dtype()),
             Value::Bool(_) => DType::Bool,
             Value::Grads(_) => return Err("a gradients handle has no dtype".into()),
@@ -356,8 +446,12 @@ impl<B: AutodiffBackend> TensorTable<B> {
 
     /// Reads a tensor back to host memory (a device sync).
     pub fn data(&self, id: TensorId) -> RtResult<TensorData> {
-        let r = match self.get(id)? {
+        let r = match self.get_stored(id)? {
             Value::Float(t) => read_sync(B::float_into_data(t)),
+            Value::Kept(Kept::Half(t)) => read_sync(B::float_into_data(t)),
+            Value::Kept(k) => {
+                read_sync(B::float_into_data(k.dequantize(self.settings().int_dtype)))
+            }
             Value::Int(t) => read_sync(B::int_into_data(t)),
             Value::Bool(t) => read_sync(B::bool_into_data(t)),
             Value::Grads(_) => return Err("a gradients handle holds no data".into()),

@@ -2,7 +2,7 @@
 //! SD 1.x (quick GELU), SD 2.x and SDXL (GELU, projection) from one config.
 
 use ferrite_plugin_api::{
-    DType, Error, Result, Tensor, WeightInfo, Weights,
+    DType, Error, Result, Tensor, WeightInfo, Weights, checkpoint,
     nn::{Embedding, LayerNorm, Linear},
     ops,
 };
@@ -311,7 +311,7 @@ impl ClipTextTransformer {
             if i + 1 == self.layers.len() {
                 penultimate = x.clone();
             }
-            x = layer.forward(&x, &mask)?;
+            x = checkpoint(|| layer.forward(&x, &mask))?;
             hidden_states.push(x.clone());
             if skip > 0 && i + 1 + skip == self.layers.len() {
                 skipped = Some(self.final_layer_norm.forward(&x)?);

@@ -2,7 +2,7 @@
 //! `Attention` of the VAE mid block.
 
 use ferrite_plugin_api::{
-    DType, Error, Result, Tensor, Weights,
+    DType, Error, Result, Tensor, Weights, checkpoint,
     nn::{Conv2d, GroupNorm, Linear},
     ops::{self, ConvOptions, InterpolateMode},
 };
@@ -75,7 +75,12 @@ impl ResnetBlock2D {
         })
     }
 
+    /// A unit of gradient checkpointing.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        checkpoint(|| self.compute(x, temb))
+    }
+
+    fn compute(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             h = h.add(&proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?)?;

@@ -2,7 +2,7 @@
 //! GEGLU feed-forward, and `Transformer2DModel` (conv or linear projection).
 
 use ferrite_plugin_api::{
-    DType, Error, Result, Tensor, Weights,
+    DType, Error, Result, Tensor, Weights, checkpoint,
     nn::{Conv2d, GroupNorm, LayerNorm, Linear},
     ops::{self, ConvOptions},
 };
@@ -223,7 +223,7 @@ impl Transformer2DModel {
             Projection::Linear(p) => p.forward(&to_seq(&n)?)?,
         };
         for block in &self.transformer_blocks {
-            s = block.forward(&s, context)?;
+            s = checkpoint(|| block.forward(&s, context))?;
         }
         let out = match &self.proj_out {
             Projection::Conv(p) => p.forward(&to_img(&s)?)?,

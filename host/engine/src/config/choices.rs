@@ -73,6 +73,28 @@ choices! {
         P2,
     }
 
+    /// The dtype a part's frozen weights are kept in.
+    WeightDtype ("lowercase") {
+        Float32,
+        Float16,
+        Bfloat16,
+        /// float8 e4m3 with one scale per matrix (linear weights; kernels stay bfloat16).
+        Float8,
+        /// 4-bit NormalFloat with an absmax per 64 values, as bitsandbytes stores it (linear
+        /// weights; kernels stay bfloat16).
+        #[serde(alias = "nf4")]
+        Nfloat4,
+    }
+
+    /// OneTrainer's `gradient_checkpointing`: whether the blocks the architecture marks
+    /// (resnets, transformer layers) keep only their inputs and are recomputed in backward.
+    GradientCheckpointing ("snake_case") {
+        /// Less memory, about a third more compute per step.
+        On,
+        /// Every activation kept for backward.
+        Off,
+    }
+
     /// Where the exponential moving average of the weights is kept.
     EmaMode ("snake_case") {
         Off,

@@ -10,8 +10,9 @@ pub mod choices;
 
 pub use crate::sample::Sampler;
 pub use choices::{
-    BalancingStrategy, Choice, ConceptType, EmaMode, LayerPreset, LossWeightFn, LrScheduler,
-    OutputFormat, PromptSource, TimeUnit, TimestepDistribution, TrainingMethod,
+    BalancingStrategy, Choice, ConceptType, EmaMode, GradientCheckpointing, LayerPreset,
+    LossWeightFn, LrScheduler, OutputFormat, PromptSource, TimeUnit, TimestepDistribution,
+    TrainingMethod, WeightDtype,
 };
 /// `VARIANTS`: every value of a choice.
 pub use strum::VariantArray;
@@ -41,6 +42,10 @@ pub struct PartConfig {
     pub stop_training_after: f64,
     /// The unit of stop_training_after.
     pub stop_training_after_unit: TimeUnit,
+    /// The dtype this part's frozen weights are kept in (float32, float16, bfloat16, float8,
+    /// nfloat4): read as f32 by each op, so the results are those of the rounded weights.
+    /// Weights a fine-tune trains stay float32.
+    pub weight_dtype: WeightDtype,
 }
 
 impl PartConfig {
@@ -60,6 +65,7 @@ impl Default for PartConfig {
             dropout_probability: 0.0,
             stop_training_after: 0.0,
             stop_training_after_unit: TimeUnit::Never,
+            weight_dtype: WeightDtype::Float32,
         }
     }
 }
@@ -328,6 +334,10 @@ pub struct TrainConfig {
     /// Steps between EMA updates.
     pub ema_update_step_interval: u64,
 
+    /// Recompute the marked blocks in backward instead of keeping their activations (on:
+    /// OneTrainer's default).
+    pub gradient_checkpointing: GradientCheckpointing,
+
     /// `512`, several (`512,768`: one drawn per image and epoch) or `WxH`.
     pub resolution: String,
     /// OneTrainer's aspect buckets (1:1 to 1:4 and transposes); off: square crops.
@@ -483,6 +493,7 @@ impl Default for TrainConfig {
             ema: EmaMode::Off,
             ema_decay: 0.999,
             ema_update_step_interval: 5,
+            gradient_checkpointing: GradientCheckpointing::On,
             resolution: "512".into(),
             aspect_ratio_bucketing: true,
             latent_caching: true,

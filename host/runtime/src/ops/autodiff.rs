@@ -41,6 +41,10 @@ impl<B: Tracking> TensorTable<B> {
         id: TensorId,
         requires: bool,
     ) -> RtResult<Vec<Value<B>>> {
+        if !requires && matches!(self.get_stored(id)?, Value::Kept(_)) {
+            // A stored weight is frozen already, and stays stored.
+            return Ok(vec![]);
+        }
         let t = B::float_set_require_grad(self.float(id)?, requires);
         self.replace(id, Value::Float(t))?;
         Ok(vec![])

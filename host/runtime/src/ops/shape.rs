@@ -44,7 +44,7 @@ impl<B: Tracking> TensorTable<B> {
             Value::Float(t) => Value::Float(B::float_reshape(t, s)),
             Value::Int(t) => Value::Int(B::int_reshape(t, s)),
             Value::Bool(t) => Value::Bool(B::bool_reshape(t, s)),
-            Value::Grads(_) => return Err("cannot reshape gradients".into()),
+            Value::Grads(_) | Value::Kept(_) => return Err("cannot reshape gradients".into()),
         })
     }
 
@@ -73,7 +73,7 @@ impl<B: Tracking> TensorTable<B> {
             Value::Float(t) => Value::Float(B::float_slice(t, &s)),
             Value::Int(t) => Value::Int(B::int_slice(t, &s)),
             Value::Bool(t) => Value::Bool(B::bool_slice(t, &s)),
-            Value::Grads(_) => return Err("op narrow: not a tensor".into()),
+            Value::Grads(_) | Value::Kept(_) => return Err("op narrow: not a tensor".into()),
         })
     }
 
@@ -179,7 +179,7 @@ impl<B: Tracking> TensorTable<B> {
             Value::Float(t) => Value::Float(B::float_expand(t, s)),
             Value::Int(t) => Value::Int(B::int_expand(t, s)),
             Value::Bool(t) => Value::Bool(B::bool_expand(t, s)),
-            Value::Grads(_) => return Err("op expand: not a tensor".into()),
+            Value::Grads(_) | Value::Kept(_) => return Err("op expand: not a tensor".into()),
         }])
     }
 

@@ -30,10 +30,10 @@ use ferrite_plugin_api::{
 };
 
 use crate::adapters::ModelLayers;
-use crate::config::{ConceptType, TrainConfig};
+use crate::config::{ConceptType, GradientCheckpointing, TrainConfig, TrainingMethod, WeightDtype};
 use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
-use crate::runtime::{Cancel, Device, Scope};
+use crate::runtime::{Cancel, Device, Scope, WeightFormat};
 use crate::sample::{NoiseSchedule, SchedulerConfig};
 use crate::train::cache::Caches;
 use crate::train::tensorboard::EventWriter;
@@ -163,6 +163,55 @@ fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
     Ok(())
 }
 
+/// Keeps each part's frozen weights in its `weight_dtype`: matrices and kernels (biases and
+/// norm scales are small and stay f32); the quantised formats take matrices, kernels are kept
+/// in bfloat16 then.
+fn keep_weights(
+    c: &TrainConfig,
+    info: &ModelInfo,
+    arch: &ArchitectureHandle,
+    device: &Device,
+) -> Result<()> {
+    let mut params = None;
+    for part in &info.parts {
+        let Some(pc) = c.part(&part.config_table) else {
+            continue;
+        };
+        let format = match pc.weight_dtype {
+            WeightDtype::Float32 => continue,
+            WeightDtype::Float16 => WeightFormat::F16,
+            WeightDtype::Bfloat16 => WeightFormat::BF16,
+            WeightDtype::Float8 => WeightFormat::Float8,
+            WeightDtype::Nfloat4 => WeightFormat::Nf4,
+        };
+        if c.training_method == TrainingMethod::FineTune && c.trains(part) {
+            return Err(TrainError(format!(
+                "{}.weight_dtype: a fine-tuned part's weights are trained in float32; set it to \
+                 float32 (or freeze the part)",
+                part.config_table
+            )));
+        }
+        if params.is_none() {
+            params = Some(arch.parameters().map_err(err)?);
+        }
+        let prefix = format!("{}.", part.id);
+        for (name, t) in params.iter().flatten() {
+            let rank = t.rank().map_err(err)?;
+            if !name.starts_with(&prefix) || rank < 2 {
+                continue;
+            }
+            let format = match format {
+                WeightFormat::Float8 | WeightFormat::Nf4 if rank > 2 => WeightFormat::BF16,
+                f => f,
+            };
+            device
+                .store_weight(t.id(), format)
+                .map_err(|e| TrainError(format!("{name}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
 impl Trainer {
     /// A run on the current runtime ([`crate::runtime::init`]'s, unless the thread entered
     /// another), stopped through its own [`Controls`].
@@ -212,6 +261,7 @@ impl Trainer {
         let model = Arc::new(ModelLayers::of(&arch).map_err(err)?);
         let info = model.info.clone();
         check_parts(c, &info)?;
+        keep_weights(c, &info, &arch, &scope.device)?;
         let Objective::Ddpm { scheduler } = &info.objective;
         let mut scheduler =
             SchedulerConfig::from_json(&scheduler.to_string(), "the model's scheduler")
@@ -220,7 +270,9 @@ impl Trainer {
             scheduler.prediction_type = p.into();
         }
         let schedule = NoiseSchedule::new(scheduler).map_err(err)?;
-        scope = scope.with_adapters(model.clone());
+        scope = scope
+            .with_adapters(model.clone())
+            .with_checkpointing(c.gradient_checkpointing == GradientCheckpointing::On);
         let _scope = scope.enter();
 
         let data = Dataset::scan(c, base, &[ConceptType::Standard, ConceptType::Prior]);

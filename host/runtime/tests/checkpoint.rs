@@ -1,0 +1,145 @@
+//! Gradient checkpointing: a block marked with `checkpoint` gives the same loss and gradients
+//! whether its run checkpoints or not — parameters, inputs, dropout, host-generator draws,
+//! nested blocks, blocks feeding blocks — and fails cleanly where a block cannot be replayed.
+
+use ferrite_plugin_api::{Generator, Result, Tensor, checkpoint, ops};
+use ferrite_runtime::{Device, Scope};
+
+fn tensor(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0
+        })
+        .collect();
+    Tensor::from_f32(&v, shape).unwrap()
+}
+
+struct Params {
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    norm: Tensor,
+}
+
+/// A transformer-like block: norm, linear, SiLU, dropout, self-attention, linear, residual, and
+/// noise from a host generator.
+fn block(p: &Params, x: &Tensor, rng: &Generator) -> Result<Tensor> {
+    let h = ops::layer_norm(x, Some(&p.norm), None, 1e-5)?;
+    let h = ops::linear(&h, &p.w1, Some(&p.b1))?.silu()?;
+    let h = ops::dropout(&h, 0.25)?;
+    let q = h.reshape(&[2, 1, 6, 8])?;
+    let a = ops::attention(&q, &q, &q, None, None)?.reshape(&[2, 6, 8])?;
+    let noise = Tensor::randn(&[2, 6, 8], rng)?.mul_scalar(0.1)?;
+    x.add(&ops::linear(&a.add(&noise)?, &p.w2, None)?)
+}
+
+/// Loss and the gradients of every parameter and of the (trainable) input.
+fn run(device: &Device, checkpointing: bool, nested: bool) -> (f32, Vec<Vec<f32>>) {
+    let scope = Scope::new(device.clone()).with_checkpointing(checkpointing);
+    scope.seed_dropout(7);
+    let _entered = scope.enter();
+    let p = Params {
+        w1: tensor(&[8, 8], 1),
+        b1: tensor(&[8], 2),
+        w2: tensor(&[8, 8], 3),
+        norm: tensor(&[8], 4),
+    };
+    let x = tensor(&[2, 6, 8], 5);
+    for t in [&p.w1, &p.b1, &p.w2, &p.norm, &x] {
+        t.set_requires_grad(true).unwrap();
+    }
+    let rng = Generator::new(11).unwrap();
+    let first = checkpoint(|| {
+        if nested {
+            // A block inside a block is part of the outer one.
+            let inner = checkpoint(|| block(&p, &x, &rng))?;
+            block(&p, &inner, &rng)
+        } else {
+            block(&p, &x, &rng)
+        }
+    })
+    .unwrap();
+    // A second block reads the first's output: its gradient flows back through both replays.
+    let second = checkpoint(|| block(&p, &first, &rng)).unwrap();
+    let loss = second
+        .mul(&tensor(&[2, 6, 8], 6))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let value = loss.item().unwrap();
+    let grads = loss.backward().unwrap();
+    let g = [&p.w1, &p.b1, &p.w2, &p.norm, &x]
+        .iter()
+        .map(|t| grads.get(t).unwrap().unwrap().to_vec().unwrap())
+        .collect();
+    (value, g)
+}
+
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn checkpointed_blocks_give_the_gradients_of_the_plain_run() {
+    let (device, _) = Device::open("cpu").unwrap();
+    for nested in [false, true] {
+        let (plain_loss, plain) = run(&device, false, nested);
+        let (loss, got) = run(&device, true, nested);
+        assert!(
+            (loss - plain_loss).abs() <= 1e-5 * plain_loss.abs().max(1.0),
+            "loss {loss} vs {plain_loss}"
+        );
+        for (i, (g, want)) in got.iter().zip(&plain).enumerate() {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                scale > 0.0,
+                "gradient {i} is zero: the test would prove nothing"
+            );
+            let e = worst(g, want);
+            assert!(
+                e <= 1e-5 * scale,
+                "nested {nested}, gradient {i}: {e} (scale {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn blocks_refuse_what_cannot_be_replayed_and_end_on_error() {
+    // A runtime of its own, so that its live handles are this test's only.
+    let (device, _) = Device::open("cpu").unwrap();
+    let _entered = Scope::new(device.clone()).with_checkpointing(true).enter();
+    let live = device.live();
+    let w = tensor(&[4], 1);
+    w.set_requires_grad(true).unwrap();
+    let e = checkpoint(|| {
+        let h = w.mul_scalar(2.0)?;
+        w.assign(&h)?;
+        Ok(h)
+    })
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("assign cannot run inside a checkpointed block"),
+        "{e}"
+    );
+    // The failed block ended: ops after it run (and track) as usual.
+    let y = w.mul_scalar(3.0).unwrap().sum_all().unwrap();
+    let g = y.backward().unwrap().get(&w).unwrap().unwrap();
+    assert_eq!(g.to_vec().unwrap(), vec![3.0; 4]);
+    drop((g, y, w));
+    assert_eq!(
+        device.live(),
+        live,
+        "the block's copies of its inputs were released"
+    );
+}

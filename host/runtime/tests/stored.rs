@@ -1,0 +1,146 @@
+//! Frozen weights kept below f32 (`weight_dtype`): kept in bf16/f16, read by ops as f32 — the
+//! same results as the f32 weight rounded to that dtype, gradients included.
+
+use ferrite_plugin_api::{DType, Tensor, ops};
+use ferrite_runtime::{Device, Scope, WeightFormat};
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 997.0 - 0.5)
+        .collect()
+}
+
+#[test]
+fn stored_weights_compute_as_their_rounded_f32_values() {
+    let (device, _) = Device::open("cpu").unwrap();
+    let _entered = Scope::new(device.clone()).enter();
+    for (dtype, format) in [
+        (DType::BF16, WeightFormat::BF16),
+        (DType::F16, WeightFormat::F16),
+    ] {
+        let w = Tensor::from_f32(&values(12, 1), &[4, 3]).unwrap();
+        let k = Tensor::from_f32(&values(2 * 3 * 3 * 3, 2), &[2, 3, 3, 3]).unwrap();
+        // What the weights round to in `dtype`, as f32 tensors of their own.
+        let rounded = |t: &Tensor| t.cast(dtype).unwrap().cast(DType::F32).unwrap();
+        let (w_ref, k_ref) = (rounded(&w), rounded(&k));
+        assert_ne!(
+            w_ref.to_vec().unwrap(),
+            w.to_vec().unwrap(),
+            "rounding shows"
+        );
+        device.store_weight(w.id(), format).unwrap();
+        device.store_weight(k.id(), format).unwrap();
+        assert_eq!(w.dtype().unwrap(), dtype);
+        // Freezing it again keeps it stored.
+        w.set_requires_grad(false).unwrap();
+        assert_eq!(w.dtype().unwrap(), dtype);
+
+        let x = Tensor::from_f32(&values(2 * 3, 3), &[2, 3]).unwrap();
+        x.set_requires_grad(true).unwrap();
+        let y = ops::linear(&x, &w, None).unwrap();
+        let y_ref = ops::linear(&x, &w_ref, None).unwrap();
+        assert_eq!(y.to_vec().unwrap(), y_ref.to_vec().unwrap());
+        let g = y
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(&x)
+            .unwrap()
+            .unwrap();
+        let g_ref = y_ref
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(&x)
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.to_vec().unwrap(), g_ref.to_vec().unwrap());
+
+        let img = Tensor::from_f32(&values(3 * 5 * 5, 4), &[1, 3, 5, 5]).unwrap();
+        let conv = |k: &Tensor| {
+            ops::conv2d(&img, k, None, ops::ConvOptions::padding(1))
+                .unwrap()
+                .to_vec()
+                .unwrap()
+        };
+        assert_eq!(conv(&k), conv(&k_ref));
+    }
+
+    let trained = Tensor::from_f32(&[1.0, 2.0], &[1, 2]).unwrap();
+    trained.set_requires_grad(true).unwrap();
+    let e = device
+        .store_weight(trained.id(), WeightFormat::BF16)
+        .unwrap_err();
+    assert!(e.contains("is trained"), "{e}");
+}
+
+/// The tensors of the reference file (tests/fixtures/gen/quantized.py: bitsandbytes 0.50 and
+/// torch), as f32 values or bytes.
+fn reference() -> (
+    std::collections::HashMap<String, Vec<f32>>,
+    Vec<u8>,
+    Vec<u8>,
+) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/quantized/quantized.safetensors"
+    );
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut floats = std::collections::HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() == safetensors::Dtype::F32 {
+            let v = view
+                .data()
+                .chunks(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            floats.insert(name, v);
+        }
+    }
+    let raw = |n: &str| st.tensor(n).unwrap().data().to_vec();
+    (floats, raw("nf4.packed"), raw("fp8.codes"))
+}
+
+#[test]
+fn quantised_weights_match_bitsandbytes_and_torch() {
+    use ferrite_runtime::kept::{fp8_quantize, nf4_quantize};
+    let (f, nf4_packed, fp8_codes) = reference();
+    let w = &f["weight"];
+
+    let (packed, absmax) = nf4_quantize(w);
+    assert_eq!(
+        packed, nf4_packed,
+        "nfloat4 codes as bitsandbytes packs them"
+    );
+    assert_eq!(absmax, f["nf4.absmax"]);
+    let (codes, scale) = fp8_quantize(w);
+    assert_eq!(scale, f["fp8.scale"][0]);
+    assert_eq!(codes, fp8_codes, "float8 e4m3fn codes as torch rounds them");
+
+    // Kept on the device and read by ops: bitsandbytes' and torch's dequantised values.
+    let (device, _) = Device::open("cpu").unwrap();
+    let _entered = Scope::new(device.clone()).enter();
+    for (format, want) in [
+        (WeightFormat::Nf4, &f["nf4.dequantized"]),
+        (WeightFormat::Float8, &f["fp8.dequantized"]),
+    ] {
+        let t = Tensor::from_f32(w, &[24, 40]).unwrap();
+        device.store_weight(t.id(), format).unwrap();
+        let got = t.mul_scalar(1.0).unwrap().to_vec().unwrap();
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-7, "{format:?}: {worst}");
+        let error = got
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(error > 1e-3, "{format:?}: the weight was not quantised");
+    }
+}
