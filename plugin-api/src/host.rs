@@ -82,15 +82,24 @@ fn one(op: &str, mut out: Vec<Tensor>) -> Result<Tensor> {
 /// either way. Architectures mark their repeated blocks (resnets, transformer layers) with it;
 /// tensors made inside other than the returned one carry no gradient out of the block.
 pub fn checkpoint(block: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
-    call(Op::CheckpointBegin(op::NoArgs {}), &[])?;
-    match block() {
-        Ok(out) => call1(Op::CheckpointEnd(op::NoArgs {}), &[&out]),
-        Err(e) => {
-            // Ends the block without output, so later ops are not recorded into it.
-            let _ = call(Op::CheckpointEnd(op::NoArgs {}), &[]);
-            Err(e)
+    if call(Op::CheckpointBegin(op::NoArgs {}), &[]).is_err() {
+        // A host before ABI 1.2 has no checkpointing: the block runs unmarked.
+        return block();
+    }
+    // Ends the block without output if `block` fails or panics, so later ops are not
+    // recorded into it.
+    struct Open(bool);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            if self.0 {
+                let _ = call(Op::CheckpointEnd(op::NoArgs {}), &[]);
+            }
         }
     }
+    let mut open = Open(true);
+    let out = block()?;
+    open.0 = false;
+    call1(Op::CheckpointEnd(op::NoArgs {}), &[&out])
 }
 
 /// The output of layer `name` with whatever adapters the host has attached to it (`base_out`

@@ -5,7 +5,7 @@
 //! of this process's resident memory per block, the error of the dequantised weights against
 //! the f32 ones, and the time of one forward + backward of a token batch through one stream
 //! (input gradient, as under a LoRA). Asserts nothing; bitsandbytes' and torch's dequantised
-//! values are matched exactly in `host/runtime/tests/stored.rs`.
+//! values are matched exactly in `host/runtime/tests/kept.rs`.
 //!
 //!     cargo run --release -p ferrite-tests --example bench_kept_weights -- [blocks] [tokens]
 
@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
                 let w: Vec<f32> = (0..o * i).map(|_| rng.sample(normal)).collect();
                 let t = Tensor::from_f32(&w, &[o, i]).map_err(anyhow::Error::msg)?;
                 device
-                    .store_weight(t.id(), format)
+                    .keep_weight(t.id(), format)
                     .map_err(anyhow::Error::msg)?;
                 kept += device.kept_bytes(t.id()).map_err(anyhow::Error::msg)?;
                 if weights.len() < STREAM.len() {

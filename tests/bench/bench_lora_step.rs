@@ -3,7 +3,8 @@
 //! weights),
 //! a LoRA of rank 16 (alpha 1) on the `attn-mlp` layers, AdamW, one 512×512 image per step.
 //! Prints the mean step time after the first step (which also encodes and caches the image and
-//! caption) and the process's peak resident memory; asserts nothing.
+//! caption), the process's peak resident memory while loading and, counted afresh from the end
+//! of loading, during the steps; asserts nothing.
 //!
 //!     cargo run -p ferrite-tests --example bench_lora_step -- sd15|sdxl DIR [steps] [device] [key=value ...]
 //!
@@ -17,6 +18,11 @@ use ferrite::config::TrainConfig;
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
 use ferrite::train::trainer::{Event, Trainer};
+
+/// Starts this process's peak resident memory (VmHWM) afresh from what it holds now.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
 
 /// VmHWM of this process, in GiB.
 fn peak_rss_gib() -> f64 {
@@ -77,14 +83,19 @@ path = "images"
     let p = root.join("bench.toml");
     std::fs::write(&p, text)?;
     let config = TrainConfig::load(Some(&p), None, &sets)?;
+    let size: usize = config.resolution.parse()?;
     let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
     let loading = Instant::now();
     let mut t = Trainer::new(config, root, registry)?;
     println!(
-        "ferrite loaded in {:.1} s, {} LoRA tensors",
+        "ferrite loaded in {:.1} s, {} LoRA tensors, peak memory while loading {:.1} GiB",
         loading.elapsed().as_secs_f64(),
-        t.trainable().len()
+        t.trainable().len(),
+        peak_rss_gib()
     );
+    // The figure below is the training steps' own (loading reads f32 weights before a
+    // `weight_dtype` shrinks them, and the file's pages count while they are read).
+    reset_peak();
     let mut times = Vec::new();
     let mut last = Instant::now();
     let cancel = t.controls().cancel.clone();
@@ -100,10 +111,11 @@ path = "images"
     let timed = &times[1..];
     let mean = timed.iter().sum::<Duration>() / timed.len().max(1) as u32;
     println!(
-        "ferrite LoRA step 512x512 (64x64 latent) {}: {:8.1} s, peak memory {:.1} GiB",
+        "ferrite LoRA step {size}x{size} ({l}x{l} latent) {}: {:8.1} s, peak memory {:.1} GiB",
         sets.join(" "),
         mean.as_secs_f64(),
-        peak_rss_gib()
+        peak_rss_gib(),
+        l = size / 8,
     );
     Ok(())
 }

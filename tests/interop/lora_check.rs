@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
         )?;
         for format in [Format::Kohya, Format::Diffusers] {
             let file = out.join(format!("{name}_{format:?}.safetensors").to_lowercase());
-            model.save(&file, format, &[])?;
+            model.save(&file, format, ferrite_plugin_api::DType::F32, &[])?;
             println!(
                 "{}: {} layers, {} values",
                 file.display(),

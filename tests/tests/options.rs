@@ -522,6 +522,10 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ("ema_decay", "train: EMA tests"),
     ("ema_update_step_interval", "train: EMA tests"),
     (
+        "output_dtype",
+        "train::the_output_dtype_is_the_saved_files_dtype",
+    ),
+    (
         "gradient_checkpointing",
         "train::gradient_checkpointing_trains_the_same_model, runtime checkpoint tests, \
          tests/bench/lora_step.sh (memory)",

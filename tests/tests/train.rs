@@ -4,7 +4,7 @@
 //! process-wide: the tests here train at the same time.
 
 use ferrite::config::{
-    ConceptType, EmaMode, GradientCheckpointing, LossWeightFn, OutputFormat, TimeUnit,
+    ConceptType, EmaMode, GradientCheckpointing, LossWeightFn, OutputDtype, OutputFormat, TimeUnit,
     TrainingMethod, WeightDtype,
 };
 use std::path::{Path, PathBuf};
@@ -1010,18 +1010,27 @@ fn gradient_checkpointing_trains_the_same_model() {
                 c.learning_rate = 0.5;
                 c.lora_dropout = 0.2;
             }
-            let t = Trainer::new(c, root, registry()).unwrap();
+            // A runtime of its own, whose checkpointed blocks are this run's.
+            let registry = registry();
+            let (device, _) = Device::open("cpu").unwrap();
+            let _entered = ferrite::runtime::Scope::new(device.clone()).enter();
+            let t = Trainer::new(c, root, registry).unwrap();
             let start: Vec<(String, Vec<f32>)> = t
                 .trainable()
                 .into_iter()
                 .map(|(k, v)| (k, v.to_vec().unwrap()))
                 .collect();
-            (start, run_trainer(t, None, None))
+            let run = run_trainer(t, None, None);
+            (start, run, device.checkpointed_blocks())
         };
-        let ((start, on), (_, off)) = (
+        let ((start, on, blocks_on), (_, off, blocks_off)) = (
             trained(GradientCheckpointing::On),
             trained(GradientCheckpointing::Off),
         );
+        // 6 steps of the tiny UNet's resnets and transformer blocks (and the text encoder's
+        // layers in the fine-tune).
+        assert!(blocks_on >= 6 * 4, "{blocks_on} blocks checkpointed");
+        assert_eq!(blocks_off, 0);
         assert_eq!(on.losses.len(), 6);
         for ((_, a), (_, b)) in on.losses.iter().zip(&off.losses) {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "loss {a} vs {b}");
@@ -1082,4 +1091,52 @@ fn frozen_weights_kept_below_f32_train_near_the_f32_run() {
         e.contains("unet.weight_dtype") && e.contains("float32"),
         "{e}"
     );
+    // A fine-tune saves its frozen parts too: not quantised.
+    let mut c = config(root, "wd-ft2");
+    c.training_method = TrainingMethod::FineTune;
+    c.text_encoder.weight_dtype = WeightDtype::Nfloat4;
+    let e = Trainer::new(c, root, registry()).err().unwrap().to_string();
+    assert!(
+        e.contains("text_encoder.weight_dtype") && e.contains("quantised"),
+        "{e}"
+    );
+    // A part the model does not have.
+    let mut c = config(root, "wd-none");
+    c.text_encoder_2.weight_dtype = WeightDtype::Bfloat16;
+    let e = Trainer::new(c, root, registry()).err().unwrap().to_string();
+    assert!(e.contains("text_encoder_2.weight_dtype"), "{e}");
+}
+
+/// `output_dtype` is the dtype of every tensor in the saved LoRA, each the float32 output's
+/// value rounded to it.
+#[test]
+fn the_output_dtype_is_the_saved_files_dtype() {
+    let root = setup();
+    let root = root.path();
+    let saved = |dtype: OutputDtype| {
+        let name = format!("out-{dtype}");
+        let mut c = config(root, &name);
+        c.backup_after_unit = TimeUnit::Never;
+        c.output_dtype = dtype;
+        run(c, root, None);
+        let path = root.join(format!("{name}/out/lora.safetensors"));
+        let w = ferrite_plugin_api::Weights::open(&path.to_string_lossy()).unwrap();
+        let dtypes: std::collections::BTreeSet<String> =
+            w.infos().iter().map(|i| i.dtype.to_string()).collect();
+        (dtypes, tensors(&path))
+    };
+    let (f32_dtypes, full) = saved(OutputDtype::Float32);
+    assert_eq!(f32_dtypes.into_iter().collect::<Vec<_>>(), ["f32"]);
+    // Round to nearest even, to bfloat16's 8 bits of mantissa.
+    let to_bf16 = |x: f32| {
+        let b = x.to_bits();
+        f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+    };
+    let (bf16_dtypes, half) = saved(OutputDtype::Bfloat16);
+    assert_eq!(bf16_dtypes.into_iter().collect::<Vec<_>>(), ["bf16"]);
+    assert_eq!(half.len(), full.len());
+    for ((k, h), (_, f)) in half.iter().zip(&full) {
+        let rounded: Vec<f32> = f.iter().map(|&x| to_bf16(x)).collect();
+        assert_eq!(h, &rounded, "{k}");
+    }
 }

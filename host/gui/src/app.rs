@@ -502,6 +502,7 @@ impl App {
                         &mut c.output_model_format,
                         OutputFormat::allowed(c.training_method),
                     );
+                    f.choice(ui, "output_dtype", &mut c.output_dtype);
                     f.check(ui, "force_v_prediction", &mut c.force_v_prediction);
                     f.check(
                         ui,

@@ -14,6 +14,7 @@
 //! masks are drawn again from the seeds recorded.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
@@ -29,8 +30,9 @@ use ferrite_plugin_api::{Op, TensorId};
 use crate::RtResult;
 use crate::table::{TensorTable, Tracking, Value};
 
-/// Most tracked inputs one block may have (burn's autodiff nodes take a fixed number of
-/// parents). A transformer block with LoHa on every linear layer has about 40.
+/// Most tracked inputs one checkpoint node takes (burn's autodiff nodes have a fixed number of
+/// parents; a transformer block with LoHa on every linear layer has about 40). A block with
+/// more runs again tracked at its end instead, keeping its activations.
 pub const MAX_INPUTS: usize = 64;
 
 /// Where an op's input comes from.
@@ -72,17 +74,24 @@ pub(crate) struct Frame<B: AutodiffBackend> {
 }
 
 /// The blocks recording on each thread of one runtime.
-pub(crate) struct Frames<B: AutodiffBackend>(Mutex<HashMap<ThreadId, Frame<B>>>);
+pub(crate) struct Frames<B: AutodiffBackend> {
+    open: Mutex<HashMap<ThreadId, Frame<B>>>,
+    /// Blocks made into checkpoint nodes so far (what `Device::checkpointed_blocks` says).
+    pub(crate) made: AtomicU64,
+}
 
 impl<B: AutodiffBackend> Default for Frames<B> {
     fn default() -> Self {
-        Self(Mutex::new(HashMap::new()))
+        Self {
+            open: Mutex::new(HashMap::new()),
+            made: AtomicU64::new(0),
+        }
     }
 }
 
 impl<B: AutodiffBackend> Frames<B> {
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<ThreadId, Frame<B>>) -> T) -> T {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        f(&mut self.open.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -103,6 +112,7 @@ pub trait Replay<I: Backend>: Send + Sync {
 /// A recorded block, ready to replay.
 struct Recorded<B: AutodiffBackend> {
     device: B::Device,
+    device_name: String,
     /// Untracked inputs, and whether each is a parent (tracked outside the block).
     externals: Vec<(Value<B>, bool)>,
     tape: Vec<Step<B>>,
@@ -110,24 +120,10 @@ struct Recorded<B: AutodiffBackend> {
 }
 
 impl<B: Tracking> Recorded<B> {
-    fn replay(
-        &self,
-        grad: FloatTensor<B::InnerBackend>,
-    ) -> RtResult<Vec<Option<FloatTensor<B::InnerBackend>>>> {
-        let table = TensorTable::<B>::new(self.device.clone(), "checkpoint replay".into(), 0);
-        let mut leaves = Vec::new();
-        let inputs: Vec<TensorId> = self
-            .externals
-            .iter()
-            .map(|(v, parent)| match (v, parent) {
-                (Value::Float(t), true) => {
-                    let leaf = B::float_set_require_grad(t.clone(), true);
-                    leaves.push(leaf.clone());
-                    table.insert(Value::Float(leaf))
-                }
-                (v, _) => table.insert(v.clone()),
-            })
-            .collect();
+    /// Runs the tape again on `inputs` (one per external) and gives the block's output.
+    fn run(&self, inputs: Vec<Value<B>>) -> RtResult<FloatTensor<B>> {
+        let table = TensorTable::<B>::new(self.device.clone(), self.device_name.clone(), 0);
+        let inputs: Vec<TensorId> = inputs.into_iter().map(|v| table.insert(v)).collect();
         // Each value made in the block is released after its last use.
         let mut last_use: HashMap<(usize, usize), usize> = HashMap::new();
         for (i, step) in self.tape.iter().enumerate() {
@@ -172,9 +168,30 @@ impl<B: Tracking> Recorded<B> {
             }
             made.push(ids);
         }
-        let out = output.ok_or("the block's output was not made in replay")?;
-        let grad = B::from_inner(grad);
-        let surrogate = B::float_sum(B::float_mul(out, grad));
+        output.ok_or_else(|| "the block's output was not made in replay".into())
+    }
+
+    /// The gradients of the parents given the output's: the tape run on fresh leaves, then
+    /// backward from `sum(output · grad)`.
+    fn replay(
+        &self,
+        grad: FloatTensor<B::InnerBackend>,
+    ) -> RtResult<Vec<Option<FloatTensor<B::InnerBackend>>>> {
+        let mut leaves = Vec::new();
+        let inputs = self
+            .externals
+            .iter()
+            .map(|(v, parent)| match (v, parent) {
+                (Value::Float(t), true) => {
+                    let leaf = B::float_set_require_grad(t.clone(), true);
+                    leaves.push(leaf.clone());
+                    Value::Float(leaf)
+                }
+                (v, _) => v.clone(),
+            })
+            .collect();
+        let out = self.run(inputs)?;
+        let surrogate = B::float_sum(B::float_mul(out, B::from_inner(grad)));
         let grads = B::backward(surrogate);
         Ok(leaves.iter().map(|l| B::grad(l, &grads)).collect())
     }
@@ -229,12 +246,6 @@ impl<B: Tracking> TensorTable<B> {
     /// Ends this thread's block: its output (`ids[0]`) becomes the output of one autodiff node
     /// over the block's tracked inputs. No input: the block failed; it is dropped.
     pub(crate) fn checkpoint_end(&self, ids: &[TensorId]) -> RtResult<Vec<TensorId>> {
-        if ids.len() > 1 {
-            return Err(format!(
-                "op checkpoint_end: a block has one output, got {}",
-                ids.len()
-            ));
-        }
         let me = std::thread::current().id();
         let frame = self.frames.with(|f| match f.get_mut(&me) {
             Some(frame) if frame.depth > 1 => {
@@ -244,6 +255,12 @@ impl<B: Tracking> TensorTable<B> {
             Some(_) => f.remove(&me),
             None => None,
         });
+        if ids.len() > 1 {
+            return Err(format!(
+                "op checkpoint_end: a block has one output, got {}",
+                ids.len()
+            ));
+        }
         let Some(frame) = frame else {
             // Not checkpointing, or an inner block: the output is the output.
             return ids.iter().map(|&id| self.retain(id)).collect();
@@ -281,20 +298,24 @@ impl<B: Tracking> TensorTable<B> {
             // Nothing upstream is trained: the untracked result is exact.
             return Ok(vec![self.retain(out)?]);
         }
-        if parents.len() > MAX_INPUTS {
-            return Err(format!(
-                "a checkpointed block reads {} trained tensors, more than the {MAX_INPUTS} one \
-                 block may: the architecture should mark smaller blocks (or train with \
-                 gradient_checkpointing off)",
-                parents.len()
-            ));
-        }
         let recorded = Recorded {
             device: self.device.clone(),
+            device_name: self.device_name.clone(),
             externals,
             tape: frame.tape,
             output,
         };
+        if parents.len() > MAX_INPUTS {
+            // Too many parents for one node: the block runs again, tracked, as if unmarked.
+            tracing::debug!(
+                "a checkpointed block reads {} trained tensors (at most {MAX_INPUTS} per \
+                 node): it keeps its activations",
+                parents.len()
+            );
+            let originals = frame.externals.into_iter().map(|(v, _)| v).collect();
+            return Ok(vec![self.insert(Value::Float(recorded.run(originals)?))]);
+        }
+        self.frames.made.fetch_add(1, Ordering::Relaxed);
         let node = B::checkpoint(parents, B::inner(result), Arc::new(Mutex::new(recorded)));
         Ok(vec![self.insert(Value::Float(node))])
     }
@@ -337,8 +358,8 @@ impl<B: Tracking> TensorTable<B> {
             let (arg, use_id) = match known {
                 Some(k) => k,
                 None => {
-                    // As kept: a stored weight is cast again for each op in replay.
-                    let value = self.get_stored(id)?;
+                    // As kept: a kept weight is dequantised again for each op in replay.
+                    let value = self.get_kept(id)?;
                     let copy = self.insert(untracked(&value));
                     let e = self.frames.with(|f| {
                         let frame = f.get_mut(&me).ok_or("the checkpointed block ended")?;

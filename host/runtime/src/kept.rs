@@ -79,7 +79,8 @@ pub fn nf4_quantize(w: &[f32]) -> (Vec<u8>, Vec<f32>) {
         .collect();
     let packed = codes
         .chunks(2)
-        .map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0))
+        // An odd count pads with the code of 0, as bitsandbytes does.
+        .map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(nf4_code(0.0)))
         .collect();
     (packed, absmax)
 }
@@ -110,6 +111,8 @@ pub enum Kept<B: AutodiffBackend> {
         packed: IntTensor<B>,
         /// One per block of 64 values.
         absmax: FloatTensor<B>,
+        /// [`NF4`], on the device.
+        table: FloatTensor<B>,
         shape: Vec<usize>,
     },
 }
@@ -130,10 +133,12 @@ impl<B: AutodiffBackend> Clone for Kept<B> {
             Kept::Nf4 {
                 packed,
                 absmax,
+                table,
                 shape,
             } => Kept::Nf4 {
                 packed: packed.clone(),
                 absmax: absmax.clone(),
+                table: table.clone(),
                 shape: shape.clone(),
             },
         }
@@ -184,6 +189,7 @@ impl<B: AutodiffBackend> Kept<B> {
                 Kept::Nf4 {
                     packed: bytes::<B>(packed, &device),
                     absmax: floats::<B>(absmax, &device),
+                    table: floats::<B>(NF4.to_vec(), &device),
                     shape,
                 }
             }
@@ -223,6 +229,7 @@ impl<B: AutodiffBackend> Kept<B> {
             Kept::Nf4 {
                 packed,
                 absmax,
+                table,
                 shape,
             } => {
                 let n: usize = shape.iter().product();
@@ -235,8 +242,7 @@ impl<B: AutodiffBackend> Kept<B> {
                 );
                 let lo = B::int_reshape(B::bitwise_and_scalar(bytes, Scalar::Int(15)), pair);
                 let codes = B::int_reshape(B::int_cat(vec![hi, lo], 1), Shape::from(vec![2 * len]));
-                let table = floats::<B>(NF4.to_vec(), &B::int_device(&codes));
-                let normal = B::float_select(table, 0, codes);
+                let normal = B::float_select(table.clone(), 0, codes);
                 // Whole blocks: the codes of a last partial block are padded with zero.
                 let blocks = absmax.shape().num_elements();
                 let padded = blocks * NF4_BLOCK;
@@ -293,6 +299,6 @@ mod tests {
         assert_eq!(nf4_code(0.05), 8);
         let (packed, absmax) = nf4_quantize(&[-2.0, 2.0, 0.0]);
         assert_eq!(absmax, vec![2.0]);
-        assert_eq!(packed, vec![0x0F, 0x70]);
+        assert_eq!(packed, vec![0x0F, 0x77]);
     }
 }

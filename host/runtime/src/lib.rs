@@ -42,9 +42,11 @@ pub trait Runtime: Send + Sync {
     fn data(&self, id: TensorId) -> RtResult<TensorData>;
     fn upload(&self, data: TensorData) -> TensorId;
     /// Keeps a frozen weight in `format` (ops still read it as f32).
-    fn store(&self, id: TensorId, format: WeightFormat) -> RtResult<()>;
+    fn keep(&self, id: TensorId, format: WeightFormat) -> RtResult<()>;
     /// Bytes a float tensor's data takes as kept.
     fn kept_bytes(&self, id: TensorId) -> RtResult<usize>;
+    /// Blocks made into checkpoint nodes so far.
+    fn checkpointed_blocks(&self) -> u64;
     fn rng_new(&self, seed: u64) -> u64;
     fn rng_release(&self, id: u64);
     /// Number of live handles (leak checks in tests).
@@ -72,7 +74,7 @@ impl<B: Tracking> Runtime for TensorTable<B> {
         TensorTable::release(self, id)
     }
     fn shape(&self, id: TensorId) -> RtResult<Vec<usize>> {
-        Ok(self.get(id)?.shape())
+        Ok(self.get_kept(id)?.shape())
     }
     fn dtype(&self, id: TensorId) -> RtResult<DType> {
         TensorTable::dtype(self, id)
@@ -83,11 +85,14 @@ impl<B: Tracking> Runtime for TensorTable<B> {
     fn upload(&self, data: TensorData) -> TensorId {
         TensorTable::upload(self, data)
     }
-    fn store(&self, id: TensorId, format: WeightFormat) -> RtResult<()> {
-        TensorTable::store(self, id, format)
+    fn keep(&self, id: TensorId, format: WeightFormat) -> RtResult<()> {
+        TensorTable::keep(self, id, format)
     }
     fn kept_bytes(&self, id: TensorId) -> RtResult<usize> {
         TensorTable::kept_bytes(self, id)
+    }
+    fn checkpointed_blocks(&self) -> u64 {
+        self.frames.made.load(std::sync::atomic::Ordering::Relaxed)
     }
     fn rng_new(&self, seed: u64) -> u64 {
         TensorTable::rng_new(self, seed)
@@ -208,13 +213,19 @@ impl Device {
 
     /// Keeps the frozen weight `id` in `format` from now on (a part's `weight_dtype`); ops
     /// read it as f32. Trained tensors are refused.
-    pub fn store_weight(&self, id: TensorId, format: WeightFormat) -> RtResult<()> {
-        self.rt.store(id, format)
+    pub fn keep_weight(&self, id: TensorId, format: WeightFormat) -> RtResult<()> {
+        self.rt.keep(id, format)
     }
 
     /// Bytes the float tensor `id`'s data takes as kept (quantised or not).
     pub fn kept_bytes(&self, id: TensorId) -> RtResult<usize> {
         self.rt.kept_bytes(id)
+    }
+
+    /// How many blocks this runtime has checkpointed (made into one node that recomputes them
+    /// in backward) so far.
+    pub fn checkpointed_blocks(&self) -> u64 {
+        self.rt.checkpointed_blocks()
     }
 
     /// The same runtime.

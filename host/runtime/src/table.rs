@@ -47,7 +47,7 @@ impl<B: AutodiffBackend> Value<B> {
             Value::Int(_) => "int tensor",
             Value::Bool(_) => "bool tensor",
             Value::Grads(_) => "gradients",
-            Value::Kept(_) => "stored weight",
+            Value::Kept(_) => "kept weight",
         }
     }
 
@@ -314,17 +314,17 @@ impl<B: AutodiffBackend> TensorTable<B> {
         self.lock().slot(id)
     }
 
-    /// The value behind `id` as ops compute with it: a stored weight comes as an f32 copy
+    /// The value behind `id` as ops compute with it: a kept weight comes as an f32 copy
     /// (values are cheap to clone: the data is shared).
     pub fn get(&self, id: TensorId) -> RtResult<Value<B>> {
-        Ok(match self.get_stored(id)? {
+        Ok(match self.get_kept(id)? {
             Value::Kept(k) => Value::Float(k.dequantize(self.settings().int_dtype)),
             v => v,
         })
     }
 
     /// The value behind `id` as it is kept.
-    pub(crate) fn get_stored(&self, id: TensorId) -> RtResult<Value<B>> {
+    pub(crate) fn get_kept(&self, id: TensorId) -> RtResult<Value<B>> {
         let l = self.lock();
         let slot = l.slot(id)?;
         l.slots
@@ -334,9 +334,9 @@ impl<B: AutodiffBackend> TensorTable<B> {
     }
 
     /// Keeps the frozen float tensor `id` in `format` from now on (every handle to it sees
-    /// the change); ops still read it as f32. F32 keeps it as it is.
-    pub fn store(&self, id: TensorId, format: WeightFormat) -> RtResult<()> {
-        let t = match self.get(id)? {
+    /// the change); ops still read it as f32. F32 changes nothing.
+    pub fn keep(&self, id: TensorId, format: WeightFormat) -> RtResult<()> {
+        let t = match self.get_kept(id)? {
             Value::Float(t) if B::float_is_require_grad(&t) => {
                 return Err(format!(
                     "tensor {} is trained: only frozen weights are kept below f32",
@@ -346,11 +346,23 @@ impl<B: AutodiffBackend> TensorTable<B> {
             Value::Float(t) => t,
             other => return Err(format!("cannot keep a {} as a weight", other.kind())),
         };
-        let v = match Kept::new(t.clone(), format)? {
-            Some(k) => Value::Kept(k),
-            None => Value::Float(t),
-        };
-        self.replace(id, v)
+        match Kept::new(t, format)? {
+            Some(k) => self.replace(id, Value::Kept(k)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses to make a kept weight trainable or to overwrite it: either would silently turn
+    /// it back into f32.
+    pub(crate) fn not_kept(&self, op: &str, id: TensorId) -> RtResult<()> {
+        match self.get_kept(id)? {
+            Value::Kept(_) => Err(format!(
+                "op {op}: tensor {} is a frozen weight kept below f32 (weight_dtype); it cannot \
+                 be trained or overwritten",
+                id.0
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Replaces the value every handle to `id`'s tensor sees.
@@ -427,7 +439,7 @@ impl<B: AutodiffBackend> TensorTable<B> {
     }
 
     pub fn kept_bytes(&self, id: TensorId) -> RtResult<usize> {
-        match self.get_stored(id)? {
+        match self.get_kept(id)? {
             Value::Float(t) => Ok(t.shape().num_elements() * t.dtype().size()),
             Value::Kept(k) => Ok(k.bytes()),
             other => Err(format!("a {} is not a weight", other.kind())),
@@ -435,7 +447,7 @@ impl<B: AutodiffBackend> TensorTable<B> {
     }
 
     pub fn dtype(&self, id: TensorId) -> RtResult<DType> {
-        Ok(match self.get_stored(id)? {
+        Ok(match self.get_kept(id)? {
             Value::Float(t) => from_burn_dtype(t.dtype()),
             Value::Kept(k) => from_burn_dtype(k.dtype()),
             Value::Int(t) => from_burn_dtype(t.dtype()),
@@ -446,7 +458,7 @@ impl<B: AutodiffBackend> TensorTable<B> {
 
     /// Reads a tensor back to host memory (a device sync).
     pub fn data(&self, id: TensorId) -> RtResult<TensorData> {
-        let r = match self.get_stored(id)? {
+        let r = match self.get_kept(id)? {
             Value::Float(t) => read_sync(B::float_into_data(t)),
             Value::Kept(Kept::Half(t)) => read_sync(B::float_into_data(t)),
             Value::Kept(k) => {

@@ -1,9 +1,11 @@
 //! Gradient checkpointing: a block marked with `checkpoint` gives the same loss and gradients
-//! whether its run checkpoints or not — parameters, inputs, dropout, host-generator draws,
-//! nested blocks, blocks feeding blocks — and fails cleanly where a block cannot be replayed.
+//! whether its run checkpoints or not — parameters, inputs, dropout, host-generator draws, a
+//! weight kept in bf16, nested blocks, blocks feeding blocks, a block with more trained inputs
+//! than one node takes — leaves no handle behind, and fails cleanly where a block cannot be
+//! replayed.
 
 use ferrite_plugin_api::{Generator, Result, Tensor, checkpoint, ops};
-use ferrite_runtime::{Device, Scope};
+use ferrite_runtime::{Device, Scope, WeightFormat};
 
 fn tensor(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
@@ -50,9 +52,11 @@ fn run(device: &Device, checkpointing: bool, nested: bool) -> (f32, Vec<Vec<f32>
         norm: tensor(&[8], 4),
     };
     let x = tensor(&[2, 6, 8], 5);
-    for t in [&p.w1, &p.b1, &p.w2, &p.norm, &x] {
+    for t in [&p.w1, &p.b1, &p.norm, &x] {
         t.set_requires_grad(true).unwrap();
     }
+    // A frozen weight kept in bf16, read (dequantised) inside the blocks and their replays.
+    device.keep_weight(p.w2.id(), WeightFormat::BF16).unwrap();
     let rng = Generator::new(11).unwrap();
     let first = checkpoint(|| {
         if nested {
@@ -73,7 +77,7 @@ fn run(device: &Device, checkpointing: bool, nested: bool) -> (f32, Vec<Vec<f32>
         .unwrap();
     let value = loss.item().unwrap();
     let grads = loss.backward().unwrap();
-    let g = [&p.w1, &p.b1, &p.w2, &p.norm, &x]
+    let g = [&p.w1, &p.b1, &p.norm, &x]
         .iter()
         .map(|t| grads.get(t).unwrap().unwrap().to_vec().unwrap())
         .collect();
@@ -91,9 +95,16 @@ fn worst(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn checkpointed_blocks_give_the_gradients_of_the_plain_run() {
     let (device, _) = Device::open("cpu").unwrap();
+    let live = device.live();
     for nested in [false, true] {
+        let before = device.checkpointed_blocks();
         let (plain_loss, plain) = run(&device, false, nested);
+        assert_eq!(device.checkpointed_blocks(), before);
         let (loss, got) = run(&device, true, nested);
+        assert!(
+            device.checkpointed_blocks() > before,
+            "nothing was checkpointed"
+        );
         assert!(
             (loss - plain_loss).abs() <= 1e-5 * plain_loss.abs().max(1.0),
             "loss {loss} vs {plain_loss}"
@@ -110,6 +121,43 @@ fn checkpointed_blocks_give_the_gradients_of_the_plain_run() {
                 "nested {nested}, gradient {i}: {e} (scale {scale})"
             );
         }
+    }
+    assert_eq!(device.live(), live, "handles left behind");
+}
+
+/// A block reading more trained tensors than one checkpoint node takes runs again, tracked, at
+/// its end: the same gradients, no node.
+#[test]
+fn a_block_with_many_trained_inputs_keeps_its_activations() {
+    let (device, _) = Device::open("cpu").unwrap();
+    let grads = |checkpointing: bool| {
+        let _entered = Scope::new(device.clone())
+            .with_checkpointing(checkpointing)
+            .enter();
+        let ws: Vec<Tensor> = (0..70).map(|i| tensor(&[3], 100 + i)).collect();
+        for w in &ws {
+            w.set_requires_grad(true).unwrap();
+        }
+        let x = tensor(&[3], 1);
+        let out = checkpoint(|| {
+            let mut h = x.clone();
+            for w in &ws {
+                h = h.mul(w)?.tanh()?;
+            }
+            Ok(h)
+        })
+        .unwrap();
+        let g = out.sum_all().unwrap().backward().unwrap();
+        ws.iter()
+            .map(|w| g.get(w).unwrap().unwrap().to_vec().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let plain = grads(false);
+    let got = grads(true);
+    assert_eq!(device.checkpointed_blocks(), 0, "no node for 70 parents");
+    for (g, want) in got.iter().zip(&plain) {
+        assert!(worst(g, want) <= 1e-6, "{g:?} vs {want:?}");
+        assert!(want.iter().any(|v| *v != 0.0));
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use ferrite_plugin_api::{
-    AdaptableLayer, ModelInfo, Tensor, TensorId,
+    AdaptableLayer, DType, ModelInfo, Tensor, TensorId,
     plugin::{AdapterHandle, ArchitectureHandle},
 };
 use serde::Serialize;
@@ -330,13 +330,21 @@ impl ModelLayers {
 
     /// Writes the attached adapters to `path` in `format`, with kohya's `ss_*` metadata, the
     /// model's own and `extra`.
+    /// Writes the adapters in `format`, their tensors in `dtype`.
     pub fn save(
         &self,
         path: &std::path::Path,
         format: formats::Format,
+        dtype: DType,
         extra: &[(String, String)],
     ) -> Result<()> {
-        formats::write(path, format, &self.states()?, &self.info, extra)
+        let mut states = self.states()?;
+        for s in &mut states {
+            for (_, t) in &mut s.state {
+                *t = t.cast(dtype).map_err(err)?;
+            }
+        }
+        formats::write(path, format, &states, &self.info, extra)
     }
 }
 

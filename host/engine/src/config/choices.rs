@@ -78,16 +78,25 @@ choices! {
         Float32,
         Float16,
         Bfloat16,
-        /// float8 e4m3 with one scale per matrix (linear weights; kernels stay bfloat16).
+        /// float8 e4m3 with one scale per matrix (linear weights and embeddings; kernels are
+        /// kept in bfloat16).
         Float8,
         /// 4-bit NormalFloat with an absmax per 64 values, as bitsandbytes stores it (linear
-        /// weights; kernels stay bfloat16).
+        /// weights and embeddings; kernels are kept in bfloat16).
         #[serde(alias = "nf4")]
         Nfloat4,
     }
 
+    /// The dtype the output model or LoRA is saved in.
+    OutputDtype ("lowercase") {
+        Float32,
+        Float16,
+        Bfloat16,
+    }
+
     /// OneTrainer's `gradient_checkpointing`: whether the blocks the architecture marks
-    /// (resnets, transformer layers) keep only their inputs and are recomputed in backward.
+    /// (resnets, transformer blocks, text encoder layers) keep only their inputs and are
+    /// recomputed in backward.
     GradientCheckpointing ("snake_case") {
         /// Less memory, about a third more compute per step.
         On,

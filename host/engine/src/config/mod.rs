@@ -11,8 +11,8 @@ pub mod choices;
 pub use crate::sample::Sampler;
 pub use choices::{
     BalancingStrategy, Choice, ConceptType, EmaMode, GradientCheckpointing, LayerPreset,
-    LossWeightFn, LrScheduler, OutputFormat, PromptSource, TimeUnit, TimestepDistribution,
-    TrainingMethod, WeightDtype,
+    LossWeightFn, LrScheduler, OutputDtype, OutputFormat, PromptSource, TimeUnit,
+    TimestepDistribution, TrainingMethod, WeightDtype,
 };
 /// `VARIANTS`: every value of a choice.
 pub use strum::VariantArray;
@@ -43,8 +43,10 @@ pub struct PartConfig {
     /// The unit of stop_training_after.
     pub stop_training_after_unit: TimeUnit,
     /// The dtype this part's frozen weights are kept in (float32, float16, bfloat16, float8,
-    /// nfloat4): read as f32 by each op, so the results are those of the rounded weights.
-    /// Weights a fine-tune trains stay float32.
+    /// nfloat4): read as f32 by each op, so the results are those of the rounded weights. It
+    /// saves memory between ops; with gradient_checkpointing off, backward still holds f32
+    /// copies of the weights it needs. Only for frozen parts (a fine-tuned part is refused);
+    /// a fine-tune saves frozen parts as kept, so it takes the halves only.
     pub weight_dtype: WeightDtype,
 }
 
@@ -289,6 +291,8 @@ pub struct TrainConfig {
     /// or `comfy`. Fine-tune: `safetensors` (one file in the original checkpoint layout) or
     /// `diffusers` (a model folder).
     pub output_model_format: OutputFormat,
+    /// The dtype the output is saved in (float32, float16, bfloat16: half the file).
+    pub output_dtype: OutputDtype,
     /// Samples, backups, TensorBoard files and the effective config go here.
     pub workspace_dir: String,
     /// The latent and text-embedding caches.
@@ -474,6 +478,7 @@ impl Default for TrainConfig {
             base_model_config: String::new(),
             output_model_destination: "workspace/run/save/model.safetensors".into(),
             output_model_format: OutputFormat::Safetensors,
+            output_dtype: OutputDtype::Float32,
             workspace_dir: "workspace/run".into(),
             cache_dir: "workspace-cache/run".into(),
             continue_last_backup: false,

@@ -41,10 +41,11 @@ impl<B: Tracking> TensorTable<B> {
         id: TensorId,
         requires: bool,
     ) -> RtResult<Vec<Value<B>>> {
-        if !requires && matches!(self.get_stored(id)?, Value::Kept(_)) {
-            // A stored weight is frozen already, and stays stored.
+        if !requires && matches!(self.get_kept(id)?, Value::Kept(_)) {
+            // A kept weight is frozen already, and stays kept.
             return Ok(vec![]);
         }
+        self.not_kept("set_requires_grad", id)?;
         let t = B::float_set_require_grad(self.float(id)?, requires);
         self.replace(id, Value::Float(t))?;
         Ok(vec![])
@@ -81,6 +82,7 @@ impl<B: Tracking> TensorTable<B> {
 
     /// Replaces the destination's value (every handle to it sees the change).
     pub(super) fn assign(&self, ids: &[TensorId]) -> RtResult<Vec<Value<B>>> {
+        self.not_kept("assign", ids[0])?;
         let (dst, src) = (self.f(ids, 0)?, self.f(ids, 1)?);
         if shape_of::<B>(&dst) != shape_of::<B>(&src) {
             return Err(format!(

@@ -44,7 +44,7 @@ impl<B: Tracking> TensorTable<B> {
             Value::Float(t) => Value::Float(B::float_reshape(t, s)),
             Value::Int(t) => Value::Int(B::int_reshape(t, s)),
             Value::Bool(t) => Value::Bool(B::bool_reshape(t, s)),
-            Value::Grads(_) | Value::Kept(_) => return Err("cannot reshape gradients".into()),
+            Value::Grads(_) | Value::Kept(_) => return Err("op reshape: not a tensor".into()),
         })
     }
 

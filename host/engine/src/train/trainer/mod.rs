@@ -151,7 +151,14 @@ fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
         )));
     }
     for (table, pc) in c.part_tables() {
-        if pc.train && !info.parts.iter().any(|p| p.config_table == table) {
+        let here = info.parts.iter().any(|p| p.config_table == table);
+        if !here && pc.weight_dtype != WeightDtype::Float32 {
+            return Err(TrainError(format!(
+                "{table}.weight_dtype: this model has no part configured by `[{table}]`; \
+                 leave it at float32"
+            )));
+        }
+        if pc.train && !here {
             let tables: Vec<&str> = info.parts.iter().map(|p| p.config_table.as_str()).collect();
             return Err(TrainError(format!(
                 "{table}.train: this model has no part configured by `[{table}]` (its parts: {}); \
@@ -163,9 +170,9 @@ fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
     Ok(())
 }
 
-/// Keeps each part's frozen weights in its `weight_dtype`: matrices and kernels (biases and
-/// norm scales are small and stay f32); the quantised formats take matrices, kernels are kept
-/// in bfloat16 then.
+/// Keeps each part's frozen weights in its `weight_dtype`: matrices (linear weights and
+/// embeddings) and kernels; biases and norm scales are small and stay f32. The quantised
+/// formats take matrices; kernels are kept in bfloat16 then.
 fn keep_weights(
     c: &TrainConfig,
     info: &ModelInfo,
@@ -191,6 +198,16 @@ fn keep_weights(
                 part.config_table
             )));
         }
+        if c.training_method == TrainingMethod::FineTune
+            && matches!(format, WeightFormat::Float8 | WeightFormat::Nf4)
+        {
+            // A fine-tune saves every part: a frozen one would be written quantised.
+            return Err(TrainError(format!(
+                "{}.weight_dtype: a fine-tune saves this part too, and {} would save it \
+                 quantised; use float32, float16 or bfloat16",
+                part.config_table, pc.weight_dtype
+            )));
+        }
         if params.is_none() {
             params = Some(arch.parameters().map_err(err)?);
         }
@@ -205,7 +222,7 @@ fn keep_weights(
                 f => f,
             };
             device
-                .store_weight(t.id(), format)
+                .keep_weight(t.id(), format)
                 .map_err(|e| TrainError(format!("{name}: {e}")))?;
         }
     }

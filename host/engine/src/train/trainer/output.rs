@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use ferrite_plugin_api::Tensor;
+use ferrite_plugin_api::{DType, Tensor};
 
 use super::{Result, TrainError, Trainer, err};
 use crate::adapters::formats::Format;
-use crate::config::{OutputFormat, TrainConfig, TrainingMethod};
+use crate::config::{OutputDtype, OutputFormat, TrainConfig, TrainingMethod};
 
 /// The file in every folder output Ferrite writes: a folder without it is not replaced.
 const MARKER: &str = ".ferrite-output";
@@ -193,13 +193,32 @@ impl Trainer {
                 ("ss_training_comment", "trained with Ferrite".into()),
             ]
             .map(|(k, v)| (k.to_string(), v));
-            self.model.save(&path, format, &meta).map_err(err)?;
+            self.model
+                .save(&path, format, self.output_dtype(), &meta)
+                .map_err(err)?;
         } else if c.output_model_format == OutputFormat::Diffusers {
             self.save_diffusers_folder(&path)?;
         } else {
             self.save_single_file(&path)?;
         }
         Ok(path)
+    }
+
+    fn output_dtype(&self) -> DType {
+        match self.config.output_dtype {
+            OutputDtype::Float32 => DType::F32,
+            OutputDtype::Float16 => DType::F16,
+            OutputDtype::Bfloat16 => DType::BF16,
+        }
+    }
+
+    /// `tensors` cast to the output dtype.
+    fn in_output_dtype(&self, tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+        let dtype = self.output_dtype();
+        tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.cast(dtype).map_err(err)?)))
+            .collect()
     }
 
     /// A fine-tune as one safetensors file in the model's original single-file layout, as the
@@ -211,7 +230,7 @@ impl Trainer {
                     .into(),
             )
         })?;
-        let all = self.arch.export(layout).map_err(err)?;
+        let all = self.in_output_dtype(self.arch.export(layout).map_err(err)?)?;
         let named: Vec<(&str, &Tensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let arch = self.info.metadata.modelspec_architecture.as_str();
         let mut meta = vec![("ferrite_base_model", self.config.base_model_name.as_str())];
@@ -271,7 +290,7 @@ impl Trainer {
             .filter_map(|(_, f)| Some(base.join(f).parent()?.to_path_buf()))
             .collect();
         copy_except_weights(&base, &tmp, &replaced)?;
-        let all = self.arch.parameters().map_err(err)?;
+        let all = self.in_output_dtype(self.arch.parameters().map_err(err)?)?;
         for (prefix, file) in &files {
             let named: Vec<(&str, &Tensor)> = all
                 .iter()

@@ -1,4 +1,4 @@
-//! Frozen weights kept below f32 (`weight_dtype`): kept in bf16/f16, read by ops as f32 — the
+//! Frozen weights kept below f32 (`weight_dtype`): kept in bf16/f16/float8/nfloat4, read by ops as f32 — the
 //! same results as the f32 weight rounded to that dtype, gradients included.
 
 use ferrite_plugin_api::{DType, Tensor, ops};
@@ -11,7 +11,7 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
 }
 
 #[test]
-fn stored_weights_compute_as_their_rounded_f32_values() {
+fn kept_weights_compute_as_their_rounded_f32_values() {
     let (device, _) = Device::open("cpu").unwrap();
     let _entered = Scope::new(device.clone()).enter();
     for (dtype, format) in [
@@ -28,10 +28,10 @@ fn stored_weights_compute_as_their_rounded_f32_values() {
             w.to_vec().unwrap(),
             "rounding shows"
         );
-        device.store_weight(w.id(), format).unwrap();
-        device.store_weight(k.id(), format).unwrap();
+        device.keep_weight(w.id(), format).unwrap();
+        device.keep_weight(k.id(), format).unwrap();
         assert_eq!(w.dtype().unwrap(), dtype);
-        // Freezing it again keeps it stored.
+        // Freezing it again leaves it kept.
         w.set_requires_grad(false).unwrap();
         assert_eq!(w.dtype().unwrap(), dtype);
 
@@ -71,14 +71,16 @@ fn stored_weights_compute_as_their_rounded_f32_values() {
     let trained = Tensor::from_f32(&[1.0, 2.0], &[1, 2]).unwrap();
     trained.set_requires_grad(true).unwrap();
     let e = device
-        .store_weight(trained.id(), WeightFormat::BF16)
+        .keep_weight(trained.id(), WeightFormat::BF16)
         .unwrap_err();
     assert!(e.contains("is trained"), "{e}");
 }
 
-/// The tensors of the reference file (tests/fixtures/gen/quantized.py: bitsandbytes 0.50 and
-/// torch), as f32 values or bytes.
-fn reference() -> (
+/// The reference file's tensors named `prefix…` (tests/fixtures/gen/quantized.py: bitsandbytes
+/// 0.50 and torch): its f32 tensors, the nfloat4 bytes and the float8 codes.
+fn reference(
+    prefix: &str,
+) -> (
     std::collections::HashMap<String, Vec<f32>>,
     Vec<u8>,
     Vec<u8>,
@@ -91,56 +93,71 @@ fn reference() -> (
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut floats = std::collections::HashMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() == safetensors::Dtype::F32 {
+        let Some(name) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        if view.dtype() == safetensors::Dtype::F32 && !name.starts_with("odd.") {
             let v = view
                 .data()
                 .chunks(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
-            floats.insert(name, v);
+            floats.insert(name.to_string(), v);
         }
     }
-    let raw = |n: &str| st.tensor(n).unwrap().data().to_vec();
+    let raw = |n: &str| st.tensor(&format!("{prefix}{n}")).unwrap().data().to_vec();
     (floats, raw("nf4.packed"), raw("fp8.codes"))
 }
 
+/// nfloat4 bytes and absmax equal bitsandbytes', float8 codes and scale torch's, and the kept
+/// weights read back as their dequantised values — for whole blocks of 64 and for a tensor of
+/// 65 values (a one-value last block, a half-filled last byte).
 #[test]
 fn quantised_weights_match_bitsandbytes_and_torch() {
     use ferrite_runtime::kept::{fp8_quantize, nf4_quantize};
-    let (f, nf4_packed, fp8_codes) = reference();
-    let w = &f["weight"];
-
-    let (packed, absmax) = nf4_quantize(w);
-    assert_eq!(
-        packed, nf4_packed,
-        "nfloat4 codes as bitsandbytes packs them"
-    );
-    assert_eq!(absmax, f["nf4.absmax"]);
-    let (codes, scale) = fp8_quantize(w);
-    assert_eq!(scale, f["fp8.scale"][0]);
-    assert_eq!(codes, fp8_codes, "float8 e4m3fn codes as torch rounds them");
-
-    // Kept on the device and read by ops: bitsandbytes' and torch's dequantised values.
     let (device, _) = Device::open("cpu").unwrap();
     let _entered = Scope::new(device.clone()).enter();
-    for (format, want) in [
-        (WeightFormat::Nf4, &f["nf4.dequantized"]),
-        (WeightFormat::Float8, &f["fp8.dequantized"]),
-    ] {
-        let t = Tensor::from_f32(w, &[24, 40]).unwrap();
-        device.store_weight(t.id(), format).unwrap();
-        let got = t.mul_scalar(1.0).unwrap().to_vec().unwrap();
-        let worst = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(worst <= 1e-7, "{format:?}: {worst}");
-        let error = got
-            .iter()
-            .zip(w)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(error > 1e-3, "{format:?}: the weight was not quantised");
+    for (prefix, shape) in [("", [24, 40]), ("odd.", [5, 13])] {
+        let (f, nf4_packed, fp8_codes) = reference(prefix);
+        let w = &f["weight"];
+        let (packed, absmax) = nf4_quantize(w);
+        assert_eq!(
+            packed, nf4_packed,
+            "{prefix}: nfloat4 bytes as bitsandbytes packs them"
+        );
+        assert_eq!(absmax, f["nf4.absmax"], "{prefix}");
+        let (codes, scale) = fp8_quantize(w);
+        assert_eq!(scale, f["fp8.scale"][0], "{prefix}");
+        assert_eq!(
+            codes, fp8_codes,
+            "{prefix}: float8 e4m3fn codes as torch rounds them"
+        );
+
+        for (format, want) in [
+            (WeightFormat::Nf4, &f["nf4.dequantized"]),
+            (WeightFormat::Float8, &f["fp8.dequantized"]),
+        ] {
+            let t = Tensor::from_f32(w, &shape).unwrap();
+            device.keep_weight(t.id(), format).unwrap();
+            assert_eq!(t.shape().unwrap(), shape);
+            let got = t.mul_scalar(1.0).unwrap().to_vec().unwrap();
+            let worst = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-7, "{prefix}{format:?}: {worst}");
+            let error = got
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                error > 1e-3,
+                "{prefix}{format:?}: the weight was not quantised"
+            );
+            let e = t.set_requires_grad(true).unwrap_err().to_string();
+            assert!(e.contains("kept below f32"), "{e}");
+        }
     }
 }
