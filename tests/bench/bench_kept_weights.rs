@@ -7,7 +7,7 @@
 //! (input gradient, as under a LoRA). Asserts nothing; bitsandbytes' and torch's dequantised
 //! values are matched exactly in `host/runtime/tests/kept.rs`.
 //!
-//!     cargo run --release -p ferrite-tests --example bench_kept_weights -- [blocks] [tokens]
+//!     cargo run -p ferrite-tests --example bench_kept_weights -- [blocks] [tokens]
 
 use std::time::Instant;
 
