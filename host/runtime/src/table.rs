@@ -79,6 +79,14 @@ pub trait Tracking: AutodiffBackend {
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
     /// `x · sigmoid(a·x)` (SiLU, quick GELU), keeping only `x` for backward ([`crate::gated`]).
     fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self>;
+    /// `x · wᵀ + b` for a weight kept below f32, keeping the kept weight (not an f32 copy)
+    /// for backward ([`crate::kept`]).
+    fn kept_linear(
+        x: FloatTensor<Self>,
+        w: Kept<Self>,
+        b: Option<FloatTensor<Self>>,
+        int_dtype: burn_backend::IntDType,
+    ) -> FloatTensor<Self>;
     /// A checkpointed block's output (computed untracked) as one node over its tracked inputs,
     /// whose gradients `replay` gives ([`crate::checkpoint`]).
     fn checkpoint(
@@ -108,6 +116,15 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
 
     fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self> {
         crate::gated::x_sigmoid::<B, NoCheckpointing>(x, a)
+    }
+
+    fn kept_linear(
+        x: FloatTensor<Self>,
+        w: Kept<Self>,
+        b: Option<FloatTensor<Self>>,
+        int_dtype: burn_backend::IntDType,
+    ) -> FloatTensor<Self> {
+        crate::kept::linear::<B>(x, w, b, int_dtype)
     }
 
     fn checkpoint(

@@ -35,28 +35,28 @@ fn kept_weights_compute_as_their_rounded_f32_values() {
         w.set_requires_grad(false).unwrap();
         assert_eq!(w.dtype().unwrap(), dtype);
 
-        let x = Tensor::from_f32(&values(2 * 3, 3), &[2, 3]).unwrap();
+        // Linear is its own op on a kept weight (backward keeps the kept weight): the same
+        // output and gradients of a [2, 2, 3] input and a bias.
+        let x = Tensor::from_f32(&values(2 * 2 * 3, 3), &[2, 2, 3]).unwrap();
+        let b = Tensor::from_f32(&values(4, 5), &[4]).unwrap();
         x.set_requires_grad(true).unwrap();
-        let y = ops::linear(&x, &w, None).unwrap();
-        let y_ref = ops::linear(&x, &w_ref, None).unwrap();
-        assert_eq!(y.to_vec().unwrap(), y_ref.to_vec().unwrap());
-        let g = y
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(&x)
-            .unwrap()
-            .unwrap();
-        let g_ref = y_ref
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(&x)
-            .unwrap()
-            .unwrap();
-        assert_eq!(g.to_vec().unwrap(), g_ref.to_vec().unwrap());
+        b.set_requires_grad(true).unwrap();
+        let r = Tensor::from_f32(&values(2 * 2 * 4, 6), &[2, 2, 4]).unwrap();
+        let grads = |w: &Tensor| {
+            let y = ops::linear(&x, w, Some(&b)).unwrap();
+            let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            [y, g.get(&x).unwrap().unwrap(), g.get(&b).unwrap().unwrap()]
+                .map(|t| t.to_vec().unwrap())
+        };
+        let (got, want) = (grads(&w), grads(&w_ref));
+        for (g, w) in got.iter().zip(&want) {
+            let e = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(e <= 1e-6, "{dtype}: {e}");
+        }
 
         let img = Tensor::from_f32(&values(3 * 5 * 5, 4), &[1, 3, 5, 5]).unwrap();
         let conv = |k: &Tensor| {

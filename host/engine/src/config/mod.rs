@@ -43,10 +43,11 @@ pub struct PartConfig {
     /// The unit of stop_training_after.
     pub stop_training_after_unit: TimeUnit,
     /// The dtype this part's frozen weights are kept in (float32, float16, bfloat16, float8,
-    /// nfloat4): read as f32 by each op, so the results are those of the rounded weights. It
-    /// saves memory between ops; with gradient_checkpointing off, backward still holds f32
-    /// copies of the weights it needs. Only for frozen parts (a fine-tuned part is refused);
-    /// a fine-tune saves frozen parts as kept, so it takes the halves only.
+    /// nfloat4): read as f32 by each op, so the results are those of the rounded weights.
+    /// Linear layers keep only the kept weight for backward; convolution kernels are held as
+    /// f32 copies in backward unless their block is checkpointed. Only for frozen parts (a
+    /// fine-tuned part is refused); a fine-tune saves frozen parts as kept, so it takes the
+    /// halves only.
     pub weight_dtype: WeightDtype,
 }
 
@@ -586,14 +587,14 @@ fn merge(base: &mut toml::Table, top: toml::Table) {
 /// `a.b=value`: the value as TOML (a number, bool, array...), else as a string.
 fn set(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let bad = |m: &str| ConfigError::Invalid(vec![format!("--set {assignment}: {m}")]);
-    let (key, value) = assignment
+    let (key, raw) = assignment
         .split_once('=')
         .ok_or_else(|| bad("expected key=value"))?;
-    let value = format!("v = {value}")
+    let value = format!("v = {raw}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let mut parts: Vec<&str> = key.trim().split('.').collect();
     let last = parts
         .pop()
@@ -607,6 +608,13 @@ fn set(table: &mut toml::Table, assignment: &str) -> Result<()> {
             .as_table_mut()
             .ok_or_else(|| bad(&format!("`{p}` is not a table")))?;
     }
+    // A text option given a number (`resolution=1024`) takes it as written.
+    let value = match (t.get(last), value) {
+        (Some(toml::Value::String(_)), v) if !v.is_str() => {
+            toml::Value::String(raw.trim().to_string())
+        }
+        (_, v) => v,
+    };
     t.insert(last.to_string(), value);
     Ok(())
 }
@@ -1063,8 +1071,11 @@ path = "images"
             "epochs=3".to_string(),
             "optimizer.weight_decay=0.0".to_string(),
             "text_encoder.train=true".to_string(),
+            // A text option given a number.
+            "resolution=1024".to_string(),
         ];
         let c = TrainConfig::load(Some(&cfg), Some(preset.to_str().unwrap()), &sets).unwrap();
+        assert_eq!(c.resolution, "1024");
         assert_eq!(c.learning_rate, 0.5);
         assert_eq!(c.lora_rank, 8, "the preset wins over the file");
         assert_eq!(c.unet.learning_rate, Some(0.25));

@@ -36,8 +36,9 @@ impl<B: Tracking> TensorTable<B> {
     }
 
     pub(super) fn linear(&self, ids: &[TensorId]) -> RtResult<Vec<Value<B>>> {
-        let (t, w, b) = (self.f(ids, 0)?, self.f(ids, 1)?, self.opt_f(ids, 2)?);
-        let (ts, ws) = (shape_of::<B>(&t), shape_of::<B>(&w));
+        let (t, b) = (self.f(ids, 0)?, self.opt_f(ids, 2)?);
+        let weight = self.get_kept(ids[1])?;
+        let (ts, ws) = (shape_of::<B>(&t), weight.shape());
         if ws.len() != 2 || ts.last() != Some(&ws[1]) {
             return Err(format!(
                 "op linear: input {ts:?} does not match weight {ws:?} ([out, in])"
@@ -52,7 +53,11 @@ impl<B: Tracking> TensorTable<B> {
                 ws[0]
             ));
         }
-        one(B::linear(t, B::float_swap_dims(w, 0, 1), b))
+        match weight {
+            // Backward keeps the kept weight, not an f32 copy of it.
+            Value::Kept(k) => one(B::kept_linear(t, k, b, self.settings().int_dtype)),
+            _ => one(B::linear(t, B::float_swap_dims(self.f(ids, 1)?, 0, 1), b)),
+        }
     }
 
     /// Input, weight and bias of a convolution, checked against each other.
