@@ -26,14 +26,7 @@ const STREAM: [(usize, usize); 5] = [
 ];
 
 fn rss_gib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / (1024.0 * 1024.0))
+    ferrite_tests::status_gib("VmRSS")
 }
 
 fn main() -> anyhow::Result<()> {
