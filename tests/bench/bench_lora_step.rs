@@ -75,7 +75,14 @@ path = "images"
     let p = root.join("bench.toml");
     std::fs::write(&p, text)?;
     let config = TrainConfig::load(Some(&p), None, &sets)?;
-    let size: usize = config.resolution.parse()?;
+    // The first size given (`512`, `512,768`, `1024x768`), for the label.
+    let size: usize = config
+        .resolution
+        .split([',', 'x'])
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .parse()?;
     let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
     let loading = Instant::now();
     let mut t = Trainer::new(config, root, registry)?;

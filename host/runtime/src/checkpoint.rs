@@ -14,7 +14,7 @@
 //! masks are drawn again from the seeds recorded.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
@@ -78,6 +78,8 @@ pub(crate) struct Frames<B: AutodiffBackend> {
     open: Mutex<HashMap<ThreadId, Frame<B>>>,
     /// Blocks made into checkpoint nodes so far (what `Device::checkpointed_blocks` says).
     pub(crate) made: AtomicU64,
+    /// Whether a block with too many trained inputs was reported.
+    warned: AtomicBool,
 }
 
 impl<B: AutodiffBackend> Default for Frames<B> {
@@ -85,6 +87,7 @@ impl<B: AutodiffBackend> Default for Frames<B> {
         Self {
             open: Mutex::new(HashMap::new()),
             made: AtomicU64::new(0),
+            warned: AtomicBool::new(false),
         }
     }
 }
@@ -255,6 +258,11 @@ impl<B: Tracking> TensorTable<B> {
             Some(_) => f.remove(&me),
             None => None,
         });
+        if let Some(frame) = &frame {
+            for (_, copy) in &frame.externals {
+                self.release(*copy);
+            }
+        }
         if ids.len() > 1 {
             return Err(format!(
                 "op checkpoint_end: a block has one output, got {}",
@@ -265,9 +273,6 @@ impl<B: Tracking> TensorTable<B> {
             // Not checkpointing, or an inner block: the output is the output.
             return ids.iter().map(|&id| self.retain(id)).collect();
         };
-        for (_, copy) in &frame.externals {
-            self.release(*copy);
-        }
         let Some(&out) = ids.first() else {
             return Ok(Vec::new());
         };
@@ -307,11 +312,13 @@ impl<B: Tracking> TensorTable<B> {
         };
         if parents.len() > MAX_INPUTS {
             // Too many parents for one node: the block runs again, tracked, as if unmarked.
-            tracing::debug!(
-                "a checkpointed block reads {} trained tensors (at most {MAX_INPUTS} per \
-                 node): it keeps its activations",
-                parents.len()
-            );
+            if !self.frames.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "a checkpointed block reads {} trained tensors (at most {MAX_INPUTS} per \
+                     node): such blocks are computed twice and keep their activations",
+                    parents.len()
+                );
+            }
             let originals = frame.externals.into_iter().map(|(v, _)| v).collect();
             return Ok(vec![self.insert(Value::Float(recorded.run(originals)?))]);
         }

@@ -152,9 +152,11 @@ fn a_block_with_many_trained_inputs_keeps_its_activations() {
             .map(|w| g.get(w).unwrap().unwrap().to_vec().unwrap())
             .collect::<Vec<_>>()
     };
+    let live = device.live();
     let plain = grads(false);
     let got = grads(true);
     assert_eq!(device.checkpointed_blocks(), 0, "no node for 70 parents");
+    assert_eq!(device.live(), live, "handles left behind");
     for (g, want) in got.iter().zip(&plain) {
         assert!(worst(g, want) <= 1e-6, "{g:?} vs {want:?}");
         assert!(want.iter().any(|v| *v != 0.0));

@@ -328,9 +328,8 @@ impl ModelLayers {
         Ok(out)
     }
 
-    /// Writes the attached adapters to `path` in `format`, with kohya's `ss_*` metadata, the
-    /// model's own and `extra`.
-    /// Writes the adapters in `format`, their tensors in `dtype`.
+    /// Writes the attached adapters to `path` in `format`, their tensors in `dtype`, with
+    /// kohya's `ss_*` metadata, the model's own and `extra`.
     pub fn save(
         &self,
         path: &std::path::Path,

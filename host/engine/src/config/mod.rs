@@ -44,10 +44,10 @@ pub struct PartConfig {
     pub stop_training_after_unit: TimeUnit,
     /// The dtype this part's frozen weights are kept in (float32, float16, bfloat16, float8,
     /// nfloat4): read as f32 by each op, so the results are those of the rounded weights.
-    /// Linear layers keep only the kept weight for backward; convolution kernels are held as
+    /// Linear layers keep only the kept weight for backward; other ops (convolutions) hold
     /// f32 copies in backward unless their block is checkpointed. Only for frozen parts (a
-    /// fine-tuned part is refused); a fine-tune saves frozen parts as kept, so it takes the
-    /// halves only.
+    /// fine-tuned part is refused); a fine-tune saves its frozen parts too, with their
+    /// weights as rounded, so it takes the halves only.
     pub weight_dtype: WeightDtype,
 }
 
@@ -610,7 +610,7 @@ fn set(table: &mut toml::Table, assignment: &str) -> Result<()> {
     }
     // A text option given a number (`resolution=1024`) takes it as written.
     let value = match (t.get(last), value) {
-        (Some(toml::Value::String(_)), v) if !v.is_str() => {
+        (Some(toml::Value::String(_)), toml::Value::Integer(_) | toml::Value::Float(_)) => {
             toml::Value::String(raw.trim().to_string())
         }
         (_, v) => v,
@@ -1076,6 +1076,9 @@ path = "images"
         ];
         let c = TrainConfig::load(Some(&cfg), Some(preset.to_str().unwrap()), &sets).unwrap();
         assert_eq!(c.resolution, "1024");
+        // Only numbers: a list given to a text option is still refused.
+        let e = TrainConfig::load(Some(&cfg), None, &["resolution=[512]".to_string()]);
+        assert!(e.is_err());
         assert_eq!(c.learning_rate, 0.5);
         assert_eq!(c.lora_rank, 8, "the preset wins over the file");
         assert_eq!(c.unet.learning_rate, Some(0.25));

@@ -201,10 +201,12 @@ fn keep_weights(
         if c.training_method == TrainingMethod::FineTune
             && matches!(format, WeightFormat::Float8 | WeightFormat::Nf4)
         {
-            // A fine-tune saves every part: a frozen one would be written quantised.
+            // A fine-tune saves every part: a frozen one would be written with its weights
+            // rounded to the quantised format.
             return Err(TrainError(format!(
                 "{}.weight_dtype: a fine-tune saves this part too, and {} would save it \
-                 quantised; use float32, float16 or bfloat16",
+                 quantised (its weights rounded to 4 or 8 bits); use float32, float16 or \
+                 bfloat16",
                 part.config_table, pc.weight_dtype
             )));
         }
