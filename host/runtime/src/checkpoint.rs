@@ -14,7 +14,7 @@
 //! masks are drawn again from the seeds recorded.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
@@ -76,6 +76,8 @@ pub(crate) struct Frame<B: AutodiffBackend> {
 /// The blocks recording on each thread of one runtime.
 pub(crate) struct Frames<B: AutodiffBackend> {
     open: Mutex<HashMap<ThreadId, Frame<B>>>,
+    /// How many threads record now: every op asks, and none need the lock while it is 0.
+    recording: AtomicUsize,
     /// Blocks made into checkpoint nodes so far (what `Device::checkpointed_blocks` says).
     pub(crate) made: AtomicU64,
     /// Whether a block with too many trained inputs was reported.
@@ -86,6 +88,7 @@ impl<B: AutodiffBackend> Default for Frames<B> {
     fn default() -> Self {
         Self {
             open: Mutex::new(HashMap::new()),
+            recording: AtomicUsize::new(0),
             made: AtomicU64::new(0),
             warned: AtomicBool::new(false),
         }
@@ -94,7 +97,10 @@ impl<B: AutodiffBackend> Default for Frames<B> {
 
 impl<B: AutodiffBackend> Frames<B> {
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<ThreadId, Frame<B>>) -> T) -> T {
-        f(&mut self.open.lock().unwrap_or_else(|e| e.into_inner()))
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(&mut open);
+        self.recording.store(open.len(), Ordering::Relaxed);
+        out
     }
 }
 
@@ -217,6 +223,9 @@ impl<B: Tracking> Replay<B::InnerBackend> for Mutex<Recorded<B>> {
 impl<B: Tracking> TensorTable<B> {
     /// Whether ops on this thread are being recorded into a block.
     pub(crate) fn recording(&self) -> bool {
+        if self.frames.recording.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
         let me = std::thread::current().id();
         self.frames.with(|f| f.contains_key(&me))
     }

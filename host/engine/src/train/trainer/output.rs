@@ -290,12 +290,15 @@ impl Trainer {
             .filter_map(|(_, f)| Some(base.join(f).parent()?.to_path_buf()))
             .collect();
         copy_except_weights(&base, &tmp, &replaced)?;
-        let all = self.in_output_dtype(self.arch.parameters().map_err(err)?)?;
+        let all = self.arch.parameters().map_err(err)?;
         for (prefix, file) in &files {
-            let named: Vec<(&str, &Tensor)> = all
-                .iter()
-                .filter_map(|(n, t)| n.strip_prefix(prefix.as_str()).map(|k| (k, t)))
-                .collect();
+            // One part at a time in the output dtype, so only its copies exist at once.
+            let part = self.in_output_dtype(
+                all.iter()
+                    .filter_map(|(n, t)| Some((n.strip_prefix(prefix.as_str())?.into(), t.clone())))
+                    .collect(),
+            )?;
+            let named: Vec<(&str, &Tensor)> = part.iter().map(|(n, t)| (n.as_str(), t)).collect();
             ferrite_plugin_api::save_safetensors(&tmp.join(file).to_string_lossy(), &named, &[])
                 .map_err(err)?;
         }
