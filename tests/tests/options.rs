@@ -530,6 +530,11 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "train::gradient_checkpointing_trains_the_same_model, runtime checkpoint tests, \
          tests/bench/lora_step.sh (memory)",
     ),
+    (
+        "train_dtype",
+        "train::train_dtype_trains_near_the_f32_run_and_float16_skips_overflowed_steps, \
+         runtime autocast tests",
+    ),
     ("latent_caching", "train: cache tests"),
     ("clear_cache_before_training", "train: cache tests"),
     ("unet", "train: per-part tests"),

@@ -5,7 +5,7 @@
 
 use ferrite::config::{
     ConceptType, EmaMode, GradientCheckpointing, LossWeightFn, OutputDtype, OutputFormat, TimeUnit,
-    TrainingMethod, WeightDtype,
+    TrainDtype, TrainingMethod, WeightDtype,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +15,7 @@ use ferrite::config::TrainConfig;
 use ferrite::plugins::Registry;
 use ferrite::runtime::Device;
 use ferrite::settings::Settings;
-use ferrite::train::trainer::{Event, Trainer};
+use ferrite::train::trainer::{Event, LossScale, Trainer};
 use ferrite_tests::toy_dataset;
 
 fn config(root: &Path, workspace: &str) -> TrainConfig {
@@ -1046,6 +1046,66 @@ fn gradient_checkpointing_trains_the_same_model() {
         );
         assert!(apart < 1e-5, "fine_tune {fine_tune}: {apart}");
     }
+}
+
+/// `train_dtype`: bf16 and f16 runs compute matmul, convolutions and attention in that dtype
+/// (losses near the f32 run's, not equal to them); a float16 run scales its loss, and a step
+/// whose gradients overflow is skipped: the weights stay, the scale halves, the skip is reported.
+#[test]
+fn train_dtype_trains_near_the_f32_run_and_float16_skips_overflowed_steps() {
+    let root = setup();
+    let root = root.path();
+    let config = |dtype: TrainDtype, name: &str| {
+        let mut c = config(root, &format!("td-{dtype}-{name}"));
+        c.backup_after_unit = TimeUnit::Never;
+        c.train_dtype = dtype;
+        c
+    };
+    let f32_losses = run(config(TrainDtype::Float32, "a"), root, None).losses;
+    for (dtype, tolerance) in [(TrainDtype::Bfloat16, 5e-3), (TrainDtype::Float16, 1e-3)] {
+        let losses = run(config(dtype, "a"), root, None).losses;
+        assert_eq!(losses.len(), f32_losses.len());
+        assert_ne!(losses, f32_losses, "{dtype}: nothing computed in {dtype}");
+        let worst = losses
+            .iter()
+            .zip(&f32_losses)
+            .map(|((_, a), (_, b))| (a - b).abs() / b.abs())
+            .fold(0f32, f32::max);
+        println!("{dtype}: losses within {worst:e} of float32's");
+        assert!(worst <= tolerance, "{dtype}: {worst}");
+    }
+
+    // Every step overflows (the fail point), so none updates the weights.
+    fail::cfg("grads-overflow", "return").unwrap();
+    let mut t = Trainer::new(config(TrainDtype::Float16, "overflow"), root, registry()).unwrap();
+    let start: Vec<(String, Vec<f32>)> = t
+        .trainable()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_vec().unwrap()))
+        .collect();
+    let mut skipped = Vec::new();
+    let outcome = t.run(|e| {
+        if let Event::Skipped { step, loss_scale } = e {
+            skipped.push((step, loss_scale));
+        }
+    });
+    fail::remove("grads-overflow");
+    outcome.unwrap();
+    let want: Vec<(u64, f32)> = (0..6).map(|s| (s, 2f32.powi(15 - s as i32))).collect();
+    assert_eq!(skipped, want);
+    assert_eq!(
+        t.progress.loss_scale,
+        Some(LossScale {
+            exponent: 10,
+            good_steps: 0
+        })
+    );
+    let end: Vec<(String, Vec<f32>)> = t
+        .trainable()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_vec().unwrap()))
+        .collect();
+    assert_eq!(start, end, "a skipped step changed the weights");
 }
 
 /// `weight_dtype` keeps a part's frozen weights in bf16, f16, float8 or nfloat4: a LoRA run

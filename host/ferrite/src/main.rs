@@ -354,6 +354,9 @@ fn run_training(
         Event::Sample(p) => say(format!("sample: {}", p.display())),
         Event::Backup(p) => say(format!("backup: {}", p.display())),
         Event::Saved(p) => say(format!("saved: {}", p.display())),
+        Event::Skipped { step, loss_scale } => say(format!(
+            "step {step} skipped: float16 gradients overflowed, loss scale now {loss_scale}"
+        )),
         Event::Paused(_) => {}
     })?;
     bar.finish();

@@ -750,6 +750,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             &mut c.ema_update_step_interval,
         );
         f.choice(ui, "gradient_checkpointing", &mut c.gradient_checkpointing);
+        f.choice(ui, "train_dtype", &mut c.train_dtype);
     });
     ui.separator();
     ui.strong("Optimizer");

@@ -266,6 +266,12 @@ impl RunView {
             }
             Event::Backup(p) => self.log(false, format!("backup: {}", p.display())),
             Event::Saved(p) => self.log(false, format!("saved: {}", p.display())),
+            Event::Skipped { step, loss_scale } => self.log(
+                true,
+                format!(
+                    "step {step} skipped: float16 gradients overflowed, loss scale now {loss_scale}"
+                ),
+            ),
             Event::Paused(true) => {
                 self.phase = Phase::Paused;
                 self.log(false, "paused");

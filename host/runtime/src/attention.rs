@@ -4,8 +4,9 @@
 //! output and each row's log-sum-exp; the backward recomputes each chunk's probabilities from
 //! them (FlashAttention's recurrence, over chunks rather than tiles). Without a mask or bias,
 //! for q, k and v of one batch and head count with no empty dimension (the op table checks):
-//! other attention keeps burn's path. Computed in the inputs' dtype (f32 today; keeping the
-//! log-sum-exp in f32 is for mixed precision to add).
+//! other attention keeps burn's path. Under mixed precision the matmuls compute in the train
+//! dtype and backward keeps q, k and v in it, while the softmax statistics (row maxima, sums,
+//! the log-sum-exp) and the probabilities' gradients stay f32 ([`crate::autocast`]).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::{
@@ -13,7 +14,11 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
-use burn_backend::{Backend, Scalar, Shape, Slice, TensorMetadata, tensor::FloatTensor};
+use burn_backend::{
+    Backend, FloatDType, Scalar, Shape, Slice, TensorMetadata, tensor::FloatTensor,
+};
+
+use crate::autocast;
 
 /// Score elements per chunk (`B · H · rows · Lk`): 16 Mi floats, 64 MiB in f32.
 const CHUNK_ELEMENTS: usize = 1 << 24;
@@ -54,9 +59,15 @@ fn transpose<B: Backend>(t: &FloatTensor<B>) -> FloatTensor<B> {
     B::float_swap_dims(t.clone(), 2, 3)
 }
 
-fn scores<B: Backend>(qc: &FloatTensor<B>, kt: &FloatTensor<B>, scale: f64) -> FloatTensor<B> {
+/// The scaled scores of a chunk, in f32 (the matmul in `dt`).
+fn scores<B: Backend>(
+    qc: &FloatTensor<B>,
+    kt: &FloatTensor<B>,
+    scale: f64,
+    dt: Option<FloatDType>,
+) -> FloatTensor<B> {
     B::float_mul_scalar(
-        B::float_matmul(qc.clone(), kt.clone()),
+        autocast::matmul::<B>(qc.clone(), kt.clone(), dt),
         Scalar::Float(scale),
     )
 }
@@ -69,13 +80,15 @@ fn add<B: Backend>(acc: Option<FloatTensor<B>>, t: FloatTensor<B>) -> FloatTenso
 }
 
 /// `softmax(q kᵀ · scale) v` over chunks of `rows` query rows (`[B, H, L, D]` inputs), and each
-/// query row's log-sum-exp of the scaled scores (`[B, H, Lq, 1]`).
+/// query row's log-sum-exp of the scaled scores (`[B, H, Lq, 1]`), both f32; the matmuls in
+/// `dt` where given.
 pub fn forward<B: Backend>(
     q: &FloatTensor<B>,
     k: &FloatTensor<B>,
     v: &FloatTensor<B>,
     scale: f64,
     rows_per_chunk: usize,
+    dt: Option<FloatDType>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let lq = dims::<B>(q)[2];
     let step = rows_per_chunk.max(1);
@@ -83,12 +96,12 @@ pub fn forward<B: Backend>(
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for start in (0..lq).step_by(step) {
         let end = (start + step).min(lq);
-        let s = scores::<B>(&rows::<B>(q, start, end), &kt, scale);
+        let s = scores::<B>(&rows::<B>(q, start, end), &kt, scale, dt);
         let m = B::float_max_dim(s.clone(), 3);
         let e = B::float_exp(B::float_sub(s.clone(), widen::<B>(m.clone(), &s)));
         let sum = B::float_sum_dim(e.clone(), 3);
         let p = B::float_div(e.clone(), widen::<B>(sum.clone(), &e));
-        outs.push(B::float_matmul(p, v.clone()));
+        outs.push(autocast::matmul::<B>(p, v.clone(), dt));
         lses.push(B::float_add(m, B::float_log(sum)));
     }
     (B::float_cat(outs, 2), B::float_cat(lses, 2))
@@ -106,6 +119,7 @@ pub fn backward<B: Backend>(
     grad: &FloatTensor<B>,
     scale: f64,
     rows_per_chunk: usize,
+    dt: Option<FloatDType>,
 ) -> [FloatTensor<B>; 3] {
     let lq = dims::<B>(q)[2];
     let step = rows_per_chunk.max(1);
@@ -116,7 +130,7 @@ pub fn backward<B: Backend>(
     for start in (0..lq).step_by(step) {
         let end = (start + step).min(lq);
         let qc = rows::<B>(q, start, end);
-        let s = scores::<B>(&qc, &kt, scale);
+        let s = scores::<B>(&qc, &kt, scale, dt);
         let p = B::float_exp(B::float_sub(
             s.clone(),
             widen::<B>(rows::<B>(lse, start, end), &s),
@@ -124,18 +138,23 @@ pub fn backward<B: Backend>(
         let go = rows::<B>(grad, start, end);
         dv = Some(add::<B>(
             dv,
-            B::float_matmul(transpose::<B>(&p), go.clone()),
+            autocast::matmul::<B>(transpose::<B>(&p), go.clone(), dt),
         ));
-        let dp = B::float_matmul(go, vt.clone());
+        let dp = autocast::matmul::<B>(go, vt.clone(), dt);
         let ds = B::float_mul(
             p,
             B::float_sub(dp.clone(), widen::<B>(rows::<B>(&d, start, end), &dp)),
         );
         let ds = B::float_mul_scalar(ds, Scalar::Float(scale));
-        dq.push(B::float_matmul(ds.clone(), k.clone()));
-        dk = Some(add::<B>(dk, B::float_matmul(transpose::<B>(&ds), qc)));
+        dq.push(autocast::matmul::<B>(ds.clone(), k.clone(), dt));
+        dk = Some(add::<B>(
+            dk,
+            autocast::matmul::<B>(transpose::<B>(&ds), qc, dt),
+        ));
     }
-    let zero = |t: &FloatTensor<B>| B::float_mul_scalar(t.clone(), Scalar::Float(0.0));
+    let zero = |t: &FloatTensor<B>| {
+        autocast::back::<B>(B::float_mul_scalar(t.clone(), Scalar::Float(0.0)), dt)
+    };
     [
         B::float_cat(dq, 2),
         dk.unwrap_or_else(|| zero(k)),
@@ -147,16 +166,20 @@ pub fn backward<B: Backend>(
 struct MemoryEfficientAttention {
     scale: f64,
     rows: usize,
+    dt: Option<FloatDType>,
 }
 
 impl<B: Backend> Backward<B, 3> for MemoryEfficientAttention {
-    /// q, k, v (the inputs' own buffers), the output and the log-sum-exp.
+    /// q, k, v (the inputs' own buffers, or their copies in the train dtype), the output and
+    /// the log-sum-exp.
     type State = [FloatTensor<B>; 5];
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let [q, k, v, out, lse] = ops.state;
-        let g = backward::<B>(&q, &k, &v, &out, &lse, &grad, self.scale, self.rows);
+        let g = backward::<B>(
+            &q, &k, &v, &out, &lse, &grad, self.scale, self.rows, self.dt,
+        );
         for (parent, g) in ops.parents.into_iter().zip(g) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, g);
@@ -165,16 +188,18 @@ impl<B: Backend> Backward<B, 3> for MemoryEfficientAttention {
     }
 }
 
-/// Attention of `[B, H, L, D]` tensors with `scale` and no mask, as an autodiff op of its own.
+/// Attention of `[B, H, L, D]` tensors with `scale` and no mask, as an autodiff op of its own;
+/// its matmuls in `dt` where given.
 pub fn attention<B: Backend, C: CheckpointStrategy>(
     q: FloatTensor<Autodiff<B, C>>,
     k: FloatTensor<Autodiff<B, C>>,
     v: FloatTensor<Autodiff<B, C>>,
     scale: f64,
+    dt: Option<FloatDType>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let (qs, ks) = (dims::<B>(&q.primitive), dims::<B>(&k.primitive));
     let rows = chunk_rows(qs[0] * qs[1], qs[2], ks[2]);
-    attention_in_chunks::<B, C>(q, k, v, scale, rows)
+    attention_in_chunks::<B, C>(q, k, v, scale, rows, dt)
 }
 
 /// [`attention`] over chunks of `rows` query rows.
@@ -184,19 +209,17 @@ pub fn attention_in_chunks<B: Backend, C: CheckpointStrategy>(
     v: FloatTensor<Autodiff<B, C>>,
     scale: f64,
     rows: usize,
+    dt: Option<FloatDType>,
 ) -> FloatTensor<Autodiff<B, C>> {
-    let op = MemoryEfficientAttention { scale, rows };
+    let op = MemoryEfficientAttention { scale, rows, dt };
     let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+    let [q, k, v] = [q, k, v].map(|t| autocast::to::<B>(t.primitive, dt));
     match op.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (out, lse) = forward::<B>(&q.primitive, &k.primitive, &v.primitive, scale, rows);
-            let state = [q.primitive, k.primitive, v.primitive, out.clone(), lse];
-            prep.finish(state, out)
+            let (out, lse) = forward::<B>(&q, &k, &v, scale, rows, dt);
+            prep.finish([q, k, v, out.clone(), lse], out)
         }
-        OpsKind::UnTracked(prep) => {
-            let (out, _) = forward::<B>(&q.primitive, &k.primitive, &v.primitive, scale, rows);
-            prep.finish(out)
-        }
+        OpsKind::UnTracked(prep) => prep.finish(forward::<B>(&q, &k, &v, scale, rows, dt).0),
     }
 }
 
@@ -261,6 +284,7 @@ mod tests {
                     v.clone().into_primitive().tensor(),
                     scale,
                     rows,
+                    None,
                 )));
             let out = worst(&values(ours.clone()), &values(reference.clone()));
             assert!(out < 1e-5, "output {out}");

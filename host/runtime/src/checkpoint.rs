@@ -28,6 +28,7 @@ use burn_backend::{AutodiffBackend, Backend, tensor::FloatTensor};
 use ferrite_plugin_api::{Op, TensorId};
 
 use crate::RtResult;
+use crate::autocast::TrainDtype;
 use crate::table::{TensorTable, Tracking, Value};
 
 /// Most tracked inputs one checkpoint node takes (burn's autodiff nodes have a fixed number of
@@ -126,12 +127,15 @@ struct Recorded<B: AutodiffBackend> {
     externals: Vec<(Value<B>, bool)>,
     tape: Vec<Step<B>>,
     output: (usize, usize),
+    /// What the block computed in when recorded; replay computes the same.
+    train_dtype: TrainDtype,
 }
 
 impl<B: Tracking> Recorded<B> {
     /// Runs the tape again on `inputs` (one per external) and gives the block's output.
     fn run(&self, inputs: Vec<Value<B>>) -> RtResult<FloatTensor<B>> {
         let table = TensorTable::<B>::new(self.device.clone(), self.device_name.clone(), 0);
+        table.pin_train_dtype(self.train_dtype);
         let inputs: Vec<TensorId> = inputs.into_iter().map(|v| table.insert(v)).collect();
         // Each value made in the block is released after its last use.
         let mut last_use: HashMap<(usize, usize), usize> = HashMap::new();
@@ -318,6 +322,7 @@ impl<B: Tracking> TensorTable<B> {
             externals,
             tape: frame.tape,
             output,
+            train_dtype: self.train_dtype(),
         };
         if parents.len() > MAX_INPUTS {
             // Too many parents for one node: the block runs again, tracked, as if unmarked.

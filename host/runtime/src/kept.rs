@@ -21,6 +21,7 @@ use burn_backend::{
 };
 
 use crate::RtResult;
+use crate::autocast;
 
 /// How a frozen weight is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,6 +300,7 @@ impl<B: AutodiffBackend> Kept<B> {
 struct KeptState<I: Backend> {
     weight: Kept<Autodiff<I>>,
     int_dtype: IntDType,
+    compute: Option<FloatDType>,
     x_shape: Vec<usize>,
 }
 
@@ -321,6 +323,7 @@ impl<I: Backend> Backward<I, 2> for KeptLinear {
         let KeptState {
             weight,
             int_dtype,
+            compute,
             x_shape,
         } = ops.state;
         let outs = *g.shape().last().unwrap_or(&1);
@@ -334,7 +337,8 @@ impl<I: Backend> Backward<I, 2> for KeptLinear {
         if let Some(node) = x {
             // The weight is dequantised again rather than kept as f32 since forward.
             let w = Autodiff::<I>::inner(weight.dequantize(int_dtype));
-            let dx = I::float_reshape(I::float_matmul(g, w), Shape::from(x_shape));
+            let dx = autocast::matmul::<I>(g, w, compute);
+            let dx = I::float_reshape(dx, Shape::from(x_shape));
             grads.register::<I>(node.id, dx);
         }
     }
@@ -348,6 +352,7 @@ pub fn linear<I: Backend>(
     w: Kept<Autodiff<I>>,
     b: Option<FloatTensor<Autodiff<I>>>,
     int_dtype: IntDType,
+    compute: Option<FloatDType>,
 ) -> FloatTensor<Autodiff<I>> {
     let x_shape = x.primitive.shape().to_vec();
     let ins = *x_shape.last().unwrap_or(&1);
@@ -355,7 +360,7 @@ pub fn linear<I: Backend>(
     let wf = Autodiff::<I>::inner(w.dequantize(int_dtype));
     let outs = wf.shape()[0];
     let x2 = I::float_reshape(x.primitive.clone(), Shape::from(vec![rows, ins]));
-    let mut y = I::float_matmul(x2, I::float_swap_dims(wf, 0, 1));
+    let mut y = autocast::matmul::<I>(x2, I::float_swap_dims(wf, 0, 1), compute);
     if let Some(b) = &b {
         y = I::float_add(
             y,
@@ -375,6 +380,7 @@ pub fn linear<I: Backend>(
     let state = KeptState {
         weight: w,
         int_dtype,
+        compute,
         x_shape,
     };
     match KeptLinear

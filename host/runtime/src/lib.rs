@@ -4,6 +4,7 @@
 
 mod api;
 pub mod attention;
+pub mod autocast;
 pub mod bench;
 pub mod checkpoint;
 pub mod fsutil;
@@ -23,6 +24,7 @@ use burn_backend::TensorData;
 use ferrite_plugin_api::{DType, Op, TensorId};
 
 pub use api::host_ref;
+pub use autocast::TrainDtype;
 pub use kept::WeightFormat;
 pub use scope::{Adapt, Cancel, Entered, Scope};
 pub use table::{TensorTable, Tracking};

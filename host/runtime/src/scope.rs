@@ -13,6 +13,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::Device;
+use crate::autocast::TrainDtype;
 
 /// A run's stop request: shared by the run and whoever may stop it (the GUI's Stop, Ctrl-C).
 #[derive(Debug, Clone, Default)]
@@ -52,6 +53,8 @@ pub struct Scope {
     /// Whether the blocks architectures mark are checkpointed (`gradient_checkpointing`):
     /// recomputed in backward instead of keeping their activations.
     pub checkpointing: bool,
+    /// What matmul, convolutions and attention compute in (`train_dtype`, [`crate::autocast`]).
+    pub train_dtype: TrainDtype,
     /// Where the run's dropout masks come from: its own, so that other runs on the same
     /// runtime do not change its draws.
     dropout: Arc<Mutex<ChaCha8Rng>>,
@@ -79,6 +82,7 @@ impl Scope {
             cancel: Cancel::default(),
             adapters: None,
             checkpointing: false,
+            train_dtype: TrainDtype::Float32,
             dropout: Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(0))),
         }
     }
@@ -111,6 +115,11 @@ impl Scope {
         self
     }
 
+    pub fn with_train_dtype(mut self, dtype: TrainDtype) -> Self {
+        self.train_dtype = dtype;
+        self
+    }
+
     pub fn enter(&self) -> Entered {
         SCOPES.with(|s| s.borrow_mut().push(self.clone()));
         Entered(PhantomData)
@@ -120,4 +129,14 @@ impl Scope {
 /// The innermost scope entered on this thread, if any.
 pub fn current() -> Option<Scope> {
     SCOPES.with(|s| s.borrow().last().cloned())
+}
+
+/// The train dtype of the innermost scope on this thread (f32 outside any), read by every
+/// matmul without cloning the scope.
+pub(crate) fn train_dtype() -> TrainDtype {
+    SCOPES.with(|s| {
+        s.borrow()
+            .last()
+            .map_or(TrainDtype::Float32, |s| s.train_dtype)
+    })
 }

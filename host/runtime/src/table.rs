@@ -1,7 +1,7 @@
 //! The tensor table: every live tensor of one runtime, keyed by the handles plugins hold.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use burn_backend::{
     AutodiffBackend, DType as BDType, FloatDType, TensorData, TensorMetadata, get_device_settings,
@@ -13,6 +13,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::RtResult;
+use crate::autocast::TrainDtype;
 use crate::checkpoint::{Frames, Replay, SeedQueue};
 use crate::kept::{Kept, WeightFormat};
 
@@ -66,13 +67,14 @@ impl<B: AutodiffBackend> Value<B> {
 /// burn's `Autodiff` does, and it is the only autodiff backend the runtime is built on.
 pub trait Tracking: AutodiffBackend {
     fn is_tracked(t: &FloatTensor<Self>) -> bool;
-    /// Unmasked attention of `[B, H, L, D]` tensors in O(L) extra memory
-    /// ([`crate::attention`]).
+    /// Unmasked attention of `[B, H, L, D]` tensors in O(L) extra memory, its matmuls in
+    /// `compute` where given ([`crate::attention`]).
     fn memory_efficient_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         scale: f64,
+        compute: Option<FloatDType>,
     ) -> FloatTensor<Self>;
     /// `(x − mean) / sqrt(var + eps)` over the last dimension, keeping one tensor for backward
     /// ([`crate::normalize`]).
@@ -80,12 +82,13 @@ pub trait Tracking: AutodiffBackend {
     /// `x · sigmoid(a·x)` (SiLU, quick GELU), keeping only `x` for backward ([`crate::gated`]).
     fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self>;
     /// `x · wᵀ + b` for a weight kept below f32, keeping the kept weight (not an f32 copy)
-    /// for backward ([`crate::kept`]).
+    /// for backward, its matmuls in `compute` where given ([`crate::kept`]).
     fn kept_linear(
         x: FloatTensor<Self>,
         w: Kept<Self>,
         b: Option<FloatTensor<Self>>,
         int_dtype: burn_backend::IntDType,
+        compute: Option<FloatDType>,
     ) -> FloatTensor<Self>;
     /// A checkpointed block's output (computed untracked) as one node over its tracked inputs,
     /// whose gradients `replay` gives ([`crate::checkpoint`]).
@@ -106,8 +109,9 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         scale: f64,
+        compute: Option<FloatDType>,
     ) -> FloatTensor<Self> {
-        crate::attention::attention::<B, NoCheckpointing>(q, k, v, scale)
+        crate::attention::attention::<B, NoCheckpointing>(q, k, v, scale, compute)
     }
 
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
@@ -123,8 +127,9 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
         w: Kept<Self>,
         b: Option<FloatTensor<Self>>,
         int_dtype: burn_backend::IntDType,
+        compute: Option<FloatDType>,
     ) -> FloatTensor<Self> {
-        crate::kept::linear::<B>(x, w, b, int_dtype)
+        crate::kept::linear::<B>(x, w, b, int_dtype, compute)
     }
 
     fn checkpoint(
@@ -153,6 +158,9 @@ pub struct TensorTable<B: AutodiffBackend> {
     pub(crate) frames: Frames<B>,
     /// Dropout seeds to use first (a checkpointed block's replay draws its masks again).
     replay_seeds: SeedQueue,
+    /// The train dtype a checkpointed block's replay computes in: the one it was recorded in,
+    /// whichever scope backward runs under.
+    pinned_train_dtype: OnceLock<TrainDtype>,
 }
 
 /// The backend keeps one generator per process: seeding it and drawing from it happen under
@@ -252,7 +260,26 @@ impl<B: AutodiffBackend> TensorTable<B> {
             dropout: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
             frames: Frames::default(),
             replay_seeds: SeedQueue::default(),
+            pinned_train_dtype: OnceLock::new(),
         }
+    }
+
+    /// Makes this table's ops compute in `dtype` whatever the calling scope says.
+    pub(crate) fn pin_train_dtype(&self, dtype: TrainDtype) {
+        let _ = self.pinned_train_dtype.set(dtype);
+    }
+
+    /// The dtype matmul, convolutions and attention compute in now ([`crate::autocast`]).
+    pub(crate) fn train_dtype(&self) -> TrainDtype {
+        self.pinned_train_dtype
+            .get()
+            .copied()
+            .unwrap_or_else(crate::scope::train_dtype)
+    }
+
+    /// [`Self::train_dtype`] as the cast ops apply (None: f32 as they are).
+    pub(crate) fn compute_dtype(&self) -> Option<FloatDType> {
+        self.train_dtype().compute()
     }
 
     /// Seeds the next dropout draws take, before any other.

@@ -94,6 +94,16 @@ choices! {
         Bfloat16,
     }
 
+    /// OneTrainer's `train_dtype`: what matmul, linear, convolutions and attention compute in
+    /// (norms, softmax statistics, the loss and the optimizer stay f32; trained parameters
+    /// are f32 masters).
+    TrainDtype ("lowercase") {
+        Float32,
+        /// With dynamic loss scaling (a step whose gradients overflow is skipped).
+        Float16,
+        Bfloat16,
+    }
+
     /// OneTrainer's `gradient_checkpointing`: whether the blocks the architecture marks
     /// (resnets, transformer blocks, text encoder layers) keep only their inputs and are
     /// recomputed in backward.

@@ -12,7 +12,7 @@ pub use crate::sample::Sampler;
 pub use choices::{
     BalancingStrategy, Choice, ConceptType, EmaMode, GradientCheckpointing, LayerPreset,
     LossWeightFn, LrScheduler, OutputDtype, OutputFormat, PromptSource, TimeUnit,
-    TimestepDistribution, TrainingMethod, WeightDtype,
+    TimestepDistribution, TrainDtype, TrainingMethod, WeightDtype,
 };
 /// `VARIANTS`: every value of a choice.
 pub use strum::VariantArray;
@@ -342,6 +342,9 @@ pub struct TrainConfig {
     /// Recompute the marked blocks in backward instead of keeping their activations (on:
     /// OneTrainer's default).
     pub gradient_checkpointing: GradientCheckpointing,
+    /// Mixed precision: the dtype matmul, linear, convolutions and attention compute in
+    /// (float16 scales the loss dynamically).
+    pub train_dtype: TrainDtype,
 
     /// `512`, several (`512,768`: one drawn per image and epoch) or `WxH`.
     pub resolution: String,
@@ -500,6 +503,7 @@ impl Default for TrainConfig {
             ema_decay: 0.999,
             ema_update_step_interval: 5,
             gradient_checkpointing: GradientCheckpointing::On,
+            train_dtype: TrainDtype::Float32,
             resolution: "512".into(),
             aspect_ratio_bucketing: true,
             latent_caching: true,

@@ -10,6 +10,8 @@ use burn_backend::{
 };
 use ferrite_plugin_api::{TensorId, op};
 
+use crate::autocast::{self, back, to};
+
 use super::{
     F, RtResult, TensorTable, Tracking, Value, broadcast_shape, check_dim, last_dim, one, shape_of,
     to_rank,
@@ -29,9 +31,10 @@ impl<B: Tracking> TensorTable<B> {
         }
         broadcast_shape(&ls[..ls.len() - 2], &rs[..rs.len() - 2])?;
         let rank = ls.len().max(rs.len());
-        one(B::float_matmul(
+        one(autocast::matmul::<B>(
             to_rank::<B>(l, rank),
             to_rank::<B>(r, rank),
+            self.compute_dtype(),
         ))
     }
 
@@ -53,10 +56,15 @@ impl<B: Tracking> TensorTable<B> {
                 ws[0]
             ));
         }
+        let dt = self.compute_dtype();
         match weight {
             // Backward keeps the kept weight, not an f32 copy of it.
-            Value::Kept(k) => one(B::kept_linear(t, k, b, self.settings().int_dtype)),
-            _ => one(B::linear(t, B::float_swap_dims(self.f(ids, 1)?, 0, 1), b)),
+            Value::Kept(k) => one(B::kept_linear(t, k, b, self.settings().int_dtype, dt)),
+            _ => {
+                let w = B::float_swap_dims(self.f(ids, 1)?, 0, 1);
+                let y = B::linear(to::<B>(t, dt), to::<B>(w, dt), b.map(|b| to::<B>(b, dt)));
+                one(back::<B>(y, dt))
+            }
         }
     }
 
@@ -93,7 +101,14 @@ impl<B: Tracking> TensorTable<B> {
     pub(super) fn conv2d(&self, ids: &[TensorId], a: &op::Conv) -> RtResult<Vec<Value<B>>> {
         let (t, w, b) = self.conv_inputs("conv2d", ids, a.stride, a.dilation, a.groups, false)?;
         let opts = ConvOptions::new(a.stride, a.padding, a.dilation, a.groups);
-        one(B::conv2d(t, w, b, opts))
+        let dt = self.compute_dtype();
+        let y = B::conv2d(
+            to::<B>(t, dt),
+            to::<B>(w, dt),
+            b.map(|b| to::<B>(b, dt)),
+            opts,
+        );
+        one(back::<B>(y, dt))
     }
 
     pub(super) fn conv_transpose2d(
@@ -111,7 +126,14 @@ impl<B: Tracking> TensorTable<B> {
         )?;
         let opts =
             ConvTransposeOptions::new(a.stride, a.padding, a.output_padding, a.dilation, a.groups);
-        one(B::conv_transpose2d(t, w, b, opts))
+        let dt = self.compute_dtype();
+        let y = B::conv_transpose2d(
+            to::<B>(t, dt),
+            to::<B>(w, dt),
+            b.map(|b| to::<B>(b, dt)),
+            opts,
+        );
+        one(back::<B>(y, dt))
     }
 
     /// Multiplies by the weight and adds the bias, both per channel of `channel_dim`.
@@ -238,12 +260,21 @@ impl<B: Tracking> TensorTable<B> {
         // empty dimension.
         let plain =
             qs[..2] == ks[..2] && ks[..2] == vs[..2] && !qs.contains(&0) && !ks.contains(&0);
+        let dt = self.compute_dtype();
         if tracked && mask.is_none() && bias.is_none() && plain {
             let scale = a.scale.unwrap_or(1.0 / (qs[3] as f64).sqrt());
-            return one(B::memory_efficient_attention(q, k, v, scale));
+            return one(B::memory_efficient_attention(q, k, v, scale, dt));
         }
+        // Elsewhere the whole attention runs in the train dtype (the O(L) op alone keeps its
+        // softmax statistics in f32).
+        let (q, k, v, bias) = (
+            to::<B>(q, dt),
+            to::<B>(k, dt),
+            to::<B>(v, dt),
+            bias.map(|b| to::<B>(b, dt)),
+        );
         if tracked {
-            return one(B::attention(q, k, v, mask, bias, opts));
+            return one(back::<B>(B::attention(q, k, v, mask, bias, opts), dt));
         }
         let out = <B::InnerBackend as burn_backend::ops::ModuleOps<B::InnerBackend>>::attention(
             B::inner(q),
@@ -253,7 +284,7 @@ impl<B: Tracking> TensorTable<B> {
             bias.map(B::inner),
             opts,
         );
-        one(B::from_inner(out))
+        one(back::<B>(B::from_inner(out), dt))
     }
 
     pub(super) fn interpolate(&self, id: TensorId, a: &op::Interpolate) -> RtResult<Vec<Value<B>>> {

@@ -17,6 +17,7 @@ mod loss;
 mod output;
 mod run;
 mod samples;
+mod scaling;
 mod schedule;
 mod validate;
 
@@ -30,16 +31,19 @@ use ferrite_plugin_api::{
 };
 
 use crate::adapters::ModelLayers;
-use crate::config::{ConceptType, GradientCheckpointing, TrainConfig, TrainingMethod, WeightDtype};
+use crate::config::{
+    ConceptType, GradientCheckpointing, TrainConfig, TrainDtype, TrainingMethod, WeightDtype,
+};
 use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
-use crate::runtime::{Cancel, Device, Scope, WeightFormat};
+use crate::runtime::{Cancel, Device, Scope, TrainDtype as RtTrainDtype, WeightFormat};
 use crate::sample::{NoiseSchedule, SchedulerConfig};
 use crate::train::cache::Caches;
 use crate::train::tensorboard::EventWriter;
 use crate::train::timesteps::Timesteps;
 pub use batch::Probe;
 use groups::Group;
+pub use scaling::LossScale;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -61,6 +65,9 @@ pub struct Progress {
     pub batch_in_epoch: usize,
     /// Batches used in the whole run (indexes the random draws).
     pub batches: u64,
+    /// The dynamic loss scale of a float16 run (None: not scaled).
+    #[serde(default)]
+    pub loss_scale: Option<LossScale>,
 }
 
 /// What the trainer reports as it goes.
@@ -90,6 +97,12 @@ pub enum Event {
     Saved(PathBuf),
     /// The run waits (true) or goes on (false), as [`Controls::pause`] asked.
     Paused(bool),
+    /// Float16 gradients overflowed: optimizer step `step` was skipped and the loss scale
+    /// lowered to `loss_scale`.
+    Skipped {
+        step: u64,
+        loss_scale: f32,
+    },
 }
 
 /// Requests to a running trainer from another thread (the GUI, Ctrl-C), seen between steps.
@@ -291,7 +304,12 @@ impl Trainer {
         let schedule = NoiseSchedule::new(scheduler).map_err(err)?;
         scope = scope
             .with_adapters(model.clone())
-            .with_checkpointing(c.gradient_checkpointing == GradientCheckpointing::On);
+            .with_checkpointing(c.gradient_checkpointing == GradientCheckpointing::On)
+            .with_train_dtype(match c.train_dtype {
+                TrainDtype::Float32 => RtTrainDtype::Float32,
+                TrainDtype::Float16 => RtTrainDtype::Float16,
+                TrainDtype::Bfloat16 => RtTrainDtype::BFloat16,
+            });
         let _scope = scope.enter();
 
         let data = Dataset::scan(c, base, &[ConceptType::Standard, ConceptType::Prior]);

@@ -84,7 +84,11 @@ impl Trainer {
                     self.debug_last = Some(debug::Snapshot::new(self, &loaded, &batch, &forward)?);
                 }
                 drop((batch, forward));
-                let grads = loss.backward().map_err(err)?;
+                let grads = match self.loss_scale() {
+                    Some(f) => loss.mul_scalar(f64::from(f)).and_then(|l| l.backward()),
+                    None => loss.backward(),
+                }
+                .map_err(err)?;
                 // The logged figure: one host read per batch.
                 acc_loss += loss.item().map_err(err)?;
                 let mut new = Vec::new();
@@ -111,7 +115,10 @@ impl Trainer {
                 if in_accum < accum {
                     continue;
                 }
-                if !acc_loss.is_finite() {
+                let mut grads = std::mem::take(&mut acc);
+                // False on a float16 overflow: no update, but the step counts (as in torch).
+                let taken = self.unscale(&mut grads, acc_loss, &mut on_event)?;
+                if taken && !acc_loss.is_finite() {
                     return Err(TrainError(format!(
                         "the loss became {acc_loss} at step {} (epoch {}): stopping; {}",
                         self.progress.step,
@@ -123,12 +130,15 @@ impl Trainer {
                     )));
                 }
                 let lr_factor = self.lr_factor(self.progress.step);
-                self.apply(std::mem::take(&mut acc), lr_factor)?;
+                if taken {
+                    self.apply(grads, lr_factor)?;
+                }
                 self.progress.step += 1;
-                if self
-                    .progress
-                    .step
-                    .is_multiple_of(self.config.ema_update_step_interval)
+                if taken
+                    && self
+                        .progress
+                        .step
+                        .is_multiple_of(self.config.ema_update_step_interval)
                 {
                     self.update_ema()?;
                 }
