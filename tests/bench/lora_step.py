@@ -95,7 +95,13 @@ def torch_step(family, out, steps, checkpointing):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
+    # The device harness (tools/device/run.sh) sets these: a CUDA device, bf16 autocast (as
+    # Ferrite's train_dtype), the image size.
+    device = os.environ.get("BENCH_DEVICE", "cpu")
+    autocast = os.environ.get("BENCH_AUTOCAST", "") == "bf16"
+    res = int(os.environ.get("BENCH_RES", "512"))
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "model", "unet"), torch_dtype=torch.float32)
+    unet.to(device)
     unet.requires_grad_(False)
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -103,15 +109,18 @@ def torch_step(family, out, steps, checkpointing):
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 64, 64, generator=g)
-    ctx = torch.randn(1, 77, 2048 if family == "sdxl" else 768, generator=g)
-    added = {"text_embeds": torch.randn(1, 1280, generator=g),
-             "time_ids": torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]])} if family == "sdxl" else None
-    target = torch.randn(1, 4, 64, 64, generator=g)
-    t = torch.tensor([500.0])
+    lat = res // 8
+    x = torch.randn(1, 4, lat, lat, generator=g).to(device)
+    ctx = torch.randn(1, 77, 2048 if family == "sdxl" else 768, generator=g).to(device)
+    added = {"text_embeds": torch.randn(1, 1280, generator=g).to(device),
+             "time_ids": torch.tensor([[res, res, 0.0, 0.0, res, res]], device=device)} if family == "sdxl" else None
+    target = torch.randn(1, 4, lat, lat, generator=g).to(device)
+    t = torch.tensor([500.0], device=device)
 
     def step():
-        loss = torch.nn.functional.mse_loss(unet(x, t, ctx, added_cond_kwargs=added).sample, target)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
+            pred = unet(x, t, ctx, added_cond_kwargs=added).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -125,8 +134,14 @@ def torch_step(family, out, steps, checkpointing):
         step()
     per = (time.perf_counter() - start) / steps
     label = "gradient_checkpointing=on" if checkpointing else "gradient_checkpointing=off"
-    print(f"torch   LoRA step 512x512 (64x64 latent) {label}: {per:8.1f} s, "
-          f"peak memory {peak_rss_gib():.1f} GiB")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        per = (time.perf_counter() - start) / steps
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = peak_rss_gib()
+    print(f"torch   LoRA step {res}x{res} ({lat}x{lat} latent) {label}: {per:8.3f} s, "
+          f"peak memory {peak:.1f} GiB")
 
 
 if __name__ == "__main__":

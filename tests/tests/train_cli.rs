@@ -378,3 +378,62 @@ fn debug_inputs_show_the_fixed_augmentations() {
         }
     }
 }
+
+/// `ferrite bench step` on the tiny pipeline: one JSON line whose trained parameter count
+/// follows the method and the options given, in a work folder it removes; a bad option is named.
+#[test]
+fn bench_step_prints_its_figures_as_one_json_line() {
+    let home = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "step",
+            "--model",
+            model.to_str().unwrap(),
+            "--resolution",
+            "16",
+            "--steps",
+            "2",
+        ];
+        args.extend(extra);
+        let out = std::process::Command::new(ferrite_tests::ferrite_bin())
+            .args(&args)
+            .env("XDG_CONFIG_HOME", home.path())
+            .env("TMPDIR", tmp.path())
+            .env("FERRITE_PLUGIN_PATH", ferrite_tests::profile_dir())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr(&out),
+        )
+    };
+    let figures = |extra: &[&str]| {
+        let (ok, out, err) = bench(extra);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(v["step_ms"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["peak_mem_mib"].as_f64().unwrap() > 0.0, "{v}");
+        v["trainable"].as_u64().unwrap()
+    };
+    let rank16 = figures(&[]);
+    assert_eq!(
+        figures(&["--set", "lora_rank=4", "--train-dtype", "bfloat16"]) * 4,
+        rank16
+    );
+    assert!(figures(&["--method", "fine_tune"]) > rank16);
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "work folder left behind"
+    );
+
+    let (ok, _, err) = bench(&["--train-dtype", "float64"]);
+    assert!(
+        !ok && err.contains("train_dtype") && !err.contains("panicked"),
+        "{err}"
+    );
+}

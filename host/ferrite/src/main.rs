@@ -51,6 +51,13 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Checks every op and its gradients on a device against the CPU backend (the device
+    /// harness runs it on GPU machines); fails when one differs.
+    Selftest {
+        /// Compute device: cuda, cuda:N (cpu checks the suite itself).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -153,6 +160,45 @@ enum BenchWhat {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Training steps of one configuration (LoRA rank 16 on `attn-mlp`, or a fine-tune; AdamW)
+    /// after a warm-up step: prints one JSON line with the median step time, the peak memory
+    /// and the trained parameter count.
+    Step(StepArgs),
+}
+
+#[derive(clap::Args)]
+struct StepArgs {
+    /// Model: a diffusers folder or a single-file checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    /// Architecture plugin id.
+    #[arg(long, default_value = "sd15")]
+    arch: String,
+    /// lora or fine_tune.
+    #[arg(long, default_value = "lora")]
+    method: String,
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// float32, float16 or bfloat16.
+    #[arg(long, default_value = "float32")]
+    train_dtype: String,
+    /// The denoiser's frozen weights: float32, float16, bfloat16, float8 or nfloat4 (LoRA only).
+    #[arg(long, default_value = "float32")]
+    weight_dtype: String,
+    /// on or off.
+    #[arg(long, default_value = "on")]
+    checkpointing: String,
+    /// Timed steps (after the warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: u64,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Further config overrides, e.g. `--set lora_rank=32`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -209,9 +255,13 @@ fn main() -> Result<()> {
         Some(Command::Train(args)) => train(&Settings::load(&settings_path)?, args)?,
         Some(Command::Init { dir }) => init(&dir)?,
         Some(Command::Demo { dir, sets }) => demo(&Settings::load(&settings_path)?, &dir, &sets)?,
+        Some(Command::Selftest { device }) => selftest(&device)?,
         Some(Command::Bench {
             what: BenchWhat::Ops { device },
         }) => ferrite::bench::ops(&device)?,
+        Some(Command::Bench {
+            what: BenchWhat::Step(args),
+        }) => bench_step(&Settings::load(&settings_path)?, args)?,
     }
     Ok(())
 }
@@ -235,6 +285,47 @@ fn gui(
 (no display? the command-line tools work without              one: `ferrite --help`)"
         )
     })
+}
+
+fn selftest(device: &str) -> Result<()> {
+    let checks = ferrite::runtime::selftest::run(device)?;
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    println!("selftest on {device} against cpu: output and gradients, largest relative error");
+    for c in &checks {
+        let verdict = if c.passed() { "ok" } else { "FAILED" };
+        println!(
+            "{:<40} {:>10.2e} (≤ {:.0e}) {verdict}",
+            c.name, c.error, c.tolerance
+        );
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} checks failed on {device}", checks.len());
+    }
+    println!("all {} checks passed", checks.len());
+    Ok(())
+}
+
+fn bench_step(settings: &Settings, a: StepArgs) -> Result<()> {
+    let mut sets = vec![
+        format!("train_dtype={}", a.train_dtype),
+        format!("gradient_checkpointing={}", a.checkpointing),
+        format!("unet.weight_dtype={}", a.weight_dtype),
+    ];
+    sets.extend(a.sets);
+    let bench = ferrite::train::bench::StepBench {
+        model_type: a.arch,
+        model: std::path::absolute(&a.model)?,
+        method: a.method,
+        resolution: a.resolution,
+        batch: a.batch,
+        steps: a.steps,
+        device: a.device,
+        sets,
+    };
+    let registry = Registry::discover(&search_dirs(settings), settings);
+    let figures = ferrite::train::bench::step(&bench, &std::env::temp_dir(), registry)?;
+    println!("{}", serde_json::to_string(&figures)?);
+    Ok(())
 }
 
 fn train(settings: &Settings, a: TrainArgs) -> Result<()> {

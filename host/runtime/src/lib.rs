@@ -13,6 +13,7 @@ pub mod kept;
 pub mod normalize;
 mod ops;
 mod scope;
+pub mod selftest;
 mod table;
 mod weights;
 

@@ -1,5 +1,6 @@
 //! Training: the trainer and what it uses.
 
+pub mod bench;
 pub mod cache;
 pub mod demo;
 pub mod loss;

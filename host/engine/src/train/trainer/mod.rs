@@ -417,6 +417,11 @@ impl Trainer {
     }
 
     /// The trainable tensors by name (for tests and tools).
+    /// The runtime's device (`cpu`, `cuda:0`).
+    pub fn device_name(&self) -> &str {
+        self.scope.device.name()
+    }
+
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
         self.groups
             .iter()

@@ -37,7 +37,7 @@ impl Trainer {
         });
         let accum = self.config.gradient_accumulation_steps;
         let mut acc: Vec<Vec<Option<Tensor>>> = Vec::new();
-        let mut acc_loss = 0.0f32;
+        let mut acc_loss: Option<Tensor> = None;
         let mut in_accum = 0;
         let mut data_wait = Duration::ZERO;
         let context = self.loader_context();
@@ -89,8 +89,12 @@ impl Trainer {
                     None => loss.backward(),
                 }
                 .map_err(err)?;
-                // The logged figure: one host read per batch.
-                acc_loss += loss.item().map_err(err)?;
+                // Summed on the device: the host reads it once per optimizer step.
+                let loss = loss.detach().map_err(err)?;
+                acc_loss = Some(match acc_loss {
+                    Some(a) => a.add(&loss).map_err(err)?,
+                    None => loss,
+                });
                 let mut new = Vec::new();
                 for (gi, g) in self.groups.iter().enumerate() {
                     let mut row = Vec::new();
@@ -115,12 +119,17 @@ impl Trainer {
                 if in_accum < accum {
                     continue;
                 }
+                // The logged figure: the step's one host read (two with float16's check).
+                let step_loss = match acc_loss.take() {
+                    Some(l) => l.item().map_err(err)?,
+                    None => 0.0,
+                };
                 let mut grads = std::mem::take(&mut acc);
                 // False on a float16 overflow: no update, but the step counts (as in torch).
-                let taken = self.unscale(&mut grads, acc_loss, &mut on_event)?;
-                if taken && !acc_loss.is_finite() {
+                let taken = self.unscale(&mut grads, step_loss, &mut on_event)?;
+                if taken && !step_loss.is_finite() {
                     return Err(TrainError(format!(
-                        "the loss became {acc_loss} at step {} (epoch {}): stopping; {}",
+                        "the loss became {step_loss} at step {} (epoch {}): stopping; {}",
                         self.progress.step,
                         self.progress.epoch,
                         match self.last_backup() {
@@ -143,16 +152,15 @@ impl Trainer {
                     self.update_ema()?;
                 }
                 let lr = self.config.learning_rate * lr_factor;
-                self.log_scalar("loss/train", acc_loss);
+                self.log_scalar("loss/train", step_loss);
                 self.log_scalar("learning_rate", lr as f32);
                 on_event(Event::Step {
                     step: self.progress.step,
                     epoch: self.progress.epoch,
-                    loss: acc_loss,
+                    loss: step_loss,
                     lr,
                     data_wait: std::mem::take(&mut data_wait),
                 });
-                acc_loss = 0.0;
                 in_accum = 0;
                 self.after(Moment::Step, &mut on_event)?;
                 if self.stop_parts(Moment::Step)? {
