@@ -2,26 +2,19 @@
 //! float8 (e4m3fn codes with one scale per tensor, absmax / 448) and nfloat4 (4-bit NormalFloat
 //! codes, two per byte with the first in the high nibble, and the absmax of each block of 64
 //! values, as bitsandbytes stores them). Ops read a kept weight as f32, dequantised on the
-//! device for each op. [`linear`] is an op of its own that keeps the kept weight for backward
-//! and dequantises it again there; other ops (convolutions) get an f32 copy, which their
-//! backward holds unless their block is checkpointed.
+//! device for each op. Linear layers and convolutions on a kept weight are ops of their own
+//! ([`crate::kept_ops`]) that keep the kept weight for backward and dequantise it again there;
+//! other readers (embeddings, DoRA's merged weight) get an f32 copy.
 //!
 //! Quantising happens once, on the host, when the weight is kept.
 
-use burn::backend::Autodiff;
-use burn::backend::autodiff::{
-    checkpoint::{base::Checkpointer, strategy::NoCheckpointing},
-    grads::Gradients,
-    ops::{Backward, Ops, OpsKind},
-};
 use burn_backend::{
-    AutodiffBackend, Backend, DType as BDType, FloatDType, IntDType, Scalar, Shape, TensorData,
+    AutodiffBackend, DType as BDType, FloatDType, IntDType, Scalar, Shape, TensorData,
     TensorMetadata,
     tensor::{FloatTensor, IntTensor},
 };
 
 use crate::RtResult;
-use crate::autocast;
 
 /// How a frozen weight is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,104 +285,6 @@ impl<B: AutodiffBackend> Kept<B> {
                 packed.shape().num_elements() + absmax.shape().num_elements() * 4
             }
         }
-    }
-}
-
-/// The kept weight a [`linear`] node keeps for backward.
-#[derive(Clone)]
-struct KeptState<I: Backend> {
-    weight: Kept<Autodiff<I>>,
-    int_dtype: IntDType,
-    compute: Option<FloatDType>,
-    x_shape: Vec<usize>,
-}
-
-impl<I: Backend> std::fmt::Debug for KeptState<I> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeptState")
-            .field("x_shape", &self.x_shape)
-            .finish()
-    }
-}
-
-#[derive(Debug)]
-struct KeptLinear;
-
-impl<I: Backend> Backward<I, 2> for KeptLinear {
-    type State = KeptState<I>;
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = grads.consume::<I>(&ops.node);
-        let KeptState {
-            weight,
-            int_dtype,
-            compute,
-            x_shape,
-        } = ops.state;
-        let outs = *g.shape().last().unwrap_or(&1);
-        let rows = g.shape().num_elements() / outs.max(1);
-        let g = I::float_reshape(g, Shape::from(vec![rows, outs]));
-        let [x, b] = ops.parents;
-        if let Some(node) = b {
-            let db = I::float_reshape(I::float_sum_dim(g.clone(), 0), Shape::from(vec![outs]));
-            grads.register::<I>(node.id, db);
-        }
-        if let Some(node) = x {
-            // The weight is dequantised again rather than kept as f32 since forward.
-            let w = Autodiff::<I>::inner(weight.dequantize(int_dtype));
-            let dx = autocast::matmul::<I>(g, w, compute);
-            let dx = I::float_reshape(dx, Shape::from(x_shape));
-            grads.register::<I>(node.id, dx);
-        }
-    }
-}
-
-/// `x · wᵀ + b` over the last dimension of `x`, for a weight kept below f32: an autodiff op
-/// whose backward keeps the kept weight (only `x` and `b` get gradients: a kept weight is
-/// frozen).
-pub fn linear<I: Backend>(
-    x: FloatTensor<Autodiff<I>>,
-    w: Kept<Autodiff<I>>,
-    b: Option<FloatTensor<Autodiff<I>>>,
-    int_dtype: IntDType,
-    compute: Option<FloatDType>,
-) -> FloatTensor<Autodiff<I>> {
-    let x_shape = x.primitive.shape().to_vec();
-    let ins = *x_shape.last().unwrap_or(&1);
-    let rows = x_shape.iter().product::<usize>() / ins.max(1);
-    let wf = Autodiff::<I>::inner(w.dequantize(int_dtype));
-    let outs = wf.shape()[0];
-    let x2 = I::float_reshape(x.primitive.clone(), Shape::from(vec![rows, ins]));
-    let mut y = autocast::matmul::<I>(x2, I::float_swap_dims(wf, 0, 1), compute);
-    if let Some(b) = &b {
-        y = I::float_add(
-            y,
-            I::float_reshape(b.primitive.clone(), Shape::from(vec![1, outs])),
-        );
-    }
-    let mut out_shape = x_shape.clone();
-    if let Some(last) = out_shape.last_mut() {
-        *last = outs;
-    }
-    let y = I::float_reshape(y, Shape::from(out_shape));
-    // No bias: an untracked node takes its place, and no part in backward.
-    let b_node = match &b {
-        Some(b) => b.node.clone(),
-        None => Autodiff::<I>::from_inner(y.clone()).node,
-    };
-    let state = KeptState {
-        weight: w,
-        int_dtype,
-        compute,
-        x_shape,
-    };
-    match KeptLinear
-        .prepare::<NoCheckpointing>([x.node.clone(), b_node])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(state, y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod fsutil;
 pub mod gated;
 pub mod kept;
+pub mod kept_ops;
 pub mod normalize;
 mod ops;
 mod scope;

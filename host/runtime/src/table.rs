@@ -90,6 +90,16 @@ pub trait Tracking: AutodiffBackend {
         int_dtype: burn_backend::IntDType,
         compute: Option<FloatDType>,
     ) -> FloatTensor<Self>;
+    /// A 2-D convolution by a kernel kept below f32, keeping the kept kernel for backward
+    /// ([`crate::kept_ops`]).
+    fn kept_conv2d(
+        x: FloatTensor<Self>,
+        w: Kept<Self>,
+        b: Option<FloatTensor<Self>>,
+        options: burn_backend::ops::ConvOptions<2>,
+        int_dtype: burn_backend::IntDType,
+        compute: Option<FloatDType>,
+    ) -> FloatTensor<Self>;
     /// A checkpointed block's output (computed untracked) as one node over its tracked inputs,
     /// whose gradients `replay` gives ([`crate::checkpoint`]).
     fn checkpoint(
@@ -129,7 +139,18 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
         int_dtype: burn_backend::IntDType,
         compute: Option<FloatDType>,
     ) -> FloatTensor<Self> {
-        crate::kept::linear::<B>(x, w, b, int_dtype, compute)
+        crate::kept_ops::linear::<B>(x, w, b, int_dtype, compute)
+    }
+
+    fn kept_conv2d(
+        x: FloatTensor<Self>,
+        w: Kept<Self>,
+        b: Option<FloatTensor<Self>>,
+        options: burn_backend::ops::ConvOptions<2>,
+        int_dtype: burn_backend::IntDType,
+        compute: Option<FloatDType>,
+    ) -> FloatTensor<Self> {
+        crate::kept_ops::conv2d::<B>(x, w, b, options, int_dtype, compute)
     }
 
     fn checkpoint(

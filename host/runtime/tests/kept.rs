@@ -58,14 +58,33 @@ fn kept_weights_compute_as_their_rounded_f32_values() {
             assert!(e <= 1e-6, "{dtype}: {e}");
         }
 
-        let img = Tensor::from_f32(&values(3 * 5 * 5, 4), &[1, 3, 5, 5]).unwrap();
+        // A convolution on a kept kernel is its own op too: the same output and gradients of
+        // the input and the bias (stride 2 over an even size: the input's gradient recovers the
+        // row the stride drops).
+        let img = Tensor::from_f32(&values(2 * 3 * 8 * 8, 4), &[2, 3, 8, 8]).unwrap();
+        let kb = Tensor::from_f32(&values(2, 7), &[2]).unwrap();
+        img.set_requires_grad(true).unwrap();
+        kb.set_requires_grad(true).unwrap();
         let conv = |k: &Tensor| {
-            ops::conv2d(&img, k, None, ops::ConvOptions::padding(1))
-                .unwrap()
-                .to_vec()
-                .unwrap()
+            let opts = ops::ConvOptions::padding(1).with_stride(2);
+            let y = ops::conv2d(&img, k, Some(&kb), opts).unwrap();
+            let r = Tensor::from_f32(&values(2 * 2 * 4 * 4, 8), &[2, 2, 4, 4]).unwrap();
+            let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                y,
+                g.get(&img).unwrap().unwrap(),
+                g.get(&kb).unwrap().unwrap(),
+            ]
+            .map(|t| t.to_vec().unwrap())
         };
-        assert_eq!(conv(&k), conv(&k_ref));
+        for (g, w) in conv(&k).iter().zip(&conv(&k_ref)) {
+            let e = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(e <= 1e-5, "{dtype} conv: {e}");
+        }
     }
 
     let trained = Tensor::from_f32(&[1.0, 2.0], &[1, 2]).unwrap();

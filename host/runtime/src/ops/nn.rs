@@ -17,8 +17,8 @@ use super::{
     to_rank,
 };
 
-/// Input, weight and optional bias.
-type ConvInputs<B> = (F<B>, F<B>, Option<F<B>>);
+/// Input, weight (as kept) and optional bias.
+type ConvInputs<B> = (F<B>, Value<B>, Option<F<B>>);
 
 impl<B: Tracking> TensorTable<B> {
     pub(super) fn matmul(&self, ids: &[TensorId]) -> RtResult<Vec<Value<B>>> {
@@ -78,8 +78,8 @@ impl<B: Tracking> TensorTable<B> {
         groups: usize,
         transposed: bool,
     ) -> RtResult<ConvInputs<B>> {
-        let (t, w, b) = (self.f(ids, 0)?, self.f(ids, 1)?, self.opt_f(ids, 2)?);
-        let (ts, ws) = (shape_of::<B>(&t), shape_of::<B>(&w));
+        let (t, w, b) = (self.f(ids, 0)?, self.get_kept(ids[1])?, self.opt_f(ids, 2)?);
+        let (ts, ws) = (shape_of::<B>(&t), w.shape());
         if stride.contains(&0) || dilation.contains(&0) || groups == 0 {
             return Err(format!(
                 "op {op}: stride, dilation and groups must be positive"
@@ -102,6 +102,14 @@ impl<B: Tracking> TensorTable<B> {
         let (t, w, b) = self.conv_inputs("conv2d", ids, a.stride, a.dilation, a.groups, false)?;
         let opts = ConvOptions::new(a.stride, a.padding, a.dilation, a.groups);
         let dt = self.compute_dtype();
+        let w = match w {
+            // Backward keeps the kept kernel, not an f32 copy of it.
+            Value::Kept(k) => {
+                let int = self.settings().int_dtype;
+                return one(B::kept_conv2d(t, k, b, opts, int, dt));
+            }
+            other => self.as_float("conv2d", other)?,
+        };
         let y = B::conv2d(
             to::<B>(t, dt),
             to::<B>(w, dt),
@@ -126,6 +134,7 @@ impl<B: Tracking> TensorTable<B> {
         )?;
         let opts =
             ConvTransposeOptions::new(a.stride, a.padding, a.output_padding, a.dilation, a.groups);
+        let w = self.as_float("conv_transpose2d", w)?;
         let dt = self.compute_dtype();
         let y = B::conv_transpose2d(
             to::<B>(t, dt),
@@ -134,6 +143,15 @@ impl<B: Tracking> TensorTable<B> {
             opts,
         );
         one(back::<B>(y, dt))
+    }
+
+    /// A weight read as kept, as f32 (a kept one dequantised).
+    fn as_float(&self, op: &str, v: Value<B>) -> RtResult<F<B>> {
+        match v {
+            Value::Float(t) => Ok(t),
+            Value::Kept(k) => Ok(k.dequantize(self.settings().int_dtype)),
+            other => Err(format!("op {op}: the weight is a {}", other.kind())),
+        }
     }
 
     /// Multiplies by the weight and adds the bias, both per channel of `channel_dim`.
