@@ -414,6 +414,15 @@ impl Weights {
             t = t.reshape(&shape)?;
         }
         if let Some(scope) = &self.scope {
+            // Tells the host (ABI 1.3) which part loaded it, so a frozen part's weight can be
+            // kept in its weight dtype at once, one tensor at a time. Older hosts refuse the
+            // op; they keep weights after loading, if at all.
+            let _ = call(
+                Op::WeightLoaded(op::Part {
+                    part: scope.name.clone(),
+                }),
+                &[&t],
+            );
             locked(&scope.tensors).push((scope.name(key), t.clone()));
         }
         Ok(t)

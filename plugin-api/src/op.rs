@@ -236,6 +236,8 @@ op_args! {
     Dropout { p: f64 }
     Cast { dtype: DType }
     ToDevice { device: String }
+    /// A model part's id (`unet`, `text_encoder`).
+    Part { part: String }
     RequiresGrad { requires: bool }
 }
 
@@ -408,6 +410,7 @@ op_table! {
     // 1.2: gradient checkpointing of a block (see `host::checkpoint`).
     69 CHECKPOINT_BEGIN CheckpointBegin "checkpoint_begin" (0, 0, false) NoArgs;
     70 CHECKPOINT_END CheckpointEnd "checkpoint_end" (0, 0, true) NoArgs;
+    71 WEIGHT_LOADED WeightLoaded "weight_loaded" (1, 0, false) Part;
 }
 
 #[cfg(test)]

@@ -28,6 +28,19 @@ pub enum WeightFormat {
     Nf4,
 }
 
+impl WeightFormat {
+    /// The format a weight of `rank` dimensions is kept in: None for vectors (biases, norm
+    /// scales: small, kept f32); the quantised formats take matrices, and kernels are kept in
+    /// bfloat16 instead.
+    pub fn for_rank(self, rank: usize) -> Option<Self> {
+        match self {
+            _ if rank < 2 => None,
+            WeightFormat::Float8 | WeightFormat::Nf4 if rank > 2 => Some(WeightFormat::BF16),
+            f => Some(f),
+        }
+    }
+}
+
 /// The 16 values of the 4-bit NormalFloat code (QLoRA; bitsandbytes' table).
 pub const NF4: [f32; 16] = [
     -1.0,
@@ -202,6 +215,16 @@ impl<B: AutodiffBackend> Kept<B> {
         match self {
             Kept::Half(t) => t.shape().to_vec(),
             Kept::Float8 { shape, .. } | Kept::Nf4 { shape, .. } => shape.clone(),
+        }
+    }
+
+    /// How it is kept.
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            Kept::Half(t) if t.dtype() == BDType::F16 => WeightFormat::F16,
+            Kept::Half(_) => WeightFormat::BF16,
+            Kept::Float8 { .. } => WeightFormat::Float8,
+            Kept::Nf4 { .. } => WeightFormat::Nf4,
         }
     }
 

@@ -65,6 +65,7 @@ impl<B: Tracking> Runtime for TensorTable<B> {
         match op {
             Op::CheckpointBegin(_) => return self.checkpoint_begin(),
             Op::CheckpointEnd(_) => return self.checkpoint_end(inputs),
+            Op::WeightLoaded(a) => return self.weight_loaded(inputs, &a.part),
             _ if self.recording() => return self.record(op, inputs),
             _ => {}
         }

@@ -4,6 +4,7 @@
 //! thread before calling into a plugin.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use ferrite_plugin_api::TensorId;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::Device;
+use crate::{Device, WeightFormat};
 use crate::autocast::TrainDtype;
 
 /// A run's stop request: shared by the run and whoever may stop it (the GUI's Stop, Ctrl-C).
@@ -55,6 +56,9 @@ pub struct Scope {
     pub checkpointing: bool,
     /// What matmul, convolutions and attention compute in (`train_dtype`, [`crate::autocast`]).
     pub train_dtype: TrainDtype,
+    /// Model parts (by the id their plugin loads them under) whose frozen weights are kept in
+    /// a format as each is loaded (a part's `weight_dtype`).
+    pub keep_at_load: Arc<HashMap<String, WeightFormat>>,
     /// Where the run's dropout masks come from: its own, so that other runs on the same
     /// runtime do not change its draws.
     dropout: Arc<Mutex<ChaCha8Rng>>,
@@ -83,6 +87,7 @@ impl Scope {
             adapters: None,
             checkpointing: false,
             train_dtype: TrainDtype::Float32,
+            keep_at_load: Arc::default(),
             dropout: Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(0))),
         }
     }
@@ -117,6 +122,11 @@ impl Scope {
 
     pub fn with_train_dtype(mut self, dtype: TrainDtype) -> Self {
         self.train_dtype = dtype;
+        self
+    }
+
+    pub fn with_keep_at_load(mut self, parts: HashMap<String, WeightFormat>) -> Self {
+        self.keep_at_load = Arc::new(parts);
         self
     }
 

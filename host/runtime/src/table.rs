@@ -409,12 +409,31 @@ impl<B: AutodiffBackend> TensorTable<B> {
                 ));
             }
             Value::Float(t) => t,
+            // Kept already (when it was loaded).
+            Value::Kept(k) if k.format() == format => return Ok(()),
             other => return Err(format!("cannot keep a {} as a weight", other.kind())),
         };
         match Kept::new(t, format)? {
             Some(k) => self.replace(id, Value::Kept(k)),
             None => Ok(()),
         }
+    }
+
+    /// A model part's plugin loaded weight `ids[0]`: kept at once in the part's format when
+    /// the calling scope keeps that part's weights at load ([`crate::Scope::with_keep_at_load`]),
+    /// so loading never holds the whole part in f32.
+    pub(crate) fn weight_loaded(&self, ids: &[TensorId], part: &str) -> RtResult<Vec<TensorId>> {
+        let format = crate::scope::current().and_then(|s| s.keep_at_load.get(part).copied());
+        let (Some(format), Some(&id)) = (format, ids.first()) else {
+            return Ok(Vec::new());
+        };
+        if let Value::Float(t) = self.get_kept(id)?
+            && !B::float_is_require_grad(&t)
+            && let Some(format) = format.for_rank(t.shape().num_dims())
+        {
+            self.keep(id, format)?;
+        }
+        Ok(Vec::new())
     }
 
     /// Refuses to make a kept weight trainable or to overwrite it: either would silently turn

@@ -180,3 +180,43 @@ fn quantised_weights_match_bitsandbytes_and_torch() {
         }
     }
 }
+
+/// A scope that keeps a part's weights at load keeps each weight its plugin loads for that
+/// part as it is read (matrices in the format, kernels in bf16 for the quantised ones), and
+/// nothing else: vectors, other parts, unscoped reads.
+#[test]
+fn weights_are_kept_as_their_part_loads_them() {
+    let (device, _) = Device::open("cpu").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    {
+        let _entered = Scope::new(device.clone()).enter();
+        let m = Tensor::from_f32(&values(64 * 4, 1), &[4, 64]).unwrap();
+        let k = Tensor::from_f32(&values(2 * 3 * 3 * 3, 2), &[2, 3, 3, 3]).unwrap();
+        let v = Tensor::from_f32(&values(4, 3), &[4]).unwrap();
+        ferrite_plugin_api::save_safetensors(
+            path.to_str().unwrap(),
+            &[("m", &m), ("k", &k), ("v", &v)],
+            &[],
+        )
+        .unwrap();
+    }
+    let parts = [("unet".to_string(), WeightFormat::Nf4)].into();
+    let _entered = Scope::new(device.clone()).with_keep_at_load(parts).enter();
+    let w = ferrite_plugin_api::Weights::open(path.to_str().unwrap()).unwrap();
+    let bytes = |view: &ferrite_plugin_api::Weights, key: &str| {
+        let t = view.get(key, DType::F32).unwrap();
+        (device.kept_bytes(t.id()).unwrap(), t.dtype().unwrap())
+    };
+    let unet = w.scoped("unet");
+    // nfloat4: 4 bits a value and one f32 absmax per 64.
+    assert_eq!(bytes(&unet, "m"), (4 * 64 / 2 + 4 * 4, DType::F32));
+    assert_eq!(bytes(&unet, "k"), (2 * 27 * 2, DType::BF16));
+    assert_eq!(bytes(&unet, "v"), (4 * 4, DType::F32));
+    assert_eq!(bytes(&w.scoped("text_encoder"), "m"), (4 * 64 * 4, DType::F32));
+    assert_eq!(bytes(&w, "m"), (4 * 64 * 4, DType::F32));
+    // Keeping it again in the same format (the trainer's pass after loading) changes nothing.
+    let m = unet.get("m", DType::F32).unwrap();
+    device.keep_weight(m.id(), WeightFormat::Nf4).unwrap();
+    assert!(device.keep_weight(m.id(), WeightFormat::BF16).is_err());
+}

@@ -165,8 +165,9 @@ impl<B: Tracking> TensorTable<B> {
             Op::Backward(_) => self.backward(ids[0]),
             Op::Grad(_) => self.grad(ids),
             Op::Assign(_) => self.assign(ids),
-            Op::CheckpointBegin(_) | Op::CheckpointEnd(_) => Err(format!(
-                "op {name} marks a block for the runtime's caller, it computes nothing"
+            Op::CheckpointBegin(_) | Op::CheckpointEnd(_) | Op::WeightLoaded(_) => Err(format!(
+                "op {name} tells the runtime's caller about a block or a weight, it computes \
+                 nothing"
             )),
             Op::Neg(_)
             | Op::Exp(_)

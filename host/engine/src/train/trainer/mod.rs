@@ -21,6 +21,7 @@ mod scaling;
 mod schedule;
 mod validate;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -183,6 +184,31 @@ fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
     Ok(())
 }
 
+fn weight_format(dtype: WeightDtype) -> Option<WeightFormat> {
+    match dtype {
+        WeightDtype::Float32 => None,
+        WeightDtype::Float16 => Some(WeightFormat::F16),
+        WeightDtype::Bfloat16 => Some(WeightFormat::BF16),
+        WeightDtype::Float8 => Some(WeightFormat::Float8),
+        WeightDtype::Nfloat4 => Some(WeightFormat::Nf4),
+    }
+}
+
+/// The parts whose weights can be kept as they load, by config table (the id the family
+/// plugins load a part under): frozen ones, and in a fine-tune only halves (what
+/// [`keep_weights`] allows; it checks and completes the keeping once the model is loaded).
+fn keep_at_load(c: &TrainConfig) -> HashMap<String, WeightFormat> {
+    c.part_tables()
+        .into_iter()
+        .filter_map(|(table, p)| {
+            let format = weight_format(p.weight_dtype)?;
+            let fine_tune = c.training_method == TrainingMethod::FineTune;
+            let quantised = matches!(format, WeightFormat::Float8 | WeightFormat::Nf4);
+            (!fine_tune || (!p.train && !quantised)).then(|| (table.to_string(), format))
+        })
+        .collect()
+}
+
 /// Keeps each part's frozen weights in its `weight_dtype`: matrices (linear weights and
 /// embeddings) and kernels; biases and norm scales are small and stay f32. The quantised
 /// formats take matrices; kernels are kept in bfloat16 then.
@@ -197,12 +223,8 @@ fn keep_weights(
         let Some(pc) = c.part(&part.config_table) else {
             continue;
         };
-        let format = match pc.weight_dtype {
-            WeightDtype::Float32 => continue,
-            WeightDtype::Float16 => WeightFormat::F16,
-            WeightDtype::Bfloat16 => WeightFormat::BF16,
-            WeightDtype::Float8 => WeightFormat::Float8,
-            WeightDtype::Nfloat4 => WeightFormat::Nf4,
+        let Some(format) = weight_format(pc.weight_dtype) else {
+            continue;
         };
         if c.training_method == TrainingMethod::FineTune && c.trains(part) {
             return Err(TrainError(format!(
@@ -229,12 +251,8 @@ fn keep_weights(
         let prefix = format!("{}.", part.id);
         for (name, t) in params.iter().flatten() {
             let rank = t.rank().map_err(err)?;
-            if !name.starts_with(&prefix) || rank < 2 {
+            let Some(format) = format.for_rank(rank).filter(|_| name.starts_with(&prefix)) else {
                 continue;
-            }
-            let format = match format {
-                WeightFormat::Float8 | WeightFormat::Nf4 if rank > 2 => WeightFormat::BF16,
-                f => f,
             };
             device
                 .keep_weight(t.id(), format)
@@ -264,7 +282,9 @@ impl Trainer {
         base: &Path,
         registry: Registry,
     ) -> Result<Self> {
-        let mut scope = Scope::new(device).with_cancel(controls.cancel.clone());
+        let mut scope = Scope::new(device)
+            .with_cancel(controls.cancel.clone())
+            .with_keep_at_load(keep_at_load(&config));
         let _loading = scope.enter();
         let c = &config;
         c.validate_plugin_options(&registry).map_err(err)?;
