@@ -13,8 +13,8 @@ use ferrite_plugin_api::TensorId;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{Device, WeightFormat};
 use crate::autocast::TrainDtype;
+use crate::{Device, WeightFormat};
 
 /// A run's stop request: shared by the run and whoever may stop it (the GUI's Stop, Ctrl-C).
 #[derive(Debug, Clone, Default)]

@@ -94,6 +94,28 @@ impl WeightFile {
         Ok(m)
     }
 
+    /// Drops the mapped pages of `bytes` (a range of the map, copied out) from this process's
+    /// memory, so that loading a model holds what it made of each tensor, not the file too
+    /// (file pages read through the map count as the process's resident memory).
+    fn release_pages(&self, bytes: &[u8]) {
+        #[cfg(unix)]
+        {
+            let offset = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
+            // SAFETY: the map is a read-only shared mapping of a file: dropped pages are read
+            // again from the file on the next access, with the same bytes. Failure (an old
+            // kernel) only leaves the pages mapped.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    bytes.len(),
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = bytes;
+    }
+
     /// Copies one tensor's bytes out of the map, converted to `dtype`.
     pub fn read(&self, key: &str, dtype: BDType) -> RtResult<TensorData> {
         let st = self.tensors()?;
@@ -107,7 +129,9 @@ impl WeightFile {
                 view.dtype()
             )
         })?;
-        let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), src);
+        let bytes = view.data();
+        let data = TensorData::from_bytes_vec(bytes.to_vec(), view.shape().to_vec(), src);
+        self.release_pages(bytes);
         Ok(if src == dtype {
             data
         } else {

@@ -213,7 +213,10 @@ fn weights_are_kept_as_their_part_loads_them() {
     assert_eq!(bytes(&unet, "m"), (4 * 64 / 2 + 4 * 4, DType::F32));
     assert_eq!(bytes(&unet, "k"), (2 * 27 * 2, DType::BF16));
     assert_eq!(bytes(&unet, "v"), (4 * 4, DType::F32));
-    assert_eq!(bytes(&w.scoped("text_encoder"), "m"), (4 * 64 * 4, DType::F32));
+    assert_eq!(
+        bytes(&w.scoped("text_encoder"), "m"),
+        (4 * 64 * 4, DType::F32)
+    );
     assert_eq!(bytes(&w, "m"), (4 * 64 * 4, DType::F32));
     // Keeping it again in the same format (the trainer's pass after loading) changes nothing.
     let m = unet.get("m", DType::F32).unwrap();
