@@ -219,6 +219,17 @@ impl GroupNorm {
             self.eps,
         )
     }
+
+    /// `silu(self.forward(x))`, as one op.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        ops::group_norm_silu(
+            x,
+            self.groups,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.eps,
+        )
+    }
 }
 
 impl Parameters for GroupNorm {

@@ -411,6 +411,7 @@ op_table! {
     69 CHECKPOINT_BEGIN CheckpointBegin "checkpoint_begin" (0, 0, false) NoArgs;
     70 CHECKPOINT_END CheckpointEnd "checkpoint_end" (0, 0, true) NoArgs;
     71 WEIGHT_LOADED WeightLoaded "weight_loaded" (1, 0, false) Part;
+    72 GROUP_NORM_SILU GroupNormSilu "group_norm_silu" (1, 2, false) GroupNorm;
 }
 
 #[cfg(test)]

@@ -601,6 +601,21 @@ pub mod ops {
         call1_opt(Op::GroupNorm(args), &[x], &[weight, bias])
     }
 
+    /// `silu(group_norm(..))` as one op (ABI 1.3), whose backward keeps one activation-sized
+    /// tensor instead of two; on an older host, the two ops.
+    pub fn group_norm_silu(
+        x: &Tensor,
+        groups: usize,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let args = op::GroupNorm { groups, eps };
+        call1_opt(Op::GroupNormSilu(args), &[x], &[weight, bias])
+            // An older host does not know the op (and a bad input fails the same way below).
+            .or_else(|_| group_norm(x, groups, weight, bias, eps)?.silu())
+    }
+
     /// Layer norm over the last dimension.
     pub fn layer_norm(
         x: &Tensor,

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod fsutil;
 pub mod gated;
+pub mod group_norm_silu;
 pub mod kept;
 pub mod kept_ops;
 pub mod normalize;

@@ -85,7 +85,7 @@ fn cases() -> Vec<(&'static str, f32, Case)> {
         }),
         ("group_norm+silu", 1e-4, || {
             let (x, w, b) = (input(&[2, 8, 4, 4], 1)?, input(&[8], 2)?, input(&[8], 3)?);
-            let out = ops::group_norm(&x, 4, Some(&w), Some(&b), 1e-5)?.silu()?;
+            let out = ops::group_norm_silu(&x, 4, Some(&w), Some(&b), 1e-5)?;
             Ok((vec![x, w, b], out))
         }),
         ("layer_norm+gelu", 1e-4, || {

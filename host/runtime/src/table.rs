@@ -81,6 +81,15 @@ pub trait Tracking: AutodiffBackend {
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
     /// `x · sigmoid(a·x)` (SiLU, quick GELU), keeping only `x` for backward ([`crate::gated`]).
     fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self>;
+    /// `silu(group_norm(x))`, keeping the normalised input for backward
+    /// ([`crate::group_norm_silu`]).
+    fn group_norm_silu(
+        x: FloatTensor<Self>,
+        groups: usize,
+        w: Option<FloatTensor<Self>>,
+        b: Option<FloatTensor<Self>>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
     /// `x · wᵀ + b` for a weight kept below f32, keeping the kept weight (not an f32 copy)
     /// for backward, its matmuls in `compute` where given ([`crate::kept`]).
     fn kept_linear(
@@ -130,6 +139,16 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
 
     fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self> {
         crate::gated::x_sigmoid::<B, NoCheckpointing>(x, a)
+    }
+
+    fn group_norm_silu(
+        x: FloatTensor<Self>,
+        groups: usize,
+        w: Option<FloatTensor<Self>>,
+        b: Option<FloatTensor<Self>>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        crate::group_norm_silu::group_norm_silu::<B, NoCheckpointing>(x, groups, w, b, eps)
     }
 
     fn kept_linear(

@@ -907,6 +907,56 @@ fn group_norm_matches_formula() {
     });
 }
 
+/// `group_norm_silu` (the op itself, not plugin-api's fallback for older hosts) is silu of the
+/// group norm (with and without the affine), its gradients those of finite differences, and a
+/// bad shape an error naming the op.
+#[test]
+fn group_norm_silu_is_silu_of_the_group_norm() {
+    init();
+    let fused = |x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>| {
+        let args = ferrite_plugin_api::op::GroupNorm {
+            groups: 2,
+            eps: 1e-5,
+        };
+        ferrite_plugin_api::host::call1_opt(
+            ferrite_plugin_api::Op::GroupNormSilu(args),
+            &[x],
+            &[w, b],
+        )
+    };
+    let xs = [2, 4, 3, 2];
+    let (x, _) = r(&xs, 73);
+    let (w, _) = r(&[4], 74);
+    let (b, _) = r(&[4], 75);
+    let (x_t, w_t, b_t) = (t(&x, &xs), t(&w, &[4]), t(&b, &[4]));
+    for (wo, bo) in [(Some(&w_t), Some(&b_t)), (None, None), (Some(&w_t), None)] {
+        let want = ops::group_norm(&x_t, 2, wo, bo, 1e-5)
+            .unwrap()
+            .silu()
+            .unwrap();
+        let want = want.to_vec().unwrap();
+        close(&fused(&x_t, wo, bo).unwrap(), &want, &xs, 1e-6);
+        close(
+            &ops::group_norm_silu(&x_t, 2, wo, bo, 1e-5).unwrap(),
+            &want,
+            &xs,
+            1e-6,
+        );
+    }
+    let e = fused(&x_t, Some(&t(&w[..3], &[3])), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("group_norm_silu") && e.contains("does not match 4 channels"),
+        "{e}"
+    );
+    grad_check(
+        &[(x.clone(), xs.to_vec()), (w, vec![4]), (b, vec![4])],
+        |v| fused(&v[0], Some(&v[1]), Some(&v[2])),
+    );
+    grad_check(&[(x, xs.to_vec())], |v| fused(&v[0], None, None));
+}
+
 /// A scalar has no last dimension to normalise over: an error naming the op, not a panic.
 #[test]
 fn norms_of_a_scalar_are_a_clear_error() {

@@ -1,8 +1,8 @@
-//! The options every Stable Diffusion family plugin takes (`model`, `config`, `dtype`,
+//! The options every Stable Diffusion family plugin takes (`model`, `config`,
 //! `text_encoder_layer_skip`), their JSON schema and their parsing.
 
 use ferrite_plugin_api::{
-    DType, Result, bail, parse_options,
+    Result, bail, parse_options,
     serde_json::{self, json},
 };
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 struct Raw {
     model: String,
     config: Option<String>,
-    dtype: String,
     text_encoder_layer_skip: usize,
 }
 
@@ -23,8 +22,6 @@ pub struct ArchOptions {
     /// For a single file: a diffusers folder whose configs and tokenizers to use (diffusers'
     /// `from_single_file(config=...)`).
     pub config: Option<std::path::PathBuf>,
-    /// Compute dtype of the weights.
-    pub dtype: DType,
     /// CLIP skip (OneTrainer's `text_encoder_layer_skip`).
     pub layer_skip: usize,
 }
@@ -39,7 +36,6 @@ impl ArchOptions {
             "properties": {
                 "model": {"type": "string", "description": "diffusers model folder or single-file .safetensors checkpoint"},
                 "config": {"type": "string", "description": format!("for a single file: diffusers folder whose configs and tokenizers to use (default: {defaults})")},
-                "dtype": {"type": "string", "enum": ["f32", "f16", "bf16"], "default": "f32"},
                 "text_encoder_layer_skip": {"type": "integer", "minimum": 0, "default": 0, "description": "CLIP skip: text states from this many layers before the last (every text encoder)"}
             }
         })
@@ -50,23 +46,15 @@ impl ArchOptions {
         let defaults = Raw {
             model: String::new(),
             config: None,
-            dtype: "f32".into(),
             text_encoder_layer_skip: 0,
         };
         let o = parse_options(id, defaults, options)?;
         if o.model.is_empty() {
             bail!("{id} needs the `model` option (a diffusers folder or a single-file checkpoint)");
         }
-        let dtype = match o.dtype.as_str() {
-            "f32" => DType::F32,
-            "f16" => DType::F16,
-            "bf16" => DType::BF16,
-            other => bail!("{id} option dtype `{other}`: use f32, f16 or bf16"),
-        };
         Ok(Self {
             model: o.model.into(),
             config: o.config.map(Into::into),
-            dtype,
             layer_skip: o.text_encoder_layer_skip,
         })
     }

@@ -442,7 +442,6 @@ impl UNet2DConditionModel {
                 x = u.forward(&x)?;
             }
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }

@@ -269,8 +269,7 @@ impl Encoder {
             }
         }
         h = self.mid_block.forward(&h)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -317,8 +316,7 @@ impl Decoder {
                 h = u.forward(&h)?;
             }
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 

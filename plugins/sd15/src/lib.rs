@@ -191,7 +191,10 @@ pub struct Sd15 {
 impl Sd15 {
     /// Loads a diffusers folder, or a single-file checkpoint with the configs of the `config`
     /// folder (SD 1.x's originals without one).
-    pub fn load(model: &Path, config: Option<&Path>, dtype: DType) -> Result<Self> {
+    pub fn load(model: &Path, config: Option<&Path>) -> Result<Self> {
+        // Weights load as f32: the host computes in the run's train_dtype and keeps frozen
+        // parts in their weight_dtype.
+        let dtype = DType::F32;
         if model.is_dir() {
             check_folder(model)?;
             let te = folder::part_weights(model, "text_encoder", "model")?;
@@ -512,7 +515,7 @@ impl Plugin for Sd15Plugin {
             bail!("this library has no {kind} `{id}`");
         }
         let o = ArchOptions::parse(id, options)?;
-        let mut model = Sd15::load(&o.model, o.config.as_deref(), o.dtype)?;
+        let mut model = Sd15::load(&o.model, o.config.as_deref())?;
         model.layer_skip = o.layer_skip;
         if model.sd2 != (id == "sd2") {
             let (is, use_id) = if model.sd2 {

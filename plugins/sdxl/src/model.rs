@@ -180,7 +180,10 @@ impl Sdxl {
     /// Loads a diffusers SDXL folder (fp32 or `.fp16` weights), or a single-file checkpoint
     /// (`sd_xl_base_1.0.safetensors` layout) with the configs of the `config` folder (SDXL
     /// base's without one).
-    pub fn load(model: &Path, config: Option<&Path>, dtype: DType) -> Result<Self> {
+    pub fn load(model: &Path, config: Option<&Path>) -> Result<Self> {
+        // Weights load as f32: the host computes in the run's train_dtype and keeps frozen
+        // parts in their weight_dtype.
+        let dtype = DType::F32;
         if model.is_dir() {
             let configs = Configs::from_folder(model)?;
             let part = |p: &str, stem: &str| folder::part_weights(model, p, stem);

@@ -151,6 +151,7 @@ impl<B: Tracking> TensorTable<B> {
             Op::Conv2d(a) => self.conv2d(ids, a),
             Op::ConvTranspose2d(a) => self.conv_transpose2d(ids, a),
             Op::GroupNorm(a) => self.group_norm(ids, a),
+            Op::GroupNormSilu(a) => self.group_norm_silu(ids, a),
             Op::LayerNorm(a) => self.layer_norm(ids, a.eps),
             Op::RmsNorm(a) => self.rms_norm(ids, a.eps),
             Op::Softmax(a) => self.softmax(ids[0], a.dim),

@@ -213,6 +213,38 @@ impl<B: Tracking> TensorTable<B> {
         one(self.channel_affine(n, w, b, 1)?)
     }
 
+    pub(super) fn group_norm_silu(
+        &self,
+        ids: &[TensorId],
+        a: &op::GroupNorm,
+    ) -> RtResult<Vec<Value<B>>> {
+        let t = self.f(ids, 0)?;
+        let (w, b) = (self.opt_f(ids, 1)?, self.opt_f(ids, 2)?);
+        let shape = shape_of::<B>(&t);
+        if shape.len() < 2 || a.groups == 0 || !shape[1].is_multiple_of(a.groups) {
+            return Err(format!(
+                "op group_norm_silu: {} groups do not divide the channels of {shape:?}",
+                a.groups
+            ));
+        }
+        // Any shape of C values, as group_norm takes them.
+        let channels = |p: Option<F<B>>| {
+            p.map(|p| {
+                let ps = shape_of::<B>(&p);
+                if ps.iter().product::<usize>() != shape[1] {
+                    return Err(format!(
+                        "op group_norm_silu: parameter of shape {ps:?} does not match {} channels",
+                        shape[1]
+                    ));
+                }
+                Ok(B::float_reshape(p, Shape::from(vec![shape[1]])))
+            })
+            .transpose()
+        };
+        let (w, b) = (channels(w)?, channels(b)?);
+        one(B::group_norm_silu(t, a.groups, w, b, a.eps))
+    }
+
     pub(super) fn layer_norm(&self, ids: &[TensorId], eps: f64) -> RtResult<Vec<Value<B>>> {
         let t = self.f(ids, 0)?;
         let (w, b) = (self.opt_f(ids, 1)?, self.opt_f(ids, 2)?);
