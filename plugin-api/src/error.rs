@@ -7,6 +7,12 @@ impl Error {
     pub fn msg(m: impl Into<String>) -> Self {
         Error(m.into())
     }
+
+    /// Whether a host refused an op it does not know (one older than this plugin-api), as
+    /// every host since 1.0 words it (`op::Op::decode`).
+    pub fn is_unknown_op(&self) -> bool {
+        self.0.contains("is not known to this host")
+    }
 }
 
 impl From<abi_stable::std_types::RString> for Error {

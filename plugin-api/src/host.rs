@@ -415,14 +415,13 @@ impl Weights {
         }
         if let Some(scope) = &self.scope {
             // Tells the host (ABI 1.3) which part loaded it, so a frozen part's weight can be
-            // kept in its weight dtype at once, one tensor at a time. Older hosts refuse the
-            // op; they keep weights after loading, if at all.
-            let _ = call(
-                Op::WeightLoaded(op::Part {
-                    part: scope.name.clone(),
-                }),
-                &[&t],
-            );
+            // kept in its weight dtype at once, one tensor at a time. Older hosts do not know
+            // the op; they keep weights after loading, if at all.
+            let part = scope.name.clone();
+            match call(Op::WeightLoaded(op::Part { part }), &[&t]) {
+                Err(e) if !e.is_unknown_op() => return Err(e),
+                _ => {}
+            }
             locked(&scope.tensors).push((scope.name(key), t.clone()));
         }
         Ok(t)

@@ -611,9 +611,10 @@ pub mod ops {
         eps: f64,
     ) -> Result<Tensor> {
         let args = op::GroupNorm { groups, eps };
-        call1_opt(Op::GroupNormSilu(args), &[x], &[weight, bias])
-            // An older host does not know the op (and a bad input fails the same way below).
-            .or_else(|_| group_norm(x, groups, weight, bias, eps)?.silu())
+        match call1_opt(Op::GroupNormSilu(args), &[x], &[weight, bias]) {
+            Err(e) if e.is_unknown_op() => group_norm(x, groups, weight, bias, eps)?.silu(),
+            out => out,
+        }
     }
 
     /// Layer norm over the last dimension.

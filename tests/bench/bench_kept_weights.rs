@@ -26,7 +26,7 @@ const STREAM: [(usize, usize); 5] = [
 ];
 
 fn rss_gib() -> f64 {
-    ferrite_tests::status_gib("VmRSS")
+    ferrite::train::bench::proc_status_mib("VmRSS").map_or(f64::NAN, |mib| mib / 1024.0)
 }
 
 fn main() -> anyhow::Result<()> {

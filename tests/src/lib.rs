@@ -146,16 +146,3 @@ pub fn sample_diff(fixture: &Path, expected: &str, args: &[&str]) -> u8 {
     println!("{expected} {args:?}: max pixel difference {worst}/255");
     worst
 }
-
-/// A memory figure of this process from `/proc/self/status` (`VmRSS`: resident now, `VmHWM`:
-/// its peak), in GiB; NaN where there is none.
-pub fn status_gib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / (1024.0 * 1024.0))
-}

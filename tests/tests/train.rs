@@ -1059,6 +1059,11 @@ fn train_dtype_trains_near_the_f32_run_and_float16_skips_overflowed_steps() {
         let mut c = config(root, &format!("td-{dtype}-{name}"));
         c.backup_after_unit = TimeUnit::Never;
         c.train_dtype = dtype;
+        // SGD: the weights move by the gradients themselves, so float16's loss scale left in
+        // them would show.
+        c.optimizer
+            .insert("optimizer".into(), toml::Value::String("sgd".into()));
+        c.learning_rate = 0.5;
         c
     };
     let f32_losses = run(config(TrainDtype::Float32, "a"), root, None).losses;
@@ -1091,7 +1096,7 @@ fn train_dtype_trains_near_the_f32_run_and_float16_skips_overflowed_steps() {
     });
     fail::remove("grads-overflow");
     outcome.unwrap();
-    let want: Vec<(u64, f32)> = (0..6).map(|s| (s, 2f32.powi(15 - s as i32))).collect();
+    let want: Vec<(u64, f32)> = (1..=6).map(|s| (s, 2f32.powi(16 - s as i32))).collect();
     assert_eq!(skipped, want);
     assert_eq!(
         t.progress.loss_scale,
@@ -1106,6 +1111,16 @@ fn train_dtype_trains_near_the_f32_run_and_float16_skips_overflowed_steps() {
         .map(|(k, v)| (k, v.to_vec().unwrap()))
         .collect();
     assert_eq!(start, end, "a skipped step changed the weights");
+
+    // Overflowing at a loss scale of 1 (after 16 skips) stops the run, saying what to do.
+    fail::cfg("grads-overflow", "return").unwrap();
+    let mut c = config(TrainDtype::Float16, "overflow-stop");
+    c.epochs = 6;
+    let mut t = Trainer::new(c, root, registry()).unwrap();
+    let outcome = t.run(|_| {});
+    fail::remove("grads-overflow");
+    let e = outcome.unwrap_err().to_string();
+    assert!(e.contains("step 17") && e.contains("bfloat16"), "{e}");
 }
 
 /// `weight_dtype` keeps a part's frozen weights in bf16, f16, float8 or nfloat4: a LoRA run

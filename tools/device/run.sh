@@ -29,9 +29,11 @@ peak_vram() {
     : > "$log"
     ( while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$log"; sleep 0.2; done ) &
     sampler=$!
-    "$@"
+    status=0
+    "$@" || status=$?
     kill "$sampler"
-    echo "peak device memory (nvidia-smi): $(sort -n "$log" | tail -1) MiB"
+    echo "peak GPU memory used (nvidia-smi): $(sort -n "$log" | tail -1) MiB"
+    return $status
 }
 
 [ -d "$work/sd15/model" ] || python3 tests/bench/lora_step.py build sd15 "$work/sd15"

@@ -59,17 +59,19 @@ fn transpose<B: Backend>(t: &FloatTensor<B>) -> FloatTensor<B> {
     B::float_swap_dims(t.clone(), 2, 3)
 }
 
-/// The scaled scores of a chunk, in f32 (the matmul in `dt`).
+/// The scaled scores of a chunk, in f32. In a train dtype the queries are scaled before the
+/// matmul, as torch does, so that float16 scores do not overflow.
 fn scores<B: Backend>(
     qc: &FloatTensor<B>,
     kt: &FloatTensor<B>,
     scale: f64,
     dt: Option<FloatDType>,
 ) -> FloatTensor<B> {
-    B::float_mul_scalar(
-        autocast::matmul::<B>(qc.clone(), kt.clone(), dt),
-        Scalar::Float(scale),
-    )
+    let s = Scalar::Float(scale);
+    match dt {
+        Some(_) => autocast::matmul::<B>(B::float_mul_scalar(qc.clone(), s), kt.clone(), dt),
+        None => B::float_mul_scalar(B::float_matmul(qc.clone(), kt.clone()), s),
+    }
 }
 
 fn add<B: Backend>(acc: Option<FloatTensor<B>>, t: FloatTensor<B>) -> FloatTensor<B> {

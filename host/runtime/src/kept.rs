@@ -299,6 +299,16 @@ impl<B: AutodiffBackend> Kept<B> {
         }
     }
 
+    /// The weight in the compute dtype `dt` (f32 when None): a half kept in it as it is, any
+    /// other dequantised to f32 first.
+    pub fn for_compute(&self, int_dtype: IntDType, dt: Option<FloatDType>) -> FloatTensor<B> {
+        match (self, dt) {
+            (Kept::Half(t), Some(d)) if t.dtype() == BDType::from(d) => t.clone(),
+            (_, Some(d)) => B::float_cast(self.dequantize(int_dtype), d),
+            (_, None) => self.dequantize(int_dtype),
+        }
+    }
+
     /// Bytes this weight takes as kept.
     pub fn bytes(&self) -> usize {
         match self {

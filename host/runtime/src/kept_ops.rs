@@ -59,7 +59,7 @@ impl<I: Backend> Backward<I, 2> for KeptLinear {
         }
         if let Some(node) = x {
             // The weight is dequantised again rather than kept as f32 since forward.
-            let w = Autodiff::<I>::inner(weight.dequantize(int_dtype));
+            let w = Autodiff::<I>::inner(weight.for_compute(int_dtype, compute));
             let dx = autocast::matmul::<I>(g, w, compute);
             let dx = I::float_reshape(dx, Shape::from(x_shape));
             grads.register::<I>(node.id, dx);
@@ -80,7 +80,7 @@ pub fn linear<I: Backend>(
     let x_shape = x.primitive.shape().to_vec();
     let ins = *x_shape.last().unwrap_or(&1);
     let rows = x_shape.iter().product::<usize>() / ins.max(1);
-    let wf = Autodiff::<I>::inner(w.dequantize(int_dtype));
+    let wf = Autodiff::<I>::inner(w.for_compute(int_dtype, compute));
     let outs = wf.shape()[0];
     let x2 = I::float_reshape(x.primitive.clone(), Shape::from(vec![rows, ins]));
     let mut y = autocast::matmul::<I>(x2, I::float_swap_dims(wf, 0, 1), compute);
@@ -158,7 +158,7 @@ impl<I: Backend> Backward<I, 2> for KeptConv2d {
         if let Some(node) = x {
             // The input's gradient is the transposed convolution of the output's (burn's
             // conv2d_x_backward, which needs only the input's shape).
-            let w = Autodiff::<I>::inner(weight.dequantize(int_dtype));
+            let w = Autodiff::<I>::inner(weight.for_compute(int_dtype, compute));
             let k = w.shape().to_vec();
             let out = g.shape().to_vec();
             let padding_out = [0, 1].map(|d| {
@@ -200,7 +200,7 @@ pub fn conv2d<I: Backend>(
     compute: Option<FloatDType>,
 ) -> FloatTensor<Autodiff<I>> {
     let x_shape = x.primitive.shape().to_vec();
-    let wf = Autodiff::<I>::inner(w.dequantize(int_dtype));
+    let wf = Autodiff::<I>::inner(w.for_compute(int_dtype, compute));
     let y = I::conv2d(
         autocast::to::<I>(x.primitive.clone(), compute),
         autocast::to::<I>(wf, compute),

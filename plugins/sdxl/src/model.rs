@@ -246,13 +246,9 @@ impl Sdxl {
         if text_encoder_2.text_projection.is_none() {
             bail!("text_encoder_2 has no text_projection (SDXL's pooled text embeddings)");
         }
-        // diffusers' force_upcast: the VAE runs in f32 whatever the model's dtype.
-        let vae_dtype = if c.vae.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
-        let vae = AutoencoderKL::load(&w.vae, "", &c.vae, vae_dtype)?;
+        // The VAE computes in f32 (what diffusers' force_upcast asks): the trainer applies the
+        // train dtype to the denoiser and trained text encoders only.
+        let vae = AutoencoderKL::load(&w.vae, "", &c.vae, dtype)?;
         let unet = UNet2DConditionModel::load(&unet_w, "", &c.unet, dtype)?;
         let layout = UnetLayout::of(&c.unet);
         // The text encoders' attention and MLP layers (not the projection), as sd-scripts and

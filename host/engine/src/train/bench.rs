@@ -55,12 +55,19 @@ pub enum BenchError {
     Device(#[from] crate::runtime::DeviceError),
 }
 
-/// The process's peak resident memory (Linux; None elsewhere).
-fn peak_rss_mib() -> Option<f64> {
+/// A memory figure of this process's `/proc/self/status` (`VmHWM`: peak resident, `VmRSS`:
+/// resident now), in MiB (Linux; None elsewhere).
+pub fn proc_status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    proc_status_mib("VmHWM")
 }
 
 /// Starts the peak resident memory afresh from what the process holds now (Linux).

@@ -315,16 +315,10 @@ impl<B: Tracking> TensorTable<B> {
             let scale = a.scale.unwrap_or(1.0 / (qs[3] as f64).sqrt());
             return one(B::memory_efficient_attention(q, k, v, scale, dt));
         }
-        // Elsewhere the whole attention runs in the train dtype (the O(L) op alone keeps its
-        // softmax statistics in f32).
-        let (q, k, v, bias) = (
-            to::<B>(q, dt),
-            to::<B>(k, dt),
-            to::<B>(v, dt),
-            bias.map(|b| to::<B>(b, dt)),
-        );
+        // Masked attention and attention without gradients compute in f32: burn's kernels
+        // would take their softmax in the train dtype.
         if tracked {
-            return one(back::<B>(B::attention(q, k, v, mask, bias, opts), dt));
+            return one(B::attention(q, k, v, mask, bias, opts));
         }
         let out = <B::InnerBackend as burn_backend::ops::ModuleOps<B::InnerBackend>>::attention(
             B::inner(q),
@@ -334,7 +328,7 @@ impl<B: Tracking> TensorTable<B> {
             bias.map(B::inner),
             opts,
         );
-        one(back::<B>(B::from_inner(out), dt))
+        one(B::from_inner(out))
     }
 
     pub(super) fn interpolate(&self, id: TensorId, a: &op::Interpolate) -> RtResult<Vec<Value<B>>> {

@@ -98,7 +98,7 @@ impl Trainer {
             } else {
                 latents.mul(&a)?.add(&noise.mul(&s)?)?
             };
-            let pred = self.arch.denoise(&noisy, &tt, &cond)?;
+            let pred = self.in_train_dtype(|| self.arch.denoise(&noisy, &tt, &cond))?;
             let mut target = match self.schedule.prediction {
                 Prediction::Epsilon => noise.clone(),
                 Prediction::VPrediction => noise.mul(&a)?.sub(&latents.mul(&s)?)?,
@@ -107,7 +107,9 @@ impl Trainer {
                 // Prior images learn to predict what the model predicts without its adapter.
                 let base = self
                     .model
-                    .without_adapters(|| self.arch.denoise(&noisy, &tt, &cond))?
+                    .without_adapters(|| {
+                        self.in_train_dtype(|| self.arch.denoise(&noisy, &tt, &cond))
+                    })?
                     .detach()?;
                 let m = Tensor::from_f32(
                     &prior

@@ -47,8 +47,10 @@ impl Trainer {
             Ok(out)
         };
         if !self.text_cached {
+            // Encoded each step (a trained text encoder, or no cache): part of the training
+            // forward. Cached states are encoded in f32, whatever the run's train dtype.
             let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-            return encode(&refs);
+            return self.in_train_dtype(|| encode(&refs));
         }
         let mut rows: Vec<Option<Vec<Tensor>>> = Vec::new();
         let mut missing = Vec::new();

@@ -15,9 +15,9 @@ mod groups;
 mod intervals;
 mod loss;
 mod output;
+mod precision;
 mod run;
 mod samples;
-mod scaling;
 mod schedule;
 mod validate;
 
@@ -44,7 +44,7 @@ use crate::train::tensorboard::EventWriter;
 use crate::train::timesteps::Timesteps;
 pub use batch::Probe;
 use groups::Group;
-pub use scaling::LossScale;
+pub use precision::LossScale;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -126,6 +126,10 @@ pub struct Trainer {
     model: Arc<ModelLayers>,
     /// The runtime, stop flag and adapters the run's plugin calls reach.
     scope: Scope,
+    /// The same scope computing in the run's `train_dtype`: entered around the training
+    /// forward of the denoiser and of trained text encoders only (the VAE, caches and samples
+    /// compute in f32).
+    mixed: Scope,
     schedule: NoiseSchedule,
     /// The model's family contract.
     info: ModelInfo,
@@ -324,13 +328,13 @@ impl Trainer {
         let schedule = NoiseSchedule::new(scheduler).map_err(err)?;
         scope = scope
             .with_adapters(model.clone())
-            .with_checkpointing(c.gradient_checkpointing == GradientCheckpointing::On)
-            .with_train_dtype(match c.train_dtype {
-                TrainDtype::Float32 => RtTrainDtype::Float32,
-                TrainDtype::Float16 => RtTrainDtype::Float16,
-                TrainDtype::Bfloat16 => RtTrainDtype::BFloat16,
-            });
+            .with_checkpointing(c.gradient_checkpointing == GradientCheckpointing::On);
         let _scope = scope.enter();
+        let mixed = scope.clone().with_train_dtype(match c.train_dtype {
+            TrainDtype::Float32 => RtTrainDtype::Float32,
+            TrainDtype::Float16 => RtTrainDtype::Float16,
+            TrainDtype::Bfloat16 => RtTrainDtype::BFloat16,
+        });
 
         let data = Dataset::scan(c, base, &[ConceptType::Standard, ConceptType::Prior]);
         if data.items.is_empty() {
@@ -382,6 +386,7 @@ impl Trainer {
             resumed_from: None,
             controls,
             scope,
+            mixed,
             debug_last: None,
             tensorboard,
             groups: Vec::new(),
@@ -436,12 +441,12 @@ impl Trainer {
         &self.model
     }
 
-    /// The trainable tensors by name (for tests and tools).
     /// The runtime's device (`cpu`, `cuda:0`).
     pub fn device_name(&self) -> &str {
         self.scope.device.name()
     }
 
+    /// The trainable tensors by name (for tests and tools).
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
         self.groups
             .iter()

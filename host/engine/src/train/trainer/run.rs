@@ -124,10 +124,7 @@ impl Trainer {
                     Some(l) => l.item().map_err(err)?,
                     None => 0.0,
                 };
-                let mut grads = std::mem::take(&mut acc);
-                // False on a float16 overflow: no update, but the step counts (as in torch).
-                let taken = self.unscale(&mut grads, step_loss, &mut on_event)?;
-                if taken && !step_loss.is_finite() {
+                if !step_loss.is_finite() {
                     return Err(TrainError(format!(
                         "the loss became {step_loss} at step {} (epoch {}): stopping; {}",
                         self.progress.step,
@@ -138,6 +135,9 @@ impl Trainer {
                         }
                     )));
                 }
+                let mut grads = std::mem::take(&mut acc);
+                // False on a float16 overflow: no update, but the step counts (as in torch).
+                let taken = self.unscale(&mut grads, &mut on_event)?;
                 let lr_factor = self.lr_factor(self.progress.step);
                 if taken {
                     self.apply(grads, lr_factor)?;
@@ -154,6 +154,9 @@ impl Trainer {
                 let lr = self.config.learning_rate * lr_factor;
                 self.log_scalar("loss/train", step_loss);
                 self.log_scalar("learning_rate", lr as f32);
+                if let Some(scale) = self.progress.loss_scale {
+                    self.log_scalar("loss_scale", scale.factor());
+                }
                 on_event(Event::Step {
                     step: self.progress.step,
                     epoch: self.progress.epoch,

@@ -6,7 +6,7 @@
 
 use ferrite_plugin_api::Tensor;
 
-use super::{Event, Result, Trainer, err};
+use super::{Event, Result, TrainError, Trainer, err};
 use crate::config::TrainDtype;
 
 /// Good steps in a row before the scale doubles.
@@ -52,6 +52,12 @@ impl LossScale {
 }
 
 impl Trainer {
+    /// Runs `f` (part of the training forward) computing in the run's `train_dtype`.
+    pub(super) fn in_train_dtype<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _entered = self.mixed.enter();
+        f()
+    }
+
     /// The loss scale of this step: Some in a float16 run (started at 2^16 on the first step).
     pub(super) fn loss_scale(&mut self) -> Option<f32> {
         if self.config.train_dtype != TrainDtype::Float16 {
@@ -67,11 +73,11 @@ impl Trainer {
 
     /// In a float16 run, checks the summed (scaled) gradients: finite ones are unscaled and the
     /// step goes on (true); otherwise the step is skipped (false), the scale lowered and the
-    /// skip reported. One host read per step, of one number.
+    /// skip reported. One host read per step, of one number. Overflowing at a scale of 1 is an
+    /// error: lowering it further cannot help.
     pub(super) fn unscale(
         &mut self,
         grads: &mut [Vec<Option<Tensor>>],
-        loss: f32,
         on_event: &mut impl FnMut(Event),
     ) -> Result<bool> {
         let Some(factor) = self.loss_scale() else {
@@ -86,28 +92,30 @@ impl Trainer {
             });
         }
         // An overflow anywhere makes the sum inf or NaN.
-        let finite = loss.is_finite()
-            && match &total {
-                Some(t) => t.item().map_err(err)?.is_finite(),
-                None => true,
-            }
+        let finite = match &total {
+            Some(t) => t.item().map_err(err)?.is_finite(),
+            None => true,
+        }
             // Where tests make the gradients overflow.
             && fail::eval("grads-overflow", |_| ()).is_none();
+        let step = self.progress.step + 1; // as Event::Step numbers it
         let scale = self
             .progress
             .loss_scale
             .get_or_insert_with(LossScale::default);
+        if !finite && scale.exponent <= 0 {
+            return Err(TrainError(format!(
+                "float16 gradients overflow even with a loss scale of {} at step {step}: they \
+                 do not fit in float16; set train_dtype to bfloat16 or float32",
+                scale.factor()
+            )));
+        }
         if !scale.update(finite) {
             let loss_scale = scale.factor();
             tracing::warn!(
-                "step {} skipped: float16 gradients overflowed; loss scale now {loss_scale}",
-                self.progress.step
+                "step {step} skipped: float16 gradients overflowed; loss scale now {loss_scale}"
             );
-            self.log_scalar("loss_scale", loss_scale);
-            on_event(Event::Skipped {
-                step: self.progress.step,
-                loss_scale,
-            });
+            on_event(Event::Skipped { step, loss_scale });
             return Ok(false);
         }
         for g in grads.iter_mut().flatten().flatten() {
