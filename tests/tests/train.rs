@@ -1121,6 +1121,28 @@ fn train_dtype_trains_near_the_f32_run_and_float16_skips_overflowed_steps() {
     fail::remove("grads-overflow");
     let e = outcome.unwrap_err().to_string();
     assert!(e.contains("step 17") && e.contains("bfloat16"), "{e}");
+
+    // The scale is part of a backup: a resumed run goes on with it (one skip, two good steps).
+    fail::cfg("grads-overflow", "1*return").unwrap();
+    let mut c = config(TrainDtype::Float16, "resume");
+    c.backup_after_unit = TimeUnit::Step;
+    let stopped = run_trainer(
+        Trainer::new(c.clone(), root, registry()).unwrap(),
+        Some(3),
+        None,
+    );
+    fail::remove("grads-overflow");
+    assert_eq!(stopped.losses.len(), 3);
+    c.continue_last_backup = true;
+    let t = Trainer::new(c, root, registry()).unwrap();
+    assert_eq!(t.progress.step, 3);
+    assert_eq!(
+        t.progress.loss_scale,
+        Some(LossScale {
+            exponent: 15,
+            good_steps: 2
+        })
+    );
 }
 
 /// `weight_dtype` keeps a part's frozen weights in bf16, f16, float8 or nfloat4: a LoRA run

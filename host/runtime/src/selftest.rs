@@ -48,6 +48,14 @@ fn input(shape: &[usize], seed: u64) -> Result<Tensor> {
     Ok(t)
 }
 
+/// Keeps a frozen weight in `format` on the current device.
+fn keep(w: &Tensor, format: WeightFormat) -> Result<()> {
+    Device::current()
+        .ok_or_else(|| ferrite_plugin_api::Error("no device".into()))?
+        .keep_weight(w.id(), format)
+        .map_err(ferrite_plugin_api::Error)
+}
+
 /// A check: builds its tracked inputs, computes an output; the suite adds the gradients of
 /// `sum(out · r)` with respect to every input.
 type Case = fn() -> Result<(Vec<Tensor>, Tensor)>;
@@ -146,12 +154,30 @@ fn cases() -> Vec<(&'static str, f32, Case)> {
                 input(&[3, 64], 1)?,
                 Tensor::from_f32(&values(8 * 64, 2), &[8, 64])?,
             );
-            crate::Device::current()
-                .ok_or_else(|| ferrite_plugin_api::Error("no device".into()))?
-                .keep_weight(w.id(), WeightFormat::Nf4)
-                .map_err(ferrite_plugin_api::Error)?;
+            keep(&w, WeightFormat::Nf4)?;
             let out = ops::linear(&x, &w, None)?;
             Ok((vec![x], out))
+        }),
+        ("linear on float8 weight", 1e-4, || {
+            let (x, w) = (
+                input(&[3, 16], 1)?,
+                Tensor::from_f32(&values(8 * 16, 2), &[8, 16])?,
+            );
+            keep(&w, WeightFormat::Float8)?;
+            let out = ops::linear(&x, &w, None)?;
+            Ok((vec![x], out))
+        }),
+        ("conv2d on bfloat16 kernel", 1e-4, || {
+            let (x, b) = (input(&[2, 4, 8, 8], 1)?, input(&[6], 3)?);
+            let k = Tensor::from_f32(&values(6 * 4 * 9, 2), &[6, 4, 3, 3])?;
+            keep(&k, WeightFormat::BF16)?;
+            let out = ops::conv2d(
+                &x,
+                &k,
+                Some(&b),
+                ops::ConvOptions::padding(1).with_stride(2),
+            )?;
+            Ok((vec![x, b], out))
         }),
         ("checkpointed block", 1e-4, || {
             let (x, w) = (input(&[3, 8], 1)?, input(&[8, 8], 2)?);
@@ -162,14 +188,10 @@ fn cases() -> Vec<(&'static str, f32, Case)> {
 }
 
 /// `case`'s output and input gradients (as host values) on `device`.
-fn run_case(device: &Device, case: Case, bf16: bool) -> Result<Vec<Vec<f32>>> {
+fn run_case(device: &Device, case: Case, dtype: TrainDtype) -> Result<Vec<Vec<f32>>> {
     let scope = Scope::new(device.clone())
         .with_checkpointing(true)
-        .with_train_dtype(if bf16 {
-            TrainDtype::BFloat16
-        } else {
-            TrainDtype::Float32
-        });
+        .with_train_dtype(dtype);
     let _entered = scope.enter();
     let (inputs, out) = case()?;
     let out = out.cast(DType::F32)?;
@@ -206,25 +228,27 @@ fn relative_error(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
     worst
 }
 
-/// Runs every check on `device` against the CPU backend; also each matmul-bearing check in
-/// bf16 (train_dtype) against the CPU's bf16.
+/// The train dtypes each check runs in, and the least tolerance each allows (half-precision
+/// kernels may round differently: accumulation order, fused casts).
+const DTYPES: [(TrainDtype, &str, f32); 3] = [
+    (TrainDtype::Float32, "", 0.0),
+    (TrainDtype::BFloat16, " [bfloat16]", 2e-2),
+    (TrainDtype::Float16, " [float16]", 5e-3),
+];
+
+/// Runs every check on `device` against the CPU backend, in f32 and in each half train dtype.
 pub fn run(device: &str) -> std::result::Result<Vec<Check>, SelftestError> {
     let (target, _) = Device::open(device)?;
     let (cpu, _) = Device::open("cpu")?;
     let mut checks = Vec::new();
     for (name, tolerance, case) in cases() {
-        for bf16 in [false, true] {
-            let want = run_case(&cpu, case, bf16).map_err(|e| SelftestError::Op(name, e))?;
-            let got = run_case(&target, case, bf16).map_err(|e| SelftestError::Op(name, e))?;
+        for (dtype, label, least) in DTYPES {
+            let want = run_case(&cpu, case, dtype).map_err(|e| SelftestError::Op(name, e))?;
+            let got = run_case(&target, case, dtype).map_err(|e| SelftestError::Op(name, e))?;
             checks.push(Check {
-                name: if bf16 {
-                    format!("{name} [bfloat16]")
-                } else {
-                    name.into()
-                },
+                name: format!("{name}{label}"),
                 error: relative_error(&got, &want),
-                // bf16 kernels may round differently (accumulation order, fused casts).
-                tolerance: if bf16 { tolerance.max(2e-2) } else { tolerance },
+                tolerance: tolerance.max(least),
             });
         }
     }
@@ -240,13 +264,13 @@ mod tests {
     #[test]
     fn the_suite_runs_and_its_comparison_can_fail() {
         let checks = run("cpu").unwrap();
-        assert_eq!(checks.len(), 2 * cases().len());
+        assert_eq!(checks.len(), DTYPES.len() * cases().len());
         assert!(checks.iter().all(Check::passed));
         let (cpu, _) = Device::open("cpu").unwrap();
         let (_, tolerance, matmul) = cases()[0];
         let e = relative_error(
-            &run_case(&cpu, matmul, true).unwrap(),
-            &run_case(&cpu, matmul, false).unwrap(),
+            &run_case(&cpu, matmul, TrainDtype::BFloat16).unwrap(),
+            &run_case(&cpu, matmul, TrainDtype::Float32).unwrap(),
         );
         assert!(e > tolerance, "{e}");
         assert_eq!(
