@@ -1048,6 +1048,19 @@ fn gradient_checkpointing_trains_the_same_model() {
     }
 }
 
+/// Each step's loss of `got` within `tolerance` (relative) of `f32`'s.
+#[track_caller]
+fn losses_near(what: &str, got: &[(u64, f32)], f32: &[(u64, f32)], tolerance: f32) {
+    assert_eq!(got.len(), f32.len());
+    let worst = got
+        .iter()
+        .zip(f32)
+        .map(|((_, a), (_, b))| (a - b).abs() / b.abs())
+        .fold(0f32, f32::max);
+    println!("{what}: losses within {worst:e} of float32's");
+    assert!(worst <= tolerance, "{what}: {worst}");
+}
+
 /// `train_dtype`: bf16 and f16 runs compute matmul, convolutions and attention in that dtype
 /// (losses near the f32 run's, not equal to them); a float16 run scales its loss, and a step
 /// whose gradients overflow is skipped: the weights stay, the scale halves, the skip is reported.
@@ -1069,15 +1082,8 @@ fn train_dtype_trains_near_the_f32_run_and_float16_skips_overflowed_steps() {
     let f32_losses = run(config(TrainDtype::Float32, "a"), root, None).losses;
     for (dtype, tolerance) in [(TrainDtype::Bfloat16, 5e-3), (TrainDtype::Float16, 1e-3)] {
         let losses = run(config(dtype, "a"), root, None).losses;
-        assert_eq!(losses.len(), f32_losses.len());
         assert_ne!(losses, f32_losses, "{dtype}: nothing computed in {dtype}");
-        let worst = losses
-            .iter()
-            .zip(&f32_losses)
-            .map(|((_, a), (_, b))| (a - b).abs() / b.abs())
-            .fold(0f32, f32::max);
-        println!("{dtype}: losses within {worst:e} of float32's");
-        assert!(worst <= tolerance, "{dtype}: {worst}");
+        losses_near(&dtype.to_string(), &losses, &f32_losses, tolerance);
     }
 
     // Every step overflows (the fail point), so none updates the weights.
@@ -1169,15 +1175,8 @@ fn frozen_weights_kept_below_f32_train_near_the_f32_run() {
         (WeightDtype::Nfloat4, 2e-2),
     ] {
         let kept = losses(dtype);
-        assert_eq!(kept.len(), f32_losses.len());
         assert_ne!(kept, f32_losses, "{dtype}: the weights were not rounded");
-        let worst = kept
-            .iter()
-            .zip(&f32_losses)
-            .map(|((_, a), (_, b))| (a - b).abs() / b.abs())
-            .fold(0f32, f32::max);
-        println!("{dtype}: losses within {worst:e} of float32's");
-        assert!(worst <= tolerance, "{dtype}: {worst}");
+        losses_near(&dtype.to_string(), &kept, &f32_losses, tolerance);
     }
 
     let mut c = config(root, "wd-ft");

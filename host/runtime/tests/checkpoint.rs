@@ -7,19 +7,8 @@
 use ferrite_plugin_api::{Generator, Result, Tensor, checkpoint, ops};
 use ferrite_runtime::{Device, Scope, WeightFormat};
 
-fn tensor(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0
-        })
-        .collect();
-    Tensor::from_f32(&v, shape).unwrap()
-}
+mod common;
+use common::tensor;
 
 struct Params {
     w1: Tensor,
