@@ -1083,7 +1083,7 @@ fn train_dtype_trains_near_the_f32_run_and_float16_skips_overflowed_steps() {
     for (dtype, tolerance) in [(TrainDtype::Bfloat16, 5e-3), (TrainDtype::Float16, 1e-3)] {
         let losses = run(config(dtype, "a"), root, None).losses;
         assert_ne!(losses, f32_losses, "{dtype}: nothing computed in {dtype}");
-        losses_near(&dtype.to_string(), &losses, &f32_losses, tolerance);
+        losses_near(dtype.as_ref(), &losses, &f32_losses, tolerance);
     }
 
     // Every step overflows (the fail point), so none updates the weights.
@@ -1176,7 +1176,7 @@ fn frozen_weights_kept_below_f32_train_near_the_f32_run() {
     ] {
         let kept = losses(dtype);
         assert_ne!(kept, f32_losses, "{dtype}: the weights were not rounded");
-        losses_near(&dtype.to_string(), &kept, &f32_losses, tolerance);
+        losses_near(dtype.as_ref(), &kept, &f32_losses, tolerance);
     }
 
     let mut c = config(root, "wd-ft");
