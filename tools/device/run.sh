@@ -4,8 +4,8 @@
 #   1. `ferrite selftest --device cuda`: every op and its gradients against the CPU backend;
 #   2. a real-size SD 1.5 UNet (published config, random weights, built by diffusers) LoRA step
 #      at RES (512) in f32 and in bf16, diffusers + peft against `ferrite bench step`, each in its
-#      own process, with the process's peak device memory read from nvidia-smi (torch's own
-#      max_memory_allocated is printed too).
+#      own process, with the GPU's peak used memory while it runs (nvidia-smi, sampled every
+#      0.2 s; torch's own max_memory_allocated is printed too).
 # Prints the figures side by side. Writes under ${WORK:-/tmp/ferrite-device}.
 #   sh tools/device/run.sh [steps]
 set -e

@@ -127,7 +127,7 @@ impl Trainer {
                 if !step_loss.is_finite() {
                     return Err(TrainError(format!(
                         "the loss became {step_loss} at step {} (epoch {}): stopping; {}",
-                        self.progress.step,
+                        self.progress.step + 1,
                         self.progress.epoch,
                         match self.last_backup() {
                             Some(b) => format!("the last good backup is {}", b.display()),
