@@ -167,6 +167,15 @@ fn cases() -> Vec<(&'static str, f32, Case)> {
             let out = ops::linear(&x, &w, None)?;
             Ok((vec![x], out))
         }),
+        ("linear on float16 weight", 1e-4, || {
+            let (x, w) = (
+                input(&[3, 16], 1)?,
+                Tensor::from_f32(&values(8 * 16, 2), &[8, 16])?,
+            );
+            keep(&w, WeightFormat::F16)?;
+            let out = ops::linear(&x, &w, None)?;
+            Ok((vec![x], out))
+        }),
         ("conv2d on bfloat16 kernel", 1e-4, || {
             let (x, b) = (input(&[2, 4, 8, 8], 1)?, input(&[6], 3)?);
             let k = Tensor::from_f32(&values(6 * 4 * 9, 2), &[6, 4, 3, 3])?;
