@@ -285,14 +285,33 @@ fn parse_device(device: &str) -> Result<Option<usize>, DeviceError> {
     }
 }
 
+/// Whether the CUDA driver library opens (as cudarc looks for it).
+#[cfg(feature = "cuda")]
+fn cuda_driver_present() -> bool {
+    let names: &[&str] = if cfg!(windows) {
+        &["nvcuda.dll"]
+    } else {
+        &["libcuda.so.1", "libcuda.so"]
+    };
+    // SAFETY: the driver library's initialisers are what burn would run on first use anyway.
+    names
+        .iter()
+        .any(|n| unsafe { libloading::Library::new(n) }.is_ok())
+}
+
 fn new_runtime(device: &str, index: u16) -> Result<Arc<dyn Runtime>, DeviceError> {
     match parse_device(device)? {
         None => Ok(cpu_runtime(index)),
         #[cfg(feature = "cuda")]
         Some(cuda) => {
             use burn_backend::Backend;
+            if !cuda_driver_present() {
+                return Err(DeviceError::NoDriver(
+                    "the CUDA driver library (libcuda) was not found".into(),
+                ));
+            }
             let dev = burn::backend::cuda::CudaDevice::new(cuda);
-            // burn panics on first use when there is no driver: probe once, here.
+            // burn panics on first use when the driver does not work: probe once, here.
             let probe = std::panic::catch_unwind(|| {
                 let t =
                     <CudaBackend as burn_backend::ops::FloatTensorOps<CudaBackend>>::float_zeros(
