@@ -56,6 +56,17 @@ fn keep(w: &Tensor, format: WeightFormat) -> Result<()> {
         .map_err(ferrite_plugin_api::Error)
 }
 
+/// A linear layer of `ins` inputs on a weight kept in `format`.
+fn kept_linear(format: WeightFormat, ins: usize) -> Result<(Vec<Tensor>, Tensor)> {
+    let (x, w) = (
+        input(&[3, ins], 1)?,
+        Tensor::from_f32(&values(8 * ins, 2), &[8, ins])?,
+    );
+    keep(&w, format)?;
+    let out = ops::linear(&x, &w, None)?;
+    Ok((vec![x], out))
+}
+
 /// A check: builds its tracked inputs, computes an output; the suite adds the gradients of
 /// `sum(out · r)` with respect to every input.
 type Case = fn() -> Result<(Vec<Tensor>, Tensor)>;
@@ -150,31 +161,13 @@ fn cases() -> Vec<(&'static str, f32, Case)> {
             Ok((vec![a], out))
         }),
         ("linear on nfloat4 weight", 1e-4, || {
-            let (x, w) = (
-                input(&[3, 64], 1)?,
-                Tensor::from_f32(&values(8 * 64, 2), &[8, 64])?,
-            );
-            keep(&w, WeightFormat::Nf4)?;
-            let out = ops::linear(&x, &w, None)?;
-            Ok((vec![x], out))
+            kept_linear(WeightFormat::Nf4, 64)
         }),
         ("linear on float8 weight", 1e-4, || {
-            let (x, w) = (
-                input(&[3, 16], 1)?,
-                Tensor::from_f32(&values(8 * 16, 2), &[8, 16])?,
-            );
-            keep(&w, WeightFormat::Float8)?;
-            let out = ops::linear(&x, &w, None)?;
-            Ok((vec![x], out))
+            kept_linear(WeightFormat::Float8, 16)
         }),
         ("linear on float16 weight", 1e-4, || {
-            let (x, w) = (
-                input(&[3, 16], 1)?,
-                Tensor::from_f32(&values(8 * 16, 2), &[8, 16])?,
-            );
-            keep(&w, WeightFormat::F16)?;
-            let out = ops::linear(&x, &w, None)?;
-            Ok((vec![x], out))
+            kept_linear(WeightFormat::F16, 16)
         }),
         ("conv2d on bfloat16 kernel", 1e-4, || {
             let (x, b) = (input(&[2, 4, 8, 8], 1)?, input(&[6], 3)?);

@@ -195,11 +195,7 @@ impl<B: Tracking> TensorTable<B> {
         let (w, b) = (self.opt_f(ids, 1)?, self.opt_f(ids, 2)?);
         let groups = a.groups;
         let shape = shape_of::<B>(&t);
-        if shape.len() < 2 || groups == 0 || !shape[1].is_multiple_of(groups) {
-            return Err(format!(
-                "op group_norm: {groups} groups do not divide the channels of {shape:?}"
-            ));
-        }
+        check_groups("group_norm", &shape, groups)?;
         let g = B::float_reshape(
             t,
             Shape::from(vec![
@@ -221,12 +217,7 @@ impl<B: Tracking> TensorTable<B> {
         let t = self.f(ids, 0)?;
         let (w, b) = (self.opt_f(ids, 1)?, self.opt_f(ids, 2)?);
         let shape = shape_of::<B>(&t);
-        if shape.len() < 2 || a.groups == 0 || !shape[1].is_multiple_of(a.groups) {
-            return Err(format!(
-                "op group_norm_silu: {} groups do not divide the channels of {shape:?}",
-                a.groups
-            ));
-        }
+        check_groups("group_norm_silu", &shape, a.groups)?;
         // Any shape of C values, as group_norm takes them.
         let channels = |p: Option<F<B>>| {
             p.map(|p| {
@@ -387,4 +378,14 @@ impl<B: Tracking> TensorTable<B> {
             Shape::from(out),
         ))
     }
+}
+
+/// That `groups` divides the channels (dimension 1) of an input of `shape`.
+fn check_groups(op: &str, shape: &[usize], groups: usize) -> RtResult<()> {
+    if shape.len() < 2 || groups == 0 || !shape[1].is_multiple_of(groups) {
+        return Err(format!(
+            "op {op}: {groups} groups do not divide the channels of {shape:?}"
+        ));
+    }
+    Ok(())
 }
