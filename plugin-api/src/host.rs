@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use abi_stable::nonexhaustive_enum::NonExhaustive;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, Tuple2};
 
-use crate::abi::{HostRef, LogLevel, NamedTensor, TensorId, WeightInfo, known};
+use crate::abi::{HostRef, LogLevel, NamedTensor, RandomWeight, TensorId, WeightInfo, known};
 use crate::error::{Error, Result};
 use crate::nn::AdaptableLayer;
 use crate::op::{self, Op};
@@ -222,9 +222,51 @@ pub struct Weights {
 
 impl Weights {
     pub fn open(path: &str) -> Result<Self> {
+        let id = res((host()?.open_weights())(RStr::from_str(path)))?;
+        Self::listed(id, path)
+    }
+
+    /// Random f32 tensors of the given names and shapes, read like a file's (a model built from
+    /// its config alone, for benchmarks): matrices and kernels uniform in ±1/√fan-in (torch's
+    /// default scale), 1-d `weight`s (norms) ones, everything else (biases) zeros. `label` names
+    /// the source in errors and [`Weights::path`]. Needs a host of ABI 1.4.
+    pub fn random(label: &str, tensors: &[(String, Vec<usize>)], seed: u64) -> Result<Self> {
+        let entries: Vec<RandomWeight> = tensors
+            .iter()
+            .map(|(key, shape)| {
+                let fan_in: usize = shape.iter().skip(1).product();
+                let (low, high) = match shape.len() {
+                    0 | 1 if key.ends_with("weight") => (1.0, 1.0),
+                    0 | 1 => (0.0, 0.0),
+                    _ => {
+                        let b = 1.0 / (fan_in.max(1) as f32).sqrt();
+                        (-b, b)
+                    }
+                };
+                RandomWeight {
+                    key: key.as_str().into(),
+                    shape: shape.iter().map(|&d| d as u64).collect(),
+                    low,
+                    high,
+                }
+            })
+            .collect();
+        let open = host()?.random_weights().ok_or_else(|| {
+            Error::msg("random weights need a Ferrite host of plugin ABI 1.4 or newer")
+        })?;
+        let id = res(open(
+            RStr::from_str(label),
+            RSlice::from_slice(&entries),
+            seed,
+        ))?;
+        Self::listed(id, label)
+    }
+
+    /// An opened source `id` with its tensor list.
+    fn listed(id: u64, path: &str) -> Result<Self> {
         let h = host()?;
         let file = OpenFile {
-            id: res((h.open_weights())(RStr::from_str(path)))?,
+            id,
             path: path.to_string(),
         };
         let infos = res((h.weight_infos())(file.id))?

@@ -387,16 +387,10 @@ fn bench_step_prints_its_figures_as_one_json_line() {
     let tmp = tempfile::tempdir().unwrap();
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
     let bench = |extra: &[&str]| {
-        let mut args = vec![
-            "bench",
-            "step",
-            "--model",
-            model.to_str().unwrap(),
-            "--resolution",
-            "16",
-            "--steps",
-            "2",
-        ];
+        let mut args = vec!["bench", "step", "--resolution", "16", "--steps", "2"];
+        if !extra.iter().any(|a| a.starts_with("--model")) {
+            args.extend(["--model", model.to_str().unwrap()]);
+        }
         args.extend(extra);
         let out = std::process::Command::new(ferrite_tests::ferrite_bin())
             .args(&args)
@@ -425,6 +419,24 @@ fn bench_step_prints_its_figures_as_one_json_line() {
         rank16
     );
     assert!(figures(&["--method", "fine_tune"]) > rank16);
+
+    // The same models as folders of config files only: built with random weights, they train
+    // the same parameters.
+    let configs = tempfile::tempdir().unwrap();
+    let fixtures = model.parent().unwrap().parent().unwrap();
+    for (arch, from) in [("sd15", "pipeline/model"), ("sdxl", "sdxl/model")] {
+        let to = configs.path().join(arch);
+        copy_without_weights(&fixtures.join(from), &to);
+        let (cfg, full) = (to.to_str().unwrap(), fixtures.join(from));
+        assert_eq!(
+            figures(&["--arch", arch, "--model-config", cfg]),
+            figures(&["--arch", arch, "--model", full.to_str().unwrap()]),
+            "{arch}"
+        );
+        // Without the flag the folder is what it is: a model with no weights.
+        let (ok, _, err) = bench(&["--arch", arch, "--model", cfg]);
+        assert!(!ok && err.contains("safetensors") && !err.contains("panicked"), "{err}");
+    }
     assert_eq!(
         std::fs::read_dir(tmp.path()).unwrap().count(),
         0,
@@ -436,4 +448,18 @@ fn bench_step_prints_its_figures_as_one_json_line() {
         !ok && err.contains("train_dtype") && !err.contains("panicked"),
         "{err}"
     );
+}
+
+/// Copies a diffusers folder without its weight files: its config files only.
+fn copy_without_weights(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let target = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_without_weights(&p, &target);
+        } else if p.extension().is_none_or(|x| x != "safetensors") {
+            std::fs::copy(&p, &target).unwrap();
+        }
+    }
 }

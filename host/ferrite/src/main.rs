@@ -169,8 +169,12 @@ enum BenchWhat {
 #[derive(clap::Args)]
 struct StepArgs {
     /// Model: a diffusers folder or a single-file checkpoint.
+    #[arg(long, required_unless_present = "model_config", conflicts_with = "model_config")]
+    model: Option<PathBuf>,
+    /// A diffusers folder holding only config files (model_index.json, each part's
+    /// config.json, the tokenizers, the scheduler's): the model is built with random weights.
     #[arg(long)]
-    model: PathBuf,
+    model_config: Option<PathBuf>,
     /// Architecture plugin id.
     #[arg(long, default_value = "sd15")]
     arch: String,
@@ -312,9 +316,13 @@ fn bench_step(settings: &Settings, a: StepArgs) -> Result<()> {
         format!("unet.weight_dtype={}", a.weight_dtype),
     ];
     sets.extend(a.sets);
+    let Some(model) = a.model.clone().or(a.model_config.clone()) else {
+        anyhow::bail!("bench step needs --model or --model-config");
+    };
     let bench = ferrite::train::bench::StepBench {
         model_type: a.arch,
-        model: std::path::absolute(&a.model)?,
+        model: std::path::absolute(&model)?,
+        random_weights: a.model_config.is_some(),
         method: a.method,
         resolution: a.resolution,
         batch: a.batch,

@@ -158,3 +158,59 @@ fn nn_layers_load_by_prefix_and_list_parameters() {
         .to_string();
     assert!(e.contains("missing.weight"), "{e}");
 }
+
+#[test]
+fn random_weights_read_like_a_file_with_values_from_the_seed_and_key() {
+    runtime::init("cpu").unwrap();
+    let tensors = vec![
+        ("proj.weight".to_string(), vec![64, 16]),
+        ("proj.bias".to_string(), vec![64]),
+        ("norm.weight".to_string(), vec![16]),
+        ("conv.weight".to_string(), vec![8, 4, 3, 3]),
+    ];
+    let w = Weights::random("cfg/unet (random weights)", &tensors, 7).unwrap();
+    let infos: Vec<(String, DType, Vec<u64>)> = w
+        .infos()
+        .iter()
+        .map(|i| (i.key.clone(), i.dtype, i.shape.clone()))
+        .collect();
+    assert_eq!(
+        infos,
+        vec![
+            ("conv.weight".into(), DType::F32, vec![8, 4, 3, 3]),
+            ("norm.weight".into(), DType::F32, vec![16]),
+            ("proj.bias".into(), DType::F32, vec![64]),
+            ("proj.weight".into(), DType::F32, vec![64, 16]),
+        ]
+    );
+    // Matrices and kernels: uniform in ±1/√fan-in, spread over the range.
+    for (key, fan_in) in [("proj.weight", 16.0f32), ("conv.weight", 36.0)] {
+        let v = w.get(key, DType::F32).unwrap().to_vec().unwrap();
+        let bound = 1.0 / fan_in.sqrt();
+        let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(max <= bound && max > 0.9 * bound, "{key}: {max} vs {bound}");
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        assert!(mean.abs() < 0.1 * bound, "{key}: mean {mean}");
+    }
+    // Norm weights are ones, biases zeros; loads cast as a file's do.
+    assert_eq!(w.get("norm.weight", DType::F32).unwrap().to_vec().unwrap(), vec![1.0; 16]);
+    assert_eq!(w.get("proj.bias", DType::F32).unwrap().to_vec().unwrap(), vec![0.0; 64]);
+    let half = w.get("proj.weight", DType::BF16).unwrap();
+    assert_eq!(half.dtype().unwrap(), DType::BF16);
+
+    // The same seed and key give the same values, whatever else the source holds; another
+    // seed or key other values.
+    let values = |w: &Weights, key: &str| w.get(key, DType::F32).unwrap().to_vec().unwrap();
+    let again = Weights::random("again", &tensors[..1], 7).unwrap();
+    assert_eq!(values(&again, "proj.weight"), values(&w, "proj.weight"));
+    let reseeded = Weights::random("reseeded", &tensors[..1], 8).unwrap();
+    assert_ne!(values(&reseeded, "proj.weight"), values(&w, "proj.weight"));
+    let renamed = Weights::random("renamed", &[("other.weight".into(), vec![64, 16])], 7).unwrap();
+    assert_ne!(values(&renamed, "other.weight"), values(&w, "proj.weight"));
+
+    let e = w.get("missing.weight", DType::F32).unwrap_err().to_string();
+    assert!(e.contains("cfg/unet (random weights)") && e.contains("missing.weight"), "{e}");
+    let twice = [tensors[0].clone(), tensors[0].clone()];
+    let e = Weights::random("dup", &twice, 0).unwrap_err().to_string();
+    assert!(e.contains("dup") && e.contains("listed twice"), "{e}");
+}

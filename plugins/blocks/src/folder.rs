@@ -33,8 +33,12 @@ pub fn open(path: &Path) -> Result<Weights> {
     Weights::open(&path.to_string_lossy())
 }
 
-/// The weights of a diffusers model folder's `part/` (`diffusion_pytorch_model` or `model`).
-pub fn part_weights(dir: &Path, part: &str, stem: &str) -> Result<Weights> {
+/// The weights of a diffusers model folder's `part/` (`diffusion_pytorch_model` or `model`), or
+/// with `random`, random weights built from its `config.json` alone (benchmarks).
+pub fn part_weights(dir: &Path, part: &str, stem: &str, random: bool) -> Result<Weights> {
+    if random {
+        return crate::manifest::random_part(dir, part, 0);
+    }
     open(&weights_file(&dir.join(part), stem)?)
 }
 

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod folder;
 pub mod keys;
 pub mod layers;
+pub mod manifest;
 pub mod ldm;
 pub mod open_clip;
 pub mod options;

@@ -1,5 +1,5 @@
 //! The options every Stable Diffusion family plugin takes (`model`, `config`,
-//! `text_encoder_layer_skip`), their JSON schema and their parsing.
+//! `text_encoder_layer_skip`, `random_weights`), their JSON schema and their parsing.
 
 use ferrite_plugin_api::{
     Result, bail, parse_options,
@@ -13,6 +13,7 @@ struct Raw {
     model: String,
     config: Option<String>,
     text_encoder_layer_skip: usize,
+    random_weights: bool,
 }
 
 /// Parsed options of an architecture component.
@@ -24,6 +25,8 @@ pub struct ArchOptions {
     pub config: Option<std::path::PathBuf>,
     /// CLIP skip (OneTrainer's `text_encoder_layer_skip`).
     pub layer_skip: usize,
+    /// `model` is a diffusers folder of config files only: its weights are random (benchmarks).
+    pub random_weights: bool,
 }
 
 impl ArchOptions {
@@ -36,7 +39,8 @@ impl ArchOptions {
             "properties": {
                 "model": {"type": "string", "description": "diffusers model folder or single-file .safetensors checkpoint"},
                 "config": {"type": "string", "description": format!("for a single file: diffusers folder whose configs and tokenizers to use (default: {defaults})")},
-                "text_encoder_layer_skip": {"type": "integer", "minimum": 0, "default": 0, "description": "CLIP skip: text states from this many layers before the last (every text encoder)"}
+                "text_encoder_layer_skip": {"type": "integer", "minimum": 0, "default": 0, "description": "CLIP skip: text states from this many layers before the last (every text encoder)"},
+                "random_weights": {"type": "boolean", "default": false, "description": "benchmarks: `model` is a diffusers folder holding only config files; its weights are random"}
             }
         })
     }
@@ -47,6 +51,7 @@ impl ArchOptions {
             model: String::new(),
             config: None,
             text_encoder_layer_skip: 0,
+            random_weights: false,
         };
         let o = parse_options(id, defaults, options)?;
         if o.model.is_empty() {
@@ -56,6 +61,7 @@ impl ArchOptions {
             model: o.model.into(),
             config: o.config.map(Into::into),
             layer_skip: o.text_encoder_layer_skip,
+            random_weights: o.random_weights,
         })
     }
 }

@@ -144,7 +144,7 @@ impl UNetConfig {
             .unwrap_or(&self.attention_head_dim)
     }
 
-    fn resnet(&self, in_channels: usize, out_channels: usize) -> ResnetCfg {
+    pub(crate) fn resnet(&self, in_channels: usize, out_channels: usize) -> ResnetCfg {
         ResnetCfg {
             in_channels,
             out_channels,
@@ -154,7 +154,7 @@ impl UNetConfig {
         }
     }
 
-    fn transformer(&self, channels: usize, block: usize) -> Transformer2DCfg {
+    pub(crate) fn transformer(&self, channels: usize, block: usize) -> Transformer2DCfg {
         Transformer2DCfg {
             channels,
             heads: self.heads().get(block),

@@ -189,17 +189,18 @@ pub struct Sd15 {
 }
 
 impl Sd15 {
-    /// Loads a diffusers folder, or a single-file checkpoint with the configs of the `config`
-    /// folder (SD 1.x's originals without one).
-    pub fn load(model: &Path, config: Option<&Path>) -> Result<Self> {
+    /// Loads a diffusers folder (with `random` weights: its config files only), or a
+    /// single-file checkpoint with the configs of the `config` folder (SD 1.x's originals
+    /// without one).
+    pub fn load(model: &Path, config: Option<&Path>, random: bool) -> Result<Self> {
         // Weights load as f32: the host computes in the run's train_dtype and keeps frozen
         // parts in their weight_dtype.
         let dtype = DType::F32;
         if model.is_dir() {
             check_folder(model)?;
-            let te = folder::part_weights(model, "text_encoder", "model")?;
+            let te = folder::part_weights(model, "text_encoder", "model", random)?;
             let te = ClipTextTransformer::with_text_model_level(te)?;
-            let unet = folder::part_weights(model, "unet", "diffusion_pytorch_model")?;
+            let unet = folder::part_weights(model, "unet", "diffusion_pytorch_model", random)?;
             let vae = if pixel_space(model) {
                 None
             } else {
@@ -207,6 +208,7 @@ impl Sd15 {
                     model,
                     "vae",
                     "diffusion_pytorch_model",
+                    random,
                 )?)
             };
             return Self::build(
@@ -220,6 +222,12 @@ impl Sd15 {
         if !model.is_file() {
             bail!(
                 "{} does not exist (give a diffusers folder or a .safetensors checkpoint)",
+                model.display()
+            );
+        }
+        if random {
+            bail!(
+                "random weights are built from a diffusers folder's configs; {} is a file",
                 model.display()
             );
         }
@@ -515,7 +523,7 @@ impl Plugin for Sd15Plugin {
             bail!("this library has no {kind} `{id}`");
         }
         let o = ArchOptions::parse(id, options)?;
-        let mut model = Sd15::load(&o.model, o.config.as_deref())?;
+        let mut model = Sd15::load(&o.model, o.config.as_deref(), o.random_weights)?;
         model.layer_skip = o.layer_skip;
         if model.sd2 != (id == "sd2") {
             let (is, use_id) = if model.sd2 {

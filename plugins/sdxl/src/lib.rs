@@ -36,7 +36,7 @@ impl Plugin for SdxlPlugin {
             bail!("this library has no {kind} `{id}`");
         }
         let o = ArchOptions::parse(id, options)?;
-        let mut model = Sdxl::load(&o.model, o.config.as_deref())?;
+        let mut model = Sdxl::load(&o.model, o.config.as_deref(), o.random_weights)?;
         model.layer_skip = o.layer_skip;
         Ok(Component::Architecture(Box::new(model)))
     }

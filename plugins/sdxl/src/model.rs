@@ -177,16 +177,16 @@ pub struct Sdxl {
 }
 
 impl Sdxl {
-    /// Loads a diffusers SDXL folder (fp32 or `.fp16` weights), or a single-file checkpoint
-    /// (`sd_xl_base_1.0.safetensors` layout) with the configs of the `config` folder (SDXL
-    /// base's without one).
-    pub fn load(model: &Path, config: Option<&Path>) -> Result<Self> {
+    /// Loads a diffusers SDXL folder (fp32 or `.fp16` weights; with `random` weights, its
+    /// config files only), or a single-file checkpoint (`sd_xl_base_1.0.safetensors` layout)
+    /// with the configs of the `config` folder (SDXL base's without one).
+    pub fn load(model: &Path, config: Option<&Path>, random: bool) -> Result<Self> {
         // Weights load as f32: the host computes in the run's train_dtype and keeps frozen
         // parts in their weight_dtype.
         let dtype = DType::F32;
         if model.is_dir() {
             let configs = Configs::from_folder(model)?;
-            let part = |p: &str, stem: &str| folder::part_weights(model, p, stem);
+            let part = |p: &str, stem: &str| folder::part_weights(model, p, stem, random);
             let weights = PartWeights {
                 unet: part("unet", "diffusion_pytorch_model")?,
                 vae: part("vae", "diffusion_pytorch_model")?,
@@ -201,6 +201,12 @@ impl Sdxl {
         if !model.is_file() {
             bail!(
                 "{} does not exist (give a diffusers SDXL folder or a .safetensors checkpoint)",
+                model.display()
+            );
+        }
+        if random {
+            bail!(
+                "random weights are built from a diffusers folder's configs; {} is a file",
                 model.display()
             );
         }

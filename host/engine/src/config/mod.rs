@@ -286,6 +286,11 @@ pub struct TrainConfig {
     pub base_model_name: String,
     /// For a single-file base model: a diffusers folder to take configs and tokenizer from.
     pub base_model_config: String,
+    /// Benchmarks only (`ferrite bench step --model-config`): the base model is a diffusers
+    /// folder of config files, and its weights are random. Never read from or written to a
+    /// config file.
+    #[serde(skip)]
+    pub random_base_weights: bool,
     /// Where the trained model (or LoRA) is written.
     pub output_model_destination: String,
     /// LoRA: `safetensors` (kohya's layout, what A1111 and ComfyUI read), `kohya`, `diffusers`
@@ -480,6 +485,7 @@ impl Default for TrainConfig {
             model_type: "sd15".into(),
             base_model_name: String::new(),
             base_model_config: String::new(),
+            random_base_weights: false,
             output_model_destination: "workspace/run/save/model.safetensors".into(),
             output_model_format: OutputFormat::Safetensors,
             output_dtype: OutputDtype::Float32,

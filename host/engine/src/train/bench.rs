@@ -18,6 +18,8 @@ pub struct StepBench {
     pub model_type: String,
     /// A diffusers folder or a single file.
     pub model: PathBuf,
+    /// `model` is a folder of config files only: build it with random weights.
+    pub random_weights: bool,
     /// `lora` or `fine_tune`.
     pub method: String,
     pub resolution: usize,
@@ -120,7 +122,9 @@ path = "images"
     let path = dir.join("bench.toml");
     std::fs::write(&path, text)
         .map_err(|e| BenchError::Setup(format!("{}: {e}", path.display())))?;
-    Ok(TrainConfig::load(Some(&path), None, &b.sets)?)
+    let mut c = TrainConfig::load(Some(&path), None, &b.sets)?;
+    c.random_base_weights = b.random_weights;
+    Ok(c)
 }
 
 /// Runs the bench in a folder of its own under `work` (made and removed here).

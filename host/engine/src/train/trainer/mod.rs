@@ -306,6 +306,9 @@ impl Trainer {
         if c.text_encoder_layer_skip > 0 {
             options["text_encoder_layer_skip"] = c.text_encoder_layer_skip.into();
         }
+        if c.random_base_weights {
+            options["random_weights"] = true.into();
+        }
         if !c.base_model_config.is_empty() {
             options["config"] = TrainConfig::path(base, &c.base_model_config)
                 .to_string_lossy()
