@@ -554,6 +554,10 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ("lora_rank", "adapters"),
     ("lora_alpha", "adapters"),
     (
+        "lora_weight_dtype",
+        "train::lora_weight_dtype_keeps_and_trains_the_adapters_in_it, runtime autocast tests",
+    ),
+    (
         "lora_dropout",
         "train::a_resumed_run_with_ema_and_lora_dropout_repeats_the_uninterrupted_one_exactly",
     ),

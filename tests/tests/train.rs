@@ -1061,6 +1061,77 @@ fn losses_near(what: &str, got: &[(u64, f32)], f32: &[(u64, f32)], tolerance: f3
     assert!(worst <= tolerance, "{what}: {worst}");
 }
 
+/// `lora_weight_dtype = bfloat16`: the adapters' parameters, and so their gradients and AdamW's
+/// moments, are bfloat16 from the start to the backup (LoRA and DoRA, whose magnitude meets f32
+/// tensors in elementwise ops; train_dtype float32, where the runtime promotes mixed operands,
+/// and bfloat16); the run trains near the float32 one and goes on from its backup.
+#[test]
+fn lora_weight_dtype_keeps_and_trains_the_adapters_in_it() {
+    use ferrite::config::LoraWeightDtype;
+    use ferrite_plugin_api::{DType, Weights};
+    let root = setup();
+    let root = root.path();
+    for (dora, train_dtype) in [
+        (false, TrainDtype::Float32),
+        (true, TrainDtype::Float32),
+        (false, TrainDtype::Bfloat16),
+    ] {
+        let name = format!("lwd-{dora}-{train_dtype}");
+        let config = |weights: LoraWeightDtype, suffix: &str| {
+            let mut c = config(root, &format!("{name}-{suffix}"));
+            c.lora_decompose = dora;
+            c.train_dtype = train_dtype;
+            c.lora_weight_dtype = weights;
+            c
+        };
+        let f32_run = run(config(LoraWeightDtype::Float32, "f32"), root, None);
+        let t = Trainer::new(config(LoraWeightDtype::Bfloat16, "bf16"), root, registry()).unwrap();
+        let dtypes = |t: &Trainer| -> Vec<DType> {
+            t.trainable()
+                .iter()
+                .map(|(_, p)| p.dtype().unwrap())
+                .collect()
+        };
+        assert!(dtypes(&t).iter().all(|d| *d == DType::BF16), "{name}");
+        let bf16_run = run_trainer(t, None, None);
+        assert_ne!(bf16_run.losses, f32_run.losses, "{name}: the same run");
+        losses_near(&name, &bf16_run.losses, &f32_run.losses, 5e-3);
+        let moved = bf16_run
+            .weights
+            .iter()
+            .zip(&f32_run.weights)
+            .any(|((_, a), (_, b))| a != b);
+        assert!(moved, "{name}");
+
+        // The backup holds the moments in bfloat16, and the run goes on from it in bfloat16.
+        let backup = root.join(format!("{name}-bf16/backup/backup-000000003"));
+        let optimizer =
+            Weights::open(backup.join("unet-optimizer.safetensors").to_str().unwrap()).unwrap();
+        let moments: Vec<DType> = optimizer
+            .infos()
+            .iter()
+            .filter(|i| i.key.ends_with("exp_avg") || i.key.ends_with("exp_avg_sq"))
+            .map(|i| i.dtype)
+            .collect();
+        assert!(
+            !moments.is_empty() && moments.iter().all(|d| *d == DType::BF16),
+            "{name}: {moments:?}"
+        );
+        let mut c = config(LoraWeightDtype::Bfloat16, "bf16");
+        c.continue_last_backup = true;
+        c.epochs = 3;
+        let t = Trainer::new(c, root, registry()).unwrap();
+        assert!(
+            dtypes(&t).iter().all(|d| *d == DType::BF16),
+            "{name}: resumed"
+        );
+        assert!(
+            !run_trainer(t, None, None).losses.is_empty(),
+            "{name}: resumed"
+        );
+    }
+}
+
 /// `train_dtype`: bf16 and f16 runs compute matmul, convolutions and attention in that dtype
 /// (losses near the f32 run's, not equal to them); a float16 run scales its loss, and a step
 /// whose gradients overflow is skipped: the weights stay, the scale halves, the skip is reported.

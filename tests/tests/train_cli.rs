@@ -435,7 +435,10 @@ fn bench_step_prints_its_figures_as_one_json_line() {
         );
         // Without the flag the folder is what it is: a model with no weights.
         let (ok, _, err) = bench(&["--arch", arch, "--model", cfg]);
-        assert!(!ok && err.contains("safetensors") && !err.contains("panicked"), "{err}");
+        assert!(
+            !ok && err.contains("safetensors") && !err.contains("panicked"),
+            "{err}"
+        );
     }
     assert_eq!(
         std::fs::read_dir(tmp.path()).unwrap().count(),

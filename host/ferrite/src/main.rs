@@ -169,7 +169,11 @@ enum BenchWhat {
 #[derive(clap::Args)]
 struct StepArgs {
     /// Model: a diffusers folder or a single-file checkpoint.
-    #[arg(long, required_unless_present = "model_config", conflicts_with = "model_config")]
+    #[arg(
+        long,
+        required_unless_present = "model_config",
+        conflicts_with = "model_config"
+    )]
     model: Option<PathBuf>,
     /// A diffusers folder holding only config files (model_index.json, each part's
     /// config.json, the tokenizers, the scheduler's): the model is built with random weights.

@@ -577,6 +577,7 @@ impl App {
                 f.choice_id(ui, "peft_type", &mut c.peft_type, &adapters);
                 f.num(ui, "lora_rank", &mut c.lora_rank);
                 f.num(ui, "lora_alpha", &mut c.lora_alpha);
+                f.choice(ui, "lora_weight_dtype", &mut c.lora_weight_dtype);
                 f.num(ui, "lora_dropout", &mut c.lora_dropout);
                 f.check(ui, "lora_decompose", &mut c.lora_decompose);
                 f.choice(ui, "lora_layer_preset", &mut c.lora_layer_preset);

@@ -16,8 +16,7 @@ use ferrite_plugin_api::{
     LogLevel, Op, OpCode, TensorId,
     abi::{
         Attr_NE, DType_NE, HostApi, HostRef, HostTensor, LogLevel_NE, NamedTensor, RandomWeight,
-        WeightEntry,
-        known,
+        WeightEntry, known,
     },
 };
 
@@ -164,9 +163,7 @@ extern "C" fn to_host(id: TensorId) -> RResult<HostTensor, RString> {
 }
 
 extern "C" fn open_weights(path: RStr<'_>) -> RResult<u64, RString> {
-    guarded(|| {
-        Ok(register_file(WeightFile::open(path.as_str())?))
-    })
+    guarded(|| Ok(register_file(WeightFile::open(path.as_str())?)))
 }
 
 /// Keeps an opened weight source under a new id.

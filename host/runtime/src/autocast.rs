@@ -27,6 +27,28 @@ impl TrainDtype {
     }
 }
 
+/// The dtype an op on `operands` computes in: the train dtype `dt`; without one, f32 when the
+/// operands' float dtypes differ (torch's type promotion: a bfloat16 adapter parameter, as
+/// `lora_weight_dtype` keeps it, meeting f32 activations), else None (as they are).
+pub fn promoted<'a, B: Backend>(
+    dt: Option<FloatDType>,
+    operands: impl IntoIterator<Item = &'a FloatTensor<B>>,
+) -> Option<FloatDType> {
+    let mut dtypes = operands.into_iter().map(|t| t.dtype());
+    let first = dtypes.next();
+    let mixed = dtypes.any(|d| Some(d) != first);
+    dt.or(mixed.then_some(FloatDType::F32))
+}
+
+/// `a` and `b` in one dtype (see [`promoted`], with no train dtype).
+pub fn promote<B: Backend>(
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let dt = promoted::<B>(None, [&a, &b]);
+    (to::<B>(a, dt), to::<B>(b, dt))
+}
+
 /// `t` in `dt` (as it is when `dt` is None or already its dtype).
 pub fn to<B: Backend>(t: FloatTensor<B>, dt: Option<FloatDType>) -> FloatTensor<B> {
     match dt {

@@ -184,11 +184,7 @@ impl WeightFile {
             // again from the file on the next access, with the same bytes. Failure (an old
             // kernel) only leaves the pages mapped.
             let _ = unsafe {
-                mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    offset,
-                    bytes.len(),
-                )
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len())
             };
         }
         #[cfg(not(unix))]

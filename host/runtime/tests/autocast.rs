@@ -112,3 +112,44 @@ fn checkpointed_blocks_replay_in_their_recorded_dtype() {
     let e = worst(&plain, &checkpointed);
     assert!(e < 1e-6, "{e}");
 }
+
+/// Without a train dtype, an op whose float operands differ in dtype (a bfloat16 parameter, as
+/// `lora_weight_dtype` keeps adapters, meeting f32 activations) computes in f32, as torch
+/// promotes; the parameter's gradient comes back in its own dtype.
+#[test]
+fn mixed_operands_promote_to_f32_and_gradients_keep_the_parameters_dtype() {
+    let (device, _) = Device::open("cpu").unwrap();
+    let _f32 = Scope::new(device).enter();
+    let x = tensor(&[1, 4, 6, 6], 11);
+    let w = tensor(&[36, 36], 12).cast(DType::BF16).unwrap();
+    let k = tensor(&[4, 4, 3, 3], 13).cast(DType::BF16).unwrap();
+    let rows = x.reshape(&[4, 36]).unwrap();
+    let mixed = [
+        rows.matmul(&w).unwrap(),
+        ops::linear(&rows, &w, None).unwrap(),
+        ops::conv2d(&x, &k, None, ops::ConvOptions::padding(1)).unwrap(),
+        ops::conv_transpose2d(&x, &k, None, ops::ConvOptions::default(), [0, 0]).unwrap(),
+        rows.mul(&w.narrow(0, 0, 4).unwrap()).unwrap(),
+        w.narrow(0, 0, 4).unwrap().sub(&rows).unwrap(),
+    ];
+    let (w32, k32) = (w.cast(DType::F32).unwrap(), k.cast(DType::F32).unwrap());
+    let want = [
+        rows.matmul(&w32).unwrap(),
+        ops::linear(&rows, &w32, None).unwrap(),
+        ops::conv2d(&x, &k32, None, ops::ConvOptions::padding(1)).unwrap(),
+        ops::conv_transpose2d(&x, &k32, None, ops::ConvOptions::default(), [0, 0]).unwrap(),
+        rows.mul(&w32.narrow(0, 0, 4).unwrap()).unwrap(),
+        w32.narrow(0, 0, 4).unwrap().sub(&rows).unwrap(),
+    ];
+    for (i, (got, want)) in mixed.iter().zip(&want).enumerate() {
+        assert_eq!(got.dtype().unwrap(), DType::F32, "op {i}");
+        // The same f32 values (summed in another order, where a cast made a copy).
+        let err = worst(&got.to_vec().unwrap(), &want.to_vec().unwrap());
+        assert!(err < 1e-5, "op {i}: {err}");
+    }
+    w.set_requires_grad(true).unwrap();
+    let y = ops::linear(&rows, &w, None).unwrap();
+    let grads = y.mul(&y).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads.get(&w).unwrap().unwrap();
+    assert_eq!(g.dtype().unwrap(), DType::BF16);
+}

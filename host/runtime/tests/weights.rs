@@ -193,8 +193,14 @@ fn random_weights_read_like_a_file_with_values_from_the_seed_and_key() {
         assert!(mean.abs() < 0.1 * bound, "{key}: mean {mean}");
     }
     // Norm weights are ones, biases zeros; loads cast as a file's do.
-    assert_eq!(w.get("norm.weight", DType::F32).unwrap().to_vec().unwrap(), vec![1.0; 16]);
-    assert_eq!(w.get("proj.bias", DType::F32).unwrap().to_vec().unwrap(), vec![0.0; 64]);
+    assert_eq!(
+        w.get("norm.weight", DType::F32).unwrap().to_vec().unwrap(),
+        vec![1.0; 16]
+    );
+    assert_eq!(
+        w.get("proj.bias", DType::F32).unwrap().to_vec().unwrap(),
+        vec![0.0; 64]
+    );
     let half = w.get("proj.weight", DType::BF16).unwrap();
     assert_eq!(half.dtype().unwrap(), DType::BF16);
 
@@ -209,7 +215,10 @@ fn random_weights_read_like_a_file_with_values_from_the_seed_and_key() {
     assert_ne!(values(&renamed, "other.weight"), values(&w, "proj.weight"));
 
     let e = w.get("missing.weight", DType::F32).unwrap_err().to_string();
-    assert!(e.contains("cfg/unet (random weights)") && e.contains("missing.weight"), "{e}");
+    assert!(
+        e.contains("cfg/unet (random weights)") && e.contains("missing.weight"),
+        "{e}"
+    );
     let twice = [tensors[0].clone(), tensors[0].clone()];
     let e = Weights::random("dup", &twice, 0).unwrap_err().to_string();
     assert!(e.contains("dup") && e.contains("listed twice"), "{e}");

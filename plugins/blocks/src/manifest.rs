@@ -97,8 +97,10 @@ pub fn unet(c: &UNetConfig) -> Manifest {
     m.conv("conv_in", ch[0], c.in_channels, 3);
     m.linear("time_embedding.linear_1", temb, ch[0], true);
     m.linear("time_embedding.linear_2", temb, temb, true);
-    if let (Some(_), Some(width)) = (&c.addition_embed_type, c.projection_class_embeddings_input_dim)
-    {
+    if let (Some(_), Some(width)) = (
+        &c.addition_embed_type,
+        c.projection_class_embeddings_input_dim,
+    ) {
         m.linear("add_embedding.linear_1", temb, width, true);
         m.linear("add_embedding.linear_2", temb, temb, true);
     }
@@ -133,7 +135,10 @@ pub fn unet(c: &UNetConfig) -> Manifest {
         for j in 0..layers {
             let skip = if j == layers - 1 { inp } else { out };
             let rin = if j == 0 { prev } else { out };
-            m.resnet(&key(&p, &format!("resnets.{j}")), &c.resnet(rin + skip, out));
+            m.resnet(
+                &key(&p, &format!("resnets.{j}")),
+                &c.resnet(rin + skip, out),
+            );
             if c.up_block_types[i].starts_with("CrossAttn") {
                 m.transformer(
                     &key(&p, &format!("attentions.{j}")),
@@ -181,7 +186,12 @@ pub fn vae(c: &VaeConfig) -> Manifest {
     for (i, &out) in ch.iter().enumerate() {
         let p = format!("encoder.down_blocks.{i}");
         for j in 0..c.layers_per_block {
-            resnet(&mut m, &format!("{p}.resnets.{j}"), if j == 0 { prev } else { out }, out);
+            resnet(
+                &mut m,
+                &format!("{p}.resnets.{j}"),
+                if j == 0 { prev } else { out },
+                out,
+            );
         }
         if i + 1 < ch.len() {
             m.conv(&format!("{p}.downsamplers.0.conv"), out, out, 3);
@@ -197,7 +207,12 @@ pub fn vae(c: &VaeConfig) -> Manifest {
     for (i, &out) in ch.iter().rev().enumerate() {
         let p = format!("decoder.up_blocks.{i}");
         for j in 0..=c.layers_per_block {
-            resnet(&mut m, &format!("{p}.resnets.{j}"), if j == 0 { prev } else { out }, out);
+            resnet(
+                &mut m,
+                &format!("{p}.resnets.{j}"),
+                if j == 0 { prev } else { out },
+                out,
+            );
         }
         if i + 1 < ch.len() {
             m.conv(&format!("{p}.upsamplers.0.conv"), out, out, 3);

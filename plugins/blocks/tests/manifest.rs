@@ -30,7 +30,10 @@ fn key_list(path: &Path) -> Vec<(String, Vec<usize>)> {
         text.lines()
             .map(|l| {
                 let (k, s) = l.split_once(' ').unwrap();
-                (k.to_string(), s.split(',').map(|d| d.parse().unwrap()).collect())
+                (
+                    k.to_string(),
+                    s.split(',').map(|d| d.parse().unwrap()).collect(),
+                )
             })
             .collect(),
     )
@@ -72,7 +75,10 @@ fn manifests_of_the_published_configs_are_the_reference_models_tensors() {
     for (family, parts) in [
         ("sd15", &["unet", "vae", "text_encoder"][..]),
         ("sd21", &["unet", "vae", "text_encoder"][..]),
-        ("sdxl", &["unet", "vae", "text_encoder", "text_encoder_2"][..]),
+        (
+            "sdxl",
+            &["unet", "vae", "text_encoder", "text_encoder_2"][..],
+        ),
     ] {
         let dir = configs.join(family);
         for part in parts {
@@ -90,7 +96,10 @@ fn manifests_of_the_tiny_test_pipelines_are_their_files_tensors() {
     for (model, parts) in [
         ("pipeline/model", &["unet", "vae", "text_encoder"][..]),
         ("sd2/model", &["unet", "vae", "text_encoder"][..]),
-        ("sdxl/model", &["unet", "vae", "text_encoder", "text_encoder_2"][..]),
+        (
+            "sdxl/model",
+            &["unet", "vae", "text_encoder", "text_encoder_2"][..],
+        ),
     ] {
         let dir = fixtures().join(model);
         for part in parts {
@@ -114,7 +123,9 @@ fn a_part_of_an_unknown_class_is_refused_naming_its_config() {
         r#"{"_class_name": "FluxTransformer2DModel"}"#,
     )
     .unwrap();
-    let e = manifest::of_part(&dir, "transformer").unwrap_err().to_string();
+    let e = manifest::of_part(&dir, "transformer")
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("transformer/config.json") && e.contains("FluxTransformer2DModel"),
         "{e}"

@@ -94,6 +94,15 @@ choices! {
         Bfloat16,
     }
 
+    /// OneTrainer's `lora_weight_dtype`: the dtype adapter parameters are kept and trained
+    /// in (the optimizer's state follows them, as in torch).
+    LoraWeightDtype ("lowercase") {
+        Float32,
+        /// Half the adapter's memory (parameters, gradients, optimizer state); updates
+        /// smaller than a bfloat16 step of the weight are lost.
+        Bfloat16,
+    }
+
     /// OneTrainer's `train_dtype`: what matmul, linear, convolutions and attention compute in
     /// (norms, softmax statistics, the loss and the optimizer stay f32; trained parameters
     /// are f32 masters).

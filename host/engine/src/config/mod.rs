@@ -11,7 +11,7 @@ pub mod choices;
 pub use crate::sample::Sampler;
 pub use choices::{
     BalancingStrategy, Choice, ConceptType, EmaMode, GradientCheckpointing, LayerPreset,
-    LossWeightFn, LrScheduler, OutputDtype, OutputFormat, PromptSource, TimeUnit,
+    LoraWeightDtype, LossWeightFn, LrScheduler, OutputDtype, OutputFormat, PromptSource, TimeUnit,
     TimestepDistribution, TrainDtype, TrainingMethod, WeightDtype,
 };
 /// `VARIANTS`: every value of a choice.
@@ -420,6 +420,8 @@ pub struct TrainConfig {
     pub lora_rank: usize,
     /// Scales the adapter by alpha / rank.
     pub lora_alpha: f64,
+    /// The dtype adapter parameters are kept and trained in.
+    pub lora_weight_dtype: LoraWeightDtype,
     /// Dropout on the adapter input while training.
     pub lora_dropout: f64,
     /// DoRA.
@@ -541,6 +543,7 @@ impl Default for TrainConfig {
             peft_type: "lora".into(),
             lora_rank: 16,
             lora_alpha: 1.0,
+            lora_weight_dtype: LoraWeightDtype::Float32,
             lora_dropout: 0.0,
             lora_decompose: false,
             lora_layer_preset: LayerPreset::AttnMlp,

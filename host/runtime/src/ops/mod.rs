@@ -64,6 +64,7 @@ fn to_rank<B: burn_backend::AutodiffBackend>(t: F<B>, rank: usize) -> F<B> {
 /// size-1 dimensions itself, and autodiff reduces the gradients back).
 fn align<B: burn_backend::AutodiffBackend>(a: F<B>, b: F<B>) -> RtResult<(F<B>, F<B>)> {
     let out = broadcast_shape(&shape_of::<B>(&a), &shape_of::<B>(&b))?;
+    let (a, b) = crate::autocast::promote::<B>(a, b);
     Ok((to_rank::<B>(a, out.len()), to_rank::<B>(b, out.len())))
 }
 

@@ -31,10 +31,11 @@ impl<B: Tracking> TensorTable<B> {
         }
         broadcast_shape(&ls[..ls.len() - 2], &rs[..rs.len() - 2])?;
         let rank = ls.len().max(rs.len());
+        let dt = autocast::promoted::<B>(self.compute_dtype(), [&l, &r]);
         one(autocast::matmul::<B>(
             to_rank::<B>(l, rank),
             to_rank::<B>(r, rank),
-            self.compute_dtype(),
+            dt,
         ))
     }
 
@@ -62,6 +63,7 @@ impl<B: Tracking> TensorTable<B> {
             Value::Kept(k) => one(B::kept_linear(t, k, b, self.settings().int_dtype, dt)),
             _ => {
                 let w = B::float_swap_dims(self.f(ids, 1)?, 0, 1);
+                let dt = autocast::promoted::<B>(dt, [&t, &w].into_iter().chain(b.as_ref()));
                 let y = B::linear(to::<B>(t, dt), to::<B>(w, dt), b.map(|b| to::<B>(b, dt)));
                 one(back::<B>(y, dt))
             }
@@ -110,6 +112,7 @@ impl<B: Tracking> TensorTable<B> {
             }
             other => self.as_float("conv2d", other)?,
         };
+        let dt = autocast::promoted::<B>(dt, [&t, &w].into_iter().chain(b.as_ref()));
         let y = B::conv2d(
             to::<B>(t, dt),
             to::<B>(w, dt),
@@ -135,7 +138,8 @@ impl<B: Tracking> TensorTable<B> {
         let opts =
             ConvTransposeOptions::new(a.stride, a.padding, a.output_padding, a.dilation, a.groups);
         let w = self.as_float("conv_transpose2d", w)?;
-        let dt = self.compute_dtype();
+        let dt =
+            autocast::promoted::<B>(self.compute_dtype(), [&t, &w].into_iter().chain(b.as_ref()));
         let y = B::conv_transpose2d(
             to::<B>(t, dt),
             to::<B>(w, dt),

@@ -112,7 +112,8 @@ impl Trainer {
             )
             .map_err(err)?;
             for (name, p) in g.names.iter().zip(&g.params) {
-                let t = w.get(name, DType::F32).map_err(|e| {
+                // In the parameter's dtype (lora_weight_dtype), as the backup saved it.
+                let t = w.get(name, p.dtype().map_err(err)?).map_err(|e| {
                     TrainError(format!(
                         "backup {shown}: {e} (the config's trained layers changed since the backup?)"
                     ))
@@ -146,7 +147,7 @@ impl Trainer {
             let state = ow
                 .infos()
                 .iter()
-                .map(|i| Ok((i.key.to_string(), ow.get(&i.key, DType::F32)?)))
+                .map(|i| Ok((i.key.to_string(), ow.get(&i.key, i.dtype)?)))
                 .collect::<ferrite_plugin_api::Result<Vec<_>>>()
                 .map_err(err)?;
             g.optimizer.load_state(&state).map_err(err)?;
@@ -159,7 +160,10 @@ impl Trainer {
                 let values = g
                     .names
                     .iter()
-                    .map(|name| ew.get(name, DType::F32))
+                    .map(|name| {
+                        let dtype = ew.info(name).map_or(DType::F32, |i| i.dtype);
+                        ew.get(name, dtype)
+                    })
                     .collect::<ferrite_plugin_api::Result<Vec<_>>>()
                     .map_err(err)?;
                 ema.load(&values).map_err(err)?;

@@ -1,13 +1,13 @@
 //! The trained parts (UNet, text encoder, or the adapters): their tensors and optimizers, the
 //! optimizer step with gradient clipping, stopping a part, and EMA.
 
-use ferrite_plugin_api::{Param, Tensor, plugin::OptimizerHandle};
+use ferrite_plugin_api::{DType, Param, Tensor, plugin::OptimizerHandle};
 
 use super::ema::Ema;
 use super::intervals::Moment;
 use super::{Result, TrainError, Trainer, err};
 use crate::adapters::select;
-use crate::config::{EmaMode, TimeUnit, TrainConfig, TrainingMethod};
+use crate::config::{EmaMode, LoraWeightDtype, TimeUnit, TrainConfig, TrainingMethod};
 
 /// A model part's trainable tensors and their optimizer.
 pub(super) struct Group {
@@ -67,6 +67,13 @@ impl Trainer {
             self.model
                 .create(&self.registry, &layers, &c.adapter_options())
                 .map_err(err)?;
+            // Kept in lora_weight_dtype from here on: what loads into them (a LoRA to go on
+            // from, a backup) is cast to it, and the optimizer's state follows them.
+            if c.lora_weight_dtype == LoraWeightDtype::Bfloat16 {
+                for (_, p) in self.model.parameters().map_err(err)? {
+                    p.assign(&p.cast(DType::BF16).map_err(err)?).map_err(err)?;
+                }
+            }
             if !c.lora_base_model.is_empty() {
                 self.model
                     .resume(&TrainConfig::path(&self.base, &c.lora_base_model))
