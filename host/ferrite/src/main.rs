@@ -163,7 +163,7 @@ enum BenchWhat {
     /// Training steps of one configuration (LoRA rank 16 on `attn-mlp`, or a fine-tune; AdamW)
     /// after a warm-up step: prints one JSON line with the median step time, the peak memory
     /// and the trained parameter count.
-    Step(StepArgs),
+    Step(Box<StepArgs>),
 }
 
 #[derive(clap::Args)]
@@ -269,7 +269,7 @@ fn main() -> Result<()> {
         }) => ferrite::bench::ops(&device)?,
         Some(Command::Bench {
             what: BenchWhat::Step(args),
-        }) => bench_step(&Settings::load(&settings_path)?, args)?,
+        }) => bench_step(&Settings::load(&settings_path)?, *args)?,
     }
     Ok(())
 }
