@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod open_clip;
 pub mod options;
 pub mod resnet;
+pub mod t5;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
