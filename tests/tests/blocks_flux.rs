@@ -35,3 +35,84 @@ fn t5_encoder_matches_transformers() {
     println!("t5 last_hidden_state: max abs diff {d:.2e}");
     assert!(d < 1e-4, "{d}");
 }
+
+fn ids(t: &ferrite_plugin_api::Tensor) -> Vec<[f32; 3]> {
+    t.to_vec()
+        .unwrap()
+        .chunks(3)
+        .map(|c| [c[0], c[1], c[2]])
+        .collect()
+}
+
+fn check_transformer(case: &str) {
+    use ferrite_blocks::flux::{FluxConfig, FluxTransformer2DModel};
+    runtime::init("cpu").unwrap();
+    let (text, path) = config_text(case);
+    let config = FluxConfig::from_json(&text, &path).unwrap();
+    let w = Weights::open(&format!(
+        "{}/diffusion_pytorch_model.safetensors",
+        dir(case)
+    ))
+    .unwrap();
+    let model = FluxTransformer2DModel::load(&w, &config, DType::F32).unwrap();
+    let exp = expected(case);
+    let get = |k: &str| exp.get(k, DType::F32).unwrap();
+    let (img, txt, pooled, t) = (
+        get("hidden_states"),
+        get("encoder_hidden_states"),
+        get("pooled_projections"),
+        get("timestep"),
+    );
+    let guidance = exp.info("guidance").map(|_| get("guidance"));
+    let (txt_ids, img_ids) = (ids(&get("txt_ids")), ids(&get("img_ids")));
+    // Relative to the largest expected value (up to 15 here): f32 round-off, not a term.
+    let near = |what: &str, got: &ferrite_plugin_api::Tensor, want: &str| {
+        let want = get(want);
+        let scale = want
+            .to_vec()
+            .unwrap()
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        let d = max_abs_diff(got, &want) / scale;
+        println!("{case} {what}: max abs diff {d:.2e} of the largest value");
+        assert!(d < 5e-5, "{case} {what}: {d}");
+    };
+
+    // Block by block, from the same embedded inputs.
+    let temb = model.conditioning(&t, guidance.as_ref(), &pooled).unwrap();
+    let rope = model.rope(&txt_ids, &img_ids).unwrap();
+    let (x, c) = model.embed(&img, &txt).unwrap();
+    let (x, c) = model.double_blocks()[0]
+        .forward(&x, &c, &temb, &rope)
+        .unwrap();
+    near("double block img", &x, "double_0_img");
+    near("double block txt", &c, "double_0_txt");
+    let joint = ferrite_plugin_api::Tensor::cat(&[&c, &x], 1).unwrap();
+    let single = model.single_blocks()[0]
+        .forward(&joint, &temb, &rope)
+        .unwrap();
+    near("single block", &single, "single_0");
+
+    let out = model
+        .forward(
+            &img,
+            &txt,
+            &pooled,
+            &t,
+            guidance.as_ref(),
+            &txt_ids,
+            &img_ids,
+        )
+        .unwrap();
+    near("whole transformer", &out, "sample");
+}
+
+#[test]
+fn flux_dev_transformer_matches_diffusers() {
+    check_transformer("transformer");
+}
+
+#[test]
+fn flux_schnell_transformer_without_guidance_matches_diffusers() {
+    check_transformer("transformer_schnell");
+}

@@ -1093,30 +1093,38 @@ fn lora_weight_dtype_keeps_and_trains_the_adapters_in_it() {
                 .collect()
         };
         assert!(dtypes(&t).iter().all(|d| *d == DType::BF16), "{name}");
+        let start: Vec<Vec<f32>> = t
+            .trainable()
+            .iter()
+            .map(|(_, p)| p.to_vec().unwrap())
+            .collect();
         let bf16_run = run_trainer(t, None, None);
         assert_ne!(bf16_run.losses, f32_run.losses, "{name}: the same run");
         losses_near(&name, &bf16_run.losses, &f32_run.losses, 5e-3);
-        let moved = bf16_run
-            .weights
-            .iter()
-            .zip(&f32_run.weights)
-            .any(|((_, a), (_, b))| a != b);
-        assert!(moved, "{name}");
+        // Every adapter tensor trained (lora_up starts at zero).
+        for ((key, end), start) in bf16_run.weights.iter().zip(&start) {
+            assert_ne!(end, start, "{name}: {key} did not train");
+        }
 
-        // The backup holds the moments in bfloat16, and the run goes on from it in bfloat16.
+        // The backup (after three steps) holds the weights and the moments in bfloat16, and the
+        // run goes on from it in bfloat16.
         let backup = root.join(format!("{name}-bf16/backup/backup-000000003"));
-        let optimizer =
-            Weights::open(backup.join("unet-optimizer.safetensors").to_str().unwrap()).unwrap();
-        let moments: Vec<DType> = optimizer
-            .infos()
-            .iter()
-            .filter(|i| i.key.ends_with("exp_avg") || i.key.ends_with("exp_avg_sq"))
-            .map(|i| i.dtype)
-            .collect();
-        assert!(
-            !moments.is_empty() && moments.iter().all(|d| *d == DType::BF16),
-            "{name}: {moments:?}"
-        );
+        let file_dtypes = |file: &str, keep: &dyn Fn(&str) -> bool| -> Vec<DType> {
+            let w = Weights::open(backup.join(file).to_str().unwrap()).unwrap();
+            w.infos()
+                .iter()
+                .filter(|i| keep(&i.key))
+                .map(|i| i.dtype)
+                .collect()
+        };
+        let moments = file_dtypes("unet-optimizer.safetensors", &|k| k.contains("exp_avg"));
+        let weights = file_dtypes("unet.safetensors", &|_| true);
+        for d in [&moments, &weights] {
+            assert!(
+                !d.is_empty() && d.iter().all(|d| *d == DType::BF16),
+                "{name}: {d:?}"
+            );
+        }
         let mut c = config(LoraWeightDtype::Bfloat16, "bf16");
         c.continue_last_backup = true;
         c.epochs = 3;

@@ -3,6 +3,8 @@
 //! tensor data lives in the plugin.
 
 pub mod clip;
+pub mod embeddings;
+pub mod flux;
 pub mod folder;
 pub mod keys;
 pub mod layers;

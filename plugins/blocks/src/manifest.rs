@@ -8,7 +8,7 @@ use std::path::Path;
 use ferrite_plugin_api::{Error, Result, Weights};
 
 use crate::clip::ClipTextConfig;
-use crate::folder::{read, read_json};
+use crate::folder::read;
 use crate::key;
 use crate::resnet::ResnetCfg;
 use crate::transformer::Transformer2DCfg;
@@ -255,7 +255,8 @@ pub fn clip(c: &ClipTextConfig, projection: bool) -> Manifest {
     }
     m.norm(&key(t, "final_layer_norm"), d);
     if projection {
-        let p = c.projection_dim.unwrap_or(d);
+        // transformers' default projection width.
+        let p = c.projection_dim.unwrap_or(512);
         m.linear("text_projection", p, d, false);
     }
     m
@@ -267,7 +268,8 @@ pub fn of_part(dir: &Path, part: &str) -> Result<Manifest> {
     let path = dir.join(part).join("config.json");
     let source = path.to_string_lossy();
     let text = read(&path)?;
-    let v = read_json(&path)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error(format!("{source}: {e}")))?;
     let class = v["_class_name"]
         .as_str()
         .or_else(|| v["architectures"][0].as_str())

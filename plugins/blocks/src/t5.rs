@@ -120,7 +120,11 @@ impl T5Block {
         let h = ops::rms_norm(x, Some(&self.attention_norm), eps)?;
         let x = x.add(&self.attention.forward(&h, bias)?)?;
         let h = ops::rms_norm(&x, Some(&self.ff_norm), eps)?;
-        let gated = self.wi_0.forward(&h)?.gelu_tanh()?.mul(&self.wi_1.forward(&h)?)?;
+        let gated = self
+            .wi_0
+            .forward(&h)?
+            .gelu_tanh()?
+            .mul(&self.wi_1.forward(&h)?)?;
         x.add(&self.wo.forward(&gated)?)
     }
 }
@@ -239,7 +243,11 @@ mod tests {
             (500, 31),
         ];
         for (relative, want) in cases {
-            assert_eq!(relative_position_bucket(relative, 32, 128), want, "{relative}");
+            assert_eq!(
+                relative_position_bucket(relative, 32, 128),
+                want,
+                "{relative}"
+            );
         }
     }
 }

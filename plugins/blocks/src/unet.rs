@@ -9,6 +9,7 @@ use ferrite_plugin_api::{
 };
 use serde::Deserialize;
 
+use crate::embeddings::timestep_embedding;
 use crate::key;
 use crate::layers::{conv2d, group_norm, linear};
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetCfg, Upsample2D};
@@ -73,6 +74,43 @@ pub struct UNetConfig {
     pub projection_class_embeddings_input_dim: Option<usize>,
 }
 
+/// Settings of diffusers' UNet whose other values this model does not build, with the value it
+/// builds (as JSON; what SD 1.x/2.x and SDXL have). Another value is refused rather than
+/// ignored: some change the weights' shapes, and random weights from a config would silently
+/// be another model.
+const FIXED: [(&str, &str); 16] = [
+    ("resnet_time_scale_shift", "\"default\""),
+    ("attention_type", "\"default\""),
+    ("time_embedding_type", "\"positional\""),
+    ("mid_block_type", "\"UNetMidBlock2DCrossAttn\""),
+    ("conv_in_kernel", "3"),
+    ("conv_out_kernel", "3"),
+    ("class_embed_type", "null"),
+    ("encoder_hid_dim", "null"),
+    ("time_embedding_dim", "null"),
+    ("num_class_embeds", "null"),
+    ("time_cond_proj_dim", "null"),
+    ("timestep_post_act", "null"),
+    ("cross_attention_norm", "null"),
+    ("dual_cross_attention", "false"),
+    ("only_cross_attention", "false"),
+    ("resnet_skip_time_act", "false"),
+];
+
+fn refuse_unsupported(text: &str, source: &str) -> Result<()> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Error(format!("{source}: {e}")))?;
+    for (name, want) in FIXED {
+        let got = &v[name];
+        if !got.is_null() && got.to_string() != want {
+            return Err(Error(format!(
+                "{source}: {name} {got} is not supported (this UNet builds {want})"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn thirty_two() -> usize {
     32
 }
@@ -93,6 +131,7 @@ impl UNetConfig {
     pub fn from_json(text: &str, source: &str) -> Result<Self> {
         let c: Self = serde_json::from_str(text)
             .map_err(|e| Error(format!("{source}: not a UNet2DConditionModel config: {e}")))?;
+        refuse_unsupported(text, source)?;
         let n = c.block_out_channels.len();
         if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
             return Err(Error(format!(
@@ -355,20 +394,8 @@ impl UNet2DConditionModel {
 
     /// diffusers' sinusoidal `Timesteps` embedding of `t` `[N]`, `[N, dim]`.
     fn time_proj(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
-        let half = dim / 2;
-        let denom = (half - self.config.freq_shift) as f64;
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| (-(10000f64.ln()) * i as f64 / denom).exp() as f32)
-            .collect();
-        let args = t
-            .unsqueeze(1)?
-            .mul(&Tensor::from_f32(&freqs, &[1, half])?)?;
-        let (sin, cos) = (args.sin()?, args.cos()?);
-        if self.config.flip_sin_to_cos {
-            Tensor::cat(&[&cos, &sin], 1)
-        } else {
-            Tensor::cat(&[&sin, &cos], 1)
-        }
+        let c = &self.config;
+        timestep_embedding(t, dim, c.freq_shift, c.flip_sin_to_cos)
     }
 
     /// Predicts from noisy latents `[B, C, H, W]`, timesteps `[B]` and text states `[B, S, D]`.

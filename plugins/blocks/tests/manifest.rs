@@ -138,3 +138,23 @@ fn tempfile_dir() -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn a_unet_setting_the_model_does_not_build_is_refused_naming_it() {
+    let path = fixtures().join("configs/sd15/unet/config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let source = path.to_string_lossy();
+    ferrite_blocks::unet::UNetConfig::from_json(&text, &source).unwrap();
+    for (field, value) in [
+        ("resnet_time_scale_shift", "\"scale_shift\""),
+        ("conv_in_kernel", "7"),
+        ("class_embed_type", "\"timestep\""),
+    ] {
+        let changed = text.replacen('{', &format!("{{\"{field}\": {value},"), 1);
+        let changed = changed.replacen(&format!("  \"{field}\":"), "  \"_was\":", 1);
+        let e = ferrite_blocks::unet::UNetConfig::from_json(&changed, &source)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field) && e.contains("config.json"), "{e}");
+    }
+}

@@ -123,7 +123,10 @@ impl Optimizer for Adam {
                 .div_scalar(bias2_sqrt)?
                 .add_scalar(eps)?;
             let update = m.exp_avg.div(&denom)?.mul_scalar(lr / bias1)?;
-            p.tensor.assign(&p_new.sub(&update)?)?;
+            // In the parameter's own dtype, whatever the state's (a backup of another
+            // lora_weight_dtype).
+            p.tensor
+                .assign(&p_new.sub(&update)?.cast(p.tensor.dtype()?)?)?;
             self.state.insert(p.name.to_string(), m);
         }
         Ok(())

@@ -79,7 +79,9 @@ impl Optimizer for Sgd {
                 };
                 self.momentum.insert(p.name.to_string(), buf);
             }
-            p.tensor.assign(&p_old.sub(&d.mul_scalar(lr)?)?)?;
+            // In the parameter's own dtype, whatever the momentum's.
+            p.tensor
+                .assign(&p_old.sub(&d.mul_scalar(lr)?)?.cast(p.tensor.dtype()?)?)?;
         }
         Ok(())
     }

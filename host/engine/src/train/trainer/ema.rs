@@ -2,7 +2,7 @@
 //! or in host memory (`cpu`: costs a copy of the weights every update interval, saves their size
 //! in device memory).
 
-use ferrite_plugin_api::{Result, Tensor};
+use ferrite_plugin_api::{DType, Result, Tensor};
 
 pub enum Ema {
     Device(Vec<Tensor>),
@@ -21,7 +21,14 @@ impl Ema {
                     .collect::<Result<_>>()?,
             )
         } else {
-            Ema::Device(params.iter().map(Tensor::detach).collect::<Result<_>>()?)
+            // In f32 whatever the weights' dtype (lora_weight_dtype): a bfloat16 average would
+            // stop moving once d·ema rounds back to ema.
+            Ema::Device(
+                params
+                    .iter()
+                    .map(|p| p.detach()?.cast(DType::F32))
+                    .collect::<Result<_>>()?,
+            )
         })
     }
 

@@ -179,7 +179,11 @@ impl Trainer {
         let scale = if clip > 0.0 {
             let mut sq: Option<Tensor> = None;
             for g in grads.iter().flatten().flatten() {
-                let s = g.powf(2.0).and_then(|x| x.sum_all()).map_err(err)?;
+                // Summed in f32: a bfloat16 sum (lora_weight_dtype) drops small terms.
+                let s = g
+                    .cast(DType::F32)
+                    .and_then(|g| g.powf(2.0)?.sum_all())
+                    .map_err(err)?;
                 sq = Some(match sq {
                     Some(acc) => acc.add(&s).map_err(err)?,
                     None => s,
@@ -207,7 +211,8 @@ impl Trainer {
             let scaled: Vec<Option<Tensor>> = row
                 .into_iter()
                 .map(|grad| match (grad, &scale) {
-                    (Some(grad), Some(s)) => grad.mul(s).map(Some),
+                    // In the gradient's dtype: a bfloat16 adapter's moments stay bfloat16.
+                    (Some(grad), Some(s)) => grad.mul(&s.cast(grad.dtype()?)?).map(Some),
                     (grad, _) => Ok(grad),
                 })
                 .collect::<ferrite_plugin_api::Result<_>>()
@@ -248,7 +253,9 @@ impl Trainer {
             let Some(ema) = &g.ema else { continue };
             for (e, p) in ema.tensors().map_err(err)?.iter().zip(&g.params) {
                 kept.push((p.clone(), p.detach().map_err(err)?));
-                p.assign(e).map_err(err)?;
+                // The f32 average, in the weights' own dtype.
+                p.assign(&e.cast(p.dtype().map_err(err)?).map_err(err)?)
+                    .map_err(err)?;
             }
         }
         let out = f();
