@@ -149,17 +149,6 @@ pub struct WeightEntry {
     pub shape: RVec<u64>,
 }
 
-/// One tensor of a random-weight source (ABI 1.4): its name and shape, and the range its values
-/// are drawn from, uniformly (`low == high`: every value is `low`).
-#[repr(C)]
-#[derive(StableAbi, Clone, Debug, PartialEq)]
-pub struct RandomWeight {
-    pub key: RString,
-    pub shape: RVec<u64>,
-    pub low: f32,
-    pub high: f32,
-}
-
 /// A [`WeightEntry`] as plugins use it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WeightInfo {
@@ -242,11 +231,6 @@ pub struct HostApi {
     /// output; None when no adapter is attached to it.
     #[sabi(last_prefix_field)]
     pub adapt: extern "C" fn(RStr<'_>, TensorId, TensorId) -> RResult<ROption<TensorId>, RString>,
-    /// (ABI 1.4) Opens a source of random f32 tensors that reads like a safetensors file
-    /// (`weight_infos`, `load_weight`, `close_weights`), named by the first argument in errors;
-    /// each tensor's values follow from the seed and its key alone.
-    pub random_weights:
-        extern "C" fn(RStr<'_>, RSlice<'_, RandomWeight>, u64) -> RResult<u64, RString>,
 }
 
 #[repr(u8)]

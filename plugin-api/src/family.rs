@@ -96,6 +96,10 @@ pub struct Conditioning {
     /// (diffusers' `force_zeros_for_empty_prompt`).
     #[serde(default)]
     pub zeros_for_empty_negative: bool,
+    /// The denoiser takes a guidance value `[B]` after the text tensors (Flux.1-dev's distilled
+    /// guidance): the sampler's `cfg`, in place of classifier-free guidance.
+    #[serde(default)]
+    pub guidance: bool,
 }
 
 fn states() -> Vec<String> {
@@ -108,6 +112,7 @@ impl Default for Conditioning {
             text: states(),
             image_geometry: false,
             zeros_for_empty_negative: false,
+            guidance: false,
         }
     }
 }
@@ -120,6 +125,12 @@ pub enum Objective {
     /// (betas, `num_train_timesteps`, `prediction_type` epsilon or v_prediction); SNR loss
     /// weights; the DDPM sampler family.
     Ddpm { scheduler: serde_json::Value },
+    /// Rectified flow (Flux): `x_σ = (1 − σ) x + σ ε`, the denoiser predicts `ε − x` and is
+    /// given `σ · num_train_timesteps`; sampled by Euler steps over the sigmas of diffusers'
+    /// `FlowMatchEulerDiscreteScheduler` config (a fixed `shift`, or with
+    /// `use_dynamic_shifting` one from the image's token count, `(H / resolution_step) ·
+    /// (W / resolution_step)`, as diffusers' `calculate_shift`).
+    FlowMatch { scheduler: serde_json::Value },
 }
 
 /// What saved files (adapters and models) say about their base model.
@@ -217,7 +228,9 @@ mod tests {
             ],
         });
         let info = ModelInfo::from_json(&v).unwrap();
-        let Objective::Ddpm { scheduler } = &info.objective;
+        let Objective::Ddpm { scheduler } = &info.objective else {
+            panic!("a pre-contract model is DDPM: {:?}", info.objective)
+        };
         assert_eq!(scheduler["prediction_type"], "epsilon");
         let ids: Vec<&str> = info.parts.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(ids, ["text_encoder", "unet"]);

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use abi_stable::nonexhaustive_enum::NonExhaustive;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, Tuple2};
 
-use crate::abi::{HostRef, LogLevel, NamedTensor, RandomWeight, TensorId, WeightInfo, known};
+use crate::abi::{HostRef, LogLevel, NamedTensor, TensorId, WeightInfo, known};
 use crate::error::{Error, Result};
 use crate::nn::AdaptableLayer;
 use crate::op::{self, Op};
@@ -160,11 +160,52 @@ impl Drop for Generator {
     }
 }
 
+/// Where a [`Weights`]' tensors come from.
+#[derive(Debug)]
+enum Origin {
+    File(OpenFile),
+    Random(RandomSource),
+}
+
 /// An open safetensors file; closed when the last view of it is dropped.
 #[derive(Debug)]
 struct OpenFile {
     id: u64,
     path: String,
+}
+
+/// See [`Weights::random`].
+#[derive(Debug)]
+struct RandomSource {
+    label: String,
+    seed: u64,
+    /// Each tensor's shape and the range its values are drawn from (equal ends: a constant).
+    tensors: std::collections::HashMap<String, (Vec<usize>, (f64, f64))>,
+}
+
+impl RandomSource {
+    fn draw(&self, key: &str, dtype: crate::DType) -> Result<Tensor> {
+        let (shape, (low, high)) = self
+            .tensors
+            .get(key)
+            .ok_or_else(|| Error(format!("{}: no tensor `{key}`", self.label)))?;
+        let t = if low == high {
+            Tensor::full(shape, *low, crate::DType::F32)?
+        } else {
+            // FNV-1a of the key: a tensor's values do not depend on the order of reads.
+            let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+            Tensor::rand(shape, &Generator::new(self.seed ^ hash)?)?
+                .mul_scalar(high - low)?
+                .add_scalar(*low)?
+        };
+        if dtype == crate::DType::F32 {
+            Ok(t)
+        } else {
+            t.cast(dtype)
+        }
+    }
 }
 
 impl Drop for OpenFile {
@@ -212,7 +253,7 @@ pub struct Source {
 /// them under other names and shapes (an original checkpoint's keys as diffusers names).
 #[derive(Debug, Clone)]
 pub struct Weights {
-    file: Arc<OpenFile>,
+    file: Arc<Origin>,
     /// Tensors as this view names them.
     infos: Vec<WeightInfo>,
     /// Where in the file each entry of `infos` comes from (None: the same key, whole).
@@ -222,51 +263,9 @@ pub struct Weights {
 
 impl Weights {
     pub fn open(path: &str) -> Result<Self> {
-        let id = res((host()?.open_weights())(RStr::from_str(path)))?;
-        Self::listed(id, path)
-    }
-
-    /// Random f32 tensors of the given names and shapes, read like a file's (a model built from
-    /// its config alone, for benchmarks): matrices and kernels uniform in ±1/√fan-in (torch's
-    /// default scale), 1-d `weight`s (norms) ones, everything else (biases) zeros. `label` names
-    /// the source in errors and [`Weights::path`]. Needs a host of ABI 1.4.
-    pub fn random(label: &str, tensors: &[(String, Vec<usize>)], seed: u64) -> Result<Self> {
-        let entries: Vec<RandomWeight> = tensors
-            .iter()
-            .map(|(key, shape)| {
-                let fan_in: usize = shape.iter().skip(1).product();
-                let (low, high) = match shape.len() {
-                    0 | 1 if key.ends_with("weight") => (1.0, 1.0),
-                    0 | 1 => (0.0, 0.0),
-                    _ => {
-                        let b = 1.0 / (fan_in.max(1) as f32).sqrt();
-                        (-b, b)
-                    }
-                };
-                RandomWeight {
-                    key: key.as_str().into(),
-                    shape: shape.iter().map(|&d| d as u64).collect(),
-                    low,
-                    high,
-                }
-            })
-            .collect();
-        let open = host()?.random_weights().ok_or_else(|| {
-            Error::msg("random weights need a Ferrite host of plugin ABI 1.4 or newer")
-        })?;
-        let id = res(open(
-            RStr::from_str(label),
-            RSlice::from_slice(&entries),
-            seed,
-        ))?;
-        Self::listed(id, label)
-    }
-
-    /// An opened source `id` with its tensor list.
-    fn listed(id: u64, path: &str) -> Result<Self> {
         let h = host()?;
         let file = OpenFile {
-            id,
+            id: res((h.open_weights())(RStr::from_str(path)))?,
             path: path.to_string(),
         };
         let infos = res((h.weight_infos())(file.id))?
@@ -280,7 +279,47 @@ impl Weights {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            file: Arc::new(file),
+            file: Arc::new(Origin::File(file)),
+            infos,
+            sources: None,
+            scope: None,
+        })
+    }
+
+    /// Random f32 tensors of the given names and shapes, read like a file's (a model built from
+    /// its config alone, for benchmarks): matrices and kernels uniform in ±1/√fan-in (torch's
+    /// default scale), 1-d `weight`s (norms) ones, everything else (biases) zeros. Each tensor is
+    /// drawn on the device when it is read, from `seed` and its key alone. `label` names the
+    /// source in errors and [`Weights::path`].
+    pub fn random(label: &str, tensors: &[(String, Vec<usize>)], seed: u64) -> Result<Self> {
+        let mut drawn = std::collections::HashMap::new();
+        let mut infos = Vec::with_capacity(tensors.len());
+        for (key, shape) in tensors {
+            let fan_in: usize = shape.iter().skip(1).product();
+            let range = match shape.len() {
+                0 | 1 if key.ends_with("weight") => (1.0, 1.0),
+                0 | 1 => (0.0, 0.0),
+                _ => {
+                    let b = 1.0 / (fan_in.max(1) as f64).sqrt();
+                    (-b, b)
+                }
+            };
+            if drawn.insert(key.clone(), (shape.clone(), range)).is_some() {
+                return Err(Error(format!("{label}: tensor `{key}` is listed twice")));
+            }
+            infos.push(WeightInfo {
+                key: key.clone(),
+                dtype: crate::DType::F32,
+                shape: shape.iter().map(|&d| d as u64).collect(),
+            });
+        }
+        infos.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(Self {
+            file: Arc::new(Origin::Random(RandomSource {
+                label: label.to_string(),
+                seed,
+                tensors: drawn,
+            })),
             infos,
             sources: None,
             scope: None,
@@ -414,7 +453,10 @@ impl Weights {
     }
 
     pub fn path(&self) -> &str {
-        &self.file.path
+        match &*self.file {
+            Origin::File(f) => &f.path,
+            Origin::Random(r) => &r.label,
+        }
     }
 
     /// Every tensor in the view: key, dtype, shape.
@@ -427,7 +469,10 @@ impl Weights {
     }
 
     pub fn metadata(&self) -> Result<Vec<(String, String)>> {
-        let m = res((host()?.weight_metadata())(self.file.id))?;
+        let Origin::File(file) = &*self.file else {
+            return Ok(Vec::new());
+        };
+        let m = res((host()?.weight_metadata())(file.id))?;
         Ok(m.into_iter()
             .map(|Tuple2(k, v)| (k.into_string(), v.into_string()))
             .collect())
@@ -439,12 +484,14 @@ impl Weights {
             return Err(Error(format!("{}: no tensor `{key}`", self.path())));
         };
         let source = self.source(i);
-        let id = res((host()?.load_weight())(
-            self.file.id,
-            RStr::from_str(&source.key),
-            dtype.to_ne(),
-        ))?;
-        let mut t = Tensor::from_raw(id);
+        let mut t = match &*self.file {
+            Origin::File(f) => Tensor::from_raw(res((host()?.load_weight())(
+                f.id,
+                RStr::from_str(&source.key),
+                dtype.to_ne(),
+            ))?),
+            Origin::Random(r) => r.draw(&source.key, dtype)?,
+        };
         if self.sources.is_some() {
             if let Some(r) = &source.rows {
                 t = t.narrow(0, r.start as usize, (r.end - r.start) as usize)?;

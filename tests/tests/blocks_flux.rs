@@ -116,3 +116,64 @@ fn flux_dev_transformer_matches_diffusers() {
 fn flux_schnell_transformer_without_guidance_matches_diffusers() {
     check_transformer("transformer_schnell");
 }
+
+/// The T5 tokenizer of the pipeline fixture against transformers' T5TokenizerFast
+/// (`padding="max_length", max_length=16, truncation=True`), a long prompt cut to keep `</s>`.
+#[test]
+fn t5_tokenizer_pads_and_truncates_as_transformers() {
+    use ferrite_blocks::t5_tokenizer::T5Tokenizer;
+    let dir = std::path::Path::new(&dir("pipeline")).join("model/tokenizer_2");
+    let t = T5Tokenizer::from_dir(&dir, 16).unwrap();
+    assert_eq!(
+        t.encode("a photo of a red cat, best quality").unwrap(),
+        [3, 5, 20, 8, 6, 4, 6, 3, 6, 10, 3, 5, 3, 18, 7, 1]
+    );
+    let long = "x".repeat(2000);
+    assert_eq!(
+        t.encode(&long).unwrap(),
+        [3, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+}
+
+/// `ferrite sample --arch flux` from the pipeline's noise (the unpacked layout [1, 16, 8, 8]):
+/// T5 + CLIP encoding, 4 flow-matching Euler steps with dynamic shifting and the embedded
+/// guidance 4, unpacking, the VAE with its shift: FluxPipeline's PNG within 2/255 per pixel.
+#[test]
+fn flux_sample_png_equals_diffusers_pipeline() {
+    let fixture = std::path::PathBuf::from(dir("pipeline"));
+    let model = fixture.join("model");
+    let args = ["--arch", "flux", "--model", model.to_str().unwrap()];
+    let worst = ferrite_tests::sample_diff(&fixture, "expected.png", &args);
+    assert!(worst <= 2, "max pixel difference {worst}/255");
+}
+
+/// Training a flow-matching model is refused before anything is written, saying what works.
+#[test]
+fn training_flux_is_refused_clearly() {
+    let root = tempfile::tempdir().unwrap();
+    ferrite_tests::toy_dataset(&root.path().join("images"));
+    let model = std::path::Path::new(&dir("pipeline")).join("model");
+    let p = root.path().join("flux.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "model_type = \"flux\"\nbase_model_name = {:?}\nresolution = \"16\"\n\
+             [[concepts]]\npath = \"images\"\n",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let c = ferrite::config::TrainConfig::load(Some(&p), None, &[]).unwrap();
+    let registry = ferrite::plugins::Registry::discover(
+        &[ferrite_tests::profile_dir()],
+        &ferrite::settings::Settings::default(),
+    );
+    let e = ferrite::train::trainer::Trainer::new(c, root.path(), registry)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("flow-matching") && e.contains("ferrite sample"),
+        "{e}"
+    );
+}

@@ -15,8 +15,8 @@ use abi_stable::{
 use ferrite_plugin_api::{
     LogLevel, Op, OpCode, TensorId,
     abi::{
-        Attr_NE, DType_NE, HostApi, HostRef, HostTensor, LogLevel_NE, NamedTensor, RandomWeight,
-        WeightEntry, known,
+        Attr_NE, DType_NE, HostApi, HostRef, HostTensor, LogLevel_NE, NamedTensor, WeightEntry,
+        known,
     },
 };
 
@@ -163,28 +163,15 @@ extern "C" fn to_host(id: TensorId) -> RResult<HostTensor, RString> {
 }
 
 extern "C" fn open_weights(path: RStr<'_>) -> RResult<u64, RString> {
-    guarded(|| Ok(register_file(WeightFile::open(path.as_str())?)))
-}
-
-/// Keeps an opened weight source under a new id.
-fn register_file(f: WeightFile) -> u64 {
-    let id = NEXT_FILE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    WEIGHTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert_default()
-        .insert(id, Arc::new(f));
-    id
-}
-
-extern "C" fn random_weights(
-    label: RStr<'_>,
-    tensors: RSlice<'_, RandomWeight>,
-    seed: u64,
-) -> RResult<u64, RString> {
     guarded(|| {
-        let f = WeightFile::random(label.as_str(), tensors.to_vec(), seed)?;
-        Ok(register_file(f))
+        let f = WeightFile::open(path.as_str())?;
+        let id = NEXT_FILE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        WEIGHTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_default()
+            .insert(id, Arc::new(f));
+        Ok(id)
     })
 }
 
@@ -338,7 +325,6 @@ pub fn host_ref() -> HostRef {
             device,
             is_cancelled: cancelled,
             adapt,
-            random_weights,
         }
         .leak_into_prefix()
     })

@@ -1,19 +1,12 @@
-//! Safetensors files: memory-mapped, listed from their header, read one tensor at a time; and
-//! random-weight sources read the same way (a model built from its config alone).
+//! Safetensors files: memory-mapped, listed from their header, read one tensor at a time.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
 use burn_backend::{DType as BDType, TensorData};
-use ferrite_plugin_api::{
-    DType,
-    abi::{RandomWeight, WeightInfo},
-};
+use ferrite_plugin_api::{DType, abi::WeightInfo};
 use memmap2::Mmap;
-use rand::SeedableRng;
-use rand::distr::{Distribution, Uniform};
-use rand_chacha::ChaCha8Rng;
 use safetensors::{Dtype as SDtype, SafeTensors};
 
 use super::RtResult;
@@ -21,38 +14,7 @@ use super::table::from_burn_dtype;
 
 pub struct WeightFile {
     pub path: String,
-    backing: Backing,
-}
-
-enum Backing {
-    Mapped(Mmap),
-    /// Tensors drawn as they are read, uniform in `[low, high]`, each from `seed` and its key.
-    Random {
-        tensors: HashMap<String, RandomWeight>,
-        seed: u64,
-    },
-}
-
-/// A stable 64-bit hash of a key (FNV-1a), so a tensor's random values do not depend on the
-/// order tensors are read in, nor on the Rust version.
-fn key_hash(key: &str) -> u64 {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The values of one random tensor.
-fn draw(t: &RandomWeight, seed: u64) -> RtResult<TensorData> {
-    let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-    let n = shape.iter().product();
-    let values: Vec<f32> = if t.low == t.high {
-        vec![t.low; n]
-    } else {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ key_hash(&t.key));
-        let range = Uniform::new_inclusive(t.low, t.high).map_err(|e| format!("{}: {e}", t.key))?;
-        (0..n).map(|_| range.sample(&mut rng)).collect()
-    };
-    Ok(TensorData::new(values, shape))
+    mmap: Mmap,
 }
 
 fn st_dtype(d: SDtype) -> Option<DType> {
@@ -95,54 +57,16 @@ impl WeightFile {
             .map_err(|e| format!("{path} is not a valid safetensors file: {e}"))?;
         Ok(Self {
             path: path.to_string(),
-            backing: Backing::Mapped(mmap),
+            mmap,
         })
     }
 
-    /// A source of the given random tensors (see [`Backing::Random`]), named `label`.
-    pub fn random(label: &str, tensors: Vec<RandomWeight>, seed: u64) -> RtResult<Self> {
-        let mut by_key = HashMap::new();
-        for t in tensors {
-            if !(t.low.is_finite() && t.high.is_finite() && t.low <= t.high) {
-                return Err(format!(
-                    "{label}: tensor `{}` has no valid range [{}, {}]",
-                    t.key, t.low, t.high
-                ));
-            }
-            if let Some(t) = by_key.insert(t.key.to_string(), t) {
-                return Err(format!("{label}: tensor `{}` is listed twice", t.key));
-            }
-        }
-        Ok(Self {
-            path: label.to_string(),
-            backing: Backing::Random {
-                tensors: by_key,
-                seed,
-            },
-        })
-    }
-
-    fn tensors<'a>(&self, mmap: &'a Mmap) -> RtResult<SafeTensors<'a>> {
-        SafeTensors::deserialize(mmap).map_err(|e| format!("{}: {e}", self.path))
+    fn tensors(&self) -> RtResult<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.mmap).map_err(|e| format!("{}: {e}", self.path))
     }
 
     pub fn infos(&self) -> RtResult<Vec<WeightInfo>> {
-        let mmap = match &self.backing {
-            Backing::Mapped(m) => m,
-            Backing::Random { tensors, .. } => {
-                let mut out: Vec<WeightInfo> = tensors
-                    .values()
-                    .map(|t| WeightInfo {
-                        key: t.key.to_string(),
-                        dtype: DType::F32,
-                        shape: t.shape.to_vec(),
-                    })
-                    .collect();
-                out.sort_by(|a, b| a.key.cmp(&b.key));
-                return Ok(out);
-            }
-        };
-        let st = self.tensors(mmap)?;
+        let st = self.tensors()?;
         let mut out: Vec<WeightInfo> = st
             .iter()
             .filter_map(|(k, v)| {
@@ -158,11 +82,8 @@ impl WeightFile {
     }
 
     pub fn metadata(&self) -> RtResult<Vec<(String, String)>> {
-        let Backing::Mapped(mmap) = &self.backing else {
-            return Ok(Vec::new());
-        };
         let (_, meta) =
-            SafeTensors::read_metadata(mmap).map_err(|e| format!("{}: {e}", self.path))?;
+            SafeTensors::read_metadata(&self.mmap).map_err(|e| format!("{}: {e}", self.path))?;
         let mut m: Vec<(String, String)> = meta
             .metadata()
             .clone()
@@ -176,33 +97,28 @@ impl WeightFile {
     /// Drops the mapped pages of `bytes` (a range of the map, copied out) from this process's
     /// memory, so that loading a model holds what it made of each tensor, not the file too
     /// (file pages read through the map count as the process's resident memory).
-    fn release_pages(mmap: &Mmap, bytes: &[u8]) {
+    fn release_pages(&self, bytes: &[u8]) {
         #[cfg(unix)]
         {
-            let offset = bytes.as_ptr() as usize - mmap.as_ptr() as usize;
+            let offset = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
             // SAFETY: the map is a read-only shared mapping of a file: dropped pages are read
             // again from the file on the next access, with the same bytes. Failure (an old
             // kernel) only leaves the pages mapped.
             let _ = unsafe {
-                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len())
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    bytes.len(),
+                )
             };
         }
         #[cfg(not(unix))]
-        let _ = (mmap, bytes);
+        let _ = bytes;
     }
 
     /// Copies one tensor's bytes out of the map, converted to `dtype`.
     pub fn read(&self, key: &str, dtype: BDType) -> RtResult<TensorData> {
-        let mmap = match &self.backing {
-            Backing::Mapped(m) => m,
-            Backing::Random { tensors, seed } => {
-                let t = tensors
-                    .get(key)
-                    .ok_or_else(|| format!("{} has no tensor `{key}`", self.path))?;
-                return Ok(draw(t, *seed)?.convert_dtype(dtype));
-            }
-        };
-        let st = self.tensors(mmap)?;
+        let st = self.tensors()?;
         let view = st
             .tensor(key)
             .map_err(|_| format!("{} has no tensor `{key}`", self.path))?;
@@ -215,7 +131,7 @@ impl WeightFile {
         })?;
         let bytes = view.data();
         let data = TensorData::from_bytes_vec(bytes.to_vec(), view.shape().to_vec(), src);
-        Self::release_pages(mmap, bytes);
+        self.release_pages(bytes);
         Ok(if src == dtype {
             data
         } else {

@@ -14,6 +14,7 @@ pub mod open_clip;
 pub mod options;
 pub mod resnet;
 pub mod t5;
+pub mod t5_tokenizer;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;

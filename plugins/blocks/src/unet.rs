@@ -102,7 +102,8 @@ fn refuse_unsupported(text: &str, source: &str) -> Result<()> {
         serde_json::from_str(text).map_err(|e| Error(format!("{source}: {e}")))?;
     for (name, want) in FIXED {
         let got = &v[name];
-        if !got.is_null() && got.to_string() != want {
+        let builds: serde_json::Value = serde_json::from_str(want).unwrap_or_default();
+        if !got.is_null() && *got != builds {
             return Err(Error(format!(
                 "{source}: {name} {got} is not supported (this UNet builds {want})"
             )));

@@ -347,6 +347,7 @@ impl Architecture for Sdxl {
                 text: vec!["states".into(), "pooled".into()],
                 image_geometry: true,
                 zeros_for_empty_negative: self.force_zeros_for_empty_prompt,
+                guidance: false,
             },
             objective: Objective::Ddpm {
                 scheduler: self.scheduler.clone(),

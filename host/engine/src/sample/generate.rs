@@ -7,6 +7,7 @@ use ferrite_plugin_api::{
     plugin::ArchitectureHandle,
 };
 
+use super::flow::FlowMatchConfig;
 use super::schedule::{NoiseSchedule, Sampler, SamplerRun, SchedulerConfig, sample_cfg};
 
 #[derive(Debug, Clone)]
@@ -87,7 +88,13 @@ pub fn generate(
         }
         None => Tensor::randn(&latent_shape, &Generator::new(req.seed)?)?,
     };
-    let Objective::Ddpm { scheduler } = &info.objective;
+    let scheduler = match &info.objective {
+        Objective::Ddpm { scheduler } => scheduler,
+        Objective::FlowMatch { scheduler } => {
+            let latents = sample_flow(arch, &info, req, scheduler, noise, on_step)?;
+            return decode(arch, &info, &latents);
+        }
+    };
     let mut config: SchedulerConfig = serde_json::from_value(scheduler.clone())
         .map_err(|e| Error(format!("the model's scheduler config: {e}")))?;
     if let Some(p) = &req.prediction_type {
@@ -104,6 +111,42 @@ pub fn generate(
         arch.denoise(x, &Tensor::full(&[2], t, DType::F32)?, &cond)
     })?;
     decode(arch, &info, &latents)
+}
+
+/// Euler steps of a flow-matching model from `noise` (σ = 1) to σ = 0, conditioned on the
+/// prompt alone: a guidance-distilled model (Flux.1-dev) takes `cfg` as its guidance value, and
+/// no model of this kind takes a negative prompt here.
+fn sample_flow(
+    arch: &ArchitectureHandle,
+    info: &ModelInfo,
+    req: &SampleRequest,
+    scheduler: &serde_json::Value,
+    noise: Tensor,
+    mut on_step: impl FnMut(),
+) -> Result<Tensor> {
+    if !req.negative_prompt.is_empty() {
+        tracing::warn!("this model samples without a negative prompt; it is ignored");
+    }
+    let config = FlowMatchConfig::from_json(scheduler)?;
+    let step = info.resolution_step.max(1);
+    let sigmas = config.sigmas(req.steps, (req.height / step) * (req.width / step))?;
+    let mut cond = arch.encode_text(&[&req.prompt])?;
+    if info.conditioning.guidance {
+        cond.push(Tensor::full(&[1], req.cfg, DType::F32)?);
+    }
+    let cond: Vec<&Tensor> = cond.iter().collect();
+    let mut latents = noise;
+    for pair in sigmas.windows(2) {
+        on_step();
+        let t = Tensor::full(
+            &[1],
+            pair[0] * config.num_train_timesteps as f64,
+            DType::F32,
+        )?;
+        let velocity = arch.denoise(&latents, &t, &cond)?;
+        latents = latents.add(&velocity.mul_scalar(pair[1] - pair[0])?)?;
+    }
+    Ok(latents)
 }
 
 /// Scaled latents `[1, C, h, w]` decoded by the model's VAE, as RGB bytes (`H × W × 3`).

@@ -1,5 +1,6 @@
 //! Sampling: noise schedules and samplers, on host scalars and device tensors (no host syncs).
 
+pub mod flow;
 pub mod generate;
 pub mod schedule;
 

@@ -319,9 +319,15 @@ impl Trainer {
             .map_err(err)?;
         let model = Arc::new(ModelLayers::of(&arch).map_err(err)?);
         let info = model.info.clone();
+        let Objective::Ddpm { scheduler } = &info.objective else {
+            return Err(TrainError(format!(
+                "{} is a flow-matching model (Flux): training it is not built yet \
+                 (`ferrite sample` can sample it)",
+                c.model_type
+            )));
+        };
         check_parts(c, &info)?;
         keep_weights(c, &info, &arch, &scope.device)?;
-        let Objective::Ddpm { scheduler } = &info.objective;
         let mut scheduler =
             SchedulerConfig::from_json(&scheduler.to_string(), "the model's scheduler")
                 .map_err(err)?;

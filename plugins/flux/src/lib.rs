@@ -1,0 +1,72 @@
+//! Flux.1 (dev and schnell) from a diffusers folder (`model_index.json`, `transformer/`, `vae/`,
+//! `text_encoder/` CLIP-L, `text_encoder_2/` T5, `tokenizer/`, `tokenizer_2/`, `scheduler/`):
+//! sampling with the flow-matching objective. Training, single files and LoRA layouts are not
+//! built yet.
+
+pub mod model;
+pub mod packing;
+
+use ferrite_plugin_api::{
+    Component, ComponentKind, Descriptor, Plugin, Result, bail, export_plugin, parse_options,
+    serde_json::{self, json},
+};
+use serde::{Deserialize, Serialize};
+
+pub use model::Flux;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    model: String,
+    /// T5 tokens per prompt (diffusers' `max_sequence_length`: 512 for dev, 256 for schnell).
+    max_sequence_length: usize,
+}
+
+pub struct FluxPlugin;
+
+impl Plugin for FluxPlugin {
+    const NAME: &'static str = "flux";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    fn components() -> Vec<Descriptor> {
+        vec![Descriptor {
+            kind: ComponentKind::Architecture,
+            id: "flux".into(),
+            version: Self::VERSION.into(),
+            description: "Flux.1 dev and schnell (diffusers folder)".into(),
+            options_schema: json!({
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["model"],
+                "properties": {
+                    "model": {"type": "string", "description": "diffusers Flux folder"},
+                    "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512, "default": 512, "description": "T5 tokens per prompt (512 for dev, 256 for schnell)"}
+                }
+            }),
+        }]
+    }
+
+    fn instantiate(kind: ComponentKind, id: &str, options: serde_json::Value) -> Result<Component> {
+        if (kind, id) != (ComponentKind::Architecture, "flux") {
+            bail!("this library has no {kind} `{id}`");
+        }
+        let defaults = Options {
+            model: String::new(),
+            max_sequence_length: 512,
+        };
+        let o = parse_options(id, defaults, options)?;
+        if o.model.is_empty() {
+            bail!("flux needs the `model` option (a diffusers Flux folder)");
+        }
+        if !(1..=512).contains(&o.max_sequence_length) {
+            bail!(
+                "flux: max_sequence_length must be 1 to 512, got {}",
+                o.max_sequence_length
+            );
+        }
+        let model = Flux::load(std::path::Path::new(&o.model), o.max_sequence_length)?;
+        Ok(Component::Architecture(Box::new(model)))
+    }
+}
+
+export_plugin!(FluxPlugin);

@@ -1,0 +1,222 @@
+//! The Flux model: its parts loaded from a diffusers folder, and the architecture contract.
+
+use std::path::Path;
+
+use ferrite_blocks::{
+    clip::{ClipTextConfig, ClipTextTransformer},
+    flux::{FluxConfig, FluxTransformer2DModel},
+    folder::{self, read, read_json},
+    part,
+    t5::{T5Config, T5EncoderModel},
+    t5_tokenizer::T5Tokenizer,
+    tokenizer::ClipTokenizer,
+    vae::{AutoencoderKL, VaeConfig},
+};
+use ferrite_plugin_api::{
+    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, bail,
+    family::{Conditioning, Metadata, Objective},
+    serde_json,
+};
+
+use crate::packing::{image_ids, pack, unpack};
+
+pub struct Flux {
+    clip_tokenizer: ClipTokenizer,
+    clip: ClipTextTransformer,
+    t5_tokenizer: T5Tokenizer,
+    t5: T5EncoderModel,
+    transformer: FluxTransformer2DModel,
+    vae: AutoencoderKL,
+    scheduler: serde_json::Value,
+    /// Every transformer and text-encoder tensor, under its part's prefix.
+    parameters: Vec<(String, Tensor)>,
+    adaptable_layers: Vec<AdaptableLayer>,
+}
+
+/// A part's config, read and parsed by `parse` with the file named in errors.
+fn config<T>(dir: &Path, part: &str, parse: impl Fn(&str, &str) -> Result<T>) -> Result<T> {
+    let path = dir.join(part).join("config.json");
+    parse(&read(&path)?, &path.to_string_lossy())
+}
+
+impl Flux {
+    pub fn load(dir: &Path, max_sequence_length: usize) -> Result<Self> {
+        let index = folder::model_index(dir)?;
+        let class = index["_class_name"].as_str().unwrap_or("");
+        if !class.contains("Flux") && index.get("transformer").is_none() {
+            bail!(
+                "{} is not a Flux model ({class}); use the architecture of its family",
+                dir.display()
+            );
+        }
+        let parts = [
+            "transformer",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "tokenizer",
+            "tokenizer_2",
+            "scheduler",
+        ];
+        folder::require_parts(dir, &parts, "Flux")?;
+        // Weights load as f32: the host computes in the run's train_dtype and keeps frozen
+        // parts in their weight_dtype.
+        let dtype = DType::F32;
+        let weights = |p: &str, stem: &str| folder::part_weights(dir, p, stem, false);
+        let te = ClipTextTransformer::with_text_model_level(weights("text_encoder", "model")?)?
+            .scoped("text_encoder");
+        let t5 = weights("text_encoder_2", "model")?.scoped("text_encoder_2");
+        let tr = weights("transformer", "diffusion_pytorch_model")?.scoped("transformer");
+        let vae = weights("vae", "diffusion_pytorch_model")?;
+
+        let clip_config = config(dir, "text_encoder", ClipTextConfig::from_json)?;
+        let clip = ClipTextTransformer::load(&te, "text_model", None, &clip_config, dtype)?;
+        let t5_model = T5EncoderModel::load(
+            &t5,
+            &config(dir, "text_encoder_2", T5Config::from_json)?,
+            dtype,
+        )?;
+        let flux_config = config(dir, "transformer", FluxConfig::from_json)?;
+        let transformer = FluxTransformer2DModel::load(&tr, &flux_config, dtype)?;
+        if flux_config.pooled_projection_dim != clip_config.hidden_size {
+            bail!(
+                "{}: the transformer's pooled_projection_dim {} is not the CLIP text encoder's \
+                 width {}",
+                dir.display(),
+                flux_config.pooled_projection_dim,
+                clip_config.hidden_size
+            );
+        }
+        let vae_config = config(dir, "vae", VaeConfig::from_json)?;
+        if vae_config.latent_channels * 4 != flux_config.in_channels {
+            bail!(
+                "{}: the VAE's {} latent channels do not pack into the transformer's {} input \
+                 channels (2×2 patches)",
+                dir.display(),
+                vae_config.latent_channels,
+                flux_config.in_channels
+            );
+        }
+        Ok(Self {
+            clip_tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
+            clip,
+            t5_tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer_2"), max_sequence_length)?,
+            t5: t5_model,
+            transformer,
+            vae: AutoencoderKL::load(&vae, "", &vae_config, dtype)?,
+            scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
+            parameters: [tr.tensors(), te.tensors(), t5.tensors()].concat(),
+            adaptable_layers: [tr.layers(), te.layers(), t5.layers()].concat(),
+        })
+    }
+}
+
+impl Architecture for Flux {
+    fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.parameters.clone())
+    }
+
+    fn model_info(&self) -> Result<serde_json::Value> {
+        let c = &self.vae.config;
+        let vae_scale_factor = c.scale_factor();
+        Ok(ModelInfo {
+            parts: vec![
+                part(
+                    "transformer",
+                    "Transformer",
+                    PartKind::Denoiser,
+                    "transformer/diffusion_pytorch_model.safetensors",
+                ),
+                part(
+                    "text_encoder",
+                    "Text encoder (CLIP ViT-L)",
+                    PartKind::TextEncoder,
+                    "text_encoder/model.safetensors",
+                ),
+                part(
+                    "text_encoder_2",
+                    "Text encoder 2 (T5 XXL)",
+                    PartKind::TextEncoder,
+                    "text_encoder_2/model.safetensors",
+                ),
+            ],
+            conditioning: Conditioning {
+                text: vec!["states".into(), "pooled".into()],
+                image_geometry: false,
+                zeros_for_empty_negative: false,
+                guidance: self.transformer.config.guidance_embeds,
+            },
+            objective: Objective::FlowMatch {
+                scheduler: self.scheduler.clone(),
+            },
+            latent_channels: c.latent_channels,
+            vae_scale_factor,
+            scaling_factor: c.scaling_factor,
+            shift_factor: c.shift_factor,
+            // The VAE's factor times the 2×2 packing.
+            resolution_step: vae_scale_factor * 2,
+            adaptable_layers: self.adaptable_layers.clone(),
+            metadata: Metadata {
+                base_model_version: "flux1".into(),
+                modelspec_architecture: "flux-1-dev".into(),
+                extra: Default::default(),
+            },
+            single_file_layout: None,
+        }
+        .to_json())
+    }
+
+    /// T5's states `[B, max_sequence_length, D]` and CLIP's pooled output `[B, D']`, as
+    /// diffusers' Flux pipeline encodes a prompt.
+    fn encode_text(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
+        let (mut clip_ids, mut t5_ids) = (Vec::new(), Vec::new());
+        for p in prompts {
+            clip_ids.extend(self.clip_tokenizer.encode(p)?);
+            t5_ids.extend(self.t5_tokenizer.encode(p)?);
+        }
+        let n = prompts.len();
+        let pooled = self.clip.forward(&clip_ids, n, 0)?.pooled;
+        let ids = Tensor::from_i64(&t5_ids, &[n, self.t5_tokenizer.max_length])?;
+        Ok(vec![self.t5.forward(&ids)?, pooled])
+    }
+
+    fn vae_encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        let d = self.vae.encode(image)?;
+        Ok((d.mean, d.logvar))
+    }
+
+    fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode(latents)
+    }
+
+    /// `latents` `[B, C, h, w]`, `timesteps` `[B]` as σ·1000, text `[states, pooled]` and, for a
+    /// model with the guidance embedding, the guidance `[B]`: the predicted velocity `ε − x`.
+    fn denoise(&self, latents: &Tensor, timesteps: &Tensor, text: &[&Tensor]) -> Result<Tensor> {
+        let guided = self.transformer.config.guidance_embeds;
+        let (states, pooled, guidance) = match (text, guided) {
+            ([s, p], false) => (*s, *p, None),
+            ([s, p, g], true) => (*s, *p, Some(*g)),
+            _ => {
+                return Err(Error(format!(
+                    "flux denoise takes text states, the pooled text{} ({} tensors given)",
+                    if guided { " and the guidance" } else { "" },
+                    text.len()
+                )));
+            }
+        };
+        let [_, _, h, w] = latents.shape()?[..] else {
+            bail!("flux denoise: latents must be [B, C, H, W]");
+        };
+        let l = states.shape()?.get(1).copied().unwrap_or(0);
+        let out = self.transformer.forward(
+            &pack(latents)?,
+            states,
+            pooled,
+            &timesteps.div_scalar(1000.0)?,
+            guidance,
+            &vec![[0.0; 3]; l],
+            &image_ids(h, w),
+        )?;
+        unpack(&out, h, w)
+    }
+}
