@@ -33,6 +33,11 @@ pub struct ModelInfo {
     /// The layers adapters can attach to, with their key names in each adapter file layout.
     #[serde(default)]
     pub adaptable_layers: Vec<AdaptableLayer>,
+    /// OneTrainer's layer presets for this family's denoiser (`attn-only`, `attn-mlp`): the
+    /// module-name substrings each adapts. Absent: the Stable Diffusion UNet's (`attn`;
+    /// `attentions`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub layer_presets: BTreeMap<String, Vec<String>>,
     /// What saved files say about the model.
     #[serde(default)]
     pub metadata: Metadata,

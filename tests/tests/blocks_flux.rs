@@ -147,33 +147,102 @@ fn flux_sample_png_equals_diffusers_pipeline() {
     assert!(worst <= 2, "max pixel difference {worst}/255");
 }
 
-/// Training a flow-matching model is refused before anything is written, saying what works.
-#[test]
-fn training_flux_is_refused_clearly() {
-    let root = tempfile::tempdir().unwrap();
-    ferrite_tests::toy_dataset(&root.path().join("images"));
+fn flux_config(root: &std::path::Path, name: &str, extra: &str) -> ferrite::config::TrainConfig {
     let model = std::path::Path::new(&dir("pipeline")).join("model");
-    let p = root.path().join("flux.toml");
+    let p = root.join(format!("{name}.toml"));
     std::fs::write(
         &p,
         format!(
-            "model_type = \"flux\"\nbase_model_name = {:?}\nresolution = \"16\"\n\
-             [[concepts]]\npath = \"images\"\n",
+            "model_type = \"flux\"\nbase_model_name = {:?}\nworkspace_dir = \"{name}\"\n\
+             output_model_destination = \"{name}/lora.safetensors\"\n\
+             output_model_format = \"diffusers\"\nresolution = \"16\"\nbatch_size = 2\n\
+             epochs = 2\nlearning_rate = 0.01\nlora_rank = 4\nlora_alpha = 4\n\
+             sample_after_unit = \"never\"\nbackup_after_unit = \"never\"\n{extra}\n\
+             [optimizer]\noptimizer = \"adamw\"\n[[concepts]]\npath = \"images\"\n",
             model.to_str().unwrap()
         ),
     )
     .unwrap();
-    let c = ferrite::config::TrainConfig::load(Some(&p), None, &[]).unwrap();
+    ferrite::config::TrainConfig::load(Some(&p), None, &[]).unwrap()
+}
+
+fn train(root: &std::path::Path, c: ferrite::config::TrainConfig) -> Vec<f32> {
+    runtime::init("cpu").unwrap();
     let registry = ferrite::plugins::Registry::discover(
         &[ferrite_tests::profile_dir()],
         &ferrite::settings::Settings::default(),
     );
-    let e = ferrite::train::trainer::Trainer::new(c, root.path(), registry)
+    let mut t = ferrite::train::trainer::Trainer::new(c, root, registry).unwrap();
+    let mut losses = Vec::new();
+    t.run(|e| {
+        if let ferrite::train::trainer::Event::Step { loss, .. } = e {
+            losses.push(loss);
+        }
+    })
+    .unwrap();
+    losses
+}
+
+/// A Flux LoRA (OneTrainer's attn-mlp preset for Flux) trains with the flow-matching objective
+/// and the embedded guidance, and is saved in diffusers' layout; `transformer.guidance_scale`
+/// is the guidance the transformer is given.
+#[test]
+fn flux_lora_trains_and_saves_in_diffusers_layout() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let losses = train(root, flux_config(root, "a", ""));
+    println!("losses {losses:?}");
+    assert!(!losses.is_empty());
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+
+    let file = Weights::open(root.join("a/lora.safetensors").to_str().unwrap()).unwrap();
+    let keys: Vec<String> = file.infos().iter().map(|i| i.key.clone()).collect();
+    let has = |k: &str| keys.iter().any(|x| x == k);
+    for k in [
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+        "transformer.transformer_blocks.0.attn.add_k_proj.lora_B.weight",
+        "transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight",
+        "transformer.transformer_blocks.0.ff_context.net.2.lora_B.weight",
+        "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight",
+        "transformer.single_transformer_blocks.0.attn.to_v.lora_B.weight",
+    ] {
+        assert!(has(k), "{k} not in {keys:?}");
+    }
+    // Not in the preset: the modulation, embedders and output projections.
+    assert!(
+        !keys.iter().any(|k| k.contains("norm1.linear")
+            || k.contains("x_embedder")
+            || k.contains("proj_out")
+            || k.contains("text_encoder")),
+        "{keys:?}"
+    );
+
+    // kohya's layout (the default format) is refused before training: Flux names no kohya
+    // keys yet.
+    let mut kohya = flux_config(root, "k", "");
+    kohya.output_model_format = ferrite::config::OutputFormat::Safetensors;
+    let registry = ferrite::plugins::Registry::discover(
+        &[ferrite_tests::profile_dir()],
+        &ferrite::settings::Settings::default(),
+    );
+    let e = ferrite::train::trainer::Trainer::new(kohya, root, registry)
         .err()
         .unwrap()
         .to_string();
     assert!(
-        e.contains("flow-matching") && e.contains("ferrite sample"),
+        e.contains("output_model_format") && e.contains("diffusers"),
         "{e}"
     );
+
+    // The same run with another guidance value: the transformer sees it.
+    let guided = train(
+        root,
+        flux_config(root, "b", "[transformer]\nguidance_scale = 4.0"),
+    );
+    assert_eq!(guided.len(), losses.len());
+    assert_ne!(guided, losses);
 }

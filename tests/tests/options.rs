@@ -548,6 +548,11 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "sdxl: sdxl_lora_trains_each_part_named_by_its_table",
     ),
     (
+        "transformer",
+        "blocks_flux::flux_lora_trains_and_saves_in_diffusers_layout (guidance_scale: the same \
+         test's run with another guidance)",
+    ),
+    (
         "peft_type",
         "adapters, train::adapter_options_are_checked_against_the_plugins_schema",
     ),

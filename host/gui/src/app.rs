@@ -520,6 +520,7 @@ impl App {
                     ("unet", "UNet", &mut c.unet),
                     ("text_encoder", "Text encoder", &mut c.text_encoder),
                     ("text_encoder_2", "Text encoder 2", &mut c.text_encoder_2),
+                    ("transformer", "Transformer (Flux)", &mut c.transformer),
                 ] {
                     ui.separator();
                     ui.strong(title);
@@ -544,6 +545,9 @@ impl App {
                                 "text_encoder.dropout_probability",
                                 &mut pc.dropout_probability,
                             );
+                        }
+                        if part == "transformer" {
+                            f.num(ui, "transformer.guidance_scale", &mut pc.guidance_scale);
                         }
                     });
                 }

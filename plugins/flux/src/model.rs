@@ -156,6 +156,18 @@ impl Architecture for Flux {
             // The VAE's factor times the 2×2 packing.
             resolution_step: vae_scale_factor * 2,
             adaptable_layers: self.adaptable_layers.clone(),
+            // OneTrainer's Flux presets: attention; attention, both streams' feed-forwards and
+            // the single blocks' MLP projection.
+            layer_presets: [
+                ("attn-only", &["attn"][..]),
+                (
+                    "attn-mlp",
+                    &["attn", "ff.net", "ff_context.net", "proj_mlp"][..],
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+            .collect(),
             metadata: Metadata {
                 base_model_version: "flux1".into(),
                 modelspec_architecture: "flux-1-dev".into(),

@@ -443,6 +443,7 @@ impl Architecture for Sd15 {
             // Image sides must divide by this: the VAE's factor times the UNet's downsamplings.
             resolution_step: vae_scale_factor << self.unet_downsamples,
             adaptable_layers: self.adaptable_layers.clone(),
+            layer_presets: Default::default(),
             metadata: self.metadata(),
             single_file_layout: Some("ldm".into()),
         }

@@ -360,6 +360,7 @@ impl Architecture for Sdxl {
             // steps of 64 pixels (8 latents).
             resolution_step: (factor << downsamples).max(factor * 8),
             adaptable_layers: self.adaptable_layers.clone(),
+            layer_presets: Default::default(),
             metadata: Metadata {
                 base_model_version: "sdxl_base_v1-0".into(),
                 modelspec_architecture: "stable-diffusion-xl-v1-base".into(),

@@ -1,5 +1,6 @@
-//! Which layers get adapters: OneTrainer's layer presets over the denoiser's layers
-//! (`attn-only`: modules containing `attn`; `attn-mlp`: `attentions`; `full`: all), or a custom
+//! Which layers get adapters: OneTrainer's layer presets over the denoiser's layers (the
+//! family's, else the SD UNet's: `attn-only`: modules containing `attn`; `attn-mlp`:
+//! `attentions`; `full`: all), or a custom
 //! filter (comma-separated substrings, or a regex); a trained text encoder's layers all join.
 
 use ferrite_plugin_api::{AdaptableLayer, ModelInfo, PartKind};
@@ -52,10 +53,15 @@ impl LayerFilter {
         })
     }
 
-    fn matches(&self, module: &str, re: Option<&Regex>) -> bool {
+    fn matches(&self, module: &str, re: Option<&Regex>, model: &ModelInfo) -> bool {
+        // The family's own preset, else the SD UNet's.
+        let preset = |name: &str, default: &str| match model.layer_presets.get(name) {
+            Some(parts) => parts.iter().any(|p| module.contains(p.as_str())),
+            None => module.contains(default),
+        };
         match self {
-            Self::AttnOnly => module.contains("attn"),
-            Self::AttnMlp => module.contains("attentions"),
+            Self::AttnOnly => preset("attn-only", "attn"),
+            Self::AttnMlp => preset("attn-mlp", "attentions"),
             Self::Full => true,
             Self::Substrings(parts) => parts.iter().any(|p| module.contains(p.as_str())),
             Self::Regex(_) => re.is_some_and(|r| r.is_match(module)),
@@ -83,7 +89,7 @@ pub fn select<'a>(
                 return false;
             };
             trained(&part.id)
-                && (part.kind != PartKind::Denoiser || filter.matches(module, re.as_ref()))
+                && (part.kind != PartKind::Denoiser || filter.matches(module, re.as_ref(), model))
         })
         .collect()
 }

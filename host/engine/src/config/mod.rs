@@ -49,6 +49,9 @@ pub struct PartConfig {
     /// fine-tuned part is refused); a fine-tune saves its frozen parts too, with their
     /// weights as rounded, so it takes the halves only.
     pub weight_dtype: WeightDtype,
+    /// The guidance value a guidance-distilled denoiser (Flux.1-dev's transformer) is given
+    /// in training (OneTrainer's `transformer.guidance_scale`); other parts ignore it.
+    pub guidance_scale: f64,
 }
 
 impl PartConfig {
@@ -69,6 +72,7 @@ impl Default for PartConfig {
             stop_training_after: 0.0,
             stop_training_after_unit: TimeUnit::Never,
             weight_dtype: WeightDtype::Float32,
+            guidance_scale: 1.0,
         }
     }
 }
@@ -407,8 +411,10 @@ pub struct TrainConfig {
     /// γ for min_snr_gamma, the exponent for p2.
     pub loss_weight_strength: f64,
 
-    /// UNet options.
+    /// UNet options (Stable Diffusion).
     pub unet: PartConfig,
+    /// Transformer options (Flux).
+    pub transformer: PartConfig,
     /// Text encoder options.
     pub text_encoder: PartConfig,
     /// Second text encoder options (SDXL's OpenCLIP ViT-bigG).
@@ -538,6 +544,7 @@ impl Default for TrainConfig {
             loss_weight_fn: LossWeightFn::Constant,
             loss_weight_strength: 5.0,
             unet: PartConfig::trained(),
+            transformer: PartConfig::trained(),
             text_encoder: PartConfig::default(),
             text_encoder_2: PartConfig::default(),
             peft_type: "lora".into(),
@@ -839,7 +846,8 @@ impl TrainConfig {
         );
         check(
             self.part_tables().iter().any(|(_, p)| p.train),
-            "unet.train, text_encoder.train, text_encoder_2.train: train at least one part",
+            "unet.train, transformer.train, text_encoder.train, text_encoder_2.train: train at \
+             least one part",
         );
         check(
             (0.0..1.0).contains(&self.text_encoder.dropout_probability),
@@ -949,9 +957,10 @@ impl TrainConfig {
     }
 
     /// The per-part tables by OneTrainer's names.
-    pub fn part_tables(&self) -> [(&'static str, &PartConfig); 3] {
+    pub fn part_tables(&self) -> [(&'static str, &PartConfig); 4] {
         [
             ("unet", &self.unet),
+            ("transformer", &self.transformer),
             ("text_encoder", &self.text_encoder),
             ("text_encoder_2", &self.text_encoder_2),
         ]

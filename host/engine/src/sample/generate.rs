@@ -124,6 +124,12 @@ fn sample_flow(
     noise: Tensor,
     mut on_step: impl FnMut(),
 ) -> Result<Tensor> {
+    if req.sampler != Sampler::Euler {
+        return Err(Error(format!(
+            "sampler {}: a flow-matching model samples with Euler steps (euler)",
+            req.sampler.as_ref()
+        )));
+    }
     if !req.negative_prompt.is_empty() {
         tracing::warn!("this model samples without a negative prompt; it is ignored");
     }

@@ -4,9 +4,9 @@
 use ferrite_plugin_api::{Generator, Tensor};
 
 use super::encode::Batch;
+use super::noising::{Level, Noising};
 use super::{Result, TrainError, Trainer, err};
 use crate::data::loader::Loaded;
-use crate::sample::Prediction;
 
 impl Trainer {
     /// A loaded batch on the device, its loss (divided by the accumulation steps) and its
@@ -78,15 +78,14 @@ impl Trainer {
                     .mul_scalar(c.offset_noise_weight)?;
                 noise = noise.add(&offset)?;
             }
-            let acp: Vec<f64> = timesteps
-                .iter()
-                .map(|&t| self.schedule.alphas_cumprod[t] as f64)
-                .collect();
-            let column = |v: Vec<f32>| Tensor::from_f32(&v, &[b, 1, 1, 1]);
-            let a = column(acp.iter().map(|x| x.sqrt() as f32).collect())?;
-            let s = column(acp.iter().map(|x| (1.0 - x).sqrt() as f32).collect())?;
+            let levels: Vec<Level> = timesteps.iter().map(|&t| self.noising.level(t)).collect();
+            let column = |f: fn(&Level) -> f64| {
+                let v: Vec<f32> = levels.iter().map(|l| f(l) as f32).collect();
+                Tensor::from_f32(&v, &[b, 1, 1, 1])
+            };
+            let (a, s) = (column(|l| l.a)?, column(|l| l.s)?);
             let tt = Tensor::from_f32(
-                &timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+                &levels.iter().map(|l| l.timestep as f32).collect::<Vec<_>>(),
                 &[b],
             )?;
             // Input perturbation (Ning et al.): the model sees extra noise it is not asked to
@@ -99,10 +98,7 @@ impl Trainer {
                 latents.mul(&a)?.add(&noise.mul(&s)?)?
             };
             let pred = self.in_train_dtype(|| self.arch.denoise(&noisy, &tt, &cond))?;
-            let mut target = match self.schedule.prediction {
-                Prediction::Epsilon => noise.clone(),
-                Prediction::VPrediction => noise.mul(&a)?.sub(&latents.mul(&s)?)?,
-            };
+            let mut target = self.noising.target(&latents, &noise, &a, &s)?;
             if prior.iter().any(|&p| p) {
                 // Prior images learn to predict what the model predicts without its adapter.
                 let base = self
@@ -128,7 +124,7 @@ impl Trainer {
                 target,
                 a,
                 s,
-                acp,
+                levels,
             })
         })()
         .map_err(err)
@@ -150,19 +146,15 @@ pub(super) struct Forward {
     pub noisy: Tensor,
     pub pred: Tensor,
     pub target: Tensor,
-    /// sqrt(ᾱ) and sqrt(1 − ᾱ) per image, `[B, 1, 1, 1]`.
+    /// The noising coefficients per image, `[B, 1, 1, 1]`: the input is `a·x + s·ε`.
     pub a: Tensor,
     pub s: Tensor,
-    /// ᾱ per image.
-    pub acp: Vec<f64>,
+    pub levels: Vec<Level>,
 }
 
 impl Forward {
     /// The clean latents that `x` (a prediction or target) implies for the noisy input.
-    pub fn x0(&self, x: &Tensor, prediction: Prediction) -> ferrite_plugin_api::Result<Tensor> {
-        match prediction {
-            Prediction::Epsilon => self.noisy.sub(&x.mul(&self.s)?)?.div(&self.a),
-            Prediction::VPrediction => self.noisy.mul(&self.a)?.sub(&x.mul(&self.s)?),
-        }
+    pub fn x0(&self, x: &Tensor, noising: &Noising) -> ferrite_plugin_api::Result<Tensor> {
+        noising.x0(&self.noisy, x, &self.a, &self.s)
     }
 }

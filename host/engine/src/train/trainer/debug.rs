@@ -23,8 +23,7 @@ pub(super) struct Snapshot {
 
 impl Snapshot {
     pub fn new(t: &Trainer, loaded: &Loaded, batch: &Batch, f: &Forward) -> Result<Self> {
-        let p = t.schedule.prediction;
-        let x0 = |x: &Tensor| x.detach().and_then(|x| f.x0(&x, p)).map_err(err);
+        let x0 = |x: &Tensor| x.detach().and_then(|x| f.x0(&x, &t.noising)).map_err(err);
         Ok(Self {
             bucket: batch.bucket,
             inputs: loaded.inputs.clone(),

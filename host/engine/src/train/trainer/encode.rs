@@ -2,7 +2,7 @@
 //! model's text tensors encoded or read from the text cache (misses are encoded and written),
 //! and each image's geometry when the model is conditioned on it.
 
-use ferrite_plugin_api::{DType, Tensor, Weights};
+use ferrite_plugin_api::{DType, PartKind, Tensor, Weights};
 
 use super::{Result, TrainError, Trainer, err};
 use crate::data::loader::{Image, Loaded};
@@ -94,11 +94,22 @@ impl Trainer {
     }
 
     /// The denoiser's conditioning for a batch: its text tensors, then the images' geometry
-    /// (`[B, 6]`, concatenated rows) when the model takes it.
+    /// (`[B, 6]`, concatenated rows) or the guidance value (`[B]`, the denoiser table's
+    /// `guidance_scale`) when the model takes them.
     pub(super) fn conditioning(&self, prompts: &[String], geometry: &[f32]) -> Result<Vec<Tensor>> {
         let mut cond = self.text_states(prompts)?;
         if self.info.conditioning.image_geometry {
             cond.push(Tensor::from_f32(geometry, &[prompts.len(), 6]).map_err(err)?);
+        }
+        if self.info.conditioning.guidance {
+            let scale = self
+                .info
+                .parts
+                .iter()
+                .find(|p| p.kind == PartKind::Denoiser)
+                .and_then(|p| self.config.part(&p.config_table))
+                .map_or(1.0, |t| t.guidance_scale);
+            cond.push(Tensor::full(&[prompts.len()], scale, DType::F32).map_err(err)?);
         }
         Ok(cond)
     }

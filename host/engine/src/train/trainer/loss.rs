@@ -6,7 +6,7 @@ use ferrite_plugin_api::Tensor;
 use super::batch::Forward;
 use super::encode::Batch;
 use super::{Result, Trainer, err};
-use crate::train::loss::{huber, log_cosh, loss_weight};
+use crate::train::loss::{huber, log_cosh};
 
 impl Trainer {
     /// The loss of a forward pass, divided by the accumulation steps.
@@ -69,18 +69,10 @@ impl Trainer {
             }
             // Timestep loss weights, and the concepts' loss weights.
             let w: Vec<f32> = f
-                .acp
+                .levels
                 .iter()
                 .zip(weights)
-                .map(|(&x, &cw)| {
-                    let lw = loss_weight(
-                        c.loss_weight_fn,
-                        c.loss_weight_strength,
-                        x / (1.0 - x),
-                        self.schedule.prediction,
-                    );
-                    (lw * cw) as f32
-                })
+                .map(|(&level, &cw)| (self.noising.loss_weight(c, level) * cw) as f32)
                 .collect();
             per.mul(&Tensor::from_f32(&w, &[b])?)?
                 .mean_all()?

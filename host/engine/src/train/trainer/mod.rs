@@ -14,6 +14,7 @@ mod encode;
 mod groups;
 mod intervals;
 mod loss;
+mod noising;
 mod output;
 mod precision;
 mod run;
@@ -27,9 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use ferrite_plugin_api::{
-    ModelInfo, PartKind, Tensor, family::Objective, plugin::ArchitectureHandle,
-};
+use ferrite_plugin_api::{ModelInfo, PartKind, Tensor, plugin::ArchitectureHandle};
 
 use crate::adapters::ModelLayers;
 use crate::config::{
@@ -38,12 +37,12 @@ use crate::config::{
 use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
 use crate::runtime::{Cancel, Device, Scope, TrainDtype as RtTrainDtype, WeightFormat};
-use crate::sample::{NoiseSchedule, SchedulerConfig};
 use crate::train::cache::Caches;
 use crate::train::tensorboard::EventWriter;
 use crate::train::timesteps::Timesteps;
 pub use batch::Probe;
 use groups::Group;
+use noising::Noising;
 pub use precision::LossScale;
 
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +129,7 @@ pub struct Trainer {
     /// forward of the denoiser and of trained text encoders only (the VAE, caches and samples
     /// compute in f32).
     mixed: Scope,
-    schedule: NoiseSchedule,
+    noising: Noising,
     /// The model's family contract.
     info: ModelInfo,
     data: Arc<Dataset>,
@@ -176,7 +175,8 @@ fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
                  leave it at float32"
             )));
         }
-        if pc.train && !here {
+        // Configs carry both denoiser tables, trained by default: a family uses the one it has.
+        if pc.train && !here && !matches!(table, "unet" | "transformer") {
             let tables: Vec<&str> = info.parts.iter().map(|p| p.config_table.as_str()).collect();
             return Err(TrainError(format!(
                 "{table}.train: this model has no part configured by `[{table}]` (its parts: {}); \
@@ -319,22 +319,9 @@ impl Trainer {
             .map_err(err)?;
         let model = Arc::new(ModelLayers::of(&arch).map_err(err)?);
         let info = model.info.clone();
-        let Objective::Ddpm { scheduler } = &info.objective else {
-            return Err(TrainError(format!(
-                "{} is a flow-matching model (Flux): training it is not built yet \
-                 (`ferrite sample` can sample it)",
-                c.model_type
-            )));
-        };
         check_parts(c, &info)?;
         keep_weights(c, &info, &arch, &scope.device)?;
-        let mut scheduler =
-            SchedulerConfig::from_json(&scheduler.to_string(), "the model's scheduler")
-                .map_err(err)?;
-        if let Some(p) = c.forced_prediction() {
-            scheduler.prediction_type = p.into();
-        }
-        let schedule = NoiseSchedule::new(scheduler).map_err(err)?;
+        let noising = Noising::new(&info.objective, c)?;
         scope = scope
             .with_adapters(model.clone())
             .with_checkpointing(c.gradient_checkpointing == GradientCheckpointing::On);
@@ -381,7 +368,7 @@ impl Trainer {
             c.seed,
             c.text_encoder_layer_skip,
         );
-        let timesteps = Timesteps::new(c, schedule.alphas_cumprod.len());
+        let timesteps = Timesteps::new(c, noising.timesteps());
         let mut t = Self {
             caches: Arc::new(caches),
             timesteps: Arc::new(timesteps),
@@ -407,7 +394,7 @@ impl Trainer {
             registry,
             arch,
             model,
-            schedule,
+            noising,
             info,
             data: Arc::new(data),
             validation,

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ferrite_plugin_api::{DType, Tensor};
+use ferrite_plugin_api::{DType, Tensor, family::layouts};
 
 use super::{Result, TrainError, Trainer, err};
 use crate::adapters::formats::Format;
@@ -105,6 +105,25 @@ impl Trainer {
         {
             return Err(TrainError(format!(
                 "output_model_format `{}`: this model has no single-file layout; use `diffusers`",
+                c.output_model_format
+            )));
+        }
+        // An adapter file in kohya's or ComfyUI's keys needs the model to name them (checked
+        // now, not when the trained file is written).
+        let layout = match c.output_model_format {
+            OutputFormat::Safetensors | OutputFormat::Kohya => layouts::KOHYA,
+            OutputFormat::Comfy => layouts::COMFY,
+            OutputFormat::Diffusers => return Ok(()),
+        };
+        let unnamed = self
+            .info
+            .adaptable_layers
+            .iter()
+            .any(|l| !l.keys.contains_key(layout));
+        if c.training_method == TrainingMethod::Lora && unnamed {
+            return Err(TrainError(format!(
+                "output_model_format `{}`: this model names no {layout} keys for its layers; use \
+                 `diffusers`",
                 c.output_model_format
             )));
         }

@@ -19,7 +19,7 @@ impl Trainer {
         let _scope = self.scope.enter();
         let _untracked = Untracked::new(&self.groups)?;
         let c = &self.config;
-        let n = self.schedule.alphas_cumprod.len() as f64;
+        let n = self.noising.timesteps() as f64;
         let (lo, hi) = (c.min_noising_strength * n, c.max_noising_strength * n);
         let timesteps: Vec<usize> = (0..VALIDATION_TIMESTEPS)
             .map(|k| (lo + (k as f64 + 0.5) * (hi - lo) / VALIDATION_TIMESTEPS as f64) as usize)

@@ -1,0 +1,136 @@
+//! How a clean latent is noised for training and what the denoiser learns to predict: DDPM's
+//! (ᾱ from the model's diffusers schedule; ε or v) or rectified flow's (OneTrainer's: drawn
+//! index i is σ = (i + 1) / T; the model is given σ·T and predicts the velocity ε − x).
+
+use ferrite_plugin_api::{Result, Tensor, family::Objective};
+
+use super::{TrainError, err};
+use crate::config::{LossWeightFn, TrainConfig};
+use crate::sample::{NoiseSchedule, Prediction, SchedulerConfig};
+use crate::train::loss::loss_weight;
+
+pub(super) enum Noising {
+    Ddpm(NoiseSchedule),
+    Flow { timesteps: usize },
+}
+
+/// One image's noising: its input is `a·x + s·ε`, the model is given `timestep`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Level {
+    pub a: f64,
+    pub s: f64,
+    pub timestep: f64,
+}
+
+impl Noising {
+    pub fn new(objective: &Objective, c: &TrainConfig) -> super::Result<Self> {
+        match objective {
+            Objective::Ddpm { scheduler } => {
+                let mut config =
+                    SchedulerConfig::from_json(&scheduler.to_string(), "the model's scheduler")
+                        .map_err(err)?;
+                if let Some(p) = c.forced_prediction() {
+                    config.prediction_type = p.into();
+                }
+                Ok(Self::Ddpm(NoiseSchedule::new(config).map_err(err)?))
+            }
+            Objective::FlowMatch { scheduler } => {
+                if c.forced_prediction().is_some() {
+                    return Err(TrainError(
+                        "force_v_prediction / force_epsilon_prediction: a flow-matching model \
+                         predicts the velocity; turn them off"
+                            .into(),
+                    ));
+                }
+                if c.loss_weight_fn != LossWeightFn::Constant {
+                    return Err(TrainError(format!(
+                        "loss_weight_fn {}: SNR weights are for DDPM models; use constant for \
+                         a flow-matching model",
+                        c.loss_weight_fn.as_ref()
+                    )));
+                }
+                let config =
+                    crate::sample::flow::FlowMatchConfig::from_json(scheduler).map_err(err)?;
+                Ok(Self::Flow {
+                    timesteps: config.num_train_timesteps,
+                })
+            }
+        }
+    }
+
+    /// The number of timesteps training draws from.
+    pub fn timesteps(&self) -> usize {
+        match self {
+            Self::Ddpm(s) => s.alphas_cumprod.len(),
+            Self::Flow { timesteps } => *timesteps,
+        }
+    }
+
+    /// The noising of drawn index `t`.
+    pub fn level(&self, t: usize) -> Level {
+        match self {
+            Self::Ddpm(schedule) => {
+                let acp = schedule.alphas_cumprod[t] as f64;
+                Level {
+                    a: acp.sqrt(),
+                    s: (1.0 - acp).sqrt(),
+                    timestep: t as f64,
+                }
+            }
+            Self::Flow { timesteps } => {
+                let sigma = (t + 1) as f64 / *timesteps as f64;
+                Level {
+                    a: 1.0 - sigma,
+                    s: sigma,
+                    timestep: sigma * *timesteps as f64,
+                }
+            }
+        }
+    }
+
+    /// What the model learns to predict for clean `latents` noised with `noise` by `a`, `s`
+    /// (`[B, 1, 1, 1]`).
+    pub fn target(
+        &self,
+        latents: &Tensor,
+        noise: &Tensor,
+        a: &Tensor,
+        s: &Tensor,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Ddpm(schedule) => match schedule.prediction {
+                Prediction::Epsilon => Ok(noise.clone()),
+                Prediction::VPrediction => noise.mul(a)?.sub(&latents.mul(s)?),
+            },
+            Self::Flow { .. } => noise.sub(latents),
+        }
+    }
+
+    /// The clean latents a prediction (or target) `x` implies for the input `noisy`.
+    pub fn x0(&self, noisy: &Tensor, x: &Tensor, a: &Tensor, s: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Ddpm(schedule) => match schedule.prediction {
+                Prediction::Epsilon => noisy.sub(&x.mul(s)?)?.div(a),
+                Prediction::VPrediction => noisy.mul(a)?.sub(&x.mul(s)?),
+            },
+            Self::Flow { .. } => noisy.sub(&x.mul(s)?),
+        }
+    }
+
+    /// The timestep loss weight of an image noised to `level` (flow-matching models take the
+    /// constant weight, checked in [`Noising::new`]).
+    pub fn loss_weight(&self, c: &TrainConfig, level: Level) -> f64 {
+        match self {
+            Self::Ddpm(schedule) => {
+                let snr = level.a * level.a / (level.s * level.s);
+                loss_weight(
+                    c.loss_weight_fn,
+                    c.loss_weight_strength,
+                    snr,
+                    schedule.prediction,
+                )
+            }
+            Self::Flow { .. } => 1.0,
+        }
+    }
+}
