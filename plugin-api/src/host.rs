@@ -164,7 +164,23 @@ impl Drop for Generator {
 #[derive(Debug)]
 enum Origin {
     File(OpenFile),
+    /// Several files, and which holds each key.
+    Shards {
+        label: String,
+        files: Vec<OpenFile>,
+        of_key: std::collections::HashMap<String, usize>,
+    },
     Random(RandomSource),
+}
+
+/// Reads `key` of an open file onto the device as `dtype`.
+fn load(f: &OpenFile, key: &str, dtype: crate::DType) -> Result<Tensor> {
+    let id = res((host()?.load_weight())(
+        f.id,
+        RStr::from_str(key),
+        dtype.to_ne(),
+    ))?;
+    Ok(Tensor::from_raw(id))
 }
 
 /// An open safetensors file; closed when the last view of it is dropped.
@@ -261,29 +277,67 @@ pub struct Weights {
     scope: Option<Arc<Scope>>,
 }
 
+/// Opens one safetensors file and lists its tensors.
+fn open_file(path: &str) -> Result<(OpenFile, Vec<WeightInfo>)> {
+    let h = host()?;
+    let file = OpenFile {
+        id: res((h.open_weights())(RStr::from_str(path)))?,
+        path: path.to_string(),
+    };
+    let infos = res((h.weight_infos())(file.id))?
+        .into_iter()
+        .map(|e| {
+            Ok(WeightInfo {
+                dtype: known("dtype", &e.dtype).map_err(|m| Error(format!("{path}: {m}")))?,
+                key: e.key.into_string(),
+                shape: e.shape.into_vec(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((file, infos))
+}
+
 impl Weights {
     pub fn open(path: &str) -> Result<Self> {
-        let h = host()?;
-        let file = OpenFile {
-            id: res((h.open_weights())(RStr::from_str(path)))?,
-            path: path.to_string(),
+        let (file, infos) = open_file(path)?;
+        Ok(Self::of(Origin::File(file), infos))
+    }
+
+    /// One model split over several files (a diffusers `*.safetensors.index.json`'s shards),
+    /// read as one; `label` (the index) names it in errors.
+    pub fn open_shards(label: &str, paths: &[String]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut of_key = std::collections::HashMap::new();
+        let mut infos = Vec::new();
+        for path in paths {
+            let (file, listed) = open_file(path)?;
+            for info in listed {
+                if of_key.insert(info.key.clone(), files.len()).is_some() {
+                    return Err(Error(format!(
+                        "{label}: tensor `{}` is in two shards (the second: {path})",
+                        info.key
+                    )));
+                }
+                infos.push(info);
+            }
+            files.push(file);
+        }
+        infos.sort_by(|a, b| a.key.cmp(&b.key));
+        let origin = Origin::Shards {
+            label: label.to_string(),
+            files,
+            of_key,
         };
-        let infos = res((h.weight_infos())(file.id))?
-            .into_iter()
-            .map(|e| {
-                Ok(WeightInfo {
-                    dtype: known("dtype", &e.dtype).map_err(|m| Error(format!("{path}: {m}")))?,
-                    key: e.key.into_string(),
-                    shape: e.shape.into_vec(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            file: Arc::new(Origin::File(file)),
+        Ok(Self::of(origin, infos))
+    }
+
+    fn of(origin: Origin, infos: Vec<WeightInfo>) -> Self {
+        Self {
+            file: Arc::new(origin),
             infos,
             sources: None,
             scope: None,
-        })
+        }
     }
 
     /// Random f32 tensors of the given names and shapes, read like a file's (a model built from
@@ -314,16 +368,12 @@ impl Weights {
             });
         }
         infos.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(Self {
-            file: Arc::new(Origin::Random(RandomSource {
-                label: label.to_string(),
-                seed,
-                tensors: drawn,
-            })),
-            infos,
-            sources: None,
-            scope: None,
-        })
+        let origin = Origin::Random(RandomSource {
+            label: label.to_string(),
+            seed,
+            tensors: drawn,
+        });
+        Ok(Self::of(origin, infos))
     }
 
     /// The same tensors, remembered as they are loaded under `<name>.<key>` (see
@@ -455,6 +505,7 @@ impl Weights {
     pub fn path(&self) -> &str {
         match &*self.file {
             Origin::File(f) => &f.path,
+            Origin::Shards { label, .. } => label,
             Origin::Random(r) => &r.label,
         }
     }
@@ -469,8 +520,11 @@ impl Weights {
     }
 
     pub fn metadata(&self) -> Result<Vec<(String, String)>> {
-        let Origin::File(file) = &*self.file else {
-            return Ok(Vec::new());
+        let file = match &*self.file {
+            Origin::File(f) => f,
+            // A sharded model's metadata is its first shard's.
+            Origin::Shards { files, .. } if !files.is_empty() => &files[0],
+            _ => return Ok(Vec::new()),
         };
         let m = res((host()?.weight_metadata())(file.id))?;
         Ok(m.into_iter()
@@ -485,11 +539,14 @@ impl Weights {
         };
         let source = self.source(i);
         let mut t = match &*self.file {
-            Origin::File(f) => Tensor::from_raw(res((host()?.load_weight())(
-                f.id,
-                RStr::from_str(&source.key),
-                dtype.to_ne(),
-            ))?),
+            Origin::File(f) => load(f, &source.key, dtype)?,
+            Origin::Shards { files, of_key, .. } => {
+                let f = of_key
+                    .get(&source.key)
+                    .map(|&i| &files[i])
+                    .ok_or_else(|| Error(format!("{}: no tensor `{}`", self.path(), source.key)))?;
+                load(f, &source.key, dtype)?
+            }
             Origin::Random(r) => r.draw(&source.key, dtype)?,
         };
         if self.sources.is_some() {

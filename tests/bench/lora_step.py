@@ -21,20 +21,17 @@ import time
 
 import torch
 
-SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
-)
-SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    attention_head_dim=[5, 10, 20], cross_attention_dim=2048, norm_num_groups=32, use_linear_projection=True,
-    transformer_layers_per_block=[1, 2, 10], addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, flip_sin_to_cos=True, freq_shift=0,
-)
+def published_configs():
+    import importlib.util
+    gen = os.path.join(os.path.dirname(__file__), "..", "fixtures", "gen", "published_configs.py")
+    spec = importlib.util.spec_from_file_location("published_configs", gen)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+_PUBLISHED = published_configs()
+SD15_UNET, SDXL_UNET = _PUBLISHED.SD15_UNET, _PUBLISHED.SDXL_UNET
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 

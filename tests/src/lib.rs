@@ -146,3 +146,17 @@ pub fn sample_diff(fixture: &Path, expected: &str, args: &[&str]) -> u8 {
     println!("{expected} {args:?}: max pixel difference {worst}/255");
     worst
 }
+
+/// Copies the folder `from` to `to`, with the files `keep` accepts.
+pub fn copy_dir(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let target = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &target, keep);
+        } else if keep(&p) {
+            std::fs::copy(&p, &target).unwrap();
+        }
+    }
+}

@@ -426,7 +426,9 @@ fn bench_step_prints_its_figures_as_one_json_line() {
     let fixtures = model.parent().unwrap().parent().unwrap();
     for (arch, from) in [("sd15", "pipeline/model"), ("sdxl", "sdxl/model")] {
         let to = configs.path().join(arch);
-        copy_without_weights(&fixtures.join(from), &to);
+        // The config files only.
+        let no_weights = |p: &std::path::Path| p.extension().is_none_or(|x| x != "safetensors");
+        ferrite_tests::copy_dir(&fixtures.join(from), &to, &no_weights);
         let (cfg, full) = (to.to_str().unwrap(), fixtures.join(from));
         assert_eq!(
             figures(&["--arch", arch, "--model-config", cfg]),
@@ -451,18 +453,4 @@ fn bench_step_prints_its_figures_as_one_json_line() {
         !ok && err.contains("train_dtype") && !err.contains("panicked"),
         "{err}"
     );
-}
-
-/// Copies a diffusers folder without its weight files: its config files only.
-fn copy_without_weights(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let target = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_without_weights(&p, &target);
-        } else if p.extension().is_none_or(|x| x != "safetensors") {
-            std::fs::copy(&p, &target).unwrap();
-        }
-    }
 }

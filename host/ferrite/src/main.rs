@@ -82,9 +82,10 @@ struct SampleArgs {
     negative_prompt: String,
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.5)]
-    cfg: f64,
+    /// Guidance: the classifier-free guidance scale (default 7.5), or for a guidance-distilled
+    /// model (Flux.1-dev) its embedded guidance (default 3.5, as diffusers').
+    #[arg(long)]
+    cfg: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value_t = 512)]

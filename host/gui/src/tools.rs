@@ -176,7 +176,7 @@ impl Tools {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative.clone(),
             steps: self.steps,
-            cfg: self.cfg,
+            cfg: Some(self.cfg),
             seed: self.seed,
             width: self.size,
             height: self.size,

@@ -15,6 +15,11 @@ pub fn timestep_embedding(
     flip_sin_to_cos: bool,
 ) -> Result<Tensor> {
     let half = dim / 2;
+    if half <= shift {
+        return Err(ferrite_plugin_api::Error(format!(
+            "a timestep embedding of width {dim} cannot have a frequency shift of {shift}"
+        )));
+    }
     let denom = (half - shift) as f64;
     let freqs: Vec<f32> = (0..half)
         .map(|i| (-(10000f64.ln()) * i as f64 / denom).exp() as f32)

@@ -1,7 +1,7 @@
 //! Shape-checked loaders for the basic layers, so a wrong checkpoint fails naming the key.
 
 use ferrite_plugin_api::{
-    DType, Result, Weights,
+    DType, Result, Tensor, Weights,
     nn::{Conv2d, GroupNorm, LayerNorm, Linear},
     ops::ConvOptions,
 };
@@ -37,6 +37,13 @@ pub fn group_norm(
 ) -> Result<GroupNorm> {
     expect_shape(w, &key(prefix, "weight"), &[channels])?;
     GroupNorm::load(w, prefix, groups, eps, dtype)
+}
+
+/// A norm's weight alone (RMS norms: T5's, Flux's QK norms), `[dim]`.
+pub fn norm_weight(w: &Weights, prefix: &str, dim: usize, dtype: DType) -> Result<Tensor> {
+    let k = key(prefix, "weight");
+    expect_shape(w, &k, &[dim])?;
+    w.get(&k, dtype)
 }
 
 pub fn layer_norm(

@@ -181,44 +181,46 @@ pub fn vae(c: &VaeConfig) -> Manifest {
         }
         resnet(m, &key(p, "resnets.1"), last, last);
     };
+    // The encoder's down blocks and the decoder's up blocks: resnets from the previous width,
+    // then a resampling conv between levels.
+    let levels =
+        |m: &mut Manifest, p: &str, widths: &[usize], from: usize, layers: usize, sampler: &str| {
+            let mut prev = from;
+            for (i, &out) in widths.iter().enumerate() {
+                for j in 0..layers {
+                    let inp = if j == 0 { prev } else { out };
+                    resnet(m, &format!("{p}.{i}.resnets.{j}"), inp, out);
+                }
+                if i + 1 < widths.len() {
+                    m.conv(&format!("{p}.{i}.{sampler}.0.conv"), out, out, 3);
+                }
+                prev = out;
+            }
+        };
     m.conv("encoder.conv_in", ch[0], c.in_channels, 3);
-    let mut prev = ch[0];
-    for (i, &out) in ch.iter().enumerate() {
-        let p = format!("encoder.down_blocks.{i}");
-        for j in 0..c.layers_per_block {
-            resnet(
-                &mut m,
-                &format!("{p}.resnets.{j}"),
-                if j == 0 { prev } else { out },
-                out,
-            );
-        }
-        if i + 1 < ch.len() {
-            m.conv(&format!("{p}.downsamplers.0.conv"), out, out, 3);
-        }
-        prev = out;
-    }
+    levels(
+        &mut m,
+        "encoder.down_blocks",
+        ch,
+        ch[0],
+        c.layers_per_block,
+        "downsamplers",
+    );
     mid(&mut m, "encoder.mid_block");
     m.norm("encoder.conv_norm_out", last);
     m.conv("encoder.conv_out", 2 * l, last, 3);
     m.conv("decoder.conv_in", last, l, 3);
     mid(&mut m, "decoder.mid_block");
-    let mut prev = last;
-    for (i, &out) in ch.iter().rev().enumerate() {
-        let p = format!("decoder.up_blocks.{i}");
-        for j in 0..=c.layers_per_block {
-            resnet(
-                &mut m,
-                &format!("{p}.resnets.{j}"),
-                if j == 0 { prev } else { out },
-                out,
-            );
-        }
-        if i + 1 < ch.len() {
-            m.conv(&format!("{p}.upsamplers.0.conv"), out, out, 3);
-        }
-        prev = out;
-    }
+    let reversed: Vec<usize> = ch.iter().rev().copied().collect();
+    let layers = c.layers_per_block + 1;
+    levels(
+        &mut m,
+        "decoder.up_blocks",
+        &reversed,
+        last,
+        layers,
+        "upsamplers",
+    );
     m.norm("decoder.conv_norm_out", ch[0]);
     m.conv("decoder.conv_out", c.out_channels, ch[0], 3);
     if c.use_quant_conv {

@@ -10,7 +10,7 @@ use ferrite_plugin_api::{
 use serde::Deserialize;
 
 use crate::key;
-use crate::layers::linear;
+use crate::layers::{linear, norm_weight};
 
 /// The fields of a T5 `config.json` the encoder uses.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -142,10 +142,7 @@ impl T5EncoderModel {
     /// `encoder.final_layer_norm`).
     pub fn load(w: &Weights, c: &T5Config, dtype: DType) -> Result<Self> {
         let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
-        let norm = |k: &str| -> Result<Tensor> {
-            crate::expect_shape(w, &key(k, "weight"), &[d])?;
-            w.get(&key(k, "weight"), dtype)
-        };
+        let norm = |k: &str| norm_weight(w, k, d, dtype);
         let embedding = |k: &str, shape: &[usize]| -> Result<Embedding> {
             crate::expect_shape(w, &key(k, "weight"), shape)?;
             Embedding::load(w, k, dtype)

@@ -18,12 +18,14 @@ impl T5Tokenizer {
         let path = dir.join("tokenizer.json");
         let err = |e: tokenizers::Error| Error(format!("{}: {e}", path.display()));
         let mut inner = Tokenizer::from_file(&path).map_err(err)?;
-        let config = crate::folder::read_json(&dir.join("tokenizer_config.json")).ok();
-        let pad_token = config
-            .as_ref()
-            .and_then(|c| c["pad_token"].as_str())
-            .unwrap_or("<pad>")
-            .to_string();
+        let config_path = dir.join("tokenizer_config.json");
+        let config = if config_path.exists() {
+            crate::folder::read_json(&config_path)?
+        } else {
+            serde_json::Value::Null
+        };
+        let pad_token =
+            crate::tokenizer::token_text(&config["pad_token"]).unwrap_or_else(|| "<pad>".into());
         let pad_id = inner.token_to_id(&pad_token).ok_or_else(|| {
             Error(format!(
                 "{}: the pad token `{pad_token}` is not in the vocabulary",

@@ -28,6 +28,13 @@ pub struct ClipTokenizer {
     pub max_length: usize,
 }
 
+/// A special token as `tokenizer_config.json` gives it: a string, or an object with `content`.
+pub fn token_text(v: &serde_json::Value) -> Option<String> {
+    v.as_str()
+        .or_else(|| v["content"].as_str())
+        .map(str::to_string)
+}
+
 fn tk_err(source: &Path) -> impl Fn(tokenizers::Error) -> Error + '_ {
     move |e| Error(format!("{}: {e}", source.display()))
 }
@@ -52,11 +59,6 @@ impl ClipTokenizer {
                 })?,
                 Err(_) => serde_json::Value::Null,
             };
-        let token_text = |v: &serde_json::Value| {
-            v.as_str()
-                .or_else(|| v["content"].as_str())
-                .map(str::to_string)
-        };
         let pad = token_text(&config["pad_token"]).unwrap_or_else(|| EOS.into());
         let max_length = config["model_max_length"]
             .as_u64()

@@ -4,14 +4,14 @@
 
 use ferrite_plugin_api::{
     DType, Error, Result, Tensor, Weights,
-    nn::{Conv2d, GroupNorm, Linear},
+    nn::{Conv2d, GroupNorm},
     ops::ConvOptions,
 };
 use serde::Deserialize;
 
-use crate::embeddings::timestep_embedding;
+use crate::embeddings::{Mlp, timestep_embedding};
 use crate::key;
-use crate::layers::{conv2d, group_norm, linear};
+use crate::layers::{conv2d, group_norm};
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetCfg, Upsample2D};
 use crate::transformer::{Transformer2DCfg, Transformer2DModel};
 
@@ -231,10 +231,9 @@ pub struct AddedCond<'a> {
 
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
-    linear_1: Linear,
-    linear_2: Linear,
-    /// `add_embedding` (text_time): linear_1, linear_2.
-    add_embedding: Option<(Linear, Linear)>,
+    time_embedding: Mlp,
+    /// `add_embedding` (text_time).
+    add_embedding: Option<Mlp>,
     conv_in: Conv2d,
     down_blocks: Vec<Block<Downsample2D>>,
     mid_resnets: [ResnetBlock2D; 2],
@@ -349,16 +348,14 @@ impl UNet2DConditionModel {
         }
 
         let add_embedding = match c.projection_class_embeddings_input_dim {
-            Some(width) if c.addition_embed_type.is_some() => Some((
-                linear(w, &k("add_embedding.linear_1"), temb, width, dtype)?,
-                linear(w, &k("add_embedding.linear_2"), temb, temb, dtype)?,
-            )),
+            Some(width) if c.addition_embed_type.is_some() => {
+                Some(Mlp::load(w, &k("add_embedding"), width, temb, dtype)?)
+            }
             _ => None,
         };
         Ok(Self {
             add_embedding,
-            linear_1: linear(w, &k("time_embedding.linear_1"), temb, ch[0], dtype)?,
-            linear_2: linear(w, &k("time_embedding.linear_2"), temb, temb, dtype)?,
+            time_embedding: Mlp::load(w, &k("time_embedding"), ch[0], temb, dtype)?,
             conv_in: conv2d(
                 w,
                 &k("conv_in"),
@@ -407,8 +404,8 @@ impl UNet2DConditionModel {
     /// The time embedding `[B, 4·C]`, with SDXL's added embedding when the model has one.
     fn time_embedding(&self, timesteps: &Tensor, added: Option<&AddedCond>) -> Result<Tensor> {
         let t = self.time_proj(timesteps, self.config.block_out_channels[0])?;
-        let temb = self.linear_2.forward(&self.linear_1.forward(&t)?.silu()?)?;
-        let Some((l1, l2)) = &self.add_embedding else {
+        let temb = self.time_embedding.forward(&t)?;
+        let Some(add_embedding) = &self.add_embedding else {
             return Ok(temb);
         };
         let a = added.ok_or_else(|| {
@@ -424,7 +421,7 @@ impl UNet2DConditionModel {
             .time_proj(&a.time_ids.reshape(&[-1])?, dim)?
             .reshape(&[b as i64, -1])?;
         let joined = Tensor::cat(&[a.text_embeds, &time_embeds], 1)?;
-        temb.add(&l2.forward(&l1.forward(&joined)?.silu()?)?)
+        temb.add(&add_embedding.forward(&joined)?)
     }
 
     /// [`UNet2DConditionModel::forward`] with SDXL's added conditioning.

@@ -1,7 +1,7 @@
 //! Flux.1 (dev and schnell) from a diffusers folder (`model_index.json`, `transformer/`, `vae/`,
-//! `text_encoder/` CLIP-L, `text_encoder_2/` T5, `tokenizer/`, `tokenizer_2/`, `scheduler/`):
-//! sampling with the flow-matching objective. Training, single files and LoRA layouts are not
-//! built yet.
+//! `text_encoder/` CLIP-L, `text_encoder_2/` T5, `tokenizer/`, `tokenizer_2/`, `scheduler/`;
+//! single or sharded weight files), with the flow-matching objective. Single-file checkpoints
+//! and LoRA layouts other than diffusers' are not built yet.
 
 pub mod model;
 pub mod packing;
@@ -18,8 +18,9 @@ pub use model::Flux;
 #[serde(deny_unknown_fields)]
 struct Options {
     model: String,
-    /// T5 tokens per prompt (diffusers' `max_sequence_length`: 512 for dev, 256 for schnell).
-    max_sequence_length: usize,
+    /// T5 tokens per prompt (diffusers' `max_sequence_length`); None: 512 for dev, 256 for
+    /// schnell.
+    max_sequence_length: Option<usize>,
 }
 
 pub struct FluxPlugin;
@@ -40,7 +41,7 @@ impl Plugin for FluxPlugin {
                 "required": ["model"],
                 "properties": {
                     "model": {"type": "string", "description": "diffusers Flux folder"},
-                    "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512, "default": 512, "description": "T5 tokens per prompt (512 for dev, 256 for schnell)"}
+                    "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512, "description": "T5 tokens per prompt (default: 512 for dev, 256 for schnell)"}
                 }
             }),
         }]
@@ -52,17 +53,14 @@ impl Plugin for FluxPlugin {
         }
         let defaults = Options {
             model: String::new(),
-            max_sequence_length: 512,
+            max_sequence_length: None,
         };
         let o = parse_options(id, defaults, options)?;
         if o.model.is_empty() {
             bail!("flux needs the `model` option (a diffusers Flux folder)");
         }
-        if !(1..=512).contains(&o.max_sequence_length) {
-            bail!(
-                "flux: max_sequence_length must be 1 to 512, got {}",
-                o.max_sequence_length
-            );
+        if let Some(n) = o.max_sequence_length.filter(|n| !(1..=512).contains(n)) {
+            bail!("flux: max_sequence_length must be 1 to 512, got {n}");
         }
         let model = Flux::load(std::path::Path::new(&o.model), o.max_sequence_length)?;
         Ok(Component::Architecture(Box::new(model)))

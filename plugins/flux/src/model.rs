@@ -5,7 +5,7 @@ use std::path::Path;
 use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
     flux::{FluxConfig, FluxTransformer2DModel},
-    folder::{self, read, read_json},
+    folder::{self, config, read_json},
     part,
     t5::{T5Config, T5EncoderModel},
     t5_tokenizer::T5Tokenizer,
@@ -33,17 +33,13 @@ pub struct Flux {
     adaptable_layers: Vec<AdaptableLayer>,
 }
 
-/// A part's config, read and parsed by `parse` with the file named in errors.
-fn config<T>(dir: &Path, part: &str, parse: impl Fn(&str, &str) -> Result<T>) -> Result<T> {
-    let path = dir.join(part).join("config.json");
-    parse(&read(&path)?, &path.to_string_lossy())
-}
-
 impl Flux {
-    pub fn load(dir: &Path, max_sequence_length: usize) -> Result<Self> {
+    /// Loads a diffusers folder; prompts take `max_sequence_length` T5 tokens (None: diffusers'
+    /// defaults, 512 for dev and 256 for schnell, which has no guidance embedding).
+    pub fn load(dir: &Path, max_sequence_length: Option<usize>) -> Result<Self> {
         let index = folder::model_index(dir)?;
         let class = index["_class_name"].as_str().unwrap_or("");
-        if !class.contains("Flux") && index.get("transformer").is_none() {
+        if !class.contains("Flux") {
             bail!(
                 "{} is not a Flux model ({class}); use the architecture of its family",
                 dir.display()
@@ -59,6 +55,39 @@ impl Flux {
             "scheduler",
         ];
         folder::require_parts(dir, &parts, "Flux")?;
+        // Configs, their agreement and the tokenizers first: a bad folder fails before any
+        // weight loads.
+        let clip_config = config(dir, "text_encoder/config.json", ClipTextConfig::from_json)?;
+        let t5_config = config(dir, "text_encoder_2/config.json", T5Config::from_json)?;
+        let flux_config = config(dir, "transformer/config.json", FluxConfig::from_json)?;
+        let vae_config = config(dir, "vae/config.json", VaeConfig::from_json)?;
+        let mismatch = |what: String| Error(format!("{}: {what}", dir.display()));
+        if flux_config.pooled_projection_dim != clip_config.hidden_size {
+            return Err(mismatch(format!(
+                "the transformer's pooled_projection_dim {} is not the CLIP text encoder's \
+                 width {}",
+                flux_config.pooled_projection_dim, clip_config.hidden_size
+            )));
+        }
+        if vae_config.latent_channels * 4 != flux_config.in_channels {
+            return Err(mismatch(format!(
+                "the VAE's {} latent channels do not pack into the transformer's {} input \
+                 channels (2×2 patches)",
+                vae_config.latent_channels, flux_config.in_channels
+            )));
+        }
+        let clip_tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let default_length = if flux_config.guidance_embeds {
+            512
+        } else {
+            256
+        };
+        let t5_tokenizer = T5Tokenizer::from_dir(
+            &dir.join("tokenizer_2"),
+            max_sequence_length.unwrap_or(default_length),
+        )?;
+        let scheduler = read_json(&dir.join("scheduler/scheduler_config.json"))?;
+
         // Weights load as f32: the host computes in the run's train_dtype and keeps frozen
         // parts in their weight_dtype.
         let dtype = DType::F32;
@@ -68,43 +97,14 @@ impl Flux {
         let t5 = weights("text_encoder_2", "model")?.scoped("text_encoder_2");
         let tr = weights("transformer", "diffusion_pytorch_model")?.scoped("transformer");
         let vae = weights("vae", "diffusion_pytorch_model")?;
-
-        let clip_config = config(dir, "text_encoder", ClipTextConfig::from_json)?;
-        let clip = ClipTextTransformer::load(&te, "text_model", None, &clip_config, dtype)?;
-        let t5_model = T5EncoderModel::load(
-            &t5,
-            &config(dir, "text_encoder_2", T5Config::from_json)?,
-            dtype,
-        )?;
-        let flux_config = config(dir, "transformer", FluxConfig::from_json)?;
-        let transformer = FluxTransformer2DModel::load(&tr, &flux_config, dtype)?;
-        if flux_config.pooled_projection_dim != clip_config.hidden_size {
-            bail!(
-                "{}: the transformer's pooled_projection_dim {} is not the CLIP text encoder's \
-                 width {}",
-                dir.display(),
-                flux_config.pooled_projection_dim,
-                clip_config.hidden_size
-            );
-        }
-        let vae_config = config(dir, "vae", VaeConfig::from_json)?;
-        if vae_config.latent_channels * 4 != flux_config.in_channels {
-            bail!(
-                "{}: the VAE's {} latent channels do not pack into the transformer's {} input \
-                 channels (2×2 patches)",
-                dir.display(),
-                vae_config.latent_channels,
-                flux_config.in_channels
-            );
-        }
         Ok(Self {
-            clip_tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
-            clip,
-            t5_tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer_2"), max_sequence_length)?,
-            t5: t5_model,
-            transformer,
+            clip_tokenizer,
+            clip: ClipTextTransformer::load(&te, "text_model", None, &clip_config, dtype)?,
+            t5_tokenizer,
+            t5: T5EncoderModel::load(&t5, &t5_config, dtype)?,
+            transformer: FluxTransformer2DModel::load(&tr, &flux_config, dtype)?,
             vae: AutoencoderKL::load(&vae, "", &vae_config, dtype)?,
-            scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
+            scheduler,
             parameters: [tr.tensors(), te.tensors(), t5.tensors()].concat(),
             adaptable_layers: [tr.layers(), te.layers(), t5.layers()].concat(),
         })
@@ -156,21 +156,23 @@ impl Architecture for Flux {
             // The VAE's factor times the 2×2 packing.
             resolution_step: vae_scale_factor * 2,
             adaptable_layers: self.adaptable_layers.clone(),
-            // OneTrainer's Flux presets: attention; attention, both streams' feed-forwards and
-            // the single blocks' MLP projection.
+            // OneTrainer's Flux presets (BaseFluxSetup): attention; attention, the image stream's
+            // feed-forward (`ff.net`, not `ff_context.net`) and the single blocks' MLP input.
             layer_presets: [
                 ("attn-only", &["attn"][..]),
-                (
-                    "attn-mlp",
-                    &["attn", "ff.net", "ff_context.net", "proj_mlp"][..],
-                ),
+                ("attn-mlp", &["attn", "ff.net", "proj_mlp"][..]),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
             .collect(),
             metadata: Metadata {
                 base_model_version: "flux1".into(),
-                modelspec_architecture: "flux-1-dev".into(),
+                modelspec_architecture: if self.transformer.config.guidance_embeds {
+                    "flux-1-dev"
+                } else {
+                    "flux-1-schnell"
+                }
+                .into(),
                 extra: Default::default(),
             },
             single_file_layout: None,

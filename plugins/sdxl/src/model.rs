@@ -4,7 +4,7 @@ use std::path::Path;
 
 use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
-    folder::{self, read, read_json},
+    folder::{self, config, read_json},
     ldm::{self, FileFamily, UnetLayout},
     open_clip,
     tokenizer::ClipTokenizer,
@@ -49,11 +49,6 @@ fn check_folder(dir: &Path) -> Result<serde_json::Value> {
         "SDXL",
     )?;
     Ok(index)
-}
-
-fn config<T>(dir: &Path, file: &str, parse: fn(&str, &str) -> Result<T>) -> Result<T> {
-    let p = dir.join(file);
-    parse(&read(&p)?, &p.to_string_lossy())
 }
 
 /// Where a single-file checkpoint keeps SDXL's text encoders.

@@ -77,6 +77,12 @@ impl FlowMatchConfig {
                 "Karras, exponential or beta sigmas",
             ),
         ];
+        if c.use_dynamic_shifting && c.max_image_seq_len == c.base_image_seq_len {
+            return Err(Error::msg(
+                "the model's flow-matching scheduler has max_image_seq_len equal to \
+                 base_image_seq_len: dynamic shifting needs two lengths",
+            ));
+        }
         if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
             return Err(Error(format!(
                 "the model's flow-matching scheduler asks for {what}, which Ferrite's sampler \

@@ -15,7 +15,9 @@ pub struct SampleRequest {
     pub prompt: String,
     pub negative_prompt: String,
     pub steps: usize,
-    pub cfg: f64,
+    /// Classifier-free guidance, or a guidance-distilled model's embedded guidance (None: the
+    /// usual default of each, 7.5 and 3.5).
+    pub cfg: Option<f64>,
     pub seed: u64,
     pub width: usize,
     pub height: usize,
@@ -61,13 +63,16 @@ pub fn generate(
 ) -> Result<Vec<u8>> {
     let info = ModelInfo::from_json(&arch.model_info()?).map_err(Error)?;
     let (channels, f) = (info.latent_channels, info.vae_scale_factor);
+    // The denoiser's own step (a UNet's downsamplings, Flux's 2×2 packing), checked before
+    // anything runs.
+    let step = info.resolution_step.max(f);
     if req.width == 0
         || req.height == 0
-        || !req.width.is_multiple_of(f)
-        || !req.height.is_multiple_of(f)
+        || !req.width.is_multiple_of(step)
+        || !req.height.is_multiple_of(step)
     {
         return Err(Error(format!(
-            "--width and --height must be positive multiples of {f} for this model"
+            "--width and --height must be positive multiples of {step} for this model"
         )));
     }
     let latent_shape = [1, channels, req.height / f, req.width / f];
@@ -106,7 +111,7 @@ pub fn generate(
     let mut run = SamplerRun::new(&schedule, req.sampler, req.steps, Some(rng))?;
     let cond = cfg_conditioning(arch, &info, req)?;
     let cond: Vec<&Tensor> = cond.iter().collect();
-    let latents = sample_cfg(&mut run, &noise, req.cfg, |x, t| {
+    let latents = sample_cfg(&mut run, &noise, req.cfg.unwrap_or(7.5), |x, t| {
         on_step();
         arch.denoise(x, &Tensor::full(&[2], t, DType::F32)?, &cond)
     })?;
@@ -130,6 +135,11 @@ fn sample_flow(
             req.sampler.as_ref()
         )));
     }
+    if req.prediction_type.is_some() {
+        return Err(Error::msg(
+            "--prediction-type: a flow-matching model predicts the velocity; leave it out",
+        ));
+    }
     if !req.negative_prompt.is_empty() {
         tracing::warn!("this model samples without a negative prompt; it is ignored");
     }
@@ -137,8 +147,10 @@ fn sample_flow(
     let step = info.resolution_step.max(1);
     let sigmas = config.sigmas(req.steps, (req.height / step) * (req.width / step))?;
     let mut cond = arch.encode_text(&[&req.prompt])?;
-    if info.conditioning.guidance {
-        cond.push(Tensor::full(&[1], req.cfg, DType::F32)?);
+    match (info.conditioning.guidance, req.cfg) {
+        (true, cfg) => cond.push(Tensor::full(&[1], cfg.unwrap_or(3.5), DType::F32)?),
+        (false, Some(_)) => tracing::warn!("this model takes no guidance; the cfg is ignored"),
+        (false, None) => {}
     }
     let cond: Vec<&Tensor> = cond.iter().collect();
     let mut latents = noise;

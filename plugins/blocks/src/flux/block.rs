@@ -5,8 +5,8 @@
 use ferrite_plugin_api::{DType, Result, Tensor, Weights, nn::Linear, ops};
 
 use super::rope::Rope;
-use crate::layers::linear;
-use crate::{expect_shape, key};
+use crate::key;
+use crate::layers::{linear, norm_weight};
 
 /// `layer_norm(x) · (1 + scale) + shift`, without affine parameters (eps 1e-6), with the
 /// modulation `[B, D]` broadcast over the sequence.
@@ -19,12 +19,6 @@ pub(super) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Ten
 /// `linear(silu(temb))` cut into `n` modulation vectors `[B, D]` (diffusers' AdaLayerNorm*).
 pub(super) fn modulation(linear: &Linear, temb: &Tensor, n: usize) -> Result<Vec<Tensor>> {
     linear.forward(&temb.silu()?)?.chunk(n, 1)
-}
-
-fn rms_weight(w: &Weights, prefix: &str, dim: usize, dtype: DType) -> Result<Tensor> {
-    let k = key(prefix, "weight");
-    expect_shape(w, &k, &[dim])?;
-    w.get(&k, dtype)
 }
 
 /// Query, key and value projections of one stream with their per-head RMS norms.
@@ -49,8 +43,8 @@ impl Qkv {
             q: linear(w, &key(p, names[0]), dim, dim, dtype)?,
             k: linear(w, &key(p, names[1]), dim, dim, dtype)?,
             v: linear(w, &key(p, names[2]), dim, dim, dtype)?,
-            norm_q: rms_weight(w, &key(p, names[3]), head_dim, dtype)?,
-            norm_k: rms_weight(w, &key(p, names[4]), head_dim, dtype)?,
+            norm_q: norm_weight(w, &key(p, names[3]), head_dim, dtype)?,
+            norm_k: norm_weight(w, &key(p, names[4]), head_dim, dtype)?,
         })
     }
 

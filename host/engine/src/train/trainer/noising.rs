@@ -1,6 +1,7 @@
 //! How a clean latent is noised for training and what the denoiser learns to predict: DDPM's
-//! (ᾱ from the model's diffusers schedule; ε or v) or rectified flow's (OneTrainer's: drawn
-//! index i is σ = (i + 1) / T; the model is given σ·T and predicts the velocity ε − x).
+//! (ᾱ from the model's diffusers schedule; ε or v) or rectified flow's (as OneTrainer's Flux
+//! setup: drawn index i is σ = (i + 1) / T, the model is given i and predicts the velocity
+//! ε − x).
 
 use ferrite_plugin_api::{Result, Tensor, family::Objective};
 
@@ -51,6 +52,11 @@ impl Noising {
                 }
                 let config =
                     crate::sample::flow::FlowMatchConfig::from_json(scheduler).map_err(err)?;
+                if config.num_train_timesteps == 0 {
+                    return Err(TrainError(
+                        "the model's scheduler has num_train_timesteps 0".into(),
+                    ));
+                }
                 Ok(Self::Flow {
                     timesteps: config.num_train_timesteps,
                 })
@@ -82,7 +88,7 @@ impl Noising {
                 Level {
                     a: 1.0 - sigma,
                     s: sigma,
-                    timestep: sigma * *timesteps as f64,
+                    timestep: t as f64,
                 }
             }
         }
@@ -132,5 +138,33 @@ impl Noising {
             }
             Self::Flow { .. } => 1.0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::from_f32(v, &[v.len(), 1, 1, 1]).unwrap()
+    }
+
+    /// Flow: index i noises to σ = (i+1)/T, the model is told i; the target is ε − x, and the
+    /// clean latents come back from the target and the noisy input.
+    #[test]
+    fn flow_levels_target_and_clean_latents() {
+        crate::runtime::init("cpu").unwrap();
+        let flow = Noising::Flow { timesteps: 1000 };
+        let l = flow.level(249);
+        assert_eq!((l.a, l.s, l.timestep), (0.75, 0.25, 249.0));
+        assert_eq!(flow.level(999).s, 1.0);
+        let (x, e) = (t(&[1.0, -2.0]), t(&[0.5, 0.5]));
+        let (a, s) = (t(&[0.75, 0.75]), t(&[0.25, 0.25]));
+        let target = flow.target(&x, &e, &a, &s).unwrap();
+        assert_eq!(target.to_vec().unwrap(), [-0.5, 2.5]);
+        let noisy = x.mul(&a).unwrap().add(&e.mul(&s).unwrap()).unwrap();
+        let back = flow.x0(&noisy, &target, &a, &s).unwrap();
+        assert_eq!(back.to_vec().unwrap(), x.to_vec().unwrap());
+        assert_eq!(flow.loss_weight(&TrainConfig::default(), l), 1.0);
     }
 }

@@ -18,7 +18,7 @@ impl Trainer {
                 prompt: s.prompt.clone(),
                 negative_prompt: s.negative_prompt.clone(),
                 steps: s.diffusion_steps,
-                cfg: s.cfg_scale,
+                cfg: Some(s.cfg_scale),
                 seed: s.seed,
                 width: s.width,
                 height: s.height,
