@@ -247,6 +247,33 @@ fn flux_lora_trains_and_saves_in_diffusers_layout() {
     );
     assert_eq!(guided.len(), losses.len());
     assert_ne!(guided, losses);
+    // With the shift from the image size (1 token here: e^mu ≈ 1.58) other timesteps are drawn.
+    let shifted = train(
+        root,
+        flux_config(root, "c", "dynamic_timestep_shifting = true"),
+    );
+    assert_eq!(shifted.len(), losses.len());
+    assert_ne!(shifted, losses);
+
+    // A sample definition the model cannot sample is refused before training (this tiny VAE's
+    // factor is 2, so sizes go by 4).
+    let mut bad = flux_config(root, "d", "");
+    bad.samples = vec![ferrite::config::SampleConfig {
+        width: 18,
+        ..Default::default()
+    }];
+    let registry = ferrite::plugins::Registry::discover(
+        &[ferrite_tests::profile_dir()],
+        &ferrite::settings::Settings::default(),
+    );
+    let e = ferrite::train::trainer::Trainer::new(bad, root, registry)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("samples[0]") && e.contains("multiples of 4"),
+        "{e}"
+    );
 }
 
 /// The published Flux folders split the transformer over shards named by

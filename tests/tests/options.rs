@@ -548,6 +548,11 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "sdxl: sdxl_lora_trains_each_part_named_by_its_table",
     ),
     (
+        "dynamic_timestep_shifting",
+        "blocks_flux::flux_lora_trains_and_saves_in_diffusers_layout (the losses change), \
+         trainer::noising::shift_tests (bigger images draw noisier timesteps; DDPM refuses it)",
+    ),
+    (
         "transformer",
         "blocks_flux::flux_lora_trains_and_saves_in_diffusers_layout (guidance_scale: the same \
          test's run with another guidance)",

@@ -767,6 +767,11 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
         f.num(ui, "noising_weight", &mut c.noising_weight);
         f.num(ui, "noising_bias", &mut c.noising_bias);
         f.num(ui, "timestep_shift", &mut c.timestep_shift);
+        f.check(
+            ui,
+            "dynamic_timestep_shifting",
+            &mut c.dynamic_timestep_shifting,
+        );
         f.num(ui, "min_noising_strength", &mut c.min_noising_strength);
         f.num(ui, "max_noising_strength", &mut c.max_noising_strength);
         f.num(ui, "offset_noise_weight", &mut c.offset_noise_weight);

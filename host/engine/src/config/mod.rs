@@ -375,6 +375,9 @@ pub struct TrainConfig {
     pub noising_bias: f64,
     /// Shifts timesteps towards the noisy end (>1) or the clean end (<1); 1 leaves them.
     pub timestep_shift: f64,
+    /// Flow-matching models (Flux): each batch's shift from its image token count, as the
+    /// model's scheduler shifts when sampling (in place of timestep_shift).
+    pub dynamic_timestep_shifting: bool,
     /// The least noise trained on, as a fraction of the schedule.
     pub min_noising_strength: f64,
     /// The most noise trained on, as a fraction of the schedule.
@@ -526,6 +529,7 @@ impl Default for TrainConfig {
             noising_weight: 0.0,
             noising_bias: 0.0,
             timestep_shift: 1.0,
+            dynamic_timestep_shifting: false,
             min_noising_strength: 0.0,
             max_noising_strength: 1.0,
             offset_noise_weight: 0.0,

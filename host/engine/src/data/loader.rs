@@ -167,7 +167,7 @@ impl Context {
         }
         let mut time_r = data::rng(c.seed, RNG_TIMESTEPS, index);
         b.timesteps = (0..plan.items.len())
-            .map(|_| self.timesteps.draw(&mut time_r))
+            .map(|_| self.timesteps.draw_for(&mut time_r, plan.bucket))
             .collect();
         b.noise_seed = data::rng(c.seed, RNG_NOISE, index).random::<u64>();
         Ok(b)

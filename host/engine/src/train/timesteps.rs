@@ -17,60 +17,73 @@ pub struct Timesteps {
     weight: f64,
     bias: f64,
     shift: f64,
-    /// Discrete distributions: cumulative weights over lo..hi.
+    /// Discrete distributions: cumulative weights over lo..hi (for `shift`).
     cumulative: Vec<f64>,
+    /// `dynamic_timestep_shifting`: the shift of a batch of images of a size.
+    dynamic: Option<Box<SizeShift>>,
+}
+
+/// The timestep shift for images of a size (width, height).
+type SizeShift = dyn Fn((usize, usize)) -> f64 + Send + Sync;
+
+/// The weights of a discrete distribution at evenly spaced points of [0, 1], moved by the
+/// inverse shift and scaled by its derivative (the width of a shifted bucket); cumulated.
+fn cumulative(
+    kind: TimestepDistribution,
+    count: usize,
+    weight: f64,
+    bias: f64,
+    shift: f64,
+) -> Vec<f64> {
+    let x = |i: usize| i as f64 / (count.max(2) - 1) as f64;
+    let shifted = |x: f64| x / (shift - shift * x + x);
+    let derivative = |x: f64| shift / (shift + x - x * shift).powi(2);
+    let weights: Option<Vec<f64>> = match kind {
+        TimestepDistribution::CosMap => Some(
+            (0..count)
+                .map(|i| {
+                    let s = shifted(x(i));
+                    let pi = std::f64::consts::PI;
+                    2.0 / (pi - 2.0 * pi * s + 2.0 * pi * s * s) * derivative(x(i))
+                })
+                .collect(),
+        ),
+        TimestepDistribution::Sigmoid => Some(
+            (0..count)
+                .map(|i| {
+                    // OneTrainer applies the shift twice here; kept for the same draws.
+                    let s = shifted(shifted(x(i)));
+                    derivative(x(i)) / (1.0 + (-weight * (s - (bias + 0.5))).exp())
+                })
+                .collect(),
+        ),
+        TimestepDistribution::InvertedParabola => Some(
+            (0..count)
+                .map(|i| {
+                    let s = shifted(x(i));
+                    (-weight * (s - (bias + 0.5)).powi(2) + 2.0).max(0.0) * derivative(x(i))
+                })
+                .collect(),
+        ),
+        _ => None,
+    };
+    weights
+        .map(|w| {
+            w.iter()
+                .scan(0.0, |acc, v| {
+                    *acc += v;
+                    Some(*acc)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Timesteps {
     pub fn new(c: &TrainConfig, n: usize) -> Self {
         let lo = (c.min_noising_strength * n as f64) as usize;
-        let hi = ((c.max_noising_strength * n as f64) as usize).clamp(lo + 1, n);
+        let hi = ((c.max_noising_strength * n as f64) as usize).clamp(lo + 1, n.max(lo + 1));
         let (weight, bias, shift) = (c.noising_weight, c.noising_bias, c.timestep_shift);
-        let count = hi - lo;
-        // Weights at evenly spaced points of [0, 1], moved by the inverse shift and scaled by
-        // its derivative (the width of a shifted bucket).
-        let x = |i: usize| i as f64 / (count.max(2) - 1) as f64;
-        let shifted = |x: f64| x / (shift - shift * x + x);
-        let derivative = |x: f64| shift / (shift + x - x * shift).powi(2);
-        let weights: Option<Vec<f64>> = match c.timestep_distribution {
-            TimestepDistribution::CosMap => Some(
-                (0..count)
-                    .map(|i| {
-                        let s = shifted(x(i));
-                        let pi = std::f64::consts::PI;
-                        2.0 / (pi - 2.0 * pi * s + 2.0 * pi * s * s) * derivative(x(i))
-                    })
-                    .collect(),
-            ),
-            TimestepDistribution::Sigmoid => Some(
-                (0..count)
-                    .map(|i| {
-                        // OneTrainer applies the shift twice here; kept for the same draws.
-                        let s = shifted(shifted(x(i)));
-                        derivative(x(i)) / (1.0 + (-weight * (s - (bias + 0.5))).exp())
-                    })
-                    .collect(),
-            ),
-            TimestepDistribution::InvertedParabola => Some(
-                (0..count)
-                    .map(|i| {
-                        let s = shifted(x(i));
-                        (-weight * (s - (bias + 0.5)).powi(2) + 2.0).max(0.0) * derivative(x(i))
-                    })
-                    .collect(),
-            ),
-            _ => None,
-        };
-        let cumulative = weights
-            .map(|w| {
-                w.iter()
-                    .scan(0.0, |acc, v| {
-                        *acc += v;
-                        Some(*acc)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         Self {
             kind: c.timestep_distribution,
             n,
@@ -79,16 +92,45 @@ impl Timesteps {
             weight,
             bias,
             shift,
-            cumulative,
+            cumulative: cumulative(c.timestep_distribution, hi - lo, weight, bias, shift),
+            dynamic: None,
+        }
+    }
+
+    /// Draws with a shift for each batch from its image size (width, height) instead.
+    pub fn with_dynamic_shift(
+        mut self,
+        shift: impl Fn((usize, usize)) -> f64 + Send + Sync + 'static,
+    ) -> Self {
+        self.dynamic = Some(Box::new(shift));
+        self
+    }
+
+    /// One timestep in `lo..hi` for a batch of images of `size` (width, height).
+    pub fn draw_for(&self, r: &mut ChaCha8Rng, size: (usize, usize)) -> usize {
+        match &self.dynamic {
+            Some(shift) => self.draw_shifted(r, shift(size)),
+            None => self.draw(r),
         }
     }
 
     /// One timestep in `lo..hi`.
     pub fn draw(&self, r: &mut ChaCha8Rng) -> usize {
+        self.draw_shifted(r, self.shift)
+    }
+
+    fn draw_shifted(&self, r: &mut ChaCha8Rng, shift: f64) -> usize {
         let (lo, hi) = (self.lo, self.hi);
-        if let Some(&total) = self.cumulative.last() {
+        let own;
+        let cumulative = if shift == self.shift {
+            &self.cumulative
+        } else {
+            own = cumulative(self.kind, hi - lo, self.weight, self.bias, shift);
+            &own
+        };
+        if let Some(&total) = cumulative.last() {
             let u = r.random::<f64>() * total;
-            let i = self.cumulative.partition_point(|&c| c <= u);
+            let i = cumulative.partition_point(|&c| c <= u);
             return (lo + i).min(hi - 1);
         }
         let span = (hi - lo) as f64;
@@ -104,11 +146,11 @@ impl Timesteps {
                 let u = 1.0 - u - self.weight * ((half_pi * u).cos().powi(2) - 1.0 + u);
                 lo as f64 + u * span
             }
-            _ if self.shift == 1.0 => return r.random_range(lo..hi),
+            _ if shift == 1.0 => return r.random_range(lo..hi),
             _ => lo as f64 + span * r.random::<f64>(),
         };
         let n = self.n as f64;
-        let t = n * self.shift * t / ((self.shift - 1.0) * t + n);
+        let t = n * shift * t / ((shift - 1.0) * t + n);
         (t.max(0.0) as usize).clamp(lo, hi - 1)
     }
 }

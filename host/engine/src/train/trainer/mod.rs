@@ -28,7 +28,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use ferrite_plugin_api::{ModelInfo, PartKind, Tensor, plugin::ArchitectureHandle};
+use ferrite_plugin_api::{
+    ModelInfo, PartKind, Tensor, family::Objective, plugin::ArchitectureHandle,
+};
 
 use crate::adapters::ModelLayers;
 use crate::config::{
@@ -188,6 +190,30 @@ fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
     Ok(())
 }
 
+/// The run's sample definitions against the model, before training (a bad one would stop the
+/// run at its first sample): sizes in its resolution step, and a flow-matching model's one
+/// sampler.
+fn check_samples(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
+    let step = info.resolution_step.max(info.vae_scale_factor).max(1);
+    let flow = matches!(info.objective, Objective::FlowMatch { .. });
+    for (i, s) in c.samples.iter().enumerate() {
+        if s.width == 0 || s.height == 0 || s.width % step != 0 || s.height % step != 0 {
+            return Err(TrainError(format!(
+                "samples[{i}]: width and height must be positive multiples of {step} for this \
+                 model, got {}x{}",
+                s.width, s.height
+            )));
+        }
+        if flow && s.sampler != crate::sample::Sampler::Euler {
+            return Err(TrainError(format!(
+                "samples[{i}].sampler: a flow-matching model samples with euler, not {}",
+                s.sampler.as_ref()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn weight_format(dtype: WeightDtype) -> Option<WeightFormat> {
     match dtype {
         WeightDtype::Float32 => None,
@@ -320,6 +346,7 @@ impl Trainer {
         let model = Arc::new(ModelLayers::of(&arch).map_err(err)?);
         let info = model.info.clone();
         check_parts(c, &info)?;
+        check_samples(c, &info)?;
         keep_weights(c, &info, &arch, &scope.device)?;
         let noising = Noising::new(&info.objective, c)?;
         scope = scope
@@ -368,7 +395,7 @@ impl Trainer {
             c.seed,
             c.text_encoder_layer_skip,
         );
-        let timesteps = Timesteps::new(c, noising.timesteps());
+        let timesteps = noising.draws(c, info.resolution_step)?;
         let mut t = Self {
             caches: Arc::new(caches),
             timesteps: Arc::new(timesteps),

@@ -7,12 +7,14 @@ use ferrite_plugin_api::{Result, Tensor, family::Objective};
 
 use super::{TrainError, err};
 use crate::config::{LossWeightFn, TrainConfig};
+use crate::sample::flow::FlowMatchConfig;
 use crate::sample::{NoiseSchedule, Prediction, SchedulerConfig};
 use crate::train::loss::loss_weight;
+use crate::train::timesteps::Timesteps;
 
 pub(super) enum Noising {
     Ddpm(NoiseSchedule),
-    Flow { timesteps: usize },
+    Flow(FlowMatchConfig),
 }
 
 /// One image's noising: its input is `a·x + s·ε`, the model is given `timestep`.
@@ -50,16 +52,13 @@ impl Noising {
                         c.loss_weight_fn.as_ref()
                     )));
                 }
-                let config =
-                    crate::sample::flow::FlowMatchConfig::from_json(scheduler).map_err(err)?;
+                let config = FlowMatchConfig::from_json(scheduler).map_err(err)?;
                 if config.num_train_timesteps == 0 {
                     return Err(TrainError(
                         "the model's scheduler has num_train_timesteps 0".into(),
                     ));
                 }
-                Ok(Self::Flow {
-                    timesteps: config.num_train_timesteps,
-                })
+                Ok(Self::Flow(config))
             }
         }
     }
@@ -68,7 +67,27 @@ impl Noising {
     pub fn timesteps(&self) -> usize {
         match self {
             Self::Ddpm(s) => s.alphas_cumprod.len(),
-            Self::Flow { timesteps } => *timesteps,
+            Self::Flow(f) => f.num_train_timesteps,
+        }
+    }
+
+    /// How training draws timesteps: `timestep_shift`, or with `dynamic_timestep_shifting` (a
+    /// flow-matching model's) the shift its scheduler gives an image's token count,
+    /// `(W / step) · (H / step)` for the model's resolution step (OneTrainer's
+    /// `calculate_timestep_shift`).
+    pub fn draws(&self, c: &TrainConfig, step: usize) -> super::Result<Timesteps> {
+        let t = Timesteps::new(c, self.timesteps());
+        match (self, c.dynamic_timestep_shifting) {
+            (_, false) => Ok(t),
+            (Self::Flow(f), true) => {
+                let (f, step) = (f.clone(), step.max(1));
+                Ok(t.with_dynamic_shift(move |(w, h)| f.mu((w / step) * (h / step)).exp()))
+            }
+            (Self::Ddpm(_), true) => Err(TrainError(
+                "dynamic_timestep_shifting: only flow-matching models (Flux) shift by image \
+                 size; use timestep_shift"
+                    .into(),
+            )),
         }
     }
 
@@ -83,8 +102,8 @@ impl Noising {
                     timestep: t as f64,
                 }
             }
-            Self::Flow { timesteps } => {
-                let sigma = (t + 1) as f64 / *timesteps as f64;
+            Self::Flow(f) => {
+                let sigma = (t + 1) as f64 / f.num_train_timesteps as f64;
                 Level {
                     a: 1.0 - sigma,
                     s: sigma,
@@ -108,7 +127,7 @@ impl Noising {
                 Prediction::Epsilon => Ok(noise.clone()),
                 Prediction::VPrediction => noise.mul(a)?.sub(&latents.mul(s)?),
             },
-            Self::Flow { .. } => noise.sub(latents),
+            Self::Flow(_) => noise.sub(latents),
         }
     }
 
@@ -119,7 +138,7 @@ impl Noising {
                 Prediction::Epsilon => noisy.sub(&x.mul(s)?)?.div(a),
                 Prediction::VPrediction => noisy.mul(a)?.sub(&x.mul(s)?),
             },
-            Self::Flow { .. } => noisy.sub(&x.mul(s)?),
+            Self::Flow(_) => noisy.sub(&x.mul(s)?),
         }
     }
 
@@ -136,7 +155,7 @@ impl Noising {
                     schedule.prediction,
                 )
             }
-            Self::Flow { .. } => 1.0,
+            Self::Flow(_) => 1.0,
         }
     }
 }
@@ -154,7 +173,7 @@ mod tests {
     #[test]
     fn flow_levels_target_and_clean_latents() {
         crate::runtime::init("cpu").unwrap();
-        let flow = Noising::Flow { timesteps: 1000 };
+        let flow = Noising::Flow(FlowMatchConfig::from_json(&serde_json::json!({})).unwrap());
         let l = flow.level(249);
         assert_eq!((l.a, l.s, l.timestep), (0.75, 0.25, 249.0));
         assert_eq!(flow.level(999).s, 1.0);
@@ -166,5 +185,39 @@ mod tests {
         let back = flow.x0(&noisy, &target, &a, &s).unwrap();
         assert_eq!(back.to_vec().unwrap(), x.to_vec().unwrap());
         assert_eq!(flow.loss_weight(&TrainConfig::default(), l), 1.0);
+    }
+}
+
+#[cfg(test)]
+mod shift_tests {
+    use super::*;
+
+    /// Dynamic shifting: a bigger image draws noisier timesteps (its shift, e^mu, is larger);
+    /// DDPM models refuse it.
+    #[test]
+    fn dynamic_shifting_follows_the_image_size() {
+        let flow = Noising::Flow(
+            FlowMatchConfig::from_json(&serde_json::json!({"use_dynamic_shifting": true})).unwrap(),
+        );
+        let c = TrainConfig {
+            dynamic_timestep_shifting: true,
+            ..TrainConfig::default()
+        };
+        let t = flow.draws(&c, 16).unwrap();
+        let mean = |size| {
+            let mut r = crate::data::rng(0, 0, 0);
+            (0..4000)
+                .map(|_| t.draw_for(&mut r, size) as f64)
+                .sum::<f64>()
+                / 4000.0
+        };
+        let (small, big) = (mean((256, 256)), mean((1024, 1024)));
+        assert!(big > small + 50.0, "{small} {big}");
+        let fixed = flow.draws(&TrainConfig::default(), 16).unwrap();
+        let mut r = crate::data::rng(0, 0, 0);
+        let plain: f64 = (0..4000)
+            .map(|_| fixed.draw_for(&mut r, (1024, 1024)) as f64)
+            .sum();
+        assert!((plain / 4000.0 - 500.0).abs() < 20.0, "{plain}");
     }
 }
