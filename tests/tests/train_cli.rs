@@ -424,7 +424,11 @@ fn bench_step_prints_its_figures_as_one_json_line() {
     // the same parameters.
     let configs = tempfile::tempdir().unwrap();
     let fixtures = model.parent().unwrap().parent().unwrap();
-    for (arch, from) in [("sd15", "pipeline/model"), ("sdxl", "sdxl/model")] {
+    for (arch, from) in [
+        ("sd15", "pipeline/model"),
+        ("sdxl", "sdxl/model"),
+        ("flux", "flux/pipeline/model"),
+    ] {
         let to = configs.path().join(arch);
         // The config files only.
         let no_weights = |p: &std::path::Path| p.extension().is_none_or(|x| x != "safetensors");

@@ -8,9 +8,11 @@ use std::path::Path;
 use ferrite_plugin_api::{Error, Result, Weights};
 
 use crate::clip::ClipTextConfig;
+use crate::flux::FluxConfig;
 use crate::folder::read;
 use crate::key;
 use crate::resnet::ResnetCfg;
+use crate::t5::T5Config;
 use crate::transformer::Transformer2DCfg;
 use crate::unet::UNetConfig;
 use crate::vae::VaeConfig;
@@ -264,6 +266,97 @@ pub fn clip(c: &ClipTextConfig, projection: bool) -> Manifest {
     m
 }
 
+/// transformers' `T5EncoderModel` as saved (the input embedding once, as `shared`).
+pub fn t5(c: &T5Config) -> Manifest {
+    let mut m = Manifest::default();
+    let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
+    m.add("shared.weight".into(), &[c.vocab_size, d]);
+    for i in 0..c.num_layers {
+        let p = format!("encoder.block.{i}.layer");
+        let a = format!("{p}.0.SelfAttention");
+        for q in ["q", "k", "v"] {
+            m.linear(&key(&a, q), inner, d, false);
+        }
+        m.linear(&key(&a, "o"), d, inner, false);
+        if i == 0 {
+            let bias = key(&a, "relative_attention_bias.weight");
+            m.add(bias, &[c.relative_attention_num_buckets, c.num_heads]);
+        }
+        m.add(format!("{p}.0.layer_norm.weight"), &[d]);
+        let f = format!("{p}.1.DenseReluDense");
+        m.linear(&key(&f, "wi_0"), c.d_ff, d, false);
+        m.linear(&key(&f, "wi_1"), c.d_ff, d, false);
+        m.linear(&key(&f, "wo"), d, c.d_ff, false);
+        m.add(format!("{p}.1.layer_norm.weight"), &[d]);
+    }
+    m.add("encoder.final_layer_norm.weight".into(), &[d]);
+    m
+}
+
+/// diffusers' `FluxTransformer2DModel`.
+pub fn flux(c: &FluxConfig) -> Manifest {
+    let mut m = Manifest::default();
+    let (d, hd) = (c.inner_dim(), c.attention_head_dim);
+    let mlp = |m: &mut Manifest, p: &str, inp: usize| {
+        m.linear(&key(p, "linear_1"), d, inp, true);
+        m.linear(&key(p, "linear_2"), d, d, true);
+    };
+    m.linear("x_embedder", d, c.in_channels, true);
+    m.linear("context_embedder", d, c.joint_attention_dim, true);
+    mlp(&mut m, "time_text_embed.timestep_embedder", 256);
+    if c.guidance_embeds {
+        mlp(&mut m, "time_text_embed.guidance_embedder", 256);
+    }
+    mlp(
+        &mut m,
+        "time_text_embed.text_embedder",
+        c.pooled_projection_dim,
+    );
+    let qk_norms = |m: &mut Manifest, a: &str, names: [&str; 2]| {
+        for n in names {
+            m.add(key(a, &format!("{n}.weight")), &[hd]);
+        }
+    };
+    for i in 0..c.num_layers {
+        let p = format!("transformer_blocks.{i}");
+        let a = key(&p, "attn");
+        m.linear(&key(&p, "norm1.linear"), 6 * d, d, true);
+        m.linear(&key(&p, "norm1_context.linear"), 6 * d, d, true);
+        for n in [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_out.0",
+        ] {
+            m.linear(&key(&a, n), d, d, true);
+        }
+        m.linear(&key(&a, "to_add_out"), d, d, true);
+        qk_norms(&mut m, &a, ["norm_q", "norm_k"]);
+        qk_norms(&mut m, &a, ["norm_added_q", "norm_added_k"]);
+        for ff in ["ff", "ff_context"] {
+            m.linear(&key(&p, &format!("{ff}.net.0.proj")), 4 * d, d, true);
+            m.linear(&key(&p, &format!("{ff}.net.2")), d, 4 * d, true);
+        }
+    }
+    for i in 0..c.num_single_layers {
+        let p = format!("single_transformer_blocks.{i}");
+        let a = key(&p, "attn");
+        m.linear(&key(&p, "norm.linear"), 3 * d, d, true);
+        for n in ["to_q", "to_k", "to_v"] {
+            m.linear(&key(&a, n), d, d, true);
+        }
+        qk_norms(&mut m, &a, ["norm_q", "norm_k"]);
+        m.linear(&key(&p, "proj_mlp"), 4 * d, d, true);
+        m.linear(&key(&p, "proj_out"), d, 5 * d, true);
+    }
+    m.linear("norm_out.linear", 2 * d, d, true);
+    m.linear("proj_out", c.out_channels.unwrap_or(c.in_channels), d, true);
+    m
+}
+
 /// The manifest of a diffusers folder's `part/`, from its `config.json` (the model class
 /// decides which).
 pub fn of_part(dir: &Path, part: &str) -> Result<Manifest> {
@@ -283,11 +376,13 @@ pub fn of_part(dir: &Path, part: &str) -> Result<Manifest> {
             &ClipTextConfig::from_json(&text, &source)?,
             class == "CLIPTextModelWithProjection",
         ),
+        "T5EncoderModel" => t5(&T5Config::from_json(&text, &source)?),
+        "FluxTransformer2DModel" => flux(&FluxConfig::from_json(&text, &source)?),
         _ => {
             return Err(Error(format!(
                 "{source}: cannot build random weights for a model of class `{class}` \
-                 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel and \
-                 CLIPTextModelWithProjection can)"
+                 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, \
+                 CLIPTextModelWithProjection, T5EncoderModel and FluxTransformer2DModel can)"
             )));
         }
     })

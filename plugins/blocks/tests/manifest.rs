@@ -1,5 +1,5 @@
 //! The random-weight manifests hold exactly the tensors (names and shapes) of the models
-//! diffusers and transformers build: the published SD 1.5, SD 2.1 and SDXL configs (key lists
+//! diffusers and transformers build: the published SD 1.5, SD 2.1, SDXL and FLUX.1-dev configs (key lists
 //! written by tests/fixtures/gen/published_configs.py) and the tiny saved test pipelines.
 
 use std::path::{Path, PathBuf};
@@ -79,6 +79,10 @@ fn manifests_of_the_published_configs_are_the_reference_models_tensors() {
             "sdxl",
             &["unet", "vae", "text_encoder", "text_encoder_2"][..],
         ),
+        (
+            "flux_dev",
+            &["transformer", "vae", "text_encoder", "text_encoder_2"][..],
+        ),
     ] {
         let dir = configs.join(family);
         for part in parts {
@@ -96,6 +100,10 @@ fn manifests_of_the_tiny_test_pipelines_are_their_files_tensors() {
     for (model, parts) in [
         ("pipeline/model", &["unet", "vae", "text_encoder"][..]),
         ("sd2/model", &["unet", "vae", "text_encoder"][..]),
+        (
+            "flux/pipeline/model",
+            &["transformer", "vae", "text_encoder", "text_encoder_2"][..],
+        ),
         (
             "sdxl/model",
             &["unet", "vae", "text_encoder", "text_encoder_2"][..],
@@ -120,14 +128,14 @@ fn a_part_of_an_unknown_class_is_refused_naming_its_config() {
     std::fs::create_dir_all(dir.join("transformer")).unwrap();
     std::fs::write(
         dir.join("transformer/config.json"),
-        r#"{"_class_name": "FluxTransformer2DModel"}"#,
+        r#"{"_class_name": "SD3Transformer2DModel"}"#,
     )
     .unwrap();
     let e = manifest::of_part(&dir, "transformer")
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("transformer/config.json") && e.contains("FluxTransformer2DModel"),
+        e.contains("transformer/config.json") && e.contains("SD3Transformer2DModel"),
         "{e}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

@@ -21,6 +21,8 @@ struct Options {
     /// T5 tokens per prompt (diffusers' `max_sequence_length`); None: 512 for dev, 256 for
     /// schnell.
     max_sequence_length: Option<usize>,
+    /// Benchmarks: `model` holds config files only; the weights are random.
+    random_weights: bool,
 }
 
 pub struct FluxPlugin;
@@ -41,7 +43,8 @@ impl Plugin for FluxPlugin {
                 "required": ["model"],
                 "properties": {
                     "model": {"type": "string", "description": "diffusers Flux folder"},
-                    "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512, "description": "T5 tokens per prompt (default: 512 for dev, 256 for schnell)"}
+                    "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512, "description": "T5 tokens per prompt (default: 512 for dev, 256 for schnell)"},
+                    "random_weights": {"type": "boolean", "default": false, "description": "benchmarks: `model` is a diffusers folder holding only config files; its weights are random"}
                 }
             }),
         }]
@@ -54,6 +57,7 @@ impl Plugin for FluxPlugin {
         let defaults = Options {
             model: String::new(),
             max_sequence_length: None,
+            random_weights: false,
         };
         let o = parse_options(id, defaults, options)?;
         if o.model.is_empty() {
@@ -62,7 +66,11 @@ impl Plugin for FluxPlugin {
         if let Some(n) = o.max_sequence_length.filter(|n| !(1..=512).contains(n)) {
             bail!("flux: max_sequence_length must be 1 to 512, got {n}");
         }
-        let model = Flux::load(std::path::Path::new(&o.model), o.max_sequence_length)?;
+        let model = Flux::load(
+            std::path::Path::new(&o.model),
+            o.max_sequence_length,
+            o.random_weights,
+        )?;
         Ok(Component::Architecture(Box::new(model)))
     }
 }

@@ -34,9 +34,10 @@ pub struct Flux {
 }
 
 impl Flux {
-    /// Loads a diffusers folder; prompts take `max_sequence_length` T5 tokens (None: diffusers'
-    /// defaults, 512 for dev and 256 for schnell, which has no guidance embedding).
-    pub fn load(dir: &Path, max_sequence_length: Option<usize>) -> Result<Self> {
+    /// Loads a diffusers folder (with `random` weights: its config files only); prompts take
+    /// `max_sequence_length` T5 tokens (None: diffusers' defaults, 512 for dev and 256 for
+    /// schnell, which has no guidance embedding).
+    pub fn load(dir: &Path, max_sequence_length: Option<usize>, random: bool) -> Result<Self> {
         let index = folder::model_index(dir)?;
         let class = index["_class_name"].as_str().unwrap_or("");
         if !class.contains("Flux") {
@@ -91,7 +92,7 @@ impl Flux {
         // Weights load as f32: the host computes in the run's train_dtype and keeps frozen
         // parts in their weight_dtype.
         let dtype = DType::F32;
-        let weights = |p: &str, stem: &str| folder::part_weights(dir, p, stem, false);
+        let weights = |p: &str, stem: &str| folder::part_weights(dir, p, stem, random);
         let te = ClipTextTransformer::with_text_model_level(weights("text_encoder", "model")?)?
             .scoped("text_encoder");
         let t5 = weights("text_encoder_2", "model")?.scoped("text_encoder_2");

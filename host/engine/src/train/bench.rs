@@ -92,6 +92,7 @@ training_method = "{method}"
 workspace_dir = "ws"
 cache_dir = "cache"
 output_model_destination = "out/model.safetensors"
+output_model_format = "diffusers"
 train_device = "{device}"
 resolution = "{res}"
 batch_size = {batch}
