@@ -434,8 +434,10 @@ fn bench_step_prints_its_figures_as_one_json_line() {
         let no_weights = |p: &std::path::Path| p.extension().is_none_or(|x| x != "safetensors");
         ferrite_tests::copy_dir(&fixtures.join(from), &to, &no_weights);
         let (cfg, full) = (to.to_str().unwrap(), fixtures.join(from));
+        // --weight-dtype goes to the denoiser table the family has (unet or transformer).
+        let halves = ["--weight-dtype", "bfloat16"];
         assert_eq!(
-            figures(&["--arch", arch, "--model-config", cfg]),
+            figures(&[&["--arch", arch, "--model-config", cfg][..], &halves].concat()),
             figures(&["--arch", arch, "--model", full.to_str().unwrap()]),
             "{arch}"
         );

@@ -318,7 +318,9 @@ fn bench_step(settings: &Settings, a: StepArgs) -> Result<()> {
     let mut sets = vec![
         format!("train_dtype={}", a.train_dtype),
         format!("gradient_checkpointing={}", a.checkpointing),
+        // The denoiser's table, whichever the family has.
         format!("unet.weight_dtype={}", a.weight_dtype),
+        format!("transformer.weight_dtype={}", a.weight_dtype),
     ];
     sets.extend(a.sets);
     let Some(model) = a.model.clone().or(a.model_config.clone()) else {

@@ -171,14 +171,16 @@ fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
     }
     for (table, pc) in c.part_tables() {
         let here = info.parts.iter().any(|p| p.config_table == table);
-        if !here && pc.weight_dtype != WeightDtype::Float32 {
+        // Configs carry both denoiser tables (OneTrainer's `unet` and `transformer`): a family
+        // uses the one it has, and the other's settings are left, as OneTrainer leaves them.
+        let other_denoiser = matches!(table, "unet" | "transformer");
+        if !here && pc.weight_dtype != WeightDtype::Float32 && !other_denoiser {
             return Err(TrainError(format!(
                 "{table}.weight_dtype: this model has no part configured by `[{table}]`; \
                  leave it at float32"
             )));
         }
-        // Configs carry both denoiser tables, trained by default: a family uses the one it has.
-        if pc.train && !here && !matches!(table, "unet" | "transformer") {
+        if pc.train && !here && !other_denoiser {
             let tables: Vec<&str> = info.parts.iter().map(|p| p.config_table.as_str()).collect();
             return Err(TrainError(format!(
                 "{table}.train: this model has no part configured by `[{table}]` (its parts: {}); \
