@@ -48,16 +48,26 @@ pub fn part_weights(dir: &Path, part: &str, stem: &str, random: bool) -> Result<
     if random {
         return crate::manifest::random_part(dir, part, 0);
     }
+    // The full-precision weights first, one file or sharded, then the `.fp16` variant's.
     let folder = dir.join(part);
-    for index in [
-        format!("{stem}.safetensors.index.json"),
-        format!("{stem}.safetensors.index.fp16.json"),
+    for (file, index) in [
+        (
+            format!("{stem}.safetensors"),
+            format!("{stem}.safetensors.index.json"),
+        ),
+        (
+            format!("{stem}.fp16.safetensors"),
+            format!("{stem}.safetensors.index.fp16.json"),
+        ),
     ] {
-        let index = folder.join(index);
-        if index.exists() {
-            return shards(&index);
+        if folder.join(&file).exists() {
+            return open(&folder.join(file));
+        }
+        if folder.join(&index).exists() {
+            return shards(&folder.join(index));
         }
     }
+    // Neither: the error names what was looked for.
     open(&weights_file(&folder, stem)?)
 }
 

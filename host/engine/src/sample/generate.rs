@@ -55,6 +55,17 @@ fn cfg_conditioning(
     Ok(cond)
 }
 
+/// What sample sides must divide by: the VAE's factor (a UNet checks its own downsamplings;
+/// `resolution_step` is the coarser bucket step), or for a flow-matching model its resolution
+/// step (Flux's 2×2 packing), checked before anything runs.
+pub fn sample_step(info: &ModelInfo) -> usize {
+    match info.objective {
+        Objective::FlowMatch { .. } => info.resolution_step.max(info.vae_scale_factor),
+        Objective::Ddpm { .. } => info.vae_scale_factor,
+    }
+    .max(1)
+}
+
 /// Runs the sampler and returns the image as RGB bytes (`height × width × 3`).
 pub fn generate(
     arch: &ArchitectureHandle,
@@ -63,9 +74,7 @@ pub fn generate(
 ) -> Result<Vec<u8>> {
     let info = ModelInfo::from_json(&arch.model_info()?).map_err(Error)?;
     let (channels, f) = (info.latent_channels, info.vae_scale_factor);
-    // The denoiser's own step (a UNet's downsamplings, Flux's 2×2 packing), checked before
-    // anything runs.
-    let step = info.resolution_step.max(f);
+    let step = sample_step(&info);
     if req.width == 0
         || req.height == 0
         || !req.width.is_multiple_of(step)

@@ -193,10 +193,9 @@ fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
 }
 
 /// The run's sample definitions against the model, before training (a bad one would stop the
-/// run at its first sample): sizes in its resolution step, and a flow-matching model's one
-/// sampler.
+/// run at its first sample): sizes the model samples, and a flow-matching model's one sampler.
 fn check_samples(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
-    let step = info.resolution_step.max(info.vae_scale_factor).max(1);
+    let step = crate::sample::generate::sample_step(info);
     let flow = matches!(info.objective, Objective::FlowMatch { .. });
     for (i, s) in c.samples.iter().enumerate() {
         if s.width == 0 || s.height == 0 || s.width % step != 0 || s.height % step != 0 {

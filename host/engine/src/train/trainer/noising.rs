@@ -79,6 +79,13 @@ impl Noising {
         let t = Timesteps::new(c, self.timesteps());
         match (self, c.dynamic_timestep_shifting) {
             (_, false) => Ok(t),
+            (Self::Flow(f), true) if f.max_image_seq_len == f.base_image_seq_len => {
+                Err(TrainError(
+                    "dynamic_timestep_shifting: the model's scheduler has max_image_seq_len equal \
+                     to base_image_seq_len, so no shift follows from the image size"
+                        .into(),
+                ))
+            }
             (Self::Flow(f), true) => {
                 let (f, step) = (f.clone(), step.max(1));
                 Ok(t.with_dynamic_shift(move |(w, h)| f.mu((w / step) * (h / step)).exp()))
