@@ -166,13 +166,22 @@ fn flux_config(root: &std::path::Path, name: &str, extra: &str) -> ferrite::conf
     ferrite::config::TrainConfig::load(Some(&p), None, &[]).unwrap()
 }
 
-fn train(root: &std::path::Path, c: ferrite::config::TrainConfig) -> Vec<f32> {
+fn registry() -> ferrite::plugins::Registry {
     runtime::init("cpu").unwrap();
-    let registry = ferrite::plugins::Registry::discover(
+    ferrite::plugins::Registry::discover(
         &[ferrite_tests::profile_dir()],
         &ferrite::settings::Settings::default(),
-    );
-    let mut t = ferrite::train::trainer::Trainer::new(c, root, registry).unwrap();
+    )
+}
+
+/// Why a run of `c` does not start.
+fn refusal(root: &std::path::Path, c: ferrite::config::TrainConfig) -> String {
+    let t = ferrite::train::trainer::Trainer::new(c, root, registry());
+    t.err().unwrap().to_string()
+}
+
+fn train(root: &std::path::Path, c: ferrite::config::TrainConfig) -> Vec<f32> {
+    let mut t = ferrite::train::trainer::Trainer::new(c, root, registry()).unwrap();
     let mut losses = Vec::new();
     t.run(|e| {
         if let ferrite::train::trainer::Event::Step { loss, .. } = e {
@@ -227,14 +236,7 @@ fn flux_lora_trains_and_saves_in_diffusers_layout() {
     // keys yet.
     let mut kohya = flux_config(root, "k", "");
     kohya.output_model_format = ferrite::config::OutputFormat::Safetensors;
-    let registry = ferrite::plugins::Registry::discover(
-        &[ferrite_tests::profile_dir()],
-        &ferrite::settings::Settings::default(),
-    );
-    let e = ferrite::train::trainer::Trainer::new(kohya, root, registry)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = refusal(root, kohya);
     assert!(
         e.contains("output_model_format") && e.contains("diffusers"),
         "{e}"
@@ -262,14 +264,7 @@ fn flux_lora_trains_and_saves_in_diffusers_layout() {
         width: 18,
         ..Default::default()
     }];
-    let registry = ferrite::plugins::Registry::discover(
-        &[ferrite_tests::profile_dir()],
-        &ferrite::settings::Settings::default(),
-    );
-    let e = ferrite::train::trainer::Trainer::new(bad, root, registry)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = refusal(root, bad);
     assert!(
         e.contains("samples[0]") && e.contains("multiples of 4"),
         "{e}"
