@@ -1,7 +1,7 @@
 """The PyTorch side of the real-size LoRA step benchmark, and the model both sides use.
 
     python3 tests/bench/lora_step.py build sd15|sdxl DIR   # DIR/model: a pipeline folder
-    python3 tests/bench/lora_step.py torch sd15|sdxl DIR [steps]
+    python3 tests/bench/lora_step.py torch sd15|sdxl|flux DIR [steps] [checkpointing]
 
 `build` writes a diffusers folder whose UNet is the published config (SD 1.5's, or SDXL base
 1.0's) with random weights (saved in float16 to halve the file; both sides compute in float32),
@@ -12,7 +12,11 @@ are as wide as the real ones.
 `torch` runs diffusers + peft: a LoRA of rank 16 (alpha 1) on the UNet's attention-block layers
 (what Ferrite's `attn-mlp` preset adapts), AdamW, one MSE step per batch of one 64×64 latent (with
 SDXL's added conditioning); prints the mean step time after a warm-up step and the process's peak
-resident memory. tests/bench/lora_step.sh runs both sides one after the other.
+resident memory. tests/bench/lora_step.sh runs both sides one after the other. Without DIR/model
+(the device harness, tools/device/run.sh), the UNet is built from the published config with
+random weights in memory. `flux` (no `build`: always in memory) is FLUX.1-dev's transformer
+(published config, random weights, bfloat16 as users load it) with a LoRA on Ferrite's Flux
+`attn-mlp` layers, at the packed sequence of a RES² image and 512 text tokens.
 """
 import os
 import resource
@@ -97,7 +101,11 @@ def torch_step(family, out, steps, checkpointing):
     device = os.environ.get("BENCH_DEVICE", "cpu")
     autocast = os.environ.get("BENCH_AUTOCAST", "") == "bf16"
     res = int(os.environ.get("BENCH_RES", "512"))
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "model", "unet"), torch_dtype=torch.float32)
+    folder = os.path.join(out, "model", "unet")
+    if os.path.isdir(folder):
+        unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
+    else:
+        unet = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD15_UNET))
     unet.to(device)
     unet.requires_grad_(False)
     if checkpointing:
@@ -141,9 +149,73 @@ def torch_step(family, out, steps, checkpointing):
           f"peak memory {peak:.1f} GiB")
 
 
+# Ferrite's Flux `attn-mlp` preset: every linear layer under `attn`, the double blocks' `ff.net`
+# and the single blocks' `proj_mlp`.
+FLUX_TARGETS = (r".*\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+                r"|ff\.net\.(0\.proj|2)|proj_mlp)")
+
+
+def torch_flux_step(steps, checkpointing):
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    device = os.environ.get("BENCH_DEVICE", "cpu")
+    res = int(os.environ.get("BENCH_RES", "512"))
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = FluxTransformer2DModel(**_PUBLISHED.FLUX_DEV)
+    torch.set_default_dtype(torch.float32)
+    model.requires_grad_(False)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    model.add_adapter(LoraConfig(r=16, lora_alpha=1, init_lora_weights="gaussian", target_modules=FLUX_TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    side = res // 16
+    bf = dict(device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, side * side, 64, generator=g).to(**bf)
+    target = torch.randn(1, side * side, 64, generator=g).to(device)
+    ctx = torch.randn(1, 512, 4096, generator=g).to(**bf)
+    pooled = torch.randn(1, 768, generator=g).to(**bf)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(**bf)
+    txt_ids = torch.zeros(512, 3, **bf)
+    t, guidance = torch.tensor([0.5], **bf), torch.tensor([3.5], **bf)
+
+    def step():
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            pred = model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                         img_ids=img_ids, txt_ids=txt_ids, guidance=guidance).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+
+    print(f"torch {torch.__version__}, {sum(p.numel() for p in params) / 1e6:.1f} M LoRA parameters")
+    step()  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    per = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else peak_rss_gib()
+    label = "gradient_checkpointing=on" if checkpointing else "gradient_checkpointing=off"
+    print(f"torch   Flux LoRA step {res}x{res} ({side * side} image tokens) {label}: {per:8.3f} s, "
+          f"peak memory {peak:.1f} GiB")
+
+
 if __name__ == "__main__":
     what, family, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    assert family in ("sd15", "sdxl"), family
+    assert family in ("sd15", "sdxl", "flux"), family
+    if family == "flux":
+        assert what == "torch", "flux is built in memory: no build step"
+        torch_flux_step(int(sys.argv[4]) if len(sys.argv) > 4 else 1, len(sys.argv) > 5 and sys.argv[5] == "checkpointing")
+        sys.exit(0)
     if what == "build":
         build(family, out)
     else:

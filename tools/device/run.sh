@@ -1,47 +1,82 @@
 #!/bin/sh
 # On the GPU machine (PyTorch, transformers and peft installed; no toolchain, no network), from
-# the repository root with .device/ from tools/device/build.sh:
+# the repository root with .device/ from tools/device/build.sh. Stages, each in its own process
+# under a time limit, with the GPU's peak used memory while it runs (nvidia-smi, sampled every
+# 0.2 s; the first line of output gives the idle figure):
 #   1. `ferrite selftest --device cuda`: every op and its gradients against the CPU backend;
-#   2. a real-size SD 1.5 UNet (published config, random weights, built by diffusers) LoRA step
-#      at RES (512) in f32 and in bf16, diffusers + peft against `ferrite bench step`, each in its
-#      own process, with the GPU's peak used memory while it runs (nvidia-smi, sampled every
-#      0.2 s; torch's own max_memory_allocated is printed too).
-# Prints the figures side by side. Writes under ${WORK:-/tmp/ferrite-device}.
+#   2. a LoRA step (rank 16, AdamW, gradient checkpointing) of the real-size FLUX.1-dev
+#      transformer (published config, random weights) at 512², diffusers + peft (bfloat16
+#      weights) against `ferrite bench step` (bfloat16 compute; nfloat4 and bfloat16 weights);
+#   3. the same for the SD 1.5 UNet at 512² in bfloat16 and in float32;
+#   4. Flux at 1024², if time is left.
+# Stages that would start after BUDGET seconds (default 400) are skipped, so the whole run fits
+# the device lease. Prints everything to stdout; writes under ${WORK:-/tmp/ferrite-device}.
 #   sh tools/device/run.sh [steps]
-set -e
+set -u
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-steps=${1:-5}
+steps=${1:-3}
 work=${WORK:-/tmp/ferrite-device}
-res=${RES:-512}
+budget=${BUDGET:-400}
+start=$(date +%s)
 mkdir -p "$work"
-tar -C "$work" -xzf .device/ferrite.tar.gz
+tar -C "$work" -xzf .device/ferrite.tar.gz || exit 1
 bin="$work/ferrite/ferrite"
-python3 -m pip install -q --no-deps --no-index --target "$work/py" .device/wheels/*.whl
+python3 -m pip install -q --no-deps --no-index --target "$work/py" .device/wheels/*.whl || exit 1
 export PYTHONPATH="$work/py${PYTHONPATH:+:$PYTHONPATH}"
+# cudarc opens NVRTC (burn's kernel compiler) by name: add the folders that hold it.
+for d in $(find /usr/local /opt /usr/lib -name 'libnvrtc.so*' 2>/dev/null | xargs -r -n1 dirname | sort -u); do
+    LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
+echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader)"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
-echo "=== selftest on cuda ==="
-"$bin" selftest --device cuda || echo "SELFTEST FAILED"
-
-# Runs a command while sampling the GPU's used memory; prints its peak (MiB) last.
-peak_vram() {
-    log="$work/vram.$$"
+# stage NAME SECONDS COMMAND...: runs COMMAND under the time limit (cut to what the budget
+# leaves) while sampling the GPU's used memory.
+stage() {
+    name=$1 limit=$2
+    shift 2
+    left=$((budget - ($(date +%s) - start)))
+    if [ "$left" -lt 30 ]; then
+        echo "=== $name: skipped (${left} s of the budget left)"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $name (limit ${limit} s) ==="
+    log="$work/vram.log"
     : > "$log"
-    ( while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$log"; sleep 0.2; done ) &
+    (while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$log"; sleep 0.2; done) &
     sampler=$!
-    status=0
-    "$@" || status=$?
+    t0=$(date +%s)
+    timeout "$limit" "$@"
+    rc=$?
     kill "$sampler"
-    echo "peak GPU memory used (nvidia-smi): $(sort -n "$log" | tail -1) MiB"
-    return $status
+    echo "--- $name: rc=$rc in $(($(date +%s) - t0)) s; peak GPU memory used (nvidia-smi) $(sort -n "$log" | tail -1) MiB"
 }
 
-[ -d "$work/sd15/model" ] || python3 tests/bench/lora_step.py build sd15 "$work/sd15"
-for dtype in float32 bfloat16; do
-    autocast=""; [ "$dtype" = bfloat16 ] && autocast=bf16
-    echo "=== SD 1.5 LoRA step ${res}x${res}, train dtype $dtype, gradient checkpointing on ==="
-    BENCH_DEVICE=cuda BENCH_AUTOCAST=$autocast BENCH_RES=$res \
-        peak_vram python3 tests/bench/lora_step.py torch sd15 "$work/sd15" "$steps" checkpointing
-    peak_vram "$bin" bench step --model "$work/sd15/model" --arch sd15 --device cuda \
-        --resolution "$res" --train-dtype "$dtype" --steps "$steps"
-done
+torch_step() { # FAMILY RES
+    BENCH_DEVICE=cuda BENCH_AUTOCAST=bf16 BENCH_RES=$2 PYTHONUNBUFFERED=1 \
+        python3 tests/bench/lora_step.py torch "$1" "$work/$1" "$steps" checkpointing
+}
+torch_step_f32() { # FAMILY RES
+    BENCH_DEVICE=cuda BENCH_RES=$2 PYTHONUNBUFFERED=1 \
+        python3 tests/bench/lora_step.py torch "$1" "$work/$1" "$steps" checkpointing
+}
+ferrite_step() { # FAMILY RES TRAIN_DTYPE WEIGHT_DTYPE
+    FERRITE_LOG=${FERRITE_LOG:-warn} "$bin" bench step --model-config ".device/configs/$1" \
+        --arch "${1%_dev}" --device cuda --resolution "$2" --train-dtype "$3" --weight-dtype "$4" \
+        --checkpointing on --steps "$steps"
+}
+
+stage "selftest on cuda" 150 "$bin" selftest --device cuda
+stage "Flux-dev LoRA 512², ferrite, bf16 compute, nfloat4 weights" 200 ferrite_step flux_dev 512 bfloat16 nfloat4
+stage "Flux-dev LoRA 512², diffusers + peft, bf16" 90 torch_step flux 512
+stage "SD 1.5 LoRA 512², diffusers + peft, bf16 autocast" 60 torch_step sd15 512
+stage "SD 1.5 LoRA 512², ferrite, bf16" 120 ferrite_step sd15 512 bfloat16 float32
+stage "SD 1.5 LoRA 512², diffusers + peft, f32" 60 torch_step_f32 sd15 512
+stage "SD 1.5 LoRA 512², ferrite, f32" 120 ferrite_step sd15 512 float32 float32
+stage "Flux-dev LoRA 512², ferrite, bf16 compute, bf16 weights" 150 ferrite_step flux_dev 512 bfloat16 bfloat16
+stage "Flux-dev LoRA 1024², ferrite, bf16 compute, nfloat4 weights" 200 ferrite_step flux_dev 1024 bfloat16 nfloat4
+stage "Flux-dev LoRA 1024², diffusers + peft, bf16" 90 torch_step flux 1024
+echo "total $(($(date +%s) - start)) s"
