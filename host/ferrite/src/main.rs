@@ -297,16 +297,20 @@ fn gui(
 }
 
 fn selftest(device: &str) -> Result<()> {
-    let checks = ferrite::runtime::selftest::run(device)?;
-    let failed = checks.iter().filter(|c| !c.passed()).count();
-    println!("selftest on {device} against cpu: output and gradients, largest relative error");
-    for c in &checks {
+    println!(
+        "selftest on {device} against cpu: output and gradients, largest relative error, time on {device}"
+    );
+    let checks = ferrite::runtime::selftest::run(device, |c| {
         let verdict = if c.passed() { "ok" } else { "FAILED" };
         println!(
-            "{:<40} {:>10.2e} (≤ {:.0e}) {verdict}",
-            c.name, c.error, c.tolerance
+            "{:<40} {:>10.2e} (≤ {:.0e}) {verdict:<6} {:>8.3} s",
+            c.name,
+            c.error,
+            c.tolerance,
+            c.elapsed.as_secs_f64()
         );
-    }
+    })?;
+    let failed = checks.iter().filter(|c| !c.passed()).count();
     if failed > 0 {
         anyhow::bail!("{failed} of {} checks failed on {device}", checks.len());
     }

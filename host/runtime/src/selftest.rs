@@ -13,6 +13,9 @@ pub struct Check {
     pub name: String,
     pub error: f32,
     pub tolerance: f32,
+    /// Wall time of the case on the device under test (the first use of a kernel includes its
+    /// compilation there).
+    pub elapsed: std::time::Duration,
 }
 
 impl Check {
@@ -238,20 +241,28 @@ const DTYPES: [(TrainDtype, &str, f32); 3] = [
     (TrainDtype::Float16, " [float16]", 5e-3),
 ];
 
-/// Runs every check on `device` against the CPU backend, in f32 and in each half train dtype.
-pub fn run(device: &str) -> std::result::Result<Vec<Check>, SelftestError> {
+/// Runs every check on `device` against the CPU backend, in f32 and in each half train dtype,
+/// handing each to `on_check` as it ends (a run cut short still shows how far it came).
+pub fn run(
+    device: &str,
+    mut on_check: impl FnMut(&Check),
+) -> std::result::Result<Vec<Check>, SelftestError> {
     let (target, _) = Device::open(device)?;
     let (cpu, _) = Device::open("cpu")?;
     let mut checks = Vec::new();
     for (name, tolerance, case) in cases() {
         for (dtype, label, least) in DTYPES {
             let want = run_case(&cpu, case, dtype).map_err(|e| SelftestError::Op(name, e))?;
+            let start = std::time::Instant::now();
             let got = run_case(&target, case, dtype).map_err(|e| SelftestError::Op(name, e))?;
-            checks.push(Check {
+            let check = Check {
                 name: format!("{name}{label}"),
                 error: relative_error(&got, &want),
                 tolerance: tolerance.max(least),
-            });
+                elapsed: start.elapsed(),
+            };
+            on_check(&check);
+            checks.push(check);
         }
     }
     Ok(checks)
@@ -265,8 +276,10 @@ mod tests {
     /// differ: a matmul in bf16 against the f32 one, and a NaN.
     #[test]
     fn the_suite_runs_and_its_comparison_can_fail() {
-        let checks = run("cpu").unwrap();
+        let mut seen = 0;
+        let checks = run("cpu", |_| seen += 1).unwrap();
         assert_eq!(checks.len(), DTYPES.len() * cases().len());
+        assert_eq!(seen, checks.len());
         assert!(checks.iter().all(Check::passed));
         let (cpu, _) = Device::open("cpu").unwrap();
         let (_, tolerance, matmul) = cases()[0];

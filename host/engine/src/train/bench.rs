@@ -148,9 +148,15 @@ pub fn step(b: &StepBench, work: &Path, registry: Registry) -> Result<StepFigure
         std::fs::write(images.join(format!("{i}.txt")), "a photo").map_err(setup)?;
     }
     let c = config(b, dir.path())?;
+    let started = Instant::now();
     let (device, _) = Device::open(&c.train_device)?;
     let mut t = Trainer::on(device, Default::default(), c, dir.path(), registry)?;
     let load_peak_mib = peak_rss_mib();
+    // Progress for runs cut short by a time limit (the device harness).
+    tracing::info!(
+        "bench step: loaded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let trainable = t
         .trainable()
         .iter()
@@ -160,6 +166,10 @@ pub fn step(b: &StepBench, work: &Path, registry: Registry) -> Result<StepFigure
     let (mut times, mut last) = (Vec::new(), Instant::now());
     t.run(|e| {
         if let Event::Step { step, .. } = e {
+            tracing::info!(
+                "bench step: step {step} in {:.1} s",
+                last.elapsed().as_secs_f64()
+            );
             if step == 1 {
                 reset_peak_rss();
             } else {
