@@ -17,7 +17,7 @@ pub use abi_stable;
 pub use error::{Error, Result};
 pub use family::{ModelInfo, Part, PartKind};
 pub use host::{Generator, Weights, checkpoint, save_safetensors};
-pub use nn::AdaptableLayer;
+pub use nn::{AdaptableLayer, FusedRows};
 pub use op::Op;
 pub use plugin::{
     Adapter, Architecture, Component, Descriptor, Optimizer, Param, Plugin, parse_options,

@@ -61,6 +61,18 @@ pub struct AdaptableLayer {
     /// More names adapter files may use for it (read, never written).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// Where the layouts of `keys` fuse this layer with others into one module (Flux's BFL
+    /// names: `img_attn.qkv` holds `to_q`, `to_k` and `to_v`), the rows of that module it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fused: Option<FusedRows>,
+}
+
+/// This layer's outputs are rows `start..start + out_features` of a fused module of `rows`
+/// output features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FusedRows {
+    pub start: usize,
+    pub rows: usize,
 }
 
 impl AdaptableLayer {
@@ -73,6 +85,7 @@ impl AdaptableLayer {
             original: None,
             keys: BTreeMap::new(),
             aliases: Vec::new(),
+            fused: None,
         }
     }
 }

@@ -193,10 +193,10 @@ fn train(root: &std::path::Path, c: ferrite::config::TrainConfig) -> Vec<f32> {
 }
 
 /// A Flux LoRA (OneTrainer's attn-mlp preset for Flux) trains with the flow-matching objective
-/// and the embedded guidance, and is saved in diffusers' layout; `transformer.guidance_scale`
-/// is the guidance the transformer is given.
+/// and the embedded guidance, and is saved in diffusers' layout and in kohya's;
+/// `transformer.guidance_scale` is the guidance the transformer is given.
 #[test]
-fn flux_lora_trains_and_saves_in_diffusers_layout() {
+fn flux_lora_trains_and_saves_in_diffusers_and_kohya_layouts() {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
     ferrite_tests::toy_dataset(&root.join("images"));
@@ -232,13 +232,38 @@ fn flux_lora_trains_and_saves_in_diffusers_layout() {
         "{keys:?}"
     );
 
-    // kohya's layout (the default format) is refused before training: Flux names no kohya
-    // keys yet.
+    // The same run in kohya's layout (the default format): BFL's fused modules, which read
+    // back as the layers trained.
     let mut kohya = flux_config(root, "k", "");
     kohya.output_model_format = ferrite::config::OutputFormat::Safetensors;
-    let e = refusal(root, kohya);
+    assert_eq!(train(root, kohya), losses);
+    let path = root.join("k/lora.safetensors");
+    let file = Weights::open(path.to_str().unwrap()).unwrap();
+    for k in [
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+        "lora_unet_double_blocks_0_txt_attn_qkv.alpha",
+        "lora_unet_double_blocks_0_img_mlp_2.lora_up.weight",
+        "lora_unet_single_blocks_0_linear1.lora_up.weight",
+    ] {
+        assert!(file.info(k).is_some(), "{k} not in the kohya file");
+    }
+    let registry = registry();
+    let options =
+        serde_json::json!({ "model": std::path::Path::new(&dir("pipeline")).join("model") });
+    let arch = registry.architecture("flux", &options.to_string()).unwrap();
+    let layers = ferrite::adapters::ModelLayers::of(&arch).unwrap();
+    assert_eq!(layers.load(&registry, &path, 1.0).unwrap(), keys.len() / 2);
+    // A layer BFL's layout names differently (norm_out's halves are swapped there) is refused
+    // before training.
+    let e = refusal(
+        root,
+        ferrite::config::TrainConfig {
+            output_model_format: ferrite::config::OutputFormat::Safetensors,
+            ..flux_config(root, "f", "lora_layer_preset = \"full\"")
+        },
+    );
     assert!(
-        e.contains("output_model_format") && e.contains("diffusers"),
+        e.contains("output_model_format") && e.contains("transformer.norm_out.linear"),
         "{e}"
     );
 

@@ -1,9 +1,10 @@
 //! Flux.1 (dev and schnell) from a diffusers folder (`model_index.json`, `transformer/`, `vae/`,
 //! `text_encoder/` CLIP-L, `text_encoder_2/` T5, `tokenizer/`, `tokenizer_2/`, `scheduler/`;
-//! single or sharded weight files), with the flow-matching objective. Single-file checkpoints
-//! and LoRA layouts other than diffusers' are not built yet.
+//! single or sharded weight files), with the flow-matching objective. Adapter files in
+//! diffusers', kohya's and ComfyUI's layouts (`names`). Single-file checkpoints are not built yet.
 
 pub mod model;
+mod names;
 pub mod packing;
 
 use ferrite_plugin_api::{

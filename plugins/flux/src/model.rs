@@ -98,16 +98,22 @@ impl Flux {
         let t5 = weights("text_encoder_2", "model")?.scoped("text_encoder_2");
         let tr = weights("transformer", "diffusion_pytorch_model")?.scoped("transformer");
         let vae = weights("vae", "diffusion_pytorch_model")?;
+        let clip = ClipTextTransformer::load(&te, "text_model", None, &clip_config, dtype)?;
+        let t5_model = T5EncoderModel::load(&t5, &t5_config, dtype)?;
+        let transformer = FluxTransformer2DModel::load(&tr, &flux_config, dtype)?;
+        // The scoped weights list the layers the loads above made.
+        let mut adaptable_layers = [tr.layers(), te.layers(), t5.layers()].concat();
+        crate::names::name_layers(&mut adaptable_layers)?;
         Ok(Self {
             clip_tokenizer,
-            clip: ClipTextTransformer::load(&te, "text_model", None, &clip_config, dtype)?,
+            clip,
             t5_tokenizer,
-            t5: T5EncoderModel::load(&t5, &t5_config, dtype)?,
-            transformer: FluxTransformer2DModel::load(&tr, &flux_config, dtype)?,
+            t5: t5_model,
+            transformer,
             vae: AutoencoderKL::load(&vae, "", &vae_config, dtype)?,
             scheduler,
             parameters: [tr.tensors(), te.tensors(), t5.tensors()].concat(),
-            adaptable_layers: [tr.layers(), te.layers(), t5.layers()].concat(),
+            adaptable_layers,
         })
     }
 }

@@ -3,7 +3,8 @@
 //! `lora_B.weight`, alpha folded into B, DoRA's `lora_magnitude_vector`) and comfy (the layer's
 //! comfy key, kohya's suffixes). The model names each layer's keys; reading takes any of them,
 //! the model's other aliases, and PEFT's `base_model.model.` / `.default`; a missing alpha means
-//! alpha = rank.
+//! alpha = rank. Where a layout fuses several layers into one module, `fused` stacks and splits
+//! their adapters.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -12,7 +13,7 @@ use ferrite_plugin_api::{
     AdaptableLayer, DType, ModelInfo, PartKind, Tensor, Weights, family::layouts,
 };
 
-use super::{AdapterError, ModelLayers, Result, err};
+use super::{AdapterError, ModelLayers, Result, err, fused};
 use crate::config::OutputFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +56,9 @@ pub struct AdapterState {
     pub state: Vec<(String, Tensor)>,
 }
 
-/// A layer and the (kohya suffix, file key) pairs a file has for it.
-type Group<'a> = (&'a AdaptableLayer, Vec<(&'static str, String)>);
+/// The layers a file module stands for (several where the layout fuses them) and the (kohya
+/// suffix, file key) pairs the file has for it.
+type Group<'a> = (Vec<&'a AdaptableLayer>, Vec<(&'static str, String)>);
 
 /// Every name a file may use for a layer, in any format.
 fn aliases(layer: &AdaptableLayer) -> Vec<String> {
@@ -101,19 +103,20 @@ fn shape_of(w: &Weights, key: &str) -> Vec<usize> {
 pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
     let shown = path.display();
     let w = Weights::open(&path.to_string_lossy()).map_err(err)?;
-    let by_alias: HashMap<String, &AdaptableLayer> = model
-        .layers
-        .iter()
-        .flat_map(|l| aliases(l).into_iter().map(move |a| (a, l)))
-        .collect();
+    let mut by_alias: HashMap<String, Vec<&AdaptableLayer>> = HashMap::new();
+    for l in &model.layers {
+        for a in aliases(l) {
+            by_alias.entry(a).or_default().push(l);
+        }
+    }
     let mut groups: BTreeMap<String, Group> = BTreeMap::new();
     let mut unmatched = Vec::new();
     for info in w.infos() {
         let key = info.key.as_str();
-        match split_key(key).and_then(|(m, s)| Some((by_alias.get(&m)?, s))) {
-            Some((layer, suffix)) => groups
-                .entry(layer.name.clone())
-                .or_insert_with(|| (layer, Vec::new()))
+        match split_key(key).and_then(|(m, s)| Some((m.clone(), by_alias.get(&m)?, s))) {
+            Some((module, layers, suffix)) => groups
+                .entry(module)
+                .or_insert_with(|| (layers.clone(), Vec::new()))
                 .1
                 .push((suffix, key.to_string())),
             None => unmatched.push(key.to_string()),
@@ -134,7 +137,7 @@ pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
         )));
     }
     let mut layers = Vec::new();
-    for (name, (layer, keys)) in groups {
+    for (name, (members, keys)) in groups {
         let find = |s: &str| {
             keys.iter()
                 .find(|(k, _)| *k == s)
@@ -166,16 +169,45 @@ pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
                 Tensor::from_f32(&[alpha as f32], &[]).map_err(err)?,
             ));
         }
-        layers.push(LayerState {
+        let dora = find("dora_scale").is_some();
+        if let [layer] = members[..] {
+            layers.push(LayerState {
+                kind: kind.into(),
+                layer: layer.clone(),
+                rank,
+                alpha,
+                dora,
+                state,
+            });
+            continue;
+        }
+        let shares = fused::split(&format!("{shown}: {name}"), &members, &state, rank, alpha)?;
+        layers.extend(shares.into_iter().map(|s| LayerState {
             kind: kind.into(),
-            layer: layer.clone(),
-            rank,
-            alpha,
-            dora: find("dora_scale").is_some(),
-            state,
-        });
+            layer: s.layer,
+            rank: s.rank,
+            alpha: s.alpha,
+            dora,
+            state: s.state,
+        }));
     }
     Ok(AdapterFile { layers })
+}
+
+/// A layer's module key in `format`.
+fn module_key(format: Format, layer: &AdaptableLayer) -> Result<String> {
+    let layout = match format {
+        Format::Kohya => layouts::KOHYA,
+        Format::Comfy => layouts::COMFY,
+        Format::Diffusers => return Ok(layer.name.clone()),
+    };
+    layer.keys.get(layout).cloned().ok_or_else(|| {
+        AdapterError(format!(
+            "the model names no {layout} key for layer `{}`: save in another \
+             output_model_format",
+            layer.name
+        ))
+    })
 }
 
 /// The file keys and tensors of one layer's state in `format`.
@@ -186,20 +218,7 @@ fn layer_entries(
     part: Option<PartKind>,
     state: &[(String, Tensor)],
 ) -> Result<Vec<(String, Tensor)>> {
-    let key = |layout: &str| {
-        layer.keys.get(layout).cloned().ok_or_else(|| {
-            AdapterError(format!(
-                "the model names no {layout} key for layer `{}`: save in another \
-                 output_model_format",
-                layer.name
-            ))
-        })
-    };
-    let prefix = match format {
-        Format::Kohya => key(layouts::KOHYA)?,
-        Format::Comfy => key(layouts::COMFY)?,
-        Format::Diffusers => layer.name.clone(),
-    };
+    let prefix = module_key(format, layer)?;
     if format != Format::Diffusers {
         return Ok(state
             .iter()
@@ -257,9 +276,22 @@ pub fn write(
         return Err(AdapterError("there are no adapters to save".into()));
     };
     let mut entries = Vec::new();
+    let mut fused_modules: BTreeMap<String, Vec<(&AdaptableLayer, &[(String, Tensor)])>> =
+        BTreeMap::new();
     for a in states {
+        if format != Format::Diffusers && a.layer.fused.is_some() {
+            fused_modules
+                .entry(module_key(format, &a.layer)?)
+                .or_default()
+                .push((&a.layer, &a.state));
+            continue;
+        }
         let part = model.part_of(&a.layer.name).map(|p| p.kind);
         entries.extend(layer_entries(format, &a.kind, &a.layer, part, &a.state)?);
+    }
+    for (key, members) in fused_modules {
+        let state = fused::fuse(&key, &members)?;
+        entries.extend(state.into_iter().map(|(k, t)| (format!("{key}.{k}"), t)));
     }
     let dim = first
         .iter()

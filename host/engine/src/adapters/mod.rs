@@ -5,6 +5,7 @@
 //! model has its own adapters.
 
 pub mod formats;
+mod fused;
 pub mod select;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,7 +1,7 @@
 //! The trained parts (UNet, text encoder, or the adapters): their tensors and optimizers, the
 //! optimizer step with gradient clipping, stopping a part, and EMA.
 
-use ferrite_plugin_api::{DType, Param, Tensor, plugin::OptimizerHandle};
+use ferrite_plugin_api::{AdaptableLayer, DType, Param, Tensor, plugin::OptimizerHandle};
 
 use super::ema::Ema;
 use super::intervals::Moment;
@@ -53,17 +53,24 @@ impl Drop for Untracked {
 }
 
 impl Trainer {
+    /// The layers a LoRA run adapts: the preset's (or `lora_layers`') of the denoiser, every
+    /// layer of the other trained parts.
+    pub(super) fn adapted_layers(&self) -> Result<Vec<&AdaptableLayer>> {
+        let c = &self.config;
+        let filter =
+            select::LayerFilter::new(c.lora_layer_preset, &c.lora_layers, c.layer_filter_regex)
+                .map_err(err)?;
+        let info = &self.model.info;
+        Ok(select::select(info, &filter, |id| {
+            info.part(id).is_some_and(|p| c.trains(p))
+        }))
+    }
+
     pub(super) fn make_groups(&self) -> Result<Vec<Group>> {
         let c = &self.config;
         let named: Vec<(String, Tensor)> = if c.training_method == TrainingMethod::Lora {
             self.model.clear();
-            let filter =
-                select::LayerFilter::new(c.lora_layer_preset, &c.lora_layers, c.layer_filter_regex)
-                    .map_err(err)?;
-            let info = &self.model.info;
-            let layers = select::select(info, &filter, |id| {
-                info.part(id).is_some_and(|p| c.trains(p))
-            });
+            let layers = self.adapted_layers()?;
             self.model
                 .create(&self.registry, &layers, &c.adapter_options())
                 .map_err(err)?;

@@ -115,16 +115,18 @@ impl Trainer {
             OutputFormat::Comfy => layouts::COMFY,
             OutputFormat::Diffusers => return Ok(()),
         };
-        let unnamed = self
-            .info
-            .adaptable_layers
-            .iter()
-            .any(|l| !l.keys.contains_key(layout));
-        if c.training_method == TrainingMethod::Lora && unnamed {
+        if c.training_method != TrainingMethod::Lora {
+            return Ok(());
+        }
+        if let Some(l) = self
+            .adapted_layers()?
+            .into_iter()
+            .find(|l| !l.keys.contains_key(layout))
+        {
             return Err(TrainError(format!(
-                "output_model_format `{}`: this model names no {layout} keys for its layers; use \
-                 `diffusers`",
-                c.output_model_format
+                "output_model_format `{}`: this model names no {layout} key for layer `{}`, \
+                 which the run adapts; use `diffusers` or leave the layer out",
+                c.output_model_format, l.name
             )));
         }
         Ok(())

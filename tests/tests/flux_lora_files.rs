@@ -1,0 +1,190 @@
+//! Flux LoRA files on the tiny pipeline's transformer (fixtures from
+//! tests/fixtures/gen/flux_lora.py): a peft LoRA in diffusers' layout and LoRAs in sd-scripts'
+//! layout, whose BFL modules fuse q, k, v (and the single blocks' MLP input), give diffusers'
+//! output; saving in every layout and reading back changes nothing, and kohya's and ComfyUI's
+//! files hold the fused modules.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferrite::adapters::{ModelLayers, formats::Format};
+use ferrite::plugins::Registry;
+use ferrite::runtime::{Device, Entered, Scope};
+use ferrite::settings::Settings;
+use ferrite_plugin_api::{DType, Tensor, Weights, plugin::ArchitectureHandle};
+use ferrite_tests::max_abs_diff;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/flux")
+}
+
+struct Setup {
+    registry: Registry,
+    arch: ArchitectureHandle,
+    model: Arc<ModelLayers>,
+    expected: Weights,
+    _scope: Entered,
+}
+
+impl Setup {
+    fn new() -> Self {
+        ferrite::runtime::init("cpu").unwrap();
+        let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
+        let options = serde_json::json!({ "model": fixtures().join("pipeline/model") });
+        let arch = registry.architecture("flux", &options.to_string()).unwrap();
+        let model = Arc::new(ModelLayers::of(&arch).unwrap());
+        let scope = Scope::new(Device::current().unwrap())
+            .with_adapters(model.clone())
+            .enter();
+        let expected = Weights::open(
+            fixtures()
+                .join("lora/expected.safetensors")
+                .to_str()
+                .unwrap(),
+        )
+        .unwrap();
+        Self {
+            registry,
+            arch,
+            model,
+            expected,
+            _scope: scope,
+        }
+    }
+
+    fn get(&self, k: &str) -> Tensor {
+        self.expected.get(k, DType::F32).unwrap()
+    }
+
+    fn denoise(&self) -> Tensor {
+        let text = [self.get("states"), self.get("pooled"), self.get("guidance")];
+        self.arch
+            .denoise(
+                &self.get("latents"),
+                &self.get("timesteps"),
+                &text.iter().collect::<Vec<_>>(),
+            )
+            .unwrap()
+    }
+
+    /// The largest difference from an expected output, relative to its largest value (f32
+    /// round-off, not a term).
+    fn off(&self, got: &Tensor, expected: &str) -> f32 {
+        let want = self.get(expected);
+        let scale = want
+            .to_vec()
+            .unwrap()
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        max_abs_diff(got, &want) / scale
+    }
+
+    /// Loads a file alone; the number of layers it adapts.
+    fn load(&self, file: &Path) -> usize {
+        self.model.clear();
+        self.model.load(&self.registry, file, 1.0).unwrap()
+    }
+}
+
+fn lora_file(name: &str) -> PathBuf {
+    fixtures().join("lora").join(name)
+}
+
+#[test]
+fn peft_and_kohya_fused_loras_give_diffusers_output() {
+    let s = Setup::new();
+    let d = s.off(&s.denoise(), "base");
+    println!("without an adapter: output differs by {d:.2e} of its largest value");
+    assert!(d < 5e-5, "base output differs by {d}");
+    // (file, expected output, layers it adapts): kohya's 20 modules are 24 layers (two qkv of
+    // three), its linear1 is four.
+    for (file, expected, layers) in [
+        ("lora_peft.safetensors", "lora_peft", 29),
+        ("lora_kohya.safetensors", "lora_kohya", 24),
+        ("lora_kohya_linear1.safetensors", "lora_kohya_linear1", 4),
+    ] {
+        let n = s.load(&lora_file(file));
+        let d = s.off(&s.denoise(), expected);
+        println!(
+            "{file}: {n} layers, output differs from diffusers' by {d:.2e} of its largest value"
+        );
+        assert_eq!(n, layers, "{file}");
+        assert!(d < 5e-5, "{file}: {d}");
+    }
+}
+
+fn ranks(model: &ModelLayers) -> Vec<(String, Vec<usize>)> {
+    model
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.shape().unwrap()))
+        .collect()
+}
+
+#[test]
+fn fused_loras_round_trip_through_every_layout() {
+    let s = Setup::new();
+    let dir = tempfile::tempdir().unwrap();
+    for file in [
+        "lora_peft.safetensors",
+        "lora_kohya.safetensors",
+        "lora_kohya_linear1.safetensors",
+    ] {
+        s.load(&lora_file(file));
+        let (out, shapes) = (s.denoise(), ranks(&s.model));
+        for format in [Format::Kohya, Format::Comfy, Format::Diffusers] {
+            let path = dir.path().join(format!("{format:?}-{file}"));
+            s.model.save(&path, format, DType::F32, &[]).unwrap();
+            s.load(&path);
+            let d = max_abs_diff(&s.denoise(), &out);
+            println!("{file} as {format:?}: output after the round trip differs by {d:.2e}");
+            assert!(d < 1e-5, "{file} as {format:?}: {d}");
+            // A fused module written block-diagonally reads back as its layers' own adapters.
+            assert_eq!(ranks(&s.model), shapes, "{file} as {format:?}");
+            s.load(&lora_file(file));
+        }
+    }
+    // The peft LoRA (rank 4 on q, k, v) as kohya's fused modules: down-projections stacked,
+    // up-projections block-diagonal, alpha times three.
+    let w = Weights::open(
+        dir.path()
+            .join("Kohya-lora_peft.safetensors")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let shape = |k: &str| w.info(k).map(|i| i.shape.clone()).unwrap_or_default();
+    let qkv = "lora_unet_double_blocks_0_img_attn_qkv";
+    assert_eq!(shape(&format!("{qkv}.lora_down.weight")), [12, 32]);
+    assert_eq!(shape(&format!("{qkv}.lora_up.weight")), [96, 12]);
+    let alpha = w
+        .get(&format!("{qkv}.alpha"), DType::F32)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    assert_eq!(alpha, [12.0]);
+    let up = w.get(&format!("{qkv}.lora_up.weight"), DType::F32).unwrap();
+    let off_diagonal = up.narrow(0, 0, 32).unwrap().narrow(1, 4, 8).unwrap();
+    assert!(off_diagonal.to_vec().unwrap().iter().all(|v| *v == 0.0));
+    assert_eq!(
+        shape("lora_unet_single_blocks_0_linear1.lora_up.weight"),
+        [224, 16]
+    );
+    assert!(
+        w.info("lora_unet_single_blocks_0_linear2.lora_down.weight")
+            .is_some()
+    );
+    let comfy = Weights::open(
+        dir.path()
+            .join("Comfy-lora_peft.safetensors")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        comfy
+            .info("diffusion_model.double_blocks.0.txt_attn.qkv.lora_up.weight")
+            .is_some()
+    );
+}
