@@ -362,3 +362,54 @@ fn a_sharded_transformer_loads_as_one() {
         "{err}"
     );
 }
+
+/// The bundled `flux-dev-lora` and `flux-dev-lora-24gb` presets train the tiny Flux pipeline (at
+/// its size) and write diffusers' layout; they keep the transformer's frozen weights in nfloat4
+/// and float8, so the same run's losses differ.
+#[test]
+fn the_flux_presets_train() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let model = std::path::Path::new(&dir("pipeline")).join("model");
+    let mut losses = Vec::new();
+    for preset in ["flux-dev-lora", "flux-dev-lora-24gb"] {
+        let p = root.join(format!("{preset}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "base_model_name = {:?}\nworkspace_dir = \"{preset}\"\n\
+                 output_model_destination = \"{preset}/lora.safetensors\"\n\
+                 [[concepts]]\npath = \"images\"\n",
+                model.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let sets = [
+            "resolution=\"16\"",
+            "batch_size=2",
+            "epochs=1",
+            "sample_after_unit=never",
+            "backup_after_unit=never",
+        ]
+        .map(String::from);
+        let c = ferrite::config::TrainConfig::load(Some(&p), Some(preset), &sets)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.model_type, "flux");
+        let l = train(root, c);
+        assert!(
+            !l.is_empty() && l.iter().all(|v| v.is_finite()),
+            "{preset}: {l:?}"
+        );
+        let out = root.join(format!("{preset}/lora.safetensors"));
+        let w = Weights::open(out.to_str().unwrap()).unwrap();
+        assert!(
+            w.info("transformer.transformer_blocks.0.attn.to_q.lora_A.weight")
+                .is_some(),
+            "{preset}"
+        );
+        losses.push(l);
+    }
+    println!("losses {losses:?}");
+    assert_ne!(losses[0], losses[1]);
+}
