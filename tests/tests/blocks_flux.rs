@@ -267,6 +267,31 @@ fn flux_lora_trains_and_saves_in_diffusers_and_kohya_layouts() {
         "{e}"
     );
 
+    // OneTrainer's `blocks` preset: every layer of the double and single blocks (the context
+    // stream's feed-forward and the modulations too), not the embedders or the output layers.
+    train(
+        root,
+        flux_config(root, "blocks", "lora_layer_preset = \"blocks\""),
+    );
+    let file = Weights::open(root.join("blocks/lora.safetensors").to_str().unwrap()).unwrap();
+    let keys: Vec<String> = file.infos().iter().map(|i| i.key.clone()).collect();
+    for part in [
+        "ff_context.net.2",
+        "norm1.linear",
+        "single_transformer_blocks.0.proj_out",
+    ] {
+        assert!(
+            keys.iter().any(|k| k.contains(part)),
+            "{part} not in {keys:?}"
+        );
+    }
+    assert!(
+        !keys.iter().any(|k| k.contains("x_embedder")
+            || k.contains("transformer.proj_out")
+            || k.contains("norm_out")),
+        "{keys:?}"
+    );
+
     // The same run with another guidance value: the transformer sees it.
     let guided = train(
         root,

@@ -164,10 +164,12 @@ impl Architecture for Flux {
             resolution_step: vae_scale_factor * 2,
             adaptable_layers: self.adaptable_layers.clone(),
             // OneTrainer's Flux presets (BaseFluxSetup): attention; attention, the image stream's
-            // feed-forward (`ff.net`, not `ff_context.net`) and the single blocks' MLP input.
+            // feed-forward (`ff.net`, not `ff_context.net`) and the single blocks' MLP input;
+            // every layer of the double and single blocks.
             layer_presets: [
                 ("attn-only", &["attn"][..]),
                 ("attn-mlp", &["attn", "ff.net", "proj_mlp"][..]),
+                ("blocks", &["transformer_block"][..]),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))

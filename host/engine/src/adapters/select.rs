@@ -1,6 +1,6 @@
 //! Which layers get adapters: OneTrainer's layer presets over the denoiser's layers (the
 //! family's, else the SD UNet's: `attn-only`: modules containing `attn`; `attn-mlp`:
-//! `attentions`; `full`: all), or a custom
+//! `attentions`; `blocks`: the family's only; `full`: all), or a custom
 //! filter (comma-separated substrings, or a regex); a trained text encoder's layers all join.
 
 use ferrite_plugin_api::{AdaptableLayer, ModelInfo, PartKind};
@@ -13,6 +13,7 @@ use crate::config::LayerPreset;
 pub enum LayerFilter {
     AttnOnly,
     AttnMlp,
+    Blocks,
     Full,
     /// Comma-separated substrings of module names.
     Substrings(Vec<String>),
@@ -27,6 +28,7 @@ impl LayerFilter {
         Ok(match preset {
             LayerPreset::AttnOnly => Self::AttnOnly,
             LayerPreset::AttnMlp => Self::AttnMlp,
+            LayerPreset::Blocks => Self::Blocks,
             LayerPreset::Full => Self::Full,
             LayerPreset::Custom if regex => {
                 Regex::new(filter).map_err(|e| {
@@ -53,6 +55,18 @@ impl LayerFilter {
         })
     }
 
+    /// Refuses a preset the model does not have: `blocks` is a family's own (a UNet has none).
+    pub fn check(&self, model: &ModelInfo) -> Result<()> {
+        if *self == Self::Blocks && !model.layer_presets.contains_key("blocks") {
+            return Err(AdapterError(
+                "lora_layer_preset `blocks`: this model has no blocks preset (OneTrainer's is \
+                 for transformers such as Flux); use attn-only, attn-mlp, full or custom"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn matches(&self, module: &str, re: Option<&Regex>, model: &ModelInfo) -> bool {
         // The family's own preset, else the SD UNet's.
         let preset = |name: &str, default: &str| match model.layer_presets.get(name) {
@@ -62,6 +76,10 @@ impl LayerFilter {
         match self {
             Self::AttnOnly => preset("attn-only", "attn"),
             Self::AttnMlp => preset("attn-mlp", "attentions"),
+            Self::Blocks => model
+                .layer_presets
+                .get("blocks")
+                .is_some_and(|parts| parts.iter().any(|p| module.contains(p.as_str()))),
             Self::Full => true,
             Self::Substrings(parts) => parts.iter().any(|p| module.contains(p.as_str())),
             Self::Regex(_) => re.is_some_and(|r| r.is_match(module)),
@@ -132,6 +150,10 @@ mod tests {
             names(&f(Custom, r"attn\d\.to_q$|proj_in", true), false),
             [0, 2]
         );
+        // `blocks` is a family's own preset: a UNet has none.
+        let e = f(Blocks, "", false).check(&model).unwrap_err().to_string();
+        assert!(e.contains("lora_layer_preset `blocks`"), "{e}");
+        assert!(f(AttnMlp, "", false).check(&model).is_ok());
         assert!(LayerFilter::new(Custom, "(", true).is_err());
         assert!(LayerFilter::new(Custom, " , ", false).is_err());
     }

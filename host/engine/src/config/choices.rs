@@ -136,6 +136,8 @@ choices! {
     LayerPreset ("kebab-case") {
         AttnOnly,
         AttnMlp,
+        /// Every layer of the denoiser's transformer blocks (a family's own preset: Flux's).
+        Blocks,
         Full,
         /// The layers matched by `lora_layers`.
         Custom,

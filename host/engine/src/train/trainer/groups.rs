@@ -61,6 +61,7 @@ impl Trainer {
             select::LayerFilter::new(c.lora_layer_preset, &c.lora_layers, c.layer_filter_regex)
                 .map_err(err)?;
         let info = &self.model.info;
+        filter.check(info).map_err(err)?;
         Ok(select::select(info, &filter, |id| {
             info.part(id).is_some_and(|p| c.trains(p))
         }))
