@@ -255,14 +255,18 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Where a tensor of a [`Weights::view_pieces`] view comes from in its file.
-#[derive(Debug, Clone, PartialEq)]
+/// Where a tensor of a [`Weights::view_pieces`] view comes from in its file (build it with
+/// `..Default::default()`: fields may be added).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Source {
     pub key: String,
     /// Only these rows (first dimension) of it: one of q, k, v from a fused `in_proj`.
     pub rows: Option<std::ops::Range<u64>>,
     /// Transposed (a 2-D `x @ W` matrix read as a linear layer's `[out, in]` weight).
     pub transpose: bool,
+    /// The two halves of its first dimension swapped (after `rows`): BFL's final modulation is
+    /// (shift, scale), diffusers' (scale, shift).
+    pub swap_halves: bool,
 }
 
 /// The tensors of a safetensors file, read one at a time on request. A [`Weights::view`] shows
@@ -421,16 +425,7 @@ impl Weights {
     pub fn view(&self, mut f: impl FnMut(&WeightInfo) -> Option<WeightInfo>) -> Result<Weights> {
         self.view_pieces(|info| {
             f(info)
-                .map(|new| {
-                    vec![(
-                        new,
-                        Source {
-                            key: String::new(),
-                            rows: None,
-                            transpose: false,
-                        },
-                    )]
-                })
+                .map(|new| vec![(new, Source::default())])
                 .unwrap_or_default()
         })
     }
@@ -456,10 +451,12 @@ impl Weights {
                         new.shape
                     )))
                 };
-                // Rows and transposes apply to the file's tensor: only a view of the file itself
-                // may ask for them.
-                if (piece.rows.is_some() || piece.transpose) && self.sources.is_some() {
-                    return refuse("rows or a transpose of a view");
+                // Rows, transposes and swaps apply to the file's tensor: only a view of the file
+                // itself may ask for them.
+                if (piece.rows.is_some() || piece.transpose || piece.swap_halves)
+                    && self.sources.is_some()
+                {
+                    return refuse("rows, a transpose or a swap of a view");
                 }
                 let mut shape = info.shape.clone();
                 if let Some(r) = &piece.rows {
@@ -467,6 +464,9 @@ impl Weights {
                         Some(d) if r.start <= r.end && r.end <= *d => *d = r.end - r.start,
                         _ => return refuse(&format!("rows {r:?} out of range")),
                     }
+                }
+                if piece.swap_halves && shape.first().is_none_or(|d| d % 2 != 0) {
+                    return refuse("no even first dimension to swap the halves of");
                 }
                 let numel = |s: &[u64]| s.iter().product::<u64>();
                 if numel(&new.shape) != numel(&shape) {
@@ -480,6 +480,7 @@ impl Weights {
                     key: from.key.clone(),
                     rows: piece.rows.or(from.rows.clone()),
                     transpose: piece.transpose || from.transpose,
+                    swap_halves: piece.swap_halves || from.swap_halves,
                 });
             }
         }
@@ -496,8 +497,7 @@ impl Weights {
             Some(s) => s[i].clone(),
             None => Source {
                 key: self.infos[i].key.clone(),
-                rows: None,
-                transpose: false,
+                ..Source::default()
             },
         }
     }
@@ -552,6 +552,10 @@ impl Weights {
         if self.sources.is_some() {
             if let Some(r) = &source.rows {
                 t = t.narrow(0, r.start as usize, (r.end - r.start) as usize)?;
+            }
+            if source.swap_halves {
+                let half = t.shape()?[0] / 2;
+                t = Tensor::cat(&[&t.narrow(0, half, half)?, &t.narrow(0, 0, half)?], 0)?;
             }
             if source.transpose {
                 t = t.transpose(0, 1)?;

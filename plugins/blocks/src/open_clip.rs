@@ -54,9 +54,9 @@ pub fn text_model(w: &Weights, prefix: &str) -> Result<Weights> {
                 shape,
             };
             let source = Source {
-                key: String::new(),
                 rows,
                 transpose,
+                ..Source::default()
             };
             (info, source)
         };

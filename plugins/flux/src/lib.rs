@@ -1,7 +1,8 @@
 //! Flux.1 (dev and schnell) from a diffusers folder (`model_index.json`, `transformer/`, `vae/`,
 //! `text_encoder/` CLIP-L, `text_encoder_2/` T5, `tokenizer/`, `tokenizer_2/`, `scheduler/`;
-//! single or sharded weight files), with the flow-matching objective. Adapter files in
-//! diffusers', kohya's and ComfyUI's layouts (`names`). Single-file checkpoints are not built yet.
+//! single or sharded weight files), or a transformer file in Black Forest Labs' layout
+//! (`flux1-dev.safetensors`, a ComfyUI checkpoint) with such a folder for the rest, with the
+//! flow-matching objective. Adapter files in diffusers', kohya's and ComfyUI's layouts (`names`).
 
 pub mod model;
 mod names;
@@ -19,6 +20,8 @@ pub use model::Flux;
 #[serde(deny_unknown_fields)]
 struct Options {
     model: String,
+    /// With `model` a transformer file: the diffusers folder of the other parts and the configs.
+    config: Option<String>,
     /// T5 tokens per prompt (diffusers' `max_sequence_length`); None: 512 for dev, 256 for
     /// schnell.
     max_sequence_length: Option<usize>,
@@ -43,7 +46,8 @@ impl Plugin for FluxPlugin {
                 "additionalProperties": false,
                 "required": ["model"],
                 "properties": {
-                    "model": {"type": "string", "description": "diffusers Flux folder"},
+                    "model": {"type": "string", "description": "diffusers Flux folder, or a transformer file in Black Forest Labs' layout (flux1-dev.safetensors)"},
+                    "config": {"type": "string", "description": "with a transformer file: the diffusers Flux folder of the text encoders, VAE, tokenizers and configs"},
                     "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512, "description": "T5 tokens per prompt (default: 512 for dev, 256 for schnell)"},
                     "random_weights": {"type": "boolean", "default": false, "description": "benchmarks: `model` is a diffusers folder holding only config files; its weights are random"}
                 }
@@ -57,6 +61,7 @@ impl Plugin for FluxPlugin {
         }
         let defaults = Options {
             model: String::new(),
+            config: None,
             max_sequence_length: None,
             random_weights: false,
         };
@@ -67,8 +72,23 @@ impl Plugin for FluxPlugin {
         if let Some(n) = o.max_sequence_length.filter(|n| !(1..=512).contains(n)) {
             bail!("flux: max_sequence_length must be 1 to 512, got {n}");
         }
+        let path = std::path::Path::new(&o.model);
+        let (dir, transformer_file) = match (path.is_file(), &o.config) {
+            (true, Some(c)) => (std::path::Path::new(c), Some(path)),
+            (true, None) => bail!(
+                "{}: a single Flux transformer file needs the diffusers Flux folder of the other \
+                 parts too (base_model_config; `ferrite sample --model-config`)",
+                path.display()
+            ),
+            (false, Some(_)) => bail!(
+                "flux: `config` goes with a single transformer file, and {} is a folder",
+                path.display()
+            ),
+            (false, None) => (path, None),
+        };
         let model = Flux::load(
-            std::path::Path::new(&o.model),
+            dir,
+            transformer_file,
             o.max_sequence_length,
             o.random_weights,
         )?;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
-    flux::{FluxConfig, FluxTransformer2DModel},
+    flux::{FluxConfig, FluxTransformer2DModel, bfl},
     folder::{self, config, read_json},
     part,
     t5::{T5Config, T5EncoderModel},
@@ -13,7 +13,7 @@ use ferrite_blocks::{
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
-    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, bail,
+    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, Weights, bail,
     family::{Conditioning, Metadata, Objective},
     serde_json,
 };
@@ -34,10 +34,16 @@ pub struct Flux {
 }
 
 impl Flux {
-    /// Loads a diffusers folder (with `random` weights: its config files only); prompts take
+    /// Loads a diffusers folder (with `random` weights: its config files only), its transformer's
+    /// weights from `transformer_file` (Black Forest Labs' layout) if given; prompts take
     /// `max_sequence_length` T5 tokens (None: diffusers' defaults, 512 for dev and 256 for
     /// schnell, which has no guidance embedding).
-    pub fn load(dir: &Path, max_sequence_length: Option<usize>, random: bool) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        transformer_file: Option<&Path>,
+        max_sequence_length: Option<usize>,
+        random: bool,
+    ) -> Result<Self> {
         let index = folder::model_index(dir)?;
         let class = index["_class_name"].as_str().unwrap_or("");
         if !class.contains("Flux") {
@@ -96,7 +102,11 @@ impl Flux {
         let te = ClipTextTransformer::with_text_model_level(weights("text_encoder", "model")?)?
             .scoped("text_encoder");
         let t5 = weights("text_encoder_2", "model")?.scoped("text_encoder_2");
-        let tr = weights("transformer", "diffusion_pytorch_model")?.scoped("transformer");
+        let tr = match transformer_file {
+            Some(f) => bfl::transformer(&Weights::open(&f.to_string_lossy())?)?,
+            None => weights("transformer", "diffusion_pytorch_model")?,
+        }
+        .scoped("transformer");
         let vae = weights("vae", "diffusion_pytorch_model")?;
         let clip = ClipTextTransformer::load(&te, "text_model", None, &clip_config, dtype)?;
         let t5_model = T5EncoderModel::load(&t5, &t5_config, dtype)?;

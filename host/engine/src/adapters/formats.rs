@@ -276,8 +276,7 @@ pub fn write(
         return Err(AdapterError("there are no adapters to save".into()));
     };
     let mut entries = Vec::new();
-    let mut fused_modules: BTreeMap<String, Vec<(&AdaptableLayer, &[(String, Tensor)])>> =
-        BTreeMap::new();
+    let mut fused_modules: BTreeMap<String, Vec<fused::Member>> = BTreeMap::new();
     for a in states {
         if format != Format::Diffusers && a.layer.fused.is_some() {
             fused_modules

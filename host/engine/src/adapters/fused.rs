@@ -49,12 +49,12 @@ fn zeros(rows: usize, cols: usize, like: &Tensor) -> Result<Tensor> {
     Tensor::zeros(&[rows, cols], like.dtype().map_err(err)?).map_err(err)
 }
 
+/// A fused module's member: its layer and its adapter's state (kohya suffixes).
+pub type Member<'a> = (&'a AdaptableLayer, &'a [(String, Tensor)]);
+
 /// One fused state (kohya suffixes) from the adapters of some or all of a module's members; rows
 /// of members without an adapter are zero.
-pub fn fuse(
-    key: &str,
-    members: &[(&AdaptableLayer, &[(String, Tensor)])],
-) -> Result<Vec<(String, Tensor)>> {
+pub fn fuse(key: &str, members: &[Member]) -> Result<Vec<(String, Tensor)>> {
     let mut members = members.to_vec();
     members.sort_by_key(|(l, _)| l.fused.map(|f| f.start));
     let (first, first_state) = members[0];
@@ -146,7 +146,7 @@ fn block_diagonal(
     rank: usize,
 ) -> Result<bool> {
     let n = members.len();
-    if n < 2 || rank % n != 0 {
+    if n < 2 || !rank.is_multiple_of(n) {
         return Ok(false);
     }
     let r = rank / n;

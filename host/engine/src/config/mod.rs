@@ -1130,6 +1130,8 @@ path = "images"
             names,
             [
                 "demo",
+                "flux-dev-lora",
+                "flux-dev-lora-24gb",
                 "sd15-finetune",
                 "sd15-lora",
                 "sd2-lora",

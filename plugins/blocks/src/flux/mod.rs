@@ -2,6 +2,7 @@
 //! text embedding, double-stream and single-stream blocks over the text tokens and the packed
 //! image tokens with 3-axis rotary positions, and the modulated output projection.
 
+pub mod bfl;
 mod block;
 mod rope;
 

@@ -1,8 +1,9 @@
-//! Flux LoRA files on the tiny pipeline's transformer (fixtures from
-//! tests/fixtures/gen/flux_lora.py): a peft LoRA in diffusers' layout and LoRAs in sd-scripts'
-//! layout, whose BFL modules fuse q, k, v (and the single blocks' MLP input), give diffusers'
+//! Flux files other tools write, on the tiny pipeline's transformer: LoRAs (fixtures from
+//! tests/fixtures/gen/flux_lora.py) — a peft LoRA in diffusers' layout and LoRAs in sd-scripts'
+//! layout, whose BFL modules fuse q, k, v (and the single blocks' MLP input) — give diffusers'
 //! output; saving in every layout and reading back changes nothing, and kohya's and ComfyUI's
-//! files hold the fused modules.
+//! files hold the fused modules. The transformer as a Black Forest Labs single file (from
+//! tests/fixtures/gen/flux_bfl.py, checked there by diffusers' reader) gives the folder's output.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,11 +27,18 @@ struct Setup {
     _scope: Entered,
 }
 
+fn registry() -> Registry {
+    ferrite::runtime::init("cpu").unwrap();
+    Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default())
+}
+
 impl Setup {
     fn new() -> Self {
-        ferrite::runtime::init("cpu").unwrap();
-        let registry = Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default());
-        let options = serde_json::json!({ "model": fixtures().join("pipeline/model") });
+        Self::with(serde_json::json!({ "model": fixtures().join("pipeline/model") }))
+    }
+
+    fn with(options: serde_json::Value) -> Self {
+        let registry = registry();
         let arch = registry.architecture("flux", &options.to_string()).unwrap();
         let model = Arc::new(ModelLayers::of(&arch).unwrap());
         let scope = Scope::new(Device::current().unwrap())
@@ -186,5 +194,63 @@ fn fused_loras_round_trip_through_every_layout() {
         comfy
             .info("diffusion_model.double_blocks.0.txt_attn.qkv.lora_up.weight")
             .is_some()
+    );
+}
+
+/// The transformer as Black Forest Labs' single file (fused qkv and linear1, the final
+/// modulation's halves swapped, norm scales), with the folder for the other parts, gives the
+/// folder's output; so does a ComfyUI checkpoint's `model.diffusion_model.` copy. Without the
+/// folder, or with a tensor Ferrite cannot name, it fails saying so.
+#[test]
+fn a_bfl_transformer_file_loads_as_the_folder() {
+    let file = fixtures().join("bfl/transformer.safetensors");
+    let folder = fixtures().join("pipeline/model");
+    let of_folder = Setup::new().denoise().to_vec().unwrap();
+    let output = |model: &Path| {
+        let s = Setup::with(serde_json::json!({ "model": model, "config": folder }));
+        s.denoise().to_vec().unwrap()
+    };
+    assert_eq!(
+        output(&file),
+        of_folder,
+        "the same weights, the same output"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let w = Weights::open(file.to_str().unwrap()).unwrap();
+    let resave = |name: &str, key: &dyn Fn(&str) -> String| {
+        let tensors: Vec<(String, Tensor)> = w
+            .infos()
+            .iter()
+            .map(|i| (key(&i.key), w.get(&i.key, DType::F32).unwrap()))
+            .collect();
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let path = tmp.path().join(name);
+        ferrite_plugin_api::save_safetensors(path.to_str().unwrap(), &refs, &[]).unwrap();
+        path
+    };
+    let comfy = resave("comfy.safetensors", &|k| {
+        format!("model.diffusion_model.{k}")
+    });
+    assert_eq!(output(&comfy), of_folder);
+
+    let registry = registry();
+    let refusal = |options: serde_json::Value| {
+        registry
+            .architecture("flux", &options.to_string())
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let e = refusal(serde_json::json!({ "model": file }));
+    assert!(
+        e.contains("transformer.safetensors") && e.contains("folder"),
+        "{e}"
+    );
+    let odd = resave("odd.safetensors", &|k| k.replace("img_mlp.2", "img_mlp.3"));
+    let e = refusal(serde_json::json!({ "model": odd, "config": folder }));
+    assert!(
+        e.contains("odd.safetensors") && e.contains("img_mlp.3"),
+        "{e}"
     );
 }
