@@ -159,6 +159,14 @@ fn modules(double: usize, single: usize) -> Vec<String> {
     out
 }
 
+/// Where a BFL module's tensors go: each diffusers module with its first row and its rows (None:
+/// all from there on), and whether the halves are swapped.
+#[derive(Default)]
+struct Targets {
+    pieces: Vec<(String, u64, Option<u64>)>,
+    swapped: bool,
+}
+
 /// Prefixes of whole-model checkpoints (ComfyUI's) in front of the transformer's keys.
 const PREFIXES: [&str; 2] = ["model.diffusion_model.", "diffusion_model."];
 /// The first names of BFL's transformer modules: a key under one that maps to no diffusers
@@ -215,21 +223,19 @@ pub fn transformer(w: &Weights) -> Result<Weights> {
                 w.path()
             ))
         })?;
-    // BFL module → (diffusers module, first row, rows) of each piece, and whether swapped.
-    let mut pieces: std::collections::HashMap<String, (Vec<(String, u64, Option<u64>)>, bool)> =
-        std::collections::HashMap::new();
+    let mut pieces: std::collections::HashMap<String, Targets> = Default::default();
     for m in modules(
         count(&keys, "double_blocks."),
         count(&keys, "single_blocks."),
     ) {
         let Some(b) = module(&m) else { continue };
         let entry = pieces.entry(b.name.clone()).or_default();
-        entry.1 = b.swapped;
+        entry.swapped = b.swapped;
         if b.fused.is_empty() {
-            entry.0 = vec![(m, 0, None)];
-        } else if entry.0.is_empty() {
+            entry.pieces = vec![(m, 0, None)];
+        } else if entry.pieces.is_empty() {
             // Each member is `width` rows but a single block's MLP input, the last: the rest.
-            entry.0 = b
+            entry.pieces = b
                 .fused
                 .iter()
                 .enumerate()
@@ -251,7 +257,11 @@ pub fn transformer(w: &Weights) -> Result<Weights> {
         let Some((module, suffix)) = k.rsplit_once('.') else {
             return Vec::new();
         };
-        let Some((targets, swapped)) = pieces.get(module) else {
+        let Some(Targets {
+            pieces: targets,
+            swapped,
+        }) = pieces.get(module)
+        else {
             if ROOTS.iter().any(|r| k.starts_with(r)) {
                 unknown.push(k.to_string());
             }
