@@ -267,6 +267,24 @@ fn flux_lora_trains_and_saves_in_diffusers_and_kohya_layouts() {
         "{e}"
     );
 
+    // DoRA cannot fill in the magnitudes of a fused module's layers it leaves out (attn-only
+    // adapts a single block's q, k, v but not its MLP input, all one `linear1` in kohya's keys).
+    let e = refusal(
+        root,
+        ferrite::config::TrainConfig {
+            output_model_format: ferrite::config::OutputFormat::Safetensors,
+            ..flux_config(
+                root,
+                "dora",
+                "lora_decompose = true\nlora_layer_preset = \"attn-only\"",
+            )
+        },
+    );
+    assert!(
+        e.contains("DoRA") && e.contains("single_blocks_0_linear1"),
+        "{e}"
+    );
+
     // OneTrainer's `blocks` preset: every layer of the double and single blocks (the context
     // stream's feed-forward and the modulations too), not the embedders or the output layers.
     train(

@@ -153,6 +153,37 @@ fn fused_loras_round_trip_through_every_layout() {
             s.load(&lora_file(file));
         }
     }
+    // Some members of a fused module adapted (OneTrainer's attn-only leaves a single block's
+    // MLP input out): the others are written as zeros of the same rank and read back as absent.
+    let peft = Weights::open(lora_file("lora_peft.safetensors").to_str().unwrap()).unwrap();
+    let partial: Vec<(String, Tensor)> = peft
+        .infos()
+        .iter()
+        .filter(|i| {
+            !i.key.contains("proj_mlp") && !i.key.contains("transformer_blocks.0.attn.to_v")
+        })
+        .map(|i| (i.key.clone(), peft.get(&i.key, DType::F32).unwrap()))
+        .collect();
+    let refs: Vec<(&str, &Tensor)> = partial.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let partial_file = dir.path().join("partial.safetensors");
+    ferrite_plugin_api::save_safetensors(partial_file.to_str().unwrap(), &refs, &[]).unwrap();
+    let n = s.load(&partial_file);
+    let (out, shapes) = (s.denoise(), ranks(&s.model));
+    let kohya = dir.path().join("partial-kohya.safetensors");
+    s.model
+        .save(&kohya, Format::Kohya, DType::F32, &[])
+        .unwrap();
+    assert_eq!(s.load(&kohya), n, "the layers adapted, no more");
+    assert!(max_abs_diff(&s.denoise(), &out) < 1e-5);
+    assert_eq!(ranks(&s.model), shapes);
+    let w = Weights::open(kohya.to_str().unwrap()).unwrap();
+    assert_eq!(
+        w.info("lora_unet_single_blocks_0_linear1.lora_down.weight")
+            .map(|i| i.shape.clone()),
+        Some(vec![16, 32]),
+        "four members of rank 4, the MLP input's zero"
+    );
+
     // The peft LoRA (rank 4 on q, k, v) as kohya's fused modules: down-projections stacked,
     // up-projections block-diagonal, alpha times three.
     let w = Weights::open(

@@ -288,8 +288,13 @@ pub fn write(
         let part = model.part_of(&a.layer.name).map(|p| p.kind);
         entries.extend(layer_entries(format, &a.kind, &a.layer, part, &a.state)?);
     }
-    for (key, members) in fused_modules {
-        let state = fused::fuse(&key, &members)?;
+    for (key, adapted) in fused_modules {
+        let layers: Vec<&AdaptableLayer> = model
+            .adaptable_layers
+            .iter()
+            .filter(|l| l.fused.is_some() && module_key(format, l).ok().as_ref() == Some(&key))
+            .collect();
+        let state = fused::fuse(&key, &layers, &adapted)?;
         entries.extend(state.into_iter().map(|(k, t)| (format!("{key}.{k}"), t)));
     }
     let dim = first

@@ -52,17 +52,39 @@ fn zeros(rows: usize, cols: usize, like: &Tensor) -> Result<Tensor> {
 /// A fused module's member: its layer and its adapter's state (kohya suffixes).
 pub type Member<'a> = (&'a AdaptableLayer, &'a [(String, Tensor)]);
 
-/// One fused state (kohya suffixes) from the adapters of some or all of a module's members; rows
-/// of members without an adapter are zero.
-pub fn fuse(key: &str, members: &[Member]) -> Result<Vec<(String, Tensor)>> {
-    let mut members = members.to_vec();
-    members.sort_by_key(|(l, _)| l.fused.map(|f| f.start));
-    let (first, first_state) = members[0];
+fn dora_gap(key: &str) -> AdapterError {
+    AdapterError(format!(
+        "{key}: DoRA on only some of the layers fused there cannot be saved in this layout: \
+         save as diffusers, or adapt all of them"
+    ))
+}
+
+/// One fused state (kohya suffixes) from the adapters of a module's members (`layers`: all of
+/// them, `adapted`: those with an adapter). A member without one gets zero factors of the same
+/// rank, so the module is always block-diagonal over all its members and reads back as they
+/// were.
+pub fn fuse(
+    key: &str,
+    layers: &[&AdaptableLayer],
+    adapted: &[Member],
+) -> Result<Vec<(String, Tensor)>> {
+    let mut layers = layers.to_vec();
+    layers.sort_by_key(|l| l.fused.map(|f| f.start));
+    let state_of = |l: &AdaptableLayer| {
+        adapted
+            .iter()
+            .find(|(a, _)| a.name == l.name)
+            .map(|(_, s)| *s)
+    };
+    let (first, first_state) = adapted
+        .first()
+        .copied()
+        .ok_or_else(|| AdapterError(format!("{key}: no adapter to save")))?;
     let (rank, alpha) = (
         rank_of(&first.name, first_state)?,
         alpha_of(&first.name, first_state)?,
     );
-    for (l, s) in &members {
+    for (l, s) in adapted {
         if rank_of(&l.name, s)? != rank || alpha_of(&l.name, s)? != alpha {
             return Err(AdapterError(format!(
                 "{key}: the layers fused there have adapters of different rank or alpha, which \
@@ -70,60 +92,43 @@ pub fn fuse(key: &str, members: &[Member]) -> Result<Vec<(String, Tensor)>> {
             )));
         }
     }
-    let n = members.len();
-    let (_, _, total) = rows(first)?;
+    let n = layers.len();
     let mut out = Vec::new();
     for (suffix, t) in first_state {
-        let parts = members
-            .iter()
-            .map(|(l, s)| {
-                find(s, suffix)
-                    .ok_or_else(|| AdapterError(format!("layer `{}`: no {suffix}", l.name)))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let fused = match suffix.as_str() {
+        let s = suffix.as_str();
+        let part = |l: &AdaptableLayer| -> Result<Tensor> {
+            if let Some(state) = state_of(l) {
+                return find(state, s)
+                    .cloned()
+                    .ok_or_else(|| AdapterError(format!("layer `{}`: no {s}", l.name)));
+            }
+            match s {
+                "alpha" => Ok(t.clone()),
+                _ if SHARED.contains(&s) => zeros(rank, l.shape.get(1).copied().unwrap_or(0), t),
+                _ if BY_ROWS.contains(&s) => zeros(l.out_features(), rank, t),
+                _ => Err(dora_gap(key)),
+            }
+        };
+        let parts = layers.iter().map(|l| part(l)).collect::<Result<Vec<_>>>()?;
+        let fused = match s {
             "alpha" => Tensor::from_f32(&[(alpha * n as f64) as f32], &[]).map_err(err)?,
-            s if SHARED.contains(&s) => Tensor::cat(&parts, 0).map_err(err)?,
-            s if BY_ROWS.contains(&s) || s == "dora_scale" => {
-                // Row blocks in module order; a gap (a member without an adapter) is zero.
-                let cols = if s == "dora_scale" { 1 } else { n * rank };
+            _ if SHARED.contains(&s) || s == "dora_scale" => {
+                Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0).map_err(err)?
+            }
+            _ if BY_ROWS.contains(&s) => {
+                // Member j's rows hold its factor in columns j·rank.., zeros elsewhere.
                 let mut blocks = Vec::new();
-                let mut next = 0;
-                for (j, ((l, _), part)) in members.iter().zip(&parts).enumerate() {
-                    let (start, len, _) = rows(l)?;
-                    if start > next {
-                        if s == "dora_scale" {
-                            return Err(AdapterError(format!(
-                                "{key}: DoRA on only some of the layers fused there cannot be \
-                                 saved in this layout: save as diffusers"
-                            )));
-                        }
-                        blocks.push(zeros(start - next, cols, t)?);
+                for (j, (l, p)) in layers.iter().zip(&parts).enumerate() {
+                    let len = l.out_features();
+                    let mut row = Vec::new();
+                    if j > 0 {
+                        row.push(zeros(len, j * rank, t)?);
                     }
-                    let block = if s == "dora_scale" {
-                        (*part).clone()
-                    } else {
-                        let mut row = Vec::new();
-                        if j > 0 {
-                            row.push(zeros(len, j * rank, t)?);
-                        }
-                        row.push((*part).clone());
-                        if j + 1 < n {
-                            row.push(zeros(len, (n - j - 1) * rank, t)?);
-                        }
-                        Tensor::cat(&row.iter().collect::<Vec<_>>(), 1).map_err(err)?
-                    };
-                    blocks.push(block);
-                    next = start + len;
-                }
-                if next < total {
-                    if s == "dora_scale" {
-                        return Err(AdapterError(format!(
-                            "{key}: DoRA on only some of the layers fused there cannot be saved \
-                             in this layout: save as diffusers"
-                        )));
+                    row.push(p.clone());
+                    if j + 1 < n {
+                        row.push(zeros(len, (n - j - 1) * rank, t)?);
                     }
-                    blocks.push(zeros(total - next, cols, t)?);
+                    blocks.push(Tensor::cat(&row.iter().collect::<Vec<_>>(), 1).map_err(err)?);
                 }
                 Tensor::cat(&blocks.iter().collect::<Vec<_>>(), 0).map_err(err)?
             }
@@ -136,6 +141,11 @@ pub fn fuse(key: &str, members: &[Member]) -> Result<Vec<(String, Tensor)>> {
         out.push((suffix.clone(), fused));
     }
     Ok(out)
+}
+
+/// Whether a `[rows, cols]` tensor is all zero (read back to the host: files load once).
+fn all_zero(t: &Tensor) -> Result<bool> {
+    Ok(t.to_vec().map_err(err)?.iter().all(|v| *v == 0.0))
 }
 
 /// Whether every `[out, rank]` factor is block-diagonal over the members: member `j`'s rows are
@@ -158,9 +168,7 @@ fn block_diagonal(
                 if width == 0 {
                     continue;
                 }
-                let off = block.narrow(1, from, width).map_err(err)?;
-                let largest = off.abs().map_err(err)?.to_vec().map_err(err)?;
-                if largest.iter().any(|v| *v != 0.0) {
+                if !all_zero(&block.narrow(1, from, width).map_err(err)?)? {
                     return Ok(false);
                 }
             }
@@ -187,7 +195,11 @@ pub fn split(
 ) -> Result<Vec<Share>> {
     let mut members = members.to_vec();
     members.sort_by_key(|l| l.fused.map(|f| f.start));
-    let (_, _, total) = rows(members[0])?;
+    let (_, _, total) = rows(
+        members
+            .first()
+            .ok_or_else(|| AdapterError(format!("{key}: no layer to split it into")))?,
+    )?;
     for (suffix, t) in state {
         if (BY_ROWS.contains(&suffix.as_str()) || suffix == "dora_scale")
             && t.shape().map_err(err)?.first() != Some(&total)
@@ -200,7 +212,7 @@ pub fn split(
     let n = members.len();
     let diagonal = block_diagonal(&members, state, rank)?;
     let r = if diagonal { rank / n } else { rank };
-    members
+    let shares = members
         .iter()
         .enumerate()
         .map(|(j, l)| {
@@ -233,5 +245,27 @@ pub fn split(
                 state: own,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    // A member whose up-projections are zero was not adapted (`fuse` fills it so): left out,
+    // unless none is adapted yet (a file saved before any step).
+    let mut idle = Vec::new();
+    for share in &shares {
+        let mut zero = true;
+        for (_, t) in share
+            .state
+            .iter()
+            .filter(|(k, _)| BY_ROWS.contains(&k.as_str()))
+        {
+            zero &= all_zero(t)?;
+        }
+        idle.push(zero);
+    }
+    if idle.iter().all(|z| *z) {
+        return Ok(shares);
+    }
+    Ok(shares
+        .into_iter()
+        .zip(idle)
+        .filter_map(|(s, zero)| (!zero).then_some(s))
+        .collect())
 }

@@ -118,16 +118,30 @@ impl Trainer {
         if c.training_method != TrainingMethod::Lora {
             return Ok(());
         }
-        if let Some(l) = self
-            .adapted_layers()?
-            .into_iter()
-            .find(|l| !l.keys.contains_key(layout))
-        {
+        let adapted = self.adapted_layers()?;
+        if let Some(l) = adapted.iter().find(|l| !l.keys.contains_key(layout)) {
             return Err(TrainError(format!(
                 "output_model_format `{}`: this model names no {layout} key for layer `{}`, \
                  which the run adapts; use `diffusers` or leave the layer out",
                 c.output_model_format, l.name
             )));
+        }
+        // DoRA's magnitudes cannot be filled in for the layers of a fused module it leaves out.
+        if c.lora_decompose {
+            let mut covered: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+            for l in &adapted {
+                if let (Some(f), Some(key)) = (l.fused, l.keys.get(layout)) {
+                    covered.entry(key).or_insert((0, f.rows)).0 += l.out_features();
+                }
+            }
+            if let Some((key, _)) = covered.iter().find(|(_, (got, all))| got < all) {
+                return Err(TrainError(format!(
+                    "output_model_format `{}`: DoRA on only some of the layers {layout}'s `{key}` \
+                     fuses cannot be saved there; use `diffusers`, or a layer preset that \
+                     adapts all of them",
+                    c.output_model_format
+                )));
+            }
         }
         Ok(())
     }
