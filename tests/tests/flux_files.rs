@@ -278,10 +278,31 @@ fn a_bfl_transformer_file_loads_as_the_folder() {
         e.contains("transformer.safetensors") && e.contains("folder"),
         "{e}"
     );
-    let odd = resave("odd.safetensors", &|k| k.replace("img_mlp.2", "img_mlp.3"));
-    let e = refusal(serde_json::json!({ "model": odd, "config": folder }));
+    for (name, rename, says) in [
+        ("odd", "img_mlp.2.weight=img_mlp.3.weight", "img_mlp.3"),
+        // fp8 "scaled" checkpoints' scales have no place in the model.
+        (
+            "scaled",
+            "img_mlp.2.bias=img_mlp.2.scale_weight",
+            "img_mlp.2.scale_weight",
+        ),
+        (
+            "short",
+            "single_blocks.0.=single_blocks.1.",
+            "1 double and 2 single blocks",
+        ),
+    ] {
+        let (from, to) = rename.split_once('=').unwrap();
+        let path = resave(&format!("{name}.safetensors"), &|k| k.replace(from, to));
+        let e = refusal(serde_json::json!({ "model": path, "config": folder }));
+        assert!(
+            e.contains(&format!("{name}.safetensors")) && e.contains(says),
+            "{e}"
+        );
+    }
+    let e = refusal(serde_json::json!({ "model": "/no/such.safetensors", "config": folder }));
     assert!(
-        e.contains("odd.safetensors") && e.contains("img_mlp.3"),
+        e.contains("/no/such.safetensors") && e.contains("does not exist"),
         "{e}"
     );
 }

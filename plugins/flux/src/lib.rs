@@ -73,6 +73,9 @@ impl Plugin for FluxPlugin {
             bail!("flux: max_sequence_length must be 1 to 512, got {n}");
         }
         let path = std::path::Path::new(&o.model);
+        if !path.exists() {
+            bail!("flux: model {} does not exist", path.display());
+        }
         let (dir, transformer_file) = match (path.is_file(), &o.config) {
             (true, Some(c)) => (std::path::Path::new(c), Some(path)),
             (true, None) => bail!(

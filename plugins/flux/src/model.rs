@@ -103,7 +103,11 @@ impl Flux {
             .scoped("text_encoder");
         let t5 = weights("text_encoder_2", "model")?.scoped("text_encoder_2");
         let tr = match transformer_file {
-            Some(f) => bfl::transformer(&Weights::open(&f.to_string_lossy())?)?,
+            Some(f) => bfl::transformer(
+                &Weights::open(&f.to_string_lossy())?,
+                flux_config.num_layers,
+                flux_config.num_single_layers,
+            )?,
             None => weights("transformer", "diffusion_pytorch_model")?,
         }
         .scoped("transformer");

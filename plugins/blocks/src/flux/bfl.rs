@@ -201,7 +201,7 @@ fn count(w: &[(String, &WeightInfo)], root: &str) -> usize {
 /// `model.diffusion_model.*`) seen under diffusers' names and shapes: fused layers split by
 /// rows (q, k, v of the model's width; a single block's MLP input takes the rest), the final
 /// modulation's halves swapped, norm `scale`s as `weight`s.
-pub fn transformer(w: &Weights) -> Result<Weights> {
+pub fn transformer(w: &Weights, double: usize, single: usize) -> Result<Weights> {
     let keys: Vec<(String, &WeightInfo)> = w
         .infos()
         .iter()
@@ -223,11 +223,21 @@ pub fn transformer(w: &Weights) -> Result<Weights> {
                 w.path()
             ))
         })?;
-    let mut pieces: std::collections::HashMap<String, Targets> = Default::default();
-    for m in modules(
+    let blocks = (
         count(&keys, "double_blocks."),
         count(&keys, "single_blocks."),
-    ) {
+    );
+    if blocks != (double, single) {
+        return Err(Error(format!(
+            "{}: {} double and {} single blocks, but the config has {double} and {single}: a \
+             transformer of another size than the folder's",
+            w.path(),
+            blocks.0,
+            blocks.1
+        )));
+    }
+    let mut pieces: std::collections::HashMap<String, Targets> = Default::default();
+    for m in modules(double, single) {
         let Some(b) = module(&m) else { continue };
         let entry = pieces.entry(b.name.clone()).or_default();
         entry.swapped = b.swapped;
@@ -257,10 +267,11 @@ pub fn transformer(w: &Weights) -> Result<Weights> {
         let Some((module, suffix)) = k.rsplit_once('.') else {
             return Vec::new();
         };
+        let known = ["weight", "bias", "scale"].contains(&suffix);
         let Some(Targets {
             pieces: targets,
             swapped,
-        }) = pieces.get(module)
+        }) = pieces.get(module).filter(|_| known)
         else {
             if ROOTS.iter().any(|r| k.starts_with(r)) {
                 unknown.push(k.to_string());
