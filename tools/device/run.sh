@@ -4,11 +4,12 @@
 # under a time limit, with the GPU's peak used memory while it runs (nvidia-smi, sampled every
 # 0.2 s; the first line of output gives the idle figure):
 #   1. `ferrite selftest --device cuda`: every op and its gradients against the CPU backend;
-#   2. a LoRA step (rank 16, AdamW, gradient checkpointing) of the real-size FLUX.1-dev
-#      transformer (published config, random weights) at 512², diffusers + peft (bfloat16
-#      weights) against `ferrite bench step` (bfloat16 compute; nfloat4 and bfloat16 weights);
-#   3. the same for the SD 1.5 UNet at 512² in bfloat16 and in float32;
-#   4. Flux at 1024², if time is left.
+#   2. a LoRA step (rank 16, AdamW, gradient checkpointing) of the real-size SD 1.5 UNet
+#      (published config, random weights) at 512² in bfloat16, diffusers + peft against
+#      `ferrite bench step`;
+#   3. the same for the FLUX.1-dev transformer at 512², diffusers + peft (bfloat16 weights)
+#      against Ferrite (bfloat16 compute, nfloat4 weights);
+#   4. SD 1.5 in float32, Flux with bfloat16 weights, Flux at 1024², as time is left.
 # Stages that would start after BUDGET seconds (default 400) are skipped, so the whole run fits
 # the device lease. Prints everything to stdout; writes under ${WORK:-/tmp/ferrite-device}.
 #   sh tools/device/run.sh [steps]
