@@ -119,6 +119,35 @@ fn peft_and_kohya_fused_loras_give_diffusers_output() {
         assert_eq!(n, layers, "{file}");
         assert!(d < 5e-5, "{file}: {d}");
     }
+    // OneTrainer's own names for the same LoRA: `lora_transformer_` and diffusers' module
+    // flattened, kohya's suffixes.
+    let peft = Weights::open(lora_file("lora_peft.safetensors").to_str().unwrap()).unwrap();
+    let renamed: Vec<(String, Tensor)> = peft
+        .infos()
+        .iter()
+        .map(|i| {
+            let (module, ab) = i.key.rsplit_once(".lora_").unwrap();
+            let module = module
+                .strip_prefix("transformer.")
+                .unwrap()
+                .replace('.', "_");
+            let suffix = if ab.starts_with('A') {
+                "lora_down"
+            } else {
+                "lora_up"
+            };
+            (
+                format!("lora_transformer_{module}.{suffix}.weight"),
+                peft.get(&i.key, DType::F32).unwrap(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &Tensor)> = renamed.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("onetrainer.safetensors");
+    ferrite_plugin_api::save_safetensors(path.to_str().unwrap(), &refs, &[]).unwrap();
+    assert_eq!(s.load(&path), 29);
+    assert!(s.off(&s.denoise(), "lora_peft") < 5e-5);
 }
 
 fn ranks(model: &ModelLayers) -> Vec<(String, Vec<usize>)> {
@@ -260,10 +289,10 @@ fn a_bfl_transformer_file_loads_as_the_folder() {
         ferrite_plugin_api::save_safetensors(path.to_str().unwrap(), &refs, &[]).unwrap();
         path
     };
-    let comfy = resave("comfy.safetensors", &|k| {
-        format!("model.diffusion_model.{k}")
-    });
-    assert_eq!(output(&comfy), of_folder);
+    for prefix in ["model.diffusion_model.", "diffusion_model."] {
+        let comfy = resave("comfy.safetensors", &|k| format!("{prefix}{k}"));
+        assert_eq!(output(&comfy), of_folder, "{prefix}");
+    }
 
     let registry = registry();
     let refusal = |options: serde_json::Value| {
