@@ -47,7 +47,10 @@ pub fn name_layers(layers: &mut [AdaptableLayer]) -> Result<()> {
                         .copied()
                         .ok_or_else(|| Error(format!("flux: no layer `{m}` to fuse into {bfl}")))
                 };
-                let at = members.iter().position(|x| *x == m).unwrap_or(0);
+                let at = members
+                    .iter()
+                    .position(|x| *x == m)
+                    .ok_or_else(|| Error(format!("flux: `{m}` is not among {bfl}'s layers")))?;
                 let start = members[..at].iter().map(rows).sum::<Result<usize>>()?;
                 l.fused = Some(FusedRows {
                     start,

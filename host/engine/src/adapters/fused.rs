@@ -3,7 +3,8 @@
 //! the `[rank, in]` factors by rows, the `[out, rank]` factors block-diagonally, alpha times the
 //! member count (so alpha / rank stays). Reading splits a fused adapter: a block-diagonal one
 //! back into the members' own (as diffusers does), any other by giving every member the shared
-//! `[rank, in]` factors and its rows of the `[out, rank]` ones — exact either way.
+//! `[rank, in]` factors and its rows of the `[out, rank]` ones — exact either way. A member
+//! without an adapter is written as zero factors and read back as absent.
 
 use ferrite_plugin_api::{AdaptableLayer, Tensor, adapter::scalar};
 
@@ -35,8 +36,10 @@ fn rank_of(name: &str, state: &[(String, Tensor)]) -> Result<usize> {
         .find_map(|s| find(state, s))
         .ok_or_else(|| AdapterError(format!("layer `{name}`: no down-projection in its state")))?
         .shape()
-        .map_err(err)
-        .map(|s| s[0])
+        .map_err(err)?
+        .first()
+        .copied()
+        .ok_or_else(|| AdapterError(format!("layer `{name}`: a 0-d down-projection")))
 }
 
 fn alpha_of(name: &str, state: &[(String, Tensor)]) -> Result<f64> {
