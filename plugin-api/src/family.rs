@@ -45,6 +45,9 @@ pub struct ModelInfo {
     /// any (`ldm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub single_file_layout: Option<String>,
+    /// The parts (ids) that layout holds; empty: every part.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub single_file_parts: Vec<String>,
 }
 
 /// One part of a model: a denoiser, a text encoder, a VAE.

@@ -198,9 +198,25 @@ impl Architecture for Flux {
                 .into(),
                 extra: Default::default(),
             },
-            single_file_layout: None,
+            single_file_layout: Some("bfl".into()),
+            single_file_parts: vec!["transformer".into()],
         }
         .to_json())
+    }
+
+    /// `bfl`: the transformer alone in Black Forest Labs' layout (`flux1-dev.safetensors`, what
+    /// ComfyUI and Forge load beside their own text encoder and VAE files; OneTrainer's
+    /// single-file Flux output).
+    fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
+        if layout != "bfl" {
+            bail!("flux writes the `bfl` layout only, not `{layout}`");
+        }
+        let transformer: Vec<(String, Tensor)> = self
+            .parameters
+            .iter()
+            .filter_map(|(k, t)| Some((k.strip_prefix("transformer.")?.to_string(), t.clone())))
+            .collect();
+        bfl::export(&transformer)
     }
 
     /// T5's states `[B, max_sequence_length, D]` and CLIP's pooled output `[B, D']`, as

@@ -446,6 +446,7 @@ impl Architecture for Sd15 {
             layer_presets: Default::default(),
             metadata: self.metadata(),
             single_file_layout: Some("ldm".into()),
+            single_file_parts: Vec::new(),
         }
         .to_json())
     }

@@ -362,6 +362,7 @@ impl Architecture for Sdxl {
                 extra: Default::default(),
             },
             single_file_layout: Some("ldm".into()),
+            single_file_parts: Vec::new(),
         }
         .to_json())
     }

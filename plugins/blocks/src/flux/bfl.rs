@@ -5,7 +5,7 @@
 //! diffusers' `norm_out.linear` with the halves swapped (shift, scale). The mapping is checked
 //! against diffusers' own converter (tests/fixtures/gen/flux_bfl.py).
 
-use ferrite_plugin_api::{Error, Result, WeightInfo, Weights, host::Source};
+use ferrite_plugin_api::{Error, Result, Tensor, WeightInfo, Weights, host::Source};
 
 /// A diffusers module's place in BFL's layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,4 +314,55 @@ pub fn transformer(w: &Weights, double: usize, single: usize) -> Result<Weights>
         )));
     }
     Ok(view)
+}
+
+/// A transformer's tensors (diffusers names without the part's prefix) in BFL's layout, as
+/// `flux1-dev.safetensors` holds them: fused layers joined by rows, the final modulation's
+/// halves swapped, norm weights as `scale`s. The inverse of [`transformer`].
+pub fn export(tensors: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+    // Each BFL tensor with its members' tensors in row order.
+    let mut out: Vec<(String, bool, Vec<Option<Tensor>>)> = Vec::new();
+    for (name, t) in tensors {
+        let bad = || {
+            Error(format!(
+                "flux: `{name}` has no place in Black Forest Labs' layout"
+            ))
+        };
+        let (m, suffix) = name.rsplit_once('.').ok_or_else(bad)?;
+        let b = module(m).ok_or_else(bad)?;
+        let norm = b.name.ends_with("_norm") && suffix == "weight";
+        let key = format!("{}.{}", b.name, if norm { "scale" } else { suffix });
+        let slot = b.fused.iter().position(|x| x == m).unwrap_or(0);
+        let i = match out.iter().position(|(k, ..)| *k == key) {
+            Some(i) => i,
+            None => {
+                out.push((key, b.swapped, vec![None; b.fused.len().max(1)]));
+                out.len() - 1
+            }
+        };
+        out[i].2[slot] = Some(t.clone());
+    }
+    out.into_iter()
+        .map(|(key, swapped, members)| {
+            let parts = members
+                .iter()
+                .map(|t| {
+                    t.as_ref()
+                        .ok_or_else(|| Error(format!("flux: `{key}` misses one of its layers")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let t = if parts.len() == 1 {
+                parts[0].clone()
+            } else {
+                Tensor::cat(&parts, 0)?
+            };
+            let t = if swapped {
+                let halves = t.chunk(2, 0)?;
+                Tensor::cat(&[&halves[1], &halves[0]], 0)?
+            } else {
+                t
+            };
+            Ok((key, t))
+        })
+        .collect()
 }

@@ -77,6 +77,12 @@ pub(super) fn destination_problem(
     None
 }
 
+/// A weight file, or the index of a part's shards (`….safetensors.index.json`).
+fn is_weights(p: &Path) -> bool {
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+}
+
 /// Copies a model folder without the weight files in the folders `replaced` (the parts whose
 /// tensors are written anew; the VAE's stay).
 fn copy_except_weights(from: &Path, to: &Path, replaced: &[PathBuf]) -> Result<()> {
@@ -86,9 +92,7 @@ fn copy_except_weights(from: &Path, to: &Path, replaced: &[PathBuf]) -> Result<(
         let dest = to.join(p.file_name().unwrap_or_default());
         if p.is_dir() {
             copy_except_weights(&p, &dest, replaced)?;
-        } else if !(replaced.iter().any(|r| r == from)
-            && p.extension().is_some_and(|x| x == "safetensors"))
-        {
+        } else if !(replaced.iter().any(|r| r == from) && is_weights(&p)) {
             std::fs::copy(&p, &dest).map_err(err)?;
         }
     }
@@ -106,6 +110,26 @@ impl Trainer {
             return Err(TrainError(format!(
                 "output_model_format `{}`: this model has no single-file layout; use `diffusers`",
                 c.output_model_format
+            )));
+        }
+        // A single file that holds only some parts (Flux's BFL transformer) would drop a
+        // trained one.
+        let held = &self.info.single_file_parts;
+        if c.training_method != TrainingMethod::Lora
+            && c.output_model_format != OutputFormat::Diffusers
+            && !held.is_empty()
+            && let Some(p) = self
+                .info
+                .parts
+                .iter()
+                .find(|p| c.trains(p) && !held.contains(&p.id))
+        {
+            return Err(TrainError(format!(
+                "output_model_format `{}`: this model's single file holds only {}, and the run \
+                 trains {}; use `diffusers`, or train only what the file holds",
+                c.output_model_format,
+                held.join(", "),
+                p.id
             )));
         }
         // An adapter file in kohya's or ComfyUI's keys needs the model to name them (checked
@@ -156,13 +180,20 @@ impl Trainer {
         let ws = &self.workspace;
         let folder = c.training_method != TrainingMethod::Lora
             && c.output_model_format == OutputFormat::Diffusers;
+        // Unset, the config folder is the base model's path again.
+        let base_config = match c.base_model_config.as_str() {
+            "" => base_model.clone(),
+            p => TrainConfig::path(&self.base, p),
+        };
         let protected = [
             ("base model", base_model.clone()),
+            ("base model's config folder", base_config.clone()),
             ("workspace", ws.clone()),
             ("cache", cache.clone()),
         ];
         let inside = [
             ("base model", base_model),
+            ("base model's config folder", base_config),
             ("cache", cache),
             ("workspace's backups", self.backups_dir()),
             ("workspace's samples", ws.join("samples")),
@@ -280,14 +311,20 @@ impl Trainer {
     /// whatever has no tensors in the model, with each part's tensors as they are now. Built beside `out`
     /// under a temporary name, then put in its place.
     fn save_diffusers_folder(&self, out: &Path) -> Result<()> {
-        let base = TrainConfig::path(&self.base, &self.config.base_model_name);
-        if !base.is_dir() {
-            return Err(TrainError(format!(
-                "output_model_format `diffusers` copies the base model's folder, but {} is a \
-                 file: use output_model_format = \"safetensors\"",
-                base.display()
-            )));
-        }
+        // A base given as one file (a Flux transformer) has its folder in base_model_config.
+        let c = &self.config;
+        let base = [&c.base_model_name, &c.base_model_config]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| TrainConfig::path(&self.base, p))
+            .find(|p| p.is_dir())
+            .ok_or_else(|| {
+                TrainError(format!(
+                    "output_model_format `diffusers` copies the base model's folder, but {} is \
+                     a file: use output_model_format = \"safetensors\"",
+                    c.base_model_name
+                ))
+            })?;
         let name = out.file_name().unwrap_or_default().to_string_lossy();
         let tmp = out.with_file_name(format!(".tmp-{name}"));
         let old = out.with_file_name(format!(".old-{name}"));

@@ -1,0 +1,382 @@
+//! Training Flux (the tiny pipeline of tests/fixtures/gen/flux_pipeline.py on the CPU): LoRA
+//! on the transformer and the text encoders, fine-tunes, the bundled presets.
+
+use std::collections::BTreeMap;
+
+use ferrite::config::{OutputFormat, TrainConfig, TrainingMethod};
+use ferrite::runtime;
+use ferrite::train::trainer::Trainer;
+use ferrite_plugin_api::{DType, Weights};
+
+fn dir(case: &str) -> String {
+    format!("{}/fixtures/flux/{case}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn flux_config(root: &std::path::Path, name: &str, extra: &str) -> ferrite::config::TrainConfig {
+    let model = std::path::Path::new(&dir("pipeline")).join("model");
+    let p = root.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "model_type = \"flux\"\nbase_model_name = {:?}\nworkspace_dir = \"{name}\"\n\
+             output_model_destination = \"{name}/lora.safetensors\"\n\
+             output_model_format = \"diffusers\"\nresolution = \"16\"\nbatch_size = 2\n\
+             epochs = 2\nlearning_rate = 0.01\nlora_rank = 4\nlora_alpha = 4\n\
+             sample_after_unit = \"never\"\nbackup_after_unit = \"never\"\n{extra}\n\
+             [optimizer]\noptimizer = \"adamw\"\n[[concepts]]\npath = \"images\"\n",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    ferrite::config::TrainConfig::load(Some(&p), None, &[]).unwrap()
+}
+
+fn registry() -> ferrite::plugins::Registry {
+    runtime::init("cpu").unwrap();
+    ferrite::plugins::Registry::discover(
+        &[ferrite_tests::profile_dir()],
+        &ferrite::settings::Settings::default(),
+    )
+}
+
+/// Why a run of `c` does not start.
+fn refusal(root: &std::path::Path, c: ferrite::config::TrainConfig) -> String {
+    let t = ferrite::train::trainer::Trainer::new(c, root, registry());
+    t.err().unwrap().to_string()
+}
+
+fn train(root: &std::path::Path, c: ferrite::config::TrainConfig) -> Vec<f32> {
+    let mut t = ferrite::train::trainer::Trainer::new(c, root, registry()).unwrap();
+    let mut losses = Vec::new();
+    t.run(|e| {
+        if let ferrite::train::trainer::Event::Step { loss, .. } = e {
+            losses.push(loss);
+        }
+    })
+    .unwrap();
+    losses
+}
+
+/// A Flux LoRA (OneTrainer's attn-mlp preset for Flux) trains with the flow-matching objective
+/// and the embedded guidance, and is saved in diffusers' layout and in kohya's;
+/// `transformer.guidance_scale` is the guidance the transformer is given.
+#[test]
+fn flux_lora_trains_and_saves_in_diffusers_and_kohya_layouts() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let losses = train(root, flux_config(root, "a", ""));
+    println!("losses {losses:?}");
+    assert!(!losses.is_empty());
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+
+    let file = Weights::open(root.join("a/lora.safetensors").to_str().unwrap()).unwrap();
+    let keys: Vec<String> = file.infos().iter().map(|i| i.key.clone()).collect();
+    let has = |k: &str| keys.iter().any(|x| x == k);
+    for k in [
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+        "transformer.transformer_blocks.0.attn.add_k_proj.lora_B.weight",
+        "transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight",
+        "transformer.transformer_blocks.0.ff.net.2.lora_B.weight",
+        "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight",
+        "transformer.single_transformer_blocks.0.attn.to_v.lora_B.weight",
+    ] {
+        assert!(has(k), "{k} not in {keys:?}");
+    }
+    // Not in OneTrainer's preset: the context stream's feed-forward, the modulation,
+    // embedders and output projections.
+    assert!(
+        !keys.iter().any(|k| k.contains("ff_context")
+            || k.contains("norm1.linear")
+            || k.contains("x_embedder")
+            || k.contains("proj_out")
+            || k.contains("text_encoder")),
+        "{keys:?}"
+    );
+
+    // The same run in kohya's layout (the default format): BFL's fused modules, which read
+    // back as the layers trained.
+    let mut kohya = flux_config(root, "k", "");
+    kohya.output_model_format = ferrite::config::OutputFormat::Safetensors;
+    assert_eq!(train(root, kohya), losses);
+    let path = root.join("k/lora.safetensors");
+    let file = Weights::open(path.to_str().unwrap()).unwrap();
+    for k in [
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+        "lora_unet_double_blocks_0_txt_attn_qkv.alpha",
+        "lora_unet_double_blocks_0_img_mlp_2.lora_up.weight",
+        "lora_unet_single_blocks_0_linear1.lora_up.weight",
+    ] {
+        assert!(file.info(k).is_some(), "{k} not in the kohya file");
+    }
+    let registry = registry();
+    let options =
+        serde_json::json!({ "model": std::path::Path::new(&dir("pipeline")).join("model") });
+    let arch = registry.architecture("flux", &options.to_string()).unwrap();
+    let layers = ferrite::adapters::ModelLayers::of(&arch).unwrap();
+    assert_eq!(layers.load(&registry, &path, 1.0).unwrap(), keys.len() / 2);
+    // A layer BFL's layout names differently (norm_out's halves are swapped there) is refused
+    // before training.
+    let e = refusal(
+        root,
+        ferrite::config::TrainConfig {
+            output_model_format: ferrite::config::OutputFormat::Safetensors,
+            ..flux_config(root, "f", "lora_layer_preset = \"full\"")
+        },
+    );
+    assert!(
+        e.contains("output_model_format") && e.contains("transformer.norm_out.linear"),
+        "{e}"
+    );
+
+    // DoRA cannot fill in the magnitudes of a fused module's layers it leaves out (attn-only
+    // adapts a single block's q, k, v but not its MLP input, all one `linear1` in kohya's keys).
+    let e = refusal(
+        root,
+        ferrite::config::TrainConfig {
+            output_model_format: ferrite::config::OutputFormat::Safetensors,
+            ..flux_config(
+                root,
+                "dora",
+                "lora_decompose = true\nlora_layer_preset = \"attn-only\"",
+            )
+        },
+    );
+    assert!(
+        e.contains("DoRA") && e.contains("single_blocks_0_linear1"),
+        "{e}"
+    );
+
+    // OneTrainer's `blocks` preset: every layer of the double and single blocks (the context
+    // stream's feed-forward and the modulations too), not the embedders or the output layers.
+    train(
+        root,
+        flux_config(root, "blocks", "lora_layer_preset = \"blocks\""),
+    );
+    let file = Weights::open(root.join("blocks/lora.safetensors").to_str().unwrap()).unwrap();
+    let keys: Vec<String> = file.infos().iter().map(|i| i.key.clone()).collect();
+    for part in [
+        "ff_context.net.2",
+        "norm1.linear",
+        "single_transformer_blocks.0.proj_out",
+    ] {
+        assert!(
+            keys.iter().any(|k| k.contains(part)),
+            "{part} not in {keys:?}"
+        );
+    }
+    assert!(
+        !keys.iter().any(|k| k.contains("x_embedder")
+            || k.contains("transformer.proj_out")
+            || k.contains("norm_out")),
+        "{keys:?}"
+    );
+
+    // The same run with another guidance value: the transformer sees it.
+    let guided = train(
+        root,
+        flux_config(root, "b", "[transformer]\nguidance_scale = 4.0"),
+    );
+    assert_eq!(guided.len(), losses.len());
+    assert_ne!(guided, losses);
+    // With the shift from the image size (1 token here: e^mu ≈ 1.58) other timesteps are drawn.
+    let shifted = train(
+        root,
+        flux_config(root, "c", "dynamic_timestep_shifting = true"),
+    );
+    assert_eq!(shifted.len(), losses.len());
+    assert_ne!(shifted, losses);
+
+    // A sample definition the model cannot sample is refused before training (this tiny VAE's
+    // factor is 2, so sizes go by 4).
+    let mut bad = flux_config(root, "d", "");
+    bad.samples = vec![ferrite::config::SampleConfig {
+        width: 18,
+        ..Default::default()
+    }];
+    let e = refusal(root, bad);
+    assert!(
+        e.contains("samples[0]") && e.contains("multiples of 4"),
+        "{e}"
+    );
+}
+
+/// The bundled `flux-dev-lora` and `flux-dev-lora-24gb` presets train the tiny Flux pipeline (at
+/// its size) and write diffusers' layout; they keep the transformer's frozen weights in nfloat4
+/// and float8, so the same run's losses differ.
+#[test]
+fn the_flux_presets_train() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let model = std::path::Path::new(&dir("pipeline")).join("model");
+    let mut losses = Vec::new();
+    for preset in ["flux-dev-lora", "flux-dev-lora-24gb"] {
+        let p = root.join(format!("{preset}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "base_model_name = {:?}\nworkspace_dir = \"{preset}\"\n\
+                 output_model_destination = \"{preset}/lora.safetensors\"\n\
+                 [[concepts]]\npath = \"images\"\n",
+                model.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let sets = [
+            "resolution=\"16\"",
+            "batch_size=2",
+            "epochs=1",
+            "sample_after_unit=never",
+            "backup_after_unit=never",
+        ]
+        .map(String::from);
+        let c = ferrite::config::TrainConfig::load(Some(&p), Some(preset), &sets)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.model_type, "flux");
+        let l = train(root, c);
+        assert!(
+            !l.is_empty() && l.iter().all(|v| v.is_finite()),
+            "{preset}: {l:?}"
+        );
+        let out = root.join(format!("{preset}/lora.safetensors"));
+        let w = Weights::open(out.to_str().unwrap()).unwrap();
+        assert!(
+            w.info("transformer.transformer_blocks.0.attn.to_q.lora_A.weight")
+                .is_some(),
+            "{preset}"
+        );
+        losses.push(l);
+    }
+    println!("losses {losses:?}");
+    assert_ne!(losses[0], losses[1]);
+}
+
+/// `(name, values)` of each tensor.
+fn values(tensors: Vec<(String, ferrite_plugin_api::Tensor)>) -> BTreeMap<String, Vec<f32>> {
+    tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.to_vec().unwrap()))
+        .collect()
+}
+
+/// The transformer in Black Forest Labs' layout is what diffusers' converter reads back into
+/// the folder's weights: the fixture written by tests/fixtures/gen/flux_bfl.py, tensor for tensor.
+#[test]
+fn the_transformer_exports_in_bfl_layout_as_the_reference_file() {
+    let registry = registry();
+    let model = std::path::Path::new(&dir("pipeline")).join("model");
+    let arch = registry
+        .architecture("flux", &serde_json::json!({ "model": model }).to_string())
+        .unwrap();
+    let exported = values(arch.export("bfl").unwrap());
+    let file = Weights::open(&format!("{}/transformer.safetensors", dir("bfl"))).unwrap();
+    let reference: BTreeMap<String, Vec<f32>> = file
+        .infos()
+        .iter()
+        .map(|i| {
+            let t = file.get(&i.key, DType::F32).unwrap();
+            (i.key.clone(), t.to_vec().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        exported.keys().collect::<Vec<_>>(),
+        reference.keys().collect::<Vec<_>>()
+    );
+    assert!(exported == reference, "the same tensors, bit for bit");
+}
+
+/// A Flux fine-tune (the transformer) saves a diffusers folder that loads as the trained model,
+/// also from a base given as a BFL transformer file with its folder; and one file in Black
+/// Forest Labs' layout (the transformer alone, as OneTrainer writes it) that loads with the
+/// folder as the trained model. A run that also trains a text encoder is refused that file.
+#[test]
+fn a_flux_fine_tune_saves_a_diffusers_folder_and_a_bfl_file() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let folder = std::path::Path::new(&dir("pipeline")).join("model");
+    let bfl_file = format!("{}/transformer.safetensors", dir("bfl"));
+    let fine_tune = |name: &str, format: OutputFormat, out: &str| TrainConfig {
+        training_method: TrainingMethod::FineTune,
+        learning_rate: 1e-3,
+        output_model_format: format,
+        output_model_destination: format!("{name}/{out}"),
+        ..flux_config(root, name, "")
+    };
+    let run = |c: TrainConfig| {
+        let mut t = Trainer::new(c, root, registry()).unwrap();
+        t.run(|_| {}).unwrap();
+        values(t.trainable())
+    };
+    let load = |options: serde_json::Value| {
+        let arch = registry()
+            .architecture("flux", &options.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        values(arch.parameters().unwrap())
+    };
+    let base = load(serde_json::json!({ "model": folder }));
+    let saved_as_trained = |saved: &BTreeMap<String, Vec<f32>>,
+                            trained: &BTreeMap<String, Vec<f32>>| {
+        assert!(trained.keys().all(|k| k.starts_with("transformer.")));
+        let transformer = base.keys().filter(|k| k.starts_with("transformer."));
+        assert_eq!(trained.len(), transformer.count());
+        for (k, v) in trained {
+            assert_eq!(saved.get(k), Some(v), "{k}");
+        }
+        assert!(trained.iter().any(|(k, v)| base[k] != *v), "trained");
+    };
+
+    let trained = run(fine_tune("ft", OutputFormat::Diffusers, "model"));
+    saved_as_trained(
+        &load(serde_json::json!({ "model": root.join("ft/model") })),
+        &trained,
+    );
+
+    let mut from_file = fine_tune("ff", OutputFormat::Diffusers, "model");
+    from_file.base_model_name = bfl_file.clone();
+    from_file.base_model_config = folder.to_string_lossy().into();
+    let trained = run(from_file);
+    let out = root.join("ff/model");
+    saved_as_trained(&load(serde_json::json!({ "model": out })), &trained);
+
+    let trained = run(fine_tune(
+        "st",
+        OutputFormat::Safetensors,
+        "flux.safetensors",
+    ));
+    let file = root.join("st/flux.safetensors");
+    let w = Weights::open(file.to_str().unwrap()).unwrap();
+    for k in [
+        "double_blocks.0.img_attn.qkv.weight",
+        "double_blocks.0.img_attn.norm.query_norm.scale",
+        "single_blocks.0.linear1.weight",
+        "final_layer.adaLN_modulation.1.weight",
+    ] {
+        assert!(w.info(k).is_some(), "{k} not in the file");
+    }
+    let saved = load(serde_json::json!({ "model": file, "config": folder }));
+    saved_as_trained(&saved, &trained);
+
+    let e = Trainer::new(
+        TrainConfig {
+            text_encoder: ferrite::config::PartConfig {
+                train: true,
+                ..Default::default()
+            },
+            ..fine_tune("te", OutputFormat::Safetensors, "flux.safetensors")
+        },
+        root,
+        registry(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("single file holds only transformer") && e.contains("text_encoder"),
+        "{e}"
+    );
+}
