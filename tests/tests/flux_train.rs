@@ -380,3 +380,73 @@ fn a_flux_fine_tune_saves_a_diffusers_folder_and_a_bfl_file() {
         "{e}"
     );
 }
+
+/// LoRAs on CLIP-L and T5 train with the transformer's (the text is encoded each step, not
+/// cached) and are written under sd-scripts' names (`lora_te1_`, `lora_te3_`), ComfyUI's and
+/// diffusers'; each file reads back with every layer trained.
+#[test]
+fn flux_text_encoder_loras_train_and_save_in_every_layout() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let extra = "lora_layer_preset = \"attn-only\"\n[text_encoder]\ntrain = true\n\
+                 [text_encoder_2]\ntrain = true";
+    let registry = registry();
+    let options =
+        serde_json::json!({ "model": std::path::Path::new(&dir("pipeline")).join("model") });
+    let arch = registry.architecture("flux", &options.to_string()).unwrap();
+    let layers = ferrite::adapters::ModelLayers::of(&arch).unwrap();
+    let mut all_losses = Vec::new();
+    for (name, format, te1, te3) in [
+        (
+            "kohya",
+            OutputFormat::Safetensors,
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+            "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight",
+        ),
+        (
+            "comfy",
+            OutputFormat::Comfy,
+            "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight",
+            "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight",
+        ),
+        (
+            "diffusers",
+            OutputFormat::Diffusers,
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+            "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight",
+        ),
+    ] {
+        let c = TrainConfig {
+            output_model_format: format,
+            ..flux_config(root, name, extra)
+        };
+        let losses = train(root, c);
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        all_losses.push(losses);
+        let path = root.join(format!("{name}/lora.safetensors"));
+        let file = Weights::open(path.to_str().unwrap()).unwrap();
+        for k in [te1, te3] {
+            assert!(file.info(k).is_some(), "{name}: {k} not in the file");
+        }
+        // Every layer of the text encoders (the preset picks the transformer's, as
+        // OneTrainer's), each once.
+        let expected = layers
+            .info
+            .adaptable_layers
+            .iter()
+            .filter(|l| {
+                let n = &l.name;
+                n.starts_with("text_encoder") || n.starts_with("transformer.") && n.contains("attn")
+            })
+            .count();
+        assert_eq!(layers.load(&registry, &path, 1.0).unwrap(), expected, "{name}");
+    }
+    // The same run in every layout.
+    assert!(all_losses.windows(2).all(|w| w[0] == w[1]), "{all_losses:?}");
+    // Trained text encoders change the run.
+    assert_ne!(
+        all_losses[0],
+        train(root, flux_config(root, "transformer_only", "lora_layer_preset = \"attn-only\""))
+    );
+}
