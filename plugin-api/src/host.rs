@@ -102,6 +102,25 @@ pub fn checkpoint(block: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
     call1(Op::CheckpointEnd(op::NoArgs {}), &[&out])
 }
 
+/// Runs `f` not in float16 (ABI 1.5): where the host computes in float16, ops in `f` compute in
+/// the run's fallback dtype (`fallback_train_dtype`, bfloat16 by default) instead, as
+/// OneTrainer runs T5, whose activations overflow float16. Other train dtypes are kept. Wrap
+/// whole checkpointed blocks, not parts of one (a block recomputes in its dtype at its end).
+pub fn without_float16<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if call(Op::FallbackBegin(op::NoArgs {}), &[]).is_err() {
+        // A host before ABI 1.5 has no fallback: `f` runs as it is.
+        return f();
+    }
+    struct Open;
+    impl Drop for Open {
+        fn drop(&mut self) {
+            let _ = call(Op::FallbackEnd(op::NoArgs {}), &[]);
+        }
+    }
+    let _open = Open;
+    f()
+}
+
 /// The output of layer `name` with whatever adapters the host has attached to it (`base_out`
 /// unchanged when none).
 pub fn adapt(name: &str, x: &Tensor, base_out: Tensor) -> Result<Tensor> {

@@ -412,6 +412,10 @@ op_table! {
     70 CHECKPOINT_END CheckpointEnd "checkpoint_end" (0, 0, true) NoArgs;
     71 WEIGHT_LOADED WeightLoaded "weight_loaded" (1, 0, false) Part;
     72 GROUP_NORM_SILU GroupNormSilu "group_norm_silu" (1, 2, false) GroupNorm;
+    // 1.5: a region computed in the fallback dtype where the train dtype is float16 (see
+    // `host::without_float16`).
+    73 FALLBACK_BEGIN FallbackBegin "fallback_begin" (0, 0, false) NoArgs;
+    74 FALLBACK_END FallbackEnd "fallback_end" (0, 0, false) NoArgs;
 }
 
 #[cfg(test)]

@@ -440,13 +440,89 @@ fn flux_text_encoder_loras_train_and_save_in_every_layout() {
                 n.starts_with("text_encoder") || n.starts_with("transformer.") && n.contains("attn")
             })
             .count();
-        assert_eq!(layers.load(&registry, &path, 1.0).unwrap(), expected, "{name}");
+        assert_eq!(
+            layers.load(&registry, &path, 1.0).unwrap(),
+            expected,
+            "{name}"
+        );
     }
     // The same run in every layout.
-    assert!(all_losses.windows(2).all(|w| w[0] == w[1]), "{all_losses:?}");
+    assert!(
+        all_losses.windows(2).all(|w| w[0] == w[1]),
+        "{all_losses:?}"
+    );
     // Trained text encoders change the run.
     assert_ne!(
         all_losses[0],
-        train(root, flux_config(root, "transformer_only", "lora_layer_preset = \"attn-only\""))
+        train(
+            root,
+            flux_config(
+                root,
+                "transformer_only",
+                "lora_layer_preset = \"attn-only\""
+            )
+        )
     );
+}
+
+/// `fallback_train_dtype`: a float16 run computes T5 in the fallback dtype (bfloat16 unless set),
+/// as OneTrainer does. Here T5's feed-forward is scaled so that its activations overflow
+/// float16: trained in a float16 run, every step is still taken with finite losses, and the
+/// fallback dtype changes them.
+#[test]
+fn a_float16_run_computes_t5_in_the_fallback_dtype() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let fixture = std::path::Path::new(&dir("pipeline")).join("model");
+    let model = root.join("model");
+    let t5_file = fixture.join("text_encoder_2/model.safetensors");
+    runtime::init("cpu").unwrap();
+    ferrite_tests::copy_dir(&fixture, &model, &|p| p != t5_file);
+    let w = Weights::open(t5_file.to_str().unwrap()).unwrap();
+    let tensors: Vec<(String, ferrite_plugin_api::Tensor)> = w
+        .infos()
+        .iter()
+        .map(|i| {
+            let t = w.get(&i.key, DType::F32).unwrap();
+            let big = i.key.contains("DenseReluDense.wi");
+            let t = if big { t.mul_scalar(300.0).unwrap() } else { t };
+            (i.key.clone(), t)
+        })
+        .collect();
+    let refs: Vec<(&str, &ferrite_plugin_api::Tensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let out = model.join("text_encoder_2/model.safetensors");
+    ferrite_plugin_api::save_safetensors(out.to_str().unwrap(), &refs, &[]).unwrap();
+
+    let run = |name: &str, fallback: &str| {
+        let c = TrainConfig {
+            base_model_name: model.to_string_lossy().into(),
+            ..flux_config(
+                root,
+                name,
+                &format!(
+                    "train_dtype = \"float16\"\nfallback_train_dtype = \"{fallback}\"\n\
+                     [text_encoder_2]\ntrain = true"
+                ),
+            )
+        };
+        let mut t = Trainer::new(c, root, registry()).unwrap();
+        let (mut losses, mut skipped) = (Vec::new(), 0);
+        t.run(|e| match e {
+            ferrite::train::trainer::Event::Step { loss, .. } => losses.push(loss),
+            ferrite::train::trainer::Event::Skipped { .. } => skipped += 1,
+            _ => {}
+        })
+        .unwrap();
+        assert_eq!(skipped, 0, "{name}: steps skipped");
+        assert!(
+            !losses.is_empty() && losses.iter().all(|l| l.is_finite()),
+            "{name}: {losses:?}"
+        );
+        losses
+    };
+    let bf16 = run("bf16", "bfloat16");
+    let f32 = run("f32", "float32");
+    assert_ne!(bf16, f32);
 }

@@ -535,6 +535,11 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "train::train_dtype_trains_near_the_f32_run_and_float16_skips_overflowed_steps, \
          runtime autocast tests",
     ),
+    (
+        "fallback_train_dtype",
+        "flux_train::a_float16_run_computes_t5_in_the_fallback_dtype, \
+         train::a_region_without_float16_computes_in_the_fallback_dtype",
+    ),
     ("latent_caching", "train: cache tests"),
     ("clear_cache_before_training", "train: cache tests"),
     ("unet", "train: per-part tests"),

@@ -1140,6 +1140,43 @@ fn lora_weight_dtype_keeps_and_trains_the_adapters_in_it() {
     }
 }
 
+/// `fallback_train_dtype`: in a float16 scope, what a plugin runs `without_float16` (T5)
+/// computes in the fallback dtype, also where a checkpointed block inside is recomputed in
+/// backward; outside the region float16 holds. 300 × 300 overflows float16.
+#[test]
+fn a_region_without_float16_computes_in_the_fallback_dtype() {
+    use ferrite::runtime::{Scope, TrainDtype as Rt};
+    use ferrite_plugin_api::{Tensor, checkpoint, host::without_float16, ops};
+    ferrite::runtime::init("cpu").unwrap();
+    let run = |fallback: Rt| {
+        let scope = Scope::new(Device::current().unwrap())
+            .with_checkpointing(true)
+            .with_train_dtype(Rt::Float16)
+            .with_fallback_dtype(fallback);
+        let _entered = scope.enter();
+        let x = Tensor::from_f32(&[300.0], &[1, 1]).unwrap();
+        let w = Tensor::from_f32(&[300.0], &[1, 1]).unwrap();
+        let v = Tensor::from_f32(&[1.0 / 300.0], &[1, 1]).unwrap();
+        v.set_requires_grad(true).unwrap();
+        let f16 = ops::linear(&x, &w, None).unwrap().item().unwrap();
+        let out =
+            without_float16(|| checkpoint(|| ops::linear(&ops::linear(&x, &w, None)?, &v, None)))
+                .unwrap();
+        // d out / d v = x·w, recomputed in backward.
+        let grad = out.sum_all().unwrap().backward().unwrap();
+        let grad = grad.get(&v).unwrap().unwrap().item().unwrap();
+        (f16, out.item().unwrap(), grad)
+    };
+    let (f16, out, grad) = run(Rt::BFloat16);
+    assert!(f16.is_infinite(), "float16 outside the region: {f16}");
+    assert!(
+        out.is_finite() && (grad - 90112.0).abs() < 1.0,
+        "{out} {grad}"
+    );
+    let (_, _, grad) = run(Rt::Float32);
+    assert_eq!(grad, 90000.0);
+}
+
 /// `train_dtype`: bf16 and f16 runs compute matmul, convolutions and attention in that dtype
 /// (losses near the f32 run's, not equal to them); a float16 run scales its loss, and a step
 /// whose gradients overflow is skipped: the weights stay, the scale halves, the skip is reported.

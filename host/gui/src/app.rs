@@ -756,6 +756,7 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
         );
         f.choice(ui, "gradient_checkpointing", &mut c.gradient_checkpointing);
         f.choice(ui, "train_dtype", &mut c.train_dtype);
+        f.choice(ui, "fallback_train_dtype", &mut c.fallback_train_dtype);
     });
     ui.separator();
     ui.strong("Optimizer");

@@ -67,6 +67,10 @@ impl<B: Tracking> Runtime for TensorTable<B> {
             Op::CheckpointBegin(_) => return self.checkpoint_begin(),
             Op::CheckpointEnd(_) => return self.checkpoint_end(inputs),
             Op::WeightLoaded(a) => return self.weight_loaded(inputs, &a.part),
+            Op::FallbackBegin(_) | Op::FallbackEnd(_) => {
+                crate::scope::fallback(matches!(op, Op::FallbackBegin(_)));
+                return Ok(Vec::new());
+            }
             _ if self.recording() => return self.record(op, inputs),
             _ => {}
         }

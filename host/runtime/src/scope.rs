@@ -3,7 +3,7 @@
 //! a layer runs, where dropout draws from) comes from the scope the host entered on the calling
 //! thread before calling into a plugin.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +56,9 @@ pub struct Scope {
     pub checkpointing: bool,
     /// What matmul, convolutions and attention compute in (`train_dtype`, [`crate::autocast`]).
     pub train_dtype: TrainDtype,
+    /// What a part that overflows in float16 (T5) computes in when `train_dtype` is float16
+    /// (OneTrainer's `fallback_train_dtype`), inside the regions its plugin marks.
+    pub fallback_dtype: TrainDtype,
     /// Model parts (by the id their plugin loads them under) whose frozen weights are kept in
     /// a format as each is loaded (a part's `weight_dtype`).
     pub keep_at_load: Arc<HashMap<String, WeightFormat>>,
@@ -66,6 +69,8 @@ pub struct Scope {
 
 thread_local! {
     static SCOPES: RefCell<Vec<Scope>> = const { RefCell::new(Vec::new()) };
+    /// Open fallback regions on this thread (ops `fallback_begin`/`fallback_end`).
+    static FALLBACK: Cell<usize> = const { Cell::new(0) };
 }
 
 /// While it lives, the thread's plugin calls use its scope (scopes nest: the innermost wins).
@@ -87,6 +92,7 @@ impl Scope {
             adapters: None,
             checkpointing: false,
             train_dtype: TrainDtype::Float32,
+            fallback_dtype: TrainDtype::BFloat16,
             keep_at_load: Arc::default(),
             dropout: Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(0))),
         }
@@ -125,6 +131,11 @@ impl Scope {
         self
     }
 
+    pub fn with_fallback_dtype(mut self, dtype: TrainDtype) -> Self {
+        self.fallback_dtype = dtype;
+        self
+    }
+
     pub fn with_keep_at_load(mut self, parts: HashMap<String, WeightFormat>) -> Self {
         self.keep_at_load = Arc::new(parts);
         self
@@ -141,12 +152,26 @@ pub fn current() -> Option<Scope> {
     SCOPES.with(|s| s.borrow().last().cloned())
 }
 
-/// The train dtype of the innermost scope on this thread (f32 outside any), read by every
-/// matmul without cloning the scope.
+/// The train dtype of the innermost scope on this thread (f32 outside any; its fallback dtype
+/// for float16 inside a fallback region), read by every matmul without cloning the scope.
 pub(crate) fn train_dtype() -> TrainDtype {
     SCOPES.with(|s| {
-        s.borrow()
-            .last()
-            .map_or(TrainDtype::Float32, |s| s.train_dtype)
+        s.borrow().last().map_or(TrainDtype::Float32, |s| {
+            if s.train_dtype == TrainDtype::Float16 && FALLBACK.get() > 0 {
+                s.fallback_dtype
+            } else {
+                s.train_dtype
+            }
+        })
     })
+}
+
+/// Opens (`true`) or closes a fallback region on this thread: what a plugin computes there
+/// does not take float16 (T5, whose activations overflow it).
+pub(crate) fn fallback(open: bool) {
+    FALLBACK.set(if open {
+        FALLBACK.get() + 1
+    } else {
+        FALLBACK.get().saturating_sub(1)
+    });
 }

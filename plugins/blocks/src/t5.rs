@@ -4,6 +4,7 @@
 
 use ferrite_plugin_api::{
     DType, Error, Result, Tensor, Weights, checkpoint,
+    host::without_float16,
     nn::{Embedding, Linear},
     ops,
 };
@@ -203,18 +204,22 @@ impl T5EncoderModel {
 
     /// The last hidden state `[B, L, D]` of token ids `[B, L]` (no attention mask: Flux's
     /// pipelines attend to the padding too).
+    /// Never in float16: T5's feed-forward activations overflow it (transformers keeps `wo` in
+    /// f32 for that), so a float16 run computes it in its fallback dtype, as OneTrainer does.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let shape = ids.shape()?;
         let [_, l] = shape[..] else {
             return Err(Error(format!("T5 expects token ids [B, L], got {shape:?}")));
         };
-        let bias = self.position_bias(l)?;
-        let eps = self.config.layer_norm_epsilon;
-        let mut x = self.shared.forward(ids)?;
-        for block in &self.blocks {
-            x = checkpoint(|| block.forward(&x, &bias, eps))?;
-        }
-        ops::rms_norm(&x, Some(&self.final_layer_norm), eps)
+        without_float16(|| {
+            let bias = self.position_bias(l)?;
+            let eps = self.config.layer_norm_epsilon;
+            let mut x = self.shared.forward(ids)?;
+            for block in &self.blocks {
+                x = checkpoint(|| block.forward(&x, &bias, eps))?;
+            }
+            ops::rms_norm(&x, Some(&self.final_layer_norm), eps)
+        })
     }
 }
 

@@ -113,6 +113,13 @@ choices! {
         Bfloat16,
     }
 
+    /// OneTrainer's `fallback_train_dtype`: what parts that overflow in float16 (Flux's T5)
+    /// compute in when `train_dtype` is float16.
+    FallbackTrainDtype ("lowercase") {
+        Float32,
+        Bfloat16,
+    }
+
     /// OneTrainer's `gradient_checkpointing`: whether the blocks the architecture marks
     /// (resnets, transformer blocks, text encoder layers) keep only their inputs and are
     /// recomputed in backward.

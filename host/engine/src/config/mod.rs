@@ -10,9 +10,9 @@ pub mod choices;
 
 pub use crate::sample::Sampler;
 pub use choices::{
-    BalancingStrategy, Choice, ConceptType, EmaMode, GradientCheckpointing, LayerPreset,
-    LoraWeightDtype, LossWeightFn, LrScheduler, OutputDtype, OutputFormat, PromptSource, TimeUnit,
-    TimestepDistribution, TrainDtype, TrainingMethod, WeightDtype,
+    BalancingStrategy, Choice, ConceptType, EmaMode, FallbackTrainDtype, GradientCheckpointing,
+    LayerPreset, LoraWeightDtype, LossWeightFn, LrScheduler, OutputDtype, OutputFormat,
+    PromptSource, TimeUnit, TimestepDistribution, TrainDtype, TrainingMethod, WeightDtype,
 };
 /// `VARIANTS`: every value of a choice.
 pub use strum::VariantArray;
@@ -354,6 +354,8 @@ pub struct TrainConfig {
     /// Mixed precision: the dtype matmul, linear, convolutions and attention compute in
     /// (float16 scales the loss dynamically).
     pub train_dtype: TrainDtype,
+    /// With train_dtype float16: what parts that overflow in float16 (Flux's T5) compute in.
+    pub fallback_train_dtype: FallbackTrainDtype,
 
     /// `512`, several (`512,768`: one drawn per image and epoch) or `WxH`.
     pub resolution: String,
@@ -521,6 +523,7 @@ impl Default for TrainConfig {
             ema_update_step_interval: 5,
             gradient_checkpointing: GradientCheckpointing::On,
             train_dtype: TrainDtype::Float32,
+            fallback_train_dtype: FallbackTrainDtype::Bfloat16,
             resolution: "512".into(),
             aspect_ratio_bucketing: true,
             latent_caching: true,

@@ -167,7 +167,11 @@ impl<B: Tracking> TensorTable<B> {
             Op::Backward(_) => self.backward(ids[0]),
             Op::Grad(_) => self.grad(ids),
             Op::Assign(_) => self.assign(ids),
-            Op::CheckpointBegin(_) | Op::CheckpointEnd(_) | Op::WeightLoaded(_) => Err(format!(
+            Op::CheckpointBegin(_)
+            | Op::CheckpointEnd(_)
+            | Op::WeightLoaded(_)
+            | Op::FallbackBegin(_)
+            | Op::FallbackEnd(_) => Err(format!(
                 "op {name} tells the runtime's caller about a block or a weight, it computes \
                  nothing"
             )),

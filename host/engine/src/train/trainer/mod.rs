@@ -34,7 +34,8 @@ use ferrite_plugin_api::{
 
 use crate::adapters::ModelLayers;
 use crate::config::{
-    ConceptType, GradientCheckpointing, TrainConfig, TrainDtype, TrainingMethod, WeightDtype,
+    ConceptType, FallbackTrainDtype, GradientCheckpointing, TrainConfig, TrainDtype,
+    TrainingMethod, WeightDtype,
 };
 use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
@@ -354,11 +355,17 @@ impl Trainer {
             .with_adapters(model.clone())
             .with_checkpointing(c.gradient_checkpointing == GradientCheckpointing::On);
         let _scope = scope.enter();
-        let mixed = scope.clone().with_train_dtype(match c.train_dtype {
-            TrainDtype::Float32 => RtTrainDtype::Float32,
-            TrainDtype::Float16 => RtTrainDtype::Float16,
-            TrainDtype::Bfloat16 => RtTrainDtype::BFloat16,
-        });
+        let mixed = scope
+            .clone()
+            .with_train_dtype(match c.train_dtype {
+                TrainDtype::Float32 => RtTrainDtype::Float32,
+                TrainDtype::Float16 => RtTrainDtype::Float16,
+                TrainDtype::Bfloat16 => RtTrainDtype::BFloat16,
+            })
+            .with_fallback_dtype(match c.fallback_train_dtype {
+                FallbackTrainDtype::Float32 => RtTrainDtype::Float32,
+                FallbackTrainDtype::Bfloat16 => RtTrainDtype::BFloat16,
+            });
 
         let data = Dataset::scan(c, base, &[ConceptType::Standard, ConceptType::Prior]);
         if data.items.is_empty() {
