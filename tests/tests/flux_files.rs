@@ -335,3 +335,68 @@ fn a_bfl_transformer_file_loads_as_the_folder() {
         "{e}"
     );
 }
+
+/// Flux as ComfyUI users hold it: the transformer in BFL's layout, CLIP-L and T5 in
+/// transformers' (`clip_l`, `t5xxl`) and the VAE in BFL's (`ae`, written by
+/// tests/fixtures/gen/flux_ae.py and checked there by diffusers' reader), with a folder holding
+/// only configs and tokenizers: `ferrite sample --part-file` gives FluxPipeline's PNG (from the
+/// folder with its weights). Without the files that folder fails naming what it lacks; a file
+/// of another part fails naming the file.
+#[test]
+fn separate_part_files_sample_as_the_folder() {
+    let pipeline = fixtures().join("pipeline");
+    let tmp = tempfile::tempdir().unwrap();
+    let configs = tmp.path().join("configs");
+    ferrite_tests::copy_dir(&pipeline.join("model"), &configs, &|p| {
+        p.extension().is_none_or(|x| x != "safetensors")
+    });
+    let model = pipeline.join("model");
+    let files = [
+        (
+            "transformer",
+            fixtures().join("bfl/transformer.safetensors"),
+        ),
+        ("text_encoder", model.join("text_encoder/model.safetensors")),
+        (
+            "text_encoder_2",
+            model.join("text_encoder_2/model.safetensors"),
+        ),
+        ("vae", fixtures().join("parts/ae.safetensors")),
+    ];
+    let specs: Vec<String> = files
+        .iter()
+        .map(|(p, f)| format!("{p}={}", f.display()))
+        .collect();
+    let mut args = vec!["--arch", "flux", "--model", configs.to_str().unwrap()];
+    for s in &specs {
+        args.extend(["--part-file", s.as_str()]);
+    }
+    let worst = ferrite_tests::sample_diff(&pipeline, "expected.png", &args);
+    assert!(worst <= 2, "max pixel difference {worst}/255");
+
+    let registry = registry();
+    let load = |part_files: serde_json::Value| {
+        let options = serde_json::json!({ "model": configs, "part_files": part_files });
+        registry
+            .architecture("flux", &options.to_string())
+            .err()
+            .map(|e| e.to_string())
+    };
+    let all: serde_json::Map<String, serde_json::Value> = files
+        .iter()
+        .map(|(p, f)| (p.to_string(), f.to_string_lossy().into()))
+        .collect();
+    assert_eq!(load(all.clone().into()), None);
+    let mut no_vae = all.clone();
+    no_vae.remove("vae");
+    let e = load(no_vae.into()).unwrap();
+    assert!(
+        e.contains("vae") && e.contains("diffusion_pytorch_model"),
+        "{e}"
+    );
+    let mut wrong = all;
+    let t5 = model.join("text_encoder_2/model.safetensors");
+    wrong.insert("vae".into(), t5.to_string_lossy().into());
+    let e = load(wrong.into()).unwrap();
+    assert!(e.contains(t5.to_str().unwrap()), "{e}");
+}

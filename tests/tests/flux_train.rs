@@ -526,3 +526,44 @@ fn a_float16_run_computes_t5_in_the_fallback_dtype() {
     let f32 = run("f32", "float32");
     assert_ne!(bf16, f32);
 }
+
+/// `<part>.model_name` and `vae.model_name` (OneTrainer's): a run over a folder of configs and
+/// tokenizers only takes each part's weights from its file (ComfyUI's layouts) and trains as the
+/// full folder does. A model that takes no part files refuses them, naming the option.
+#[test]
+fn a_run_takes_parts_from_their_model_name_files() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let model = std::path::Path::new(&dir("pipeline")).join("model");
+    let configs = root.join("configs");
+    runtime::init("cpu").unwrap();
+    ferrite_tests::copy_dir(&model, &configs, &|p| {
+        p.extension().is_none_or(|x| x != "safetensors")
+    });
+    let folder = train(root, flux_config(root, "folder", ""));
+    let mut c = flux_config(root, "files", "");
+    c.base_model_name = configs.to_string_lossy().into();
+    c.transformer.model_name = format!("{}/transformer.safetensors", dir("bfl"));
+    c.text_encoder.model_name = model
+        .join("text_encoder/model.safetensors")
+        .to_string_lossy()
+        .into();
+    c.text_encoder_2.model_name = model
+        .join("text_encoder_2/model.safetensors")
+        .to_string_lossy()
+        .into();
+    c.vae.model_name = format!("{}/ae.safetensors", dir("parts"));
+    assert_eq!(train(root, c), folder);
+
+    let sd = format!("{}/fixtures/pipeline/model", env!("CARGO_MANIFEST_DIR"));
+    let mut c = flux_config(root, "sd", "");
+    c.model_type = "sd15".into();
+    c.base_model_name = sd;
+    c.vae.model_name = "vae.safetensors".into();
+    let e = refusal(root, c);
+    assert!(
+        e.contains("vae.model_name") && e.contains("part_files"),
+        "{e}"
+    );
+}

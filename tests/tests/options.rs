@@ -554,13 +554,18 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ),
     (
         "dynamic_timestep_shifting",
-        "blocks_flux::flux_lora_trains_and_saves_in_diffusers_layout (the losses change), \
+        "flux_train::flux_lora_trains_and_saves_in_diffusers_and_kohya_layouts (the losses change), \
          trainer::noising::shift_tests (bigger images draw noisier timesteps; DDPM refuses it)",
     ),
     (
         "transformer",
-        "blocks_flux::flux_lora_trains_and_saves_in_diffusers_layout (guidance_scale: the same \
-         test's run with another guidance)",
+        "flux_train::flux_lora_trains_and_saves_in_diffusers_and_kohya_layouts (guidance_scale: \
+         the same test's run with another guidance); model_name of every part: \
+         flux_train::a_run_takes_parts_from_their_model_name_files",
+    ),
+    (
+        "vae",
+        "model_name: flux_train::a_run_takes_parts_from_their_model_name_files",
     ),
     (
         "peft_type",

@@ -73,6 +73,11 @@ struct SampleArgs {
     /// For a single-file model: a diffusers folder whose configs and tokenizer to use.
     #[arg(long)]
     model_config: Option<PathBuf>,
+    /// A file holding one part's weights in place of the model's, by part id (Flux:
+    /// `transformer`, `text_encoder` = clip_l, `text_encoder_2` = t5xxl, `vae` = ae). May be
+    /// repeated.
+    #[arg(long = "part-file", value_name = "PART=FILE")]
+    part_files: Vec<String>,
     /// Architecture plugin id.
     #[arg(long, default_value = "sd15")]
     arch: String,
@@ -498,6 +503,12 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
     }
     if a.clip_skip > 0 {
         options["text_encoder_layer_skip"] = a.clip_skip.into();
+    }
+    for spec in &a.part_files {
+        let Some((part, file)) = spec.split_once('=') else {
+            anyhow::bail!("--part-file {spec}: give PART=FILE (e.g. vae=ae.safetensors)");
+        };
+        options["part_files"][part] = file.into();
     }
     let arch = registry.architecture(&a.arch, &options.to_string())?;
     let model = std::sync::Arc::new(ferrite::adapters::ModelLayers::of(&arch)?);

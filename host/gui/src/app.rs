@@ -525,6 +525,7 @@ impl App {
                     ui.separator();
                     ui.strong(title);
                     f.grid(ui, part, |f, ui| {
+                        f.path(ui, &format!("{part}.model_name"), &mut pc.model_name, false);
                         f.check(ui, &format!("{part}.train"), &mut pc.train);
                         f.opt_num(ui, &format!("{part}.learning_rate"), &mut pc.learning_rate);
                         f.num(
@@ -551,6 +552,11 @@ impl App {
                         }
                     });
                 }
+                ui.separator();
+                ui.strong("VAE");
+                f.grid(ui, "vae", |f, ui| {
+                    f.path(ui, "vae.model_name", &mut c.vae.model_name, false);
+                });
             }
             Tab::Data => f.grid(ui, "data", |f, ui| {
                 f.text(ui, "resolution", &mut c.resolution);

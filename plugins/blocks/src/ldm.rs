@@ -557,7 +557,12 @@ pub fn vae_original(name: &str, levels: usize) -> Option<(String, bool)> {
 
 /// The VAE of a single-file checkpoint under diffusers names.
 pub fn vae(w: &Weights, levels: usize) -> Result<Weights> {
-    renamed(w, VAE_PREFIX, |k, s| vae_key(k, s, levels))
+    vae_at(w, VAE_PREFIX, levels)
+}
+
+/// [`vae`] for a VAE under another prefix (none: a VAE file of its own, as Flux's `ae`).
+pub fn vae_at(w: &Weights, prefix: &str, levels: usize) -> Result<Weights> {
+    renamed(w, prefix, |k, s| vae_key(k, s, levels))
 }
 
 /// The VAE's `config.json` read off the shapes of `first_stage_model.*` (norm groups and scaling

@@ -2,7 +2,9 @@
 //! `text_encoder/` CLIP-L, `text_encoder_2/` T5, `tokenizer/`, `tokenizer_2/`, `scheduler/`;
 //! single or sharded weight files), or a transformer file in Black Forest Labs' layout
 //! (`flux1-dev.safetensors`, a ComfyUI checkpoint) with such a folder for the rest, with the
-//! flow-matching objective. Adapter files in diffusers', kohya's and ComfyUI's layouts (`names`).
+//! flow-matching objective. Any part's weights may come from a file of its own instead
+//! (`part_files`: ComfyUI's `clip_l`, `t5xxl` and `ae` files). Adapter files in diffusers',
+//! kohya's and ComfyUI's layouts (`names`).
 
 pub mod model;
 mod names;
@@ -14,7 +16,7 @@ use ferrite_plugin_api::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use model::Flux;
+pub use model::{Flux, PartFiles};
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +29,8 @@ struct Options {
     max_sequence_length: Option<usize>,
     /// Benchmarks: `model` holds config files only; the weights are random.
     random_weights: bool,
+    /// Files holding some parts' weights in place of the folder's.
+    part_files: PartFiles,
 }
 
 pub struct FluxPlugin;
@@ -49,7 +53,18 @@ impl Plugin for FluxPlugin {
                     "model": {"type": "string", "description": "diffusers Flux folder, or a transformer file in Black Forest Labs' layout (flux1-dev.safetensors)"},
                     "config": {"type": "string", "description": "with a transformer file: the diffusers Flux folder of the text encoders, VAE, tokenizers and configs"},
                     "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512, "description": "T5 tokens per prompt (default: 512 for dev, 256 for schnell)"},
-                    "random_weights": {"type": "boolean", "default": false, "description": "benchmarks: `model` is a diffusers folder holding only config files; its weights are random"}
+                    "random_weights": {"type": "boolean", "default": false, "description": "benchmarks: `model` is a diffusers folder holding only config files; its weights are random"},
+                    "part_files": {
+                        "type": "object",
+                        "additionalProperties": false,
+                        "description": "files holding parts' weights in place of the folder's (the folder still gives the configs and tokenizers)",
+                        "properties": {
+                            "transformer": {"type": "string", "description": "the transformer in Black Forest Labs' layout (flux1-dev.safetensors) or diffusers'"},
+                            "text_encoder": {"type": "string", "description": "CLIP-L in transformers' layout (ComfyUI's clip_l.safetensors)"},
+                            "text_encoder_2": {"type": "string", "description": "T5 in transformers' layout (ComfyUI's t5xxl_fp16.safetensors)"},
+                            "vae": {"type": "string", "description": "the VAE in Black Forest Labs' layout (ae.safetensors) or diffusers'"}
+                        }
+                    }
                 }
             }),
         }]
@@ -64,6 +79,7 @@ impl Plugin for FluxPlugin {
             config: None,
             max_sequence_length: None,
             random_weights: false,
+            part_files: PartFiles::default(),
         };
         let o = parse_options(id, defaults, options)?;
         if o.model.is_empty() {
@@ -76,8 +92,19 @@ impl Plugin for FluxPlugin {
         if !path.exists() {
             bail!("flux: model {} does not exist", path.display());
         }
-        let (dir, transformer_file) = match (path.is_file(), &o.config) {
-            (true, Some(c)) => (std::path::Path::new(c), Some(path)),
+        let mut files = o.part_files;
+        let dir = match (path.is_file(), &o.config) {
+            (true, Some(c)) => {
+                if files.transformer.is_some() {
+                    bail!(
+                        "flux: `model` {} is a transformer file, and part_files.transformer \
+                         names another: give one",
+                        path.display()
+                    );
+                }
+                files.transformer = Some(o.model.clone());
+                std::path::Path::new(c)
+            }
             (true, None) => bail!(
                 "{}: a single Flux transformer file needs the diffusers Flux folder of the other \
                  parts too (base_model_config; `ferrite sample --model-config`)",
@@ -87,14 +114,12 @@ impl Plugin for FluxPlugin {
                 "flux: `config` goes with a single transformer file, and {} is a folder",
                 path.display()
             ),
-            (false, None) => (path, None),
+            (false, None) => path,
         };
-        let model = Flux::load(
-            dir,
-            transformer_file,
-            o.max_sequence_length,
-            o.random_weights,
-        )?;
+        if o.random_weights && files != PartFiles::default() {
+            bail!("flux: random_weights makes every weight; part_files have no use with it");
+        }
+        let model = Flux::load(dir, &files, o.max_sequence_length, o.random_weights)?;
         Ok(Component::Architecture(Box::new(model)))
     }
 }

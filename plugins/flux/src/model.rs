@@ -6,7 +6,7 @@ use ferrite_blocks::{
     clip::{ClipTextConfig, ClipTextTransformer},
     flux::{FluxConfig, FluxTransformer2DModel, bfl},
     folder::{self, config, read_json},
-    part,
+    ldm, part,
     t5::{T5Config, T5EncoderModel},
     t5_tokenizer::T5Tokenizer,
     tokenizer::ClipTokenizer,
@@ -17,6 +17,8 @@ use ferrite_plugin_api::{
     family::{Conditioning, Metadata, Objective},
     serde_json,
 };
+
+use serde::{Deserialize, Serialize};
 
 use crate::packing::{image_ids, pack, unpack};
 
@@ -33,14 +35,41 @@ pub struct Flux {
     adaptable_layers: Vec<AdaptableLayer>,
 }
 
+/// Files holding parts' weights in place of a folder's (by part id), as ComfyUI users keep
+/// them: the transformer (`flux1-dev.safetensors`), CLIP-L (`clip_l`), T5 (`t5xxl`) and the VAE
+/// (`ae`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartFiles {
+    pub transformer: Option<String>,
+    pub text_encoder: Option<String>,
+    pub text_encoder_2: Option<String>,
+    pub vae: Option<String>,
+}
+
+/// A part's weights file in diffusers' layout or its original one (`original` renames that,
+/// told by the file's keys); `diffusers_key` is a key only diffusers' layout has.
+fn part_file(
+    file: &str,
+    diffusers_key: &str,
+    original: impl FnOnce(&Weights) -> Result<Weights>,
+) -> Result<Weights> {
+    let w = Weights::open(file)?;
+    if w.info(diffusers_key).is_some() {
+        Ok(w)
+    } else {
+        original(&w)
+    }
+}
+
 impl Flux {
-    /// Loads a diffusers folder (with `random` weights: its config files only), its transformer's
-    /// weights from `transformer_file` (Black Forest Labs' layout) if given; prompts take
-    /// `max_sequence_length` T5 tokens (None: diffusers' defaults, 512 for dev and 256 for
-    /// schnell, which has no guidance embedding).
+    /// Loads a diffusers folder (with `random` weights: its config files only), each part's
+    /// weights from its file in `files` where given (the folder then needs only that part's
+    /// config); prompts take `max_sequence_length` T5 tokens (None: diffusers' defaults, 512
+    /// for dev and 256 for schnell, which has no guidance embedding).
     pub fn load(
         dir: &Path,
-        transformer_file: Option<&Path>,
+        files: &PartFiles,
         max_sequence_length: Option<usize>,
         random: bool,
     ) -> Result<Self> {
@@ -98,20 +127,31 @@ impl Flux {
         // Weights load as f32: the host computes in the run's train_dtype and keeps frozen
         // parts in their weight_dtype.
         let dtype = DType::F32;
-        let weights = |p: &str, stem: &str| folder::part_weights(dir, p, stem, random);
-        let te = ClipTextTransformer::with_text_model_level(weights("text_encoder", "model")?)?
-            .scoped("text_encoder");
-        let t5 = weights("text_encoder_2", "model")?.scoped("text_encoder_2");
-        let tr = match transformer_file {
-            Some(f) => bfl::transformer(
-                &Weights::open(&f.to_string_lossy())?,
-                flux_config.num_layers,
-                flux_config.num_single_layers,
-            )?,
-            None => weights("transformer", "diffusion_pytorch_model")?,
+        let weights = |p: &str, stem: &str, file: &Option<String>| match file {
+            Some(f) => Weights::open(f),
+            None => folder::part_weights(dir, p, stem, random),
+        };
+        let te = ClipTextTransformer::with_text_model_level(weights(
+            "text_encoder",
+            "model",
+            &files.text_encoder,
+        )?)?
+        .scoped("text_encoder");
+        let t5 =
+            weights("text_encoder_2", "model", &files.text_encoder_2)?.scoped("text_encoder_2");
+        let tr = match &files.transformer {
+            Some(f) => part_file(f, "x_embedder.weight", |w| {
+                bfl::transformer(w, flux_config.num_layers, flux_config.num_single_layers)
+            })?,
+            None => weights("transformer", "diffusion_pytorch_model", &None)?,
         }
         .scoped("transformer");
-        let vae = weights("vae", "diffusion_pytorch_model")?;
+        let vae = match &files.vae {
+            Some(f) => part_file(f, "encoder.down_blocks.0.resnets.0.conv1.weight", |w| {
+                ldm::vae_at(w, "", vae_config.block_out_channels.len())
+            })?,
+            None => weights("vae", "diffusion_pytorch_model", &None)?,
+        };
         let clip = ClipTextTransformer::load(&te, "text_model", None, &clip_config, dtype)?;
         let t5_model = T5EncoderModel::load(&t5, &t5_config, dtype)?;
         let transformer = FluxTransformer2DModel::load(&tr, &flux_config, dtype)?;

@@ -52,6 +52,19 @@ pub struct PartConfig {
     /// The guidance value a guidance-distilled denoiser (Flux.1-dev's transformer) is given
     /// in training (OneTrainer's `transformer.guidance_scale`); other parts ignore it.
     pub guidance_scale: f64,
+    /// A file holding this part's weights in place of the base model's (OneTrainer's
+    /// `model_name` of a part: a Flux transformer file; ComfyUI's `clip_l` / `t5xxl` files);
+    /// relative to the config file unless absolute. Empty: the base model's.
+    pub model_name: String,
+}
+
+/// VAE options.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct VaeConfig {
+    /// A file holding the VAE's weights in place of the base model's (OneTrainer's
+    /// `vae.model_name`; Flux's `ae.safetensors`). Empty: the base model's.
+    pub model_name: String,
 }
 
 impl PartConfig {
@@ -73,6 +86,7 @@ impl Default for PartConfig {
             stop_training_after_unit: TimeUnit::Never,
             weight_dtype: WeightDtype::Float32,
             guidance_scale: 1.0,
+            model_name: String::new(),
         }
     }
 }
@@ -422,8 +436,10 @@ pub struct TrainConfig {
     pub transformer: PartConfig,
     /// Text encoder options.
     pub text_encoder: PartConfig,
-    /// Second text encoder options (SDXL's OpenCLIP ViT-bigG).
+    /// Second text encoder options (SDXL's OpenCLIP ViT-bigG, Flux's T5).
     pub text_encoder_2: PartConfig,
+    /// VAE options.
+    pub vae: VaeConfig,
 
     /// lora or loha.
     pub peft_type: String,
@@ -554,6 +570,7 @@ impl Default for TrainConfig {
             transformer: PartConfig::trained(),
             text_encoder: PartConfig::default(),
             text_encoder_2: PartConfig::default(),
+            vae: VaeConfig::default(),
             peft_type: "lora".into(),
             lora_rank: 16,
             lora_alpha: 1.0,
@@ -1054,6 +1071,18 @@ impl TrainConfig {
         } else {
             Err(ConfigError::Invalid(e))
         }
+    }
+
+    /// The files that hold parts' weights in place of the base model's (`<part>.model_name`,
+    /// `vae.model_name`) by part id, as the architecture's `part_files` option takes them.
+    pub fn part_files(&self, base: &Path) -> serde_json::Map<String, serde_json::Value> {
+        self.part_tables()
+            .into_iter()
+            .map(|(t, p)| (t, p.model_name.as_str()))
+            .chain([("vae", self.vae.model_name.as_str())])
+            .filter(|(_, f)| !f.is_empty())
+            .map(|(t, f)| (t.to_string(), Self::path(base, f).to_string_lossy().into()))
+            .collect()
     }
 
     /// A path from the config, relative to `base` (the config file's folder) unless absolute.

@@ -342,6 +342,27 @@ impl Trainer {
                 .to_string_lossy()
                 .into();
         }
+        let files = c.part_files(base);
+        if !files.is_empty() {
+            let kind = ferrite_plugin_api::ComponentKind::Architecture;
+            let only = serde_json::json!({ "model": "", "part_files": files });
+            for (option, problem) in registry.option_problems(kind, &c.model_type, &only) {
+                let Some(option) = option.filter(|o| o != "model") else {
+                    continue;
+                };
+                // A part the model does not take is named; else the model takes none.
+                let table = files
+                    .keys()
+                    .find(|k| **k == option)
+                    .or(files.keys().next())
+                    .map_or("", String::as_str);
+                return Err(TrainError(format!(
+                    "{table}.model_name: {problem}; this model loads that part from \
+                     base_model_name"
+                )));
+            }
+            options["part_files"] = files.into();
+        }
         let arch = registry
             .architecture(&c.model_type, &options.to_string())
             .map_err(err)?;
