@@ -400,3 +400,50 @@ fn separate_part_files_sample_as_the_folder() {
     let e = load(wrong.into()).unwrap();
     assert!(e.contains(t5.to_str().unwrap()), "{e}");
 }
+
+/// Float8 files (`flux1-dev-fp8.safetensors`, `t5xxl_fp8_e4m3fn`): every e4m3fn and e5m2 code
+/// reads as torch reads it (tests/fixtures/gen/float8.py), and the transformer stored in
+/// e4m3fn in BFL's layout (its fused tensors split by rows, the final modulation's halves
+/// swapped, all on float8 bytes) gives the output of its values written in f32.
+#[test]
+fn float8_files_read_as_torch_reads_them() {
+    let _setup = Setup::new();
+    let codes =
+        Weights::open(fixtures().join("parts/codes.safetensors").to_str().unwrap()).unwrap();
+    for name in ["e4m3fn", "e5m2"] {
+        let got = codes.get(name, DType::F32).unwrap().to_vec().unwrap();
+        let want = codes
+            .get(&format!("{name}.f32"), DType::F32)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        assert_eq!(got.len(), 256);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "{name} code {i}: {g} where torch reads {w}"
+            );
+        }
+    }
+
+    let fp8 = fixtures().join("parts/transformer_fp8.safetensors");
+    let w = Weights::open(fp8.to_str().unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_file = tmp.path().join("transformer_f32.safetensors");
+    let tensors: Vec<(String, Tensor)> = w
+        .infos()
+        .iter()
+        .map(|i| (i.key.clone(), w.get(&i.key, DType::F32).unwrap()))
+        .collect();
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    ferrite_plugin_api::save_safetensors(f32_file.to_str().unwrap(), &refs, &[]).unwrap();
+    let folder = fixtures().join("pipeline/model");
+    let output = |model: &Path| {
+        let s = Setup::with(serde_json::json!({ "model": model, "config": folder }));
+        s.denoise().to_vec().unwrap()
+    };
+    let of_fp8 = output(&fp8);
+    assert_eq!(of_fp8, output(&f32_file));
+    // Rounded to float8, not the f32 model.
+    assert_ne!(of_fp8, Setup::new().denoise().to_vec().unwrap());
+}

@@ -122,15 +122,28 @@ impl WeightFile {
         let view = st
             .tensor(key)
             .map_err(|_| format!("{} has no tensor `{key}`", self.path))?;
-        let src = burn_dtype(view.dtype()).ok_or_else(|| {
-            format!(
-                "{}: tensor `{key}` has dtype {:?}, which cannot be loaded",
-                self.path,
-                view.dtype()
-            )
-        })?;
         let bytes = view.data();
-        let data = TensorData::from_bytes_vec(bytes.to_vec(), view.shape().to_vec(), src);
+        let shape = view.shape().to_vec();
+        // Float8 files (`flux1-dev-fp8`, `t5xxl_fp8_e4m3fn`): burn has no float8 data, so the
+        // codes are read as f32 (exact).
+        let float8: Option<fn(u8) -> f32> = match view.dtype() {
+            SDtype::F8_E4M3 => Some(|b| float8::F8E4M3::from_bits(b).to_f32()),
+            SDtype::F8_E5M2 => Some(|b| float8::F8E5M2::from_bits(b).to_f32()),
+            _ => None,
+        };
+        let (data, src) = if let Some(decode) = float8 {
+            let values: Vec<f32> = bytes.iter().map(|b| decode(*b)).collect();
+            (TensorData::new(values, shape), BDType::F32)
+        } else {
+            let src = burn_dtype(view.dtype()).ok_or_else(|| {
+                format!(
+                    "{}: tensor `{key}` has dtype {:?}, which cannot be loaded",
+                    self.path,
+                    view.dtype()
+                )
+            })?;
+            (TensorData::from_bytes_vec(bytes.to_vec(), shape, src), src)
+        };
         self.release_pages(bytes);
         Ok(if src == dtype {
             data
