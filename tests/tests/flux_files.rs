@@ -108,6 +108,8 @@ fn peft_and_kohya_fused_loras_give_diffusers_output() {
     // three), its linear1 is four.
     for (file, expected, layers) in [
         ("lora_peft.safetensors", "lora_peft", 29),
+        // Alphas only in diffusers' `lora_adapter_metadata` (8, and 2 for `proj_mlp`).
+        ("lora_peft_alpha.safetensors", "lora_peft_alpha", 29),
         ("lora_kohya.safetensors", "lora_kohya", 24),
         ("lora_kohya_linear1.safetensors", "lora_kohya_linear1", 4),
     ] {

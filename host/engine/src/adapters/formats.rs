@@ -2,8 +2,8 @@
 //! `.alpha`, `.dora_scale`, LoHa's `.hada_w*`), diffusers/PEFT (`<part>.<name>.lora_A.weight` /
 //! `lora_B.weight`, alpha folded into B, DoRA's `lora_magnitude_vector`) and comfy (the layer's
 //! comfy key, kohya's suffixes). The model names each layer's keys; reading takes any of them,
-//! the model's other aliases, and PEFT's `base_model.model.` / `.default`; a missing alpha means
-//! alpha = rank. Where a layout fuses several layers into one module, `fused` stacks and splits
+//! the model's other aliases, and PEFT's `base_model.model.` / `.default`; a missing alpha is
+//! diffusers' `lora_adapter_metadata`'s (`peft_metadata`), else the rank. Where a layout fuses several layers into one module, `fused` stacks and splits
 //! their adapters.
 
 use std::collections::{BTreeMap, HashMap};
@@ -13,6 +13,7 @@ use ferrite_plugin_api::{
     AdaptableLayer, DType, ModelInfo, PartKind, Tensor, Weights, family::layouts,
 };
 
+use super::peft_metadata::PeftAlphas;
 use super::{AdapterError, ModelLayers, Result, err, fused};
 use crate::config::OutputFormat;
 
@@ -103,6 +104,8 @@ fn shape_of(w: &Weights, key: &str) -> Vec<usize> {
 pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
     let shown = path.display();
     let w = Weights::open(&path.to_string_lossy()).map_err(err)?;
+    let meta = w.metadata().map_err(err)?;
+    let peft_alphas = PeftAlphas::read(&meta, &shown.to_string())?;
     let mut by_alias: HashMap<String, Vec<&AdaptableLayer>> = HashMap::new();
     for l in &model.layers {
         for a in aliases(l) {
@@ -153,7 +156,10 @@ pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
             .and_then(|s| s.first().copied())
             .ok_or_else(|| AdapterError(format!("{shown}: layer `{name}` has no {rank_key}")))?;
         let mut state = Vec::new();
-        let mut alpha = rank as f64;
+        // No `.alpha`: the file's peft metadata, else the rank.
+        let mut alpha = peft_alphas
+            .alpha(&members[0].name, rank)
+            .unwrap_or(rank as f64);
         for (suffix, key) in &keys {
             let t = w
                 .get(key, DType::F32)

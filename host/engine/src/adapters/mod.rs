@@ -6,6 +6,7 @@
 
 pub mod formats;
 mod fused;
+mod peft_metadata;
 pub mod select;
 
 use std::collections::{BTreeMap, HashMap};
