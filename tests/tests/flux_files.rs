@@ -449,3 +449,85 @@ fn float8_files_read_as_torch_reads_them() {
     // Rounded to float8, not the f32 model.
     assert_ne!(of_fp8, Setup::new().denoise().to_vec().unwrap());
 }
+
+/// LoHa and DoRA on every layer of fused modules (double block 0's image q, k, v; single block
+/// 0's q, k, v and MLP input) written in kohya's and ComfyUI's fused keys read back as the same
+/// adapters: LoHa's factor pairs stack as LoRA's do (the Hadamard product of row-stacked
+/// products is the rows' products), DoRA's magnitudes by rows.
+#[test]
+fn fused_loha_and_dora_round_trip_through_fused_layouts() {
+    let s = Setup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let members: Vec<(String, Vec<usize>)> = s
+        .model
+        .info
+        .adaptable_layers
+        .iter()
+        .filter(|l| {
+            l.fused.is_some()
+                && (l.name.contains("single_transformer_blocks.0.")
+                    || l.name.contains("transformer.transformer_blocks.0.attn.to_"))
+        })
+        .map(|l| (l.name.clone(), l.shape.clone()))
+        .collect();
+    assert_eq!(members.len(), 7, "{members:?}");
+    let rng = ferrite_plugin_api::Generator::new(7).unwrap();
+    let random = |shape: &[usize]| Tensor::randn(shape, &rng).unwrap().mul_scalar(0.3).unwrap();
+    let rank = 3;
+    for kind in ["loha", "dora"] {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (name, shape) in &members {
+            let (out, inp) = (shape[0], shape[1]);
+            let entries = match kind {
+                "loha" => vec![
+                    ("hada_w1_a", random(&[out, rank])),
+                    ("hada_w1_b", random(&[rank, inp])),
+                    ("hada_w2_a", random(&[out, rank])),
+                    ("hada_w2_b", random(&[rank, inp])),
+                ],
+                _ => vec![
+                    ("lora_down.weight", random(&[rank, inp])),
+                    ("lora_up.weight", random(&[out, rank])),
+                    (
+                        "dora_scale",
+                        random(&[out, 1]).abs().unwrap().add_scalar(0.5).unwrap(),
+                    ),
+                ],
+            };
+            for (suffix, t) in entries {
+                tensors.push((format!("{name}.{suffix}"), t));
+            }
+            tensors.push((
+                format!("{name}.alpha"),
+                Tensor::from_f32(&[2.0], &[]).unwrap(),
+            ));
+        }
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let per_layer = dir.path().join(format!("{kind}.safetensors"));
+        ferrite_plugin_api::save_safetensors(per_layer.to_str().unwrap(), &refs, &[]).unwrap();
+        assert_eq!(s.load(&per_layer), members.len());
+        let (out, shapes) = (s.denoise(), ranks(&s.model));
+        assert!(s.off(&out, "base") > 1e-3, "{kind} changes the output");
+        for format in [Format::Kohya, Format::Comfy] {
+            let path = dir.path().join(format!("{kind}-{format:?}.safetensors"));
+            s.model.save(&path, format, DType::F32, &[]).unwrap();
+            if format == Format::Kohya {
+                let w = Weights::open(path.to_str().unwrap()).unwrap();
+                let factor = if kind == "loha" {
+                    "hada_w1_a"
+                } else {
+                    "lora_up.weight"
+                };
+                let shape = w
+                    .info(&format!("lora_unet_single_blocks_0_linear1.{factor}"))
+                    .map(|i| i.shape.clone());
+                assert_eq!(shape, Some(vec![224, 4 * rank as u64]), "{kind}");
+            }
+            assert_eq!(s.load(&path), members.len(), "{kind} as {format:?}");
+            let d = max_abs_diff(&s.denoise(), &out);
+            assert!(d < 1e-5, "{kind} as {format:?}: {d}");
+            assert_eq!(ranks(&s.model), shapes, "{kind} as {format:?}");
+            s.load(&per_layer);
+        }
+    }
+}
