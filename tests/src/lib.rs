@@ -160,3 +160,33 @@ pub fn copy_dir(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) {
         }
     }
 }
+
+/// Splits `dir/<part>/<stem>.safetensors` into two shards named by a
+/// `<stem>.safetensors.index.json`, as the published folders split theirs (the single file goes).
+pub fn shard(dir: &Path, part: &str, stem: &str) {
+    use ferrite_plugin_api::{DType, Tensor, Weights};
+    let single = dir.join(part).join(format!("{stem}.safetensors"));
+    let w = Weights::open(single.to_str().unwrap()).unwrap();
+    let keys: Vec<String> = w.infos().iter().map(|i| i.key.clone()).collect();
+    let mut map = serde_json::Map::new();
+    for (n, half) in keys.chunks(keys.len().div_ceil(2)).enumerate() {
+        let name = format!("{stem}-0000{}-of-00002.safetensors", n + 1);
+        let tensors: Vec<(String, Tensor)> = half
+            .iter()
+            .map(|k| (k.clone(), w.get(k, DType::F32).unwrap()))
+            .collect();
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let path = dir.join(part).join(&name);
+        ferrite_plugin_api::save_safetensors(path.to_str().unwrap(), &refs, &[]).unwrap();
+        for k in half {
+            map.insert(k.clone(), name.clone().into());
+        }
+    }
+    drop(w);
+    std::fs::remove_file(&single).unwrap();
+    let index = dir
+        .join(part)
+        .join(format!("{stem}.safetensors.index.json"));
+    let json = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(&index, json.to_string()).unwrap();
+}

@@ -156,28 +156,8 @@ fn a_sharded_transformer_loads_as_one() {
     let fixture = std::path::PathBuf::from(dir("pipeline"));
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    let single = fixture.join("model/transformer/diffusion_pytorch_model.safetensors");
-    ferrite_tests::copy_dir(&fixture.join("model"), &model, &|p| p != single);
-    let w = Weights::open(single.to_str().unwrap()).unwrap();
-    let keys: Vec<String> = w.infos().iter().map(|i| i.key.clone()).collect();
-    let mut map = serde_json::Map::new();
-    for (n, half) in keys.chunks(keys.len().div_ceil(2)).enumerate() {
-        let name = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", n + 1);
-        let tensors: Vec<(String, ferrite_plugin_api::Tensor)> = half
-            .iter()
-            .map(|k| (k.clone(), w.get(k, DType::F32).unwrap()))
-            .collect();
-        let refs: Vec<(&str, &ferrite_plugin_api::Tensor)> =
-            tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        let path = model.join("transformer").join(&name);
-        ferrite_plugin_api::save_safetensors(path.to_str().unwrap(), &refs, &[]).unwrap();
-        for k in half {
-            map.insert(k.clone(), name.clone().into());
-        }
-    }
-    let index = model.join("transformer/diffusion_pytorch_model.safetensors.index.json");
-    let json = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(&index, json.to_string()).unwrap();
+    ferrite_tests::copy_dir(&fixture.join("model"), &model, &|_| true);
+    ferrite_tests::shard(&model, "transformer", "diffusion_pytorch_model");
     let args = ["--arch", "flux", "--model", model.to_str().unwrap()];
     let worst = ferrite_tests::sample_diff(&fixture, "expected.png", &args);
     assert!(worst <= 2, "max pixel difference {worst}/255");

@@ -330,7 +330,24 @@ fn a_flux_fine_tune_saves_a_diffusers_folder_and_a_bfl_file() {
         assert!(trained.iter().any(|(k, v)| base[k] != *v), "trained");
     };
 
-    let trained = run(fine_tune("ft", OutputFormat::Diffusers, "model"));
+    // From a folder whose transformer is sharded: its shards and their index are not copied.
+    let sharded = root.join("sharded");
+    runtime::init("cpu").unwrap();
+    ferrite_tests::copy_dir(&folder, &sharded, &|_| true);
+    ferrite_tests::shard(&sharded, "transformer", "diffusion_pytorch_model");
+    let trained = run(TrainConfig {
+        base_model_name: sharded.to_string_lossy().into(),
+        ..fine_tune("ft", OutputFormat::Diffusers, "model")
+    });
+    let mut written: Vec<String> = std::fs::read_dir(root.join("ft/model/transformer"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        ["config.json", "diffusion_pytorch_model.safetensors"]
+    );
     saved_as_trained(
         &load(serde_json::json!({ "model": root.join("ft/model") })),
         &trained,
@@ -360,6 +377,12 @@ fn a_flux_fine_tune_saves_a_diffusers_folder_and_a_bfl_file() {
     }
     let saved = load(serde_json::json!({ "model": file, "config": folder }));
     saved_as_trained(&saved, &trained);
+
+    // The VAE from a file of its own is not in the base folder a diffusers output copies.
+    let mut vae_file = fine_tune("vf", OutputFormat::Diffusers, "model");
+    vae_file.vae.model_name = format!("{}/ae.safetensors", dir("parts"));
+    let e = refusal(root, vae_file);
+    assert!(e.contains("vae.model_name"), "{e}");
 
     let e = Trainer::new(
         TrainConfig {
@@ -541,8 +564,10 @@ fn a_run_takes_parts_from_their_model_name_files() {
     ferrite_tests::copy_dir(&model, &configs, &|p| {
         p.extension().is_none_or(|x| x != "safetensors")
     });
-    let folder = train(root, flux_config(root, "folder", ""));
-    let mut c = flux_config(root, "files", "");
+    // Uncached: a cache entry's draws follow the model's identity (its path among them).
+    let uncached = "latent_caching = false";
+    let folder = train(root, flux_config(root, "folder", uncached));
+    let mut c = flux_config(root, "files", uncached);
     c.base_model_name = configs.to_string_lossy().into();
     c.transformer.model_name = format!("{}/transformer.safetensors", dir("bfl"));
     c.text_encoder.model_name = model
@@ -563,7 +588,50 @@ fn a_run_takes_parts_from_their_model_name_files() {
     c.vae.model_name = "vae.safetensors".into();
     let e = refusal(root, c);
     assert!(
-        e.contains("vae.model_name") && e.contains("part_files"),
+        e.contains("vae.model_name") && e.contains("takes no part from a file"),
         "{e}"
     );
+    // Flux has no UNet.
+    let mut c = flux_config(root, "unet", "");
+    c.unet.model_name = "unet.safetensors".into();
+    let e = refusal(root, c);
+    assert!(
+        e.contains("unet.model_name") && e.contains("has no part `unet`"),
+        "{e}"
+    );
+}
+
+/// DoRA (diffusers' layout: peft's magnitudes) and LoHa (kohya's fused keys) train Flux's
+/// transformer.
+#[test]
+fn flux_dora_and_loha_train() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let lora = train(root, flux_config(root, "lora", ""));
+    for (name, extra, format, key) in [
+        (
+            "dora",
+            "lora_decompose = true",
+            OutputFormat::Diffusers,
+            "transformer.single_transformer_blocks.0.attn.to_q.lora_magnitude_vector",
+        ),
+        (
+            "loha",
+            "peft_type = \"loha\"\nlora_layer_preset = \"blocks\"",
+            OutputFormat::Safetensors,
+            "lora_unet_single_blocks_0_linear1.hada_w2_b",
+        ),
+    ] {
+        let c = TrainConfig {
+            output_model_format: format,
+            ..flux_config(root, name, extra)
+        };
+        let losses = train(root, c);
+        assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+        assert_ne!(losses, lora, "{name}");
+        let path = root.join(format!("{name}/lora.safetensors"));
+        let w = Weights::open(path.to_str().unwrap()).unwrap();
+        assert!(w.info(key).is_some(), "{name}: no {key}");
+    }
 }

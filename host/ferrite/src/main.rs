@@ -508,9 +508,24 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
         let Some((part, file)) = spec.split_once('=') else {
             anyhow::bail!("--part-file {spec}: give PART=FILE (e.g. vae=ae.safetensors)");
         };
+        if options["part_files"].get(part).is_some() {
+            anyhow::bail!("--part-file {spec}: `{part}` is given twice");
+        }
         options["part_files"][part] = file.into();
     }
-    let arch = registry.architecture(&a.arch, &options.to_string())?;
+    let arch = registry
+        .architecture(&a.arch, &options.to_string())
+        .with_context(|| {
+            if a.part_files.is_empty() {
+                format!("--model {}", a.model.display())
+            } else {
+                format!(
+                    "--model {} with --part-file {}",
+                    a.model.display(),
+                    a.part_files.join(" ")
+                )
+            }
+        })?;
     let model = std::sync::Arc::new(ferrite::adapters::ModelLayers::of(&arch)?);
     scope = scope.with_adapters(model.clone());
     let _scope = scope.enter();

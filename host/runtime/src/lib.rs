@@ -68,7 +68,7 @@ impl<B: Tracking> Runtime for TensorTable<B> {
             Op::CheckpointEnd(_) => return self.checkpoint_end(inputs),
             Op::WeightLoaded(a) => return self.weight_loaded(inputs, &a.part),
             Op::FallbackBegin(_) | Op::FallbackEnd(_) => {
-                crate::scope::fallback(matches!(op, Op::FallbackBegin(_)));
+                crate::scope::fallback(matches!(op, Op::FallbackBegin(_)))?;
                 return Ok(Vec::new());
             }
             _ if self.recording() => return self.record(op, inputs),

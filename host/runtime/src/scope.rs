@@ -3,7 +3,7 @@
 //! a layer runs, where dropout draws from) comes from the scope the host entered on the calling
 //! thread before calling into a plugin.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +59,9 @@ pub struct Scope {
     /// What a part that overflows in float16 (T5) computes in when `train_dtype` is float16
     /// (OneTrainer's `fallback_train_dtype`), inside the regions its plugin marks.
     pub fallback_dtype: TrainDtype,
+    /// Fallback regions open in this scope on its thread (ops `fallback_begin`/`_end`): they
+    /// close with it.
+    fallback_depth: usize,
     /// Model parts (by the id their plugin loads them under) whose frozen weights are kept in
     /// a format as each is loaded (a part's `weight_dtype`).
     pub keep_at_load: Arc<HashMap<String, WeightFormat>>,
@@ -69,8 +72,6 @@ pub struct Scope {
 
 thread_local! {
     static SCOPES: RefCell<Vec<Scope>> = const { RefCell::new(Vec::new()) };
-    /// Open fallback regions on this thread (ops `fallback_begin`/`fallback_end`).
-    static FALLBACK: Cell<usize> = const { Cell::new(0) };
 }
 
 /// While it lives, the thread's plugin calls use its scope (scopes nest: the innermost wins).
@@ -93,6 +94,7 @@ impl Scope {
             checkpointing: false,
             train_dtype: TrainDtype::Float32,
             fallback_dtype: TrainDtype::BFloat16,
+            fallback_depth: 0,
             keep_at_load: Arc::default(),
             dropout: Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(0))),
         }
@@ -157,7 +159,7 @@ pub fn current() -> Option<Scope> {
 pub(crate) fn train_dtype() -> TrainDtype {
     SCOPES.with(|s| {
         s.borrow().last().map_or(TrainDtype::Float32, |s| {
-            if s.train_dtype == TrainDtype::Float16 && FALLBACK.get() > 0 {
+            if s.train_dtype == TrainDtype::Float16 && s.fallback_depth > 0 {
                 s.fallback_dtype
             } else {
                 s.train_dtype
@@ -166,12 +168,22 @@ pub(crate) fn train_dtype() -> TrainDtype {
     })
 }
 
-/// Opens (`true`) or closes a fallback region on this thread: what a plugin computes there
-/// does not take float16 (T5, whose activations overflow it).
-pub(crate) fn fallback(open: bool) {
-    FALLBACK.set(if open {
-        FALLBACK.get() + 1
-    } else {
-        FALLBACK.get().saturating_sub(1)
-    });
+/// Opens (`true`) or closes a fallback region in the innermost scope on this thread: what a
+/// plugin computes there does not take float16 (T5, whose activations overflow it). Outside
+/// any scope everything is f32 and regions change nothing.
+pub(crate) fn fallback(open: bool) -> Result<(), String> {
+    SCOPES.with(|s| {
+        let mut s = s.borrow_mut();
+        let Some(top) = s.last_mut() else {
+            return Ok(());
+        };
+        if open {
+            top.fallback_depth += 1;
+        } else if top.fallback_depth == 0 {
+            return Err("fallback_end without a fallback_begin in this scope".into());
+        } else {
+            top.fallback_depth -= 1;
+        }
+        Ok(())
+    })
 }

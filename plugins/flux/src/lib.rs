@@ -97,8 +97,9 @@ impl Plugin for FluxPlugin {
             (true, Some(c)) => {
                 if files.transformer.is_some() {
                     bail!(
-                        "flux: `model` {} is a transformer file, and part_files.transformer \
-                         names another: give one",
+                        "flux: the model {} (base_model_name; --model) is a transformer file, and \
+                         transformer.model_name (--part-file transformer=) names another: give \
+                         one of them",
                         path.display()
                     );
                 }
@@ -117,7 +118,10 @@ impl Plugin for FluxPlugin {
             (false, None) => path,
         };
         if o.random_weights && files != PartFiles::default() {
-            bail!("flux: random_weights makes every weight; part_files have no use with it");
+            bail!(
+                "flux: random weights (random_base_weights) make every weight; leave the parts' \
+                 model_name files empty"
+            );
         }
         let model = Flux::load(dir, &files, o.max_sequence_length, o.random_weights)?;
         Ok(Component::Architecture(Box::new(model)))

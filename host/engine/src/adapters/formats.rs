@@ -156,10 +156,12 @@ pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
             .and_then(|s| s.first().copied())
             .ok_or_else(|| AdapterError(format!("{shown}: layer `{name}` has no {rank_key}")))?;
         let mut state = Vec::new();
-        // No `.alpha`: the file's peft metadata, else the rank.
-        let mut alpha = peft_alphas
-            .alpha(&members[0].name, rank)
-            .unwrap_or(rank as f64);
+        // No `.alpha`: the file's peft metadata (PEFT keys name one layer), else the rank.
+        let mut alpha = match &members[..] {
+            [layer] => peft_alphas.alpha(&layer.name, rank),
+            _ => None,
+        }
+        .unwrap_or(rank as f64);
         for (suffix, key) in &keys {
             let t = w
                 .get(key, DType::F32)

@@ -2,7 +2,7 @@
 //! LoRA file was saved with (`transformer.lora_alpha`, `transformer.alpha_pattern`,
 //! `transformer.use_rslora`), the only place such a file tells alphas other than its ranks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use regex::Regex;
 use serde::Deserialize;
@@ -14,8 +14,10 @@ const KEY: &str = "lora_adapter_metadata";
 #[derive(Deserialize, Default)]
 struct PartConfig {
     lora_alpha: Option<f64>,
+    /// Sorted, as diffusers writes the metadata (`sort_keys`) and peft tries the patterns in
+    /// that order.
     #[serde(default)]
-    alpha_pattern: HashMap<String, f64>,
+    alpha_pattern: BTreeMap<String, f64>,
     #[serde(default)]
     use_rslora: bool,
 }
@@ -111,7 +113,8 @@ mod tests {
     fn patterns_before_the_default_and_rslora_as_an_alpha() {
         let meta = serde_json::json!({
             "transformer.lora_alpha": 8,
-            "transformer.alpha_pattern": {"proj_mlp": 2, "attn.to_q": 3},
+            // Both match `attn.to_q`: the first in key order wins, as in peft.
+            "transformer.alpha_pattern": {"to_q": 5, "proj_mlp": 2, "attn.to_q": 3},
             "transformer.r": 4,
             "text_encoder.lora_alpha": 4,
             "text_encoder.use_rslora": true,
@@ -123,6 +126,7 @@ mod tests {
         assert_eq!(a.alpha(&format!("{t}.proj_mlp"), 4), Some(2.0));
         assert_eq!(a.alpha(&format!("{t}.attn.to_q"), 4), Some(3.0));
         assert_eq!(a.alpha(&format!("{t}.attn.to_k"), 4), Some(8.0));
+        assert_eq!(a.alpha("transformer.x.to_q", 4), Some(5.0));
         // Not a match inside a name: `xproj_mlp`.
         assert_eq!(a.alpha("transformer.xproj_mlp", 4), Some(8.0));
         assert_eq!(a.alpha("text_encoder.q_proj", 16), Some(16.0));

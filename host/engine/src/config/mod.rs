@@ -1085,6 +1085,21 @@ impl TrainConfig {
             .collect()
     }
 
+    /// Every file or folder the model is read from: the base model, its config folder and the
+    /// parts' own files.
+    pub fn model_paths(&self, base: &Path) -> Vec<PathBuf> {
+        let mut out = vec![Self::path(base, &self.base_model_name)];
+        if !self.base_model_config.is_empty() {
+            out.push(Self::path(base, &self.base_model_config));
+        }
+        out.extend(
+            self.part_files(base)
+                .values()
+                .filter_map(|v| v.as_str().map(PathBuf::from)),
+        );
+        out
+    }
+
     /// A path from the config, relative to `base` (the config file's folder) unless absolute.
     pub fn path(base: &Path, p: &str) -> PathBuf {
         let p = Path::new(p);

@@ -38,24 +38,31 @@ pub struct Caches {
 }
 
 impl Caches {
+    /// `model`: every file or folder the model is read from (a changed one re-encodes).
     pub fn new(
         dir: PathBuf,
-        model: &Path,
+        model: &[PathBuf],
         info: &serde_json::Value,
         seed: u64,
         layer_skip: usize,
     ) -> Self {
-        let modified = std::fs::metadata(model)
-            .and_then(|m| m.modified())
-            .map(|t| format!("{t:?}"))
-            .unwrap_or_default();
+        let files: Vec<String> = model
+            .iter()
+            .map(|p| {
+                let modified = std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .map(|t| format!("{t:?}"))
+                    .unwrap_or_default();
+                format!("{} {modified}", p.display())
+            })
+            .collect();
         let mut facts = info.clone();
         if let Some(o) = facts.as_object_mut() {
             o.remove("adaptable_layers");
         }
         Self {
             dir,
-            identity: format!("{} {modified} {facts}", model.display()),
+            identity: format!("{} {facts}", files.join(" ")),
             seed,
             layer_skip,
             memo: Default::default(),

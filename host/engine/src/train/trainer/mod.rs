@@ -33,13 +33,10 @@ use ferrite_plugin_api::{
 };
 
 use crate::adapters::ModelLayers;
-use crate::config::{
-    ConceptType, FallbackTrainDtype, GradientCheckpointing, TrainConfig, TrainDtype,
-    TrainingMethod, WeightDtype,
-};
+use crate::config::{ConceptType, GradientCheckpointing, TrainConfig, TrainingMethod, WeightDtype};
 use crate::data::{self, Dataset, buckets::Buckets};
 use crate::plugins::Registry;
-use crate::runtime::{Cancel, Device, Scope, TrainDtype as RtTrainDtype, WeightFormat};
+use crate::runtime::{Cancel, Device, Scope, WeightFormat};
 use crate::train::cache::Caches;
 use crate::train::tensorboard::EventWriter;
 use crate::train::timesteps::Timesteps;
@@ -193,6 +190,42 @@ fn check_parts(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
     Ok(())
 }
 
+/// The parts' own files (`<part>.model_name`) as the architecture's `part_files` option, if
+/// any: a model that takes no part files, or not that part's, is refused naming the key.
+fn part_files(
+    c: &TrainConfig,
+    base: &Path,
+    registry: &Registry,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    let files = c.part_files(base);
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let kind = ferrite_plugin_api::ComponentKind::Architecture;
+    let only = serde_json::json!({ "model": "", "part_files": files });
+    for (option, _) in registry.option_problems(kind, &c.model_type, &only) {
+        let first = files.keys().next().map_or("", String::as_str);
+        match option.as_deref() {
+            Some("part_files") => {
+                return Err(TrainError(format!(
+                    "{first}.model_name: the `{}` architecture takes no part from a file of its \
+                     own; it loads every part from base_model_name",
+                    c.model_type
+                )));
+            }
+            Some(part) if files.contains_key(part) => {
+                return Err(TrainError(format!(
+                    "{part}.model_name: the `{}` architecture has no part `{part}` to take from \
+                     a file; leave it empty",
+                    c.model_type
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(Some(files))
+}
+
 /// The run's sample definitions against the model, before training (a bad one would stop the
 /// run at its first sample): sizes the model samples, and a flow-matching model's one sampler.
 fn check_samples(c: &TrainConfig, info: &ModelInfo) -> Result<()> {
@@ -342,25 +375,7 @@ impl Trainer {
                 .to_string_lossy()
                 .into();
         }
-        let files = c.part_files(base);
-        if !files.is_empty() {
-            let kind = ferrite_plugin_api::ComponentKind::Architecture;
-            let only = serde_json::json!({ "model": "", "part_files": files });
-            for (option, problem) in registry.option_problems(kind, &c.model_type, &only) {
-                let Some(option) = option.filter(|o| o != "model") else {
-                    continue;
-                };
-                // A part the model does not take is named; else the model takes none.
-                let table = files
-                    .keys()
-                    .find(|k| **k == option)
-                    .or(files.keys().next())
-                    .map_or("", String::as_str);
-                return Err(TrainError(format!(
-                    "{table}.model_name: {problem}; this model loads that part from \
-                     base_model_name"
-                )));
-            }
+        if let Some(files) = part_files(c, base, &registry)? {
             options["part_files"] = files.into();
         }
         let arch = registry
@@ -378,15 +393,8 @@ impl Trainer {
         let _scope = scope.enter();
         let mixed = scope
             .clone()
-            .with_train_dtype(match c.train_dtype {
-                TrainDtype::Float32 => RtTrainDtype::Float32,
-                TrainDtype::Float16 => RtTrainDtype::Float16,
-                TrainDtype::Bfloat16 => RtTrainDtype::BFloat16,
-            })
-            .with_fallback_dtype(match c.fallback_train_dtype {
-                FallbackTrainDtype::Float32 => RtTrainDtype::Float32,
-                FallbackTrainDtype::Bfloat16 => RtTrainDtype::BFloat16,
-            });
+            .with_train_dtype(c.train_dtype.into())
+            .with_fallback_dtype(c.fallback_train_dtype.into());
 
         let data = Dataset::scan(c, base, &[ConceptType::Standard, ConceptType::Prior]);
         if data.items.is_empty() {
@@ -419,7 +427,7 @@ impl Trainer {
         };
         let caches = Caches::new(
             TrainConfig::path(base, &c.cache_dir),
-            &TrainConfig::path(base, &c.base_model_name),
+            &c.model_paths(base),
             &info.to_json(),
             c.seed,
             c.text_encoder_layer_skip,

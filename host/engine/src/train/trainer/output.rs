@@ -77,10 +77,12 @@ pub(super) fn destination_problem(
     None
 }
 
-/// A weight file, or the index of a part's shards (`….safetensors.index.json`).
+/// A weight file, or the index of a part's shards (`….safetensors.index.json`, the `.fp16`
+/// variant's `….safetensors.index.fp16.json`).
 fn is_weights(p: &Path) -> bool {
     let name = p.file_name().unwrap_or_default().to_string_lossy();
-    name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+    name.ends_with(".safetensors")
+        || (name.contains(".safetensors.index") && name.ends_with(".json"))
 }
 
 /// Copies a model folder without the weight files in the folders `replaced` (the parts whose
@@ -94,6 +96,10 @@ fn copy_except_weights(from: &Path, to: &Path, replaced: &[PathBuf]) -> Result<(
             copy_except_weights(&p, &dest, replaced)?;
         } else if !(replaced.iter().any(|r| r == from) && is_weights(&p)) {
             std::fs::copy(&p, &dest).map_err(err)?;
+            // On disk before the folder is renamed into place as complete.
+            std::fs::File::open(&dest)
+                .and_then(|f| f.sync_all())
+                .map_err(err)?;
         }
     }
     Ok(())
@@ -111,6 +117,11 @@ impl Trainer {
                 "output_model_format `{}`: this model has no single-file layout; use `diffusers`",
                 c.output_model_format
             )));
+        }
+        if c.training_method != TrainingMethod::Lora
+            && c.output_model_format == OutputFormat::Diffusers
+        {
+            self.diffusers_base()?;
         }
         // A single file that holds only some parts (Flux's BFL transformer) would drop a
         // trained one.
@@ -185,12 +196,18 @@ impl Trainer {
             "" => base_model.clone(),
             p => TrainConfig::path(&self.base, p),
         };
-        let protected = [
+        let mut protected = vec![
             ("base model", base_model.clone()),
             ("base model's config folder", base_config.clone()),
             ("workspace", ws.clone()),
             ("cache", cache.clone()),
         ];
+        // The parts' own files (`<part>.model_name`).
+        protected.extend(
+            c.model_paths(&self.base)
+                .into_iter()
+                .map(|p| ("model file", p)),
+        );
         let inside = [
             ("base model", base_model),
             ("base model's config folder", base_config),
@@ -307,24 +324,41 @@ impl Trainer {
             .map_err(|e| TrainError(format!("{}: {e}", out.display())))
     }
 
+    /// The folder a diffusers fine-tune output copies what it does not write (configs,
+    /// tokenizers, the VAE): the base model's, or for a base file that holds only some parts
+    /// (a Flux transformer) its `base_model_config` folder, which gave the rest.
+    fn diffusers_base(&self) -> Result<PathBuf> {
+        let c = &self.config;
+        if !c.vae.model_name.is_empty() {
+            return Err(TrainError(format!(
+                "output_model_format `diffusers` copies the VAE from the base model's folder, but \
+                 vae.model_name ({}) gives it: use output_model_format = \"safetensors\"",
+                c.vae.model_name
+            )));
+        }
+        let base = TrainConfig::path(&self.base, &c.base_model_name);
+        if base.is_dir() {
+            return Ok(base);
+        }
+        let folder = TrainConfig::path(&self.base, &c.base_model_config);
+        if !self.info.single_file_parts.is_empty()
+            && !c.base_model_config.is_empty()
+            && folder.is_dir()
+        {
+            return Ok(folder);
+        }
+        Err(TrainError(format!(
+            "output_model_format `diffusers` copies the base model's folder, but {} is a file: \
+             use output_model_format = \"safetensors\"",
+            base.display()
+        )))
+    }
+
     /// A fine-tune as a diffusers folder: the base folder's configs, tokenizer, scheduler and
     /// whatever has no tensors in the model, with each part's tensors as they are now. Built beside `out`
     /// under a temporary name, then put in its place.
     fn save_diffusers_folder(&self, out: &Path) -> Result<()> {
-        // A base given as one file (a Flux transformer) has its folder in base_model_config.
-        let c = &self.config;
-        let base = [&c.base_model_name, &c.base_model_config]
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .map(|p| TrainConfig::path(&self.base, p))
-            .find(|p| p.is_dir())
-            .ok_or_else(|| {
-                TrainError(format!(
-                    "output_model_format `diffusers` copies the base model's folder, but {} is \
-                     a file: use output_model_format = \"safetensors\"",
-                    c.base_model_name
-                ))
-            })?;
+        let base = self.diffusers_base()?;
         let name = out.file_name().unwrap_or_default().to_string_lossy();
         let tmp = out.with_file_name(format!(".tmp-{name}"));
         let old = out.with_file_name(format!(".old-{name}"));

@@ -7,7 +7,27 @@
 use ferrite_plugin_api::Tensor;
 
 use super::{Event, Result, TrainError, Trainer, err};
-use crate::config::TrainDtype;
+use crate::config::{FallbackTrainDtype, TrainDtype};
+use crate::runtime::TrainDtype as RtTrainDtype;
+
+impl From<TrainDtype> for RtTrainDtype {
+    fn from(d: TrainDtype) -> Self {
+        match d {
+            TrainDtype::Float32 => Self::Float32,
+            TrainDtype::Float16 => Self::Float16,
+            TrainDtype::Bfloat16 => Self::BFloat16,
+        }
+    }
+}
+
+impl From<FallbackTrainDtype> for RtTrainDtype {
+    fn from(d: FallbackTrainDtype) -> Self {
+        match d {
+            FallbackTrainDtype::Float32 => Self::Float32,
+            FallbackTrainDtype::Bfloat16 => Self::BFloat16,
+        }
+    }
+}
 
 /// Good steps in a row before the scale doubles.
 const GROWTH_INTERVAL: u64 = 2000;
