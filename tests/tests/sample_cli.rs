@@ -85,6 +85,9 @@ fn single_file_checkpoint_png_equals_diffusers_pipeline() {
     let folder = fixture().join("model");
     let extra = ["--model-config", folder.to_str().unwrap()];
     compare_with("ddim", &fixture().join("sd15_tiny_ldm.safetensors"), &extra);
+    // The same checkpoint as a legacy PyTorch `.ckpt` (tests/fixtures/gen/legacy_ckpt.py).
+    let ckpt = fixture().join("../legacy/sd15_tiny_ldm.ckpt");
+    compare_with("ddim", &ckpt, &extra);
 }
 
 #[test]

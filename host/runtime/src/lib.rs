@@ -14,9 +14,11 @@ pub mod kept;
 pub mod kept_ops;
 pub mod normalize;
 mod ops;
+mod pickle;
 mod scope;
 pub mod selftest;
 mod table;
+mod torch_file;
 mod weights;
 
 use std::sync::{

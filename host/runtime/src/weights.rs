@@ -1,6 +1,8 @@
-//! Safetensors files: memory-mapped, listed from their header, read one tensor at a time.
+//! Weight files: safetensors, and PyTorch's zip checkpoints (`.ckpt`, `.pt`, `.bin`) through
+//! a reader that runs no code ([`crate::torch_file`]); memory-mapped, listed from their header or
+//! index, read one tensor at a time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
@@ -11,10 +13,26 @@ use safetensors::{Dtype as SDtype, SafeTensors};
 
 use super::RtResult;
 use super::table::from_burn_dtype;
+use crate::torch_file::{self, TorchTensor};
 
 pub struct WeightFile {
     pub path: String,
     mmap: Mmap,
+    /// A torch checkpoint's tensors (None: a safetensors file).
+    torch: Option<BTreeMap<String, TorchTensor>>,
+}
+
+fn burn_of(d: DType) -> Option<BDType> {
+    Some(match d {
+        DType::F32 => BDType::F32,
+        DType::F16 => BDType::F16,
+        DType::BF16 => BDType::BF16,
+        DType::F64 => BDType::F64,
+        DType::I64 => BDType::I64,
+        DType::I32 => BDType::I32,
+        DType::U8 => BDType::U8,
+        _ => return None,
+    })
 }
 
 fn st_dtype(d: SDtype) -> Option<DType> {
@@ -53,11 +71,27 @@ impl WeightFile {
         // safetensors reader accepts.
         let mmap = unsafe { Mmap::map(&file) }
             .map_err(|e| format!("cannot map weights file {path}: {e}"))?;
+        if torch_file::is_zip(&mmap) {
+            let index = torch_file::index(&mmap).map_err(|e| format!("{path}: {e}"))?;
+            return Ok(Self {
+                path: path.to_string(),
+                mmap,
+                torch: Some(index),
+            });
+        }
+        // Protocol-2 pickles open with 0x80 0x02: torch's format before 1.6.
+        if mmap.starts_with(&[0x80, 0x02]) {
+            return Err(format!(
+                "{path} is a PyTorch file in the format before torch 1.6, which Ferrite does not \
+                 read: re-save it with a current torch, or convert it to safetensors"
+            ));
+        }
         SafeTensors::read_metadata(&mmap)
             .map_err(|e| format!("{path} is not a valid safetensors file: {e}"))?;
         Ok(Self {
             path: path.to_string(),
             mmap,
+            torch: None,
         })
     }
 
@@ -66,6 +100,9 @@ impl WeightFile {
     }
 
     pub fn infos(&self) -> RtResult<Vec<WeightInfo>> {
+        if let Some(t) = &self.torch {
+            return Ok(t.iter().map(|(k, v)| v.info(k)).collect());
+        }
         let st = self.tensors()?;
         let mut out: Vec<WeightInfo> = st
             .iter()
@@ -82,6 +119,9 @@ impl WeightFile {
     }
 
     pub fn metadata(&self) -> RtResult<Vec<(String, String)>> {
+        if self.torch.is_some() {
+            return Ok(Vec::new());
+        }
         let (_, meta) =
             SafeTensors::read_metadata(&self.mmap).map_err(|e| format!("{}: {e}", self.path))?;
         let mut m: Vec<(String, String)> = meta
@@ -118,6 +158,24 @@ impl WeightFile {
 
     /// Copies one tensor's bytes out of the map, converted to `dtype`.
     pub fn read(&self, key: &str, dtype: BDType) -> RtResult<TensorData> {
+        if let Some(t) = &self.torch {
+            let t = t
+                .get(key)
+                .ok_or_else(|| format!("{} has no tensor `{key}`", self.path))?;
+            let src = burn_of(t.dtype).ok_or_else(|| {
+                format!(
+                    "{}: tensor `{key}` has dtype {}, which cannot be loaded",
+                    self.path, t.dtype
+                )
+            })?;
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+            let data = TensorData::from_bytes_vec(t.bytes(&self.mmap), shape, src);
+            return Ok(if src == dtype {
+                data
+            } else {
+                data.convert_dtype(dtype)
+            });
+        }
         let st = self.tensors()?;
         let view = st
             .tensor(key)

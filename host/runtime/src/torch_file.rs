@@ -1,0 +1,212 @@
+//! PyTorch's zip checkpoints (`torch.save` since 1.6: `.ckpt`, `.pt`, `.bin`): `<name>/data.pkl`
+//! read by the restricted [`crate::pickle`] reader into an index of tensors, each over a stored
+//! (uncompressed) entry `<name>/data/<key>` of the mapped file, read one at a time. A Lightning
+//! checkpoint's tensors are those of its `state_dict`.
+
+use std::collections::BTreeMap;
+use std::io::{Cursor, Read};
+use std::ops::Range;
+
+use ferrite_plugin_api::{DType, WeightInfo};
+
+use crate::pickle::{self, Value};
+
+/// Where one tensor's elements are.
+#[derive(Debug, Clone)]
+pub struct TorchTensor {
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    /// Its storage's bytes in the file.
+    storage: Range<usize>,
+    offset: u64,
+    stride: Vec<u64>,
+}
+
+fn dtype_of(kind: &str) -> Option<(DType, usize)> {
+    Some(match kind {
+        "FloatStorage" => (DType::F32, 4),
+        "HalfStorage" => (DType::F16, 2),
+        "BFloat16Storage" => (DType::BF16, 2),
+        "DoubleStorage" => (DType::F64, 8),
+        "LongStorage" => (DType::I64, 8),
+        "IntStorage" => (DType::I32, 4),
+        "ByteStorage" => (DType::U8, 1),
+        "BoolStorage" => (DType::Bool, 1),
+        _ => return None,
+    })
+}
+
+pub fn elem_size(d: DType) -> usize {
+    match d {
+        DType::F64 | DType::I64 => 8,
+        DType::F32 | DType::I32 => 4,
+        DType::F16 | DType::BF16 => 2,
+        _ => 1,
+    }
+}
+
+/// Whether `bytes` (a file's start) is a zip archive, as torch's checkpoints are.
+pub fn is_zip(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK\x03\x04")
+}
+
+/// The tensors of a torch zip checkpoint `bytes` (the whole file) by name.
+pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| format!("not a readable zip archive: {e}"))?;
+    let pkl = (0..zip.len())
+        .filter_map(|i| zip.name_for_index(i).map(str::to_string))
+        .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
+        .ok_or("no `data.pkl` in the archive: not a PyTorch checkpoint")?;
+    let prefix = pkl.trim_end_matches("data.pkl").to_string();
+    let root = {
+        let mut f = zip.by_name(&pkl).map_err(|e| format!("{pkl}: {e}"))?;
+        let mut data = Vec::new();
+        // The pickle is small next to the weights; its size is what the archive holds.
+        f.read_to_end(&mut data)
+            .map_err(|e| format!("{pkl}: {e}"))?;
+        pickle::load(&data).map_err(|e| format!("{pkl}: {e}"))?
+    };
+    // A Lightning checkpoint holds the weights under `state_dict`.
+    let Value::Dict(top) = root else {
+        return Err("the pickle holds no dict of tensors".into());
+    };
+    let tensors = match top
+        .iter()
+        .find(|(k, _)| *k == Value::Str("state_dict".into()))
+    {
+        Some((_, Value::Dict(sd))) => sd.clone(),
+        _ => top,
+    };
+    let mut out = BTreeMap::new();
+    let mut storages: BTreeMap<String, Range<usize>> = BTreeMap::new();
+    for (k, v) in tensors {
+        let (
+            Value::Str(name),
+            Value::Tensor {
+                key,
+                kind,
+                offset,
+                shape,
+                stride,
+            },
+        ) = (k, v)
+        else {
+            continue;
+        };
+        let (dtype, size) = dtype_of(&kind)
+            .ok_or_else(|| format!("tensor `{name}`: storage type {kind} is not read"))?;
+        let storage = match storages.get(&key) {
+            Some(r) => r.clone(),
+            None => {
+                let entry = format!("{prefix}data/{key}");
+                let f = zip
+                    .by_name(&entry)
+                    .map_err(|e| format!("tensor `{name}`: {entry}: {e}"))?;
+                if f.compression() != zip::CompressionMethod::Stored {
+                    return Err(format!(
+                        "{entry} is compressed ({}): torch stores its tensors uncompressed; \
+                         re-save the file with torch",
+                        f.compression()
+                    ));
+                }
+                let start = f
+                    .data_start()
+                    .ok_or_else(|| format!("{entry}: no data offset"))?;
+                let start = usize::try_from(start).map_err(|e| e.to_string())?;
+                let end = usize::try_from(f.size())
+                    .ok()
+                    .and_then(|n| start.checked_add(n))
+                    .filter(|e| *e <= bytes.len())
+                    .ok_or_else(|| format!("{entry} runs past the end of the file"))?;
+                storages.insert(key.clone(), start..end);
+                start..end
+            }
+        };
+        // The largest element the strides reach must lie in the storage.
+        let last = shape.iter().zip(&stride).try_fold(offset, |acc, (n, s)| {
+            if *n == 0 {
+                Some(acc)
+            } else {
+                acc.checked_add((n - 1).checked_mul(*s)?)
+            }
+        });
+        let fits = shape.contains(&0)
+            || last
+                .and_then(|l| l.checked_add(1)?.checked_mul(size as u64))
+                .is_some_and(|b| b <= storage.len() as u64);
+        if !fits {
+            return Err(format!(
+                "tensor `{name}` reaches past its storage {key} (shape {shape:?}, strides \
+                 {stride:?}, offset {offset})"
+            ));
+        }
+        out.insert(
+            name,
+            TorchTensor {
+                dtype,
+                shape,
+                storage,
+                offset,
+                stride,
+            },
+        );
+    }
+    if out.is_empty() {
+        return Err("the checkpoint holds no tensors".into());
+    }
+    Ok(out)
+}
+
+impl TorchTensor {
+    pub fn info(&self, key: &str) -> WeightInfo {
+        WeightInfo {
+            key: key.to_string(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+        }
+    }
+
+    /// Its elements' bytes in row-major order, gathered through the strides.
+    pub fn bytes(&self, file: &[u8]) -> Vec<u8> {
+        let size = elem_size(self.dtype);
+        let storage = &file[self.storage.clone()];
+        let numel: u64 = self.shape.iter().product();
+        let contiguous = {
+            let mut expect = 1;
+            let mut ok = true;
+            for (n, s) in self.shape.iter().zip(&self.stride).rev() {
+                if *n > 1 && *s != expect {
+                    ok = false;
+                }
+                expect *= n;
+            }
+            ok
+        };
+        if contiguous {
+            let start = self.offset as usize * size;
+            return storage[start..start + numel as usize * size].to_vec();
+        }
+        let mut out = Vec::with_capacity(numel as usize * size);
+        let mut index = vec![0u64; self.shape.len()];
+        for _ in 0..numel {
+            let at: u64 = self.offset
+                + index
+                    .iter()
+                    .zip(&self.stride)
+                    .map(|(i, s)| i * s)
+                    .sum::<u64>();
+            let at = at as usize * size;
+            out.extend_from_slice(&storage[at..at + size]);
+            // The next row-major index.
+            for d in (0..index.len()).rev() {
+                index[d] += 1;
+                if index[d] < self.shape[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+        out
+    }
+}

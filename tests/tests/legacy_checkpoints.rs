@@ -1,0 +1,125 @@
+//! PyTorch's zip checkpoints (`.ckpt`, `.pt`, `.bin`) read without running anything: the tiny
+//! SD 1.5 checkpoint saved by `torch.save` (tests/fixtures/gen/legacy_ckpt.py; a strided view and
+//! a tensor at an offset in a shared storage) reads as its safetensors twin; a pickle that would
+//! run a command is refused naming the global, and the command does not run; truncated, garbage
+//! and foreign files fail with a message naming the file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ferrite_plugin_api::{DType, Weights};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn open_err(path: &Path) -> String {
+    match Weights::open(path.to_str().unwrap()) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A torch-style zip (`archive/data.pkl`, stored) holding `pickle`.
+fn zip_with(path: &Path, pickle: &[u8]) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut z = zip::ZipWriter::new(f);
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("archive/data.pkl", stored).unwrap();
+    z.write_all(pickle).unwrap();
+    z.finish().unwrap();
+}
+
+#[test]
+fn a_ckpt_reads_as_its_safetensors_twin() {
+    ferrite::runtime::init("cpu").unwrap();
+    let ckpt = Weights::open(
+        fixtures()
+            .join("legacy/sd15_tiny_ldm.ckpt")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let twin = Weights::open(
+        fixtures()
+            .join("pipeline/sd15_tiny_ldm.safetensors")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ckpt.infos(), twin.infos());
+    for i in twin.infos() {
+        let a = ckpt.get(&i.key, DType::F32).unwrap().to_vec().unwrap();
+        let b = twin.get(&i.key, DType::F32).unwrap().to_vec().unwrap();
+        assert!(a == b, "{}", i.key);
+    }
+}
+
+#[test]
+fn a_pickle_that_runs_a_command_is_refused_and_runs_nothing() {
+    ferrite::runtime::init("cpu").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let command = format!("touch {}", marker.display());
+    for module in ["posix", "os", "builtins"] {
+        let name = if module == "builtins" {
+            "exec"
+        } else {
+            "system"
+        };
+        // f(command) in protocol 2: GLOBAL, BINUNICODE, TUPLE1, REDUCE, STOP.
+        let mut p = vec![0x80, 0x02, b'c'];
+        p.extend(format!("{module}\n{name}\n").bytes());
+        p.push(b'X');
+        p.extend((command.len() as u32).to_le_bytes());
+        p.extend(command.as_bytes());
+        p.extend([0x85, b'R', b'.']);
+        let path = dir.path().join(format!("{module}.ckpt"));
+        zip_with(&path, &p);
+        let e = open_err(&path);
+        assert!(
+            e.contains(&format!("`{module}.{name}`")) && e.contains(path.to_str().unwrap()),
+            "{e}"
+        );
+    }
+    assert!(!marker.exists(), "the command ran");
+}
+
+#[test]
+fn broken_and_foreign_files_fail_naming_the_file() {
+    ferrite::runtime::init("cpu").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = std::fs::read(fixtures().join("legacy/sd15_tiny_ldm.ckpt")).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated.ckpt", ckpt[..ckpt.len() / 2].to_vec(), "zip"),
+        (
+            "garbage.ckpt",
+            b"not a checkpoint at all".repeat(10),
+            "safetensors",
+        ),
+        ("old.ckpt", vec![0x80, 0x02, b'c', b'x'], "before torch 1.6"),
+        ("empty.ckpt", Vec::new(), "safetensors"),
+    ];
+    for (name, bytes, what) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let e = open_err(&path);
+        assert!(
+            e.contains(path.to_str().unwrap()) && e.contains(what),
+            "{name}: {e}"
+        );
+    }
+    // A zip that is not a torch checkpoint, and a pickle cut short.
+    let other = dir.path().join("other.zip");
+    let f = std::fs::File::create(&other).unwrap();
+    let mut z = zip::ZipWriter::new(f);
+    z.start_file("readme.txt", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    z.write_all(b"hello").unwrap();
+    z.finish().unwrap();
+    assert!(open_err(&other).contains("data.pkl"));
+    let cut = dir.path().join("cut.ckpt");
+    zip_with(&cut, b"\x80\x02}q\x00(X\xff\x00\x00\x00ab");
+    assert!(open_err(&cut).contains("ends inside"));
+}
