@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
 
+mod lora;
+
 /// Ferrite trains image diffusion models (full fine-tune, LoRA-family adapters, embeddings).
 #[derive(Parser)]
 #[command(name = "ferrite", version, about)]
@@ -25,6 +27,11 @@ enum Command {
     },
     /// Generate an image from a prompt.
     Sample(Box<SampleArgs>),
+    /// Adapter files: what one holds, or the same adapters in another key layout.
+    Lora {
+        #[command(subcommand)]
+        action: lora::LoraAction,
+    },
     /// Train (LoRA-family adapter or fine-tune) from a TOML config.
     Train(TrainArgs),
     /// Write a starter config (and an images folder) into DIR.
@@ -267,6 +274,7 @@ fn main() -> Result<()> {
         }
         Some(Command::Sample(args)) => sample(&Settings::load(&settings_path)?, *args)?,
         Some(Command::Train(args)) => train(&Settings::load(&settings_path)?, args)?,
+        Some(Command::Lora { action }) => lora::run(&Settings::load(&settings_path)?, action)?,
         Some(Command::Init { dir }) => init(&dir)?,
         Some(Command::Demo { dir, sets }) => demo(&Settings::load(&settings_path)?, &dir, &sets)?,
         Some(Command::Selftest { device }) => selftest(&device)?,

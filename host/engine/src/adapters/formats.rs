@@ -86,7 +86,7 @@ const SUFFIXES: [(&str, &str); 12] = [
 ];
 
 /// (module part, kohya suffix) of a file key, with PEFT's wrappers removed.
-fn split_key(key: &str) -> Option<(String, &'static str)> {
+pub(super) fn split_key(key: &str) -> Option<(String, &'static str)> {
     let key = key.strip_prefix("base_model.model.").unwrap_or(key);
     let key = key.replace(".default", "");
     SUFFIXES

@@ -4,6 +4,7 @@
 //! output, reached through the `adapt` host entry from the scope its run entered. Each loaded
 //! model has its own adapters.
 
+pub mod describe;
 pub mod formats;
 mod fused;
 mod peft_metadata;

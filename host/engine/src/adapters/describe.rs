@@ -1,0 +1,157 @@
+//! What an adapter file holds, read from its keys, shapes and metadata alone (`ferrite lora
+//! info`): its key layout, adapter type, ranks, alphas, module count, the model family it was
+//! made for, and its training metadata.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use ferrite_plugin_api::{DType, Weights};
+
+use super::formats::split_key;
+use super::{AdapterError, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Description {
+    /// kohya, ComfyUI, diffusers/PEFT or LyCORIS.
+    pub layout: &'static str,
+    /// LoRA, DoRA or LoHa.
+    pub kind: &'static str,
+    pub modules: usize,
+    pub ranks: BTreeSet<usize>,
+    /// `.alpha` values (none: alpha = rank, or diffusers' metadata).
+    pub alphas: BTreeSet<String>,
+    /// SD 1.x/2.x, SDXL or Flux, from the metadata or the keys; None when neither tells.
+    pub family: Option<String>,
+    /// Training metadata worth showing (`ss_*`, `modelspec.*`), sorted.
+    pub metadata: Vec<(String, String)>,
+    /// The dtype its tensors are stored in (the first one's).
+    pub dtype: DType,
+}
+
+/// The family the keys name: Flux's BFL modules or diffusers transformer, SDXL's SGM block names,
+/// second text encoder or deeper transformer stacks, else SD 1.x/2.x's UNet.
+fn family_of_keys(modules: &BTreeSet<String>) -> Option<&'static str> {
+    let any = |p: &[&str]| modules.iter().any(|m| p.iter().any(|x| m.contains(x)));
+    if any(&[
+        "double_blocks",
+        "single_blocks",
+        "single_transformer_blocks",
+        "lora_transformer_",
+    ]) {
+        Some("Flux")
+    } else if any(&[
+        "input_blocks",
+        "output_blocks",
+        "lora_te2_",
+        "text_encoder_2",
+        "clip_g",
+        "transformer_blocks_1_",
+        "transformer_blocks.1.",
+    ]) {
+        Some("SDXL")
+    } else if any(&["down_blocks", "up_blocks", "mid_block"]) {
+        Some("SD 1.x/2.x")
+    } else {
+        None
+    }
+}
+
+pub fn describe(path: &Path) -> Result<Description> {
+    let shown = path.display();
+    let w = Weights::open(&path.to_string_lossy()).map_err(|e| AdapterError(e.to_string()))?;
+    let dtype = w.infos().first().map_or(DType::F32, |i| i.dtype);
+    let mut modules = BTreeSet::new();
+    let (mut ranks, mut alphas) = (BTreeSet::new(), BTreeSet::new());
+    let (mut loha, mut dora, mut peft) = (false, false, false);
+    for info in w.infos() {
+        let Some((module, suffix)) = split_key(&info.key) else {
+            return Err(AdapterError(format!(
+                "{shown}: `{}` is not an adapter tensor (LoRA, DoRA, LoHa): not an adapter file",
+                info.key
+            )));
+        };
+        peft |= info.key.contains(".lora_A.");
+        match suffix {
+            "lora_down.weight" | "hada_w1_b" => {
+                ranks.insert(info.shape.first().copied().unwrap_or(0) as usize);
+            }
+            "alpha" => {
+                let v = w
+                    .get(&info.key, DType::F32)
+                    .and_then(|t| t.to_vec())
+                    .map_err(|e| AdapterError(format!("{shown}: {e}")))?;
+                alphas.insert(v.first().map_or("?".into(), |a| a.to_string()));
+            }
+            _ => {}
+        }
+        loha |= suffix.starts_with("hada_");
+        dora |= suffix == "dora_scale";
+        modules.insert(module);
+    }
+    if modules.is_empty() {
+        return Err(AdapterError(format!(
+            "{shown}: no adapter tensors in the file"
+        )));
+    }
+    let first = modules.iter().next().map(String::as_str).unwrap_or("");
+    let layout = if first.starts_with("lycoris_") {
+        "LyCORIS"
+    } else if first.starts_with("lora_") {
+        "kohya"
+    } else if first.starts_with("diffusion_model.") || first.starts_with("text_encoders.") {
+        "ComfyUI"
+    } else if peft {
+        "diffusers/PEFT"
+    } else {
+        "kohya suffixes on diffusers names"
+    };
+    let metadata: Vec<(String, String)> = w
+        .metadata()
+        .map_err(|e| AdapterError(format!("{shown}: {e}")))?
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("ss_") || k.starts_with("modelspec."))
+        .collect();
+    let from_meta = metadata
+        .iter()
+        .find(|(k, _)| k == "modelspec.architecture" || k == "ss_base_model_version")
+        .map(|(_, v)| v.clone());
+    Ok(Description {
+        layout,
+        kind: if loha {
+            "LoHa"
+        } else if dora {
+            "DoRA"
+        } else {
+            "LoRA"
+        },
+        modules: modules.len(),
+        ranks,
+        alphas,
+        family: from_meta.or(family_of_keys(&modules).map(String::from)),
+        metadata,
+        dtype,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_from_keys() {
+        let set = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(
+            family_of_keys(&set(&["lora_unet_double_blocks_0_img_attn_qkv"])),
+            Some("Flux")
+        );
+        assert_eq!(
+            family_of_keys(&set(&["lora_unet_input_blocks_4_1_proj_in"])),
+            Some("SDXL")
+        );
+        assert_eq!(
+            family_of_keys(&set(&["unet.down_blocks.0.attentions.0.proj_in"])),
+            Some("SD 1.x/2.x")
+        );
+        assert_eq!(family_of_keys(&set(&["something"])), None);
+    }
+}

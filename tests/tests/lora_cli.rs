@@ -1,0 +1,166 @@
+//! `ferrite lora info` and `ferrite lora convert` on the Flux LoRA fixtures
+//! (tests/fixtures/gen/flux_lora.py): what a file holds, and a conversion through kohya's fused
+//! keys and back that samples the same image as the original file.
+
+use std::path::{Path, PathBuf};
+
+use ferrite_tests::run_ferrite;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/flux")
+}
+
+/// stdout, or a failure with stderr.
+fn ferrite(args: &[&str], dir: &Path) -> Result<String, String> {
+    let o = run_ferrite(args, None, dir);
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
+
+#[test]
+fn info_tells_layout_type_ranks_alphas_and_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let kohya = fixtures().join("lora/lora_kohya.safetensors");
+    let out = ferrite(&["lora", "info", kohya.to_str().unwrap()], dir.path()).unwrap();
+    println!("{out}");
+    for line in [
+        "layout: kohya",
+        "type: LoRA",
+        "modules: 20",
+        "ranks: 6",
+        "alphas: 3",
+        "made for: Flux",
+    ] {
+        assert!(out.contains(line), "{line} not in\n{out}");
+    }
+    let model = fixtures().join("pipeline/model");
+    let peft = fixtures().join("lora/lora_peft.safetensors");
+    let args = [
+        "lora",
+        "info",
+        peft.to_str().unwrap(),
+        "--arch",
+        "flux",
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    let out = ferrite(&args, dir.path()).unwrap();
+    assert!(
+        out.contains("layout: diffusers/PEFT") && out.contains("adapts 29 layers"),
+        "{out}"
+    );
+    // Not an adapter file: a model's weights.
+    let vae = model.join("vae/diffusion_pytorch_model.safetensors");
+    let e = ferrite(&["lora", "info", vae.to_str().unwrap()], dir.path()).unwrap_err();
+    assert!(
+        e.contains("not an adapter file") && e.contains("vae"),
+        "{e}"
+    );
+}
+
+#[test]
+fn convert_through_kohya_and_back_samples_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = fixtures().join("pipeline/model");
+    let peft = fixtures().join("lora/lora_peft.safetensors");
+    let m = model.to_str().unwrap();
+    let convert = |from: &Path, format: &str, to: &Path| {
+        let args = [
+            "lora",
+            "convert",
+            "--arch",
+            "flux",
+            "--model",
+            m,
+            "--in",
+            from.to_str().unwrap(),
+            "--format",
+            format,
+            "--out",
+            to.to_str().unwrap(),
+        ];
+        ferrite(&args, d)
+    };
+    let kohya = d.join("kohya.safetensors");
+    let back = d.join("back.safetensors");
+    let comfy = d.join("comfy.safetensors");
+    convert(&peft, "kohya", &kohya).unwrap();
+    convert(&kohya, "diffusers", &back).unwrap();
+    convert(&back, "comfy", &comfy).unwrap();
+    let sample = |lora: &Path| {
+        let stem = lora
+            .file_stem()
+            .map_or("base".into(), |s| s.to_string_lossy());
+        let out = d.join(format!("{stem}.png"));
+        let args = [
+            "sample", "--arch", "flux", "--model", m, "--prompt", "a cat", "--width", "16",
+            "--height", "16", "--steps", "2", "--lora",
+        ];
+        let mut args: Vec<&str> = args[..args.len() - 1].to_vec();
+        let l = lora.to_string_lossy().into_owned();
+        let o = out.to_string_lossy().into_owned();
+        if !l.is_empty() {
+            args.extend(["--lora", l.as_str()]);
+        }
+        args.extend(["--out", o.as_str()]);
+        ferrite(&args, d).unwrap();
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let original = sample(&peft);
+    assert!(ferrite_tests::max_pixel_diff(&sample(Path::new("")), &original) > 0);
+    for f in [&kohya, &back, &comfy] {
+        let got = sample(f);
+        assert_eq!(
+            ferrite_tests::max_pixel_diff(&got, &original),
+            0,
+            "{}",
+            f.display()
+        );
+    }
+    // kohya's fused modules in the converted file.
+    let w = ferrite(&["lora", "info", kohya.to_str().unwrap()], d).unwrap();
+    assert!(
+        w.contains("layout: kohya") && w.contains("modules: 22"),
+        "{w}"
+    );
+
+    // Without a model there is nothing to name the keys by; a file for another model fails
+    // naming it.
+    let e = ferrite(
+        &[
+            "lora",
+            "convert",
+            "--in",
+            peft.to_str().unwrap(),
+            "--format",
+            "kohya",
+            "--out",
+            d.join("x.safetensors").to_str().unwrap(),
+        ],
+        d,
+    )
+    .unwrap_err();
+    assert!(e.contains("needs --model"), "{e}");
+    let sd = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let e = ferrite(
+        &[
+            "lora",
+            "convert",
+            "--model",
+            sd.to_str().unwrap(),
+            "--in",
+            peft.to_str().unwrap(),
+            "--format",
+            "kohya",
+            "--out",
+            d.join("y.safetensors").to_str().unwrap(),
+        ],
+        d,
+    )
+    .unwrap_err();
+    assert!(e.contains("--in") && e.contains("match no layer"), "{e}");
+}
