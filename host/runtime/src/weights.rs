@@ -245,3 +245,83 @@ pub fn save(
         .map_err(|e| format!("serialising {}: {e}", path.display()))?;
     crate::fsutil::write_atomic(path, &bytes).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod hostile_bytes {
+    //! Random and mutated bytes given as weight files (safetensors, torch zip checkpoints and
+    //! the pickles inside): an error or a file, never a panic, and no allocation beyond what
+    //! the file holds.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(name);
+        std::fs::read(p).unwrap()
+    }
+
+    /// Opens `bytes` as a weights file and reads every tensor it lists.
+    fn read_all(bytes: &[u8]) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w");
+        std::fs::write(&path, bytes).unwrap();
+        if let Ok(f) = WeightFile::open(path.to_str().unwrap()) {
+            for i in f.infos().unwrap_or_default() {
+                let _ = f.read(&i.key, BDType::F32);
+            }
+        }
+    }
+
+    /// `base` with `edits` (position, byte) applied and cut at `cut` (if shorter).
+    fn mutate(base: &[u8], edits: &[(usize, u8)], cut: usize) -> Vec<u8> {
+        let mut b = base.to_vec();
+        for (at, v) in edits {
+            let i = at % b.len();
+            b[i] = *v;
+        }
+        b.truncate(cut.max(1));
+        b
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            read_all(&bytes);
+        }
+
+        #[test]
+        fn mutated_torch_checkpoints(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            cut in any::<usize>(),
+        ) {
+            let base = fixture("legacy/sd15_tiny_ldm.ckpt");
+            read_all(&mutate(&base, &edits, cut % (base.len() + 1)));
+        }
+
+        #[test]
+        fn mutated_pickles(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            cut in any::<usize>(),
+        ) {
+            // The fixture's data.pkl: the zip's first entry, stored right after its header.
+            let ckpt = fixture("legacy/sd15_tiny_ldm.ckpt");
+            let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&ckpt[..])).unwrap();
+            let mut pkl = Vec::new();
+            std::io::Read::read_to_end(&mut zip.by_index(0).unwrap(), &mut pkl).unwrap();
+            let _ = crate::pickle::load(&mutate(&pkl, &edits, cut % (pkl.len() + 1)));
+        }
+
+        #[test]
+        fn mutated_safetensors(
+            edits in proptest::collection::vec((0usize..256, any::<u8>()), 1..8),
+            cut in any::<usize>(),
+        ) {
+            // Edits in the header, where the lengths and offsets are.
+            let base = fixture("flux/parts/codes.safetensors");
+            read_all(&mutate(&base, &edits, cut % (base.len() + 1)));
+        }
+    }
+}
