@@ -61,13 +61,13 @@ fn a_pickle_that_runs_a_command_is_refused_and_runs_nothing() {
     ferrite::runtime::init("cpu").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("ran");
-    let command = format!("touch {}", marker.display());
-    for module in ["posix", "os", "builtins"] {
-        let name = if module == "builtins" {
-            "exec"
-        } else {
-            "system"
-        };
+    let shell = format!("touch {}", marker.display());
+    let python = format!("__import__('os').system('touch {}')", marker.display());
+    for (module, name, command) in [
+        ("posix", "system", &shell),
+        ("os", "system", &shell),
+        ("builtins", "exec", &python),
+    ] {
         // f(command) in protocol 2: GLOBAL, BINUNICODE, TUPLE1, REDUCE, STOP.
         let mut p = vec![0x80, 0x02, b'c'];
         p.extend(format!("{module}\n{name}\n").bytes());
@@ -83,6 +83,19 @@ fn a_pickle_that_runs_a_command_is_refused_and_runs_nothing() {
             "{e}"
         );
     }
+    // Protocol 4's STACK_GLOBAL names the global from two strings.
+    let mut p = vec![0x80, 0x04, 0x8c, 5];
+    p.extend(b"posix");
+    p.extend([0x8c, 6]);
+    p.extend(b"system");
+    p.push(0x93);
+    p.push(b'X');
+    p.extend((shell.len() as u32).to_le_bytes());
+    p.extend(shell.as_bytes());
+    p.extend([0x85, b'R', b'.']);
+    let path = dir.path().join("stack_global.ckpt");
+    zip_with(&path, &p);
+    assert!(open_err(&path).contains("`posix.system`"));
     assert!(!marker.exists(), "the command ran");
 }
 
@@ -122,4 +135,26 @@ fn broken_and_foreign_files_fail_naming_the_file() {
     let cut = dir.path().join("cut.ckpt");
     zip_with(&cut, b"\x80\x02}q\x00(X\xff\x00\x00\x00ab");
     assert!(open_err(&cut).contains("ends inside"));
+}
+
+/// A PyTorch Lightning checkpoint: its `state_dict`'s tensors (f32 and f16), with a callback
+/// object, a numpy scalar, a set and bytes beside them read as data, nothing run.
+#[test]
+fn a_lightning_checkpoint_gives_its_state_dict() {
+    ferrite::runtime::init("cpu").unwrap();
+    let w = Weights::open(fixtures().join("legacy/lightning.ckpt").to_str().unwrap()).unwrap();
+    let infos: Vec<(String, DType, Vec<u64>)> = w
+        .infos()
+        .into_iter()
+        .map(|i| (i.key.clone(), i.dtype, i.shape.clone()))
+        .collect();
+    assert_eq!(
+        infos,
+        [
+            ("a.weight".to_string(), DType::F32, vec![3, 2]),
+            ("b.bias".to_string(), DType::F16, vec![4]),
+        ]
+    );
+    let b = w.get("b.bias", DType::F32).unwrap().to_vec().unwrap();
+    assert!(b.iter().all(|v| v.is_finite() && *v != 0.0), "{b:?}");
 }

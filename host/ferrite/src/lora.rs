@@ -1,12 +1,15 @@
 //! `ferrite lora info|convert`: what an adapter file holds, and the same adapters in another
 //! key layout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ferrite::adapters::{ModelLayers, describe::describe, formats::Format};
 use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
+
+use crate::model_args::{ModelArgs, OptionalModel};
 
 #[derive(clap::Subcommand)]
 pub enum LoraAction {
@@ -15,10 +18,13 @@ pub enum LoraAction {
     Info {
         file: PathBuf,
         #[command(flatten)]
-        model: ModelArgs,
+        model: OptionalModel,
+        /// Architecture plugin id of --model (default: the family the file names).
+        #[arg(long, requires = "model")]
+        arch: Option<String>,
     },
-    /// Writes an adapter file's adapters in another key layout (read against --model, whose
-    /// layers name every layout's keys).
+    /// Writes an adapter file's adapters in another key layout, in the file's dtype with its
+    /// training metadata (read against --model, whose layers name every layout's keys).
     Convert {
         #[arg(long = "in")]
         input: PathBuf,
@@ -27,21 +33,11 @@ pub enum LoraAction {
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
-        model: ModelArgs,
+        model: OptionalModel,
+        /// Architecture plugin id of --model (default: the family the file names).
+        #[arg(long, requires = "model")]
+        arch: Option<String>,
     },
-}
-
-#[derive(clap::Args)]
-pub struct ModelArgs {
-    /// The model the adapters are for (a diffusers folder or single file).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// For a single-file model: its diffusers folder of configs.
-    #[arg(long)]
-    model_config: Option<PathBuf>,
-    /// Architecture plugin id.
-    #[arg(long, default_value = "sd15")]
-    arch: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -51,24 +47,40 @@ pub enum LoraFormat {
     Comfy,
 }
 
-/// The model's layers, with its adapters scope entered for as long as the guard lives.
+/// The architecture plugin for the family an adapter file names.
+fn arch_of(family: Option<&str>) -> Option<&'static str> {
+    let f = family?.to_lowercase();
+    Some(if f.contains("flux") {
+        "flux"
+    } else if f.contains("xl") {
+        "sdxl"
+    } else if f.contains("v2") || f.contains("2.") {
+        "sd2"
+    } else if f.contains("sd") || f.contains("v1") {
+        "sd15"
+    } else {
+        return None;
+    })
+}
+
+/// The model's layers, loaded as `arch` (or the file's family's architecture).
 fn model_layers(
     settings: &Settings,
     m: &ModelArgs,
-) -> Result<Option<(Registry, std::sync::Arc<ModelLayers>)>> {
-    let Some(model) = &m.model else {
-        return Ok(None);
+    arch: Option<&str>,
+    file: &Path,
+    family: Option<&str>,
+) -> Result<(Registry, Arc<ModelLayers>)> {
+    let Some(arch) = arch.or(arch_of(family)) else {
+        anyhow::bail!(
+            "{}: the file does not say which model family it is for: give --arch",
+            file.display()
+        );
     };
     let registry = Registry::discover(&search_dirs(settings), settings);
-    let mut options = serde_json::json!({ "model": model });
-    if let Some(c) = &m.model_config {
-        options["config"] = c.to_string_lossy().into();
-    }
-    let arch = registry
-        .architecture(&m.arch, &options.to_string())
-        .with_context(|| format!("--model {}", model.display()))?;
-    let layers = std::sync::Arc::new(ModelLayers::of(&arch)?);
-    Ok(Some((registry, layers)))
+    let handle = m.open(&registry, arch, serde_json::json!({}))?;
+    let layers = ModelLayers::of(&handle).with_context(|| format!("--model as {arch}"))?;
+    Ok((registry, Arc::new(layers)))
 }
 
 pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
@@ -76,44 +88,50 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
     let scope = ferrite::runtime::Scope::new(device);
     let _scope = scope.enter();
     match action {
-        LoraAction::Info { file, model } => {
+        LoraAction::Info { file, model, arch } => {
             let d = describe(&file)?;
-            let list = |s: Vec<String>| {
-                if s.is_empty() {
-                    "none".to_string()
-                } else {
-                    s.join(", ")
-                }
-            };
+            let join = |v: Vec<String>| v.join(", ");
             println!("{}", file.display());
             println!("  layout: {}", d.layout);
             println!("  type: {}", d.kind);
             println!("  modules: {}", d.modules);
             println!(
                 "  ranks: {}",
-                list(d.ranks.iter().map(|r| r.to_string()).collect())
+                join(d.ranks.iter().map(|r| r.to_string()).collect())
             );
             println!(
                 "  alphas: {}",
                 if d.alphas.is_empty() {
                     "none in the file (alpha = rank, or diffusers' metadata)".into()
                 } else {
-                    list(d.alphas.into_iter().collect())
+                    join(d.alphas.iter().map(|a| a.to_string()).collect())
                 }
             );
             println!(
                 "  made for: {}",
                 d.family.as_deref().unwrap_or("not told by the file")
             );
-            for (k, v) in &d.metadata {
-                println!("  {k}: {v}");
-            }
-            if let Some((registry, layers)) = model_layers(settings, &model)? {
-                let n = layers.load(&registry, &file, 1.0)?;
+            if d.other_tensors.0 > 0 {
                 println!(
-                    "  adapts {n} layers of {}",
-                    model.model.unwrap_or_default().display()
+                    "  other tensors: {} (e.g. {})",
+                    d.other_tensors.0,
+                    d.other_tensors.1.join(", ")
                 );
+            }
+            for (k, v) in &d.metadata {
+                // Dataset listings and tag counts run to kilobytes.
+                match v.char_indices().nth(120) {
+                    Some((at, _)) => println!("  {k}: {}… ({} bytes)", &v[..at], v.len()),
+                    None => println!("  {k}: {v}"),
+                }
+            }
+            if let Some(m) = model.get() {
+                let (registry, layers) =
+                    model_layers(settings, &m, arch.as_deref(), &file, d.family.as_deref())?;
+                let n = layers
+                    .load(&registry, &file, 1.0)
+                    .with_context(|| format!("{} on --model", file.display()))?;
+                println!("  adapts {n} layers of {}", m.model.display());
             }
         }
         LoraAction::Convert {
@@ -121,13 +139,16 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
             format,
             out,
             model,
+            arch,
         } => {
-            let Some((registry, layers)) = model_layers(settings, &model)? else {
+            let d = describe(&input).with_context(|| format!("--in {}", input.display()))?;
+            let Some(m) = model.get() else {
                 anyhow::bail!(
-                    "lora convert needs --model (and --arch): the model's layers name each \
-                     layout's keys"
+                    "lora convert needs --model: the model's layers name each layout's keys"
                 );
             };
+            let (registry, layers) =
+                model_layers(settings, &m, arch.as_deref(), &input, d.family.as_deref())?;
             let n = layers
                 .load(&registry, &input, 1.0)
                 .with_context(|| format!("--in {}", input.display()))?;
@@ -136,12 +157,10 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
                 LoraFormat::Diffusers => Format::Diffusers,
                 LoraFormat::Comfy => Format::Comfy,
             };
-            // The file's own dtype and training metadata go along.
-            let d = describe(&input)?;
             layers
                 .save(&out, format, d.dtype, &d.metadata)
                 .with_context(|| format!("--out {}", out.display()))?;
-            println!("{}: {n} layers written", out.display());
+            println!("{}: the adapters of {n} layers written", out.display());
         }
     }
     Ok(())

@@ -6,6 +6,7 @@ use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
 
 mod lora;
+mod model_args;
 
 /// Ferrite trains image diffusion models (full fine-tune, LoRA-family adapters, embeddings).
 #[derive(Parser)]
@@ -74,17 +75,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct SampleArgs {
-    /// Model: a diffusers folder or a single-file checkpoint.
-    #[arg(long)]
-    model: PathBuf,
-    /// For a single-file model: a diffusers folder whose configs and tokenizer to use.
-    #[arg(long)]
-    model_config: Option<PathBuf>,
-    /// A file holding one part's weights in place of the model's, by part id (Flux:
-    /// `transformer`, `text_encoder` = clip_l, `text_encoder_2` = t5xxl, `vae` = ae). May be
-    /// repeated.
-    #[arg(long = "part-file", value_name = "PART=FILE")]
-    part_files: Vec<String>,
+    #[command(flatten)]
+    model: model_args::ModelArgs,
     /// Architecture plugin id.
     #[arg(long, default_value = "sd15")]
     arch: String,
@@ -505,35 +497,13 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
     let mut scope = ferrite::runtime::Scope::new(device);
     let _loading = scope.enter();
     let registry = Registry::discover(&search_dirs(settings), settings);
-    let mut options = serde_json::json!({ "model": a.model.to_string_lossy() });
-    if let Some(c) = &a.model_config {
-        options["config"] = c.to_string_lossy().into();
-    }
-    if a.clip_skip > 0 {
-        options["text_encoder_layer_skip"] = a.clip_skip.into();
-    }
-    for spec in &a.part_files {
-        let Some((part, file)) = spec.split_once('=') else {
-            anyhow::bail!("--part-file {spec}: give PART=FILE (e.g. vae=ae.safetensors)");
-        };
-        if options["part_files"].get(part).is_some() {
-            anyhow::bail!("--part-file {spec}: `{part}` is given twice");
-        }
-        options["part_files"][part] = file.into();
-    }
-    let arch = registry
-        .architecture(&a.arch, &options.to_string())
-        .with_context(|| {
-            if a.part_files.is_empty() {
-                format!("--model {}", a.model.display())
-            } else {
-                format!(
-                    "--model {} with --part-file {}",
-                    a.model.display(),
-                    a.part_files.join(" ")
-                )
-            }
-        })?;
+    // CLIP skip is asked for only when set: not every architecture has it.
+    let extra = if a.clip_skip > 0 {
+        serde_json::json!({ "text_encoder_layer_skip": a.clip_skip })
+    } else {
+        serde_json::json!({})
+    };
+    let arch = a.model.open(&registry, &a.arch, extra)?;
     let model = std::sync::Arc::new(ferrite::adapters::ModelLayers::of(&arch)?);
     scope = scope.with_adapters(model.clone());
     let _scope = scope.enter();

@@ -194,14 +194,103 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
     })
 }
 
+/// Values made from a pickle, all told (a memo entry fetched again counts again): a few bytes
+/// of memo gets could otherwise double a value until memory runs out.
+const MAX_NODES: usize = 4_000_000;
+/// How deep values nest (a deeper one would overflow the stack when dropped).
+const MAX_DEPTH: usize = 256;
+
+/// A value with its depth and its node count, known as it is built.
+#[derive(Clone)]
+struct Item {
+    v: Value,
+    depth: usize,
+    nodes: usize,
+}
+
+impl Item {
+    fn leaf(v: Value) -> Self {
+        Self {
+            v,
+            depth: 1,
+            nodes: 1,
+        }
+    }
+}
+
+/// The budget of values left, and the checks every new value passes.
+struct Budget(usize);
+
+impl Budget {
+    fn spend(&mut self, nodes: usize) -> Result<(), String> {
+        self.0 = self
+            .0
+            .checked_sub(nodes)
+            .ok_or_else(|| format!("more than {MAX_NODES} values: not a checkpoint"))?;
+        Ok(())
+    }
+
+    /// A composite of `items`: one node more than they, one level deeper.
+    fn composite(
+        &mut self,
+        items: Vec<Item>,
+        make: fn(Vec<Value>) -> Value,
+    ) -> Result<Item, String> {
+        let depth = 1 + items.iter().map(|i| i.depth).max().unwrap_or(0);
+        if depth > MAX_DEPTH {
+            return Err(format!(
+                "values nest deeper than {MAX_DEPTH}: not a checkpoint"
+            ));
+        }
+        self.spend(1)?;
+        let nodes = 1 + items.iter().map(|i| i.nodes).sum::<usize>();
+        Ok(Item {
+            v: make(items.into_iter().map(|i| i.v).collect()),
+            depth,
+            nodes,
+        })
+    }
+
+    /// A copy of `item` (a memo put or get): charged in full.
+    fn copy(&mut self, item: &Item) -> Result<Item, String> {
+        self.spend(item.nodes)?;
+        Ok(item.clone())
+    }
+}
+
+/// Puts `children` into the list or dict `into` (on the stack), one level below it.
+fn add_to(into: &mut Item, children: Vec<Item>, what: &str) -> Result<(), String> {
+    for c in &children {
+        into.depth = into.depth.max(c.depth + 1);
+        into.nodes += c.nodes;
+    }
+    if into.depth > MAX_DEPTH {
+        return Err(format!(
+            "values nest deeper than {MAX_DEPTH}: not a checkpoint"
+        ));
+    }
+    let mut values = children.into_iter().map(|c| c.v);
+    match (&mut into.v, what) {
+        (Value::List(l), "list") => l.extend(values),
+        (Value::Dict(d), "dict") => {
+            while let (Some(k), Some(v)) = (values.next(), values.next()) {
+                d.push((k, v));
+            }
+        }
+        _ => return Err(format!("the pickle adds to something not a {what}")),
+    }
+    Ok(())
+}
+
 /// Reads one pickle (the `data.pkl` of a torch zip file).
 pub fn load(data: &[u8]) -> Result<Value, String> {
     let mut r = Reader { data, pos: 0 };
-    let mut stack: Vec<Value> = Vec::new();
+    let mut stack: Vec<Item> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
-    let mut memo: HashMap<u32, Value> = HashMap::new();
-    let pop = |stack: &mut Vec<Value>| stack.pop().ok_or("the pickle's stack is empty".to_string());
-    let since_mark = |stack: &mut Vec<Value>, marks: &mut Vec<usize>| {
+    let mut memo: HashMap<u32, Item> = HashMap::new();
+    let mut budget = Budget(MAX_NODES);
+    let pop = |stack: &mut Vec<Item>| stack.pop().ok_or("the pickle's stack is empty".to_string());
+    let since_mark = |stack: &mut Vec<Item>, marks: &mut Vec<usize>| {
         let m = marks.pop().ok_or("the pickle has no mark")?;
         if m > stack.len() {
             return Err("the pickle's mark is past its stack".to_string());
@@ -222,21 +311,31 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
     };
     loop {
         let op = r.u8()?;
-        match op {
+        // Every scalar is a node of the budget.
+        let leaf = |v: Value, budget: &mut Budget| -> Result<Item, String> {
+            budget.spend(1)?;
+            Ok(Item::leaf(v))
+        };
+        let item = match op {
             0x80 => {
                 r.u8()?; // PROTO
+                continue;
             }
             0x95 => {
                 r.u64()?; // FRAME
+                continue;
             }
-            b'.' => return pop(&mut stack),
-            b'(' => marks.push(stack.len()),
-            b'N' => stack.push(Value::None),
-            0x88 => stack.push(Value::Bool(true)),
-            0x89 => stack.push(Value::Bool(false)),
-            b'J' => stack.push(Value::Int(r.u32()? as i32 as i64)),
-            b'K' => stack.push(Value::Int(r.u8()? as i64)),
-            b'M' => stack.push(Value::Int(r.u16()? as i64)),
+            b'.' => return Ok(pop(&mut stack)?.v),
+            b'(' => {
+                marks.push(stack.len());
+                continue;
+            }
+            b'N' => leaf(Value::None, &mut budget)?,
+            0x88 => leaf(Value::Bool(true), &mut budget)?,
+            0x89 => leaf(Value::Bool(false), &mut budget)?,
+            b'J' => leaf(Value::Int(r.u32()? as i32 as i64), &mut budget)?,
+            b'K' => leaf(Value::Int(r.u8()? as i64), &mut budget)?,
+            b'M' => leaf(Value::Int(r.u16()? as i64), &mut budget)?,
             0x8a => {
                 // LONG1: little-endian two's complement of n bytes.
                 let n = r.u8()? as usize;
@@ -251,41 +350,36 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
                 if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
                     v -= 1 << (8 * n);
                 }
-                stack.push(Value::Int(v));
+                leaf(Value::Int(v), &mut budget)?
             }
-            b'G' => stack.push(Value::Float(f64::from_be_bytes(
-                r.take(8)?.try_into().unwrap_or_default(),
-            ))),
-            b'X' => {
+            b'G' => leaf(
+                Value::Float(f64::from_be_bytes(
+                    r.take(8)?.try_into().unwrap_or_default(),
+                )),
+                &mut budget,
+            )?,
+            b'X' | b'T' => {
                 let n = r.u32()? as usize;
-                stack.push(Value::Str(r.string(n)?));
+                leaf(Value::Str(r.string(n)?), &mut budget)?
             }
-            0x8c => {
+            0x8c | b'U' => {
                 let n = r.u8()? as usize;
-                stack.push(Value::Str(r.string(n)?));
-            }
-            b'T' => {
-                let n = r.u32()? as usize;
-                stack.push(Value::Str(r.string(n)?));
-            }
-            b'U' => {
-                let n = r.u8()? as usize;
-                stack.push(Value::Str(r.string(n)?));
+                leaf(Value::Str(r.string(n)?), &mut budget)?
             }
             b'B' => {
                 let n = r.u32()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+                leaf(Value::Bytes(r.take(n)?.to_vec()), &mut budget)?
             }
             b'C' => {
                 let n = r.u8()? as usize;
-                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+                leaf(Value::Bytes(r.take(n)?.to_vec()), &mut budget)?
             }
-            b')' => stack.push(Value::Tuple(Vec::new())),
-            b']' => stack.push(Value::List(Vec::new())),
-            b'}' => stack.push(Value::Dict(Vec::new())),
+            b')' => leaf(Value::Tuple(Vec::new()), &mut budget)?,
+            b']' => leaf(Value::List(Vec::new()), &mut budget)?,
+            b'}' => leaf(Value::Dict(Vec::new()), &mut budget)?,
             b't' => {
                 let items = since_mark(&mut stack, &mut marks)?;
-                stack.push(Value::Tuple(items));
+                budget.composite(items, Value::Tuple)?
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
@@ -293,113 +387,95 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
                     return Err("the pickle's stack is too short for a tuple".into());
                 }
                 let items = stack.split_off(stack.len() - n);
-                stack.push(Value::Tuple(items));
+                budget.composite(items, Value::Tuple)?
             }
             b'l' => {
                 let items = since_mark(&mut stack, &mut marks)?;
-                stack.push(Value::List(items));
+                budget.composite(items, Value::List)?
             }
             b'd' => {
                 let items = since_mark(&mut stack, &mut marks)?;
-                let mut d = Vec::new();
-                let mut it = items.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    d.push((k, v));
-                }
-                stack.push(Value::Dict(d));
+                let mut d = budget.composite(Vec::new(), |_| Value::Dict(Vec::new()))?;
+                add_to(&mut d, items, "dict")?;
+                d
             }
-            b'a' => {
-                let v = pop(&mut stack)?;
-                match stack.last_mut() {
-                    Some(Value::List(l)) => l.push(v),
-                    _ => return Err("APPEND to something not a list".into()),
-                }
-            }
-            b'e' => {
-                let items = since_mark(&mut stack, &mut marks)?;
-                match stack.last_mut() {
-                    Some(Value::List(l)) => l.extend(items),
-                    _ => return Err("APPENDS to something not a list".into()),
-                }
-            }
-            b's' => {
-                let v = pop(&mut stack)?;
-                let k = pop(&mut stack)?;
-                match stack.last_mut() {
-                    Some(Value::Dict(d)) => d.push((k, v)),
-                    _ => return Err("SETITEM on something not a dict".into()),
-                }
-            }
-            b'u' => {
-                let items = since_mark(&mut stack, &mut marks)?;
-                match stack.last_mut() {
-                    Some(Value::Dict(d)) => {
-                        let mut it = items.into_iter();
-                        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                            d.push((k, v));
-                        }
+            b'a' | b'e' | b's' | b'u' => {
+                let children = match op {
+                    b'a' => vec![pop(&mut stack)?],
+                    b's' => {
+                        let v = pop(&mut stack)?;
+                        let k = pop(&mut stack)?;
+                        vec![k, v]
                     }
-                    _ => return Err("SETITEMS on something not a dict".into()),
-                }
+                    _ => since_mark(&mut stack, &mut marks)?,
+                };
+                let into = stack.last_mut().ok_or("the pickle adds to nothing")?;
+                let what = if matches!(op, b'a' | b'e') {
+                    "list"
+                } else {
+                    "dict"
+                };
+                add_to(into, children, what)?;
+                continue;
             }
-            b'q' => {
-                let i = r.u8()? as u32;
-                memo.insert(i, stack.last().cloned().ok_or("BINPUT on an empty stack")?);
-            }
-            b'r' => {
-                let i = r.u32()?;
-                memo.insert(
-                    i,
-                    stack
-                        .last()
-                        .cloned()
-                        .ok_or("LONG_BINPUT on an empty stack")?,
-                );
-            }
-            0x94 => {
-                let i = memo.len() as u32;
-                memo.insert(i, stack.last().cloned().ok_or("MEMOIZE on an empty stack")?);
+            b'q' | b'r' | 0x94 => {
+                let i = match op {
+                    b'q' => r.u8()? as u32,
+                    b'r' => r.u32()?,
+                    _ => memo.len() as u32,
+                };
+                let top = stack.last().ok_or("a memo put on an empty stack")?;
+                let copy = budget.copy(top)?;
+                memo.insert(i, copy);
+                continue;
             }
             b'h' | b'j' => {
                 let i = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
-                stack.push(memo.get(&i).cloned().ok_or("a memo entry never put")?);
+                let v = memo.get(&i).ok_or("a memo entry never put")?;
+                budget.copy(v)?
             }
             b'c' => {
                 let module = r.line()?;
                 let name = r.line()?;
-                stack.push(global(&module, &name)?);
+                leaf(global(&module, &name)?, &mut budget)?
             }
             0x93 => {
-                let name = pop(&mut stack)?;
-                let module = pop(&mut stack)?;
+                let name = pop(&mut stack)?.v;
+                let module = pop(&mut stack)?.v;
                 let (Value::Str(m), Value::Str(n)) = (module, name) else {
                     return Err("STACK_GLOBAL without two strings".into());
                 };
-                stack.push(global(&m, &n)?);
+                leaf(global(&m, &n)?, &mut budget)?
             }
             b'R' | 0x81 => {
                 // REDUCE f(*args) and NEWOBJ cls.__new__(cls, *args): only allowed globals
                 // get here, and they build data.
                 let args = pop(&mut stack)?;
                 let f = pop(&mut stack)?;
-                let Value::Global(f) = f else {
+                let Value::Global(f) = f.v else {
                     return Err(format!(
-                        "the pickle calls {f:?}, which is not a known global"
+                        "the pickle calls {:?}, which is not a known global",
+                        f.v
                     ));
                 };
-                let Value::Tuple(args) = args else {
+                let Value::Tuple(values) = args.v else {
                     return Err("the pickle calls a global without an argument tuple".into());
                 };
-                stack.push(call(&f, args)?);
+                Item {
+                    v: call(&f, values)?,
+                    depth: args.depth,
+                    nodes: args.nodes,
+                }
             }
             b'b' => {
                 // BUILD: state set on an object; dicts and opaque objects keep what they are.
                 pop(&mut stack)?;
+                continue;
             }
             b'Q' => {
                 // BINPERSID: torch's ('storage', storage type, key, location, numel).
                 let pid = pop(&mut stack)?;
-                let Value::Tuple(items) = pid else {
+                let Value::Tuple(items) = pid.v else {
                     return Err("a persistent id that is not a tuple".into());
                 };
                 let (Some(Value::Global(kind)), Some(Value::Str(key))) =
@@ -408,13 +484,17 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
                     return Err("a persistent id that is not torch's storage".into());
                 };
                 let kind = kind.strip_prefix("torch.").unwrap_or(kind).to_string();
-                stack.push(Value::Storage {
-                    key: key.clone(),
-                    kind,
-                });
+                leaf(
+                    Value::Storage {
+                        key: key.clone(),
+                        kind,
+                    },
+                    &mut budget,
+                )?
             }
             b'0' => {
                 pop(&mut stack)?;
+                continue;
             }
             other => {
                 return Err(format!(
@@ -422,7 +502,8 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
                     r.pos - 1
                 ));
             }
-        }
+        };
+        stack.push(item);
     }
 }
 
@@ -448,5 +529,16 @@ mod tests {
         // A length past the end is an error, not an allocation.
         assert!(load(b"X\xff\xff\xff\xff").is_err());
         assert!(load(b"").is_err());
+        // A value doubled by memo gets, and one nested a byte per level: refused, not built.
+        let mut doubling = b")q\x00".to_vec();
+        for _ in 0..40 {
+            doubling.extend(b"h\x00h\x00\x86q\x00");
+        }
+        doubling.push(b'.');
+        assert!(load(&doubling).unwrap_err().contains("values"));
+        let mut deep = b")".to_vec();
+        deep.extend([0x85; 100_000]);
+        deep.push(b'.');
+        assert!(load(&deep).unwrap_err().contains("deeper"));
     }
 }

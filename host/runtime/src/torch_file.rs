@@ -56,9 +56,20 @@ pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
         .map_err(|e| format!("not a readable zip archive: {e}"))?;
     let pkl = (0..zip.len())
         .filter_map(|i| zip.name_for_index(i).map(str::to_string))
-        .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
+        .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .ok_or("no `data.pkl` in the archive: not a PyTorch checkpoint")?;
-    let prefix = pkl.trim_end_matches("data.pkl").to_string();
+    let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
+    // torch writes the machine's byte order; the bytes are read as little-endian.
+    if let Ok(f) = zip.by_name(&format!("{prefix}byteorder")) {
+        let mut order = String::new();
+        let _ = f.take(16).read_to_string(&mut order);
+        if order.trim() != "little" {
+            return Err(format!(
+                "its tensors are in `{}` byte order; only little-endian checkpoints are read",
+                order.trim()
+            ));
+        }
+    }
     let root = {
         let mut f = zip.by_name(&pkl).map_err(|e| format!("{pkl}: {e}"))?;
         let mut data = Vec::new();
@@ -123,7 +134,8 @@ pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
                 start..end
             }
         };
-        // The largest element the strides reach must lie in the storage.
+        // The largest element the strides reach must lie in the storage, and the elements read
+        // out (strides may repeat one) may not be more than it holds.
         let last = shape.iter().zip(&stride).try_fold(offset, |acc, (n, s)| {
             if *n == 0 {
                 Some(acc)
@@ -131,10 +143,13 @@ pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
                 acc.checked_add((n - 1).checked_mul(*s)?)
             }
         });
-        let fits = shape.contains(&0)
-            || last
-                .and_then(|l| l.checked_add(1)?.checked_mul(size as u64))
-                .is_some_and(|b| b <= storage.len() as u64);
+        let bytes_of = |elements: Option<u64>| elements.and_then(|e| e.checked_mul(size as u64));
+        let numel = shape.iter().try_fold(1u64, |acc, n| acc.checked_mul(*n));
+        let len = storage.len() as u64;
+        let fits = bytes_of(numel).is_some_and(|b| b <= len)
+            && bytes_of(Some(offset)).is_some_and(|b| b <= len)
+            && (shape.contains(&0)
+                || bytes_of(last.and_then(|l| l.checked_add(1))).is_some_and(|b| b <= len));
         if !fits {
             return Err(format!(
                 "tensor `{name}` reaches past its storage {key} (shape {shape:?}, strides \
@@ -167,11 +182,19 @@ impl TorchTensor {
         }
     }
 
+    /// Its storage's bytes in the file.
+    pub fn storage(&self) -> Range<usize> {
+        self.storage.clone()
+    }
+
     /// Its elements' bytes in row-major order, gathered through the strides.
     pub fn bytes(&self, file: &[u8]) -> Vec<u8> {
         let size = elem_size(self.dtype);
         let storage = &file[self.storage.clone()];
         let numel: u64 = self.shape.iter().product();
+        if numel == 0 {
+            return Vec::new();
+        }
         let contiguous = {
             let mut expect = 1;
             let mut ok = true;

@@ -170,6 +170,7 @@ impl WeightFile {
             })?;
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
             let data = TensorData::from_bytes_vec(t.bytes(&self.mmap), shape, src);
+            self.release_pages(&self.mmap[t.storage()]);
             return Ok(if src == dtype {
                 data
             } else {
@@ -312,6 +313,32 @@ mod hostile_bytes {
             let mut pkl = Vec::new();
             std::io::Read::read_to_end(&mut zip.by_index(0).unwrap(), &mut pkl).unwrap();
             let _ = crate::pickle::load(&mutate(&pkl, &edits, cut % (pkl.len() + 1)));
+        }
+
+        #[test]
+        fn checkpoints_with_mutated_pickles(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        ) {
+            // The fixture with its data.pkl mutated and the archive rebuilt around it, so that
+            // changed shapes, strides, offsets and storage keys reach the tensor index.
+            let ckpt = fixture("legacy/sd15_tiny_ldm.ckpt");
+            let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&ckpt[..])).unwrap();
+            let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+            let stored = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored);
+            for i in 0..zip.len() {
+                let name = zip.name_for_index(i).unwrap().to_string();
+                if name.ends_with("/data.pkl") {
+                    let mut pkl = Vec::new();
+                    std::io::Read::read_to_end(&mut zip.by_index(i).unwrap(), &mut pkl).unwrap();
+                    out.start_file(name, stored).unwrap();
+                    std::io::Write::write_all(&mut out, &mutate(&pkl, &edits, usize::MAX))
+                        .unwrap();
+                } else {
+                    out.raw_copy_file(zip.by_index_raw(i).unwrap()).unwrap();
+                }
+            }
+            read_all(&out.finish().unwrap().into_inner());
         }
 
         #[test]

@@ -18,13 +18,15 @@ pub struct Description {
     pub kind: &'static str,
     pub modules: usize,
     pub ranks: BTreeSet<usize>,
-    /// `.alpha` values (none: alpha = rank, or diffusers' metadata).
-    pub alphas: BTreeSet<String>,
+    /// `.alpha` values, ascending (none: alpha = rank, or diffusers' metadata).
+    pub alphas: Vec<f32>,
     /// SD 1.x/2.x, SDXL or Flux, from the metadata or the keys; None when neither tells.
     pub family: Option<String>,
     /// Training metadata worth showing (`ss_*`, `modelspec.*`), sorted.
     pub metadata: Vec<(String, String)>,
-    /// The dtype its tensors are stored in (the first one's).
+    /// Tensors that are not adapters' (kohya's bundled embeddings), a few of their keys.
+    pub other_tensors: (usize, Vec<String>),
+    /// The dtype its adapters' factors are stored in.
     pub dtype: DType,
 }
 
@@ -40,16 +42,22 @@ fn family_of_keys(modules: &BTreeSet<String>) -> Option<&'static str> {
     ]) {
         Some("Flux")
     } else if any(&[
-        "input_blocks",
-        "output_blocks",
         "lora_te2_",
         "text_encoder_2",
         "clip_g",
         "transformer_blocks_1_",
         "transformer_blocks.1.",
     ]) {
+        // SD 1.x/2.x blocks hold one transformer block; SDXL's deeper ones more.
         Some("SDXL")
-    } else if any(&["down_blocks", "up_blocks", "mid_block"]) {
+    } else if any(&[
+        "down_blocks",
+        "up_blocks",
+        "mid_block",
+        "input_blocks",
+        "output_blocks",
+        "middle_block",
+    ]) {
         Some("SD 1.x/2.x")
     } else {
         None
@@ -59,28 +67,31 @@ fn family_of_keys(modules: &BTreeSet<String>) -> Option<&'static str> {
 pub fn describe(path: &Path) -> Result<Description> {
     let shown = path.display();
     let w = Weights::open(&path.to_string_lossy()).map_err(|e| AdapterError(e.to_string()))?;
-    let dtype = w.infos().first().map_or(DType::F32, |i| i.dtype);
+    let mut dtype = None;
     let mut modules = BTreeSet::new();
-    let (mut ranks, mut alphas) = (BTreeSet::new(), BTreeSet::new());
+    let (mut ranks, mut alphas) = (BTreeSet::new(), Vec::new());
+    let mut other = (0, Vec::new());
     let (mut loha, mut dora, mut peft) = (false, false, false);
     for info in w.infos() {
         let Some((module, suffix)) = split_key(&info.key) else {
-            return Err(AdapterError(format!(
-                "{shown}: `{}` is not an adapter tensor (LoRA, DoRA, LoHa): not an adapter file",
-                info.key
-            )));
+            other.0 += 1;
+            if other.1.len() < 3 {
+                other.1.push(info.key.clone());
+            }
+            continue;
         };
         peft |= info.key.contains(".lora_A.");
         match suffix {
             "lora_down.weight" | "hada_w1_b" => {
                 ranks.insert(info.shape.first().copied().unwrap_or(0) as usize);
+                dtype.get_or_insert(info.dtype);
             }
             "alpha" => {
                 let v = w
                     .get(&info.key, DType::F32)
                     .and_then(|t| t.to_vec())
                     .map_err(|e| AdapterError(format!("{shown}: {e}")))?;
-                alphas.insert(v.first().map_or("?".into(), |a| a.to_string()));
+                alphas.extend(v.first().copied());
             }
             _ => {}
         }
@@ -90,9 +101,13 @@ pub fn describe(path: &Path) -> Result<Description> {
     }
     if modules.is_empty() {
         return Err(AdapterError(format!(
-            "{shown}: no adapter tensors in the file"
+            "{shown}: no adapter tensors (LoRA, DoRA, LoHa) in the file (e.g. {}): not an \
+             adapter file",
+            other.1.join(", ")
         )));
     }
+    alphas.sort_by(f32::total_cmp);
+    alphas.dedup();
     let first = modules.iter().next().map(String::as_str).unwrap_or("");
     let layout = if first.starts_with("lycoris_") {
         "LyCORIS"
@@ -129,7 +144,8 @@ pub fn describe(path: &Path) -> Result<Description> {
         alphas,
         family: from_meta.or(family_of_keys(&modules).map(String::from)),
         metadata,
-        dtype,
+        other_tensors: other,
+        dtype: dtype.unwrap_or(DType::F32),
     })
 }
 

@@ -269,6 +269,20 @@ fn layer_entries(
     Ok(out)
 }
 
+/// The metadata keys [`write`] sets from the adapters and the model.
+fn meta_keys_written(key: &str) -> bool {
+    matches!(
+        key,
+        "ss_network_module"
+            | "ss_network_dim"
+            | "ss_network_alpha"
+            | "ss_network_args"
+            | "ss_base_model_version"
+            | "ss_output_format"
+            | "modelspec.architecture"
+    )
+}
+
 /// Writes adapter states (kind, layer, state under kohya suffixes) of a model to `path`.
 pub fn write(
     path: &Path,
@@ -346,7 +360,14 @@ pub fn write(
         ));
     }
     meta.extend(model.metadata.extra.clone());
-    meta.extend(extra.iter().cloned());
+    // What the caller adds (a run's training metadata, a converted file's) but not what this
+    // file's own layout and adapters say, nor a hash of other tensors.
+    meta.extend(
+        extra
+            .iter()
+            .cloned()
+            .filter(|(k, _)| !k.starts_with("modelspec.hash") && !meta_keys_written(k)),
+    );
     let tensors: Vec<(&str, &Tensor)> = entries.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &tensors, &meta)
