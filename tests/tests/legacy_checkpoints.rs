@@ -145,7 +145,7 @@ fn a_lightning_checkpoint_gives_its_state_dict() {
     let w = Weights::open(fixtures().join("legacy/lightning.ckpt").to_str().unwrap()).unwrap();
     let infos: Vec<(String, DType, Vec<u64>)> = w
         .infos()
-        .into_iter()
+        .iter()
         .map(|i| (i.key.clone(), i.dtype, i.shape.clone()))
         .collect();
     assert_eq!(

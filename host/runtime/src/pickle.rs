@@ -176,7 +176,7 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
             let offset = u64::try_from(int_of(&offset)?).map_err(|_| "a negative offset")?;
             let (shape, stride) = (ints(&shape)?, ints(&stride)?);
             if shape.len() != stride.len() {
-                return Err("a tensor with as many strides as dimensions".into());
+                return Err("a tensor whose strides do not match its dimensions".into());
             }
             Value::Tensor {
                 key,

@@ -12,7 +12,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype as SDtype, SafeTensors};
 
 use super::RtResult;
-use super::table::from_burn_dtype;
+use super::table::{from_burn_dtype, to_burn_dtype};
 use crate::torch_file::{self, TorchTensor};
 
 pub struct WeightFile {
@@ -20,19 +20,6 @@ pub struct WeightFile {
     mmap: Mmap,
     /// A torch checkpoint's tensors (None: a safetensors file).
     torch: Option<BTreeMap<String, TorchTensor>>,
-}
-
-fn burn_of(d: DType) -> Option<BDType> {
-    Some(match d {
-        DType::F32 => BDType::F32,
-        DType::F16 => BDType::F16,
-        DType::BF16 => BDType::BF16,
-        DType::F64 => BDType::F64,
-        DType::I64 => BDType::I64,
-        DType::I32 => BDType::I32,
-        DType::U8 => BDType::U8,
-        _ => return None,
-    })
 }
 
 fn st_dtype(d: SDtype) -> Option<DType> {
@@ -162,12 +149,8 @@ impl WeightFile {
             let t = t
                 .get(key)
                 .ok_or_else(|| format!("{} has no tensor `{key}`", self.path))?;
-            let src = burn_of(t.dtype).ok_or_else(|| {
-                format!(
-                    "{}: tensor `{key}` has dtype {}, which cannot be loaded",
-                    self.path, t.dtype
-                )
-            })?;
+            let src = to_burn_dtype(t.dtype)
+                .map_err(|e| format!("{}: tensor `{key}`: {e}", self.path))?;
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
             let data = TensorData::from_bytes_vec(t.bytes(&self.mmap), shape, src);
             self.release_pages(&self.mmap[t.storage()]);

@@ -365,8 +365,8 @@ pub fn write(
     meta.extend(
         extra
             .iter()
-            .cloned()
-            .filter(|(k, _)| !k.starts_with("modelspec.hash") && !meta_keys_written(k)),
+            .filter(|(k, _)| !k.starts_with("modelspec.hash") && !meta_keys_written(k))
+            .cloned(),
     );
     let tensors: Vec<(&str, &Tensor)> = entries.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
