@@ -635,3 +635,33 @@ fn flux_dora_and_loha_train() {
         assert!(w.info(key).is_some(), "{name}: no {key}");
     }
 }
+
+/// The caches know every file the model is read from: the same VAE from another file encodes
+/// the latents again; the same files again encode nothing.
+#[test]
+fn a_changed_part_file_re_encodes_the_cache() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let ae = std::path::PathBuf::from(format!("{}/ae.safetensors", dir("parts")));
+    let copy = root.join("ae-copy.safetensors");
+    std::fs::copy(&ae, &copy).unwrap();
+    let run = |name: &str, vae: &std::path::Path| {
+        let mut c = flux_config(root, name, "");
+        c.epochs = 1;
+        c.cache_dir = "cache".into();
+        c.vae.model_name = vae.to_string_lossy().into();
+        let mut t = Trainer::new(c, root, registry()).unwrap();
+        t.run(|_| {}).unwrap();
+        t.cache_encoded().0
+    };
+    assert!(run("a", &ae) > 0, "the first run encodes");
+    assert_eq!(run("b", &ae), 0, "the same files: all cached");
+    assert!(run("c", &copy) > 0, "another VAE file: encoded again");
+    // Nor may the output replace one of them.
+    let mut c = flux_config(root, "d", "");
+    c.vae.model_name = copy.to_string_lossy().into();
+    c.output_model_destination = copy.to_string_lossy().into();
+    let e = refusal(root, c);
+    assert!(e.contains("model file") && e.contains("ae-copy"), "{e}");
+}

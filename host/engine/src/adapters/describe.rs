@@ -161,8 +161,17 @@ mod tests {
             Some("Flux")
         );
         assert_eq!(
-            family_of_keys(&set(&["lora_unet_input_blocks_4_1_proj_in"])),
+            family_of_keys(&set(&[
+                "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"
+            ])),
             Some("SDXL")
+        );
+        // ComfyUI's SD 1.x names are the original LDM ones too, with one transformer block.
+        assert_eq!(
+            family_of_keys(&set(&[
+                "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+            ])),
+            Some("SD 1.x/2.x")
         );
         assert_eq!(
             family_of_keys(&set(&["unet.down_blocks.0.attentions.0.proj_in"])),
