@@ -66,15 +66,18 @@ impl WeightFile {
                 torch: Some(index),
             });
         }
-        // Protocol-2 pickles open with 0x80 0x02: torch's format before 1.6.
-        if mmap.starts_with(&[0x80, 0x02]) {
-            return Err(format!(
-                "{path} is a PyTorch file in the format before torch 1.6, which Ferrite does not \
-                 read: re-save it with a current torch, or convert it to safetensors"
-            ));
+        if let Err(e) = SafeTensors::read_metadata(&mmap) {
+            // Protocol-2 pickles open with 0x80 0x02: torch's format before 1.6 (a safetensors
+            // header may start so too, hence only once it is not one).
+            return Err(if mmap.starts_with(&[0x80, 0x02]) {
+                format!(
+                    "{path} is a PyTorch file in the format before torch 1.6, which Ferrite does \
+                     not read: re-save it with a current torch, or convert it to safetensors"
+                )
+            } else {
+                format!("{path} is not a valid safetensors file: {e}")
+            });
         }
-        SafeTensors::read_metadata(&mmap)
-            .map_err(|e| format!("{path} is not a valid safetensors file: {e}"))?;
         Ok(Self {
             path: path.to_string(),
             mmap,
