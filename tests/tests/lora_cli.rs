@@ -199,3 +199,108 @@ fn convert_through_kohya_and_back_samples_the_same_image() {
     .unwrap_err();
     assert!(e.contains("--in") && e.contains("match no layer"), "{e}");
 }
+
+/// `ferrite lora merge`: the model with a LoRA merged in, written as one file in its original
+/// layout (SD 1.5's ldm checkpoint; Flux's transformer in BFL's layout), samples as the model
+/// with the LoRA applied; a LoRA on a Flux text encoder is refused the transformer-only file.
+#[test]
+fn a_merged_model_samples_as_the_model_with_the_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let sd = root.join("pipeline/model");
+    let flux = fixtures().join("pipeline/model");
+    for (arch, folder, lora, weight) in [
+        (
+            "sd15",
+            &sd,
+            root.join("adapters/lora_kohya.safetensors"),
+            "0.5",
+        ),
+        (
+            "flux",
+            &flux,
+            fixtures().join("lora/lora_peft.safetensors"),
+            "1",
+        ),
+    ] {
+        let merged = d.join(format!("{arch}-merged.safetensors"));
+        let spec = format!("{}:{weight}", lora.display());
+        ferrite(
+            &[
+                "lora",
+                "merge",
+                "--arch",
+                arch,
+                "--model",
+                folder.to_str().unwrap(),
+                "--lora",
+                &spec,
+                "--dtype",
+                "float32",
+                "--out",
+                merged.to_str().unwrap(),
+            ],
+            d,
+        )
+        .unwrap();
+        let sample = |name: &str, extra: &[&str]| {
+            let out = d.join(format!("{arch}-{name}.png"));
+            let mut args = vec![
+                "sample", "--arch", arch, "--prompt", "a cat", "--width", "16", "--height", "16",
+                "--steps", "2", "--seed", "3",
+            ];
+            args.extend(extra);
+            let o = out.to_string_lossy().into_owned();
+            args.extend(["--out", o.as_str()]);
+            ferrite(&args, d).unwrap();
+            image::open(&out).unwrap().to_rgb8()
+        };
+        let f = folder.to_str().unwrap();
+        let with_lora = sample("lora", &["--model", f, "--lora", &spec]);
+        let from_merged = sample(
+            "merged",
+            &["--model", merged.to_str().unwrap(), "--model-config", f],
+        );
+        let base = sample("base", &["--model", f]);
+        let d_merged = ferrite_tests::max_pixel_diff(&from_merged, &with_lora);
+        println!("{arch}: merged vs LoRA applied {d_merged}/255");
+        assert!(d_merged <= 1, "{arch}: {d_merged}");
+        assert!(
+            ferrite_tests::max_pixel_diff(&base, &with_lora) > 2,
+            "{arch}"
+        );
+    }
+    // A CLIP-L LoRA would be dropped by Flux's transformer-only file.
+    let te_lora = d.join("te.safetensors");
+    ferrite::runtime::init("cpu").unwrap();
+    let q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj";
+    let (a, b) = (
+        Tensor::ones(&[2, 32], DType::F32).unwrap(),
+        Tensor::ones(&[32, 2], DType::F32).unwrap(),
+    );
+    let (ka, kb) = (format!("{q}.lora_A.weight"), format!("{q}.lora_B.weight"));
+    ferrite_plugin_api::save_safetensors(
+        te_lora.to_str().unwrap(),
+        &[(ka.as_str(), &a), (kb.as_str(), &b)],
+        &[],
+    )
+    .unwrap();
+    let e = ferrite(
+        &[
+            "lora",
+            "merge",
+            "--arch",
+            "flux",
+            "--model",
+            flux.to_str().unwrap(),
+            "--lora",
+            te_lora.to_str().unwrap(),
+            "--out",
+            d.join("x.safetensors").to_str().unwrap(),
+        ],
+        d,
+    )
+    .unwrap_err();
+    assert!(e.contains("holds only transformer"), "{e}");
+}

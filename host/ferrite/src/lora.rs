@@ -1,5 +1,5 @@
-//! `ferrite lora info|convert`: what an adapter file holds, and the same adapters in another
-//! key layout.
+//! `ferrite lora info|convert|merge`: what an adapter file holds, the same adapters in another
+//! key layout, and a model with adapters merged into its weights.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +38,39 @@ pub enum LoraAction {
         #[arg(long, requires = "model")]
         arch: Option<String>,
     },
+    /// Merges adapter files into the model's weights and writes the model as one file in its
+    /// original layout (SD: the ldm checkpoint; Flux: the transformer in Black Forest Labs'
+    /// layout).
+    Merge {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Architecture plugin id of --model (default: the family the first file names).
+        #[arg(long)]
+        arch: Option<String>,
+        /// An adapter file with an optional strength: `FILE` or `FILE:0.8`. May be repeated.
+        #[arg(long = "lora", value_name = "FILE[:WEIGHT]", required = true)]
+        loras: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// The dtype of the written weights.
+        #[arg(long, value_enum, default_value = "float16")]
+        dtype: OutDtype,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum OutDtype {
+    Float32,
+    Float16,
+    Bfloat16,
+}
+
+/// `FILE:WEIGHT` when what follows the last colon is a number, else the whole path at 1.
+pub fn lora_spec(spec: &str) -> (PathBuf, f64) {
+    match spec.rsplit_once(':') {
+        Some((p, w)) if w.parse::<f64>().is_ok() => (p.into(), w.parse().unwrap_or(1.0)),
+        _ => (spec.into(), 1.0),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -161,6 +194,59 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
                 .save(&out, format, d.dtype, &d.metadata)
                 .with_context(|| format!("--out {}", out.display()))?;
             println!("{}: the adapters of {n} layers written", out.display());
+        }
+        LoraAction::Merge {
+            model,
+            arch,
+            loras,
+            out,
+            dtype,
+        } => {
+            let first = lora_spec(&loras[0]).0;
+            let family = describe(&first)
+                .with_context(|| format!("--lora {}", loras[0]))?
+                .family;
+            let Some(arch) = arch.as_deref().or(arch_of(family.as_deref())) else {
+                anyhow::bail!(
+                    "{}: the file does not say which model family it is for: give --arch",
+                    first.display()
+                );
+            };
+            let registry = Registry::discover(&search_dirs(settings), settings);
+            let handle = model.open(&registry, arch, serde_json::json!({}))?;
+            let layers = ModelLayers::of(&handle)?;
+            for spec in &loras {
+                let (path, weight) = lora_spec(spec);
+                layers
+                    .load(&registry, &path, weight)
+                    .with_context(|| format!("--lora {spec}"))?;
+            }
+            // The file holds only some parts (Flux: the transformer): an adapter on another
+            // would be lost.
+            let held = &layers.info.single_file_parts;
+            if let Some(l) = layers
+                .adapted()
+                .iter()
+                .find(|n| !held.is_empty() && !held.iter().any(|p| n.starts_with(&format!("{p}."))))
+            {
+                anyhow::bail!(
+                    "the merged file holds only {}, and the adapters change `{l}`: merge those \
+                     LoRAs without their other parts",
+                    held.join(", ")
+                );
+            }
+            layers.merge()?;
+            layers.clear();
+            let dtype = match dtype {
+                OutDtype::Float32 => ferrite_plugin_api::DType::F32,
+                OutDtype::Float16 => ferrite_plugin_api::DType::F16,
+                OutDtype::Bfloat16 => ferrite_plugin_api::DType::BF16,
+            };
+            let base = model.model.to_string_lossy();
+            ferrite::model_file::write_single_file(&handle, &layers.info, &out, dtype, &base)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("--out {}", out.display()))?;
+            println!("{}: {} merged into {base}", out.display(), loras.join(", "));
         }
     }
     Ok(())

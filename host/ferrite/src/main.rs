@@ -509,15 +509,11 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
     let _scope = scope.enter();
     if !a.loras.is_empty() {
         for spec in &a.loras {
-            // `FILE:WEIGHT` when what follows the last colon is a number, else the whole path.
-            let (path, weight) = match spec.rsplit_once(':') {
-                Some((p, w)) if w.parse::<f64>().is_ok() => (p, w.parse()?),
-                _ => (spec.as_str(), 1.0),
-            };
+            let (path, weight) = lora::lora_spec(spec);
             let n = model
-                .load(&registry, std::path::Path::new(path), weight)
+                .load(&registry, &path, weight)
                 .with_context(|| format!("--lora {spec}"))?;
-            tracing::info!("{path}: {n} adapted layers, strength {weight}");
+            tracing::info!("{}: {n} adapted layers, strength {weight}", path.display());
         }
     }
     let req = generate::SampleRequest {

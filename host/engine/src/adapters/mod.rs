@@ -261,6 +261,11 @@ impl ModelLayers {
         Ok(out)
     }
 
+    /// The layers with an adapter attached, by name.
+    pub fn adapted(&self) -> Vec<String> {
+        self.attached().keys().cloned().collect()
+    }
+
     pub fn summary(&self) -> Result<Summary> {
         let parameters = self
             .parameters()?

@@ -307,21 +307,14 @@ impl Trainer {
     /// A fine-tune as one safetensors file in the model's original single-file layout, as the
     /// architecture plugin names it.
     fn save_single_file(&self, out: &Path) -> Result<()> {
-        let layout = self.info.single_file_layout.as_deref().ok_or_else(|| {
-            TrainError(
-                "this model has no single-file layout: use output_model_format = \"diffusers\""
-                    .into(),
-            )
-        })?;
-        let all = self.in_output_dtype(self.arch.export(layout).map_err(err)?)?;
-        let named: Vec<(&str, &Tensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let arch = self.info.metadata.modelspec_architecture.as_str();
-        let mut meta = vec![("ferrite_base_model", self.config.base_model_name.as_str())];
-        if !arch.is_empty() {
-            meta.push(("modelspec.architecture", arch));
-        }
-        ferrite_plugin_api::save_safetensors(&out.to_string_lossy(), &named, &meta)
-            .map_err(|e| TrainError(format!("{}: {e}", out.display())))
+        crate::model_file::write_single_file(
+            &self.arch,
+            &self.info,
+            out,
+            self.output_dtype(),
+            &self.config.base_model_name,
+        )
+        .map_err(TrainError)
     }
 
     /// The folder a diffusers fine-tune output copies what it does not write (configs,
