@@ -83,11 +83,14 @@ pub enum LoraFormat {
 /// The architecture plugin for the family an adapter file names.
 fn arch_of(family: Option<&str>) -> Option<&'static str> {
     let f = family?.to_lowercase();
-    Some(if f.contains("flux") {
+    Some(if f == "sd 1.x/2.x" {
+        // Keys alone do not tell SD 2 from SD 1 (`--arch sd2` for an SD 2 LoRA).
+        "sd15"
+    } else if f.contains("flux") {
         "flux"
     } else if f.contains("xl") {
         "sdxl"
-    } else if f.contains("v2") || f.contains("2.") {
+    } else if f.contains("v2") || f.contains("_2") {
         "sd2"
     } else if f.contains("sd") || f.contains("v1") {
         "sd15"
@@ -250,4 +253,29 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::arch_of;
+
+    /// The families `lora info` names and the metadata kohya and modelspec write.
+    #[test]
+    fn architectures_of_families() {
+        for (family, arch) in [
+            ("SD 1.x/2.x", Some("sd15")),
+            ("SDXL", Some("sdxl")),
+            ("Flux", Some("flux")),
+            ("sd_v1", Some("sd15")),
+            ("sd_v2", Some("sd2")),
+            ("sdxl_base_v1-0", Some("sdxl")),
+            ("flux1", Some("flux")),
+            ("stable-diffusion-v1/lora", Some("sd15")),
+            ("stable-diffusion-v2-768-v/lora", Some("sd2")),
+            ("stable-diffusion-xl-v1-base/lora", Some("sdxl")),
+            ("something", None),
+        ] {
+            assert_eq!(arch_of(Some(family)), arch, "{family}");
+        }
+    }
 }
