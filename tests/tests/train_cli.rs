@@ -460,3 +460,66 @@ fn bench_step_prints_its_figures_as_one_json_line() {
         "{err}"
     );
 }
+
+/// A Hugging Face repo id as the model: its snapshot in the local cache (`HF_HUB_CACHE`,
+/// diffusers' layout: `models--org--name/refs/main` naming `snapshots/<commit>`) samples as the
+/// folder does and trains; not in the cache, it fails naming it.
+#[test]
+fn a_hugging_face_repo_id_is_read_from_the_local_cache() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let cache = root.join("hub");
+    let repo = cache.join("models--tiny--sd15");
+    ferrite_tests::copy_dir(&folder, &repo.join("snapshots/0123abc"), &|_| true);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abc").unwrap();
+    let run = |args: &[&str], hub: &std::path::Path| {
+        std::process::Command::new(ferrite_tests::ferrite_bin())
+            .args(args)
+            .current_dir(root)
+            .env("XDG_CONFIG_HOME", root)
+            .env("HF_HUB_CACHE", hub)
+            .env_remove("FERRITE_PLUGIN_PATH")
+            .output()
+            .unwrap()
+    };
+    let sample = |model: &str, out: &str| {
+        let args = [
+            "sample", "--model", model, "--prompt", "a cat", "--width", "16", "--height", "16",
+            "--steps", "2", "--out", out,
+        ];
+        run(&args, &cache)
+    };
+    let o = sample("tiny/sd15", "hub.png");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = sample(folder.to_str().unwrap(), "folder.png");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        read_rgb(&root.join("hub.png")),
+        read_rgb(&root.join("folder.png"))
+    );
+
+    ferrite_tests::toy_dataset(&root.join("images"));
+    let config = root.join("c.toml");
+    std::fs::write(
+        &config,
+        "base_model_name = \"tiny/sd15\"\nworkspace_dir = \"ws\"\n\
+         output_model_destination = \"out/lora.safetensors\"\nresolution = \"16\"\nepochs = 1\n\
+         lora_rank = 4\nsample_after_unit = \"never\"\n[[concepts]]\npath = \"images\"\n",
+    )
+    .unwrap();
+    let o = run(&["train", "--config", config.to_str().unwrap()], &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(root.join("out/lora.safetensors").exists());
+
+    let o = run(
+        &["train", "--config", config.to_str().unwrap()],
+        &root.join("empty"),
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("tiny/sd15"),
+        "{}",
+        stderr(&o)
+    );
+}

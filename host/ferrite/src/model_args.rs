@@ -1,7 +1,7 @@
 //! How a command names the model it loads (`sample`, `lora`): the model, its config folder,
 //! parts from files of their own; one place builds the architecture plugin's options.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use ferrite::plugins::Registry;
@@ -9,7 +9,8 @@ use ferrite_plugin_api::plugin::ArchitectureHandle;
 
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// Model: a diffusers folder or a single-file checkpoint.
+    /// Model: a diffusers folder, a single-file checkpoint, or a Hugging Face repo id
+    /// (`org/name[@revision]`) in the local Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
     /// For a single-file model: a diffusers folder whose configs and tokenizer to use.
@@ -30,7 +31,9 @@ impl ModelArgs {
         arch: &str,
         extra: serde_json::Value,
     ) -> Result<ArchitectureHandle> {
-        let mut options = serde_json::json!({ "model": self.model.to_string_lossy() });
+        // A Hugging Face repo id is its snapshot in the local cache.
+        let model = ferrite::hub::model_path(Path::new(""), &self.model.to_string_lossy());
+        let mut options = serde_json::json!({ "model": model });
         if let Some(c) = &self.model_config {
             options["config"] = c.to_string_lossy().into();
         }

@@ -1085,10 +1085,16 @@ impl TrainConfig {
             .collect()
     }
 
+    /// The base model's path: relative to `base` unless absolute, or a Hugging Face repo id's
+    /// snapshot in the local cache ([`crate::hub`]).
+    pub fn base_model_path(&self, base: &Path) -> PathBuf {
+        crate::hub::model_path(base, &self.base_model_name)
+    }
+
     /// Every file or folder the model is read from: the base model, its config folder and the
     /// parts' own files.
     pub fn model_paths(&self, base: &Path) -> Vec<PathBuf> {
-        let mut out = vec![Self::path(base, &self.base_model_name)];
+        let mut out = vec![self.base_model_path(base)];
         if !self.base_model_config.is_empty() {
             out.push(Self::path(base, &self.base_model_config));
         }

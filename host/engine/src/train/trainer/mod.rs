@@ -360,7 +360,7 @@ impl Trainer {
             .map_err(err)?;
 
         let mut options = serde_json::json!({
-            "model": TrainConfig::path(base, &c.base_model_name),
+            "model": c.base_model_path(base),
         });
         // CLIP skip is the model's business (training, validation and samples all encode
         // through it); only asked for when set, as not every architecture has it.

@@ -186,7 +186,7 @@ impl Trainer {
     pub(super) fn check_destination(&self) -> Result<()> {
         let c = &self.config;
         let dest = TrainConfig::path(&self.base, &c.output_model_destination);
-        let base_model = TrainConfig::path(&self.base, &c.base_model_name);
+        let base_model = c.base_model_path(&self.base);
         let cache = TrainConfig::path(&self.base, &c.cache_dir);
         let ws = &self.workspace;
         let folder = c.training_method != TrainingMethod::Lora
@@ -329,7 +329,7 @@ impl Trainer {
                 c.vae.model_name
             )));
         }
-        let base = TrainConfig::path(&self.base, &c.base_model_name);
+        let base = c.base_model_path(&self.base);
         if base.is_dir() {
             return Ok(base);
         }
