@@ -227,10 +227,12 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
             // The file holds only some parts (Flux: the transformer): an adapter on another
             // would be lost.
             let held = &layers.info.single_file_parts;
+            let outside = |n: &&String| !held.iter().any(|p| n.starts_with(&format!("{p}.")));
             if let Some(l) = layers
                 .adapted()
                 .iter()
-                .find(|n| !held.is_empty() && !held.iter().any(|p| n.starts_with(&format!("{p}."))))
+                .find(outside)
+                .filter(|_| !held.is_empty())
             {
                 anyhow::bail!(
                     "the merged file holds only {}, and the adapters change `{l}`: merge those \

@@ -148,21 +148,32 @@ impl WeightFile {
 
     /// Copies one tensor's bytes out of the map, converted to `dtype`.
     pub fn read(&self, key: &str, dtype: BDType) -> RtResult<TensorData> {
-        if let Some(t) = &self.torch {
-            let t = t
-                .get(key)
-                .ok_or_else(|| format!("{} has no tensor `{key}`", self.path))?;
-            let src = to_burn_dtype(t.dtype)
-                .map_err(|e| format!("{}: tensor `{key}`: {e}", self.path))?;
-            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-            let data = TensorData::from_bytes_vec(t.bytes(&self.mmap), shape, src);
-            self.release_pages(&self.mmap[t.storage()]);
-            return Ok(if src == dtype {
-                data
-            } else {
-                data.convert_dtype(dtype)
-            });
-        }
+        let data = match &self.torch {
+            Some(t) => self.read_torch(t, key)?,
+            None => self.read_safetensors(key)?,
+        };
+        Ok(if data.dtype == dtype {
+            data
+        } else {
+            data.convert_dtype(dtype)
+        })
+    }
+
+    /// One tensor of a torch checkpoint, gathered through its strides.
+    fn read_torch(&self, t: &BTreeMap<String, TorchTensor>, key: &str) -> RtResult<TensorData> {
+        let t = t
+            .get(key)
+            .ok_or_else(|| format!("{} has no tensor `{key}`", self.path))?;
+        let src =
+            to_burn_dtype(t.dtype).map_err(|e| format!("{}: tensor `{key}`: {e}", self.path))?;
+        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+        let data = TensorData::from_bytes_vec(t.bytes(&self.mmap), shape, src);
+        self.release_pages(&self.mmap[t.storage()]);
+        Ok(data)
+    }
+
+    /// One tensor's bytes as stored (float8 read as f32).
+    fn read_safetensors(&self, key: &str) -> RtResult<TensorData> {
         let st = self.tensors()?;
         let view = st
             .tensor(key)
@@ -176,9 +187,9 @@ impl WeightFile {
             SDtype::F8_E5M2 => Some(|b| float8::F8E5M2::from_bits(b).to_f32()),
             _ => None,
         };
-        let (data, src) = if let Some(decode) = float8 {
+        let data = if let Some(decode) = float8 {
             let values: Vec<f32> = bytes.iter().map(|b| decode(*b)).collect();
-            (TensorData::new(values, shape), BDType::F32)
+            TensorData::new(values, shape)
         } else {
             let src = burn_dtype(view.dtype()).ok_or_else(|| {
                 format!(
@@ -187,14 +198,10 @@ impl WeightFile {
                     view.dtype()
                 )
             })?;
-            (TensorData::from_bytes_vec(bytes.to_vec(), shape, src), src)
+            TensorData::from_bytes_vec(bytes.to_vec(), shape, src)
         };
         self.release_pages(bytes);
-        Ok(if src == dtype {
-            data
-        } else {
-            data.convert_dtype(dtype)
-        })
+        Ok(data)
     }
 }
 

@@ -1075,13 +1075,13 @@ impl TrainConfig {
 
     /// The files that hold parts' weights in place of the base model's (`<part>.model_name`,
     /// `vae.model_name`) by part id, as the architecture's `part_files` option takes them.
-    pub fn part_files(&self, base: &Path) -> serde_json::Map<String, serde_json::Value> {
+    pub fn part_files(&self, base: &Path) -> std::collections::BTreeMap<String, PathBuf> {
         self.part_tables()
             .into_iter()
             .map(|(t, p)| (t, p.model_name.as_str()))
             .chain([("vae", self.vae.model_name.as_str())])
             .filter(|(_, f)| !f.is_empty())
-            .map(|(t, f)| (t.to_string(), Self::path(base, f).to_string_lossy().into()))
+            .map(|(t, f)| (t.to_string(), Self::path(base, f)))
             .collect()
     }
 
@@ -1098,11 +1098,7 @@ impl TrainConfig {
         if !self.base_model_config.is_empty() {
             out.push(Self::path(base, &self.base_model_config));
         }
-        out.extend(
-            self.part_files(base)
-                .values()
-                .filter_map(|v| v.as_str().map(PathBuf::from)),
-        );
+        out.extend(self.part_files(base).into_values());
         out
     }
 

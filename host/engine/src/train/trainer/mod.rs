@@ -196,7 +196,7 @@ fn part_files(
     c: &TrainConfig,
     base: &Path,
     registry: &Registry,
-) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+) -> Result<Option<std::collections::BTreeMap<String, PathBuf>>> {
     let files = c.part_files(base);
     if files.is_empty() {
         return Ok(None);
@@ -376,7 +376,7 @@ impl Trainer {
                 .into();
         }
         if let Some(files) = part_files(c, base, &registry)? {
-            options["part_files"] = files.into();
+            options["part_files"] = serde_json::json!(files);
         }
         let arch = registry
             .architecture(&c.model_type, &options.to_string())

@@ -204,8 +204,8 @@ impl Trainer {
         ];
         // The parts' own files (`<part>.model_name`).
         protected.extend(
-            c.model_paths(&self.base)
-                .into_iter()
+            c.part_files(&self.base)
+                .into_values()
                 .map(|p| ("model file", p)),
         );
         let inside = [
