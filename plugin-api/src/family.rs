@@ -67,10 +67,23 @@ pub struct Part {
     /// Its learning rate when the config gives none for it (else the global one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_learning_rate: Option<f64>,
+    /// A text encoder's key in textual-inversion embedding files (A1111's and ComfyUI's:
+    /// `emb_params` for a model's only one, `clip_l`, `clip_g`), when it takes embeddings (ABI
+    /// 1.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_key: Option<String>,
     /// The file of a diffusers folder its tensors are saved in (`unet/diffusion_pytorch_model.
     /// safetensors`), its parameters' names without the `<id>.` prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diffusers_file: Option<String>,
+}
+
+impl Part {
+    /// This text encoder takes embeddings, under `key` in embedding files.
+    pub fn with_embedding_key(mut self, key: &str) -> Self {
+        self.embedding_key = Some(key.into());
+        self
+    }
 }
 
 fn yes() -> bool {
@@ -214,6 +227,7 @@ fn implied_parts(layers: &[AdaptableLayer]) -> Vec<Part> {
             kind: PartKind::Other,
             trainable: true,
             default_learning_rate: None,
+            embedding_key: None,
             diffusers_file: None,
         })
         .collect()

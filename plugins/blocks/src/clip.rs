@@ -2,12 +2,13 @@
 //! SD 1.x (quick GELU), SD 2.x and SDXL (GELU, projection) from one config.
 
 use ferrite_plugin_api::{
-    DType, Error, Result, Tensor, WeightInfo, Weights, checkpoint,
+    DType, Error, Result, Tensor, TextEmbedding, WeightInfo, Weights, checkpoint,
     nn::{Embedding, LayerNorm, Linear},
     ops,
 };
 use serde::Deserialize;
 
+use crate::added_tokens::AddedTokens;
 use crate::layers::{layer_norm, linear};
 use crate::{expect_shape, key};
 
@@ -159,6 +160,8 @@ pub struct ClipTextTransformer {
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
     pub text_projection: Option<Linear>,
+    /// Textual-inversion embeddings' tokens (ids past the vocabulary).
+    pub added: AddedTokens,
 }
 
 impl ClipTextTransformer {
@@ -213,6 +216,7 @@ impl ClipTextTransformer {
                 dtype,
             )?,
             text_projection,
+            added: AddedTokens::none(c.vocab_size),
             config: c.clone(),
         })
     }
@@ -263,6 +267,27 @@ impl ClipTextTransformer {
             .collect()
     }
 
+    /// The frozen table's rows for `ids` (`[n, width]`, f32, no graph).
+    pub fn token_embeddings(&self, ids: &[i64]) -> Result<Tensor> {
+        ops::embedding(
+            &self.token_embedding.weight,
+            &Tensor::from_i64(ids, &[ids.len()])?,
+        )?
+        .cast(DType::F32)?
+        .detach()
+    }
+
+    /// Takes `embeddings`' vectors for this encoder (part id `part`) in place of earlier ones.
+    pub fn set_embeddings(&mut self, part: &str, embeddings: &[TextEmbedding]) -> Result<()> {
+        self.added = AddedTokens::new(
+            self.config.vocab_size,
+            self.config.hidden_size,
+            part,
+            embeddings,
+        )?;
+        Ok(())
+    }
+
     /// Encodes token ids (`batch` rows of equal length, host data from the tokenizer); `skip`
     /// layers from the end give `skipped_hidden_state`.
     pub fn forward(&self, ids: &[i64], batch: usize, skip: usize) -> Result<ClipTextOutput> {
@@ -285,18 +310,9 @@ impl ClipTextTransformer {
                 self.config.max_position_embeddings
             )));
         }
-        if let Some(bad) = ids
-            .iter()
-            .find(|&&i| i < 0 || i as usize >= self.config.vocab_size)
-        {
-            return Err(Error(format!(
-                "token id {bad} outside the vocabulary of {}",
-                self.config.vocab_size
-            )));
-        }
         let tokens = self
-            .token_embedding
-            .forward(&Tensor::from_i64(ids, &[batch, len])?)?;
+            .added
+            .lookup(&self.token_embedding.weight, ids, &[batch, len])?;
         let pos = Tensor::arange(0, len as i64, 1, DType::I64)?.reshape(&[1, len as i64])?;
         let mut x = tokens.add(&self.position_embedding.forward(&pos)?)?;
         // Causal mask: position i sees 0..=i (true hides).

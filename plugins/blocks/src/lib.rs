@@ -2,6 +2,7 @@
 //! transformers so that checkpoint keys map one to one. Everything here is plugin-api code: no
 //! tensor data lives in the plugin.
 
+pub mod added_tokens;
 pub mod clip;
 pub mod embeddings;
 pub mod flux;
@@ -57,6 +58,7 @@ pub fn part(id: &str, name: &str, kind: PartKind, file: &str) -> Part {
         kind,
         trainable: true,
         default_learning_rate: None,
+        embedding_key: None,
         diffusers_file: Some(file.into()),
     }
 }

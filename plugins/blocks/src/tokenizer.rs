@@ -5,6 +5,8 @@
 use std::path::Path;
 
 use ferrite_plugin_api::{Error, Result};
+
+use crate::added_tokens::AddedTokens;
 use tokenizers::{
     AddedToken, SplitDelimiterBehavior, Tokenizer,
     models::bpe::{BPE, BpeBuilder, Vocab},
@@ -180,7 +182,12 @@ impl ClipTokenizer {
     /// `max_length` ids: BOS, the tokens (truncated to fit), EOS, padding — as
     /// `CLIPTokenizer(text, padding="max_length", truncation=True)`.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let t = self.tokens(text)?;
+        self.encode_added(text, &AddedTokens::none(0))
+    }
+
+    /// [`ClipTokenizer::encode`] with the placeholders of `added` as their own tokens.
+    pub fn encode_added(&self, text: &str, added: &AddedTokens) -> Result<Vec<i64>> {
+        let t = added.tokens(text, |piece| self.tokens(piece))?;
         Ok(self.frame(&t[..t.len().min(self.max_length - 2)]))
     }
 }

@@ -13,7 +13,8 @@ use ferrite_blocks::{
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
-    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, Weights, bail,
+    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, TextEmbedding,
+    Weights, bail,
     family::{Conditioning, Metadata, Objective},
     serde_json,
 };
@@ -193,7 +194,8 @@ impl Architecture for Flux {
                     "Text encoder (CLIP ViT-L)",
                     PartKind::TextEncoder,
                     "text_encoder/model.safetensors",
-                ),
+                )
+                .with_embedding_key("clip_l"),
                 part(
                     "text_encoder_2",
                     "Text encoder 2 (T5 XXL)",
@@ -259,12 +261,31 @@ impl Architecture for Flux {
         bfl::export(&transformer)
     }
 
+    fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
+        let ids = self.clip_tokenizer.tokens(text)?;
+        Ok(vec![("text_encoder".into(), self.clip.token_embeddings(&ids)?)])
+    }
+
+    /// CLIP-L's embeddings only (as OneTrainer trains them); T5 reads a placeholder as text.
+    fn set_embeddings(&mut self, embeddings: Vec<TextEmbedding>) -> Result<()> {
+        if let Some(e) = embeddings
+            .iter()
+            .find(|e| e.vectors.iter().any(|(p, _)| p != "text_encoder"))
+        {
+            return Err(Error(format!(
+                "embedding `{}`: Flux takes embeddings for CLIP-L (text_encoder) only",
+                e.placeholder
+            )));
+        }
+        self.clip.set_embeddings("text_encoder", &embeddings)
+    }
+
     /// T5's states `[B, max_sequence_length, D]` and CLIP's pooled output `[B, D']`, as
     /// diffusers' Flux pipeline encodes a prompt.
     fn encode_text(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
         let (mut clip_ids, mut t5_ids) = (Vec::new(), Vec::new());
         for p in prompts {
-            clip_ids.extend(self.clip_tokenizer.encode(p)?);
+            clip_ids.extend(self.clip_tokenizer.encode_added(p, &self.clip.added)?);
             t5_ids.extend(self.t5_tokenizer.encode(p)?);
         }
         let n = prompts.len();

@@ -20,7 +20,7 @@ use ferrite_blocks::{
 };
 use ferrite_plugin_api::{
     AdaptableLayer, Architecture, Component, ComponentKind, DType, Descriptor, Error, ModelInfo,
-    PartKind, Plugin, Result, Tensor, Weights, bail, export_plugin,
+    PartKind, Plugin, Result, Tensor, TextEmbedding, Weights, bail, export_plugin,
     family::{Conditioning, Metadata, Objective},
     serde_json::{self, json},
 };
@@ -430,7 +430,8 @@ impl Architecture for Sd15 {
                     },
                     PartKind::TextEncoder,
                     "text_encoder/model.safetensors",
-                ),
+                )
+                .with_embedding_key("emb_params"),
             ],
             conditioning: Conditioning::default(),
             objective: Objective::Ddpm {
@@ -451,12 +452,24 @@ impl Architecture for Sd15 {
         .to_json())
     }
 
+    fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
+        let ids = self.tokenizer.tokens(text)?;
+        Ok(vec![(
+            "text_encoder".into(),
+            self.text_encoder.token_embeddings(&ids)?,
+        )])
+    }
+
+    fn set_embeddings(&mut self, embeddings: Vec<TextEmbedding>) -> Result<()> {
+        self.text_encoder.set_embeddings("text_encoder", &embeddings)
+    }
+
     /// Prompts longer than 75 tokens are truncated, as diffusers' pipeline and OneTrainer do;
     /// with CLIP skip the states come from an earlier layer (through the final norm).
     fn encode_text(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
         let mut ids = Vec::new();
         for p in prompts {
-            ids.extend(self.tokenizer.encode(p)?);
+            ids.extend(self.tokenizer.encode_added(p, &self.text_encoder.added)?);
         }
         let out = self
             .text_encoder

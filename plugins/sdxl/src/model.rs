@@ -12,7 +12,8 @@ use ferrite_blocks::{
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
-    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, Weights, bail,
+    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, TextEmbedding,
+    Weights, bail,
     family::{Conditioning, Metadata, Objective},
     serde_json::{self, json},
 };
@@ -288,7 +289,7 @@ impl Sdxl {
     ) -> Result<(Tensor, ferrite_blocks::clip::ClipTextOutput)> {
         let mut ids = Vec::new();
         for p in prompts {
-            ids.extend(tokenizer.encode(p)?);
+            ids.extend(tokenizer.encode_added(p, &encoder.added)?);
         }
         let out = encoder.forward(&ids, prompts.len(), 0)?;
         let n = out.hidden_states.len();
@@ -330,13 +331,15 @@ impl Architecture for Sdxl {
                     "Text encoder 1 (CLIP ViT-L)",
                     PartKind::TextEncoder,
                     "text_encoder/model.safetensors",
-                ),
+                )
+                .with_embedding_key("clip_l"),
                 part(
                     "text_encoder_2",
                     "Text encoder 2 (OpenCLIP ViT-bigG)",
                     PartKind::TextEncoder,
                     "text_encoder_2/model.safetensors",
-                ),
+                )
+                .with_embedding_key("clip_g"),
             ],
             conditioning: Conditioning {
                 text: vec!["states".into(), "pooled".into()],
@@ -391,6 +394,26 @@ impl Architecture for Sdxl {
         let levels = self.vae.config.block_out_channels.len();
         out.extend(ldm::vae_export(&self.vae_weights, levels)?);
         Ok(out)
+    }
+
+    fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![
+            (
+                "text_encoder".into(),
+                self.text_encoder
+                    .token_embeddings(&self.tokenizer.tokens(text)?)?,
+            ),
+            (
+                "text_encoder_2".into(),
+                self.text_encoder_2
+                    .token_embeddings(&self.tokenizer_2.tokens(text)?)?,
+            ),
+        ])
+    }
+
+    fn set_embeddings(&mut self, embeddings: Vec<TextEmbedding>) -> Result<()> {
+        self.text_encoder.set_embeddings("text_encoder", &embeddings)?;
+        self.text_encoder_2.set_embeddings("text_encoder_2", &embeddings)
     }
 
     /// `[states, pooled]`: both encoders' penultimate states side by side `[B, 77, 768 + 1280]`
