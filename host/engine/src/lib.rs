@@ -5,6 +5,7 @@
 pub mod adapters;
 pub mod config;
 pub mod data;
+pub mod embeddings;
 pub mod hub;
 pub mod model_file;
 pub mod plugins;

@@ -12,7 +12,8 @@ use super::form::{Fields, FormState, Help, problems_by_key};
 use super::run::{Phase, RunView};
 use super::tools::Tools;
 use crate::config::{
-    OutputFormat, SampleConfig, TimeUnit, TrainConfig, TrainingMethod, preset_names,
+    EmbeddingConfig, OutputFormat, SampleConfig, TimeUnit, TrainConfig, TrainingMethod,
+    preset_names,
 };
 use crate::plugins::{ComponentInfo, LoadProblem, Registry};
 use crate::settings::Settings;
@@ -334,6 +335,7 @@ impl App {
                 .selected_text(match self.config.training_method {
                     TrainingMethod::Lora => "LoRA",
                     TrainingMethod::FineTune => "Fine tune",
+                    TrainingMethod::Embedding => "Embedding",
                 })
                 .show_ui(ui, |ui| {
                     ui.selectable_value(
@@ -345,6 +347,11 @@ impl App {
                         &mut self.config.training_method,
                         TrainingMethod::FineTune,
                         "Fine tune",
+                    );
+                    ui.selectable_value(
+                        &mut self.config.training_method,
+                        TrainingMethod::Embedding,
+                        "Embedding",
                     );
                 })
                 .response
@@ -595,12 +602,7 @@ impl App {
                 f.check(ui, "layer_filter_regex", &mut c.layer_filter_regex);
                 f.path(ui, "lora_base_model", &mut c.lora_base_model, false);
             }),
-            Tab::Embedding => {
-                ui.label(
-                    "Textual-inversion embeddings cannot be trained yet: no trainer for them \
-                     exists in this version. Their options appear here when it does.",
-                );
-            }
+            Tab::Embedding => embedding_tab(ui, &mut f, c),
             Tab::Tools => {
                 let dirs = &self.options.plugin_dirs;
                 self.tools.show(ui, &base, dirs, &self.settings, c);
@@ -845,5 +847,74 @@ fn sampling_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig) {
     }
     if ui.button("Add sample").clicked() {
         c.samples.push(SampleConfig::default());
+    }
+}
+
+/// One embedding's fields under config key `key` (`embedding`, `additional_embeddings[0]`).
+fn embedding_fields(f: &mut Fields, ui: &mut Ui, key: &str, e: &mut EmbeddingConfig, train: bool) {
+    f.grid(ui, key, |f, ui| {
+        f.path(ui, &format!("{key}.model_name"), &mut e.model_name, false);
+        f.text(ui, &format!("{key}.placeholder"), &mut e.placeholder);
+        if train {
+            f.check(ui, &format!("{key}.train"), &mut e.train);
+        }
+        f.num(ui, &format!("{key}.token_count"), &mut e.token_count);
+        f.text(
+            ui,
+            &format!("{key}.initial_embedding_text"),
+            &mut e.initial_embedding_text,
+        );
+        f.num(
+            ui,
+            &format!("{key}.stop_training_after"),
+            &mut e.stop_training_after,
+        );
+        f.choice_of(
+            ui,
+            &format!("{key}.stop_training_after_unit"),
+            &mut e.stop_training_after_unit,
+            TimeUnit::STOPS,
+        );
+    });
+}
+
+/// The embedding an embedding run trains, and the additional embeddings of any run.
+fn embedding_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig) {
+    f.grid(ui, "embeddings", |f, ui| {
+        f.opt_num(ui, "embedding_learning_rate", &mut c.embedding_learning_rate);
+        f.check(
+            ui,
+            "bundle_additional_embeddings",
+            &mut c.bundle_additional_embeddings,
+        );
+    });
+    ui.separator();
+    if c.training_method == TrainingMethod::Embedding {
+        ui.strong("Embedding (what this run trains)");
+        embedding_fields(f, ui, "embedding", &mut c.embedding, false);
+    } else {
+        ui.label("The training method Embedding trains one embedding; its options show here then.");
+    }
+    ui.separator();
+    ui.strong("Additional embeddings");
+    let mut remove = None;
+    for (i, e) in c.additional_embeddings.iter_mut().enumerate() {
+        ui.push_id(i, |ui| {
+            embedding_fields(f, ui, &format!("additional_embeddings[{i}]"), e, true);
+            if ui.button("Remove").clicked() {
+                remove = Some(i);
+            }
+        });
+        ui.separator();
+    }
+    if let Some(i) = remove {
+        c.additional_embeddings.remove(i);
+    }
+    if ui.button("Add embedding").clicked() {
+        let n = c.additional_embeddings.len();
+        c.additional_embeddings.push(EmbeddingConfig {
+            placeholder: format!("<embedding{}>", n + 1),
+            ..Default::default()
+        });
     }
 }

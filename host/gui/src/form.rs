@@ -10,7 +10,7 @@ use std::str::FromStr;
 use eframe::egui::{self, Color32, RichText, Ui};
 use serde_json::Value;
 
-use crate::config::{Choice, ConceptConfig, SampleConfig, TimeUnit, TrainConfig};
+use crate::config::{Choice, ConceptConfig, EmbeddingConfig, SampleConfig, TimeUnit, TrainConfig};
 
 /// Descriptions and defaults of every option, by key path (`unet.learning_rate`,
 /// `concepts.path`: list entries without their index).
@@ -56,6 +56,10 @@ impl Help {
         for (part, def) in [("unet.", "PartConfig"), ("text_encoder.", "PartConfig")] {
             let d = &defaults[0].1[part.trim_end_matches('.')];
             visit(part, &defs[def]["properties"], d);
+        }
+        let embedding = serde_json::to_value(EmbeddingConfig::default()).unwrap_or_default();
+        for prefix in ["embedding.", "additional_embeddings."] {
+            visit(prefix, &defs["EmbeddingConfig"]["properties"], &embedding);
         }
         visit(
             "concepts.",

@@ -91,9 +91,11 @@ pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
     };
     let mut out = BTreeMap::new();
     let mut storages: BTreeMap<String, Range<usize>> = BTreeMap::new();
-    for (k, v) in tensors {
+    let mut named = Vec::new();
+    nested(String::new(), tensors, &mut named);
+    for (name, v) in named {
         let (
-            Value::Str(name),
+            name,
             Value::Tensor {
                 key,
                 kind,
@@ -101,7 +103,7 @@ pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
                 shape,
                 stride,
             },
-        ) = (k, v)
+        ) = (name, v)
         else {
             continue;
         };
@@ -171,6 +173,23 @@ pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
         return Err("the checkpoint holds no tensors".into());
     }
     Ok(out)
+}
+
+/// The dict's entries with string keys, those of dicts inside it under `outer.inner` names
+/// (A1111's embeddings keep theirs in `string_to_param`).
+fn nested(prefix: String, dict: Vec<(Value, Value)>, out: &mut Vec<(String, Value)>) {
+    for (k, v) in dict {
+        let Value::Str(k) = k else { continue };
+        let name = if prefix.is_empty() {
+            k
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Dict(inner) => nested(name, inner, out),
+            v => out.push((name, v)),
+        }
+    }
 }
 
 impl TorchTensor {

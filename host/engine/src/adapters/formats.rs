@@ -290,6 +290,7 @@ pub fn write(
     states: &[AdapterState],
     model: &ModelInfo,
     extra: &[(String, String)],
+    bundled: &[(String, Tensor)],
 ) -> Result<()> {
     let Some(AdapterState {
         kind, state: first, ..
@@ -368,7 +369,11 @@ pub fn write(
             .filter(|(k, _)| !k.starts_with("modelspec.hash") && !meta_keys_written(k))
             .cloned(),
     );
-    let tensors: Vec<(&str, &Tensor)> = entries.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let tensors: Vec<(&str, &Tensor)> = entries
+        .iter()
+        .chain(bundled)
+        .map(|(k, t)| (k.as_str(), t))
+        .collect();
     let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &tensors, &meta)
         .map_err(|e| AdapterError(format!("{}: {e}", path.display())))

@@ -344,6 +344,7 @@ impl ModelLayers {
         format: formats::Format,
         dtype: DType,
         extra: &[(String, String)],
+        bundled: &[(String, Tensor)],
     ) -> Result<()> {
         let mut states = self.states()?;
         for s in &mut states {
@@ -351,7 +352,11 @@ impl ModelLayers {
                 *t = t.cast(dtype).map_err(err)?;
             }
         }
-        formats::write(path, format, &states, &self.info, extra)
+        let bundled = bundled
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.cast(dtype).map_err(err)?)))
+            .collect::<Result<Vec<_>>>()?;
+        formats::write(path, format, &states, &self.info, extra, &bundled)
     }
 }
 

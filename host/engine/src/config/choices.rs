@@ -33,6 +33,8 @@ choices! {
         Lora,
         /// The model's own weights.
         FineTune,
+        /// A textual-inversion embedding (`[embedding]`): new token vectors only.
+        Embedding,
     }
 
     /// The output file's layout.
@@ -207,6 +209,7 @@ impl OutputFormat {
         match method {
             TrainingMethod::Lora => Self::VARIANTS,
             TrainingMethod::FineTune => &[Self::Safetensors, Self::Diffusers],
+            TrainingMethod::Embedding => &[Self::Safetensors],
         }
     }
 }

@@ -58,6 +58,43 @@ pub struct PartConfig {
     pub model_name: String,
 }
 
+/// A textual-inversion embedding (OneTrainer's `embedding` and `additional_embeddings`
+/// entries): new token vectors for every text encoder of the model that takes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddingConfig {
+    /// An embedding file to start from (A1111/ComfyUI, `string_to_param` or diffusers'
+    /// `learned_embeds`); empty: new vectors from `initial_embedding_text`.
+    pub model_name: String,
+    /// The text in captions and prompts that stands for the embedding's tokens.
+    pub placeholder: String,
+    /// Train its vectors (off: used as loaded).
+    pub train: bool,
+    /// How many tokens (vectors per text encoder) it has.
+    pub token_count: usize,
+    /// New vectors start as this text's token embeddings (cut to token_count, padded with
+    /// `*`'s).
+    pub initial_embedding_text: String,
+    /// It stops training after so many units (0: trains to the end).
+    pub stop_training_after: f64,
+    /// The unit of stop_training_after.
+    pub stop_training_after_unit: TimeUnit,
+}
+
+impl Default for EmbeddingConfig {
+    fn default() -> Self {
+        Self {
+            model_name: String::new(),
+            placeholder: "<embedding>".into(),
+            train: true,
+            token_count: 1,
+            initial_embedding_text: "*".into(),
+            stop_training_after: 0.0,
+            stop_training_after_unit: TimeUnit::Never,
+        }
+    }
+}
+
 /// VAE options.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
@@ -441,6 +478,17 @@ pub struct TrainConfig {
     /// VAE options.
     pub vae: VaeConfig,
 
+    /// The embedding a `training_method = "embedding"` run trains.
+    pub embedding: EmbeddingConfig,
+    /// Embeddings trained (or used) alongside a LoRA or fine-tune (a trigger word learned with
+    /// it).
+    pub additional_embeddings: Vec<EmbeddingConfig>,
+    /// The embeddings' learning rate (empty: learning_rate).
+    pub embedding_learning_rate: Option<f64>,
+    /// LoRA: the additional embeddings go inside the LoRA file (A1111's `bundle_emb.` keys);
+    /// off, or with a fine-tune: each is a file of its own beside the output.
+    pub bundle_additional_embeddings: bool,
+
     /// lora or loha.
     pub peft_type: String,
     /// The rank of each adapter.
@@ -526,6 +574,10 @@ impl Default for TrainConfig {
             seed: 42,
             dataloader_threads: 2,
             learning_rate: 1e-4,
+            embedding: EmbeddingConfig::default(),
+            additional_embeddings: Vec::new(),
+            embedding_learning_rate: None,
+            bundle_additional_embeddings: true,
             optimizer,
             learning_rate_scheduler: LrScheduler::Constant,
             learning_rate_warmup_steps: 0.0,
@@ -903,6 +955,26 @@ impl TrainConfig {
                 .any(|c| c.enabled && c.kind == ConceptType::Standard),
             "concepts: add at least one enabled standard concept",
         );
+        let embeddings = self.embeddings();
+        for (i, (what, e)) in embeddings.iter().enumerate() {
+            check(
+                !e.placeholder.trim().is_empty(),
+                &format!("{what}.placeholder: give the text that stands for the embedding"),
+            );
+            check(
+                !e.model_name.is_empty() || e.token_count > 0,
+                &format!("{what}.token_count: a new embedding has at least one token"),
+            );
+            check(
+                !embeddings[..i]
+                    .iter()
+                    .any(|(_, o)| o.placeholder == e.placeholder),
+                &format!(
+                    "{what}.placeholder: `{}` is used by another embedding; give each its own",
+                    e.placeholder
+                ),
+            );
+        }
         for (i, c) in self.concepts.iter().enumerate() {
             check(
                 !(c.enabled
@@ -910,7 +982,7 @@ impl TrainConfig {
                     && self.training_method != TrainingMethod::Lora),
                 &format!(
                     "concepts[{i}].type: a prior concept trains towards the model without its \
-                     adapter, and a fine-tune has no adapter: use it with training_method = \
+                     adapter, and a fine-tune or an embedding has none: use it with training_method = \
                      \"lora\", or make it a standard concept"
                 ),
             );
@@ -999,8 +1071,26 @@ impl TrainConfig {
     }
 
     /// Whether this run trains a model part (it can be, and its table says so).
+    /// The run's embeddings with their config keys: `embedding` in an embedding run, then the
+    /// additional ones.
+    pub fn embeddings(&self) -> Vec<(String, &EmbeddingConfig)> {
+        let main = (self.training_method == TrainingMethod::Embedding)
+            .then(|| ("embedding".to_string(), &self.embedding));
+        main.into_iter()
+            .chain(
+                self.additional_embeddings
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (format!("additional_embeddings[{i}]"), e)),
+            )
+            .collect()
+    }
+
+    /// An embedding run trains no part of the model.
     pub fn trains(&self, part: &ferrite_plugin_api::Part) -> bool {
-        part.trainable && self.part(&part.config_table).is_some_and(|t| t.train)
+        self.training_method != TrainingMethod::Embedding
+            && part.trainable
+            && self.part(&part.config_table).is_some_and(|t| t.train)
     }
 
     /// `v_prediction` or `epsilon` when one is forced.

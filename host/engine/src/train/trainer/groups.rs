@@ -9,17 +9,18 @@ use super::{Result, TrainError, Trainer, err};
 use crate::adapters::select;
 use crate::config::{EmaMode, LoraWeightDtype, TimeUnit, TrainConfig, TrainingMethod};
 
-/// A model part's trainable tensors and their optimizer.
+/// A model part's (or an embedding's) trainable tensors and their optimizer.
 pub(super) struct Group {
-    /// The model part's id, and the config table it is configured by.
+    /// The model part's id (`embedding-<i>` for an embedding): names its backup files.
     pub(super) part: String,
-    pub(super) table: String,
     pub(super) names: Vec<String>,
     pub(super) params: Vec<Tensor>,
     pub(super) optimizer: OptimizerHandle,
     pub(super) lr: f64,
     /// The moving average of `params`, when EMA is on.
     pub(super) ema: Option<Ema>,
+    /// Its stop_training_after and unit.
+    pub(super) stop: (f64, TimeUnit),
     /// It stopped training (stop_training_after) and keeps its weights from then on.
     pub(super) stopped: bool,
 }
@@ -131,7 +132,7 @@ impl Trainer {
             );
             groups.push(Group {
                 part: part.id.clone(),
-                table: part.config_table.clone(),
+                stop: (pc.stop_training_after, pc.stop_training_after_unit),
                 names,
                 params,
                 optimizer,
@@ -143,9 +144,12 @@ impl Trainer {
                 stopped: false,
             });
         }
+        groups.extend(self.embedding_groups()?);
         if groups.is_empty() {
             return Err(TrainError(
-                "nothing to train: no parameters in the parts marked train".into(),
+                "nothing to train: no parameters in the parts marked train, and no embedding \
+                 marked train"
+                    .into(),
             ));
         }
         Ok(groups)
@@ -153,16 +157,12 @@ impl Trainer {
 
     /// Stops the parts whose stop_training_after has come; true when no part trains any more.
     pub(super) fn stop_parts(&mut self, at: Moment) -> Result<bool> {
-        let c = &self.config;
         let (step, epoch) = (self.progress.step as f64, self.progress.epoch as f64);
         let elapsed = self.started.elapsed().as_secs_f64();
         for g in &mut self.groups {
-            let Some(pc) = c.part(&g.table) else {
-                continue;
-            };
-            let after = pc.stop_training_after;
+            let (after, unit) = g.stop;
             let reached = after > 0.0
-                && match (pc.stop_training_after_unit, at) {
+                && match (unit, at) {
                     (TimeUnit::Step, Moment::Step) => step >= after,
                     (TimeUnit::Epoch, Moment::Epoch) => epoch >= after,
                     (TimeUnit::Second, _) => elapsed >= after,

@@ -10,6 +10,7 @@ mod backup;
 mod batch;
 mod debug;
 mod ema;
+mod embeddings;
 mod encode;
 mod groups;
 mod intervals;
@@ -137,6 +138,9 @@ pub struct Trainer {
     /// One bucket set per resolution of the config (validation uses the first).
     buckets: Vec<Buckets>,
     groups: Vec<Group>,
+    /// Textual-inversion embeddings: the one an embedding run trains first, then the
+    /// additional ones.
+    embeddings: Vec<embeddings::RunEmbedding>,
     pub progress: Progress,
     batches_per_epoch: usize,
     tensorboard: Option<EventWriter>,
@@ -378,7 +382,7 @@ impl Trainer {
         if let Some(files) = part_files(c, base, &registry)? {
             options["part_files"] = serde_json::json!(files);
         }
-        let arch = registry
+        let mut arch = registry
             .architecture(&c.model_type, &options.to_string())
             .map_err(err)?;
         let model = Arc::new(ModelLayers::of(&arch).map_err(err)?);
@@ -386,6 +390,7 @@ impl Trainer {
         check_parts(c, &info)?;
         check_samples(c, &info)?;
         keep_weights(c, &info, &arch, &scope.device)?;
+        let embeddings = embeddings::load(c, base, &mut arch, &info)?;
         let noising = Noising::new(&info.objective, c)?;
         scope = scope
             .with_adapters(model.clone())
@@ -396,7 +401,7 @@ impl Trainer {
             .with_train_dtype(c.train_dtype.into())
             .with_fallback_dtype(c.fallback_train_dtype.into());
 
-        let data = Dataset::scan(c, base, &[ConceptType::Standard, ConceptType::Prior]);
+        let mut data = Dataset::scan(c, base, &[ConceptType::Standard, ConceptType::Prior]);
         if data.items.is_empty() {
             return Err(TrainError(format!(
                 "no training images found{}",
@@ -407,6 +412,8 @@ impl Trainer {
                 }
             )));
         }
+        data.problems
+            .extend(embeddings::problems(&embeddings, &data, &arch)?);
         let validation = Dataset::scan(c, base, &[ConceptType::Validation]);
         let step = info.resolution_step;
         let buckets: Vec<Buckets> = c
@@ -436,7 +443,9 @@ impl Trainer {
         let mut t = Self {
             caches: Arc::new(caches),
             timesteps: Arc::new(timesteps),
+            // Prompts with embeddings encode through their vectors, trained or not.
             text_cached: c.latent_caching
+                && embeddings.is_empty()
                 && !info
                     .parts
                     .iter()
@@ -450,6 +459,7 @@ impl Trainer {
             debug_last: None,
             tensorboard,
             groups: Vec::new(),
+            embeddings,
             batches_per_epoch: 0,
             progress: Progress::default(),
             config: config.clone(),
@@ -504,6 +514,11 @@ impl Trainer {
     /// The runtime's device (`cpu`, `cuda:0`).
     pub fn device_name(&self) -> &str {
         self.scope.device.name()
+    }
+
+    /// The model's own tensors by name (for tests and tools).
+    pub fn model_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        self.arch.parameters().map_err(err)
     }
 
     /// The trainable tensors by name (for tests and tools).

@@ -109,7 +109,7 @@ impl Trainer {
     /// Refuses an output the model cannot be written as (checked before training starts).
     pub(super) fn check_output_format(&self) -> Result<()> {
         let c = &self.config;
-        if c.training_method != TrainingMethod::Lora
+        if c.training_method == TrainingMethod::FineTune
             && c.output_model_format != OutputFormat::Diffusers
             && self.info.single_file_layout.is_none()
         {
@@ -118,7 +118,7 @@ impl Trainer {
                 c.output_model_format
             )));
         }
-        if c.training_method != TrainingMethod::Lora
+        if c.training_method == TrainingMethod::FineTune
             && c.output_model_format == OutputFormat::Diffusers
         {
             self.diffusers_base()?;
@@ -126,7 +126,7 @@ impl Trainer {
         // A single file that holds only some parts (Flux's BFL transformer) would drop a
         // trained one.
         let held = &self.info.single_file_parts;
-        if c.training_method != TrainingMethod::Lora
+        if c.training_method == TrainingMethod::FineTune
             && c.output_model_format != OutputFormat::Diffusers
             && !held.is_empty()
             && let Some(p) = self
@@ -189,7 +189,7 @@ impl Trainer {
         let base_model = c.base_model_path(&self.base);
         let cache = TrainConfig::path(&self.base, &c.cache_dir);
         let ws = &self.workspace;
-        let folder = c.training_method != TrainingMethod::Lora
+        let folder = c.training_method == TrainingMethod::FineTune
             && c.output_model_format == OutputFormat::Diffusers;
         // Unset, the config folder is the base model's path again.
         let base_config = match c.base_model_config.as_str() {
@@ -277,17 +277,26 @@ impl Trainer {
             ]
             .map(|(k, v)| (k.to_string(), v));
             self.model
-                .save(&path, format, self.output_dtype(), &meta)
+                .save(
+                    &path,
+                    format,
+                    self.output_dtype(),
+                    &meta,
+                    &self.bundled_embeddings(),
+                )
                 .map_err(err)?;
+        } else if c.training_method == TrainingMethod::Embedding {
+            self.save_embedding_output(&path)?;
         } else if c.output_model_format == OutputFormat::Diffusers {
             self.save_diffusers_folder(&path)?;
         } else {
             self.save_single_file(&path)?;
         }
+        self.save_embedding_files(&path)?;
         Ok(path)
     }
 
-    fn output_dtype(&self) -> DType {
+    pub(super) fn output_dtype(&self) -> DType {
         match self.config.output_dtype {
             OutputDtype::Float32 => DType::F32,
             OutputDtype::Float16 => DType::F16,

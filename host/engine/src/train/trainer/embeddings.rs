@@ -1,0 +1,208 @@
+//! The run's textual-inversion embeddings: the one an embedding run trains and the additional
+//! ones beside a LoRA or fine-tune — made or loaded, handed to the model, trained as groups of
+//! their own, checked against the captions, and saved (a file each, or bundled in the LoRA).
+
+use std::path::{Path, PathBuf};
+
+use ferrite_plugin_api::{ModelInfo, Tensor, plugin::ArchitectureHandle};
+
+use super::groups::Group;
+use super::{Result, TrainError, Trainer, err};
+use crate::config::{EmaMode, EmbeddingConfig, TrainConfig, TrainingMethod};
+use crate::data::Dataset;
+use crate::embeddings::{self, Vectors, files};
+
+/// An embedding of the run.
+pub(super) struct RunEmbedding {
+    /// Its config key (`embedding`, `additional_embeddings[0]`).
+    pub key: String,
+    pub config: EmbeddingConfig,
+    /// f32 `[tokens, width]` per text encoder: the tensors the model reads and the optimizer
+    /// updates.
+    pub vectors: Vectors,
+}
+
+/// Makes (or loads) the config's embeddings and hands them to the model.
+pub(super) fn load(
+    c: &TrainConfig,
+    base: &Path,
+    arch: &mut ArchitectureHandle,
+    info: &ModelInfo,
+) -> Result<Vec<RunEmbedding>> {
+    let mut out = Vec::new();
+    for (key, e) in c.embeddings() {
+        let fail = |x: embeddings::EmbeddingError| TrainError(format!("{key}: {x}"));
+        let vectors = if e.model_name.is_empty() {
+            embeddings::initial(arch, &e.initial_embedding_text, e.token_count).map_err(fail)?
+        } else {
+            let path = TrainConfig::path(base, &e.model_name);
+            files::read(&path, info)
+                .map_err(|x| TrainError(format!("{key}.model_name: {x}")))?
+        };
+        // Owned copies: the file's tensors (or the table's rows) stay as they were.
+        let vectors = vectors
+            .into_iter()
+            .map(|(p, t)| Ok((p, t.detach()?.try_clone()?)))
+            .collect::<ferrite_plugin_api::Result<Vectors>>()
+            .map_err(err)?;
+        out.push(RunEmbedding {
+            key,
+            config: e.clone(),
+            vectors,
+        });
+    }
+    let list: Vec<(String, Vectors)> = out
+        .iter()
+        .map(|e| (e.config.placeholder.clone(), e.vectors.clone()))
+        .collect();
+    embeddings::attach(arch, &list).map_err(err)?;
+    Ok(out)
+}
+
+/// What may be wrong with the embeddings, reported when the run starts: a placeholder no
+/// caption uses (it would not train), or one that is a word of the vocabulary already (it
+/// takes that word's place in every prompt).
+pub(super) fn problems(
+    list: &[RunEmbedding],
+    data: &Dataset,
+    arch: &ArchitectureHandle,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in list {
+        let p = &e.config.placeholder;
+        if e.config.train
+            && !data
+                .items
+                .iter()
+                .any(|i| i.captions.iter().any(|c| c.contains(p.as_str())))
+        {
+            out.push(format!(
+                "{}.placeholder: no caption contains `{p}`, so the embedding will not train",
+                e.key
+            ));
+        }
+        let single = arch
+            .token_embeddings(p)
+            .map_err(err)?
+            .iter()
+            .all(|(_, t)| t.shape().is_ok_and(|s| s[0] == 1));
+        if single {
+            out.push(format!(
+                "{}.placeholder: `{p}` is a word of the model's vocabulary; the embedding \
+                 replaces it in every prompt (a made-up token such as `<{}>` avoids that)",
+                e.key,
+                p.trim_matches(['<', '>'])
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The file name part for an embedding (its placeholder without what file names cannot hold).
+fn file_stem(placeholder: &str) -> String {
+    let s: String = placeholder
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
+    if s.is_empty() { "embedding".into() } else { s }
+}
+
+impl Trainer {
+    /// One group per trained embedding, at `embedding_learning_rate`.
+    pub(super) fn embedding_groups(&self) -> Result<Vec<Group>> {
+        let c = &self.config;
+        let (opt_id, opt_options) = c.optimizer_options();
+        let mut groups = Vec::new();
+        for (i, e) in self.embeddings.iter().enumerate() {
+            if !e.config.train {
+                continue;
+            }
+            let (names, params): (Vec<String>, Vec<Tensor>) = e
+                .vectors
+                .iter()
+                .map(|(part, t)| (format!("{}/{part}", e.config.placeholder), t.clone()))
+                .unzip();
+            for p in &params {
+                p.set_requires_grad(true).map_err(err)?;
+            }
+            let ema = match c.ema {
+                EmaMode::Off => None,
+                on => Some(super::ema::Ema::new(&params, on == EmaMode::Cpu).map_err(err)?),
+            };
+            let lr = c.embedding_learning_rate.unwrap_or(c.learning_rate);
+            tracing::info!("training embedding {} at learning rate {lr}", e.config.placeholder);
+            groups.push(Group {
+                part: format!("embedding-{i}"),
+                names,
+                params,
+                optimizer: self
+                    .registry
+                    .optimizer(&opt_id, &opt_options.to_string())
+                    .map_err(err)?,
+                lr,
+                ema,
+                stop: (e.config.stop_training_after, e.config.stop_training_after_unit),
+                stopped: false,
+            });
+        }
+        Ok(groups)
+    }
+
+    /// Where an additional embedding not bundled in the output goes: beside it, as
+    /// `<output stem>_<placeholder>.safetensors`.
+    fn embedding_file(&self, output: &Path, e: &RunEmbedding) -> PathBuf {
+        let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+        output.with_file_name(format!(
+            "{stem}_{}.safetensors",
+            file_stem(&e.config.placeholder)
+        ))
+    }
+
+    /// The embedding run's output, in A1111's layout.
+    pub(super) fn save_embedding_output(&self, output: &Path) -> Result<()> {
+        let e = self
+            .embeddings
+            .first()
+            .ok_or_else(|| TrainError("an embedding run without its embedding".into()))?;
+        embeddings::write(output, &e.vectors, &self.info, self.output_dtype()).map_err(err)
+    }
+
+    /// The additional embeddings' tensors to bundle into the LoRA file (none when they go to
+    /// files of their own).
+    pub(super) fn bundled_embeddings(&self) -> Vec<(String, Tensor)> {
+        let c = &self.config;
+        if !(c.bundle_additional_embeddings && c.training_method == TrainingMethod::Lora) {
+            return Vec::new();
+        }
+        self.additional()
+            .flat_map(|e| files::bundle_tensors(&e.config.placeholder, &e.vectors, &self.info))
+            .collect()
+    }
+
+    /// The additional embeddings as files beside the output (when not bundled).
+    pub(super) fn save_embedding_files(&self, output: &Path) -> Result<()> {
+        if !self.bundled_embeddings().is_empty() {
+            return Ok(());
+        }
+        for e in self.additional() {
+            let path = self.embedding_file(output, e);
+            embeddings::write(&path, &e.vectors, &self.info, self.output_dtype()).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn additional(&self) -> impl Iterator<Item = &RunEmbedding> {
+        let skip = usize::from(self.config.training_method == TrainingMethod::Embedding);
+        self.embeddings.iter().skip(skip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn file_stems_keep_what_file_names_hold() {
+        assert_eq!(super::file_stem("<my-style>"), "my-style");
+        assert_eq!(super::file_stem("<>"), "embedding");
+        assert_eq!(super::file_stem("a/b c"), "abc");
+    }
+}

@@ -1,0 +1,227 @@
+//! Textual-inversion embeddings: files other tools write (A1111's safetensors and `.pt`,
+//! diffusers' `learned_embeds`, SDXL's `clip_l`/`clip_g`) give diffusers' prompt states
+//! (fixtures from tests/fixtures/gen/embeddings.py); an embedding run trains only its vectors
+//! and saves them as A1111's file; additional embeddings beside a LoRA are bundled in its file
+//! or written beside it.
+
+use std::path::{Path, PathBuf};
+
+use ferrite::config::{TrainConfig, TrainingMethod};
+use ferrite::embeddings::{self, files};
+use ferrite::plugins::Registry;
+use ferrite::settings::Settings;
+use ferrite::train::trainer::{Event, Trainer};
+use ferrite_plugin_api::{DType, ModelInfo, Weights, plugin::ArchitectureHandle};
+
+const TOKEN: &str = "<style>";
+const PROMPT: &str = "a photo of <style> on a red cat";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn registry() -> Registry {
+    ferrite::runtime::init("cpu").unwrap();
+    Registry::discover(&[ferrite_tests::profile_dir()], &Settings::default())
+}
+
+fn load(arch: &str, model: &Path) -> (ArchitectureHandle, ModelInfo) {
+    let a = registry()
+        .architecture(arch, &serde_json::json!({ "model": model }).to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let info = ModelInfo::from_json(&a.model_info().unwrap()).unwrap();
+    (a, info)
+}
+
+fn expected(name: &str) -> ferrite_plugin_api::Tensor {
+    Weights::open(&fixtures().join("embeddings/expected.safetensors").to_string_lossy())
+        .unwrap()
+        .get(name, DType::F32)
+        .unwrap()
+}
+
+fn close(got: &ferrite_plugin_api::Tensor, want: &str) -> f32 {
+    let w = expected(want);
+    assert_eq!(got.shape().unwrap(), w.shape().unwrap(), "{want}");
+    ferrite_tests::max_abs_diff(got, &w)
+}
+
+#[test]
+fn sd15_embedding_files_of_every_form_give_diffusers_prompt_states() {
+    let (mut arch, info) = load("sd15", &fixtures().join("pipeline/model"));
+    let plain = arch.encode_text(&[PROMPT]).unwrap();
+    let d = close(&plain[0], "sd15_states");
+    assert!(d > 1e-2, "without the embedding the states differ ({d})");
+    for file in [
+        "sd15_a1111.safetensors",
+        "sd15_learned_embeds.safetensors",
+        "sd15_a1111.pt",
+    ] {
+        let v = files::read(&fixtures().join("embeddings").join(file), &info)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(v.len(), 1, "{file}");
+        assert_eq!(v[0].0, "text_encoder");
+        embeddings::attach(&mut arch, &[(TOKEN.into(), v)]).unwrap();
+        let out = arch.encode_text(&[PROMPT]).unwrap();
+        let d = close(&out[0], "sd15_states");
+        println!("{file}: max abs diff {d:e}");
+        assert!(d < 1e-4, "{file}: max abs diff {d}");
+        // Text without the placeholder reads as before.
+        let out = arch.encode_text(&["a photo of style on a red cat"]).unwrap();
+        assert!(close(&out[0], "sd15_plain_states") < 1e-4, "{file}");
+    }
+    embeddings::attach(&mut arch, &[]).unwrap();
+    let out = arch.encode_text(&[PROMPT]).unwrap();
+    assert_eq!(ferrite_tests::max_abs_diff(&out[0], &plain[0]), 0.0, "detached again");
+}
+
+#[test]
+fn an_sdxl_embedding_goes_to_both_text_encoders_as_diffusers_loads_it() {
+    let (mut arch, info) = load("sdxl", &fixtures().join("sdxl/model"));
+    let v = files::read(&fixtures().join("embeddings/sdxl.safetensors"), &info).unwrap();
+    let parts: Vec<&str> = v.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(parts, ["text_encoder", "text_encoder_2"]);
+    embeddings::attach(&mut arch, &[(TOKEN.into(), v.clone())]).unwrap();
+    let out = arch.encode_text(&[PROMPT]).unwrap();
+    for (got, want) in out.iter().zip(["sdxl_states", "sdxl_pooled"]) {
+        let d = close(got, want);
+        println!("{want}: max abs diff {d:e}");
+        assert!(d < 1e-4, "{want}: max abs diff {d}");
+    }
+    // Written and read back: SDXL's keys, the same vectors.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.safetensors");
+    embeddings::write(&path, &v, &info, DType::F32).unwrap();
+    let w = Weights::open(&path.to_string_lossy()).unwrap();
+    let keys: Vec<&str> = w.infos().iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, ["clip_g", "clip_l"]);
+    let back = files::read(&path, &info).unwrap();
+    for ((p, a), (q, b)) in v.iter().zip(&back) {
+        assert_eq!(p, q);
+        assert_eq!(ferrite_tests::max_abs_diff(a, b), 0.0);
+    }
+    // A single-encoder file is not an SDXL embedding.
+    let e = files::read(&fixtures().join("embeddings/sd15_a1111.safetensors"), &info)
+        .err()
+        .expect("an SD 1.5 embedding on SDXL")
+        .to_string();
+    assert!(e.contains("clip_l, clip_g") && e.contains("emb_params"), "{e}");
+}
+
+#[test]
+fn a_wrong_width_is_refused_naming_the_encoder() {
+    let (mut arch, info) = load("sd15", &fixtures().join("pipeline/model"));
+    let (_, xl) = load("sdxl", &fixtures().join("sdxl/model"));
+    let v = files::read(&fixtures().join("embeddings/sdxl.safetensors"), &xl).unwrap();
+    // clip_g's 48-wide vectors handed to SD 1.5's 32-wide encoder.
+    let wrong = vec![("text_encoder".to_string(), v[1].1.clone())];
+    let e = embeddings::attach(&mut arch, &[(TOKEN.into(), wrong)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("text_encoder takes vectors [tokens, 32]"), "{e}");
+    let _ = info;
+}
+
+fn concept(root: &Path, caption: &str) {
+    let dir = root.join("images");
+    ferrite_tests::toy_dataset(&dir);
+    for i in 0..6 {
+        std::fs::write(dir.join(format!("{i}.txt")), caption).unwrap();
+    }
+}
+
+fn config(root: &Path, extra: &str) -> TrainConfig {
+    let text = format!(
+        r#"
+model_type = "sd15"
+base_model_name = "{}"
+workspace_dir = "ws"
+output_model_destination = "out/result.safetensors"
+resolution = "16"
+batch_size = 2
+epochs = 4
+learning_rate = 0.05
+lora_rank = 2
+backup_after_unit = "never"
+sample_after_unit = "never"
+validation = true
+validate_after_unit = "never"
+{extra}
+[optimizer]
+optimizer = "adamw"
+[[concepts]]
+path = "images"
+[[concepts]]
+path = "images"
+name = "held out"
+type = "validation"
+"#,
+        fixtures().join("pipeline/model").display()
+    );
+    let p = root.join("c.toml");
+    std::fs::write(&p, text).unwrap();
+    TrainConfig::load(Some(&p), None, &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn an_embedding_run_trains_only_its_vectors_and_saves_a1111s_file() {
+    let root = tempfile::tempdir().unwrap();
+    concept(root.path(), "a photo of <thing> square");
+    let c = config(
+        root.path(),
+        r#"training_method = "embedding"
+[embedding]
+placeholder = "<thing>"
+token_count = 5
+initial_embedding_text = "red"
+"#,
+    );
+    assert_eq!(c.training_method, TrainingMethod::Embedding);
+    let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+    let trained = t.trainable();
+    let names: Vec<&str> = trained.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["<thing>/text_encoder"]);
+    let start = trained[0].1.to_vec().unwrap();
+    // OneTrainer's start: "red"'s tokens, then `*`'s.
+    let (arch, _) = load("sd15", &fixtures().join("pipeline/model"));
+    let red = arch.token_embeddings("red").unwrap()[0].1.to_vec().unwrap();
+    let star = arch.token_embeddings("*").unwrap()[0].1.to_vec().unwrap();
+    // The fixture's byte-level vocabulary: "red" is 3 tokens, then 2 of `*`.
+    assert_eq!(red.len(), 3 * 32);
+    assert_eq!(start.len(), 5 * 32);
+    assert_eq!(start[..96], red[..]);
+    assert_eq!(start[96..128], star[..32]);
+    assert_eq!(start[128..], star[..32]);
+    let model_before: Vec<(String, Vec<f32>)> = arch
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_vec().unwrap()))
+        .collect();
+    let before = t.validate().unwrap()[0].1;
+    let mut problems = Vec::new();
+    t.run(|e| {
+        if let Event::Started { problems: p, .. } = e {
+            problems = p;
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(problems.is_empty(), "{problems:?}");
+    // The loss at fixed timesteps and noise on the concept's images.
+    let after = t.validate().unwrap()[0].1;
+    println!("validation loss: before {before}, after {after}");
+    assert!(after < before * 0.98, "{before} -> {after}");
+    let end = t.trainable()[0].1.to_vec().unwrap();
+    assert_ne!(start, end, "the vectors trained");
+    // The model itself is untouched (its token table included).
+    for ((name, before), (_, after)) in model_before.iter().zip(t.model_parameters().unwrap()) {
+        assert!(*before == after.to_vec().unwrap(), "{name} changed");
+    }
+    // The output: A1111's `emb_params`, the trained vectors.
+    let out = root.path().join("out/result.safetensors");
+    let w = Weights::open(&out.to_string_lossy()).unwrap();
+    let keys: Vec<&str> = w.infos().iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, ["emb_params"]);
+    assert_eq!(w.info("emb_params").unwrap().shape, [5, 32]);
+    assert_eq!(w.get("emb_params", DType::F32).unwrap().to_vec().unwrap(), end);
+}
