@@ -139,7 +139,6 @@ workspace_dir = "ws"
 output_model_destination = "out/result.safetensors"
 resolution = "16"
 batch_size = 2
-epochs = 4
 learning_rate = 0.05
 lora_rank = 2
 backup_after_unit = "never"
@@ -170,6 +169,7 @@ fn an_embedding_run_trains_only_its_vectors_and_saves_a1111s_file() {
     let c = config(
         root.path(),
         r#"training_method = "embedding"
+epochs = 4
 [embedding]
 placeholder = "<thing>"
 token_count = 5
@@ -224,4 +224,139 @@ initial_embedding_text = "red"
     assert_eq!(keys, ["emb_params"]);
     assert_eq!(w.info("emb_params").unwrap().shape, [5, 32]);
     assert_eq!(w.get("emb_params", DType::F32).unwrap().to_vec().unwrap(), end);
+}
+
+/// The LoRA file of a run with additional embeddings: the trained one bundled under A1111's
+/// keys, a frozen one loaded from a file as it was; unbundled, each is a file beside the LoRA.
+#[test]
+fn additional_embeddings_train_with_a_lora_and_go_in_its_file_or_beside_it() {
+    let root = tempfile::tempdir().unwrap();
+    concept(root.path(), "a photo of <thing> square, <style>");
+    let style = fixtures().join("embeddings/sd15_a1111.safetensors");
+    let extra = format!(
+        r#"[[additional_embeddings]]
+placeholder = "<thing>"
+token_count = 2
+[[additional_embeddings]]
+placeholder = "<style>"
+model_name = "{}"
+train = false
+"#,
+        style.display()
+    );
+    let (_, info) = load("sd15", &fixtures().join("pipeline/model"));
+    for bundle in [true, false] {
+        let c = config(
+            root.path(),
+            &format!("epochs = 1\nbundle_additional_embeddings = {bundle}\n{extra}"),
+        );
+        let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<String> = t.trainable().into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().any(|n| n.starts_with("unet.")), "{names:?}");
+        assert!(names.contains(&"<thing>/text_encoder".to_string()), "{names:?}");
+        assert!(!names.iter().any(|n| n.starts_with("<style>")), "{names:?}");
+        let start = t
+            .trainable()
+            .into_iter()
+            .find(|(n, _)| n.starts_with("<thing>"))
+            .unwrap()
+            .1
+            .to_vec()
+            .unwrap();
+        t.run(|_| {}).unwrap_or_else(|e| panic!("{e}"));
+        let lora = root.path().join("out/result.safetensors");
+        let beside = root.path().join("out/result_thing.safetensors");
+        let style_beside = root.path().join("out/result_style.safetensors");
+        let (thing, kept) = if bundle {
+            assert!(!beside.exists());
+            let b = files::read_bundled(&lora, &info).unwrap();
+            let names: Vec<&str> = b.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, ["<style>", "<thing>"]);
+            let w = Weights::open(&lora.to_string_lossy()).unwrap();
+            assert!(w.info("bundle_emb.<thing>.string_to_param.*").is_some());
+            assert!(w.infos().iter().any(|i| i.key.starts_with("lora_unet_")));
+            (b[1].1[0].1.clone(), b[0].1[0].1.clone())
+        } else {
+            assert!(files::read_bundled(&lora, &info).unwrap().is_empty());
+            (
+                files::read(&beside, &info).unwrap()[0].1.clone(),
+                files::read(&style_beside, &info).unwrap()[0].1.clone(),
+            )
+        };
+        assert_eq!(thing.shape().unwrap(), [2, 32]);
+        assert_ne!(thing.to_vec().unwrap(), start, "trained");
+        let loaded = files::read(&style, &info).unwrap()[0].1.clone();
+        assert_eq!(ferrite_tests::max_abs_diff(&kept, &loaded), 0.0, "frozen");
+        std::fs::remove_dir_all(root.path().join("out")).unwrap();
+    }
+}
+
+/// Problems an embedding reports when the run starts.
+#[test]
+fn an_unused_or_existing_word_placeholder_is_reported_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    concept(root.path(), "a photo of a square");
+    let c = config(
+        root.path(),
+        "training_method = \"embedding\"\nepochs = 1\n[embedding]\nplaceholder = \"a\"\n",
+    );
+    let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+    let mut problems = Vec::new();
+    t.run(|e| {
+        if let Event::Started { problems: p, .. } = e {
+            problems = p;
+        }
+    })
+    .unwrap();
+    assert!(
+        problems.iter().any(|p| p.contains("a word of the model's vocabulary")),
+        "{problems:?}"
+    );
+    let c = config(
+        root.path(),
+        "training_method = \"embedding\"\nepochs = 1\n[embedding]\nplaceholder = \"<nowhere>\"\n",
+    );
+    let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+    t.run(|e| {
+        if let Event::Started { problems: p, .. } = e {
+            problems = p;
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        problems,
+        ["embedding.placeholder: no caption contains `<nowhere>`, so the embedding will not train"]
+    );
+}
+
+/// The bundled presets train an embedding.
+#[test]
+fn the_embedding_presets_train() {
+    let root = tempfile::tempdir().unwrap();
+    concept(root.path(), "a photo of <embedding>");
+    for (preset, arch, model, keys) in [
+        ("sd15-embedding", "sd15", "pipeline/model", vec!["emb_params"]),
+        ("sdxl-embedding", "sdxl", "sdxl/model", vec!["clip_g", "clip_l"]),
+    ] {
+        let text = format!(
+            "base_model_name = \"{}\"\nworkspace_dir = \"ws-{arch}\"\n\
+             output_model_destination = \"out/{arch}.safetensors\"\n[[concepts]]\npath = \"images\"\n",
+            fixtures().join(model).display()
+        );
+        let p = root.path().join(format!("{arch}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let sets = [
+            "resolution=16".to_string(),
+            "epochs=1".into(),
+            "sample_after_unit=\"never\"".into(),
+        ];
+        let c = TrainConfig::load(Some(&p), Some(preset), &sets).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.model_type, arch);
+        let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+        t.run(|_| {}).unwrap_or_else(|e| panic!("{preset}: {e}"));
+        let out = root.path().join(format!("out/{arch}.safetensors"));
+        let w = Weights::open(&out.to_string_lossy()).unwrap();
+        let got: Vec<&str> = w.infos().iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(got, keys, "{preset}");
+    }
 }
