@@ -360,3 +360,108 @@ fn the_embedding_presets_train() {
         assert_eq!(got, keys, "{preset}");
     }
 }
+
+/// `ferrite sample` of PROMPT (with `prompt` in its place when given) as the generator's
+/// images are made; the image.
+fn sample(fixture: &str, prompt: &str, args: &[&str]) -> image::RgbImage {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let fx = fixtures().join(fixture);
+    let (model, noise) = (fx.join("model"), fx.join("noise.safetensors"));
+    let mut all = vec![
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "4",
+        "--cfg",
+        "4",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--sampler",
+        "ddim",
+        "--init-noise",
+        noise.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    all.extend(args);
+    let o = ferrite_tests::run_ferrite(&all, None, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    image::open(&out).unwrap().to_rgb8()
+}
+
+fn reference(name: &str) -> image::RgbImage {
+    image::open(fixtures().join("embeddings").join(name))
+        .unwrap()
+        .to_rgb8()
+}
+
+#[test]
+fn sample_with_an_embedding_makes_diffusers_image() {
+    let file = fixtures().join("embeddings/sd15_a1111.safetensors");
+    let spec = format!("{}:style", file.display());
+    let want = reference("sd15_ddim.png");
+    let got = sample("pipeline", PROMPT, &["--embedding", &spec]);
+    let d = ferrite_tests::max_pixel_diff(&got, &want);
+    println!("SD 1.5 with <style>: max pixel difference {d}/255");
+    assert!(d <= 2, "{d}");
+    // A1111's bare word, and the file's stem as the name.
+    let bare = sample("pipeline", &PROMPT.replace("<style>", "style"), &["--embedding", &spec]);
+    assert_eq!(bare, got, "`style` as `<style>`");
+    let dir = tempfile::tempdir().unwrap();
+    let stem_copy = dir.path().join("style.safetensors");
+    std::fs::copy(&file, &stem_copy).unwrap();
+    let by_stem = sample("pipeline", PROMPT, &["--embedding", stem_copy.to_str().unwrap()]);
+    assert_eq!(by_stem, got, "named by the file's stem");
+    let without = sample("pipeline", PROMPT, &[]);
+    assert!(ferrite_tests::max_pixel_diff(&without, &want) > 2, "the embedding matters");
+
+    let xl = fixtures().join("embeddings/sdxl.safetensors");
+    let spec = format!("{}:style", xl.display());
+    let got = sample("sdxl", PROMPT, &["--arch", "sdxl", "--embedding", &spec]);
+    let d = ferrite_tests::max_pixel_diff(&got, &reference("sdxl_ddim.png"));
+    println!("SDXL with <style>: max pixel difference {d}/255");
+    assert!(d <= 2, "{d}");
+}
+
+/// A LoRA file's bundled embedding is used by `ferrite sample --lora` as if given with
+/// `--embedding`.
+#[test]
+fn a_loras_bundled_embedding_applies_in_sample() {
+    ferrite::runtime::init("cpu").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lora = fixtures().join("adapters/lora_kohya.safetensors");
+    let emb = fixtures().join("embeddings/sd15_a1111.safetensors");
+    let bundled = dir.path().join("bundled.safetensors");
+    let w = Weights::open(&lora.to_string_lossy()).unwrap();
+    let mut tensors: Vec<(String, ferrite_plugin_api::Tensor)> = w
+        .infos()
+        .iter()
+        .map(|i| (i.key.clone(), w.get(&i.key, i.dtype).unwrap()))
+        .collect();
+    let v = Weights::open(&emb.to_string_lossy())
+        .unwrap()
+        .get("emb_params", DType::F32)
+        .unwrap();
+    tensors.push(("bundle_emb.<style>.string_to_param.*".into(), v));
+    let named: Vec<(&str, &ferrite_plugin_api::Tensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    ferrite_plugin_api::save_safetensors(&bundled.to_string_lossy(), &named, &[]).unwrap();
+    let with_bundle = sample("pipeline", PROMPT, &["--lora", bundled.to_str().unwrap()]);
+    let spec = format!("{}:style", emb.display());
+    let separate = sample(
+        "pipeline",
+        PROMPT,
+        &["--lora", lora.to_str().unwrap(), "--embedding", &spec],
+    );
+    assert_eq!(with_bundle, separate);
+    let lora_only = sample("pipeline", PROMPT, &["--lora", lora.to_str().unwrap()]);
+    assert!(ferrite_tests::max_pixel_diff(&lora_only, &with_bundle) > 0);
+}

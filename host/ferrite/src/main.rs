@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -102,6 +102,11 @@ struct SampleArgs {
     /// a strength: `FILE` or `FILE:0.8`. May be repeated.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     loras: Vec<String>,
+    /// Textual-inversion embedding to use (A1111/ComfyUI, `string_to_param` or diffusers'
+    /// `learned_embeds` file), used in the prompt as `<NAME>` or the word `NAME` (NAME: the
+    /// file's stem unless given). May be repeated; a LoRA's bundled embeddings are used too.
+    #[arg(long = "embedding", value_name = "FILE[:NAME]")]
+    embeddings: Vec<String>,
     /// Initial latent noise from a safetensors file (tensor `noise`), to reproduce a result exactly.
     #[arg(long)]
     init_noise: Option<PathBuf>,
@@ -503,7 +508,7 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
     } else {
         serde_json::json!({})
     };
-    let arch = a.model.open(&registry, &a.arch, extra)?;
+    let mut arch = a.model.open(&registry, &a.arch, extra)?;
     let model = std::sync::Arc::new(ferrite::adapters::ModelLayers::of(&arch)?);
     scope = scope.with_adapters(model.clone());
     let _scope = scope.enter();
@@ -516,9 +521,11 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
             tracing::info!("{}: {n} adapted layers, strength {weight}", path.display());
         }
     }
+    let (prompt, negative_prompt) =
+        use_embeddings(&mut arch, &model.info, &a.embeddings, &a.loras, a.prompt, a.negative_prompt)?;
     let req = generate::SampleRequest {
-        prompt: a.prompt,
-        negative_prompt: a.negative_prompt,
+        prompt,
+        negative_prompt,
         steps: a.steps,
         cfg: a.cfg,
         seed: a.seed,
@@ -545,6 +552,49 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
     generate::write_png(&a.out, req.width, req.height, rgb)?;
     println!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// Hands `--embedding` files and the `--lora` files' bundled embeddings to the model, and
+/// writes the prompts' bare-word uses of them as their placeholders.
+fn use_embeddings(
+    arch: &mut ferrite_plugin_api::plugin::ArchitectureHandle,
+    info: &ferrite_plugin_api::ModelInfo,
+    specs: &[String],
+    loras: &[String],
+    mut prompt: String,
+    mut negative: String,
+) -> Result<(String, String)> {
+    use ferrite::embeddings::{self, files};
+    let mut list: Vec<(String, embeddings::Vectors)> = Vec::new();
+    for spec in specs {
+        // `FILE:NAME`, unless the whole spec is a file (a path may hold a colon).
+        let (path, name) = match spec.rsplit_once(':') {
+            Some((p, n)) if !Path::new(spec).exists() && !n.contains(['/', '\\']) => {
+                (PathBuf::from(p), n.to_string())
+            }
+            _ => {
+                let p = PathBuf::from(spec);
+                let stem = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                (p, stem)
+            }
+        };
+        let vectors = files::read(&path, info).with_context(|| format!("--embedding {spec}"))?;
+        list.push((name, vectors));
+    }
+    for spec in loras {
+        let (path, _) = lora::lora_spec(spec);
+        list.extend(files::read_bundled(&path, info).with_context(|| format!("--lora {spec}"))?);
+    }
+    for (name, _) in &list {
+        prompt = embeddings::mark_words(&prompt, name);
+        negative = embeddings::mark_words(&negative, name);
+    }
+    let list: Vec<(String, embeddings::Vectors)> = list
+        .into_iter()
+        .map(|(name, v)| (embeddings::placeholder_for(&name), v))
+        .collect();
+    embeddings::attach(arch, &list).context("embeddings")?;
+    Ok((prompt, negative))
 }
 
 fn list_plugins(settings: &Settings) {

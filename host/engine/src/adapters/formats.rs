@@ -100,7 +100,8 @@ fn shape_of(w: &Weights, key: &str) -> Vec<usize> {
         .unwrap_or_default()
 }
 
-/// Reads an adapter file for `model`: every tensor must belong to one of its layers.
+/// Reads an adapter file for `model`: every tensor must belong to one of its layers (bundled
+/// embeddings aside).
 pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
     let shown = path.display();
     let w = Weights::open(&path.to_string_lossy()).map_err(err)?;
@@ -116,6 +117,10 @@ pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
     let mut unmatched = Vec::new();
     for info in w.infos() {
         let key = info.key.as_str();
+        // Bundled embeddings (A1111's `bundle_emb.`) are read by the embedding loader.
+        if key.starts_with("bundle_emb.") {
+            continue;
+        }
         match split_key(key).and_then(|(m, s)| Some((m.clone(), by_alias.get(&m)?, s))) {
             Some((module, layers, suffix)) => groups
                 .entry(module)

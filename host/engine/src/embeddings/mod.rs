@@ -79,3 +79,54 @@ pub fn write(path: &Path, vectors: &Vectors, info: &ModelInfo, dtype: DType) -> 
     ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &named, &[])
         .map_err(|e| EmbeddingError(format!("{}: {e}", path.display())))
 }
+
+/// The placeholder an embedding called `name` is registered under: `<name>` (a name already
+/// in angle brackets stays as it is).
+pub fn placeholder_for(name: &str) -> String {
+    if name.starts_with('<') && name.ends_with('>') {
+        name.to_string()
+    } else {
+        format!("<{name}>")
+    }
+}
+
+/// `prompt` with A1111's use of an embedding called `name`, the bare word, written as its
+/// placeholder `<name>`: whole words only (`style`, not `stylish`), and `<name>` as it was.
+pub fn mark_words(prompt: &str, name: &str) -> String {
+    if name.is_empty() || name.starts_with('<') {
+        return prompt.to_string();
+    }
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let mut out = String::with_capacity(prompt.len());
+    let mut rest = prompt;
+    while let Some(at) = rest.find(name) {
+        let before = rest[..at].chars().last().or_else(|| out.chars().last());
+        let after = rest[at + name.len()..].chars().next();
+        out.push_str(&rest[..at]);
+        if word(before) || word(after) || before == Some('<') || after == Some('>') {
+            out.push_str(name);
+        } else {
+            out.push_str(&placeholder_for(name));
+        }
+        rest = &rest[at + name.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_words_become_placeholders() {
+        assert_eq!(
+            mark_words("style, a stylish <style> in style_x or (style:1.2)", "style"),
+            "<style>, a stylish <style> in style_x or (<style>:1.2)"
+        );
+        assert_eq!(mark_words("style", "style"), "<style>");
+        assert_eq!(mark_words("<thing> thing", "<thing>"), "<thing> thing");
+        assert_eq!(placeholder_for("<thing>"), "<thing>");
+        assert_eq!(placeholder_for("thing"), "<thing>");
+    }
+}
