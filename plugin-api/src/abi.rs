@@ -350,18 +350,22 @@ pub trait ArchitectureFfi: Send {
         if embeddings.is_empty() {
             return ROk(());
         }
-        RErr("this model's plugin takes no textual-inversion embeddings (it was built before \
+        RErr(
+            "this model's plugin takes no textual-inversion embeddings (it was built before \
               ABI 1.6): update the plugin"
-            .into())
+                .into(),
+        )
     }
     /// ABI 1.6: for each text encoder that takes embeddings, the frozen token embeddings
     /// `[tokens, width]` of `text` (without start or end tokens, untruncated), named by part id:
     /// what a new embedding starts from.
     fn token_embeddings(&self, text: RStr<'_>) -> RResult<RVec<NamedTensor>, RString> {
         let _ = text;
-        RErr("this model's plugin takes no textual-inversion embeddings (it was built before \
+        RErr(
+            "this model's plugin takes no textual-inversion embeddings (it was built before \
               ABI 1.6): update the plugin"
-            .into())
+                .into(),
+        )
     }
 }
 

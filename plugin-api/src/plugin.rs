@@ -619,7 +619,9 @@ impl ArchitectureHandle {
 
     /// Each embedding-taking text encoder's token embeddings of `text`, by part id.
     pub fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
-        Ok(import_named(res(self.0.token_embeddings(RStr::from_str(text)))?))
+        Ok(import_named(res(self
+            .0
+            .token_embeddings(RStr::from_str(text)))?))
     }
 
     /// The embeddings prompts may use from now on (the model keeps its own handles to the

@@ -34,10 +34,14 @@ fn load(arch: &str, model: &Path) -> (ArchitectureHandle, ModelInfo) {
 }
 
 fn expected(name: &str) -> ferrite_plugin_api::Tensor {
-    Weights::open(&fixtures().join("embeddings/expected.safetensors").to_string_lossy())
-        .unwrap()
-        .get(name, DType::F32)
-        .unwrap()
+    Weights::open(
+        &fixtures()
+            .join("embeddings/expected.safetensors")
+            .to_string_lossy(),
+    )
+    .unwrap()
+    .get(name, DType::F32)
+    .unwrap()
 }
 
 fn close(got: &ferrite_plugin_api::Tensor, want: &str) -> f32 {
@@ -67,12 +71,18 @@ fn sd15_embedding_files_of_every_form_give_diffusers_prompt_states() {
         println!("{file}: max abs diff {d:e}");
         assert!(d < 1e-4, "{file}: max abs diff {d}");
         // Text without the placeholder reads as before.
-        let out = arch.encode_text(&["a photo of style on a red cat"]).unwrap();
+        let out = arch
+            .encode_text(&["a photo of style on a red cat"])
+            .unwrap();
         assert!(close(&out[0], "sd15_plain_states") < 1e-4, "{file}");
     }
     embeddings::attach(&mut arch, &[]).unwrap();
     let out = arch.encode_text(&[PROMPT]).unwrap();
-    assert_eq!(ferrite_tests::max_abs_diff(&out[0], &plain[0]), 0.0, "detached again");
+    assert_eq!(
+        ferrite_tests::max_abs_diff(&out[0], &plain[0]),
+        0.0,
+        "detached again"
+    );
 }
 
 #[test]
@@ -101,11 +111,14 @@ fn an_sdxl_embedding_goes_to_both_text_encoders_as_diffusers_loads_it() {
         assert_eq!(ferrite_tests::max_abs_diff(a, b), 0.0);
     }
     // A single-encoder file is not an SDXL embedding.
-    let e = files::read(&fixtures().join("embeddings/sd15_a1111.safetensors"), &info)
-        .err()
-        .expect("an SD 1.5 embedding on SDXL")
-        .to_string();
-    assert!(e.contains("clip_l, clip_g") && e.contains("emb_params"), "{e}");
+    let Err(e) = files::read(&fixtures().join("embeddings/sd15_a1111.safetensors"), &info) else {
+        panic!("an SD 1.5 embedding read as SDXL's");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("clip_l, clip_g") && e.contains("emb_params"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -223,7 +236,10 @@ initial_embedding_text = "red"
     let keys: Vec<&str> = w.infos().iter().map(|i| i.key.as_str()).collect();
     assert_eq!(keys, ["emb_params"]);
     assert_eq!(w.info("emb_params").unwrap().shape, [5, 32]);
-    assert_eq!(w.get("emb_params", DType::F32).unwrap().to_vec().unwrap(), end);
+    assert_eq!(
+        w.get("emb_params", DType::F32).unwrap().to_vec().unwrap(),
+        end
+    );
 }
 
 /// The LoRA file of a run with additional embeddings: the trained one bundled under A1111's
@@ -253,7 +269,10 @@ train = false
         let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
         let names: Vec<String> = t.trainable().into_iter().map(|(n, _)| n).collect();
         assert!(names.iter().any(|n| n.starts_with("unet.")), "{names:?}");
-        assert!(names.contains(&"<thing>/text_encoder".to_string()), "{names:?}");
+        assert!(
+            names.contains(&"<thing>/text_encoder".to_string()),
+            "{names:?}"
+        );
         assert!(!names.iter().any(|n| n.starts_with("<style>")), "{names:?}");
         let start = t
             .trainable()
@@ -309,7 +328,9 @@ fn an_unused_or_existing_word_placeholder_is_reported_at_start() {
     })
     .unwrap();
     assert!(
-        problems.iter().any(|p| p.contains("a word of the model's vocabulary")),
+        problems
+            .iter()
+            .any(|p| p.contains("a word of the model's vocabulary")),
         "{problems:?}"
     );
     let c = config(
@@ -335,8 +356,18 @@ fn the_embedding_presets_train() {
     let root = tempfile::tempdir().unwrap();
     concept(root.path(), "a photo of <embedding>");
     for (preset, arch, model, keys) in [
-        ("sd15-embedding", "sd15", "pipeline/model", vec!["emb_params"]),
-        ("sdxl-embedding", "sdxl", "sdxl/model", vec!["clip_g", "clip_l"]),
+        (
+            "sd15-embedding",
+            "sd15",
+            "pipeline/model",
+            vec!["emb_params"],
+        ),
+        (
+            "sdxl-embedding",
+            "sdxl",
+            "sdxl/model",
+            vec!["clip_g", "clip_l"],
+        ),
     ] {
         let text = format!(
             "base_model_name = \"{}\"\nworkspace_dir = \"ws-{arch}\"\n\
@@ -413,15 +444,26 @@ fn sample_with_an_embedding_makes_diffusers_image() {
     println!("SD 1.5 with <style>: max pixel difference {d}/255");
     assert!(d <= 2, "{d}");
     // A1111's bare word, and the file's stem as the name.
-    let bare = sample("pipeline", &PROMPT.replace("<style>", "style"), &["--embedding", &spec]);
+    let bare = sample(
+        "pipeline",
+        &PROMPT.replace("<style>", "style"),
+        &["--embedding", &spec],
+    );
     assert_eq!(bare, got, "`style` as `<style>`");
     let dir = tempfile::tempdir().unwrap();
     let stem_copy = dir.path().join("style.safetensors");
     std::fs::copy(&file, &stem_copy).unwrap();
-    let by_stem = sample("pipeline", PROMPT, &["--embedding", stem_copy.to_str().unwrap()]);
+    let by_stem = sample(
+        "pipeline",
+        PROMPT,
+        &["--embedding", stem_copy.to_str().unwrap()],
+    );
     assert_eq!(by_stem, got, "named by the file's stem");
     let without = sample("pipeline", PROMPT, &[]);
-    assert!(ferrite_tests::max_pixel_diff(&without, &want) > 2, "the embedding matters");
+    assert!(
+        ferrite_tests::max_pixel_diff(&without, &want) > 2,
+        "the embedding matters"
+    );
 
     let xl = fixtures().join("embeddings/sdxl.safetensors");
     let spec = format!("{}:style", xl.display());
@@ -464,4 +506,127 @@ fn a_loras_bundled_embedding_applies_in_sample() {
     assert_eq!(with_bundle, separate);
     let lora_only = sample("pipeline", PROMPT, &["--lora", lora.to_str().unwrap()]);
     assert!(ferrite_tests::max_pixel_diff(&lora_only, &with_bundle) > 0);
+}
+
+/// Losses and trained vectors of an embedding run (with EMA), cancelled after `stop_at` steps
+/// when given.
+fn embedding_run(
+    root: &Path,
+    ws: &str,
+    resume: bool,
+    stop_at: Option<u64>,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut c = config(
+        root,
+        "training_method = \"embedding\"\nepochs = 2\nema = \"gpu\"\nema_decay = 0.9\n\
+         ema_update_step_interval = 1\n[embedding]\nplaceholder = \"<thing>\"\ntoken_count = 2\n",
+    );
+    c.workspace_dir = ws.into();
+    c.output_model_destination = format!("{ws}/out.safetensors");
+    c.continue_last_backup = resume;
+    let mut t = Trainer::new(c, root, registry()).unwrap_or_else(|e| panic!("{e}"));
+    let cancel = t.controls().cancel.clone();
+    let mut losses = Vec::new();
+    t.run(|e| {
+        if let Event::Step { step, loss, .. } = e {
+            losses.push(loss);
+            if Some(step) == stop_at {
+                cancel.cancel();
+            }
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    (losses, t.trainable()[0].1.to_vec().unwrap())
+}
+
+#[test]
+fn a_resumed_embedding_run_repeats_the_uninterrupted_one_exactly() {
+    let root = tempfile::tempdir().unwrap();
+    concept(root.path(), "a photo of <thing> square");
+    let (whole, end) = embedding_run(root.path(), "whole", false, None);
+    assert_eq!(whole.len(), 6);
+    let (first, _) = embedding_run(root.path(), "split", false, Some(3));
+    assert_eq!(first, whole[..3]);
+    let (rest, resumed_end) = embedding_run(root.path(), "split", true, None);
+    assert_eq!(rest, whole[3..], "per-step losses, bitwise");
+    assert!(resumed_end == end, "same vectors");
+    let read = |ws: &str| {
+        Weights::open(
+            &root
+                .path()
+                .join(ws)
+                .join("out.safetensors")
+                .to_string_lossy(),
+        )
+        .unwrap()
+        .get("emb_params", DType::F32)
+        .unwrap()
+        .to_vec()
+        .unwrap()
+    };
+    assert!(read("whole") == read("split"), "same saved (EMA) embedding");
+    assert!(read("whole") != end, "the saved one is the EMA average");
+}
+
+/// An embedding run goes on from a file (its vectors, its token count), and what it learned
+/// shows in samples of its placeholder: they differ from those of the vectors it started from.
+#[test]
+fn an_embedding_goes_on_from_a_file_and_its_samples_change() {
+    let root = tempfile::tempdir().unwrap();
+    concept(root.path(), "a photo of <style> on a red cat");
+    let start = fixtures().join("embeddings/sd15_a1111.safetensors");
+    let c = config(
+        root.path(),
+        &format!(
+            "training_method = \"embedding\"\nepochs = 4\n[embedding]\nplaceholder = \"<style>\"\n\
+             model_name = \"{}\"\n",
+            start.display()
+        ),
+    );
+    let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+    let (_, info) = load("sd15", &fixtures().join("pipeline/model"));
+    let file = files::read(&start, &info).unwrap()[0].1.to_vec().unwrap();
+    assert_eq!(
+        t.trainable()[0].1.to_vec().unwrap(),
+        file,
+        "starts from the file"
+    );
+    t.run(|_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let out = root.path().join("out/result.safetensors");
+    let trained = Weights::open(&out.to_string_lossy()).unwrap();
+    assert_eq!(trained.info("emb_params").unwrap().shape, [2, 32]);
+    let before = sample(
+        "pipeline",
+        PROMPT,
+        &["--embedding", &format!("{}:style", start.display())],
+    );
+    let after = sample(
+        "pipeline",
+        PROMPT,
+        &["--embedding", &format!("{}:style", out.display())],
+    );
+    let d = ferrite_tests::max_pixel_diff(&before, &after);
+    println!("sample of {PROMPT:?} before and after training: max pixel difference {d}/255");
+    assert!(d > 0);
+}
+
+/// Flux takes embeddings on CLIP-L only (as OneTrainer): an SDXL file's `clip_l` applies, and
+/// vectors for T5 are refused.
+#[test]
+fn flux_takes_clip_l_embeddings() {
+    let (mut arch, info) = load("flux", &fixtures().join("flux/pipeline/model"));
+    let plain = arch.encode_text(&[PROMPT]).unwrap();
+    let v = files::read(&fixtures().join("embeddings/sdxl.safetensors"), &info).unwrap();
+    let parts: Vec<&str> = v.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(parts, ["text_encoder"], "clip_l only");
+    embeddings::attach(&mut arch, &[(TOKEN.into(), v.clone())]).unwrap();
+    let with = arch.encode_text(&[PROMPT]).unwrap();
+    // T5's states read the placeholder as text; CLIP's pooled vector changes.
+    assert_eq!(ferrite_tests::max_abs_diff(&with[0], &plain[0]), 0.0);
+    assert!(ferrite_tests::max_abs_diff(&with[1], &plain[1]) > 1e-4);
+    let t5 = vec![("text_encoder_2".to_string(), v[0].1.clone())];
+    let e = embeddings::attach(&mut arch, &[(TOKEN.into(), t5)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CLIP-L (text_encoder) only"), "{e}");
 }

@@ -3,7 +3,8 @@
 //! `gui`).
 
 pub use ferrite_engine::{
-    adapters, config, data, embeddings, fsutil, hub, model_file, plugins, runtime, sample, settings, train,
+    adapters, config, data, embeddings, fsutil, hub, model_file, plugins, runtime, sample,
+    settings, train,
 };
 #[cfg(feature = "gui")]
 pub use ferrite_gui as gui;

@@ -194,7 +194,7 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
                 LoraFormat::Comfy => Format::Comfy,
             };
             layers
-                .save(&out, format, d.dtype, &d.metadata, &[])
+                .save(&out, format, d.dtype, &d.metadata)
                 .with_context(|| format!("--out {}", out.display()))?;
             println!("{}: the adapters of {n} layers written", out.display());
         }

@@ -521,8 +521,14 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
             tracing::info!("{}: {n} adapted layers, strength {weight}", path.display());
         }
     }
-    let (prompt, negative_prompt) =
-        use_embeddings(&mut arch, &model.info, &a.embeddings, &a.loras, a.prompt, a.negative_prompt)?;
+    let (prompt, negative_prompt) = use_embeddings(
+        &mut arch,
+        &model.info,
+        &a.embeddings,
+        &a.loras,
+        a.prompt,
+        a.negative_prompt,
+    )?;
     let req = generate::SampleRequest {
         prompt,
         negative_prompt,
@@ -574,7 +580,11 @@ fn use_embeddings(
             }
             _ => {
                 let p = PathBuf::from(spec);
-                let stem = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                let stem = p
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
                 (p, stem)
             }
         };

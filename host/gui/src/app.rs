@@ -881,7 +881,11 @@ fn embedding_fields(f: &mut Fields, ui: &mut Ui, key: &str, e: &mut EmbeddingCon
 /// The embedding an embedding run trains, and the additional embeddings of any run.
 fn embedding_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig) {
     f.grid(ui, "embeddings", |f, ui| {
-        f.opt_num(ui, "embedding_learning_rate", &mut c.embedding_learning_rate);
+        f.opt_num(
+            ui,
+            "embedding_learning_rate",
+            &mut c.embedding_learning_rate,
+        );
         f.check(
             ui,
             "bundle_additional_embeddings",

@@ -26,7 +26,12 @@ impl AddedTokens {
 
     /// The embeddings' vectors for text encoder `part` (`width` wide); embeddings naming no
     /// vector for it leave their placeholder as plain text here.
-    pub fn new(vocab: usize, width: usize, part: &str, embeddings: &[TextEmbedding]) -> Result<Self> {
+    pub fn new(
+        vocab: usize,
+        width: usize,
+        part: &str,
+        embeddings: &[TextEmbedding],
+    ) -> Result<Self> {
         let mut added = Self::none(vocab);
         let mut next = vocab as i64;
         for e in embeddings {
@@ -63,7 +68,12 @@ impl AddedTokens {
 
     /// The vocabulary with the added tokens.
     pub fn len(&self) -> usize {
-        self.vocab + self.vectors.iter().map(|v| v.shape().map_or(0, |s| s[0])).sum::<usize>()
+        self.vocab
+            + self
+                .vectors
+                .iter()
+                .map(|v| v.shape().map_or(0, |s| s[0]))
+                .sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -72,7 +82,11 @@ impl AddedTokens {
 
     /// `text`'s token ids: the text between placeholders through `tokenize`, each placeholder
     /// as its own ids.
-    pub fn tokens(&self, text: &str, tokenize: impl Fn(&str) -> Result<Vec<i64>>) -> Result<Vec<i64>> {
+    pub fn tokens(
+        &self,
+        text: &str,
+        tokenize: impl Fn(&str) -> Result<Vec<i64>>,
+    ) -> Result<Vec<i64>> {
         let mut ids = Vec::new();
         let mut rest = text;
         loop {

@@ -263,7 +263,10 @@ impl Architecture for Flux {
 
     fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
         let ids = self.clip_tokenizer.tokens(text)?;
-        Ok(vec![("text_encoder".into(), self.clip.token_embeddings(&ids)?)])
+        Ok(vec![(
+            "text_encoder".into(),
+            self.clip.token_embeddings(&ids)?,
+        )])
     }
 
     /// CLIP-L's embeddings only (as OneTrainer trains them); T5 reads a placeholder as text.

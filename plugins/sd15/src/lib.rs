@@ -461,7 +461,8 @@ impl Architecture for Sd15 {
     }
 
     fn set_embeddings(&mut self, embeddings: Vec<TextEmbedding>) -> Result<()> {
-        self.text_encoder.set_embeddings("text_encoder", &embeddings)
+        self.text_encoder
+            .set_embeddings("text_encoder", &embeddings)
     }
 
     /// Prompts longer than 75 tokens are truncated, as diffusers' pipeline and OneTrainer do;

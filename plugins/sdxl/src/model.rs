@@ -412,8 +412,10 @@ impl Architecture for Sdxl {
     }
 
     fn set_embeddings(&mut self, embeddings: Vec<TextEmbedding>) -> Result<()> {
-        self.text_encoder.set_embeddings("text_encoder", &embeddings)?;
-        self.text_encoder_2.set_embeddings("text_encoder_2", &embeddings)
+        self.text_encoder
+            .set_embeddings("text_encoder", &embeddings)?;
+        self.text_encoder_2
+            .set_embeddings("text_encoder_2", &embeddings)
     }
 
     /// `[states, pooled]`: both encoders' penultimate states side by side `[B, 77, 768 + 1280]`

@@ -344,6 +344,18 @@ impl ModelLayers {
         format: formats::Format,
         dtype: DType,
         extra: &[(String, String)],
+    ) -> Result<()> {
+        self.save_with(path, format, dtype, extra, &[])
+    }
+
+    /// [`ModelLayers::save`] with `bundled` tensors (embeddings under A1111's `bundle_emb.`
+    /// keys) in the file too, in `dtype`.
+    pub fn save_with(
+        &self,
+        path: &std::path::Path,
+        format: formats::Format,
+        dtype: DType,
+        extra: &[(String, String)],
         bundled: &[(String, Tensor)],
     ) -> Result<()> {
         let mut states = self.states()?;

@@ -114,13 +114,21 @@ pub fn file_tensors(vectors: &Vectors, info: &ModelInfo) -> Vec<(String, Tensor)
 }
 
 /// An embedding's tensors under the keys of a LoRA bundle.
-pub fn bundle_tensors(placeholder: &str, vectors: &Vectors, info: &ModelInfo) -> Vec<(String, Tensor)> {
+pub fn bundle_tensors(
+    placeholder: &str,
+    vectors: &Vectors,
+    info: &ModelInfo,
+) -> Vec<(String, Tensor)> {
     keyed(vectors, info, |k| {
         format!("bundle_emb.{placeholder}.{}", bundle_suffix(k))
     })
 }
 
-fn keyed(vectors: &Vectors, info: &ModelInfo, name: impl Fn(&str) -> String) -> Vec<(String, Tensor)> {
+fn keyed(
+    vectors: &Vectors,
+    info: &ModelInfo,
+    name: impl Fn(&str) -> String,
+) -> Vec<(String, Tensor)> {
     let parts = embedding_parts(info);
     vectors
         .iter()

@@ -5,9 +5,7 @@ pub mod files;
 
 use std::path::Path;
 
-use ferrite_plugin_api::{
-    DType, ModelInfo, Tensor, TextEmbedding, plugin::ArchitectureHandle,
-};
+use ferrite_plugin_api::{DType, ModelInfo, Tensor, TextEmbedding, plugin::ArchitectureHandle};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -74,7 +72,8 @@ pub fn write(path: &Path, vectors: &Vectors, info: &ModelInfo, dtype: DType) -> 
         .collect::<Result<Vec<_>>>()?;
     let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| EmbeddingError(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EmbeddingError(format!("{}: {e}", dir.display())))?;
     }
     ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &named, &[])
         .map_err(|e| EmbeddingError(format!("{}: {e}", path.display())))
@@ -121,7 +120,10 @@ mod tests {
     #[test]
     fn bare_words_become_placeholders() {
         assert_eq!(
-            mark_words("style, a stylish <style> in style_x or (style:1.2)", "style"),
+            mark_words(
+                "style, a stylish <style> in style_x or (style:1.2)",
+                "style"
+            ),
             "<style>, a stylish <style> in style_x or (<style>:1.2)"
         );
         assert_eq!(mark_words("style", "style"), "<style>");

@@ -36,8 +36,7 @@ pub(super) fn load(
             embeddings::initial(arch, &e.initial_embedding_text, e.token_count).map_err(fail)?
         } else {
             let path = TrainConfig::path(base, &e.model_name);
-            files::read(&path, info)
-                .map_err(|x| TrainError(format!("{key}.model_name: {x}")))?
+            files::read(&path, info).map_err(|x| TrainError(format!("{key}.model_name: {x}")))?
         };
         // Owned copies: the file's tensors (or the table's rows) stay as they were.
         let vectors = vectors
@@ -130,7 +129,10 @@ impl Trainer {
                 on => Some(super::ema::Ema::new(&params, on == EmaMode::Cpu).map_err(err)?),
             };
             let lr = c.embedding_learning_rate.unwrap_or(c.learning_rate);
-            tracing::info!("training embedding {} at learning rate {lr}", e.config.placeholder);
+            tracing::info!(
+                "training embedding {} at learning rate {lr}",
+                e.config.placeholder
+            );
             groups.push(Group {
                 part: format!("embedding-{i}"),
                 names,
@@ -141,7 +143,10 @@ impl Trainer {
                     .map_err(err)?,
                 lr,
                 ema,
-                stop: (e.config.stop_training_after, e.config.stop_training_after_unit),
+                stop: (
+                    e.config.stop_training_after,
+                    e.config.stop_training_after_unit,
+                ),
                 stopped: false,
             });
         }

@@ -277,7 +277,7 @@ impl Trainer {
             ]
             .map(|(k, v)| (k.to_string(), v));
             self.model
-                .save(
+                .save_with(
                     &path,
                     format,
                     self.output_dtype(),
