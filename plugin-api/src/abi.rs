@@ -8,11 +8,7 @@ use abi_stable::{
     nonexhaustive_enum::NonExhaustive,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{
-        RBox, ROption, RResult,
-        RResult::{RErr, ROk},
-        RSlice, RStr, RString, RVec, Tuple2,
-    },
+    std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec, Tuple2},
 };
 
 /// The ABI's own semver: `plugin-api`'s package version, independent of Ferrite's. A minor bump
@@ -179,16 +175,6 @@ pub struct ParamGrad {
     pub grad: ROption<TensorId>,
 }
 
-/// A textual-inversion embedding for a model's text encoders (ABI 1.6): `placeholder` in a
-/// prompt stands for the rows of each vector tensor (`[tokens, width]`), named by the text
-/// encoder's part id. Parts it names no vector for read the placeholder as plain text.
-#[repr(C)]
-#[derive(StableAbi, Clone, Debug, PartialEq)]
-pub struct TextEmbedding {
-    pub placeholder: RString,
-    pub vectors: RVec<NamedTensor>,
-}
-
 /// A tensor's values copied to host memory (as f32), for logs and tests.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq)]
@@ -317,7 +303,10 @@ pub trait OptimizerFfi: Send {
 }
 
 /// A model. Every entry point of ABI 1.0 is required (a model without a VAE says so in its
-/// error); entry points added later go after `export` and are optional to the host.
+/// error). No entry point can be added: abi_stable's layout check refuses a plugin whose vtable
+/// has fewer entries than the host's (a prefix type may only be longer in the library loaded),
+/// so a newer host would refuse every older plugin. What the host tells a model goes in its
+/// JSON options, and what a model tells the host in its `model_info` and `parameters`.
 #[sabi_trait]
 pub trait ArchitectureFfi: Send {
     /// Trainable parameters by name; the caller owns the returned handles.
@@ -343,30 +332,6 @@ pub trait ArchitectureFfi: Send {
     /// `layout` (`ldm`: an original single-file checkpoint), for saving a fine-tune.
     #[sabi(last_prefix_field)]
     fn export(&self, layout: RStr<'_>) -> RResult<RVec<NamedTensor>, RString>;
-    /// ABI 1.6: the embeddings prompts may use from now on (replacing earlier ones); their
-    /// vectors are the host's tensors, so training them needs no further call. A model from an
-    /// older plugin takes none.
-    fn set_embeddings(&mut self, embeddings: RSlice<'_, TextEmbedding>) -> RResult<(), RString> {
-        if embeddings.is_empty() {
-            return ROk(());
-        }
-        RErr(
-            "this model's plugin takes no textual-inversion embeddings (it was built before \
-              ABI 1.6): update the plugin"
-                .into(),
-        )
-    }
-    /// ABI 1.6: for each text encoder that takes embeddings, the frozen token embeddings
-    /// `[tokens, width]` of `text` (without start or end tokens, untruncated), named by part id:
-    /// what a new embedding starts from.
-    fn token_embeddings(&self, text: RStr<'_>) -> RResult<RVec<NamedTensor>, RString> {
-        let _ = text;
-        RErr(
-            "this model's plugin takes no textual-inversion embeddings (it was built before \
-              ABI 1.6): update the plugin"
-                .into(),
-        )
-    }
 }
 
 /// An adapter (LoRA, LoHa, ...) on one layer. Instantiated with the layer described in its

@@ -48,6 +48,19 @@ pub struct ModelInfo {
     /// The parts (ids) that layout holds; empty: every part.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub single_file_parts: Vec<String>,
+    /// The textual-inversion embeddings the model was given (its `embeddings` option), in order;
+    /// their vectors are its parameters `embeddings.<index>.<part id>` (ABI 1.6).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<EmbeddingInfo>,
+}
+
+/// An embedding as the model took it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingInfo {
+    pub placeholder: String,
+    /// How many tokens of the vocabulary the placeholder is as plain text (1: it is a word the
+    /// model knows, which the embedding now replaces).
+    pub plain_tokens: usize,
 }
 
 /// One part of a model: a denoiser, a text encoder, a VAE.

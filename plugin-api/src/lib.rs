@@ -20,8 +20,7 @@ pub use host::{Generator, Weights, checkpoint, save_safetensors};
 pub use nn::{AdaptableLayer, FusedRows};
 pub use op::Op;
 pub use plugin::{
-    Adapter, Architecture, Component, Descriptor, Optimizer, Param, Plugin, TextEmbedding,
-    parse_options,
+    Adapter, Architecture, Component, Descriptor, Optimizer, Param, Plugin, parse_options,
 };
 pub use serde_json;
 pub use tensor::{Gradients, Tensor, ops};

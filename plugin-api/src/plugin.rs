@@ -78,30 +78,6 @@ pub trait Architecture: Send {
             "this model cannot be written in the `{layout}` layout"
         )))
     }
-    /// See [`ArchitectureFfi::token_embeddings`].
-    fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
-        let _ = text;
-        Err(Error::msg(
-            "this model takes no textual-inversion embeddings",
-        ))
-    }
-    /// See [`ArchitectureFfi::set_embeddings`].
-    fn set_embeddings(&mut self, embeddings: Vec<TextEmbedding>) -> Result<()> {
-        if embeddings.is_empty() {
-            return Ok(());
-        }
-        Err(Error::msg(
-            "this model takes no textual-inversion embeddings",
-        ))
-    }
-}
-
-/// A textual-inversion embedding as models take it: the prompt text it replaces, and its vectors
-/// (`[tokens, width]`) by text-encoder part id.
-#[derive(Debug, Clone)]
-pub struct TextEmbedding {
-    pub placeholder: String,
-    pub vectors: Vec<(String, Tensor)>,
 }
 
 /// An adapter on one layer; see [`AdapterFfi`](crate::abi::AdapterFfi) for the contract.
@@ -306,26 +282,6 @@ impl ArchitectureFfi for ArchitectureShim {
     }
     fn export(&self, layout: RStr<'_>) -> RResult<RVec<NamedTensor>, RString> {
         guard(|| Ok(export_named(self.0.export(layout.as_str())?)))
-    }
-    fn token_embeddings(&self, text: RStr<'_>) -> RResult<RVec<NamedTensor>, RString> {
-        guard(|| Ok(export_named(self.0.token_embeddings(text.as_str())?)))
-    }
-    fn set_embeddings(
-        &mut self,
-        embeddings: RSlice<'_, crate::abi::TextEmbedding>,
-    ) -> RResult<(), RString> {
-        guard(|| {
-            let owned = embeddings
-                .iter()
-                .map(|e| {
-                    Ok(TextEmbedding {
-                        placeholder: e.placeholder.to_string(),
-                        vectors: owned_named(e.vectors.as_rslice())?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            self.0.set_embeddings(owned)
-        })
     }
     fn denoise(
         &self,
@@ -615,33 +571,6 @@ impl ArchitectureHandle {
     pub fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
         let out = res(self.0.export(RStr::from_str(layout)))?;
         Ok(import_named(out))
-    }
-
-    /// Each embedding-taking text encoder's token embeddings of `text`, by part id.
-    pub fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
-        Ok(import_named(res(self
-            .0
-            .token_embeddings(RStr::from_str(text)))?))
-    }
-
-    /// The embeddings prompts may use from now on (the model keeps its own handles to the
-    /// vectors, which stay the caller's tensors).
-    pub fn set_embeddings(&mut self, embeddings: &[TextEmbedding]) -> Result<()> {
-        let abi: Vec<crate::abi::TextEmbedding> = embeddings
-            .iter()
-            .map(|e| crate::abi::TextEmbedding {
-                placeholder: e.placeholder.as_str().into(),
-                vectors: e
-                    .vectors
-                    .iter()
-                    .map(|(name, t)| NamedTensor {
-                        name: name.as_str().into(),
-                        tensor: t.id(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        res(self.0.set_embeddings(RSlice::from_slice(&abi)))
     }
 
     pub fn denoise(

@@ -7,10 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use ferrite::config::{TrainConfig, TrainingMethod};
-use ferrite::embeddings::{self, files};
+use ferrite::embeddings::{self, Given, Source, files};
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
 use ferrite::train::trainer::{Event, Trainer};
+use ferrite_blocks::tokenizer::ClipTokenizer;
 use ferrite_plugin_api::{DType, ModelInfo, Weights, plugin::ArchitectureHandle};
 
 const TOKEN: &str = "<style>";
@@ -26,11 +27,34 @@ fn registry() -> Registry {
 }
 
 fn load(arch: &str, model: &Path) -> (ArchitectureHandle, ModelInfo) {
+    load_with(arch, model, &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The model given `given` embeddings.
+fn load_with(
+    arch: &str,
+    model: &Path,
+    given: &[Given],
+) -> Result<(ArchitectureHandle, ModelInfo), String> {
+    let mut options = serde_json::json!({ "model": model });
+    if !given.is_empty() {
+        options["embeddings"] = embeddings::option(given);
+    }
     let a = registry()
-        .architecture(arch, &serde_json::json!({ "model": model }).to_string())
-        .unwrap_or_else(|e| panic!("{e}"));
+        .architecture(arch, &options.to_string())
+        .map_err(|e| e.to_string())?;
     let info = ModelInfo::from_json(&a.model_info().unwrap()).unwrap();
-    (a, info)
+    Ok((a, info))
+}
+
+/// The embedding in `file` (under `fixtures/embeddings/` unless absolute) as `<style>`.
+fn style(file: &str) -> Given {
+    let path = fixtures().join("embeddings").join(file);
+    Given {
+        name: file.into(),
+        placeholder: TOKEN.into(),
+        source: Source::Tensors(files::read(&path).unwrap_or_else(|e| panic!("{e}"))),
+    }
 }
 
 fn expected(name: &str) -> ferrite_plugin_api::Tensor {
@@ -52,20 +76,17 @@ fn close(got: &ferrite_plugin_api::Tensor, want: &str) -> f32 {
 
 #[test]
 fn sd15_embedding_files_of_every_form_give_diffusers_prompt_states() {
-    let (mut arch, info) = load("sd15", &fixtures().join("pipeline/model"));
-    let plain = arch.encode_text(&[PROMPT]).unwrap();
-    let d = close(&plain[0], "sd15_states");
+    let model = fixtures().join("pipeline/model");
+    let (plain, _) = load("sd15", &model);
+    let d = close(&plain.encode_text(&[PROMPT]).unwrap()[0], "sd15_states");
     assert!(d > 1e-2, "without the embedding the states differ ({d})");
     for file in [
         "sd15_a1111.safetensors",
         "sd15_learned_embeds.safetensors",
         "sd15_a1111.pt",
     ] {
-        let v = files::read(&fixtures().join("embeddings").join(file), &info)
-            .unwrap_or_else(|e| panic!("{file}: {e}"));
-        assert_eq!(v.len(), 1, "{file}");
-        assert_eq!(v[0].0, "text_encoder");
-        embeddings::attach(&mut arch, &[(TOKEN.into(), v)]).unwrap();
+        let (arch, info) = load_with("sd15", &model, &[style(file)]).unwrap();
+        assert_eq!(info.embeddings.len(), 1);
         let out = arch.encode_text(&[PROMPT]).unwrap();
         let d = close(&out[0], "sd15_states");
         println!("{file}: max abs diff {d:e}");
@@ -76,63 +97,59 @@ fn sd15_embedding_files_of_every_form_give_diffusers_prompt_states() {
             .unwrap();
         assert!(close(&out[0], "sd15_plain_states") < 1e-4, "{file}");
     }
-    embeddings::attach(&mut arch, &[]).unwrap();
-    let out = arch.encode_text(&[PROMPT]).unwrap();
-    assert_eq!(
-        ferrite_tests::max_abs_diff(&out[0], &plain[0]),
-        0.0,
-        "detached again"
-    );
 }
 
 #[test]
 fn an_sdxl_embedding_goes_to_both_text_encoders_as_diffusers_loads_it() {
-    let (mut arch, info) = load("sdxl", &fixtures().join("sdxl/model"));
-    let v = files::read(&fixtures().join("embeddings/sdxl.safetensors"), &info).unwrap();
-    let parts: Vec<&str> = v.iter().map(|(p, _)| p.as_str()).collect();
-    assert_eq!(parts, ["text_encoder", "text_encoder_2"]);
-    embeddings::attach(&mut arch, &[(TOKEN.into(), v.clone())]).unwrap();
+    let model = fixtures().join("sdxl/model");
+    let (arch, info) = load_with("sdxl", &model, &[style("sdxl.safetensors")]).unwrap();
     let out = arch.encode_text(&[PROMPT]).unwrap();
     for (got, want) in out.iter().zip(["sdxl_states", "sdxl_pooled"]) {
         let d = close(got, want);
         println!("{want}: max abs diff {d:e}");
         assert!(d < 1e-4, "{want}: max abs diff {d}");
     }
-    // Written and read back: SDXL's keys, the same vectors.
+    // The vectors are the model's parameters; written and read back: SDXL's keys, the file's
+    // vectors.
+    let v = embeddings::of_model(&arch.parameters().unwrap(), 1).remove(0);
+    let parts: Vec<&str> = v.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(parts, ["text_encoder", "text_encoder_2"]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("e.safetensors");
     embeddings::write(&path, &v, &info, DType::F32).unwrap();
-    let w = Weights::open(&path.to_string_lossy()).unwrap();
-    let keys: Vec<&str> = w.infos().iter().map(|i| i.key.as_str()).collect();
-    assert_eq!(keys, ["clip_g", "clip_l"]);
-    let back = files::read(&path, &info).unwrap();
-    for ((p, a), (q, b)) in v.iter().zip(&back) {
-        assert_eq!(p, q);
-        assert_eq!(ferrite_tests::max_abs_diff(a, b), 0.0);
+    let back = files::read(&path).unwrap();
+    let original = files::read(&fixtures().join("embeddings/sdxl.safetensors")).unwrap();
+    assert_eq!(back.len(), 2);
+    for ((k, a), (l, b)) in back.iter().zip(&original) {
+        assert_eq!(k, l);
+        assert_eq!(ferrite_tests::max_abs_diff(a, b), 0.0, "{k}");
     }
     // A single-encoder file is not an SDXL embedding.
-    let Err(e) = files::read(&fixtures().join("embeddings/sd15_a1111.safetensors"), &info) else {
-        panic!("an SD 1.5 embedding read as SDXL's");
-    };
-    let e = e.to_string();
+    let e = load_with("sdxl", &model, &[style("sd15_a1111.safetensors")])
+        .err()
+        .expect("an SD 1.5 embedding on SDXL");
     assert!(
-        e.contains("clip_l, clip_g") && e.contains("emb_params"),
+        e.contains("sd15_a1111.safetensors: none of the keys")
+            && e.contains("clip_l, clip_g")
+            && e.contains("emb_params"),
         "{e}"
     );
 }
 
 #[test]
-fn a_wrong_width_is_refused_naming_the_encoder() {
-    let (mut arch, info) = load("sd15", &fixtures().join("pipeline/model"));
-    let (_, xl) = load("sdxl", &fixtures().join("sdxl/model"));
-    let v = files::read(&fixtures().join("embeddings/sdxl.safetensors"), &xl).unwrap();
-    // clip_g's 48-wide vectors handed to SD 1.5's 32-wide encoder.
-    let wrong = vec![("text_encoder".to_string(), v[1].1.clone())];
-    let e = embeddings::attach(&mut arch, &[(TOKEN.into(), wrong)])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("text_encoder takes vectors [tokens, 32]"), "{e}");
-    let _ = info;
+fn a_wrong_width_is_refused_naming_the_embedding() {
+    let mut v = style("sdxl.safetensors");
+    // clip_g's 48-wide vectors as SD 1.5's 32-wide encoder's.
+    if let Source::Tensors(t) = &mut v.source {
+        t.retain(|(k, _)| k == "clip_g");
+    }
+    let e = load_with("sd15", &fixtures().join("pipeline/model"), &[v])
+        .err()
+        .expect("a 48-wide embedding on a 32-wide encoder");
+    assert!(
+        e.contains("sdxl.safetensors: text_encoder takes vectors [tokens, 32], got [2, 48]"),
+        "{e}"
+    );
 }
 
 fn concept(root: &Path, caption: &str) {
@@ -161,6 +178,8 @@ validate_after_unit = "never"
 {extra}
 [optimizer]
 optimizer = "adamw"
+# Without decay a vector moves only with a gradient: "it changed" means "it was used".
+weight_decay = 0.0
 [[concepts]]
 path = "images"
 [[concepts]]
@@ -183,6 +202,8 @@ fn an_embedding_run_trains_only_its_vectors_and_saves_a1111s_file() {
         root.path(),
         r#"training_method = "embedding"
 epochs = 4
+[unet]
+train = false
 [embedding]
 placeholder = "<thing>"
 token_count = 5
@@ -196,9 +217,25 @@ initial_embedding_text = "red"
     assert_eq!(names, ["<thing>/text_encoder"]);
     let start = trained[0].1.to_vec().unwrap();
     // OneTrainer's start: "red"'s tokens, then `*`'s.
-    let (arch, _) = load("sd15", &fixtures().join("pipeline/model"));
-    let red = arch.token_embeddings("red").unwrap()[0].1.to_vec().unwrap();
-    let star = arch.token_embeddings("*").unwrap()[0].1.to_vec().unwrap();
+    let model = fixtures().join("pipeline/model");
+    let (arch, _) = load("sd15", &model);
+    let tokenizer = ClipTokenizer::from_dir(&model.join("tokenizer")).unwrap();
+    let table = arch
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "text_encoder.text_model.embeddings.token_embedding.weight")
+        .unwrap()
+        .1
+        .to_vec()
+        .unwrap();
+    let rows = |text: &str| -> Vec<f32> {
+        let ids = tokenizer.tokens(text).unwrap();
+        ids.iter()
+            .flat_map(|&i| table[i as usize * 32..(i as usize + 1) * 32].to_vec())
+            .collect()
+    };
+    let (red, star) = (rows("red"), rows("*"));
     // The fixture's byte-level vocabulary: "red" is 3 tokens, then 2 of `*`.
     assert_eq!(red.len(), 3 * 32);
     assert_eq!(start.len(), 5 * 32);
@@ -260,7 +297,6 @@ train = false
 "#,
         style.display()
     );
-    let (_, info) = load("sd15", &fixtures().join("pipeline/model"));
     for bundle in [true, false] {
         let c = config(
             root.path(),
@@ -288,7 +324,7 @@ train = false
         let style_beside = root.path().join("out/result_style.safetensors");
         let (thing, kept) = if bundle {
             assert!(!beside.exists());
-            let b = files::read_bundled(&lora, &info).unwrap();
+            let b = files::read_bundled(&lora).unwrap();
             let names: Vec<&str> = b.iter().map(|(n, _)| n.as_str()).collect();
             assert_eq!(names, ["<style>", "<thing>"]);
             let w = Weights::open(&lora.to_string_lossy()).unwrap();
@@ -296,15 +332,17 @@ train = false
             assert!(w.infos().iter().any(|i| i.key.starts_with("lora_unet_")));
             (b[1].1[0].1.clone(), b[0].1[0].1.clone())
         } else {
-            assert!(files::read_bundled(&lora, &info).unwrap().is_empty());
+            assert!(files::read_bundled(&lora).unwrap().is_empty());
+            let w = |p: &Path| Weights::open(&p.to_string_lossy()).unwrap();
+            let (a, b) = (w(&beside), w(&style_beside));
             (
-                files::read(&beside, &info).unwrap()[0].1.clone(),
-                files::read(&style_beside, &info).unwrap()[0].1.clone(),
+                a.get("emb_params", DType::F32).unwrap(),
+                b.get("emb_params", DType::F32).unwrap(),
             )
         };
         assert_eq!(thing.shape().unwrap(), [2, 32]);
         assert_ne!(thing.to_vec().unwrap(), start, "trained");
-        let loaded = files::read(&style, &info).unwrap()[0].1.clone();
+        let loaded = files::read(&style).unwrap()[0].1.clone();
         assert_eq!(ferrite_tests::max_abs_diff(&kept, &loaded), 0.0, "frozen");
         std::fs::remove_dir_all(root.path().join("out")).unwrap();
     }
@@ -584,8 +622,7 @@ fn an_embedding_goes_on_from_a_file_and_its_samples_change() {
         ),
     );
     let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
-    let (_, info) = load("sd15", &fixtures().join("pipeline/model"));
-    let file = files::read(&start, &info).unwrap()[0].1.to_vec().unwrap();
+    let file = files::read(&start).unwrap()[0].1.to_vec().unwrap();
     assert_eq!(
         t.trainable()[0].1.to_vec().unwrap(),
         file,
@@ -610,23 +647,140 @@ fn an_embedding_goes_on_from_a_file_and_its_samples_change() {
     assert!(d > 0);
 }
 
-/// Flux takes embeddings on CLIP-L only (as OneTrainer): an SDXL file's `clip_l` applies, and
-/// vectors for T5 are refused.
+/// Flux takes embeddings on CLIP-L only (as OneTrainer): an SDXL file's `clip_l` applies;
+/// T5 reads the placeholder as text.
 #[test]
 fn flux_takes_clip_l_embeddings() {
-    let (mut arch, info) = load("flux", &fixtures().join("flux/pipeline/model"));
-    let plain = arch.encode_text(&[PROMPT]).unwrap();
-    let v = files::read(&fixtures().join("embeddings/sdxl.safetensors"), &info).unwrap();
+    let model = fixtures().join("flux/pipeline/model");
+    let (plain, _) = load("flux", &model);
+    let (arch, info) = load_with("flux", &model, &[style("sdxl.safetensors")]).unwrap();
+    assert_eq!(info.embeddings.len(), 1);
+    let v = embeddings::of_model(&arch.parameters().unwrap(), 1).remove(0);
     let parts: Vec<&str> = v.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(parts, ["text_encoder"], "clip_l only");
-    embeddings::attach(&mut arch, &[(TOKEN.into(), v.clone())]).unwrap();
-    let with = arch.encode_text(&[PROMPT]).unwrap();
-    // T5's states read the placeholder as text; CLIP's pooled vector changes.
-    assert_eq!(ferrite_tests::max_abs_diff(&with[0], &plain[0]), 0.0);
-    assert!(ferrite_tests::max_abs_diff(&with[1], &plain[1]) > 1e-4);
-    let t5 = vec![("text_encoder_2".to_string(), v[0].1.clone())];
-    let e = embeddings::attach(&mut arch, &[(TOKEN.into(), t5)])
-        .unwrap_err()
+    let (without, with) = (
+        plain.encode_text(&[PROMPT]).unwrap(),
+        arch.encode_text(&[PROMPT]).unwrap(),
+    );
+    assert_eq!(
+        ferrite_tests::max_abs_diff(&with[0], &without[0]),
+        0.0,
+        "T5"
+    );
+    assert!(
+        ferrite_tests::max_abs_diff(&with[1], &without[1]) > 1e-4,
+        "CLIP's pooled"
+    );
+}
+
+/// The vectors of `<thing>` and of one LoRA tensor after a LoRA run with `<thing>` as an
+/// additional embedding (cancelled after `stop_at` steps when given), and before it.
+type Pair = (Vec<f32>, Vec<f32>);
+fn lora_run(root: &Path, ws: &str, extra: &str, stop_at: Option<u64>) -> (Pair, Pair) {
+    let mut c = config(
+        root,
+        &format!("epochs = 1\n{extra}\n[[additional_embeddings]]\nplaceholder = \"<thing>\"\n"),
+    );
+    c.workspace_dir = ws.into();
+    c.output_model_destination = format!("{ws}/out.safetensors");
+    let mut t = Trainer::new(c, root, registry()).unwrap_or_else(|e| panic!("{e}"));
+    let get = |t: &Trainer, prefix: &str| {
+        t.trainable()
+            .into_iter()
+            .find(|(n, _)| {
+                n.starts_with(prefix) && (prefix == "<thing>" || n.ends_with("up.weight"))
+            })
+            .unwrap()
+            .1
+            .to_vec()
+            .unwrap()
+    };
+    let before = (get(&t, "<thing>"), get(&t, "unet."));
+    let cancel = t.controls().cancel.clone();
+    t.run(|e| {
+        if let Event::Step { step, .. } = e
+            && Some(step) == stop_at
+        {
+            cancel.cancel();
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    ((get(&t, "<thing>"), get(&t, "unet.")), before)
+}
+
+/// `embedding_learning_rate` is the embeddings' own (0: they stay while the LoRA trains), and
+/// an embedding's `stop_training_after` stops it alone.
+#[test]
+fn the_embedding_learning_rate_is_the_embeddings_own() {
+    let root = tempfile::tempdir().unwrap();
+    concept(root.path(), "a photo of <thing> square");
+    let ((moved, lora), (start, lora_start)) = lora_run(root.path(), "moved", "", None);
+    assert_ne!(moved, start);
+    assert_ne!(lora, lora_start);
+    let ((kept, lora_kept), _) =
+        lora_run(root.path(), "kept", "embedding_learning_rate = 0.0", None);
+    assert_eq!(kept, start, "no learning rate, no change");
+    assert_ne!(lora_kept, lora_start, "the LoRA trains");
+    // Stopped after its first step: as a run cancelled then.
+    let ((one, _), _) = lora_run(root.path(), "one", "", Some(1));
+    let stop = "[[additional_embeddings]]\nplaceholder = \"<thing>\"\nstop_training_after = 1\n\
+                stop_training_after_unit = \"step\"";
+    let mut c = config(root.path(), &format!("epochs = 1\n{stop}"));
+    c.workspace_dir = "stopped".into();
+    c.output_model_destination = "stopped/out.safetensors".into();
+    let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+    let mut steps = 0;
+    t.run(|e| {
+        if let Event::Step { .. } = e {
+            steps += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(steps, 3, "the LoRA goes on");
+    let stopped = t
+        .trainable()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("<thing>"))
+        .unwrap()
+        .1
+        .to_vec()
+        .unwrap();
+    assert_eq!(stopped, one, "the embedding stopped after step 1");
+}
+
+/// Capitalisation options change the caption's case, not the placeholder's: an embedding
+/// trains with every caption in capitals.
+#[test]
+fn capitalised_captions_keep_the_placeholder() {
+    let root = tempfile::tempdir().unwrap();
+    concept(root.path(), "a photo of <thing> square");
+    let mut c = config(
+        root.path(),
+        "training_method = \"embedding\"\nepochs = 1\n[embedding]\nplaceholder = \"<thing>\"\n",
+    );
+    let k = &mut c.concepts[0];
+    k.caps_randomize_enable = true;
+    k.caps_randomize_probability = 1.0;
+    k.caps_randomize_mode = "capslock".into();
+    let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+    let start = t.trainable()[0].1.to_vec().unwrap();
+    t.run(|_| {}).unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(t.trainable()[0].1.to_vec().unwrap(), start);
+}
+
+/// Additional embeddings saved beside the output need names of their own.
+#[test]
+fn embeddings_that_would_share_a_file_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    concept(root.path(), "a photo of <a b> and <ab>");
+    let c = config(
+        root.path(),
+        "training_method = \"fine_tune\"\n[[additional_embeddings]]\nplaceholder = \"<a b>\"\n\
+         [[additional_embeddings]]\nplaceholder = \"<ab>\"\n",
+    );
+    let e = Trainer::new(c, root.path(), registry())
+        .err()
+        .expect("two embeddings in one file")
         .to_string();
-    assert!(e.contains("CLIP-L (text_encoder) only"), "{e}");
+    assert!(e.contains("additional_embeddings[1].placeholder"), "{e}");
 }

@@ -478,6 +478,22 @@ fn table() -> Vec<Row> {
 /// Options of `TrainConfig` that are not about the prepared batch or the loss, and where they
 /// are shown.
 const ELSEWHERE: &[(&str, &str)] = &[
+    (
+        "embedding",
+        "embeddings: an_embedding_run_trains_only_its_vectors_and_saves_a1111s_file",
+    ),
+    (
+        "additional_embeddings",
+        "embeddings: additional_embeddings_train_with_a_lora_and_go_in_its_file_or_beside_it",
+    ),
+    (
+        "bundle_additional_embeddings",
+        "embeddings: additional_embeddings_train_with_a_lora_and_go_in_its_file_or_beside_it",
+    ),
+    (
+        "embedding_learning_rate",
+        "embeddings: the_embedding_learning_rate_is_the_embeddings_own",
+    ),
     ("training_method", "train: fine-tune and LoRA tests"),
     ("model_type", "plugins and train tests"),
     ("base_model_name", "every training test"),

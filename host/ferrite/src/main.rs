@@ -503,12 +503,19 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
     let _loading = scope.enter();
     let registry = Registry::discover(&search_dirs(settings), settings);
     // CLIP skip is asked for only when set: not every architecture has it.
-    let extra = if a.clip_skip > 0 {
+    let mut extra = if a.clip_skip > 0 {
         serde_json::json!({ "text_encoder_layer_skip": a.clip_skip })
     } else {
         serde_json::json!({})
     };
-    let mut arch = a.model.open(&registry, &a.arch, extra)?;
+    let (mut prompt, mut negative_prompt) = (a.prompt, a.negative_prompt);
+    // Kept until the model is made: it takes its own handles to the files' tensors.
+    let given = embeddings_given(&a.embeddings, &a.loras, [&mut prompt, &mut negative_prompt])?;
+    if !given.is_empty() {
+        extra["embeddings"] = ferrite::embeddings::option(&given);
+    }
+    let arch = a.model.open(&registry, &a.arch, extra)?;
+    drop(given);
     let model = std::sync::Arc::new(ferrite::adapters::ModelLayers::of(&arch)?);
     scope = scope.with_adapters(model.clone());
     let _scope = scope.enter();
@@ -521,14 +528,6 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
             tracing::info!("{}: {n} adapted layers, strength {weight}", path.display());
         }
     }
-    let (prompt, negative_prompt) = use_embeddings(
-        &mut arch,
-        &model.info,
-        &a.embeddings,
-        &a.loras,
-        a.prompt,
-        a.negative_prompt,
-    )?;
     let req = generate::SampleRequest {
         prompt,
         negative_prompt,
@@ -560,18 +559,15 @@ fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-/// Hands `--embedding` files and the `--lora` files' bundled embeddings to the model, and
-/// writes the prompts' bare-word uses of them as their placeholders.
-fn use_embeddings(
-    arch: &mut ferrite_plugin_api::plugin::ArchitectureHandle,
-    info: &ferrite_plugin_api::ModelInfo,
+/// The `--embedding` files and the `--lora` files' bundled embeddings as the model is given
+/// them (the placeholder `<NAME>`), and the prompts with their bare-word uses written as it.
+fn embeddings_given(
     specs: &[String],
     loras: &[String],
-    mut prompt: String,
-    mut negative: String,
-) -> Result<(String, String)> {
-    use ferrite::embeddings::{self, files};
-    let mut list: Vec<(String, embeddings::Vectors)> = Vec::new();
+    prompts: [&mut String; 2],
+) -> Result<Vec<ferrite::embeddings::Given>> {
+    use ferrite::embeddings::{self, Given, Source, files};
+    let mut given = Vec::new();
     for spec in specs {
         // `FILE:NAME`, unless the whole spec is a file (a path may hold a colon).
         let (path, name) = match spec.rsplit_once(':') {
@@ -588,23 +584,30 @@ fn use_embeddings(
                 (p, stem)
             }
         };
-        let vectors = files::read(&path, info).with_context(|| format!("--embedding {spec}"))?;
-        list.push((name, vectors));
+        let tensors = files::read(&path).with_context(|| format!("--embedding {spec}"))?;
+        given.push((format!("--embedding {spec}"), name, tensors));
     }
     for spec in loras {
         let (path, _) = lora::lora_spec(spec);
-        list.extend(files::read_bundled(&path, info).with_context(|| format!("--lora {spec}"))?);
+        for (name, tensors) in
+            files::read_bundled(&path).with_context(|| format!("--lora {spec}"))?
+        {
+            given.push((format!("--lora {spec} (bundled `{name}`)"), name, tensors));
+        }
     }
-    for (name, _) in &list {
-        prompt = embeddings::mark_words(&prompt, name);
-        negative = embeddings::mark_words(&negative, name);
+    for p in prompts {
+        for (_, name, _) in &given {
+            *p = embeddings::mark_words(p, name);
+        }
     }
-    let list: Vec<(String, embeddings::Vectors)> = list
+    Ok(given
         .into_iter()
-        .map(|(name, v)| (embeddings::placeholder_for(&name), v))
-        .collect();
-    embeddings::attach(arch, &list).context("embeddings")?;
-    Ok((prompt, negative))
+        .map(|(what, name, tensors)| Given {
+            name: what,
+            placeholder: embeddings::placeholder_for(&name),
+            source: Source::Tensors(tensors),
+        })
+        .collect())
 }
 
 fn list_plugins(settings: &Settings) {

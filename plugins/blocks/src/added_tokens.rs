@@ -2,7 +2,7 @@
 //! ids past the vocabulary (as transformers' `add_tokens` gives them, in order), and those ids
 //! are looked up in the embedding's vectors instead of the frozen table.
 
-use ferrite_plugin_api::{Error, Result, Tensor, TextEmbedding, ops};
+use ferrite_plugin_api::{Error, Result, Tensor, ops};
 
 pub struct AddedTokens {
     vocab: usize,
@@ -24,41 +24,16 @@ impl AddedTokens {
         }
     }
 
-    /// The embeddings' vectors for text encoder `part` (`width` wide); embeddings naming no
-    /// vector for it leave their placeholder as plain text here.
-    pub fn new(
-        vocab: usize,
-        width: usize,
-        part: &str,
-        embeddings: &[TextEmbedding],
-    ) -> Result<Self> {
+    /// Tokens for `embeddings` ((placeholder, vectors `[tokens, width]`)) on a vocabulary of
+    /// `vocab`, ids given in order.
+    pub fn new(vocab: usize, embeddings: Vec<(String, Tensor)>) -> Result<Self> {
         let mut added = Self::none(vocab);
         let mut next = vocab as i64;
-        for e in embeddings {
-            let Some((_, v)) = e.vectors.iter().find(|(p, _)| p == part) else {
-                continue;
-            };
-            if e.placeholder.trim().is_empty() {
-                return Err(Error::msg("an embedding's placeholder is empty"));
-            }
-            if added.placeholders.iter().any(|(p, ..)| *p == e.placeholder) {
-                return Err(Error(format!(
-                    "two embeddings use the placeholder `{}`",
-                    e.placeholder
-                )));
-            }
-            let shape = v.shape()?;
-            if shape.len() != 2 || shape[0] == 0 || shape[1] != width {
-                return Err(Error(format!(
-                    "embedding `{}`: {part} takes vectors [tokens, {width}], got {shape:?}",
-                    e.placeholder
-                )));
-            }
-            added
-                .placeholders
-                .push((e.placeholder.clone(), next, shape[0]));
-            next += shape[0] as i64;
-            added.vectors.push(v.clone());
+        for (placeholder, v) in embeddings {
+            let n = v.shape()?[0];
+            added.placeholders.push((placeholder, next, n));
+            next += n as i64;
+            added.vectors.push(v);
         }
         added
             .placeholders

@@ -2,7 +2,7 @@
 //! SD 1.x (quick GELU), SD 2.x and SDXL (GELU, projection) from one config.
 
 use ferrite_plugin_api::{
-    DType, Error, Result, Tensor, TextEmbedding, WeightInfo, Weights, checkpoint,
+    DType, Error, Result, Tensor, WeightInfo, Weights, checkpoint,
     nn::{Embedding, LayerNorm, Linear},
     ops,
 };
@@ -275,17 +275,6 @@ impl ClipTextTransformer {
         )?
         .cast(DType::F32)?
         .detach()
-    }
-
-    /// Takes `embeddings`' vectors for this encoder (part id `part`) in place of earlier ones.
-    pub fn set_embeddings(&mut self, part: &str, embeddings: &[TextEmbedding]) -> Result<()> {
-        self.added = AddedTokens::new(
-            self.config.vocab_size,
-            self.config.hidden_size,
-            part,
-            embeddings,
-        )?;
-        Ok(())
     }
 
     /// Encodes token ids (`batch` rows of equal length, host data from the tokenizer); `skip`

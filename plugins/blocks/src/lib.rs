@@ -16,6 +16,7 @@ pub mod options;
 pub mod resnet;
 pub mod t5;
 pub mod t5_tokenizer;
+pub mod text_embeddings;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;

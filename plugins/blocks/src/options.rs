@@ -1,11 +1,13 @@
 //! The options every Stable Diffusion family plugin takes (`model`, `config`,
-//! `text_encoder_layer_skip`, `random_weights`), their JSON schema and their parsing.
+//! `text_encoder_layer_skip`, `random_weights`, `embeddings`), their JSON schema and their parsing.
 
 use ferrite_plugin_api::{
     Result, bail, parse_options,
     serde_json::{self, json},
 };
 use serde::{Deserialize, Serialize};
+
+use crate::text_embeddings::{self, EmbeddingOption};
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -14,6 +16,7 @@ struct Raw {
     config: Option<String>,
     text_encoder_layer_skip: usize,
     random_weights: bool,
+    embeddings: Vec<EmbeddingOption>,
 }
 
 /// Parsed options of an architecture component.
@@ -27,6 +30,8 @@ pub struct ArchOptions {
     pub layer_skip: usize,
     /// `model` is a diffusers folder of config files only: its weights are random (benchmarks).
     pub random_weights: bool,
+    /// Textual-inversion embeddings.
+    pub embeddings: Vec<EmbeddingOption>,
 }
 
 impl ArchOptions {
@@ -40,7 +45,8 @@ impl ArchOptions {
                 "model": {"type": "string", "description": "diffusers model folder or single-file .safetensors checkpoint"},
                 "config": {"type": "string", "description": format!("for a single file: diffusers folder whose configs and tokenizers to use (default: {defaults})")},
                 "text_encoder_layer_skip": {"type": "integer", "minimum": 0, "default": 0, "description": "CLIP skip: text states from this many layers before the last (every text encoder)"},
-                "random_weights": {"type": "boolean", "default": false, "description": "benchmarks: `model` is a diffusers folder holding only config files; its weights are random"}
+                "random_weights": {"type": "boolean", "default": false, "description": "benchmarks: `model` is a diffusers folder holding only config files; its weights are random"},
+                "embeddings": text_embeddings::schema()
             }
         })
     }
@@ -52,6 +58,7 @@ impl ArchOptions {
             config: None,
             text_encoder_layer_skip: 0,
             random_weights: false,
+            embeddings: Vec::new(),
         };
         let o = parse_options(id, defaults, options)?;
         if o.model.is_empty() {
@@ -62,6 +69,7 @@ impl ArchOptions {
             config: o.config.map(Into::into),
             layer_skip: o.text_encoder_layer_skip,
             random_weights: o.random_weights,
+            embeddings: o.embeddings,
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod model;
 mod names;
 pub mod packing;
 
+use ferrite_blocks::text_embeddings::{self, EmbeddingOption};
 use ferrite_plugin_api::{
     Component, ComponentKind, Descriptor, Plugin, Result, bail, export_plugin, parse_options,
     serde_json::{self, json},
@@ -31,6 +32,8 @@ struct Options {
     random_weights: bool,
     /// Files holding some parts' weights in place of the folder's.
     part_files: PartFiles,
+    /// Textual-inversion embeddings (CLIP-L's).
+    embeddings: Vec<EmbeddingOption>,
 }
 
 pub struct FluxPlugin;
@@ -64,7 +67,8 @@ impl Plugin for FluxPlugin {
                             "text_encoder_2": {"type": "string", "description": "T5 in transformers' layout (ComfyUI's t5xxl_fp16.safetensors)"},
                             "vae": {"type": "string", "description": "the VAE in Black Forest Labs' layout (ae.safetensors) or diffusers'"}
                         }
-                    }
+                    },
+                    "embeddings": text_embeddings::schema()
                 }
             }),
         }]
@@ -80,6 +84,7 @@ impl Plugin for FluxPlugin {
             max_sequence_length: None,
             random_weights: false,
             part_files: PartFiles::default(),
+            embeddings: Vec::new(),
         };
         let o = parse_options(id, defaults, options)?;
         if o.model.is_empty() {
@@ -123,7 +128,8 @@ impl Plugin for FluxPlugin {
                  model_name files empty"
             );
         }
-        let model = Flux::load(dir, &files, o.max_sequence_length, o.random_weights)?;
+        let mut model = Flux::load(dir, &files, o.max_sequence_length, o.random_weights)?;
+        model.attach_embeddings(&o.embeddings)?;
         Ok(Component::Architecture(Box::new(model)))
     }
 }

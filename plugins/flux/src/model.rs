@@ -9,12 +9,12 @@ use ferrite_blocks::{
     ldm, part,
     t5::{T5Config, T5EncoderModel},
     t5_tokenizer::T5Tokenizer,
+    text_embeddings::{self, EmbeddingOption, Embeddings, Encoder},
     tokenizer::ClipTokenizer,
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
-    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, TextEmbedding,
-    Weights, bail,
+    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, Weights, bail,
     family::{Conditioning, Metadata, Objective},
     serde_json,
 };
@@ -34,6 +34,8 @@ pub struct Flux {
     /// Every transformer and text-encoder tensor, under its part's prefix.
     parameters: Vec<(String, Tensor)>,
     adaptable_layers: Vec<AdaptableLayer>,
+    /// Textual-inversion embeddings, on CLIP-L (their vectors are parameters too).
+    embeddings: Embeddings,
 }
 
 /// Files holding parts' weights in place of a folder's (by part id), as ComfyUI users keep
@@ -169,13 +171,36 @@ impl Flux {
             scheduler,
             parameters: [tr.tensors(), te.tensors(), t5.tensors()].concat(),
             adaptable_layers,
+            embeddings: Embeddings::default(),
         })
+    }
+}
+
+impl Flux {
+    /// Gives `options`' embeddings to CLIP-L (`clip_l`), as OneTrainer trains them; T5 reads
+    /// a placeholder as text.
+    pub fn attach_embeddings(&mut self, options: &[EmbeddingOption]) -> Result<()> {
+        self.embeddings = text_embeddings::attach(
+            options,
+            &mut [Encoder {
+                part: "text_encoder",
+                key: "clip_l",
+                tokenizer: &self.clip_tokenizer,
+                model: &mut self.clip,
+            }],
+        )?;
+        Ok(())
     }
 }
 
 impl Architecture for Flux {
     fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self.parameters.clone())
+        Ok(self
+            .parameters
+            .iter()
+            .chain(&self.embeddings.parameters)
+            .cloned()
+            .collect())
     }
 
     fn model_info(&self) -> Result<serde_json::Value> {
@@ -242,6 +267,7 @@ impl Architecture for Flux {
             },
             single_file_layout: Some("bfl".into()),
             single_file_parts: vec!["transformer".into()],
+            embeddings: self.embeddings.info.clone(),
         }
         .to_json())
     }
@@ -259,28 +285,6 @@ impl Architecture for Flux {
             .filter_map(|(k, t)| Some((k.strip_prefix("transformer.")?.to_string(), t.clone())))
             .collect();
         bfl::export(&transformer)
-    }
-
-    fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
-        let ids = self.clip_tokenizer.tokens(text)?;
-        Ok(vec![(
-            "text_encoder".into(),
-            self.clip.token_embeddings(&ids)?,
-        )])
-    }
-
-    /// CLIP-L's embeddings only (as OneTrainer trains them); T5 reads a placeholder as text.
-    fn set_embeddings(&mut self, embeddings: Vec<TextEmbedding>) -> Result<()> {
-        if let Some(e) = embeddings
-            .iter()
-            .find(|e| e.vectors.iter().any(|(p, _)| p != "text_encoder"))
-        {
-            return Err(Error(format!(
-                "embedding `{}`: Flux takes embeddings for CLIP-L (text_encoder) only",
-                e.placeholder
-            )));
-        }
-        self.clip.set_embeddings("text_encoder", &embeddings)
     }
 
     /// T5's states `[B, max_sequence_length, D]` and CLIP's pooled output `[B, D']`, as

@@ -14,13 +14,14 @@ use ferrite_blocks::{
     ldm::{self, FileFamily, UnetLayout},
     open_clip,
     options::ArchOptions,
+    text_embeddings::{self, Embeddings, Encoder},
     tokenizer::ClipTokenizer,
     unet::{UNet2DConditionModel, UNetConfig},
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
     AdaptableLayer, Architecture, Component, ComponentKind, DType, Descriptor, Error, ModelInfo,
-    PartKind, Plugin, Result, Tensor, TextEmbedding, Weights, bail, export_plugin,
+    PartKind, Plugin, Result, Tensor, Weights, bail, export_plugin,
     family::{Conditioning, Metadata, Objective},
     serde_json::{self, json},
 };
@@ -186,6 +187,8 @@ pub struct Sd15 {
     sd2: bool,
     /// CLIP skip.
     layer_skip: usize,
+    /// Textual-inversion embeddings (their vectors are parameters too).
+    embeddings: Embeddings,
 }
 
 impl Sd15 {
@@ -328,6 +331,7 @@ impl Sd15 {
             unet_layout,
             sd2,
             layer_skip: 0,
+            embeddings: Embeddings::default(),
         })
     }
 }
@@ -363,7 +367,12 @@ impl Sd15 {
 
 impl Architecture for Sd15 {
     fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self.parameters.clone())
+        Ok(self
+            .parameters
+            .iter()
+            .chain(&self.embeddings.parameters)
+            .cloned()
+            .collect())
     }
 
     /// `ldm`: the layout of SD 1.x's and 2.x's original single-file checkpoints (what A1111 and
@@ -448,21 +457,9 @@ impl Architecture for Sd15 {
             metadata: self.metadata(),
             single_file_layout: Some("ldm".into()),
             single_file_parts: Vec::new(),
+            embeddings: self.embeddings.info.clone(),
         }
         .to_json())
-    }
-
-    fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
-        let ids = self.tokenizer.tokens(text)?;
-        Ok(vec![(
-            "text_encoder".into(),
-            self.text_encoder.token_embeddings(&ids)?,
-        )])
-    }
-
-    fn set_embeddings(&mut self, embeddings: Vec<TextEmbedding>) -> Result<()> {
-        self.text_encoder
-            .set_embeddings("text_encoder", &embeddings)
     }
 
     /// Prompts longer than 75 tokens are truncated, as diffusers' pipeline and OneTrainer do;
@@ -541,6 +538,15 @@ impl Plugin for Sd15Plugin {
         let o = ArchOptions::parse(id, options)?;
         let mut model = Sd15::load(&o.model, o.config.as_deref(), o.random_weights)?;
         model.layer_skip = o.layer_skip;
+        model.embeddings = text_embeddings::attach(
+            &o.embeddings,
+            &mut [Encoder {
+                part: "text_encoder",
+                key: "emb_params",
+                tokenizer: &model.tokenizer,
+                model: &mut model.text_encoder,
+            }],
+        )?;
         if model.sd2 != (id == "sd2") {
             let (is, use_id) = if model.sd2 {
                 ("an SD 2.x model (OpenCLIP text encoder)", "sd2")

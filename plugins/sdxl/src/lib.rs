@@ -38,6 +38,7 @@ impl Plugin for SdxlPlugin {
         let o = ArchOptions::parse(id, options)?;
         let mut model = Sdxl::load(&o.model, o.config.as_deref(), o.random_weights)?;
         model.layer_skip = o.layer_skip;
+        model.attach_embeddings(&o.embeddings)?;
         Ok(Component::Architecture(Box::new(model)))
     }
 }

@@ -7,13 +7,13 @@ use ferrite_blocks::{
     folder::{self, config, read_json},
     ldm::{self, FileFamily, UnetLayout},
     open_clip,
+    text_embeddings::{self, EmbeddingOption, Embeddings, Encoder},
     tokenizer::ClipTokenizer,
     unet::{AddedCond, UNet2DConditionModel, UNetConfig},
     vae::{AutoencoderKL, VaeConfig},
 };
 use ferrite_plugin_api::{
-    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, TextEmbedding,
-    Weights, bail,
+    AdaptableLayer, Architecture, DType, Error, ModelInfo, PartKind, Result, Tensor, Weights, bail,
     family::{Conditioning, Metadata, Objective},
     serde_json::{self, json},
 };
@@ -170,6 +170,8 @@ pub struct Sdxl {
     vae_weights: Weights,
     /// CLIP skip: text states from this many layers before the penultimate one.
     pub layer_skip: usize,
+    /// Textual-inversion embeddings (their vectors are parameters too).
+    pub embeddings: Embeddings,
 }
 
 impl Sdxl {
@@ -276,6 +278,7 @@ impl Sdxl {
             layout,
             vae_weights: w.vae,
             layer_skip: 0,
+            embeddings: Embeddings::default(),
         })
     }
 
@@ -308,9 +311,39 @@ impl Sdxl {
     }
 }
 
+impl Sdxl {
+    /// Gives `options`' embeddings to both text encoders (CLIP-L `clip_l`, OpenCLIP-G
+    /// `clip_g`).
+    pub fn attach_embeddings(&mut self, options: &[EmbeddingOption]) -> Result<()> {
+        self.embeddings = text_embeddings::attach(
+            options,
+            &mut [
+                Encoder {
+                    part: "text_encoder",
+                    key: "clip_l",
+                    tokenizer: &self.tokenizer,
+                    model: &mut self.text_encoder,
+                },
+                Encoder {
+                    part: "text_encoder_2",
+                    key: "clip_g",
+                    tokenizer: &self.tokenizer_2,
+                    model: &mut self.text_encoder_2,
+                },
+            ],
+        )?;
+        Ok(())
+    }
+}
+
 impl Architecture for Sdxl {
     fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self.parameters.clone())
+        Ok(self
+            .parameters
+            .iter()
+            .chain(&self.embeddings.parameters)
+            .cloned()
+            .collect())
     }
 
     fn model_info(&self) -> Result<serde_json::Value> {
@@ -366,6 +399,7 @@ impl Architecture for Sdxl {
             },
             single_file_layout: Some("ldm".into()),
             single_file_parts: Vec::new(),
+            embeddings: self.embeddings.info.clone(),
         }
         .to_json())
     }
@@ -394,28 +428,6 @@ impl Architecture for Sdxl {
         let levels = self.vae.config.block_out_channels.len();
         out.extend(ldm::vae_export(&self.vae_weights, levels)?);
         Ok(out)
-    }
-
-    fn token_embeddings(&self, text: &str) -> Result<Vec<(String, Tensor)>> {
-        Ok(vec![
-            (
-                "text_encoder".into(),
-                self.text_encoder
-                    .token_embeddings(&self.tokenizer.tokens(text)?)?,
-            ),
-            (
-                "text_encoder_2".into(),
-                self.text_encoder_2
-                    .token_embeddings(&self.tokenizer_2.tokens(text)?)?,
-            ),
-        ])
-    }
-
-    fn set_embeddings(&mut self, embeddings: Vec<TextEmbedding>) -> Result<()> {
-        self.text_encoder
-            .set_embeddings("text_encoder", &embeddings)?;
-        self.text_encoder_2
-            .set_embeddings("text_encoder_2", &embeddings)
     }
 
     /// `[states, pooled]`: both encoders' penultimate states side by side `[B, 77, 768 + 1280]`

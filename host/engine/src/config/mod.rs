@@ -921,9 +921,14 @@ impl TrainConfig {
             "lora_dropout: must be in [0, 1)",
         );
         check(
-            self.part_tables().iter().any(|(_, p)| p.train),
+            self.training_method == TrainingMethod::Embedding
+                || self.part_tables().iter().any(|(_, p)| p.train),
             "unet.train, transformer.train, text_encoder.train, text_encoder_2.train: train at \
              least one part",
+        );
+        check(
+            self.training_method != TrainingMethod::Embedding || self.embedding.train,
+            "embedding.train: an embedding run trains its embedding; set it to true",
         );
         check(
             (0.0..1.0).contains(&self.text_encoder.dropout_probability),
@@ -1070,7 +1075,6 @@ impl TrainConfig {
             .map(|(_, p)| p)
     }
 
-    /// Whether this run trains a model part (it can be, and its table says so).
     /// The run's embeddings with their config keys: `embedding` in an embedding run, then the
     /// additional ones.
     pub fn embeddings(&self) -> Vec<(String, &EmbeddingConfig)> {
@@ -1086,7 +1090,8 @@ impl TrainConfig {
             .collect()
     }
 
-    /// An embedding run trains no part of the model.
+    /// Whether this run trains a model part (it can be, and its table says so); an embedding
+    /// run trains none.
     pub fn trains(&self, part: &ferrite_plugin_api::Part) -> bool {
         self.training_method != TrainingMethod::Embedding
             && part.trainable
@@ -1271,9 +1276,11 @@ path = "images"
                 "demo",
                 "flux-dev-lora",
                 "flux-dev-lora-24gb",
+                "sd15-embedding",
                 "sd15-finetune",
                 "sd15-lora",
                 "sd2-lora",
+                "sdxl-embedding",
                 "sdxl-finetune",
                 "sdxl-lora"
             ]
@@ -1330,7 +1337,7 @@ path = "images"
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("concepts[1].type") && e.contains("a fine-tune has no adapter"),
+            e.contains("concepts[1].type") && e.contains("a fine-tune or an embedding has none"),
             "{e}"
         );
         let lora = write(

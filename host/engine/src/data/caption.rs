@@ -54,6 +54,26 @@ pub fn vary(caption: &str, c: &ConceptConfig, r: &mut ChaCha8Rng) -> String {
         .join(&joiner)
 }
 
+/// `caption` with every embedding placeholder as written in the config, whatever case the
+/// capitalisation options gave it (`<EMBEDDING>` would be plain text to the model).
+pub fn keep_placeholders(caption: String, placeholders: &[&str]) -> String {
+    let mut out = caption;
+    for p in placeholders.iter().filter(|p| !p.is_empty()) {
+        // ASCII case folding keeps byte offsets, so a match in the folded text is one in `out`.
+        let (lower, want) = (out.to_ascii_lowercase(), p.to_ascii_lowercase());
+        let mut fixed = String::with_capacity(out.len());
+        let mut at = 0;
+        while let Some(i) = lower[at..].find(&want) {
+            fixed.push_str(&out[at..at + i]);
+            fixed.push_str(p);
+            at += i + want.len();
+        }
+        fixed.push_str(&out[at..]);
+        out = fixed;
+    }
+    out
+}
+
 /// First letter upper case, the rest lower case.
 fn first_upper(word: &str) -> String {
     let mut chars = word.chars();
@@ -116,6 +136,15 @@ mod tests {
         c.tag_dropout_enable = true;
         c.tag_dropout_probability = 1.0;
         assert_eq!(vary(caption, &c, &mut r), "sks dog");
+    }
+
+    #[test]
+    fn placeholders_keep_their_case() {
+        let c = "A PHOTO OF <EMBEDDING>, <Embedding> and <other>".to_string();
+        assert_eq!(
+            keep_placeholders(c, &["<embedding>", "<Other>"]),
+            "A PHOTO OF <embedding>, <embedding> and <Other>"
+        );
     }
 
     #[test]

@@ -159,6 +159,12 @@ impl Context {
             } else {
                 caption::draw(&item.captions, concept, &mut caption_r)
             };
+            let placeholders: Vec<&str> = c
+                .embeddings()
+                .into_iter()
+                .map(|(_, e)| e.placeholder.as_str())
+                .collect();
+            let caption = caption::keep_placeholders(caption, &placeholders);
             let dropped = caption_r.random_bool(c.text_encoder.dropout_probability);
             b.prompts
                 .push(if dropped { String::new() } else { caption });

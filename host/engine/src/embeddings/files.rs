@@ -1,13 +1,14 @@
 //! Embedding files: A1111's and ComfyUI's single files (`emb_params` for a model with one text
-//! encoder; `clip_l`, `clip_g` per encoder), read also as A1111's `string_to_param` and
-//! diffusers' `learned_embeds` (one tensor under the token's name); and embeddings bundled in a
-//! LoRA file under `bundle_emb.<placeholder>.` keys.
+//! encoder; `clip_l`, `clip_g` per encoder), read also as A1111's `.pt` (`string_to_param`) and
+//! diffusers' `learned_embeds` (one tensor under the token's name), and embeddings bundled in a
+//! LoRA file under `bundle_emb.<placeholder>.` keys. Which key goes to which text encoder is the
+//! model's business (its parts' `embedding_key`): files are read by key.
 
 use std::path::Path;
 
 use ferrite_plugin_api::{DType, ModelInfo, Tensor, Weights};
 
-use super::{EmbeddingError, Result, Vectors};
+use super::{EmbeddingError, Keyed, Result, Vectors};
 
 /// The model's text encoders that take embeddings: (part id, key in embedding files).
 pub fn embedding_parts(info: &ModelInfo) -> Vec<(&str, &str)> {
@@ -29,7 +30,7 @@ fn bundle_suffix(key: &str) -> &str {
 
 fn open(path: &Path) -> Result<Weights> {
     Weights::open(&path.to_string_lossy())
-        .map_err(|e| EmbeddingError(format!("embedding {}: {e}", path.display())))
+        .map_err(|e| EmbeddingError(format!("{}: {e}", path.display())))
 }
 
 /// `[tokens, width]` in f32 (a file may hold one vector as `[width]`).
@@ -46,63 +47,43 @@ fn vectors_of(w: &Weights, key: &str) -> Result<Tensor> {
     }
 }
 
-/// An embedding file's vectors for the model's text encoders. A file of one tensor under
-/// another name (diffusers' `learned_embeds`, A1111's `string_to_param.*`) is the vectors of
-/// a model with one embedding-taking encoder.
-pub fn read(path: &Path, info: &ModelInfo) -> Result<Vectors> {
+/// An embedding file's tensors by key (bundled embeddings left out: see [`read_bundled`]).
+pub fn read(path: &Path) -> Result<Keyed> {
     let w = open(path)?;
-    let parts = embedding_parts(info);
-    if parts.is_empty() {
-        return Err(EmbeddingError(
-            "this model has no text encoder that takes embeddings".into(),
-        ));
-    }
-    let mut out = Vec::new();
-    for (part, key) in &parts {
-        if w.info(key).is_some() {
-            out.push((part.to_string(), vectors_of(&w, key)?));
-        }
-    }
-    let keys: Vec<&str> = w.infos().iter().map(|i| i.key.as_str()).collect();
-    if out.is_empty() && parts.len() == 1 {
-        let only = keys
-            .iter()
-            .find(|k| k.ends_with("string_to_param.*"))
-            .or_else(|| keys.first().filter(|_| keys.len() == 1));
-        if let Some(k) = only {
-            out.push((parts[0].0.to_string(), vectors_of(&w, k)?));
-        }
-    }
+    let out = w
+        .infos()
+        .iter()
+        .filter(|i| !i.key.starts_with("bundle_emb."))
+        .map(|i| Ok((i.key.clone(), vectors_of(&w, &i.key)?)))
+        .collect::<Result<Vec<_>>>()?;
     if out.is_empty() {
-        let wanted: Vec<&str> = parts.iter().map(|(_, k)| *k).collect();
         return Err(EmbeddingError(format!(
-            "embedding {}: none of the keys this model's embeddings use ({}); the file holds {}",
-            path.display(),
-            wanted.join(", "),
-            keys.join(", ")
+            "{}: no embedding in it (a LoRA's bundled ones are given with the LoRA)",
+            path.display()
         )));
     }
     Ok(out)
 }
 
-/// The embeddings bundled in a LoRA file: (placeholder, vectors), in key order.
-pub fn read_bundled(path: &Path, info: &ModelInfo) -> Result<Vec<(String, Vectors)>> {
+/// The embeddings bundled in a LoRA file: (placeholder, tensors by key), in key order.
+pub fn read_bundled(path: &Path) -> Result<Vec<(String, Keyed)>> {
     let w = open(path)?;
-    let mut out: Vec<(String, Vectors)> = Vec::new();
+    let mut out: Vec<(String, Keyed)> = Vec::new();
     for i in w.infos() {
         let Some(rest) = i.key.strip_prefix("bundle_emb.") else {
             continue;
         };
-        let Some((part, placeholder)) = embedding_parts(info).into_iter().find_map(|(p, k)| {
-            let name = rest.strip_suffix(bundle_suffix(k))?.strip_suffix('.')?;
-            Some((p, name))
-        }) else {
+        let split = match rest.strip_suffix(".string_to_param.*") {
+            Some(name) => Some((name, "string_to_param.*")),
+            None => rest.rsplit_once('.'),
+        };
+        let Some((placeholder, key)) = split else {
             continue;
         };
         let v = vectors_of(&w, &i.key)?;
         match out.iter_mut().find(|(n, _)| n == placeholder) {
-            Some((_, vs)) => vs.push((part.into(), v)),
-            None => out.push((placeholder.into(), vec![(part.into(), v)])),
+            Some((_, vs)) => vs.push((key.into(), v)),
+            None => out.push((placeholder.into(), vec![(key.into(), v)])),
         }
     }
     Ok(out)

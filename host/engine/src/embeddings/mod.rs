@@ -1,11 +1,12 @@
-//! Textual-inversion embeddings: new ones from a text (as OneTrainer starts them), the files
-//! other tools read and write, and handing them to the model.
+//! Textual-inversion embeddings: given to a model through its `embeddings` option (from files,
+//! or new as OneTrainer starts them), its vectors read back from its parameters, the files other
+//! tools read and write, and A1111's use of them in prompts.
 
 pub mod files;
 
 use std::path::Path;
 
-use ferrite_plugin_api::{DType, ModelInfo, Tensor, TextEmbedding, plugin::ArchitectureHandle};
+use ferrite_plugin_api::{DType, ModelInfo, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -16,67 +17,82 @@ pub type Result<T> = std::result::Result<T, EmbeddingError>;
 /// One embedding's vectors `[tokens, width]` by text-encoder part id.
 pub type Vectors = Vec<(String, Tensor)>;
 
-fn err(e: impl std::fmt::Display) -> EmbeddingError {
-    EmbeddingError(e.to_string())
+/// An embedding file's tensors by key (`emb_params`, `clip_l`, ...).
+pub type Keyed = Vec<(String, Tensor)>;
+
+/// Where an embedding's vectors come from.
+pub enum Source {
+    /// An embedding file's (or a bundle's) tensors by key.
+    Tensors(Keyed),
+    /// New: the text's token embeddings cut to `count` tokens, padded with `*`'s.
+    New { text: String, count: usize },
 }
 
-/// New vectors as OneTrainer makes them: the token embeddings of `text` cut to `count` tokens
-/// and padded with those of `*`, for every text encoder of the model that takes embeddings.
-pub fn initial(arch: &ArchitectureHandle, text: &str, count: usize) -> Result<Vectors> {
-    if count == 0 {
-        return Err(EmbeddingError("token_count must be at least 1".into()));
-    }
-    let tokens = arch.token_embeddings(text).map_err(err)?;
-    let pad = arch.token_embeddings("*").map_err(err)?;
-    tokens
-        .into_iter()
-        .map(|(part, t)| {
-            let n = t.shape().map_err(err)?[0].min(count);
-            let star = pad
-                .iter()
-                .find(|(p, _)| *p == part)
-                .map(|(_, t)| t.narrow(0, 0, 1))
-                .transpose()
-                .map_err(err)?
-                .ok_or_else(|| EmbeddingError(format!("{part}: `*` has no token")))?;
-            let mut rows = Vec::new();
-            if n > 0 {
-                rows.push(t.narrow(0, 0, n).map_err(err)?);
-            }
-            rows.extend(std::iter::repeat_n(star, count - n));
-            let v = Tensor::cat(&rows.iter().collect::<Vec<_>>(), 0)
-                .and_then(|v| v.cast(DType::F32)?.detach())
-                .map_err(err)?;
-            Ok((part, v))
-        })
-        .collect()
+/// An embedding to give a model.
+pub struct Given {
+    /// What errors call it (a config key, `--embedding FILE`).
+    pub name: String,
+    pub placeholder: String,
+    pub source: Source,
 }
 
-/// Hands `embeddings` ((placeholder, vectors)) to the model: prompts use them from now on.
-pub fn attach(arch: &mut ArchitectureHandle, embeddings: &[(String, Vectors)]) -> Result<()> {
-    let list: Vec<TextEmbedding> = embeddings
+/// The architecture's `embeddings` option for `given` (whose tensors must live until the model
+/// is made: it keeps its own handles).
+pub fn option(given: &[Given]) -> serde_json::Value {
+    given
         .iter()
-        .map(|(placeholder, vectors)| TextEmbedding {
-            placeholder: placeholder.clone(),
-            vectors: vectors.clone(),
+        .map(|g| {
+            let mut o = serde_json::json!({ "name": g.name, "placeholder": g.placeholder });
+            match &g.source {
+                Source::Tensors(t) => {
+                    o["vectors"] = t
+                        .iter()
+                        .map(|(k, t)| (k.clone(), serde_json::Value::from(t.id().0)))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into();
+                }
+                Source::New { text, count } => {
+                    o["initial_text"] = text.as_str().into();
+                    o["token_count"] = (*count).into();
+                }
+            }
+            o
         })
-        .collect();
-    arch.set_embeddings(&list).map_err(err)
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// The model's embeddings, in the order given: their vectors (parameters
+/// `embeddings.<index>.<part id>`) by part.
+pub fn of_model(parameters: &[(String, Tensor)], count: usize) -> Vec<Vectors> {
+    let mut out: Vec<Vectors> = (0..count).map(|_| Vec::new()).collect();
+    for (name, t) in parameters {
+        let Some((i, part)) = name
+            .strip_prefix("embeddings.")
+            .and_then(|r| r.split_once('.'))
+        else {
+            continue;
+        };
+        if let Some(v) = i.parse::<usize>().ok().and_then(|i| out.get_mut(i)) {
+            v.push((part.to_string(), t.clone()));
+        }
+    }
+    out
 }
 
 /// Writes one embedding as a single file in A1111's/ComfyUI's layout, in `dtype`.
 pub fn write(path: &Path, vectors: &Vectors, info: &ModelInfo, dtype: DType) -> Result<()> {
+    let fail = |e: ferrite_plugin_api::Error| EmbeddingError(format!("{}: {e}", path.display()));
     let tensors = files::file_tensors(vectors, info)
         .into_iter()
-        .map(|(k, t)| Ok((k, t.cast(dtype).map_err(err)?)))
+        .map(|(k, t)| Ok((k, t.cast(dtype).map_err(fail)?)))
         .collect::<Result<Vec<_>>>()?;
     let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| EmbeddingError(format!("{}: {e}", dir.display())))?;
     }
-    ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &named, &[])
-        .map_err(|e| EmbeddingError(format!("{}: {e}", path.display())))
+    ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &named, &[]).map_err(fail)
 }
 
 /// The placeholder an embedding called `name` is registered under: `<name>` (a name already

@@ -10,7 +10,7 @@ use super::groups::Group;
 use super::{Result, TrainError, Trainer, err};
 use crate::config::{EmaMode, EmbeddingConfig, TrainConfig, TrainingMethod};
 use crate::data::Dataset;
-use crate::embeddings::{self, Vectors, files};
+use crate::embeddings::{self, Given, Source, Vectors, files};
 
 /// An embedding of the run.
 pub(super) struct RunEmbedding {
@@ -22,52 +22,64 @@ pub(super) struct RunEmbedding {
     pub vectors: Vectors,
 }
 
-/// Makes (or loads) the config's embeddings and hands them to the model.
-pub(super) fn load(
+/// The config's embeddings as the model is given them (files read now; their tensors must
+/// live until the model is made).
+pub(super) fn given(c: &TrainConfig, base: &Path) -> Result<Vec<Given>> {
+    c.embeddings()
+        .into_iter()
+        .map(|(key, e)| {
+            let source = if e.model_name.is_empty() {
+                Source::New {
+                    text: e.initial_embedding_text.clone(),
+                    count: e.token_count,
+                }
+            } else {
+                let path = TrainConfig::path(base, &e.model_name);
+                Source::Tensors(
+                    files::read(&path).map_err(|x| TrainError(format!("{key}.model_name: {x}")))?,
+                )
+            };
+            Ok(Given {
+                name: key,
+                placeholder: e.placeholder.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// The run's embeddings with the vectors the model made of them.
+pub(super) fn of_model(
     c: &TrainConfig,
-    base: &Path,
-    arch: &mut ArchitectureHandle,
+    arch: &ArchitectureHandle,
     info: &ModelInfo,
 ) -> Result<Vec<RunEmbedding>> {
-    let mut out = Vec::new();
-    for (key, e) in c.embeddings() {
-        let fail = |x: embeddings::EmbeddingError| TrainError(format!("{key}: {x}"));
-        let vectors = if e.model_name.is_empty() {
-            embeddings::initial(arch, &e.initial_embedding_text, e.token_count).map_err(fail)?
-        } else {
-            let path = TrainConfig::path(base, &e.model_name);
-            files::read(&path, info).map_err(|x| TrainError(format!("{key}.model_name: {x}")))?
-        };
-        // Owned copies: the file's tensors (or the table's rows) stay as they were.
-        let vectors = vectors
-            .into_iter()
-            .map(|(p, t)| Ok((p, t.detach()?.try_clone()?)))
-            .collect::<ferrite_plugin_api::Result<Vectors>>()
-            .map_err(err)?;
-        out.push(RunEmbedding {
+    let list = c.embeddings();
+    if info.embeddings.len() != list.len() {
+        return Err(TrainError(format!(
+            "the model took {} of the run's {} embeddings: update its plugin",
+            info.embeddings.len(),
+            list.len()
+        )));
+    }
+    let vectors = embeddings::of_model(&arch.parameters().map_err(err)?, list.len());
+    Ok(list
+        .into_iter()
+        .zip(vectors)
+        .map(|((key, e), vectors)| RunEmbedding {
             key,
             config: e.clone(),
             vectors,
-        });
-    }
-    let list: Vec<(String, Vectors)> = out
-        .iter()
-        .map(|e| (e.config.placeholder.clone(), e.vectors.clone()))
-        .collect();
-    embeddings::attach(arch, &list).map_err(err)?;
-    Ok(out)
+        })
+        .collect())
 }
 
 /// What may be wrong with the embeddings, reported when the run starts: a placeholder no
 /// caption uses (it would not train), or one that is a word of the vocabulary already (it
 /// takes that word's place in every prompt).
-pub(super) fn problems(
-    list: &[RunEmbedding],
-    data: &Dataset,
-    arch: &ArchitectureHandle,
-) -> Result<Vec<String>> {
+pub(super) fn problems(list: &[RunEmbedding], data: &Dataset, info: &ModelInfo) -> Vec<String> {
     let mut out = Vec::new();
-    for e in list {
+    for (e, taken) in list.iter().zip(&info.embeddings) {
         let p = &e.config.placeholder;
         if e.config.train
             && !data
@@ -80,12 +92,7 @@ pub(super) fn problems(
                 e.key
             ));
         }
-        let single = arch
-            .token_embeddings(p)
-            .map_err(err)?
-            .iter()
-            .all(|(_, t)| t.shape().is_ok_and(|s| s[0] == 1));
-        if single {
+        if taken.plain_tokens == 1 {
             out.push(format!(
                 "{}.placeholder: `{p}` is a word of the model's vocabulary; the embedding \
                  replaces it in every prompt (a made-up token such as `<{}>` avoids that)",
@@ -94,7 +101,7 @@ pub(super) fn problems(
             ));
         }
     }
-    Ok(out)
+    out
 }
 
 /// The file name part for an embedding (its placeholder without what file names cannot hold).
@@ -175,8 +182,7 @@ impl Trainer {
     /// The additional embeddings' tensors to bundle into the LoRA file (none when they go to
     /// files of their own).
     pub(super) fn bundled_embeddings(&self) -> Vec<(String, Tensor)> {
-        let c = &self.config;
-        if !(c.bundle_additional_embeddings && c.training_method == TrainingMethod::Lora) {
+        if !self.bundles() {
             return Vec::new();
         }
         self.additional()
@@ -186,12 +192,40 @@ impl Trainer {
 
     /// The additional embeddings as files beside the output (when not bundled).
     pub(super) fn save_embedding_files(&self, output: &Path) -> Result<()> {
-        if !self.bundled_embeddings().is_empty() {
+        if self.bundles() {
             return Ok(());
         }
         for e in self.additional() {
             let path = self.embedding_file(output, e);
             embeddings::write(&path, &e.vectors, &self.info, self.output_dtype()).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// The additional embeddings go inside the LoRA file.
+    fn bundles(&self) -> bool {
+        let c = &self.config;
+        c.bundle_additional_embeddings && c.training_method == TrainingMethod::Lora
+    }
+
+    /// Additional embeddings written beside the output need file names of their own (checked
+    /// before training).
+    pub(super) fn check_embedding_files(&self) -> Result<()> {
+        if self.bundles() {
+            return Ok(());
+        }
+        let mut seen: Vec<(String, &str)> = Vec::new();
+        for e in self.additional() {
+            let stem = file_stem(&e.config.placeholder);
+            if let Some((_, other)) = seen.iter().find(|(s, _)| *s == stem) {
+                return Err(TrainError(format!(
+                    "{}.placeholder: `{}` and `{other}` would both be saved as \
+                     <output>_{stem}.safetensors; give them placeholders that differ in letters \
+                     or digits (or bundle them: bundle_additional_embeddings)",
+                    e.key, e.config.placeholder
+                )));
+            }
+            seen.push((stem, &e.config.placeholder));
         }
         Ok(())
     }

@@ -382,7 +382,25 @@ impl Trainer {
         if let Some(files) = part_files(c, base, &registry)? {
             options["part_files"] = serde_json::json!(files);
         }
-        let mut arch = registry
+        // Kept until the model is made: it takes its own handles to the files' tensors.
+        let given = embeddings::given(c, base)?;
+        if !given.is_empty() {
+            options["embeddings"] = crate::embeddings::option(&given);
+            let kind = ferrite_plugin_api::ComponentKind::Architecture;
+            let only = serde_json::json!({ "model": "", "embeddings": [] });
+            if registry
+                .option_problems(kind, &c.model_type, &only)
+                .iter()
+                .any(|(o, _)| o.as_deref() == Some("embeddings"))
+            {
+                return Err(TrainError(format!(
+                    "{}: the `{}` architecture takes no textual-inversion embeddings (its \
+                     plugin predates them): update the plugin",
+                    given[0].name, c.model_type
+                )));
+            }
+        }
+        let arch = registry
             .architecture(&c.model_type, &options.to_string())
             .map_err(err)?;
         let model = Arc::new(ModelLayers::of(&arch).map_err(err)?);
@@ -390,7 +408,8 @@ impl Trainer {
         check_parts(c, &info)?;
         check_samples(c, &info)?;
         keep_weights(c, &info, &arch, &scope.device)?;
-        let embeddings = embeddings::load(c, base, &mut arch, &info)?;
+        let embeddings = embeddings::of_model(c, &arch, &info)?;
+        drop(given);
         let noising = Noising::new(&info.objective, c)?;
         scope = scope
             .with_adapters(model.clone())
@@ -413,7 +432,7 @@ impl Trainer {
             )));
         }
         data.problems
-            .extend(embeddings::problems(&embeddings, &data, &arch)?);
+            .extend(embeddings::problems(&embeddings, &data, &info));
         let validation = Dataset::scan(c, base, &[ConceptType::Validation]);
         let step = info.resolution_step;
         let buckets: Vec<Buckets> = c
@@ -476,6 +495,7 @@ impl Trainer {
         };
         t.check_output_format()?;
         t.check_destination()?;
+        t.check_embedding_files()?;
         // Emptied only once the run is sure to start.
         if t.config.clear_cache_before_training {
             t.caches.clear();
