@@ -280,7 +280,8 @@ initial_embedding_text = "red"
 }
 
 /// The LoRA file of a run with additional embeddings: the trained one bundled under A1111's
-/// keys, a frozen one loaded from a file as it was; unbundled, each is a file beside the LoRA.
+/// keys, a frozen one loaded from a file as it was; unbundled (or in diffusers' layout), each
+/// is a file beside the LoRA.
 #[test]
 fn additional_embeddings_train_with_a_lora_and_go_in_its_file_or_beside_it() {
     let root = tempfile::tempdir().unwrap();
@@ -297,11 +298,20 @@ train = false
 "#,
         style.display()
     );
-    for bundle in [true, false] {
+    // Bundled in kohya's layout only (diffusers refuses a file with other keys).
+    for (bundle, format) in [
+        (true, "safetensors"),
+        (false, "safetensors"),
+        (true, "diffusers"),
+    ] {
         let c = config(
             root.path(),
-            &format!("epochs = 1\nbundle_additional_embeddings = {bundle}\n{extra}"),
+            &format!(
+                "epochs = 1\nbundle_additional_embeddings = {bundle}\n\
+                 output_model_format = \"{format}\"\n{extra}"
+            ),
         );
+        let bundle = bundle && format == "safetensors";
         let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
         let names: Vec<String> = t.trainable().into_iter().map(|(n, _)| n).collect();
         assert!(names.iter().any(|n| n.starts_with("unet.")), "{names:?}");

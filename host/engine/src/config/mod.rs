@@ -485,8 +485,10 @@ pub struct TrainConfig {
     pub additional_embeddings: Vec<EmbeddingConfig>,
     /// The embeddings' learning rate (empty: learning_rate).
     pub embedding_learning_rate: Option<f64>,
-    /// LoRA: the additional embeddings go inside the LoRA file (A1111's `bundle_emb.` keys);
-    /// off, or with a fine-tune: each is a file of its own beside the output.
+    /// LoRA in kohya's layout: the additional embeddings go inside the LoRA file (A1111's
+    /// `bundle_emb.` keys, which A1111 and Forge read; ComfyUI warns of them and diffusers
+    /// refuses the file); off, another layout or a fine-tune: each is a file of its own beside
+    /// the output.
     pub bundle_additional_embeddings: bool,
 
     /// lora or loha.

@@ -8,7 +8,7 @@ use ferrite_plugin_api::{ModelInfo, Tensor, plugin::ArchitectureHandle};
 
 use super::groups::Group;
 use super::{Result, TrainError, Trainer, err};
-use crate::config::{EmaMode, EmbeddingConfig, TrainConfig, TrainingMethod};
+use crate::config::{EmaMode, EmbeddingConfig, OutputFormat, TrainConfig, TrainingMethod};
 use crate::data::Dataset;
 use crate::embeddings::{self, Given, Source, Vectors, files};
 
@@ -202,10 +202,17 @@ impl Trainer {
         Ok(())
     }
 
-    /// The additional embeddings go inside the LoRA file.
+    /// The additional embeddings go inside the LoRA file: in kohya's layout only, which A1111
+    /// and Forge read with its bundles (diffusers refuses a file with keys that are not LoRA
+    /// keys, and ComfyUI warns of each).
     fn bundles(&self) -> bool {
         let c = &self.config;
-        c.bundle_additional_embeddings && c.training_method == TrainingMethod::Lora
+        c.bundle_additional_embeddings
+            && c.training_method == TrainingMethod::Lora
+            && matches!(
+                c.output_model_format,
+                OutputFormat::Safetensors | OutputFormat::Kohya
+            )
     }
 
     /// Additional embeddings written beside the output need file names of their own (checked
