@@ -794,3 +794,35 @@ fn embeddings_that_would_share_a_file_are_refused() {
         .to_string();
     assert!(e.contains("additional_embeddings[1].placeholder"), "{e}");
 }
+
+/// SD 2.x's OpenCLIP encoder takes embeddings the same way (`emb_params`): a new one starts as
+/// OneTrainer's and changes the prompt states where its placeholder is.
+#[test]
+fn sd2_takes_embeddings() {
+    let model = fixtures().join("sd2/model");
+    let new = Given {
+        name: "embedding".into(),
+        placeholder: "<thing>".into(),
+        source: Source::New {
+            text: "red".into(),
+            count: 2,
+        },
+    };
+    let (arch, info) = load_with("sd2", &model, &[new]).unwrap();
+    let part = info.part("text_encoder").unwrap();
+    assert_eq!(part.embedding_key.as_deref(), Some("emb_params"));
+    let v = embeddings::of_model(&arch.parameters().unwrap(), 1).remove(0);
+    assert_eq!(v[0].1.shape().unwrap()[0], 2);
+    let (plain, _) = load("sd2", &model);
+    let prompt = "a photo of <thing>";
+    let d = ferrite_tests::max_abs_diff(
+        &arch.encode_text(&[prompt]).unwrap()[0],
+        &plain.encode_text(&[prompt]).unwrap()[0],
+    );
+    assert!(d > 1e-4, "{d}");
+    let same = ferrite_tests::max_abs_diff(
+        &arch.encode_text(&["a photo"]).unwrap()[0],
+        &plain.encode_text(&["a photo"]).unwrap()[0],
+    );
+    assert_eq!(same, 0.0);
+}

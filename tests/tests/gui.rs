@@ -284,3 +284,48 @@ fn a_panic_in_the_trainer_shows_as_a_failed_run() {
         "{log:?}"
     );
 }
+
+/// The Embedding tab edits the embedding an embedding run trains and the additional ones; the
+/// training-method box offers Embedding.
+#[test]
+fn the_embedding_tab_edits_the_embeddings() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("e.toml");
+    let mut h = app(dir.path());
+    set_text(&mut h, "Config file", &config.display().to_string());
+    h.get_by_label("Training method").click();
+    h.run();
+    // The box's item (the tab of the same name comes later).
+    h.get_all_by_label("Embedding")
+        .next()
+        .unwrap()
+        .click_accesskit();
+    h.run();
+    assert_eq!(
+        h.state().config.training_method,
+        ferrite::config::TrainingMethod::Embedding
+    );
+    h.key_press(Key::Escape);
+    h.run();
+    tab(&mut h, "Embedding");
+    set_text(&mut h, "Placeholder", "<my-style>");
+    set_text(&mut h, "Token count", "4");
+    click(&mut h, "Add embedding");
+    assert_eq!(h.state().config.additional_embeddings.len(), 1);
+    set_text(&mut h, "Embedding learning rate", "0.002");
+    click(&mut h, "Save");
+    let text = std::fs::read_to_string(&config).unwrap();
+    for want in [
+        "training_method = \"embedding\"",
+        "placeholder = \"<my-style>\"",
+        "token_count = 4",
+        "[[additional_embeddings]]",
+        "placeholder = \"<embedding1>\"",
+        "embedding_learning_rate = 0.002",
+    ] {
+        assert!(text.contains(want), "{want} in\n{text}");
+    }
+    click(&mut h, "Remove");
+    assert!(h.state().config.additional_embeddings.is_empty());
+}
