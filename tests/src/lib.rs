@@ -116,13 +116,24 @@ pub fn toy_dataset(dir: &Path) {
 /// difference from `fixture/expected`. `args` go last (`--arch`, `--model`, `--sampler`,
 /// `--negative-prompt`, ...).
 pub fn sample_diff(fixture: &Path, expected: &str, args: &[&str]) -> u8 {
+    let got = sample_image(fixture, "a photo of a red cat, best quality", args);
+    let want = image::open(fixture.join(expected)).unwrap().to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions());
+    let worst = max_pixel_diff(&got, &want);
+    println!("{expected} {args:?}: max pixel difference {worst}/255");
+    worst
+}
+
+/// `ferrite sample` of `prompt` with 4 steps, guidance 4, 16×16 from `fixture`'s
+/// `noise.safetensors`; `args` go last.
+pub fn sample_image(fixture: &Path, prompt: &str, args: &[&str]) -> image::RgbImage {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
     let noise = fixture.join("noise.safetensors");
     let mut all = vec![
         "sample",
         "--prompt",
-        "a photo of a red cat, best quality",
+        prompt,
         "--steps",
         "4",
         "--cfg",
@@ -139,12 +150,7 @@ pub fn sample_diff(fixture: &Path, expected: &str, args: &[&str]) -> u8 {
     all.extend(args);
     let o = run_ferrite(&all, None, dir.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let got = image::open(&out).unwrap().to_rgb8();
-    let want = image::open(fixture.join(expected)).unwrap().to_rgb8();
-    assert_eq!(got.dimensions(), want.dimensions());
-    let worst = max_pixel_diff(&got, &want);
-    println!("{expected} {args:?}: max pixel difference {worst}/255");
-    worst
+    image::open(&out).unwrap().to_rgb8()
 }
 
 /// Copies the folder `from` to `to`, with the files `keep` accepts.

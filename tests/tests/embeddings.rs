@@ -440,40 +440,21 @@ fn the_embedding_presets_train() {
     }
 }
 
-/// `ferrite sample` of PROMPT (with `prompt` in its place when given) as the generator's
-/// images are made; the image.
+/// `ferrite sample` of `prompt` as the generator's images are made (DDIM, negative prompt
+/// "blurry", the fixture's noise).
 fn sample(fixture: &str, prompt: &str, args: &[&str]) -> image::RgbImage {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.png");
     let fx = fixtures().join(fixture);
-    let (model, noise) = (fx.join("model"), fx.join("noise.safetensors"));
+    let model = fx.join("model");
     let mut all = vec![
-        "sample",
         "--model",
         model.to_str().unwrap(),
-        "--prompt",
-        prompt,
         "--negative-prompt",
         "blurry",
-        "--steps",
-        "4",
-        "--cfg",
-        "4",
-        "--width",
-        "16",
-        "--height",
-        "16",
         "--sampler",
         "ddim",
-        "--init-noise",
-        noise.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
     ];
     all.extend(args);
-    let o = ferrite_tests::run_ferrite(&all, None, dir.path());
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    image::open(&out).unwrap().to_rgb8()
+    ferrite_tests::sample_image(&fx, prompt, &all)
 }
 
 fn reference(name: &str) -> image::RgbImage {

@@ -74,6 +74,13 @@ pub struct Embeddings {
     pub info: Vec<EmbeddingInfo>,
 }
 
+impl Embeddings {
+    /// The model's own `parameters`, then the embeddings' vectors.
+    pub fn after(&self, parameters: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        parameters.iter().chain(&self.parameters).cloned().collect()
+    }
+}
+
 /// OneTrainer's new vectors: the text's tokens cut to `count`, then `*`'s.
 fn initial(e: &Encoder<'_>, text: &str, count: usize) -> Result<Tensor> {
     let mut ids = e.tokenizer.tokens(text)?;

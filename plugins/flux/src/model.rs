@@ -195,12 +195,7 @@ impl Flux {
 
 impl Architecture for Flux {
     fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self
-            .parameters
-            .iter()
-            .chain(&self.embeddings.parameters)
-            .cloned()
-            .collect())
+        Ok(self.embeddings.after(&self.parameters))
     }
 
     fn model_info(&self) -> Result<serde_json::Value> {

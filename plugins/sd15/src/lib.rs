@@ -367,12 +367,7 @@ impl Sd15 {
 
 impl Architecture for Sd15 {
     fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self
-            .parameters
-            .iter()
-            .chain(&self.embeddings.parameters)
-            .cloned()
-            .collect())
+        Ok(self.embeddings.after(&self.parameters))
     }
 
     /// `ldm`: the layout of SD 1.x's and 2.x's original single-file checkpoints (what A1111 and

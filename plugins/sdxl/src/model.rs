@@ -338,12 +338,7 @@ impl Sdxl {
 
 impl Architecture for Sdxl {
     fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self
-            .parameters
-            .iter()
-            .chain(&self.embeddings.parameters)
-            .cloned()
-            .collect())
+        Ok(self.embeddings.after(&self.parameters))
     }
 
     fn model_info(&self) -> Result<serde_json::Value> {
