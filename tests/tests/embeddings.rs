@@ -381,11 +381,14 @@ fn an_unused_or_existing_word_placeholder_is_reported_at_start() {
             .any(|p| p.contains("a word of the model's vocabulary")),
         "{problems:?}"
     );
-    let c = config(
-        root.path(),
-        "training_method = \"embedding\"\nepochs = 1\n[embedding]\nplaceholder = \"<nowhere>\"\n",
-    );
-    let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+    let c_nowhere = |root: &Path| {
+        config(
+            root,
+            "training_method = \"embedding\"\nepochs = 1\n[embedding]\nplaceholder = \"<nowhere>\"\n",
+        )
+    };
+    let mut t = Trainer::new(c_nowhere(root.path()), root.path(), registry())
+        .unwrap_or_else(|e| panic!("{e}"));
     t.run(|e| {
         if let Event::Started { problems: p, .. } = e {
             problems = p;
@@ -396,6 +399,17 @@ fn an_unused_or_existing_word_placeholder_is_reported_at_start() {
         problems,
         ["embedding.placeholder: no caption contains `<nowhere>`, so the embedding will not train"]
     );
+    // A caption with the placeholder in other letters trains it (the loader writes it as
+    // configured): no warning.
+    concept(root.path(), "a photo of <NOWHERE>");
+    let mut t = Trainer::new(c_nowhere(root.path()), root.path(), registry()).unwrap();
+    t.run(|e| {
+        if let Event::Started { problems: p, .. } = e {
+            problems = p;
+        }
+    })
+    .unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
 }
 
 /// The bundled presets train an embedding.

@@ -47,13 +47,18 @@ fn vectors_of(w: &Weights, key: &str) -> Result<Tensor> {
     }
 }
 
-/// An embedding file's tensors by key (bundled embeddings left out: see [`read_bundled`]).
+/// An embedding file's vectors by key: float tensors of one or two dimensions (an A1111 `.pt`
+/// also holds its token ids; bundled embeddings are left out: see [`read_bundled`]).
 pub fn read(path: &Path) -> Result<Keyed> {
     let w = open(path)?;
     let out = w
         .infos()
         .iter()
-        .filter(|i| !i.key.starts_with("bundle_emb."))
+        .filter(|i| {
+            !i.key.starts_with("bundle_emb.")
+                && i.dtype.is_float()
+                && matches!(i.shape.len(), 1 | 2)
+        })
         .map(|i| Ok((i.key.clone(), vectors_of(&w, &i.key)?)))
         .collect::<Result<Vec<_>>>()?;
     if out.is_empty() {

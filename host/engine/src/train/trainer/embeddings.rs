@@ -81,11 +81,14 @@ pub(super) fn problems(list: &[RunEmbedding], data: &Dataset, info: &ModelInfo) 
     let mut out = Vec::new();
     for (e, taken) in list.iter().zip(&info.embeddings) {
         let p = &e.config.placeholder;
+        // In any case: the loader writes placeholders as configured.
+        let lower = p.to_ascii_lowercase();
         if e.config.train
-            && !data
-                .items
-                .iter()
-                .any(|i| i.captions.iter().any(|c| c.contains(p.as_str())))
+            && !data.items.iter().any(|i| {
+                i.captions
+                    .iter()
+                    .any(|c| c.to_ascii_lowercase().contains(&lower))
+            })
         {
             out.push(format!(
                 "{}.placeholder: no caption contains `{p}`, so the embedding will not train",
