@@ -218,7 +218,7 @@ initial_embedding_text = "red"
     let start = trained[0].1.to_vec().unwrap();
     // OneTrainer's start: "red"'s tokens, then `*`'s.
     let model = fixtures().join("pipeline/model");
-    let (arch, _) = load("sd15", &model);
+    let (arch, info) = load("sd15", &model);
     let tokenizer = ClipTokenizer::from_dir(&model.join("tokenizer")).unwrap();
     let table = arch
         .parameters()
@@ -277,6 +277,21 @@ initial_embedding_text = "red"
         w.get("emb_params", DType::F32).unwrap().to_vec().unwrap(),
         end
     );
+    // Samples of "a photo of <thing>" with the trained vectors differ from those with the
+    // untrained ones (the initial text's).
+    let untrained = root.path().join("untrained.safetensors");
+    let start_vectors = vec![(
+        "text_encoder".to_string(),
+        ferrite_plugin_api::Tensor::from_f32(&start, &[5, 32]).unwrap(),
+    )];
+    embeddings::write(&untrained, &start_vectors, &info, DType::F32).unwrap();
+    let prompt = "a photo of <thing>";
+    let spec = |p: &Path| format!("{}:thing", p.display());
+    let before = sample("pipeline", prompt, &["--embedding", &spec(&untrained)]);
+    let after = sample("pipeline", prompt, &["--embedding", &spec(&out)]);
+    let d = ferrite_tests::max_pixel_diff(&before, &after);
+    println!("sample of {prompt:?}, untrained vs trained embedding: max pixel difference {d}/255");
+    assert!(d > 0);
 }
 
 /// The LoRA file of a run with additional embeddings: the trained one bundled under A1111's
@@ -773,7 +788,8 @@ fn capitalised_captions_keep_the_placeholder() {
     assert_ne!(t.trainable()[0].1.to_vec().unwrap(), start);
 }
 
-/// Additional embeddings saved beside the output need names of their own.
+/// Additional embeddings saved beside the output need names of their own; beside a fine-tune
+/// each is a file next to the model.
 #[test]
 fn embeddings_that_would_share_a_file_are_refused() {
     let root = tempfile::tempdir().unwrap();
@@ -788,6 +804,18 @@ fn embeddings_that_would_share_a_file_are_refused() {
         .expect("two embeddings in one file")
         .to_string();
     assert!(e.contains("additional_embeddings[1].placeholder"), "{e}");
+    // One of them beside a fine-tune: its own file next to the model's.
+    let c = config(
+        root.path(),
+        "training_method = \"fine_tune\"\nepochs = 1\n[[additional_embeddings]]\n\
+         placeholder = \"<ab>\"\n",
+    );
+    let mut t = Trainer::new(c, root.path(), registry()).unwrap_or_else(|e| panic!("{e}"));
+    t.run(|_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let beside = root.path().join("out/result_ab.safetensors");
+    let w = Weights::open(&beside.to_string_lossy()).unwrap();
+    assert_eq!(w.info("emb_params").unwrap().shape, [1, 32]);
+    assert!(root.path().join("out/result.safetensors").is_file());
 }
 
 /// SD 2.x's OpenCLIP encoder takes embeddings the same way (`emb_params`): a new one starts as
