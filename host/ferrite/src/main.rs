@@ -6,6 +6,7 @@ use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
 
 mod lora;
+mod loss_report;
 mod model_args;
 
 /// Ferrite trains image diffusion models (full fine-tune, LoRA-family adapters, embeddings).
@@ -35,6 +36,9 @@ enum Command {
     },
     /// Train (LoRA-family adapter or fine-tune) from a TOML config.
     Train(TrainArgs),
+    /// Each training image's loss under the config's model (or a LoRA on it) at fixed
+    /// timesteps and noise, highest first, as CSV: where mislabelled or broken images show.
+    LossReport(loss_report::LossReportArgs),
     /// Write a starter config (and an images folder) into DIR.
     Init { dir: PathBuf },
     /// Open the desktop app (also what `ferrite` with no command does).
@@ -271,6 +275,9 @@ fn main() -> Result<()> {
         }
         Some(Command::Sample(args)) => sample(&Settings::load(&settings_path)?, *args)?,
         Some(Command::Train(args)) => train(&Settings::load(&settings_path)?, args)?,
+        Some(Command::LossReport(args)) => {
+            loss_report::run(&Settings::load(&settings_path)?, args)?
+        }
         Some(Command::Lora { action }) => lora::run(&Settings::load(&settings_path)?, action)?,
         Some(Command::Init { dir }) => init(&dir)?,
         Some(Command::Demo { dir, sets }) => demo(&Settings::load(&settings_path)?, &dir, &sets)?,

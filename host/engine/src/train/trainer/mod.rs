@@ -536,6 +536,16 @@ impl Trainer {
         self.scope.device.name()
     }
 
+    /// Replaces the run's adapters with those of an adapter file at strength `weight` (what
+    /// `ferrite loss-report --lora` measures); returns how many layers it adapts.
+    pub fn use_adapter_file(&self, path: &Path, weight: f64) -> Result<usize> {
+        let _scope = self.scope.enter();
+        self.model.clear();
+        self.model
+            .load(&self.registry, path, weight)
+            .map_err(|e| TrainError(format!("{}: {e}", path.display())))
+    }
+
     /// The model's own tensors by name (for tests and tools).
     pub fn model_parameters(&self) -> Result<Vec<(String, Tensor)>> {
         self.arch.parameters().map_err(err)
