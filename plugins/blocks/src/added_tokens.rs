@@ -12,6 +12,8 @@ pub struct AddedTokens {
     /// Each embedding's vectors `[count, width]`, in id order; the host's tensors (training
     /// updates them in place, so they are read at every lookup).
     vectors: Vec<Tensor>,
+    /// The vocabulary with the added tokens.
+    len: usize,
 }
 
 impl AddedTokens {
@@ -21,6 +23,7 @@ impl AddedTokens {
             vocab,
             placeholders: Vec::new(),
             vectors: Vec::new(),
+            len: vocab,
         }
     }
 
@@ -35,24 +38,11 @@ impl AddedTokens {
             next += n as i64;
             added.vectors.push(v);
         }
+        added.len = next as usize;
         added
             .placeholders
             .sort_by_key(|(p, ..)| std::cmp::Reverse(p.len()));
         Ok(added)
-    }
-
-    /// The vocabulary with the added tokens.
-    pub fn len(&self) -> usize {
-        self.vocab
-            + self
-                .vectors
-                .iter()
-                .map(|v| v.shape().map_or(0, |s| s[0]))
-                .sum::<usize>()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.vectors.is_empty()
     }
 
     /// `text`'s token ids: the text between placeholders through `tokenize`, each placeholder
@@ -85,10 +75,10 @@ impl AddedTokens {
     /// vectors' (cast to the table's dtype) where an id is past the vocabulary.
     pub fn lookup(&self, table: &Tensor, ids: &[i64], shape: &[usize]) -> Result<Tensor> {
         let vocab = self.vocab as i64;
-        if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= self.len()) {
+        if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= self.len) {
             return Err(Error(format!(
                 "token id {bad} outside the vocabulary of {}",
-                self.len()
+                self.len
             )));
         }
         if self.vectors.is_empty() {

@@ -94,8 +94,8 @@ fn initial(e: &Encoder<'_>, text: &str, count: usize) -> Result<Tensor> {
     e.model.token_embeddings(&ids)
 }
 
-/// The option's vectors for encoder `e`: by part id, by file key, or (one encoder) a bundle's
-/// `string_to_param.*` or a file's only tensor.
+/// The option's vectors for encoder `e`: by part id, by file key, or (one encoder) an A1111
+/// `.pt`'s `string_to_param.*` or a file's only tensor.
 fn given(o: &EmbeddingOption, e: &Encoder<'_>, encoders: usize) -> Option<u64> {
     let v = &o.vectors;
     v.get(e.part).or_else(|| v.get(e.key)).copied().or_else(|| {
