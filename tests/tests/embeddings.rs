@@ -535,11 +535,69 @@ fn sample_with_an_embedding_makes_diffusers_image() {
 /// `--embedding`.
 #[test]
 fn a_loras_bundled_embedding_applies_in_sample() {
-    ferrite::runtime::init("cpu").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lora = fixtures().join("adapters/lora_kohya.safetensors");
     let emb = fixtures().join("embeddings/sd15_a1111.safetensors");
-    let bundled = dir.path().join("bundled.safetensors");
+    let bundled = bundled_lora(dir.path());
+    let with_bundle = sample("pipeline", PROMPT, &["--lora", bundled.to_str().unwrap()]);
+    let spec = format!("{}:style", emb.display());
+    let separate = sample(
+        "pipeline",
+        PROMPT,
+        &["--lora", lora.to_str().unwrap(), "--embedding", &spec],
+    );
+    assert_eq!(with_bundle, separate);
+    let lora_only = sample("pipeline", PROMPT, &["--lora", lora.to_str().unwrap()]);
+    assert!(ferrite_tests::max_pixel_diff(&lora_only, &with_bundle) > 0);
+}
+
+/// `ferrite lora convert` keeps a bundled embedding inside a kohya file, and writes it beside
+/// a diffusers one (which holds none).
+#[test]
+fn lora_convert_keeps_bundled_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundled = bundled_lora(dir.path());
+    let model = fixtures().join("pipeline/model");
+    let convert = |format: &str, out: &Path| {
+        let o = ferrite_tests::run_ferrite(
+            &[
+                "lora",
+                "convert",
+                "--model",
+                model.to_str().unwrap(),
+                "--in",
+                bundled.to_str().unwrap(),
+                "--format",
+                format,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            None,
+            dir.path(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let want = files::read(&fixtures().join("embeddings/sd15_a1111.safetensors")).unwrap();
+    let kohya = dir.path().join("k.safetensors");
+    convert("kohya", &kohya);
+    let b = files::read_bundled(&kohya).unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].0, "<style>");
+    assert_eq!(ferrite_tests::max_abs_diff(&b[0].1[0].1, &want[0].1), 0.0);
+    let diffusers = dir.path().join("d.safetensors");
+    convert("diffusers", &diffusers);
+    assert!(files::read_bundled(&diffusers).unwrap().is_empty());
+    let beside = files::read(&dir.path().join("d_style.safetensors")).unwrap();
+    assert_eq!(beside[0].0, "emb_params");
+    assert_eq!(ferrite_tests::max_abs_diff(&beside[0].1, &want[0].1), 0.0);
+}
+
+/// The kohya LoRA fixture with the SD 1.5 embedding bundled as `<style>`.
+fn bundled_lora(dir: &Path) -> PathBuf {
+    ferrite::runtime::init("cpu").unwrap();
+    let lora = fixtures().join("adapters/lora_kohya.safetensors");
+    let emb = fixtures().join("embeddings/sd15_a1111.safetensors");
+    let bundled = dir.join("bundled.safetensors");
     let w = Weights::open(&lora.to_string_lossy()).unwrap();
     let mut tensors: Vec<(String, ferrite_plugin_api::Tensor)> = w
         .infos()
@@ -554,16 +612,7 @@ fn a_loras_bundled_embedding_applies_in_sample() {
     let named: Vec<(&str, &ferrite_plugin_api::Tensor)> =
         tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     ferrite_plugin_api::save_safetensors(&bundled.to_string_lossy(), &named, &[]).unwrap();
-    let with_bundle = sample("pipeline", PROMPT, &["--lora", bundled.to_str().unwrap()]);
-    let spec = format!("{}:style", emb.display());
-    let separate = sample(
-        "pipeline",
-        PROMPT,
-        &["--lora", lora.to_str().unwrap(), "--embedding", &spec],
-    );
-    assert_eq!(with_bundle, separate);
-    let lora_only = sample("pipeline", PROMPT, &["--lora", lora.to_str().unwrap()]);
-    assert!(ferrite_tests::max_pixel_diff(&lora_only, &with_bundle) > 0);
+    bundled
 }
 
 /// Losses and trained vectors of an embedding run (with EMA), cancelled after `stop_at` steps

@@ -66,6 +66,32 @@ pub enum OutDtype {
 }
 
 /// `FILE:WEIGHT` when what follows the last colon is a number, else the whole path at 1.
+/// Each bundled embedding as `<out stem>_<placeholder>.safetensors` beside `out`.
+fn write_bundled_beside(
+    out: &std::path::Path,
+    bundled: Vec<(String, ferrite::embeddings::Keyed)>,
+    dtype: ferrite_plugin_api::DType,
+) -> Result<()> {
+    use ferrite::embeddings::files;
+    let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+    for (placeholder, tensors) in bundled {
+        let path = out.with_file_name(format!(
+            "{stem}_{}.safetensors",
+            files::file_stem(&placeholder)
+        ));
+        let tensors = files::bundle_as_file(tensors)
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.cast(dtype)?)))
+            .collect::<ferrite_plugin_api::Result<Vec<_>>>()?;
+        let named: Vec<(&str, &ferrite_plugin_api::Tensor)> =
+            tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &named, &[])
+            .with_context(|| format!("{}", path.display()))?;
+        println!("{}: the bundled embedding `{placeholder}`", path.display());
+    }
+    Ok(())
+}
+
 pub fn lora_spec(spec: &str) -> (PathBuf, f64) {
     match spec.rsplit_once(':') {
         Some((p, w)) if w.parse::<f64>().is_ok() => (p.into(), w.parse().unwrap_or(1.0)),
@@ -193,10 +219,26 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
                 LoraFormat::Diffusers => Format::Diffusers,
                 LoraFormat::Comfy => Format::Comfy,
             };
+            // Bundled embeddings stay in a kohya file (A1111's bundles); other layouts hold
+            // none, so each goes beside it as a file of its own.
+            let bundled = ferrite::embeddings::files::read_bundled(&input)
+                .with_context(|| format!("--in {}", input.display()))?;
+            let inside = format == Format::Kohya;
+            let keys: Vec<(String, ferrite_plugin_api::Tensor)> = if inside {
+                bundled
+                    .iter()
+                    .flat_map(|(p, t)| ferrite::embeddings::files::bundle_keys(p, t.clone()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             layers
-                .save(&out, format, d.dtype, &d.metadata)
+                .save_with(&out, format, d.dtype, &d.metadata, &keys)
                 .with_context(|| format!("--out {}", out.display()))?;
             println!("{}: the adapters of {n} layers written", out.display());
+            if !inside {
+                write_bundled_beside(&out, bundled, d.dtype)?;
+            }
         }
         LoraAction::Merge {
             model,

@@ -94,6 +94,34 @@ pub fn read_bundled(path: &Path) -> Result<Vec<(String, Keyed)>> {
     Ok(out)
 }
 
+/// The file name part for an embedding: its placeholder without what file names cannot hold.
+pub fn file_stem(placeholder: &str) -> String {
+    let s: String = placeholder
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
+    if s.is_empty() { "embedding".into() } else { s }
+}
+
+/// A bundle's tensors (keys as [`read_bundled`] gives them) under the keys of a single file.
+pub fn bundle_as_file(tensors: Keyed) -> Keyed {
+    tensors
+        .into_iter()
+        .map(|(k, t)| match k.as_str() {
+            "string_to_param.*" => ("emb_params".into(), t),
+            _ => (k, t),
+        })
+        .collect()
+}
+
+/// A bundle's tensors as they are keyed in a LoRA file.
+pub fn bundle_keys(placeholder: &str, tensors: Keyed) -> Keyed {
+    tensors
+        .into_iter()
+        .map(|(k, t)| (format!("bundle_emb.{placeholder}.{k}"), t))
+        .collect()
+}
+
 /// An embedding's tensors under the keys of a single file.
 pub fn file_tensors(vectors: &Vectors, info: &ModelInfo) -> Vec<(String, Tensor)> {
     keyed(vectors, info, |k| k.to_string())
@@ -123,4 +151,14 @@ fn keyed(
             Some((name(key), t.clone()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn file_stems_keep_what_file_names_hold() {
+        assert_eq!(super::file_stem("<my-style>"), "my-style");
+        assert_eq!(super::file_stem("<>"), "embedding");
+        assert_eq!(super::file_stem("a/b c"), "abc");
+    }
 }

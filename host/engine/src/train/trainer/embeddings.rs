@@ -107,15 +107,6 @@ pub(super) fn problems(list: &[RunEmbedding], data: &Dataset, info: &ModelInfo) 
     out
 }
 
-/// The file name part for an embedding (its placeholder without what file names cannot hold).
-fn file_stem(placeholder: &str) -> String {
-    let s: String = placeholder
-        .chars()
-        .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        .collect();
-    if s.is_empty() { "embedding".into() } else { s }
-}
-
 impl Trainer {
     /// One group per trained embedding, at `embedding_learning_rate`.
     pub(super) fn embedding_groups(&self) -> Result<Vec<Group>> {
@@ -169,7 +160,7 @@ impl Trainer {
         let stem = output.file_stem().unwrap_or_default().to_string_lossy();
         output.with_file_name(format!(
             "{stem}_{}.safetensors",
-            file_stem(&e.config.placeholder)
+            files::file_stem(&e.config.placeholder)
         ))
     }
 
@@ -226,7 +217,7 @@ impl Trainer {
         }
         let mut seen: Vec<(String, &str)> = Vec::new();
         for e in self.additional() {
-            let stem = file_stem(&e.config.placeholder);
+            let stem = files::file_stem(&e.config.placeholder);
             if let Some((_, other)) = seen.iter().find(|(s, _)| *s == stem) {
                 return Err(TrainError(format!(
                     "{}.placeholder: `{}` and `{other}` would both be saved as \
@@ -243,15 +234,5 @@ impl Trainer {
     fn additional(&self) -> impl Iterator<Item = &RunEmbedding> {
         let skip = usize::from(self.config.training_method == TrainingMethod::Embedding);
         self.embeddings.iter().skip(skip)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn file_stems_keep_what_file_names_hold() {
-        assert_eq!(super::file_stem("<my-style>"), "my-style");
-        assert_eq!(super::file_stem("<>"), "embedding");
-        assert_eq!(super::file_stem("a/b c"), "abc");
     }
 }
