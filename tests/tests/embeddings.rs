@@ -551,8 +551,8 @@ fn a_loras_bundled_embedding_applies_in_sample() {
     assert!(ferrite_tests::max_pixel_diff(&lora_only, &with_bundle) > 0);
 }
 
-/// `ferrite lora convert` keeps a bundled embedding inside a kohya file, and writes it beside
-/// a diffusers one (which holds none).
+/// `ferrite lora info` lists a file's bundled embeddings; `ferrite lora convert` keeps them
+/// inside a kohya file, and writes each beside a diffusers one (which holds none).
 #[test]
 fn lora_convert_keeps_bundled_embeddings() {
     let dir = tempfile::tempdir().unwrap();
@@ -577,6 +577,16 @@ fn lora_convert_keeps_bundled_embeddings() {
         );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
+    let o = ferrite_tests::run_ferrite(
+        &["lora", "info", bundled.to_str().unwrap()],
+        None,
+        dir.path(),
+    );
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        info.contains("bundled embeddings: <style> (string_to_param.* [2, 32])"),
+        "{info}"
+    );
     let want = files::read(&fixtures().join("embeddings/sd15_a1111.safetensors")).unwrap();
     let kohya = dir.path().join("k.safetensors");
     convert("kohya", &kohya);

@@ -157,6 +157,20 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
             println!("  layout: {}", d.layout);
             println!("  type: {}", d.kind);
             println!("  modules: {}", d.modules);
+            let bundled = ferrite::embeddings::files::read_bundled(&file)?;
+            if !bundled.is_empty() {
+                let each = bundled
+                    .iter()
+                    .map(|(p, t)| {
+                        let keys: Vec<String> = t
+                            .iter()
+                            .map(|(k, v)| format!("{k} {:?}", v.shape().unwrap_or_default()))
+                            .collect();
+                        format!("{p} ({})", keys.join(", "))
+                    })
+                    .collect();
+                println!("  bundled embeddings: {}", join(each));
+            }
             println!(
                 "  ranks: {}",
                 join(d.ranks.iter().map(|r| r.to_string()).collect())
