@@ -72,21 +72,10 @@ fn write_bundled_beside(
     bundled: Vec<(String, ferrite::embeddings::Keyed)>,
     dtype: ferrite_plugin_api::DType,
 ) -> Result<()> {
-    use ferrite::embeddings::files;
-    let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+    use ferrite::embeddings::{files, write_keyed};
     for (placeholder, tensors) in bundled {
-        let path = out.with_file_name(format!(
-            "{stem}_{}.safetensors",
-            files::file_stem(&placeholder)
-        ));
-        let tensors = files::bundle_as_file(tensors)
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.cast(dtype)?)))
-            .collect::<ferrite_plugin_api::Result<Vec<_>>>()?;
-        let named: Vec<(&str, &ferrite_plugin_api::Tensor)> =
-            tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &named, &[])
-            .with_context(|| format!("{}", path.display()))?;
+        let path = files::beside(out, &placeholder);
+        write_keyed(&path, files::bundle_as_file(tensors), dtype)?;
         println!("{}: the bundled embedding `{placeholder}`", path.display());
     }
     Ok(())

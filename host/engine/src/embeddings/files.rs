@@ -103,6 +103,13 @@ pub fn file_stem(placeholder: &str) -> String {
     if s.is_empty() { "embedding".into() } else { s }
 }
 
+/// Where an embedding not bundled in `output` goes: beside it, as
+/// `<output stem>_<placeholder>.safetensors`.
+pub fn beside(output: &Path, placeholder: &str) -> std::path::PathBuf {
+    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+    output.with_file_name(format!("{stem}_{}.safetensors", file_stem(placeholder)))
+}
+
 /// A bundle's tensors (keys as [`read_bundled`] gives them) under the keys of a single file.
 pub fn bundle_as_file(tensors: Keyed) -> Keyed {
     tensors
@@ -133,9 +140,10 @@ pub fn bundle_tensors(
     vectors: &Vectors,
     info: &ModelInfo,
 ) -> Vec<(String, Tensor)> {
-    keyed(vectors, info, |k| {
-        format!("bundle_emb.{placeholder}.{}", bundle_suffix(k))
-    })
+    bundle_keys(
+        placeholder,
+        keyed(vectors, info, |k| bundle_suffix(k).to_string()),
+    )
 }
 
 fn keyed(

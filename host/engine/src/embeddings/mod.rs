@@ -82,8 +82,13 @@ pub fn of_model(parameters: &[(String, Tensor)], count: usize) -> Vec<Vectors> {
 
 /// Writes one embedding as a single file in A1111's/ComfyUI's layout, in `dtype`.
 pub fn write(path: &Path, vectors: &Vectors, info: &ModelInfo, dtype: DType) -> Result<()> {
+    write_keyed(path, files::file_tensors(vectors, info), dtype)
+}
+
+/// Writes tensors already under a single file's keys, in `dtype`.
+pub fn write_keyed(path: &Path, tensors: Keyed, dtype: DType) -> Result<()> {
     let fail = |e: ferrite_plugin_api::Error| EmbeddingError(format!("{}: {e}", path.display()));
-    let tensors = files::file_tensors(vectors, info)
+    let tensors = tensors
         .into_iter()
         .map(|(k, t)| Ok((k, t.cast(dtype).map_err(fail)?)))
         .collect::<Result<Vec<_>>>()?;

@@ -2,13 +2,13 @@
 //! ones beside a LoRA or fine-tune — made or loaded, handed to the model, trained as groups of
 //! their own, checked against the captions, and saved (a file each, or bundled in the LoRA).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferrite_plugin_api::{ModelInfo, Tensor, plugin::ArchitectureHandle};
 
 use super::groups::Group;
 use super::{Result, TrainError, Trainer, err};
-use crate::config::{EmaMode, EmbeddingConfig, OutputFormat, TrainConfig, TrainingMethod};
+use crate::config::{EmbeddingConfig, OutputFormat, TrainConfig, TrainingMethod};
 use crate::data::Dataset;
 use crate::embeddings::{self, Given, Source, Vectors, files};
 
@@ -111,7 +111,6 @@ impl Trainer {
     /// One group per trained embedding, at `embedding_learning_rate`.
     pub(super) fn embedding_groups(&self) -> Result<Vec<Group>> {
         let c = &self.config;
-        let (opt_id, opt_options) = c.optimizer_options();
         let mut groups = Vec::new();
         for (i, e) in self.embeddings.iter().enumerate() {
             if !e.config.train {
@@ -122,46 +121,18 @@ impl Trainer {
                 .iter()
                 .map(|(part, t)| (format!("{}/{part}", e.config.placeholder), t.clone()))
                 .unzip();
-            for p in &params {
-                p.set_requires_grad(true).map_err(err)?;
-            }
-            let ema = match c.ema {
-                EmaMode::Off => None,
-                on => Some(super::ema::Ema::new(&params, on == EmaMode::Cpu).map_err(err)?),
-            };
             let lr = c.embedding_learning_rate.unwrap_or(c.learning_rate);
             tracing::info!(
                 "training embedding {} at learning rate {lr}",
                 e.config.placeholder
             );
-            groups.push(Group {
-                part: format!("embedding-{i}"),
-                names,
-                params,
-                optimizer: self
-                    .registry
-                    .optimizer(&opt_id, &opt_options.to_string())
-                    .map_err(err)?,
-                lr,
-                ema,
-                stop: (
-                    e.config.stop_training_after,
-                    e.config.stop_training_after_unit,
-                ),
-                stopped: false,
-            });
+            let stop = (
+                e.config.stop_training_after,
+                e.config.stop_training_after_unit,
+            );
+            groups.push(self.group(format!("embedding-{i}"), names, params, lr, stop)?);
         }
         Ok(groups)
-    }
-
-    /// Where an additional embedding not bundled in the output goes: beside it, as
-    /// `<output stem>_<placeholder>.safetensors`.
-    fn embedding_file(&self, output: &Path, e: &RunEmbedding) -> PathBuf {
-        let stem = output.file_stem().unwrap_or_default().to_string_lossy();
-        output.with_file_name(format!(
-            "{stem}_{}.safetensors",
-            files::file_stem(&e.config.placeholder)
-        ))
     }
 
     /// The embedding run's output, in A1111's layout.
@@ -190,7 +161,7 @@ impl Trainer {
             return Ok(());
         }
         for e in self.additional() {
-            let path = self.embedding_file(output, e);
+            let path = files::beside(output, &e.config.placeholder);
             embeddings::write(&path, &e.vectors, &self.info, self.output_dtype()).map_err(err)?;
         }
         Ok(())

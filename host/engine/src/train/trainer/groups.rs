@@ -97,7 +97,6 @@ impl Trainer {
             }
             all
         };
-        let (opt_id, opt_options) = c.optimizer_options();
         let mut groups = Vec::new();
         for part in &self.info.parts {
             let Some(pc) = c.part(&part.config_table).filter(|_| c.trains(part)) else {
@@ -111,38 +110,17 @@ impl Trainer {
             if params.is_empty() {
                 continue;
             }
-            for p in &params {
-                p.set_requires_grad(true).map_err(err)?;
-            }
-            let optimizer = self
-                .registry
-                .optimizer(&opt_id, &opt_options.to_string())
-                .map_err(err)?;
-            let ema = match c.ema {
-                EmaMode::Off => None,
-                on => Some(Ema::new(&params, on == EmaMode::Cpu).map_err(err)?),
-            };
+            let lr = pc
+                .learning_rate
+                .or(part.default_learning_rate)
+                .unwrap_or(c.learning_rate);
             tracing::info!(
-                "training {}: {} tensors at learning rate {}",
+                "training {}: {} tensors at learning rate {lr}",
                 part.name,
-                params.len(),
-                pc.learning_rate
-                    .or(part.default_learning_rate)
-                    .unwrap_or(c.learning_rate)
+                params.len()
             );
-            groups.push(Group {
-                part: part.id.clone(),
-                stop: (pc.stop_training_after, pc.stop_training_after_unit),
-                names,
-                params,
-                optimizer,
-                lr: pc
-                    .learning_rate
-                    .or(part.default_learning_rate)
-                    .unwrap_or(c.learning_rate),
-                ema,
-                stopped: false,
-            });
+            let stop = (pc.stop_training_after, pc.stop_training_after_unit);
+            groups.push(self.group(part.id.clone(), names, params, lr, stop)?);
         }
         groups.extend(self.embedding_groups()?);
         if groups.is_empty() {
@@ -153,6 +131,40 @@ impl Trainer {
             ));
         }
         Ok(groups)
+    }
+
+    /// A group training `params` with its own optimizer (and EMA when it is on).
+    pub(super) fn group(
+        &self,
+        part: String,
+        names: Vec<String>,
+        params: Vec<Tensor>,
+        lr: f64,
+        stop: (f64, TimeUnit),
+    ) -> Result<Group> {
+        let c = &self.config;
+        for p in &params {
+            p.set_requires_grad(true).map_err(err)?;
+        }
+        let (opt_id, opt_options) = c.optimizer_options();
+        let optimizer = self
+            .registry
+            .optimizer(&opt_id, &opt_options.to_string())
+            .map_err(err)?;
+        let ema = match c.ema {
+            EmaMode::Off => None,
+            on => Some(Ema::new(&params, on == EmaMode::Cpu).map_err(err)?),
+        };
+        Ok(Group {
+            part,
+            names,
+            params,
+            optimizer,
+            lr,
+            ema,
+            stop,
+            stopped: false,
+        })
     }
 
     /// Stops the parts whose stop_training_after has come; true when no part trains any more.
