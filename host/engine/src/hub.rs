@@ -31,6 +31,11 @@ fn repo_id(name: &str) -> Option<(&str, &str, &str)> {
     (ok(org) && ok(model) && ok(revision)).then_some((org, model, revision))
 }
 
+/// Whether `name` reads as a repo id (`org/name[@revision]`).
+pub fn is_repo_id(name: &str) -> bool {
+    repo_id(name).is_some()
+}
+
 /// The snapshot folder of repo id `name` in the cache at `cache`, if it holds it.
 pub fn resolve_in(name: &str, cache: &Path) -> Option<PathBuf> {
     let (org, model, revision) = repo_id(name)?;

@@ -12,6 +12,7 @@ pub mod plugins;
 pub mod sample;
 pub mod settings;
 pub mod train;
+pub mod video;
 
 pub use ferrite_runtime as runtime;
 pub use ferrite_runtime::fsutil;

@@ -1,6 +1,6 @@
 //! Random and mutated bytes given to the readers of user files a run opens — the TOML config,
-//! caption files, images and masks — and random text to the caption options: an error (or a
-//! problem reported for the file), never a panic.
+//! OneTrainer configs being imported, caption files, images and masks — and random text to the
+//! caption options: an error (or a problem reported for the file), never a panic.
 
 use ferrite_engine::config::{ConceptConfig, ConceptType, TrainConfig};
 use ferrite_engine::data::{self, Dataset, caption};
@@ -27,6 +27,40 @@ fn load(bytes: &[u8]) {
     std::fs::write(&p, bytes).unwrap();
     // Ok or a config error; a panic fails the property.
     let _ = TrainConfig::load(Some(&p), None, &[]);
+}
+
+fn onetrainer_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/onetrainer")
+        .join(name)
+}
+
+/// `bytes` imported as a OneTrainer config: Ok, or an error naming the file.
+fn import_onetrainer(bytes: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ot.json");
+    std::fs::write(&p, bytes).unwrap();
+    let src = ferrite_engine::config::onetrainer::Sources {
+        config: p,
+        ..Default::default()
+    };
+    if let Err(e) = ferrite_engine::config::onetrainer::import(&src) {
+        assert!(!e.to_string().is_empty());
+    }
+}
+
+/// A JSON value of any shape, for the importer's fields.
+fn any_json() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::json;
+    prop_oneof![
+        Just(json!(null)),
+        any::<bool>().prop_map(|b| json!(b)),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_map(|f| json!(f)),
+        ".{0,12}".prop_map(|s| json!(s)),
+        Just(json!([1, "a", null])),
+        Just(json!({"x": [], "__version": "v"})),
+    ]
 }
 
 /// A folder with one image, its caption and its mask, each of the given bytes: scanned, and
@@ -82,6 +116,39 @@ proptest! {
         edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
     ) {
         load(&mutate(preset_bytes(), &edits));
+    }
+
+    #[test]
+    fn random_onetrainer_configs_fail_cleanly(
+        bytes in proptest::collection::vec(any::<u8>(), 0..512),
+    ) {
+        import_onetrainer(&bytes);
+    }
+
+    #[test]
+    fn mutated_onetrainer_configs_fail_cleanly(
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+    ) {
+        let bytes = std::fs::read(onetrainer_fixture("v0_sdxl_lora.json")).unwrap();
+        import_onetrainer(&mutate(bytes, &edits));
+    }
+
+    #[test]
+    fn onetrainer_fields_of_any_type_are_reported_not_fatal(
+        key in 0usize..400,
+        value in any_json(),
+        version in proptest::option::of(0u64..14),
+    ) {
+        let text = std::fs::read_to_string(onetrainer_fixture("saved/config.json")).unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let map = config.as_object_mut().unwrap();
+        let name = map.keys().nth(key % map.len()).unwrap().clone();
+        map.insert(name, value);
+        map.insert("concepts".into(), serde_json::json!([{"path": "x", "image": 3}]));
+        if let Some(v) = version {
+            map.insert("__version".into(), v.into());
+        }
+        import_onetrainer(config.to_string().as_bytes());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 pub use ferrite_engine::{
     adapters, config, data, embeddings, fsutil, hub, model_file, plugins, runtime, sample,
-    settings, train,
+    settings, train, video,
 };
 #[cfg(feature = "gui")]
 pub use ferrite_gui as gui;

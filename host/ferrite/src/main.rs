@@ -5,9 +5,11 @@ use clap::{Parser, Subcommand};
 use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
 
+mod import;
 mod lora;
 mod loss_report;
 mod model_args;
+mod video;
 
 /// Ferrite trains image diffusion models (full fine-tune, LoRA-family adapters, embeddings).
 #[derive(Parser)]
@@ -39,6 +41,14 @@ enum Command {
     /// Each training image's loss under the config's model (or a LoRA on it) at fixed
     /// timesteps and noise, highest first, as CSV: where mislabelled or broken images show.
     LossReport(loss_report::LossReportArgs),
+    /// A OneTrainer config (JSON, with its concepts and samples) as a Ferrite config (TOML),
+    /// listing every setting that has no Ferrite option.
+    ImportOnetrainer(import::ImportArgs),
+    /// Still frames or short clips from videos, for a dataset (runs the system's ffmpeg).
+    Video {
+        #[command(subcommand)]
+        action: video::VideoAction,
+    },
     /// Write a starter config (and an images folder) into DIR.
     Init { dir: PathBuf },
     /// Open the desktop app (also what `ferrite` with no command does).
@@ -279,6 +289,8 @@ fn main() -> Result<()> {
             loss_report::run(&Settings::load(&settings_path)?, args)?
         }
         Some(Command::Lora { action }) => lora::run(&Settings::load(&settings_path)?, action)?,
+        Some(Command::Video { action }) => video::run(action)?,
+        Some(Command::ImportOnetrainer(args)) => import::run(args)?,
         Some(Command::Init { dir }) => init(&dir)?,
         Some(Command::Demo { dir, sets }) => demo(&Settings::load(&settings_path)?, &dir, &sets)?,
         Some(Command::Selftest { device }) => selftest(&device)?,

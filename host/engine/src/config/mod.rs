@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub mod choices;
+pub mod onetrainer;
 
 pub use crate::sample::Sampler;
 pub use choices::{

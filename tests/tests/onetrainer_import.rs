@@ -1,0 +1,310 @@
+//! `ferrite import-onetrainer`: a config as OneTrainer's UI saves it (concepts and samples in
+//! their own files) becomes a Ferrite config that trains; an old flat config goes through
+//! OneTrainer's migrations; every setting without a Ferrite option is listed; bad input named.
+
+use std::path::Path;
+
+use ferrite::config::onetrainer::{Sources, import};
+use ferrite::config::{
+    ConceptType, LayerPreset, LossWeightFn, LrScheduler, OutputDtype, OutputFormat, Sampler,
+    TimeUnit, TimestepDistribution, TrainConfig, TrainingMethod, WeightDtype,
+};
+use ferrite_tests::run_ferrite;
+
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/onetrainer")
+}
+
+/// The saved fixture in `root`, naming the tiny SD 1.5 pipeline, with the toy images as its
+/// concept's folder.
+fn saved_config(root: &Path) -> std::path::PathBuf {
+    ferrite_tests::copy_dir(&fixtures().join("saved"), root, &|_| true);
+    ferrite_tests::toy_dataset(&root.join("dataset"));
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let config = root.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("MODEL", model.to_str().unwrap())).unwrap();
+    config
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn a_saved_onetrainer_config_imports_with_its_concepts_and_samples_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let json = saved_config(root);
+    let out = root.join("imported.toml");
+    let o = run_ferrite(
+        &[
+            "import-onetrainer",
+            json.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+        root,
+    );
+    let said = text(&o);
+    println!("{said}");
+    assert!(o.status.success(), "{said}");
+
+    let c = TrainConfig::load(Some(&out), None, &[]).unwrap();
+    assert_eq!(c.training_method, TrainingMethod::Lora);
+    assert_eq!(c.model_type, "sd15");
+    assert_eq!(c.output_model_format, OutputFormat::Kohya);
+    assert_eq!(c.output_dtype, OutputDtype::Bfloat16);
+    assert_eq!(c.output_model_destination, "models/my_lora.safetensors");
+    assert_eq!(c.learning_rate, 4e-4);
+    assert_eq!(c.learning_rate_scheduler, LrScheduler::Cosine);
+    assert_eq!(c.learning_rate_warmup_steps, 20.0);
+    assert_eq!(
+        (c.epochs, c.batch_size, c.gradient_accumulation_steps),
+        (7, 2, 3)
+    );
+    assert_eq!(c.train_device, "cpu");
+    assert_eq!(c.resolution, "16");
+    assert!(!c.aspect_ratio_bucketing);
+    assert_eq!(c.mae_strength, 0.25);
+    assert_eq!(c.loss_weight_fn, LossWeightFn::MinSnrGamma);
+    assert_eq!(c.timestep_distribution, TimestepDistribution::LogitNormal);
+    assert_eq!(c.offset_noise_weight, 0.05);
+    // OneTrainer's top-level dropout is the LoRA's; a part's is its caption dropout.
+    assert_eq!(c.lora_dropout, 0.1);
+    assert_eq!(c.text_encoder.dropout_probability, 0.05);
+    assert!(c.unet.train);
+    assert!(c.text_encoder.train);
+    assert_eq!(c.text_encoder.learning_rate, Some(5e-5));
+    assert_eq!(
+        (
+            c.text_encoder.stop_training_after,
+            c.text_encoder.stop_training_after_unit
+        ),
+        (3.0, TimeUnit::Epoch)
+    );
+    assert!(!c.text_encoder_2.train, "SD 1.5 has no second text encoder");
+    assert_eq!(c.text_encoder_layer_skip, 1);
+    assert_eq!((c.lora_rank, c.lora_alpha), (8, 4.0));
+    assert_eq!(c.lora_layer_preset, LayerPreset::Custom);
+    assert_eq!(c.lora_layers, "attn1,attn2");
+    let opt = toml::to_string(&c.optimizer).unwrap();
+    assert_eq!(
+        c.optimizer,
+        toml::from_str(
+            "optimizer = \"adamw\"\nbeta1 = 0.85\nbeta2 = 0.99\neps = 1e-8\nweight_decay = 0.02"
+        )
+        .unwrap(),
+        "{opt}"
+    );
+    assert_eq!(
+        (c.sample_after, c.sample_after_unit),
+        (2.0, TimeUnit::Epoch)
+    );
+    assert_eq!(c.rolling_backup_count, 2);
+    assert_eq!(c.concepts.len(), 1);
+    let k = &c.concepts[0];
+    assert_eq!((k.name.as_str(), k.path.as_str()), ("toys", "dataset"));
+    assert_eq!(k.kind, ConceptType::Standard);
+    assert_eq!(k.balancing, 2.0);
+    assert!(k.enable_random_flip && !k.enable_crop_jitter);
+    assert!(k.enable_random_brightness);
+    assert_eq!(k.random_brightness_max_strength, 0.1);
+    assert!(k.enable_tag_shuffling && k.tag_dropout_enable);
+    assert_eq!((k.keep_tags_count, k.tag_dropout_probability), (2, 0.2));
+    // The disabled sample is left out; the SDE scheduler has no Ferrite sampler.
+    assert_eq!(c.samples.len(), 1);
+    let s = &c.samples[0];
+    assert_eq!(
+        (s.width, s.height, s.seed, s.diffusion_steps),
+        (24, 16, 7, 3)
+    );
+    assert_eq!((s.cfg_scale, s.sampler), (5.0, Sampler::DpmPp2mKarras));
+    assert_eq!(s.negative_prompt, "blurry");
+
+    // What Ferrite has no option for is listed with its value; defaults are not; secrets
+    // never are.
+    for needle in [
+        "not imported: multi_gpu = true",
+        "not imported: device_indexes = \"0,1\"",
+        "changed: concepts[0].text.tag_dropout_mode: FULL",
+        "DPMPP_SDE",
+        "samples[1]: disabled",
+        "relative paths are kept as written (models/my_lora.safetensors, workspace/run",
+    ] {
+        assert!(said.contains(needle), "{needle} in\n{said}");
+    }
+    for absent in [
+        "tensorboard_port",
+        "not-a-real-key",
+        "api_key",
+        "optimizer_defaults",
+        "lokr_dim",
+    ] {
+        assert!(!said.contains(absent), "{absent} in\n{said}");
+    }
+    let toml_text = std::fs::read_to_string(&out).unwrap();
+    assert!(toml_text.starts_with("# Imported by `ferrite import-onetrainer`"));
+    assert!(toml_text.contains("#   - multi_gpu = true"), "{toml_text}");
+
+    // Given OneTrainer's folder, its relative paths become absolute.
+    let rooted = import(&Sources {
+        config: json.clone(),
+        onetrainer_dir: Some(root.to_path_buf()),
+        ..Sources::default()
+    })
+    .unwrap()
+    .config;
+    let under = |p: &str| root.join(p).to_string_lossy().into_owned();
+    assert_eq!(
+        rooted.output_model_destination,
+        under("models/my_lora.safetensors")
+    );
+    assert_eq!(rooted.workspace_dir, under("workspace/run"));
+    assert_eq!(rooted.concepts[0].path, under("dataset"));
+    assert_eq!(rooted.base_model_name, c.base_model_name);
+
+    // The imported config trains as it is (one epoch, to keep the test short), writing its
+    // kohya-keyed LoRA with the text encoder's adapters.
+    let o = run_ferrite(
+        &[
+            "train",
+            "--config",
+            out.to_str().unwrap(),
+            "--set",
+            "epochs=1",
+            "--set",
+            "sample_after_unit=never",
+        ],
+        None,
+        root,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let lora = std::fs::read(root.join("models/my_lora.safetensors")).unwrap();
+    let header = String::from_utf8_lossy(&lora[..lora.len().min(100_000)]).into_owned();
+    assert!(
+        header.contains("lora_unet_") && header.contains("attn1"),
+        "kohya UNet keys"
+    );
+    assert!(
+        header.contains("lora_te_"),
+        "the trained text encoder's adapters"
+    );
+    assert!(!header.contains("_ff_net"), "only the filter's layers");
+}
+
+#[test]
+fn an_old_flat_config_is_migrated_as_onetrainer_migrates_it() {
+    let imported = import(&Sources {
+        config: fixtures().join("v0_sdxl_lora.json"),
+        ..Sources::default()
+    })
+    .unwrap();
+    let c = &imported.config;
+    assert_eq!(imported.version, 0);
+    assert_eq!(c.model_type, "sdxl");
+    // The global weight dtype fills the parts' NONE (migration 9).
+    assert_eq!(c.unet.weight_dtype, WeightDtype::Bfloat16);
+    assert_eq!(c.text_encoder.weight_dtype, WeightDtype::Bfloat16);
+    assert_eq!(c.text_encoder_2.weight_dtype, WeightDtype::Float32);
+    assert!(c.text_encoder.train && !c.text_encoder_2.train);
+    assert_eq!(c.text_encoder.learning_rate, Some(1e-5));
+    assert_eq!(
+        (
+            c.text_encoder.stop_training_after,
+            c.text_encoder.stop_training_after_unit
+        ),
+        (4.0, TimeUnit::Epoch)
+    );
+    assert_eq!(c.loss_weight_fn, LossWeightFn::MinSnrGamma);
+    assert_eq!(c.loss_weight_strength, 5.0);
+    assert_eq!(c.timestep_distribution, TimestepDistribution::Sigmoid);
+    assert_eq!((c.noising_weight, c.noising_bias), (2.0, 0.25));
+    assert_eq!(
+        c.gradient_checkpointing,
+        ferrite::config::GradientCheckpointing::Off
+    );
+    assert_eq!((c.save_every, c.save_every_unit), (2.0, TimeUnit::Epoch));
+    assert_eq!(c.lora_layers, "attn");
+    assert!(!c.latent_caching);
+    assert_eq!(c.dataloader_threads, 3);
+    assert_eq!(c.resolution, "1024");
+    assert_eq!(c.output_model_format, OutputFormat::Safetensors);
+    assert_eq!(
+        c.optimizer,
+        toml::from_str("optimizer = \"adam\"\nbeta1 = 0.8\nweight_decay = 0.001").unwrap()
+    );
+    assert_eq!(c.concepts.len(), 2);
+    assert_eq!(c.concepts[0].balancing, 3.0);
+    assert_eq!(c.concepts[1].kind, ConceptType::Validation);
+    // A key OneTrainer's migrations leave behind (it never read a bare `weight_decay`).
+    assert!(
+        imported
+            .report
+            .not_imported
+            .contains(&("weight_decay".into(), "0.5".into())),
+        "{:?}",
+        imported.report.not_imported
+    );
+    assert_eq!(c.training_method, TrainingMethod::Lora);
+}
+
+#[test]
+fn bad_onetrainer_configs_are_refused_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let run = |json: &Path, extra: &[&str]| {
+        let out = root.join("out.toml");
+        let mut args = vec![
+            "import-onetrainer",
+            json.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = run_ferrite(&args, None, root);
+        assert!(!o.status.success());
+        let said = text(&o);
+        assert!(!said.contains("panicked"), "{said}");
+        said
+    };
+    let missing = root.join("nope.json");
+    assert!(run(&missing, &[]).contains("nope.json"));
+    let garbage = root.join("garbage.json");
+    std::fs::write(&garbage, "{\"training_method\": \"LORA\",").unwrap();
+    assert!(run(&garbage, &[]).contains("garbage.json: not a OneTrainer JSON file"));
+    let sd3 = root.join("sd3.json");
+    std::fs::write(
+        &sd3,
+        r#"{"__version": 11, "model_type": "STABLE_DIFFUSION_3", "concepts": []}"#,
+    )
+    .unwrap();
+    assert!(run(&sd3, &[]).contains("model_type STABLE_DIFFUSION_3"));
+    // A saved config without its concepts file beside it.
+    let lone = root.join("lone.json");
+    std::fs::copy(fixtures().join("saved/config.json"), &lone).unwrap();
+    let said = run(&lone, &[]);
+    assert!(
+        said.contains("training_concepts/concepts.json") && said.contains("--concepts"),
+        "{said}"
+    );
+    let bad_concepts = root.join("concepts.json");
+    std::fs::write(&bad_concepts, "{\"name\": 1}").unwrap();
+    assert!(
+        run(&lone, &["--concepts", bad_concepts.to_str().unwrap()])
+            .contains("expected a list of concepts")
+    );
+    // Nothing is overwritten.
+    std::fs::write(root.join("out.toml"), "keep").unwrap();
+    let good = saved_config(&root.join("good"));
+    assert!(run(&good, &[]).contains("exists already"));
+    assert_eq!(
+        std::fs::read_to_string(root.join("out.toml")).unwrap(),
+        "keep"
+    );
+}
