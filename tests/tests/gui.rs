@@ -329,3 +329,64 @@ fn the_embedding_tab_edits_the_embeddings() {
     click(&mut h, "Remove");
     assert!(h.state().config.additional_embeddings.is_empty());
 }
+
+#[test]
+fn the_tools_tab_imports_a_onetrainer_config_and_extracts_video_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ot = root.join("ot");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/onetrainer/saved");
+    ferrite_tests::copy_dir(&fixture, &ot, &|_| true);
+    let mut h = app(root);
+    tab(&mut h, "Tools");
+
+    let json = ot.join("config.json");
+    set_text(
+        &mut h,
+        "OneTrainer config (JSON)",
+        &json.display().to_string(),
+    );
+    click(&mut h, "Import into the editor");
+    let app = h.state();
+    assert_eq!(
+        app.config.learning_rate, 4e-4,
+        "the import is in the editor"
+    );
+    assert_eq!(app.config.concepts[0].name, "toys");
+    assert_eq!(
+        app.config_path,
+        ot.join("config.ferrite.toml").display().to_string()
+    );
+    assert!(
+        h.query_by_label("not imported: multi_gpu = true").is_some(),
+        "the report is shown"
+    );
+
+    let video = root.join("v.mkv");
+    let made = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=32x24:rate=10",
+        ])
+        .args(["-t", "2", "-c:v", "png"])
+        .arg(&video)
+        .status()
+        .expect("ffmpeg must be installed for this test (.ci/run installs it)");
+    assert!(made.success());
+    let frames = root.join("frames");
+    set_text(&mut h, "Video file or folder", &video.display().to_string());
+    set_text(&mut h, "Output folder", &frames.display().to_string());
+    // (Not `click`: the spinner keeps the frame busy until the frames are written.)
+    h.get_by_role_and_label(Role::Button, "Extract")
+        .click_accesskit();
+    h.step();
+    wait_for(&mut h, "the frames", |h| {
+        h.query_by_label_contains("frames written to").is_some()
+    });
+    assert!(h.query_by_label_contains("2 frames written to").is_some());
+    assert_eq!(std::fs::read_dir(&frames).unwrap().count(), 2);
+}

@@ -285,19 +285,22 @@ fn frames_of(
     if !status.success() && !stopped_early {
         return Err(VideoError::Unreadable(
             video.to_path_buf(),
-            last_line(&errors),
+            last_line(video, &errors),
         ));
     }
     Ok(())
 }
 
-fn last_line(s: &str) -> String {
-    s.lines()
+/// ffmpeg's last message about `video`, without the file name it starts with.
+fn last_line(video: &Path, s: &str) -> String {
+    let line = s
+        .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("ffmpeg failed without a message")
-        .trim()
-        .to_string()
+        .trim();
+    let prefix = format!("{}: ", video.display());
+    line.strip_prefix(&prefix).unwrap_or(line).to_string()
 }
 
 fn write_png(path: &Path, frame: &ImageBuffer<Rgb<u8>, Vec<u8>>) -> Result<()> {
@@ -447,7 +450,7 @@ fn clips_of(video: &Path, dir: &Path, seconds: f64) -> Result<Vec<PathBuf>> {
     if !out.status.success() {
         return Err(VideoError::Unreadable(
             video.to_path_buf(),
-            last_line(&String::from_utf8_lossy(&out.stderr)),
+            last_line(video, &String::from_utf8_lossy(&out.stderr)),
         ));
     }
     let mut made: Vec<PathBuf> = fs::read_dir(scratch.path())

@@ -191,6 +191,21 @@ impl App {
         }
     }
 
+    /// An imported OneTrainer config replaces the editor's, to be saved beside its JSON.
+    fn use_imported(&mut self, config: TrainConfig, path: PathBuf) {
+        self.config = config;
+        self.form.reset();
+        self.config_path = path.display().to_string();
+        self.set_status(
+            true,
+            format!(
+                "imported a OneTrainer config: check it, then Save ({}); the Tools tab lists what \
+                 was not imported",
+                path.display()
+            ),
+        );
+    }
+
     pub fn save_config(&mut self) {
         let path = PathBuf::from(&self.config_path);
         if self.config_path.trim().is_empty() {
@@ -375,6 +390,20 @@ impl App {
             }
             if ui.button("Save").clicked() {
                 self.save_config();
+            }
+            if ui
+                .button("Import OneTrainer config…")
+                .on_hover_text("A OneTrainer JSON config into the editor; its report in Tools")
+                .clicked()
+                && let Some(p) = rfd::FileDialog::new()
+                    .add_filter("OneTrainer config", &["json"])
+                    .pick_file()
+            {
+                self.tools.import.json = p.display().to_string();
+                if let Some((config, path)) = self.tools.import.run(&self.base()) {
+                    self.use_imported(config, path);
+                }
+                self.tab = Tab::Tools;
             }
             ui.separator();
             ui.label(format!("Workspace: {}", self.config.workspace_dir));
@@ -605,7 +634,9 @@ impl App {
             Tab::Embedding => embedding_tab(ui, &mut f, c),
             Tab::Tools => {
                 let dirs = &self.options.plugin_dirs;
-                self.tools.show(ui, &base, dirs, &self.settings, c);
+                if let Some((config, path)) = self.tools.show(ui, &base, dirs, &self.settings, c) {
+                    self.use_imported(config, path);
+                }
             }
             Tab::Plugins => self.plugins_tab(ui),
             Tab::Run => self.run.show(ui),

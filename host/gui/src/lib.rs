@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 // The engine's modules under the names the views use.
-use ferrite_engine::{adapters, config, data, fsutil, plugins, runtime, sample, settings, train};
+use ferrite_engine::{
+    adapters, config, data, fsutil, plugins, runtime, sample, settings, train, video,
+};
 
 pub use app::{App, AppOptions, Tab};
 use concepts::ConceptTab;

@@ -317,10 +317,10 @@ pub fn train_config(
     // secrets (never printed) have no bearing on the run.
     o.take("optimizer_defaults");
     o.take("secrets");
-    if let Some(mut cloud) = o.obj("cloud") {
-        if cloud.bool("enabled") == Some(true) {
-            report.note("cloud: OneTrainer's cloud runner is not imported; the run is local");
-        }
+    if let Some(mut cloud) = o.obj("cloud")
+        && cloud.bool("enabled") == Some(true)
+    {
+        report.note("cloud: OneTrainer's cloud runner is not imported; the run is local");
     }
     Ok(c)
 }

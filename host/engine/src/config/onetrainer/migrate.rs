@@ -209,7 +209,7 @@ fn m4(d: &mut Dict) {
         None => true,
         Some(Value::Bool(b)) => b,
         Some(Value::Null) => false,
-        Some(v) => v.as_f64().map_or(true, |n| n != 0.0),
+        Some(v) => v.as_f64() != Some(0.0),
     };
     d.insert(
         "gradient_checkpointing".into(),

@@ -1,5 +1,9 @@
 //! The Tools tab: front-ends for the CLI's tool commands: `ferrite sample` (an image from a model,
-//! optionally with LoRAs, on a background thread) and `ferrite init` (a starter project).
+//! optionally with LoRAs, on a background thread), `ferrite init` (a starter project),
+//! `ferrite import-onetrainer` and `ferrite video`.
+
+mod import;
+mod video;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +31,8 @@ pub struct Tools {
     result: Option<Result<(PathBuf, Option<egui::TextureHandle>), String>>,
     project: String,
     project_message: Option<String>,
+    pub import: import::Import,
+    video: video::Video,
 }
 
 impl Default for Tools {
@@ -46,11 +52,15 @@ impl Default for Tools {
             result: None,
             project: String::new(),
             project_message: None,
+            import: Default::default(),
+            video: Default::default(),
         }
     }
 }
 
 impl Tools {
+    /// Shows the tools; an imported OneTrainer config comes back for the editor (with the path
+    /// to save it to).
     pub fn show(
         &mut self,
         ui: &mut Ui,
@@ -58,7 +68,7 @@ impl Tools {
         plugin_dirs: &[PathBuf],
         settings: &Settings,
         config: &TrainConfig,
-    ) {
+    ) -> Option<(TrainConfig, PathBuf)> {
         ui.strong("Sample an image (ferrite sample)");
         if self.model.is_empty() {
             self.model = config.base_model_name.clone();
@@ -155,6 +165,11 @@ impl Tools {
         if let Some(m) = &self.project_message {
             ui.label(m);
         }
+        ui.separator();
+        let imported = self.import.show(ui, base);
+        ui.separator();
+        self.video.show(ui, base);
+        imported
     }
 
     fn generate(
