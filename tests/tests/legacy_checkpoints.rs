@@ -1,8 +1,9 @@
-//! PyTorch's zip checkpoints (`.ckpt`, `.pt`, `.bin`) read without running anything: the tiny
+//! PyTorch's checkpoints (`.ckpt`, `.pt`, `.bin`) read without running anything: the tiny
 //! SD 1.5 checkpoint saved by `torch.save` (tests/fixtures/gen/legacy_ckpt.py; a strided view and
-//! a tensor at an offset in a shared storage) reads as its safetensors twin; a pickle that would
-//! run a command is refused naming the global, and the command does not run; truncated, garbage
-//! and foreign files fail with a message naming the file.
+//! a tensor at an offset in a shared storage), in the zip format and in the format before torch
+//! 1.6, reads as its safetensors twin; a pickle that would run a command is refused naming the
+//! global, and the command does not run; truncated, garbage and foreign files fail with a message
+//! naming the file.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,27 +33,21 @@ fn zip_with(path: &Path, pickle: &[u8]) {
 }
 
 #[test]
-fn a_ckpt_reads_as_its_safetensors_twin() {
+fn a_ckpt_reads_as_its_safetensors_twin_in_either_format() {
     ferrite::runtime::init("cpu").unwrap();
-    let ckpt = Weights::open(
-        fixtures()
-            .join("legacy/sd15_tiny_ldm.ckpt")
-            .to_str()
-            .unwrap(),
-    )
-    .unwrap();
-    let twin = Weights::open(
-        fixtures()
-            .join("pipeline/sd15_tiny_ldm.safetensors")
-            .to_str()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(ckpt.infos(), twin.infos());
-    for i in twin.infos() {
-        let a = ckpt.get(&i.key, DType::F32).unwrap().to_vec().unwrap();
-        let b = twin.get(&i.key, DType::F32).unwrap().to_vec().unwrap();
-        assert!(a == b, "{}", i.key);
+    let open = |p: &str| Weights::open(fixtures().join(p).to_str().unwrap()).unwrap();
+    let twin = open("pipeline/sd15_tiny_ldm.safetensors");
+    for file in [
+        "legacy/sd15_tiny_ldm.ckpt",
+        "legacy/sd15_tiny_ldm_before_1_6.ckpt",
+    ] {
+        let ckpt = open(file);
+        assert_eq!(ckpt.infos(), twin.infos(), "{file}");
+        for i in twin.infos() {
+            let a = ckpt.get(&i.key, DType::F32).unwrap().to_vec().unwrap();
+            let b = twin.get(&i.key, DType::F32).unwrap().to_vec().unwrap();
+            assert!(a == b, "{file}: {}", i.key);
+        }
     }
 }
 
@@ -99,6 +94,14 @@ fn a_pickle_that_runs_a_command_is_refused_and_runs_nothing() {
     assert!(!marker.exists(), "the command ran");
 }
 
+/// The first block of a tar archive holding `storages` (torch 0.x's checkpoints).
+fn tar_header() -> Vec<u8> {
+    let mut b = vec![0u8; 1024];
+    b[..8].copy_from_slice(b"storages");
+    b[257..263].copy_from_slice(b"ustar\0");
+    b
+}
+
 #[test]
 fn broken_and_foreign_files_fail_naming_the_file() {
     ferrite::runtime::init("cpu").unwrap();
@@ -111,8 +114,13 @@ fn broken_and_foreign_files_fail_naming_the_file() {
             b"not a checkpoint at all".repeat(10),
             "safetensors",
         ),
-        ("old.ckpt", vec![0x80, 0x02, b'c', b'x'], "before torch 1.6"),
+        (
+            "pickle.ckpt",
+            vec![0x80, 0x02, b'c', b'x'],
+            "a pickle, not a PyTorch checkpoint",
+        ),
         ("empty.ckpt", Vec::new(), "safetensors"),
+        ("tar.ckpt", tar_header(), "tar archive"),
     ];
     for (name, bytes, what) in cases {
         let path = dir.path().join(name);
@@ -135,6 +143,24 @@ fn broken_and_foreign_files_fail_naming_the_file() {
     let cut = dir.path().join("cut.ckpt");
     zip_with(&cut, b"\x80\x02}q\x00(X\xff\x00\x00\x00ab");
     assert!(open_err(&cut).contains("ends inside"));
+    // The format before 1.6 cut in its pickles and in its storages.
+    let old = std::fs::read(fixtures().join("legacy/sd15_tiny_ldm_before_1_6.ckpt")).unwrap();
+    for (name, len, what) in [
+        ("old_cut_pickle.ckpt", 200, "its object"),
+        (
+            "old_cut_storage.ckpt",
+            old.len() - 10,
+            "runs past the end of the file",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &old[..len]).unwrap();
+        let e = open_err(&path);
+        assert!(
+            e.contains(path.to_str().unwrap()) && e.contains(what),
+            "{name}: {e}"
+        );
+    }
 }
 
 /// A PyTorch Lightning checkpoint: its `state_dict`'s tensors (f32 and f16), with a callback

@@ -284,6 +284,12 @@ fn add_to(into: &mut Item, children: Vec<Item>, what: &str) -> Result<(), String
 
 /// Reads one pickle (the `data.pkl` of a torch zip file).
 pub fn load(data: &[u8]) -> Result<Value, String> {
+    load_from(data).map(|(v, _)| v)
+}
+
+/// Reads the pickle at the start of `data`, and says how many bytes it took (torch's format
+/// before 1.6 puts several pickles, then the storages, one after another).
+pub fn load_from(data: &[u8]) -> Result<(Value, usize), String> {
     let mut r = Reader { data, pos: 0 };
     let mut stack: Vec<Item> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
@@ -325,7 +331,7 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
                 r.u64()?; // FRAME
                 continue;
             }
-            b'.' => return Ok(pop(&mut stack)?.v),
+            b'.' => return Ok((pop(&mut stack)?.v, r.pos)),
             b'(' => {
                 marks.push(stack.len());
                 continue;
@@ -483,6 +489,12 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
                 else {
                     return Err("a persistent id that is not torch's storage".into());
                 };
+                // Before torch 1.6 a sixth item may make it a view into another storage.
+                if matches!(items.get(5), Some(v) if *v != Value::None) {
+                    return Err(
+                        "a view into another storage (an old torch storage view): not read".into(),
+                    );
+                }
                 let kind = kind.strip_prefix("torch.").unwrap_or(kind).to_string();
                 leaf(
                     Value::Storage {

@@ -1,7 +1,10 @@
-//! PyTorch's zip checkpoints (`torch.save` since 1.6: `.ckpt`, `.pt`, `.bin`): `<name>/data.pkl`
-//! read by the restricted [`crate::pickle`] reader into an index of tensors, each over a stored
-//! (uncompressed) entry `<name>/data/<key>` of the mapped file, read one at a time. A Lightning
-//! checkpoint's tensors are those of its `state_dict`.
+//! PyTorch checkpoints (`.ckpt`, `.pt`, `.bin`) as an index of tensors over the mapped file,
+//! read one at a time. The zip format (`torch.save` since 1.6): `<name>/data.pkl` read by the
+//! restricted [`crate::pickle`] reader, each storage a stored (uncompressed) entry
+//! `<name>/data/<key>`. The format before 1.6: a magic number, protocol and system-information
+//! pickles, the object's pickle, the list of its storages' keys, then each storage in that order
+//! (its element count, 8 bytes, then its elements). A Lightning checkpoint's tensors are those
+//! of its `state_dict`.
 
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
@@ -78,6 +81,126 @@ pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
             .map_err(|e| format!("{pkl}: {e}"))?;
         pickle::load(&data).map_err(|e| format!("{pkl}: {e}"))?
     };
+    let mut storages: BTreeMap<String, Range<usize>> = BTreeMap::new();
+    tensors(root, |key, name| {
+        if let Some(r) = storages.get(key) {
+            return Ok(r.clone());
+        }
+        let entry = format!("{prefix}data/{key}");
+        let f = zip
+            .by_name(&entry)
+            .map_err(|e| format!("tensor `{name}`: {entry}: {e}"))?;
+        if f.compression() != zip::CompressionMethod::Stored {
+            return Err(format!(
+                "{entry} is compressed ({}): torch stores its tensors uncompressed; \
+                 re-save the file with torch",
+                f.compression()
+            ));
+        }
+        let start = f
+            .data_start()
+            .ok_or_else(|| format!("{entry}: no data offset"))?;
+        let start = usize::try_from(start).map_err(|e| e.to_string())?;
+        let end = usize::try_from(f.size())
+            .ok()
+            .and_then(|n| start.checked_add(n))
+            .filter(|e| *e <= bytes.len())
+            .ok_or_else(|| format!("{entry} runs past the end of the file"))?;
+        storages.insert(key.to_string(), start..end);
+        Ok(start..end)
+    })
+}
+
+/// The first pickle of a file in torch's format before 1.6: its magic number
+/// (0x1950a86a20f9469cfc6c as a protocol-2 long).
+const LEGACY_MAGIC: [u8; 15] = [
+    0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.',
+];
+
+/// Whether `bytes` (a file's start) is torch's format before 1.6.
+pub fn is_legacy(bytes: &[u8]) -> bool {
+    bytes.starts_with(&LEGACY_MAGIC)
+}
+
+/// The pickle at `*pos`, and `*pos` past it.
+fn next_pickle(bytes: &[u8], pos: &mut usize, what: &str) -> Result<Value, String> {
+    let (v, n) = pickle::load_from(&bytes[*pos..]).map_err(|e| format!("its {what}: {e}"))?;
+    *pos += n;
+    Ok(v)
+}
+
+/// Every storage's element type, by key, from the values over it.
+fn storage_kinds(v: &Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        Value::Storage { key, kind } | Value::Tensor { key, kind, .. } => {
+            out.insert(key.clone(), kind.clone());
+        }
+        Value::Tuple(items) | Value::List(items) => {
+            items.iter().for_each(|i| storage_kinds(i, out));
+        }
+        Value::Dict(entries) => entries.iter().for_each(|(k, v)| {
+            storage_kinds(k, out);
+            storage_kinds(v, out);
+        }),
+        _ => {}
+    }
+}
+
+/// The tensors of a checkpoint in torch's format before 1.6, `bytes` the whole file.
+pub fn legacy_index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
+    let mut pos = LEGACY_MAGIC.len();
+    if next_pickle(bytes, &mut pos, "protocol")? != Value::Int(1001) {
+        return Err("its protocol is not torch's 1001: not a PyTorch checkpoint".into());
+    }
+    if let Value::Dict(info) = next_pickle(bytes, &mut pos, "system information")?
+        && info.contains(&(Value::Str("little_endian".into()), Value::Bool(false)))
+    {
+        return Err("it was saved big-endian; only little-endian checkpoints are read".into());
+    }
+    let root = next_pickle(bytes, &mut pos, "object")?;
+    let Value::List(keys) = next_pickle(bytes, &mut pos, "list of storages")? else {
+        return Err("its list of storages is not a list".into());
+    };
+    let mut kinds = BTreeMap::new();
+    storage_kinds(&root, &mut kinds);
+    let mut storages = BTreeMap::new();
+    for key in keys {
+        let Value::Str(key) = key else {
+            return Err("a storage key that is not a string".into());
+        };
+        let kind = kinds
+            .get(&key)
+            .ok_or_else(|| format!("storage {key} is listed but nothing uses it"))?;
+        let (_, size) =
+            dtype_of(kind).ok_or_else(|| format!("storage {key}: type {kind} is not read"))?;
+        let count = bytes
+            .get(pos..pos + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or_else(|| format!("the file ends before storage {key}"))?;
+        let start = pos + 8;
+        let end = count
+            .checked_mul(size as u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .and_then(|n| start.checked_add(n))
+            .filter(|e| *e <= bytes.len())
+            .ok_or_else(|| format!("storage {key} runs past the end of the file"))?;
+        storages.insert(key, start..end);
+        pos = end;
+    }
+    tensors(root, |key, name| {
+        storages
+            .get(key)
+            .cloned()
+            .ok_or_else(|| format!("tensor `{name}`: its storage {key} is not in the file"))
+    })
+}
+
+/// The index of the tensors a checkpoint's object holds (under `state_dict` for Lightning's),
+/// each over the bytes `storage_of(key, tensor name)` gives, checked to hold it.
+fn tensors(
+    root: Value,
+    mut storage_of: impl FnMut(&str, &str) -> Result<Range<usize>, String>,
+) -> Result<BTreeMap<String, TorchTensor>, String> {
     // A Lightning checkpoint holds the weights under `state_dict`.
     let Value::Dict(top) = root else {
         return Err("the pickle holds no dict of tensors".into());
@@ -90,7 +213,6 @@ pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
         _ => top,
     };
     let mut out = BTreeMap::new();
-    let mut storages: BTreeMap<String, Range<usize>> = BTreeMap::new();
     let mut named = Vec::new();
     nested(String::new(), tensors, &mut named);
     for (name, v) in named {
@@ -109,33 +231,7 @@ pub fn index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, String> {
         };
         let (dtype, size) = dtype_of(&kind)
             .ok_or_else(|| format!("tensor `{name}`: storage type {kind} is not read"))?;
-        let storage = match storages.get(&key) {
-            Some(r) => r.clone(),
-            None => {
-                let entry = format!("{prefix}data/{key}");
-                let f = zip
-                    .by_name(&entry)
-                    .map_err(|e| format!("tensor `{name}`: {entry}: {e}"))?;
-                if f.compression() != zip::CompressionMethod::Stored {
-                    return Err(format!(
-                        "{entry} is compressed ({}): torch stores its tensors uncompressed; \
-                         re-save the file with torch",
-                        f.compression()
-                    ));
-                }
-                let start = f
-                    .data_start()
-                    .ok_or_else(|| format!("{entry}: no data offset"))?;
-                let start = usize::try_from(start).map_err(|e| e.to_string())?;
-                let end = usize::try_from(f.size())
-                    .ok()
-                    .and_then(|n| start.checked_add(n))
-                    .filter(|e| *e <= bytes.len())
-                    .ok_or_else(|| format!("{entry} runs past the end of the file"))?;
-                storages.insert(key.clone(), start..end);
-                start..end
-            }
-        };
+        let storage = storage_of(&key, &name)?;
         // The largest element the strides reach must lie in the storage, and the elements read
         // out (strides may repeat one) may not be more than it holds.
         let last = shape.iter().zip(&stride).try_fold(offset, |acc, (n, s)| {

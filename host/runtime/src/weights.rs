@@ -67,12 +67,25 @@ impl WeightFile {
             });
         }
         if let Err(e) = SafeTensors::read_metadata(&mmap) {
-            // Protocol-2 pickles open with 0x80 0x02: torch's format before 1.6 (a safetensors
-            // header may start so too, hence only once it is not one).
-            return Err(if mmap.starts_with(&[0x80, 0x02]) {
+            // torch's format before 1.6 opens with a pickled magic number (a safetensors header
+            // may start with the same bytes, hence only once it is not one).
+            if torch_file::is_legacy(&mmap) {
+                let index = torch_file::legacy_index(&mmap).map_err(|e| format!("{path}: {e}"))?;
+                return Ok(Self {
+                    path: path.to_string(),
+                    mmap,
+                    torch: Some(index),
+                });
+            }
+            return Err(if mmap.get(257..262) == Some(b"ustar") {
                 format!(
-                    "{path} is a PyTorch file in the format before torch 1.6, which Ferrite does \
-                     not read: re-save it with a current torch, or convert it to safetensors"
+                    "{path} is a tar archive (torch 0.x saved checkpoints so), which Ferrite does \
+                     not read: load it and save it again with a current torch"
+                )
+            } else if mmap.starts_with(&[0x80]) {
+                format!(
+                    "{path} is a pickle, not a PyTorch checkpoint (no torch magic number, no zip \
+                     archive): nothing in it is read or run"
                 )
             } else {
                 format!("{path} is not a valid safetensors file: {e}")
@@ -292,6 +305,18 @@ mod hostile_bytes {
             cut in any::<usize>(),
         ) {
             let base = fixture("legacy/sd15_tiny_ldm.ckpt");
+            read_all(&mutate(&base, &edits, cut % (base.len() + 1)));
+        }
+
+        #[test]
+        fn mutated_checkpoints_from_before_torch_1_6(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            cut in any::<usize>(),
+        ) {
+            // Its pickles come first: edits there reach the tensor index; cuts the storages.
+            let base = fixture("legacy/sd15_tiny_ldm_before_1_6.ckpt");
+            let pickles = base.len().min(64 * 1024);
+            let edits: Vec<_> = edits.iter().map(|(at, v)| (at % pickles, *v)).collect();
             read_all(&mutate(&base, &edits, cut % (base.len() + 1)));
         }
 
