@@ -17,6 +17,9 @@ pub struct Settings {
     /// disable|enable` replaces the entries of the library it changes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub disabled_plugins: Vec<String>,
+    /// The Hugging Face token sent when a repo id is downloaded (else `HF_TOKEN`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub huggingface_token: Option<String>,
 }
 
 fn canonical(p: &Path) -> PathBuf {

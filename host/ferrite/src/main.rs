@@ -18,6 +18,9 @@ struct Cli {
     /// Settings file (default: $XDG_CONFIG_HOME/ferrite/settings.toml).
     #[arg(long, global = true)]
     settings: Option<PathBuf>,
+    /// Never download: a Hugging Face repo id must be in the local cache (also HF_HUB_OFFLINE=1).
+    #[arg(long, global = true)]
+    offline: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -252,6 +255,13 @@ fn main() -> Result<()> {
         Some(p) => p,
         None => Settings::default_path()?,
     };
+    // A settings file that does not read is reported by the command that needs it.
+    ferrite::hub::configure(ferrite::hub::Access {
+        offline: cli.offline,
+        token: Settings::load(&settings_path)
+            .ok()
+            .and_then(|s| s.huggingface_token),
+    });
     match cli.command {
         #[cfg(feature = "gui")]
         None => gui(&settings_path, None, None, false)?,

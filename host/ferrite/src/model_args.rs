@@ -31,8 +31,10 @@ impl ModelArgs {
         arch: &str,
         extra: serde_json::Value,
     ) -> Result<ArchitectureHandle> {
-        // A Hugging Face repo id is its snapshot in the local cache.
-        let model = ferrite::hub::model_path(Path::new(""), &self.model.to_string_lossy());
+        // A Hugging Face repo id is its snapshot in the local cache (downloaded if need be).
+        let name = self.model.to_string_lossy();
+        ferrite::hub::fetch_if_missing(Path::new(""), &name)?;
+        let model = ferrite::hub::model_path(Path::new(""), &name);
         let mut options = serde_json::json!({ "model": model });
         if let Some(c) = &self.model_config {
             options["config"] = c.to_string_lossy().into();

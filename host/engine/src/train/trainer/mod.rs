@@ -357,6 +357,8 @@ impl Trainer {
         let _loading = scope.enter();
         let c = &config;
         c.validate_plugin_options(&registry).map_err(err)?;
+        crate::hub::fetch_if_missing(base, &c.base_model_name)
+            .map_err(|e| TrainError(format!("base_model_name: {e}")))?;
         let workspace = TrainConfig::path(base, &c.workspace_dir);
         std::fs::create_dir_all(&workspace)
             .map_err(|e| TrainError(format!("workspace_dir {}: {e}", workspace.display())))?;
