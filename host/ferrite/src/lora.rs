@@ -65,6 +65,16 @@ pub enum OutDtype {
     Bfloat16,
 }
 
+impl OutDtype {
+    pub fn dtype(self) -> ferrite_plugin_api::DType {
+        match self {
+            Self::Float32 => ferrite_plugin_api::DType::F32,
+            Self::Float16 => ferrite_plugin_api::DType::F16,
+            Self::Bfloat16 => ferrite_plugin_api::DType::BF16,
+        }
+    }
+}
+
 /// `FILE:WEIGHT` when what follows the last colon is a number, else the whole path at 1.
 /// Each bundled embedding as `<out stem>_<placeholder>.safetensors` beside `out`.
 fn write_bundled_beside(
@@ -287,11 +297,7 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
             }
             layers.merge()?;
             layers.clear();
-            let dtype = match dtype {
-                OutDtype::Float32 => ferrite_plugin_api::DType::F32,
-                OutDtype::Float16 => ferrite_plugin_api::DType::F16,
-                OutDtype::Bfloat16 => ferrite_plugin_api::DType::BF16,
-            };
+            let dtype = dtype.dtype();
             let base = model.model.to_string_lossy();
             ferrite::model_file::write_single_file(&handle, &layers.info, &out, dtype, &base)
                 .map_err(anyhow::Error::msg)

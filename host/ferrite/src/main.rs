@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
 
+mod convert;
 mod import;
 mod lora;
 mod loss_report;
@@ -44,6 +45,8 @@ enum Command {
     /// Each training image's loss under the config's model (or a LoRA on it) at fixed
     /// timesteps and noise, highest first, as CSV: where mislabelled or broken images show.
     LossReport(loss_report::LossReportArgs),
+    /// A model as one single-file checkpoint or as a diffusers folder, in another dtype.
+    Convert(convert::ConvertArgs),
     /// A OneTrainer config (JSON, with its concepts and samples) as a Ferrite config (TOML),
     /// listing every setting that has no Ferrite option.
     ImportOnetrainer(import::ImportArgs),
@@ -301,6 +304,7 @@ fn main() -> Result<()> {
         Some(Command::Lora { action }) => lora::run(&Settings::load(&settings_path)?, action)?,
         Some(Command::Video { action }) => video::run(action)?,
         Some(Command::ImportOnetrainer(args)) => import::run(args)?,
+        Some(Command::Convert(args)) => convert::run(&Settings::load(&settings_path)?, args)?,
         Some(Command::Init { dir }) => init(&dir)?,
         Some(Command::Demo { dir, sets }) => demo(&Settings::load(&settings_path)?, &dir, &sets)?,
         Some(Command::Selftest { device }) => selftest(&device)?,

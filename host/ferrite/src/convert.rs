@@ -1,0 +1,175 @@
+//! `ferrite convert` (OneTrainer's convert tool): a model as one single-file checkpoint in its
+//! original layout, or as a diffusers folder, in the dtype asked for.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use ferrite::plugins::{Registry, search_dirs};
+use ferrite::settings::Settings;
+use ferrite_plugin_api::{DType, ModelInfo, Weights};
+
+use crate::lora::OutDtype;
+use crate::model_args::ModelArgs;
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// A diffusers folder (from a diffusers folder).
+    Diffusers,
+    /// One safetensors file in the model's original layout (SD: the ldm checkpoint with its VAE
+    /// and text encoders; Flux: the transformer in Black Forest Labs' layout).
+    SingleFile,
+}
+
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// The architecture plugin id of the model (sd15, sd2, sdxl, flux).
+    #[arg(long)]
+    model_type: String,
+    /// The model: a diffusers folder, a single-file checkpoint (.safetensors, .ckpt) or a
+    /// Hugging Face repo id.
+    #[arg(long)]
+    input: PathBuf,
+    /// For a single-file input: a diffusers folder whose configs and tokenizer to use.
+    #[arg(long)]
+    input_config: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    output_format: OutputFormat,
+    /// The dtype of the written weights (integer tensors keep theirs).
+    #[arg(long, value_enum, default_value = "float16")]
+    output_dtype: OutDtype,
+    /// The file or folder to write (not overwritten if it exists).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+pub fn run(settings: &Settings, a: ConvertArgs) -> Result<()> {
+    if a.output.exists() {
+        bail!(
+            "--output {} exists already: not overwriting it",
+            a.output.display()
+        );
+    }
+    let dtype = a.output_dtype.dtype();
+    // Conversion is file work: the CPU.
+    let (device, _) = ferrite::runtime::for_device("cpu")?;
+    let scope = ferrite::runtime::Scope::new(device);
+    let _scope = scope.enter();
+    let model = ModelArgs {
+        model: a.input.clone(),
+        model_config: a.input_config.clone(),
+        part_files: Vec::new(),
+    };
+    let name = a.input.to_string_lossy();
+    ferrite::hub::fetch_if_missing(Path::new(""), &name)?;
+    let input = ferrite::hub::model_path(Path::new(""), &name);
+    if a.output_format == OutputFormat::Diffusers && !input.is_dir() {
+        bail!(
+            "--input {}: a single file is not written as a diffusers folder yet (the family \
+             plugins do not export their VAE and configs); convert from a diffusers folder, or \
+             write --output-format single-file",
+            a.input.display()
+        );
+    }
+    // Loading checks that the input is a model of that type, whatever is written.
+    let registry = Registry::discover(&search_dirs(settings), settings);
+    let handle = model.open(&registry, &a.model_type, serde_json::json!({}))?;
+    match a.output_format {
+        OutputFormat::SingleFile => {
+            let info = ModelInfo::from_json(&handle.model_info()?).map_err(anyhow::Error::msg)?;
+            ferrite::model_file::write_single_file(
+                &handle,
+                &info,
+                &a.output,
+                dtype,
+                &a.input.to_string_lossy(),
+            )
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("--output {}", a.output.display()))?;
+        }
+        OutputFormat::Diffusers => {
+            drop(handle);
+            copy_folder(&input, &a.output, dtype)?;
+        }
+    }
+    println!(
+        "{}: {} written as {}",
+        a.output.display(),
+        a.input.display(),
+        match a.output_format {
+            OutputFormat::SingleFile => "one file",
+            OutputFormat::Diffusers => "a diffusers folder",
+        }
+    );
+    Ok(())
+}
+
+/// The safetensors name diffusers gives a `.bin` weights file's content.
+fn safetensors_name(bin: &str) -> Option<&'static str> {
+    match bin {
+        "diffusion_pytorch_model.bin" => Some("diffusion_pytorch_model.safetensors"),
+        "pytorch_model.bin" => Some("model.safetensors"),
+        _ => None,
+    }
+}
+
+/// `from` (a diffusers folder) as `to`: every weights file rewritten in `dtype` (a component's
+/// `.bin` as its `.safetensors`), everything else copied. Built under a temporary name beside
+/// `to`, then renamed into place.
+fn copy_folder(from: &Path, to: &Path, dtype: DType) -> Result<()> {
+    let name = to.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = to.with_file_name(format!(".tmp-{name}"));
+    if tmp.exists() {
+        bail!("{} is in the way: move it away", tmp.display());
+    }
+    let result = (|| -> Result<()> {
+        let mut dirs = vec![PathBuf::new()];
+        while let Some(rel) = dirs.pop() {
+            std::fs::create_dir_all(tmp.join(&rel))?;
+            for e in std::fs::read_dir(from.join(&rel))
+                .with_context(|| from.join(&rel).display().to_string())?
+            {
+                let e = e?;
+                let (src, file) = (e.path(), e.file_name().to_string_lossy().into_owned());
+                if src.is_dir() {
+                    dirs.push(rel.join(&file));
+                    continue;
+                }
+                let renamed = safetensors_name(&file);
+                if file.ends_with(".safetensors") || renamed.is_some() {
+                    let out = tmp.join(&rel).join(renamed.unwrap_or(&file));
+                    rewrite(&src, &out, dtype).with_context(|| src.display().to_string())?;
+                } else {
+                    let out = tmp.join(&rel).join(&file);
+                    std::fs::copy(&src, &out).with_context(|| src.display().to_string())?;
+                    std::fs::File::open(&out)?.sync_all()?;
+                }
+            }
+        }
+        std::fs::rename(&tmp, to)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.with_context(|| format!("--output {}", to.display()))
+}
+
+/// One weights file in `dtype` (floating-point tensors; integer ones as they are).
+fn rewrite(src: &Path, out: &Path, dtype: DType) -> Result<()> {
+    let w = Weights::open(&src.to_string_lossy())?;
+    let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F64);
+    let tensors = w
+        .infos()
+        .iter()
+        .map(|i| {
+            let d = if float(i.dtype) { dtype } else { i.dtype };
+            Ok((i.key.clone(), w.get(&i.key, d)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let named: Vec<(&str, &ferrite_plugin_api::Tensor)> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let meta = w.metadata()?;
+    let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    ferrite_plugin_api::save_safetensors(&out.to_string_lossy(), &named, &meta)?;
+    Ok(())
+}
