@@ -193,6 +193,13 @@ fn what_cannot_be_converted_is_refused_naming_why() {
     let o = convert(root, &pipeline(), "single-file", "float16", &file);
     assert!(said(&o).contains("exists already"), "{}", said(&o));
 
+    // A folder written inside its own input would copy itself.
+    let copy = root.join("pipeline");
+    ferrite_tests::copy_dir(&pipeline(), &copy, &|_| true);
+    let o = convert(root, &copy, "diffusers", "float16", &copy.join("half"));
+    assert!(said(&o).contains("is inside --input"), "{}", said(&o));
+    assert!(!copy.join("half").exists() && !copy.join(".tmp-half").exists());
+
     let o = run_ferrite(
         &[
             "convert",
@@ -211,7 +218,7 @@ fn what_cannot_be_converted_is_refused_naming_why() {
     assert!(!o.status.success());
     let text = said(&o);
     assert!(
-        text.contains("--model") && text.contains("pipeline/model"),
+        text.contains("--input") && text.contains("not a Flux model"),
         "{text}"
     );
     assert!(!text.contains("panicked"), "{text}");

@@ -331,7 +331,7 @@ fn the_embedding_tab_edits_the_embeddings() {
 }
 
 #[test]
-fn the_tools_tab_imports_a_onetrainer_config_and_extracts_video_frames() {
+fn the_tools_tab_imports_a_onetrainer_config_describes_a_lora_and_extracts_video_frames() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let ot = root.join("ot");
@@ -360,6 +360,15 @@ fn the_tools_tab_imports_a_onetrainer_config_and_extracts_video_frames() {
     assert!(
         h.query_by_label("not imported: multi_gpu = true").is_some(),
         "the report is shown"
+    );
+
+    let lora =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/adapters/lora_kohya.safetensors");
+    set_text(&mut h, "Adapter file", &lora.display().to_string());
+    click(&mut h, "Describe");
+    assert!(
+        h.query_by_label("layout: kohya").is_some(),
+        "the file is described"
     );
 
     let video = root.join("v.mkv");

@@ -227,9 +227,9 @@ fn a_repo_id_is_downloaded_into_the_cache_and_samples_as_its_folder() {
         std::fs::read(&want).unwrap(),
         "the downloaded model samples as its folder"
     );
-    let seen = seen.lock().unwrap().clone();
-    assert!(!seen.is_empty());
-    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    let log = seen.lock().unwrap().clone();
+    assert!(!log.is_empty());
+    let paths: Vec<&str> = log.iter().map(|s| s.path.as_str()).collect();
     assert!(
         !paths
             .iter()
@@ -237,16 +237,16 @@ fn a_repo_id_is_downloaded_into_the_cache_and_samples_as_its_folder() {
         "only the pipeline's files: {paths:?}"
     );
     assert!(
-        seen.iter()
+        log.iter()
             .all(|s| s.auth.as_deref() == Some("Bearer test-token")),
         "the token goes with every request"
     );
     assert!(
-        seen.iter().any(
+        log.iter().any(
             |s| s.path.ends_with("unet/diffusion_pytorch_model.safetensors")
                 && s.range.as_deref() == Some(&format!("bytes={half}-"))
         ),
-        "the partial file resumes: {seen:?}"
+        "the partial file resumes: {log:?}"
     );
     let snapshot = root.join("cache/models--org--tiny/snapshots").join(COMMIT);
     assert_eq!(
@@ -264,6 +264,31 @@ fn a_repo_id_is_downloaded_into_the_cache_and_samples_as_its_folder() {
     assert_eq!(
         std::fs::read(&again).unwrap(),
         std::fs::read(&want).unwrap()
+    );
+
+    // A download cut off between files leaves a snapshot without the UNet's weights: offline
+    // that is said; online the rest is fetched.
+    std::fs::remove_file(snapshot.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let o = ferrite(root, "http://127.0.0.1:9", &args);
+    assert!(!o.status.success());
+    assert!(said(&o).contains("holds only part of it"), "{}", said(&o));
+    let before = seen.lock().unwrap().len();
+    let online: Vec<&str> = args[1..].to_vec();
+    let o = ferrite(root, &endpoint, &online);
+    assert!(o.status.success(), "{}", said(&o));
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(&want).unwrap()
+    );
+    let fetched: Vec<String> = seen.lock().unwrap()[before..]
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    assert!(
+        fetched
+            .iter()
+            .any(|p| p.ends_with("unet/diffusion_pytorch_model.safetensors")),
+        "{fetched:?}"
     );
 }
 

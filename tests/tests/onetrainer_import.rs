@@ -252,6 +252,67 @@ fn an_old_flat_config_is_migrated_as_onetrainer_migrates_it() {
         imported.report.not_imported
     );
     assert_eq!(c.training_method, TrainingMethod::Lora);
+    // Missing, clipping is OneTrainer's default (1); null would turn it off.
+    assert_eq!(c.clip_grad_norm, 1.0);
+    assert!(
+        !imported
+            .report
+            .not_imported
+            .iter()
+            .any(|(k, _)| k == "embeddings"),
+        "migration 1's empty embedding list is its own"
+    );
+}
+
+#[test]
+fn values_ferrite_cannot_hold_are_reported_and_the_toml_still_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("c.json");
+    std::fs::write(
+        &json,
+        r#"{"__version": 11, "model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
+            "epochs": 10000000000000000000, "batch_size": 4.0, "clip_grad_norm": null,
+            "odd\u0001key\nhere": 1,
+            "optimizer": {"optimizer": "PRODIGY", "d_coef": 2.0},
+            "vae": {"model_name": "stabilityai/sd-vae-ft-mse"},
+            "concepts": [{"path": "/data", "name": "bad\u0007name"}],
+            "samples": [{"prompt": "x", "seed": -9223372036854775808}]}"#,
+    )
+    .unwrap();
+    let imported = import(&Sources {
+        config: json.clone(),
+        ..Sources::default()
+    })
+    .unwrap();
+    let c = &imported.config;
+    assert_eq!(
+        c.epochs, 100,
+        "too large for TOML: OneTrainer's default, and listed"
+    );
+    assert!(
+        imported
+            .report
+            .not_imported
+            .contains(&("epochs".into(), "10000000000000000000".into()))
+    );
+    assert_eq!(c.batch_size, 4, "4.0 is a whole number");
+    assert_eq!(c.clip_grad_norm, 0.0, "null turns clipping off");
+    assert_eq!(c.samples[0].seed, i64::MAX as u64);
+    let problems = imported.problems.join("\n");
+    assert!(problems.contains("PRODIGY"), "{problems}");
+    assert!(problems.contains("vae.model_name"), "{problems}");
+    assert!(
+        imported
+            .report
+            .not_imported
+            .iter()
+            .any(|(k, v)| k == "optimizer.d_coef" && v == "2.0")
+    );
+    // The TOML writes (no panic) and reads back.
+    let text = imported.to_toml(&json);
+    let out = dir.path().join("c.toml");
+    std::fs::write(&out, &text).unwrap();
+    TrainConfig::load_unchecked(Some(&out), None, &[]).unwrap();
 }
 
 #[test]

@@ -92,11 +92,7 @@ fn frames_are_kept_every_n_frames_or_seconds_sharp_ones_only_and_capped() {
 
     let o = frames(root, &video, &root.join("every5"), &["--every-frames", "5"]);
     assert!(o.status.success(), "{}", said(&o));
-    assert!(
-        said(&o).contains("6 frames written from 1 of 1 videos"),
-        "{}",
-        said(&o)
-    );
+    assert!(said(&o).contains("6 frames written to"), "{}", said(&o));
     assert_frames(&root.join("every5"), &[0, 5, 10, 15, 20, 25]);
     assert!(root.join("every5/clip-00001.png").is_file());
 
@@ -164,7 +160,7 @@ fn a_folder_of_videos_mirrors_its_subfolders_and_skips_a_broken_video() {
         "{text}"
     );
     assert!(
-        text.contains("3 frames written from 2 of 3 videos"),
+        text.contains("3 frames written to") && text.contains("from 2 of 3 videos"),
         "{text}"
     );
     assert_frames(&out.join("holiday"), &[0, 10]);

@@ -43,10 +43,14 @@ fn access() -> Access {
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error(
-        "{name} is not in the local Hugging Face cache ({cache}) and downloading is off \
-         (--offline or HF_HUB_OFFLINE): download it once online, or give a folder"
+        "{name} is not in the local Hugging Face cache ({cache}, which {what}) and downloading \
+         is off (--offline or HF_HUB_OFFLINE): download it once online, or give a folder"
     )]
-    Offline { name: String, cache: String },
+    Offline {
+        name: String,
+        cache: String,
+        what: &'static str,
+    },
     #[error("downloading {name} from {endpoint}: {message}")]
     Download {
         name: String,
@@ -100,8 +104,15 @@ pub fn resolve_in(name: &str, cache: &Path) -> Option<PathBuf> {
     snapshot.is_dir().then_some(snapshot)
 }
 
-/// Downloads repo id `name` into the local cache when it is no path, the cache lacks it, and
-/// downloading is allowed; afterwards [`model_path`] finds it.
+/// Downloads repo id `name` into the local cache when it is no path and the cache lacks it (or
+/// holds it incomplete, as an interrupted download leaves it), if downloading is allowed; then
+/// `name` as a model path (see [`model_path`]).
+pub fn fetched_model_path(base: &Path, name: &str) -> Result<PathBuf, HubError> {
+    fetch_if_missing(base, name)?;
+    Ok(model_path(base, name))
+}
+
+/// [`fetched_model_path`]'s download alone.
 pub fn fetch_if_missing(base: &Path, name: &str) -> Result<(), HubError> {
     let p = Path::new(name);
     let path = if p.is_absolute() {
@@ -113,7 +124,8 @@ pub fn fetch_if_missing(base: &Path, name: &str) -> Result<(), HubError> {
         return Ok(());
     }
     let cache = cache_dir().ok_or(HubError::NoCache)?;
-    if resolve_in(name, &cache).is_some() {
+    let cached = resolve_in(name, &cache);
+    if cached.as_deref().is_some_and(complete) {
         return Ok(());
     }
     let access = access();
@@ -121,9 +133,55 @@ pub fn fetch_if_missing(base: &Path, name: &str) -> Result<(), HubError> {
         return Err(HubError::Offline {
             name: name.to_string(),
             cache: cache.display().to_string(),
+            what: if cached.is_some() {
+                "holds only part of it"
+            } else {
+                "does not hold it"
+            },
         });
     }
     download(name, &cache, &access)
+}
+
+/// Folders of a pipeline Ferrite never reads.
+const SKIPPED: [&str; 2] = ["safety_checker", "feature_extractor"];
+
+/// The components `model_index.json` names (those with a class; a `[null, null]` entry is an
+/// absent one).
+fn components(model_index: &str) -> Vec<String> {
+    let Ok(serde_json::Value::Object(m)) = serde_json::from_str(model_index) else {
+        return Vec::new();
+    };
+    m.into_iter()
+        .filter(|(k, v)| {
+            !k.starts_with('_')
+                && !SKIPPED.contains(&k.as_str())
+                && v.as_array().is_some_and(|a| a.iter().any(|x| !x.is_null()))
+        })
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// Whether a snapshot holds each component's files: its folder, with weights where it has a
+/// `config.json` (a model, not a scheduler or tokenizer).
+fn complete(snapshot: &Path) -> bool {
+    let Ok(index) = std::fs::read_to_string(snapshot.join("model_index.json")) else {
+        return false;
+    };
+    components(&index).iter().all(|c| {
+        let names: Vec<String> = std::fs::read_dir(snapshot.join(c))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().exists())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let weights = names
+            .iter()
+            .any(|n| n.ends_with(".safetensors") || n.ends_with(".bin"));
+        !names.is_empty() && (weights || !names.iter().any(|n| n == "config.json"))
+    })
 }
 
 fn download(name: &str, cache: &Path, access: &Access) -> Result<(), HubError> {
@@ -139,57 +197,63 @@ fn download(name: &str, cache: &Path, access: &Access) -> Result<(), HubError> {
         endpoint: endpoint.clone(),
         message,
     };
-    let api = ApiBuilder::new()
+    let mut builder = ApiBuilder::new()
         .with_cache_dir(cache.to_path_buf())
         .with_endpoint(endpoint.clone())
-        .with_token(access.token.clone())
         .with_progress(true)
-        .with_retries(3)
-        .build()
-        .map_err(|e| fail(e.to_string()))?;
+        .with_retries(3);
+    // Else hf-hub's own: the token `huggingface-cli login` saved.
+    if let Some(t) = &access.token {
+        builder = builder.with_token(Some(t.clone()));
+    }
+    let api = builder.build().map_err(|e| fail(e.to_string()))?;
     let repo = api.repo(Repo::with_revision(
         format!("{org}/{model}"),
         RepoType::Model,
         revision.to_string(),
     ));
     let info = repo.info().map_err(|e| fail(e.to_string()))?;
-    let files = pipeline_files(info.siblings.iter().map(|s| s.rfilename.as_str()));
-    if files.is_empty() {
+    let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    if !listed.contains(&"model_index.json") {
         return Err(fail(
             "the repo has no model_index.json: it is not a diffusers pipeline (give a \
              checkpoint file's path instead)"
                 .into(),
         ));
     }
-    for f in &files {
+    let index = repo
+        .get("model_index.json")
+        .map_err(|e| fail(format!("model_index.json: {e}")))?;
+    let index = std::fs::read_to_string(&index).map_err(|e| fail(e.to_string()))?;
+    for f in pipeline_files(listed.into_iter(), &components(&index)) {
         // Cached files are not fetched again; an interrupted one resumes.
-        repo.get(f).map_err(|e| fail(format!("{f}: {e}")))?;
+        repo.get(&f).map_err(|e| fail(format!("{f}: {e}")))?;
     }
     resolve_in(name, cache)
+        .filter(|s| complete(s))
         .map(|_| ())
-        .ok_or_else(|| fail("the download left no snapshot in the cache".into()))
+        .ok_or_else(|| fail("the download left no complete snapshot in the cache".into()))
 }
 
 /// Weight variants diffusers keeps beside the plain files (`model.fp16.safetensors`).
 const VARIANTS: [&str; 5] = [".fp16.", ".bf16.", ".fp32.", ".ema.", ".non_ema."];
 
-/// The files of a pipeline repo that a model is read from: `model_index.json` and each
-/// component folder's configs, tokenizer files and weights — safetensors over `.bin`, plain
-/// over variants (a variant only when nothing else is there) — but not the single-file
-/// checkpoints beside them, nor the safety checker.
-pub fn pipeline_files<'a>(files: impl Iterator<Item = &'a str>) -> Vec<String> {
+/// The files of a pipeline repo that a model is read from: `model_index.json` and, in each
+/// component folder it names, the configs, tokenizer files and weights — safetensors over
+/// `.bin`, plain over variants (a variant only when nothing else is there) — but not the
+/// single-file checkpoints beside them, other folders, nor the safety checker.
+pub fn pipeline_files<'a>(
+    files: impl Iterator<Item = &'a str>,
+    components: &[String],
+) -> Vec<String> {
     let files: Vec<&str> = files.collect();
-    if !files.contains(&"model_index.json") {
-        return Vec::new();
-    }
     let mut out = vec!["model_index.json".to_string()];
-    let mut folders: Vec<&str> = files
+    let mut folders: Vec<&str> = components
         .iter()
-        .filter_map(|f| f.split_once('/').map(|(d, _)| d))
-        .filter(|d| !matches!(*d, "safety_checker" | "feature_extractor"))
+        .map(String::as_str)
+        .filter(|c| !SKIPPED.contains(c))
         .collect();
     folders.sort();
-    folders.dedup();
     for folder in folders {
         let inside: Vec<&str> = files
             .iter()
@@ -200,10 +264,15 @@ pub fn pipeline_files<'a>(files: impl Iterator<Item = &'a str>) -> Vec<String> {
             })
             .collect();
         let variant = |f: &str| VARIANTS.iter().any(|v| f.contains(v));
-        let weights = |f: &str| f.ends_with(".safetensors") || f.ends_with(".bin");
-        // A weights file, or a sharded one's index.
+        let file_name = |f: &str| f.rsplit('/').next().unwrap_or(f).to_string();
+        // A weights file (diffusers' names only: not an exporter's `openvino_model.bin`), or a
+        // sharded one's index.
         let is_weights = |f: &str| {
-            weights(f) || f.ends_with(".safetensors.index.json") || f.ends_with(".bin.index.json")
+            let n = file_name(f);
+            n.ends_with(".safetensors")
+                || n.ends_with(".safetensors.index.json")
+                || ((n.starts_with("diffusion_pytorch_model") || n.starts_with("pytorch_model"))
+                    && (n.ends_with(".bin") || n.ends_with(".bin.index.json")))
         };
         let pick = |ext: &str, variants: bool| -> Vec<&str> {
             inside
@@ -221,8 +290,9 @@ pub fn pipeline_files<'a>(files: impl Iterator<Item = &'a str>) -> Vec<String> {
         .find(|c| !c.is_empty())
         .unwrap_or_default();
         for f in inside {
-            let other =
-                !is_weights(f) && [".json", ".txt", ".model"].iter().any(|e| f.ends_with(e));
+            let other = !is_weights(f)
+                && !f.ends_with(".bin")
+                && [".json", ".txt", ".model"].iter().any(|e| f.ends_with(e));
             if other || chosen.contains(&f) {
                 out.push(f.to_string());
             }
@@ -287,31 +357,41 @@ mod tests {
             "text_encoder_2/config.json",
             "text_encoder_2/model.fp16.safetensors",
         ];
-        let got = pipeline_files(repo.into_iter());
+        let named: Vec<String> = [
+            "scheduler",
+            "text_encoder",
+            "text_encoder_2",
+            "tokenizer",
+            "transformer",
+            "unet",
+            "vae",
+            "safety_checker",
+        ]
+        .map(String::from)
+        .to_vec();
+        let got = pipeline_files(repo.into_iter(), &named);
+        // SDXL's repo: a second VAE and exporters' folders beside the components.
+        let sdxl = [
+            "model_index.json",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "vae_1_0/config.json",
+            "vae_1_0/diffusion_pytorch_model.safetensors",
+            "vae_decoder/config.json",
+            "vae_decoder/openvino_model.bin",
+        ];
         assert_eq!(
-            got,
+            pipeline_files(sdxl.into_iter(), &["vae".to_string()]),
             [
                 "model_index.json",
-                "scheduler/scheduler_config.json",
-                "text_encoder/config.json",
-                "text_encoder/model.safetensors",
-                "text_encoder_2/config.json",
-                "text_encoder_2/model.fp16.safetensors",
-                "tokenizer/merges.txt",
-                "tokenizer/special_tokens_map.json",
-                "tokenizer/tokenizer_config.json",
-                "tokenizer/vocab.json",
-                "transformer/config.json",
-                "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
-                "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
-                "transformer/diffusion_pytorch_model.safetensors.index.json",
-                "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors",
                 "vae/config.json",
-                "vae/diffusion_pytorch_model.bin",
+                "vae/diffusion_pytorch_model.safetensors"
             ]
         );
-        assert!(pipeline_files(["unet/config.json"].into_iter()).is_empty());
+        let index = r#"{"_class_name": "X", "unet": ["diffusers", "UNet2DConditionModel"],
+            "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+            "image_encoder": [null, null]}"#;
+        assert_eq!(components(index), ["unet"]);
     }
 
     #[test]

@@ -74,6 +74,32 @@ pub struct Report {
     pub skipped: Vec<(PathBuf, String)>,
 }
 
+impl Report {
+    /// What a run did, as the CLI prints it and the app shows it: the count, the videos read,
+    /// the frames left out and each video skipped with why.
+    pub fn summary(&self, what: &str, output: &Path) -> String {
+        let mut s = format!(
+            "{} {what} written to {} from {} of {} videos",
+            self.written.len(),
+            output.display(),
+            self.videos - self.skipped.len(),
+            self.videos
+        );
+        if self.blurry > 0 {
+            s.push_str(&format!(", {} left out as blurry", self.blurry));
+        }
+        for (p, why) in &self.skipped {
+            s.push_str(&format!("\nskipped {}: {why}", p.display()));
+        }
+        s
+    }
+
+    /// Whether no video could be read at all (a failure, though each was only skipped).
+    pub fn none_read(&self) -> bool {
+        self.videos > 0 && self.skipped.len() == self.videos
+    }
+}
+
 /// A line of progress: the video being worked on and how many files it has given so far.
 pub struct Progress<'a> {
     pub video: &'a Path,
@@ -274,14 +300,17 @@ fn frames_of(
         progress(kept);
     }
     drop(frames);
-    // Stopping early (max reached, or an error here) leaves ffmpeg writing into a closed pipe.
-    let _ = child.kill();
+    // Stopping early (max reached, or an error here) leaves ffmpeg writing into a closed pipe:
+    // it is stopped. At the stream's end it is left to finish on its own.
+    let stopped_early = options.max.is_some_and(|m| kept >= m) || result.is_err();
+    if stopped_early {
+        let _ = child.kill();
+    }
     let status = child
         .wait()
         .map_err(|e| VideoError::Io(video.to_path_buf(), e))?;
     let errors = errors.join().unwrap_or_default();
     result?;
-    let stopped_early = options.max.is_some_and(|m| kept >= m);
     if !status.success() && !stopped_early {
         return Err(VideoError::Unreadable(
             video.to_path_buf(),

@@ -44,8 +44,13 @@ fn import_onetrainer(bytes: &[u8]) {
         config: p,
         ..Default::default()
     };
-    if let Err(e) = ferrite_engine::config::onetrainer::import(&src) {
-        assert!(!e.to_string().is_empty());
+    match ferrite_engine::config::onetrainer::import(&src) {
+        // What is written must be TOML that reads back.
+        Ok(imported) => {
+            let text = imported.to_toml(&src.config);
+            assert!(text.parse::<toml::Table>().is_ok(), "{text}");
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
     }
 }
 
@@ -56,8 +61,11 @@ fn any_json() -> impl Strategy<Value = serde_json::Value> {
         Just(json!(null)),
         any::<bool>().prop_map(|b| json!(b)),
         any::<i64>().prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
         any::<f64>().prop_map(|f| json!(f)),
         ".{0,12}".prop_map(|s| json!(s)),
+        "[\\x00-\\x1f]{0,3}"
+            .prop_map(|s| serde_json::Value::Object([(s, json!(1))].into_iter().collect())),
         Just(json!([1, "a", null])),
         Just(json!({"x": [], "__version": "v"})),
     ]

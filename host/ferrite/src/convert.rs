@@ -60,8 +60,14 @@ pub fn run(settings: &Settings, a: ConvertArgs) -> Result<()> {
         part_files: Vec::new(),
     };
     let name = a.input.to_string_lossy();
-    ferrite::hub::fetch_if_missing(Path::new(""), &name)?;
-    let input = ferrite::hub::model_path(Path::new(""), &name);
+    let input = ferrite::hub::fetched_model_path(Path::new(""), &name)?;
+    let inside = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    if a.output_format == OutputFormat::Diffusers && inside(&a.output).starts_with(inside(&input)) {
+        bail!(
+            "--output {} is inside --input: write it elsewhere",
+            a.output.display()
+        );
+    }
     if a.output_format == OutputFormat::Diffusers && !input.is_dir() {
         bail!(
             "--input {}: a single file is not written as a diffusers folder yet (the family \
@@ -72,7 +78,7 @@ pub fn run(settings: &Settings, a: ConvertArgs) -> Result<()> {
     }
     // Loading checks that the input is a model of that type, whatever is written.
     let registry = Registry::discover(&search_dirs(settings), settings);
-    let handle = model.open(&registry, &a.model_type, serde_json::json!({}))?;
+    let handle = model.open_as("--input", &registry, &a.model_type, serde_json::json!({}))?;
     match a.output_format {
         OutputFormat::SingleFile => {
             let info = ModelInfo::from_json(&handle.model_info()?).map_err(anyhow::Error::msg)?;
@@ -123,8 +129,10 @@ fn copy_folder(from: &Path, to: &Path, dtype: DType) -> Result<()> {
     }
     let result = (|| -> Result<()> {
         let mut dirs = vec![PathBuf::new()];
+        let mut synced = Vec::new();
         while let Some(rel) = dirs.pop() {
             std::fs::create_dir_all(tmp.join(&rel))?;
+            synced.push(tmp.join(&rel));
             for e in std::fs::read_dir(from.join(&rel))
                 .with_context(|| from.join(&rel).display().to_string())?
             {
@@ -135,6 +143,17 @@ fn copy_folder(from: &Path, to: &Path, dtype: DType) -> Result<()> {
                     continue;
                 }
                 let renamed = safetensors_name(&file);
+                if renamed.is_some_and(|r| src.with_file_name(r).exists()) {
+                    // The folder has the safetensors too: that one is written.
+                    continue;
+                }
+                if file.ends_with(".bin") && renamed.is_none() {
+                    bail!(
+                        "{}: only a component's single `.bin` weights file is converted (shards \
+                         and other `.bin` files are not); re-save the model as safetensors",
+                        src.display()
+                    );
+                }
                 if file.ends_with(".safetensors") || renamed.is_some() {
                     let out = tmp.join(&rel).join(renamed.unwrap_or(&file));
                     rewrite(&src, &out, dtype).with_context(|| src.display().to_string())?;
@@ -145,7 +164,14 @@ fn copy_folder(from: &Path, to: &Path, dtype: DType) -> Result<()> {
                 }
             }
         }
+        // The folders' entries, then the rename, made durable.
+        for d in &synced {
+            std::fs::File::open(d)?.sync_all()?;
+        }
         std::fs::rename(&tmp, to)?;
+        if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
         Ok(())
     })();
     if result.is_err() {

@@ -151,14 +151,11 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
     match action {
         LoraAction::Info { file, model, arch } => {
             let d = describe(&file)?;
-            let join = |v: Vec<String>| v.join(", ");
             println!("{}", file.display());
-            println!("  layout: {}", d.layout);
-            println!("  type: {}", d.kind);
-            println!("  modules: {}", d.modules);
+            let mut lines = d.lines();
             let bundled = ferrite::embeddings::files::read_bundled(&file)?;
             if !bundled.is_empty() {
-                let each = bundled
+                let each: Vec<String> = bundled
                     .iter()
                     .map(|(p, t)| {
                         let keys: Vec<String> = t
@@ -168,37 +165,11 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
                         format!("{p} ({})", keys.join(", "))
                     })
                     .collect();
-                println!("  bundled embeddings: {}", join(each));
+                // After the module count, where it stood.
+                lines.insert(3, format!("bundled embeddings: {}", each.join(", ")));
             }
-            println!(
-                "  ranks: {}",
-                join(d.ranks.iter().map(|r| r.to_string()).collect())
-            );
-            println!(
-                "  alphas: {}",
-                if d.alphas.is_empty() {
-                    "none in the file (alpha = rank, or diffusers' metadata)".into()
-                } else {
-                    join(d.alphas.iter().map(|a| a.to_string()).collect())
-                }
-            );
-            println!(
-                "  made for: {}",
-                d.family.as_deref().unwrap_or("not told by the file")
-            );
-            if d.other_tensors.0 > 0 {
-                println!(
-                    "  other tensors: {} (e.g. {})",
-                    d.other_tensors.0,
-                    d.other_tensors.1.join(", ")
-                );
-            }
-            for (k, v) in &d.metadata {
-                // Dataset listings and tag counts run to kilobytes.
-                match v.char_indices().nth(120) {
-                    Some((at, _)) => println!("  {k}: {}… ({} bytes)", &v[..at], v.len()),
-                    None => println!("  {k}: {v}"),
-                }
+            for l in lines {
+                println!("  {l}");
             }
             if let Some(m) = model.get() {
                 let (registry, layers) =

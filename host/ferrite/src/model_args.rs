@@ -31,10 +31,20 @@ impl ModelArgs {
         arch: &str,
         extra: serde_json::Value,
     ) -> Result<ArchitectureHandle> {
+        self.open_as("--model", registry, arch, extra)
+    }
+
+    /// [`ModelArgs::open`] for a command whose option naming the model is `flag`.
+    pub fn open_as(
+        &self,
+        flag: &str,
+        registry: &Registry,
+        arch: &str,
+        extra: serde_json::Value,
+    ) -> Result<ArchitectureHandle> {
         // A Hugging Face repo id is its snapshot in the local cache (downloaded if need be).
         let name = self.model.to_string_lossy();
-        ferrite::hub::fetch_if_missing(Path::new(""), &name)?;
-        let model = ferrite::hub::model_path(Path::new(""), &name);
+        let model = ferrite::hub::fetched_model_path(Path::new(""), &name)?;
         let mut options = serde_json::json!({ "model": model });
         if let Some(c) = &self.model_config {
             options["config"] = c.to_string_lossy().into();
@@ -57,10 +67,10 @@ impl ModelArgs {
             .architecture(arch, &options.to_string())
             .with_context(|| {
                 if self.part_files.is_empty() {
-                    format!("--model {}", self.model.display())
+                    format!("{flag} {}", self.model.display())
                 } else {
                     format!(
-                        "--model {} with --part-file {}",
+                        "{flag} {} with --part-file {}",
                         self.model.display(),
                         self.part_files.join(" ")
                     )

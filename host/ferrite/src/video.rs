@@ -54,23 +54,10 @@ fn progress(p: Progress) {
     );
 }
 
-fn summary(report: &Report, what: &str) -> Result<()> {
+fn summary(report: &Report, what: &str, output: &std::path::Path) -> Result<()> {
     eprintln!();
-    for (path, why) in &report.skipped {
-        eprintln!("skipped {}: {why}", path.display());
-    }
-    let blurry = if report.blurry > 0 {
-        format!(", {} left out as blurry", report.blurry)
-    } else {
-        String::new()
-    };
-    println!(
-        "{} {what} written from {} of {} videos{blurry}",
-        report.written.len(),
-        report.videos - report.skipped.len(),
-        report.videos
-    );
-    if report.skipped.len() == report.videos {
+    println!("{}", report.summary(what, output));
+    if report.none_read() {
         bail!("no video could be read");
     }
     Ok(())
@@ -96,7 +83,7 @@ pub fn run(action: VideoAction) -> Result<()> {
                 min_sharpness,
             };
             let report = video::extract_frames(&input, &output, &options, &mut progress)?;
-            summary(&report, "frames")
+            summary(&report, "frames", &output)
         }
         VideoAction::Clips {
             input,
@@ -104,7 +91,7 @@ pub fn run(action: VideoAction) -> Result<()> {
             clip_seconds,
         } => {
             let report = video::extract_clips(&input, &output, clip_seconds, &mut progress)?;
-            summary(&report, "clips")
+            summary(&report, "clips", &output)
         }
     }
 }

@@ -171,8 +171,16 @@ pub fn legacy_index(bytes: &[u8]) -> Result<BTreeMap<String, TorchTensor>, Strin
         let kind = kinds
             .get(&key)
             .ok_or_else(|| format!("storage {key} is listed but nothing uses it"))?;
-        let (_, size) =
-            dtype_of(kind).ok_or_else(|| format!("storage {key}: type {kind} is not read"))?;
+        // Storages of types no tensor is read from are still stepped over.
+        let size = match kind.as_str() {
+            "ShortStorage" => 2,
+            "CharStorage" => 1,
+            _ => {
+                dtype_of(kind)
+                    .ok_or_else(|| format!("storage {key}: type {kind} is not read"))?
+                    .1
+            }
+        };
         let count = bytes
             .get(pos..pos + 8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))

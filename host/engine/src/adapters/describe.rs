@@ -30,6 +30,50 @@ pub struct Description {
     pub dtype: DType,
 }
 
+impl Description {
+    /// The report `ferrite lora info` prints and the Tools tab shows, a line per item (after
+    /// the file's name; bundled embeddings are the caller's).
+    pub fn lines(&self) -> Vec<String> {
+        let join = |v: Vec<String>| v.join(", ");
+        let mut out = vec![
+            format!("layout: {}", self.layout),
+            format!("type: {}", self.kind),
+            format!("modules: {}", self.modules),
+            format!(
+                "ranks: {}",
+                join(self.ranks.iter().map(|r| r.to_string()).collect())
+            ),
+            format!(
+                "alphas: {}",
+                if self.alphas.is_empty() {
+                    "none in the file (alpha = rank, or diffusers' metadata)".into()
+                } else {
+                    join(self.alphas.iter().map(|a| a.to_string()).collect())
+                }
+            ),
+            format!(
+                "made for: {}",
+                self.family.as_deref().unwrap_or("not told by the file")
+            ),
+        ];
+        if self.other_tensors.0 > 0 {
+            out.push(format!(
+                "other tensors: {} (e.g. {})",
+                self.other_tensors.0,
+                self.other_tensors.1.join(", ")
+            ));
+        }
+        for (k, v) in &self.metadata {
+            // Dataset listings and tag counts run to kilobytes.
+            out.push(match v.char_indices().nth(120) {
+                Some((at, _)) => format!("{k}: {}… ({} bytes)", &v[..at], v.len()),
+                None => format!("{k}: {v}"),
+            });
+        }
+        out
+    }
+}
+
 /// The family the keys name: Flux's BFL modules or diffusers transformer, SDXL's SGM block names,
 /// second text encoder or deeper transformer stacks, else SD 1.x/2.x's UNet.
 fn family_of_keys(modules: &BTreeSet<String>) -> Option<&'static str> {

@@ -48,7 +48,16 @@ impl Import {
                 );
                 lines.extend(imported.problems.iter().map(|p| format!("to fix: {p}")));
                 self.result = Some(Ok(lines));
-                Some((imported.config, json.with_extension("ferrite.toml")))
+                // Beside the JSON, under a name nothing has yet: Save never overwrites a file
+                // the user did not choose.
+                let path = (1..)
+                    .map(|n| match n {
+                        1 => json.with_extension("ferrite.toml"),
+                        n => json.with_extension(format!("ferrite-{n}.toml")),
+                    })
+                    .find(|p| !p.exists())
+                    .expect("some name is free");
+                Some((imported.config, path))
             }
             Err(e) => {
                 self.result = Some(Err(e.to_string()));

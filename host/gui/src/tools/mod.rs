@@ -1,8 +1,9 @@
 //! The Tools tab: front-ends for the CLI's tool commands: `ferrite sample` (an image from a model,
 //! optionally with LoRAs, on a background thread), `ferrite init` (a starter project),
-//! `ferrite import-onetrainer` and `ferrite video`.
+//! `ferrite lora info`, `ferrite import-onetrainer` and `ferrite video`.
 
 mod import;
+mod lora_info;
 mod video;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub struct Tools {
     project: String,
     project_message: Option<String>,
     pub import: import::Import,
+    lora_info: lora_info::LoraInfo,
     video: video::Video,
 }
 
@@ -53,6 +55,7 @@ impl Default for Tools {
             project: String::new(),
             project_message: None,
             import: Default::default(),
+            lora_info: Default::default(),
             video: Default::default(),
         }
     }
@@ -165,6 +168,8 @@ impl Tools {
         if let Some(m) = &self.project_message {
             ui.label(m);
         }
+        ui.separator();
+        self.lora_info.show(ui, base);
         ui.separator();
         let imported = self.import.show(ui, base);
         ui.separator();

@@ -138,7 +138,7 @@ impl Video {
         let (mode, step) = (self.mode, self.step);
         let options = FrameOptions {
             every: if mode == Mode::EveryFrames {
-                Every::Frames(step.round().max(0.0) as u64)
+                Every::Frames(step.round().max(1.0) as u64)
             } else {
                 Every::Seconds(step)
             },
@@ -169,21 +169,13 @@ impl Video {
                     video::extract_frames(&input, &output, &options, &mut progress),
                 ),
             };
-            let r = r.map_err(|e| e.to_string()).map(|r| {
-                let mut s = format!(
-                    "{} {what} written to {} from {} of {} videos",
-                    r.written.len(),
-                    output.display(),
-                    r.videos - r.skipped.len(),
-                    r.videos
-                );
-                if r.blurry > 0 {
-                    s.push_str(&format!(", {} left out as blurry", r.blurry));
+            let r = r.map_err(|e| e.to_string()).and_then(|r| {
+                let s = r.summary(what, &output);
+                if r.none_read() {
+                    Err(format!("no video could be read:\n{s}"))
+                } else {
+                    Ok(s)
                 }
-                for (p, why) in &r.skipped {
-                    s.push_str(&format!("\nskipped {}: {why}", p.display()));
-                }
-                s
             });
             let _ = tx.send(Message::Done(r));
             ctx.request_repaint();

@@ -160,9 +160,16 @@ pub fn train_config(
     c.batch_size = o.usize("batch_size").unwrap_or(1);
     c.gradient_accumulation_steps = o.usize("gradient_accumulation_steps").unwrap_or(1);
     // null in OneTrainer: no clipping.
-    c.clip_grad_norm = match o.take("clip_grad_norm") {
-        None => 0.0,
-        Some(v) => v.as_f64().unwrap_or(1.0),
+    c.clip_grad_norm = match o.take_raw("clip_grad_norm") {
+        None => 1.0,
+        Some(Value::Null) => 0.0,
+        Some(v) => match v.as_f64() {
+            Some(n) => n,
+            None => {
+                o.put("clip_grad_norm", v);
+                1.0
+            }
+        },
     };
     c.ema = enum_key(o, "ema", c.ema, report);
     c.ema_decay = o.f64("ema_decay").unwrap_or(0.999);
@@ -313,6 +320,12 @@ pub fn train_config(
             ("save_filename_prefix", json!("")),
         ],
     );
+    // Migration 1 leaves an empty `embeddings` list in every config from before version 2.
+    match o.take_raw("embeddings") {
+        Some(v) if v == json!([{}]) => {}
+        Some(v) => o.put("embeddings", v),
+        None => {}
+    }
     // OneTrainer's memory of other optimizers' settings, its cloud runner when off, and its
     // secrets (never printed) have no bearing on the run.
     o.take("optimizer_defaults");
@@ -399,10 +412,7 @@ fn model_parts(
         if table == "transformer" {
             part.guidance_scale = p.f64("guidance_scale").unwrap_or(1.0);
         }
-        part.model_name = p
-            .str("model_name")
-            .map(|m| paths.model(m))
-            .unwrap_or_default();
+        part.model_name = part_file(&mut p, paths, report);
         checkpointing.push(p.bool("gradient_checkpointing").unwrap_or(true));
         at_default(
             &mut p,
@@ -424,10 +434,7 @@ fn model_parts(
         GradientCheckpointing::Off
     };
     if let Some(mut vae) = o.obj("vae") {
-        c.vae.model_name = vae
-            .str("model_name")
-            .map(|m| paths.model(m))
-            .unwrap_or_default();
+        c.vae.model_name = part_file(&mut vae, paths, report);
         // OneTrainer's VAE runs frozen whatever `train` says; its dtype is the runtime's here.
         at_default(
             &mut vae,
@@ -470,6 +477,23 @@ fn model_parts(
             ignored.join(", ")
         ));
     }
+}
+
+/// A part's own weights file (`model_name`). OneTrainer also takes a Hugging Face id there;
+/// Ferrite reads part files from paths only.
+fn part_file(p: &mut Obj, paths: &Paths, report: &mut Report) -> String {
+    let Some(name) = p.str("model_name").filter(|n| !n.is_empty()) else {
+        return String::new();
+    };
+    let file = paths.file(name.clone());
+    if crate::hub::is_repo_id(&name) && !paths.exists(&file) {
+        report.problems.push(format!(
+            "{}: `{name}` reads as a Hugging Face id, which Ferrite takes for base_model_name \
+             only: download the part's file and give its path",
+            p.key("model_name")
+        ));
+    }
+    file
 }
 
 /// OneTrainer's defaults of a part table: text encoders stop after 30 epochs.
@@ -589,10 +613,13 @@ fn embedding(e: &mut Obj, paths: &Paths, report: &mut Report) -> EmbeddingConfig
         .str("model_name")
         .map(|p| paths.file(p))
         .unwrap_or_default();
-    let token_count = match e.usize("token_count") {
-        Some(n) => n,
-        // null: as many as the file has.
-        None if !model_name.is_empty() => 0,
+    let token_count = match e.take_raw("token_count") {
+        // null: as many as the file has (with no file, OneTrainer's 1).
+        Some(Value::Null) if !model_name.is_empty() => 0,
+        Some(v) => {
+            e.put("token_count", v);
+            e.usize("token_count").unwrap_or(1)
+        }
         None => 1,
     };
     let emb = EmbeddingConfig {
@@ -643,11 +670,14 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
         ),
         other => {
             // Not guessed: adaptive optimizers want learning rates ~10⁴ times an AdamW one.
-            o.put("optimizer", json!({ "optimizer": other }));
-            report.note(format!(
+            report.problems.push(format!(
                 "optimizer: {other} is not an optimizer Ferrite has yet; AdamW with its defaults \
-                 is used, and the learning rate may need changing"
+                 is written, and learning_rate ({}) is the one set for {other}: choose an \
+                 optimizer and learning rate",
+                c.learning_rate
             ));
+            opt.put("optimizer", json!(other));
+            opt.finish(report);
             return;
         }
     };
@@ -685,6 +715,7 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
             ("differentiable", json!(false)),
             ("fused_back_pass", json!(false)),
             ("stochastic_rounding", json!(true)),
+            ("stochastic_rounding", json!(false)),
         ],
     );
     // The rest of OneTrainer's optimizer fields are other optimizers' (it writes them all);
@@ -822,14 +853,20 @@ fn sample(so: &mut Obj, model_type: &str, report: &mut Report) -> Option<SampleC
         sampler,
         ..SampleConfig::default()
     };
-    match so.take("seed").and_then(|v| v.as_i64()) {
-        Some(seed) if seed >= 0 => s.seed = seed as u64,
-        Some(seed) => {
-            s.seed = seed.unsigned_abs();
-            report.note(format!("{}.seed: {seed} becomes {}", so.path, s.seed));
+    s.seed = match so.take("seed").map(|v| (v.as_i64(), v)) {
+        Some((Some(seed), _)) if seed >= 0 => seed as u64,
+        Some((Some(seed), _)) => {
+            // Ferrite's seeds are unsigned (and TOML holds up to i64::MAX).
+            let positive = seed.unsigned_abs().min(i64::MAX as u64);
+            report.note(format!("{}.seed: {seed} becomes {positive}", so.path));
+            positive
         }
-        None => s.seed = 42,
-    }
+        Some((None, v)) => {
+            so.put("seed", v);
+            42
+        }
+        None => 42,
+    };
     if so.bool("random_seed") == Some(true) {
         report.note(format!(
             "{}.random_seed: Ferrite samples with a fixed seed; {} is used",

@@ -98,6 +98,12 @@ impl Paths {
         }
     }
 
+    /// Whether `p` (as [`Paths::file`] wrote it) names something on disk.
+    fn exists(&self, p: &str) -> bool {
+        let path = Path::new(p);
+        path.is_absolute() && path.exists() || self.root.join(path).exists()
+    }
+
     /// A model: a Hugging Face id stays an id unless OneTrainer's folder holds a folder of
     /// that name.
     fn model(&self, p: String) -> String {
@@ -200,11 +206,12 @@ pub fn import(src: &Sources) -> Result<Imported, ImportError> {
         ));
     }
     report.not_imported.sort();
-    let problems = match config.validate() {
-        Ok(()) => Vec::new(),
-        Err(super::ConfigError::Invalid(p)) => p,
-        Err(e) => vec![e.to_string()],
-    };
+    let mut problems = std::mem::take(&mut report.problems);
+    match config.validate() {
+        Ok(()) => {}
+        Err(super::ConfigError::Invalid(p)) => problems.extend(p),
+        Err(e) => problems.push(e.to_string()),
+    }
     Ok(Imported {
         config,
         version,
@@ -219,14 +226,20 @@ impl Imported {
     pub fn to_toml(&self, source: &Path) -> String {
         let mut head = format!(
             "# Imported by `ferrite import-onetrainer` from {} (OneTrainer config version {}).\n",
-            source.display(),
+            source
+                .display()
+                .to_string()
+                .replace(|c: char| c.is_control(), " "),
             self.version
         );
         let mut section = |title: &str, lines: Vec<String>| {
             if !lines.is_empty() {
                 head.push_str(&format!("#\n# {title}\n"));
                 for l in lines {
-                    head.push_str(&format!("#   - {}\n", l.replace('\n', " ")));
+                    // A comment is one line without control characters (the file's strings
+                    // are the user's).
+                    let l = l.replace(|c: char| c.is_control(), " ");
+                    head.push_str(&format!("#   - {l}\n"));
                 }
             }
         };

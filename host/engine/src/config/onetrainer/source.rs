@@ -11,6 +11,8 @@ pub struct Report {
     /// Settings carried over with a change worth knowing (an approximation, a OneTrainer value
     /// Ferrite lacks replaced by the nearest one, a rule Ferrite enforces).
     pub notes: Vec<String>,
+    /// What the imported config needs changed before it trains as OneTrainer's would.
+    pub problems: Vec<String>,
 }
 
 impl Report {
@@ -46,6 +48,12 @@ impl Obj {
         self.map.remove(k).filter(|v| !v.is_null())
     }
 
+    /// The value of `k`, removed, null included: `None` only when the key is missing (then
+    /// OneTrainer's default applies, where a null may mean "off").
+    pub fn take_raw(&mut self, k: &str) -> Option<Value> {
+        self.map.remove(k)
+    }
+
     /// Puts a value back (it will be reported as not imported unless read again).
     pub fn put(&mut self, k: &str, v: Value) {
         self.map.insert(k.to_string(), v);
@@ -76,12 +84,20 @@ impl Obj {
         })
     }
 
-    /// A whole number of at least zero.
+    /// A whole number from 0 to i64::MAX (what a TOML file holds); OneTrainer writes some as
+    /// `7.0` or `"7"`.
     pub fn usize(&mut self, k: &str) -> Option<usize> {
-        self.typed(k, |v| match v {
-            Value::Number(n) => n.as_u64().map(|n| n as usize),
-            Value::String(s) => s.trim().parse().ok(),
-            _ => None,
+        self.typed(k, |v| {
+            let n = match v {
+                Value::Number(n) => n.as_u64().or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9.2e18)
+                        .map(|f| f as u64)
+                }),
+                Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            }?;
+            (n <= i64::MAX as u64).then_some(n as usize)
         })
     }
 

@@ -1,0 +1,56 @@
+//! "What a LoRA file holds" (`ferrite lora info`): its layout, type, ranks, alphas, family and
+//! training metadata.
+
+use std::path::Path;
+
+use eframe::egui::{self, Ui};
+
+use crate::adapters::describe::describe;
+use crate::config::TrainConfig;
+
+#[derive(Default)]
+pub struct LoraInfo {
+    file: String,
+    result: Option<Result<Vec<String>, String>>,
+}
+
+impl LoraInfo {
+    pub fn show(&mut self, ui: &mut Ui, base: &Path) {
+        ui.strong("What a LoRA file holds (ferrite lora info)");
+        ui.horizontal(|ui| {
+            let l = ui.label("Adapter file");
+            ui.text_edit_singleline(&mut self.file).labelled_by(l.id);
+            if ui.button("Describe").clicked() {
+                let path = TrainConfig::path(base, &self.file);
+                // Reading its alphas reads tensors: on the CPU, in a scope of its own.
+                self.result = Some(
+                    crate::runtime::for_device("cpu")
+                        .map_err(|e| e.to_string())
+                        .and_then(|(device, _)| {
+                            let scope = crate::runtime::Scope::new(device);
+                            let _scope = scope.enter();
+                            describe(&path)
+                                .map(|d| d.lines())
+                                .map_err(|e| format!("{}: {e}", path.display()))
+                        }),
+                );
+            }
+        });
+        match &self.result {
+            Some(Ok(lines)) => {
+                egui::ScrollArea::vertical()
+                    .id_salt("lora info")
+                    .max_height(140.0)
+                    .show(ui, |ui| {
+                        for l in lines {
+                            ui.label(l);
+                        }
+                    });
+            }
+            Some(Err(e)) => {
+                ui.colored_label(egui::Color32::from_rgb(230, 90, 70), e);
+            }
+            None => {}
+        }
+    }
+}
