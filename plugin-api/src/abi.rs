@@ -330,6 +330,8 @@ pub trait ArchitectureFfi: Send {
     ) -> RResult<TensorId, RString>;
     /// Every tensor of the model (VAE and text encoders included) under the names of a file
     /// `layout` (`ldm`: an original single-file checkpoint), for saving a fine-tune.
+    /// `diffusers`: each component's tensors as `<component folder>.<diffusers key>` (`unet.`,
+    /// `vae.`, `text_encoder.`...), for writing a diffusers folder.
     #[sabi(last_prefix_field)]
     fn export(&self, layout: RStr<'_>) -> RResult<RVec<NamedTensor>, RString>;
 }

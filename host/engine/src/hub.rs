@@ -370,6 +370,29 @@ mod tests {
         .map(String::from)
         .to_vec();
         let got = pipeline_files(repo.into_iter(), &named);
+        assert_eq!(
+            got,
+            [
+                "model_index.json",
+                "scheduler/scheduler_config.json",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "text_encoder_2/config.json",
+                "text_encoder_2/model.fp16.safetensors",
+                "tokenizer/merges.txt",
+                "tokenizer/special_tokens_map.json",
+                "tokenizer/tokenizer_config.json",
+                "tokenizer/vocab.json",
+                "transformer/config.json",
+                "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+                "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+                "transformer/diffusion_pytorch_model.safetensors.index.json",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.bin",
+            ]
+        );
         // SDXL's repo: a second VAE and exporters' folders beside the components.
         let sdxl = [
             "model_index.json",

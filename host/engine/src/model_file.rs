@@ -1,8 +1,9 @@
 //! A model written as one safetensors file in its original single-file layout, as its
 //! architecture plugin names it (`ldm` for SD, `bfl` for Flux's transformer): a fine-tune's
-//! output and `ferrite lora merge`'s.
+//! output and `ferrite lora merge`'s; and the pieces of a diffusers folder (`ferrite convert`'s,
+//! a fine-tune's).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ferrite_plugin_api::{DType, ModelInfo, Tensor, plugin::ArchitectureHandle};
 
@@ -33,4 +34,75 @@ pub fn write_single_file(
     }
     ferrite_plugin_api::save_safetensors(&out.to_string_lossy(), &named, &meta)
         .map_err(|e| format!("{}: {e}", out.display()))
+}
+
+/// A weights file, or the index of a part's shards (`….safetensors.index.json`, the `.fp16`
+/// variant's `….safetensors.index.fp16.json`; diffusers' `.bin` files and their indexes).
+fn is_weights(p: &Path) -> bool {
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    name.ends_with(".safetensors")
+        || (name.contains(".safetensors.index") && name.ends_with(".json"))
+        || ((name.starts_with("diffusion_pytorch_model") || name.starts_with("pytorch_model"))
+            && (name.ends_with(".bin") || name.ends_with(".bin.index.json")))
+}
+
+/// Copies a model folder without the weight files in the folders `replaced` (the parts whose
+/// tensors are written anew), each file synced (on disk before the folder is renamed into
+/// place as complete).
+pub fn copy_except_weights(from: &Path, to: &Path, replaced: &[PathBuf]) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let p = e?.path();
+        let dest = to.join(p.file_name().unwrap_or_default());
+        if p.is_dir() {
+            copy_except_weights(&p, &dest, replaced)?;
+        } else if !(replaced.iter().any(|r| r == from) && is_weights(&p)) {
+            std::fs::copy(&p, &dest)?;
+            std::fs::File::open(&dest)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// The files of a diffusers folder `arch` is written as: its tensors in the `diffusers` export
+/// layout, grouped by component (`unet.…` → `unet/diffusion_pytorch_model.safetensors`, as
+/// `info`'s parts name them; the VAE's as diffusers does), each cast to `dtype`.
+pub fn write_diffusers_weights(
+    arch: &ArchitectureHandle,
+    info: &ModelInfo,
+    folder: &Path,
+    dtype: DType,
+) -> Result<Vec<PathBuf>, String> {
+    let all = arch.export("diffusers").map_err(|e| e.to_string())?;
+    let file_of = |component: &str| -> Option<String> {
+        if component == "vae" {
+            return Some("vae/diffusion_pytorch_model.safetensors".into());
+        }
+        info.parts
+            .iter()
+            .find(|p| p.id == component)
+            .and_then(|p| p.diffusers_file.clone())
+    };
+    let mut groups: std::collections::BTreeMap<String, Vec<(String, Tensor)>> = Default::default();
+    for (name, t) in all {
+        let Some((component, key)) = name.split_once('.') else {
+            return Err(format!("exported tensor `{name}` names no component"));
+        };
+        let file = file_of(component)
+            .ok_or_else(|| format!("no diffusers file for the model's `{component}`"))?;
+        let t = t.cast(dtype).map_err(|e| e.to_string())?;
+        groups.entry(file).or_default().push((key.to_string(), t));
+    }
+    let mut written = Vec::new();
+    for (file, tensors) in groups {
+        let path = folder.join(&file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        ferrite_plugin_api::save_safetensors(&path.to_string_lossy(), &named, &[])
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
 }

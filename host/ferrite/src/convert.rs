@@ -68,11 +68,12 @@ pub fn run(settings: &Settings, a: ConvertArgs) -> Result<()> {
             a.output.display()
         );
     }
-    if a.output_format == OutputFormat::Diffusers && !input.is_dir() {
+    let config = a.input_config.as_deref();
+    if a.output_format == OutputFormat::Diffusers && !input.is_dir() && config.is_none() {
         bail!(
-            "--input {}: a single file is not written as a diffusers folder yet (the family \
-             plugins do not export their VAE and configs); convert from a diffusers folder, or \
-             write --output-format single-file",
+            "--input {}: a single file written as a diffusers folder needs --input-config, a \
+             diffusers folder of the same model family whose configs, tokenizers and scheduler \
+             the folder takes",
             a.input.display()
         );
     }
@@ -92,9 +93,35 @@ pub fn run(settings: &Settings, a: ConvertArgs) -> Result<()> {
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("--output {}", a.output.display()))?;
         }
-        OutputFormat::Diffusers => {
+        // A folder: its files, each in the dtype (nothing goes through the model's code).
+        OutputFormat::Diffusers if input.is_dir() => {
             drop(handle);
             copy_folder(&input, &a.output, dtype)?;
+        }
+        // A file: the config folder's configs and tokenizers, and the model's tensors as the
+        // plugin names them in diffusers' layout.
+        OutputFormat::Diffusers => {
+            let info = ModelInfo::from_json(&handle.model_info()?).map_err(anyhow::Error::msg)?;
+            let config = config.expect("checked above");
+            building(&a.output, |tmp| {
+                let replaced: Vec<PathBuf> = std::fs::read_dir(config)?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_dir())
+                    .collect();
+                let written =
+                    ferrite::model_file::write_diffusers_weights(&handle, &info, tmp, dtype)
+                        .map_err(anyhow::Error::msg)?;
+                // The config folder's own weights are the model's now, wherever it wrote some.
+                let replaced: Vec<PathBuf> = replaced
+                    .into_iter()
+                    .filter(|d| {
+                        written
+                            .iter()
+                            .any(|w| w.parent().and_then(|p| p.file_name()) == d.file_name())
+                    })
+                    .collect();
+                copy_except_weights_into(config, tmp, &replaced)
+            })?;
         }
     }
     println!(
@@ -118,24 +145,56 @@ fn safetensors_name(bin: &str) -> Option<&'static str> {
     }
 }
 
-/// `from` (a diffusers folder) as `to`: every weights file rewritten in `dtype` (a component's
-/// `.bin` as its `.safetensors`), everything else copied. Built under a temporary name beside
-/// `to`, then renamed into place.
-fn copy_folder(from: &Path, to: &Path, dtype: DType) -> Result<()> {
+/// Builds a folder as `.tmp-<name>` beside `to` with `fill`, syncs it, and renames it into
+/// place; on failure only the temporary folder (ours) is removed.
+fn building(to: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = to.file_name().unwrap_or_default().to_string_lossy();
     let tmp = to.with_file_name(format!(".tmp-{name}"));
     if tmp.exists() {
         bail!("{} is in the way: move it away", tmp.display());
     }
     let result = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp)?;
+        fill(&tmp)?;
+        sync_dirs(&tmp)?;
+        std::fs::rename(&tmp, to)?;
+        if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.with_context(|| format!("--output {}", to.display()))
+}
+
+/// `dir` and every folder in it synced (their entries on disk before the rename).
+fn sync_dirs(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            sync_dirs(&p)?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn copy_except_weights_into(from: &Path, to: &Path, replaced: &[PathBuf]) -> Result<()> {
+    ferrite::model_file::copy_except_weights(from, to, replaced)
+        .with_context(|| format!("copying {}", from.display()))
+}
+
+/// `from` (a diffusers folder) as `to`: every weights file rewritten in `dtype` (a component's
+/// `.bin` as its `.safetensors`), everything else copied.
+fn copy_folder(from: &Path, to: &Path, dtype: DType) -> Result<()> {
+    building(to, |tmp| {
         let mut dirs = vec![PathBuf::new()];
-        let mut synced = Vec::new();
         while let Some(rel) = dirs.pop() {
             std::fs::create_dir_all(tmp.join(&rel))?;
-            synced.push(tmp.join(&rel));
-            for e in std::fs::read_dir(from.join(&rel))
-                .with_context(|| from.join(&rel).display().to_string())?
-            {
+            let here = from.join(&rel);
+            for e in std::fs::read_dir(&here).with_context(|| here.display().to_string())? {
                 let e = e?;
                 let (src, file) = (e.path(), e.file_name().to_string_lossy().into_owned());
                 if src.is_dir() {
@@ -164,20 +223,8 @@ fn copy_folder(from: &Path, to: &Path, dtype: DType) -> Result<()> {
                 }
             }
         }
-        // The folders' entries, then the rename, made durable.
-        for d in &synced {
-            std::fs::File::open(d)?.sync_all()?;
-        }
-        std::fs::rename(&tmp, to)?;
-        if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::File::open(parent)?.sync_all()?;
-        }
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result.with_context(|| format!("--output {}", to.display()))
+    })
 }
 
 /// One weights file in `dtype` (floating-point tensors; integer ones as they are).

@@ -71,6 +71,17 @@ pub fn vae_export(w: &Weights, levels: usize) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
+/// The VAE's tensors in diffusers' keys under `vae.` (the `diffusers` export layout), as loaded.
+pub fn vae_diffusers(w: &Weights) -> Result<Vec<(String, Tensor)>> {
+    w.infos()
+        .iter()
+        .map(|i| {
+            let t = w.get(&i.key, ferrite_plugin_api::DType::F32)?;
+            Ok((format!("vae.{}", i.key), t))
+        })
+        .collect()
+}
+
 /// The view of the tensors under `prefix`, renamed by `rename` (None drops a tensor).
 fn renamed(
     w: &Weights,

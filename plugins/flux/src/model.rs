@@ -30,6 +30,8 @@ pub struct Flux {
     t5: T5EncoderModel,
     transformer: FluxTransformer2DModel,
     vae: AutoencoderKL,
+    /// The VAE's weights as loaded (diffusers' keys), for the `diffusers` export.
+    vae_weights: Weights,
     scheduler: serde_json::Value,
     /// Every transformer and text-encoder tensor, under its part's prefix.
     parameters: Vec<(String, Tensor)>,
@@ -168,6 +170,7 @@ impl Flux {
             t5: t5_model,
             transformer,
             vae: AutoencoderKL::load(&vae, "", &vae_config, dtype)?,
+            vae_weights: vae,
             scheduler,
             parameters: [tr.tensors(), te.tensors(), t5.tensors()].concat(),
             adaptable_layers,
@@ -271,8 +274,14 @@ impl Architecture for Flux {
     /// ComfyUI and Forge load beside their own text encoder and VAE files; OneTrainer's
     /// single-file Flux output).
     fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
+        if layout == "diffusers" {
+            // The parameters are named so already.
+            let mut out = self.parameters.clone();
+            out.extend(ldm::vae_diffusers(&self.vae_weights)?);
+            return Ok(out);
+        }
         if layout != "bfl" {
-            bail!("flux writes the `bfl` layout only, not `{layout}`");
+            bail!("flux writes the `bfl` and `diffusers` layouts only, not `{layout}`");
         }
         let transformer: Vec<(String, Tensor)> = self
             .parameters

@@ -375,8 +375,16 @@ impl Architecture for Sd15 {
     /// encoder is written in OpenCLIP's layout with the blocks SD 2 uses (not the unused 24th
     /// block nor the text projection, which diffusers' folders do not have either).
     fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
+        if layout == "diffusers" {
+            // The parameters are named so already.
+            let mut out = self.parameters.clone();
+            if let Some((w, _)) = &self.vae_weights {
+                out.extend(ldm::vae_diffusers(w)?);
+            }
+            return Ok(out);
+        }
         if layout != "ldm" {
-            bail!("sd15 writes the `ldm` layout only, not `{layout}`");
+            bail!("sd15 writes the `ldm` and `diffusers` layouts only, not `{layout}`");
         }
         let mut out = Vec::new();
         let mut te = Vec::new();

@@ -403,8 +403,14 @@ impl Architecture for Sdxl {
     /// A1111/Forge and ComfyUI load: the UNet and text encoders as they are now, the VAE as
     /// loaded.
     fn export(&self, layout: &str) -> Result<Vec<(String, Tensor)>> {
+        if layout == "diffusers" {
+            // The parameters are named so already.
+            let mut out = self.parameters.clone();
+            out.extend(ldm::vae_diffusers(&self.vae_weights)?);
+            return Ok(out);
+        }
         if layout != "ldm" {
-            bail!("sdxl writes the `ldm` layout only, not `{layout}`");
+            bail!("sdxl writes the `ldm` and `diffusers` layouts only, not `{layout}`");
         }
         let mut out = Vec::new();
         let mut te2 = Vec::new();

@@ -77,34 +77,6 @@ pub(super) fn destination_problem(
     None
 }
 
-/// A weight file, or the index of a part's shards (`….safetensors.index.json`, the `.fp16`
-/// variant's `….safetensors.index.fp16.json`).
-fn is_weights(p: &Path) -> bool {
-    let name = p.file_name().unwrap_or_default().to_string_lossy();
-    name.ends_with(".safetensors")
-        || (name.contains(".safetensors.index") && name.ends_with(".json"))
-}
-
-/// Copies a model folder without the weight files in the folders `replaced` (the parts whose
-/// tensors are written anew; the VAE's stay).
-fn copy_except_weights(from: &Path, to: &Path, replaced: &[PathBuf]) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(err)?;
-    for e in std::fs::read_dir(from).map_err(err)? {
-        let p = e.map_err(err)?.path();
-        let dest = to.join(p.file_name().unwrap_or_default());
-        if p.is_dir() {
-            copy_except_weights(&p, &dest, replaced)?;
-        } else if !(replaced.iter().any(|r| r == from) && is_weights(&p)) {
-            std::fs::copy(&p, &dest).map_err(err)?;
-            // On disk before the folder is renamed into place as complete.
-            std::fs::File::open(&dest)
-                .and_then(|f| f.sync_all())
-                .map_err(err)?;
-        }
-    }
-    Ok(())
-}
-
 impl Trainer {
     /// Refuses an output the model cannot be written as (checked before training starts).
     pub(super) fn check_output_format(&self) -> Result<()> {
@@ -397,7 +369,7 @@ impl Trainer {
             .iter()
             .filter_map(|(_, f)| Some(base.join(f).parent()?.to_path_buf()))
             .collect();
-        copy_except_weights(&base, &tmp, &replaced)?;
+        crate::model_file::copy_except_weights(&base, &tmp, &replaced).map_err(err)?;
         let all = self.arch.parameters().map_err(err)?;
         for (prefix, file) in &files {
             // One part at a time in the output dtype, so only its copies exist at once.
