@@ -51,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         plugin_dirs: vec![ferrite_tests::profile_dir()],
         settings_path: Some(root.join("settings.toml")),
         config: Some(path),
+        ferrite_bin: Some(ferrite_tests::ferrite_bin()),
     });
     let mut h = Harness::builder()
         .with_size([1280.0, 900.0])

@@ -290,7 +290,11 @@ fn a_folder_round_trips_through_one_file_per_family() {
             for i in wa.infos() {
                 let same = wb.infos().iter().find(|j| plain(&j.key) == plain(&i.key));
                 let x = wa.get(&i.key, DType::F32).unwrap().to_vec().unwrap();
-                let y = wb.get(&same.unwrap().key, DType::F32).unwrap().to_vec().unwrap();
+                let y = wb
+                    .get(&same.unwrap().key, DType::F32)
+                    .unwrap()
+                    .to_vec()
+                    .unwrap();
                 assert!(x == y, "{arch} {f} {}", i.key);
             }
         }

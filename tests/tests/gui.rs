@@ -22,6 +22,7 @@ fn app(dir: &Path) -> Harness<'static, App> {
         plugin_dirs: vec![ferrite_tests::profile_dir()],
         settings_path: Some(dir.join("settings.toml")),
         config: None,
+        ferrite_bin: Some(ferrite_tests::ferrite_bin()),
     });
     Harness::builder()
         .with_size([1280.0, 900.0])
@@ -331,7 +332,7 @@ fn the_embedding_tab_edits_the_embeddings() {
 }
 
 #[test]
-fn the_tools_tab_imports_a_onetrainer_config_describes_a_lora_and_extracts_video_frames() {
+fn the_tools_tab_imports_a_config_describes_a_lora_and_extracts_video_frames() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let ot = root.join("ot");
@@ -398,4 +399,43 @@ fn the_tools_tab_imports_a_onetrainer_config_describes_a_lora_and_extracts_video
     });
     assert!(h.query_by_label_contains("2 frames written to").is_some());
     assert_eq!(std::fs::read_dir(&frames).unwrap().count(), 2);
+}
+
+#[test]
+fn the_tools_tab_runs_the_model_tools() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut h = app(root);
+    tab(&mut h, "Tools");
+    // The model tools run the CLI's commands: a model converted to one file.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let converted = root.join("converted.safetensors");
+    set_text(&mut h, "Model or checkpoint", &model.display().to_string());
+    set_text(&mut h, "Output", &converted.display().to_string());
+    h.get_by_role_and_label(Role::Button, "Run the tool")
+        .click_accesskit();
+    h.step();
+    wait_for(&mut h, "the conversion", |h| {
+        h.query_by_label("finished").is_some()
+            || h.query_by_label_contains("the command failed").is_some()
+    });
+    assert!(
+        h.query_by_label("finished").is_some(),
+        "the command succeeded"
+    );
+    assert!(
+        h.query_by_label_contains("written as one file").is_some(),
+        "its output shown"
+    );
+    assert!(converted.is_file());
+
+    // A failure shows the command's own message.
+    set_text(&mut h, "Output", &converted.display().to_string());
+    h.get_by_role_and_label(Role::Button, "Run the tool")
+        .click_accesskit();
+    h.step();
+    wait_for(&mut h, "the refusal", |h| {
+        h.query_by_label_contains("the command failed").is_some()
+    });
+    assert!(h.query_by_label_contains("exists already").is_some());
 }

@@ -330,6 +330,7 @@ fn gui(
         plugin_dirs: search_dirs(&settings),
         settings_path: Some(settings_path.to_path_buf()),
         config,
+        ferrite_bin: None,
     };
     ferrite::gui::run(options, screenshots, start).map_err(|e| {
         anyhow::anyhow!(

@@ -77,6 +77,9 @@ pub struct AppOptions {
     pub settings_path: Option<PathBuf>,
     /// A config to open.
     pub config: Option<PathBuf>,
+    /// The `ferrite` executable the Tools tab runs the CLI's tools with; None: this process's
+    /// own (the app is `ferrite gui`).
+    pub ferrite_bin: Option<PathBuf>,
 }
 
 pub struct App {
@@ -634,7 +637,17 @@ impl App {
             Tab::Embedding => embedding_tab(ui, &mut f, c),
             Tab::Tools => {
                 let dirs = &self.options.plugin_dirs;
-                if let Some((config, path)) = self.tools.show(ui, &base, dirs, &self.settings, c) {
+                let ferrite = self
+                    .options
+                    .ferrite_bin
+                    .clone()
+                    .or_else(|| std::env::current_exe().ok())
+                    .unwrap_or_else(|| PathBuf::from("ferrite"));
+                let file = self.config_path.clone();
+                let shown = self
+                    .tools
+                    .show(ui, &base, dirs, &self.settings, c, &file, &ferrite);
+                if let Some((config, path)) = shown {
                     self.use_imported(config, path);
                 }
             }

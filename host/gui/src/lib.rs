@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 // The engine's modules under the names the views use.
 use ferrite_engine::{
-    adapters, config, data, fsutil, plugins, runtime, sample, settings, train, video,
+    adapters, config, data, fsutil, hub, plugins, runtime, sample, settings, train, video,
 };
 
 pub use app::{App, AppOptions, Tab};

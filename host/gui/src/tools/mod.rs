@@ -2,6 +2,7 @@
 //! optionally with LoRAs, on a background thread), `ferrite init` (a starter project),
 //! `ferrite lora info`, `ferrite import-onetrainer` and `ferrite video`.
 
+mod commands;
 mod import;
 mod lora_info;
 mod video;
@@ -34,6 +35,7 @@ pub struct Tools {
     project_message: Option<String>,
     pub import: import::Import,
     lora_info: lora_info::LoraInfo,
+    commands: commands::Commands,
     video: video::Video,
 }
 
@@ -56,6 +58,7 @@ impl Default for Tools {
             project_message: None,
             import: Default::default(),
             lora_info: Default::default(),
+            commands: Default::default(),
             video: Default::default(),
         }
     }
@@ -64,6 +67,7 @@ impl Default for Tools {
 impl Tools {
     /// Shows the tools; an imported OneTrainer config comes back for the editor (with the path
     /// to save it to).
+    #[allow(clippy::too_many_arguments)]
     pub fn show(
         &mut self,
         ui: &mut Ui,
@@ -71,6 +75,8 @@ impl Tools {
         plugin_dirs: &[PathBuf],
         settings: &Settings,
         config: &TrainConfig,
+        config_file: &str,
+        ferrite: &Path,
     ) -> Option<(TrainConfig, PathBuf)> {
         ui.strong("Sample an image (ferrite sample)");
         if self.model.is_empty() {
@@ -170,6 +176,8 @@ impl Tools {
         }
         ui.separator();
         self.lora_info.show(ui, base);
+        ui.separator();
+        self.commands.show(ui, base, ferrite, config, config_file);
         ui.separator();
         let imported = self.import.show(ui, base);
         ui.separator();
