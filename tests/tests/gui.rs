@@ -372,6 +372,11 @@ fn the_tools_tab_imports_a_config_describes_a_lora_and_extracts_video_frames() {
         "the file is described"
     );
 
+    extract_frames(&mut h, root);
+}
+
+/// Frames from a two-second video (made here with ffmpeg) through the Tools tab's video tool.
+fn extract_frames(h: &mut Harness<'static, App>, root: &Path) {
     let video = root.join("v.mkv");
     let made = std::process::Command::new("ffmpeg")
         .args([
@@ -388,13 +393,13 @@ fn the_tools_tab_imports_a_config_describes_a_lora_and_extracts_video_frames() {
         .expect("ffmpeg must be installed for this test (.ci/run installs it)");
     assert!(made.success());
     let frames = root.join("frames");
-    set_text(&mut h, "Video file or folder", &video.display().to_string());
-    set_text(&mut h, "Output folder", &frames.display().to_string());
+    set_text(h, "Video file or folder", &video.display().to_string());
+    set_text(h, "Output folder", &frames.display().to_string());
     // (Not `click`: the spinner keeps the frame busy until the frames are written.)
     h.get_by_role_and_label(Role::Button, "Extract")
         .click_accesskit();
     h.step();
-    wait_for(&mut h, "the frames", |h| {
+    wait_for(h, "the frames", |h| {
         h.query_by_label_contains("frames written to").is_some()
     });
     assert!(h.query_by_label_contains("2 frames written to").is_some());
@@ -438,4 +443,27 @@ fn the_tools_tab_runs_the_model_tools() {
         h.query_by_label_contains("the command failed").is_some()
     });
     assert!(h.query_by_label_contains("exists already").is_some());
+    // A LoRA's keys in ComfyUI's layout.
+    h.get_by_label("Convert a LoRA's keys").click_accesskit();
+    h.run();
+    let lora =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/adapters/lora_kohya.safetensors");
+    let comfy = root.join("comfy.safetensors");
+    set_text(
+        &mut h,
+        "LoRA file (FILE or FILE:WEIGHT)",
+        &lora.display().to_string(),
+    );
+    set_text(&mut h, "Output", &comfy.display().to_string());
+    h.get_by_role_and_label(Role::Button, "Run the tool")
+        .click_accesskit();
+    h.step();
+    wait_for(&mut h, "the LoRA", |h| {
+        h.query_by_label("finished").is_some()
+            || h.query_by_label_contains("the command failed").is_some()
+    });
+    assert!(h.query_by_label("finished").is_some(), "the LoRA converted");
+    assert!(comfy.is_file());
+    // The sections after it still answer while its log grows.
+    extract_frames(&mut h, root);
 }

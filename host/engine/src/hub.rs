@@ -28,6 +28,11 @@ pub fn configure(access: Access) {
     let _ = ACCESS.set(access);
 }
 
+/// Whether downloading is off for this process (`--offline`, `HF_HUB_OFFLINE`).
+pub fn offline() -> bool {
+    access().offline
+}
+
 fn access() -> Access {
     let mut a = ACCESS.get().cloned().unwrap_or_default();
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());

@@ -1,7 +1,7 @@
 //! A model written as one safetensors file in its original single-file layout, as its
 //! architecture plugin names it (`ldm` for SD, `bfl` for Flux's transformer): a fine-tune's
-//! output and `ferrite lora merge`'s; and the pieces of a diffusers folder (`ferrite convert`'s,
-//! a fine-tune's).
+//! output and `ferrite lora merge`'s; and the pieces of a diffusers folder (`ferrite convert`'s;
+//! the fine-tune's folder copies its base with `copy_except_weights` too).
 
 use std::path::{Path, PathBuf};
 
@@ -50,15 +50,21 @@ fn is_weights(p: &Path) -> bool {
 /// tensors are written anew), each file synced (on disk before the folder is renamed into
 /// place as complete).
 pub fn copy_except_weights(from: &Path, to: &Path, replaced: &[PathBuf]) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let p = e?.path();
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+    };
+    std::fs::create_dir_all(to).map_err(at(to))?;
+    for e in std::fs::read_dir(from).map_err(at(from))? {
+        let p = e.map_err(at(from))?.path();
         let dest = to.join(p.file_name().unwrap_or_default());
         if p.is_dir() {
             copy_except_weights(&p, &dest, replaced)?;
         } else if !(replaced.iter().any(|r| r == from) && is_weights(&p)) {
-            std::fs::copy(&p, &dest)?;
-            std::fs::File::open(&dest)?.sync_all()?;
+            std::fs::copy(&p, &dest).map_err(at(&p))?;
+            std::fs::File::open(&dest)
+                .and_then(|f| f.sync_all())
+                .map_err(at(&dest))?;
         }
     }
     Ok(())
@@ -90,11 +96,15 @@ pub fn write_diffusers_weights(
         };
         let file = file_of(component)
             .ok_or_else(|| format!("no diffusers file for the model's `{component}`"))?;
-        let t = t.cast(dtype).map_err(|e| e.to_string())?;
         groups.entry(file).or_default().push((key.to_string(), t));
     }
     let mut written = Vec::new();
     for (file, tensors) in groups {
+        // One component at a time in the output dtype, so only its copies exist at once.
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.cast(dtype).map_err(|e| e.to_string())?)))
+            .collect::<Result<Vec<_>, String>>()?;
         let path = folder.join(&file);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;

@@ -62,11 +62,19 @@ pub fn run(settings: &Settings, a: ConvertArgs) -> Result<()> {
     let name = a.input.to_string_lossy();
     let input = ferrite::hub::fetched_model_path(Path::new(""), &name)?;
     let inside = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    if a.output_format == OutputFormat::Diffusers && inside(&a.output).starts_with(inside(&input)) {
-        bail!(
-            "--output {} is inside --input: write it elsewhere",
-            a.output.display()
-        );
+    for (flag, dir) in [
+        ("--input", Some(input.as_path())),
+        ("--input-config", a.input_config.as_deref()),
+    ] {
+        if let Some(dir) = dir
+            && a.output_format == OutputFormat::Diffusers
+            && inside(&a.output).starts_with(inside(dir))
+        {
+            bail!(
+                "--output {} is inside {flag}: write it elsewhere",
+                a.output.display()
+            );
+        }
     }
     let config = a.input_config.as_deref();
     if a.output_format == OutputFormat::Diffusers && !input.is_dir() && config.is_none() {

@@ -637,12 +637,22 @@ impl App {
             Tab::Embedding => embedding_tab(ui, &mut f, c),
             Tab::Tools => {
                 let dirs = &self.options.plugin_dirs;
-                let ferrite = self
-                    .options
-                    .ferrite_bin
-                    .clone()
-                    .or_else(|| std::env::current_exe().ok())
-                    .unwrap_or_else(|| PathBuf::from("ferrite"));
+                // The CLI as this app runs: its settings file, and never online when it is not.
+                let mut ferrite = vec![
+                    self.options
+                        .ferrite_bin
+                        .clone()
+                        .or_else(|| std::env::current_exe().ok())
+                        .unwrap_or_else(|| PathBuf::from("ferrite"))
+                        .to_string_lossy()
+                        .into_owned(),
+                ];
+                if let Some(s) = &self.options.settings_path {
+                    ferrite.extend(["--settings".into(), s.to_string_lossy().into_owned()]);
+                }
+                if crate::hub::offline() {
+                    ferrite.push("--offline".into());
+                }
                 let file = self.config_path.clone();
                 let shown = self
                     .tools

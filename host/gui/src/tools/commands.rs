@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::{Receiver, TryRecvError, channel};
 
 use eframe::egui::{self, Ui};
 
@@ -54,6 +54,8 @@ pub struct Commands {
     running: Option<Receiver<Message>>,
     lines: Vec<String>,
     done: Option<Result<(), String>>,
+    /// The model fields were filled from the config once.
+    filled: bool,
 }
 
 impl Default for Commands {
@@ -69,18 +71,19 @@ impl Default for Commands {
             running: None,
             lines: Vec::new(),
             done: None,
+            filled: false,
         }
     }
 }
 
 impl Commands {
-    /// `ferrite` is the executable the commands run as; `config_file` the saved config the loss
-    /// report reads.
+    /// `ferrite` is the command the tools run as (with the app's settings file and offline
+    /// choice before its arguments); `config_file` the saved config the loss report reads.
     pub fn show(
         &mut self,
         ui: &mut Ui,
         base: &Path,
-        ferrite: &Path,
+        ferrite: &[String],
         config: &TrainConfig,
         config_file: &str,
     ) {
@@ -96,8 +99,10 @@ impl Commands {
                 }
             }
         });
-        if self.model.is_empty() {
+        if !self.filled {
+            self.filled = true;
             self.model = config.base_model_name.clone();
+            self.model_config = config.base_model_config.clone();
         }
         egui::Grid::new("model tools")
             .num_columns(2)
@@ -164,19 +169,28 @@ impl Commands {
                 text(ui, "Output", &mut self.output);
             });
         let busy = self.running.is_some();
-        if ui
-            .add_enabled(!busy, egui::Button::new("Run the tool"))
-            .clicked()
-        {
+        let missing = self.missing(config_file);
+        let run = ui
+            .add_enabled(
+                !busy && missing.is_none(),
+                egui::Button::new("Run the tool"),
+            )
+            .on_disabled_hover_text(missing.unwrap_or("running"));
+        if run.clicked() {
             let args = self.args(base, &config.model_type, config_file);
             self.start(ui.ctx(), ferrite, args);
         }
-        while let Some(m) = self.running.as_ref().and_then(|rx| rx.try_recv().ok()) {
-            match m {
-                Message::Line(l) => self.lines.push(l),
-                Message::Done(r) => {
+        while let Some(rx) = &self.running {
+            match rx.try_recv() {
+                Ok(Message::Line(l)) => self.lines.push(l),
+                Ok(Message::Done(r)) => {
                     self.running = None;
                     self.done = Some(r);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.running = None;
+                    self.done = Some(Err("the tool's thread ended without a result".into()));
                 }
             }
         }
@@ -203,15 +217,29 @@ impl Commands {
         }
     }
 
+    /// What the chosen tool still needs typed in.
+    fn missing(&self, config_file: &str) -> Option<&'static str> {
+        let empty = |s: &str| s.trim().is_empty();
+        match self.tool {
+            Tool::LossReport if empty(config_file) => Some("save the config first"),
+            Tool::LossReport => None,
+            _ if empty(&self.model) => Some("give a model"),
+            Tool::LoraConvert | Tool::LoraMerge if empty(&self.lora) => Some("give a LoRA file"),
+            _ if empty(&self.output) => Some("give an output"),
+            _ => None,
+        }
+    }
+
     /// The command line of the chosen tool (paths made absolute against the config's folder).
     fn args(&self, base: &Path, model_type: &str, config_file: &str) -> Vec<String> {
         let path = |s: &str| TrainConfig::path(base, s).to_string_lossy().into_owned();
         let model = || {
-            // A Hugging Face id is no path.
-            if is_repo_id(&self.model) {
+            // A Hugging Face id is no path (unless the config's folder holds one of that name).
+            let as_path = TrainConfig::path(base, &self.model);
+            if crate::hub::is_repo_id(&self.model) && !as_path.exists() {
                 self.model.clone()
             } else {
-                path(&self.model)
+                as_path.to_string_lossy().into_owned()
             }
         };
         let mut a: Vec<String> = match self.tool {
@@ -241,12 +269,9 @@ impl Commands {
                 "merge".into(),
                 "--model".into(),
                 model(),
+                // FILE[:WEIGHT]: the command splits off a weight.
                 "--lora".into(),
-                // FILE[:WEIGHT]: the weight stays as typed.
-                match self.lora.rsplit_once(':') {
-                    Some((f, w)) if w.parse::<f64>().is_ok() => format!("{}:{w}", path(f)),
-                    _ => path(&self.lora),
-                },
+                path(&self.lora),
                 "--dtype".into(),
                 self.dtype.clone(),
             ],
@@ -274,14 +299,15 @@ impl Commands {
         a
     }
 
-    fn start(&mut self, ctx: &egui::Context, ferrite: &Path, args: Vec<String>) {
+    fn start(&mut self, ctx: &egui::Context, ferrite: &[String], args: Vec<String>) {
         let (tx, rx) = channel();
         self.running = Some(rx);
         self.done = None;
         self.lines = vec![format!("$ ferrite {}", args.join(" "))];
-        let (ferrite, ctx) = (ferrite.to_path_buf(), ctx.clone());
+        let (ferrite, ctx) = (ferrite.to_vec(), ctx.clone());
         std::thread::spawn(move || {
-            let child = Command::new(&ferrite)
+            let child = Command::new(&ferrite[0])
+                .args(&ferrite[1..])
                 .args(&args)
                 // Its progress lines rewrite themselves with `\r`: read as they end.
                 .stdout(Stdio::piped())
@@ -290,7 +316,7 @@ impl Commands {
             let mut child = match child {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = tx.send(Message::Done(Err(format!("{}: {e}", ferrite.display()))));
+                    let _ = tx.send(Message::Done(Err(format!("{}: {e}", ferrite[0]))));
                     ctx.request_repaint();
                     return;
                 }
@@ -333,9 +359,4 @@ impl Commands {
             ctx.request_repaint();
         });
     }
-}
-
-/// A Hugging Face repo id, not a path (ids are passed as they are).
-fn is_repo_id(name: &str) -> bool {
-    !Path::new(name).exists() && crate::hub::is_repo_id(name)
 }

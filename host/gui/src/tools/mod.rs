@@ -76,7 +76,7 @@ impl Tools {
         settings: &Settings,
         config: &TrainConfig,
         config_file: &str,
-        ferrite: &Path,
+        ferrite: &[String],
     ) -> Option<(TrainConfig, PathBuf)> {
         ui.strong("Sample an image (ferrite sample)");
         if self.model.is_empty() {
@@ -175,13 +175,17 @@ impl Tools {
             ui.label(m);
         }
         ui.separator();
-        self.lora_info.show(ui, base);
+        // Each section's widgets get ids of their own, so output growing in one (the model
+        // tools' log) does not move the ids of the widgets after it between frames.
+        ui.push_id("lora info", |ui| self.lora_info.show(ui, base));
         ui.separator();
-        self.commands.show(ui, base, ferrite, config, config_file);
+        ui.push_id("model tools", |ui| {
+            self.commands.show(ui, base, ferrite, config, config_file)
+        });
         ui.separator();
-        let imported = self.import.show(ui, base);
+        let imported = ui.push_id("import", |ui| self.import.show(ui, base)).inner;
         ui.separator();
-        self.video.show(ui, base);
+        ui.push_id("video", |ui| self.video.show(ui, base));
         imported
     }
 
