@@ -44,6 +44,9 @@ pub enum VideoError {
 
 type Result<T> = std::result::Result<T, VideoError>;
 
+/// A video and the folder its outputs go to.
+pub type Job = (PathBuf, PathBuf);
+
 /// Which frames to keep.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Every {
@@ -136,7 +139,7 @@ pub fn check_ffmpeg() -> Result<()> {
 
 /// The videos under `input` (itself when it is a file), in a stable order, each with the folder
 /// its outputs go to: the output folder, or its mirror of the video's subfolder.
-pub fn find_videos(input: &Path, output: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+pub fn find_videos(input: &Path, output: &Path) -> Result<Vec<Job>> {
     if input.is_file() {
         return Ok(vec![(input.to_path_buf(), output.to_path_buf())]);
     }
@@ -203,6 +206,18 @@ fn check_every(every: Every) -> Result<()> {
     }
 }
 
+/// A run's start: ffmpeg there, the videos with their output folders, whether `input` is one
+/// video (then an unreadable one is an error, not a skip), and an empty report.
+fn begin(input: &Path, output: &Path) -> Result<(Vec<Job>, bool, Report)> {
+    check_ffmpeg()?;
+    let videos = find_videos(input, output)?;
+    let report = Report {
+        videos: videos.len(),
+        ..Report::default()
+    };
+    Ok((videos, input.is_file(), report))
+}
+
 /// Still frames from every video under `input`, as `<stem>-00001.png`, … in `output` (or its
 /// mirror of the video's subfolder). A video in a folder that ffmpeg cannot read is reported and
 /// skipped; a single unreadable video is an error.
@@ -213,13 +228,7 @@ pub fn extract_frames(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Report> {
     check_every(options.every)?;
-    check_ffmpeg()?;
-    let videos = find_videos(input, output)?;
-    let single = input.is_file();
-    let mut report = Report {
-        videos: videos.len(),
-        ..Report::default()
-    };
+    let (videos, single, mut report) = begin(input, output)?;
     for (index, (video, dir)) in videos.iter().enumerate() {
         let before = report.written.len();
         let got = frames_of(video, dir, options, &mut report, &mut |written| {
@@ -423,13 +432,7 @@ pub fn extract_clips(
             "--clip-seconds must be a positive number of seconds, not {clip_seconds}"
         )));
     }
-    check_ffmpeg()?;
-    let videos = find_videos(input, output)?;
-    let single = input.is_file();
-    let mut report = Report {
-        videos: videos.len(),
-        ..Report::default()
-    };
+    let (videos, single, mut report) = begin(input, output)?;
     for (index, (video, dir)) in videos.iter().enumerate() {
         match clips_of(video, dir, clip_seconds) {
             Ok(paths) => {

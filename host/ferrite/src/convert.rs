@@ -128,7 +128,8 @@ pub fn run(settings: &Settings, a: ConvertArgs) -> Result<()> {
                             .any(|w| w.parent().and_then(|p| p.file_name()) == d.file_name())
                     })
                     .collect();
-                copy_except_weights_into(config, tmp, &replaced)
+                ferrite::model_file::copy_except_weights(config, tmp, &replaced)?;
+                Ok(())
             })?;
         }
     }
@@ -187,11 +188,6 @@ fn sync_dirs(dir: &Path) -> Result<()> {
     }
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
-}
-
-fn copy_except_weights_into(from: &Path, to: &Path, replaced: &[PathBuf]) -> Result<()> {
-    ferrite::model_file::copy_except_weights(from, to, replaced)
-        .with_context(|| format!("copying {}", from.display()))
 }
 
 /// `from` (a diffusers folder) as `to`: every weights file rewritten in `dtype` (a component's

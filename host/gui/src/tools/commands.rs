@@ -211,7 +211,7 @@ impl Commands {
                 ui.label("finished");
             }
             Some(Err(e)) => {
-                ui.colored_label(egui::Color32::from_rgb(230, 90, 70), e);
+                super::show_error(ui, e);
             }
             None => {}
         }

@@ -85,22 +85,7 @@ impl Import {
         if ui.button("Import into the editor").clicked() {
             imported = self.run(base);
         }
-        match &self.result {
-            Some(Ok(lines)) => {
-                egui::ScrollArea::vertical()
-                    .id_salt("import report")
-                    .max_height(160.0)
-                    .show(ui, |ui| {
-                        for l in lines {
-                            ui.label(l);
-                        }
-                    });
-            }
-            Some(Err(e)) => {
-                ui.colored_label(egui::Color32::from_rgb(230, 90, 70), e);
-            }
-            None => {}
-        }
+        super::show_report(ui, "import report", &self.result);
         imported
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use eframe::egui::{self, Ui};
+use eframe::egui::Ui;
 
 use crate::adapters::describe::describe;
 use crate::config::TrainConfig;
@@ -36,21 +36,6 @@ impl LoraInfo {
                 );
             }
         });
-        match &self.result {
-            Some(Ok(lines)) => {
-                egui::ScrollArea::vertical()
-                    .id_salt("lora info")
-                    .max_height(140.0)
-                    .show(ui, |ui| {
-                        for l in lines {
-                            ui.label(l);
-                        }
-                    });
-            }
-            Some(Err(e)) => {
-                ui.colored_label(egui::Color32::from_rgb(230, 90, 70), e);
-            }
-            None => {}
-        }
+        super::show_report(ui, "lora info", &self.result);
     }
 }

@@ -39,6 +39,29 @@ pub struct Tools {
     video: video::Video,
 }
 
+/// A tool's error, in the app's error colour.
+fn show_error(ui: &mut Ui, e: &str) {
+    ui.colored_label(egui::Color32::from_rgb(230, 90, 70), e);
+}
+
+/// A tool's report (its lines, scrolled) or its error.
+fn show_report(ui: &mut Ui, id: &str, result: &Option<Result<Vec<String>, String>>) {
+    match result {
+        Some(Ok(lines)) => {
+            egui::ScrollArea::vertical()
+                .id_salt(id)
+                .max_height(160.0)
+                .show(ui, |ui| {
+                    for l in lines {
+                        ui.label(l);
+                    }
+                });
+        }
+        Some(Err(e)) => show_error(ui, e),
+        None => {}
+    }
+}
+
 impl Default for Tools {
     fn default() -> Self {
         Self {
@@ -154,7 +177,7 @@ impl Tools {
                 }
             }
             Some(Err(e)) => {
-                ui.colored_label(egui::Color32::from_rgb(230, 90, 70), e);
+                show_error(ui, e);
             }
             None => {}
         }

@@ -123,7 +123,7 @@ impl Video {
                 ui.label(s);
             }
             Some(Err(e)) => {
-                ui.colored_label(egui::Color32::from_rgb(230, 90, 70), e);
+                super::show_error(ui, e);
             }
             None => {}
         }
