@@ -9,6 +9,7 @@ pub mod family;
 pub mod host;
 pub mod nn;
 pub mod op;
+pub mod optim;
 pub mod plugin;
 pub mod tensor;
 

@@ -273,7 +273,7 @@ fn values_ferrite_cannot_hold_are_reported_and_the_toml_still_writes() {
         r#"{"__version": 11, "model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
             "epochs": 10000000000000000000, "batch_size": 4.0, "clip_grad_norm": null,
             "odd\u0001key\nhere": 1,
-            "optimizer": {"optimizer": "PRODIGY", "d_coef": 2.0},
+            "optimizer": {"optimizer": "ADOPT", "d_coef": 2.0},
             "vae": {"model_name": "stabilityai/sd-vae-ft-mse"},
             "concepts": [{"path": "/data", "name": "bad\u0007name"}],
             "samples": [{"prompt": "x", "seed": -9223372036854775808}]}"#,
@@ -299,7 +299,7 @@ fn values_ferrite_cannot_hold_are_reported_and_the_toml_still_writes() {
     assert_eq!(c.clip_grad_norm, 0.0, "null turns clipping off");
     assert_eq!(c.samples[0].seed, i64::MAX as u64);
     let problems = imported.problems.join("\n");
-    assert!(problems.contains("PRODIGY"), "{problems}");
+    assert!(problems.contains("ADOPT"), "{problems}");
     assert!(problems.contains("vae.model_name"), "{problems}");
     assert!(
         imported
@@ -313,6 +313,92 @@ fn values_ferrite_cannot_hold_are_reported_and_the_toml_still_writes() {
     let out = dir.path().join("c.toml");
     std::fs::write(&out, &text).unwrap();
     TrainConfig::load_unchecked(Some(&out), None, &[]).unwrap();
+}
+
+/// Each optimizer Ferrite has is imported with its options, and the file as Python writes it
+/// (Prodigy's infinite growth_rate as `Infinity`) reads: null and infinite values are left to the
+/// plugin's defaults (no limit, √beta2), and every imported table instantiates its plugin.
+#[test]
+fn onetrainers_optimizers_import_with_their_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("c.json");
+    let registry = {
+        ferrite::runtime::init("cpu").unwrap();
+        ferrite::plugins::Registry::discover(
+            &[ferrite_tests::profile_dir()],
+            &ferrite::settings::Settings::default(),
+        )
+    };
+    let cases = [
+        (
+            r#"{"optimizer": "PRODIGY", "beta1": 0.9, "beta2": 0.99, "beta3": null, "eps": 1e-8,
+                "weight_decay": 0.01, "decouple": true, "use_bias_correction": false,
+                "safeguard_warmup": true, "d0": 1e-6, "d_coef": 0.5, "growth_rate": Infinity,
+                "fsdp_in_use": false, "slice_p": 11}"#,
+            "optimizer = \"prodigy\"\nbeta1 = 0.9\nbeta2 = 0.99\neps = 1e-8\nweight_decay = 0.01\n\
+             decouple = true\nuse_bias_correction = false\nsafeguard_warmup = true\nd0 = 1e-6\n\
+             d_coef = 0.5\nslice_p = 11",
+        ),
+        (
+            r#"{"optimizer": "DADAPT_ADAM", "decouple": true, "growth_rate": 2.0, "log_every": 0}"#,
+            "optimizer = \"dadapt_adam\"\ndecouple = true\ngrowth_rate = 2.0",
+        ),
+        (
+            r#"{"optimizer": "ADAFACTOR", "eps": 1e-30, "eps2": 1e-3, "beta1": null,
+                "relative_step": true, "scale_parameter": true, "warmup_init": false,
+                "stochastic_rounding": true, "fused_back_pass": false}"#,
+            "optimizer = \"adafactor\"\neps = 1e-30\neps2 = 0.001\nscale_parameter = true\n\
+             relative_step = true\nwarmup_init = false",
+        ),
+        (
+            r#"{"optimizer": "LION", "beta1": 0.95, "beta2": 0.98, "weight_decay": 0.1, "use_triton": false}"#,
+            "optimizer = \"lion\"\nbeta1 = 0.95\nbeta2 = 0.98\nweight_decay = 0.1",
+        ),
+        (
+            r#"{"optimizer": "CAME", "beta3": 0.9999, "eps2": 1e-16, "weight_decay": 0.01}"#,
+            "optimizer = \"came\"\nbeta3 = 0.9999\neps2 = 1e-16\nweight_decay = 0.01",
+        ),
+        (
+            r#"{"optimizer": "AdEMAMix", "alpha": 5, "beta3": 0.9999}"#,
+            "optimizer = \"ademamix\"\nbeta3 = 0.9999\nalpha = 5",
+        ),
+        (
+            r#"{"optimizer": "RMSPROP", "alpha": 0.99, "centered": true, "momentum": 0.5}"#,
+            "optimizer = \"rmsprop\"\nalpha = 0.99\nmomentum = 0.5\ncentered = true",
+        ),
+        (
+            r#"{"optimizer": "ADAGRAD", "lr_decay": 0.1, "initial_accumulator_value": 0.5}"#,
+            "optimizer = \"adagrad\"\nlr_decay = 0.1\ninitial_accumulator_value = 0.5",
+        ),
+    ];
+    for (optimizer, want) in cases {
+        std::fs::write(
+            &json,
+            format!(
+                r#"{{"__version": 11, "model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
+                    "concepts": [{{"path": "/data"}}], "optimizer": {optimizer},
+                    "optimizer_defaults": {{"PRODIGY": {{"growth_rate": Infinity}}}}}}"#
+            ),
+        )
+        .unwrap();
+        let imported = import(&Sources {
+            config: json.clone(),
+            ..Sources::default()
+        })
+        .unwrap();
+        let c = &imported.config;
+        let want: toml::Table = toml::from_str(want).unwrap();
+        assert_eq!(c.optimizer, want, "{optimizer}");
+        assert!(
+            !imported.problems.iter().any(|p| p.contains("optimizer")),
+            "{:?}",
+            imported.problems
+        );
+        let (id, options) = c.optimizer_options();
+        registry
+            .optimizer(&id, &options.to_string())
+            .unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
 }
 
 #[test]

@@ -524,9 +524,19 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "optimizer",
         "optim_parity, train::adapter_options_are_checked_against_the_plugins_schema",
     ),
-    ("learning_rate_scheduler", "trainer lr_factor tests"),
-    ("learning_rate_warmup_steps", "trainer lr_factor tests"),
-    ("learning_rate_cycles", "trainer lr_factor tests"),
+    (
+        "learning_rate_scheduler",
+        "trainer::schedule unit tests, train::the_lr_schedule_reaches_the_optimizer",
+    ),
+    (
+        "learning_rate_warmup_steps",
+        "trainer::schedule unit tests, train::the_lr_schedule_reaches_the_optimizer",
+    ),
+    ("learning_rate_cycles", "trainer::schedule unit tests"),
+    (
+        "learning_rate_min_factor",
+        "trainer::schedule unit tests, train::the_lr_schedule_reaches_the_optimizer",
+    ),
     ("epochs", "every training test"),
     ("batch_size", "every training test"),
     ("gradient_accumulation_steps", "train tests"),

@@ -753,6 +753,54 @@ fn loader_threads_do_not_change_the_run() {
     }
 }
 
+/// The schedule's factor is what the optimizer steps with: a linear schedule floored at 1 trains
+/// exactly the constant run, the same schedule without the floor does not, and each step's
+/// reported rate is the learning rate times the schedule's factor (REX with warmup and a floor).
+#[test]
+fn the_lr_schedule_reaches_the_optimizer() {
+    use ferrite::config::LrScheduler;
+    let root = setup();
+    let root = root.path();
+    let train = |name: &str, s: LrScheduler, warmup: f64, min: f64| {
+        let mut c = config(root, name);
+        c.backup_after_unit = TimeUnit::Never;
+        c.learning_rate_scheduler = s;
+        c.learning_rate_warmup_steps = warmup;
+        c.learning_rate_min_factor = min;
+        let mut lrs = Vec::new();
+        let mut t = Trainer::new(c, root, registry()).unwrap();
+        t.run(|e| {
+            if let Event::Step { lr, .. } = e {
+                lrs.push(lr);
+            }
+        })
+        .unwrap();
+        let weights: Vec<(String, Vec<f32>)> = t
+            .trainable()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_vec().unwrap()))
+            .collect();
+        (lrs, weights)
+    };
+    let (constant_lrs, constant) = train("constant", LrScheduler::Constant, 0.0, 0.0);
+    let (_, floored) = train("floored", LrScheduler::Linear, 0.0, 1.0);
+    let (linear_lrs, linear) = train("linear", LrScheduler::Linear, 0.0, 0.0);
+    assert_eq!(constant_lrs.len(), 6);
+    assert_eq!(floored, constant, "a floor of 1 keeps the full rate");
+    assert_ne!(linear, constant, "the linear schedule changes the updates");
+    let want: Vec<f64> = (0..6).map(|s| 0.01 * (1.0 - s as f64 / 6.0)).collect();
+    for (got, want) in linear_lrs.iter().zip(&want) {
+        assert!((got - want).abs() < 1e-12, "{linear_lrs:?} != {want:?}");
+    }
+    // REX after 2 warmup steps over the 4 left, floored at 0.25.
+    let (rex_lrs, _) = train("rex", LrScheduler::Rex, 2.0, 0.25);
+    let rex = |p: f64| 0.25 + 0.75 * (1.0 - p) / (0.1 + 0.9 * (1.0 - p));
+    let want = [0.5, 1.0, rex(0.0), rex(0.25), rex(0.5), rex(0.75)];
+    for (got, want) in rex_lrs.iter().zip(want) {
+        assert!((got - 0.01 * want).abs() < 1e-12, "{rex_lrs:?}");
+    }
+}
+
 /// Reads the tensors of a saved file.
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     let w = ferrite_plugin_api::Weights::open(&path.to_string_lossy()).unwrap();

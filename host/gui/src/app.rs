@@ -801,6 +801,11 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             &mut c.learning_rate_warmup_steps,
         );
         f.num(ui, "learning_rate_cycles", &mut c.learning_rate_cycles);
+        f.num(
+            ui,
+            "learning_rate_min_factor",
+            &mut c.learning_rate_min_factor,
+        );
         f.num(ui, "epochs", &mut c.epochs);
         f.num(ui, "batch_size", &mut c.batch_size);
         f.num(

@@ -1,7 +1,9 @@
 //! Options a plugin describes with a JSON schema (here: the optimizer's), drawn from that
 //! schema: numbers, integers, booleans and strings (a choice when the schema lists an `enum`),
-//! each with the schema's description and default as its tooltip. Values go into the config's
-//! `[optimizer]` table; an option left at its default stays out of it.
+//! each with the schema's description and default as its tooltip; a number that may be null
+//! (`"type": ["number", "null"]`: Prodigy's beta3, Adafactor's beta1) has a box that sets it.
+//! Values go into the config's `[optimizer]` table; an option left at its default (or unset)
+//! stays out of it.
 
 use eframe::egui::{self, Ui};
 use serde_json::Value;
@@ -52,6 +54,22 @@ pub fn optimizer(
                 let label = ui.label(title(&key)).on_hover_text(&tip);
                 let current = table.get(name).cloned();
                 ui.horizontal(|ui| {
+                    let nullable = p["type"]
+                        .as_array()
+                        .is_some_and(|t| t.iter().any(|t| t == "null"));
+                    if nullable {
+                        let mut set = current.is_some();
+                        let toggled = ui
+                            .checkbox(&mut set, "")
+                            .on_hover_text("unset: the optimizer's own choice (see the tooltip)")
+                            .changed();
+                        if toggled && !set {
+                            table.remove(name);
+                        }
+                        if !set {
+                            return;
+                        }
+                    }
                     let new = edit(ui, f, &key, p, current.as_ref(), default, label.id, &tip);
                     match new {
                         Some(v) if serde_json::to_value(&v).ok().as_ref() == Some(default) => {
@@ -59,6 +77,14 @@ pub fn optimizer(
                         }
                         Some(v) => {
                             table.insert(name.clone(), v);
+                        }
+                        None if nullable && current.is_none() => {
+                            // Just set: the schema's example, else its lower bound.
+                            let start = p["examples"][0]
+                                .as_f64()
+                                .or(p["minimum"].as_f64())
+                                .unwrap_or(0.0);
+                            table.insert(name.clone(), toml::Value::Float(start));
                         }
                         None => {}
                     }

@@ -53,8 +53,14 @@ choices! {
     LrScheduler ("snake_case") {
         Constant,
         Linear,
+        /// Half a cosine from the full rate to the floor.
         Cosine,
+        /// `learning_rate_cycles` whole cosine periods: the rate falls and rises again.
         CosineWithRestarts,
+        /// `learning_rate_cycles` half-cosines, each jumping back to the full rate.
+        CosineWithHardRestarts,
+        /// REX (arXiv 2107.04197): stays high longer than linear, then drops.
+        Rex,
     }
 
     /// How training timesteps are drawn.

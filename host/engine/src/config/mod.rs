@@ -377,12 +377,15 @@ pub struct TrainConfig {
     /// The optimizer plugin id and its options (any other keys of this table).
     #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
     pub optimizer: toml::Table,
-    /// constant, linear, cosine, cosine_with_restarts.
+    /// constant, linear, cosine, cosine_with_restarts, cosine_with_hard_restarts, rex.
     pub learning_rate_scheduler: LrScheduler,
     /// Steps, or a fraction of all steps when at most 1.
     pub learning_rate_warmup_steps: f64,
-    /// cosine_with_restarts: how many cycles over the run.
+    /// The restart schedules: how many cycles over the run.
     pub learning_rate_cycles: f64,
+    /// The floor the decaying schedules fall to, as a fraction of the learning rate (0.1: the
+    /// last steps run at a tenth of it).
+    pub learning_rate_min_factor: f64,
     /// Passes over the data.
     pub epochs: usize,
     /// Images per step (one bucket per batch).
@@ -585,6 +588,7 @@ impl Default for TrainConfig {
             learning_rate_scheduler: LrScheduler::Constant,
             learning_rate_warmup_steps: 0.0,
             learning_rate_cycles: 1.0,
+            learning_rate_min_factor: 0.0,
             epochs: 100,
             batch_size: 1,
             gradient_accumulation_steps: 1,
@@ -894,6 +898,14 @@ impl TrainConfig {
             "gradient_accumulation_steps: must be at least 1",
         );
         check(self.epochs >= 1, "epochs: must be at least 1");
+        check(
+            (0.0..=1.0).contains(&self.learning_rate_min_factor),
+            "learning_rate_min_factor: must be in [0, 1]",
+        );
+        check(
+            self.learning_rate_cycles > 0.0 && self.learning_rate_warmup_steps >= 0.0,
+            "learning_rate_cycles, learning_rate_warmup_steps: need cycles above 0 and warmup 0 or more",
+        );
         check(
             self.clip_grad_norm >= 0.0,
             "clip_grad_norm: must be 0 (off) or more",

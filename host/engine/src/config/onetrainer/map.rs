@@ -156,6 +156,7 @@ pub fn train_config(
     );
     c.learning_rate_warmup_steps = o.f64("learning_rate_warmup_steps").unwrap_or(200.0);
     c.learning_rate_cycles = o.f64("learning_rate_cycles").unwrap_or(1.0);
+    c.learning_rate_min_factor = o.f64("learning_rate_min_factor").unwrap_or(0.0);
     c.epochs = o.usize("epochs").unwrap_or(100);
     c.batch_size = o.usize("batch_size").unwrap_or(1);
     c.gradient_accumulation_steps = o.usize("gradient_accumulation_steps").unwrap_or(1);
@@ -287,7 +288,6 @@ pub fn train_config(
             ("compile", json!(false)),
             ("text_caching", json!(true)),
             ("scheduler_params", json!([])),
-            ("learning_rate_min_factor", json!(0.0)),
             ("prefetch_next_batch", json!(true)),
             ("temp_device", json!("cpu")),
             ("enable_autocast_cache", json!(true)),
@@ -668,6 +668,72 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
             "sgd",
             &["momentum", "dampening", "nesterov", "weight_decay"],
         ),
+        "LION" | "LION_8BIT" => ("lion", &["beta1", "beta2", "weight_decay"]),
+        "RMSPROP" | "RMSPROP_8BIT" => (
+            "rmsprop",
+            &["alpha", "eps", "weight_decay", "momentum", "centered"],
+        ),
+        "ADAGRAD" | "ADAGRAD_8BIT" => (
+            "adagrad",
+            &[
+                "lr_decay",
+                "weight_decay",
+                "initial_accumulator_value",
+                "eps",
+            ],
+        ),
+        "PRODIGY" => (
+            "prodigy",
+            &[
+                "beta1",
+                "beta2",
+                "beta3",
+                "eps",
+                "weight_decay",
+                "decouple",
+                "use_bias_correction",
+                "safeguard_warmup",
+                "d0",
+                "d_coef",
+                "growth_rate",
+                "slice_p",
+            ],
+        ),
+        "DADAPT_ADAM" => (
+            "dadapt_adam",
+            &[
+                "beta1",
+                "beta2",
+                "eps",
+                "weight_decay",
+                "decouple",
+                "use_bias_correction",
+                "d0",
+                "growth_rate",
+            ],
+        ),
+        "ADAFACTOR" => (
+            "adafactor",
+            &[
+                "eps",
+                "eps2",
+                "clip_threshold",
+                "decay_rate",
+                "beta1",
+                "weight_decay",
+                "scale_parameter",
+                "relative_step",
+                "warmup_init",
+            ],
+        ),
+        "CAME" | "CAME_8BIT" => (
+            "came",
+            &["beta1", "beta2", "beta3", "eps", "eps2", "weight_decay"],
+        ),
+        "AdEMAMix" | "AdEMAMix_8BIT" => (
+            "ademamix",
+            &["beta1", "beta2", "beta3", "eps", "alpha", "weight_decay"],
+        ),
         other => {
             // Not guessed: adaptive optimizers want learning rates ~10⁴ times an AdamW one.
             report.problems.push(format!(
@@ -691,7 +757,11 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
     for k in keys {
         if let Some(v) = opt.take(k) {
             let value = match &v {
+                // TOML has no null: left out, the plugin's default is null too (beta3: √beta2,
+                // growth_rate: no limit, Adafactor's beta1: no first moment).
+                Value::Null => continue,
                 Value::Bool(b) => Some(toml::Value::Boolean(*b)),
+                Value::Number(n) if n.is_i64() => n.as_i64().map(toml::Value::Integer),
                 v => v.as_f64().map(toml::Value::Float),
             };
             match value {
@@ -716,6 +786,15 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
             ("fused_back_pass", json!(false)),
             ("stochastic_rounding", json!(true)),
             ("stochastic_rounding", json!(false)),
+            ("use_triton", json!(false)),
+            ("log_every", json!(0)),
+            ("fsdp_in_use", json!(false)),
+            ("optim_bits", json!(32)),
+            ("min_8bit_size", json!(4096)),
+            ("percentile_clipping", json!(100)),
+            ("block_wise", json!(true)),
+            ("is_paged", json!(false)),
+            ("use_cautious", json!(false)),
         ],
     );
     // The rest of OneTrainer's optimizer fields are other optimizers' (it writes them all);

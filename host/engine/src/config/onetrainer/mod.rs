@@ -57,7 +57,35 @@ fn read_json(path: &Path) -> Result<Value, ImportError> {
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| fail(format!("not a OneTrainer JSON file: {e}")))
+    serde_json::from_str(&strict_json(&text))
+        .map_err(|e| fail(format!("not a OneTrainer JSON file: {e}")))
+}
+
+/// Python's `json` writes the non-finite floats as `Infinity`, `-Infinity` and `NaN` (Prodigy's
+/// default growth_rate is infinite), which JSON has no words for: outside strings they become
+/// `null`, which the importer reads as "no value" (growth_rate: no limit).
+fn strict_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            in_string = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|w| rest.starts_with(w))
+        {
+            out.push_str("null");
+            rest = &rest[word.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 fn objects(path: &Path, what: &str, v: Value) -> Result<Vec<Map<String, Value>>, ImportError> {
@@ -255,5 +283,19 @@ impl Imported {
         );
         section("To fix before training:", self.problems.clone());
         format!("{head}\n{}", self.config.to_toml())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pythons_non_finite_floats_read_as_null_outside_strings() {
+        let text =
+            r#"{"growth_rate": Infinity, "a": -Infinity, "b": [NaN], "s": "Infinity \" NaN"}"#;
+        let v: Value = serde_json::from_str(&strict_json(text)).unwrap();
+        assert!(v["growth_rate"].is_null() && v["a"].is_null() && v["b"][0].is_null());
+        assert_eq!(v["s"], "Infinity \" NaN");
     }
 }
