@@ -19,9 +19,12 @@ pub struct Slot {
 impl Slot {
     /// A field the optimizer made (an error names it when a loaded state lacks it).
     pub fn get(&self, field: &str) -> Result<&Tensor> {
-        self.tensors
-            .get(field)
-            .ok_or_else(|| Error(format!("optimizer state has no `{field}`")))
+        self.tensors.get(field).ok_or_else(|| {
+            Error(format!(
+                "optimizer state has no `{field}` (a backup of this optimizer with other \
+                     options?)"
+            ))
+        })
     }
 
     pub fn set(&mut self, field: &str, t: Tensor) {

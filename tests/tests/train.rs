@@ -789,6 +789,7 @@ fn the_lr_schedule_reaches_the_optimizer() {
     assert_eq!(floored, constant, "a floor of 1 keeps the full rate");
     assert_ne!(linear, constant, "the linear schedule changes the updates");
     let want: Vec<f64> = (0..6).map(|s| 0.01 * (1.0 - s as f64 / 6.0)).collect();
+    assert_eq!(linear_lrs.len(), 6);
     for (got, want) in linear_lrs.iter().zip(&want) {
         assert!((got - want).abs() < 1e-12, "{linear_lrs:?} != {want:?}");
     }
@@ -796,6 +797,7 @@ fn the_lr_schedule_reaches_the_optimizer() {
     let (rex_lrs, _) = train("rex", LrScheduler::Rex, 2.0, 0.25);
     let rex = |p: f64| 0.25 + 0.75 * (1.0 - p) / (0.1 + 0.9 * (1.0 - p));
     let want = [0.5, 1.0, rex(0.0), rex(0.25), rex(0.5), rex(0.75)];
+    assert_eq!(rex_lrs.len(), 6);
     for (got, want) in rex_lrs.iter().zip(want) {
         assert!((got - 0.01 * want).abs() < 1e-12, "{rex_lrs:?}");
     }

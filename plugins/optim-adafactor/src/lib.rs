@@ -208,7 +208,7 @@ impl Optimizer for Factored {
 
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
         if let Some(name) = self.slots.load(state)?.keys().next() {
-            bail!("unknown optimizer state tensor `{name}`");
+            bail!("unknown adafactor/came state tensor `{name}`");
         }
         Ok(())
     }

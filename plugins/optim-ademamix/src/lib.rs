@@ -4,7 +4,7 @@
 //! OneTrainer uses).
 
 use ferrite_plugin_api::{
-    Component, ComponentKind, Descriptor, Optimizer, Param, Plugin, Result, Tensor, bail,
+    Component, ComponentKind, DType, Descriptor, Optimizer, Param, Plugin, Result, Tensor, bail,
     export_plugin,
     optim::{Slots, write, zeros_like},
     parse_options,
@@ -68,7 +68,8 @@ impl Optimizer for Ademamix {
         let o = &self.o;
         for p in params {
             let Some(g) = p.grad else { continue };
-            let g = g.detach()?;
+            // In f32 whatever the parameter's dtype (a small decay would round away in bf16).
+            let g = g.detach()?.cast(DType::F32)?;
             let slot = self.slots.by_param.entry(p.name.to_string()).or_default();
             if slot.tensors.is_empty() {
                 for f in FIELDS {
@@ -78,7 +79,7 @@ impl Optimizer for Ademamix {
             slot.step += 1;
             let step = slot.step as f64;
             let (alpha, beta3) = o.scheduled(step);
-            let mut w = p.tensor.detach()?;
+            let mut w = p.tensor.detach()?.cast(DType::F32)?;
             if o.weight_decay != 0.0 {
                 w = w.mul_scalar(1.0 - lr * o.weight_decay)?;
             }

@@ -2,7 +2,7 @@
 //! accumulator), with torch.optim's update rules and OneTrainer's defaults.
 
 use ferrite_plugin_api::{
-    Component, ComponentKind, Descriptor, Optimizer, Param, Plugin, Result, Tensor, bail,
+    Component, ComponentKind, DType, Descriptor, Optimizer, Param, Plugin, Result, Tensor, bail,
     export_plugin,
     optim::{Slot, Slots, write, zeros_like},
     parse_options,
@@ -141,8 +141,9 @@ impl Optimizer for Classic {
     fn step(&mut self, params: &[Param<'_>], lr: f64) -> Result<()> {
         for p in params {
             let Some(g) = p.grad else { continue };
-            let g = g.detach()?;
-            let w = p.tensor.detach()?;
+            // In f32 whatever the parameter's dtype (a small decay would round away in bf16).
+            let g = g.detach()?.cast(DType::F32)?;
+            let w = p.tensor.detach()?.cast(DType::F32)?;
             let slot = self.slots.by_param.entry(p.name.to_string()).or_default();
             slot.step += 1;
             let new = match &self.rule {
@@ -162,7 +163,7 @@ impl Optimizer for Classic {
 
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
         if let Some(name) = self.slots.load(state)?.keys().next() {
-            bail!("unknown optimizer state tensor `{name}`");
+            bail!("unknown rmsprop/adagrad state tensor `{name}`");
         }
         Ok(())
     }

@@ -65,7 +65,7 @@ fn beta(v: f64) -> serde_json::Value {
 }
 
 fn growth_rate() -> serde_json::Value {
-    json!({"type": ["number", "null"], "exclusiveMinimum": 1, "default": null, "examples": [1.02],
+    json!({"type": ["number", "null"], "minimum": 1, "default": null, "examples": [1.02],
            "description": "the most d may grow in one step; null: no limit"})
 }
 
@@ -137,11 +137,11 @@ impl Plugin for DadaptPlugin {
                     || o.d0 <= 0.0
                     || o.d_coef <= 0.0
                     || o.slice_p == 0
-                    || o.growth_rate.is_some_and(|g| g <= 1.0)
+                    || o.growth_rate.is_some_and(|g| g < 1.0)
                 {
                     bail!(
                         "invalid prodigy options {o:?}: betas in [0, 1), eps, d0 and d_coef > 0, \
-                         weight_decay >= 0, slice_p >= 1, growth_rate > 1 or null"
+                         weight_decay >= 0, slice_p >= 1, growth_rate >= 1 or null"
                     );
                 }
                 Adaptive::Prodigy(Prodigy::new(o)?)
@@ -153,11 +153,11 @@ impl Plugin for DadaptPlugin {
                     || o.eps <= 0.0
                     || o.weight_decay < 0.0
                     || o.d0 <= 0.0
-                    || o.growth_rate.is_some_and(|g| g <= 1.0)
+                    || o.growth_rate.is_some_and(|g| g < 1.0)
                 {
                     bail!(
                         "invalid dadapt_adam options {o:?}: betas in [0, 1), eps and d0 > 0, \
-                         weight_decay >= 0, growth_rate > 1 or null"
+                         weight_decay >= 0, growth_rate >= 1 or null"
                     );
                 }
                 Adaptive::DadaptAdam(DadaptAdam::new(o)?)

@@ -3,7 +3,7 @@
 //! with its own rate.
 
 use ferrite_plugin_api::{
-    Component, ComponentKind, Descriptor, Optimizer, Param, Plugin, Result, Tensor, bail,
+    Component, ComponentKind, DType, Descriptor, Optimizer, Param, Plugin, Result, Tensor, bail,
     export_plugin,
     optim::{Slots, sign, write, zeros_like},
     parse_options,
@@ -46,14 +46,15 @@ impl Optimizer for Lion {
         } = self.opts;
         for p in params {
             let Some(g) = p.grad else { continue };
-            let g = g.detach()?;
+            // In f32 whatever the parameter's dtype (a small decay would round away in bf16).
+            let g = g.detach()?.cast(DType::F32)?;
             let slot = self.slots.by_param.entry(p.name.to_string()).or_default();
             let m = match slot.tensors.remove("exp_avg") {
                 Some(m) => m,
                 None => zeros_like(&g)?,
             };
             slot.step += 1;
-            let mut w = p.tensor.detach()?;
+            let mut w = p.tensor.detach()?.cast(DType::F32)?;
             if weight_decay != 0.0 {
                 w = w.mul_scalar(1.0 - lr * weight_decay)?;
             }
