@@ -332,3 +332,109 @@ fn bad_adapter_files_fail_clearly() {
     assert!(d < 1e-4, "resumed LoRA gives the reference output ({d})");
     s.model.clear();
 }
+
+/// LoKr as LyCORIS makes and saves it (tests/fixtures/gen/lokr.py: both factorisations, w1
+/// whole and decomposed, w2 whole and low rank, linear and conv layers) gives LyCORIS's UNet
+/// output; merging equals running it; kohya's and ComfyUI's layouts round-trip it with
+/// LyCORIS' metadata, and diffusers' (which has no LoKr) is refused.
+#[test]
+fn lycoris_lokr_gives_the_reference_output_and_round_trips() {
+    let s = Setup::new();
+    let file = adapter_file("lokr_lycoris.safetensors");
+    let want = Weights::open(adapter_file("lokr_outputs.safetensors").to_str().unwrap())
+        .unwrap()
+        .get("lokr", DType::F32)
+        .unwrap();
+    let base = s.unet();
+    let n = s.load(&file);
+    let out = s.unet();
+    let d = max_abs_diff(&out, &want);
+    println!(
+        "lokr_lycoris.safetensors: {n} layers, UNet output max abs diff {d:.2e} (the LoKr moves \
+         it by {:.2})",
+        max_abs_diff(&want, &base)
+    );
+    assert!(n >= 20, "{n} layers");
+    assert!(d < 1e-4, "max abs diff {d}");
+    s.model.merge().unwrap();
+    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "merged");
+    s.model.unmerge().unwrap();
+    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "unmerged");
+
+    let dir = tempfile::tempdir().unwrap();
+    let before = values(s.model.parameters().unwrap());
+    for format in [Format::Kohya, Format::Comfy] {
+        let path = dir.path().join(format!("{format:?}.safetensors"));
+        s.model.save(&path, format, DType::F32, &[]).unwrap();
+        let meta: std::collections::HashMap<String, String> = Weights::open(path.to_str().unwrap())
+            .unwrap()
+            .metadata()
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(meta["ss_network_module"], "lycoris.kohya");
+        assert_eq!(meta["ss_network_args"], r#"{"algo": "lokr"}"#);
+        let loaded = ModelLayers::of(&s.arch).unwrap();
+        assert_eq!(loaded.load(&s.registry, &path, 1.0).unwrap(), n);
+        assert_eq!(values(loaded.parameters().unwrap()), before, "{format:?}");
+    }
+    let e = s
+        .model
+        .save(
+            &dir.path().join("d.safetensors"),
+            Format::Diffusers,
+            DType::F32,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lokr has no diffusers/PEFT format"), "{e}");
+    s.model.clear();
+}
+
+/// Fresh LoKr adapters change nothing, have LyCORIS' structure for the options (low-rank w2
+/// where the rank is small enough, w1 decomposed with decompose_both, everything whole with
+/// full_matrix) and train their parameters.
+#[test]
+fn fresh_lokr_adapters_follow_their_options() {
+    let s = Setup::new();
+    let base = s.unet();
+    let filter = select::LayerFilter::new(LayerPreset::AttnOnly, "", false).unwrap();
+    let layers = select::select(&s.model.info, &filter, |p| p == "unet");
+    let names = |options: serde_json::Value| {
+        s.model.clear();
+        let opts = AdapterOptions {
+            kind: "lokr".into(),
+            rank: 1,
+            alpha: 1.0,
+            extra: options.as_object().unwrap().clone(),
+            ..Default::default()
+        };
+        s.model.create(&s.registry, &layers, &opts).unwrap();
+        let d = max_abs_diff(&s.unet(), &base);
+        assert!(d < 1e-5, "a fresh LoKr changes nothing ({options}: {d})");
+        let mut suffixes: Vec<String> = s
+            .model
+            .parameters()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k.rsplit('.').next().unwrap().to_string())
+            .collect();
+        suffixes.sort();
+        suffixes.dedup();
+        suffixes
+    };
+    assert_eq!(
+        names(serde_json::json!({})),
+        ["lokr_w1", "lokr_w2_a", "lokr_w2_b"]
+    );
+    assert_eq!(
+        names(serde_json::json!({"decompose_both": true})),
+        ["lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"]
+    );
+    assert_eq!(
+        names(serde_json::json!({"full_matrix": true})),
+        ["lokr_w1", "lokr_w2"]
+    );
+    s.model.clear();
+}

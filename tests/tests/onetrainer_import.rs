@@ -401,6 +401,47 @@ fn onetrainers_optimizers_import_with_their_options() {
     }
 }
 
+/// A LoKr config: OneTrainer's `lokr_dim` is its rank, its factor options go to the `[adapter]`
+/// table, and the result passes the plugin's schema.
+#[test]
+fn a_lokr_config_imports_with_its_own_rank_and_factor() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("c.json");
+    std::fs::write(
+        &json,
+        r#"{"__version": 11, "model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
+            "peft_type": "LOKR", "lora_rank": 64, "lokr_dim": 8, "lokr_decompose_factor": 4,
+            "lokr_decompose_both": true, "lokr_full_matrix": false, "lokr_use_tucker": true,
+            "concepts": [{"path": "/data"}]}"#,
+    )
+    .unwrap();
+    let imported = import(&Sources {
+        config: json.clone(),
+        ..Sources::default()
+    })
+    .unwrap();
+    let c = &imported.config;
+    assert_eq!((c.peft_type.as_str(), c.lora_rank), ("lokr", 8));
+    assert_eq!(
+        c.adapter,
+        toml::from_str("factor = 4\ndecompose_both = true\nfull_matrix = false").unwrap()
+    );
+    assert!(
+        imported
+            .report
+            .not_imported
+            .iter()
+            .any(|(k, _)| k == "lokr_use_tucker"),
+        "Tucker is not Ferrite's: listed"
+    );
+    ferrite::runtime::init("cpu").unwrap();
+    let registry = ferrite::plugins::Registry::discover(
+        &[ferrite_tests::profile_dir()],
+        &ferrite::settings::Settings::default(),
+    );
+    c.validate_plugin_options(&registry).unwrap();
+}
+
 #[test]
 fn bad_onetrainer_configs_are_refused_naming_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();

@@ -598,6 +598,11 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "adapters, train::adapter_options_are_checked_against_the_plugins_schema",
     ),
     ("lora_rank", "adapters"),
+    (
+        "adapter",
+        "adapters::fresh_lokr_adapters_follow_their_options, \
+         train::a_lokr_run_takes_its_options_from_the_adapter_table",
+    ),
     ("lora_alpha", "adapters"),
     (
         "lora_weight_dtype",

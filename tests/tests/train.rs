@@ -803,6 +803,68 @@ fn the_lr_schedule_reaches_the_optimizer() {
     }
 }
 
+/// LoKr trains from a config: its own options come from the `[adapter]` table (decompose_both
+/// gives w1 its two factors), the file is LyCORIS' layout and loads back as the trained adapter;
+/// an option the plugin does not have is refused naming `adapter.<option>`.
+#[test]
+fn a_lokr_run_takes_its_options_from_the_adapter_table() {
+    let root = setup();
+    let root = root.path();
+    let mut c = config(root, "lokr");
+    c.backup_after_unit = TimeUnit::Never;
+    c.peft_type = "lokr".into();
+    c.lora_rank = 1;
+    c.adapter.insert("decompose_both".into(), true.into());
+    let out = root.join("lokr/out/lora.safetensors");
+    let mut bad = c.clone();
+    bad.adapter.insert("decompose_all".into(), true.into());
+    let e = bad
+        .validate_plugin_options(&registry())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("adapter.decompose_all"), "{e}");
+    let r = run(c, root, None);
+    assert!(r.losses.iter().all(|(_, l)| l.is_finite()));
+    let saved = tensors(&out);
+    assert!(
+        saved.iter().any(|(k, _)| k.ends_with(".lokr_w1_a")),
+        "{:?}",
+        saved.iter().map(|(k, _)| k).take(5).collect::<Vec<_>>()
+    );
+    let trained_w2b = r
+        .weights
+        .iter()
+        .filter(|(k, _)| k.ends_with("lokr_w2_b"))
+        .count();
+    assert!(trained_w2b > 0);
+    assert!(
+        r.weights
+            .iter()
+            .filter(|(k, _)| k.ends_with("lokr_w2_b"))
+            .all(|(_, v)| v.iter().any(|x| *x != 0.0)),
+        "every zero-initialised factor trained"
+    );
+    // The file loads back as the trained adapters.
+    let registry = registry();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipeline/model");
+    let options = serde_json::json!({ "model": model });
+    let arch = registry.architecture("sd15", &options.to_string()).unwrap();
+    let layers = ferrite::adapters::ModelLayers::of(&arch).unwrap();
+    let n = layers.load(&registry, &out, 1.0).unwrap();
+    assert!(n > 0);
+    let mut loaded: Vec<Vec<f32>> = layers
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .map(|(_, t)| t.to_vec().unwrap())
+        .collect();
+    let mut trained: Vec<Vec<f32>> = r.weights.iter().map(|(_, v)| v.clone()).collect();
+    let order = |a: &Vec<f32>, b: &Vec<f32>| a.partial_cmp(b).unwrap();
+    loaded.sort_by(order);
+    trained.sort_by(order);
+    assert_eq!(loaded, trained, "the file holds the trained factors");
+}
+
 /// Reads the tensors of a saved file.
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     let w = ferrite_plugin_api::Weights::open(&path.to_string_lossy()).unwrap();

@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use ferrite::adapters::{ModelLayers, describe::describe, formats::Format};
+use ferrite::adapters::{
+    ModelLayers,
+    describe::describe,
+    formats::{Format, Layouts},
+};
 use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
 
@@ -126,31 +130,33 @@ fn arch_of(family: Option<&str>) -> Option<&'static str> {
 
 /// The model's layers, loaded as `arch` (or the file's family's architecture).
 fn model_layers(
-    settings: &Settings,
+    registry: &Registry,
     m: &ModelArgs,
     arch: Option<&str>,
     file: &Path,
     family: Option<&str>,
-) -> Result<(Registry, Arc<ModelLayers>)> {
+) -> Result<Arc<ModelLayers>> {
     let Some(arch) = arch.or(arch_of(family)) else {
         anyhow::bail!(
             "{}: the file does not say which model family it is for: give --arch",
             file.display()
         );
     };
-    let registry = Registry::discover(&search_dirs(settings), settings);
-    let handle = m.open(&registry, arch, serde_json::json!({}))?;
+    let handle = m.open(registry, arch, serde_json::json!({}))?;
     let layers = ModelLayers::of(&handle).with_context(|| format!("--model as {arch}"))?;
-    Ok((registry, Arc::new(layers)))
+    Ok(Arc::new(layers))
 }
 
 pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
     let (device, _) = ferrite::runtime::for_device("cpu")?;
     let scope = ferrite::runtime::Scope::new(device);
     let _scope = scope.enter();
+    // The adapter plugins say which tensors are whose.
+    let registry = Registry::discover(&search_dirs(settings), settings);
+    let layouts = Layouts::of(registry.components());
     match action {
         LoraAction::Info { file, model, arch } => {
-            let d = describe(&file)?;
+            let d = describe(&file, &layouts)?;
             println!("{}", file.display());
             let mut lines = d.lines();
             let bundled = ferrite::embeddings::files::read_bundled(&file)?;
@@ -172,8 +178,8 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
                 println!("  {l}");
             }
             if let Some(m) = model.get() {
-                let (registry, layers) =
-                    model_layers(settings, &m, arch.as_deref(), &file, d.family.as_deref())?;
+                let layers =
+                    model_layers(&registry, &m, arch.as_deref(), &file, d.family.as_deref())?;
                 let n = layers
                     .load(&registry, &file, 1.0)
                     .with_context(|| format!("{} on --model", file.display()))?;
@@ -187,14 +193,14 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
             model,
             arch,
         } => {
-            let d = describe(&input).with_context(|| format!("--in {}", input.display()))?;
+            let d =
+                describe(&input, &layouts).with_context(|| format!("--in {}", input.display()))?;
             let Some(m) = model.get() else {
                 anyhow::bail!(
                     "lora convert needs --model: the model's layers name each layout's keys"
                 );
             };
-            let (registry, layers) =
-                model_layers(settings, &m, arch.as_deref(), &input, d.family.as_deref())?;
+            let layers = model_layers(&registry, &m, arch.as_deref(), &input, d.family.as_deref())?;
             let n = layers
                 .load(&registry, &input, 1.0)
                 .with_context(|| format!("--in {}", input.display()))?;
@@ -232,7 +238,7 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
             dtype,
         } => {
             let first = lora_spec(&loras[0]).0;
-            let family = describe(&first)
+            let family = describe(&first, &layouts)
                 .with_context(|| format!("--lora {}", loras[0]))?
                 .family;
             let Some(arch) = arch.as_deref().or(arch_of(family.as_deref())) else {
@@ -241,7 +247,6 @@ pub fn run(settings: &Settings, action: LoraAction) -> Result<()> {
                     first.display()
                 );
             };
-            let registry = Registry::discover(&search_dirs(settings), settings);
             let handle = model.open(&registry, arch, serde_json::json!({}))?;
             let layers = ModelLayers::of(&handle)?;
             for spec in &loras {

@@ -492,6 +492,13 @@ impl App {
             .filter(|c| c.kind == ComponentKind::Optimizer && c.enabled)
             .cloned()
             .collect();
+        let adapter = self
+            .components
+            .iter()
+            .find(|i| {
+                i.kind == ComponentKind::Adapter && i.enabled && i.id == self.config.peft_type
+            })
+            .cloned();
         let mut f = Fields {
             state: &mut self.form,
             problems,
@@ -621,19 +628,14 @@ impl App {
                 f.every(ui, "save_every", &mut c.save_every, &mut c.save_every_unit);
                 f.check(ui, "continue_last_backup", &mut c.continue_last_backup);
             }),
-            Tab::Lora => f.grid(ui, "lora", |f, ui| {
-                let adapters: Vec<&str> = adapters.iter().map(String::as_str).collect();
-                f.choice_id(ui, "peft_type", &mut c.peft_type, &adapters);
-                f.num(ui, "lora_rank", &mut c.lora_rank);
-                f.num(ui, "lora_alpha", &mut c.lora_alpha);
-                f.choice(ui, "lora_weight_dtype", &mut c.lora_weight_dtype);
-                f.num(ui, "lora_dropout", &mut c.lora_dropout);
-                f.check(ui, "lora_decompose", &mut c.lora_decompose);
-                f.choice(ui, "lora_layer_preset", &mut c.lora_layer_preset);
-                f.text(ui, "lora_layers", &mut c.lora_layers);
-                f.check(ui, "layer_filter_regex", &mut c.layer_filter_regex);
-                f.path(ui, "lora_base_model", &mut c.lora_base_model, false);
-            }),
+            Tab::Lora => {
+                lora_tab(ui, &mut f, c, &adapters);
+                if let Some(info) = &adapter {
+                    ui.separator();
+                    ui.strong(format!("{} options", info.id));
+                    super::schema_form::adapter(ui, &mut f, &mut c.adapter, info);
+                }
+            }
             Tab::Embedding => embedding_tab(ui, &mut f, c),
             Tab::Tools => {
                 let dirs = &self.options.plugin_dirs;
@@ -785,6 +787,22 @@ impl App {
                 );
             });
     }
+}
+
+fn lora_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, adapters: &[String]) {
+    f.grid(ui, "lora", |f, ui| {
+        let adapters: Vec<&str> = adapters.iter().map(String::as_str).collect();
+        f.choice_id(ui, "peft_type", &mut c.peft_type, &adapters);
+        f.num(ui, "lora_rank", &mut c.lora_rank);
+        f.num(ui, "lora_alpha", &mut c.lora_alpha);
+        f.choice(ui, "lora_weight_dtype", &mut c.lora_weight_dtype);
+        f.num(ui, "lora_dropout", &mut c.lora_dropout);
+        f.check(ui, "lora_decompose", &mut c.lora_decompose);
+        f.choice(ui, "lora_layer_preset", &mut c.lora_layer_preset);
+        f.text(ui, "lora_layers", &mut c.lora_layers);
+        f.check(ui, "layer_filter_regex", &mut c.layer_filter_regex);
+        f.path(ui, "lora_base_model", &mut c.lora_base_model, false);
+    });
 }
 
 fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[ComponentInfo]) {

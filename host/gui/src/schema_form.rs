@@ -35,17 +35,52 @@ pub fn optimizer(
         ui.label("This optimizer is not among the loaded plugins (Plugins tab).");
         return;
     };
-    let schema: Value = serde_json::from_str(&info.options_schema).unwrap_or_default();
+    options(ui, f, "optimizer", table, &info.options_schema, &[]);
+}
+
+/// The adapter plugin's own options (the `[adapter]` table): those of its schema that the LoRA
+/// tab's fields and the host do not set.
+pub fn adapter(ui: &mut Ui, f: &mut Fields, table: &mut toml::Table, info: &ComponentInfo) {
+    const SET_ELSEWHERE: [&str; 8] = [
+        "rank",
+        "alpha",
+        "dropout",
+        "dora",
+        "multiplier",
+        "seed",
+        "layer",
+        "file_shapes",
+    ];
+    options(
+        ui,
+        f,
+        "adapter",
+        table,
+        &info.options_schema,
+        &SET_ELSEWHERE,
+    );
+}
+
+/// A grid of the schema's options but `skip`, their values in `table` (keys `<prefix>.<name>`).
+fn options(
+    ui: &mut Ui,
+    f: &mut Fields,
+    prefix: &str,
+    table: &mut toml::Table,
+    schema: &str,
+    skip: &[&str],
+) {
+    let schema: Value = serde_json::from_str(schema).unwrap_or_default();
     let Some(props) = schema["properties"].as_object() else {
         return;
     };
-    egui::Grid::new("optimizer options")
+    egui::Grid::new(format!("{prefix} options"))
         .num_columns(2)
         .spacing([16.0, 6.0])
         .striped(true)
         .show(ui, |ui| {
-            for (name, p) in props {
-                let key = format!("optimizer.{name}");
+            for (name, p) in props.iter().filter(|(n, _)| !skip.contains(&n.as_str())) {
+                let key = format!("{prefix}.{name}");
                 let default = &p["default"];
                 let mut tip = p["description"].as_str().unwrap_or("").to_string();
                 if !default.is_null() {

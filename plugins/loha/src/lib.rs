@@ -6,7 +6,9 @@
 use ferrite_plugin_api::{
     AdaptableLayer, Adapter, Component, ComponentKind, DType, Descriptor, Error, Generator, Plugin,
     Result, Tensor,
-    adapter::{check_weight, layer_seed, load_into, scalar},
+    adapter::{
+        FileLayout, FileShapes, check_weight, layer_seed, load_into, scalar, with_file_layout,
+    },
     bail, export_plugin, parse_options,
     serde_json::{self, json},
 };
@@ -21,6 +23,9 @@ pub struct Options {
     pub alpha: f64,
     pub multiplier: f64,
     pub seed: u64,
+    /// A file's tensors for this layer (set by the host when it loads one): the rank comes from
+    /// them.
+    pub file_shapes: Option<FileShapes>,
 }
 
 impl Default for Options {
@@ -31,7 +36,24 @@ impl Default for Options {
             alpha: 1.0,
             multiplier: 1.0,
             seed: 0,
+            file_shapes: None,
         }
+    }
+}
+
+/// LyCORIS' suffixes: the `b`s are `[rank, in]`, the `a`s `[out, rank]`.
+fn file_layout() -> FileLayout {
+    let t = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    FileLayout {
+        tensors: KEYS.iter().map(|k| k.to_string()).collect(),
+        markers: t(&["hada_w1_a", "hada_w1_b"]),
+        rank_from: t(&["hada_w1_b"]),
+        rank_rows: t(&["hada_w1_b", "hada_w2_b"]),
+        out_rows: t(&["hada_w1_a", "hada_w2_a"]),
+        network_module: "lycoris.kohya".into(),
+        network_args: [("algo".to_string(), "loha".to_string())].into(),
+        name: "LoHa".into(),
+        ..FileLayout::default()
     }
 }
 
@@ -46,7 +68,13 @@ pub struct Loha {
 }
 
 impl Loha {
-    pub fn new(o: Options) -> Result<Self> {
+    pub fn new(mut o: Options) -> Result<Self> {
+        if let Some(shapes) = &o.file_shapes {
+            o.rank = shapes
+                .get("hada_w1_b")
+                .and_then(|s| s.first().copied())
+                .ok_or_else(|| Error::msg("the file has no hada_w1_b for this layer"))?;
+        }
         let layer = o
             .layer
             .clone()
@@ -171,17 +199,21 @@ impl Plugin for LohaPlugin {
             id: "loha".into(),
             version: Self::VERSION.into(),
             description: "LoHa (LyCORIS Hadamard-product adapter)".into(),
-            options_schema: json!({
-                "type": "object",
-                "additionalProperties": false,
-                "properties": {
-                    "rank": {"type": "integer", "minimum": 1, "default": d.rank},
-                    "alpha": {"type": "number", "default": d.alpha},
-                    "multiplier": {"type": "number", "default": d.multiplier},
-                    "seed": {"type": "integer", "minimum": 0, "default": d.seed},
-                    "layer": {"type": "object", "description": "set by the host"}
-                }
-            }),
+            options_schema: with_file_layout(
+                json!({
+                    "type": "object",
+                    "additionalProperties": false,
+                    "properties": {
+                        "rank": {"type": "integer", "minimum": 1, "default": d.rank},
+                        "alpha": {"type": "number", "default": d.alpha},
+                        "multiplier": {"type": "number", "default": d.multiplier},
+                        "seed": {"type": "integer", "minimum": 0, "default": d.seed},
+                        "layer": {"type": "object", "description": "set by the host"},
+                        "file_shapes": {"type": ["object", "null"], "description": "set by the host"}
+                    }
+                }),
+                &file_layout(),
+            ),
         }]
     }
 

@@ -7,7 +7,10 @@
 use ferrite_plugin_api::{
     AdaptableLayer, Adapter, Component, ComponentKind, DType, Descriptor, Error, Generator, Plugin,
     Result, Tensor,
-    adapter::{check_weight, layer_seed, load_into, scalar},
+    adapter::{
+        FileLayout, FileShapes, PeftTensors, check_weight, layer_seed, load_into, scalar,
+        with_file_layout,
+    },
     bail, export_plugin, parse_options,
     serde_json::{self, json},
 };
@@ -29,6 +32,9 @@ pub struct Options {
     pub multiplier: f64,
     /// Seeds the initialisation (mixed with the layer's name).
     pub seed: u64,
+    /// A file's tensors for this layer (set by the host when it loads one): the rank and DoRA
+    /// come from them.
+    pub file_shapes: Option<FileShapes>,
 }
 
 impl Default for Options {
@@ -41,7 +47,35 @@ impl Default for Options {
             dora: false,
             multiplier: 1.0,
             seed: 0,
+            file_shapes: None,
         }
+    }
+}
+
+/// The tensors' suffixes in kohya's files (and which are PEFT's A, B and magnitude).
+fn file_layout() -> FileLayout {
+    let t = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    FileLayout {
+        tensors: t(&["lora_down.weight", "lora_up.weight", "dora_scale"]),
+        markers: t(&["lora_down.weight", "lora_up.weight"]),
+        rank_from: t(&["lora_down.weight"]),
+        rank_rows: t(&["lora_down.weight"]),
+        out_rows: t(&["lora_up.weight"]),
+        per_output: t(&["dora_scale"]),
+        network_module: "networks.lora".into(),
+        args_when: [(
+            "dora_scale".to_string(),
+            [("dora_wd".to_string(), "True".to_string())].into(),
+        )]
+        .into(),
+        name: "LoRA".into(),
+        name_when: [("dora_scale".to_string(), "DoRA".to_string())].into(),
+        peft: Some(PeftTensors {
+            down: "lora_down.weight".into(),
+            up: "lora_up.weight".into(),
+            magnitude: Some("dora_scale".into()),
+        }),
+        ..FileLayout::default()
     }
 }
 
@@ -59,7 +93,14 @@ pub struct Lora {
 }
 
 impl Lora {
-    pub fn new(o: Options) -> Result<Self> {
+    pub fn new(mut o: Options) -> Result<Self> {
+        if let Some(shapes) = &o.file_shapes {
+            o.rank = shapes
+                .get("lora_down.weight")
+                .and_then(|s| s.first().copied())
+                .ok_or_else(|| Error::msg("the file has no lora_down.weight for this layer"))?;
+            o.dora = shapes.contains_key("dora_scale");
+        }
         let layer = o
             .layer
             .clone()
@@ -294,19 +335,23 @@ impl Plugin for LoraPlugin {
             id: "lora".into(),
             version: Self::VERSION.into(),
             description: "LoRA / LoCon, and DoRA (decompose weights)".into(),
-            options_schema: json!({
-                "type": "object",
-                "additionalProperties": false,
-                "properties": {
-                    "rank": {"type": "integer", "minimum": 1, "default": d.rank},
-                    "alpha": {"type": "number", "default": d.alpha},
-                    "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": d.dropout},
-                    "dora": {"type": "boolean", "default": d.dora, "description": "decompose weights (DoRA)"},
-                    "multiplier": {"type": "number", "default": d.multiplier},
-                    "seed": {"type": "integer", "minimum": 0, "default": d.seed},
-                    "layer": {"type": "object", "description": "set by the host"}
-                }
-            }),
+            options_schema: with_file_layout(
+                json!({
+                    "type": "object",
+                    "additionalProperties": false,
+                    "properties": {
+                        "rank": {"type": "integer", "minimum": 1, "default": d.rank},
+                        "alpha": {"type": "number", "default": d.alpha},
+                        "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": d.dropout},
+                        "dora": {"type": "boolean", "default": d.dora, "description": "decompose weights (DoRA)"},
+                        "multiplier": {"type": "number", "default": d.multiplier},
+                        "seed": {"type": "integer", "minimum": 0, "default": d.seed},
+                        "layer": {"type": "object", "description": "set by the host"},
+                        "file_shapes": {"type": ["object", "null"], "description": "set by the host"}
+                    }
+                }),
+                &file_layout(),
+            ),
         }]
     }
 

@@ -7,15 +7,15 @@ use std::path::Path;
 
 use ferrite_plugin_api::{DType, Weights};
 
-use super::formats::split_key;
+use super::formats::{Layouts, split_key};
 use super::{AdapterError, Result};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Description {
     /// kohya, ComfyUI, diffusers/PEFT or LyCORIS.
     pub layout: &'static str,
-    /// LoRA, DoRA or LoHa.
-    pub kind: &'static str,
+    /// What the adapter plugin calls it (LoRA, DoRA, LoHa, ...).
+    pub kind: String,
     pub modules: usize,
     pub ranks: BTreeSet<usize>,
     /// `.alpha` values, ascending (none: alpha = rank, or diffusers' metadata).
@@ -108,16 +108,26 @@ fn family_of_keys(modules: &BTreeSet<String>) -> Option<&'static str> {
     }
 }
 
-pub fn describe(path: &Path) -> Result<Description> {
+/// Describes the adapter file at `path`; `layouts` (the adapter plugins') say which tensors
+/// belong to which adapter type.
+pub fn describe(path: &Path, layouts: &Layouts) -> Result<Description> {
     let shown = path.display();
     let w = Weights::open(&path.to_string_lossy()).map_err(|e| AdapterError(e.to_string()))?;
     let mut dtype = None;
     let mut modules = BTreeSet::new();
     let (mut ranks, mut alphas) = (BTreeSet::new(), Vec::new());
     let mut other = (0, Vec::new());
-    let (mut loha, mut dora, mut peft) = (false, false, false);
+    let endings = layouts.endings();
+    let mut suffixes = BTreeSet::new();
+    let mut peft = false;
+    // The tensors a rank is read from: any adapter's.
+    let rank_from: BTreeSet<&str> = layouts
+        .0
+        .iter()
+        .flat_map(|(_, l)| l.rank_from.iter().map(String::as_str))
+        .collect();
     for info in w.infos() {
-        let Some((module, suffix)) = split_key(&info.key) else {
+        let Some((module, suffix)) = split_key(&info.key, &endings) else {
             other.0 += 1;
             if other.1.len() < 3 {
                 other.1.push(info.key.clone());
@@ -125,8 +135,8 @@ pub fn describe(path: &Path) -> Result<Description> {
             continue;
         };
         peft |= info.key.contains(".lora_A.");
-        match suffix {
-            "lora_down.weight" | "hada_w1_b" => {
+        match suffix.as_str() {
+            s if rank_from.contains(s) => {
                 ranks.insert(info.shape.first().copied().unwrap_or(0) as usize);
                 dtype.get_or_insert(info.dtype);
             }
@@ -139,14 +149,13 @@ pub fn describe(path: &Path) -> Result<Description> {
             }
             _ => {}
         }
-        loha |= suffix.starts_with("hada_");
-        dora |= suffix == "dora_scale";
+        suffixes.insert(suffix);
         modules.insert(module);
     }
     if modules.is_empty() {
         return Err(AdapterError(format!(
-            "{shown}: no adapter tensors (LoRA, DoRA, LoHa) in the file (e.g. {}): not an \
-             adapter file",
+            "{shown}: no tensors of a loaded adapter plugin's (LoRA, DoRA, LoHa, ...) in the \
+             file (e.g. {}): not an adapter file, or an adapter type no plugin has",
             other.1.join(", ")
         )));
     }
@@ -176,13 +185,7 @@ pub fn describe(path: &Path) -> Result<Description> {
         .map(|(_, v)| v.clone());
     Ok(Description {
         layout,
-        kind: if loha {
-            "LoHa"
-        } else if dora {
-            "DoRA"
-        } else {
-            "LoRA"
-        },
+        kind: kind_name(layouts, &suffixes),
         modules: modules.len(),
         ranks,
         alphas,
@@ -191,6 +194,29 @@ pub fn describe(path: &Path) -> Result<Description> {
         other_tensors: other,
         dtype: dtype.unwrap_or(DType::F32),
     })
+}
+
+/// The name the adapter whose markers the file has gives itself (with a tensor that renames
+/// it: DoRA), or "unknown".
+fn kind_name(layouts: &Layouts, suffixes: &BTreeSet<String>) -> String {
+    let Some((id, l)) = layouts
+        .0
+        .iter()
+        .find(|(_, l)| l.markers.iter().any(|m| suffixes.contains(m)))
+    else {
+        return "unknown".into();
+    };
+    l.name_when
+        .iter()
+        .find(|(t, _)| suffixes.contains(*t))
+        .map(|(_, n)| n.clone())
+        .unwrap_or_else(|| {
+            if l.name.is_empty() {
+                id.clone()
+            } else {
+                l.name.clone()
+            }
+        })
 }
 
 #[cfg(test)]

@@ -1,16 +1,20 @@
-//! Adapter files: kohya (the layer's kohya key, `.lora_down.weight`, `.lora_up.weight`,
-//! `.alpha`, `.dora_scale`, LoHa's `.hada_w*`), diffusers/PEFT (`<part>.<name>.lora_A.weight` /
+//! Adapter files: kohya (the layer's kohya key followed by the adapter's suffixes —
+//! `.lora_down.weight`, `.alpha`, ...), diffusers/PEFT (`<part>.<name>.lora_A.weight` /
 //! `lora_B.weight`, alpha folded into B, DoRA's `lora_magnitude_vector`) and comfy (the layer's
-//! comfy key, kohya's suffixes). The model names each layer's keys; reading takes any of them,
-//! the model's other aliases, and PEFT's `base_model.model.` / `.default`; a missing alpha is
-//! diffusers' `lora_adapter_metadata`'s (`peft_metadata`), else the rank. Where a layout fuses several layers into one module, `fused` stacks and splits
+//! comfy key, kohya's suffixes). Which suffixes an adapter has, which mark a layer as its, its
+//! rank and its kohya metadata are the adapter plugin's declaration ([`FileLayout`]): this code
+//! names PEFT's keys (a file format's) but no adapter's. The model names each layer's keys;
+//! reading takes any of them, the model's other aliases, and PEFT's `base_model.model.` /
+//! `.default`; a missing alpha is diffusers' `lora_adapter_metadata`'s (`peft_metadata`), else
+//! the rank. Where a layout fuses several layers into one module, `fused` stacks and splits
 //! their adapters.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use ferrite_plugin_api::{
-    AdaptableLayer, DType, ModelInfo, PartKind, Tensor, Weights, family::layouts,
+    AdaptableLayer, ComponentKind, DType, ModelInfo, PartKind, Tensor, Weights,
+    adapter::FileLayout, family::layouts,
 };
 
 use super::peft_metadata::PeftAlphas;
@@ -36,14 +40,74 @@ impl From<OutputFormat> for Format {
     }
 }
 
-/// One layer's adapter as read from a file, under kohya's suffixes.
+/// One layer's adapter as read from a file, under its plugin's suffixes.
 pub struct LayerState {
     pub kind: String,
     pub layer: AdaptableLayer,
-    pub rank: usize,
     pub alpha: f64,
-    pub dora: bool,
     pub state: Vec<(String, Tensor)>,
+}
+
+/// The file layouts the adapter plugins declare, by adapter id.
+#[derive(Debug, Clone, Default)]
+pub struct Layouts(pub Vec<(String, FileLayout)>);
+
+impl Layouts {
+    /// The declared layouts of the enabled adapter components (one that declares a malformed
+    /// layout is left out, with a warning).
+    pub fn of(components: &[crate::plugins::ComponentInfo]) -> Self {
+        let mut out = Vec::new();
+        for c in components
+            .iter()
+            .filter(|c| c.kind == ComponentKind::Adapter && c.enabled)
+        {
+            let schema: serde_json::Value =
+                serde_json::from_str(&c.options_schema).unwrap_or_default();
+            match FileLayout::from_schema(&schema) {
+                Ok(Some(l)) => out.push((c.id.clone(), l)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("adapter `{}` ({}): {e}", c.id, c.path.display()),
+            }
+        }
+        Self(out)
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&FileLayout> {
+        self.0.iter().find(|(id, _)| id == kind).map(|(_, l)| l)
+    }
+
+    /// The adapter a layer's suffixes belong to: the first with a marker among them.
+    fn kind_of(&self, suffixes: &[&str]) -> Option<&(String, FileLayout)> {
+        self.0
+            .iter()
+            .find(|(_, l)| l.markers.iter().any(|m| suffixes.contains(&m.as_str())))
+    }
+
+    /// Known key endings and the suffix each stands for: every declared tensor, `alpha`, and
+    /// PEFT's names for the adapters that have that layout.
+    pub(super) fn endings(&self) -> Vec<(String, String)> {
+        let mut e = vec![(".alpha".to_string(), "alpha".to_string())];
+        for (_, l) in &self.0 {
+            e.extend(l.tensors.iter().map(|t| (format!(".{t}"), t.clone())));
+            if let Some(p) = &l.peft {
+                e.push((".lora_A.weight".into(), p.down.clone()));
+                e.push((".lora_B.weight".into(), p.up.clone()));
+                if let Some(m) = &p.magnitude {
+                    e.push((".lora_magnitude_vector.weight".into(), m.clone()));
+                    e.push((".lora_magnitude_vector".into(), m.clone()));
+                }
+            }
+        }
+        e
+    }
+}
+
+/// The rank of a state: the first dimension of the first of the layout's `rank_from` tensors.
+pub(super) fn rank_of(layout: &FileLayout, state: &[(String, Tensor)]) -> Option<usize> {
+    layout.rank_from.iter().find_map(|r| {
+        let (_, t) = state.iter().find(|(k, _)| k == r)?;
+        t.shape().ok()?.first().copied()
+    })
 }
 
 pub struct AdapterFile {
@@ -57,9 +121,9 @@ pub struct AdapterState {
     pub state: Vec<(String, Tensor)>,
 }
 
-/// The layers a file module stands for (several where the layout fuses them) and the (kohya
-/// suffix, file key) pairs the file has for it.
-type Group<'a> = (Vec<&'a AdaptableLayer>, Vec<(&'static str, String)>);
+/// The layers a file module stands for (several where the layout fuses them) and the (suffix,
+/// file key) pairs the file has for it.
+type Group<'a> = (Vec<&'a AdaptableLayer>, Vec<(String, String)>);
 
 /// Every name a file may use for a layer, in any format.
 fn aliases(layer: &AdaptableLayer) -> Vec<String> {
@@ -69,44 +133,26 @@ fn aliases(layer: &AdaptableLayer) -> Vec<String> {
     a
 }
 
-/// Known key endings, and the kohya suffix each stands for.
-const SUFFIXES: [(&str, &str); 12] = [
-    (".lora_down.weight", "lora_down.weight"),
-    (".lora_up.weight", "lora_up.weight"),
-    (".lora_A.weight", "lora_down.weight"),
-    (".lora_B.weight", "lora_up.weight"),
-    (".lora_magnitude_vector.weight", "dora_scale"),
-    (".lora_magnitude_vector", "dora_scale"),
-    (".dora_scale", "dora_scale"),
-    (".alpha", "alpha"),
-    (".hada_w1_a", "hada_w1_a"),
-    (".hada_w1_b", "hada_w1_b"),
-    (".hada_w2_a", "hada_w2_a"),
-    (".hada_w2_b", "hada_w2_b"),
-];
-
-/// (module part, kohya suffix) of a file key, with PEFT's wrappers removed.
-pub(super) fn split_key(key: &str) -> Option<(String, &'static str)> {
+/// (module part, suffix) of a file key, with PEFT's wrappers removed; the longest known ending
+/// wins.
+pub(super) fn split_key(key: &str, endings: &[(String, String)]) -> Option<(String, String)> {
     let key = key.strip_prefix("base_model.model.").unwrap_or(key);
     let key = key.replace(".default", "");
-    SUFFIXES
+    endings
         .iter()
-        .find_map(|(end, suffix)| key.strip_suffix(end).map(|m| (m.to_string(), *suffix)))
-}
-
-fn shape_of(w: &Weights, key: &str) -> Vec<usize> {
-    w.info(key)
-        .map(|i| i.shape.iter().map(|&d| d as usize).collect())
-        .unwrap_or_default()
+        .filter(|(end, _)| key.ends_with(end.as_str()))
+        .max_by_key(|(end, _)| end.len())
+        .map(|(end, suffix)| (key[..key.len() - end.len()].to_string(), suffix.clone()))
 }
 
 /// Reads an adapter file for `model`: every tensor must belong to one of its layers (bundled
-/// embeddings aside).
-pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
+/// embeddings aside) and each layer's to one of `layouts`' adapters.
+pub fn read(model: &ModelLayers, layouts: &Layouts, path: &Path) -> Result<AdapterFile> {
     let shown = path.display();
     let w = Weights::open(&path.to_string_lossy()).map_err(err)?;
     let meta = w.metadata().map_err(err)?;
     let peft_alphas = PeftAlphas::read(&meta, &shown.to_string())?;
+    let endings = layouts.endings();
     let mut by_alias: HashMap<String, Vec<&AdaptableLayer>> = HashMap::new();
     for l in &model.layers {
         for a in aliases(l) {
@@ -121,7 +167,7 @@ pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
         if key.starts_with("bundle_emb.") {
             continue;
         }
-        match split_key(key).and_then(|(m, s)| Some((m.clone(), by_alias.get(&m)?, s))) {
+        match split_key(key, &endings).and_then(|(m, s)| Some((m.clone(), by_alias.get(&m)?, s))) {
             Some((module, layers, suffix)) => groups
                 .entry(module)
                 .or_insert_with(|| (layers.clone(), Vec::new()))
@@ -135,7 +181,7 @@ pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
         unmatched.truncate(3);
         return Err(AdapterError(format!(
             "{shown}: {n} tensor(s) match no layer of this model (e.g. {}): an adapter for \
-             another architecture, or not an adapter file",
+             another architecture, an adapter type no loaded plugin has, or not an adapter file",
             unmatched.join(", ")
         )));
     }
@@ -146,61 +192,64 @@ pub fn read(model: &ModelLayers, path: &Path) -> Result<AdapterFile> {
     }
     let mut layers = Vec::new();
     for (name, (members, keys)) in groups {
-        let find = |s: &str| {
-            keys.iter()
-                .find(|(k, _)| *k == s)
-                .map(|(_, key)| key.as_str())
-        };
-        let (kind, rank_key) = if find("hada_w1_b").is_some() {
-            ("loha", "hada_w1_b")
-        } else {
-            ("lora", "lora_down.weight")
-        };
-        let rank = find(rank_key)
-            .map(|k| shape_of(&w, k))
-            .and_then(|s| s.first().copied())
-            .ok_or_else(|| AdapterError(format!("{shown}: layer `{name}` has no {rank_key}")))?;
+        let suffixes: Vec<&str> = keys.iter().map(|(s, _)| s.as_str()).collect();
+        let (kind, layout) = layouts.kind_of(&suffixes).ok_or_else(|| {
+            AdapterError(format!(
+                "{shown}: layer `{name}` has {} — no loaded adapter plugin's tensors",
+                suffixes.join(", ")
+            ))
+        })?;
         let mut state = Vec::new();
-        // No `.alpha`: the file's peft metadata (PEFT keys name one layer), else the rank.
-        let mut alpha = match &members[..] {
-            [layer] => peft_alphas.alpha(&layer.name, rank),
-            _ => None,
-        }
-        .unwrap_or(rank as f64);
+        let mut alpha = None;
         for (suffix, key) in &keys {
             let t = w
                 .get(key, DType::F32)
                 .map_err(|e| AdapterError(format!("{shown}: {e}")))?;
-            if *suffix == "alpha" {
-                alpha = ferrite_plugin_api::adapter::scalar(&name, key, &t).map_err(err)?;
+            if suffix == "alpha" {
+                alpha = Some(ferrite_plugin_api::adapter::scalar(&name, key, &t).map_err(err)?);
             }
-            state.push((suffix.to_string(), t));
+            state.push((suffix.clone(), t));
         }
-        if !keys.iter().any(|(s, _)| *s == "alpha") {
+        let rank = rank_of(layout, &state);
+        // No `.alpha`: the file's peft metadata (PEFT keys name one layer), else the rank (1
+        // for an adapter without one), which makes the scale 1.
+        let alpha = match (alpha, &members[..], rank) {
+            (Some(a), _, _) => a,
+            (None, [layer], Some(r)) => peft_alphas.alpha(&layer.name, r).unwrap_or(r as f64),
+            (None, _, r) => r.unwrap_or(1) as f64,
+        };
+        if !suffixes.contains(&"alpha") {
             state.push((
                 "alpha".into(),
                 Tensor::from_f32(&[alpha as f32], &[]).map_err(err)?,
             ));
         }
-        let dora = find("dora_scale").is_some();
         if let [layer] = members[..] {
             layers.push(LayerState {
-                kind: kind.into(),
+                kind: kind.clone(),
                 layer: layer.clone(),
-                rank,
                 alpha,
-                dora,
                 state,
             });
             continue;
         }
-        let shares = fused::split(&format!("{shown}: {name}"), &members, &state, rank, alpha)?;
+        let rank = rank.ok_or_else(|| {
+            AdapterError(format!(
+                "{shown}: {name}: no rank for the layers fused there"
+            ))
+        })?;
+        let shares = fused::split(
+            &format!("{shown}: {name}"),
+            layout,
+            &members,
+            &state,
+            rank,
+            alpha,
+        )?;
         layers.extend(shares.into_iter().map(|s| LayerState {
-            kind: kind.into(),
+            kind: kind.clone(),
             layer: s.layer,
-            rank: s.rank,
             alpha: s.alpha,
-            dora,
             state: s.state,
         }));
     }
@@ -227,6 +276,7 @@ fn module_key(format: Format, layer: &AdaptableLayer) -> Result<String> {
 fn layer_entries(
     format: Format,
     kind: &str,
+    layout: Option<&FileLayout>,
     layer: &AdaptableLayer,
     part: Option<PartKind>,
     state: &[(String, Tensor)],
@@ -238,11 +288,11 @@ fn layer_entries(
             .map(|(k, t)| (format!("{prefix}.{k}"), t.clone()))
             .collect());
     }
-    if kind != "lora" {
+    let Some(peft) = layout.and_then(|l| l.peft.as_ref()) else {
         return Err(AdapterError(format!(
             "{kind} has no diffusers/PEFT format: save as kohya or comfy"
         )));
-    }
+    };
     // PEFT has no alpha: fold alpha/rank into lora_B.
     let get = |k: &str| {
         state
@@ -251,18 +301,18 @@ fn layer_entries(
             .map(|(_, t)| t.clone())
             .ok_or_else(|| AdapterError(format!("layer `{}`: no {k} in its state", layer.name)))
     };
-    let down = get("lora_down.weight")?;
+    let down = get(&peft.down)?;
     let rank = down.shape().map_err(err)?[0];
     let alpha =
         ferrite_plugin_api::adapter::scalar(&layer.name, "alpha", &get("alpha")?).map_err(err)?;
-    let up = get("lora_up.weight")?
+    let up = get(&peft.up)?
         .mul_scalar(alpha / rank as f64)
         .map_err(err)?;
     let mut out = vec![
         (format!("{prefix}.lora_A.weight"), down),
         (format!("{prefix}.lora_B.weight"), up),
     ];
-    if let Ok(m) = get("dora_scale") {
+    if let Some(m) = peft.magnitude.as_deref().and_then(|m| get(m).ok()) {
         // peft's layout: [out] for a linear layer, [1, out, 1, 1] for a conv. diffusers reads
         // the UNet's magnitude bare and the text encoder's (through transformers) as `.weight`.
         let key = match part {
@@ -272,6 +322,25 @@ fn layer_entries(
         out.push((key, m.reshape(&layer.per_output_shape()).map_err(err)?));
     }
     Ok(out)
+}
+
+/// kohya's `ss_network_module` and `ss_network_args` for a state, from its plugin's layout
+/// (none declared: kohya's networks.lora).
+fn network_module(layout: Option<&FileLayout>, state: &[(String, Tensor)]) -> (String, String) {
+    let Some(l) = layout.filter(|l| !l.network_module.is_empty()) else {
+        return ("networks.lora".into(), "{}".into());
+    };
+    let mut args = l.network_args.clone();
+    for (tensor, more) in &l.args_when {
+        if state.iter().any(|(k, _)| k == tensor) {
+            args.extend(more.clone());
+        }
+    }
+    let args: Vec<String> = args
+        .iter()
+        .map(|(k, v)| format!("{}: {}", serde_json::json!(k), serde_json::json!(v)))
+        .collect();
+    (l.network_module.clone(), format!("{{{}}}", args.join(", ")))
 }
 
 /// The metadata keys [`write`] sets from the adapters and the model.
@@ -288,10 +357,13 @@ fn meta_keys_written(key: &str) -> bool {
     )
 }
 
-/// Writes adapter states (kind, layer, state under kohya suffixes) of a model to `path`.
+/// Writes adapter states (kind, layer, state under its plugin's suffixes) of a model to `path`.
+/// An adapter whose plugin declares no layout is written as its state's names under each
+/// layer's key, as kohya's networks.lora.
 pub fn write(
     path: &Path,
     format: Format,
+    layouts: &Layouts,
     states: &[AdapterState],
     model: &ModelInfo,
     extra: &[(String, String)],
@@ -314,7 +386,10 @@ pub fn write(
             continue;
         }
         let part = model.part_of(&a.layer.name).map(|p| p.kind);
-        entries.extend(layer_entries(format, &a.kind, &a.layer, part, &a.state)?);
+        let layout = layouts.get(&a.kind);
+        entries.extend(layer_entries(
+            format, &a.kind, layout, &a.layer, part, &a.state,
+        )?);
     }
     for (key, adapted) in fused_modules {
         let layers: Vec<&AdaptableLayer> = model
@@ -322,16 +397,17 @@ pub fn write(
             .iter()
             .filter(|l| l.fused.is_some() && module_key(format, l).ok().as_ref() == Some(&key))
             .collect();
-        let state = fused::fuse(&key, &layers, &adapted)?;
+        let layout = layouts.get(kind).ok_or_else(|| {
+            AdapterError(format!(
+                "{key}: {kind} declares no file layout, so it cannot be written where layers \
+                 are fused: save as diffusers"
+            ))
+        })?;
+        let state = fused::fuse(&key, layout, &layers, &adapted)?;
         entries.extend(state.into_iter().map(|(k, t)| (format!("{key}.{k}"), t)));
     }
-    let dim = first
-        .iter()
-        .find(|(k, _)| k == "lora_down.weight" || k == "hada_w1_b")
-        .map(|(_, t)| t.shape().map(|s| s[0]))
-        .transpose()
-        .map_err(err)?
-        .unwrap_or(0);
+    let layout = layouts.get(kind);
+    let dim = layout.and_then(|l| rank_of(l, first)).unwrap_or(0);
     let alpha = first
         .iter()
         .find(|(k, _)| k == "alpha")
@@ -339,14 +415,9 @@ pub fn write(
         .transpose()
         .map_err(err)?
         .unwrap_or(dim as f64);
-    let dora = first.iter().any(|(k, _)| k == "dora_scale");
-    let (module, args) = match (kind.as_str(), dora) {
-        ("loha", _) => ("lycoris.kohya", r#"{"algo": "loha"}"#.to_string()),
-        (_, true) => ("networks.lora", r#"{"dora_wd": "True"}"#.to_string()),
-        _ => ("networks.lora", "{}".to_string()),
-    };
+    let (module, args) = network_module(layout, first);
     let mut meta: Vec<(String, String)> = vec![
-        ("ss_network_module".into(), module.into()),
+        ("ss_network_module".into(), module),
         ("ss_network_dim".into(), dim.to_string()),
         ("ss_network_alpha".into(), alpha.to_string()),
         ("ss_network_args".into(), args),
@@ -407,9 +478,63 @@ mod tests {
             ("lycoris_a_b.hada_w2_b", "lycoris_a_b", "hada_w2_b"),
             ("diffusion_model.x.alpha", "diffusion_model.x", "alpha"),
         ];
+        let layouts = Layouts(vec![
+            ("lora".into(), lora_like()),
+            (
+                "loha".into(),
+                FileLayout {
+                    tensors: vec!["hada_w2_b".into()],
+                    ..FileLayout::default()
+                },
+            ),
+        ]);
+        let endings = layouts.endings();
         for (key, module, suffix) in cases {
-            assert_eq!(split_key(key), Some((module.to_string(), suffix)), "{key}");
+            assert_eq!(
+                split_key(key, &endings),
+                Some((module.to_string(), suffix.to_string())),
+                "{key}"
+            );
         }
-        assert_eq!(split_key("model.diffusion_model.out.0.weight"), None);
+        assert_eq!(
+            split_key("model.diffusion_model.out.0.weight", &endings),
+            None
+        );
+    }
+
+    fn lora_like() -> FileLayout {
+        FileLayout {
+            tensors: vec![
+                "lora_down.weight".into(),
+                "lora_up.weight".into(),
+                "dora_scale".into(),
+            ],
+            markers: vec!["lora_down.weight".into()],
+            network_module: "networks.lora".into(),
+            args_when: [(
+                "dora_scale".to_string(),
+                [("dora_wd".to_string(), "True".to_string())].into(),
+            )]
+            .into(),
+            peft: Some(ferrite_plugin_api::adapter::PeftTensors {
+                down: "lora_down.weight".into(),
+                up: "lora_up.weight".into(),
+                magnitude: Some("dora_scale".into()),
+            }),
+            ..FileLayout::default()
+        }
+    }
+
+    #[test]
+    fn network_args_follow_the_declared_layout() {
+        let one = |k: &str| vec![(k.to_string(), Tensor::from_f32(&[1.0], &[1]).unwrap())];
+        crate::runtime::init("cpu").unwrap();
+        let l = lora_like();
+        assert_eq!(
+            network_module(Some(&l), &one("dora_scale")),
+            ("networks.lora".into(), r#"{"dora_wd": "True"}"#.into())
+        );
+        assert_eq!(network_module(Some(&l), &one("lora_up.weight")).1, "{}");
+        assert_eq!(network_module(None, &[]).0, "networks.lora");
     }
 }

@@ -6,14 +6,18 @@
 //! `[rank, in]` factors and its rows of the `[out, rank]` ones — exact either way. A member
 //! without an adapter is written as zero factors and read back as absent.
 
-use ferrite_plugin_api::{AdaptableLayer, Tensor, adapter::scalar};
+use ferrite_plugin_api::{
+    AdaptableLayer, Tensor,
+    adapter::{FileLayout, scalar},
+};
 
 use super::{AdapterError, Result, err};
 
-/// Kohya suffixes of `[rank, in]` factors (LoRA's down, LoHa's `b`s) and of `[out, rank]`
-/// factors (LoRA's up, LoHa's `a`s).
-const SHARED: [&str; 3] = ["lora_down.weight", "hada_w1_b", "hada_w2_b"];
-const BY_ROWS: [&str; 3] = ["lora_up.weight", "hada_w1_a", "hada_w2_a"];
+/// Whether `suffix` is one of `list` (the layout's `[rank, in]` factors, `[out, rank]` factors
+/// or per-output tensors: LoRA's down, up and DoRA scale, LoHa's `b`s and `a`s).
+fn among(list: &[String], suffix: &str) -> bool {
+    list.iter().any(|s| s == suffix)
+}
 
 /// The fused rows of a member: (start, its rows, the module's rows).
 fn rows(layer: &AdaptableLayer) -> Result<(usize, usize, usize)> {
@@ -30,16 +34,9 @@ fn find<'a>(state: &'a [(String, Tensor)], suffix: &str) -> Option<&'a Tensor> {
     state.iter().find(|(k, _)| k == suffix).map(|(_, t)| t)
 }
 
-fn rank_of(name: &str, state: &[(String, Tensor)]) -> Result<usize> {
-    SHARED
-        .iter()
-        .find_map(|s| find(state, s))
-        .ok_or_else(|| AdapterError(format!("layer `{name}`: no down-projection in its state")))?
-        .shape()
-        .map_err(err)?
-        .first()
-        .copied()
-        .ok_or_else(|| AdapterError(format!("layer `{name}`: a 0-d down-projection")))
+fn rank_of(layout: &FileLayout, name: &str, state: &[(String, Tensor)]) -> Result<usize> {
+    super::formats::rank_of(layout, state)
+        .ok_or_else(|| AdapterError(format!("layer `{name}`: no rank tensor in its state")))
 }
 
 fn alpha_of(name: &str, state: &[(String, Tensor)]) -> Result<f64> {
@@ -55,10 +52,10 @@ fn zeros(rows: usize, cols: usize, like: &Tensor) -> Result<Tensor> {
 /// A fused module's member: its layer and its adapter's state (kohya suffixes).
 pub type Member<'a> = (&'a AdaptableLayer, &'a [(String, Tensor)]);
 
-fn dora_gap(key: &str) -> AdapterError {
+fn partial_gap(key: &str, suffix: &str) -> AdapterError {
     AdapterError(format!(
-        "{key}: DoRA on only some of the layers fused there cannot be saved in this layout: \
-         save as diffusers, or adapt all of them"
+        "{key}: `{suffix}` (DoRA's scale, say) on only some of the layers fused there cannot be \
+         saved in this layout: save as diffusers, or adapt all of them"
     ))
 }
 
@@ -68,6 +65,7 @@ fn dora_gap(key: &str) -> AdapterError {
 /// were.
 pub fn fuse(
     key: &str,
+    layout: &FileLayout,
     layers: &[&AdaptableLayer],
     adapted: &[Member],
 ) -> Result<Vec<(String, Tensor)>> {
@@ -84,11 +82,11 @@ pub fn fuse(
         .copied()
         .ok_or_else(|| AdapterError(format!("{key}: no adapter to save")))?;
     let (rank, alpha) = (
-        rank_of(&first.name, first_state)?,
+        rank_of(layout, &first.name, first_state)?,
         alpha_of(&first.name, first_state)?,
     );
     for (l, s) in adapted {
-        if rank_of(&l.name, s)? != rank || alpha_of(&l.name, s)? != alpha {
+        if rank_of(layout, &l.name, s)? != rank || alpha_of(&l.name, s)? != alpha {
             return Err(AdapterError(format!(
                 "{key}: the layers fused there have adapters of different rank or alpha, which \
                  this layout cannot hold: save as diffusers"
@@ -107,18 +105,20 @@ pub fn fuse(
             }
             match s {
                 "alpha" => Ok(t.clone()),
-                _ if SHARED.contains(&s) => zeros(rank, l.shape.get(1).copied().unwrap_or(0), t),
-                _ if BY_ROWS.contains(&s) => zeros(l.out_features(), rank, t),
-                _ => Err(dora_gap(key)),
+                _ if among(&layout.rank_rows, s) => {
+                    zeros(rank, l.shape.get(1).copied().unwrap_or(0), t)
+                }
+                _ if among(&layout.out_rows, s) => zeros(l.out_features(), rank, t),
+                _ => Err(partial_gap(key, s)),
             }
         };
         let parts = layers.iter().map(|l| part(l)).collect::<Result<Vec<_>>>()?;
         let fused = match s {
             "alpha" => Tensor::from_f32(&[(alpha * n as f64) as f32], &[]).map_err(err)?,
-            _ if SHARED.contains(&s) || s == "dora_scale" => {
+            _ if among(&layout.rank_rows, s) || among(&layout.per_output, s) => {
                 Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0).map_err(err)?
             }
-            _ if BY_ROWS.contains(&s) => {
+            _ if among(&layout.out_rows, s) => {
                 // Member j's rows hold its factor in columns j·rank.., zeros elsewhere.
                 let mut blocks = Vec::new();
                 for (j, (l, p)) in layers.iter().zip(&parts).enumerate() {
@@ -154,6 +154,7 @@ fn all_zero(t: &Tensor) -> Result<bool> {
 /// Whether every `[out, rank]` factor is block-diagonal over the members: member `j`'s rows are
 /// zero outside columns `j·rank/n ..`.
 fn block_diagonal(
+    layout: &FileLayout,
     members: &[&AdaptableLayer],
     state: &[(String, Tensor)],
     rank: usize,
@@ -163,7 +164,7 @@ fn block_diagonal(
         return Ok(false);
     }
     let r = rank / n;
-    for (_, t) in state.iter().filter(|(k, _)| BY_ROWS.contains(&k.as_str())) {
+    for (_, t) in state.iter().filter(|(k, _)| among(&layout.out_rows, k)) {
         for (j, l) in members.iter().enumerate() {
             let (start, len, _) = rows(l)?;
             let block = t.narrow(0, start, len).map_err(err)?;
@@ -180,10 +181,9 @@ fn block_diagonal(
     Ok(true)
 }
 
-/// A member's share of a fused adapter: its rank, alpha and state.
+/// A member's share of a fused adapter: its alpha and state.
 pub struct Share {
     pub layer: AdaptableLayer,
-    pub rank: usize,
     pub alpha: f64,
     pub state: Vec<(String, Tensor)>,
 }
@@ -191,6 +191,7 @@ pub struct Share {
 /// Splits a fused adapter (`state` under kohya suffixes, its alpha included) into its members'.
 pub fn split(
     key: &str,
+    layout: &FileLayout,
     members: &[&AdaptableLayer],
     state: &[(String, Tensor)],
     rank: usize,
@@ -204,7 +205,13 @@ pub fn split(
             .ok_or_else(|| AdapterError(format!("{key}: no layer to split it into")))?,
     )?;
     for (suffix, t) in state {
-        if (BY_ROWS.contains(&suffix.as_str()) || suffix == "dora_scale")
+        let known = [&layout.rank_rows, &layout.out_rows, &layout.per_output];
+        if suffix != "alpha" && !known.iter().any(|l| among(l, suffix)) {
+            return Err(AdapterError(format!(
+                "{key}: `{suffix}` cannot be split between the layers fused there"
+            )));
+        }
+        if (among(&layout.out_rows, suffix) || among(&layout.per_output, suffix))
             && t.shape().map_err(err)?.first() != Some(&total)
         {
             return Err(AdapterError(format!(
@@ -213,7 +220,7 @@ pub fn split(
         }
     }
     let n = members.len();
-    let diagonal = block_diagonal(&members, state, rank)?;
+    let diagonal = block_diagonal(layout, &members, state, rank)?;
     let r = if diagonal { rank / n } else { rank };
     let shares = members
         .iter()
@@ -225,9 +232,9 @@ pub fn split(
                 let s = suffix.as_str();
                 let part = match s {
                     "alpha" => continue,
-                    _ if SHARED.contains(&s) && diagonal => t.narrow(0, j * r, r),
-                    _ if SHARED.contains(&s) => Ok(t.clone()),
-                    _ if BY_ROWS.contains(&s) && diagonal => {
+                    _ if among(&layout.rank_rows, s) && diagonal => t.narrow(0, j * r, r),
+                    _ if among(&layout.rank_rows, s) => Ok(t.clone()),
+                    _ if among(&layout.out_rows, s) && diagonal => {
                         t.narrow(0, start, len).and_then(|b| b.narrow(1, j * r, r))
                     }
                     _ => t.narrow(0, start, len),
@@ -243,7 +250,6 @@ pub fn split(
             ));
             Ok(Share {
                 layer: (*l).clone(),
-                rank: r,
                 alpha,
                 state: own,
             })
@@ -257,7 +263,7 @@ pub fn split(
         for (_, t) in share
             .state
             .iter()
-            .filter(|(k, _)| BY_ROWS.contains(&k.as_str()))
+            .filter(|(k, _)| among(&layout.out_rows, k))
         {
             zero &= all_zero(t)?;
         }

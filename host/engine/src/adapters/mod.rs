@@ -35,7 +35,7 @@ fn err(e: impl std::fmt::Display) -> AdapterError {
 /// How to make fresh adapters (OneTrainer's LoRA options).
 #[derive(Debug, Clone, Serialize)]
 pub struct AdapterOptions {
-    /// The adapter plugin id: `lora` (with `dora` for DoRA) or `loha`.
+    /// The adapter plugin id: `lora` (with `dora` for DoRA), `loha`, `lokr`, ...
     #[serde(skip)]
     pub kind: String,
     pub rank: usize,
@@ -45,6 +45,9 @@ pub struct AdapterOptions {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dora: bool,
     pub seed: u64,
+    /// The plugin's own options (the config's `[adapter]` table: LoKr's factor, ...).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -60,6 +63,7 @@ impl Default for AdapterOptions {
             dropout: 0.0,
             dora: false,
             seed: 0,
+            extra: Default::default(),
         }
     }
 }
@@ -72,6 +76,8 @@ pub struct ModelLayers {
     pub layers: Vec<AdaptableLayer>,
     params: HashMap<String, Tensor>,
     attached: Mutex<BTreeMap<String, Vec<Attached>>>,
+    /// The file layouts of the registry adapters were last made from.
+    layouts: Mutex<formats::Layouts>,
     /// Off: layers run as if no adapter were attached (the base model's prediction).
     enabled: AtomicBool,
 }
@@ -100,6 +106,7 @@ impl ModelLayers {
             info,
             params,
             attached: Mutex::default(),
+            layouts: Mutex::default(),
             enabled: AtomicBool::new(true),
         })
     }
@@ -148,6 +155,13 @@ impl ModelLayers {
         Ok(a)
     }
 
+    /// Takes the file layouts of `registry`'s adapters (those that saving and resuming use).
+    fn use_layouts(&self, registry: &Registry) -> formats::Layouts {
+        let layouts = formats::Layouts::of(registry.components());
+        *self.layouts.lock().unwrap_or_else(|e| e.into_inner()) = layouts.clone();
+        layouts
+    }
+
     fn attach(&self, kind: &str, layer: &AdaptableLayer, adapter: AdapterHandle) {
         self.attached()
             .entry(layer.name.clone())
@@ -168,6 +182,7 @@ impl ModelLayers {
         options: &AdapterOptions,
     ) -> Result<Summary> {
         let json = serde_json::to_value(options).map_err(err)?;
+        self.use_layouts(registry);
         for layer in layers {
             let a = self.make(registry, &options.kind, layer, json.clone())?;
             self.attach(&options.kind, layer, a);
@@ -190,18 +205,20 @@ impl ModelLayers {
         path: &std::path::Path,
         multiplier: f64,
     ) -> Result<usize> {
-        let file = formats::read(self, path)?;
+        let file = formats::read(self, &self.use_layouts(registry), path)?;
         let n = file.layers.len();
         let mut made = Vec::with_capacity(n);
         for l in file.layers {
-            let mut options = serde_json::json!({
-                "rank": l.rank,
+            // The file's shapes say the adapter's structure (rank, factors, DoRA).
+            let mut shapes = ferrite_plugin_api::adapter::FileShapes::new();
+            for (k, t) in l.state.iter().filter(|(k, _)| k != "alpha") {
+                shapes.insert(k.clone(), t.shape().map_err(err)?);
+            }
+            let options = serde_json::json!({
                 "alpha": l.alpha,
                 "multiplier": multiplier,
+                "file_shapes": shapes,
             });
-            if l.dora {
-                options["dora"] = true.into();
-            }
             let mut a = self.make(registry, &l.kind, &l.layer, options)?;
             a.load_state(&l.state)
                 .map_err(|e| AdapterError(format!("{}: {e}", path.display())))?;
@@ -218,7 +235,12 @@ impl ModelLayers {
     /// adapter file): each of its layers needs an attached adapter of the same kind, rank and
     /// layout.
     pub fn resume(&self, path: &std::path::Path) -> Result<usize> {
-        let file = formats::read(self, path)?;
+        let layouts = self
+            .layouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let file = formats::read(self, &layouts, path)?;
         let mut map = self.attached();
         for l in &file.layers {
             let a = map
@@ -368,7 +390,12 @@ impl ModelLayers {
             .iter()
             .map(|(k, t)| Ok((k.clone(), t.cast(dtype).map_err(err)?)))
             .collect::<Result<Vec<_>>>()?;
-        formats::write(path, format, &states, &self.info, extra, &bundled)
+        let layouts = self
+            .layouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        formats::write(path, format, &layouts, &states, &self.info, extra, &bundled)
     }
 }
 

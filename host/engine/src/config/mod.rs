@@ -495,8 +495,12 @@ pub struct TrainConfig {
     /// the output.
     pub bundle_additional_embeddings: bool,
 
-    /// lora or loha.
+    /// The adapter plugin: lora, loha, lokr, ...
     pub peft_type: String,
+    /// The adapter plugin's own options beyond rank, alpha, dropout and DoRA (LoKr's `factor`,
+    /// `decompose_both`, `full_matrix`), checked against its schema.
+    #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
+    pub adapter: toml::Table,
     /// The rank of each adapter.
     pub lora_rank: usize,
     /// Scales the adapter by alpha / rank.
@@ -631,6 +635,7 @@ impl Default for TrainConfig {
             text_encoder_2: PartConfig::default(),
             vae: VaeConfig::default(),
             peft_type: "lora".into(),
+            adapter: toml::Table::new(),
             lora_rank: 16,
             lora_alpha: 1.0,
             lora_weight_dtype: LoraWeightDtype::Float32,
@@ -1143,6 +1148,10 @@ impl TrainConfig {
             dropout: self.lora_dropout,
             dora: self.lora_decompose,
             seed: self.seed,
+            extra: serde_json::to_value(&self.adapter)
+                .ok()
+                .and_then(|v| v.as_object().cloned())
+                .unwrap_or_default(),
         }
     }
 
@@ -1163,6 +1172,10 @@ impl TrainConfig {
                     Some("dropout") => "lora_dropout",
                     Some("dora") => "lora_decompose",
                     Some("seed") => "seed",
+                    Some(other) if self.adapter.contains_key(other) => {
+                        e.push(format!("adapter.{other}: {problem}"));
+                        continue;
+                    }
                     _ => "peft_type",
                 };
                 e.push(format!("{key}: {problem}"));

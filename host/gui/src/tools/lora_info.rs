@@ -1,12 +1,14 @@
 //! "What a LoRA file holds" (`ferrite lora info`): its layout, type, ranks, alphas, family and
 //! training metadata.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use eframe::egui::Ui;
 
-use crate::adapters::describe::describe;
+use crate::adapters::{describe::describe, formats::Layouts};
 use crate::config::TrainConfig;
+use crate::plugins::Registry;
+use crate::settings::Settings;
 
 #[derive(Default)]
 pub struct LoraInfo {
@@ -15,7 +17,7 @@ pub struct LoraInfo {
 }
 
 impl LoraInfo {
-    pub fn show(&mut self, ui: &mut Ui, base: &Path) {
+    pub fn show(&mut self, ui: &mut Ui, base: &Path, plugin_dirs: &[PathBuf], settings: &Settings) {
         ui.strong("What a LoRA file holds (ferrite lora info)");
         ui.horizontal(|ui| {
             let l = ui.label("Adapter file");
@@ -29,7 +31,9 @@ impl LoraInfo {
                         .and_then(|(device, _)| {
                             let scope = crate::runtime::Scope::new(device);
                             let _scope = scope.enter();
-                            describe(&path)
+                            // The adapter plugins say which tensors are whose.
+                            let registry = Registry::discover(plugin_dirs, settings);
+                            describe(&path, &Layouts::of(registry.components()))
                                 .map(|d| d.lines())
                                 .map_err(|e| format!("{}: {e}", path.display()))
                         }),

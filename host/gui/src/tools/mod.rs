@@ -200,7 +200,9 @@ impl Tools {
         ui.separator();
         // Each section's widgets get ids of their own, so output growing in one (the model
         // tools' log) does not move the ids of the widgets after it between frames.
-        ui.push_id("lora info", |ui| self.lora_info.show(ui, base));
+        ui.push_id("lora info", |ui| {
+            self.lora_info.show(ui, base, plugin_dirs, settings)
+        });
         ui.separator();
         ui.push_id("model tools", |ui| {
             self.commands.show(ui, base, ferrite, config, config_file)

@@ -546,6 +546,7 @@ fn adapter(o: &mut Obj, c: &mut TrainConfig, paths: &Paths, report: &mut Report)
     match o.str("peft_type").as_deref() {
         None | Some("LORA") => c.peft_type = "lora".into(),
         Some("LOHA") => c.peft_type = "loha".into(),
+        Some("LOKR") => c.peft_type = "lokr".into(),
         Some(other) => {
             report.note(format!(
                 "peft_type: {other} is not an adapter Ferrite has yet; LoRA is used"
@@ -554,6 +555,19 @@ fn adapter(o: &mut Obj, c: &mut TrainConfig, paths: &Paths, report: &mut Report)
         }
     }
     c.lora_rank = o.usize("lora_rank").unwrap_or(16);
+    if c.peft_type == "lokr" {
+        // OneTrainer's LoKr has its own rank, and LyCORIS' factor options.
+        c.lora_rank = o.usize("lokr_dim").unwrap_or(16);
+        let factor = o.f64("lokr_decompose_factor").map_or(-1, |f| f as i64);
+        c.adapter.insert("factor".into(), factor.into());
+        for (ot, ours) in [
+            ("lokr_decompose_both", "decompose_both"),
+            ("lokr_full_matrix", "full_matrix"),
+        ] {
+            c.adapter
+                .insert(ours.into(), o.bool(ot).unwrap_or(false).into());
+        }
+    }
     c.lora_alpha = o.f64("lora_alpha").unwrap_or(1.0);
     c.lora_weight_dtype = enum_key(o, "lora_weight_dtype", c.lora_weight_dtype, report);
     c.lora_dropout = o.f64("dropout_probability").unwrap_or(0.0);
