@@ -51,8 +51,9 @@ pub fn scalar(layer: &str, key: &str, t: &Tensor) -> Result<f64> {
 /// code names no adapter's tensors. A layer's tensors are written under the layer's kohya,
 /// ComfyUI or diffusers key followed by these suffixes (LyCORIS' layout); `alpha` is every
 /// adapter's and is not listed.
+// Unknown fields are ignored: a plugin built against a later plugin-api may declare more.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct FileLayout {
     /// The suffixes of the state's tensors (`lora_down.weight`, `hada_w1_a`, ...).
     pub tensors: Vec<String>,

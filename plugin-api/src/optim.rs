@@ -140,3 +140,10 @@ pub fn write(param: &Tensor, value: &Tensor) -> Result<()> {
 pub fn zeros_like(t: &Tensor) -> Result<Tensor> {
     Tensor::zeros(&t.shape()?, DType::F32)
 }
+
+/// The state field of a parameter's weights to evaluate with, where they are not the trained
+/// ones (schedule-free optimizers train at one point and evaluate at another): an optimizer that
+/// returns `<parameter>.eval` from `state()` has the host put those in place for samples,
+/// validation and the saved model. They are derived, so backups leave them out and
+/// `load_state` never gets them.
+pub const EVAL_FIELD: &str = "eval";

@@ -345,6 +345,32 @@ fn lycoris_lokr_gives_the_reference_output_and_round_trips() {
         .unwrap()
         .get("lokr", DType::F32)
         .unwrap();
+    // The fixture has every structure: w1 whole or decomposed, w2 whole or low rank.
+    let mut structures = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for i in Weights::open(file.to_str().unwrap()).unwrap().infos() {
+        let (layer, suffix) = i.key.rsplit_once('.').unwrap();
+        if suffix != "alpha" {
+            structures
+                .entry(layer.to_string())
+                .or_default()
+                .push(suffix.to_string());
+        }
+    }
+    let kinds: std::collections::BTreeSet<String> = structures
+        .values_mut()
+        .map(|v| {
+            v.sort();
+            v.join(",")
+        })
+        .collect();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        [
+            "lokr_w1,lokr_w2",
+            "lokr_w1,lokr_w2_a,lokr_w2_b",
+            "lokr_w1_a,lokr_w1_b,lokr_w2_a,lokr_w2_b"
+        ]
+    );
     let base = s.unet();
     let n = s.load(&file);
     let out = s.unet();
@@ -390,6 +416,31 @@ fn lycoris_lokr_gives_the_reference_output_and_round_trips() {
         .to_string();
     assert!(e.contains("lokr has no diffusers/PEFT format"), "{e}");
     s.model.clear();
+
+    // A Tucker core (LyCORIS' use_tucker) is refused by name, not taken for another model's.
+    let key = "lycoris_down_blocks_0_resnets_0_conv1";
+    let t = Tensor::zeros(&[2, 2], DType::F32).unwrap();
+    let tucker = dir.path().join("tucker.safetensors");
+    ferrite_plugin_api::save_safetensors(
+        tucker.to_str().unwrap(),
+        &[
+            (&format!("{key}.lokr_w1"), &t),
+            (&format!("{key}.lokr_w2_a"), &t),
+            (&format!("{key}.lokr_w2_b"), &t),
+            (&format!("{key}.lokr_t2"), &t),
+        ],
+        &[],
+    )
+    .unwrap();
+    let e = s
+        .model
+        .load(&s.registry, &tucker, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tucker.safetensors") && e.contains("Tucker"),
+        "{e}"
+    );
 }
 
 /// Fresh LoKr adapters change nothing, have LyCORIS' structure for the options (low-rank w2

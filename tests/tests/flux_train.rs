@@ -150,6 +150,33 @@ fn flux_lora_trains_and_saves_in_diffusers_and_kohya_layouts() {
         "{e}"
     );
 
+    // LoKr has no roles in fused modules (Flux's qkv in kohya's keys) nor a diffusers layout:
+    // both refused before training, naming the adapter.
+    let e = refusal(
+        root,
+        ferrite::config::TrainConfig {
+            output_model_format: ferrite::config::OutputFormat::Safetensors,
+            ..flux_config(
+                root,
+                "lokr",
+                "peft_type = \"lokr\"\nlora_layer_preset = \"attn-only\"",
+            )
+        },
+    );
+    assert!(
+        e.contains("lokr cannot be written") && e.contains("fuses"),
+        "{e}"
+    );
+    let e = refusal(
+        root,
+        flux_config(
+            root,
+            "lokr2",
+            "peft_type = \"lokr\"\nlora_layer_preset = \"attn-only\"",
+        ),
+    );
+    assert!(e.contains("lokr has no diffusers/PEFT layout"), "{e}");
+
     // OneTrainer's `blocks` preset: every layer of the double and single blocks (the context
     // stream's feed-forward and the modulations too), not the embedders or the output layers.
     train(

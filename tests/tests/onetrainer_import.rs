@@ -367,6 +367,11 @@ fn onetrainers_optimizers_import_with_their_options() {
             "optimizer = \"rmsprop\"\nalpha = 0.99\nmomentum = 0.5\ncentered = true",
         ),
         (
+            // OneTrainer's warmup (200 steps by default) goes to the optimizer.
+            r#"{"optimizer": "SCHEDULE_FREE_ADAMW", "r": 0.0, "weight_lr_power": 2.0, "foreach": false}"#,
+            "optimizer = \"schedule_free_adamw\"\nr = 0.0\nweight_lr_power = 2.0\nwarmup_steps = 200",
+        ),
+        (
             r#"{"optimizer": "ADAGRAD", "lr_decay": 0.1, "initial_accumulator_value": 0.5}"#,
             "optimizer = \"adagrad\"\nlr_decay = 0.1\ninitial_accumulator_value = 0.5",
         ),

@@ -193,6 +193,45 @@ fn ademamix_matches_pytorch_optimizer() {
     assert!(replay("ademamix", "ademamix") < 1e-5);
 }
 
+/// Schedule-free AdamW's training point y follows schedulefree's step for step (warmup, r,
+/// weight_lr_power, a parameter without a gradient), and its `eval` state is the x that
+/// schedulefree's `eval()` puts in the parameters.
+#[test]
+fn schedule_free_adamw_matches_schedulefree() {
+    assert!(replay("schedule_free_adamw", "schedule_free_adamw") < 1e-5);
+    runtime::init("cpu").unwrap();
+    let registry = Registry::discover(&[profile_dir()], &Settings::default());
+    let w = Weights::open(&fixture("schedule_free_adamw")).unwrap();
+    let mut opt = registry
+        .optimizer("schedule_free_adamw", &meta(&w, "options"))
+        .unwrap();
+    let lrs: Vec<f64> = serde_json::from_str(&meta(&w, "lrs")).unwrap();
+    let params: Vec<Tensor> = (0..2)
+        .map(|i| w.get(&format!("p{i}.init"), DType::F32).unwrap())
+        .collect();
+    for (t, lr) in lrs.iter().enumerate() {
+        let grads: Vec<Option<Tensor>> = (0..2)
+            .map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).ok())
+            .collect();
+        opt.step(&named(&params, &grads), *lr).unwrap();
+    }
+    let state = opt.state().unwrap();
+    for (i, p) in ["p0", "p1"].iter().enumerate() {
+        let x = &state
+            .iter()
+            .find(|(k, _)| *k == format!("{p}.eval"))
+            .unwrap()
+            .1;
+        let want = w.get(&format!("eval.p{i}"), DType::F32).unwrap();
+        let d = ferrite_tests::max_abs_diff(x, &want);
+        let trained = ferrite_tests::max_abs_diff(&params[i], &want);
+        println!(
+            "schedule-free eval weights of {p}: max abs diff {d:.2e} (y is {trained:.2e} away)"
+        );
+        assert!(d < 1e-6 && trained > 1e-3, "{p}: {d} / {trained}");
+    }
+}
+
 /// Every optimizer's saved state, loaded into a fresh instance half way, continues the run
 /// exactly (the adaptive ones' own scalars included).
 #[test]
@@ -206,6 +245,7 @@ fn every_optimizers_state_round_trips() {
         ("adafactor", "adafactor"),
         ("came", "came"),
         ("ademamix", "ademamix"),
+        ("schedule_free_adamw", "schedule_free_adamw"),
     ] {
         state_round_trips(optimizer, fixture);
     }

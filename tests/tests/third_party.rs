@@ -45,13 +45,13 @@ fn text(o: &std::process::Output) -> String {
     )
 }
 
-/// Every `.rs` file under `dir`.
+/// Every file under `dir`.
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();
         if p.is_dir() {
             sources(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rs") {
+        } else {
             out.push(p);
         }
     }
@@ -122,10 +122,18 @@ path = "data"
         .filter(|k| k.ends_with(".ia3_scale"))
         .collect();
     assert!(!scales.is_empty(), "no ia3_scale keys in {}", out.display());
-    // The scales start at 0; Signum moves each by the learning rate where it has a gradient.
+    // The scales start at 0 and Signum moves each by ±lr (0.01, constant) a step: every value
+    // is a whole number of learning rates, and some are not 0.
     for k in &scales {
         let v = w.get(k, DType::F32).unwrap().to_vec().unwrap();
         assert!(v.iter().any(|x| *x != 0.0), "{k} did not train");
+        for x in &v {
+            let steps = x / 0.01;
+            assert!(
+                (steps - steps.round()).abs() < 1e-3,
+                "{k}: {x} is not Signum's"
+            );
+        }
     }
     let meta: std::collections::HashMap<String, String> =
         w.metadata().unwrap().into_iter().collect();
@@ -170,13 +178,36 @@ path = "data"
     let (plain, adapted) = (sample("plain.png", None), sample("ia3.png", Some(&out)));
     assert_ne!(plain, adapted, "the IA3 file changes the samples");
 
+    // Outside the workspace, depending on plugin-api alone of Ferrite's crates.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let manifest: toml::Table = toml::from_str(
+        &std::fs::read_to_string(repo.join("examples/third-party-plugin/Cargo.toml")).unwrap(),
+    )
+    .unwrap();
+    let deps: Vec<&String> = manifest["dependencies"]
+        .as_table()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(
+        deps,
+        ["abi_stable", "ferrite-plugin-api", "serde", "serde_json"],
+        "the example depends on ordinary crates and plugin-api only"
+    );
+    let members = std::fs::read_to_string(repo.join("Cargo.toml")).unwrap();
+    assert!(!members.contains("\"examples/third-party-plugin\",\n"));
+
+    // No host source, plugin of ours or preset names them.
     let mut files = Vec::new();
-    for d in ["host", "plugin-api/src", "plugins"] {
+    for d in ["host", "plugin-api", "plugins", "presets"] {
         sources(&repo.join(d), &mut files);
     }
+    assert!(files.len() > 50, "{} files", files.len());
     for f in files {
-        let s = std::fs::read_to_string(&f).unwrap();
+        let Ok(s) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        let s = s.to_lowercase();
         for word in ["\"ia3\"", "\"signum\"", "ia3_scale", "ferrite_example"] {
             assert!(!s.contains(word), "{} names `{word}`", f.display());
         }

@@ -865,6 +865,35 @@ fn a_lokr_run_takes_its_options_from_the_adapter_table() {
     assert_eq!(loaded, trained, "the file holds the trained factors");
 }
 
+/// Schedule-free AdamW trains at y and evaluates at x: the saved adapter holds x (not the trained
+/// y, which an AdamW run's file holds), and the trainer's weights are y again afterwards.
+#[test]
+fn a_schedule_free_run_saves_its_eval_weights() {
+    let root = setup();
+    let root = root.path();
+    let saved_and_trained = |name: &str, optimizer: &str| {
+        let mut c = config(root, name);
+        c.backup_after_unit = TimeUnit::Never;
+        c.optimizer = toml::from_str(&format!("optimizer = \"{optimizer}\"")).unwrap();
+        let r = run(c, root, None);
+        let mut saved: Vec<Vec<f32>> = tensors(&root.join(format!("{name}/out/lora.safetensors")))
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with(".alpha"))
+            .map(|(_, v)| v)
+            .collect();
+        let mut trained: Vec<Vec<f32>> = r.weights.into_iter().map(|(_, v)| v).collect();
+        let order = |a: &Vec<f32>, b: &Vec<f32>| a.partial_cmp(b).unwrap();
+        saved.sort_by(order);
+        trained.sort_by(order);
+        (saved, trained)
+    };
+    let (saved, trained) = saved_and_trained("adamw", "adamw");
+    assert_eq!(saved, trained, "AdamW saves what it trained");
+    let (saved, trained) = saved_and_trained("schedule_free", "schedule_free_adamw");
+    assert_eq!(saved.len(), trained.len());
+    assert_ne!(saved, trained, "schedule-free saves x, not the trained y");
+}
+
 /// Reads the tensors of a saved file.
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     let w = ferrite_plugin_api::Weights::open(&path.to_string_lossy()).unwrap();

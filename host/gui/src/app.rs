@@ -792,7 +792,12 @@ impl App {
 fn lora_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, adapters: &[String]) {
     f.grid(ui, "lora", |f, ui| {
         let adapters: Vec<&str> = adapters.iter().map(String::as_str).collect();
+        let before = c.peft_type.clone();
         f.choice_id(ui, "peft_type", &mut c.peft_type, &adapters);
+        if c.peft_type != before {
+            // Another adapter: its own options start from their defaults.
+            c.adapter.clear();
+        }
         f.num(ui, "lora_rank", &mut c.lora_rank);
         f.num(ui, "lora_alpha", &mut c.lora_alpha);
         f.choice(ui, "lora_weight_dtype", &mut c.lora_weight_dtype);

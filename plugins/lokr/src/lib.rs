@@ -114,6 +114,20 @@ impl Plan {
 
     /// The plan a file's tensors were made with.
     fn from_file(layer: &AdaptableLayer, shapes: &FileShapes, k: usize) -> Result<Self> {
+        for (unsupported, what) in [
+            ("lokr_t2", "a Tucker core (LyCORIS' use_tucker)"),
+            (
+                "dora_scale",
+                "weight decomposition (LyCORIS' weight_decompose)",
+            ),
+        ] {
+            if shapes.contains_key(unsupported) {
+                bail!(
+                    "layer `{}`: the file's LoKr has {what}, which Ferrite's LoKr does not have",
+                    layer.name
+                );
+            }
+        }
         let get = |key: &str| shapes.get(key).filter(|s| s.len() >= 2);
         let bad = || {
             Error(format!(
@@ -190,7 +204,8 @@ const TENSORS: [&str; 6] = [
 fn file_layout() -> FileLayout {
     let t = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     FileLayout {
-        tensors: t(&TENSORS),
+        // The Tucker core and DoRA scale are LyCORIS' too: read, to be refused by name.
+        tensors: t(&[&TENSORS[..], &["lokr_t2", "dora_scale"]].concat()),
         markers: t(&["lokr_w1", "lokr_w1_a"]),
         rank_from: t(&["lokr_w2_b", "lokr_w1_b"]),
         network_module: "lycoris.kohya".into(),
@@ -385,7 +400,7 @@ impl Plugin for LokrPlugin {
                     "properties": {
                         "rank": {"type": "integer", "minimum": 1, "default": d.rank},
                         "alpha": {"type": "number", "default": d.alpha},
-                        "factor": {"type": "integer", "default": d.factor,
+                        "factor": {"type": "integer", "default": d.factor, "not": {"const": 0},
                                    "description": "split sizes near this number; -1: most square"},
                         "decompose_both": {"type": "boolean", "default": d.decompose_both},
                         "full_matrix": {"type": "boolean", "default": d.full_matrix},
@@ -404,7 +419,11 @@ impl Plugin for LokrPlugin {
         if (kind, id) != (ComponentKind::Adapter, "lokr") {
             bail!("this library has no {kind} `{id}`");
         }
-        let o = parse_options(id, Options::default(), options)?;
+        let mut o: Options = parse_options(id, Options::default(), options)?;
+        // LyCORIS: an alpha of 0 means the rank (scale 1).
+        if o.alpha == 0.0 {
+            o.alpha = o.rank as f64;
+        }
         if o.factor == 0 {
             bail!("options of `lokr`: factor must be -1 or at least 1");
         }

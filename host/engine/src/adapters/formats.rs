@@ -76,11 +76,29 @@ impl Layouts {
         self.0.iter().find(|(id, _)| id == kind).map(|(_, l)| l)
     }
 
-    /// The adapter a layer's suffixes belong to: the first with a marker among them.
-    fn kind_of(&self, suffixes: &[&str]) -> Option<&(String, FileLayout)> {
-        self.0
+    /// The adapter a layer's suffixes belong to: the one with a marker among them (an error
+    /// names them when several have).
+    fn kind_of(
+        &self,
+        suffixes: &[&str],
+    ) -> std::result::Result<Option<&(String, FileLayout)>, String> {
+        let found: Vec<&(String, FileLayout)> = self
+            .0
             .iter()
-            .find(|(_, l)| l.markers.iter().any(|m| suffixes.contains(&m.as_str())))
+            .filter(|(_, l)| l.markers.iter().any(|m| suffixes.contains(&m.as_str())))
+            .collect();
+        match found[..] {
+            [] => Ok(None),
+            [one] => Ok(Some(one)),
+            _ => Err(format!(
+                "the adapter plugins {} all claim its tensors; disable all but one",
+                found
+                    .iter()
+                    .map(|(id, _)| id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
     }
 
     /// Known key endings and the suffix each stands for: every declared tensor, `alpha`, and
@@ -193,12 +211,15 @@ pub fn read(model: &ModelLayers, layouts: &Layouts, path: &Path) -> Result<Adapt
     let mut layers = Vec::new();
     for (name, (members, keys)) in groups {
         let suffixes: Vec<&str> = keys.iter().map(|(s, _)| s.as_str()).collect();
-        let (kind, layout) = layouts.kind_of(&suffixes).ok_or_else(|| {
-            AdapterError(format!(
-                "{shown}: layer `{name}` has {} — no loaded adapter plugin's tensors",
-                suffixes.join(", ")
-            ))
-        })?;
+        let (kind, layout) = layouts
+            .kind_of(&suffixes)
+            .map_err(|e| AdapterError(format!("{shown}: layer `{name}`: {e}")))?
+            .ok_or_else(|| {
+                AdapterError(format!(
+                    "{shown}: layer `{name}` has {} — no loaded adapter plugin's tensors",
+                    suffixes.join(", ")
+                ))
+            })?;
         let mut state = Vec::new();
         let mut alpha = None;
         for (suffix, key) in &keys {

@@ -219,7 +219,9 @@ impl ModelLayers {
                 "multiplier": multiplier,
                 "file_shapes": shapes,
             });
-            let mut a = self.make(registry, &l.kind, &l.layer, options)?;
+            let mut a = self
+                .make(registry, &l.kind, &l.layer, options)
+                .map_err(|e| AdapterError(format!("{}: {e}", path.display())))?;
             a.load_state(&l.state)
                 .map_err(|e| AdapterError(format!("{}: {e}", path.display())))?;
             made.push((l.kind, l.layer, a));

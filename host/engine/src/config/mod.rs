@@ -1161,6 +1161,25 @@ impl TrainConfig {
         use ferrite_plugin_api::ComponentKind;
         let mut e = Vec::new();
         if self.training_method == TrainingMethod::Lora {
+            // The options the host sets from its own fields, or itself.
+            for key in self.adapter.keys().filter(|k| {
+                matches!(
+                    k.as_str(),
+                    "rank"
+                        | "alpha"
+                        | "dropout"
+                        | "dora"
+                        | "seed"
+                        | "multiplier"
+                        | "layer"
+                        | "file_shapes"
+                )
+            }) {
+                e.push(format!(
+                    "adapter.{key}: set by lora_rank, lora_alpha, lora_dropout, lora_decompose, \
+                     seed or the host, not in [adapter]"
+                ));
+            }
             let a = self.adapter_options();
             let json = serde_json::to_value(&a).unwrap_or_default();
             for (option, problem) in

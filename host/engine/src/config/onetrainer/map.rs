@@ -744,6 +744,17 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
             "came",
             &["beta1", "beta2", "beta3", "eps", "eps2", "weight_decay"],
         ),
+        "SCHEDULE_FREE_ADAMW" => (
+            "schedule_free_adamw",
+            &[
+                "beta1",
+                "beta2",
+                "eps",
+                "weight_decay",
+                "r",
+                "weight_lr_power",
+            ],
+        ),
         "AdEMAMix" | "AdEMAMix_8BIT" => (
             "ademamix",
             &["beta1", "beta2", "beta3", "eps", "alpha", "weight_decay"],
@@ -768,6 +779,22 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
     }
     let mut table = toml::Table::new();
     table.insert("optimizer".into(), id.into());
+    if id == "schedule_free_adamw" {
+        // OneTrainer runs schedule-free optimizers on a constant schedule and hands them the
+        // warmup.
+        let warmup = c.learning_rate_warmup_steps;
+        if warmup > 1.0 {
+            table.insert("warmup_steps".into(), (warmup as i64).into());
+        }
+        if warmup > 0.0 || c.learning_rate_scheduler != crate::config::LrScheduler::Constant {
+            report.note(format!(
+                "optimizer: schedule-free runs on a constant schedule, as in OneTrainer; the \
+                 warmup ({warmup}) is the optimizer's own"
+            ));
+        }
+        c.learning_rate_scheduler = crate::config::LrScheduler::Constant;
+        c.learning_rate_warmup_steps = 0.0;
+    }
     for k in keys {
         if let Some(v) = opt.take(k) {
             let value = match &v {

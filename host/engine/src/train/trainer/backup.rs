@@ -55,7 +55,13 @@ impl Trainer {
             let p = tmp.join(format!("{}.safetensors", g.part));
             ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[]).map_err(err)?;
             let state = g.optimizer.state().map_err(err)?;
-            let named: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            // Eval weights are derived from the rest (and never loaded back).
+            let eval = format!(".{}", ferrite_plugin_api::optim::EVAL_FIELD);
+            let named: Vec<(&str, &Tensor)> = state
+                .iter()
+                .filter(|(n, _)| !n.ends_with(&eval))
+                .map(|(n, t)| (n.as_str(), t))
+                .collect();
             let p = tmp.join(format!("{}-optimizer.safetensors", g.part));
             ferrite_plugin_api::save_safetensors(&p.to_string_lossy(), &named, &[STATE_BY_NAME])
                 .map_err(err)?;

@@ -53,6 +53,43 @@ impl Drop for Untracked {
     }
 }
 
+/// While it lives, the parameters hold the weights to evaluate with where their optimizer has
+/// others than the trained ones (schedule-free's x, its `<parameter>.eval` state): for samples,
+/// validation and the output. The trained weights are back afterwards.
+pub(super) struct EvalWeights(Vec<(Tensor, Tensor)>);
+
+impl EvalWeights {
+    pub(super) fn new(groups: &[Group]) -> Result<Self> {
+        let suffix = format!(".{}", ferrite_plugin_api::optim::EVAL_FIELD);
+        let mut kept = Vec::new();
+        for g in groups {
+            let state = g.optimizer.state().map_err(err)?;
+            let eval: std::collections::HashMap<&str, &Tensor> = state
+                .iter()
+                .filter_map(|(k, t)| Some((k.strip_suffix(&suffix)?, t)))
+                .collect();
+            for (name, p) in g.names.iter().zip(&g.params) {
+                if let Some(x) = eval.get(name.as_str()) {
+                    kept.push((p.clone(), p.detach().map_err(err)?));
+                    p.assign(&x.cast(p.dtype().map_err(err)?).map_err(err)?)
+                        .map_err(err)?;
+                }
+            }
+        }
+        Ok(Self(kept))
+    }
+}
+
+impl Drop for EvalWeights {
+    fn drop(&mut self) {
+        for (p, v) in &self.0 {
+            if let Err(e) = p.assign(v) {
+                tracing::error!("putting the trained weights back: {e}");
+            }
+        }
+    }
+}
+
 impl Trainer {
     /// The layers a LoRA run adapts: the preset's (or `lora_layers`') of the denoiser, every
     /// layer of the other trained parts.

@@ -117,15 +117,38 @@ impl Trainer {
         }
         // An adapter file in kohya's or ComfyUI's keys needs the model to name them (checked
         // now, not when the trained file is written).
-        let layout = match c.output_model_format {
-            OutputFormat::Safetensors | OutputFormat::Kohya => layouts::KOHYA,
-            OutputFormat::Comfy => layouts::COMFY,
-            OutputFormat::Diffusers => return Ok(()),
-        };
         if c.training_method != TrainingMethod::Lora {
             return Ok(());
         }
+        // What the adapter plugin declares it can be written as.
+        let declared = crate::adapters::formats::Layouts::of(self.registry.components());
+        let file = declared.get(&c.peft_type);
+        let layout = match c.output_model_format {
+            OutputFormat::Safetensors | OutputFormat::Kohya => layouts::KOHYA,
+            OutputFormat::Comfy => layouts::COMFY,
+            OutputFormat::Diffusers => {
+                if file.is_some_and(|f| f.peft.is_none()) {
+                    return Err(TrainError(format!(
+                        "output_model_format `diffusers`: {} has no diffusers/PEFT layout; use \
+                         `kohya` or `comfy`",
+                        c.peft_type
+                    )));
+                }
+                return Ok(());
+            }
+        };
         let adapted = self.adapted_layers()?;
+        // A layout that fuses layers into one module (Flux's qkv) stacks each adapter tensor
+        // by its declared role; an adapter without roles for them cannot be written there.
+        let fusable = file.is_some_and(|f| !(f.rank_rows.is_empty() && f.out_rows.is_empty()));
+        if !fusable && let Some(l) = adapted.iter().find(|l| l.fused.is_some()) {
+            return Err(TrainError(format!(
+                "output_model_format `{}`: {layout} fuses layer `{}` with others into one \
+                 module, which {} cannot be written as; use `diffusers` (if it has that layout) \
+                 or leave the fused layers out",
+                c.output_model_format, l.name, c.peft_type
+            )));
+        }
         if let Some(l) = adapted.iter().find(|l| !l.keys.contains_key(layout)) {
             return Err(TrainError(format!(
                 "output_model_format `{}`: this model names no {layout} key for layer `{}`, \
@@ -198,6 +221,7 @@ impl Trainer {
     /// tensors under their diffusers names.
     pub fn save_output(&self) -> Result<PathBuf> {
         let _scope = self.scope.enter();
+        let _eval = super::groups::EvalWeights::new(&self.groups)?;
         self.with_ema_weights(|| self.write_output())
     }
 

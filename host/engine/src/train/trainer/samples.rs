@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::groups::Untracked;
+use super::groups::{EvalWeights, Untracked};
 use super::{Result, Trainer, err};
 use crate::sample::generate;
 
@@ -11,6 +11,7 @@ impl Trainer {
     pub fn sample(&mut self) -> Result<Vec<PathBuf>> {
         let _scope = self.scope.enter();
         let _untracked = Untracked::new(&self.groups)?;
+        let _eval = EvalWeights::new(&self.groups)?;
         self.model.set_training(false).map_err(err)?;
         let mut out = Vec::new();
         for (i, s) in self.config.samples.iter().enumerate() {

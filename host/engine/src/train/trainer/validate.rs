@@ -4,7 +4,7 @@ use ferrite_plugin_api::{Generator, Tensor};
 use rand::Rng;
 
 use super::encode::Batch;
-use super::groups::Untracked;
+use super::groups::{EvalWeights, Untracked};
 use super::{Result, Trainer, err};
 use crate::data;
 
@@ -59,6 +59,7 @@ impl Trainer {
     pub fn validate(&self) -> Result<Vec<(String, f32)>> {
         let _scope = self.scope.enter();
         let _untracked = Untracked::new(&self.groups)?;
+        let _eval = EvalWeights::new(&self.groups)?;
         let timesteps = self.fixed_timesteps();
         let mut out = Vec::new();
         for (ci, concept) in self.config.concepts.iter().enumerate() {
@@ -87,6 +88,7 @@ impl Trainer {
     pub fn loss_report(&self) -> Result<Vec<(std::path::PathBuf, String, String, f32)>> {
         let _scope = self.scope.enter();
         let _untracked = Untracked::new(&self.groups)?;
+        let _eval = EvalWeights::new(&self.groups)?;
         let timesteps = self.fixed_timesteps();
         let mut out = Vec::new();
         for (i, item) in self.data.items.iter().enumerate() {
