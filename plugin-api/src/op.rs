@@ -238,6 +238,11 @@ op_args! {
     ToDevice { device: String }
     /// A model part's id (`unet`, `text_encoder`).
     Part { part: String }
+    /// 1.7, the multi-tensor (foreach) ops: `a·x + b·y` (axpby) or `a·x + b·y·z` (addcmul) for
+    /// each tensor of the lists.
+    Axpby { a: f64, b: f64 }
+    /// `a·x + b·y / (c·√z + eps)` for each tensor of the lists.
+    AddcdivSqrt { a: f64, b: f64, c: f64, eps: f64 }
     RequiresGrad { requires: bool }
 }
 
@@ -416,6 +421,13 @@ op_table! {
     // `host::without_float16`).
     73 FALLBACK_BEGIN FallbackBegin "fallback_begin" (0, 0, false) NoArgs;
     74 FALLBACK_END FallbackEnd "fallback_end" (0, 0, false) NoArgs;
+    // 1.7: multi-tensor ops (torch's `_foreach_*`): one call over a list of tensors, the lists
+    // one after another (x₁..xₙ, y₁..yₙ[, z₁..zₙ]); an optimizer step is a few calls per group.
+    75 FOREACH_AXPBY ForeachAxpby "foreach_axpby" (2, 0, true) Axpby;
+    76 FOREACH_ADDCMUL ForeachAddcmul "foreach_addcmul" (3, 0, true) Axpby;
+    77 FOREACH_ADDCDIV_SQRT ForeachAddcdivSqrt "foreach_addcdiv_sqrt" (3, 0, true) AddcdivSqrt;
+    // foreach_assign puts y₁..yₙ into x₁..xₙ (as `assign`).
+    78 FOREACH_ASSIGN ForeachAssign "foreach_assign" (2, 0, true) NoArgs;
 }
 
 #[cfg(test)]

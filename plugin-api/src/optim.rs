@@ -147,3 +147,63 @@ pub fn zeros_like(t: &Tensor) -> Result<Tensor> {
 /// validation and the saved model. They are derived, so backups leave them out and
 /// `load_state` never gets them.
 pub const EVAL_FIELD: &str = "eval";
+
+/// Multi-tensor ops (ABI 1.7): one host call over a whole list, where a per-tensor loop makes
+/// one call per tensor and op.
+pub mod foreach {
+    use crate::error::{Error, Result};
+    use crate::host::call;
+    use crate::op::{self, Op};
+    use crate::tensor::Tensor;
+
+    fn lists<'a>(lists: &[&'a [Tensor]]) -> Result<Vec<&'a Tensor>> {
+        let n = lists[0].len();
+        if lists.iter().any(|l| l.len() != n) {
+            return Err(Error::msg("foreach: the lists differ in length"));
+        }
+        Ok(lists.iter().flat_map(|l| l.iter()).collect())
+    }
+
+    fn run(op: Op, inputs: Vec<&Tensor>) -> Result<Vec<Tensor>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        call(op, &inputs)
+    }
+
+    /// `a·xᵢ + b·yᵢ`.
+    pub fn axpby(a: f64, x: &[Tensor], b: f64, y: &[Tensor]) -> Result<Vec<Tensor>> {
+        run(Op::ForeachAxpby(op::Axpby { a, b }), lists(&[x, y])?)
+    }
+
+    /// `a·xᵢ + b·yᵢ·zᵢ`.
+    pub fn addcmul(
+        a: f64,
+        x: &[Tensor],
+        b: f64,
+        y: &[Tensor],
+        z: &[Tensor],
+    ) -> Result<Vec<Tensor>> {
+        run(Op::ForeachAddcmul(op::Axpby { a, b }), lists(&[x, y, z])?)
+    }
+
+    /// `a·xᵢ + b·yᵢ / (c·√zᵢ + eps)` (Adam's step).
+    #[allow(clippy::too_many_arguments)]
+    pub fn addcdiv_sqrt(
+        a: f64,
+        x: &[Tensor],
+        b: f64,
+        y: &[Tensor],
+        c: f64,
+        z: &[Tensor],
+        eps: f64,
+    ) -> Result<Vec<Tensor>> {
+        let op = Op::ForeachAddcdivSqrt(op::AddcdivSqrt { a, b, c, eps });
+        run(op, lists(&[x, y, z])?)
+    }
+
+    /// Assigns `valuesᵢ` into `targetsᵢ` (as [`Tensor::assign`]).
+    pub fn assign(targets: &[Tensor], values: &[Tensor]) -> Result<()> {
+        run(Op::ForeachAssign(op::NoArgs {}), lists(&[targets, values])?).map(|_| ())
+    }
+}

@@ -46,10 +46,20 @@ fn meta(w: &Weights, key: &str) -> String {
 /// (by a percent of its size): an optimizer that does nothing cannot pass. Where the reference logs
 /// its step-size estimate `d`, the optimizer's own `d` must match it too.
 fn replay(optimizer: &str, name: &str) -> f64 {
+    replay_with(optimizer, name, serde_json::json!({}))
+}
+
+/// [`replay`] with options of the plugin's own merged over the fixture's.
+fn replay_with(optimizer: &str, name: &str, extra: serde_json::Value) -> f64 {
     runtime::init("cpu").unwrap();
     let registry = Registry::discover(&[profile_dir()], &Settings::default());
     let w = Weights::open(&fixture(name)).unwrap();
-    let mut opt = registry.optimizer(optimizer, &meta(&w, "options")).unwrap();
+    let mut options: serde_json::Value = serde_json::from_str(&meta(&w, "options")).unwrap();
+    options
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let mut opt = registry.optimizer(optimizer, &options.to_string()).unwrap();
     let lrs: Vec<f64> = serde_json::from_str(&meta(&w, "lrs")).unwrap();
     let steps: usize = meta(&w, "steps").parse().unwrap();
     let get = |key: String| w.get(&key, DType::F32).unwrap().to_vec().unwrap();
@@ -117,6 +127,20 @@ fn adamw_matches_torch() {
 #[test]
 fn adam_matches_torch() {
     assert!(replay("adam", "adam") < 1e-6);
+}
+
+/// The per-tensor path (`foreach = false`) and the multi-tensor one (the default) both follow
+/// torch, a parameter without a gradient included.
+#[test]
+fn adam_and_adamw_match_torch_one_tensor_at_a_time_too() {
+    let per_tensor = serde_json::json!({"foreach": false});
+    for (optimizer, fixture) in [
+        ("adamw", "adamw"),
+        ("adam", "adam"),
+        ("adamw", "adamw_missing_grad"),
+    ] {
+        assert!(replay_with(optimizer, fixture, per_tensor.clone()) < 1e-6);
+    }
 }
 
 #[test]

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use ferrite_plugin_api::{
     Component, ComponentKind, Descriptor, Error, Optimizer, Param, Plugin, Result, Tensor, bail,
-    export_plugin, parse_options,
+    export_plugin,
+    optim::{foreach, zeros_like},
+    parse_options,
     serde_json::{self, json},
 };
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,9 @@ pub struct AdamOptions {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// One multi-tensor call per update for the whole group instead of several per parameter
+    /// (the same arithmetic, in the sum form β·m + (1 − β)·g).
+    pub foreach: bool,
 }
 
 impl AdamOptions {
@@ -26,6 +31,7 @@ impl AdamOptions {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: if decoupled { 1e-2 } else { 0.0 },
+            foreach: true,
         }
     }
 }
@@ -39,7 +45,9 @@ fn schema(decoupled: bool) -> serde_json::Value {
             "beta1": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": d.beta1},
             "beta2": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": d.beta2},
             "eps": {"type": "number", "exclusiveMinimum": 0, "default": d.eps},
-            "weight_decay": {"type": "number", "minimum": 0, "default": d.weight_decay}
+            "weight_decay": {"type": "number", "minimum": 0, "default": d.weight_decay},
+            "foreach": {"type": "boolean", "default": d.foreach,
+                        "description": "update every parameter of a group in one call per step"}
         }
     })
 }
@@ -78,13 +86,78 @@ impl Adam {
 
 const FIELDS: [&str; 3] = ["step", "exp_avg", "exp_avg_sq"];
 
-impl Optimizer for Adam {
-    fn step(&mut self, params: &[Param<'_>], lr: f64) -> Result<()> {
+impl Adam {
+    /// The step with multi-tensor calls: parameters that have taken the same number of steps
+    /// share their bias corrections and go through a handful of calls together.
+    fn step_foreach(&mut self, params: &[Param<'_>], lr: f64) -> Result<()> {
         let AdamOptions {
             beta1,
             beta2,
             eps,
             weight_decay,
+            ..
+        } = self.opts;
+        let mut by_step: BTreeMap<u64, Vec<&Param<'_>>> = BTreeMap::new();
+        for p in params.iter().filter(|p| p.grad.is_some()) {
+            let step = self.state.get(p.name).map_or(0, |m| m.step) + 1;
+            by_step.entry(step).or_default().push(p);
+        }
+        for (step, group) in by_step {
+            let w: Vec<Tensor> = group.iter().map(|p| p.tensor.clone()).collect();
+            let mut g: Vec<Tensor> = group.iter().filter_map(|p| p.grad.cloned()).collect();
+            if weight_decay != 0.0 && !self.decoupled {
+                g = foreach::axpby(1.0, &g, weight_decay, &w)?;
+            }
+            let (mut m, mut v) = (Vec::new(), Vec::new());
+            for (p, g) in group.iter().zip(&g) {
+                match self.state.remove(p.name) {
+                    Some(s) => {
+                        m.push(s.exp_avg);
+                        v.push(s.exp_avg_sq);
+                    }
+                    None => {
+                        m.push(zeros_like(g)?);
+                        v.push(zeros_like(g)?);
+                    }
+                }
+            }
+            let m = foreach::axpby(beta1, &m, 1.0 - beta1, &g)?;
+            let v = foreach::addcmul(beta2, &v, 1.0 - beta2, &g, &g)?;
+            let bias1 = 1.0 - beta1.powi(step as i32);
+            let bias2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
+            let keep = if self.decoupled {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            };
+            let new = foreach::addcdiv_sqrt(keep, &w, -lr / bias1, &m, 1.0 / bias2_sqrt, &v, eps)?;
+            foreach::assign(&w, &new)?;
+            for ((p, exp_avg), exp_avg_sq) in group.iter().zip(m).zip(v) {
+                self.state.insert(
+                    p.name.to_string(),
+                    Moments {
+                        step,
+                        exp_avg,
+                        exp_avg_sq,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self, params: &[Param<'_>], lr: f64) -> Result<()> {
+        if self.opts.foreach {
+            return self.step_foreach(params, lr);
+        }
+        let AdamOptions {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            ..
         } = self.opts;
         for p in params {
             let Some(g) = p.grad else { continue };

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use burn_backend::{Scalar, TensorMetadata};
 use ferrite_plugin_api::{DType, TensorId};
 
-use super::{RtResult, TensorTable, Tracking, Value, one, shape_of};
+use super::{F, RtResult, TensorTable, Tracking, Value, one, shape_of};
 use crate::table::float_dtype;
 
 impl<B: Tracking> TensorTable<B> {
@@ -82,8 +82,15 @@ impl<B: Tracking> TensorTable<B> {
 
     /// Replaces the destination's value (every handle to it sees the change).
     pub(super) fn assign(&self, ids: &[TensorId]) -> RtResult<Vec<Value<B>>> {
-        self.not_kept("assign", ids[0])?;
-        let (dst, src) = (self.f(ids, 0)?, self.f(ids, 1)?);
+        let src = self.f(ids, 1)?;
+        self.assign_value(ids[0], src)?;
+        Ok(vec![])
+    }
+
+    /// Puts `src` in tensor `id`'s place, keeping whether it is trained.
+    pub(super) fn assign_value(&self, id: TensorId, src: F<B>) -> RtResult<()> {
+        self.not_kept("assign", id)?;
+        let dst = self.float(id)?;
         if shape_of::<B>(&dst) != shape_of::<B>(&src) {
             return Err(format!(
                 "op assign: shape {:?} into {:?}",
@@ -93,7 +100,6 @@ impl<B: Tracking> TensorTable<B> {
         }
         let trainable = B::float_is_require_grad(&dst);
         let new = B::float_set_require_grad(B::float_detach(src), trainable);
-        self.replace(ids[0], Value::Float(new))?;
-        Ok(vec![])
+        self.replace(id, Value::Float(new))
     }
 }

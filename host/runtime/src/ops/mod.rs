@@ -4,6 +4,7 @@
 mod autodiff;
 mod creation;
 mod elementwise;
+mod foreach;
 mod nn;
 mod reduce;
 mod shape;
@@ -167,6 +168,10 @@ impl<B: Tracking> TensorTable<B> {
             Op::Backward(_) => self.backward(ids[0]),
             Op::Grad(_) => self.grad(ids),
             Op::Assign(_) => self.assign(ids),
+            Op::ForeachAxpby(_)
+            | Op::ForeachAddcmul(_)
+            | Op::ForeachAddcdivSqrt(_)
+            | Op::ForeachAssign(_) => self.foreach(op, ids),
             Op::CheckpointBegin(_)
             | Op::CheckpointEnd(_)
             | Op::WeightLoaded(_)
