@@ -1447,3 +1447,59 @@ fn attention_gradients_in_training_match_finite_differences() {
         "{e}"
     );
 }
+
+/// The multi-tensor ops against the same arithmetic written out per element; lists of unequal
+/// length or shape are refused naming the op; assigning keeps each target's dtype.
+#[test]
+fn foreach_ops_compute_each_pair_and_keep_the_targets_dtype() {
+    use ferrite_plugin_api::optim::foreach;
+    init();
+    let (xs, ys, zs) = (
+        [r(&[3, 2], 1), r(&[5], 2)],
+        [r(&[3, 2], 3), r(&[5], 4)],
+        [r(&[3, 2], 5), r(&[5], 6)],
+    );
+    let list = |v: &[(Vec<f32>, Vec<usize>); 2]| v.iter().map(|(d, s)| t(d, s)).collect::<Vec<_>>();
+    let (x, y, z) = (list(&xs), list(&ys), list(&zs));
+    let axpby = foreach::axpby(0.5, &x, -2.0, &y).unwrap();
+    let addcmul = foreach::addcmul(0.9, &x, 0.1, &y, &z).unwrap();
+    let addcdiv = foreach::addcdiv_sqrt(
+        0.99,
+        &x,
+        -0.01,
+        &y,
+        2.0,
+        &z.iter().map(|t| t.abs().unwrap()).collect::<Vec<_>>(),
+        1e-8,
+    )
+    .unwrap();
+    for i in 0..2 {
+        let (a, b, c, s) = (&xs[i].0, &ys[i].0, &zs[i].0, &xs[i].1);
+        let want: Vec<f32> = a.iter().zip(b).map(|(a, b)| 0.5 * a - 2.0 * b).collect();
+        close(&axpby[i], &want, s, 1e-6);
+        let want: Vec<f32> = (0..a.len())
+            .map(|j| 0.9 * a[j] + 0.1 * b[j] * c[j])
+            .collect();
+        close(&addcmul[i], &want, s, 1e-6);
+        let want: Vec<f32> = (0..a.len())
+            .map(|j| 0.99 * a[j] - 0.01 * b[j] / (2.0 * c[j].abs().sqrt() + 1e-8))
+            .collect();
+        close(&addcdiv[i], &want, s, 1e-6);
+    }
+    let e = foreach::axpby(1.0, &x, 1.0, &y[..1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("differ in length"), "{e}");
+    let swapped = [y[1].clone(), y[0].clone()];
+    let e = foreach::axpby(1.0, &x, 1.0, &swapped)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("foreach_axpby") && e.contains("shapes"), "{e}");
+    let targets: Vec<Tensor> = x.iter().map(|t| t.cast(DType::BF16).unwrap()).collect();
+    foreach::assign(&targets, &axpby).unwrap();
+    for (tg, v) in targets.iter().zip(&axpby) {
+        assert_eq!(tg.dtype().unwrap(), DType::BF16);
+        let want = v.cast(DType::BF16).unwrap().to_vec().unwrap();
+        assert_eq!(tg.to_vec().unwrap(), want);
+    }
+}
