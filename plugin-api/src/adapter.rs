@@ -36,6 +36,29 @@ pub fn load_into(layer: &str, key: &str, target: &Tensor, src: &Tensor) -> Resul
     target.assign(&src.cast(target.dtype()?)?.detach()?)
 }
 
+/// For an adapter whose whole effect is a weight change ΔW (LoHa, LoKr): the layer's output with
+/// `multiplier`·ΔW added.
+pub fn forward_with_delta(
+    layer: &AdaptableLayer,
+    x: &Tensor,
+    base_out: &Tensor,
+    delta: &Tensor,
+    multiplier: f64,
+) -> Result<Tensor> {
+    base_out.add(&layer.apply(x, delta)?.mul_scalar(multiplier)?)
+}
+
+/// The bound weight `base` with `multiplier`·ΔW merged in (a ΔW adapter's `merged_weight`).
+pub fn merge_delta(
+    layer: &AdaptableLayer,
+    base: Option<&Tensor>,
+    delta: &Tensor,
+    multiplier: f64,
+) -> Result<Tensor> {
+    let w = base.ok_or_else(|| Error(format!("layer `{}`: adapter not bound", layer.name)))?;
+    w.add(&delta.mul_scalar(multiplier)?)
+}
+
 /// A scalar such as kohya's `alpha` (0-d, or one element).
 pub fn scalar(layer: &str, key: &str, t: &Tensor) -> Result<f64> {
     match t.to_vec()?[..] {

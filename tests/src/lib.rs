@@ -196,3 +196,29 @@ pub fn shard(dir: &Path, part: &str, stem: &str) {
     let json = serde_json::json!({"metadata": {}, "weight_map": map});
     std::fs::write(&index, json.to_string()).unwrap();
 }
+
+/// Builds a crate outside the workspace (its own Cargo.lock, `--locked`) into `target_name`
+/// next to this build's target dir, checks that `libs` were built, and returns their folder.
+pub fn build_outside_workspace(manifest: &Path, target_name: &str, libs: &[&str]) -> PathBuf {
+    let target = profile_dir().parent().unwrap().join(target_name);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--locked", "--manifest-path"])
+        .arg(manifest)
+        .arg("--target-dir")
+        .arg(&target)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("running cargo");
+    assert!(
+        out.status.success(),
+        "building {}:\n{}",
+        manifest.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = target.join("debug");
+    for lib in libs {
+        assert!(dir.join(dylib_name(lib)).exists(), "{lib} was not built");
+    }
+    dir
+}

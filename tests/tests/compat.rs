@@ -3,40 +3,19 @@
 //! (`compat-lora`) on the tiny SD 1.x pipeline.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ferrite::config::TrainConfig;
 use ferrite::plugins::Registry;
 use ferrite::settings::Settings;
 use ferrite::train::trainer::{Event, Trainer};
 use ferrite_plugin_api::ComponentKind;
-use ferrite_tests::{dylib_name, profile_dir, toy_dataset};
+use ferrite_tests::{profile_dir, toy_dataset};
 
 /// Builds the compat workspace (its own Cargo.lock) next to this build's target dir and returns
 /// the folder holding its two libraries.
 fn build_compat_plugins() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("compat/Cargo.toml");
-    let target = profile_dir().parent().unwrap().join("compat");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--locked", "--manifest-path"])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target)
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .expect("running cargo");
-    assert!(
-        out.status.success(),
-        "building {}:\n{}",
-        manifest.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = target.join("debug");
-    for lib in ["compat_optim", "compat_adapter"] {
-        assert!(dir.join(dylib_name(lib)).exists(), "{lib} was not built");
-    }
-    dir
+    ferrite_tests::build_outside_workspace(&manifest, "compat", &["compat_optim", "compat_adapter"])
 }
 
 #[test]

@@ -6,35 +6,16 @@
 //! back. No source file of the host names either.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ferrite::config::presets_dir;
 use ferrite::train::demo;
 use ferrite_plugin_api::{DType, Weights};
-use ferrite_tests::{dylib_name, profile_dir, run_ferrite};
+use ferrite_tests::{dylib_name, run_ferrite};
 
 fn build_example() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let manifest = root.join("examples/third-party-plugin/Cargo.toml");
-    let target = profile_dir().parent().unwrap().join("third-party");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--locked", "--manifest-path"])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target)
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .expect("running cargo");
-    assert!(
-        out.status.success(),
-        "building {}:\n{}",
-        manifest.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = target.join("debug");
-    assert!(dir.join(dylib_name("ferrite_example_plugin")).exists());
-    dir
+    ferrite_tests::build_outside_workspace(&manifest, "third-party", &["ferrite_example_plugin"])
 }
 
 fn text(o: &std::process::Output) -> String {

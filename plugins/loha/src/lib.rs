@@ -7,7 +7,8 @@ use ferrite_plugin_api::{
     AdaptableLayer, Adapter, Component, ComponentKind, DType, Descriptor, Error, Generator, Plugin,
     Result, Tensor,
     adapter::{
-        FileLayout, FileShapes, check_weight, layer_seed, load_into, scalar, with_file_layout,
+        FileLayout, FileShapes, check_weight, forward_with_delta, layer_seed, load_into,
+        merge_delta, scalar, with_file_layout,
     },
     bail, export_plugin, parse_options,
     serde_json::{self, json},
@@ -169,16 +170,16 @@ impl Adapter for Loha {
     fn set_training(&mut self, _training: bool) {}
 
     fn forward(&self, x: &Tensor, base_out: &Tensor) -> Result<Tensor> {
-        let change = self.layer.apply(x, &self.delta()?)?;
-        base_out.add(&change.mul_scalar(self.o.multiplier)?)
+        forward_with_delta(&self.layer, x, base_out, &self.delta()?, self.o.multiplier)
     }
 
     fn merged_weight(&mut self) -> Result<Tensor> {
-        let w = self
-            .base
-            .as_ref()
-            .ok_or_else(|| Error(format!("layer `{}`: adapter not bound", self.layer.name)))?;
-        w.add(&self.delta()?.mul_scalar(self.o.multiplier)?)
+        merge_delta(
+            &self.layer,
+            self.base.as_ref(),
+            &self.delta()?,
+            self.o.multiplier,
+        )
     }
 
     fn unmerged_weight(&self, merged: &Tensor) -> Result<Tensor> {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use ferrite_plugin_api::{
     Component, ComponentKind, Descriptor, Error, Optimizer, Param, Plugin, Result, Tensor, bail,
     export_plugin,
-    optim::{foreach, zeros_like},
+    optim::foreach,
     parse_options,
     serde_json::{self, json},
 };
@@ -115,9 +115,12 @@ impl Adam {
                         m.push(s.exp_avg);
                         v.push(s.exp_avg_sq);
                     }
+                    // In the gradient's dtype, as the per-tensor path's moments (bf16 with
+                    // lora_weight_dtype).
                     None => {
-                        m.push(zeros_like(g)?);
-                        v.push(zeros_like(g)?);
+                        let zeros = Tensor::zeros(&g.shape()?, g.dtype()?)?;
+                        m.push(zeros.clone());
+                        v.push(zeros);
                     }
                 }
             }
