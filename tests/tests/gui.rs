@@ -467,3 +467,38 @@ fn the_tools_tab_runs_the_model_tools() {
     // The sections after it still answer while its log grows.
     extract_frames(&mut h, root);
 }
+
+/// The LoRA tab draws the chosen adapter plugin's own options from its schema (LoKr's
+/// `decompose_both` into `[adapter]`), and choosing another adapter clears them.
+#[test]
+fn the_lora_tab_shows_the_adapters_own_options() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = app(dir.path());
+    tab(&mut h, "LoRA");
+    assert!(
+        h.query_by_label("Decompose both").is_none(),
+        "LoRA has none"
+    );
+    let choose = |h: &mut Harness<'static, App>, id: &str| {
+        h.get_by_label("PEFT type").click();
+        h.run();
+        h.get_by_label(id).click_accesskit();
+        h.run();
+        h.key_press(Key::Escape);
+        h.run();
+    };
+    choose(&mut h, "lokr");
+    assert_eq!(h.state().config.peft_type, "lokr");
+    click(&mut h, "Decompose both");
+    assert_eq!(
+        h.state().config.adapter.get("decompose_both"),
+        Some(&toml::Value::Boolean(true))
+    );
+    choose(&mut h, "loha");
+    assert!(
+        h.state().config.adapter.is_empty(),
+        "another adapter's options go"
+    );
+    assert!(h.query_by_label("Decompose both").is_none());
+}

@@ -31,7 +31,8 @@ impl AdamOptions {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: if decoupled { 1e-2 } else { 0.0 },
-            foreach: true,
+            // Opt-in for now: see the README.
+            foreach: false,
         }
     }
 }
