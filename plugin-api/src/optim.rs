@@ -109,6 +109,20 @@ pub fn scalar(v: f64) -> Result<Tensor> {
     Tensor::full(&[1], v, DType::F32)
 }
 
+/// A host-side f64 the optimizer keeps (a sum over steps) as a saveable tensor: three f32
+/// parts whose sum is the value exactly (f32 alone would change it on a resume).
+pub fn f64_tensor(v: f64) -> Result<Tensor> {
+    let hi = v as f32;
+    let mid = (v - hi as f64) as f32;
+    let lo = (v - hi as f64 - mid as f64) as f32;
+    Tensor::from_f32(&[hi, mid, lo], &[3])
+}
+
+/// The value [`f64_tensor`] saved.
+pub fn f64_of(t: &Tensor) -> Result<f64> {
+    Ok(t.to_vec()?.iter().map(|&x| x as f64).sum())
+}
+
 /// The larger of `a` and `b`, element by element.
 pub fn maximum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Tensor::where_(&a.gt(b)?, a, b)

@@ -892,6 +892,43 @@ fn a_schedule_free_run_saves_its_eval_weights() {
     let (saved, trained) = saved_and_trained("schedule_free", "schedule_free_adamw");
     assert_eq!(saved.len(), trained.len());
     assert_ne!(saved, trained, "schedule-free saves x, not the trained y");
+
+    // x = y + (z − y)(1 − 1/β1) from the backup written after the last step: the trained y and
+    // the optimizer's z (the backup holds no eval weights).
+    let mut c = config(root, "sf_backup");
+    c.optimizer = toml::from_str("optimizer = \"schedule_free_adamw\"").unwrap();
+    c.backup_after = 6.0;
+    run(c, root, None);
+    let backup = root.join("sf_backup/backup/backup-000000006");
+    let y = tensors(&backup.join("unet.safetensors"));
+    let state = tensors(&backup.join("unet-optimizer.safetensors"));
+    assert!(!state.iter().any(|(k, _)| k.ends_with(".eval")));
+    let c1 = (1.0 - 1.0 / 0.9f64) as f32;
+    let mut x: Vec<Vec<f32>> = y
+        .iter()
+        .map(|(name, y)| {
+            let z = &state
+                .iter()
+                .find(|(k, _)| *k == format!("{name}.z"))
+                .unwrap()
+                .1;
+            y.iter().zip(z).map(|(y, z)| y + (z - y) * c1).collect()
+        })
+        .collect();
+    let mut file: Vec<Vec<f32>> = tensors(&root.join("sf_backup/out/lora.safetensors"))
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with(".alpha"))
+        .map(|(_, v)| v)
+        .collect();
+    let order = |a: &Vec<f32>, b: &Vec<f32>| a.partial_cmp(b).unwrap();
+    x.sort_by(order);
+    file.sort_by(order);
+    assert_eq!(x.len(), file.len());
+    for (a, b) in x.iter().zip(&file) {
+        for (p, q) in a.iter().zip(b) {
+            assert!((p - q).abs() <= 1e-6 * p.abs().max(1e-3), "{p} != {q}");
+        }
+    }
 }
 
 /// Reads the tensors of a saved file.

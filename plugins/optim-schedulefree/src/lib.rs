@@ -7,7 +7,7 @@
 use ferrite_plugin_api::{
     Component, ComponentKind, DType, Descriptor, Optimizer, Param, Plugin, Result, Tensor, bail,
     export_plugin,
-    optim::{EVAL_FIELD, Slots, own, write, zeros_like},
+    optim::{EVAL_FIELD, Slots, f64_of, f64_tensor, own, write, zeros_like},
     parse_options,
     serde_json::{self, json},
 };
@@ -76,6 +76,9 @@ impl Optimizer for ScheduleFree {
             0.0
         };
         for p in params {
+            // Every parameter's handle, with or without a gradient now: its eval weights are
+            // derived from it (after a resume too).
+            self.params.insert(p.name.to_string(), p.tensor.clone());
             let Some(g) = p.grad else { continue };
             let g = g.detach()?.cast(DType::F32)?;
             let y = p.tensor.detach()?.cast(DType::F32)?;
@@ -102,9 +105,6 @@ impl Optimizer for ScheduleFree {
             write(p.tensor, &y)?;
             slot.set("z", z.sub(&step.mul_scalar(lr)?)?);
             slot.set("exp_avg_sq", v);
-            self.params
-                .entry(p.name.to_string())
-                .or_insert(p.tensor.clone());
         }
         self.k += 1;
         Ok(())
@@ -115,17 +115,19 @@ impl Optimizer for ScheduleFree {
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = self.slots.save(vec![
             ("k".into(), Tensor::from_f32(&[self.k as f32], &[1])?),
-            (
-                "lr_max".into(),
-                Tensor::from_f32(&[self.lr_max as f32], &[1])?,
-            ),
-            (
-                "weight_sum".into(),
-                Tensor::from_f32(&[self.weight_sum as f32], &[1])?,
-            ),
+            ("lr_max".into(), f64_tensor(self.lr_max)?),
+            ("weight_sum".into(), f64_tensor(self.weight_sum)?),
         ])?;
         for (name, y) in &self.params {
-            let z = self.slots.by_param[name].get("z")?;
+            // A parameter that never had a gradient has no z: it is its own eval weight.
+            let Some(z) = self
+                .slots
+                .by_param
+                .get(name)
+                .and_then(|s| s.tensors.get("z"))
+            else {
+                continue;
+            };
             let y = y.detach()?.cast(DType::F32)?;
             let x = y.add(&z.sub(&y)?.mul_scalar(1.0 - 1.0 / self.o.beta1)?)?;
             out.push((format!("{name}.{EVAL_FIELD}"), x));
@@ -139,8 +141,8 @@ impl Optimizer for ScheduleFree {
             slot.tensors.remove(EVAL_FIELD);
         }
         self.k = own(&mut mine, "schedule_free_adamw", "k")?.item()? as u64;
-        self.lr_max = own(&mut mine, "schedule_free_adamw", "lr_max")?.item()? as f64;
-        self.weight_sum = own(&mut mine, "schedule_free_adamw", "weight_sum")?.item()? as f64;
+        self.lr_max = f64_of(&own(&mut mine, "schedule_free_adamw", "lr_max")?)?;
+        self.weight_sum = f64_of(&own(&mut mine, "schedule_free_adamw", "weight_sum")?)?;
         if let Some(name) = mine.keys().next() {
             bail!("unknown schedule_free_adamw state tensor `{name}`");
         }
