@@ -97,6 +97,22 @@ impl Slots {
     }
 }
 
+impl Slots {
+    /// [`Slots::load`] for an optimizer with no state of its own: any such entry is refused.
+    pub fn load_all(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
+        let own = self.load(state)?;
+        self.no_more(own)
+    }
+
+    /// Refuses the optimizer's own entries left after it took those it knows.
+    pub fn no_more(&self, left: BTreeMap<String, Tensor>) -> Result<()> {
+        match left.keys().next() {
+            Some(name) => Err(Error(format!("unknown {} state tensor `{name}`", self.who))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A saved value of the optimizer's own, or an error naming it.
 pub fn own(entries: &mut BTreeMap<String, Tensor>, who: &str, name: &str) -> Result<Tensor> {
     entries

@@ -26,6 +26,28 @@ pub struct Descriptor {
     pub options_schema: serde_json::Value,
 }
 
+impl Descriptor {
+    /// An optimizer whose options are `properties` (a JSON schema's, no others allowed).
+    pub fn optimizer(
+        id: &str,
+        version: &str,
+        description: &str,
+        properties: serde_json::Value,
+    ) -> Self {
+        Self {
+            kind: ComponentKind::Optimizer,
+            id: id.into(),
+            version: version.into(),
+            description: description.into(),
+            options_schema: serde_json::json!({
+                "type": "object",
+                "additionalProperties": false,
+                "properties": properties
+            }),
+        }
+    }
+}
+
 /// One parameter of an optimizer step.
 pub struct Param<'a> {
     /// The parameter's stable name: optimizer state is kept (and saved) by it.

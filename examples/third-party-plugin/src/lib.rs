@@ -55,10 +55,7 @@ impl Optimizer for Signum {
     }
 
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
-        if let Some(name) = self.slots.load(state)?.keys().next() {
-            bail!("unknown signum state tensor `{name}`");
-        }
-        Ok(())
+        self.slots.load_all(state)
     }
 }
 

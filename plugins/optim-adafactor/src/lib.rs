@@ -207,10 +207,7 @@ impl Optimizer for Factored {
     }
 
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
-        if let Some(name) = self.slots.load(state)?.keys().next() {
-            bail!("unknown adafactor/came state tensor `{name}`");
-        }
-        Ok(())
+        self.slots.load_all(state)
     }
 }
 
@@ -222,16 +219,8 @@ impl Plugin for FactoredPlugin {
 
     fn components() -> Vec<Descriptor> {
         let (a, c) = (AdafactorOptions::default(), CameOptions::default());
-        let d = |id: &str, description: &str, properties| Descriptor {
-            kind: ComponentKind::Optimizer,
-            id: id.into(),
-            version: Self::VERSION.into(),
-            description: description.into(),
-            options_schema: json!({
-                "type": "object",
-                "additionalProperties": false,
-                "properties": properties
-            }),
+        let d = |id: &str, description: &str, properties| {
+            Descriptor::optimizer(id, Self::VERSION, description, properties)
         };
         let num = |v: f64| json!({"type": "number", "minimum": 0, "default": v});
         let positive = |v: f64| json!({"type": "number", "exclusiveMinimum": 0, "default": v});

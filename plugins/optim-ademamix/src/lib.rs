@@ -109,10 +109,7 @@ impl Optimizer for Ademamix {
     }
 
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
-        if let Some(name) = self.slots.load(state)?.keys().next() {
-            bail!("unknown ademamix state tensor `{name}`");
-        }
-        Ok(())
+        self.slots.load_all(state)
     }
 }
 

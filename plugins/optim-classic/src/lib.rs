@@ -162,10 +162,7 @@ impl Optimizer for Classic {
     }
 
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
-        if let Some(name) = self.slots.load(state)?.keys().next() {
-            bail!("unknown rmsprop/adagrad state tensor `{name}`");
-        }
-        Ok(())
+        self.slots.load_all(state)
     }
 }
 
@@ -177,16 +174,8 @@ impl Plugin for ClassicPlugin {
 
     fn components() -> Vec<Descriptor> {
         let (r, a) = (RmspropOptions::default(), AdagradOptions::default());
-        let d = |id: &str, description: &str, properties| Descriptor {
-            kind: ComponentKind::Optimizer,
-            id: id.into(),
-            version: Self::VERSION.into(),
-            description: description.into(),
-            options_schema: json!({
-                "type": "object",
-                "additionalProperties": false,
-                "properties": properties
-            }),
+        let d = |id: &str, description: &str, properties| {
+            Descriptor::optimizer(id, Self::VERSION, description, properties)
         };
         vec![
             d(

@@ -154,6 +154,6 @@ impl DadaptAdam {
         self.d = own(&mut own_state, "dadapt_adam", "d")?;
         self.numerator_weighted = own(&mut own_state, "dadapt_adam", "numerator_weighted")?;
         self.k = own(&mut own_state, "dadapt_adam", "k")?.item()? as u64;
-        crate::no_more(own_state, "dadapt_adam")
+        self.slots.no_more(own_state)
     }
 }

@@ -4,8 +4,6 @@
 mod dadapt_adam;
 mod prodigy;
 
-use std::collections::BTreeMap;
-
 use ferrite_plugin_api::{
     Component, ComponentKind, DType, Descriptor, Optimizer, Param, Plugin, Result, Tensor, bail,
     export_plugin, parse_options,
@@ -25,13 +23,6 @@ fn new_d(moving: &Tensor, new: &Tensor, old: &Tensor) -> Result<Tensor> {
 fn masked(moving: &Tensor, new: &Tensor, old: &Tensor) -> Result<Tensor> {
     let m = moving.cast(DType::F32)?;
     old.add(&new.sub(old)?.mul(&m)?)
-}
-
-fn no_more(left: BTreeMap<String, Tensor>, who: &str) -> Result<()> {
-    match left.keys().next() {
-        Some(name) => bail!("unknown {who} state tensor `{name}`"),
-        None => Ok(()),
-    }
 }
 
 enum Adaptive {
@@ -77,16 +68,8 @@ impl Plugin for DadaptPlugin {
 
     fn components() -> Vec<Descriptor> {
         let (p, a) = (ProdigyOptions::default(), DadaptAdamOptions::default());
-        let d = |id: &str, description: &str, properties| Descriptor {
-            kind: ComponentKind::Optimizer,
-            id: id.into(),
-            version: Self::VERSION.into(),
-            description: description.into(),
-            options_schema: json!({
-                "type": "object",
-                "additionalProperties": false,
-                "properties": properties
-            }),
+        let d = |id: &str, description: &str, properties| {
+            Descriptor::optimizer(id, Self::VERSION, description, properties)
         };
         vec![
             d(

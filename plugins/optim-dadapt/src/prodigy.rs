@@ -198,6 +198,6 @@ impl Prodigy {
         self.d_max = own(&mut own_state, "prodigy", "d_max")?;
         self.d_numerator = own(&mut own_state, "prodigy", "d_numerator")?;
         self.k = own(&mut own_state, "prodigy", "k")?.item()? as u64;
-        crate::no_more(own_state, "prodigy")
+        self.slots.no_more(own_state)
     }
 }

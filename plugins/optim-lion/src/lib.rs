@@ -74,11 +74,7 @@ impl Optimizer for Lion {
     }
 
     fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
-        let own = self.slots.load(state)?;
-        if let Some(name) = own.keys().next() {
-            bail!("unknown lion state tensor `{name}`");
-        }
-        Ok(())
+        self.slots.load_all(state)
     }
 }
 

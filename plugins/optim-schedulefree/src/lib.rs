@@ -143,10 +143,7 @@ impl Optimizer for ScheduleFree {
         self.k = own(&mut mine, "schedule_free_adamw", "k")?.item()? as u64;
         self.lr_max = f64_of(&own(&mut mine, "schedule_free_adamw", "lr_max")?)?;
         self.weight_sum = f64_of(&own(&mut mine, "schedule_free_adamw", "weight_sum")?)?;
-        if let Some(name) = mine.keys().next() {
-            bail!("unknown schedule_free_adamw state tensor `{name}`");
-        }
-        Ok(())
+        self.slots.no_more(mine)
     }
 }
 
