@@ -489,3 +489,130 @@ fn fresh_lokr_adapters_follow_their_options() {
     );
     s.model.clear();
 }
+
+fn oft_output(name: &str) -> Tensor {
+    Weights::open(adapter_file("oft_outputs.safetensors").to_str().unwrap())
+        .unwrap()
+        .get(name, DType::F32)
+        .unwrap()
+}
+
+/// OFT as OneTrainer trains and saves it (tests/fixtures/gen/oft.py: peft's rotation module on
+/// the linear layers, OneTrainer's weight rotation on the conv layers, block sizes 8 and 4, some
+/// layers sharing one block) gives the reference UNet output; merging equals running it and
+/// unmerging restores the base; kohya's and ComfyUI's layouts round-trip it.
+#[test]
+fn onetrainer_oft_gives_the_reference_output_and_round_trips() {
+    let s = Setup::new();
+    let file = adapter_file("oft_onetrainer.safetensors");
+    let want = oft_output("oft");
+    let base = s.unet();
+    let n = s.load(&file);
+    let out = s.unet();
+    let d = max_abs_diff(&out, &want);
+    println!(
+        "oft_onetrainer.safetensors: {n} layers, UNet output max abs diff {d:.2e} (the OFT moves \
+         it by {:.2})",
+        max_abs_diff(&want, &base)
+    );
+    assert!(n >= 20, "{n} layers");
+    assert!(d < 1e-4, "max abs diff {d}");
+    s.model.merge().unwrap();
+    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "merged");
+    s.model.unmerge().unwrap();
+    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "unmerged");
+
+    let dir = tempfile::tempdir().unwrap();
+    let before = values(s.model.parameters().unwrap());
+    for format in [Format::Kohya, Format::Comfy] {
+        let path = dir.path().join(format!("{format:?}.safetensors"));
+        s.model.save(&path, format, DType::F32, &[]).unwrap();
+        let w = Weights::open(path.to_str().unwrap()).unwrap();
+        let meta: std::collections::HashMap<String, String> =
+            w.metadata().unwrap().into_iter().collect();
+        assert_eq!(meta["ss_network_args"], r#"{"algo": "oft_2"}"#);
+        // OneTrainer's file has no alpha, and neither has ours.
+        assert!(w.infos().iter().all(|i| i.key.ends_with(".oft_R.weight")));
+        let loaded = ModelLayers::of(&s.arch).unwrap();
+        assert_eq!(loaded.load(&s.registry, &path, 1.0).unwrap(), n);
+        assert_eq!(values(loaded.parameters().unwrap()), before, "{format:?}");
+    }
+    s.model.clear();
+    assert!(max_abs_diff(&s.unet(), &base) < 1e-5, "unmerged");
+}
+
+/// Constrained OFT: fresh adapters with `coft` take the fixture's unprojected values and give
+/// the output of peft's projected rotations; afterwards every block lies within coft_eps/√blocks
+/// and the blocks that started inside are as they were. Without `coft` the output is another.
+#[test]
+fn constrained_oft_projects_its_blocks_as_peft_does() {
+    let s = Setup::new();
+    let filter = select::LayerFilter::new(LayerPreset::Full, "", false).unwrap();
+    let layers = select::select(&s.model.info, &filter, |p| p == "unet");
+    let file = adapter_file("oft_coft.safetensors");
+    let run = |coft: bool| {
+        s.model.clear();
+        let opts = AdapterOptions {
+            kind: "oft".into(),
+            extra: serde_json::json!({"block_size": 8, "coft": coft, "coft_eps": 0.05})
+                .as_object()
+                .unwrap()
+                .clone(),
+            ..Default::default()
+        };
+        s.model.create(&s.registry, &layers, &opts).unwrap();
+        assert!(s.model.resume(&file).unwrap() >= 20);
+        s.unet()
+    };
+    let want = oft_output("oft_coft");
+    let d = max_abs_diff(&run(true), &want);
+    println!("coft: UNet output max abs diff {d:.2e}");
+    assert!(d < 1e-4, "max abs diff {d}");
+    let start: std::collections::HashMap<String, Vec<f32>> = {
+        let w = Weights::open(file.to_str().unwrap()).unwrap();
+        w.infos()
+            .iter()
+            .map(|i| {
+                (
+                    i.key.clone(),
+                    w.get(&i.key, DType::F32).unwrap().to_vec().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (mut moved, mut kept) = (0, 0);
+    for (name, t) in s.model.parameters().unwrap() {
+        let key = s
+            .model
+            .info
+            .adaptable_layers
+            .iter()
+            .find(|l| name.starts_with(&format!("{}.", l.name)))
+            .and_then(|l| l.keys.get("kohya"))
+            .map(|k| format!("{k}.oft_R.weight"))
+            .unwrap();
+        let Some(before) = start.get(&key) else {
+            continue;
+        };
+        let shape = t.shape().unwrap();
+        let eps = 0.05 / (shape[0] as f32).sqrt();
+        let now = t.to_vec().unwrap();
+        for (row, was) in now.chunks(shape[1]).zip(before.chunks(shape[1])) {
+            let norm = |v: &[f32]| (2.0 * v.iter().map(|x| x * x).sum::<f32>()).sqrt();
+            assert!(norm(row) <= eps * 1.0001, "{key}: {} > {eps}", norm(row));
+            if norm(was) <= eps {
+                assert_eq!(row, was, "{key}: a block inside the ball is left alone");
+                kept += 1;
+            } else {
+                moved += 1;
+            }
+        }
+    }
+    assert!(
+        moved > 50 && kept > 50,
+        "{moved} blocks projected, {kept} kept"
+    );
+    let unconstrained = max_abs_diff(&run(false), &want);
+    assert!(unconstrained > 1e-2, "without coft: {unconstrained}");
+    s.model.clear();
+}

@@ -501,4 +501,10 @@ fn the_lora_tab_shows_the_adapters_own_options() {
         "another adapter's options go"
     );
     assert!(h.query_by_label("Decompose both").is_none());
+    // The common fields follow the adapter's schema: OFT has no rank, alpha or DoRA.
+    assert!(h.query_by_label("LoRA rank").is_some());
+    choose(&mut h, "oft");
+    assert!(h.query_by_label("LoRA rank").is_none());
+    assert!(h.query_by_label("LoRA alpha").is_none());
+    assert!(h.query_by_label("Block size").is_some());
 }

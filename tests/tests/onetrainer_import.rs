@@ -447,6 +447,50 @@ fn a_lokr_config_imports_with_its_own_rank_and_factor() {
     c.validate_plugin_options(&registry).unwrap();
 }
 
+/// An OFT_2 config: its block options go to the `[adapter]` table, OneTrainer's dropout is OFT's
+/// block dropout, and the result passes the plugin's schema although OFT has no rank or alpha.
+#[test]
+fn an_oft_config_imports_with_its_block_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("c.json");
+    std::fs::write(
+        &json,
+        r#"{"__version": 11, "model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
+            "peft_type": "OFT_2", "lora_rank": 64, "oft_block_size": 16, "oft_coft": true,
+            "coft_eps": 0.001, "oft_block_share": false, "dropout_probability": 0.1,
+            "concepts": [{"path": "/data"}]}"#,
+    )
+    .unwrap();
+    let imported = import(&Sources {
+        config: json.clone(),
+        ..Sources::default()
+    })
+    .unwrap();
+    let c = &imported.config;
+    assert_eq!((c.peft_type.as_str(), c.lora_dropout), ("oft", 0.1));
+    assert_eq!(
+        c.adapter,
+        toml::from_str("block_size = 16\ncoft = true\ncoft_eps = 0.001\nblock_share = false")
+            .unwrap()
+    );
+    let listed: Vec<&String> = imported
+        .report
+        .not_imported
+        .iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        !listed.iter().any(|k| k.contains("oft")),
+        "the OFT options are imported: {listed:?}"
+    );
+    ferrite::runtime::init("cpu").unwrap();
+    let registry = ferrite::plugins::Registry::discover(
+        &[ferrite_tests::profile_dir()],
+        &ferrite::settings::Settings::default(),
+    );
+    c.validate_plugin_options(&registry).unwrap();
+}
+
 #[test]
 fn bad_onetrainer_configs_are_refused_naming_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();

@@ -601,7 +601,9 @@ const ELSEWHERE: &[(&str, &str)] = &[
     (
         "adapter",
         "adapters::fresh_lokr_adapters_follow_their_options, \
-         train::a_lokr_run_takes_its_options_from_the_adapter_table",
+         train::a_lokr_run_takes_its_options_from_the_adapter_table, \
+         train::an_oft_run_takes_its_block_options, \
+         adapters::constrained_oft_projects_its_blocks_as_peft_does",
     ),
     ("lora_alpha", "adapters"),
     (

@@ -865,6 +865,47 @@ fn a_lokr_run_takes_its_options_from_the_adapter_table() {
     assert_eq!(loaded, trained, "the file holds the trained factors");
 }
 
+/// OFT trains from a config: `block_size` from the `[adapter]` table sets the saved
+/// `oft_R.weight`'s shape (OneTrainer's layout, no alpha), the rotations train away from zero,
+/// `lora_dropout` (OFT's block dropout) changes the run, and `lora_rank`, which OFT does not have,
+/// is not sent to it.
+#[test]
+fn an_oft_run_takes_its_block_options() {
+    let root = setup();
+    let root = root.path();
+    let train = |name: &str, block: i64, dropout: f64| {
+        let mut c = config(root, name);
+        c.backup_after_unit = TimeUnit::Never;
+        c.peft_type = "oft".into();
+        c.lora_rank = 4;
+        c.lora_dropout = dropout;
+        c.adapter.insert("block_size".into(), block.into());
+        c.validate_plugin_options(&registry()).unwrap();
+        let r = run(c, root, None);
+        assert!(r.losses.iter().all(|(_, l)| l.is_finite()));
+        let file = root.join(format!("{name}/out/lora.safetensors"));
+        let w = ferrite_plugin_api::Weights::open(&file.to_string_lossy()).unwrap();
+        assert!(w.infos().iter().all(|i| i.key.ends_with(".oft_R.weight")));
+        let mut elements: Vec<u64> = w.infos().iter().map(|i| i.shape[1]).collect();
+        elements.sort();
+        elements.dedup();
+        (elements, r)
+    };
+    let (by4, r4) = train("oft4", 4, 0.0);
+    assert_eq!(by4, [6], "4·3/2 elements per block");
+    assert!(
+        r4.weights.iter().all(|(_, v)| v.iter().any(|x| *x != 0.0)),
+        "every rotation trained away from the identity"
+    );
+    let (by8, _) = train("oft8", 8, 0.0);
+    assert_eq!(by8, [28]);
+    let (_, dropped) = train("oft4_dropout", 4, 0.5);
+    assert_ne!(
+        dropped.weights, r4.weights,
+        "block dropout changes what trains"
+    );
+}
+
 /// Schedule-free AdamW trains at y and evaluates at x: the saved adapter holds x (not the trained
 /// y, which an AdamW run's file holds), and the trainer's weights are y again afterwards.
 #[test]

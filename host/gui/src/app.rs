@@ -629,7 +629,7 @@ impl App {
                 f.check(ui, "continue_last_backup", &mut c.continue_last_backup);
             }),
             Tab::Lora => {
-                lora_tab(ui, &mut f, c, &adapters);
+                lora_tab(ui, &mut f, c, &adapters, adapter.as_ref());
                 if let Some(info) = &adapter {
                     ui.separator();
                     ui.strong(format!("{} options", info.id));
@@ -789,7 +789,21 @@ impl App {
     }
 }
 
-fn lora_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, adapters: &[String]) {
+fn lora_tab(
+    ui: &mut Ui,
+    f: &mut Fields,
+    c: &mut TrainConfig,
+    adapters: &[String],
+    adapter: Option<&ComponentInfo>,
+) {
+    // The common LoRA fields the chosen adapter's schema lists (OFT has no rank or alpha).
+    let has = |option: &str| {
+        adapter
+            .and_then(|a| serde_json::from_str::<serde_json::Value>(&a.options_schema).ok())
+            .and_then(|s| s.get("properties").map(|p| p.get(option).is_some()))
+            .unwrap_or(true)
+    };
+    let (rank, alpha, dropout, dora) = (has("rank"), has("alpha"), has("dropout"), has("dora"));
     f.grid(ui, "lora", |f, ui| {
         let adapters: Vec<&str> = adapters.iter().map(String::as_str).collect();
         let before = c.peft_type.clone();
@@ -798,11 +812,19 @@ fn lora_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, adapters: &[String
             // Another adapter: its own options start from their defaults.
             c.adapter.clear();
         }
-        f.num(ui, "lora_rank", &mut c.lora_rank);
-        f.num(ui, "lora_alpha", &mut c.lora_alpha);
+        if rank {
+            f.num(ui, "lora_rank", &mut c.lora_rank);
+        }
+        if alpha {
+            f.num(ui, "lora_alpha", &mut c.lora_alpha);
+        }
         f.choice(ui, "lora_weight_dtype", &mut c.lora_weight_dtype);
-        f.num(ui, "lora_dropout", &mut c.lora_dropout);
-        f.check(ui, "lora_decompose", &mut c.lora_decompose);
+        if dropout {
+            f.num(ui, "lora_dropout", &mut c.lora_dropout);
+        }
+        if dora {
+            f.check(ui, "lora_decompose", &mut c.lora_decompose);
+        }
         f.choice(ui, "lora_layer_preset", &mut c.lora_layer_preset);
         f.text(ui, "lora_layers", &mut c.lora_layers);
         f.check(ui, "layer_filter_regex", &mut c.layer_filter_regex);

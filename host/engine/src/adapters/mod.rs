@@ -50,6 +50,29 @@ pub struct AdapterOptions {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The options the host gives every adapter from OneTrainer's LoRA fields (`lora_rank`,
+/// `lora_alpha`, `seed`); an adapter whose schema lists other options and not one of these does
+/// not get it (OFT has neither rank nor alpha). Dropout and DoRA are sent only when set, and are
+/// an error for an adapter without them.
+const HOST_SET: [&str; 3] = ["rank", "alpha", "seed"];
+
+impl AdapterOptions {
+    /// These options as the adapter plugin `kind` takes them: the host's common ones its schema
+    /// does not list left out.
+    pub fn for_plugin(&self, registry: &Registry) -> serde_json::Value {
+        let mut json = serde_json::to_value(self).unwrap_or_default();
+        without_undeclared(registry, &self.kind, &mut json);
+        json
+    }
+}
+
+fn without_undeclared(registry: &Registry, kind: &str, options: &mut serde_json::Value) {
+    let declared = registry.declared_options(ferrite_plugin_api::ComponentKind::Adapter, kind);
+    if let (Some(declared), Some(o)) = (declared, options.as_object_mut()) {
+        o.retain(|k, _| !HOST_SET.contains(&k.as_str()) || declared.contains(k));
+    }
+}
+
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
 }
@@ -148,6 +171,7 @@ impl ModelLayers {
         layer: &AdaptableLayer,
         mut options: serde_json::Value,
     ) -> Result<AdapterHandle> {
+        without_undeclared(registry, kind, &mut options);
         options["layer"] = serde_json::to_value(layer).map_err(err)?;
         let mut a = registry.adapter(kind, &options.to_string()).map_err(err)?;
         let (w, b) = self.tensors(layer)?;

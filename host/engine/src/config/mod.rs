@@ -1181,7 +1181,7 @@ impl TrainConfig {
                 ));
             }
             let a = self.adapter_options();
-            let json = serde_json::to_value(&a).unwrap_or_default();
+            let json = a.for_plugin(registry);
             for (option, problem) in
                 registry.option_problems(ComponentKind::Adapter, &a.kind, &json)
             {

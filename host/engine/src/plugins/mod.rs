@@ -280,6 +280,25 @@ impl Registry {
         }
     }
 
+    /// The options the component's schema lists under `properties`; `None` when it lists none
+    /// (a schema that constrains nothing by name) or the component is not found.
+    pub fn declared_options(
+        &self,
+        kind: ComponentKind,
+        id: &str,
+    ) -> Option<std::collections::BTreeSet<String>> {
+        let schema: serde_json::Value =
+            serde_json::from_str(&self.find(kind, id).ok()?.options_schema).ok()?;
+        Some(
+            schema
+                .get("properties")?
+                .as_object()?
+                .keys()
+                .cloned()
+                .collect(),
+        )
+    }
+
     /// What is wrong with `options` for the component `id` of `kind`, by its own options schema:
     /// (the option at fault, when one is, and the problem). Not found or disabled components
     /// give one problem without an option.

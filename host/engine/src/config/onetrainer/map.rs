@@ -547,6 +547,7 @@ fn adapter(o: &mut Obj, c: &mut TrainConfig, paths: &Paths, report: &mut Report)
         None | Some("LORA") => c.peft_type = "lora".into(),
         Some("LOHA") => c.peft_type = "loha".into(),
         Some("LOKR") => c.peft_type = "lokr".into(),
+        Some("OFT_2") => c.peft_type = "oft".into(),
         Some(other) => {
             report.note(format!(
                 "peft_type: {other} is not an adapter Ferrite has yet; LoRA is used"
@@ -564,6 +565,17 @@ fn adapter(o: &mut Obj, c: &mut TrainConfig, paths: &Paths, report: &mut Report)
             ("lokr_decompose_both", "decompose_both"),
             ("lokr_full_matrix", "full_matrix"),
         ] {
+            c.adapter
+                .insert(ours.into(), o.bool(ot).unwrap_or(false).into());
+        }
+    }
+    if c.peft_type == "oft" {
+        // OFT has neither rank nor alpha: its block options go to the `[adapter]` table.
+        let block = o.f64("oft_block_size").map_or(32, |b| b as i64);
+        c.adapter.insert("block_size".into(), block.into());
+        let coft_eps = o.f64("coft_eps").unwrap_or(1e-4);
+        c.adapter.insert("coft_eps".into(), coft_eps.into());
+        for (ot, ours) in [("oft_coft", "coft"), ("oft_block_share", "block_share")] {
             c.adapter
                 .insert(ours.into(), o.bool(ot).unwrap_or(false).into());
         }
@@ -604,9 +616,11 @@ fn adapter(o: &mut Obj, c: &mut TrainConfig, paths: &Paths, report: &mut Report)
         &[
             ("lora_decompose_norm_epsilon", json!(true)),
             ("lora_decompose_output_axis", json!(false)),
+            ("dora_oft", json!(false)),
             ("oft_block_size", json!(32)),
             ("oft_block_share", json!(false)),
-            ("dora_oft", json!(false)),
+            ("oft_coft", json!(false)),
+            ("coft_eps", json!(1e-4)),
             ("oft_scaled", json!(false)),
             ("oft_clipped_norm", json!(0.95)),
             ("oft_cans", json!(false)),
