@@ -351,6 +351,17 @@ fn onetrainers_optimizers_import_with_their_options() {
              relative_step = true\nwarmup_init = false",
         ),
         (
+            r#"{"optimizer": "ADAMW_8BIT", "beta1": 0.9, "beta2": 0.99, "eps": 1e-8,
+                "weight_decay": 0.01, "min_8bit_size": 4096, "optim_bits": 32,
+                "percentile_clipping": 100, "block_wise": true, "is_paged": false}"#,
+            "optimizer = \"adamw_8bit\"\nbeta1 = 0.9\nbeta2 = 0.99\neps = 1e-8\n\
+             weight_decay = 0.01\nmin_8bit_size = 4096",
+        ),
+        (
+            r#"{"optimizer": "LION_8BIT", "beta1": 0.95, "min_8bit_size": 100}"#,
+            "optimizer = \"lion_8bit\"\nbeta1 = 0.95\nmin_8bit_size = 100",
+        ),
+        (
             r#"{"optimizer": "LION", "beta1": 0.95, "beta2": 0.98, "weight_decay": 0.1, "use_triton": false}"#,
             "optimizer = \"lion\"\nbeta1 = 0.95\nbeta2 = 0.98\nweight_decay = 0.1",
         ),
@@ -370,6 +381,13 @@ fn onetrainers_optimizers_import_with_their_options() {
             // OneTrainer's warmup (200 steps by default) goes to the optimizer.
             r#"{"optimizer": "SCHEDULE_FREE_ADAMW", "r": 0.0, "weight_lr_power": 2.0, "foreach": false}"#,
             "optimizer = \"schedule_free_adamw\"\nr = 0.0\nweight_lr_power = 2.0\nwarmup_steps = 200",
+        ),
+        (
+            // The auxiliary Adam's table becomes adam_ options.
+            r#"{"optimizer": "MUON", "momentum": 0.9, "weight_decay": 0.01,
+                "muon_adam_config": {"beta1": 0.8, "beta2": 0.99, "eps": 1e-8}}"#,
+            "optimizer = \"muon\"\nmomentum = 0.9\nweight_decay = 0.01\nadam_beta1 = 0.8\n\
+             adam_beta2 = 0.99\nadam_eps = 1e-8",
         ),
         (
             r#"{"optimizer": "ADAGRAD", "lr_decay": 0.1, "initial_accumulator_value": 0.5}"#,

@@ -18,7 +18,7 @@ fn fixture(name: &str) -> String {
 
 /// Parameters `p0`, `p1`, ... with their gradients (None: no gradient this step).
 fn named<'a>(params: &'a [Tensor], grads: &'a [Option<Tensor>]) -> Vec<Param<'a>> {
-    const NAMES: [&str; 2] = ["p0", "p1"];
+    const NAMES: [&str; 4] = ["p0", "p1", "p2", "p3"];
     params
         .iter()
         .zip(grads)
@@ -63,12 +63,17 @@ fn replay_with(optimizer: &str, name: &str, extra: serde_json::Value) -> f64 {
     let lrs: Vec<f64> = serde_json::from_str(&meta(&w, "lrs")).unwrap();
     let steps: usize = meta(&w, "steps").parse().unwrap();
     let get = |key: String| w.get(&key, DType::F32).unwrap().to_vec().unwrap();
-    let params: Vec<Tensor> = (0..2)
+    let n = w
+        .infos()
+        .iter()
+        .filter(|i| i.key.ends_with(".init"))
+        .count();
+    let params: Vec<Tensor> = (0..n)
         .map(|i| w.get(&format!("p{i}.init"), DType::F32).unwrap())
         .collect();
     let mut worst = 0.0f64;
     for (t, lr) in lrs.iter().enumerate().take(steps) {
-        let grads: Vec<Option<Tensor>> = (0..2)
+        let grads: Vec<Option<Tensor>> = (0..n)
             .map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).ok())
             .collect();
         opt.step(&named(&params, &grads), *lr).unwrap();
@@ -80,7 +85,7 @@ fn replay_with(optimizer: &str, name: &str, extra: serde_json::Value) -> f64 {
             }
         }
     }
-    let moved = (0..2)
+    let moved = (0..n)
         .map(|i| {
             let (a, b) = (
                 get(format!("p{i}.init")),
@@ -117,6 +122,60 @@ fn replay_with(optimizer: &str, name: &str, extra: serde_json::Value) -> f64 {
          {worst:.3e} (each parameter moved at least {moved:.1e} of its size)"
     );
     worst
+}
+
+/// Muon on a tall and a wide matrix and a conv kernel, Adam on a vector: Newton-Schulz in
+/// float32 against the reference's iteration in float32, and in bfloat16 (the default) against
+/// the released reference, whose bf16 rounding of each product and sum Ferrite reproduces; a
+/// bf16 ulp is 2⁻⁸, and a sum in another order rounds to a neighbour now and then (a rounding
+/// in another place, `(c·A)@A` taken as `c·(A@A)`, is off by 0.16).
+#[test]
+fn muon_matches_the_reference() {
+    assert!(replay("muon", "muon_f32") < 1e-5);
+    assert!(replay("muon", "muon_plain") < 1e-5);
+    assert!(replay("muon", "muon") < 1e-2);
+    // adam_layers sends a matrix to Adam: its state is Adam's and its trajectory another.
+    assert!(replay_with("muon", "muon_f32", serde_json::json!({"adam_layers": ["p0"]})) > 1e-2);
+}
+
+/// bitsandbytes' 8-bit optimizers (its CPU update, its reference quantisation): a 65×67 matrix
+/// in 18 blocks (the last partial) and an 8×6 one with 32-bit moments (below min_8bit_size) or
+/// 8-bit ones in one partial block. (The plugin's unit tests check its codes against the
+/// fixture's bitsandbytes maps.)
+#[test]
+fn eight_bit_optimizers_match_bitsandbytes() {
+    for name in ["adamw_8bit", "adam_8bit", "lion_8bit"] {
+        assert!(replay(name, name) < 1e-5, "{name}");
+    }
+    // The same run with f32 moments is another: the 8-bit rounding is what matches.
+    let f32_moments = replay_with(
+        "adamw_8bit",
+        "adamw_8bit",
+        serde_json::json!({"min_8bit_size": 1_000_000}),
+    );
+    assert!(f32_moments > 1e-4, "{f32_moments}");
+    // The state: u8 codes in the parameter's shape and a scale per block of 256; f32 moments
+    // for the parameter below min_8bit_size.
+    let registry = Registry::discover(&[profile_dir()], &Settings::default());
+    let w = Weights::open(&fixture("adamw_8bit")).unwrap();
+    let params: Vec<Tensor> = (0..2)
+        .map(|i| w.get(&format!("p{i}.init"), DType::F32).unwrap())
+        .collect();
+    let grads: Vec<Option<Tensor>> = (0..2)
+        .map(|i| w.get(&format!("step0.grad{i}"), DType::F32).ok())
+        .collect();
+    let mut opt = registry.optimizer("adamw_8bit", "{}").unwrap();
+    opt.step(&named(&params, &grads), 1e-3).unwrap();
+    let state: std::collections::BTreeMap<String, (DType, Vec<usize>)> = opt
+        .state()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, (t.dtype().unwrap(), t.shape().unwrap())))
+        .collect();
+    assert_eq!(state["p0.state1"], (DType::U8, vec![65, 67]));
+    assert_eq!(state["p0.state2"], (DType::U8, vec![65, 67]));
+    assert_eq!(state["p0.absmax1"], (DType::F32, vec![18]));
+    assert_eq!(state["p1.exp_avg"], (DType::F32, vec![8, 6]));
 }
 
 #[test]
@@ -270,6 +329,9 @@ fn every_optimizers_state_round_trips() {
         ("came", "came"),
         ("ademamix", "ademamix"),
         ("schedule_free_adamw", "schedule_free_adamw"),
+        ("muon", "muon"),
+        ("adamw_8bit", "adamw_8bit"),
+        ("lion_8bit", "lion_8bit"),
     ] {
         state_round_trips(optimizer, fixture);
     }
@@ -281,8 +343,13 @@ fn state_round_trips(optimizer: &str, fixture_name: &str) {
     let w = Weights::open(&fixture(fixture_name)).unwrap();
     let opts = meta(&w, "options");
     let lrs: Vec<f64> = serde_json::from_str(&meta(&w, "lrs")).unwrap();
+    let n = w
+        .infos()
+        .iter()
+        .filter(|i| i.key.ends_with(".init"))
+        .count();
     let p = || -> Vec<Tensor> {
-        (0..2)
+        (0..n)
             .map(|i| w.get(&format!("p{i}.init"), DType::F32).unwrap())
             .collect()
     };
@@ -290,7 +357,7 @@ fn state_round_trips(optimizer: &str, fixture_name: &str) {
     let mut oa = registry.optimizer(optimizer, &opts).unwrap();
     let mut ob = registry.optimizer(optimizer, &opts).unwrap();
     for (t, &lr) in lrs.iter().enumerate().take(8) {
-        let g: Vec<Option<Tensor>> = (0..2)
+        let g: Vec<Option<Tensor>> = (0..n)
             .map(|i| w.get(&format!("step{t}.grad{i}"), DType::F32).ok())
             .collect();
         oa.step(&named(&a, &g), lr).unwrap();

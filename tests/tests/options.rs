@@ -526,7 +526,8 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ),
     (
         "learning_rate_scheduler",
-        "trainer::schedule unit tests, train::the_lr_schedule_reaches_the_optimizer",
+        "trainer::schedule unit tests, train::the_lr_schedule_reaches_the_optimizer, \
+         train::adafactors_schedule_reports_its_relative_step",
     ),
     (
         "learning_rate_warmup_steps",

@@ -231,6 +231,39 @@ fn a_resumed_run_with_ema_and_lora_dropout_repeats_the_uninterrupted_one_exactly
     resume_is_exact(true, 0.1);
 }
 
+/// An 8-bit optimizer's state goes into the backup as u8 codes with f32 block scales and comes
+/// back: the resumed run repeats the uninterrupted one bitwise.
+#[test]
+fn an_8bit_optimizer_resumes_exactly_from_its_u8_backup() {
+    let root = setup();
+    let root = root.path();
+    let config = |name: &str| {
+        let mut c = config(root, name);
+        // Small enough that the tiny LoRA's factors take 8-bit moments.
+        c.optimizer = toml::from_str("optimizer = \"adamw_8bit\"\nmin_8bit_size = 16").unwrap();
+        c
+    };
+    let whole = run(config("whole"), root, None);
+    run(config("split"), root, Some(3));
+    let state = root.join("split/backup/backup-000000003/unet-optimizer.safetensors");
+    let w = ferrite_plugin_api::Weights::open(state.to_str().unwrap()).unwrap();
+    let u8s = w
+        .infos()
+        .iter()
+        .filter(|i| i.dtype == ferrite_plugin_api::DType::U8)
+        .count();
+    assert!(
+        u8s > 0,
+        "{:?}",
+        w.infos().iter().take(4).collect::<Vec<_>>()
+    );
+    let mut resumed = config("split");
+    resumed.continue_last_backup = true;
+    let rest = run(resumed, root, None);
+    assert_eq!(rest.losses, whole.losses[3..], "per-step losses, bitwise");
+    assert!(rest.weights == whole.weights, "final weights");
+}
+
 fn resume_is_exact(ema: bool, dropout: f64) {
     let root = setup();
     let root = root.path();
@@ -801,6 +834,58 @@ fn the_lr_schedule_reaches_the_optimizer() {
     for (got, want) in rex_lrs.iter().zip(want) {
         assert!((got - 0.01 * want).abs() < 1e-12, "{rex_lrs:?}");
     }
+}
+
+/// The adafactor scheduler leaves the rate to Adafactor: with relative_step and warmup_init the
+/// reported rate is min(1e-6·t, 1/√t) from the first step; without relative_step the updates are
+/// those of a constant rate without warmup (the configured warmup is not applied, as in
+/// OneTrainer); with another optimizer the config is refused naming the scheduler.
+#[test]
+fn adafactors_schedule_reports_its_relative_step() {
+    use ferrite::config::LrScheduler;
+    let root = setup();
+    let root = root.path();
+    let train = |name: &str, s: LrScheduler, warmup: f64, relative: bool| {
+        let mut c = config(root, name);
+        c.backup_after_unit = TimeUnit::Never;
+        c.learning_rate_scheduler = s;
+        c.learning_rate_warmup_steps = warmup;
+        c.optimizer = toml::from_str(&format!(
+            "optimizer = \"adafactor\"\nrelative_step = {relative}\nwarmup_init = {relative}"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let mut lrs = Vec::new();
+        let mut t = Trainer::new(c, root, registry()).unwrap();
+        t.run(|e| {
+            if let Event::Step { lr, .. } = e {
+                lrs.push(lr);
+            }
+        })
+        .unwrap();
+        let weights: Vec<Vec<f32>> = t
+            .trainable()
+            .into_iter()
+            .map(|(_, v)| v.to_vec().unwrap())
+            .collect();
+        (lrs, weights)
+    };
+    let (lrs, _) = train("relative", LrScheduler::Adafactor, 2.0, true);
+    let want: Vec<f64> = (1..=6).map(|t| 1e-6 * t as f64).collect();
+    assert_eq!(lrs.len(), 6);
+    for (got, want) in lrs.iter().zip(&want) {
+        assert!((got - want).abs() < 1e-15, "{lrs:?} != {want:?}");
+    }
+    let (lrs, weights) = train("adafactor", LrScheduler::Adafactor, 2.0, false);
+    assert_eq!(lrs, [0.01; 6]);
+    let (_, constant) = train("constant", LrScheduler::Constant, 0.0, false);
+    assert_eq!(weights, constant, "a constant rate, no warmup");
+    let (_, warmed) = train("warmed", LrScheduler::Constant, 2.0, false);
+    assert_ne!(warmed, constant, "a warmup would have changed it");
+    let mut c = config(root, "other");
+    c.learning_rate_scheduler = LrScheduler::Adafactor;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("learning_rate_scheduler"), "{e}");
 }
 
 /// LoKr trains from a config: its own options come from the `[adapter]` table (decompose_both

@@ -269,6 +269,16 @@ pub fn from_burn_dtype(d: BDType) -> DType {
     }
 }
 
+pub fn int_dtype(d: DType) -> RtResult<burn_backend::IntDType> {
+    use burn_backend::IntDType;
+    match d {
+        DType::I64 => Ok(IntDType::I64),
+        DType::I32 => Ok(IntDType::I32),
+        DType::U8 => Ok(IntDType::U8),
+        other => Err(format!("{other} is not an integer dtype")),
+    }
+}
+
 pub fn float_dtype(d: DType) -> RtResult<FloatDType> {
     match d {
         DType::F32 => Ok(FloatDType::F32),

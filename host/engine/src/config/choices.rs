@@ -61,6 +61,11 @@ choices! {
         CosineWithHardRestarts,
         /// REX (arXiv 2107.04197): stays high longer than linear, then drops.
         Rex,
+        /// Adafactor's own rate (OneTrainer's ADAFACTOR, transformers' AdafactorSchedule): with
+        /// the adafactor optimizer's `relative_step` it steps at min(1e-2, 1/√step)
+        /// (`warmup_init`: min(1e-6·step, 1/√step)), reported as the learning rate; without, at
+        /// the learning rate. No warmup. Only with `optimizer = "adafactor"`.
+        Adafactor,
     }
 
     /// How training timesteps are drawn.

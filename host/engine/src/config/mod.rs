@@ -908,6 +908,11 @@ impl TrainConfig {
             "learning_rate_min_factor: must be in [0, 1]",
         );
         check(
+            self.learning_rate_scheduler != LrScheduler::Adafactor
+                || self.optimizer_options().0 == "adafactor",
+            "learning_rate_scheduler: adafactor is the adafactor optimizer's own rate; choose              optimizer = \"adafactor\" or another scheduler",
+        );
+        check(
             self.learning_rate_cycles > 0.0 && self.learning_rate_warmup_steps >= 0.0,
             "learning_rate_cycles, learning_rate_warmup_steps: need cycles above 0 and warmup 0 or more",
         );

@@ -6,7 +6,7 @@ use burn_backend::{Scalar, TensorMetadata};
 use ferrite_plugin_api::{DType, TensorId};
 
 use super::{F, RtResult, TensorTable, Tracking, Value, one, shape_of};
-use crate::table::float_dtype;
+use crate::table::{float_dtype, int_dtype};
 
 impl<B: Tracking> TensorTable<B> {
     pub(super) fn cast(&self, id: TensorId, dt: DType) -> RtResult<Vec<Value<B>>> {
@@ -17,10 +17,13 @@ impl<B: Tracking> TensorTable<B> {
             (Value::Float(t), false) if dt == DType::Bool => {
                 Value::Bool(B::float_not_equal_elem(t, Scalar::Float(0.0), bool_dt))
             }
-            (Value::Float(t), false) => Value::Int(B::float_into_int(t, self.settings().int_dtype)),
+            (Value::Float(t), false) => Value::Int(B::float_into_int(t, int_dtype(dt)?)),
             (Value::Int(t), true) => Value::Float(B::int_into_float(t, float_dtype(dt)?)),
             (Value::Bool(t), true) => Value::Float(B::bool_into_float(t, float_dtype(dt)?)),
-            (Value::Int(t), false) if dt != DType::Bool => Value::Int(t),
+            // The integer dtype asked for (u8 optimizer states are stored as u8).
+            (Value::Int(t), false) if dt != DType::Bool => {
+                Value::Int(B::int_cast(t, int_dtype(dt)?))
+            }
             (v, _) => return Err(format!("op cast: cannot cast a {} to {dt}", v.kind())),
         }])
     }

@@ -690,13 +690,25 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
     };
     let name = opt.str("optimizer").unwrap_or_else(|| "ADAMW".into());
     let (id, keys): (&str, &[&str]) = match name.as_str() {
-        "ADAMW" | "ADAMW_8BIT" => ("adamw", &["beta1", "beta2", "eps", "weight_decay"]),
-        "ADAM" | "ADAM_8BIT" => ("adam", &["beta1", "beta2", "eps", "weight_decay"]),
+        "ADAMW" => ("adamw", &["beta1", "beta2", "eps", "weight_decay"]),
+        "ADAM" => ("adam", &["beta1", "beta2", "eps", "weight_decay"]),
+        "ADAMW_8BIT" => (
+            "adamw_8bit",
+            &["beta1", "beta2", "eps", "weight_decay", "min_8bit_size"],
+        ),
+        "ADAM_8BIT" => (
+            "adam_8bit",
+            &["beta1", "beta2", "eps", "weight_decay", "min_8bit_size"],
+        ),
+        "LION_8BIT" => (
+            "lion_8bit",
+            &["beta1", "beta2", "weight_decay", "min_8bit_size"],
+        ),
         "SGD" | "SGD_8BIT" => (
             "sgd",
             &["momentum", "dampening", "nesterov", "weight_decay"],
         ),
-        "LION" | "LION_8BIT" => ("lion", &["beta1", "beta2", "weight_decay"]),
+        "LION" => ("lion", &["beta1", "beta2", "weight_decay"]),
         "RMSPROP" | "RMSPROP_8BIT" => (
             "rmsprop",
             &["alpha", "eps", "weight_decay", "momentum", "centered"],
@@ -773,6 +785,7 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
             "ademamix",
             &["beta1", "beta2", "beta3", "eps", "alpha", "weight_decay"],
         ),
+        "MUON" => ("muon", &["momentum", "weight_decay"]),
         other => {
             // Not guessed: adaptive optimizers want learning rates ~10⁴ times an AdamW one.
             report.problems.push(format!(
@@ -786,9 +799,10 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
             return;
         }
     };
-    if name.ends_with("_8BIT") {
+    if name.ends_with("_8BIT") && !id.ends_with("_8bit") {
         report.note(format!(
-            "optimizer: {name} becomes {id} with 32-bit state (Ferrite has no 8-bit state yet)"
+            "optimizer: {name} becomes {id} with 32-bit state (Ferrite's 8-bit states are \
+             AdamW's, Adam's and Lion's)"
         ));
     }
     let mut table = toml::Table::new();
@@ -808,6 +822,22 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
         }
         c.learning_rate_scheduler = crate::config::LrScheduler::Constant;
         c.learning_rate_warmup_steps = 0.0;
+    }
+    if id == "muon" {
+        // The auxiliary Adam's options are a table of their own in OneTrainer.
+        if let Some(mut adam) = opt.obj("muon_adam_config") {
+            for (k, ours) in [
+                ("beta1", "adam_beta1"),
+                ("beta2", "adam_beta2"),
+                ("eps", "adam_eps"),
+                ("weight_decay", "adam_weight_decay"),
+            ] {
+                if let Some(v) = adam.f64(k) {
+                    table.insert(ours.into(), v.into());
+                }
+            }
+            adam.finish(report);
+        }
     }
     for k in keys {
         if let Some(v) = opt.take(k) {

@@ -151,7 +151,7 @@ impl Trainer {
                 {
                     self.update_ema()?;
                 }
-                let lr = self.config.learning_rate * lr_factor;
+                let lr = self.reported_lr(self.progress.step - 1, lr_factor);
                 self.log_scalar("loss/train", step_loss);
                 self.log_scalar("learning_rate", lr as f32);
                 if let Some(scale) = self.progress.loss_scale {

@@ -17,10 +17,33 @@ impl Trainer {
     pub fn lr_factor(&self, step: u64) -> f64 {
         lr_factor(&self.config, step, self.total_steps())
     }
+
+    /// The learning rate reported for optimizer step `step` (from 0) taken at `factor`: the
+    /// configured rate times the factor, or Adafactor's relative step where it sets its own.
+    pub fn reported_lr(&self, step: u64, factor: f64) -> f64 {
+        let c = &self.config;
+        let option = |k: &str| c.optimizer.get(k).and_then(|v| v.as_bool()) == Some(true);
+        if c.learning_rate_scheduler == LrScheduler::Adafactor && option("relative_step") {
+            adafactor_relative_step(step + 1, option("warmup_init"))
+        } else {
+            c.learning_rate * factor
+        }
+    }
+}
+
+/// transformers' Adafactor `_get_lr` without the parameter scale, at its step `t` (from 1).
+pub fn adafactor_relative_step(t: u64, warmup_init: bool) -> f64 {
+    let t = t as f64;
+    let floor = if warmup_init { 1e-6 * t } else { 1e-2 };
+    floor.min(1.0 / t.sqrt())
 }
 
 /// The factor of the learning rate at optimizer step `step` (from 0) of `total`.
 pub fn lr_factor(c: &TrainConfig, step: u64, total: u64) -> f64 {
+    if c.learning_rate_scheduler == LrScheduler::Adafactor {
+        // The optimizer's own; OneTrainer applies no warmup to it either.
+        return 1.0;
+    }
     let total = total.max(1) as f64;
     let warmup = if c.learning_rate_warmup_steps <= 1.0 {
         c.learning_rate_warmup_steps * total
@@ -36,7 +59,7 @@ pub fn lr_factor(c: &TrainConfig, step: u64, total: u64) -> f64 {
     let p = ((s - warmup) / (total - warmup).max(1.0)).clamp(0.0, 1.0);
     let cycles = c.learning_rate_cycles;
     let value = match c.learning_rate_scheduler {
-        LrScheduler::Constant => return 1.0,
+        LrScheduler::Constant | LrScheduler::Adafactor => return 1.0,
         LrScheduler::Linear => 1.0 - p,
         LrScheduler::Cosine => 0.5 * (1.0 + (PI * p).cos()),
         LrScheduler::CosineWithRestarts => 0.5 * (1.0 + (2.0 * PI * cycles * p).cos()),
@@ -103,6 +126,27 @@ mod tests {
         for &(s, cycles, step, want) in cases {
             let got = lr_factor(&config(s, 0.0, cycles, 0.0), step, 100);
             assert!(close(got, want), "{s} at {step}: {got} != {want}");
+        }
+    }
+
+    /// Adafactor's schedule: a factor of 1 from the first step (no warmup, no floor); the
+    /// relative step against transformers' formula.
+    #[test]
+    fn adafactors_schedule_is_its_relative_step() {
+        let c = config(LrScheduler::Adafactor, 10.0, 1.0, 0.5);
+        for step in [0, 5, 99] {
+            assert_eq!(lr_factor(&c, step, 100), 1.0);
+        }
+        for (t, warmup_init, want) in [
+            (1, false, 1e-2),
+            (10_000, false, 1e-2),
+            (40_000, false, 0.005),
+            (1, true, 1e-6),
+            (1000, true, 1e-3),
+            (1_000_000, true, 1e-3),
+        ] {
+            let got = adafactor_relative_step(t, warmup_init);
+            assert!(close(got, want), "{t} {warmup_init}: {got} != {want}");
         }
     }
 
