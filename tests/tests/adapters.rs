@@ -371,39 +371,13 @@ fn lycoris_lokr_gives_the_reference_output_and_round_trips() {
             "lokr_w1_a,lokr_w1_b,lokr_w2_a,lokr_w2_b"
         ]
     );
-    let base = s.unet();
-    let n = s.load(&file);
-    let out = s.unet();
-    let d = max_abs_diff(&out, &want);
-    println!(
-        "lokr_lycoris.safetensors: {n} layers, UNet output max abs diff {d:.2e} (the LoKr moves \
-         it by {:.2})",
-        max_abs_diff(&want, &base)
-    );
-    assert!(n >= 20, "{n} layers");
-    assert!(d < 1e-4, "max abs diff {d}");
-    s.model.merge().unwrap();
-    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "merged");
-    s.model.unmerge().unwrap();
-    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "unmerged");
-
-    let dir = tempfile::tempdir().unwrap();
-    let before = values(s.model.parameters().unwrap());
-    for format in [Format::Kohya, Format::Comfy] {
-        let path = dir.path().join(format!("{format:?}.safetensors"));
-        s.model.save(&path, format, DType::F32, &[]).unwrap();
-        let meta: std::collections::HashMap<String, String> = Weights::open(path.to_str().unwrap())
-            .unwrap()
-            .metadata()
-            .unwrap()
-            .into_iter()
-            .collect();
+    let (n, dir) = loads_merges_and_round_trips(&s, &file, &want, |w| {
+        let meta: std::collections::HashMap<String, String> =
+            w.metadata().unwrap().into_iter().collect();
         assert_eq!(meta["ss_network_module"], "lycoris.kohya");
         assert_eq!(meta["ss_network_args"], r#"{"algo": "lokr"}"#);
-        let loaded = ModelLayers::of(&s.arch).unwrap();
-        assert_eq!(loaded.load(&s.registry, &path, 1.0).unwrap(), n);
-        assert_eq!(values(loaded.parameters().unwrap()), before, "{format:?}");
-    }
+    });
+    assert!(n >= 20, "{n} layers");
     let e = s
         .model
         .save(
@@ -507,38 +481,52 @@ fn onetrainer_oft_gives_the_reference_output_and_round_trips() {
     let file = adapter_file("oft_onetrainer.safetensors");
     let want = oft_output("oft");
     let base = s.unet();
-    let n = s.load(&file);
-    let out = s.unet();
-    let d = max_abs_diff(&out, &want);
-    println!(
-        "oft_onetrainer.safetensors: {n} layers, UNet output max abs diff {d:.2e} (the OFT moves \
-         it by {:.2})",
-        max_abs_diff(&want, &base)
-    );
-    assert!(n >= 20, "{n} layers");
-    assert!(d < 1e-4, "max abs diff {d}");
-    s.model.merge().unwrap();
-    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "merged");
-    s.model.unmerge().unwrap();
-    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "unmerged");
-
-    let dir = tempfile::tempdir().unwrap();
-    let before = values(s.model.parameters().unwrap());
-    for format in [Format::Kohya, Format::Comfy] {
-        let path = dir.path().join(format!("{format:?}.safetensors"));
-        s.model.save(&path, format, DType::F32, &[]).unwrap();
-        let w = Weights::open(path.to_str().unwrap()).unwrap();
+    let (n, _dir) = loads_merges_and_round_trips(&s, &file, &want, |w| {
         let meta: std::collections::HashMap<String, String> =
             w.metadata().unwrap().into_iter().collect();
         assert_eq!(meta["ss_network_args"], r#"{"algo": "oft_2"}"#);
         // OneTrainer's file has no alpha, and neither has ours.
         assert!(w.infos().iter().all(|i| i.key.ends_with(".oft_R.weight")));
+    });
+    assert!(n >= 20, "{n} layers");
+    s.model.clear();
+    assert!(max_abs_diff(&s.unet(), &base) < 1e-5, "unmerged");
+}
+
+/// Loads `file`, checks the UNet output against `want`, merging against running and
+/// unmerging, then saves in kohya's and ComfyUI's layouts (each file checked by `check`) and
+/// reads each back to the same values. Returns the layer count and the folder of the files.
+fn loads_merges_and_round_trips(
+    s: &Setup,
+    file: &Path,
+    want: &Tensor,
+    check: impl Fn(&Weights),
+) -> (usize, tempfile::TempDir) {
+    let base = s.unet();
+    let n = s.load(file);
+    let out = s.unet();
+    let d = max_abs_diff(&out, want);
+    println!(
+        "{}: {n} layers, UNet output max abs diff {d:.2e} (the adapter moves it by {:.2})",
+        file.display(),
+        max_abs_diff(want, &base)
+    );
+    assert!(d < 1e-4, "max abs diff {d}");
+    s.model.merge().unwrap();
+    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "merged");
+    s.model.unmerge().unwrap();
+    assert!(max_abs_diff(&s.unet(), &out) < 1e-5, "unmerged");
+    let dir = tempfile::tempdir().unwrap();
+    let before = values(s.model.parameters().unwrap());
+    for format in [Format::Kohya, Format::Comfy] {
+        let path = dir.path().join(format!("{format:?}.safetensors"));
+        s.model.save(&path, format, DType::F32, &[]).unwrap();
+        check(&Weights::open(path.to_str().unwrap()).unwrap());
         let loaded = ModelLayers::of(&s.arch).unwrap();
         assert_eq!(loaded.load(&s.registry, &path, 1.0).unwrap(), n);
         assert_eq!(values(loaded.parameters().unwrap()), before, "{format:?}");
     }
-    s.model.clear();
-    assert!(max_abs_diff(&s.unet(), &base) < 1e-5, "unmerged");
+    (n, dir)
 }
 
 /// Constrained OFT: fresh adapters with `coft` take the fixture's unprojected values and give

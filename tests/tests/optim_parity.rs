@@ -135,7 +135,13 @@ fn muon_matches_the_reference() {
     assert!(replay("muon", "muon_plain") < 1e-5);
     assert!(replay("muon", "muon") < 1e-2);
     // adam_layers sends a matrix to Adam: its state is Adam's and its trajectory another.
-    assert!(replay_with("muon", "muon_f32", serde_json::json!({"adam_layers": ["p0"]})) > 1e-2);
+    assert!(
+        replay_with(
+            "muon",
+            "muon_f32",
+            serde_json::json!({"adam_layers": ["p0"]})
+        ) > 1e-2
+    );
 }
 
 /// bitsandbytes' 8-bit optimizers (its CPU update, its reference quantisation): a 65×67 matrix
