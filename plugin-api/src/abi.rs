@@ -365,7 +365,10 @@ pub trait CaptionerFfi: Send {
     fn caption(&mut self, image: TensorId, prompt: RStr<'_>) -> RResult<RString, RString>;
 }
 
-/// Image (`[3, H, W]`, 0..1) and prompt to a `[1, H, W]` mask in 0..1.
+/// Image (`[3, H, W]`, RGB in 0..1) and prompt (the user's text; several prompts are separated
+/// by commas) to a `[1, h, w]` map at the masker's own resolution, the host resizing it to the
+/// image's: a pixel is masked where the map is above the user's threshold (OneTrainer's
+/// post-processing — smoothing, threshold, expansion, modes — is the host's).
 #[sabi_trait]
 pub trait MaskerFfi: Send {
     #[sabi(last_prefix_field)]

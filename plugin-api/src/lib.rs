@@ -21,7 +21,8 @@ pub use host::{Generator, Weights, checkpoint, save_safetensors};
 pub use nn::{AdaptableLayer, FusedRows};
 pub use op::Op;
 pub use plugin::{
-    Adapter, Architecture, Component, Descriptor, Optimizer, Param, Plugin, parse_options,
+    Adapter, Architecture, Captioner, Component, Descriptor, Masker, Optimizer, Param, Plugin,
+    parse_options,
 };
 pub use serde_json;
 pub use tensor::{Gradients, Tensor, ops};

@@ -30,6 +30,33 @@ impl Slot {
     pub fn set(&mut self, field: &str, t: Tensor) {
         self.tensors.insert(field.to_string(), t);
     }
+
+    /// Takes the fields out (to be `set` again after the step), zeros shaped like `like` at a
+    /// parameter's first step; a state that has some of them but not all is an error (it would
+    /// restart half an estimate).
+    pub fn take_or_zeros<const N: usize>(
+        &mut self,
+        fields: [&str; N],
+        like: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let fresh = fields.iter().all(|f| !self.tensors.contains_key(*f));
+        let mut out = Vec::with_capacity(N);
+        for f in fields {
+            out.push(match self.tensors.remove(f) {
+                Some(t) => t,
+                None if fresh => zeros_like(like)?,
+                None => {
+                    return Err(Error(format!(
+                        "optimizer state has {:?} but no `{f}` (a backup of this optimizer \
+                         with other options?)",
+                        fields.iter().filter(|g| **g != f).collect::<Vec<_>>()
+                    )));
+                }
+            });
+        }
+        out.try_into()
+            .map_err(|_| Error::msg("optimizer state: a field count changed"))
+    }
 }
 
 /// Every parameter's [`Slot`], by parameter name, and the optimizer's own state tensors.

@@ -549,6 +549,17 @@ impl AdapterHandle {
     }
 }
 
+/// A masker loaded from a plugin; see [`MaskerFfi`](crate::abi::MaskerFfi) for the contract.
+pub struct MaskerHandle(pub crate::abi::MaskerBox);
+
+impl MaskerHandle {
+    pub fn mask(&mut self, image: &Tensor, prompt: &str) -> Result<Tensor> {
+        Ok(Tensor::from_raw(res(self
+            .0
+            .mask(image.id(), RStr::from_str(prompt)))?))
+    }
+}
+
 /// A model instance loaded from a plugin.
 pub struct ArchitectureHandle(pub ArchitectureBox);
 

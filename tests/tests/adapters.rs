@@ -489,6 +489,15 @@ fn onetrainer_oft_gives_the_reference_output_and_round_trips() {
         assert!(w.infos().iter().all(|i| i.key.ends_with(".oft_R.weight")));
     });
     assert!(n >= 20, "{n} layers");
+    // The strength: none gives the base model, half another output.
+    for (strength, like_base) in [(0.0, true), (0.5, false)] {
+        s.model.clear();
+        s.model.load(&s.registry, &file, strength).unwrap();
+        let out = s.unet();
+        let (to_base, to_full) = (max_abs_diff(&out, &base), max_abs_diff(&out, &want));
+        assert_eq!(to_base < 1e-5, like_base, "{strength}: {to_base}");
+        assert!(to_full > 1e-2, "{strength}: {to_full}");
+    }
     s.model.clear();
     assert!(max_abs_diff(&s.unet(), &base) < 1e-5, "unmerged");
 }
@@ -530,8 +539,9 @@ fn loads_merges_and_round_trips(
 }
 
 /// Constrained OFT: fresh adapters with `coft` take the fixture's unprojected values and give
-/// the output of peft's projected rotations; afterwards every block lies within coft_eps/√blocks
-/// and the blocks that started inside are as they were. Without `coft` the output is another.
+/// the output of peft's projected rotations; afterwards every linear layer's block lies within
+/// coft_eps/√blocks, the blocks that started inside are as they were, and the conv layers (which
+/// OneTrainer does not project) are untouched. Without `coft` the output is another.
 #[test]
 fn constrained_oft_projects_its_blocks_as_peft_does() {
     let s = Setup::new();
@@ -568,23 +578,28 @@ fn constrained_oft_projects_its_blocks_as_peft_does() {
             })
             .collect()
     };
-    let (mut moved, mut kept) = (0, 0);
+    let (mut moved, mut kept, mut convs) = (0, 0, 0);
     for (name, t) in s.model.parameters().unwrap() {
-        let key = s
+        let layer = s
             .model
             .info
             .adaptable_layers
             .iter()
             .find(|l| name.starts_with(&format!("{}.", l.name)))
-            .and_then(|l| l.keys.get("kohya"))
-            .map(|k| format!("{k}.oft_R.weight"))
             .unwrap();
+        let key = format!("{}.oft_R.weight", layer.keys["kohya"]);
         let Some(before) = start.get(&key) else {
             continue;
         };
+        let now = t.to_vec().unwrap();
+        if layer.conv.is_some() {
+            // OneTrainer projects on linear layers only.
+            assert_eq!(&now, before, "{key}");
+            convs += 1;
+            continue;
+        }
         let shape = t.shape().unwrap();
         let eps = 0.05 / (shape[0] as f32).sqrt();
-        let now = t.to_vec().unwrap();
         for (row, was) in now.chunks(shape[1]).zip(before.chunks(shape[1])) {
             let norm = |v: &[f32]| (2.0 * v.iter().map(|x| x * x).sum::<f32>()).sqrt();
             assert!(norm(row) <= eps * 1.0001, "{key}: {} > {eps}", norm(row));
@@ -597,8 +612,8 @@ fn constrained_oft_projects_its_blocks_as_peft_does() {
         }
     }
     assert!(
-        moved > 50 && kept > 50,
-        "{moved} blocks projected, {kept} kept"
+        moved > 50 && kept > 50 && convs > 5,
+        "{moved} blocks projected, {kept} kept, {convs} conv layers"
     );
     let unconstrained = max_abs_diff(&run(false), &want);
     assert!(unconstrained > 1e-2, "without coft: {unconstrained}");

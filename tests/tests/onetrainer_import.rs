@@ -385,9 +385,12 @@ fn onetrainers_optimizers_import_with_their_options() {
         (
             // The auxiliary Adam's table becomes adam_ options.
             r#"{"optimizer": "MUON", "momentum": 0.9, "weight_decay": 0.01,
-                "muon_adam_config": {"beta1": 0.8, "beta2": 0.99, "eps": 1e-8}}"#,
+                "muon_adam_lr": 3e-4, "muon_hidden_layers": "down_blocks, up_blocks",
+                "muon_adam_config": {"optimizer": "ADAMW", "beta1": 0.8, "beta2": 0.99,
+                                     "eps": 1e-8, "amsgrad": true, "d0": 1e-6}}"#,
             "optimizer = \"muon\"\nmomentum = 0.9\nweight_decay = 0.01\nadam_beta1 = 0.8\n\
-             adam_beta2 = 0.99\nadam_eps = 1e-8",
+             adam_beta2 = 0.99\nadam_eps = 1e-8\nadam_lr = 3e-4\n\
+             hidden_layers = [\"down_blocks\", \"up_blocks\"]",
         ),
         (
             r#"{"optimizer": "ADAGRAD", "lr_decay": 0.1, "initial_accumulator_value": 0.5}"#,
@@ -476,6 +479,7 @@ fn an_oft_config_imports_with_its_block_options() {
         r#"{"__version": 11, "model_type": "STABLE_DIFFUSION_15", "training_method": "LORA",
             "peft_type": "OFT_2", "lora_rank": 64, "oft_block_size": 16, "oft_coft": true,
             "coft_eps": 0.001, "oft_block_share": false, "dropout_probability": 0.1,
+            "lora_decompose": true,
             "concepts": [{"path": "/data"}]}"#,
     )
     .unwrap();
@@ -486,6 +490,10 @@ fn an_oft_config_imports_with_its_block_options() {
     .unwrap();
     let c = &imported.config;
     assert_eq!((c.peft_type.as_str(), c.lora_dropout), ("oft", 0.1));
+    assert!(
+        !c.lora_decompose,
+        "OneTrainer's OFT has no weight decomposition"
+    );
     assert_eq!(
         c.adapter,
         toml::from_str("block_size = 16\ncoft = true\ncoft_eps = 0.001\nblock_share = false")

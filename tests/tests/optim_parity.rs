@@ -133,13 +133,15 @@ fn replay_with(optimizer: &str, name: &str, extra: serde_json::Value) -> f64 {
 fn muon_matches_the_reference() {
     assert!(replay("muon", "muon_f32") < 1e-5);
     assert!(replay("muon", "muon_plain") < 1e-5);
-    assert!(replay("muon", "muon") < 1e-2);
-    // adam_layers sends a matrix to Adam: its state is Adam's and its trajectory another.
+    assert!(replay("muon", "muon") < 5e-3);
+    // Without adam_lr the vector steps at Muon's rate: another trajectory.
+    assert!(replay_with("muon", "muon_f32", serde_json::json!({"adam_lr": null})) > 1e-2);
+    // With hidden_layers naming only p2, the other matrices go to Adam: another trajectory.
     assert!(
         replay_with(
             "muon",
             "muon_f32",
-            serde_json::json!({"adam_layers": ["p0"]})
+            serde_json::json!({"hidden_layers": ["p2"]})
         ) > 1e-2
     );
 }
@@ -159,7 +161,7 @@ fn eight_bit_optimizers_match_bitsandbytes() {
         "adamw_8bit",
         serde_json::json!({"min_8bit_size": 1_000_000}),
     );
-    assert!(f32_moments > 1e-4, "{f32_moments}");
+    assert!(f32_moments > 0.1, "{f32_moments}");
     // The state: u8 codes in the parameter's shape and a scale per block of 256; f32 moments
     // for the parameter below min_8bit_size.
     let registry = Registry::discover(&[profile_dir()], &Settings::default());

@@ -950,21 +950,22 @@ fn a_lokr_run_takes_its_options_from_the_adapter_table() {
     assert_eq!(loaded, trained, "the file holds the trained factors");
 }
 
-/// OFT trains from a config: `block_size` from the `[adapter]` table sets the saved
-/// `oft_R.weight`'s shape (OneTrainer's layout, no alpha), the rotations train away from zero,
+/// OFT trains from a config: `block_size` and `block_share` from the `[adapter]` table set the
+/// saved `oft_R.weight`'s shape (OneTrainer's layout, no alpha), the rotations train away from zero,
 /// `lora_dropout` (OFT's block dropout) changes the run, and `lora_rank`, which OFT does not have,
 /// is not sent to it.
 #[test]
 fn an_oft_run_takes_its_block_options() {
     let root = setup();
     let root = root.path();
-    let train = |name: &str, block: i64, dropout: f64| {
+    let train = |name: &str, block: i64, dropout: f64, share: bool| {
         let mut c = config(root, name);
         c.backup_after_unit = TimeUnit::Never;
         c.peft_type = "oft".into();
         c.lora_rank = 4;
         c.lora_dropout = dropout;
         c.adapter.insert("block_size".into(), block.into());
+        c.adapter.insert("block_share".into(), share.into());
         c.validate_plugin_options(&registry()).unwrap();
         let r = run(c, root, None);
         assert!(r.losses.iter().all(|(_, l)| l.is_finite()));
@@ -974,17 +975,21 @@ fn an_oft_run_takes_its_block_options() {
         let mut elements: Vec<u64> = w.infos().iter().map(|i| i.shape[1]).collect();
         elements.sort();
         elements.dedup();
-        (elements, r)
+        let max_rows = w.infos().iter().map(|i| i.shape[0]).max().unwrap();
+        (elements, max_rows, r)
     };
-    let (by4, r4) = train("oft4", 4, 0.0);
+    let (by4, rows, r4) = train("oft4", 4, 0.0, false);
     assert_eq!(by4, [6], "4·3/2 elements per block");
+    assert!(rows > 1, "a row per block");
+    let (_, shared_rows, _) = train("oft4_shared", 4, 0.0, true);
+    assert_eq!(shared_rows, 1, "block_share: one row for all blocks");
     assert!(
         r4.weights.iter().all(|(_, v)| v.iter().any(|x| *x != 0.0)),
         "every rotation trained away from the identity"
     );
-    let (by8, _) = train("oft8", 8, 0.0);
+    let (by8, _, _) = train("oft8", 8, 0.0, false);
     assert_eq!(by8, [28]);
-    let (_, dropped) = train("oft4_dropout", 4, 0.5);
+    let (_, _, dropped) = train("oft4_dropout", 4, 0.5, false);
     assert_ne!(
         dropped.weights, r4.weights,
         "block dropout changes what trains"
@@ -1128,6 +1133,62 @@ fn a_part_stops_after_its_limit_and_always_and_timed_units_fire() {
     );
     assert_eq!(backups, 2, "a backup after every step");
     assert_eq!(saves, 3, "a timed save after each step, and the final one");
+}
+
+/// A Muon fine-tune: the hidden layers' matrices take Muon at the learning rate, the vectors
+/// (norms, biases) its Adam at `adam_lr` — the host hands the plugin the part's learning rate,
+/// so a tiny adam_lr all but stops them while the matrices move as before.
+#[test]
+fn a_muon_fine_tune_gives_its_adam_its_own_rate() {
+    let root = setup();
+    let root = root.path();
+    let moves = |name: &str, adam_lr: &str| {
+        let mut c = config(root, name);
+        c.training_method = TrainingMethod::FineTune;
+        c.epochs = 1;
+        c.learning_rate = 1e-3;
+        c.backup_after_unit = TimeUnit::Never;
+        c.output_model_destination = format!("{name}/out/model.safetensors");
+        c.optimizer = toml::from_str(&format!("optimizer = \"muon\"\n{adam_lr}")).unwrap();
+        c.validate_plugin_options(&registry()).unwrap();
+        let mut t = Trainer::new(c, root, registry()).unwrap();
+        let values = |t: &Trainer| -> Vec<(String, usize, Vec<f32>)> {
+            t.trainable()
+                .into_iter()
+                .map(|(k, v)| (k, v.shape().unwrap().len(), v.to_vec().unwrap()))
+                .collect()
+        };
+        let before = values(&t);
+        t.run(|_| {}).unwrap();
+        let (mut vectors, mut matrices) = (0f32, 0f32);
+        for ((k, rank, a), (_, _, b)) in before.iter().zip(values(&t)) {
+            let moved = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            if *rank == 1 {
+                vectors = vectors.max(moved);
+            } else if k.contains("block") {
+                matrices = matrices.max(moved);
+            }
+        }
+        (vectors, matrices)
+    };
+    let (vectors, matrices) = moves("muon", "");
+    let (slow_vectors, same_matrices) = moves("muon_slow", "adam_lr = 1e-9");
+    println!(
+        "vectors {vectors:.1e} → {slow_vectors:.1e}, matrices {matrices:.1e} → {same_matrices:.1e}"
+    );
+    assert!(vectors > 1e-4 && matrices > 1e-4, "{vectors} {matrices}");
+    assert!(slow_vectors < 1e-7, "{slow_vectors}");
+    assert!(same_matrices > 1e-4, "{same_matrices}");
+    let mut c = config(root, "bad");
+    c.optimizer = toml::from_str("optimizer = \"muon\"\nlearning_rate = 0.1").unwrap();
+    let e = c
+        .validate_plugin_options(&registry())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("optimizer.learning_rate"), "{e}");
 }
 
 #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod embeddings;
 pub mod hub;
+pub mod mask;
 pub mod model_file;
 pub mod plugins;
 pub mod sample;

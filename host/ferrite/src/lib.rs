@@ -3,7 +3,7 @@
 //! `gui`).
 
 pub use ferrite_engine::{
-    adapters, config, data, embeddings, fsutil, hub, model_file, plugins, runtime, sample,
+    adapters, config, data, embeddings, fsutil, hub, mask, model_file, plugins, runtime, sample,
     settings, train, video,
 };
 #[cfg(feature = "gui")]

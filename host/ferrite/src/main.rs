@@ -9,6 +9,7 @@ mod convert;
 mod import;
 mod lora;
 mod loss_report;
+mod mask;
 mod model_args;
 mod video;
 
@@ -50,6 +51,8 @@ enum Command {
     /// A OneTrainer config (JSON, with its concepts and samples) as a Ferrite config (TOML),
     /// listing every setting that has no Ferrite option.
     ImportOnetrainer(import::ImportArgs),
+    /// Masks (`<name>-masklabel.png`) for a folder of images with a masker plugin.
+    Mask(Box<mask::MaskArgs>),
     /// Still frames or short clips from videos, for a dataset (runs the system's ffmpeg).
     Video {
         #[command(subcommand)]
@@ -303,6 +306,7 @@ fn main() -> Result<()> {
         }
         Some(Command::Lora { action }) => lora::run(&Settings::load(&settings_path)?, action)?,
         Some(Command::Video { action }) => video::run(action)?,
+        Some(Command::Mask(args)) => mask::run(&Settings::load(&settings_path)?, *args)?,
         Some(Command::ImportOnetrainer(args)) => import::run(args)?,
         Some(Command::Convert(args)) => convert::run(&Settings::load(&settings_path)?, args)?,
         Some(Command::Init { dir }) => init(&dir)?,

@@ -804,6 +804,13 @@ fn lora_tab(
             .unwrap_or(true)
     };
     let (rank, alpha, dropout, dora) = (has("rank"), has("alpha"), has("dropout"), has("dora"));
+    // A hidden field keeps no value the adapter would be refused for.
+    if !dropout {
+        c.lora_dropout = 0.0;
+    }
+    if !dora {
+        c.lora_decompose = false;
+    }
     f.grid(ui, "lora", |f, ui| {
         let adapters: Vec<&str> = adapters.iter().map(String::as_str).collect();
         let before = c.peft_type.clone();

@@ -5,8 +5,9 @@
 //! Neumann series `I + 2Q + 2Q² + 2Q³ + Q⁴`. A linear layer rotates its input, which is its
 //! weight times `diag(R)ᵀ`; a conv layer has its weight (flattened to `[out, in·kh·kw]`)
 //! times `diag(R)`, as OneTrainer does. `coft` projects each block's `Q` onto a Frobenius ball of
-//! `coft_eps/√blocks` before every forward (constrained OFT); `dropout` replaces whole blocks'
-//! rotations by the identity while training (OneTrainer's multiplicative dropout). Initialised
+//! `coft_eps/√blocks` before every forward of a linear layer (constrained OFT; OneTrainer's conv
+//! path skips the projection, and so does this one); `dropout` replaces whole blocks' rotations
+//! by the identity while training (OneTrainer's multiplicative dropout). Initialised
 //! at zero: a fresh adapter changes nothing. Files hold `<layer>.oft_R.weight` only, as
 //! OneTrainer writes and ComfyUI's OFTv2 reads them.
 
@@ -110,13 +111,22 @@ impl Oft {
             None => layer.shape.len() == 2,
             Some(c) => layer.shape.len() == 4 && c.groups == 1 && c.dilation == [1, 1],
         };
-        if !ok || o.block_size == 0 || !(0.0..1.0).contains(&o.dropout) || o.coft_eps <= 0.0 {
+        if !ok {
             bail!(
-                "layer `{}`: oft supports linear and ungrouped, undilated conv layers (shape {:?}), \
-                 with block_size >= 1, dropout in [0, 1) and coft_eps > 0",
+                "layer `{}`: oft supports linear and ungrouped, undilated conv layers, not shape \
+                 {:?}",
                 layer.name,
                 layer.shape
             );
+        }
+        if o.block_size < 2 {
+            bail!("options of `oft`: block_size must be at least 2");
+        }
+        if !(0.0..1.0).contains(&o.dropout) {
+            bail!("options of `oft`: dropout (lora_dropout) must be in [0, 1)");
+        }
+        if o.coft_eps <= 0.0 {
+            bail!("options of `oft`: coft_eps must be above 0");
         }
         let features: usize = layer.shape[1..].iter().product();
         let (block, rows) = match &o.file_shapes {
@@ -201,7 +211,7 @@ impl Oft {
 
     /// `R − I` for every block, `[blocks, b, b]`.
     fn rotation_minus_identity(&self) -> Result<Tensor> {
-        if self.o.coft {
+        if self.o.coft && self.layer.conv.is_none() {
             self.project()?;
         }
         let (rows, b) = (self.weight.dim(0)?, self.block as i64);
@@ -217,7 +227,8 @@ impl Oft {
         // A dropped block's rotation is the identity: R − I is zero there.
         if self.training && self.o.dropout > 0.0 && rows > 1 {
             let keep = ops::dropout(&Tensor::ones(&[rows, 1, 1], DType::F32)?, self.o.dropout)?
-                .mul_scalar(1.0 - self.o.dropout)?;
+                .gt_scalar(0.0)?
+                .cast(DType::F32)?;
             r = r.mul(&keep)?;
         }
         if rows != self.blocks {

@@ -76,12 +76,11 @@ const FIELDS: &[&str] = &[
 impl EightBit {
     /// A moment kept in 8 bits (`state{i}`, `absmax{i}`) as f32, zeros at the first step.
     fn load8(slot: &Slot, i: u8, code: &Code, like: &Tensor) -> Result<Tensor> {
-        match (
-            slot.tensors.get(&format!("state{i}")),
-            slot.tensors.get(&format!("absmax{i}")),
-        ) {
+        let (state, absmax) = (format!("state{i}"), format!("absmax{i}"));
+        match (slot.tensors.get(&state), slot.tensors.get(&absmax)) {
             (Some(q), Some(a)) => code.dequantize(q, a),
-            _ => zeros_like(like),
+            (None, None) => zeros_like(like),
+            _ => bail!("optimizer state has one of `{state}`, `{absmax}` without the other"),
         }
     }
 
@@ -108,9 +107,8 @@ impl Optimizer for EightBit {
             let m = if eight {
                 Self::load8(slot, 1, &self.signed, &g)?
             } else {
-                slot.tensors
-                    .remove("exp_avg")
-                    .map_or_else(|| zeros_like(&g), Ok)?
+                let [m] = slot.take_or_zeros(["exp_avg"], &g)?;
+                m
             };
             if o.weight_decay > 0.0 {
                 w = w.mul_scalar(1.0 - lr * o.weight_decay)?;
@@ -125,9 +123,8 @@ impl Optimizer for EightBit {
                     let v = if eight {
                         Self::load8(slot, 2, &self.unsigned, &g)?
                     } else {
-                        slot.tensors
-                            .remove("exp_avg_sq")
-                            .map_or_else(|| zeros_like(&g), Ok)?
+                        let [v] = slot.take_or_zeros(["exp_avg_sq"], &g)?;
+                        v
                     };
                     let m = m.mul_scalar(o.beta1)?.add(&g.mul_scalar(1.0 - o.beta1)?)?;
                     let v = v

@@ -1,8 +1,9 @@
 //! bitsandbytes' blockwise dynamic quantisation of optimizer states: blocks of 256 values, each
 //! scaled by its largest magnitude and stored as the index (u8) of the nearest value of the
-//! dynamic code (`create_dynamic_map`): as bitsandbytes' reference (`default` backend)
-//! `quantize_blockwise` does, the index is the number of code midpoints below the scaled value
-//! (`torch.bucketize`), found here by a binary search of eight gathers.
+//! dynamic code (`create_dynamic_map`): as bitsandbytes' `default` backend `quantize_blockwise`
+//! does, the index is the number of code midpoints below the scaled value (`torch.bucketize`),
+//! found here by a binary search of eight gathers. (Its CUDA kernel also keeps a first moment's
+//! sign through the rounding; its CPU path, the reference here, does not.)
 
 use ferrite_plugin_api::{DType, Result, Tensor};
 
@@ -96,6 +97,12 @@ impl Code {
         let values = self.values.index_select(0, &idx)?;
         let n = values.dim(0)?;
         let blocks = absmax.dim(0)?;
+        if blocks != n.div_ceil(BLOCK) {
+            return Err(ferrite_plugin_api::Error(format!(
+                "8-bit optimizer state: {n} codes need {} block scales, the state has {blocks}",
+                n.div_ceil(BLOCK)
+            )));
+        }
         let padded = values.pad(&[0, blocks * BLOCK - n], 0.0)?;
         padded
             .reshape(&[blocks as i64, BLOCK as i64])?

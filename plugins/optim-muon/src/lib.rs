@@ -1,14 +1,15 @@
 //! Muon (Keller Jordan's `muon`, as OneTrainer's MUON runs it: `SingleDeviceMuonWithAuxAdam`):
-//! matrix parameters (conv kernels as `[out, in·kh·kw]`) step along the orthogonalised
-//! Nesterov momentum — five quintic Newton–Schulz iterations, in bfloat16 as the reference does
-//! — scaled by √max(1, rows/cols); every other parameter (and those named by `adam_layers`)
-//! takes the reference's auxiliary Adam. Weight decay is decoupled in both. A parameter without
-//! a gradient is skipped with its state kept, as Ferrite's other optimizers do.
+//! the hidden layers' matrix parameters (conv kernels as `[out, in·kh·kw]`) step along the
+//! orthogonalised Nesterov momentum — five quintic Newton–Schulz iterations, in bfloat16 as the
+//! reference does — scaled by √max(1, rows/cols); every other parameter (vectors, and the
+//! layers outside `hidden_layers`: embeddings, the first and last convs) takes the reference's
+//! auxiliary Adam at `adam_lr`. Weight decay is decoupled in both. A parameter without a
+//! gradient is skipped with its state kept, as Ferrite's other optimizers do.
 
 use ferrite_plugin_api::{
     Component, ComponentKind, DType, Descriptor, Optimizer, Param, Plugin, Result, Tensor, bail,
     export_plugin,
-    optim::{Slots, write, zeros_like},
+    optim::{Slots, write},
     parse_options,
     serde_json::{self, json},
 };
@@ -26,9 +27,14 @@ pub struct MuonOptions {
     /// false: in float32.
     pub ns_bf16: bool,
     pub weight_decay: f64,
-    /// Parameters whose name contains one of these take Adam whatever their shape (OneTrainer
-    /// leaves embeddings and the first and last layers to Adam).
-    pub adam_layers: Vec<String>,
+    /// OneTrainer's `muon_hidden_layers`: a parameter of two or more dimensions whose name holds
+    /// one of these takes Muon, every other one Adam; empty: every one of two or more.
+    pub hidden_layers: Vec<String>,
+    /// The auxiliary Adam's learning rate (OneTrainer's `muon_adam_lr`), following the same
+    /// schedule; none: the learning rate.
+    pub adam_lr: Option<f64>,
+    /// The part's learning rate, set by the host: the schedule's factor is `lr / learning_rate`.
+    pub learning_rate: Option<f64>,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_eps: f64,
@@ -44,7 +50,11 @@ impl Default for MuonOptions {
             ns_steps: 5,
             ns_bf16: true,
             weight_decay: 0.0,
-            adam_layers: Vec::new(),
+            // The hidden layers of every family's parameter names: UNet and DiT `*_blocks`,
+            // T5's `block`, CLIP's `encoder.layers`.
+            hidden_layers: vec!["block".into(), "layers".into()],
+            adam_lr: None,
+            learning_rate: None,
             adam_beta1: 0.9,
             adam_beta2: 0.95,
             adam_eps: 1e-10,
@@ -94,22 +104,23 @@ impl Muon {
         if tall { x.transpose(0, 1) } else { Ok(x) }
     }
 
-    fn is_matrix(&self, name: &str, shape: &[usize]) -> bool {
-        shape.len() >= 2
-            && !self
-                .opts
-                .adam_layers
-                .iter()
-                .any(|l| name.contains(l.as_str()))
+    fn takes_muon(&self, name: &str, shape: &[usize]) -> bool {
+        let hidden = &self.opts.hidden_layers;
+        shape.len() >= 2 && (hidden.is_empty() || hidden.iter().any(|l| name.contains(l.as_str())))
+    }
+
+    /// Adam's rate at a step taken at `lr`: `adam_lr` times the schedule's factor.
+    fn adam_rate(&self, lr: f64) -> f64 {
+        match (self.opts.adam_lr, self.opts.learning_rate) {
+            (Some(adam), Some(base)) if base > 0.0 => adam * lr / base,
+            _ => lr,
+        }
     }
 
     fn muon_step(&mut self, p: &Param<'_>, g: Tensor, shape: &[usize], lr: f64) -> Result<()> {
         let o = self.opts.clone();
         let slot = self.slots.by_param.entry(p.name.to_string()).or_default();
-        let m = match slot.tensors.remove("momentum_buffer") {
-            Some(m) => m,
-            None => zeros_like(&g)?,
-        };
+        let [m] = slot.take_or_zeros(["momentum_buffer"], &g)?;
         slot.step += 1;
         // lerp: m + (g − m)(1 − β).
         let m = m.add(&g.sub(&m)?.mul_scalar(1.0 - o.momentum)?)?;
@@ -135,15 +146,10 @@ impl Muon {
     }
 
     fn adam_step(&mut self, p: &Param<'_>, g: Tensor, lr: f64) -> Result<()> {
+        let lr = self.adam_rate(lr);
         let o = &self.opts;
         let slot = self.slots.by_param.entry(p.name.to_string()).or_default();
-        let (m, v) = match (
-            slot.tensors.remove("exp_avg"),
-            slot.tensors.remove("exp_avg_sq"),
-        ) {
-            (Some(m), Some(v)) => (m, v),
-            _ => (zeros_like(&g)?, zeros_like(&g)?),
-        };
+        let [m, v] = slot.take_or_zeros(["exp_avg", "exp_avg_sq"], &g)?;
         slot.step += 1;
         let t = slot.step as i32;
         let m = m.add(&g.sub(&m)?.mul_scalar(1.0 - o.adam_beta1)?)?;
@@ -166,7 +172,7 @@ impl Optimizer for Muon {
             let Some(g) = p.grad else { continue };
             let g = g.detach()?.cast(DType::F32)?;
             let shape = p.tensor.shape()?;
-            if self.is_matrix(p.name, &shape) {
+            if self.takes_muon(p.name, &shape) {
                 self.muon_step(p, g, &shape, lr)?;
             } else {
                 self.adam_step(p, g, lr)?;
@@ -197,8 +203,8 @@ impl Plugin for MuonPlugin {
         vec![Descriptor::optimizer(
             "muon",
             Self::VERSION,
-            "Muon: orthogonalised momentum for matrices, Adam for the rest (Keller Jordan's \
-             muon); typical learning rate 0.02 for a full fine-tune",
+            "Muon: orthogonalised momentum for the hidden layers' matrices, Adam (at adam_lr) \
+             for the rest (Keller Jordan's muon)",
             json!({
                 "momentum": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": d.momentum},
                 "nesterov": {"type": "boolean", "default": d.nesterov},
@@ -206,8 +212,11 @@ impl Plugin for MuonPlugin {
                 "ns_bf16": {"type": "boolean", "default": d.ns_bf16,
                             "description": "Newton-Schulz in bfloat16, as the reference"},
                 "weight_decay": {"type": "number", "minimum": 0, "default": d.weight_decay},
-                "adam_layers": {"type": "array", "items": {"type": "string"}, "default": d.adam_layers,
-                                "description": "parameters whose name contains one of these take Adam"},
+                "hidden_layers": {"type": "array", "items": {"type": "string"}, "default": d.hidden_layers,
+                                  "description": "matrices whose name holds one of these take Muon, the rest Adam (empty: every matrix)"},
+                "adam_lr": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": d.adam_lr,
+                            "description": "the auxiliary Adam's learning rate (empty: the learning rate)"},
+                "learning_rate": {"type": ["number", "null"], "description": "set by the host"},
                 "adam_beta1": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": d.adam_beta1},
                 "adam_beta2": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": d.adam_beta2},
                 "adam_eps": {"type": "number", "minimum": 0, "default": d.adam_eps},

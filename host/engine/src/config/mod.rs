@@ -910,7 +910,8 @@ impl TrainConfig {
         check(
             self.learning_rate_scheduler != LrScheduler::Adafactor
                 || self.optimizer_options().0 == "adafactor",
-            "learning_rate_scheduler: adafactor is the adafactor optimizer's own rate; choose              optimizer = \"adafactor\" or another scheduler",
+            "learning_rate_scheduler: adafactor is the adafactor optimizer's own rate; choose \
+             optimizer = \"adafactor\" or another scheduler",
         );
         check(
             self.learning_rate_cycles > 0.0 && self.learning_rate_warmup_steps >= 0.0,
@@ -1206,6 +1207,13 @@ impl TrainConfig {
             }
         }
         let (id, options) = self.optimizer_options();
+        if self.optimizer.contains_key("learning_rate") {
+            e.push(
+                "optimizer.learning_rate: set by learning_rate (and each part's), not in \
+                 [optimizer]"
+                    .into(),
+            );
+        }
         for (option, problem) in registry.option_problems(ComponentKind::Optimizer, &id, &options) {
             let key = option.map_or_else(
                 || "optimizer.optimizer".into(),

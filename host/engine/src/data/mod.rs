@@ -40,7 +40,11 @@ pub struct Dataset {
     pub problems: Vec<String>,
 }
 
-fn images_in(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+pub(crate) fn images_in(
+    dir: &Path,
+    recursive: bool,
+    out: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.path());
     for e in entries {

@@ -9,7 +9,7 @@ use abi_stable::std_types::RStr;
 use ferrite_plugin_api::{
     ComponentKind,
     abi::{ComponentBox, PluginLibRef, known},
-    plugin::{AdapterHandle, ArchitectureHandle, OptimizerHandle},
+    plugin::{AdapterHandle, ArchitectureHandle, MaskerHandle, OptimizerHandle},
 };
 
 use crate::runtime::host_ref;
@@ -385,6 +385,13 @@ impl Registry {
         match self.instantiate(ComponentKind::Adapter, id, options_json)? {
             ComponentBox::Adapter(a) => Ok(AdapterHandle(a)),
             _ => Err(self.wrong_kind(ComponentKind::Adapter, id)),
+        }
+    }
+
+    pub fn masker(&self, id: &str, options_json: &str) -> Result<MaskerHandle, PluginError> {
+        match self.instantiate(ComponentKind::Masker, id, options_json)? {
+            ComponentBox::Masker(m) => Ok(MaskerHandle(m)),
+            _ => Err(self.wrong_kind(ComponentKind::Masker, id)),
         }
     }
 

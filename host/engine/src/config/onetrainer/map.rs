@@ -155,6 +155,16 @@ pub fn train_config(
         report,
     );
     c.learning_rate_warmup_steps = o.f64("learning_rate_warmup_steps").unwrap_or(200.0);
+    if c.learning_rate_scheduler == crate::config::LrScheduler::Adafactor
+        && c.learning_rate_warmup_steps > 0.0
+    {
+        report.note(format!(
+            "learning_rate_warmup_steps: OneTrainer applies no warmup to the ADAFACTOR schedule; \
+             {} becomes 0",
+            c.learning_rate_warmup_steps
+        ));
+        c.learning_rate_warmup_steps = 0.0;
+    }
     c.learning_rate_cycles = o.f64("learning_rate_cycles").unwrap_or(1.0);
     c.learning_rate_min_factor = o.f64("learning_rate_min_factor").unwrap_or(0.0);
     c.epochs = o.usize("epochs").unwrap_or(100);
@@ -582,8 +592,18 @@ fn adapter(o: &mut Obj, c: &mut TrainConfig, paths: &Paths, report: &mut Report)
     }
     c.lora_alpha = o.f64("lora_alpha").unwrap_or(1.0);
     c.lora_weight_dtype = enum_key(o, "lora_weight_dtype", c.lora_weight_dtype, report);
-    c.lora_dropout = o.f64("dropout_probability").unwrap_or(0.0);
-    c.lora_decompose = o.bool("lora_decompose").unwrap_or(false);
+    // OneTrainer's dropout is LoRA's and OFT's (its LoHa and LoKr drop nothing Ferrite's can),
+    // its weight decomposition LoRA's alone.
+    let dropout = o.f64("dropout_probability").unwrap_or(0.0);
+    if matches!(c.peft_type.as_str(), "lora" | "oft") {
+        c.lora_dropout = dropout;
+    } else if dropout != 0.0 {
+        report.note(format!(
+            "dropout_probability: {dropout} is not used by Ferrite's {}; 0 is used",
+            c.peft_type
+        ));
+    }
+    c.lora_decompose = o.bool("lora_decompose").unwrap_or(false) && c.peft_type == "lora";
     c.lora_base_model = o
         .str("lora_model_name")
         .map(|m| paths.file(m))
@@ -622,7 +642,6 @@ fn adapter(o: &mut Obj, c: &mut TrainConfig, paths: &Paths, report: &mut Report)
             ("oft_coft", json!(false)),
             ("coft_eps", json!(1e-4)),
             ("oft_scaled", json!(false)),
-            ("oft_clipped_norm", json!(0.95)),
             ("oft_cans", json!(false)),
             ("lokr_dim", json!(16)),
             ("lokr_decompose_both", json!(false)),
@@ -824,20 +843,7 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
         c.learning_rate_warmup_steps = 0.0;
     }
     if id == "muon" {
-        // The auxiliary Adam's options are a table of their own in OneTrainer.
-        if let Some(mut adam) = opt.obj("muon_adam_config") {
-            for (k, ours) in [
-                ("beta1", "adam_beta1"),
-                ("beta2", "adam_beta2"),
-                ("eps", "adam_eps"),
-                ("weight_decay", "adam_weight_decay"),
-            ] {
-                if let Some(v) = adam.f64(k) {
-                    table.insert(ours.into(), v.into());
-                }
-            }
-            adam.finish(report);
-        }
+        muon(&mut opt, &mut table, report);
     }
     for k in keys {
         if let Some(v) = opt.take(k) {
@@ -884,16 +890,71 @@ fn optimizer(o: &mut Obj, c: &mut TrainConfig, report: &mut Report) {
     );
     // The rest of OneTrainer's optimizer fields are other optimizers' (it writes them all);
     // OneTrainer does not pass them to this one either.
-    opt.keep_only(&[
+    let mut kept = vec![
         "amsgrad",
         "maximize",
         "capturable",
         "differentiable",
         "fused_back_pass",
         "stochastic_rounding",
-    ]);
+    ];
+    if id.ends_with("_8bit") {
+        // bitsandbytes' own, which Ferrite's 8-bit optimizers do not have.
+        kept.extend([
+            "optim_bits",
+            "percentile_clipping",
+            "block_wise",
+            "is_paged",
+        ]);
+    }
+    if id == "muon" {
+        kept.extend(["muon_te1_adam_lr", "muon_te2_adam_lr"]);
+    }
+    opt.keep_only(&kept);
     c.optimizer = table;
     opt.finish(report);
+}
+
+/// OneTrainer's Muon settings: its auxiliary Adam's table (a whole optimizer config, of which
+/// Adam's betas, eps and decay apply), its rate and the hidden layers' names.
+fn muon(opt: &mut Obj, table: &mut toml::Table, report: &mut Report) {
+    if let Some(mut adam) = opt.obj("muon_adam_config") {
+        for (k, ours) in [
+            ("beta1", "adam_beta1"),
+            ("beta2", "adam_beta2"),
+            ("eps", "adam_eps"),
+            ("weight_decay", "adam_weight_decay"),
+        ] {
+            if let Some(v) = adam.f64(k) {
+                table.insert(ours.into(), v.into());
+            }
+        }
+    }
+    if let Some(lr) = opt.f64("muon_adam_lr") {
+        table.insert("adam_lr".into(), lr.into());
+    }
+    if let Some(layers) = opt.str("muon_hidden_layers") {
+        let layers: Vec<toml::Value> = layers
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| l.to_string().into())
+            .collect();
+        table.insert("hidden_layers".into(), layers.into());
+    }
+    if opt.bool("muon_adam_regex") == Some(true) {
+        report.note(
+            "optimizer.muon_adam_regex: Ferrite's hidden_layers are substrings, not regexes"
+                .to_string(),
+        );
+    }
+    if opt.bool("MuonWithAuxAdam") == Some(false) {
+        report.note(
+            "optimizer.MuonWithAuxAdam: off in OneTrainer; Ferrite's Muon always steps vectors \
+             with Adam"
+                .to_string(),
+        );
+    }
 }
 
 fn concept(co: &mut Obj, paths: &Paths, report: &mut Report) -> ConceptConfig {

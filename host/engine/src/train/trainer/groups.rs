@@ -160,6 +160,15 @@ impl Trainer {
             groups.push(self.group(part.id.clone(), names, params, lr, stop)?);
         }
         groups.extend(self.embedding_groups()?);
+        let c = &self.config;
+        if c.learning_rate_scheduler == crate::config::LrScheduler::Adafactor
+            && (c.learning_rate_warmup_steps > 0.0 || c.learning_rate_min_factor > 0.0)
+        {
+            tracing::warn!(
+                "learning_rate_scheduler adafactor: the optimizer sets the rate; the warmup and \
+                 learning_rate_min_factor do not apply (as in OneTrainer)"
+            );
+        }
         if groups.is_empty() {
             return Err(TrainError(
                 "nothing to train: no parameters in the parts marked train, and no embedding \
@@ -183,7 +192,15 @@ impl Trainer {
         for p in &params {
             p.set_requires_grad(true).map_err(err)?;
         }
-        let (opt_id, opt_options) = c.optimizer_options();
+        let (opt_id, mut opt_options) = c.optimizer_options();
+        // An optimizer that schedules more than one rate (Muon's Adam) gets the part's own.
+        if self
+            .registry
+            .declared_options(ferrite_plugin_api::ComponentKind::Optimizer, &opt_id)
+            .is_some_and(|d| d.contains("learning_rate"))
+        {
+            opt_options["learning_rate"] = lr.into();
+        }
         let optimizer = self
             .registry
             .optimizer(&opt_id, &opt_options.to_string())

@@ -1,0 +1,194 @@
+//! Masks for a folder of images (`ferrite mask`, OneTrainer's batch masking): a masker plugin
+//! maps each image, the host post-processes the map as OneTrainer does ([`process`]) and
+//! combines it with the image's `<stem>-masklabel.png` by the mode, then writes that file
+//! atomically. An image that cannot be read or masked is reported and skipped.
+
+pub mod process;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ferrite_plugin_api::{Tensor, plugin::MaskerHandle};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MaskError(pub String);
+
+/// How a new mask meets the one an image has (OneTrainer's modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaskMode {
+    /// Write the new mask over any old one.
+    Replace,
+    /// Only images without a mask.
+    #[default]
+    Fill,
+    /// The old mask plus `alpha` times the new one, clamped to 0..1.
+    Add,
+    /// The old mask minus `alpha` times the new one, clamped to 0..1.
+    Subtract,
+    /// `(old + alpha·new) / (1 + alpha)`.
+    Blend,
+}
+
+impl FromStr for MaskMode {
+    type Err = MaskError;
+    fn from_str(s: &str) -> Result<Self, MaskError> {
+        Ok(match s {
+            "replace" => Self::Replace,
+            "fill" => Self::Fill,
+            "add" => Self::Add,
+            "subtract" => Self::Subtract,
+            "blend" => Self::Blend,
+            _ => {
+                return Err(MaskError(format!(
+                    "mode `{s}`: one of replace, fill, add, subtract, blend"
+                )));
+            }
+        })
+    }
+}
+
+/// OneTrainer's masking options, with its defaults.
+#[derive(Debug, Clone)]
+pub struct MaskOptions {
+    /// What to mask (the colour masker: a hex colour); several prompts separated by commas.
+    pub prompt: String,
+    pub mode: MaskMode,
+    /// A pixel is masked where the map is above it.
+    pub threshold: f64,
+    pub smooth_pixels: usize,
+    pub expand_pixels: usize,
+    /// The new mask's strength in add, subtract and blend (and its value in replace and fill).
+    pub alpha: f64,
+    pub include_subdirectories: bool,
+}
+
+impl Default for MaskOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            mode: MaskMode::Fill,
+            threshold: 0.3,
+            smooth_pixels: 5,
+            expand_pixels: 10,
+            alpha: 1.0,
+            include_subdirectories: false,
+        }
+    }
+}
+
+/// What a folder run did.
+#[derive(Debug, Default)]
+pub struct MaskReport {
+    pub written: usize,
+    /// Images that already had a mask (fill).
+    pub kept: usize,
+    /// Images that could not be masked, with why.
+    pub failed: Vec<(PathBuf, String)>,
+}
+
+/// `<stem>-masklabel.png` next to the image.
+pub fn mask_path(image: &Path) -> PathBuf {
+    let stem = image.file_stem().unwrap_or_default().to_string_lossy();
+    image.with_file_name(format!("{stem}-masklabel.png"))
+}
+
+/// The images of `dir` (and its subfolders when asked), masks aside.
+pub fn images(dir: &Path, recursive: bool) -> Result<Vec<PathBuf>, MaskError> {
+    let mut out = Vec::new();
+    crate::data::images_in(dir, recursive, &mut out)
+        .map_err(|e| MaskError(format!("{}: {e}", dir.display())))?;
+    Ok(out)
+}
+
+/// Masks every image of `dir`; `progress(done, total)` after each.
+pub fn mask_folder(
+    masker: &mut MaskerHandle,
+    dir: &Path,
+    o: &MaskOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<MaskReport, MaskError> {
+    let files = images(dir, o.include_subdirectories)?;
+    let mut report = MaskReport::default();
+    progress(0, files.len());
+    for (i, file) in files.iter().enumerate() {
+        match mask_image(masker, file, o) {
+            Ok(true) => report.written += 1,
+            Ok(false) => report.kept += 1,
+            Err(e) => {
+                tracing::warn!("{}: {e}; skipped", file.display());
+                report.failed.push((file.clone(), e.to_string()));
+            }
+        }
+        progress(i + 1, files.len());
+    }
+    Ok(report)
+}
+
+/// Masks one image; false when fill found a mask there already.
+pub fn mask_image(
+    masker: &mut MaskerHandle,
+    image: &Path,
+    o: &MaskOptions,
+) -> Result<bool, MaskError> {
+    let out = mask_path(image);
+    let old = if out.exists() {
+        if o.mode == MaskMode::Fill {
+            return Ok(false);
+        }
+        Some(read_mask(&out)?)
+    } else {
+        None
+    };
+    let rgb = image::open(image)
+        .map_err(|e| MaskError(format!("cannot read the image: {e}")))?
+        .to_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let err = |e: ferrite_plugin_api::Error| MaskError(e.to_string());
+    let pixels: Vec<f32> = rgb.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    let chw = Tensor::from_f32(&pixels, &[h, w, 3])
+        .and_then(|t| t.permute(&[2, 0, 1]))
+        .map_err(err)?;
+    let map = masker.mask(&chw, &o.prompt).map_err(err)?;
+    let new = process::process(&map, (h, w), o.threshold, o.smooth_pixels, o.expand_pixels)
+        .map_err(err)?;
+    let old = match old {
+        Some((mw, mh, _)) if (mw, mh) != (w, h) => {
+            return Err(MaskError(format!(
+                "its mask {} is {mw}x{mh}, the image {w}x{h}",
+                out.display()
+            )));
+        }
+        Some((_, _, values)) => Some(Tensor::from_f32(&values, &[h, w]).map_err(err)?),
+        None => None,
+    };
+    let mask = process::combine(o.mode, &new, old.as_ref(), o.alpha).map_err(err)?;
+    write_mask(&out, &mask.to_vec().map_err(err)?, w, h)?;
+    Ok(true)
+}
+
+/// A mask file as 0..1 values (its luma), with its width and height.
+fn read_mask(path: &Path) -> Result<(usize, usize, Vec<f32>), MaskError> {
+    let l = image::open(path)
+        .map_err(|e| MaskError(format!("cannot read its mask {}: {e}", path.display())))?
+        .to_luma8();
+    let values = l.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok((l.width() as usize, l.height() as usize, values))
+}
+
+/// Writes a mask as an RGB PNG (OneTrainer's: each value times 255, truncated).
+fn write_mask(path: &Path, values: &[f32], w: usize, h: usize) -> Result<(), MaskError> {
+    let bytes: Vec<u8> = values
+        .iter()
+        .flat_map(|&v| {
+            let b = (v * 255.0).clamp(0.0, 255.0) as u8;
+            [b, b, b]
+        })
+        .collect();
+    let img = image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| MaskError("mask size".into()))?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| MaskError(format!("{}: {e}", path.display())))?;
+    crate::fsutil::write_atomic(path, &png).map_err(|e| MaskError(e.to_string()))
+}

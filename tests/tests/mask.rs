@@ -1,0 +1,157 @@
+//! Masking a folder with the colour masker (`plugins/mask-color`, `ferrite mask`) against the
+//! masks OneTrainer's formulas make (tests/fixtures/gen/masks.py): every mode with its alpha,
+//! smoothing, threshold and expansion, existing masks kept by fill; a bad image is reported and
+//! skipped.
+
+use std::path::{Path, PathBuf};
+
+use ferrite::mask::{self, MaskMode, MaskOptions};
+use ferrite::plugins::Registry;
+use ferrite::settings::Settings;
+use ferrite_tests::{copy_dir, profile_dir, run_ferrite};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/masks")
+}
+
+fn rgb(path: &Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+/// (case, mode, threshold, smooth, expand, alpha), as masks.py's CASES.
+const CASES: [(&str, MaskMode, f64, usize, usize, f64); 5] = [
+    ("replace", MaskMode::Replace, 0.3, 2, 1, 1.0),
+    ("fill", MaskMode::Fill, 0.5, 0, 0, 1.0),
+    ("add", MaskMode::Add, 0.3, 1, 2, 1.0),
+    ("subtract", MaskMode::Subtract, 0.4, 3, 0, 0.7),
+    ("blend", MaskMode::Blend, 0.3, 2, 1, 0.5),
+];
+
+#[test]
+fn the_colour_masker_makes_onetrainers_masks_in_every_mode() {
+    ferrite::runtime::init("cpu").unwrap();
+    let registry = Registry::discover(&[profile_dir()], &Settings::default());
+    let mut masker = registry.masker("color", "{}").unwrap();
+    for (case, mode, threshold, smooth_pixels, expand_pixels, alpha) in CASES {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&fixtures().join("images"), dir.path(), &|_| true);
+        let options = MaskOptions {
+            prompt: "#00ff00".into(),
+            mode,
+            threshold,
+            smooth_pixels,
+            expand_pixels,
+            alpha,
+            include_subdirectories: false,
+        };
+        let report = mask::mask_folder(&mut masker, dir.path(), &options, |_, _| {}).unwrap();
+        assert!(report.failed.is_empty(), "{case}: {:?}", report.failed);
+        let expected = fixtures().join("expected").join(case);
+        let mut compared = 0;
+        for e in std::fs::read_dir(&expected).unwrap() {
+            let want = e.unwrap().path();
+            let got = rgb(&dir.path().join(want.file_name().unwrap()));
+            let want = rgb(&want);
+            assert_eq!(got.dimensions(), want.dimensions(), "{case}");
+            let differ = got
+                .pixels()
+                .zip(want.pixels())
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(differ, 0, "{case}: {differ} pixels differ");
+            compared += 1;
+        }
+        if mode == MaskMode::Fill {
+            assert_eq!((report.written, report.kept, compared), (1, 2, 1));
+            // The masks it kept are as they were.
+            for stem in ["a", "c"] {
+                let name = format!("{stem}-masklabel.png");
+                assert_eq!(
+                    std::fs::read(dir.path().join(&name)).unwrap(),
+                    std::fs::read(fixtures().join("images").join(&name)).unwrap()
+                );
+            }
+        } else {
+            assert_eq!((report.written, report.kept, compared), (3, 0, 3), "{case}");
+        }
+    }
+}
+
+/// `ferrite mask` on a folder with a broken image and a text file: the images are masked, the
+/// broken one is named and skipped, nothing else is written; a colour that is not one, a mode
+/// that is not one and a masker that does not exist are each named.
+#[test]
+fn ferrite_mask_skips_a_bad_image_and_masks_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    copy_dir(&fixtures().join("images"), &data, &|p| {
+        !p.to_string_lossy().ends_with("-masklabel.png")
+    });
+    std::fs::write(data.join("broken.png"), b"not a png").unwrap();
+    std::fs::write(data.join("notes.txt"), b"hello").unwrap();
+    let sample_dir = data.to_str().unwrap();
+    let mask = |extra: &[&str]| {
+        let mut args = vec![
+            "mask",
+            "--model",
+            "color",
+            "--sample-dir",
+            sample_dir,
+            "--device",
+            "cpu",
+        ];
+        args.extend(extra);
+        run_ferrite(&args, None, home.path())
+    };
+    let out = mask(&["--prompt", "#00ff00", "--mode", "replace"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("3 masks written") && stdout.contains("1 could not be masked"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("broken.png"), "{stderr}");
+    let mut names: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "a-masklabel.png",
+            "a.png",
+            "b-masklabel.png",
+            "b.png",
+            "broken.png",
+            "c-masklabel.png",
+            "c.png",
+            "notes.txt"
+        ]
+    );
+    let out = mask(&["--prompt", "green", "--mode", "replace"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`green` is not a hex colour"), "{stderr}");
+    let out = mask(&["--prompt", "#00ff00", "--mode", "paint"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--mode"),
+        "{stderr}"
+    );
+    let out = run_ferrite(
+        &["mask", "--model", "clipsegg", "--sample-dir", sample_dir],
+        None,
+        home.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("clipsegg"),
+        "{stderr}"
+    );
+}
