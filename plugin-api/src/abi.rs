@@ -358,7 +358,9 @@ pub trait AdapterFfi: Send {
     fn unmerged_weight(&self, merged: TensorId) -> RResult<TensorId, RString>;
 }
 
-/// Image (`[3, H, W]`, 0..1) to caption text.
+/// Image (`[3, H, W]`, RGB in 0..1) and the user's initial caption (a captioner that
+/// continues a prompt starts from it; a tagger puts it first) to caption text. The host adds
+/// the prefix and postfix and writes the file.
 #[sabi_trait]
 pub trait CaptionerFfi: Send {
     #[sabi(last_prefix_field)]

@@ -549,6 +549,16 @@ impl AdapterHandle {
     }
 }
 
+/// A captioner loaded from a plugin; see [`CaptionerFfi`](crate::abi::CaptionerFfi) for the
+/// contract.
+pub struct CaptionerHandle(pub crate::abi::CaptionerBox);
+
+impl CaptionerHandle {
+    pub fn caption(&mut self, image: &Tensor, prompt: &str) -> Result<String> {
+        Ok(res(self.0.caption(image.id(), RStr::from_str(prompt)))?.into_string())
+    }
+}
+
 /// A masker loaded from a plugin; see [`MaskerFfi`](crate::abi::MaskerFfi) for the contract.
 pub struct MaskerHandle(pub crate::abi::MaskerBox);
 

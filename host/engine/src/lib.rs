@@ -3,10 +3,12 @@
 //! drive it.
 
 pub mod adapters;
+pub mod caption;
 pub mod config;
 pub mod data;
 pub mod embeddings;
 pub mod hub;
+pub mod label;
 pub mod mask;
 pub mod model_file;
 pub mod plugins;

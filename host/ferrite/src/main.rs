@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
 
+mod caption;
 mod convert;
 mod import;
 mod lora;
@@ -51,6 +52,8 @@ enum Command {
     /// A OneTrainer config (JSON, with its concepts and samples) as a Ferrite config (TOML),
     /// listing every setting that has no Ferrite option.
     ImportOnetrainer(import::ImportArgs),
+    /// Captions (`<name>.txt`) for a folder of images with a captioner plugin.
+    Caption(Box<caption::CaptionArgs>),
     /// Masks (`<name>-masklabel.png`) for a folder of images with a masker plugin.
     Mask(Box<mask::MaskArgs>),
     /// Still frames or short clips from videos, for a dataset (runs the system's ffmpeg).
@@ -307,6 +310,7 @@ fn main() -> Result<()> {
         Some(Command::Lora { action }) => lora::run(&Settings::load(&settings_path)?, action)?,
         Some(Command::Video { action }) => video::run(action)?,
         Some(Command::Mask(args)) => mask::run(&Settings::load(&settings_path)?, *args)?,
+        Some(Command::Caption(args)) => caption::run(&Settings::load(&settings_path)?, *args)?,
         Some(Command::ImportOnetrainer(args)) => import::run(args)?,
         Some(Command::Convert(args)) => convert::run(&Settings::load(&settings_path)?, args)?,
         Some(Command::Init { dir }) => init(&dir)?,
@@ -532,6 +536,19 @@ fn init(dir: &std::path::Path) -> Result<()> {
         config_path.display()
     );
     Ok(())
+}
+
+/// A bar with the count and the time left, for the folder tools.
+fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what}, {{eta}} left"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(500));
+    bar
 }
 
 fn sample(settings: &Settings, a: SampleArgs) -> Result<()> {

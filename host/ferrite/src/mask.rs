@@ -2,7 +2,6 @@
 //! plugin, from the command line.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ferrite::mask::{self, MaskMode, MaskOptions};
@@ -75,12 +74,7 @@ pub fn run(settings: &Settings, a: MaskArgs) -> Result<()> {
     let mut masker = registry
         .masker(&a.model, &plugin_options.to_string())
         .with_context(|| format!("--model {}", a.model))?;
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images, {eta} left")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(500));
+    let bar = crate::progress_bar("images");
     let report = mask::mask_folder(&mut masker, &a.sample_dir, &options, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);

@@ -10,9 +10,8 @@ use std::str::FromStr;
 
 use ferrite_plugin_api::{Tensor, plugin::MaskerHandle};
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct MaskError(pub String);
+pub use crate::label::{LabelError as MaskError, LabelReport as MaskReport};
+use crate::label::{each_image, image_chw};
 
 /// How a new mask meets the one an image has (OneTrainer's modes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,28 +76,10 @@ impl Default for MaskOptions {
     }
 }
 
-/// What a folder run did.
-#[derive(Debug, Default)]
-pub struct MaskReport {
-    pub written: usize,
-    /// Images that already had a mask (fill).
-    pub kept: usize,
-    /// Images that could not be masked, with why.
-    pub failed: Vec<(PathBuf, String)>,
-}
-
 /// `<stem>-masklabel.png` next to the image.
 pub fn mask_path(image: &Path) -> PathBuf {
     let stem = image.file_stem().unwrap_or_default().to_string_lossy();
     image.with_file_name(format!("{stem}-masklabel.png"))
-}
-
-/// The images of `dir` (and its subfolders when asked), masks aside.
-pub fn images(dir: &Path, recursive: bool) -> Result<Vec<PathBuf>, MaskError> {
-    let mut out = Vec::new();
-    crate::data::images_in(dir, recursive, &mut out)
-        .map_err(|e| MaskError(format!("{}: {e}", dir.display())))?;
-    Ok(out)
 }
 
 /// Masks every image of `dir`; `progress(done, total)` after each.
@@ -106,23 +87,11 @@ pub fn mask_folder(
     masker: &mut MaskerHandle,
     dir: &Path,
     o: &MaskOptions,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<MaskReport, MaskError> {
-    let files = images(dir, o.include_subdirectories)?;
-    let mut report = MaskReport::default();
-    progress(0, files.len());
-    for (i, file) in files.iter().enumerate() {
-        match mask_image(masker, file, o) {
-            Ok(true) => report.written += 1,
-            Ok(false) => report.kept += 1,
-            Err(e) => {
-                tracing::warn!("{}: {e}; skipped", file.display());
-                report.failed.push((file.clone(), e.to_string()));
-            }
-        }
-        progress(i + 1, files.len());
-    }
-    Ok(report)
+    each_image(dir, o.include_subdirectories, progress, |file| {
+        mask_image(masker, file, o)
+    })
 }
 
 /// Masks one image; false when fill found a mask there already.
@@ -140,15 +109,8 @@ pub fn mask_image(
     } else {
         None
     };
-    let rgb = image::open(image)
-        .map_err(|e| MaskError(format!("cannot read the image: {e}")))?
-        .to_rgb8();
-    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let (chw, w, h) = image_chw(image)?;
     let err = |e: ferrite_plugin_api::Error| MaskError(e.to_string());
-    let pixels: Vec<f32> = rgb.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
-    let chw = Tensor::from_f32(&pixels, &[h, w, 3])
-        .and_then(|t| t.permute(&[2, 0, 1]))
-        .map_err(err)?;
     let map = masker.mask(&chw, &o.prompt).map_err(err)?;
     let new = process::process(&map, (h, w), o.threshold, o.smooth_pixels, o.expand_pixels)
         .map_err(err)?;

@@ -9,7 +9,7 @@ use abi_stable::std_types::RStr;
 use ferrite_plugin_api::{
     ComponentKind,
     abi::{ComponentBox, PluginLibRef, known},
-    plugin::{AdapterHandle, ArchitectureHandle, MaskerHandle, OptimizerHandle},
+    plugin::{AdapterHandle, ArchitectureHandle, CaptionerHandle, MaskerHandle, OptimizerHandle},
 };
 
 use crate::runtime::host_ref;
@@ -385,6 +385,13 @@ impl Registry {
         match self.instantiate(ComponentKind::Adapter, id, options_json)? {
             ComponentBox::Adapter(a) => Ok(AdapterHandle(a)),
             _ => Err(self.wrong_kind(ComponentKind::Adapter, id)),
+        }
+    }
+
+    pub fn captioner(&self, id: &str, options_json: &str) -> Result<CaptionerHandle, PluginError> {
+        match self.instantiate(ComponentKind::Captioner, id, options_json)? {
+            ComponentBox::Captioner(c) => Ok(CaptionerHandle(c)),
+            _ => Err(self.wrong_kind(ComponentKind::Captioner, id)),
         }
     }
 
