@@ -508,3 +508,109 @@ fn the_lora_tab_shows_the_adapters_own_options() {
     assert!(h.query_by_label("LoRA alpha").is_none());
     assert!(h.query_by_label("Block size").is_some());
 }
+
+/// The dataset window, opened from the Tools tab on a folder: the first image's caption is
+/// edited and saved on Enter (its other lines kept), a brush stroke paints its mask, which Enter
+/// saves; fill and undo; Down moves to the next image, whose caption is empty.
+#[test]
+fn the_dataset_window_edits_a_caption_and_paints_a_mask() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/masks/images");
+    for name in ["a.png", "b.png"] {
+        std::fs::copy(images.join(name), data.join(name)).unwrap();
+    }
+    std::fs::write(data.join("a.txt"), "old caption\nsecond line").unwrap();
+    let mut h = app(dir.path());
+    tab(&mut h, "Tools");
+    set_text(&mut h, "Image folder", data.to_str().unwrap());
+    click(&mut h, "Open dataset tool");
+    assert!(h.state().dataset.open);
+    assert_eq!(h.state().dataset.caption, "old caption");
+
+    set_text(&mut h, "Caption", "a red box");
+    h.key_press(Key::Enter);
+    h.run();
+    assert_eq!(
+        std::fs::read_to_string(data.join("a.txt")).unwrap(),
+        "a red box\nsecond line"
+    );
+
+    // A stroke across the middle of the image.
+    let rect = h.get_by_label("Mask canvas").rect();
+    let (from, to) = (
+        rect.center(),
+        rect.center() + ferrite::gui::egui::vec2(30.0, 0.0),
+    );
+    h.hover_at(from);
+    h.run();
+    h.drag_at(from);
+    h.run();
+    h.hover_at(to);
+    h.run();
+    h.drop_at(to);
+    h.run();
+    h.key_press(Key::Enter);
+    h.run();
+    let mask = image::open(data.join("a-masklabel.png"))
+        .unwrap()
+        .to_luma8();
+    let white = mask.pixels().filter(|p| p[0] == 255).count();
+    let total = (mask.width() * mask.height()) as usize;
+    assert!(
+        white > 10 && white < total / 2,
+        "{white} of {total} painted"
+    );
+
+    click(&mut h, "Fill mask");
+    assert!(
+        h.state()
+            .dataset
+            .canvas
+            .mask
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|&v| v == 255)
+    );
+    click(&mut h, "Undo");
+    let undone = h.state().dataset.canvas.mask.as_ref().unwrap();
+    assert_eq!(undone.iter().filter(|&&v| v == 255).count(), white);
+
+    h.key_press(Key::ArrowDown);
+    h.run();
+    assert_eq!(h.state().dataset.current, Some(1));
+    assert_eq!(h.state().dataset.caption, "");
+}
+
+/// "Mask folder" runs the colour masker over the folder on a background thread and reports.
+#[test]
+fn the_dataset_window_masks_the_folder_with_the_colour_masker() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/masks/images");
+    ferrite_tests::copy_dir(&images, &data, &|p| {
+        !p.to_string_lossy().ends_with("-masklabel.png")
+    });
+    let mut h = app(dir.path());
+    tab(&mut h, "Tools");
+    set_text(&mut h, "Image folder", data.to_str().unwrap());
+    click(&mut h, "Open dataset tool");
+    assert_eq!(h.state().dataset.batch.masker, "color");
+    set_text(&mut h, "Mask prompt", "#00ff00");
+    click(&mut h, "Mask folder");
+    wait_for(&mut h, "the masks", |h| {
+        h.state().dataset.batch.result.is_some()
+    });
+    let result = h.state().dataset.batch.result.clone().unwrap();
+    assert_eq!(result.as_deref(), Ok("3 masks written, 0 kept, 0 failed"));
+    for stem in ["a", "b", "c"] {
+        assert!(
+            data.join(format!("{stem}-masklabel.png")).exists(),
+            "{stem}"
+        );
+    }
+}

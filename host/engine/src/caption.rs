@@ -54,12 +54,12 @@ pub fn caption_path(image: &Path) -> PathBuf {
     image.with_extension("txt")
 }
 
-/// Captions every image of `dir`; `progress(done, total)` after each.
+/// Captions every image of `dir`; `progress(done, total)` after each (false stops the run).
 pub fn caption_folder(
     captioner: &mut CaptionerHandle,
     dir: &Path,
     o: &CaptionOptions,
-    progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize) -> bool,
 ) -> Result<CaptionReport, CaptionError> {
     each_image(dir, o.include_subdirectories, progress, |file| {
         caption_image(captioner, file, o)

@@ -42,16 +42,19 @@ pub fn image_chw(path: &Path) -> Result<(Tensor, usize, usize), LabelError> {
 }
 
 /// Runs `one` on every image of `dir` (true: written, false: left as it was); an image it fails
-/// on is logged and listed, and the run goes on. `progress(done, total)` after each.
+/// on is logged and listed, and the run goes on. `progress(done, total)` before the first and
+/// after each; when it says false the run stops there (the images done stay done).
 pub fn each_image(
     dir: &Path,
     recursive: bool,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(usize, usize) -> bool,
     mut one: impl FnMut(&Path) -> Result<bool, LabelError>,
 ) -> Result<LabelReport, LabelError> {
     let files = images(dir, recursive)?;
     let mut report = LabelReport::default();
-    progress(0, files.len());
+    if !progress(0, files.len()) {
+        return Ok(report);
+    }
     for (i, file) in files.iter().enumerate() {
         match one(file) {
             Ok(true) => report.written += 1,
@@ -61,7 +64,9 @@ pub fn each_image(
                 report.failed.push((file.clone(), e.to_string()));
             }
         }
-        progress(i + 1, files.len());
+        if !progress(i + 1, files.len()) {
+            break;
+        }
     }
     Ok(report)
 }

@@ -78,6 +78,7 @@ pub fn run(settings: &Settings, a: CaptionArgs) -> Result<()> {
         caption::caption_folder(&mut captioner, &a.sample_dir, &options, |done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
+            true
         })?;
     bar.finish_and_clear();
     for (file, why) in &report.failed {

@@ -97,6 +97,8 @@ pub struct App {
     load_problems: Vec<LoadProblem>,
     pub concepts: ConceptsUi,
     tools: Tools,
+    /// The dataset window (captions and masks), opened from a concept or the Tools tab.
+    pub dataset: super::dataset::DatasetUi,
     pub run: RunView,
     /// A message in the bottom bar (saved, loaded, why Start was refused).
     pub status: Option<(bool, String)>,
@@ -134,6 +136,7 @@ impl App {
             load_problems: Vec::new(),
             concepts: ConceptsUi::default(),
             tools: Tools::default(),
+            dataset: Default::default(),
             run: RunView::default(),
             status: None,
             confirm_close: false,
@@ -307,6 +310,21 @@ impl App {
         egui::CentralPanel::default().show(ui, |ui| {
             egui::ScrollArea::vertical().show(ui, |ui| self.tab_content(ui, &by_key));
         });
+        if let Some(dir) = self
+            .concepts
+            .open_dataset
+            .take()
+            .or_else(|| self.tools.open_dataset.take())
+        {
+            self.dataset.open_folder(&dir);
+        }
+        self.dataset.show(
+            &ctx,
+            &self.components,
+            &self.options.plugin_dirs,
+            &self.settings,
+            &self.config,
+        );
         if self.show_frame_times {
             self.frame_overlay(&ctx);
         }

@@ -43,6 +43,8 @@ pub struct ConceptsUi {
     /// A concept set file (concepts only) to save to or load from.
     pub set_path: String,
     pub message: Option<String>,
+    /// A concept's folder to open in the dataset window (the app takes it).
+    pub open_dataset: Option<std::path::PathBuf>,
 }
 
 /// The concepts of a set file: `[[concepts]]` tables.
@@ -109,6 +111,9 @@ impl ConceptsUi {
                         if ui.button(format!("Delete {name}")).clicked() {
                             action = Some(("delete", i));
                         }
+                        if ui.button(format!("Captions and masks of {name}")).clicked() {
+                            action = Some(("dataset", i));
+                        }
                     });
                     ui.end_row();
                 }
@@ -123,6 +128,9 @@ impl ConceptsUi {
             Some(("delete", i)) => {
                 config.concepts.remove(i);
                 self.open = None;
+            }
+            Some(("dataset", i)) => {
+                self.open_dataset = Some(TrainConfig::path(base, &config.concepts[i].path));
             }
             _ => {}
         }

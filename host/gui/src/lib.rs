@@ -3,6 +3,7 @@
 
 mod app;
 mod concepts;
+mod dataset;
 mod form;
 mod run;
 mod schema_form;
@@ -13,11 +14,13 @@ use std::sync::{Arc, Mutex};
 
 // The engine's modules under the names the views use.
 use ferrite_engine::{
-    adapters, config, data, fsutil, hub, plugins, runtime, sample, settings, train, video,
+    adapters, caption, config, data, fsutil, hub, label, mask, plugins, runtime, sample, settings,
+    train, video,
 };
 
 pub use app::{App, AppOptions, Tab};
 use concepts::ConceptTab;
+pub use dataset::DatasetUi;
 /// The egui version the app is built with (for tests and tools driving it).
 pub use eframe::egui;
 pub use run::Phase;

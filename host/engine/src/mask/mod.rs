@@ -82,12 +82,12 @@ pub fn mask_path(image: &Path) -> PathBuf {
     image.with_file_name(format!("{stem}-masklabel.png"))
 }
 
-/// Masks every image of `dir`; `progress(done, total)` after each.
+/// Masks every image of `dir`; `progress(done, total)` after each (false stops the run).
 pub fn mask_folder(
     masker: &mut MaskerHandle,
     dir: &Path,
     o: &MaskOptions,
-    progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize) -> bool,
 ) -> Result<MaskReport, MaskError> {
     each_image(dir, o.include_subdirectories, progress, |file| {
         mask_image(masker, file, o)
@@ -140,15 +140,23 @@ fn read_mask(path: &Path) -> Result<(usize, usize, Vec<f32>), MaskError> {
 
 /// Writes a mask as an RGB PNG (OneTrainer's: each value times 255, truncated).
 fn write_mask(path: &Path, values: &[f32], w: usize, h: usize) -> Result<(), MaskError> {
-    let bytes: Vec<u8> = values
+    let luma: Vec<u8> = values
         .iter()
-        .flat_map(|&v| {
-            let b = (v * 255.0).clamp(0.0, 255.0) as u8;
-            [b, b, b]
-        })
+        .map(|&v| (v * 255.0).clamp(0.0, 255.0) as u8)
         .collect();
-    let img = image::RgbImage::from_raw(w as u32, h as u32, bytes)
-        .ok_or_else(|| MaskError("mask size".into()))?;
+    write_mask_luma(path, &luma, w, h)
+}
+
+/// Writes a mask given as one byte per pixel (255: trained) as OneTrainer's RGB PNG, atomically.
+pub fn write_mask_luma(path: &Path, luma: &[u8], w: usize, h: usize) -> Result<(), MaskError> {
+    let bytes: Vec<u8> = luma.iter().flat_map(|&b| [b, b, b]).collect();
+    let img = image::RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+        MaskError(format!(
+            "{}: {w}x{h} mask of {} pixels",
+            path.display(),
+            luma.len()
+        ))
+    })?;
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| MaskError(format!("{}: {e}", path.display())))?;

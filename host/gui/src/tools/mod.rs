@@ -37,6 +37,9 @@ pub struct Tools {
     lora_info: lora_info::LoraInfo,
     commands: commands::Commands,
     video: video::Video,
+    dataset_folder: String,
+    /// A folder to open in the dataset window (the app takes it).
+    pub open_dataset: Option<PathBuf>,
 }
 
 /// A tool's error, in the app's error colour.
@@ -83,6 +86,8 @@ impl Default for Tools {
             lora_info: Default::default(),
             commands: Default::default(),
             video: Default::default(),
+            dataset_folder: String::new(),
+            open_dataset: None,
         }
     }
 }
@@ -211,6 +216,16 @@ impl Tools {
         let imported = ui.push_id("import", |ui| self.import.show(ui, base)).inner;
         ui.separator();
         ui.push_id("video", |ui| self.video.show(ui, base));
+        ui.separator();
+        ui.strong("Captions and masks (dataset tool)");
+        ui.horizontal(|ui| {
+            let l = ui.label("Image folder");
+            ui.text_edit_singleline(&mut self.dataset_folder)
+                .labelled_by(l.id);
+            if ui.button("Open dataset tool").clicked() {
+                self.open_dataset = Some(TrainConfig::path(base, &self.dataset_folder));
+            }
+        });
         imported
     }
 
