@@ -155,3 +155,54 @@ fn ferrite_mask_skips_a_bad_image_and_masks_the_rest() {
         "{stderr}"
     );
 }
+
+/// `ferrite mask --model rembg` on a U²-Net-shaped model (tests/fixtures/gen/rembg.py) writes the
+/// masks OneTrainer's rembg masker does with its defaults, but for the pixels at the edge that
+/// Lanczos resizing in the `image` crate (not PIL's) moves across the threshold.
+#[test]
+fn rembg_masks_a_folder_as_onetrainer_does() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/rembg");
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures.join("images"), dir.path(), &|_| true);
+    let out = run_ferrite(
+        &[
+            "mask",
+            "--model",
+            "rembg",
+            "--model-path",
+            fixtures.to_str().unwrap(),
+            "--sample-dir",
+            dir.path().to_str().unwrap(),
+            "--mode",
+            "replace",
+            "--device",
+            "cpu",
+        ],
+        None,
+        home.path(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("2 masks written"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for stem in ["img0", "img1"] {
+        let name = format!("{stem}-masklabel.png");
+        let (got, want) = (
+            rgb(&dir.path().join(&name)),
+            rgb(&fixtures.join("expected").join(&name)),
+        );
+        let differ = got
+            .pixels()
+            .zip(want.pixels())
+            .filter(|(a, b)| a != b)
+            .count();
+        let total = (want.width() * want.height()) as usize;
+        let masked = want.pixels().filter(|p| p[0] == 255).count();
+        println!("{stem}: {differ} of {total} pixels differ ({masked} masked)");
+        assert!(masked > total / 5 && masked < total * 4 / 5, "{masked}");
+        assert!(differ * 200 < total, "{stem}: {differ} of {total} differ");
+    }
+}

@@ -10,7 +10,8 @@ use ferrite::settings::Settings;
 
 #[derive(clap::Args)]
 pub struct MaskArgs {
-    /// The masker plugin: `color`, or another masker's id (`ferrite plugins list`).
+    /// The masker plugin: `color`, `rembg`, `rembg-human`, or another masker's id (`ferrite
+    /// plugins list`).
     #[arg(long)]
     model: String,
     /// The masker's model file or folder, for maskers that have one.
