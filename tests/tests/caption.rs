@@ -51,7 +51,7 @@ fn ferrite_caption_tags_a_folder_as_onetrainer_does() {
     );
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("2 captions written, 1 images kept their caption, 1 could not"),
+        stdout.contains("2 captions written, 1 images kept theirs, 1 images failed"),
         "{stdout}"
     );
     assert!(stderr.contains("broken.jpg"), "{stderr}");
@@ -84,6 +84,13 @@ fn ferrite_caption_tags_a_folder_as_onetrainer_does() {
     ]);
     assert!(out.status.success());
     assert_eq!(read("img1.txt"), expected("img1", "caption_with_rating"));
+
+    // --threshold is the tagger's general threshold: at 1 only the character tags are left.
+    let out = caption(&["--mode", "replace", "--threshold", "1"]);
+    assert!(out.status.success());
+    let strict = read("img1.txt");
+    assert!(!strict.is_empty() && !strict.contains(", "), "{strict}");
+    assert!(expected("img1", "caption").starts_with(&strict), "{strict}");
 
     // A folder without the model, a bad mode, a bad option.
     let out = run_ferrite(

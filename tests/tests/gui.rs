@@ -579,10 +579,94 @@ fn the_dataset_window_edits_a_caption_and_paints_a_mask() {
     let undone = h.state().dataset.canvas.mask.as_ref().unwrap();
     assert_eq!(undone.iter().filter(|&&v| v == 255).count(), white);
 
+    // Erasing across the painted stroke takes white away; Clear leaves none.
+    click(&mut h, "Erase");
+    h.hover_at(from);
+    h.run();
+    h.drag_at(from);
+    h.run();
+    h.hover_at(to);
+    h.run();
+    h.drop_at(to);
+    h.run();
+    let erased = h.state().dataset.canvas.mask.as_ref().unwrap();
+    assert!(erased.iter().filter(|&&v| v == 255).count() < white);
+    click(&mut h, "Clear mask");
+    assert!(
+        h.state()
+            .dataset
+            .canvas
+            .mask
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|&v| v == 0)
+    );
+
+    // Leaving the image saves its mask; Down and Up move through the list.
     h.key_press(Key::ArrowDown);
     h.run();
     assert_eq!(h.state().dataset.current, Some(1));
     assert_eq!(h.state().dataset.caption, "");
+    let saved = image::open(data.join("a-masklabel.png"))
+        .unwrap()
+        .to_luma8();
+    assert!(
+        saved.pixels().all(|p| p[0] == 0),
+        "the cleared mask was saved on leaving"
+    );
+    h.key_press(Key::ArrowUp);
+    h.run();
+    assert_eq!(h.state().dataset.current, Some(0));
+    // The filter lists only matching names.
+    set_text(&mut h, "Filter", "b.");
+    h.get_by_label("b.png").click_accesskit();
+    h.run();
+    assert!(h.query_by_label("a.png").is_none());
+    assert_eq!(h.state().dataset.current, Some(1));
+}
+
+/// A mask file the window cannot read is neither painted nor written over; a caption typed
+/// before "Mask folder" is saved before the run.
+#[test]
+fn the_dataset_window_keeps_what_it_cannot_read_and_what_was_typed() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/masks/images");
+    std::fs::copy(images.join("a.png"), data.join("a.png")).unwrap();
+    std::fs::write(data.join("a-masklabel.png"), b"not a png").unwrap();
+    let mut h = app(dir.path());
+    tab(&mut h, "Tools");
+    set_text(&mut h, "Image folder", data.to_str().unwrap());
+    click(&mut h, "Open dataset tool");
+    assert!(h.state().dataset.canvas.locked);
+    let rect = h.get_by_label("Mask canvas").rect();
+    h.hover_at(rect.center());
+    h.run();
+    h.drag_at(rect.center());
+    h.run();
+    h.drop_at(rect.center());
+    h.run();
+    click(&mut h, "Fill mask");
+    h.key_press(Key::Enter);
+    h.run();
+    assert_eq!(
+        std::fs::read(data.join("a-masklabel.png")).unwrap(),
+        b"not a png"
+    );
+
+    set_text(&mut h, "Caption", "typed before the run");
+    set_text(&mut h, "Mask prompt", "#00ff00");
+    click(&mut h, "Mask folder");
+    assert_eq!(
+        std::fs::read_to_string(data.join("a.txt")).unwrap(),
+        "typed before the run"
+    );
+    wait_for(&mut h, "the run", |h| {
+        h.state().dataset.batch.result.is_some()
+    });
 }
 
 /// "Mask folder" runs the colour masker over the folder on a background thread and reports.

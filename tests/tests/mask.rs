@@ -113,7 +113,7 @@ fn ferrite_mask_skips_a_bad_image_and_masks_the_rest() {
     );
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("3 masks written") && stdout.contains("1 could not be masked"),
+        stdout.contains("3 masks written, 0 images kept theirs, 1 images failed"),
         "{stdout}"
     );
     assert!(stderr.contains("broken.png"), "{stderr}");
@@ -205,4 +205,73 @@ fn rembg_masks_a_folder_as_onetrainer_does() {
         assert!(masked > total / 5 && masked < total * 4 / 5, "{masked}");
         assert!(differ * 200 < total, "{stem}: {differ} of {total} differ");
     }
+}
+
+/// The CLI's numbers reach the masks: with --threshold 0.5 --smooth-pixels 0 --expand-pixels 0
+/// the mask is masks.py's "fill" case; --include-subdirectories takes the images of subfolders.
+#[test]
+fn ferrite_masks_flags_change_the_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::copy(fixtures().join("images/b.png"), data.join("b.png")).unwrap();
+    std::fs::copy(fixtures().join("images/b.png"), data.join("sub/b.png")).unwrap();
+    let mask = |extra: &[&str]| {
+        let mut args = vec![
+            "mask",
+            "--model",
+            "color",
+            "--sample-dir",
+            data.to_str().unwrap(),
+            "--prompt",
+            "#00ff00",
+            "--mode",
+            "replace",
+            "--device",
+            "cpu",
+        ];
+        args.extend(extra);
+        let out = run_ferrite(&args, None, home.path());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        rgb(&data.join("b-masklabel.png"))
+    };
+    let defaults = mask(&[]);
+    assert!(
+        !data.join("sub/b-masklabel.png").exists(),
+        "subfolders only when asked"
+    );
+    let tuned = mask(&[
+        "--threshold",
+        "0.5",
+        "--smooth-pixels",
+        "0",
+        "--expand-pixels",
+        "0",
+        "--include-subdirectories",
+    ]);
+    assert_ne!(defaults, tuned);
+    assert_eq!(
+        tuned,
+        rgb(&fixtures().join("expected/fill/b-masklabel.png"))
+    );
+    assert!(data.join("sub/b-masklabel.png").exists());
+    let half = mask(&[
+        "--threshold",
+        "0.5",
+        "--smooth-pixels",
+        "0",
+        "--expand-pixels",
+        "0",
+        "--alpha",
+        "0.5",
+    ]);
+    assert!(
+        half.pixels().all(|p| p[0] == 0 || p[0] == 127),
+        "alpha 0.5 writes 127"
+    );
 }

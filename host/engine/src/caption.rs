@@ -73,16 +73,13 @@ pub fn caption_image(
     o: &CaptionOptions,
 ) -> Result<bool, CaptionError> {
     let out = caption_path(image);
-    let old = match std::fs::read_to_string(&out) {
-        Ok(_) if o.mode == CaptionMode::Fill => return Ok(false),
-        Ok(text) => Some(text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(CaptionError(format!(
-                "cannot read its caption {}: {e}",
-                out.display()
-            )));
-        }
+    // Fill only sees a caption file, replace never reads it; add keeps its lines.
+    let old = match (out.exists(), o.mode) {
+        (true, CaptionMode::Fill) => return Ok(false),
+        (true, CaptionMode::Add) => Some(std::fs::read_to_string(&out).map_err(|e| {
+            CaptionError(format!("cannot read its caption {}: {e}", out.display()))
+        })?),
+        _ => None,
     };
     let (chw, _, _) = image_chw(image)?;
     let generated = captioner
@@ -92,15 +89,7 @@ pub fn caption_image(
         .trim()
         .to_string();
     // OneTrainer's file: one caption per line, blank lines dropped.
-    let mut lines: Vec<String> = match (o.mode, old) {
-        (CaptionMode::Add, Some(old)) => old
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect(),
-        _ => Vec::new(),
-    };
+    let mut lines = old.as_deref().map(crate::data::lines).unwrap_or_default();
     lines.push(caption);
     crate::fsutil::write_atomic(&out, lines.join("\n").as_bytes())
         .map_err(|e| CaptionError(e.to_string()))?;

@@ -28,11 +28,27 @@ pub fn images(dir: &Path, recursive: bool) -> Result<Vec<PathBuf>, LabelError> {
     Ok(out)
 }
 
+/// An image file as PIL opens it for OneTrainer: its format from its content (not its name),
+/// turned upright by its EXIF orientation.
+pub fn open_image(path: &Path) -> Result<image::DynamicImage, LabelError> {
+    use image::ImageDecoder;
+    let fail = |e: &dyn std::fmt::Display| LabelError(format!("cannot read the image: {e}"));
+    let decoder = image::ImageReader::open(path)
+        .map_err(|e| fail(&e))?
+        .with_guessed_format()
+        .map_err(|e| fail(&e))?
+        .into_decoder()
+        .map_err(|e| fail(&e))?;
+    let mut decoder = decoder;
+    let orientation = decoder.orientation().map_err(|e| fail(&e))?;
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| fail(&e))?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
 /// An image file as RGB `[3, H, W]` in 0..1, with its width and height.
 pub fn image_chw(path: &Path) -> Result<(Tensor, usize, usize), LabelError> {
-    let rgb = image::open(path)
-        .map_err(|e| LabelError(format!("cannot read the image: {e}")))?
-        .to_rgb8();
+    let rgb = open_image(path)?.to_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let pixels: Vec<f32> = rgb.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
     let t = Tensor::from_f32(&pixels, &[h, w, 3])

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use ferrite::caption::{self, CaptionMode, CaptionOptions};
-use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
+use ferrite_plugin_api::ComponentKind;
 
 #[derive(clap::Args)]
 pub struct CaptionArgs {
@@ -35,6 +35,9 @@ pub struct CaptionArgs {
     /// Images in subfolders too.
     #[arg(long)]
     include_subdirectories: bool,
+    /// The captioner's threshold (wd14: the general tags').
+    #[arg(long)]
+    threshold: Option<f64>,
     /// The captioner's own options as JSON (wd14: `{"general_threshold": 0.4}`).
     #[arg(long, value_name = "JSON", default_value = "{}")]
     options: String,
@@ -51,44 +54,38 @@ pub fn run(settings: &Settings, a: CaptionArgs) -> Result<()> {
         mode: a.mode.parse::<CaptionMode>().context("--mode")?,
         include_subdirectories: a.include_subdirectories,
     };
-    if !a.sample_dir.is_dir() {
-        bail!("--sample-dir {}: not a folder", a.sample_dir.display());
-    }
-    let mut plugin_options: serde_json::Value =
-        serde_json::from_str(&a.options).context("--options: not a JSON object")?;
-    if !plugin_options.is_object() {
-        bail!("--options: not a JSON object");
-    }
-    if let Some(p) = &a.model_path {
-        if !p.exists() {
-            bail!("--model-path {}: no such file or folder", p.display());
-        }
-        plugin_options["model_path"] = serde_json::json!(p);
-    }
-    let (device, said) = ferrite::runtime::for_device(&a.device)?;
-    eprintln!("{said}");
-    let scope = ferrite::runtime::Scope::new(device);
-    let _scope = scope.enter();
-    let registry = Registry::discover(&search_dirs(settings), settings);
-    let mut captioner = registry
-        .captioner(&a.model, &plugin_options.to_string())
-        .with_context(|| format!("--model {}", a.model))?;
-    let bar = crate::progress_bar("images");
-    let report =
-        caption::caption_folder(&mut captioner, &a.sample_dir, &options, |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-            true
-        })?;
-    bar.finish_and_clear();
-    for (file, why) in &report.failed {
-        eprintln!("{}: {why} (skipped)", file.display());
-    }
-    println!(
-        "{} captions written, {} images kept their caption, {} could not be captioned",
-        report.written,
-        report.kept,
-        report.failed.len()
-    );
-    Ok(())
+    let mut extra: serde_json::Value =
+        serde_json::from_str(&a.options).context("--options: not JSON")?;
+    let model = a.model.clone();
+    crate::label::run_folder(
+        settings,
+        &a.device,
+        &a.sample_dir,
+        "captions",
+        |registry, progress| {
+            if let Some(t) = a.threshold {
+                // The captioner's threshold (a tagger's general one).
+                let declared = registry
+                    .declared_options(ComponentKind::Captioner, &model)
+                    .unwrap_or_default();
+                match ["threshold", "general_threshold"]
+                    .into_iter()
+                    .find(|k| declared.contains(*k))
+                {
+                    Some(k) => extra[k] = t.into(),
+                    None => bail!("--threshold: the captioner `{model}` has no threshold"),
+                }
+            }
+            let plugin_options = crate::label::plugin_options(a.model_path.as_deref(), extra)?;
+            let mut captioner = registry
+                .captioner(&model, &plugin_options)
+                .with_context(|| format!("--model {model}"))?;
+            Ok(caption::caption_folder(
+                &mut captioner,
+                &a.sample_dir,
+                &options,
+                progress,
+            )?)
+        },
+    )
 }

@@ -3,8 +3,8 @@
 //! `gui`).
 
 pub use ferrite_engine::{
-    adapters, caption, config, data, embeddings, fsutil, hub, mask, model_file, plugins, runtime,
-    sample, settings, train, video,
+    adapters, caption, config, data, embeddings, fsutil, hub, label, mask, model_file, plugins,
+    runtime, sample, settings, train, video,
 };
 #[cfg(feature = "gui")]
 pub use ferrite_gui as gui;

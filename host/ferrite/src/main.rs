@@ -8,6 +8,7 @@ use ferrite::settings::Settings;
 mod caption;
 mod convert;
 mod import;
+mod label;
 mod lora;
 mod loss_report;
 mod mask;

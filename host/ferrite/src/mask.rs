@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use ferrite::mask::{self, MaskMode, MaskOptions};
-use ferrite::plugins::{Registry, search_dirs};
 use ferrite::settings::Settings;
 
 #[derive(clap::Args)]
@@ -57,39 +56,23 @@ pub fn run(settings: &Settings, a: MaskArgs) -> Result<()> {
         alpha: a.alpha,
         include_subdirectories: a.include_subdirectories,
     };
-    if !a.sample_dir.is_dir() {
-        bail!("--sample-dir {}: not a folder", a.sample_dir.display());
-    }
-    let (device, said) = ferrite::runtime::for_device(&a.device)?;
-    eprintln!("{said}");
-    let scope = ferrite::runtime::Scope::new(device);
-    let _scope = scope.enter();
-    let registry = Registry::discover(&search_dirs(settings), settings);
-    let mut plugin_options = serde_json::json!({});
-    if let Some(p) = &a.model_path {
-        if !p.exists() {
-            bail!("--model-path {}: no such file or folder", p.display());
-        }
-        plugin_options["model_path"] = serde_json::json!(p);
-    }
-    let mut masker = registry
-        .masker(&a.model, &plugin_options.to_string())
-        .with_context(|| format!("--model {}", a.model))?;
-    let bar = crate::progress_bar("images");
-    let report = mask::mask_folder(&mut masker, &a.sample_dir, &options, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        true
-    })?;
-    bar.finish_and_clear();
-    for (file, why) in &report.failed {
-        eprintln!("{}: {why} (skipped)", file.display());
-    }
-    println!(
-        "{} masks written, {} images kept their mask, {} could not be masked",
-        report.written,
-        report.kept,
-        report.failed.len()
-    );
-    Ok(())
+    let plugin_options =
+        crate::label::plugin_options(a.model_path.as_deref(), serde_json::json!({}))?;
+    crate::label::run_folder(
+        settings,
+        &a.device,
+        &a.sample_dir,
+        "masks",
+        |registry, progress| {
+            let mut masker = registry
+                .masker(&a.model, &plugin_options)
+                .with_context(|| format!("--model {}", a.model))?;
+            Ok(mask::mask_folder(
+                &mut masker,
+                &a.sample_dir,
+                &options,
+                progress,
+            )?)
+        },
+    )
 }

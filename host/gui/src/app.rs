@@ -318,12 +318,14 @@ impl App {
         {
             self.dataset.open_folder(&dir);
         }
+        let base = self.base();
         self.dataset.show(
             &ctx,
             &self.components,
             &self.options.plugin_dirs,
             &self.settings,
             &self.config,
+            &base,
         );
         if self.show_frame_times {
             self.frame_overlay(&ctx);
@@ -755,6 +757,10 @@ impl App {
 
     /// Closing while training asks first; stopping writes a backup, then the window closes.
     fn handle_close(&mut self, ctx: &egui::Context) {
+        if ctx.input(|i| i.viewport().close_requested()) {
+            // The dataset window's edits are written before the app goes.
+            self.dataset.leave_image();
+        }
         if ctx.input(|i| i.viewport().close_requested()) && self.run.active() {
             ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
             self.confirm_close = true;

@@ -29,7 +29,8 @@ pub struct Options {
     /// The model's folder (with `model.onnx` and `selected_tags.csv`) or its `.onnx` file (the
     /// CSV beside it).
     pub model_path: Option<PathBuf>,
-    pub general_threshold: f64,
+    /// None: OneTrainer's, 0.35, or 0.5 for an EVA02 tagger (its folder or file named so).
+    pub general_threshold: Option<f64>,
     pub character_threshold: f64,
     /// MCut (Largeron et al. 2012) over the general tags' probabilities, at least
     /// `min_general_threshold`.
@@ -44,10 +45,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        // OneTrainer's (EVA02's general threshold is 0.5 there).
+        // OneTrainer's.
         Self {
             model_path: None,
-            general_threshold: 0.35,
+            general_threshold: None,
             character_threshold: 0.85,
             use_mcut_general: false,
             min_general_threshold: 0.35,
@@ -95,6 +96,11 @@ impl Wd14 {
             }
         }
         let tags = Tags::read(&csv)?;
+        let mut o = o;
+        if o.general_threshold.is_none() {
+            let eva02 = given.to_string_lossy().to_lowercase().contains("eva02");
+            o.general_threshold = Some(if eva02 { 0.5 } else { 0.35 });
+        }
         let mut model = tract_onnx::onnx()
             .model_for_path(&onnx)
             .map_err(err("cannot read", &onnx))?;
@@ -215,7 +221,8 @@ impl Plugin for Wd14Plugin {
                 "additionalProperties": false,
                 "properties": {
                     "model_path": {"type": ["string", "null"], "description": "the tagger's folder or model.onnx"},
-                    "general_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": d.general_threshold},
+                    "general_threshold": {"type": ["number", "null"], "minimum": 0, "maximum": 1, "default": d.general_threshold,
+                                          "description": "empty: 0.35, or 0.5 for an EVA02 tagger"},
                     "character_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": d.character_threshold},
                     "use_mcut_general": {"type": "boolean", "default": d.use_mcut_general},
                     "min_general_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": d.min_general_threshold},

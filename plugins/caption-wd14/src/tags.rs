@@ -66,7 +66,7 @@ impl Tags {
     pub fn caption(&self, probs: &[f32], o: &Options) -> String {
         let probs: Vec<f64> = probs.iter().map(|&p| p as f64).collect();
         let of = |idx: &[usize]| idx.iter().map(|&i| probs[i]).collect::<Vec<_>>();
-        let mut general = o.general_threshold;
+        let mut general = o.general_threshold.unwrap_or(0.35);
         if o.use_mcut_general && !self.general.is_empty() {
             general = mcut(&of(&self.general)).max(o.min_general_threshold);
         }

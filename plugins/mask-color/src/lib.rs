@@ -35,6 +35,8 @@ pub struct ColorMasker;
 
 impl Masker for ColorMasker {
     fn mask(&mut self, image: &Tensor, prompt: &str) -> Result<Tensor> {
+        // The first of the prompts, as OneTrainer takes it.
+        let prompt = prompt.split(',').next().unwrap_or_default();
         let Some(rgb) = parse_color(prompt) else {
             bail!("color masker: the prompt `{prompt}` is not a hex colour like #00ff00");
         };

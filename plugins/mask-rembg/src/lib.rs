@@ -110,13 +110,14 @@ impl Rembg {
         let first = out[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| Error(format!("rembg: the model's output: {e}")))?;
-        let values: Vec<f32> = first.iter().copied().take(SIZE * SIZE).collect();
-        if values.len() != SIZE * SIZE {
+        if !matches!(first.shape(), [1, c, h, w] if *c >= 1 && *h == SIZE && *w == SIZE) {
             bail!(
-                "rembg: the model's first output has {} values, not a 320×320 map",
-                first.len()
+                "rembg: the model's first output is {:?}, not [1, channels, 320, 320]",
+                first.shape()
             );
         }
+        // Its first channel.
+        let values: Vec<f32> = first.iter().copied().take(SIZE * SIZE).collect();
         let (lo, hi) = values
             .iter()
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {

@@ -49,7 +49,8 @@ pub(crate) fn images_in(
     entries.sort_by_key(|e| e.path());
     for e in entries {
         let p = e.path();
-        if p.is_dir() {
+        // A linked folder is not followed: a link back up would never end.
+        if e.file_type()?.is_dir() {
             if recursive {
                 images_in(&p, true, out)?;
             }
@@ -65,7 +66,7 @@ pub(crate) fn images_in(
     Ok(())
 }
 
-fn lines(text: &str) -> Vec<String> {
+pub(crate) fn lines(text: &str) -> Vec<String> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())

@@ -89,6 +89,11 @@ pub fn mask_folder(
     o: &MaskOptions,
     progress: impl FnMut(usize, usize) -> bool,
 ) -> Result<MaskReport, MaskError> {
+    if o.mode == MaskMode::Blend && o.alpha == -1.0 {
+        return Err(MaskError(
+            "alpha: blend divides by 1 + alpha, so -1 is not a strength".into(),
+        ));
+    }
     each_image(dir, o.include_subdirectories, progress, |file| {
         mask_image(masker, file, o)
     })
@@ -101,13 +106,11 @@ pub fn mask_image(
     o: &MaskOptions,
 ) -> Result<bool, MaskError> {
     let out = mask_path(image);
-    let old = if out.exists() {
-        if o.mode == MaskMode::Fill {
-            return Ok(false);
-        }
-        Some(read_mask(&out)?)
-    } else {
-        None
+    // Replace never reads the old mask (it may be what is being fixed), fill only sees it.
+    let old = match (out.exists(), o.mode) {
+        (true, MaskMode::Fill) => return Ok(false),
+        (true, MaskMode::Add | MaskMode::Subtract | MaskMode::Blend) => Some(read_mask(&out)?),
+        _ => None,
     };
     let (chw, w, h) = image_chw(image)?;
     let err = |e: ferrite_plugin_api::Error| MaskError(e.to_string());

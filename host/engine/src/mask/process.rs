@@ -37,7 +37,7 @@ pub fn process(
 ) -> Result<Tensor> {
     let shape = map.shape()?;
     let (h, w) = match shape[..] {
-        [_, h, w] | [h, w] => (h, w),
+        [_, h, w] | [h, w] if h > 0 && w > 0 => (h, w),
         _ => {
             return Err(ferrite_plugin_api::Error(format!(
                 "the masker returned a map of shape {shape:?}, not [channels, height, width]"

@@ -2,7 +2,7 @@
 //! plugin, on a background thread: the engine's `caption_folder` / `mask_folder` (the CLI's),
 //! their progress shown and a Cancel that stops after the image being done.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
@@ -22,11 +22,32 @@ enum Message {
     Done(Result<String, String>),
 }
 
+/// What the controls asked for this frame.
+pub enum Event {
+    /// Caption (true) or mask (false) the folder.
+    Start(bool),
+    /// A run ended: captions or masks on disk changed.
+    Finished,
+}
+
+/// What a run needs from the app.
+pub struct Run {
+    /// The folder whose images are listed.
+    pub dir: PathBuf,
+    pub caption: bool,
+    pub plugin_dirs: Vec<PathBuf>,
+    pub settings: Settings,
+    pub device: String,
+    /// Model paths are relative to it (the config's folder).
+    pub base: PathBuf,
+}
+
 pub struct Batch {
     pub captioner: String,
     pub masker: String,
-    /// The plugin's model folder or file (empty: none).
-    pub model_path: String,
+    /// Each plugin's model folder or file (empty: none).
+    pub captioner_model: String,
+    pub masker_model: String,
     pub initial_caption: String,
     pub mask_prompt: String,
     pub caption_mode: String,
@@ -41,7 +62,8 @@ impl Default for Batch {
         Self {
             captioner: String::new(),
             masker: String::new(),
-            model_path: String::new(),
+            captioner_model: String::new(),
+            masker_model: String::new(),
             initial_caption: String::new(),
             mask_prompt: String::new(),
             caption_mode: "fill".into(),
@@ -92,17 +114,8 @@ impl Batch {
         self.running.is_some()
     }
 
-    /// The controls and the run's state; true when a run has just finished (captions or masks
-    /// on disk changed).
-    pub fn show(
-        &mut self,
-        ui: &mut Ui,
-        dir: &Path,
-        components: &[ComponentInfo],
-        plugin_dirs: &[PathBuf],
-        settings: &Settings,
-        config: &TrainConfig,
-    ) -> bool {
+    /// The controls and the run's state.
+    pub fn show(&mut self, ui: &mut Ui, components: &[ComponentInfo]) -> Option<Event> {
         let (captioners, maskers) = (
             ids(components, ComponentKind::Captioner),
             ids(components, ComponentKind::Masker),
@@ -115,6 +128,7 @@ impl Batch {
         }
         let modes = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let idle = !self.running();
+        let mut event = None;
         ui.horizontal(|ui| {
             choice(ui, "Captioner", &mut self.captioner, &captioners);
             choice(
@@ -126,14 +140,15 @@ impl Batch {
             let l = ui.label("Initial caption");
             ui.text_edit_singleline(&mut self.initial_caption)
                 .labelled_by(l.id);
+            let l = ui.label("Captioner model");
+            ui.text_edit_singleline(&mut self.captioner_model)
+                .labelled_by(l.id);
+            let start = egui::Button::new("Caption folder");
             if ui
-                .add_enabled(
-                    idle && !self.captioner.is_empty(),
-                    egui::Button::new("Caption folder"),
-                )
+                .add_enabled(idle && !self.captioner.is_empty(), start)
                 .clicked()
             {
-                self.start(ui.ctx(), dir, true, plugin_dirs, settings, config);
+                event = Some(Event::Start(true));
             }
         });
         ui.horizontal(|ui| {
@@ -147,20 +162,16 @@ impl Batch {
             let l = ui.label("Mask prompt");
             ui.text_edit_singleline(&mut self.mask_prompt)
                 .labelled_by(l.id);
+            let l = ui.label("Masker model");
+            ui.text_edit_singleline(&mut self.masker_model)
+                .labelled_by(l.id);
+            let start = egui::Button::new("Mask folder");
             if ui
-                .add_enabled(
-                    idle && !self.masker.is_empty(),
-                    egui::Button::new("Mask folder"),
-                )
+                .add_enabled(idle && !self.masker.is_empty(), start)
                 .clicked()
             {
-                self.start(ui.ctx(), dir, false, plugin_dirs, settings, config);
+                event = Some(Event::Start(false));
             }
-        });
-        ui.horizontal(|ui| {
-            let l = ui.label("Model path");
-            ui.text_edit_singleline(&mut self.model_path)
-                .labelled_by(l.id);
         });
         let mut finished = false;
         if let Some((rx, cancel)) = &self.running {
@@ -188,6 +199,7 @@ impl Batch {
         }
         if finished {
             self.running = None;
+            event = Some(Event::Finished);
         }
         match &self.result {
             Some(Ok(s)) => {
@@ -198,29 +210,34 @@ impl Batch {
             }
             None => {}
         }
-        finished
+        event
     }
 
-    fn start(
-        &mut self,
-        ctx: &egui::Context,
-        dir: &Path,
-        caption: bool,
-        plugin_dirs: &[PathBuf],
-        settings: &Settings,
-        config: &TrainConfig,
-    ) {
+    /// Starts captioning or masking `run.dir` on a background thread.
+    pub fn start(&mut self, ctx: &egui::Context, run: Run) {
         let (tx, rx) = channel();
         let cancel = Arc::new(AtomicBool::new(false));
         self.running = Some((rx, cancel.clone()));
         self.result = None;
         self.progress = (0, 0);
+        let Run {
+            dir,
+            caption,
+            plugin_dirs: dirs,
+            settings,
+            device,
+            base,
+        } = run;
+        let model = if caption {
+            &self.captioner_model
+        } else {
+            &self.masker_model
+        };
         let mut options = serde_json::json!({});
-        if !self.model_path.trim().is_empty() {
-            options["model_path"] = serde_json::json!(self.model_path.trim());
+        if !model.trim().is_empty() {
+            let path = TrainConfig::path(&base, model.trim());
+            options["model_path"] = path.to_string_lossy().into_owned().into();
         }
-        let (dir, dirs, settings) = (dir.to_path_buf(), plugin_dirs.to_vec(), settings.clone());
-        let device = config.train_device.clone();
         let (id, prompt) = if caption {
             (self.captioner.clone(), self.initial_caption.clone())
         } else {

@@ -16,8 +16,12 @@ pub struct Canvas {
     overlay_stale: bool,
     /// None: the image has no mask file (and nothing was painted).
     pub mask: Option<Mask>,
-    /// The mask before each stroke or fill.
+    /// The mask before each stroke or fill (the last [`UNDO_STEPS`]).
     undo: Vec<Option<Mask>>,
+    /// The mask file could not be read: painting is off, so that it is never written over.
+    pub locked: bool,
+    /// The last brush position of the stroke, in image pixels (strokes are joined).
+    last: Option<egui::Vec2>,
     pub dirty: bool,
     /// Brush radius in image pixels.
     pub brush: f32,
@@ -34,6 +38,8 @@ impl Default for Canvas {
             overlay_stale: false,
             mask: None,
             undo: Vec::new(),
+            locked: false,
+            last: None,
             dirty: false,
             brush: 12.0,
             erase: false,
@@ -41,8 +47,34 @@ impl Default for Canvas {
     }
 }
 
+/// OneTrainer's undo depth.
+const UNDO_STEPS: usize = 30;
+
+/// The largest side of a texture the window uploads (GPUs refuse larger ones).
+const MAX_TEXTURE: usize = 2048;
+
 fn mask_path(image: &Path) -> PathBuf {
     crate::mask::mask_path(image)
+}
+
+/// `img` no larger than [`MAX_TEXTURE`] on a side, for showing.
+fn for_display(img: image::RgbaImage) -> egui::ColorImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let img = if w.max(h) > MAX_TEXTURE {
+        let f = MAX_TEXTURE as f32 / w.max(h) as f32;
+        image::imageops::resize(
+            &img,
+            ((w as f32 * f) as u32).max(1),
+            ((h as f32 * f) as u32).max(1),
+            image::imageops::FilterType::Triangle,
+        )
+    } else {
+        img
+    };
+    egui::ColorImage::from_rgba_unmultiplied(
+        [img.width() as usize, img.height() as usize],
+        img.as_raw(),
+    )
 }
 
 impl Canvas {
@@ -53,22 +85,21 @@ impl Canvas {
             erase: self.erase,
             ..Self::default()
         };
-        let rgba = image::open(image)
+        let rgba = crate::label::open_image(image)
             .map_err(|e| format!("{}: {e}", image.display()))?
             .to_rgba8();
         self.size = (rgba.width() as usize, rgba.height() as usize);
-        self.image = Some(egui::ColorImage::from_rgba_unmultiplied(
-            [self.size.0, self.size.1],
-            rgba.as_raw(),
-        ));
+        self.image = Some(for_display(rgba));
         let path = mask_path(image);
         if path.exists() {
+            // Until it is read, nothing may be painted over it.
+            self.locked = true;
             let luma = image::open(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
+                .map_err(|e| format!("{}: {e}; not editable here", path.display()))?
                 .to_luma8();
             if (luma.width() as usize, luma.height() as usize) != self.size {
                 return Err(format!(
-                    "{} is {}x{}, its image {}x{}: not shown",
+                    "{} is {}x{}, its image {}x{}: not shown or editable",
                     path.display(),
                     luma.width(),
                     luma.height(),
@@ -78,6 +109,7 @@ impl Canvas {
             }
             self.mask = Some(luma.into_raw());
             self.overlay_stale = true;
+            self.locked = false;
         }
         Ok(())
     }
@@ -106,11 +138,14 @@ impl Canvas {
     }
 
     fn checkpoint(&mut self) {
+        if self.undo.len() == UNDO_STEPS {
+            self.undo.remove(0);
+        }
         self.undo.push(self.mask.clone());
     }
 
     pub fn fill(&mut self, value: u8) {
-        if self.image.is_none() {
+        if self.image.is_none() || self.locked {
             return;
         }
         self.checkpoint();
@@ -119,10 +154,15 @@ impl Canvas {
         self.overlay_stale = true;
     }
 
-    /// Paints a disc of the brush's radius at image pixel `(x, y)`; a mask starts empty.
+    /// Paints a disc of the brush's radius at image pixel `(x, y)`. Without a mask the image
+    /// was trained whole: erasing starts from all 255, adding from all 0 (OneTrainer's).
     pub fn paint(&mut self, x: f32, y: f32) {
+        if self.locked {
+            return;
+        }
         let (w, h) = self.size;
-        let mask = self.mask.get_or_insert_with(|| vec![0; w * h]);
+        let start = if self.erase { 255 } else { 0 };
+        let mask = self.mask.get_or_insert_with(|| vec![start; w * h]);
         let value = if self.erase { 0 } else { 255 };
         let r = self.brush;
         let (x0, x1) = (
@@ -163,9 +203,12 @@ impl Canvas {
                     .iter()
                     .flat_map(|&v| [0, 0, 0, ((255 - v) as f32 * 0.6) as u8])
                     .collect();
+                let overlay =
+                    image::RgbaImage::from_raw(self.size.0 as u32, self.size.1 as u32, rgba)
+                        .unwrap_or_default();
                 ui.ctx().load_texture(
                     "dataset mask",
-                    egui::ColorImage::from_rgba_unmultiplied([self.size.0, self.size.1], &rgba),
+                    for_display(overlay),
                     egui::TextureOptions::NEAREST,
                 )
             });
@@ -180,14 +223,27 @@ impl Canvas {
         for t in [&self.image_tex, &self.overlay_tex].into_iter().flatten() {
             painter.image(t.id(), resp.rect, uv, egui::Color32::WHITE);
         }
-        if resp.drag_started() {
+        if resp.drag_started() && !self.locked {
             self.checkpoint();
+            self.last = None;
         }
         if (resp.drag_started() || resp.dragged())
             && let Some(p) = resp.interact_pointer_pos()
         {
             let at = (p - resp.rect.min) / scale;
-            self.paint(at.x, at.y);
+            // From the last point, in steps of half the brush, so that a fast drag is a line.
+            let from = self.last.unwrap_or(at);
+            let steps = ((at - from).length() / (self.brush / 2.0).max(0.5))
+                .ceil()
+                .max(1.0);
+            for i in 1..=steps as usize {
+                let q = from + (at - from) * (i as f32 / steps);
+                self.paint(q.x, q.y);
+            }
+            self.last = Some(at);
+        }
+        if resp.drag_stopped() {
+            self.last = None;
         }
         if let Some(p) = resp.hover_pos() {
             painter.circle_stroke(

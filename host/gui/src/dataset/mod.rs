@@ -22,6 +22,8 @@ pub struct DatasetUi {
     pub open: bool,
     /// The folder as typed.
     pub folder: String,
+    /// The folder whose images are listed.
+    loaded: PathBuf,
     files: Vec<PathBuf>,
     pub filter: String,
     /// Index into `files`.
@@ -30,6 +32,8 @@ pub struct DatasetUi {
     pub caption: String,
     caption_rest: Vec<String>,
     caption_dirty: bool,
+    /// The caption file could not be read: it is shown, not edited (saving would lose it).
+    caption_locked: bool,
     pub canvas: canvas::Canvas,
     thumbs: HashMap<PathBuf, Option<egui::TextureHandle>>,
     pub message: Option<String>,
@@ -55,7 +59,8 @@ impl DatasetUi {
         self.leave_image();
         self.thumbs.clear();
         self.current = None;
-        match crate::label::images(&self.dir(), false) {
+        self.loaded = self.dir();
+        match crate::label::images(&self.loaded, false) {
             Ok(files) => {
                 self.message = Some(format!("{} images", files.len()));
                 self.files = files;
@@ -82,8 +87,8 @@ impl DatasetUi {
             .collect()
     }
 
-    /// Saves what was edited on the image being left.
-    fn leave_image(&mut self) {
+    /// Saves what was edited on the image being left (or before the app closes).
+    pub fn leave_image(&mut self) {
         if self.caption_dirty {
             self.save_caption();
         }
@@ -99,7 +104,20 @@ impl DatasetUi {
         self.leave_image();
         self.current = Some(i);
         let path = self.files[i].clone();
-        let text = std::fs::read_to_string(crate::caption::caption_path(&path)).unwrap_or_default();
+        let caption_file = crate::caption::caption_path(&path);
+        let text = match std::fs::read_to_string(&caption_file) {
+            Ok(t) => Ok(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(format!(
+                "{}: {e}; not editable here",
+                caption_file.display()
+            )),
+        };
+        self.caption_locked = text.is_err();
+        let text = text.unwrap_or_else(|e| {
+            self.message = Some(e);
+            String::new()
+        });
         let mut lines = text.lines().map(str::to_string);
         self.caption = lines.next().unwrap_or_default();
         self.caption_rest = lines.collect();
@@ -114,6 +132,9 @@ impl DatasetUi {
     }
 
     pub fn save_caption(&mut self) {
+        if self.caption_locked {
+            return;
+        }
         let Some(image) = self.current_path() else {
             return;
         };
@@ -148,7 +169,7 @@ impl DatasetUi {
             .take(THUMBS_PER_FRAME)
             .collect();
         for p in missing {
-            let t = image::open(&p).ok().map(|img| {
+            let t = crate::label::open_image(&p).ok().map(|img| {
                 let small = img.thumbnail(48, 48).to_rgba8();
                 let size = [small.width() as usize, small.height() as usize];
                 ctx.load_texture(
@@ -169,6 +190,7 @@ impl DatasetUi {
         plugin_dirs: &[PathBuf],
         settings: &Settings,
         config: &TrainConfig,
+        base: &Path,
     ) {
         if !self.open {
             return;
@@ -178,7 +200,7 @@ impl DatasetUi {
             .open(&mut open)
             .default_size([960.0, 680.0])
             .show(ctx, |ui| {
-                self.contents(ui, components, plugin_dirs, settings, config)
+                self.contents(ui, components, plugin_dirs, settings, config, base)
             });
         if !open {
             self.leave_image();
@@ -193,6 +215,7 @@ impl DatasetUi {
         plugin_dirs: &[PathBuf],
         settings: &Settings,
         config: &TrainConfig,
+        base: &Path,
     ) {
         ui.horizontal(|ui| {
             let l = ui.label("Dataset folder");
@@ -206,20 +229,36 @@ impl DatasetUi {
         if let Some(m) = &self.message {
             ui.label(m);
         }
-        let changed = self
-            .batch
-            .show(ui, &self.dir(), components, plugin_dirs, settings, config);
-        if changed && let Some(i) = self.current.take() {
-            // The batch wrote captions or masks: show the current image's anew.
-            self.caption_dirty = false;
-            self.canvas.dirty = false;
-            self.select(i);
+        match self.batch.show(ui, components) {
+            Some(batch::Event::Start(caption)) if !self.files.is_empty() => {
+                // What was edited is written first; nothing is edited while it runs.
+                self.leave_image();
+                let run = batch::Run {
+                    dir: self.loaded.clone(),
+                    caption,
+                    plugin_dirs: plugin_dirs.to_vec(),
+                    settings: settings.clone(),
+                    device: config.train_device.clone(),
+                    base: base.to_path_buf(),
+                };
+                self.batch.start(ui.ctx(), run);
+            }
+            Some(batch::Event::Start(_)) => {
+                self.message = Some("open a folder of images first".into());
+            }
+            Some(batch::Event::Finished) => {
+                // The batch wrote captions or masks: show the current image anew.
+                if let Some(i) = self.current.take() {
+                    self.select(i);
+                }
+            }
+            None => {}
         }
         ui.separator();
         let visible = self.visible();
         self.make_thumbs(ui.ctx(), &visible);
         let typing = ui.ctx().egui_wants_keyboard_input();
-        if !typing {
+        if !typing && !self.batch.running() {
             let pos = self
                 .current
                 .and_then(|c| visible.iter().position(|&i| i == c));
@@ -263,7 +302,8 @@ impl DatasetUi {
                         });
                     }
                 });
-            ui.vertical(|ui| self.editor(ui));
+            let editable = !self.batch.running();
+            ui.add_enabled_ui(editable, |ui| ui.vertical(|ui| self.editor(ui)));
         });
     }
 
@@ -274,7 +314,10 @@ impl DatasetUi {
         }
         let l = ui.label("Caption");
         let edit = ui
-            .add(egui::TextEdit::singleline(&mut self.caption).desired_width(600.0))
+            .add_enabled(
+                !self.caption_locked,
+                egui::TextEdit::singleline(&mut self.caption).desired_width(600.0),
+            )
             .labelled_by(l.id);
         if edit.changed() {
             self.caption_dirty = true;
