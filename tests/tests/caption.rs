@@ -120,3 +120,36 @@ fn ferrite_caption_tags_a_folder_as_onetrainer_does() {
         "{stderr}"
     );
 }
+
+/// The tagger's input as Ferrite makes it (the `image` crate's bicubic) against the one
+/// OneTrainer feeds (PIL's bicubic, BGR; tests/fixtures/gen/wd14.py): equal but for resampling
+/// rounding.
+#[test]
+fn the_taggers_input_is_the_one_onetrainer_feeds() {
+    ferrite::runtime::init("cpu").unwrap();
+    let text = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+    let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for name in ["img0", "img1", "img2"] {
+        let (chw, _, _) =
+            ferrite::label::image_chw(&fixtures().join(format!("images/{name}.png"))).unwrap();
+        let got = ferrite_caption_wd14::model_input(&chw, (32, 32)).unwrap();
+        let want: Vec<f64> = e[name]["input"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len());
+        let diffs: Vec<f64> = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .collect();
+        let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+        let max = diffs.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "{name}: input differs from OneTrainer's by {mean:.2} on average, {max} at most (0..255)"
+        );
+        assert!(mean < 0.5 && max <= 4.0, "{name}: mean {mean}, max {max}");
+    }
+}

@@ -79,6 +79,37 @@ fn the_colour_masker_makes_onetrainers_masks_in_every_mode() {
     }
 }
 
+/// A run stops where its progress says so (the dataset window's Cancel): the images done stay
+/// done, the rest are not touched.
+#[test]
+fn a_folder_run_stops_when_asked() {
+    ferrite::runtime::init("cpu").unwrap();
+    let registry = Registry::discover(&[profile_dir()], &Settings::default());
+    let mut masker = registry.masker("color", "{}").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("images"), dir.path(), &|p| {
+        !p.to_string_lossy().ends_with("-masklabel.png")
+    });
+    let options = MaskOptions {
+        prompt: "#00ff00".into(),
+        mode: MaskMode::Replace,
+        ..MaskOptions::default()
+    };
+    let report = mask::mask_folder(&mut masker, dir.path(), &options, |done, _| done < 1).unwrap();
+    assert_eq!(report.written, 1);
+    let masks = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with("-masklabel.png")
+        })
+        .count();
+    assert_eq!(masks, 1);
+}
+
 /// `ferrite mask` on a folder with a broken image and a text file: the images are masked, the
 /// broken one is named and skipped, nothing else is written; a colour that is not one, a mode
 /// that is not one and a masker that does not exist are each named.
