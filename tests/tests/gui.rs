@@ -509,6 +509,22 @@ fn the_lora_tab_shows_the_adapters_own_options() {
     assert!(h.query_by_label("Block size").is_some());
 }
 
+/// A brush stroke dragged from `from` to `to`.
+fn stroke(
+    h: &mut Harness<'static, App>,
+    from: ferrite::gui::egui::Pos2,
+    to: ferrite::gui::egui::Pos2,
+) {
+    h.hover_at(from);
+    h.run();
+    h.drag_at(from);
+    h.run();
+    h.hover_at(to);
+    h.run();
+    h.drop_at(to);
+    h.run();
+}
+
 /// The dataset window, opened from the Tools tab on a folder: the first image's caption is
 /// edited and saved on Enter (its other lines kept), a brush stroke paints its mask, which Enter
 /// saves; fill and undo; Down moves to the next image, whose caption is empty.
@@ -544,14 +560,7 @@ fn the_dataset_window_edits_a_caption_and_paints_a_mask() {
         rect.center(),
         rect.center() + ferrite::gui::egui::vec2(30.0, 0.0),
     );
-    h.hover_at(from);
-    h.run();
-    h.drag_at(from);
-    h.run();
-    h.hover_at(to);
-    h.run();
-    h.drop_at(to);
-    h.run();
+    stroke(&mut h, from, to);
     h.key_press(Key::Enter);
     h.run();
     let mask = image::open(data.join("a-masklabel.png"))
@@ -581,14 +590,7 @@ fn the_dataset_window_edits_a_caption_and_paints_a_mask() {
 
     // Erasing across the painted stroke takes white away; Clear leaves none.
     click(&mut h, "Erase");
-    h.hover_at(from);
-    h.run();
-    h.drag_at(from);
-    h.run();
-    h.hover_at(to);
-    h.run();
-    h.drop_at(to);
-    h.run();
+    stroke(&mut h, from, to);
     let erased = h.state().dataset.canvas.mask.as_ref().unwrap();
     assert!(erased.iter().filter(|&&v| v == 255).count() < white);
     click(&mut h, "Clear mask");
@@ -643,12 +645,7 @@ fn the_dataset_window_keeps_what_it_cannot_read_and_what_was_typed() {
     click(&mut h, "Open dataset tool");
     assert!(h.state().dataset.canvas.locked);
     let rect = h.get_by_label("Mask canvas").rect();
-    h.hover_at(rect.center());
-    h.run();
-    h.drag_at(rect.center());
-    h.run();
-    h.drop_at(rect.center());
-    h.run();
+    stroke(&mut h, rect.center(), rect.center());
     click(&mut h, "Fill mask");
     h.key_press(Key::Enter);
     h.run();
