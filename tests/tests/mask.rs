@@ -306,3 +306,92 @@ fn ferrite_masks_flags_change_the_masks() {
         "alpha 0.5 writes 127"
     );
 }
+
+/// ClipSeg on a small random CLIPSegForImageSegmentation (tests/fixtures/gen/clipseg.py, with
+/// its position embeddings interpolated as the real model's are): transformers' logits for two
+/// prompts from the processor's pixel values, and the processor's pixel values from the image
+/// (bilinear resizing in the `image` crate, not PIL's).
+#[test]
+fn clipseg_gives_transformers_logits() {
+    use ferrite_plugin_api::{DType, Weights};
+    ferrite::runtime::init("cpu").unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clipseg");
+    let m = ferrite_mask_clipseg::ClipSegMasker::new(Some(&fixtures.join("model"))).unwrap();
+    let e = Weights::open(fixtures.join("expected.safetensors").to_str().unwrap()).unwrap();
+    let pixels = e.get("pixel_values", DType::F32).unwrap();
+    let want = e.get("logits", DType::F32).unwrap();
+    let got = m.logits(&pixels, &["a red box", "green grass"]).unwrap();
+    assert_eq!(got.shape().unwrap(), want.shape().unwrap());
+    let d = ferrite_tests::max_abs_diff(&got, &want);
+    println!("clipseg logits: max abs diff {d:.2e}");
+    assert!(d < 1e-5, "{d}");
+    // The prompts' effect (small in so small a model) is transformers' too: a text path left
+    // out would miss it by more than the tolerance.
+    let between = |t: &ferrite_plugin_api::Tensor| {
+        t.narrow(0, 0, 1)
+            .unwrap()
+            .sub(&t.narrow(0, 1, 1).unwrap())
+            .unwrap()
+    };
+    let (ours, theirs) = (between(&got), between(&want));
+    let effect = theirs
+        .abs()
+        .unwrap()
+        .max(&[0, 1, 2], false)
+        .unwrap()
+        .item()
+        .unwrap();
+    let off = ferrite_tests::max_abs_diff(&ours, &theirs);
+    println!("the prompts' effect {effect:.2e}, ours off by {off:.2e}");
+    assert!(effect > 2e-5 && off < effect / 10.0, "{effect} {off}");
+    let (chw, _, _) = ferrite::label::image_chw(&fixtures.join("image.png")).unwrap();
+    let ours = m.pixel_values(&chw).unwrap();
+    let (a, b) = (ours.to_vec().unwrap(), pixels.to_vec().unwrap());
+    let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+    println!("clipseg pixel values: mean abs diff {mean:.3} from the processor's");
+    assert!(mean < 0.1, "{mean}");
+}
+
+/// `ferrite mask --model clipseg` runs the model folder on a folder of images; a missing prompt
+/// is named.
+#[test]
+fn ferrite_mask_runs_clipseg() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clipseg");
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::copy(fixtures.join("image.png"), dir.path().join("image.png")).unwrap();
+    let model = fixtures.join("model");
+    let run = |prompt: &str| {
+        run_ferrite(
+            &[
+                "mask",
+                "--model",
+                "clipseg",
+                "--model-path",
+                model.to_str().unwrap(),
+                "--sample-dir",
+                dir.path().to_str().unwrap(),
+                "--prompt",
+                prompt,
+                "--mode",
+                "replace",
+                "--threshold",
+                "0.5",
+                "--device",
+                "cpu",
+            ],
+            None,
+            home.path(),
+        )
+    };
+    let out = run("a red box, green grass");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mask = rgb(&dir.path().join("image-masklabel.png"));
+    assert_eq!(mask.dimensions(), (40, 30));
+    let out = run(" , ");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("clipseg needs a prompt"));
+}

@@ -9,8 +9,8 @@ use ferrite::settings::Settings;
 
 #[derive(clap::Args)]
 pub struct MaskArgs {
-    /// The masker plugin: `color`, `rembg`, `rembg-human`, or another masker's id (`ferrite
-    /// plugins list`).
+    /// The masker plugin: `clipseg`, `rembg`, `rembg-human`, `color`, or another masker's id
+    /// (`ferrite plugins list`).
     #[arg(long)]
     model: String,
     /// The masker's model file or folder, for maskers that have one.

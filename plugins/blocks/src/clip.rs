@@ -70,7 +70,7 @@ pub struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn load(w: &Weights, prefix: &str, c: &ClipTextConfig, dtype: DType) -> Result<Self> {
+    pub fn load(w: &Weights, prefix: &str, c: &ClipTextConfig, dtype: DType) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
             q_proj: linear(w, &key(prefix, "q_proj"), d, d, dtype)?,
@@ -81,7 +81,8 @@ impl ClipAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `mask`: true hides a key from a query.
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let [b, l, d] = x.shape()?[..] else {
             return Err(Error::msg("CLIP attention expects [B, L, D]"));
         };
@@ -106,7 +107,8 @@ pub struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn load(w: &Weights, prefix: &str, c: &ClipTextConfig, dtype: DType) -> Result<Self> {
+    /// A layer of `c`'s sizes (a vision tower's too: its config has the same fields).
+    pub fn load(w: &Weights, prefix: &str, c: &ClipTextConfig, dtype: DType) -> Result<Self> {
         let (d, eps) = (c.hidden_size, c.layer_norm_eps);
         Ok(Self {
             layer_norm1: layer_norm(w, &key(prefix, "layer_norm1"), d, eps, dtype)?,
@@ -118,7 +120,7 @@ impl ClipEncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let x = x.add(
             &self
                 .self_attn
