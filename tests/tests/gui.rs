@@ -509,6 +509,17 @@ fn the_lora_tab_shows_the_adapters_own_options() {
     assert!(h.query_by_label("Block size").is_some());
 }
 
+/// Picks the dataset window's masker in its list.
+fn choose_masker(h: &mut Harness<'static, App>, id: &str) {
+    h.get_by_label("Masker").click();
+    h.run();
+    h.get_by_label(id).click_accesskit();
+    h.run();
+    h.key_press(Key::Escape);
+    h.run();
+    assert_eq!(h.state().dataset.batch.masker, id);
+}
+
 /// A brush stroke dragged from `from` to `to`.
 fn stroke(
     h: &mut Harness<'static, App>,
@@ -655,6 +666,7 @@ fn the_dataset_window_keeps_what_it_cannot_read_and_what_was_typed() {
     );
 
     set_text(&mut h, "Caption", "typed before the run");
+    choose_masker(&mut h, "color");
     set_text(&mut h, "Mask prompt", "#00ff00");
     click(&mut h, "Mask folder");
     assert_eq!(
@@ -680,7 +692,7 @@ fn the_dataset_window_masks_the_folder_with_the_colour_masker() {
     tab(&mut h, "Tools");
     set_text(&mut h, "Image folder", data.to_str().unwrap());
     click(&mut h, "Open dataset tool");
-    assert_eq!(h.state().dataset.batch.masker, "color");
+    choose_masker(&mut h, "color");
     set_text(&mut h, "Mask prompt", "#00ff00");
     click(&mut h, "Mask folder");
     wait_for(&mut h, "the masks", |h| {

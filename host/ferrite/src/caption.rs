@@ -10,11 +10,11 @@ use ferrite_plugin_api::ComponentKind;
 
 #[derive(clap::Args)]
 pub struct CaptionArgs {
-    /// The captioner plugin: `wd14`, or another captioner's id (`ferrite plugins list`).
+    /// The captioner plugin: `blip`, `wd14`, or another captioner's id (`ferrite plugins list`).
     #[arg(long)]
     model: String,
-    /// The captioner's model folder or file (a WD tagger's folder with model.onnx and
-    /// selected_tags.csv).
+    /// The captioner's model folder or file (BLIP's Hugging Face folder; a WD tagger's folder
+    /// with model.onnx and selected_tags.csv).
     #[arg(long)]
     model_path: Option<PathBuf>,
     /// The folder of images; each gets `<name>.txt` beside it.
