@@ -10,7 +10,7 @@ use ferrite_plugin_api::ComponentKind;
 
 #[derive(clap::Args)]
 pub struct CaptionArgs {
-    /// The captioner plugin: `blip`, `wd14`, or another captioner's id (`ferrite plugins list`).
+    /// The captioner plugin: `blip`, `blip2`, `wd14`, or another captioner's id (`ferrite plugins list`).
     #[arg(long)]
     model: String,
     /// The captioner's model folder or file (BLIP's Hugging Face folder; a WD tagger's folder

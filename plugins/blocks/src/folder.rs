@@ -48,8 +48,13 @@ pub fn part_weights(dir: &Path, part: &str, stem: &str, random: bool) -> Result<
     if random {
         return crate::manifest::random_part(dir, part, 0);
     }
-    // The full-precision weights first, one file or sharded, then the `.fp16` variant's.
-    let folder = dir.join(part);
+    folder_weights(&dir.join(part), stem)
+}
+
+/// The weights `<stem>.safetensors` holds in `folder`, or the shards its
+/// `<stem>.safetensors.index.json` lists; the full-precision weights first, then the `.fp16`
+/// variant's.
+pub fn folder_weights(folder: &Path, stem: &str) -> Result<Weights> {
     for (file, index) in [
         (
             format!("{stem}.safetensors"),
@@ -68,7 +73,7 @@ pub fn part_weights(dir: &Path, part: &str, stem: &str, random: bool) -> Result<
         }
     }
     // Neither: the error names what was looked for.
-    open(&weights_file(&folder, stem)?)
+    open(&weights_file(folder, stem)?)
 }
 
 /// The model a safetensors index splits over its shards (the files its `weight_map` names,

@@ -48,17 +48,17 @@ fn eps12() -> f64 {
     1e-12
 }
 
-fn lin(w: &Weights, prefix: &str) -> Result<Linear> {
+pub(crate) fn lin(w: &Weights, prefix: &str) -> Result<Linear> {
     Linear::load(w, prefix, DType::F32)
 }
 
-fn norm(w: &Weights, prefix: &str, eps: f64) -> Result<LayerNorm> {
+pub(crate) fn norm(w: &Weights, prefix: &str, eps: f64) -> Result<LayerNorm> {
     LayerNorm::load(w, prefix, eps, DType::F32)
 }
 
 /// Scaled dot-product attention of `[B, L, D]` queries over `[B, S, D]` keys and values in
 /// `heads` heads; `mask` (true hides) or none.
-fn attend(
+pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -71,6 +71,23 @@ fn attend(
     let split = |t: &Tensor, n: i64| t.reshape(&[b, n, h, d / h])?.transpose(1, 2);
     let o = ops::attention(&split(q, l)?, &split(k, s)?, &split(v, s)?, mask, None)?;
     o.transpose(1, 2)?.reshape(&[b, l, d])
+}
+
+/// The `[1, 1, l, l]` mask that hides later tokens (true hides).
+pub(crate) fn causal_mask(l: usize) -> Result<Tensor> {
+    let causal: Vec<f32> = (0..l * l)
+        .map(|k| ((k % l) > (k / l)) as u8 as f32)
+        .collect();
+    Tensor::from_f32(&causal, &[1, 1, l, l])?.gt_scalar(0.5)
+}
+
+/// The greedy choice: the largest logit, the first of equals (as `torch.argmax`).
+pub(crate) fn argmax(logits: &[f32]) -> i64 {
+    logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+        .map_or(0, |(i, _)| i as i64)
 }
 
 struct VisionLayer {
@@ -98,7 +115,7 @@ impl VisionLayer {
     }
 }
 
-struct BertAttention {
+pub(crate) struct BertAttention {
     query: Linear,
     key: Linear,
     value: Linear,
@@ -107,18 +124,25 @@ struct BertAttention {
 }
 
 impl BertAttention {
-    fn load(w: &Weights, prefix: &str, eps: f64) -> Result<Self> {
+    /// BERT's attention under `prefix`, its projections under `inner` (BLIP's `self`, the
+    /// Q-Former's `attention`).
+    pub(crate) fn load_named(w: &Weights, prefix: &str, inner: &str, eps: f64) -> Result<Self> {
+        let at = |n: &str| key(prefix, &format!("{inner}.{n}"));
         Ok(Self {
-            query: lin(w, &key(prefix, "self.query"))?,
-            key: lin(w, &key(prefix, "self.key"))?,
-            value: lin(w, &key(prefix, "self.value"))?,
+            query: lin(w, &at("query"))?,
+            key: lin(w, &at("key"))?,
+            value: lin(w, &at("value"))?,
             dense: lin(w, &key(prefix, "output.dense"))?,
             norm: norm(w, &key(prefix, "output.LayerNorm"), eps)?,
         })
     }
 
+    fn load(w: &Weights, prefix: &str, eps: f64) -> Result<Self> {
+        Self::load_named(w, prefix, "self", eps)
+    }
+
     /// Post-norm: `LN(x + dense(attention(x, context)))`.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         context: &Tensor,
@@ -144,13 +168,61 @@ struct TextLayer {
     norm: LayerNorm,
 }
 
-pub struct Blip {
-    pub config: Config,
+/// The BLIP ViT (BLIP-2's too).
+pub(crate) struct Vision {
     patch_embedding: Conv2d,
     class_embedding: Tensor,
     position_embedding: Tensor,
-    vision: Vec<VisionLayer>,
+    layers: Vec<VisionLayer>,
     post_layernorm: LayerNorm,
+}
+
+impl Vision {
+    pub(crate) fn load(w: &Weights, vc: &VisionConfig) -> Result<Self> {
+        let v = "vision_model";
+        let layers = (0..vc.num_hidden_layers)
+            .map(|i| {
+                let p = format!("{v}.encoder.layers.{i}");
+                Ok(VisionLayer {
+                    qkv: lin(w, &key(&p, "self_attn.qkv"))?,
+                    projection: lin(w, &key(&p, "self_attn.projection"))?,
+                    layer_norm1: norm(w, &key(&p, "layer_norm1"), vc.layer_norm_eps)?,
+                    fc1: lin(w, &key(&p, "mlp.fc1"))?,
+                    fc2: lin(w, &key(&p, "mlp.fc2"))?,
+                    layer_norm2: norm(w, &key(&p, "layer_norm2"), vc.layer_norm_eps)?,
+                    heads: vc.num_attention_heads,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patch_embedding: Conv2d::load(
+                w,
+                &key(v, "embeddings.patch_embedding"),
+                ConvOptions::default().with_stride(vc.patch_size),
+                DType::F32,
+            )?,
+            class_embedding: w.get(&key(v, "embeddings.class_embedding"), DType::F32)?,
+            position_embedding: w.get(&key(v, "embeddings.position_embedding"), DType::F32)?,
+            layers,
+            post_layernorm: norm(w, &key(v, "post_layernorm"), vc.layer_norm_eps)?,
+        })
+    }
+
+    /// The image's embeddings `[1, 1 + patches, D]` for pixel values `[1, 3, S, S]`.
+    pub(crate) fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let x = self.patch_embedding.forward(pixel_values)?;
+        let x = x.flatten(2, 3)?.transpose(1, 2)?;
+        let mut x = Tensor::cat(&[&self.class_embedding, &x], 1)?.add(&self.position_embedding)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        self.post_layernorm.forward(&x)
+    }
+}
+
+pub struct Blip {
+    pub config: Config,
+    vision: Vision,
     word_embeddings: Tensor,
     position_embeddings: Tensor,
     embeddings_norm: LayerNorm,
@@ -167,21 +239,7 @@ impl Blip {
         if vc.num_attention_heads == 0 || tc.num_attention_heads == 0 {
             return Err(Error(format!("{}: no attention heads", source.display())));
         }
-        let v = "vision_model";
-        let vision = (0..vc.num_hidden_layers)
-            .map(|i| {
-                let p = format!("{v}.encoder.layers.{i}");
-                Ok(VisionLayer {
-                    qkv: lin(w, &key(&p, "self_attn.qkv"))?,
-                    projection: lin(w, &key(&p, "self_attn.projection"))?,
-                    layer_norm1: norm(w, &key(&p, "layer_norm1"), vc.layer_norm_eps)?,
-                    fc1: lin(w, &key(&p, "mlp.fc1"))?,
-                    fc2: lin(w, &key(&p, "mlp.fc2"))?,
-                    layer_norm2: norm(w, &key(&p, "layer_norm2"), vc.layer_norm_eps)?,
-                    heads: vc.num_attention_heads,
-                })
-            })
-            .collect::<Result<_>>()?;
+        let vision = Vision::load(w, vc)?;
         let t = "text_decoder.bert";
         let eps = tc.layer_norm_eps;
         let text = (0..tc.num_hidden_layers)
@@ -208,16 +266,7 @@ impl Blip {
             None => w.get(&key(head, "bias"), DType::F32)?,
         };
         Ok(Self {
-            patch_embedding: Conv2d::load(
-                w,
-                &key(v, "embeddings.patch_embedding"),
-                ConvOptions::default().with_stride(vc.patch_size),
-                DType::F32,
-            )?,
-            class_embedding: w.get(&key(v, "embeddings.class_embedding"), DType::F32)?,
-            position_embedding: w.get(&key(v, "embeddings.position_embedding"), DType::F32)?,
             vision,
-            post_layernorm: norm(w, &key(v, "post_layernorm"), vc.layer_norm_eps)?,
             word_embeddings: words,
             position_embeddings: w
                 .get(&key(t, "embeddings.position_embeddings.weight"), DType::F32)?,
@@ -233,13 +282,7 @@ impl Blip {
 
     /// The image's embeddings `[1, 1 + patches, D]` for pixel values `[1, 3, S, S]`.
     pub fn image_embeds(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let x = self.patch_embedding.forward(pixel_values)?;
-        let x = x.flatten(2, 3)?.transpose(1, 2)?;
-        let mut x = Tensor::cat(&[&self.class_embedding, &x], 1)?.add(&self.position_embedding)?;
-        for layer in &self.vision {
-            x = layer.forward(&x)?;
-        }
-        self.post_layernorm.forward(&x)
+        self.vision.forward(pixel_values)
     }
 
     /// The next token's logits `[vocab]` after `ids`, given the image's embeddings.
@@ -248,10 +291,7 @@ impl Blip {
         let tokens = ops::embedding(&self.word_embeddings, &Tensor::from_i64(ids, &[1, l])?)?;
         let positions = self.position_embeddings.narrow(0, 0, l)?.unsqueeze(0)?;
         let mut x = self.embeddings_norm.forward(&tokens.add(&positions)?)?;
-        let causal: Vec<f32> = (0..l * l)
-            .map(|k| ((k % l) > (k / l)) as u8 as f32)
-            .collect();
-        let mask = Tensor::from_f32(&causal, &[1, 1, l, l])?.gt_scalar(0.5)?;
+        let mask = causal_mask(l)?;
         let heads = self.config.text_config.num_attention_heads;
         for layer in &self.text {
             x = layer.attention.forward(&x, &x, heads, Some(&mask))?;
@@ -279,12 +319,7 @@ impl Blip {
         let image = self.image_embeds(pixel_values)?;
         let mut ids = prompt.to_vec();
         while ids.len() < max_length {
-            let logits = self.next_logits(&ids, &image)?.to_vec()?;
-            let next = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-                .map_or(0, |(i, _)| i as i64);
+            let next = argmax(&self.next_logits(&ids, &image)?.to_vec()?);
             ids.push(next);
             if next == self.config.text_config.sep_token_id {
                 break;
