@@ -536,8 +536,8 @@ fn stroke(
     h.run();
 }
 
-/// The dataset window, opened from the Tools tab on a folder: the first image's caption is
-/// edited and saved on Enter (its other lines kept), a brush stroke paints its mask, which Enter
+/// The dataset window, opened from the Tools tab on a folder, lists the images one per row
+/// beside the image; the first image's caption is edited and saved on Enter (its other lines kept), a brush stroke paints its mask, which Enter
 /// saves; fill and undo; Down moves to the next image, whose caption is empty.
 #[test]
 fn the_dataset_window_edits_a_caption_and_paints_a_mask() {
@@ -556,6 +556,17 @@ fn the_dataset_window_edits_a_caption_and_paints_a_mask() {
     click(&mut h, "Open dataset tool");
     assert!(h.state().dataset.open);
     assert_eq!(h.state().dataset.caption, "old caption");
+    // One image per row, left of the image being edited.
+    let (a, b) = (
+        h.get_by_label("a.png").rect(),
+        h.get_by_label("b.png").rect(),
+    );
+    assert!(b.top() >= a.bottom(), "a.png at {a:?}, b.png at {b:?}");
+    let canvas = h.get_by_label("Mask canvas").rect();
+    assert!(
+        canvas.left() > a.right(),
+        "a.png at {a:?}, the canvas at {canvas:?}"
+    );
 
     set_text(&mut h, "Caption", "a red box");
     h.key_press(Key::Enter);

@@ -25,31 +25,35 @@ pub use dataset::DatasetUi;
 pub use eframe::egui;
 pub use run::Phase;
 
-/// What screenshot mode captures, in order: every tab, and the concept window's augmentation
-/// preview and statistics.
-const SHOTS: [(&str, Tab, Option<ConceptTab>); 14] = [
-    ("general", Tab::General, None),
-    ("model", Tab::Model, None),
-    ("data", Tab::Data, None),
-    ("concepts", Tab::Concepts, Some(ConceptTab::General)),
+/// What screenshot mode captures, in order: every tab, the concept window's augmentation
+/// preview and statistics, and the dataset window over the first concept's folder (the last
+/// field).
+const SHOTS: [(&str, Tab, Option<ConceptTab>, bool); 15] = [
+    ("general", Tab::General, None, false),
+    ("model", Tab::Model, None, false),
+    ("data", Tab::Data, None, false),
+    ("concepts", Tab::Concepts, Some(ConceptTab::General), false),
     (
         "concept-augmentation",
         Tab::Concepts,
         Some(ConceptTab::Augmentation),
+        false,
     ),
     (
         "concept-statistics",
         Tab::Concepts,
         Some(ConceptTab::Statistics),
+        false,
     ),
-    ("training", Tab::Training, None),
-    ("sampling", Tab::Sampling, None),
-    ("backup", Tab::Backup, None),
-    ("lora", Tab::Lora, None),
-    ("embedding", Tab::Embedding, None),
-    ("tools", Tab::Tools, None),
-    ("plugins", Tab::Plugins, None),
-    ("run", Tab::Run, None),
+    ("training", Tab::Training, None, false),
+    ("sampling", Tab::Sampling, None, false),
+    ("backup", Tab::Backup, None, false),
+    ("lora", Tab::Lora, None, false),
+    ("embedding", Tab::Embedding, None, false),
+    ("tools", Tab::Tools, None, false),
+    ("plugins", Tab::Plugins, None, false),
+    ("dataset", Tab::Concepts, None, true),
+    ("run", Tab::Run, None, false),
 ];
 
 /// Screenshot mode: each of [`SHOTS`] in turn is shown, captured and written as
@@ -58,6 +62,8 @@ struct Screenshots {
     dir: PathBuf,
     next: usize,
     frames_on_tab: u32,
+    /// When the current shot was first shown: windows fade in over time, not frames.
+    shown_at: std::time::Instant,
     pending: Arc<Mutex<Option<Result<PathBuf, String>>>>,
     waiting: bool,
     done: bool,
@@ -99,8 +105,9 @@ fn screenshot_step(app: &mut App, s: &mut Screenshots, ctx: &egui::Context) {
         s.waiting = false;
         s.next += 1;
         s.frames_on_tab = 0;
+        s.shown_at = std::time::Instant::now();
     }
-    let Some(&(name, tab, concept_tab)) = SHOTS.get(s.next) else {
+    let Some(&(name, tab, concept_tab, dataset)) = SHOTS.get(s.next) else {
         print_frame_times("UI time per frame, last 240 frames", &app.frame_times);
         print_frame_times(
             "UI time per frame while training",
@@ -129,13 +136,22 @@ fn screenshot_step(app: &mut App, s: &mut Screenshots, ctx: &egui::Context) {
         }
         _ => app.concepts.open = None,
     }
+    match (dataset, app.config.concepts.first()) {
+        (true, Some(c)) if !app.dataset.open => {
+            app.dataset
+                .open_folder(&crate::config::TrainConfig::path(&app.base(), &c.path));
+        }
+        (true, _) => {}
+        (false, _) => app.dataset.open = false,
+    }
     s.frames_on_tab += 1;
     // Let layout settle (combo widths, textures) before capturing; the Run tab waits (up to
     // about four minutes) for samples from a few epochs in, so they show what was learned.
     let latest = app.run.samples.values().map(|s| s.step).max().unwrap_or(0);
     let waiting_for_sample =
         tab == Tab::Run && app.run.active() && latest < 96 && s.frames_on_tab < 2400;
-    if s.frames_on_tab < 8 || waiting_for_sample {
+    let settling = s.shown_at.elapsed() < std::time::Duration::from_millis(500);
+    if s.frames_on_tab < 8 || settling || waiting_for_sample {
         return;
     }
     let path = s.dir.join(format!("{name}.png"));
@@ -192,6 +208,7 @@ pub fn run(options: AppOptions, screenshots: Option<PathBuf>, start: bool) -> Re
             dir,
             next: 0,
             frames_on_tab: 0,
+            shown_at: std::time::Instant::now(),
             pending: Default::default(),
             waiting: false,
             done: false,

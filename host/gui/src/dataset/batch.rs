@@ -138,10 +138,10 @@ impl Batch {
                 &modes(&["fill", "replace", "add"]),
             );
             let l = ui.label("Initial caption");
-            ui.text_edit_singleline(&mut self.initial_caption)
+            ui.add(egui::TextEdit::singleline(&mut self.initial_caption).desired_width(140.0))
                 .labelled_by(l.id);
             let l = ui.label("Captioner model");
-            ui.text_edit_singleline(&mut self.captioner_model)
+            ui.add(egui::TextEdit::singleline(&mut self.captioner_model).desired_width(200.0))
                 .labelled_by(l.id);
             let start = egui::Button::new("Caption folder");
             if ui
@@ -160,10 +160,10 @@ impl Batch {
                 &modes(&["fill", "replace", "add", "subtract", "blend"]),
             );
             let l = ui.label("Mask prompt");
-            ui.text_edit_singleline(&mut self.mask_prompt)
+            ui.add(egui::TextEdit::singleline(&mut self.mask_prompt).desired_width(140.0))
                 .labelled_by(l.id);
             let l = ui.label("Masker model");
-            ui.text_edit_singleline(&mut self.masker_model)
+            ui.add(egui::TextEdit::singleline(&mut self.masker_model).desired_width(200.0))
                 .labelled_by(l.id);
             let start = egui::Button::new("Mask folder");
             if ui

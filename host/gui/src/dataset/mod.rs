@@ -40,6 +40,9 @@ pub struct DatasetUi {
     pub batch: batch::Batch,
 }
 
+/// The image list's width.
+const LIST_WIDTH: f32 = 240.0;
+
 /// Thumbnails made per frame, so that a large folder does not stall the window.
 const THUMBS_PER_FRAME: usize = 4;
 
@@ -219,12 +222,14 @@ impl DatasetUi {
     ) {
         ui.horizontal(|ui| {
             let l = ui.label("Dataset folder");
-            ui.text_edit_singleline(&mut self.folder).labelled_by(l.id);
+            ui.add(egui::TextEdit::singleline(&mut self.folder).desired_width(360.0))
+                .labelled_by(l.id);
             if ui.button("Open folder").clicked() {
                 self.load_folder();
             }
             let l = ui.label("Filter");
-            ui.text_edit_singleline(&mut self.filter).labelled_by(l.id);
+            ui.add(egui::TextEdit::singleline(&mut self.filter).desired_width(140.0))
+                .labelled_by(l.id);
         });
         if let Some(m) = &self.message {
             ui.label(m);
@@ -285,22 +290,26 @@ impl DatasetUi {
         ui.horizontal_top(|ui| {
             egui::ScrollArea::vertical()
                 .id_salt("dataset images")
-                .max_width(220.0)
+                .max_width(LIST_WIDTH)
                 .show(ui, |ui| {
-                    for &i in &visible {
-                        let name = self.files[i]
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        ui.horizontal(|ui| {
-                            if let Some(Some(t)) = self.thumbs.get(&self.files[i]) {
-                                ui.add(egui::Image::new(t).max_size(egui::vec2(48.0, 48.0)));
-                            }
-                            if ui.selectable_label(self.current == Some(i), name).clicked() {
-                                self.select(i);
-                            }
-                        });
-                    }
+                    // One image per row (the area would otherwise take the outer row's layout).
+                    ui.set_width(LIST_WIDTH);
+                    ui.vertical(|ui| {
+                        for &i in &visible {
+                            let name = self.files[i]
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default();
+                            ui.horizontal(|ui| {
+                                if let Some(Some(t)) = self.thumbs.get(&self.files[i]) {
+                                    ui.add(egui::Image::new(t).max_size(egui::vec2(48.0, 48.0)));
+                                }
+                                if ui.selectable_label(self.current == Some(i), name).clicked() {
+                                    self.select(i);
+                                }
+                            });
+                        }
+                    });
                 });
             let editable = !self.batch.running();
             ui.add_enabled_ui(editable, |ui| ui.vertical(|ui| self.editor(ui)));
