@@ -50,7 +50,7 @@ fn blip_generates_what_transformers_generates() {
         .sum::<f32>()
         / ours.len() as f32;
     println!("blip pixel values: mean abs diff {mean:.3} from the processor's");
-    assert!(mean < 0.1, "{mean}");
+    assert!(mean < 0.01, "{mean}");
 
     let dir = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();
@@ -84,8 +84,8 @@ fn blip_generates_what_transformers_generates() {
 /// BLIP-2 on a small random Blip2ForConditionalGeneration (ViT, Q-Former with cross-attention
 /// on its first layer only, OPT) with a tiny word-level tokenizer that starts with `</s>`
 /// (tests/fixtures/gen/blip2.py): the token ids transformers' `generate` makes (greedy, 12 new
-/// tokens) without and with an initial caption, the prompt as Blip2Processor builds it, and
-/// their text; `ferrite caption --model blip2` writes a caption.
+/// tokens; with the initial caption it stops at `</s>` at once) without and with an initial
+/// caption, the prompt ids Blip2Processor makes, and their text; `ferrite caption --model blip2` writes a caption.
 #[test]
 fn blip2_generates_what_transformers_generates() {
     use ferrite_plugin_api::{DType, Weights};
@@ -147,5 +147,5 @@ fn blip2_generates_what_transformers_generates() {
         String::from_utf8_lossy(&out.stderr)
     );
     let caption = std::fs::read_to_string(dir.path().join("image.txt")).unwrap();
-    assert!(caption.starts_with("a photo of "), "{caption}");
+    assert!(caption.starts_with("a photo of"), "{caption}");
 }

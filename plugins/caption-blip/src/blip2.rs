@@ -16,15 +16,15 @@ use ferrite_plugin_api::{
 };
 use serde::Deserialize;
 
-use crate::model::{BertAttention, Vision, VisionConfig, argmax, attend, causal_mask, lin, norm};
+use crate::model::{
+    BertAttention, Vision, VisionConfig, argmax, attend, causal_mask, lin, norm, with_defaults,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct QFormerConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default = "one")]
     pub cross_attention_frequency: usize,
-    #[serde(default = "eps12")]
     pub layer_norm_eps: f64,
 }
 
@@ -32,8 +32,8 @@ pub struct QFormerConfig {
 pub struct OptConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
+    pub bos_token_id: i64,
     pub eos_token_id: i64,
-    #[serde(default = "yes")]
     pub do_layer_norm_before: bool,
 }
 
@@ -47,45 +47,43 @@ pub struct Config {
     pub image_token_index: i64,
 }
 
-fn one() -> usize {
-    1
-}
-fn eps12() -> f64 {
-    1e-12
-}
-fn yes() -> bool {
-    true
-}
-
 impl Config {
-    /// `config.json`'s BLIP-2 settings; the vision tower's layer-norm epsilon defaults to
-    /// BLIP-2's 1e-6 (BLIP's is 1e-5).
-    pub fn parse(mut v: serde_json::Value, source: &Path) -> Result<Self> {
-        if let Some(vc) = v["vision_config"].as_object_mut() {
-            vc.entry("layer_norm_eps").or_insert(1e-6.into());
+    /// `config.json` over transformers' defaults (Blip2VisionConfig's ViT-g, Blip2QFormerConfig's,
+    /// OPTConfig's): the published config leaves out what equals them.
+    pub fn parse(v: serde_json::Value, source: &Path) -> Result<Self> {
+        let defaults = serde_json::json!({
+            "vision_config": {"hidden_size": 1408, "num_hidden_layers": 39,
+                              "num_attention_heads": 16, "patch_size": 14, "layer_norm_eps": 1e-6},
+            "qformer_config": {"num_hidden_layers": 12, "num_attention_heads": 12,
+                               "cross_attention_frequency": 2, "layer_norm_eps": 1e-12},
+            "text_config": {"num_hidden_layers": 12, "num_attention_heads": 12,
+                            "bos_token_id": 2, "eos_token_id": 2, "do_layer_norm_before": true},
+            "num_query_tokens": 32
+        });
+        let bad = |why: String| Error(format!("blip2: {}: {why}", source.display()));
+        if v.get("image_token_index").is_none() {
+            return Err(bad(
+                "no `image_token_index`: a download from before the processor's image tokens; \
+                 download the model folder again"
+                    .into(),
+            ));
         }
-        let c: Self = serde_json::from_value(v).map_err(|e| {
-            Error(format!(
-                "blip2: {}: {e} (an older BLIP-2 folder without `image_token_index` needs the \
-                 current download)",
-                source.display()
-            ))
-        })?;
+        let c: Self =
+            serde_json::from_value(with_defaults(v, &defaults)).map_err(|e| bad(e.to_string()))?;
         if c.qformer_config.num_attention_heads == 0
             || c.text_config.num_attention_heads == 0
             || c.vision_config.num_attention_heads == 0
             || c.qformer_config.cross_attention_frequency == 0
+            || c.num_query_tokens == 0
         {
-            return Err(Error(format!(
-                "blip2: {}: no attention heads or no cross-attention",
-                source.display()
-            )));
+            return Err(bad(
+                "no attention heads, cross-attention or query tokens".into()
+            ));
         }
         if !c.text_config.do_layer_norm_before {
-            return Err(Error(format!(
-                "blip2: {}: an OPT with post-norm layers (opt-350m) is not a BLIP-2 decoder",
-                source.display()
-            )));
+            return Err(bad(
+                "an OPT with post-norm layers (opt-350m) is not a BLIP-2 decoder".into(),
+            ));
         }
         Ok(c)
     }
@@ -244,7 +242,12 @@ impl Blip2 {
             .narrow(0, POSITION_OFFSET, l)
             .map_err(|_| {
                 Error(format!(
-                    "blip2: {l} tokens are more than the decoder's positions"
+                    "blip2: {l} tokens are more than the decoder's {} positions: lower \
+                     max_new_tokens or shorten the initial caption",
+                    self.embed_positions
+                        .dim(0)
+                        .unwrap_or(0)
+                        .saturating_sub(POSITION_OFFSET)
                 ))
             })?
             .unsqueeze(0)?;
@@ -290,6 +293,13 @@ impl Blip2 {
                 "blip2: the prompt does not start with {n} image tokens"
             )));
         }
+        let vocab = self.embed_tokens.dim(0)? as i64;
+        if let Some(t) = prompt[n..].iter().find(|&&t| !(0..vocab).contains(&t)) {
+            return Err(Error(format!(
+                "blip2: token {t} is beyond the model's {vocab}: tokenizer.json is not this \
+                 model's"
+            )));
+        }
         let queries = self.image_queries(pixel_values)?;
         let mut ids = prompt.to_vec();
         for _ in 0..max_new_tokens {
@@ -300,5 +310,62 @@ impl Blip2 {
             }
         }
         Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config shaped as Salesforce/blip2-opt-2.7b's (the vision tower and Q-Former left to
+    /// their defaults) resolves to what transformers makes of it (tests/fixtures/gen/blip_configs.py).
+    #[test]
+    fn a_published_style_config_takes_transformers_defaults() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/blip_configs.json");
+        let all: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let want = &all["blip2"]["resolved"];
+        let c = Config::parse(all["blip2"]["given"].clone(), &path).unwrap();
+        let (v, q, t) = (&c.vision_config, &c.qformer_config, &c.text_config);
+        assert_eq!(
+            serde_json::json!([
+                v.hidden_size,
+                v.num_hidden_layers,
+                v.num_attention_heads,
+                v.patch_size,
+                v.layer_norm_eps
+            ]),
+            want["vision"]
+        );
+        assert_eq!(
+            serde_json::json!([
+                q.num_hidden_layers,
+                q.num_attention_heads,
+                q.cross_attention_frequency,
+                q.layer_norm_eps
+            ]),
+            want["qformer"]
+        );
+        assert_eq!(
+            serde_json::json!([
+                t.num_hidden_layers,
+                t.num_attention_heads,
+                t.bos_token_id,
+                t.eos_token_id,
+                t.do_layer_norm_before
+            ]),
+            want["text"]
+        );
+        assert_eq!(c.num_query_tokens, want["num_query_tokens"]);
+        assert_eq!(c.image_token_index, want["image_token_index"]);
+
+        let mut old = all["blip2"]["given"].clone();
+        old.as_object_mut().unwrap().remove("image_token_index");
+        let e = Config::parse(old, &path).unwrap_err().to_string();
+        assert!(
+            e.contains("image_token_index") && e.contains("blip_configs.json"),
+            "{e}"
+        );
     }
 }

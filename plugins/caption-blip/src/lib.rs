@@ -88,10 +88,17 @@ impl BlipCaptioner {
     pub fn new(o: &Options) -> Result<Self> {
         let hint = "Salesforce/blip-image-captioning-large (config.json, model.safetensors, \
                     preprocessor_config.json, tokenizer.json)";
+        if o.max_length < 2 {
+            bail!(
+                "blip: max_length is {}: at least 2 (the start token and one more)",
+                o.max_length
+            );
+        }
         let dir = model_dir("blip", o.model_path.as_deref(), hint)?;
-        let config: model::Config =
-            serde_json::from_value(ferrite_blocks::folder::read_json(&dir.join("config.json"))?)
-                .map_err(|e| Error(format!("blip: {}: {e}", dir.join("config.json").display())))?;
+        let config = model::Config::parse(
+            ferrite_blocks::folder::read_json(&dir.join("config.json"))?,
+            &dir.join("config.json"),
+        )?;
         let weights = ferrite_blocks::folder::folder_weights(dir, "model")?;
         Ok(Self {
             model: Blip::load(&weights, config, dir)?,
@@ -154,6 +161,9 @@ impl Blip2Captioner {
     pub fn new(o: &Blip2Options) -> Result<Self> {
         let hint = "Salesforce/blip2-opt-2.7b (config.json, model.safetensors or its shards with \
                     model.safetensors.index.json, preprocessor_config.json, tokenizer.json)";
+        if o.max_new_tokens == 0 {
+            bail!("blip2: max_new_tokens is 0: nothing would be generated");
+        }
         let dir = model_dir("blip2", o.model_path.as_deref(), hint)?;
         let config = blip2::Config::parse(
             ferrite_blocks::folder::read_json(&dir.join("config.json"))?,
@@ -177,7 +187,13 @@ impl Blip2Captioner {
     pub fn prompt(&self, initial: &str) -> Result<Vec<i64>> {
         let c = &self.model.config;
         let mut ids = vec![c.image_token_index; c.num_query_tokens];
-        ids.extend(encode("blip2", &self.tokenizer, initial)?);
+        let text = encode("blip2", &self.tokenizer, initial)?;
+        // OPT's tokenizer starts with `</s>` (`add_bos_token`), whether or not tokenizer.json's
+        // template says so.
+        if text.first() != Some(&c.text_config.bos_token_id) {
+            ids.push(c.text_config.bos_token_id);
+        }
+        ids.extend(text);
         Ok(ids)
     }
 

@@ -10,6 +10,7 @@ use ferrite_plugin_api::{
     DType, Error, Result, Tensor, Weights,
     nn::{Conv2d, LayerNorm, Linear},
     ops::{self, ConvOptions},
+    serde_json,
 };
 use serde::Deserialize;
 
@@ -19,7 +20,6 @@ pub struct VisionConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub patch_size: usize,
-    #[serde(default = "eps5")]
     pub layer_norm_eps: f64,
 }
 
@@ -29,7 +29,6 @@ pub struct TextConfig {
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default = "eps12")]
     pub layer_norm_eps: f64,
     pub bos_token_id: i64,
     pub sep_token_id: i64,
@@ -41,11 +40,39 @@ pub struct Config {
     pub text_config: TextConfig,
 }
 
-fn eps5() -> f64 {
-    1e-5
+impl Config {
+    /// `config.json` over transformers' defaults (BlipVisionConfig's, BlipTextConfig's): a saved
+    /// config may leave out what equals them.
+    pub fn parse(v: serde_json::Value, source: &Path) -> Result<Self> {
+        let defaults = serde_json::json!({
+            "vision_config": {"hidden_size": 768, "num_hidden_layers": 12,
+                              "num_attention_heads": 12, "patch_size": 16, "layer_norm_eps": 1e-5},
+            "text_config": {"vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12,
+                            "num_attention_heads": 8, "layer_norm_eps": 1e-12,
+                            "bos_token_id": 30522, "sep_token_id": 102}
+        });
+        serde_json::from_value(with_defaults(v, &defaults))
+            .map_err(|e| Error(format!("blip: {}: {e}", source.display())))
+    }
 }
-fn eps12() -> f64 {
-    1e-12
+
+/// `given` with what it leaves out of `defaults` filled in, one level into sub-configs.
+pub(crate) fn with_defaults(
+    mut given: serde_json::Value,
+    defaults: &serde_json::Value,
+) -> serde_json::Value {
+    if let (Some(g), Some(d)) = (given.as_object_mut(), defaults.as_object()) {
+        for (k, dv) in d {
+            match g.get_mut(k) {
+                None | Some(serde_json::Value::Null) => {
+                    g.insert(k.clone(), dv.clone());
+                }
+                Some(gv) if dv.is_object() => *gv = with_defaults(gv.take(), dv),
+                Some(_) => {}
+            }
+        }
+    }
+    given
 }
 
 pub(crate) fn lin(w: &Weights, prefix: &str) -> Result<Linear> {
@@ -326,5 +353,45 @@ impl Blip {
             }
         }
         Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config shaped as Salesforce/blip-image-captioning-large's (the text config left to its
+    /// defaults) resolves to what transformers makes of it (tests/fixtures/gen/blip_configs.py).
+    #[test]
+    fn a_published_style_config_takes_transformers_defaults() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/blip_configs.json");
+        let all: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let want = &all["blip"]["resolved"];
+        let c = Config::parse(all["blip"]["given"].clone(), &path).unwrap();
+        let (v, t) = (&c.vision_config, &c.text_config);
+        assert_eq!(
+            serde_json::json!([
+                v.hidden_size,
+                v.num_hidden_layers,
+                v.num_attention_heads,
+                v.patch_size,
+                v.layer_norm_eps
+            ]),
+            want["vision"]
+        );
+        assert_eq!(
+            serde_json::json!([
+                t.vocab_size,
+                t.hidden_size,
+                t.num_hidden_layers,
+                t.num_attention_heads,
+                t.layer_norm_eps,
+                t.bos_token_id,
+                t.sep_token_id
+            ]),
+            want["text"]
+        );
     }
 }
