@@ -169,6 +169,28 @@ struct TrainArgs {
     /// Overrides, e.g. `--set learning_rate=1e-4 --set unet.train=false`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// Data-parallel: the number of processes (one per GPU or machine) training together; each
+    /// takes `batch_size` rows of every batch.
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
+    /// Data-parallel: this process's rank, 0 to nodes − 1 (rank 0 runs the coordinator and
+    /// writes samples, backups and the output).
+    #[arg(long, default_value_t = 0)]
+    node_rank: u32,
+    /// Data-parallel: where the processes meet, HOST:PORT (rank 0's machine).
+    #[arg(long, value_name = "HOST:PORT")]
+    coordinator: Option<String>,
+    /// Data-parallel: this machine's address as the others reach it [default: the
+    /// coordinator's host when it is this machine's loopback].
+    #[arg(long)]
+    node_host: Option<String>,
+    /// Data-parallel: the port this process's data service listens on [default: the
+    /// coordinator's port + 1 + rank].
+    #[arg(long)]
+    data_port: Option<u16>,
+    /// Data-parallel: seconds to wait for every process to join.
+    #[arg(long, default_value_t = 300)]
+    join_timeout: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -409,7 +431,49 @@ fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
         .and_then(|p| p.parent())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
-    run_training(settings, config, &base)
+    let parallel = data_parallel(&a)?;
+    run_training(settings, config, &base, parallel)
+}
+
+/// The data-parallel flags as the trainer takes them (none with `--nodes 1`).
+fn data_parallel(a: &TrainArgs) -> Result<Option<ferrite::train::trainer::DataParallel>> {
+    if a.nodes <= 1 {
+        return Ok(None);
+    }
+    let Some(coordinator) = a.coordinator.clone() else {
+        anyhow::bail!(
+            "--nodes {} needs --coordinator HOST:PORT (rank 0's machine)",
+            a.nodes
+        );
+    };
+    let Some((host, port)) = coordinator
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+    else {
+        anyhow::bail!("--coordinator {coordinator}: not HOST:PORT");
+    };
+    let node_host = match &a.node_host {
+        Some(h) => h.clone(),
+        None if matches!(host, "127.0.0.1" | "localhost" | "::1") => host.to_string(),
+        None => anyhow::bail!(
+            "--coordinator {coordinator} is another machine: give --node-host, this machine's \
+             address as the others reach it"
+        ),
+    };
+    let data_port = match a.data_port {
+        Some(p) => p,
+        None => port
+            .checked_add(1 + a.node_rank as u16)
+            .context("--coordinator's port is too high for the default --data-port")?,
+    };
+    Ok(Some(ferrite::train::trainer::DataParallel {
+        nodes: a.nodes,
+        rank: a.node_rank,
+        coordinator,
+        host: node_host,
+        data_port,
+        join_timeout: std::time::Duration::from_secs(a.join_timeout),
+    }))
 }
 
 fn demo(settings: &Settings, dir: &std::path::Path, sets: &[String]) -> Result<()> {
@@ -428,13 +492,14 @@ fn demo(settings: &Settings, dir: &std::path::Path, sets: &[String]) -> Result<(
         dir.display(),
         dir.join("workspace/samples").display()
     );
-    run_training(settings, config, dir)
+    run_training(settings, config, dir, None)
 }
 
 fn run_training(
     settings: &Settings,
     config: ferrite::config::TrainConfig,
     base: &std::path::Path,
+    parallel: Option<ferrite::train::trainer::DataParallel>,
 ) -> Result<()> {
     use ferrite::train::trainer::{Controls, Event, Trainer};
     let controls = std::sync::Arc::new(Controls::default());
@@ -459,6 +524,16 @@ fn run_training(
     let (device, said) = ferrite::runtime::for_device(&config.train_device)?;
     let registry = Registry::discover(&search_dirs(settings), settings);
     let mut trainer = Trainer::on(device, controls, config, base, registry)?;
+    if let Some(p) = parallel {
+        let (rank, nodes, batch) = (p.rank, p.nodes, trainer.config.batch_size);
+        trainer.join(p)?;
+        println!(
+            "data-parallel: rank {rank} of {nodes}, {batch} images of each batch of {} \
+             (× {} accumulation steps)",
+            batch * nodes as usize,
+            trainer.config.gradient_accumulation_steps
+        );
+    }
     let bar = indicatif::ProgressBar::new(trainer.total_steps());
     bar.set_style(indicatif::ProgressStyle::with_template(
         "{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}, {per_sec}]",

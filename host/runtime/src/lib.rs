@@ -7,6 +7,7 @@ pub mod attention;
 pub mod autocast;
 pub mod bench;
 pub mod checkpoint;
+pub mod collective;
 pub mod fsutil;
 pub mod gated;
 pub mod group_norm_silu;
@@ -58,6 +59,11 @@ pub trait Runtime: Send + Sync {
     fn rng_release(&self, id: u64);
     /// Number of live handles (leak checks in tests).
     fn live(&self) -> usize;
+    /// Joins the data-parallel run `setup` describes (blocks until the coordinator answers).
+    fn collective_join(&self, setup: &collective::Setup) -> RtResult<()>;
+    /// The mean of float tensor `id` over the run's processes.
+    fn all_reduce_mean(&self, id: TensorId) -> RtResult<TensorId>;
+    fn collective_leave(&self) -> RtResult<()>;
 }
 
 impl<B: Tracking> Runtime for TensorTable<B> {
@@ -114,6 +120,15 @@ impl<B: Tracking> Runtime for TensorTable<B> {
     }
     fn live(&self) -> usize {
         TensorTable::live(self)
+    }
+    fn collective_join(&self, setup: &collective::Setup) -> RtResult<()> {
+        TensorTable::collective_join(self, setup)
+    }
+    fn all_reduce_mean(&self, id: TensorId) -> RtResult<TensorId> {
+        TensorTable::all_reduce_mean(self, id)
+    }
+    fn collective_leave(&self) -> RtResult<()> {
+        TensorTable::collective_leave(self)
     }
 }
 
@@ -238,6 +253,22 @@ impl Device {
     /// in backward) so far.
     pub fn checkpointed_blocks(&self) -> u64 {
         self.rt.checkpointed_blocks()
+    }
+
+    /// Joins the data-parallel run `setup` describes: from then on [`Device::all_reduce_mean`]
+    /// averages with the other processes.
+    pub fn collective_join(&self, setup: &collective::Setup) -> RtResult<()> {
+        self.rt.collective_join(setup)
+    }
+
+    /// The mean of float tensor `id` over the run's processes (each calls it, in one order).
+    pub fn all_reduce_mean(&self, id: TensorId) -> RtResult<TensorId> {
+        self.rt.all_reduce_mean(id)
+    }
+
+    /// Leaves the data-parallel run.
+    pub fn collective_leave(&self) -> RtResult<()> {
+        self.rt.collective_leave()
     }
 
     /// The same runtime.

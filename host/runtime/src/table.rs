@@ -67,6 +67,8 @@ impl<B: AutodiffBackend> Value<B> {
 /// burn's `Autodiff` does, and it is the only autodiff backend the runtime is built on.
 pub trait Tracking: AutodiffBackend {
     fn is_tracked(t: &FloatTensor<Self>) -> bool;
+    /// The device as the backend under autodiff names it (collectives run there).
+    fn inner_device(d: &Self::Device) -> burn_backend::tensor::Device<Self::InnerBackend>;
     /// Unmasked attention of `[B, H, L, D]` tensors in O(L) extra memory, its matmuls in
     /// `compute` where given ([`crate::attention`]).
     fn memory_efficient_attention(
@@ -121,6 +123,10 @@ pub trait Tracking: AutodiffBackend {
 impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
     fn is_tracked(t: &FloatTensor<Self>) -> bool {
         t.is_tracked()
+    }
+
+    fn inner_device(d: &Self::Device) -> B::Device {
+        d.clone()
     }
 
     fn memory_efficient_attention(

@@ -60,9 +60,37 @@ pub struct Loaded {
     pub prior: Vec<bool>,
     pub timesteps: Vec<usize>,
     pub noise_seed: u64,
+    /// This batch's first row in the batch its noise is drawn for, and that batch's rows (a
+    /// data-parallel process holds its share of a larger one).
+    pub rows: (usize, usize),
     /// With debug_mode: each image as it enters the VAE (`[3, H, W]` in [-1, 1]), also when its
     /// latents come from the cache.
     pub inputs: Vec<Vec<f32>>,
+}
+
+impl Loaded {
+    /// Process `rank`'s share of the batch among `peers` (its rows, in order; the batch divides
+    /// evenly).
+    pub fn share(self, rank: usize, peers: usize) -> Loaded {
+        let n = self.prompts.len() / peers;
+        let rows = rank * n..(rank + 1) * n;
+        let per = |len: usize| len / self.prompts.len().max(1);
+        let cut = |v: Vec<f32>, per: usize| v[rows.start * per..rows.end * per].to_vec();
+        let (mask_per, geometry_per) = (per(self.masks.len()), per(self.geometry.len()));
+        Loaded {
+            bucket: self.bucket,
+            images: self.images.into_iter().skip(rows.start).take(n).collect(),
+            masks: cut(self.masks, mask_per),
+            prompts: self.prompts[rows.clone()].to_vec(),
+            geometry: cut(self.geometry, geometry_per),
+            weights: self.weights[rows.clone()].to_vec(),
+            prior: self.prior[rows.clone()].to_vec(),
+            timesteps: self.timesteps[rows.clone()].to_vec(),
+            noise_seed: self.noise_seed,
+            rows: (self.rows.0 + rows.start, self.rows.1),
+            inputs: self.inputs.into_iter().skip(rows.start).take(n).collect(),
+        }
+    }
 }
 
 /// What the workers read.
@@ -93,6 +121,7 @@ impl Context {
             prior: Vec::new(),
             timesteps: Vec::new(),
             noise_seed: 0,
+            rows: (0, plan.items.len()),
             inputs: Vec::new(),
         };
         let debug = c.debug_mode;

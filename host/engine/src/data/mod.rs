@@ -296,6 +296,19 @@ pub fn plan_epoch(
     buckets: &[buckets::Buckets],
     epoch: u64,
 ) -> Vec<BatchPlan> {
+    plan_global_epoch(d, config, buckets, epoch, 1)
+}
+
+/// One epoch of a data-parallel run over `peers` processes: batches of `batch_size` per process
+/// (each process takes its share of every one), only whole ones when `peers` is over 1.
+pub fn plan_global_epoch(
+    d: &Dataset,
+    config: &TrainConfig,
+    buckets: &[buckets::Buckets],
+    epoch: u64,
+    peers: usize,
+) -> Vec<BatchPlan> {
+    let batch = config.batch_size * peers;
     const PURPOSE: u64 = 1;
     let mut r = rng(config.seed, PURPOSE, epoch);
     let mut chosen = Vec::new();
@@ -334,7 +347,8 @@ pub fn plan_epoch(
         .into_iter()
         .flat_map(|(bucket, items)| {
             items
-                .chunks(config.batch_size)
+                .chunks(batch)
+                .filter(|c| peers == 1 || c.len() == batch)
                 .map(|c| BatchPlan {
                     items: c.to_vec(),
                     bucket,

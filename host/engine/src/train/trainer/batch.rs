@@ -13,7 +13,7 @@ impl Trainer {
     /// forward pass.
     pub(super) fn batch_loss(&self, loaded: &Loaded) -> Result<(Batch, Tensor, Forward)> {
         let batch = self.to_device(loaded)?;
-        let noise = Generator::new(loaded.noise_seed).map_err(err)?;
+        let noise = Noise::new(loaded.noise_seed, loaded.rows)?;
         let f = self.forward(&batch, &loaded.timesteps, &noise)?;
         let loss = self.loss(&batch, &f)?;
         Ok((batch, loss, f))
@@ -41,13 +41,13 @@ impl Trainer {
         })
     }
 
-    /// Noises the batch to `timesteps` with noise from `noise_rng` and runs the model: its
-    /// prediction, and the target (a prior image's is the model's prediction without adapters).
+    /// Noises the batch to `timesteps` with `noise` and runs the model: its prediction, and the
+    /// target (a prior image's is the model's prediction without adapters).
     pub(super) fn forward(
         &self,
         batch: &Batch,
         timesteps: &[usize],
-        noise_rng: &Generator,
+        noise: &Noise,
     ) -> Result<Forward> {
         let c = &self.config;
         let Batch {
@@ -63,20 +63,16 @@ impl Trainer {
         (|| {
             let shape = mean.shape()?;
             let latents = mean
-                .add(
-                    &logvar
-                        .mul_scalar(0.5)?
-                        .exp()?
-                        .mul(&Tensor::randn(&shape, noise_rng)?)?,
-                )?
+                .add(&logvar.mul_scalar(0.5)?.exp()?.mul(&noise.randn(&shape)?)?)?
                 .sub_scalar(shift)?
                 .mul_scalar(scaling)?
                 .detach()?;
-            let mut noise = Tensor::randn(&shape, noise_rng)?;
+            let mut noise_draw = noise.randn(&shape)?;
             if c.offset_noise_weight > 0.0 {
-                let offset = Tensor::randn(&[b, shape[1], 1, 1], noise_rng)?
+                let offset = noise
+                    .randn(&[b, shape[1], 1, 1])?
                     .mul_scalar(c.offset_noise_weight)?;
-                noise = noise.add(&offset)?;
+                noise_draw = noise_draw.add(&offset)?;
             }
             let levels: Vec<Level> = timesteps.iter().map(|&t| self.noising.level(t)).collect();
             let column = |f: fn(&Level) -> f64| {
@@ -91,14 +87,15 @@ impl Trainer {
             // Input perturbation (Ning et al.): the model sees extra noise it is not asked to
             // predict.
             let noisy = if c.perturbation_noise_weight > 0.0 {
-                let extra =
-                    Tensor::randn(&shape, noise_rng)?.mul_scalar(c.perturbation_noise_weight)?;
-                latents.mul(&a)?.add(&noise.add(&extra)?.mul(&s)?)?
+                let extra = noise
+                    .randn(&shape)?
+                    .mul_scalar(c.perturbation_noise_weight)?;
+                latents.mul(&a)?.add(&noise_draw.add(&extra)?.mul(&s)?)?
             } else {
-                latents.mul(&a)?.add(&noise.mul(&s)?)?
+                latents.mul(&a)?.add(&noise_draw.mul(&s)?)?
             };
             let pred = self.in_train_dtype(|| self.arch.denoise(&noisy, &tt, &cond))?;
-            let mut target = self.noising.target(&latents, &noise, &a, &s)?;
+            let mut target = self.noising.target(&latents, &noise_draw, &a, &s)?;
             if prior.iter().any(|&p| p) {
                 // Prior images learn to predict what the model predicts without its adapter.
                 let base = self
@@ -128,6 +125,33 @@ impl Trainer {
             })
         })()
         .map_err(err)
+    }
+}
+
+/// A batch's noise, drawn for the whole batch it is a share of (`rows`: its first row there and
+/// that batch's rows) and cut to its rows: a data-parallel process draws what one process
+/// training the whole batch would.
+pub(super) struct Noise {
+    rng: Generator,
+    rows: (usize, usize),
+}
+
+impl Noise {
+    pub(super) fn new(seed: u64, rows: (usize, usize)) -> Result<Self> {
+        Ok(Self {
+            rng: Generator::new(seed).map_err(err)?,
+            rows,
+        })
+    }
+
+    fn randn(&self, shape: &[usize]) -> ferrite_plugin_api::Result<Tensor> {
+        let (first, total) = self.rows;
+        if first == 0 && shape.first() == Some(&total) {
+            return Tensor::randn(shape, &self.rng);
+        }
+        let mut whole = shape.to_vec();
+        whole[0] = total;
+        Tensor::randn(&whole, &self.rng)?.narrow(0, first, shape[0])
     }
 }
 

@@ -53,6 +53,10 @@ impl Trainer {
 
     /// Validation, samples, backups and saves due at `at`.
     pub(super) fn after(&mut self, at: Moment, on_event: &mut impl FnMut(Event)) -> Result<()> {
+        // In a data-parallel run, the first process writes for all.
+        if !self.leader() {
+            return Ok(());
+        }
         let c = self.config.clone();
         if c.debug_mode
             && self.due("debug", c.debug_after, c.debug_after_unit, at)

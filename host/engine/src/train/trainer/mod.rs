@@ -17,6 +17,7 @@ mod intervals;
 mod loss;
 mod noising;
 mod output;
+mod parallel;
 mod precision;
 mod run;
 mod samples;
@@ -35,7 +36,7 @@ use ferrite_plugin_api::{
 
 use crate::adapters::ModelLayers;
 use crate::config::{ConceptType, GradientCheckpointing, TrainConfig, TrainingMethod, WeightDtype};
-use crate::data::{self, Dataset, buckets::Buckets};
+use crate::data::{Dataset, buckets::Buckets};
 use crate::plugins::Registry;
 use crate::runtime::{Cancel, Device, Scope, WeightFormat};
 use crate::train::cache::Caches;
@@ -44,6 +45,7 @@ use crate::train::timesteps::Timesteps;
 pub use batch::Probe;
 use groups::Group;
 use noising::Noising;
+pub use parallel::DataParallel;
 pub use precision::LossScale;
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +157,8 @@ pub struct Trainer {
     controls: Arc<Controls>,
     /// With debug_mode: what the last batch trained on, for the debug images.
     debug_last: Option<debug::Snapshot>,
+    /// This process's place in a data-parallel run.
+    parallel: Option<DataParallel>,
 }
 
 /// Every part of the model has a config table, and every table that says `train` configures a
@@ -478,6 +482,7 @@ impl Trainer {
             scope,
             mixed,
             debug_last: None,
+            parallel: None,
             tensorboard,
             groups: Vec::new(),
             embeddings,
@@ -502,7 +507,7 @@ impl Trainer {
         if t.config.clear_cache_before_training {
             t.caches.clear();
         }
-        t.batches_per_epoch = data::plan_epoch(&t.data, &t.config, &t.buckets, 0).len();
+        t.batches_per_epoch = t.plan(0).len();
         t.groups = t.make_groups()?;
         if t.config.continue_last_backup
             && let Some(b) = t.last_backup()

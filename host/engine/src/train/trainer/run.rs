@@ -42,8 +42,7 @@ impl Trainer {
         let mut data_wait = Duration::ZERO;
         let context = self.loader_context();
         'epochs: while (self.progress.epoch as usize) < self.config.epochs {
-            let plan =
-                data::plan_epoch(&self.data, &self.config, &self.buckets, self.progress.epoch);
+            let plan = self.plan(self.progress.epoch);
             let mut batches = Prefetch::start(
                 context.clone(),
                 plan,
@@ -55,14 +54,16 @@ impl Trainer {
                 // Stopping keeps the work (between steps only): a backup at the step reached,
                 // and the output model as it is, as OneTrainer saves at the end of a stopped run.
                 if in_accum == 0 && self.controls.cancel.is_cancelled() {
-                    if self.last_backup() != Some(self.backups_dir().join(self.backup_name())) {
+                    if self.leader()
+                        && self.last_backup() != Some(self.backups_dir().join(self.backup_name()))
+                    {
                         on_event(Event::Backup(self.backup()?));
                     }
                     // (Not when no step was taken: nothing would replace a previous output.)
-                    if self.progress.step > 0 {
+                    if self.leader() && self.progress.step > 0 {
                         on_event(Event::Saved(self.save_output()?));
                     }
-                    return Ok(());
+                    return self.leave();
                 }
                 if in_accum == 0 {
                     self.serve_controls(&mut on_event)?;
@@ -72,7 +73,7 @@ impl Trainer {
                     break;
                 };
                 data_wait += waiting.elapsed();
-                let loaded = loaded.map_err(TrainError)?;
+                let loaded = self.share(loaded.map_err(TrainError)?);
                 // Where tests make a step fail or panic.
                 fail::fail_point!("train-step", |m| Err(TrainError(m.unwrap_or_default())));
                 // Dropout masks come from the run's seed and the batch: a resumed run repeats them.
@@ -119,9 +120,11 @@ impl Trainer {
                 if in_accum < accum {
                     continue;
                 }
-                // The logged figure: the step's one host read (two with float16's check).
+                let mut grads = std::mem::take(&mut acc);
+                // The logged figure: the step's one host read (two with float16's check), after
+                // a data-parallel run's all-reduce.
                 let step_loss = match acc_loss.take() {
-                    Some(l) => l.item().map_err(err)?,
+                    Some(l) => self.average(&mut grads, l)?.item().map_err(err)?,
                     None => 0.0,
                 };
                 if !step_loss.is_finite() {
@@ -135,7 +138,6 @@ impl Trainer {
                         }
                     )));
                 }
-                let mut grads = std::mem::take(&mut acc);
                 // False on a float16 overflow: no update, but the step counts (as in torch).
                 let taken = self.unscale(&mut grads, &mut on_event)?;
                 let lr_factor = self.lr_factor(self.progress.step);
@@ -177,9 +179,10 @@ impl Trainer {
                 break;
             }
         }
-        let out = self.save_output()?;
-        on_event(Event::Saved(out));
-        Ok(())
+        if self.leader() {
+            on_event(Event::Saved(self.save_output()?));
+        }
+        self.leave()
     }
 
     /// Waits while paused; samples or backs up when asked.
@@ -192,12 +195,12 @@ impl Trainer {
             }
             on_event(Event::Paused(false));
         }
-        if controls.sample_now.swap(false, Ordering::Relaxed) {
+        if controls.sample_now.swap(false, Ordering::Relaxed) && self.leader() {
             for p in self.sample()? {
                 on_event(Event::Sample(p));
             }
         }
-        if controls.backup_now.swap(false, Ordering::Relaxed) {
+        if controls.backup_now.swap(false, Ordering::Relaxed) && self.leader() {
             on_event(Event::Backup(self.backup()?));
         }
         Ok(())

@@ -1,6 +1,6 @@
 //! Validation: each validation concept's loss at fixed timesteps and noise.
 
-use ferrite_plugin_api::{Generator, Tensor};
+use ferrite_plugin_api::Tensor;
 use rand::Rng;
 
 use super::encode::Batch;
@@ -48,7 +48,7 @@ impl Trainer {
             weights: vec![1.0; t],
             prior: vec![false; t],
         };
-        let noise = Generator::new(r.random::<u64>()).map_err(err)?;
+        let noise = super::batch::Noise::new(r.random::<u64>(), (0, t))?;
         let f = self.forward(&batch, timesteps, &noise)?;
         let loss = self.loss(&batch, &f)?;
         Ok(loss.item().map_err(err)? * c.gradient_accumulation_steps as f32)

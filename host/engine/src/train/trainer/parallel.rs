@@ -1,0 +1,165 @@
+//! Data-parallel runs between processes (OneTrainer's multi-GPU mode, across machines too):
+//! every process holds the whole model and trains on its share of each batch (`batch_size`
+//! rows of a batch `batch_size × processes` large, planned and noised as one process would);
+//! the gradients and the logged loss are averaged with one all-reduce per optimizer step,
+//! before clipping, so the processes take the same steps. Only the first process (rank 0)
+//! writes: samples, validation, backups, TensorBoard and the output.
+
+use crate::runtime::collective::{self, Setup};
+use ferrite_plugin_api::{DType, Tensor};
+
+use super::{Result, TrainError, Trainer, err};
+use crate::data;
+
+/// One process's place in a data-parallel run.
+#[derive(Debug, Clone)]
+pub struct DataParallel {
+    /// Processes in the run.
+    pub nodes: u32,
+    /// This process's rank, 0 to `nodes - 1`; rank 0 runs the coordinator.
+    pub rank: u32,
+    /// The coordinator, `host:port`.
+    pub coordinator: String,
+    /// This process's host as the others reach it, and its data service's port.
+    pub host: String,
+    pub data_port: u16,
+    /// How long to wait for every process to join.
+    pub join_timeout: std::time::Duration,
+}
+
+impl Trainer {
+    /// Joins the data-parallel run `dp` describes (rank 0 starts its coordinator first); the
+    /// epoch is replanned in shares.
+    pub fn join(&mut self, dp: DataParallel) -> Result<()> {
+        if dp.nodes < 2 || dp.rank >= dp.nodes {
+            return Err(TrainError(format!(
+                "--node-rank {} of --nodes {}: ranks go from 0 to nodes − 1, and a run needs 2 \
+                 nodes at least",
+                dp.rank, dp.nodes
+            )));
+        }
+        if dp.rank == 0 {
+            let port = dp
+                .coordinator
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| {
+                    TrainError(format!("--coordinator {}: not HOST:PORT", dp.coordinator))
+                })?;
+            collective::start_coordinator(port).map_err(TrainError)?;
+        }
+        // Joining waits for every process: on a thread, so a missing one gives an error in time.
+        let (device, setup) = (
+            self.scope.device.clone(),
+            Setup {
+                nodes: dp.nodes,
+                coordinator: dp.coordinator.clone(),
+                host: dp.host.clone(),
+                data_port: dp.data_port,
+            },
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(device.collective_join(&setup)));
+        match rx.recv_timeout(dp.join_timeout) {
+            Ok(joined) => joined.map_err(TrainError)?,
+            Err(_) => {
+                return Err(TrainError(format!(
+                    "rank {}: not every one of the {} processes joined through {} within {} s: \
+                     start each with --nodes {} --coordinator {} and its own --node-rank",
+                    dp.rank,
+                    dp.nodes,
+                    dp.coordinator,
+                    dp.join_timeout.as_secs(),
+                    dp.nodes,
+                    dp.coordinator
+                )));
+            }
+        }
+        if dp.rank != 0 {
+            self.tensorboard = None;
+        }
+        self.parallel = Some(dp);
+        self.batches_per_epoch = self.plan(0).len();
+        Ok(())
+    }
+
+    /// Whether this process writes (samples, backups, TensorBoard, the output).
+    pub(super) fn leader(&self) -> bool {
+        self.parallel.as_ref().is_none_or(|p| p.rank == 0)
+    }
+
+    /// The epoch's batches: of this process alone, or of the whole data-parallel run.
+    pub(super) fn plan(&self, epoch: u64) -> Vec<data::BatchPlan> {
+        let peers = self.parallel.as_ref().map_or(1, |p| p.nodes as usize);
+        data::plan_global_epoch(&self.data, &self.config, &self.buckets, epoch, peers)
+    }
+
+    /// This process's share of a loaded batch.
+    pub(super) fn share(&self, loaded: data::loader::Loaded) -> data::loader::Loaded {
+        match &self.parallel {
+            Some(p) => loaded.share(p.rank as usize, p.nodes as usize),
+            None => loaded,
+        }
+    }
+
+    /// The gradients and the step's loss averaged over the processes (in f32, as one tensor);
+    /// alone, as they are.
+    pub(super) fn average(
+        &self,
+        grads: &mut [Vec<Option<Tensor>>],
+        loss: Tensor,
+    ) -> Result<Tensor> {
+        if self.parallel.is_none() {
+            return Ok(loss);
+        }
+        let mut parts = Vec::new();
+        let mut layout = Vec::new();
+        for (gi, row) in grads.iter().enumerate() {
+            for (pi, g) in row.iter().enumerate() {
+                if let Some(g) = g {
+                    layout.push((gi, pi, g.shape().map_err(err)?, g.dtype().map_err(err)?));
+                    parts.push(
+                        g.cast(DType::F32)
+                            .and_then(|g| g.reshape(&[-1]))
+                            .map_err(err)?,
+                    );
+                }
+            }
+        }
+        parts.push(
+            loss.cast(DType::F32)
+                .and_then(|l| l.reshape(&[1]))
+                .map_err(err)?,
+        );
+        let all = Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0).map_err(err)?;
+        drop(parts);
+        let mean = Tensor::from_raw(
+            self.scope
+                .device
+                .all_reduce_mean(all.id())
+                .map_err(TrainError)?,
+        );
+        let mut at = 0;
+        for (gi, pi, shape, dtype) in layout {
+            let n: usize = shape.iter().product();
+            let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            grads[gi][pi] = Some(
+                mean.narrow(0, at, n)
+                    .and_then(|g| g.reshape(&dims))
+                    .and_then(|g| g.cast(dtype))
+                    .map_err(err)?,
+            );
+            at += n;
+        }
+        mean.narrow(0, at, 1).map_err(err)
+    }
+
+    /// Leaves the data-parallel run at its end.
+    pub(super) fn leave(&self) -> Result<()> {
+        match &self.parallel {
+            Some(_) => self.scope.device.collective_leave().map_err(TrainError),
+            None => Ok(()),
+        }
+    }
+}
