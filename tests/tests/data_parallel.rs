@@ -10,6 +10,16 @@ use ferrite::train::demo;
 use ferrite_plugin_api::{DType, Weights};
 use ferrite_tests::ferrite_bin;
 
+/// The demo's model, images and preset as `config.toml`, in a new folder.
+fn demo_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    demo::build_model(&presets_dir().join("demo-model"), &d.join("model"), 0).unwrap();
+    demo::build_dataset(&d.join("data"), 16, 4, 0).unwrap();
+    std::fs::copy(presets_dir().join("demo.toml"), d.join("config.toml")).unwrap();
+    dir
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
@@ -64,21 +74,19 @@ fn worst(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// The demo model (text encoder and UNet trained, AdamW, warmup, caption dropout) for 12 steps
-/// of 8 images: one process with `batch_size` 8 against two with 4 each (rank 0 writing).
+/// The demo model (text encoder and UNet trained, AdamW, warmup, caption dropout) for two
+/// epochs of batches of 8 images: one process with `batch_size` 8 against two with 4 each (rank
+/// 0 writing), without gradient accumulation (12 steps) and with 2 steps of it (6 steps).
 #[test]
 fn two_processes_with_half_batches_train_as_one_with_the_whole() {
     ferrite::runtime::init("cpu").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let home = tempfile::tempdir().unwrap();
+    let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
     let d = dir.path();
-    demo::build_model(&presets_dir().join("demo-model"), &d.join("model"), 0).unwrap();
-    demo::build_dataset(&d.join("data"), 16, 4, 0).unwrap();
-    std::fs::copy(presets_dir().join("demo.toml"), d.join("config.toml")).unwrap();
-    let sets = |batch: usize, out: &str| -> Vec<String> {
+    let sets = |batch: usize, accum: usize, out: &str| -> Vec<String> {
         [
             "epochs=2".to_string(),
             format!("batch_size={batch}"),
+            format!("gradient_accumulation_steps={accum}"),
             "sample_after_unit=\"never\"".into(),
             "backup_after_unit=\"never\"".into(),
             format!("output_model_destination=\"{out}\""),
@@ -87,19 +95,70 @@ fn two_processes_with_half_batches_train_as_one_with_the_whole() {
         .flat_map(|s| ["--set".to_string(), s])
         .collect()
     };
-    let one = train(d, home.path(), &sets(8, "one/model"))
-        .output()
-        .unwrap();
-    assert!(
-        one.status.success(),
-        "{}",
-        String::from_utf8_lossy(&one.stderr)
-    );
+    let base = unet(d, "model");
+    for accum in [1, 2] {
+        let (one_out, two_out) = (format!("one{accum}/model"), format!("two{accum}/model"));
+        let one = finish(
+            train(d, home.path(), &sets(8, accum, &one_out))
+                .spawn()
+                .unwrap(),
+        );
+        assert!(
+            one.status.success(),
+            "{}",
+            String::from_utf8_lossy(&one.stderr)
+        );
 
+        let outputs = run_pair(d, home.path(), &sets(4, accum, &two_out));
+        let said = String::from_utf8_lossy(&outputs[0].stdout);
+        assert!(
+            said.contains(&format!(
+                "rank 0 of 2, 4 images of each batch of 8 (× {accum}"
+            )),
+            "{said}"
+        );
+        assert!(!String::from_utf8_lossy(&outputs[1].stdout).contains("saved:"));
+
+        let (single, parallel) = (unet(d, &one_out), unet(d, &two_out));
+        let moved = worst(&base, &single);
+        let apart = worst(&single, &parallel);
+        println!(
+            "accumulation {accum}: the run moved the UNet by {moved:.2e}; two processes are \
+             {apart:.2e} from one"
+        );
+        assert!(moved > 1e-3, "{moved}");
+        // Measured 8.5e-5 without accumulation (the two sum their gradients in another order,
+        // and AdamW divides by square roots of tiny second moments); drawing each process's
+        // noise for its own rows instead of cutting it from the whole batch's gives 1.7.
+        assert!(apart < 1e-3, "{apart}");
+    }
+}
+
+/// The process's output once it ends; killed (and the test failed) if it has not within two
+/// minutes: a hang fails the test instead of stalling it.
+fn finish(mut p: std::process::Child) -> std::process::Output {
+    let start = std::time::Instant::now();
+    while p.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            p.kill().unwrap();
+            let o = p.wait_with_output().unwrap();
+            panic!(
+                "a process hung:\n{}\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    p.wait_with_output().unwrap()
+}
+
+/// Ranks 0 and 1 of a two-process run with `sets`, to their end; both must succeed.
+fn run_pair(d: &Path, home: &Path, sets: &[String]) -> Vec<std::process::Output> {
     let coordinator = format!("127.0.0.1:{}", free_port());
     let peers: Vec<_> = (0..2)
         .map(|rank| {
-            let mut args = sets(4, "two/model");
+            let mut args = sets.to_vec();
             args.extend(
                 [
                     "--nodes",
@@ -113,13 +172,10 @@ fn two_processes_with_half_batches_train_as_one_with_the_whole() {
                 ]
                 .map(String::from),
             );
-            train(d, home.path(), &args).spawn().unwrap()
+            train(d, home, &args).spawn().unwrap()
         })
         .collect();
-    let outputs: Vec<_> = peers
-        .into_iter()
-        .map(|p| p.wait_with_output().unwrap())
-        .collect();
+    let outputs: Vec<_> = peers.into_iter().map(finish).collect();
     for (rank, o) in outputs.iter().enumerate() {
         assert!(
             o.status.success(),
@@ -128,34 +184,50 @@ fn two_processes_with_half_batches_train_as_one_with_the_whole() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    let said = String::from_utf8_lossy(&outputs[0].stdout);
+    outputs
+}
+
+/// A two-process run resumed from the backup rank 0 wrote after its first epoch (both
+/// processes read it) ends where the uninterrupted run ends, bit for bit.
+#[test]
+fn a_resumed_two_process_run_repeats_the_uninterrupted_one() {
+    ferrite::runtime::init("cpu").unwrap();
+    let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
+    let d = dir.path();
+    let sets = |out: &str, resume: bool| -> Vec<String> {
+        [
+            "epochs=2".to_string(),
+            "batch_size=4".into(),
+            "sample_after_unit=\"never\"".into(),
+            "backup_after=1".into(),
+            "backup_after_unit=\"epoch\"".into(),
+            format!("continue_last_backup={resume}"),
+            format!("output_model_destination=\"{out}\""),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+    };
+    run_pair(d, home.path(), &sets("whole/model", false));
+    let backups = d.join("workspace/backup");
+    assert!(backups.join("backup-000000006").is_dir());
+    std::fs::remove_dir_all(backups.join("backup-000000012")).unwrap();
+    let resumed = run_pair(d, home.path(), &sets("resumed/model", true));
+    let said = String::from_utf8_lossy(&resumed[1].stdout);
     assert!(
-        said.contains("rank 0 of 2, 4 images of each batch of 8"),
+        said.contains("resumed from") && said.contains("at step 6"),
         "{said}"
     );
-    assert!(!String::from_utf8_lossy(&outputs[1].stdout).contains("saved:"));
-
-    let (base, single, parallel) = (unet(d, "model"), unet(d, "one/model"), unet(d, "two/model"));
-    let moved = worst(&base, &single);
-    let apart = worst(&single, &parallel);
-    println!("the run moved the UNet by {moved:.2e}; two processes are {apart:.2e} from one");
-    assert!(moved > 1e-3, "{moved}");
-    // Measured 8.5e-5 (the two sum their gradients in another order, and AdamW divides by
-    // square roots of tiny second moments); drawing each process's noise for its own rows
-    // instead of cutting it from the whole batch's gives 1.7.
-    assert!(apart < 1e-3, "{apart}");
+    let (whole, again) = (unet(d, "whole/model"), unet(d, "resumed/model"));
+    assert_eq!(worst(&whole, &again), 0.0);
 }
 
 /// A process whose peers never come stops with a line saying what to start, and a rank out of
 /// range is refused.
 #[test]
 fn a_missing_peer_or_a_bad_rank_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = tempfile::tempdir().unwrap();
+    let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
     let d = dir.path();
-    demo::build_model(&presets_dir().join("demo-model"), &d.join("model"), 0).unwrap();
-    demo::build_dataset(&d.join("data"), 16, 4, 0).unwrap();
-    std::fs::copy(presets_dir().join("demo.toml"), d.join("config.toml")).unwrap();
     let coordinator = format!("127.0.0.1:{}", free_port());
     let flags = |rank: &str| -> Vec<String> {
         [
@@ -178,11 +250,103 @@ fn a_missing_peer_or_a_bad_rank_is_named() {
         err.contains("not every one of the 2 processes joined") && err.contains(&coordinator),
         "{err}"
     );
+    // Two processes with different configs both stop once joined.
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let peers: Vec<_> = (0..2)
+        .map(|rank| {
+            let mut args: Vec<String> = ["--nodes", "2", "--node-rank", &rank.to_string()]
+                .map(String::from)
+                .to_vec();
+            args.extend(["--coordinator".into(), coordinator.clone()]);
+            args.extend([
+                "--set".into(),
+                format!("learning_rate={}", 0.001 * (rank + 1) as f64),
+            ]);
+            train(d, home.path(), &args).spawn().unwrap()
+        })
+        .collect();
+    for o in peers.into_iter().map(finish) {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("do not agree on the run"),
+            "{err}"
+        );
+    }
     let bad = train(d, home.path(), &flags("2")).output().unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
         !bad.status.success() && err.contains("--node-rank 2 of --nodes 2"),
         "{err}"
     );
-    assert!(!d.join("output").exists());
+}
+
+/// Ctrl-C on rank 1 alone stops both processes after the same step: rank 0 writes a backup and
+/// the output, and neither is left waiting.
+#[test]
+fn a_stop_asked_of_one_process_stops_both() {
+    let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
+    let d = dir.path();
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let peers: Vec<_> = (0..2)
+        .map(|rank| {
+            let mut args: Vec<String> = [
+                "epochs=100",
+                "batch_size=4",
+                "sample_after_unit=\"never\"",
+                "backup_after_unit=\"never\"",
+            ]
+            .into_iter()
+            .flat_map(|s| ["--set".to_string(), s.to_string()])
+            .collect();
+            args.extend(
+                [
+                    "--nodes",
+                    "2",
+                    "--node-rank",
+                    &rank.to_string(),
+                    "--coordinator",
+                    &coordinator,
+                ]
+                .map(String::from),
+            );
+            train(d, home.path(), &args).spawn().unwrap()
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let pid = peers[1].id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let outputs: Vec<_> = peers.into_iter().map(finish).collect();
+    for (rank, o) in outputs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {rank}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let said = String::from_utf8_lossy(&outputs[0].stdout);
+    assert!(
+        said.contains("backup:") && said.contains("saved:"),
+        "{said}"
+    );
+    assert!(String::from_utf8_lossy(&outputs[1].stderr).contains("every process stops"));
+    // Stopped early: the run had 600 steps.
+    let step: u64 = std::fs::read_dir(d.join("workspace/backup"))
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("backup-")?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap();
+    assert!(step > 0 && step < 600, "{step}");
 }

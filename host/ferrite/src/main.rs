@@ -438,7 +438,18 @@ fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
 /// The data-parallel flags as the trainer takes them (none with `--nodes 1`).
 fn data_parallel(a: &TrainArgs) -> Result<Option<ferrite::train::trainer::DataParallel>> {
     if a.nodes <= 1 {
+        if a.coordinator.is_some() || a.node_rank > 0 {
+            anyhow::bail!("--coordinator and --node-rank are for a run of --nodes 2 or more");
+        }
         return Ok(None);
+    }
+    if a.node_rank >= a.nodes {
+        anyhow::bail!(
+            "--node-rank {} of --nodes {}: ranks go from 0 to {}",
+            a.node_rank,
+            a.nodes,
+            a.nodes - 1
+        );
     }
     let Some(coordinator) = a.coordinator.clone() else {
         anyhow::bail!(
@@ -462,9 +473,8 @@ fn data_parallel(a: &TrainArgs) -> Result<Option<ferrite::train::trainer::DataPa
     };
     let data_port = match a.data_port {
         Some(p) => p,
-        None => port
-            .checked_add(1 + a.node_rank as u16)
-            .context("--coordinator's port is too high for the default --data-port")?,
+        None => u16::try_from(u32::from(port) + 1 + a.node_rank)
+            .context("--coordinator's port is too high for the default --data-port: give one")?,
     };
     Ok(Some(ferrite::train::trainer::DataParallel {
         nodes: a.nodes,
@@ -497,13 +507,19 @@ fn demo(settings: &Settings, dir: &std::path::Path, sets: &[String]) -> Result<(
 
 fn run_training(
     settings: &Settings,
-    config: ferrite::config::TrainConfig,
+    mut config: ferrite::config::TrainConfig,
     base: &std::path::Path,
     parallel: Option<ferrite::train::trainer::DataParallel>,
 ) -> Result<()> {
     use ferrite::train::trainer::{Controls, Event, Trainer};
     let controls = std::sync::Arc::new(Controls::default());
     let cancel = controls.cancel.clone();
+    // Only rank 0 of a data-parallel run writes (its TensorBoard file would share the name).
+    let follower = parallel.as_ref().is_some_and(|p| p.rank > 0);
+    if follower {
+        config.tensorboard = false;
+        config.debug_mode = false;
+    }
     // The first Ctrl-C (or SIGTERM) stops as the app's Stop does: the step ends, a backup and
     // the output model are written. A second one quits at once; the last backup stays whole
     // (backups are built under a temporary name, then renamed).
@@ -511,8 +527,12 @@ fn run_training(
     ctrlc::set_handler(move || {
         if signals.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
             eprintln!(
-                "\nstopping after this step: a backup and the output model will be written \
-                 (press Ctrl-C again to quit at once)"
+                "\nstopping after this step: {} (press Ctrl-C again to quit at once)",
+                if follower {
+                    "every process stops; rank 0 writes a backup and the output model"
+                } else {
+                    "a backup and the output model will be written"
+                }
             );
             cancel.cancel();
         } else {

@@ -2,13 +2,15 @@
 //! every process holds the whole model and trains on its share of each batch (`batch_size`
 //! rows of a batch `batch_size × processes` large, planned and noised as one process would);
 //! the gradients and the logged loss are averaged with one all-reduce per optimizer step,
-//! before clipping, so the processes take the same steps. Only the first process (rank 0)
-//! writes: samples, validation, backups, TensorBoard and the output.
+//! before clipping, so the processes take the same steps; a stop asked of any process rides
+//! along, so all stop after the same step. Only the first process (rank 0) writes: samples,
+//! validation, backups, TensorBoard and the output.
 
 use crate::runtime::collective::{self, Setup};
 use ferrite_plugin_api::{DType, Tensor};
 
 use super::{Result, TrainError, Trainer, err};
+use crate::config::TimeUnit;
 use crate::data;
 
 /// One process's place in a data-parallel run.
@@ -38,6 +40,18 @@ impl Trainer {
                 dp.rank, dp.nodes
             )));
         }
+        if let Some(g) = self
+            .groups
+            .iter()
+            .find(|g| g.stop.0 > 0.0 && !matches!(g.stop.1, TimeUnit::Step | TimeUnit::Epoch))
+        {
+            return Err(TrainError(format!(
+                "{}'s stop_training_after is in {}s: each process keeps its own clock, so a \
+                 data-parallel run needs steps or epochs there",
+                g.part,
+                format!("{:?}", g.stop.1).to_lowercase()
+            )));
+        }
         if dp.rank == 0 {
             let port = dp
                 .coordinator
@@ -63,7 +77,13 @@ impl Trainer {
         std::thread::spawn(move || tx.send(device.collective_join(&setup)));
         match rx.recv_timeout(dp.join_timeout) {
             Ok(joined) => joined.map_err(TrainError)?,
-            Err(_) => {
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(TrainError(format!(
+                    "rank {}: joining through {} failed (see the log above)",
+                    dp.rank, dp.coordinator
+                )));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 return Err(TrainError(format!(
                     "rank {}: not every one of the {} processes joined through {} within {} s: \
                      start each with --nodes {} --coordinator {} and its own --node-rank",
@@ -81,6 +101,50 @@ impl Trainer {
         }
         self.parallel = Some(dp);
         self.batches_per_epoch = self.plan(0).len();
+        self.check_agreement()
+    }
+
+    /// Every process must plan the same run from the same point: the config, the batches per
+    /// epoch, the trained parameters and the progress (a resumed run's, from rank 0's backup)
+    /// are compared once, so that a difference stops every process here instead of leaving one
+    /// waiting in a step the others never take.
+    fn check_agreement(&self) -> Result<()> {
+        use std::hash::{Hash, Hasher};
+        let _scope = self.scope.enter();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        // (Without what only rank 0 does.)
+        let mut c = self.config.clone();
+        (c.tensorboard, c.debug_mode) = (false, false);
+        serde_json::to_string(&c).unwrap_or_default().hash(&mut h);
+        let params: usize = self.groups.iter().map(|g| g.params.len()).sum();
+        let p = &self.progress;
+        // Each below 2^24, so f32 holds it exactly.
+        let mine = [
+            (h.finish() % (1 << 20)) as f32,
+            self.batches_per_epoch as f32,
+            params as f32,
+            p.step as f32,
+            p.epoch as f32,
+            p.batch_in_epoch as f32,
+        ];
+        let device = &self.scope.device;
+        let mean = |v: &[f32]| -> Result<Vec<f32>> {
+            let t = Tensor::from_f32(v, &[v.len()]).map_err(err)?;
+            Tensor::from_raw(device.all_reduce_mean(t.id()).map_err(TrainError)?)
+                .to_vec()
+                .map_err(err)
+        };
+        let all = mean(&mine)?;
+        // A second round so that every process sees any one's mismatch.
+        let differs = mine.iter().zip(&all).any(|(a, b)| a != b);
+        if mean(&[differs as u8 as f32])?[0] > 0.0 {
+            return Err(TrainError(
+                "the processes do not agree on the run (the config, the data's batches per \
+                 epoch, the trained parameters or the step resumed from): start each with the \
+                 same config and data, and give them rank 0's backups when resuming"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -103,15 +167,17 @@ impl Trainer {
         }
     }
 
-    /// The gradients and the step's loss averaged over the processes (in f32, as one tensor);
+    /// The gradients and the step's loss averaged over the processes (in f32, as one tensor),
+    /// and whether any process was asked to stop (then all stop after this step, together);
     /// alone, as they are.
     pub(super) fn average(
         &self,
         grads: &mut [Vec<Option<Tensor>>],
         loss: Tensor,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, bool)> {
+        let asked = self.controls.cancel.is_cancelled();
         if self.parallel.is_none() {
-            return Ok(loss);
+            return Ok((loss, asked));
         }
         let mut parts = Vec::new();
         let mut layout = Vec::new();
@@ -132,6 +198,7 @@ impl Trainer {
                 .and_then(|l| l.reshape(&[1]))
                 .map_err(err)?,
         );
+        parts.push(Tensor::from_f32(&[asked as u8 as f32], &[1]).map_err(err)?);
         let all = Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0).map_err(err)?;
         drop(parts);
         let mean = Tensor::from_raw(
@@ -152,14 +219,21 @@ impl Trainer {
             );
             at += n;
         }
-        mean.narrow(0, at, 1).map_err(err)
+        // The one host read a data-parallel step adds.
+        let stop = mean
+            .narrow(0, at + 1, 1)
+            .and_then(|f| f.item())
+            .map_err(err)?
+            > 0.0;
+        Ok((mean.narrow(0, at, 1).map_err(err)?, stop))
     }
 
-    /// Leaves the data-parallel run at its end.
-    pub(super) fn leave(&self) -> Result<()> {
+    /// The dropout seed of this process's rows: its own per rank (the same seed would give
+    /// every process the same masks).
+    pub(super) fn dropout_seed(&self, seed: u64) -> u64 {
         match &self.parallel {
-            Some(_) => self.scope.device.collective_leave().map_err(TrainError),
-            None => Ok(()),
+            Some(p) if p.rank > 0 => seed ^ (u64::from(p.rank)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            _ => seed,
         }
     }
 }

@@ -40,6 +40,7 @@ impl Trainer {
         let mut acc_loss: Option<Tensor> = None;
         let mut in_accum = 0;
         let mut data_wait = Duration::ZERO;
+        let mut stop_agreed = false;
         let context = self.loader_context();
         'epochs: while (self.progress.epoch as usize) < self.config.epochs {
             let plan = self.plan(self.progress.epoch);
@@ -53,7 +54,12 @@ impl Trainer {
             loop {
                 // Stopping keeps the work (between steps only): a backup at the step reached,
                 // and the output model as it is, as OneTrainer saves at the end of a stopped run.
-                if in_accum == 0 && self.controls.cancel.is_cancelled() {
+                // (A data-parallel run stops where its processes agreed to, after a step.)
+                let stop = match self.parallel {
+                    Some(_) => stop_agreed,
+                    None => self.controls.cancel.is_cancelled(),
+                };
+                if in_accum == 0 && stop {
                     if self.leader()
                         && self.last_backup() != Some(self.backups_dir().join(self.backup_name()))
                     {
@@ -63,7 +69,7 @@ impl Trainer {
                     if self.leader() && self.progress.step > 0 {
                         on_event(Event::Saved(self.save_output()?));
                     }
-                    return self.leave();
+                    return Ok(());
                 }
                 if in_accum == 0 {
                     self.serve_controls(&mut on_event)?;
@@ -77,9 +83,9 @@ impl Trainer {
                 // Where tests make a step fail or panic.
                 fail::fail_point!("train-step", |m| Err(TrainError(m.unwrap_or_default())));
                 // Dropout masks come from the run's seed and the batch: a resumed run repeats them.
-                self.scope.seed_dropout(
+                self.scope.seed_dropout(self.dropout_seed(
                     data::rng(self.config.seed, RNG_DROPOUT, self.progress.batches).random(),
-                );
+                ));
                 let (batch, loss, forward) = self.batch_loss(&loaded)?;
                 if self.config.debug_mode {
                     self.debug_last = Some(debug::Snapshot::new(self, &loaded, &batch, &forward)?);
@@ -124,7 +130,11 @@ impl Trainer {
                 // The logged figure: the step's one host read (two with float16's check), after
                 // a data-parallel run's all-reduce.
                 let step_loss = match acc_loss.take() {
-                    Some(l) => self.average(&mut grads, l)?.item().map_err(err)?,
+                    Some(l) => {
+                        let (loss, stop) = self.average(&mut grads, l)?;
+                        stop_agreed = stop;
+                        loss.item().map_err(err)?
+                    }
                     None => 0.0,
                 };
                 if !step_loss.is_finite() {
@@ -182,7 +192,7 @@ impl Trainer {
         if self.leader() {
             on_event(Event::Saved(self.save_output()?));
         }
-        self.leave()
+        Ok(())
     }
 
     /// Waits while paused; samples or backs up when asked.
