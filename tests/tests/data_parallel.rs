@@ -350,3 +350,114 @@ fn a_stop_asked_of_one_process_stops_both() {
         .unwrap();
     assert!(step > 0 && step < 600, "{step}");
 }
+
+/// Ranks 0 and 1 of a run of `epochs=100` through one coordinator, started with `env` on rank
+/// 1 and `extra` flags on both.
+fn start_pair(
+    d: &Path,
+    home: &Path,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> Vec<std::process::Child> {
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    (0..2)
+        .map(|rank| {
+            let mut args: Vec<String> = [
+                "epochs=100",
+                "batch_size=4",
+                "sample_after_unit=\"never\"",
+                "backup_after_unit=\"never\"",
+            ]
+            .into_iter()
+            .flat_map(|s| ["--set".to_string(), s.to_string()])
+            .collect();
+            args.extend(
+                [
+                    "--nodes",
+                    "2",
+                    "--node-rank",
+                    &rank.to_string(),
+                    "--coordinator",
+                    &coordinator,
+                ]
+                .map(String::from),
+            );
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut cmd = train(d, home, &args);
+            if rank == 1 {
+                cmd.envs(env.iter().copied());
+            }
+            cmd.spawn().unwrap()
+        })
+        .collect()
+}
+
+/// An error in rank 1 (a step failing at its seventh batch) stops rank 0 too: rank 0 names it
+/// and writes a backup of the six steps taken, and neither is left waiting.
+#[test]
+fn a_failing_process_stops_the_others_with_a_backup() {
+    let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
+    let d = dir.path();
+    let peers = start_pair(
+        d,
+        home.path(),
+        &[(
+            "FAILPOINTS",
+            "train-step=6*off->return(a deliberate failure)",
+        )],
+        &[],
+    );
+    let outputs: Vec<_> = peers.into_iter().map(finish).collect();
+    let (out0, err0) = (
+        String::from_utf8_lossy(&outputs[0].stdout),
+        String::from_utf8_lossy(&outputs[0].stderr),
+    );
+    let err1 = String::from_utf8_lossy(&outputs[1].stderr);
+    assert!(
+        !outputs[1].status.success() && err1.contains("a deliberate failure"),
+        "{err1}"
+    );
+    assert!(
+        !outputs[0].status.success()
+            && err0.contains("rank 1 failed before step 7")
+            && err0.contains("continue_last_backup"),
+        "{out0}\n{err0}"
+    );
+    assert!(out0.contains("backup:"), "{out0}");
+    assert!(d.join("workspace/backup/backup-000000006").is_dir());
+}
+
+/// Rank 1 killed outright, or stopped (SIGSTOP: stuck, its connection open): rank 0 names it
+/// (its connection broke, or it was silent for `--peer-timeout`) and writes a backup.
+#[test]
+fn a_killed_or_stuck_process_stops_the_others() {
+    for (signal, why) in [
+        ("-KILL", "the connection to it broke"),
+        ("-STOP", "no answer from it for 5 s"),
+    ] {
+        let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
+        let d = dir.path();
+        let mut peers = start_pair(d, home.path(), &[], &["--peer-timeout", "5"]);
+        std::thread::sleep(std::time::Duration::from_secs(6));
+        let pid = peers[1].id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let rank0 = finish(peers.remove(0));
+        peers[0].kill().unwrap();
+        let (out0, err0) = (
+            String::from_utf8_lossy(&rank0.stdout),
+            String::from_utf8_lossy(&rank0.stderr),
+        );
+        assert!(
+            !rank0.status.success() && err0.contains("rank 1 is gone") && err0.contains(why),
+            "{signal}: {out0}\n{err0}"
+        );
+        assert!(out0.contains("backup:"), "{out0}");
+        eprintln!("{signal}: {}", err0.lines().find(|l| l.starts_with("Error")).unwrap_or_default());
+    }
+}

@@ -191,6 +191,10 @@ struct TrainArgs {
     /// Data-parallel: seconds to wait for every process to join.
     #[arg(long, default_value_t = 300)]
     join_timeout: u64,
+    /// Data-parallel: seconds to wait for the others at a step before calling them gone (rank 0
+    /// samples and writes backups between steps while the others wait).
+    #[arg(long, default_value_t = 1800)]
+    peer_timeout: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -483,6 +487,7 @@ fn data_parallel(a: &TrainArgs) -> Result<Option<ferrite::train::trainer::DataPa
         host: node_host,
         data_port,
         join_timeout: std::time::Duration::from_secs(a.join_timeout),
+        peer_timeout: std::time::Duration::from_secs(a.peer_timeout),
     }))
 }
 
@@ -593,9 +598,14 @@ fn run_training(
             epoch,
             loss,
             lr,
+            rank_times,
             ..
         } => {
-            let m = format!("epoch {epoch} loss {loss:.4} lr {lr:.2e}");
+            let mut m = format!("epoch {epoch} loss {loss:.4} lr {lr:.2e}");
+            if !rank_times.is_empty() {
+                let t: Vec<String> = rank_times.iter().map(|t| format!("{t:.2}")).collect();
+                m += &format!(" (ranks {} s)", t.join("/"));
+            }
             if bar.is_hidden() && step % 10 == 0 {
                 println!("step {step}: {m}");
             }

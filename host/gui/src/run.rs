@@ -56,6 +56,8 @@ pub struct RunView {
     pub total_steps: u64,
     /// When recent steps ended, for it/s and the ETA.
     step_times: Vec<Instant>,
+    /// The last step's time on each process of a data-parallel run (seconds, by rank).
+    pub rank_times: Vec<f32>,
     pub loss: Vec<[f64; 2]>,
     pub smoothed: Vec<[f64; 2]>,
     pub lr: Vec<[f64; 2]>,
@@ -75,6 +77,7 @@ impl Default for RunView {
             epoch: 0,
             total_steps: 0,
             step_times: Vec::new(),
+            rank_times: Vec::new(),
             loss: Vec::new(),
             smoothed: Vec::new(),
             lr: Vec::new(),
@@ -222,9 +225,11 @@ impl RunView {
                 epoch,
                 loss,
                 lr,
+                rank_times,
                 ..
             } => {
                 self.step = step;
+                self.rank_times = rank_times;
                 self.epoch = epoch;
                 let s = step as f64;
                 let prev = self.smoothed.last().map_or(loss as f64, |p| p[1]);
@@ -306,6 +311,15 @@ impl RunView {
                 left.as_secs() / 60,
                 left.as_secs() % 60
             ));
+        }
+        if !self.rank_times.is_empty() {
+            let each: Vec<String> = self
+                .rank_times
+                .iter()
+                .enumerate()
+                .map(|(r, s)| format!("{r}: {s:.2} s"))
+                .collect();
+            t.push_str(&format!(" · per device {}", each.join(", ")));
         }
         t
     }

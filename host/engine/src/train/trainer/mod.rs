@@ -88,6 +88,9 @@ pub enum Event {
         lr: f64,
         /// How long this step waited for its batches from the data loader.
         data_wait: Duration,
+        /// In a data-parallel run, each process's time for this step (seconds, by rank) before
+        /// it waited for the others; empty alone.
+        rank_times: Vec<f32>,
     },
     /// The validation loss of a concept at `step`.
     Validation {
@@ -157,8 +160,11 @@ pub struct Trainer {
     controls: Arc<Controls>,
     /// With debug_mode: what the last batch trained on, for the debug images.
     debug_last: Option<debug::Snapshot>,
-    /// This process's place in a data-parallel run.
+    /// This process's place in a data-parallel run, and what it knows of the others.
     parallel: Option<DataParallel>,
+    peers: parallel::Peers,
+    /// Where the step under way started (a failed data-parallel step's backup is written there).
+    step_start: Progress,
 }
 
 /// Every part of the model has a config table, and every table that says `train` configures a
@@ -483,6 +489,8 @@ impl Trainer {
             mixed,
             debug_last: None,
             parallel: None,
+            peers: parallel::Peers::default(),
+            step_start: Progress::default(),
             tensorboard,
             groups: Vec::new(),
             embeddings,

@@ -2,14 +2,17 @@
 //! every process holds the whole model and trains on its share of each batch (`batch_size`
 //! rows of a batch `batch_size × processes` large, planned and noised as one process would);
 //! the gradients and the logged loss are averaged with one all-reduce per optimizer step,
-//! before clipping, so the processes take the same steps; a stop asked of any process rides
-//! along, so all stop after the same step. Only the first process (rank 0) writes: samples,
-//! validation, backups, TensorBoard and the output.
+//! before clipping, so the processes take the same steps. Before it, a small exchange carries
+//! each process's word (go on, stop, failed) and its step time: a stop asked of any process
+//! stops all after the same step, and an error in one stops all, rank 0 writing a backup; a
+//! process that goes silent (killed, its machine gone) stops the others after `peer_timeout`.
+//! Only the first process (rank 0) writes: samples, validation, backups, TensorBoard and the
+//! output.
 
 use crate::runtime::collective::{self, Setup};
 use ferrite_plugin_api::{DType, Tensor};
 
-use super::{Result, TrainError, Trainer, err};
+use super::{Event, Result, TrainError, Trainer, err};
 use crate::config::TimeUnit;
 use crate::data;
 
@@ -27,6 +30,28 @@ pub struct DataParallel {
     pub data_port: u16,
     /// How long to wait for every process to join.
     pub join_timeout: std::time::Duration,
+    /// How long to wait for the others at a step before calling them gone (rank 0 samples and
+    /// writes backups between steps while the others wait).
+    pub peer_timeout: std::time::Duration,
+}
+
+/// What the exchanges have shown of the other processes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) enum Peers {
+    #[default]
+    Answering,
+    /// These ranks failed (each says why in its own output).
+    Failed(Vec<u32>),
+    /// A process went away: its connection broke, or no answer within `peer_timeout`.
+    Gone,
+}
+
+/// A process's word in the exchange before each step's all-reduce.
+#[derive(Clone, Copy, PartialEq)]
+enum Word {
+    GoOn = 0,
+    Stop = 1,
+    Failed = 2,
 }
 
 impl Trainer {
@@ -168,16 +193,17 @@ impl Trainer {
     }
 
     /// The gradients and the step's loss averaged over the processes (in f32, as one tensor),
-    /// and whether any process was asked to stop (then all stop after this step, together);
-    /// alone, as they are.
+    /// whether any process was asked to stop (then all stop after this step, together), and
+    /// each process's step time (`busy`, before waiting for the others); alone, as they are.
     pub(super) fn average(
-        &self,
+        &mut self,
         grads: &mut [Vec<Option<Tensor>>],
         loss: Tensor,
-    ) -> Result<(Tensor, bool)> {
+        busy: std::time::Duration,
+    ) -> Result<(Tensor, bool, Vec<f32>)> {
         let asked = self.controls.cancel.is_cancelled();
         if self.parallel.is_none() {
-            return Ok((loss, asked));
+            return Ok((loss, asked, Vec::new()));
         }
         let mut parts = Vec::new();
         let mut layout = Vec::new();
@@ -198,15 +224,28 @@ impl Trainer {
                 .and_then(|l| l.reshape(&[1]))
                 .map_err(err)?,
         );
-        parts.push(Tensor::from_f32(&[asked as u8 as f32], &[1]).map_err(err)?);
+        // Built before the exchange: past it, nothing but the all-reduce may fail.
         let all = Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0).map_err(err)?;
         drop(parts);
-        let mean = Tensor::from_raw(
-            self.scope
-                .device
-                .all_reduce_mean(all.id())
-                .map_err(TrainError)?,
-        );
+        let word = if asked { Word::Stop } else { Word::GoOn };
+        let (words, times) = self.exchange(word, busy.as_secs_f32())?;
+        let failed: Vec<u32> = (0..words.len() as u32)
+            .filter(|&r| words[r as usize] == Word::Failed as u8)
+            .collect();
+        if !failed.is_empty() {
+            let said = failed
+                .iter()
+                .map(|r| format!("rank {r}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.peers = Peers::Failed(failed);
+            return Err(TrainError(format!(
+                "{said} failed before step {} (its own output says why): every process stops",
+                self.progress.step + 1
+            )));
+        }
+        let stop = words.contains(&(Word::Stop as u8));
+        let mean = self.reduce(&all)?;
         let mut at = 0;
         for (gi, pi, shape, dtype) in layout {
             let n: usize = shape.iter().product();
@@ -219,13 +258,94 @@ impl Trainer {
             );
             at += n;
         }
-        // The one host read a data-parallel step adds.
-        let stop = mean
-            .narrow(0, at + 1, 1)
-            .and_then(|f| f.item())
+        Ok((mean.narrow(0, at, 1).map_err(err)?, stop, times))
+    }
+
+    /// Every process's word and step time (seconds): each fills its own slots of a vector and
+    /// the mean times the count gives them back. (The one host read a data-parallel step adds.)
+    fn exchange(&mut self, word: Word, secs: f32) -> Result<(Vec<u8>, Vec<f32>)> {
+        let Some(p) = &self.parallel else {
+            return Ok((vec![word as u8], vec![secs]));
+        };
+        let (n, rank) = (p.nodes as usize, p.rank as usize);
+        let mut mine = vec![0f32; 2 * n];
+        (mine[rank], mine[n + rank]) = (word as u8 as f32, secs);
+        let t = Tensor::from_f32(&mine, &[2 * n]).map_err(err)?;
+        let all: Vec<f32> = self
+            .reduce(&t)?
+            .to_vec()
             .map_err(err)?
-            > 0.0;
-        Ok((mean.narrow(0, at, 1).map_err(err)?, stop))
+            .iter()
+            .map(|v| v * n as f32)
+            .collect();
+        let words = all[..n].iter().map(|w| w.round() as u8).collect();
+        Ok((words, all[n..].to_vec()))
+    }
+
+    /// The mean of `t` over the processes, waiting `peer_timeout` at most.
+    fn reduce(&mut self, t: &Tensor) -> Result<Tensor> {
+        let Some(p) = &self.parallel else {
+            return Ok(t.clone());
+        };
+        let (device, id, timeout) = (self.scope.device.clone(), t.id(), p.peer_timeout);
+        let (tx, rx) = std::sync::mpsc::channel();
+        // On a thread so that a silent peer gives an error in time (the thread stays blocked
+        // until the process ends).
+        std::thread::spawn(move || tx.send(device.all_reduce_mean(id)));
+        let why = match rx.recv_timeout(timeout) {
+            Ok(Ok(id)) => return Ok(Tensor::from_raw(id)),
+            Ok(Err(e)) => format!("the connection to it broke ({e})"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                "the connection to it broke".into()
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                format!("no answer from it for {} s", timeout.as_secs())
+            }
+        };
+        let others = if p.nodes == 2 {
+            format!("rank {}", 1 - p.rank)
+        } else {
+            format!("one of the other {} processes", p.nodes - 1)
+        };
+        let rank = p.rank;
+        self.peers = Peers::Gone;
+        Err(TrainError(format!(
+            "rank {rank}: {others} is gone at step {}: {why}. It stopped without a word \
+             (killed, or its machine went away) or is stuck; its own output says more",
+            self.progress.step + 1
+        )))
+    }
+
+    /// After an error in a data-parallel run: one this process met itself is told to the
+    /// others (they stop at their next step); one from the others has rank 0 write a backup of
+    /// the step before it (the step's gradients were not applied) before the run ends.
+    pub(super) fn after_failure(
+        &mut self,
+        e: TrainError,
+        on_event: &mut impl FnMut(Event),
+    ) -> TrainError {
+        match self.peers.clone() {
+            Peers::Answering => {
+                let _ = self.exchange(Word::Failed, 0.0);
+                e
+            }
+            Peers::Failed(_) | Peers::Gone if self.leader() => {
+                self.progress = self.step_start;
+                match self.backup() {
+                    Ok(b) => {
+                        on_event(Event::Backup(b.clone()));
+                        TrainError(format!(
+                            "{e}; rank 0 wrote {} at step {}: resume from it with \
+                             continue_last_backup = true",
+                            b.display(),
+                            self.progress.step
+                        ))
+                    }
+                    Err(b) => TrainError(format!("{e}; the backup failed too: {b}")),
+                }
+            }
+            _ => e,
+        }
     }
 
     /// The dropout seed of this process's rows: its own per rank (the same seed would give

@@ -30,6 +30,13 @@ impl Trainer {
     /// Trains to the end (or until cancelled), reporting through `on_event`.
     pub fn run(&mut self, mut on_event: impl FnMut(Event)) -> Result<()> {
         let _scope = self.scope.enter();
+        match self.run_steps(&mut on_event) {
+            Err(e) if self.parallel.is_some() => Err(self.after_failure(e, &mut on_event)),
+            done => done,
+        }
+    }
+
+    fn run_steps(&mut self, on_event: &mut impl FnMut(Event)) -> Result<()> {
         on_event(Event::Started {
             items: self.data.items.len(),
             problems: self.data.problems.clone(),
@@ -40,6 +47,7 @@ impl Trainer {
         let mut acc_loss: Option<Tensor> = None;
         let mut in_accum = 0;
         let mut data_wait = Duration::ZERO;
+        let mut step_began = Instant::now();
         let mut stop_agreed = false;
         let context = self.loader_context();
         'epochs: while (self.progress.epoch as usize) < self.config.epochs {
@@ -72,7 +80,9 @@ impl Trainer {
                     return Ok(());
                 }
                 if in_accum == 0 {
-                    self.serve_controls(&mut on_event)?;
+                    self.serve_controls(on_event)?;
+                    self.step_start = self.progress;
+                    step_began = Instant::now();
                 }
                 let waiting = Instant::now();
                 let Some(loaded) = batches.next_batch() else {
@@ -129,10 +139,12 @@ impl Trainer {
                 let mut grads = std::mem::take(&mut acc);
                 // The logged figure: the step's one host read (two with float16's check), after
                 // a data-parallel run's all-reduce.
+                let mut rank_times = Vec::new();
                 let step_loss = match acc_loss.take() {
                     Some(l) => {
-                        let (loss, stop) = self.average(&mut grads, l)?;
-                        stop_agreed = stop;
+                        let (loss, stop, times) =
+                            self.average(&mut grads, l, step_began.elapsed())?;
+                        (stop_agreed, rank_times) = (stop, times);
                         loss.item().map_err(err)?
                     }
                     None => 0.0,
@@ -149,7 +161,7 @@ impl Trainer {
                     )));
                 }
                 // False on a float16 overflow: no update, but the step counts (as in torch).
-                let taken = self.unscale(&mut grads, &mut on_event)?;
+                let taken = self.unscale(&mut grads, on_event)?;
                 let lr_factor = self.lr_factor(self.progress.step);
                 if taken {
                     self.apply(grads, lr_factor)?;
@@ -175,16 +187,17 @@ impl Trainer {
                     loss: step_loss,
                     lr,
                     data_wait: std::mem::take(&mut data_wait),
+                    rank_times,
                 });
                 in_accum = 0;
-                self.after(Moment::Step, &mut on_event)?;
+                self.after(Moment::Step, on_event)?;
                 if self.stop_parts(Moment::Step)? {
                     break 'epochs;
                 }
             }
             self.progress.epoch += 1;
             self.progress.batch_in_epoch = 0;
-            self.after(Moment::Epoch, &mut on_event)?;
+            self.after(Moment::Epoch, on_event)?;
             if self.stop_parts(Moment::Epoch)? {
                 break;
             }
