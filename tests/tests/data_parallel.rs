@@ -458,6 +458,11 @@ fn a_killed_or_stuck_process_stops_the_others() {
             "{signal}: {out0}\n{err0}"
         );
         assert!(out0.contains("backup:"), "{out0}");
-        eprintln!("{signal}: {}", err0.lines().find(|l| l.starts_with("Error")).unwrap_or_default());
+        eprintln!(
+            "{signal}: {}",
+            err0.lines()
+                .find(|l| l.starts_with("Error"))
+                .unwrap_or_default()
+        );
     }
 }

@@ -541,6 +541,14 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ("epochs", "every training test"),
     ("batch_size", "every training test"),
     ("gradient_accumulation_steps", "train tests"),
+    (
+        "learning_rate_scaler",
+        "train::the_learning_rate_and_loss_scalers_reach_the_step, config::choices unit tests",
+    ),
+    (
+        "loss_scaler",
+        "train::the_learning_rate_and_loss_scalers_reach_the_step, config::choices unit tests",
+    ),
     ("clip_grad_norm", "train tests"),
     (
         "ema",

@@ -836,6 +836,46 @@ fn the_lr_schedule_reaches_the_optimizer() {
     }
 }
 
+/// OneTrainer's scalers, with a batch of 2 and 2 accumulation steps: `learning_rate_scaler =
+/// "both"` steps at twice the rate (the root of 4), reported and applied (other weights);
+/// `loss_scaler = "batch"` doubles the loss of the same first step.
+#[test]
+fn the_learning_rate_and_loss_scalers_reach_the_step() {
+    use ferrite::config::BatchScaler;
+    let root = setup();
+    let root = root.path();
+    let train = |name: &str, lr_scaler: BatchScaler, loss_scaler: BatchScaler| {
+        let mut c = config(root, name);
+        c.backup_after_unit = TimeUnit::Never;
+        c.gradient_accumulation_steps = 2;
+        (c.learning_rate_scaler, c.loss_scaler) = (lr_scaler, loss_scaler);
+        let mut steps = Vec::new();
+        let mut t = Trainer::new(c, root, registry()).unwrap();
+        t.run(|e| {
+            if let Event::Step { lr, loss, .. } = e {
+                steps.push((lr, loss));
+            }
+        })
+        .unwrap();
+        let weights: Vec<Vec<f32>> = t
+            .trainable()
+            .into_iter()
+            .map(|(_, v)| v.to_vec().unwrap())
+            .collect();
+        (steps, weights)
+    };
+    let (plain, plain_weights) = train("plain", BatchScaler::None, BatchScaler::None);
+    let (faster, faster_weights) = train("lr", BatchScaler::Both, BatchScaler::None);
+    assert!(!plain.is_empty() && plain.len() == faster.len());
+    for ((lr, _), (scaled, _)) in plain.iter().zip(&faster) {
+        assert!((scaled - 2.0 * lr).abs() < 1e-12, "{plain:?} {faster:?}");
+    }
+    assert_ne!(plain_weights, faster_weights);
+    let (louder, _) = train("loss", BatchScaler::None, BatchScaler::Batch);
+    let (one, two) = (plain[0].1, louder[0].1);
+    assert!((two - 2.0 * one).abs() <= 1e-5 * one.abs(), "{one} {two}");
+}
+
 /// The adafactor scheduler leaves the rate to Adafactor: with relative_step and warmup_init the
 /// reported rate is min(1e-6·t, 1/√t) from the first step; without relative_step the updates are
 /// those of a constant rate without warmup (the configured warmup is not applied, as in

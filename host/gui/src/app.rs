@@ -889,6 +889,8 @@ fn training_tab(ui: &mut Ui, f: &mut Fields, c: &mut TrainConfig, optimizers: &[
             "gradient_accumulation_steps",
             &mut c.gradient_accumulation_steps,
         );
+        f.choice(ui, "learning_rate_scaler", &mut c.learning_rate_scaler);
+        f.choice(ui, "loss_scaler", &mut c.loss_scaler);
         f.num(ui, "clip_grad_norm", &mut c.clip_grad_norm);
         f.choice(ui, "ema", &mut c.ema);
         f.num(ui, "ema_decay", &mut c.ema_decay);

@@ -49,6 +49,20 @@ choices! {
         Comfy,
     }
 
+    /// OneTrainer's `learning_rate_scaler` and `loss_scaler`: the number the learning rate (by
+    /// its square root) or the loss is multiplied by. The batch is `batch_size`, each process's;
+    /// the global batch is that times the processes of a data-parallel run.
+    BatchScaler ("snake_case") {
+        None,
+        Batch,
+        GlobalBatch,
+        GradientAccumulation,
+        /// The batch times the accumulation steps.
+        Both,
+        /// The global batch times the accumulation steps.
+        GlobalBoth,
+    }
+
     /// How the learning rate falls after warmup.
     LrScheduler ("snake_case") {
         Constant,
@@ -306,5 +320,42 @@ fn walk(
             }
         }
         _ => {}
+    }
+}
+
+impl BatchScaler {
+    /// The number it stands for, with `processes` in the run (OneTrainer's `get_scale`).
+    pub fn scale(self, batch_size: usize, accumulation: usize, processes: usize) -> f64 {
+        let (b, a, p) = (batch_size as f64, accumulation as f64, processes as f64);
+        match self {
+            Self::None => 1.0,
+            Self::Batch => b,
+            Self::GlobalBatch => b * p,
+            Self::GradientAccumulation => a,
+            Self::Both => b * a,
+            Self::GlobalBoth => b * a * p,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BatchScaler;
+
+    /// OneTrainer's get_scale for a batch of 3, 5 accumulation steps and 2 processes.
+    #[test]
+    fn batch_scalers_multiply_as_onetrainers() {
+        let got: Vec<f64> = [
+            BatchScaler::None,
+            BatchScaler::Batch,
+            BatchScaler::GlobalBatch,
+            BatchScaler::GradientAccumulation,
+            BatchScaler::Both,
+            BatchScaler::GlobalBoth,
+        ]
+        .iter()
+        .map(|s| s.scale(3, 5, 2))
+        .collect();
+        assert_eq!(got, [1.0, 3.0, 6.0, 5.0, 15.0, 30.0]);
     }
 }

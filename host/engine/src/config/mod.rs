@@ -11,9 +11,10 @@ pub mod onetrainer;
 
 pub use crate::sample::Sampler;
 pub use choices::{
-    BalancingStrategy, Choice, ConceptType, EmaMode, FallbackTrainDtype, GradientCheckpointing,
-    LayerPreset, LoraWeightDtype, LossWeightFn, LrScheduler, OutputDtype, OutputFormat,
-    PromptSource, TimeUnit, TimestepDistribution, TrainDtype, TrainingMethod, WeightDtype,
+    BalancingStrategy, BatchScaler, Choice, ConceptType, EmaMode, FallbackTrainDtype,
+    GradientCheckpointing, LayerPreset, LoraWeightDtype, LossWeightFn, LrScheduler, OutputDtype,
+    OutputFormat, PromptSource, TimeUnit, TimestepDistribution, TrainDtype, TrainingMethod,
+    WeightDtype,
 };
 /// `VARIANTS`: every value of a choice.
 pub use strum::VariantArray;
@@ -392,6 +393,11 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Batches whose gradients add up to one optimizer step.
     pub gradient_accumulation_steps: usize,
+    /// Multiplies every learning rate by the square root of none, batch, global_batch,
+    /// gradient_accumulation, both (batch × accumulation) or global_both (OneTrainer's).
+    pub learning_rate_scaler: BatchScaler,
+    /// Multiplies the loss (and so the gradients) by the same choices, without the root.
+    pub loss_scaler: BatchScaler,
     /// 0 turns clipping off.
     pub clip_grad_norm: f64,
     /// Exponential moving average of the trained weights: off, gpu (kept on the training device)
@@ -596,6 +602,8 @@ impl Default for TrainConfig {
             epochs: 100,
             batch_size: 1,
             gradient_accumulation_steps: 1,
+            learning_rate_scaler: BatchScaler::None,
+            loss_scaler: BatchScaler::None,
             clip_grad_norm: 1.0,
             ema: EmaMode::Off,
             ema_decay: 0.999,

@@ -170,6 +170,8 @@ pub fn train_config(
     c.epochs = o.usize("epochs").unwrap_or(100);
     c.batch_size = o.usize("batch_size").unwrap_or(1);
     c.gradient_accumulation_steps = o.usize("gradient_accumulation_steps").unwrap_or(1);
+    c.learning_rate_scaler = enum_key(o, "learning_rate_scaler", c.learning_rate_scaler, report);
+    c.loss_scaler = enum_key(o, "loss_scaler", c.loss_scaler, report);
     // null in OneTrainer: no clipping.
     c.clip_grad_norm = match o.take_raw("clip_grad_norm") {
         None => 1.0,
@@ -305,8 +307,6 @@ pub fn train_config(
             ("frames", json!("25")),
             ("attention_mechanism", json!("SDP")),
             ("vb_loss_strength", json!(1.0)),
-            ("loss_scaler", json!("NONE")),
-            ("learning_rate_scaler", json!("NONE")),
             ("generalized_offset_noise", json!(false)),
             ("rescale_noise_scheduler_to_zero_terminal_snr", json!(false)),
             ("cep_gamma", json!(0.0)),

@@ -9,7 +9,8 @@ use super::{Result, Trainer, err};
 use crate::train::loss::{huber, log_cosh};
 
 impl Trainer {
-    /// The loss of a forward pass, divided by the accumulation steps.
+    /// The loss of a forward pass, divided by the accumulation steps and times `loss_scaler`'s
+    /// number.
     pub(super) fn loss(&self, batch: &Batch, f: &Forward) -> Result<Tensor> {
         let c = &self.config;
         let Batch {
@@ -74,9 +75,14 @@ impl Trainer {
                 .zip(weights)
                 .map(|(&level, &cw)| (self.noising.loss_weight(c, level) * cw) as f32)
                 .collect();
+            let scale = c.loss_scaler.scale(
+                c.batch_size,
+                c.gradient_accumulation_steps,
+                self.processes(),
+            );
             per.mul(&Tensor::from_f32(&w, &[b])?)?
                 .mean_all()?
-                .div_scalar(c.gradient_accumulation_steps as f64)
+                .mul_scalar(scale / c.gradient_accumulation_steps as f64)
         })()
         .map_err(err)?;
         Ok(loss)

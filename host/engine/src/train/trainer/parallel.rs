@@ -173,6 +173,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// The processes in the run (1 alone).
+    pub(super) fn processes(&self) -> usize {
+        self.parallel.as_ref().map_or(1, |p| p.nodes as usize)
+    }
+
     /// Whether this process writes (samples, backups, TensorBoard, the output).
     pub(super) fn leader(&self) -> bool {
         self.parallel.as_ref().is_none_or(|p| p.rank == 0)
@@ -180,8 +185,13 @@ impl Trainer {
 
     /// The epoch's batches: of this process alone, or of the whole data-parallel run.
     pub(super) fn plan(&self, epoch: u64) -> Vec<data::BatchPlan> {
-        let peers = self.parallel.as_ref().map_or(1, |p| p.nodes as usize);
-        data::plan_global_epoch(&self.data, &self.config, &self.buckets, epoch, peers)
+        data::plan_global_epoch(
+            &self.data,
+            &self.config,
+            &self.buckets,
+            epoch,
+            self.processes(),
+        )
     }
 
     /// This process's share of a loaded batch.

@@ -15,7 +15,14 @@ impl Trainer {
 
     /// The learning-rate factor at `step`: warmup, then the schedule.
     pub fn lr_factor(&self, step: u64) -> f64 {
-        lr_factor(&self.config, step, self.total_steps())
+        let c = &self.config;
+        let scale = c.learning_rate_scaler.scale(
+            c.batch_size,
+            c.gradient_accumulation_steps,
+            self.processes(),
+        );
+        // OneTrainer scales by the square root.
+        lr_factor(c, step, self.total_steps()) * scale.sqrt()
     }
 
     /// The learning rate reported for optimizer step `step` (from 0) taken at `factor`: the
