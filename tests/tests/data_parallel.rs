@@ -466,3 +466,53 @@ fn a_killed_or_stuck_process_stops_the_others() {
         );
     }
 }
+
+/// `multi_gpu = true` with `device_indexes = "0,1"` (on the CPU: a process per index): one
+/// command starts the second process itself and trains exactly as the two started by hand;
+/// rank 1's output goes to the workspace's `multi-gpu/rank-1.log`.
+#[test]
+fn multi_gpu_starts_a_process_per_device() {
+    ferrite::runtime::init("cpu").unwrap();
+    let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
+    let d = dir.path();
+    let sets = |out: &str| -> Vec<String> {
+        [
+            "epochs=1".to_string(),
+            "batch_size=4".into(),
+            "sample_after_unit=\"never\"".into(),
+            "backup_after_unit=\"never\"".into(),
+            "train_device=\"cpu\"".into(),
+            format!("output_model_destination=\"{out}\""),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+    };
+    run_pair(d, home.path(), &sets("pair/model"));
+    let mut args = sets("multi/model");
+    args.extend(["--set", "multi_gpu=true", "--set", "device_indexes=\"0,1\""].map(String::from));
+    let multi = finish(train(d, home.path(), &args).spawn().unwrap());
+    let said = String::from_utf8_lossy(&multi.stdout);
+    assert!(
+        multi.status.success(),
+        "{said}\n{}",
+        String::from_utf8_lossy(&multi.stderr)
+    );
+    assert!(
+        said.contains("multi_gpu: 2 processes on devices 0,1")
+            && said.contains("rank 0 of 2, 4 images of each batch of 8"),
+        "{said}"
+    );
+    let log = std::fs::read_to_string(d.join("workspace/multi-gpu/rank-1.log")).unwrap();
+    assert!(log.contains("rank 1 of 2"), "{log}");
+    assert_eq!(worst(&unet(d, "pair/model"), &unet(d, "multi/model")), 0.0);
+    // A bad list is refused before anything starts.
+    let mut args = sets("bad/model");
+    args.extend(["--set", "multi_gpu=true", "--set", "device_indexes=\"0\""].map(String::from));
+    let bad = train(d, home.path(), &args).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("device_indexes: `0`: multi_gpu needs two devices"),
+        "{err}"
+    );
+}

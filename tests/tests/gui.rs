@@ -253,6 +253,27 @@ fn options_save_and_load_and_invalid_values_are_refused_at_start() {
     assert_eq!(h.state().run.phase, Phase::Idle);
 }
 
+/// The General tab's multi-GPU options: the device list shows once Multi GPU is ticked, and a
+/// list of one device is refused at Start, naming the option.
+#[test]
+fn the_general_tab_has_the_multi_gpu_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = app(dir.path());
+    tab(&mut h, "General");
+    assert!(h.query_by_label("Device indexes").is_none());
+    click(&mut h, "Multi GPU");
+    h.run();
+    assert!(h.state().config.multi_gpu);
+    set_text(&mut h, "Device indexes", "0");
+    assert_eq!(h.state().config.device_indexes, "0");
+    click(&mut h, "Start training");
+    let (ok, status) = h.state().status.clone().unwrap();
+    assert!(
+        !ok && status.contains("device_indexes: `0`: multi_gpu needs two devices"),
+        "{status}"
+    );
+}
+
 /// A panic on the trainer's thread ends the run as failed, with the message in the log, instead
 /// of leaving the Run view on "Running".
 #[test]
@@ -359,7 +380,7 @@ fn the_tools_tab_imports_a_config_describes_a_lora_and_extracts_video_frames() {
         ot.join("config.ferrite.toml").display().to_string()
     );
     assert!(
-        h.query_by_label("not imported: multi_gpu = true").is_some(),
+        h.query_by_label("not imported: compile = true").is_some(),
         "the report is shown"
     );
 

@@ -126,12 +126,12 @@ fn a_saved_onetrainer_config_imports_with_its_concepts_and_samples_and_trains() 
     );
     assert_eq!((s.cfg_scale, s.sampler), (5.0, Sampler::DpmPp2mKarras));
     assert_eq!(s.negative_prompt, "blurry");
+    assert!(c.multi_gpu && c.device_indexes == "0,1");
 
     // What Ferrite has no option for is listed with its value; defaults are not; secrets
     // never are.
     for needle in [
-        "not imported: multi_gpu = true",
-        "not imported: device_indexes = \"0,1\"",
+        "not imported: compile = true",
         "changed: concepts[0].text.tag_dropout_mode: FULL",
         "DPMPP_SDE",
         "samples[1]: disabled",
@@ -150,7 +150,7 @@ fn a_saved_onetrainer_config_imports_with_its_concepts_and_samples_and_trains() 
     }
     let toml_text = std::fs::read_to_string(&out).unwrap();
     assert!(toml_text.starts_with("# Imported by `ferrite import-onetrainer`"));
-    assert!(toml_text.contains("#   - multi_gpu = true"), "{toml_text}");
+    assert!(toml_text.contains("#   - compile = true"), "{toml_text}");
 
     // Given OneTrainer's folder, its relative paths become absolute.
     let rooted = import(&Sources {

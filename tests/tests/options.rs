@@ -542,6 +542,15 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ("batch_size", "every training test"),
     ("gradient_accumulation_steps", "train tests"),
     (
+        "multi_gpu",
+        "data_parallel::multi_gpu_starts_a_process_per_device, \
+         gui::the_general_tab_has_the_multi_gpu_options",
+    ),
+    (
+        "device_indexes",
+        "data_parallel::multi_gpu_starts_a_process_per_device, multi_gpu unit tests",
+    ),
+    (
         "learning_rate_scaler",
         "train::the_learning_rate_and_loss_scalers_reach_the_step, config::choices unit tests",
     ),

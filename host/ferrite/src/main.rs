@@ -169,6 +169,10 @@ struct TrainArgs {
     /// Overrides, e.g. `--set learning_rate=1e-4 --set unet.train=false`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// The folder relative paths start from [default: the config's] (multi_gpu's processes
+    /// get the first one's).
+    #[arg(long, hide = true)]
+    base: Option<PathBuf>,
     /// Data-parallel: the number of processes (one per GPU or machine) training together; each
     /// takes `batch_size` rows of every batch.
     #[arg(long, default_value_t = 1)]
@@ -429,12 +433,13 @@ fn bench_step(settings: &Settings, a: StepArgs) -> Result<()> {
 fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
     use ferrite::config::TrainConfig;
     let config = TrainConfig::load(a.config.as_deref(), a.preset.as_deref(), &a.sets)?;
-    let base = a
-        .config
-        .as_deref()
-        .and_then(|p| p.parent())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let base = a.base.clone().unwrap_or_else(|| {
+        a.config
+            .as_deref()
+            .and_then(|p| p.parent())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+    });
     let parallel = data_parallel(&a)?;
     run_training(settings, config, &base, parallel)
 }
@@ -514,9 +519,31 @@ fn run_training(
     settings: &Settings,
     mut config: ferrite::config::TrainConfig,
     base: &std::path::Path,
-    parallel: Option<ferrite::train::trainer::DataParallel>,
+    mut parallel: Option<ferrite::train::trainer::DataParallel>,
 ) -> Result<()> {
     use ferrite::train::trainer::{Controls, Event, Trainer};
+    // multi_gpu: this process is rank 0 of processes it starts, one per device.
+    let mut local_peers = None;
+    if config.multi_gpu {
+        if parallel.is_some() {
+            anyhow::bail!(
+                "multi_gpu starts this machine's processes itself: without --nodes, or set \
+                 multi_gpu = false and start one process per device with --nodes"
+            );
+        }
+        config.validate()?;
+        let exe = std::env::current_exe().context("finding the ferrite binary")?;
+        let launched = ferrite::train::multi_gpu::launch(&config, base, &exe)?;
+        println!(
+            "multi_gpu: {} processes on devices {}; ranks 1 and up write their output to {}",
+            launched.parallel.nodes,
+            config.device_indexes,
+            base.join(&config.workspace_dir).join("multi-gpu").display()
+        );
+        config = launched.config;
+        parallel = Some(launched.parallel);
+        local_peers = Some(launched.peers);
+    }
     let controls = std::sync::Arc::new(Controls::default());
     let cancel = controls.cancel.clone();
     // Only rank 0 of a data-parallel run writes (its TensorBoard file would share the name).
@@ -580,7 +607,7 @@ fn run_training(
         ));
         bar.set_position(trainer.progress.step);
     }
-    trainer.run(|e| match e {
+    let result = trainer.run(|e| match e {
         Event::Started {
             items, problems, ..
         } => {
@@ -626,9 +653,15 @@ fn run_training(
             "step {step} skipped: float16 gradients overflowed, loss scale now {loss_scale}"
         )),
         Event::Paused(_) => {}
-    })?;
+    });
     bar.finish();
-    Ok(())
+    let peers = local_peers.map(|p| p.finish(result.is_ok()));
+    match (result, peers) {
+        (Err(e), Some(Err(peers))) => anyhow::bail!("{e}\n{peers}"),
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), Some(Err(peers))) => anyhow::bail!(peers),
+        (Ok(()), _) => Ok(()),
+    }
 }
 
 /// A starter config: a LoRA on a model to fill in, one concept folder, one sample prompt.

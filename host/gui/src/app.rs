@@ -539,6 +539,10 @@ impl App {
                     &mut c.validate_after_unit,
                 );
                 f.text(ui, "train_device", &mut c.train_device);
+                f.check(ui, "multi_gpu", &mut c.multi_gpu);
+                if c.multi_gpu {
+                    f.text(ui, "device_indexes", &mut c.device_indexes);
+                }
                 f.num(ui, "dataloader_threads", &mut c.dataloader_threads);
                 f.num(ui, "seed", &mut c.seed);
                 f.check(ui, "debug_mode", &mut c.debug_mode);

@@ -100,7 +100,7 @@ pub fn title(key: &str) -> String {
         .split('_')
         .enumerate()
         .map(|(i, w)| match w {
-            "ema" | "mse" | "mae" | "cfg" | "snr" | "peft" => w.to_uppercase(),
+            "ema" | "mse" | "mae" | "cfg" | "snr" | "peft" | "gpu" => w.to_uppercase(),
             "lora" => "LoRA".into(),
             "unet" => "UNet".into(),
             _ if i == 0 => {

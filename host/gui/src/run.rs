@@ -127,16 +127,41 @@ impl RunView {
             .name("trainer".into())
             .spawn(move || {
                 let run = || {
+                    // multi_gpu: this process is rank 0 of processes it starts, one per device.
+                    let (config, launched) = match config.multi_gpu {
+                        true => {
+                            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                            let l = crate::train::multi_gpu::launch(&config, &base, &exe)
+                                .map_err(|e| e.to_string())?;
+                            (l.config, Some((l.parallel, l.peers)))
+                        }
+                        false => (config, None),
+                    };
                     let (device, _) = crate::runtime::for_device(&config.train_device)
                         .map_err(|e| e.to_string())?;
                     let mut t = Trainer::on(device, controls, config, &base, registry)
                         .map_err(|e| e.to_string())?;
+                    let peers = match launched {
+                        Some((parallel, peers)) => {
+                            t.join(parallel).map_err(|e| e.to_string())?;
+                            Some(peers)
+                        }
+                        None => None,
+                    };
                     let _ = tx.send(Msg::Started);
-                    t.run(|e| {
-                        let _ = tx.send(Msg::Event(e));
-                        ctx.request_repaint();
-                    })
-                    .map_err(|e| e.to_string())
+                    let result = t
+                        .run(|e| {
+                            let _ = tx.send(Msg::Event(e));
+                            ctx.request_repaint();
+                        })
+                        .map_err(|e| e.to_string());
+                    match peers.map(|p| p.finish(result.is_ok())) {
+                        Some(Err(peers)) => Err(match result {
+                            Err(e) => format!("{e}; {peers}"),
+                            Ok(()) => peers,
+                        }),
+                        _ => result,
+                    }
                 };
                 // A panic in the trainer ends the run as a failure with its message.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))

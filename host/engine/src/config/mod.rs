@@ -368,6 +368,12 @@ pub struct TrainConfig {
     /// Where to compute: auto (the first CUDA device when this build has CUDA and a driver is
     /// found, else the CPU), cpu, cuda or cuda:N.
     pub train_device: String,
+    /// Train on several devices of this machine at once (OneTrainer's multi-GPU mode): one
+    /// process per device of `device_indexes`, each with `batch_size` images of every batch.
+    pub multi_gpu: bool,
+    /// With multi_gpu, the devices, e.g. "0,1,3" (CUDA indexes; with `train_device = "cpu"`,
+    /// one CPU process per index).
+    pub device_indexes: String,
     /// Seeds every random draw (data order, augmentation, noise, timesteps).
     pub seed: u64,
     /// Threads that decode and augment images ahead of the trainer (0: the trainer does it).
@@ -587,6 +593,8 @@ impl Default for TrainConfig {
             continue_last_backup: false,
             tensorboard: true,
             train_device: "auto".into(),
+            multi_gpu: false,
+            device_indexes: String::new(),
             seed: 42,
             dataloader_threads: 2,
             learning_rate: 1e-4,
@@ -894,6 +902,11 @@ impl TrainConfig {
                     CAPS_MODES,
                 );
             }
+        }
+        if self.multi_gpu
+            && let Err(m) = crate::train::multi_gpu::device_indexes(&self.device_indexes)
+        {
+            e.push(format!("device_indexes: {m}"));
         }
         let mut check = |ok: bool, msg: &str| {
             if !ok {

@@ -146,6 +146,8 @@ pub fn train_config(
         None => "cuda".into(),
     };
     c.dataloader_threads = o.usize("caching_threads").unwrap_or(2).max(1);
+    c.multi_gpu = o.bool("multi_gpu").unwrap_or(false);
+    c.device_indexes = o.str("device_indexes").unwrap_or_default();
 
     c.learning_rate = o.f64("learning_rate").unwrap_or(3e-6);
     c.learning_rate_scheduler = enum_key(
@@ -289,8 +291,6 @@ pub fn train_config(
             ("tensorboard_port", json!(6006)),
             ("prevent_overwrites", json!(false)),
             ("include_train_config", json!("NONE")),
-            ("multi_gpu", json!(false)),
-            ("device_indexes", json!("")),
             ("gradient_reduce_precision", json!("FLOAT_32_STOCHASTIC")),
             ("fused_gradient_reduce", json!(true)),
             ("async_gradient_reduce", json!(true)),

@@ -140,6 +140,8 @@ impl Trainer {
         // (Without what only rank 0 does.)
         let mut c = self.config.clone();
         (c.tensorboard, c.debug_mode) = (false, false);
+        // (Nor where each computes.)
+        c.train_device.clear();
         serde_json::to_string(&c).unwrap_or_default().hash(&mut h);
         let params: usize = self.groups.iter().map(|g| g.params.len()).sum();
         let p = &self.progress;
