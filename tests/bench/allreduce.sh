@@ -1,8 +1,8 @@
 #!/bin/sh
 # The all-reduce of a data-parallel step between two processes on this machine: Ferrite
 # (burn-collective's global level, WebSocket) against torch.distributed (gloo), at an SD 1.5
-# LoRA's gradient size and an eighth of the UNet's. Prints milliseconds and the ratio; asserts
-# nothing.
+# LoRA's gradient size, an eighth of the UNet's and the whole UNet's (a full fine-tune). Prints
+# milliseconds and the ratio; asserts nothing.
 #   sh tests/bench/allreduce.sh [PYTHON] [reps]
 set -e
 py=${1:-python3}

@@ -20,9 +20,19 @@ fn demo_folder() -> tempfile::TempDir {
     dir
 }
 
+/// A port free now, below Linux's ephemeral range (so no outgoing connection of another test
+/// takes it before its process listens), never the same twice in this test binary, and the
+/// start of a block of four (a rank's default data port is the coordinator's + 1 + rank).
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 400) as u16 * 25;
+    loop {
+        let port = base + 4 * (NEXT.fetch_add(1, Ordering::Relaxed) % 2_500);
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn train(dir: &Path, home: &Path, extra: &[String]) -> Command {
@@ -156,6 +166,17 @@ fn finish(mut p: std::process::Child) -> std::process::Output {
 /// Ranks 0 and 1 of a two-process run with `sets`, to their end; both must succeed.
 fn run_pair(d: &Path, home: &Path, sets: &[String]) -> Vec<std::process::Output> {
     let coordinator = format!("127.0.0.1:{}", free_port());
+    run_pair_through(d, home, sets, &coordinator, &[])
+}
+
+/// [`run_pair`] through `coordinator`, with `extra` flags on both.
+fn run_pair_through(
+    d: &Path,
+    home: &Path,
+    sets: &[String],
+    coordinator: &str,
+    extra: &[&str],
+) -> Vec<std::process::Output> {
     let peers: Vec<_> = (0..2)
         .map(|rank| {
             let mut args = sets.to_vec();
@@ -166,12 +187,13 @@ fn run_pair(d: &Path, home: &Path, sets: &[String]) -> Vec<std::process::Output>
                     "--node-rank",
                     &rank.to_string(),
                     "--coordinator",
-                    &coordinator,
+                    coordinator,
                     "--data-port",
                     &free_port().to_string(),
                 ]
                 .map(String::from),
             );
+            args.extend(extra.iter().map(|s| s.to_string()));
             train(d, home, &args).spawn().unwrap()
         })
         .collect();
@@ -185,6 +207,38 @@ fn run_pair(d: &Path, home: &Path, sets: &[String]) -> Vec<std::process::Output>
         );
     }
     outputs
+}
+
+/// `ferrite coordinator --port P` coordinates a run whose rank 0 is given
+/// `--external-coordinator`; without it, rank 0 finds the port taken and says so.
+#[test]
+fn a_separate_coordinator_serves_the_run() {
+    let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
+    let d = dir.path();
+    let port = free_port();
+    let mut coordinator = Command::new(ferrite_bin())
+        .args(["coordinator", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let sets: Vec<String> = ["epochs=1", "batch_size=4", "sample_after_unit=\"never\""]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s.to_string()])
+        .collect();
+    let at = format!("127.0.0.1:{port}");
+    run_pair_through(d, home.path(), &sets, &at, &["--external-coordinator"]);
+    let mut args = sets.clone();
+    args.extend(["--nodes", "2", "--node-rank", "0", "--coordinator", &at].map(String::from));
+    let taken = finish(train(d, home.path(), &args).spawn().unwrap());
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    let err = String::from_utf8_lossy(&taken.stderr);
+    assert!(
+        !taken.status.success() && err.contains("is in use on this machine"),
+        "{err}"
+    );
 }
 
 /// A two-process run resumed from the backup rank 0 wrote after its first epoch (both
@@ -515,4 +569,55 @@ fn multi_gpu_starts_a_process_per_device() {
         !bad.status.success() && err.contains("device_indexes: `0`: multi_gpu needs two devices"),
         "{err}"
     );
+}
+
+/// The cache counts `ferrite train` prints: (latents, text states) encoded.
+fn encoded(out: &std::process::Output) -> (usize, usize) {
+    let said = String::from_utf8_lossy(&out.stdout);
+    let line = said
+        .lines()
+        .find_map(|l| l.strip_prefix("cache: "))
+        .unwrap_or_else(|| panic!("no cache line in {said}"));
+    let n: Vec<usize> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1])
+}
+
+/// With latent caching, two processes on one machine share the cache folder: each entry is
+/// encoded once, by one of them, as one process alone encodes it, and read by the other.
+#[test]
+fn processes_on_one_machine_encode_each_cache_entry_once() {
+    let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
+    let d = dir.path();
+    let sets = |batch: usize, cache: &str| -> Vec<String> {
+        [
+            "epochs=2".to_string(),
+            format!("batch_size={batch}"),
+            "latent_caching=true".into(),
+            "sample_after_unit=\"never\"".into(),
+            "backup_after_unit=\"never\"".into(),
+            format!("cache_dir=\"{cache}\""),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+    };
+    let one = finish(
+        train(d, home.path(), &sets(8, "cache-one"))
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let alone = encoded(&one);
+    let pair = run_pair(d, home.path(), &sets(4, "cache-pair"));
+    let (a, b) = (encoded(&pair[0]), encoded(&pair[1]));
+    println!("one process encoded {alone:?}; two encoded {a:?} and {b:?}");
+    assert!(alone.0 > 0 && a.0 > 0 && b.0 > 0);
+    assert_eq!((a.0 + b.0, a.1 + b.1), alone);
 }

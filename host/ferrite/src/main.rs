@@ -64,6 +64,13 @@ enum Command {
     },
     /// Write a starter config (and an images folder) into DIR.
     Init { dir: PathBuf },
+    /// Run data-parallel runs' coordinator on its own, until Ctrl-C (their rank 0 is then
+    /// started with --external-coordinator).
+    Coordinator {
+        /// The port the processes' --coordinator names.
+        #[arg(long)]
+        port: u16,
+    },
     /// Open the desktop app (also what `ferrite` with no command does).
     #[cfg(feature = "gui")]
     Gui {
@@ -192,6 +199,10 @@ struct TrainArgs {
     /// coordinator's port + 1 + rank].
     #[arg(long)]
     data_port: Option<u16>,
+    /// Data-parallel: rank 0 does not start the coordinator (`ferrite coordinator --port P`
+    /// runs it, on --coordinator's host).
+    #[arg(long)]
+    external_coordinator: bool,
     /// Data-parallel: seconds to wait for every process to join.
     #[arg(long, default_value_t = 300)]
     join_timeout: u64,
@@ -309,6 +320,10 @@ fn main() -> Result<()> {
         None => anyhow::bail!(
             "this ferrite was built without the desktop app (headless): give a command, see `ferrite --help`"
         ),
+        Some(Command::Coordinator { port }) => {
+            println!("coordinating data-parallel runs on port {port} (Ctrl-C to stop)");
+            ferrite::runtime::collective::run_coordinator(port).map_err(anyhow::Error::msg)?;
+        }
         #[cfg(feature = "gui")]
         Some(Command::Gui {
             config,
@@ -491,6 +506,7 @@ fn data_parallel(a: &TrainArgs) -> Result<Option<ferrite::train::trainer::DataPa
         coordinator,
         host: node_host,
         data_port,
+        start_coordinator: !a.external_coordinator,
         join_timeout: std::time::Duration::from_secs(a.join_timeout),
         peer_timeout: std::time::Duration::from_secs(a.peer_timeout),
     }))
@@ -655,6 +671,13 @@ fn run_training(
         Event::Paused(_) => {}
     });
     bar.finish();
+    if trainer.config.latent_caching {
+        let (latents, texts) = trainer.cache_encoded();
+        println!(
+            "cache: {latents} latents and {texts} text states encoded (the others were in {})",
+            trainer.config.cache_dir
+        );
+    }
     let peers = local_peers.map(|p| p.finish(result.is_ok()));
     match (result, peers) {
         (Err(e), Some(Err(peers))) => anyhow::bail!("{e}\n{peers}"),

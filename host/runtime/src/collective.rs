@@ -32,6 +32,22 @@ fn address(s: &str) -> RtResult<Address> {
     Address::from_str(&format!("ws://{s}")).map_err(|e| format!("address `{s}`: {e}"))
 }
 
+/// Runs the coordinator on `port` until the process ends (or it fails).
+pub fn run_coordinator(port: u16) -> RtResult<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("the coordinator's runtime: {e}"))?
+        .block_on(burn_collective::start_global_orchestrator(port));
+    Ok(())
+}
+
+/// Whether something (another process's coordinator) already listens on this machine's `port`.
+pub fn port_taken(port: u16) -> bool {
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_err()
+}
+
 /// Runs the coordinator on `port` on a thread of its own until the process ends.
 pub fn start_coordinator(port: u16) -> RtResult<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()

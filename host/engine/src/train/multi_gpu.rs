@@ -130,6 +130,7 @@ pub fn launch(config: &TrainConfig, base: &Path, exe: &Path) -> Result<Launched>
             coordinator,
             host: "127.0.0.1".into(),
             data_port: free_port()?,
+            start_coordinator: true,
             join_timeout: Duration::from_secs(300),
             peer_timeout: Duration::from_secs(1800),
         },

@@ -1,9 +1,9 @@
 //! Data-parallel runs between processes (OneTrainer's multi-GPU mode, across machines too):
 //! every process holds the whole model and trains on its share of each batch (`batch_size`
 //! rows of a batch `batch_size × processes` large, planned and noised as one process would);
-//! the gradients and the logged loss are averaged with one all-reduce per optimizer step,
-//! before clipping, so the processes take the same steps. Before it, a small exchange carries
-//! each process's word (go on, stop, failed) and its step time: a stop asked of any process
+//! the gradients are averaged once per optimizer step, before clipping (in buckets of 256 MiB),
+//! so the processes take the same steps. Before that, a small exchange carries each process's
+//! word (go on, stop, failed), its step time and its loss: a stop asked of any process
 //! stops all after the same step, and an error in one stops all, rank 0 writing a backup; a
 //! process that goes silent (killed, its machine gone) stops the others after `peer_timeout`.
 //! Only the first process (rank 0) writes: samples, validation, backups, TensorBoard and the
@@ -28,6 +28,8 @@ pub struct DataParallel {
     /// This process's host as the others reach it, and its data service's port.
     pub host: String,
     pub data_port: u16,
+    /// Whether rank 0 runs the coordinator (else `ferrite coordinator` does).
+    pub start_coordinator: bool,
     /// How long to wait for every process to join.
     pub join_timeout: std::time::Duration,
     /// How long to wait for the others at a step before calling them gone (rank 0 samples and
@@ -44,6 +46,16 @@ pub(super) enum Peers {
     Failed(Vec<u32>),
     /// A process went away: its connection broke, or no answer within `peer_timeout`.
     Gone,
+}
+
+/// Gradient elements averaged in one all-reduce (256 MiB of f32).
+pub const BUCKET: usize = 1 << 26;
+
+/// What the exchange before a step's all-reduce gives back, by rank.
+struct Exchanged {
+    words: Vec<u8>,
+    times: Vec<f32>,
+    losses: Vec<f32>,
 }
 
 /// A process's word in the exchange before each step's all-reduce.
@@ -77,6 +89,13 @@ impl Trainer {
                 format!("{:?}", g.stop.1).to_lowercase()
             )));
         }
+        if collective::port_taken(dp.data_port) {
+            return Err(TrainError(format!(
+                "rank {}: its data port {} is in use on this machine: give another with \
+                 --data-port",
+                dp.rank, dp.data_port
+            )));
+        }
         if dp.rank == 0 {
             let port = dp
                 .coordinator
@@ -86,7 +105,17 @@ impl Trainer {
                 .ok_or_else(|| {
                     TrainError(format!("--coordinator {}: not HOST:PORT", dp.coordinator))
                 })?;
-            collective::start_coordinator(port).map_err(TrainError)?;
+            if dp.start_coordinator {
+                if collective::port_taken(port) {
+                    return Err(TrainError(format!(
+                        "--coordinator {}: port {port} is in use on this machine: choose \
+                         another, or give rank 0 --external-coordinator when `ferrite \
+                         coordinator` runs there",
+                        dp.coordinator
+                    )));
+                }
+                collective::start_coordinator(port).map_err(TrainError)?;
+            }
         }
         // Joining waits for every process: on a thread, so a missing one gives an error in time.
         let (device, setup) = (
@@ -204,45 +233,27 @@ impl Trainer {
         }
     }
 
-    /// The gradients and the step's loss averaged over the processes (in f32, as one tensor),
-    /// whether any process was asked to stop (then all stop after this step, together), and
-    /// each process's step time (`busy`, before waiting for the others); alone, as they are.
+    /// The gradients averaged over the processes (in place), the step's loss averaged (read
+    /// to the host: the step's one host read), whether any process was asked to stop (then all
+    /// stop after this step, together), and each process's step time (from `began` to its
+    /// loss on the host, before waiting for the others); alone, as they are.
     pub(super) fn average(
         &mut self,
         grads: &mut [Vec<Option<Tensor>>],
         loss: Tensor,
-        busy: std::time::Duration,
-    ) -> Result<(Tensor, bool, Vec<f32>)> {
+        began: std::time::Instant,
+    ) -> Result<(f32, bool, Vec<f32>)> {
         let asked = self.controls.cancel.is_cancelled();
+        // (Reading it waits for the step's work on the device.)
+        let loss = loss.item().map_err(err)?;
+        let busy = began.elapsed();
         if self.parallel.is_none() {
             return Ok((loss, asked, Vec::new()));
         }
-        let mut parts = Vec::new();
-        let mut layout = Vec::new();
-        for (gi, row) in grads.iter().enumerate() {
-            for (pi, g) in row.iter().enumerate() {
-                if let Some(g) = g {
-                    layout.push((gi, pi, g.shape().map_err(err)?, g.dtype().map_err(err)?));
-                    parts.push(
-                        g.cast(DType::F32)
-                            .and_then(|g| g.reshape(&[-1]))
-                            .map_err(err)?,
-                    );
-                }
-            }
-        }
-        parts.push(
-            loss.cast(DType::F32)
-                .and_then(|l| l.reshape(&[1]))
-                .map_err(err)?,
-        );
-        // Built before the exchange: past it, nothing but the all-reduce may fail.
-        let all = Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0).map_err(err)?;
-        drop(parts);
         let word = if asked { Word::Stop } else { Word::GoOn };
-        let (words, times) = self.exchange(word, busy.as_secs_f32())?;
-        let failed: Vec<u32> = (0..words.len() as u32)
-            .filter(|&r| words[r as usize] == Word::Failed as u8)
+        let all = self.exchange(word, busy.as_secs_f32(), loss)?;
+        let failed: Vec<u32> = (0..all.words.len() as u32)
+            .filter(|&r| all.words[r as usize] == Word::Failed as u8)
             .collect();
         if !failed.is_empty() {
             let said = failed
@@ -256,33 +267,41 @@ impl Trainer {
                 self.progress.step + 1
             )));
         }
-        let stop = words.contains(&(Word::Stop as u8));
-        let mean = self.reduce(&all)?;
-        let mut at = 0;
-        for (gi, pi, shape, dtype) in layout {
-            let n: usize = shape.iter().product();
-            let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-            grads[gi][pi] = Some(
-                mean.narrow(0, at, n)
-                    .and_then(|g| g.reshape(&dims))
-                    .and_then(|g| g.cast(dtype))
-                    .map_err(err)?,
-            );
-            at += n;
+        let stop = all.words.contains(&(Word::Stop as u8));
+        let mut present: Vec<(usize, usize)> = Vec::new();
+        for (gi, row) in grads.iter().enumerate() {
+            for (pi, g) in row.iter().enumerate() {
+                if g.is_some() {
+                    present.push((gi, pi));
+                }
+            }
         }
-        Ok((mean.narrow(0, at, 1).map_err(err)?, stop, times))
+        let taken: Vec<Tensor> = present
+            .iter()
+            .filter_map(|&(gi, pi)| grads[gi][pi].take())
+            .collect();
+        let means = mean_in_buckets(taken, |b| self.reduce(b))?;
+        for (&(gi, pi), g) in present.iter().zip(means) {
+            grads[gi][pi] = Some(g);
+        }
+        let mean_loss = all.losses.iter().sum::<f32>() / all.losses.len() as f32;
+        Ok((mean_loss, stop, all.times))
     }
 
-    /// Every process's word and step time (seconds): each fills its own slots of a vector and
-    /// the mean times the count gives them back. (The one host read a data-parallel step adds.)
-    fn exchange(&mut self, word: Word, secs: f32) -> Result<(Vec<u8>, Vec<f32>)> {
+    /// Every process's word, step time (seconds) and loss: each fills its own slots of a
+    /// vector, and the mean times the count gives them back.
+    fn exchange(&mut self, word: Word, secs: f32, loss: f32) -> Result<Exchanged> {
         let Some(p) = &self.parallel else {
-            return Ok((vec![word as u8], vec![secs]));
+            return Ok(Exchanged {
+                words: vec![word as u8],
+                times: vec![secs],
+                losses: vec![loss],
+            });
         };
         let (n, rank) = (p.nodes as usize, p.rank as usize);
-        let mut mine = vec![0f32; 2 * n];
-        (mine[rank], mine[n + rank]) = (word as u8 as f32, secs);
-        let t = Tensor::from_f32(&mine, &[2 * n]).map_err(err)?;
+        let mut mine = vec![0f32; 3 * n];
+        (mine[rank], mine[n + rank], mine[2 * n + rank]) = (word as u8 as f32, secs, loss);
+        let t = Tensor::from_f32(&mine, &[3 * n]).map_err(err)?;
         let all: Vec<f32> = self
             .reduce(&t)?
             .to_vec()
@@ -290,8 +309,11 @@ impl Trainer {
             .iter()
             .map(|v| v * n as f32)
             .collect();
-        let words = all[..n].iter().map(|w| w.round() as u8).collect();
-        Ok((words, all[n..].to_vec()))
+        Ok(Exchanged {
+            words: all[..n].iter().map(|w| w.round() as u8).collect(),
+            times: all[n..2 * n].to_vec(),
+            losses: all[2 * n..].to_vec(),
+        })
     }
 
     /// The mean of `t` over the processes, waiting `peer_timeout` at most.
@@ -338,7 +360,7 @@ impl Trainer {
     ) -> TrainError {
         match self.peers.clone() {
             Peers::Answering => {
-                let _ = self.exchange(Word::Failed, 0.0);
+                let _ = self.exchange(Word::Failed, 0.0, 0.0);
                 e
             }
             Peers::Failed(_) | Peers::Gone if self.leader() => {
@@ -368,4 +390,52 @@ impl Trainer {
             _ => seed,
         }
     }
+}
+
+/// The means of `tensors` over the processes, each of its shape and dtype, averaged in f32 by
+/// `reduce` a bucket of [`BUCKET`] elements at a time (whole tensors; a larger one alone), so a
+/// full fine-tune's gradients never need a second whole copy, nor burn-collective's serialised
+/// ones of it. Each bucket's sources are dropped once they are in the bucket.
+pub fn mean_in_buckets(
+    tensors: Vec<Tensor>,
+    mut reduce: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(tensors.len());
+    let mut left = tensors.into_iter().peekable();
+    while left.peek().is_some() {
+        let (mut bucket, mut n) = (Vec::new(), 0);
+        while let Some(t) = left.peek() {
+            let shape = t.shape().map_err(err)?;
+            let len: usize = shape.iter().product();
+            if !bucket.is_empty() && n + len > BUCKET {
+                break;
+            }
+            let t = left.next().expect("peeked");
+            let dtype = t.dtype().map_err(err)?;
+            n += len;
+            bucket.push((t, shape, dtype));
+        }
+        let flat = bucket
+            .iter()
+            .map(|(t, ..)| t.cast(DType::F32).and_then(|t| t.reshape(&[-1])))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .and_then(|parts| Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0))
+            .map_err(err)?;
+        let kinds: Vec<(Vec<usize>, DType)> = bucket.into_iter().map(|(_, s, d)| (s, d)).collect();
+        let mean = reduce(&flat)?;
+        drop(flat);
+        let mut at = 0;
+        for (shape, dtype) in kinds {
+            let len: usize = shape.iter().product();
+            let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            out.push(
+                mean.narrow(0, at, len)
+                    .and_then(|g| g.reshape(&dims))
+                    .and_then(|g| g.cast(dtype))
+                    .map_err(err)?,
+            );
+            at += len;
+        }
+    }
+    Ok(out)
 }

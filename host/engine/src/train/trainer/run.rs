@@ -137,15 +137,14 @@ impl Trainer {
                     continue;
                 }
                 let mut grads = std::mem::take(&mut acc);
-                // The logged figure: the step's one host read (two with float16's check), after
-                // a data-parallel run's all-reduce.
+                // The logged figure: the step's one host read (two with float16's check; a
+                // data-parallel run's exchange adds one).
                 let mut rank_times = Vec::new();
                 let step_loss = match acc_loss.take() {
                     Some(l) => {
-                        let (loss, stop, times) =
-                            self.average(&mut grads, l, step_began.elapsed())?;
+                        let (loss, stop, times) = self.average(&mut grads, l, step_began)?;
                         (stop_agreed, rank_times) = (stop, times);
-                        loss.item().map_err(err)?
+                        loss
                     }
                     None => 0.0,
                 };
