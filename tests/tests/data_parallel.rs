@@ -334,75 +334,53 @@ fn a_missing_peer_or_a_bad_rank_is_named() {
     );
 }
 
-/// Ctrl-C on rank 1 alone stops both processes after the same step: rank 0 writes a backup and
-/// the output, and neither is left waiting.
+/// Ctrl-C on rank 1 alone, or on rank 0 alone (which also runs the coordinator), stops both
+/// processes after the same step: rank 0 writes a backup and the output, and neither is left
+/// waiting.
 #[test]
 fn a_stop_asked_of_one_process_stops_both() {
-    let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
-    let d = dir.path();
-    let coordinator = format!("127.0.0.1:{}", free_port());
-    let peers: Vec<_> = (0..2)
-        .map(|rank| {
-            let mut args: Vec<String> = [
-                "epochs=100",
-                "batch_size=4",
-                "sample_after_unit=\"never\"",
-                "backup_after_unit=\"never\"",
-            ]
-            .into_iter()
-            .flat_map(|s| ["--set".to_string(), s.to_string()])
-            .collect();
-            args.extend(
-                [
-                    "--nodes",
-                    "2",
-                    "--node-rank",
-                    &rank.to_string(),
-                    "--coordinator",
-                    &coordinator,
-                ]
-                .map(String::from),
-            );
-            train(d, home.path(), &args).spawn().unwrap()
-        })
-        .collect();
-    std::thread::sleep(std::time::Duration::from_secs(6));
-    let pid = peers[1].id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let outputs: Vec<_> = peers.into_iter().map(finish).collect();
-    for (rank, o) in outputs.iter().enumerate() {
+    for stopped in [1, 0] {
+        let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
+        let d = dir.path();
+        let peers = start_pair(d, home.path(), &[], &[]);
+        std::thread::sleep(std::time::Duration::from_secs(6));
+        let pid = peers[stopped].id().to_string();
         assert!(
-            o.status.success(),
-            "rank {rank}: {}",
-            String::from_utf8_lossy(&o.stderr)
+            Command::new("kill")
+                .args(["-INT", &pid])
+                .status()
+                .unwrap()
+                .success()
         );
+        let outputs: Vec<_> = peers.into_iter().map(finish).collect();
+        for (rank, o) in outputs.iter().enumerate() {
+            assert!(
+                o.status.success(),
+                "Ctrl-C on rank {stopped}, rank {rank}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let said = String::from_utf8_lossy(&outputs[0].stdout);
+        assert!(
+            said.contains("backup:") && said.contains("saved:"),
+            "{said}"
+        );
+        assert!(String::from_utf8_lossy(&outputs[stopped].stderr).contains("stopping after"));
+        // Stopped early: the run had 600 steps.
+        let step: u64 = std::fs::read_dir(d.join("workspace/backup"))
+            .unwrap()
+            .filter_map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .strip_prefix("backup-")?
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap();
+        assert!(step > 0 && step < 600, "{step}");
     }
-    let said = String::from_utf8_lossy(&outputs[0].stdout);
-    assert!(
-        said.contains("backup:") && said.contains("saved:"),
-        "{said}"
-    );
-    assert!(String::from_utf8_lossy(&outputs[1].stderr).contains("every process stops"));
-    // Stopped early: the run had 600 steps.
-    let step: u64 = std::fs::read_dir(d.join("workspace/backup"))
-        .unwrap()
-        .filter_map(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .strip_prefix("backup-")?
-                .parse()
-                .ok()
-        })
-        .max()
-        .unwrap();
-    assert!(step > 0 && step < 600, "{step}");
 }
 
 /// Ranks 0 and 1 of a run of `epochs=100` through one coordinator, started with `env` on rank
