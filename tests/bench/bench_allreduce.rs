@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use ferrite::runtime::Device;
 use ferrite::runtime::collective::{Setup, start_coordinator};
-use ferrite::train::trainer::{TrainError, mean_in_buckets};
+use ferrite::train::trainer::{BUCKET, TrainError, mean_in_buckets};
 use ferrite_plugin_api::Tensor;
 
 const SIZES: [usize; 3] = [3_188_736, 859_520_964 / 8, 859_520_964];
@@ -75,7 +75,7 @@ fn peer(rank: u32, reps: usize) {
         let mut times = Vec::new();
         for _ in 0..=reps {
             let start = Instant::now();
-            let means = mean_in_buckets(pieces.clone(), |b| {
+            let means = mean_in_buckets(pieces.clone(), BUCKET, |b| {
                 Ok(Tensor::from_raw(
                     device.all_reduce_mean(b.id()).map_err(TrainError)?,
                 ))

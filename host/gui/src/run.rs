@@ -432,3 +432,31 @@ pub fn load_texture(ctx: &egui::Context, path: &Path) -> Option<egui::TextureHan
         egui::TextureOptions::NEAREST,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data-parallel step's per-process times reach the progress line, by rank.
+    #[test]
+    fn the_progress_line_shows_each_devices_step_time() {
+        let mut view = RunView::default();
+        let step = |rank_times| Event::Step {
+            step: 3,
+            epoch: 1,
+            loss: 0.5,
+            lr: 1e-4,
+            data_wait: Duration::ZERO,
+            rank_times,
+        };
+        view.on_event(&egui::Context::default(), step(Vec::new()));
+        assert!(!view.progress_text().contains("per device"));
+        view.on_event(&egui::Context::default(), step(vec![0.41, 0.5]));
+        assert!(
+            view.progress_text()
+                .ends_with("per device 0: 0.41 s, 1: 0.50 s"),
+            "{}",
+            view.progress_text()
+        );
+    }
+}

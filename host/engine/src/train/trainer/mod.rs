@@ -45,7 +45,7 @@ use crate::train::timesteps::Timesteps;
 pub use batch::Probe;
 use groups::Group;
 use noising::Noising;
-pub use parallel::{DataParallel, mean_in_buckets};
+pub use parallel::{BUCKET, DataParallel, mean_in_buckets};
 pub use precision::LossScale;
 
 #[derive(Debug, thiserror::Error)]

@@ -280,7 +280,7 @@ impl Trainer {
             .iter()
             .filter_map(|&(gi, pi)| grads[gi][pi].take())
             .collect();
-        let means = mean_in_buckets(taken, |b| self.reduce(b))?;
+        let means = mean_in_buckets(taken, BUCKET, |b| self.reduce(b))?;
         for (&(gi, pi), g) in present.iter().zip(means) {
             grads[gi][pi] = Some(g);
         }
@@ -393,11 +393,12 @@ impl Trainer {
 }
 
 /// The means of `tensors` over the processes, each of its shape and dtype, averaged in f32 by
-/// `reduce` a bucket of [`BUCKET`] elements at a time (whole tensors; a larger one alone), so a
+/// `reduce` a bucket of `bucket` elements at a time (whole tensors; a larger one alone), so a
 /// full fine-tune's gradients never need a second whole copy, nor burn-collective's serialised
 /// ones of it. Each bucket's sources are dropped once they are in the bucket.
 pub fn mean_in_buckets(
     tensors: Vec<Tensor>,
+    bucket_size: usize,
     mut reduce: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Vec<Tensor>> {
     let mut out = Vec::with_capacity(tensors.len());
@@ -407,7 +408,7 @@ pub fn mean_in_buckets(
         while let Some(t) = left.peek() {
             let shape = t.shape().map_err(err)?;
             let len: usize = shape.iter().product();
-            if !bucket.is_empty() && n + len > BUCKET {
+            if !bucket.is_empty() && n + len > bucket_size {
                 break;
             }
             let t = left.next().expect("peeked");
@@ -419,7 +420,11 @@ pub fn mean_in_buckets(
             .iter()
             .map(|(t, ..)| t.cast(DType::F32).and_then(|t| t.reshape(&[-1])))
             .collect::<std::result::Result<Vec<_>, _>>()
-            .and_then(|parts| Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0))
+            .and_then(|mut parts| match parts.len() {
+                // (One tensor needs no copy.)
+                1 => Ok(parts.remove(0)),
+                _ => Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0),
+            })
             .map_err(err)?;
         let kinds: Vec<(Vec<usize>, DType)> = bucket.into_iter().map(|(_, s, d)| (s, d)).collect();
         let mean = reduce(&flat)?;
@@ -438,4 +443,45 @@ pub fn mean_in_buckets(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whole tensors fill each bucket up to its size (a larger one alone), and each mean comes
+    /// back in its tensor's shape and dtype.
+    #[test]
+    fn buckets_hold_whole_tensors_and_give_back_each_shape() {
+        crate::runtime::init("cpu").unwrap();
+        let shapes: [&[usize]; 4] = [&[3], &[5, 1], &[2], &[7]];
+        let tensors: Vec<Tensor> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let n: usize = s.iter().product();
+                let v: Vec<f32> = (0..n).map(|k| (i * 10 + k) as f32).collect();
+                let t = Tensor::from_f32(&v, s).unwrap();
+                if i == 1 {
+                    t.cast(DType::BF16).unwrap()
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let inputs: Vec<Vec<f32>> = tensors.iter().map(|t| t.to_vec().unwrap()).collect();
+        let mut sizes = Vec::new();
+        let means = mean_in_buckets(tensors, 8, |b| {
+            sizes.push(b.shape().unwrap()[0]);
+            b.mul_scalar(2.0).map_err(err)
+        })
+        .unwrap();
+        assert_eq!(sizes, [8, 2, 7]);
+        for ((m, s), x) in means.iter().zip(shapes).zip(inputs) {
+            assert_eq!(m.shape().unwrap(), s);
+            let doubled: Vec<f32> = x.iter().map(|v| 2.0 * v).collect();
+            assert_eq!(m.to_vec().unwrap(), doubled);
+        }
+        assert_eq!(means[1].dtype().unwrap(), DType::BF16);
+    }
 }
