@@ -26,9 +26,10 @@ fn demo_folder() -> tempfile::TempDir {
 fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 400) as u16 * 25;
+    // (Below multi_gpu's 29500 too.)
+    let base = 10_000 + (std::process::id() % 400) as u16 * 25;
     loop {
-        let port = base + 4 * (NEXT.fetch_add(1, Ordering::Relaxed) % 2_500);
+        let port = base + 4 * (NEXT.fetch_add(1, Ordering::Relaxed) % 2_000);
         if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
             return port;
         }
@@ -84,32 +85,43 @@ fn worst(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// The demo model (text encoder and UNet trained, AdamW, warmup, caption dropout) for two
-/// epochs of batches of 8 images: one process with `batch_size` 8 against two with 4 each (rank
-/// 0 writing), without gradient accumulation (12 steps) and with 2 steps of it (6 steps).
+/// The demo model (text encoder and UNet trained, warmup, caption dropout) for two epochs of
+/// batches of 8 images: one process with `batch_size` 8 against two with 4 each (rank 0
+/// writing), with AdamW and clipping without gradient accumulation (12 steps) and with 2 steps
+/// of it (6 steps), and with plain SGD and no clipping (which, unlike AdamW, would show
+/// gradients summed instead of averaged).
 #[test]
 fn two_processes_with_half_batches_train_as_one_with_the_whole() {
     ferrite::runtime::init("cpu").unwrap();
     let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
     let d = dir.path();
-    let sets = |batch: usize, accum: usize, out: &str| -> Vec<String> {
-        [
+    let sets = |batch: usize, accum: usize, sgd: bool, out: &str| -> Vec<String> {
+        let mut sets = vec![
             "epochs=2".to_string(),
             format!("batch_size={batch}"),
             format!("gradient_accumulation_steps={accum}"),
             "sample_after_unit=\"never\"".into(),
             "backup_after_unit=\"never\"".into(),
             format!("output_model_destination=\"{out}\""),
-        ]
-        .into_iter()
-        .flat_map(|s| ["--set".to_string(), s])
-        .collect()
+        ];
+        if sgd {
+            sets.extend([
+                "optimizer.optimizer=\"sgd\"".into(),
+                "clip_grad_norm=0".into(),
+            ]);
+        }
+        sets.into_iter()
+            .flat_map(|s| ["--set".to_string(), s])
+            .collect()
     };
     let base = unet(d, "model");
-    for accum in [1, 2] {
-        let (one_out, two_out) = (format!("one{accum}/model"), format!("two{accum}/model"));
+    for (accum, sgd) in [(1, false), (2, false), (1, true)] {
+        let (one_out, two_out) = (
+            format!("one{accum}{sgd}/model"),
+            format!("two{accum}{sgd}/model"),
+        );
         let one = finish(
-            train(d, home.path(), &sets(8, accum, &one_out))
+            train(d, home.path(), &sets(8, accum, sgd, &one_out))
                 .spawn()
                 .unwrap(),
         );
@@ -119,22 +131,31 @@ fn two_processes_with_half_batches_train_as_one_with_the_whole() {
             String::from_utf8_lossy(&one.stderr)
         );
 
-        let outputs = run_pair(d, home.path(), &sets(4, accum, &two_out));
+        let outputs = run_pair(d, home.path(), &sets(4, accum, sgd, &two_out));
         let said = String::from_utf8_lossy(&outputs[0].stdout);
         assert!(
             said.contains(&format!(
-                "rank 0 of 2, 4 images of each batch of 8 (× {accum}"
+                "rank 0 of 2, 4 images of each batch of 8 (× {accum} accumulation steps: {} \
+                 images per optimizer step)",
+                8 * accum
             )),
             "{said}"
         );
         assert!(!String::from_utf8_lossy(&outputs[1].stdout).contains("saved:"));
+        // Each step line gives every process's step time (a line every 10 steps).
+        if accum == 1 {
+            assert!(
+                said.contains("step 10:") && said.contains("(ranks "),
+                "{said}"
+            );
+        }
 
         let (single, parallel) = (unet(d, &one_out), unet(d, &two_out));
         let moved = worst(&base, &single);
         let apart = worst(&single, &parallel);
         println!(
-            "accumulation {accum}: the run moved the UNet by {moved:.2e}; two processes are \
-             {apart:.2e} from one"
+            "accumulation {accum}, sgd {sgd}: the run moved the UNet by {moved:.2e}; two \
+             processes are {apart:.2e} from one"
         );
         assert!(moved > 1e-3, "{moved}");
         // Measured 8.5e-5 without accumulation (the two sum their gradients in another order,
@@ -161,6 +182,57 @@ fn finish(mut p: std::process::Child) -> std::process::Output {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     p.wait_with_output().unwrap()
+}
+
+/// A started process whose standard output is read as it comes, so a test can wait for a line.
+struct Running {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    fn watch(mut child: std::process::Child) -> Self {
+        use std::io::BufRead;
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (stdout, into) = (child.stdout.take().unwrap(), out.clone());
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(|l| l.ok())
+            {
+                let mut o = into.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
+        Running { child, out, reader }
+    }
+
+    /// Waits (two minutes at most) until the process has printed `text`.
+    fn wait_for(&self, text: &str) {
+        let start = std::time::Instant::now();
+        while !self.out.lock().unwrap().contains(text) {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(120),
+                "no `{text}` in {}",
+                self.out.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// As [`finish`], with the standard output read so far.
+    fn finish(self) -> std::process::Output {
+        let mut o = finish(self.child);
+        self.reader.join().unwrap();
+        o.stdout = std::mem::take(&mut *self.out.lock().unwrap()).into_bytes();
+        o
+    }
 }
 
 /// Ranks 0 and 1 of a two-process run with `sets`, to their end; both must succeed.
@@ -209,10 +281,11 @@ fn run_pair_through(
     outputs
 }
 
-/// `ferrite coordinator --port P` coordinates a run whose rank 0 is given
-/// `--external-coordinator`; without it, rank 0 finds the port taken and says so.
+/// `ferrite coordinator --port P` coordinates runs whose rank 0 is given
+/// `--external-coordinator`, one after the other; without it, rank 0 finds the port taken and
+/// says so. (The second run's batch of 10 leaves 8 of the 48 images out, and says so.)
 #[test]
-fn a_separate_coordinator_serves_the_run() {
+fn a_separate_coordinator_serves_runs() {
     let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
     let d = dir.path();
     let port = free_port();
@@ -223,13 +296,25 @@ fn a_separate_coordinator_serves_the_run() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(1));
-    let sets: Vec<String> = ["epochs=1", "batch_size=4", "sample_after_unit=\"never\""]
+    let sets = |batch: usize| -> Vec<String> {
+        [
+            "epochs=1".to_string(),
+            format!("batch_size={batch}"),
+            "sample_after_unit=\"never\"".into(),
+        ]
         .into_iter()
-        .flat_map(|s| ["--set".to_string(), s.to_string()])
-        .collect();
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+    };
     let at = format!("127.0.0.1:{port}");
-    run_pair_through(d, home.path(), &sets, &at, &["--external-coordinator"]);
-    let mut args = sets.clone();
+    run_pair_through(d, home.path(), &sets(4), &at, &["--external-coordinator"]);
+    let second = run_pair_through(d, home.path(), &sets(5), &at, &["--external-coordinator"]);
+    let said = String::from_utf8_lossy(&second[0].stdout);
+    assert!(
+        said.contains("8 images of the first epoch are left out"),
+        "{said}"
+    );
+    let mut args = sets(4);
     args.extend(["--nodes", "2", "--node-rank", "0", "--coordinator", &at].map(String::from));
     let taken = finish(train(d, home.path(), &args).spawn().unwrap());
     coordinator.kill().unwrap();
@@ -326,6 +411,44 @@ fn a_missing_peer_or_a_bad_rank_is_named() {
             "{err}"
         );
     }
+    let alone = train(d, home.path(), &["--peer-timeout".to_string(), "5".into()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&alone.stderr);
+    assert!(
+        !alone.status.success() && err.contains("--peer-timeout is for a run of --nodes 2"),
+        "{err}"
+    );
+    // A data port in use, and a part that stops after minutes (each process's own clock).
+    let held = std::net::TcpListener::bind(("0.0.0.0", free_port())).unwrap();
+    let mut args = flags("0");
+    args.extend([
+        "--data-port".into(),
+        held.local_addr().unwrap().port().to_string(),
+    ]);
+    let taken = train(d, home.path(), &args).output().unwrap();
+    let err = String::from_utf8_lossy(&taken.stderr);
+    assert!(
+        !taken.status.success() && err.contains("data port"),
+        "{err}"
+    );
+    drop(held);
+    let mut args = flags("0");
+    args.extend(
+        [
+            "--set",
+            "unet.stop_training_after=1",
+            "--set",
+            "unet.stop_training_after_unit=\"minute\"",
+        ]
+        .map(String::from),
+    );
+    let clocked = train(d, home.path(), &args).output().unwrap();
+    let err = String::from_utf8_lossy(&clocked.stderr);
+    assert!(
+        !clocked.status.success() && err.contains("stop_training_after is in minutes"),
+        "{err}"
+    );
     let bad = train(d, home.path(), &flags("2")).output().unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
@@ -343,8 +466,9 @@ fn a_stop_asked_of_one_process_stops_both() {
         let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
         let d = dir.path();
         let peers = start_pair(d, home.path(), &[], &[]);
-        std::thread::sleep(std::time::Duration::from_secs(6));
-        let pid = peers[stopped].id().to_string();
+        // Both training (their Ctrl-C handlers in place).
+        peers.iter().for_each(|p| p.wait_for("step 10:"));
+        let pid = peers[stopped].pid();
         assert!(
             Command::new("kill")
                 .args(["-INT", &pid])
@@ -352,7 +476,7 @@ fn a_stop_asked_of_one_process_stops_both() {
                 .unwrap()
                 .success()
         );
-        let outputs: Vec<_> = peers.into_iter().map(finish).collect();
+        let outputs: Vec<_> = peers.into_iter().map(Running::finish).collect();
         for (rank, o) in outputs.iter().enumerate() {
             assert!(
                 o.status.success(),
@@ -385,12 +509,7 @@ fn a_stop_asked_of_one_process_stops_both() {
 
 /// Ranks 0 and 1 of a run of `epochs=100` through one coordinator, started with `env` on rank
 /// 1 and `extra` flags on both.
-fn start_pair(
-    d: &Path,
-    home: &Path,
-    env: &[(&str, &str)],
-    extra: &[&str],
-) -> Vec<std::process::Child> {
+fn start_pair(d: &Path, home: &Path, env: &[(&str, &str)], extra: &[&str]) -> Vec<Running> {
     let coordinator = format!("127.0.0.1:{}", free_port());
     (0..2)
         .map(|rank| {
@@ -419,7 +538,7 @@ fn start_pair(
             if rank == 1 {
                 cmd.envs(env.iter().copied());
             }
-            cmd.spawn().unwrap()
+            Running::watch(cmd.spawn().unwrap())
         })
         .collect()
 }
@@ -439,7 +558,7 @@ fn a_failing_process_stops_the_others_with_a_backup() {
         )],
         &[],
     );
-    let outputs: Vec<_> = peers.into_iter().map(finish).collect();
+    let outputs: Vec<_> = peers.into_iter().map(Running::finish).collect();
     let (out0, err0) = (
         String::from_utf8_lossy(&outputs[0].stdout),
         String::from_utf8_lossy(&outputs[0].stderr),
@@ -470,8 +589,8 @@ fn a_killed_or_stuck_process_stops_the_others() {
         let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
         let d = dir.path();
         let mut peers = start_pair(d, home.path(), &[], &["--peer-timeout", "5"]);
-        std::thread::sleep(std::time::Duration::from_secs(6));
-        let pid = peers[1].id().to_string();
+        peers[0].wait_for("step 10:");
+        let pid = peers[1].pid();
         assert!(
             Command::new("kill")
                 .args([signal, &pid])
@@ -479,8 +598,10 @@ fn a_killed_or_stuck_process_stops_the_others() {
                 .unwrap()
                 .success()
         );
-        let rank0 = finish(peers.remove(0));
-        peers[0].kill().unwrap();
+        let rank0 = peers.remove(0).finish();
+        let mut rank1 = peers.remove(0);
+        rank1.child.kill().unwrap();
+        rank1.finish();
         let (out0, err0) = (
             String::from_utf8_lossy(&rank0.stdout),
             String::from_utf8_lossy(&rank0.stderr),
@@ -563,8 +684,8 @@ fn encoded(out: &std::process::Output) -> (usize, usize) {
     (n[0], n[1])
 }
 
-/// With latent caching, two processes on one machine share the cache folder: each entry is
-/// encoded once, by one of them, as one process alone encodes it, and read by the other.
+/// With latent and text caching, two processes on one machine share the cache folder: together
+/// they encode what one process alone encodes (each entry by one of them), and read the rest.
 #[test]
 fn processes_on_one_machine_encode_each_cache_entry_once() {
     let (dir, home) = (demo_folder(), tempfile::tempdir().unwrap());
@@ -574,6 +695,8 @@ fn processes_on_one_machine_encode_each_cache_entry_once() {
             "epochs=2".to_string(),
             format!("batch_size={batch}"),
             "latent_caching=true".into(),
+            // (A frozen text encoder: its states are cached too.)
+            "text_encoder.train=false".into(),
             "sample_after_unit=\"never\"".into(),
             "backup_after_unit=\"never\"".into(),
             format!("cache_dir=\"{cache}\""),
@@ -596,6 +719,6 @@ fn processes_on_one_machine_encode_each_cache_entry_once() {
     let pair = run_pair(d, home.path(), &sets(4, "cache-pair"));
     let (a, b) = (encoded(&pair[0]), encoded(&pair[1]));
     println!("one process encoded {alone:?}; two encoded {a:?} and {b:?}");
-    assert!(alone.0 > 0 && a.0 > 0 && b.0 > 0);
+    assert!(alone.0 > 0 && alone.1 > 0 && a.0 > 0 && b.0 > 0);
     assert_eq!((a.0 + b.0, a.1 + b.1), alone);
 }

@@ -203,13 +203,14 @@ struct TrainArgs {
     /// runs it, on --coordinator's host).
     #[arg(long)]
     external_coordinator: bool,
-    /// Data-parallel: seconds to wait for every process to join.
-    #[arg(long, default_value_t = 300)]
-    join_timeout: u64,
-    /// Data-parallel: seconds to wait for the others at a step before calling them gone (rank 0
-    /// samples and writes backups between steps while the others wait).
-    #[arg(long, default_value_t = 1800)]
-    peer_timeout: u64,
+    /// Data-parallel (and multi_gpu): seconds to wait for every process to join [default: 300].
+    #[arg(long)]
+    join_timeout: Option<u64>,
+    /// Data-parallel (and multi_gpu): seconds to wait for the others at a step before calling
+    /// them gone (rank 0 samples and writes backups between steps while the others wait)
+    /// [default: 1800].
+    #[arg(long)]
+    peer_timeout: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -455,15 +456,30 @@ fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("."))
     });
-    let parallel = data_parallel(&a)?;
-    run_training(settings, config, &base, parallel)
+    let parallel = data_parallel(&a, config.multi_gpu)?;
+    let secs = |s: Option<u64>, default| std::time::Duration::from_secs(s.unwrap_or(default));
+    let timeouts = (secs(a.join_timeout, 300), secs(a.peer_timeout, 1800));
+    run_training(settings, config, &base, parallel, timeouts)
 }
 
-/// The data-parallel flags as the trainer takes them (none with `--nodes 1`).
-fn data_parallel(a: &TrainArgs) -> Result<Option<ferrite::train::trainer::DataParallel>> {
+/// The data-parallel flags as the trainer takes them (none with `--nodes 1`; multi_gpu takes
+/// the timeouts only).
+fn data_parallel(
+    a: &TrainArgs,
+    multi_gpu: bool,
+) -> Result<Option<ferrite::train::trainer::DataParallel>> {
     if a.nodes <= 1 {
-        if a.coordinator.is_some() || a.node_rank > 0 {
-            anyhow::bail!("--coordinator and --node-rank are for a run of --nodes 2 or more");
+        let given = [
+            (a.coordinator.is_some(), "--coordinator"),
+            (a.node_rank > 0, "--node-rank"),
+            (a.node_host.is_some(), "--node-host"),
+            (a.data_port.is_some(), "--data-port"),
+            (a.external_coordinator, "--external-coordinator"),
+            (a.join_timeout.is_some() && !multi_gpu, "--join-timeout"),
+            (a.peer_timeout.is_some() && !multi_gpu, "--peer-timeout"),
+        ];
+        if let Some((_, flag)) = given.iter().find(|(set, _)| *set) {
+            anyhow::bail!("{flag} is for a run of --nodes 2 or more");
         }
         return Ok(None);
     }
@@ -507,8 +523,8 @@ fn data_parallel(a: &TrainArgs) -> Result<Option<ferrite::train::trainer::DataPa
         host: node_host,
         data_port,
         start_coordinator: !a.external_coordinator,
-        join_timeout: std::time::Duration::from_secs(a.join_timeout),
-        peer_timeout: std::time::Duration::from_secs(a.peer_timeout),
+        join_timeout: std::time::Duration::from_secs(a.join_timeout.unwrap_or(300)),
+        peer_timeout: std::time::Duration::from_secs(a.peer_timeout.unwrap_or(1800)),
     }))
 }
 
@@ -528,7 +544,7 @@ fn demo(settings: &Settings, dir: &std::path::Path, sets: &[String]) -> Result<(
         dir.display(),
         dir.join("workspace/samples").display()
     );
-    run_training(settings, config, dir, None)
+    run_training(settings, config, dir, None, Default::default())
 }
 
 fn run_training(
@@ -536,6 +552,7 @@ fn run_training(
     mut config: ferrite::config::TrainConfig,
     base: &std::path::Path,
     mut parallel: Option<ferrite::train::trainer::DataParallel>,
+    timeouts: (std::time::Duration, std::time::Duration),
 ) -> Result<()> {
     use ferrite::train::trainer::{Controls, Event, Trainer};
     // multi_gpu: this process is rank 0 of processes it starts, one per device.
@@ -549,7 +566,7 @@ fn run_training(
         }
         config.validate()?;
         let exe = std::env::current_exe().context("finding the ferrite binary")?;
-        let launched = ferrite::train::multi_gpu::launch(&config, base, &exe)?;
+        let launched = ferrite::train::multi_gpu::launch(&config, base, &exe, timeouts)?;
         println!(
             "multi_gpu: {} processes on devices {}; ranks 1 and up write their output to {}",
             launched.parallel.nodes,
@@ -593,14 +610,8 @@ fn run_training(
     let registry = Registry::discover(&search_dirs(settings), settings);
     let mut trainer = Trainer::on(device, controls, config, base, registry)?;
     if let Some(p) = parallel {
-        let (rank, nodes, batch) = (p.rank, p.nodes, trainer.config.batch_size);
         trainer.join(p)?;
-        println!(
-            "data-parallel: rank {rank} of {nodes}, {batch} images of each batch of {} \
-             (× {} accumulation steps)",
-            batch * nodes as usize,
-            trainer.config.gradient_accumulation_steps
-        );
+        println!("{}", trainer.joined().unwrap_or_default());
     }
     let bar = indicatif::ProgressBar::new(trainer.total_steps());
     bar.set_style(indicatif::ProgressStyle::with_template(

@@ -19,6 +19,8 @@ use crate::train::trainer::{Controls, Event, Trainer};
 enum Msg {
     /// The model is loaded and the run begins.
     Started,
+    /// A line for the log.
+    Note(String),
     Event(Event),
     Done(Result<(), String>),
 }
@@ -131,7 +133,9 @@ impl RunView {
                     let (config, launched) = match config.multi_gpu {
                         true => {
                             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-                            let l = crate::train::multi_gpu::launch(&config, &base, &exe)
+                            // (The CLI's default timeouts: joining, and a step.)
+                            let timeouts = (Duration::from_secs(300), Duration::from_secs(1800));
+                            let l = crate::train::multi_gpu::launch(&config, &base, &exe, timeouts)
                                 .map_err(|e| e.to_string())?;
                             (l.config, Some((l.parallel, l.peers)))
                         }
@@ -149,6 +153,9 @@ impl RunView {
                         None => None,
                     };
                     let _ = tx.send(Msg::Started);
+                    if let Some(line) = t.joined() {
+                        let _ = tx.send(Msg::Note(line));
+                    }
                     let result = t
                         .run(|e| {
                             let _ = tx.send(Msg::Event(e));
@@ -217,6 +224,7 @@ impl RunView {
                         self.phase = Phase::Running;
                     }
                 }
+                Msg::Note(line) => self.log(false, line),
                 Msg::Event(e) => self.on_event(ctx, e),
                 Msg::Done(Ok(())) => {
                     self.phase = Phase::Finished;

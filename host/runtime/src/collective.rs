@@ -32,14 +32,17 @@ fn address(s: &str) -> RtResult<Address> {
     Address::from_str(&format!("ws://{s}")).map_err(|e| format!("address `{s}`: {e}"))
 }
 
-/// Runs the coordinator on `port` until the process ends (or it fails).
-pub fn run_coordinator(port: u16) -> RtResult<()> {
+fn coordinator_runtime() -> RtResult<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .map_err(|e| format!("the coordinator's runtime: {e}"))?
-        .block_on(burn_collective::start_global_orchestrator(port));
+        .map_err(|e| format!("the coordinator's runtime: {e}"))
+}
+
+/// Runs the coordinator on `port` until the process ends (or it fails).
+pub fn run_coordinator(port: u16) -> RtResult<()> {
+    coordinator_runtime()?.block_on(burn_collective::start_global_orchestrator(port));
     Ok(())
 }
 
@@ -50,14 +53,16 @@ pub fn port_taken(port: u16) -> bool {
 
 /// Runs the coordinator on `port` on a thread of its own until the process ends.
 pub fn start_coordinator(port: u16) -> RtResult<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("the coordinator's runtime: {e}"))?;
+    let rt = coordinator_runtime()?;
     std::thread::Builder::new()
         .name("ferrite-coordinator".into())
-        .spawn(move || rt.block_on(burn_collective::start_global_orchestrator(port)))
+        // (Not stopped by Ctrl-C: the run stops after its step, which needs the coordinator.)
+        .spawn(move || {
+            rt.block_on(burn_collective::start_global_orchestrator_until(
+                port,
+                std::future::pending(),
+            ))
+        })
         .map_err(|e| format!("the coordinator's thread: {e}"))?;
     Ok(())
 }
@@ -86,5 +91,9 @@ impl<B: Tracking> TensorTable<B> {
     pub(crate) fn collective_leave(&self) -> RtResult<()> {
         burn_collective::finish_collective::<B::InnerBackend>(PEER)
             .map_err(|e| format!("leaving the run: {e:?}"))
+    }
+
+    pub(crate) fn collective_reset(&self) {
+        burn_collective::reset_collective::<B::InnerBackend>();
     }
 }

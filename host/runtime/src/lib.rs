@@ -63,6 +63,7 @@ pub trait Runtime: Send + Sync {
     fn collective_join(&self, setup: &collective::Setup) -> RtResult<()>;
     /// The mean of float tensor `id` over the run's processes.
     fn all_reduce_mean(&self, id: TensorId) -> RtResult<TensorId>;
+    fn collective_reset(&self);
     fn collective_leave(&self) -> RtResult<()>;
 }
 
@@ -126,6 +127,9 @@ impl<B: Tracking> Runtime for TensorTable<B> {
     }
     fn all_reduce_mean(&self, id: TensorId) -> RtResult<TensorId> {
         TensorTable::all_reduce_mean(self, id)
+    }
+    fn collective_reset(&self) {
+        TensorTable::collective_reset(self)
     }
     fn collective_leave(&self) -> RtResult<()> {
         TensorTable::collective_leave(self)
@@ -269,6 +273,11 @@ impl Device {
     /// Leaves the data-parallel run.
     pub fn collective_leave(&self) -> RtResult<()> {
         self.rt.collective_leave()
+    }
+
+    /// Forgets this process's part in a data-parallel run that failed (a later one can join).
+    pub fn collective_reset(&self) {
+        self.rt.collective_reset()
     }
 
     /// The same runtime.

@@ -253,7 +253,12 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
                         return;
                     }
                 }
-                Err(err) => panic!("Failed to receive message from websocket: {err:?}"),
+                // Ferrite: a peer that ends (its process exits after the run) drops the
+                // connection; that ends this handler instead of panicking its thread.
+                Err(err) => {
+                    log::info!("Connection lost: {err:?}");
+                    return;
+                }
             };
         }
         log::info!("[Data Service] Closing connection for download.");

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::TrainConfig;
+use crate::runtime::collective;
 use crate::train::trainer::{DataParallel, TrainError};
 
 type Result<T> = std::result::Result<T, TrainError>;
@@ -50,11 +51,14 @@ fn device(train_device: &str, i: u32) -> String {
     }
 }
 
-fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| TrainError(format!("multi_gpu: no free local port: {e}")))
+/// `count` consecutive ports free now, from torch.distributed's 29500 up: below Linux's
+/// ephemeral range, so no outgoing connection takes one before its process listens.
+fn free_ports(count: u16) -> Result<Vec<u16>> {
+    (29_500..32_000u16)
+        .step_by(usize::from(count))
+        .map(|p| (p..p + count).collect::<Vec<u16>>())
+        .find(|block| block.iter().all(|&p| !collective::port_taken(p)))
+        .ok_or_else(|| TrainError("multi_gpu: no free local ports from 29500 to 32000".into()))
 }
 
 /// The processes this one started, with their logs.
@@ -71,12 +75,23 @@ pub struct Launched {
 }
 
 /// Starts the processes of ranks 1 and up of `config`'s multi-GPU run (paths relative to
-/// `base`) from the `ferrite` binary `exe`, each logging to `workspace/multi-gpu/rank-R.log`.
-pub fn launch(config: &TrainConfig, base: &Path, exe: &Path) -> Result<Launched> {
+/// `base`) from the `ferrite` binary `exe`, each logging to `workspace/multi-gpu/rank-R.log`;
+/// `timeouts`: joining, and waiting for the others at a step.
+pub fn launch(
+    config: &TrainConfig,
+    base: &Path,
+    exe: &Path,
+    timeouts: (Duration, Duration),
+) -> Result<Launched> {
     let indexes = device_indexes(&config.device_indexes)
         .map_err(|e| TrainError(format!("device_indexes: {e}")))?;
     let nodes = indexes.len() as u32;
-    let coordinator = format!("127.0.0.1:{}", free_port()?);
+    // The coordinator's port, then each rank's data port.
+    let ports = free_ports(nodes as u16 + 1)?;
+    let coordinator = format!("127.0.0.1:{}", ports[0]);
+    // (An empty base, a config in the current folder, would not pass as an argument.)
+    let base = &std::path::absolute(base.join("."))
+        .map_err(|e| TrainError(format!("multi_gpu: {}: {e}", base.display())))?;
     let folder = base.join(&config.workspace_dir).join("multi-gpu");
     let each = |rank: usize| {
         let mut c = config.clone();
@@ -109,7 +124,9 @@ pub fn launch(config: &TrainConfig, base: &Path, exe: &Path) -> Result<Launched>
             .args(["--nodes", &nodes.to_string()])
             .args(["--node-rank", &rank.to_string()])
             .args(["--coordinator", &coordinator])
-            .args(["--data-port", &free_port()?.to_string()])
+            .args(["--data-port", &ports[rank as usize + 1].to_string()])
+            .args(["--join-timeout", &timeouts.0.as_secs().to_string()])
+            .args(["--peer-timeout", &timeouts.1.as_secs().to_string()])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -129,10 +146,10 @@ pub fn launch(config: &TrainConfig, base: &Path, exe: &Path) -> Result<Launched>
             rank: 0,
             coordinator,
             host: "127.0.0.1".into(),
-            data_port: free_port()?,
+            data_port: ports[1],
             start_coordinator: true,
-            join_timeout: Duration::from_secs(300),
-            peer_timeout: Duration::from_secs(1800),
+            join_timeout: timeouts.0,
+            peer_timeout: timeouts.1,
         },
         peers,
     })

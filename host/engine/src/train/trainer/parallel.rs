@@ -129,16 +129,21 @@ impl Trainer {
         );
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || tx.send(device.collective_join(&setup)));
+        let device = self.scope.device.clone();
+        let failed = |e: String| {
+            device.collective_reset();
+            TrainError(e)
+        };
         match rx.recv_timeout(dp.join_timeout) {
-            Ok(joined) => joined.map_err(TrainError)?,
+            Ok(joined) => joined.map_err(failed)?,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(TrainError(format!(
+                return Err(failed(format!(
                     "rank {}: joining through {} failed (see the log above)",
                     dp.rank, dp.coordinator
                 )));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                return Err(TrainError(format!(
+                return Err(failed(format!(
                     "rank {}: not every one of the {} processes joined through {} within {} s: \
                      start each with --nodes {} --coordinator {} and its own --node-rank",
                     dp.rank,
@@ -155,14 +160,62 @@ impl Trainer {
         }
         self.parallel = Some(dp);
         self.batches_per_epoch = self.plan(0).len();
-        self.check_agreement()
+        let agreed = self.check_agreement().and_then(|()| self.check_batches());
+        if agreed.is_err() {
+            self.leave(false);
+        }
+        agreed
+    }
+
+    /// Only whole batches of the run are trained: a run without one is refused, and the images
+    /// an epoch leaves out (buckets that do not fill a batch) are counted in [`Self::joined`].
+    fn check_batches(&self) -> Result<()> {
+        if self.batches_per_epoch == 0 {
+            return Err(TrainError(format!(
+                "no bucket holds a whole batch of {} images (batch_size {} × {} processes): \
+                 lower batch_size or add images",
+                self.config.batch_size * self.processes(),
+                self.config.batch_size,
+                self.processes()
+            )));
+        }
+        Ok(())
+    }
+
+    /// What a data-parallel process says when it starts: its rank, the global batch, and the
+    /// images each epoch leaves out.
+    pub fn joined(&self) -> Option<String> {
+        let p = self.parallel.as_ref()?;
+        let c = &self.config;
+        let (batch, accum) = (
+            c.batch_size * p.nodes as usize,
+            c.gradient_accumulation_steps,
+        );
+        let images = |plan: Vec<data::BatchPlan>| plan.iter().map(|b| b.items.len()).sum::<usize>();
+        let left_out = images(data::plan_global_epoch(&self.data, c, &self.buckets, 0, 1))
+            .saturating_sub(images(self.plan(0)));
+        let mut line = format!(
+            "data-parallel: rank {} of {}, {} images of each batch of {batch} (× {accum} \
+             accumulation steps: {} images per optimizer step)",
+            p.rank,
+            p.nodes,
+            c.batch_size,
+            batch * accum
+        );
+        if left_out > 0 {
+            line += &format!(
+                "; {left_out} images of the first epoch are left out (only whole batches are \
+                 trained: buckets that do not fill one)"
+            );
+        }
+        Some(line)
     }
 
     /// Every process must plan the same run from the same point: the config, the batches per
     /// epoch, the trained parameters and the progress (a resumed run's, from rank 0's backup)
     /// are compared once, so that a difference stops every process here instead of leaving one
     /// waiting in a step the others never take.
-    fn check_agreement(&self) -> Result<()> {
+    fn check_agreement(&mut self) -> Result<()> {
         use std::hash::{Hash, Hasher};
         let _scope = self.scope.enter();
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -183,12 +236,9 @@ impl Trainer {
             p.epoch as f32,
             p.batch_in_epoch as f32,
         ];
-        let device = &self.scope.device;
-        let mean = |v: &[f32]| -> Result<Vec<f32>> {
+        let mut mean = |v: &[f32]| -> Result<Vec<f32>> {
             let t = Tensor::from_f32(v, &[v.len()]).map_err(err)?;
-            Tensor::from_raw(device.all_reduce_mean(t.id()).map_err(TrainError)?)
-                .to_vec()
-                .map_err(err)
+            self.reduce(&t)?.to_vec().map_err(err)
         };
         let all = mean(&mine)?;
         // A second round so that every process sees any one's mismatch.
@@ -202,6 +252,24 @@ impl Trainer {
             ));
         }
         Ok(())
+    }
+
+    /// Leaves the run: the coordinator forgets this process after a run that ended well; after
+    /// a failure only this process's side is reset (the others may be gone).
+    pub(super) fn leave(&mut self, ended_well: bool) {
+        let device = self.scope.device.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // On a thread, waited for 10 s at most: with the others gone, burn-collective's calls
+        // may wait forever or panic.
+        std::thread::spawn(move || {
+            if !ended_well || device.collective_leave().is_err() {
+                device.collective_reset();
+            }
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(std::time::Duration::from_secs(10)).is_err() {
+            tracing::warn!("leaving the data-parallel run did not finish");
+        }
     }
 
     /// The processes in the run (1 alone).

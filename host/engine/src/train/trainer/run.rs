@@ -30,10 +30,14 @@ impl Trainer {
     /// Trains to the end (or until cancelled), reporting through `on_event`.
     pub fn run(&mut self, mut on_event: impl FnMut(Event)) -> Result<()> {
         let _scope = self.scope.enter();
-        match self.run_steps(&mut on_event) {
-            Err(e) if self.parallel.is_some() => Err(self.after_failure(e, &mut on_event)),
-            done => done,
+        let done = self.run_steps(&mut on_event);
+        if self.parallel.is_none() {
+            return done;
         }
+        let done = done.map_err(|e| self.after_failure(e, &mut on_event));
+        // So that this process can join another run (the GUI's next).
+        self.leave(done.is_ok());
+        done
     }
 
     fn run_steps(&mut self, on_event: &mut impl FnMut(Event)) -> Result<()> {

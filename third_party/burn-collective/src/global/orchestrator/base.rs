@@ -136,3 +136,17 @@ pub async fn start_global_orchestrator(port: u16) {
         log::error!("Global Collective Orchestrator error: {err:?}");
     }
 }
+
+/// Ferrite: start a global orchestrator with WebSocket on the given port that stops only when
+/// `shutdown` resolves. A training process that runs the orchestrator handles Ctrl-C itself (it
+/// stops after the step under way, and every process with it); the orchestrator must outlive
+/// that step instead of stopping at the signal.
+pub async fn start_global_orchestrator_until<F>(port: u16, shutdown: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let server = WsServer::new(port);
+    if let Err(err) = GlobalOrchestrator::start(shutdown, server).await {
+        log::error!("Global Collective Orchestrator error: {err:?}");
+    }
+}
