@@ -204,12 +204,12 @@ struct TrainArgs {
     #[arg(long)]
     external_coordinator: bool,
     /// Data-parallel (and multi_gpu): seconds to wait for every process to join [default: 300].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     join_timeout: Option<u64>,
     /// Data-parallel (and multi_gpu): seconds to wait for the others at a step before calling
     /// them gone (rank 0 samples and writes backups between steps while the others wait)
     /// [default: 1800].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     peer_timeout: Option<u64>,
 }
 
@@ -456,9 +456,13 @@ fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("."))
     });
-    let parallel = data_parallel(&a, config.multi_gpu)?;
-    let secs = |s: Option<u64>, default| std::time::Duration::from_secs(s.unwrap_or(default));
-    let timeouts = (secs(a.join_timeout, 300), secs(a.peer_timeout, 1800));
+    let (join, peer) = ferrite::train::multi_gpu::TIMEOUTS;
+    let secs = std::time::Duration::from_secs;
+    let timeouts = (
+        a.join_timeout.map_or(join, secs),
+        a.peer_timeout.map_or(peer, secs),
+    );
+    let parallel = data_parallel(&a, config.multi_gpu, timeouts)?;
     run_training(settings, config, &base, parallel, timeouts)
 }
 
@@ -467,6 +471,7 @@ fn train(settings: &Settings, a: TrainArgs) -> Result<()> {
 fn data_parallel(
     a: &TrainArgs,
     multi_gpu: bool,
+    timeouts: (std::time::Duration, std::time::Duration),
 ) -> Result<Option<ferrite::train::trainer::DataParallel>> {
     if a.nodes <= 1 {
         let given = [
@@ -523,8 +528,8 @@ fn data_parallel(
         host: node_host,
         data_port,
         start_coordinator: !a.external_coordinator,
-        join_timeout: std::time::Duration::from_secs(a.join_timeout.unwrap_or(300)),
-        peer_timeout: std::time::Duration::from_secs(a.peer_timeout.unwrap_or(1800)),
+        join_timeout: timeouts.0,
+        peer_timeout: timeouts.1,
     }))
 }
 
@@ -544,7 +549,13 @@ fn demo(settings: &Settings, dir: &std::path::Path, sets: &[String]) -> Result<(
         dir.display(),
         dir.join("workspace/samples").display()
     );
-    run_training(settings, config, dir, None, Default::default())
+    run_training(
+        settings,
+        config,
+        dir,
+        None,
+        ferrite::train::multi_gpu::TIMEOUTS,
+    )
 }
 
 fn run_training(

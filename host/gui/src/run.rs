@@ -133,8 +133,7 @@ impl RunView {
                     let (config, launched) = match config.multi_gpu {
                         true => {
                             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-                            // (The CLI's default timeouts: joining, and a step.)
-                            let timeouts = (Duration::from_secs(300), Duration::from_secs(1800));
+                            let timeouts = crate::train::multi_gpu::TIMEOUTS;
                             let l = crate::train::multi_gpu::launch(&config, &base, &exe, timeouts)
                                 .map_err(|e| e.to_string())?;
                             (l.config, Some((l.parallel, l.peers)))

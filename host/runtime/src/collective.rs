@@ -94,6 +94,6 @@ impl<B: Tracking> TensorTable<B> {
     }
 
     pub(crate) fn collective_reset(&self) {
-        burn_collective::reset_collective::<B::InnerBackend>();
+        burn_collective::replace_collective::<B::InnerBackend>();
     }
 }

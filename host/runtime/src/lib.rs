@@ -275,7 +275,8 @@ impl Device {
         self.rt.collective_leave()
     }
 
-    /// Forgets this process's part in a data-parallel run that failed (a later one can join).
+    /// Forgets this process's part in a data-parallel run that failed, so a later one can join
+    /// (never blocks).
     pub fn collective_reset(&self) {
         self.rt.collective_reset()
     }

@@ -39,15 +39,23 @@ fn two_processes_average_tensors() {
 #[ignore = "a peer of two_processes_average_tensors, which runs it"]
 fn peer() {
     let env = |k: &str| std::env::var(k).unwrap();
-    let rank: f32 = env("FERRITE_PEER_RANK").parse().unwrap();
     ferrite_runtime::init("cpu").unwrap();
     let device = Device::current().unwrap();
+    average_as(
+        &device,
+        env("FERRITE_PEER_RANK").parse().unwrap(),
+        env("FERRITE_PEER_COORDINATOR"),
+        env("FERRITE_PEER_PORT").parse().unwrap(),
+    );
+}
+
+fn average_as(device: &Device, rank: f32, coordinator: String, data_port: u16) {
     device
         .collective_join(&Setup {
             nodes: 2,
-            coordinator: env("FERRITE_PEER_COORDINATOR"),
+            coordinator,
             host: "127.0.0.1".into(),
-            data_port: env("FERRITE_PEER_PORT").parse().unwrap(),
+            data_port,
         })
         .unwrap();
     let values =
@@ -67,4 +75,49 @@ fn peer() {
     eprintln!("peer {rank}: leaving");
     device.collective_leave().unwrap();
     eprintln!("peer {rank}: left");
+}
+
+/// A process whose first run never started (its peer never joined) is reset and joins a second
+/// run (what the GUI does after a failed data-parallel run): it averages with a new peer there.
+#[test]
+fn a_process_joins_another_run_after_a_failed_one() {
+    ferrite_runtime::init("cpu").unwrap();
+    let device = Device::current().unwrap();
+    let lonely = free_port();
+    start_coordinator(lonely).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = device.clone();
+    let data_port = free_port();
+    std::thread::spawn(move || {
+        tx.send(d.collective_join(&Setup {
+            nodes: 2,
+            coordinator: format!("127.0.0.1:{lonely}"),
+            host: "127.0.0.1".into(),
+            data_port,
+        }))
+    });
+    // Nobody else joins: the join is still waiting.
+    assert!(rx.recv_timeout(std::time::Duration::from_secs(2)).is_err());
+    device.collective_reset();
+
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    start_coordinator(coordinator.rsplit(':').next().unwrap().parse().unwrap()).unwrap();
+    let mut other = Command::new(std::env::current_exe().unwrap())
+        .args(["peer", "--exact", "--ignored", "--nocapture"])
+        .env("FERRITE_PEER_RANK", "1")
+        .env("FERRITE_PEER_COORDINATOR", &coordinator)
+        .env("FERRITE_PEER_PORT", free_port().to_string())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        average_as(&device, 0.0, coordinator, free_port());
+        let _ = tx.send(());
+    });
+    let averaged = rx.recv_timeout(std::time::Duration::from_secs(60)).is_ok();
+    if !averaged {
+        let _ = other.kill();
+    }
+    assert!(averaged, "the second run hung");
+    assert!(other.wait().unwrap().success());
 }

@@ -119,3 +119,17 @@ pub fn reset_collective<B: Backend>() {
     let client = get_collective_client::<B>();
     client.reset();
 }
+
+/// Ferrite: forgets this backend's local collective server, so the next operation starts a new
+/// one. The old server may be dead (a failed transfer panics its task), stuck in an operation
+/// with a node that is gone, or bound to the coordinator and data port of the run being
+/// forgotten; it is told to reset if it still listens. Never blocks, never panics.
+pub fn replace_collective<B: Backend>() {
+    let old = crate::local::server::get_backend_client_map().remove(&core::any::TypeId::of::<B>());
+    if let Some(old) = old.and_then(|c| {
+        c.downcast::<crate::local::client::LocalCollectiveClient<B>>()
+            .ok()
+    }) {
+        old.try_reset();
+    }
+}

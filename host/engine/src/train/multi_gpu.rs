@@ -16,6 +16,10 @@ use crate::train::trainer::{DataParallel, TrainError};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
+/// How long a data-parallel process waits for every process to join, and for the others at a
+/// step (rank 0 samples and writes backups between steps while the others wait).
+pub const TIMEOUTS: (Duration, Duration) = (Duration::from_secs(300), Duration::from_secs(1800));
+
 /// `device_indexes` as a list: two distinct indexes at least.
 pub fn device_indexes(s: &str) -> std::result::Result<Vec<u32>, String> {
     let indexes = s

@@ -85,6 +85,11 @@ impl<B: Backend> LocalCollectiveClient<B> {
         self.channel.send(Message::Reset).unwrap();
     }
 
+    /// Ferrite: [`Self::reset`] when the server still listens and has room.
+    pub(crate) fn try_reset(&self) {
+        let _ = self.channel.try_send(Message::Reset);
+    }
+
     pub(crate) fn register(
         &mut self,
         id: PeerId,

@@ -254,21 +254,23 @@ impl Trainer {
         Ok(())
     }
 
-    /// Leaves the run: the coordinator forgets this process after a run that ended well; after
-    /// a failure only this process's side is reset (the others may be gone).
+    /// Leaves the run: the coordinator is told this process is done (so a separate coordinator
+    /// can serve the next run), and after a failure this process's side is replaced (it may be
+    /// dead or stuck with a process that is gone), so the GUI can start another run.
     pub(super) fn leave(&mut self, ended_well: bool) {
         let device = self.scope.device.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         // On a thread, waited for 10 s at most: with the others gone, burn-collective's calls
         // may wait forever or panic.
         std::thread::spawn(move || {
-            if !ended_well || device.collective_leave().is_err() {
-                device.collective_reset();
-            }
-            let _ = tx.send(());
+            let _ = tx.send(device.collective_leave().is_ok());
         });
-        if rx.recv_timeout(std::time::Duration::from_secs(10)).is_err() {
+        let left = rx.recv_timeout(std::time::Duration::from_secs(10)) == Ok(true);
+        if !left {
             tracing::warn!("leaving the data-parallel run did not finish");
+        }
+        if !ended_well || !left {
+            self.scope.device.collective_reset();
         }
     }
 
