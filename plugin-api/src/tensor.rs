@@ -152,6 +152,25 @@ impl Tensor {
         Ok(self.to_host()?.data.into_vec())
     }
 
+    /// A captioner's or masker's image (`[3, H, W]`, RGB in 0..1) as 8-bit interleaved RGB
+    /// pixels with its width and height: what PIL hands OneTrainer's processors. `what` names
+    /// the plugin in the error.
+    pub fn to_rgb8(&self, what: &str) -> Result<(u32, u32, Vec<u8>)> {
+        let shape = self.shape()?;
+        let [3, h, w] = shape[..] else {
+            return Err(Error(format!(
+                "{what}: the image is {shape:?}, not [3, height, width]"
+            )));
+        };
+        let v = self.to_vec()?;
+        let plane = h * w;
+        let bytes = (0..plane)
+            .flat_map(|i| (0..3).map(move |c| (i, c)))
+            .map(|(i, c)| (v[c * plane + i] * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        Ok((w as u32, h as u32, bytes))
+    }
+
     /// The single value of a one-element tensor.
     pub fn item(&self) -> Result<f32> {
         let v = self.to_vec()?;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use ferrite_plugin_api::{Error, Result, Tensor, bail, serde_json};
+use ferrite_plugin_api::{Error, Result, Tensor, serde_json};
 
 pub(crate) fn tokenizer(name: &str, dir: &Path) -> Result<tokenizers::Tokenizer> {
     let path = dir.join("tokenizer.json");
@@ -55,17 +55,8 @@ impl Processor {
 
     /// The pixel values `[1, 3, size, size]` for an RGB `[3, H, W]` image in 0..1.
     pub(crate) fn pixel_values(&self, name: &str, image: &Tensor) -> Result<Tensor> {
-        let shape = image.shape()?;
-        let [3, h, w] = shape[..] else {
-            bail!("{name}: the image is {shape:?}, not [3, height, width]");
-        };
-        let v = image.to_vec()?;
-        let plane = h * w;
-        let bytes: Vec<u8> = (0..plane)
-            .flat_map(|i| (0..3).map(move |c| (i, c)))
-            .map(|(i, c)| (v[c * plane + i] * 255.0).round().clamp(0.0, 255.0) as u8)
-            .collect();
-        let rgb = image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        let (w, h, bytes) = image.to_rgb8(name)?;
+        let rgb = image::RgbImage::from_raw(w, h, bytes)
             .ok_or_else(|| Error(format!("{name}: image size")))?;
         let s = self.size;
         let small = image::imageops::resize(

@@ -169,19 +169,9 @@ impl Wd14 {
 /// A WD tagger's input for an RGB `[3, H, W]` image in 0..1: resized to `(h, w)` (bicubic, as
 /// PIL's default), BGR, 0..255, `[1, h, w, 3]` (OneTrainer's WDModel).
 pub fn model_input(image: &Tensor, (h, w): (usize, usize)) -> Result<Vec<f32>> {
-    let shape = image.shape()?;
-
-    let [3, ih, iw] = shape[..] else {
-        bail!("wd14: the image is {shape:?}, not [3, height, width]");
-    };
-    let v = image.to_vec()?;
-    let plane = ih * iw;
-    let bytes: Vec<u8> = (0..plane)
-        .flat_map(|i| (0..3).map(move |c| (i, c)))
-        .map(|(i, c)| (v[c * plane + i] * 255.0).round().clamp(0.0, 255.0) as u8)
-        .collect();
-    let rgb = image::RgbImage::from_raw(iw as u32, ih as u32, bytes)
-        .ok_or_else(|| Error::msg("wd14: image size"))?;
+    let (iw, ih, bytes) = image.to_rgb8("wd14")?;
+    let rgb =
+        image::RgbImage::from_raw(iw, ih, bytes).ok_or_else(|| Error::msg("wd14: image size"))?;
     let resized = image::imageops::resize(
         &rgb,
         w as u32,

@@ -71,17 +71,8 @@ impl Rembg {
 
     /// The model's input for an RGB `[3, H, W]` image in 0..1 (OneTrainer's `__normalize`).
     pub fn input(image: &Tensor) -> Result<Vec<f32>> {
-        let shape = image.shape()?;
-        let [3, h, w] = shape[..] else {
-            bail!("rembg: the image is {shape:?}, not [3, height, width]");
-        };
-        let v = image.to_vec()?;
-        let plane = h * w;
-        let bytes: Vec<u8> = (0..plane)
-            .flat_map(|i| (0..3).map(move |c| (i, c)))
-            .map(|(i, c)| (v[c * plane + i] * 255.0).round().clamp(0.0, 255.0) as u8)
-            .collect();
-        let rgb = image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        let (w, h, bytes) = image.to_rgb8("rembg")?;
+        let rgb = image::RgbImage::from_raw(w, h, bytes)
             .ok_or_else(|| Error::msg("rembg: image size"))?;
         let small = image::imageops::resize(
             &rgb,

@@ -67,7 +67,8 @@ impl CommunicationChannel for WsClientChannel {
                 Err(err) => Err(WsClientError::Tungstenite(err)),
                 msg => Err(WsClientError::UnknownMessage(format!("{msg:?}"))),
             },
-            None => todo!(),
+            // Ferrite: the stream ended (the peer went away): a closed connection, not a panic.
+            None => Ok(None),
         }
     }
 

@@ -100,7 +100,8 @@ impl CommunicationChannel for WsServerChannel {
                 Err(err) => Err(WsServerError::Axum(err)),
                 msg => Err(WsServerError::UnknownMessage(format!("{msg:?}"))),
             },
-            None => todo!(),
+            // Ferrite: the stream ended (the peer went away): a closed connection, not a panic.
+            None => Ok(None),
         }
     }
 
