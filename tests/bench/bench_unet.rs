@@ -1,8 +1,9 @@
 //! The Rust side of the UNet benchmark: loads the UNet that tests/bench/unet_sd15_level.py saved
-//! and prints forward and forward+backward times through the plugin-api runtime. Prints figures;
-//! asserts nothing.
+//! and prints, through the plugin-api runtime, the times of a forward, a forward+backward with
+//! frozen weights (the input's gradient only) and one with every weight's gradient. Prints
+//! figures; asserts nothing. `tests/bench/unet.sh` runs it against PyTorch.
 //!
-//!     cargo run --release -p ferrite-tests --example bench_unet -- /tmp/unet_bench [iters] [device]
+//!     cargo run -p ferrite-tests --example bench_unet -- /tmp/unet_bench [iters] [device]
 
 use std::time::Instant;
 
@@ -21,7 +22,9 @@ fn main() -> anyhow::Result<()> {
     let cfg_path = format!("{dir}/config.json");
     let config = UNetConfig::from_json(&std::fs::read_to_string(&cfg_path)?, &cfg_path)?;
     let w = Weights::open(&format!("{dir}/diffusion_pytorch_model.safetensors"))?;
-    let unet = UNet2DConditionModel::load(&w, "", &config, DType::F32)?;
+    let scoped = w.scoped("unet");
+    let unet = UNet2DConditionModel::load(&scoped, "", &config, DType::F32)?;
+    let weights = scoped.tensors();
     let rng = Generator::new(0)?;
     let x = Tensor::randn(&[1, 4, 64, 64], &rng)?;
     let t = Tensor::full(&[1], 500.0, DType::F32)?;
@@ -31,22 +34,37 @@ fn main() -> anyhow::Result<()> {
         unet.forward(&x, &t, &ctx)?.mean_all()?.item()?;
         Ok(())
     };
-    let train_step = || -> anyhow::Result<()> {
+    // The gradients of the input and of `params` (each checked to exist).
+    let train_step = |params: &[&Tensor]| -> anyhow::Result<()> {
         let x = x.detach()?;
         x.set_requires_grad(true)?;
         let loss = unet.forward(&x, &t, &ctx)?.powf(2.0)?.mean_all()?;
         let grads = loss.backward()?;
-        grads
-            .get(&x)?
-            .ok_or_else(|| anyhow::anyhow!("no gradient"))?
-            .mean_all()?
-            .item()?;
+        for p in std::iter::once(&&x).chain(params) {
+            grads
+                .get(p)?
+                .ok_or_else(|| anyhow::anyhow!("no gradient"))?;
+        }
+        grads.get(&x)?.map(|g| g.mean_all()?.item()).transpose()?;
         Ok(())
+    };
+    let every: Vec<&Tensor> = weights.iter().map(|(_, t)| t).collect();
+    let frozen = || train_step(&[]);
+    let every_weight = || -> anyhow::Result<()> {
+        for t in &every {
+            t.set_requires_grad(true)?;
+        }
+        let r = train_step(&every);
+        for t in &every {
+            t.set_requires_grad(false)?;
+        }
+        r
     };
     println!("device {}", runtime::device_name());
     for (name, f) in [
         ("forward", &forward as &dyn Fn() -> anyhow::Result<()>),
-        ("forward+backward", &train_step),
+        ("frozen", &frozen),
+        ("every-weight", &every_weight),
     ] {
         f()?; // warm-up
         let start = Instant::now();

@@ -1,15 +1,24 @@
 """The PyTorch side of the UNet benchmark (SD 1.5 level: 64×64 latent, 320 channels, one down
 block with attention, 77×768 text states). Saves the UNet as a diffusers folder for the Rust side,
-then prints forward and forward+backward times on this machine's CPU.
+then prints on this machine's CPU: forward; forward+backward with frozen weights (the gradient of
+the input only: what a LoRA's base costs); forward+backward with every weight's gradient (a full
+fine-tune). `tests/bench/unet.sh` runs both sides and prints the ratios.
 
     python3 tests/bench/unet_sd15_level.py /tmp/unet_bench [iters]
-    cargo run --release -p ferrite-tests --example bench_unet -- /tmp/unet_bench [iters]
 """
 import sys
 import time
 
 import torch
 from diffusers import UNet2DConditionModel
+
+
+def timed(iters, f):
+    f()  # warm-up
+    start = time.perf_counter()
+    for _ in range(iters):
+        f()
+    return (time.perf_counter() - start) / iters
 
 
 def main():
@@ -26,20 +35,21 @@ def main():
     t = torch.tensor([500.0])
     ctx = torch.randn(1, 77, 768)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    with torch.no_grad():
-        unet(x, t, encoder_hidden_states=ctx)  # warm-up
-        start = time.perf_counter()
-        for _ in range(iters):
+
+    def forward():
+        with torch.no_grad():
             unet(x, t, encoder_hidden_states=ctx)
-        fwd = (time.perf_counter() - start) / iters
-    unet(x, t, encoder_hidden_states=ctx).sample.square().mean().backward()  # warm-up
-    start = time.perf_counter()
-    for _ in range(iters):
-        unet.zero_grad()
-        unet(x, t, encoder_hidden_states=ctx).sample.square().mean().backward()
-    both = (time.perf_counter() - start) / iters
-    print(f"pytorch forward          {fwd * 1000:9.1f} ms")
-    print(f"pytorch forward+backward {both * 1000:9.1f} ms")
+
+    def train_step():
+        unet.zero_grad(set_to_none=True)
+        xg = x.detach().requires_grad_(True)
+        unet(xg, t, encoder_hidden_states=ctx).sample.square().mean().backward()
+
+    print(f"pytorch forward          {timed(iters, forward) * 1000:9.1f} ms")
+    unet.requires_grad_(False)
+    print(f"pytorch frozen           {timed(iters, train_step) * 1000:9.1f} ms")
+    unet.requires_grad_(True)
+    print(f"pytorch every-weight     {timed(iters, train_step) * 1000:9.1f} ms")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ use burn_backend::{
     Backend, FloatDType, Scalar, Shape, Slice, TensorMetadata, tensor::FloatTensor,
 };
 
-use crate::autocast;
+use crate::{autocast, fused::Fused};
 
 /// Score elements per chunk (`B · H · rows · Lk`): 16 Mi floats, 64 MiB in f32.
 const CHUNK_ELEMENTS: usize = 1 << 24;
@@ -171,7 +171,7 @@ struct MemoryEfficientAttention {
     dt: Option<FloatDType>,
 }
 
-impl<B: Backend> Backward<B, 3> for MemoryEfficientAttention {
+impl<B: Fused> Backward<B, 3> for MemoryEfficientAttention {
     /// q, k, v (the inputs' own buffers, or their copies in the train dtype), the output and
     /// the log-sum-exp.
     type State = [FloatTensor<B>; 5];
@@ -179,7 +179,7 @@ impl<B: Backend> Backward<B, 3> for MemoryEfficientAttention {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let [q, k, v, out, lse] = ops.state;
-        let g = backward::<B>(
+        let g = B::attention_backward(
             &q, &k, &v, &out, &lse, &grad, self.scale, self.rows, self.dt,
         );
         for (parent, g) in ops.parents.into_iter().zip(g) {
@@ -192,7 +192,7 @@ impl<B: Backend> Backward<B, 3> for MemoryEfficientAttention {
 
 /// Attention of `[B, H, L, D]` tensors with `scale` and no mask, as an autodiff op of its own;
 /// its matmuls in `dt` where given.
-pub fn attention<B: Backend, C: CheckpointStrategy>(
+pub fn attention<B: Fused, C: CheckpointStrategy>(
     q: FloatTensor<Autodiff<B, C>>,
     k: FloatTensor<Autodiff<B, C>>,
     v: FloatTensor<Autodiff<B, C>>,
@@ -205,7 +205,7 @@ pub fn attention<B: Backend, C: CheckpointStrategy>(
 }
 
 /// [`attention`] over chunks of `rows` query rows.
-pub fn attention_in_chunks<B: Backend, C: CheckpointStrategy>(
+pub fn attention_in_chunks<B: Fused, C: CheckpointStrategy>(
     q: FloatTensor<Autodiff<B, C>>,
     k: FloatTensor<Autodiff<B, C>>,
     v: FloatTensor<Autodiff<B, C>>,
@@ -218,10 +218,12 @@ pub fn attention_in_chunks<B: Backend, C: CheckpointStrategy>(
     let [q, k, v] = [q, k, v].map(|t| autocast::to::<B>(t.primitive, dt));
     match op.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (out, lse) = forward::<B>(&q, &k, &v, scale, rows, dt);
+            let (out, lse) = B::attention_forward(&q, &k, &v, scale, rows, dt);
             prep.finish([q, k, v, out.clone(), lse], out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward::<B>(&q, &k, &v, scale, rows, dt).0),
+        OpsKind::UnTracked(prep) => {
+            prep.finish(B::attention_forward(&q, &k, &v, scale, rows, dt).0)
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod collective;
 pub mod fsutil;
+pub mod fused;
 pub mod gated;
 pub mod group_norm_silu;
 pub mod kept;

@@ -78,6 +78,14 @@ pub trait Tracking: AutodiffBackend {
         scale: f64,
         compute: Option<FloatDType>,
     ) -> FloatTensor<Self>;
+    /// Unmasked f32 attention with no gradient by the backend's own kernel, where it has one
+    /// ([`crate::fused::Fused::attention_no_grad`]).
+    fn attention_no_grad(
+        q: &FloatTensor<Self>,
+        k: &FloatTensor<Self>,
+        v: &FloatTensor<Self>,
+        scale: f64,
+    ) -> Option<FloatTensor<Self>>;
     /// `(x − mean) / sqrt(var + eps)` over the last dimension, keeping one tensor for backward
     /// ([`crate::normalize`]).
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
@@ -120,7 +128,7 @@ pub trait Tracking: AutodiffBackend {
     ) -> FloatTensor<Self>;
 }
 
-impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
+impl<B: crate::fused::Fused> Tracking for burn::backend::Autodiff<B> {
     fn is_tracked(t: &FloatTensor<Self>) -> bool {
         t.is_tracked()
     }
@@ -137,6 +145,15 @@ impl<B: burn_backend::Backend> Tracking for burn::backend::Autodiff<B> {
         compute: Option<FloatDType>,
     ) -> FloatTensor<Self> {
         crate::attention::attention::<B, NoCheckpointing>(q, k, v, scale, compute)
+    }
+
+    fn attention_no_grad(
+        q: &FloatTensor<Self>,
+        k: &FloatTensor<Self>,
+        v: &FloatTensor<Self>,
+        scale: f64,
+    ) -> Option<FloatTensor<Self>> {
+        B::attention_no_grad(&q.primitive, &k.primitive, &v.primitive, scale).map(Self::from_inner)
     }
 
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {

@@ -312,6 +312,12 @@ impl<B: Tracking> TensorTable<B> {
         }
         // Masked attention and attention without gradients compute in f32: burn's kernels
         // would take their softmax in the train dtype.
+        if !tracked && mask.is_none() && bias.is_none() && plain {
+            let scale = a.scale.unwrap_or(1.0 / (qs[3] as f64).sqrt());
+            if let Some(out) = B::attention_no_grad(&q, &k, &v, scale) {
+                return one(out);
+            }
+        }
         if tracked {
             return one(B::attention(q, k, v, mask, bias, opts));
         }

@@ -1,0 +1,215 @@
+//! The kernels behind the runtime's own autodiff ops, per backend: each defaults to the op
+//! composed of burn's primitives (what CUDA runs, fused there by burn's fusion); flex, the CPU
+//! backend, overrides those whose composed form runs as many single-threaded passes.
+
+use burn_backend::{
+    Backend, DType, FloatDType, Shape, TensorData, TensorMetadata, tensor::FloatTensor,
+};
+
+use ferrite_cpu_kernels::attention as flex_attention;
+
+use crate::attention;
+
+pub trait Fused: Backend {
+    /// [`attention::forward`]: the output and each query row's log-sum-exp.
+    fn attention_forward(
+        q: &FloatTensor<Self>,
+        k: &FloatTensor<Self>,
+        v: &FloatTensor<Self>,
+        scale: f64,
+        rows: usize,
+        dt: Option<FloatDType>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        attention::forward::<Self>(q, k, v, scale, rows, dt)
+    }
+
+    /// [`attention::backward`]: the gradients of q, k and v.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        q: &FloatTensor<Self>,
+        k: &FloatTensor<Self>,
+        v: &FloatTensor<Self>,
+        out: &FloatTensor<Self>,
+        lse: &FloatTensor<Self>,
+        grad: &FloatTensor<Self>,
+        scale: f64,
+        rows: usize,
+        dt: Option<FloatDType>,
+    ) -> [FloatTensor<Self>; 3] {
+        attention::backward::<Self>(q, k, v, out, lse, grad, scale, rows, dt)
+    }
+
+    /// f32 attention with no gradient where this backend's kernel beats its
+    /// `ModuleOps::attention`; `None` leaves it to that.
+    fn attention_no_grad(
+        _q: &FloatTensor<Self>,
+        _k: &FloatTensor<Self>,
+        _v: &FloatTensor<Self>,
+        _scale: f64,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Fused for burn::backend::Cuda {}
+
+type Flex = burn::backend::Flex;
+type FlexTensor = FloatTensor<Flex>;
+
+/// The sizes of an f32 attention computed in f32, which flex's kernel takes.
+fn f32_dims(
+    q: &FlexTensor,
+    v: &FlexTensor,
+    lk: usize,
+    dt: Option<FloatDType>,
+) -> Option<flex_attention::Dims> {
+    let (qs, vs) = (q.shape().to_vec(), v.shape().to_vec());
+    let f32_compute = dt.is_none_or(|d| d == FloatDType::F32);
+    (f32_compute && q.dtype() == DType::F32 && v.dtype() == DType::F32).then(|| {
+        flex_attention::Dims {
+            bh: qs[0] * qs[1],
+            lq: qs[2],
+            lk,
+            d: qs[3],
+            dv: vs[3],
+        }
+    })
+}
+
+/// `t`'s elements in order (a copy only where `t` is a strided view).
+fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) if t.is_contiguous() => std::borrow::Cow::Borrowed(s),
+        _ => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap_or(&[]).to_vec()),
+    }
+}
+
+fn tensor(v: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(v, Shape::from(shape)))
+}
+
+impl Fused for Flex {
+    fn attention_forward(
+        q: &FlexTensor,
+        k: &FlexTensor,
+        v: &FlexTensor,
+        scale: f64,
+        rows: usize,
+        dt: Option<FloatDType>,
+    ) -> (FlexTensor, FlexTensor) {
+        let lk = k.shape()[2];
+        let Some(n) = f32_dims(q, v, lk, dt).filter(|_| k.dtype() == DType::F32) else {
+            return attention::forward::<Flex>(q, k, v, scale, rows, dt);
+        };
+        let (out, lse) =
+            flex_attention::forward(&values(q), &values(k), &values(v), n, scale as f32);
+        let mut shape = q.shape().to_vec();
+        shape[3] = n.dv;
+        let mut lse_shape = shape.clone();
+        lse_shape[3] = 1;
+        (tensor(out, shape), tensor(lse, lse_shape))
+    }
+
+    fn attention_backward(
+        q: &FlexTensor,
+        k: &FlexTensor,
+        v: &FlexTensor,
+        out: &FlexTensor,
+        lse: &FlexTensor,
+        grad: &FlexTensor,
+        scale: f64,
+        rows: usize,
+        dt: Option<FloatDType>,
+    ) -> [FlexTensor; 3] {
+        let lk = k.shape()[2];
+        let all_f32 = [k, out, lse, grad].iter().all(|t| t.dtype() == DType::F32);
+        let Some(n) = f32_dims(q, v, lk, dt).filter(|_| all_f32) else {
+            return attention::backward::<Flex>(q, k, v, out, lse, grad, scale, rows, dt);
+        };
+        let [dq, dk, dv] = flex_attention::backward(
+            &values(q),
+            &values(k),
+            &values(v),
+            &values(out),
+            &values(lse),
+            &values(grad),
+            n,
+            scale as f32,
+        );
+        [
+            tensor(dq, q.shape().to_vec()),
+            tensor(dk, k.shape().to_vec()),
+            tensor(dv, v.shape().to_vec()),
+        ]
+    }
+
+    fn attention_no_grad(
+        q: &FlexTensor,
+        k: &FlexTensor,
+        v: &FlexTensor,
+        scale: f64,
+    ) -> Option<FlexTensor> {
+        let n = f32_dims(q, v, k.shape()[2], None).filter(|_| k.dtype() == DType::F32)?;
+        let (out, _) = flex_attention::forward(&values(q), &values(k), &values(v), n, scale as f32);
+        let mut shape = q.shape().to_vec();
+        shape[3] = n.dv;
+        Some(tensor(out, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: &[usize], seed: u64) -> FlexTensor {
+        let n = shape.iter().product();
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect();
+        tensor(v, shape.to_vec())
+    }
+
+    fn worst(a: &FlexTensor, b: &FlexTensor) -> f32 {
+        assert_eq!(a.shape(), b.shape());
+        values(a)
+            .iter()
+            .zip(values(b).iter())
+            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+            .fold(0.0, f32::max)
+    }
+
+    /// Flex's kernel gives the composed op's output, log-sum-exp and gradients: several row
+    /// blocks with a short last one, heads split into groups, and a single row.
+    #[test]
+    fn flex_attention_equals_the_composed_op() {
+        for (b, h, lq, lk, d, dv) in [
+            (1, 3, 300, 37, 8, 5),
+            (2, 1, 129, 200, 4, 6),
+            (1, 2, 1, 3, 2, 2),
+        ] {
+            let q = random(&[b, h, lq, d], 1);
+            let k = random(&[b, h, lk, d], 2);
+            let v = random(&[b, h, lk, dv], 3);
+            let g = random(&[b, h, lq, dv], 4);
+            let scale = 0.35;
+            let (out, lse) = Flex::attention_forward(&q, &k, &v, scale, 7, None);
+            let (out_c, lse_c) = attention::forward::<Flex>(&q, &k, &v, scale, 7, None);
+            assert!(worst(&out, &out_c) < 1e-5, "output {}", worst(&out, &out_c));
+            assert!(worst(&lse, &lse_c) < 1e-5, "lse {}", worst(&lse, &lse_c));
+            let grads = Flex::attention_backward(&q, &k, &v, &out, &lse, &g, scale, 7, None);
+            let grads_c =
+                attention::backward::<Flex>(&q, &k, &v, &out_c, &lse_c, &g, scale, 7, None);
+            for (name, (a, c)) in ["dq", "dk", "dv"].iter().zip(grads.iter().zip(&grads_c)) {
+                let e = worst(a, c);
+                assert!(e < 1e-4, "({b}, {h}, {lq}, {lk}) {name}: {e}");
+            }
+        }
+    }
+}
