@@ -3,4 +3,5 @@
 //! in dev builds (the workspace's Cargo.toml), since tests and benchmarks run them at size.
 
 pub mod attention;
+pub mod conv;
 pub mod rows;

@@ -3,8 +3,11 @@
 //! backend, overrides those whose composed form runs as many single-threaded passes.
 
 use burn_backend::{
-    Backend, DType, FloatDType, Shape, TensorData, TensorMetadata, tensor::FloatTensor,
+    Backend, DType, FloatDType, Shape, TensorData, TensorMetadata,
+    ops::{ConvOptions, ModuleOps},
+    tensor::FloatTensor,
 };
+use ferrite_cpu_kernels::conv as flex_conv;
 
 use ferrite_cpu_kernels::attention as flex_attention;
 
@@ -37,6 +40,26 @@ pub trait Fused: Backend {
         dt: Option<FloatDType>,
     ) -> [FloatTensor<Self>; 3] {
         attention::backward::<Self>(q, k, v, out, lse, grad, scale, rows, dt)
+    }
+
+    /// `conv2d(x, w) + b`.
+    fn conv(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: Option<FloatTensor<Self>>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        Self::conv2d(x, w, b, options)
+    }
+
+    /// The gradient of [`Fused::conv`]'s input.
+    fn conv_input_grad(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        Self::conv2d_x_backward(x, w, grad, options)
     }
 
     /// f32 attention with no gradient where this backend's kernel beats its
@@ -89,7 +112,83 @@ fn tensor(v: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, Shape::from(shape)))
 }
 
+/// The geometry of `x` by `w` when flex's kernel computes it: f32, one group.
+fn conv_geometry(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    options: &ConvOptions<2>,
+) -> Option<flex_conv::Conv> {
+    let (xs, ws) = (x.shape().to_vec(), w.shape().to_vec());
+    let plain = options.groups == 1
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && xs.len() == 4
+        && ws.len() == 4
+        && xs[1] == ws[1];
+    plain.then(|| flex_conv::Conv {
+        n: xs[0],
+        cin: xs[1],
+        h: xs[2],
+        w: xs[3],
+        cout: ws[0],
+        kh: ws[2],
+        kw: ws[3],
+        stride: options.stride,
+        padding: options.padding,
+        dilation: options.dilation,
+    })
+}
+
 impl Fused for Flex {
+    fn conv(
+        x: FlexTensor,
+        w: FlexTensor,
+        b: Option<FlexTensor>,
+        options: ConvOptions<2>,
+    ) -> FlexTensor {
+        let f32_bias = b.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+        match conv_geometry(&x, &w, &options).filter(|c| f32_bias && c.out_size()[0] > 0) {
+            Some(c) => {
+                let bias = b.as_ref().map(values);
+                let y = flex_conv::conv2d(&values(&x), &values(&w), bias.as_deref(), c);
+                let [ho, wo] = c.out_size();
+                tensor(y, vec![c.n, c.cout, ho, wo])
+            }
+            None => Self::conv2d(x, w, b, options),
+        }
+    }
+
+    /// A stride-1 convolution's input gradient is the output gradient's convolution by the
+    /// kernel rotated 180° with its channel axes swapped, padded by `dilation·(k − 1) − padding`.
+    fn conv_input_grad(
+        x: FlexTensor,
+        w: FlexTensor,
+        grad: FlexTensor,
+        options: ConvOptions<2>,
+    ) -> FlexTensor {
+        let pad =
+            |i: usize, k: usize| (options.dilation[i] * (k - 1)).checked_sub(options.padding[i]);
+        let geometry = conv_geometry(&x, &w, &options)
+            .filter(|_| options.stride == [1, 1] && grad.dtype() == DType::F32);
+        let Some((c, [py, px])) = geometry.and_then(|c| Some((c, [pad(0, c.kh)?, pad(1, c.kw)?])))
+        else {
+            return Self::conv2d_x_backward(x, w, grad, options);
+        };
+        let [ho, wo] = c.out_size();
+        let back = flex_conv::Conv {
+            n: c.n,
+            cin: c.cout,
+            h: ho,
+            w: wo,
+            cout: c.cin,
+            padding: [py, px],
+            ..c
+        };
+        let rotated = flex_conv::flip_transpose(&values(&w), c.cout, c.cin, c.kh, c.kw);
+        let dx = flex_conv::conv2d(&values(&grad), &rotated, None, back);
+        tensor(dx, vec![c.n, c.cin, c.h, c.w])
+    }
+
     fn attention_forward(
         q: &FlexTensor,
         k: &FlexTensor,

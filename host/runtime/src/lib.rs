@@ -8,6 +8,7 @@ pub mod autocast;
 pub mod bench;
 pub mod checkpoint;
 pub mod collective;
+pub mod conv;
 pub mod fsutil;
 pub mod fused;
 pub mod gated;

@@ -86,6 +86,13 @@ pub trait Tracking: AutodiffBackend {
         v: &FloatTensor<Self>,
         scale: f64,
     ) -> Option<FloatTensor<Self>>;
+    /// `conv2d(x, w) + b` on the backend's own kernels where it has them ([`crate::conv`]).
+    fn conv2d_fused(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: Option<FloatTensor<Self>>,
+        options: burn_backend::ops::ConvOptions<2>,
+    ) -> FloatTensor<Self>;
     /// `(x − mean) / sqrt(var + eps)` over the last dimension, keeping one tensor for backward
     /// ([`crate::normalize`]).
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
@@ -154,6 +161,15 @@ impl<B: crate::fused::Fused> Tracking for burn::backend::Autodiff<B> {
         scale: f64,
     ) -> Option<FloatTensor<Self>> {
         B::attention_no_grad(&q.primitive, &k.primitive, &v.primitive, scale).map(Self::from_inner)
+    }
+
+    fn conv2d_fused(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: Option<FloatTensor<Self>>,
+        options: burn_backend::ops::ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        crate::conv::conv2d::<B, NoCheckpointing>(x, w, b, options)
     }
 
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {

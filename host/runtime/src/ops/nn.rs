@@ -113,7 +113,7 @@ impl<B: Tracking> TensorTable<B> {
             other => self.as_float("conv2d", other)?,
         };
         let dt = autocast::promoted::<B>(dt, [&t, &w].into_iter().chain(b.as_ref()));
-        let y = B::conv2d(
+        let y = B::conv2d_fused(
             to::<B>(t, dt),
             to::<B>(w, dt),
             b.map(|b| to::<B>(b, dt)),

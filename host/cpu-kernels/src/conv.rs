@@ -1,0 +1,232 @@
+//! 2-D convolution (NCHW, one group) as im2col and one gemm per band of output rows: the
+//! band's columns (`Cin·kh·kw × rows·Wo`) are laid out in parallel, then one multithreaded gemm
+//! multiplies the kernel by them. Bands keep the columns near [`COLUMNS_BUDGET`] floats so a
+//! VAE-sized image does not need gigabytes of them.
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+/// Column floats per band (64 MiB).
+const COLUMNS_BUDGET: usize = 1 << 24;
+
+/// A convolution's geometry: input `[n, cin, h, w]`, kernel `[cout, cin, kh, kw]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+}
+
+impl Conv {
+    /// The output's height and width (zero where the kernel does not fit).
+    pub fn out_size(&self) -> [usize; 2] {
+        let dim = |size: usize, k: usize, i: usize| {
+            let span = self.dilation[i] * (k - 1) + 1;
+            (size + 2 * self.padding[i])
+                .checked_sub(span)
+                .map_or(0, |r| r / self.stride[i] + 1)
+        };
+        [dim(self.h, self.kh, 0), dim(self.w, self.kw, 1)]
+    }
+}
+
+/// `conv2d(x, weight) + bias`, `[n, cout, ho, wo]` row-major.
+pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, c: Conv) -> Vec<f32> {
+    let [ho, wo] = c.out_size();
+    let plane = ho * wo;
+    let k = c.cin * c.kh * c.kw;
+    let mut out = vec![0f32; c.n * c.cout * plane];
+    if plane == 0 || k == 0 {
+        return out;
+    }
+    let band_rows = (COLUMNS_BUDGET / (k * wo)).clamp(1, ho);
+    let mut cols = vec![0f32; k * band_rows * wo];
+    for (img, out) in out.chunks_mut(c.cout * plane).enumerate() {
+        let x = &x[img * c.cin * c.h * c.w..][..c.cin * c.h * c.w];
+        for oy0 in (0..ho).step_by(band_rows) {
+            let rows = band_rows.min(ho - oy0);
+            let len = rows * wo;
+            let cols = &mut cols[..k * len];
+            im2col(x, cols, &c, oy0, rows, wo);
+            // SAFETY: out holds cout rows of `plane` from offset oy0·wo (len each), weight is
+            // cout × k and cols k × len, all row-major.
+            unsafe {
+                gemm(
+                    c.cout,
+                    len,
+                    k,
+                    out.as_mut_ptr().add(oy0 * wo),
+                    1,
+                    plane as isize,
+                    false,
+                    weight.as_ptr(),
+                    1,
+                    k as isize,
+                    cols.as_ptr(),
+                    1,
+                    len as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::Rayon(0),
+                )
+            }
+        }
+        if let Some(b) = bias {
+            out.par_chunks_mut(plane)
+                .zip(b)
+                .for_each(|(o, &b)| o.iter_mut().for_each(|v| *v += b));
+        }
+    }
+    out
+}
+
+/// Output rows `oy0..oy0 + rows` of image `x` as columns: row `(ci·kh + a)·kw + b` holds the
+/// input under kernel tap (a, b) for each output position (0 in the padding).
+fn im2col(x: &[f32], cols: &mut [f32], c: &Conv, oy0: usize, rows: usize, wo: usize) {
+    let len = rows * wo;
+    let [sy, sx] = c.stride;
+    let [py, px] = c.padding;
+    let [dy, dx] = c.dilation;
+    cols.par_chunks_mut(len).enumerate().for_each(|(r, col)| {
+        let (ci, tap) = (r / (c.kh * c.kw), r % (c.kh * c.kw));
+        let (a, b) = (tap / c.kw, tap % c.kw);
+        let src = &x[ci * c.h * c.w..][..c.h * c.w];
+        for (oy, dst) in (oy0..oy0 + rows).zip(col.chunks_mut(wo)) {
+            let iy = (oy * sy + a * dy).wrapping_sub(py);
+            if iy >= c.h {
+                dst.fill(0.0);
+                continue;
+            }
+            let line = &src[iy * c.w..][..c.w];
+            // Output columns whose input column lies inside the row: ox ∈ [lo, hi).
+            let first = px.saturating_sub(b * dx).div_ceil(sx);
+            let last = (c.w + px)
+                .checked_sub(b * dx)
+                .map_or(0, |e| e.div_ceil(sx))
+                .min(wo);
+            let (lo, hi) = (first.min(last), last);
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            if hi > lo && sx == 1 {
+                let start = lo + b * dx - px;
+                dst[lo..hi].copy_from_slice(&line[start..start + hi - lo]);
+            } else {
+                for (ox, d) in (lo..hi).zip(&mut dst[lo..hi]) {
+                    *d = line[ox * sx + b * dx - px];
+                }
+            }
+        }
+    });
+}
+
+/// A kernel `[cout, cin, kh, kw]` as `[cin, cout, kh, kw]` rotated by 180°: the kernel whose
+/// stride-1 convolution of the output's gradient is the input's gradient.
+pub fn flip_transpose(weight: &[f32], cout: usize, cin: usize, kh: usize, kw: usize) -> Vec<f32> {
+    let taps = kh * kw;
+    let mut out = vec![0f32; weight.len()];
+    for co in 0..cout {
+        for ci in 0..cin {
+            let src = &weight[(co * cin + ci) * taps..][..taps];
+            let dst = &mut out[(ci * cout + co) * taps..][..taps];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, one output at a time.
+    fn naive(x: &[f32], w: &[f32], bias: Option<&[f32]>, c: Conv) -> Vec<f32> {
+        let [ho, wo] = c.out_size();
+        let mut out = vec![0f32; c.n * c.cout * ho * wo];
+        for n in 0..c.n {
+            for co in 0..c.cout {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut acc = bias.map_or(0.0, |b| b[co]);
+                        for ci in 0..c.cin {
+                            for a in 0..c.kh {
+                                for b in 0..c.kw {
+                                    let iy = (oy * c.stride[0] + a * c.dilation[0]) as isize
+                                        - c.padding[0] as isize;
+                                    let ix = (ox * c.stride[1] + b * c.dilation[1]) as isize
+                                        - c.padding[1] as isize;
+                                    if iy < 0 || ix < 0 || iy >= c.h as isize || ix >= c.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    acc += x[((n * c.cin + ci) * c.h + iy as usize) * c.w
+                                        + ix as usize]
+                                        * w[((co * c.cin + ci) * c.kh + a) * c.kw + b];
+                                }
+                            }
+                        }
+                        out[((n * c.cout + co) * ho + oy) * wo + ox] = acc;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equals_the_definition() {
+        let cases = [
+            (2, 3, 7, 9, 4, 3, 3, [1, 1], [1, 1], [1, 1]),
+            (1, 2, 8, 8, 3, 3, 3, [2, 2], [1, 1], [1, 1]),
+            (1, 2, 6, 5, 2, 1, 1, [1, 1], [0, 0], [1, 1]),
+            (1, 1, 9, 9, 2, 3, 2, [1, 2], [2, 0], [2, 1]),
+            (1, 1, 2, 2, 1, 3, 3, [1, 1], [2, 2], [1, 1]),
+        ];
+        for (n, cin, h, w, cout, kh, kw, stride, padding, dilation) in cases {
+            let c = Conv {
+                n,
+                cin,
+                h,
+                w,
+                cout,
+                kh,
+                kw,
+                stride,
+                padding,
+                dilation,
+            };
+            let x = values(n * cin * h * w, 1);
+            let wt = values(cout * cin * kh * kw, 2);
+            let b = values(cout, 3);
+            let got = conv2d(&x, &wt, Some(&b), c);
+            let want = naive(&x, &wt, Some(&b), c);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-5, "{c:?}: {worst}");
+        }
+    }
+}
