@@ -523,6 +523,56 @@ fn masked_training_only_learns_where_the_mask_is() {
     assert!(r.losses.iter().all(|&(_, l)| l > 0.0));
 }
 
+/// The caching pass encodes every image variation (3 distinct images × 2 variations) and
+/// every caption before the first step, images in batches of `batch_size`; training then
+/// encodes nothing, and a second run finds everything cached.
+#[test]
+fn the_caches_are_filled_ahead_in_batches_before_the_first_step() {
+    let root = setup();
+    let root = root.path();
+    let cached = || {
+        let mut c = config(root, "ahead");
+        c.backup_after_unit = TimeUnit::Never;
+        c.cache_dir = "cache".into();
+        c.concepts[0].image_variations = 2;
+        c
+    };
+    let events = |c: TrainConfig| {
+        let mut t = Trainer::new(c, root, registry()).unwrap();
+        let mut seen = Vec::new();
+        t.run(|e| match e {
+            Event::Caching { what, done, total } => seen.push(format!("{what} {done}/{total}")),
+            Event::Cached(c) => seen.push(format!("{c:?}")),
+            Event::Step { .. } => seen.push("step".into()),
+            _ => {}
+        })
+        .unwrap();
+        (seen, t.cache_encoded())
+    };
+    let (first, encoded) = events(cached());
+    let steps = first.iter().filter(|e| *e == "step").count();
+    assert_eq!(
+        first[..first.len() - steps],
+        [
+            "latents 0/6",
+            "latents 2/6",
+            "latents 4/6",
+            "latents 6/6",
+            "text states 0/3",
+            "text states 3/3",
+            "Cached { latents_encoded: 6, latents_reused: 0, texts_encoded: 3, texts_reused: 0 }",
+        ]
+    );
+    assert!(steps > 0);
+    assert_eq!(encoded, (6, 3), "nothing encoded after the pass");
+    let (second, encoded) = events(cached());
+    assert_eq!(
+        second[0],
+        "Cached { latents_encoded: 0, latents_reused: 6, texts_encoded: 0, texts_reused: 3 }"
+    );
+    assert_eq!(encoded, (0, 0));
+}
+
 #[test]
 fn the_caches_encode_each_image_and_caption_once_and_a_changed_one_again() {
     let root = setup();

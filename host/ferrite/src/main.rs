@@ -243,6 +243,15 @@ enum BenchWhat {
     /// after a warm-up step: prints one JSON line with the median step time, the peak memory
     /// and the trained parameter count.
     Step(Box<StepArgs>),
+    /// The caching pass over `--images` generated images (read, augmented, VAE-encoded in
+    /// batches of `--batch`, written) against the bare VAE encode of as many in the same
+    /// process: prints one JSON line with both throughputs (images/s) and their ratio.
+    Cache {
+        #[command(flatten)]
+        step: Box<StepArgs>,
+        #[arg(long, default_value_t = 8)]
+        images: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -368,7 +377,10 @@ fn main() -> Result<()> {
         }) => ferrite::bench::ops(&device)?,
         Some(Command::Bench {
             what: BenchWhat::Step(args),
-        }) => bench_step(&Settings::load(&settings_path)?, *args)?,
+        }) => bench_step(&Settings::load(&settings_path)?, *args, None)?,
+        Some(Command::Bench {
+            what: BenchWhat::Cache { step, images },
+        }) => bench_step(&Settings::load(&settings_path)?, *step, Some(images))?,
     }
     Ok(())
 }
@@ -417,7 +429,8 @@ fn selftest(device: &str) -> Result<()> {
     Ok(())
 }
 
-fn bench_step(settings: &Settings, a: StepArgs) -> Result<()> {
+/// `bench step`, or `bench cache` over `cache_images` images.
+fn bench_step(settings: &Settings, a: StepArgs, cache_images: Option<usize>) -> Result<()> {
     let mut sets = vec![
         format!("train_dtype={}", a.train_dtype),
         format!("gradient_checkpointing={}", a.checkpointing),
@@ -441,8 +454,14 @@ fn bench_step(settings: &Settings, a: StepArgs) -> Result<()> {
         sets,
     };
     let registry = Registry::discover(&search_dirs(settings), settings);
-    let figures = ferrite::train::bench::step(&bench, &std::env::temp_dir(), registry)?;
-    println!("{}", serde_json::to_string(&figures)?);
+    let work = std::env::temp_dir();
+    let line = match cache_images {
+        Some(n) => {
+            serde_json::to_string(&ferrite::train::bench::cache(&bench, n, &work, registry)?)
+        }
+        None => serde_json::to_string(&ferrite::train::bench::step(&bench, &work, registry)?),
+    };
+    println!("{}", line?);
     Ok(())
 }
 
@@ -645,6 +664,7 @@ fn run_training(
         ));
         bar.set_position(trainer.progress.step);
     }
+    let mut caching: Option<indicatif::ProgressBar> = None;
     let result = trainer.run(|e| match e {
         Event::Started {
             items, problems, ..
@@ -690,6 +710,29 @@ fn run_training(
         Event::Skipped { step, loss_scale } => say(format!(
             "step {step} skipped: float16 gradients overflowed, loss scale now {loss_scale}"
         )),
+        Event::Caching { what, done, total } => {
+            if done == 0 {
+                if let Some(b) = caching.take() {
+                    b.finish();
+                }
+                say(format!("caching {total} {what}"));
+                let b = progress_bar(what);
+                b.set_length(total as u64);
+                caching = Some(b);
+            }
+            if let Some(b) = &caching {
+                b.set_position(done as u64);
+            }
+        }
+        Event::Cached(c) => {
+            if let Some(b) = caching.take() {
+                b.finish();
+            }
+            say(format!(
+                "caching pass: {} latents encoded, {} reused; {} text states encoded, {} reused",
+                c.latents_encoded, c.latents_reused, c.texts_encoded, c.texts_reused
+            ));
+        }
         Event::Paused(_) => {}
     });
     bar.finish();

@@ -56,6 +56,8 @@ pub struct RunView {
     pub step: u64,
     pub epoch: u64,
     pub total_steps: u64,
+    /// The caching pass under way: "caching latents 3/10".
+    pub caching: Option<String>,
     /// When recent steps ended, for it/s and the ETA.
     step_times: Vec<Instant>,
     /// The last step's time on each process of a data-parallel run (seconds, by rank).
@@ -78,6 +80,7 @@ impl Default for RunView {
             step: 0,
             epoch: 0,
             total_steps: 0,
+            caching: None,
             step_times: Vec::new(),
             rank_times: Vec::new(),
             loss: Vec::new(),
@@ -309,6 +312,22 @@ impl RunView {
                     "step {step} skipped: float16 gradients overflowed, loss scale now {loss_scale}"
                 ),
             ),
+            Event::Caching { what, done, total } => {
+                if done == 0 {
+                    self.log(false, format!("caching {total} {what}"));
+                }
+                self.caching = Some(format!("caching {what} {done}/{total}"));
+            }
+            Event::Cached(c) => {
+                self.caching = None;
+                self.log(
+                    false,
+                    format!(
+                        "caching pass: {} latents encoded, {} reused; {} text states encoded, {} reused",
+                        c.latents_encoded, c.latents_reused, c.texts_encoded, c.texts_reused
+                    ),
+                );
+            }
             Event::Paused(true) => {
                 self.phase = Phase::Paused;
                 self.log(false, "paused");
@@ -331,6 +350,9 @@ impl RunView {
 
     /// "epoch 2 · step 14/240 · 1.9 it/s · ETA 2m 0s".
     pub fn progress_text(&self) -> String {
+        if let Some(c) = &self.caching {
+            return c.clone();
+        }
         let mut t = format!(
             "epoch {} · step {}/{}",
             self.epoch, self.step, self.total_steps

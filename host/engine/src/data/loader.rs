@@ -105,6 +105,25 @@ pub struct Context {
 }
 
 impl Context {
+    fn placeholders(&self) -> Vec<&str> {
+        self.config
+            .embeddings()
+            .into_iter()
+            .map(|(_, e)| e.placeholder.as_str())
+            .collect()
+    }
+
+    /// Image `i`'s caption in `epoch` when text states come from the cache (one of its
+    /// `text_variations`, in turn: the cache holds each), placeholders kept.
+    pub fn cached_caption(&self, i: usize, epoch: u64) -> String {
+        let item = &self.data.items[i];
+        let concept = &self.config.concepts[item.concept];
+        let variation = epoch % concept.text_variations as u64;
+        let mut r = data::rng(self.config.seed, RNG_CAPTION, (i as u64) << 24 | variation);
+        let caption = caption::draw(&item.captions, concept, &mut r);
+        caption::keep_placeholders(caption, &self.placeholders())
+    }
+
     /// The host side of batch `index` of the run (`plan` of its epoch).
     pub fn load(&self, plan: &BatchPlan, index: u64) -> Result<Loaded, String> {
         let c = &*self.config;
@@ -182,18 +201,11 @@ impl Context {
                 b.masks.extend(mask);
             }
             let caption = if self.text_cached {
-                let variation = plan.epoch % concept.text_variations as u64;
-                let mut cr = data::rng(c.seed, RNG_CAPTION, (i as u64) << 24 | variation);
-                caption::draw(&item.captions, concept, &mut cr)
+                self.cached_caption(i, plan.epoch)
             } else {
-                caption::draw(&item.captions, concept, &mut caption_r)
+                let caption = caption::draw(&item.captions, concept, &mut caption_r);
+                caption::keep_placeholders(caption, &self.placeholders())
             };
-            let placeholders: Vec<&str> = c
-                .embeddings()
-                .into_iter()
-                .map(|(_, e)| e.placeholder.as_str())
-                .collect();
-            let caption = caption::keep_placeholders(caption, &placeholders);
             let dropped = caption_r.random_bool(c.text_encoder.dropout_probability);
             b.prompts
                 .push(if dropped { String::new() } else { caption });

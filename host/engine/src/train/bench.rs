@@ -1,6 +1,7 @@
 //! `ferrite bench step`: one training configuration as users run it — the whole trainer step
 //! (a batch from the cache, noise, forward, loss, backward, AdamW) on one generated image per
-//! batch item — timed after a warm-up step, with its peak memory. Asserts nothing.
+//! batch item — timed after a warm-up step, with its peak memory; and `ferrite bench cache`:
+//! the caching pass's throughput against the bare VAE encode. Asserts nothing.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -128,8 +129,8 @@ path = "images"
     Ok(c)
 }
 
-/// Runs the bench in a folder of its own under `work` (made and removed here).
-pub fn step(b: &StepBench, work: &Path, registry: Registry) -> Result<StepFigures, BenchError> {
+/// A folder of its own under `work` (removed when dropped) with `n` generated images.
+fn folder(b: &StepBench, work: &Path, n: usize) -> Result<tempfile::TempDir, BenchError> {
     let setup = |e: std::io::Error| BenchError::Setup(format!("{}: {e}", work.display()));
     let dir = tempfile::Builder::new()
         .prefix("ferrite-bench-")
@@ -137,16 +138,22 @@ pub fn step(b: &StepBench, work: &Path, registry: Registry) -> Result<StepFigure
         .map_err(setup)?;
     let images = dir.path().join("images");
     std::fs::create_dir_all(&images).map_err(setup)?;
-    // One image per batch item, so every step's batch is full.
-    for i in 0..b.batch.max(1) {
+    for i in 0..n {
         let res = b.resolution as u32;
         image::RgbImage::from_fn(res, res, |x, y| {
             image::Rgb([(x % 256) as u8, (y % 256) as u8, (40 * i % 256) as u8])
         })
         .save(images.join(format!("{i}.png")))
         .map_err(|e| BenchError::Setup(format!("writing the bench image: {e}")))?;
-        std::fs::write(images.join(format!("{i}.txt")), "a photo").map_err(setup)?;
+        std::fs::write(images.join(format!("{i}.txt")), format!("a photo {i}")).map_err(setup)?;
     }
+    Ok(dir)
+}
+
+/// Runs the bench in a folder of its own under `work` (made and removed here).
+pub fn step(b: &StepBench, work: &Path, registry: Registry) -> Result<StepFigures, BenchError> {
+    // One image per batch item, so every step's batch is full.
+    let dir = folder(b, work, b.batch.max(1))?;
     let c = config(b, dir.path())?;
     let started = Instant::now();
     let (device, _) = Device::open(&c.train_device)?;
@@ -184,5 +191,75 @@ pub fn step(b: &StepBench, work: &Path, registry: Registry) -> Result<StepFigure
         peak_mem_mib: peak_rss_mib().filter(|_| on_cpu),
         load_peak_mib,
         trainable,
+    })
+}
+
+/// What `ferrite bench cache` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheFigures {
+    pub images: usize,
+    /// Through the caching pass: the images read, augmented, encoded and written.
+    pub cache_images_per_s: f64,
+    /// The VAE alone on tensors of the same size and batch, in the same process.
+    pub encode_images_per_s: f64,
+    /// The first over the second.
+    pub ratio: f64,
+}
+
+/// `ferrite bench cache`: the caching pass over `n` generated images (from the start of the run
+/// to the end of the pass: hashing, loading, encoding, writing) against the bare VAE encode of
+/// as many images in batches of `b.batch`, after a warm-up batch.
+pub fn cache(
+    b: &StepBench,
+    n: usize,
+    work: &Path,
+    registry: Registry,
+) -> Result<CacheFigures, BenchError> {
+    let dir = folder(b, work, n)?;
+    let c = config(b, dir.path())?;
+    let (device, _) = Device::open(&c.train_device)?;
+    let mut t = Trainer::on(device, Default::default(), c, dir.path(), registry)?;
+    let batch = b.batch.max(1);
+    let _scope = t.scope().enter();
+    let pixels = ferrite_plugin_api::Tensor::full(
+        &[batch, 3, b.resolution, b.resolution],
+        0.25,
+        ferrite_plugin_api::DType::F32,
+    )
+    .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let encode = || -> Result<(), BenchError> {
+        let (mean, _) = t.vae_encode(&pixels)?;
+        // One host read waits for the device.
+        mean.mean_all()
+            .and_then(|m| m.item())
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
+        Ok(())
+    };
+    encode()?;
+    let started = Instant::now();
+    let batches = n.div_ceil(batch);
+    for _ in 0..batches {
+        encode()?;
+    }
+    let encode_images_per_s = (batches * batch) as f64 / started.elapsed().as_secs_f64();
+    let cancel = t.controls().cancel.clone();
+    let (started, mut pass) = (Instant::now(), None);
+    t.run(|e| match e {
+        Event::Cached(c) => pass = Some((c.latents_encoded, started.elapsed())),
+        Event::Step { .. } => cancel.cancel(),
+        _ => {}
+    })?;
+    let (encoded, took) = pass.ok_or_else(|| BenchError::Setup("no caching pass ran".into()))?;
+    if encoded != n {
+        return Err(BenchError::Setup(format!(
+            "the caching pass encoded {encoded} images of {n}"
+        )));
+    }
+    let cache_images_per_s = n as f64 / took.as_secs_f64();
+    Ok(CacheFigures {
+        images: n,
+        cache_images_per_s,
+        encode_images_per_s,
+        ratio: cache_images_per_s / encode_images_per_s,
     })
 }

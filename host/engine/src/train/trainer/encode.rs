@@ -30,6 +30,43 @@ impl Batch {
 }
 
 impl Trainer {
+    /// The VAE's mean and log-variance of `[B, 3, H, W]` images in [-1, 1] (the caching
+    /// benchmark's bare encode).
+    pub fn vae_encode(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _scope = self.scope.enter();
+        self.arch.vae_encode(images).map_err(err)
+    }
+
+    /// Writes one image's latent cache entry (`mask` is `[h, w]` for bucket `(w, h)`).
+    pub(super) fn write_latents(
+        &self,
+        entry: &std::path::Path,
+        mean: &Tensor,
+        logvar: &Tensor,
+        mask: &[f32],
+        geometry: &[f32],
+        (w, h): (usize, usize),
+    ) -> Result<()> {
+        let mask = Tensor::from_f32(mask, &[h, w]).map_err(err)?;
+        let geometry = Tensor::from_f32(geometry, &[6]).map_err(err)?;
+        std::fs::create_dir_all(entry.parent().expect("cache folder")).map_err(err)?;
+        ferrite_plugin_api::save_safetensors(
+            &entry.to_string_lossy(),
+            &[
+                ("mean", mean),
+                ("logvar", logvar),
+                ("mask", &mask),
+                ("geometry", &geometry),
+            ],
+            &[],
+        )
+        .map_err(|e| TrainError(format!("latent cache {}: {e}", entry.display())))?;
+        self.caches
+            .latents_encoded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The model's text tensors for `prompts` (batch first, in the order of its
     /// `conditioning.text`); from the text cache when it is on (prompts not in it are encoded
     /// together and written).
@@ -149,23 +186,7 @@ impl Trainer {
                     let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
                     let (mean, logvar) =
                         (mean.detach().map_err(err)?, logvar.detach().map_err(err)?);
-                    let mask = Tensor::from_f32(mask, &[h, w]).map_err(err)?;
-                    let geometry = Tensor::from_f32(geometry, &[6]).map_err(err)?;
-                    std::fs::create_dir_all(entry.parent().expect("cache folder")).map_err(err)?;
-                    ferrite_plugin_api::save_safetensors(
-                        &entry.to_string_lossy(),
-                        &[
-                            ("mean", &mean),
-                            ("logvar", &logvar),
-                            ("mask", &mask),
-                            ("geometry", &geometry),
-                        ],
-                        &[],
-                    )
-                    .map_err(|e| TrainError(format!("latent cache {}: {e}", entry.display())))?;
-                    self.caches
-                        .latents_encoded
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.write_latents(entry, &mean, &logvar, mask, geometry, (w, h))?;
                     encoded.push((mean, logvar));
                 }
             }

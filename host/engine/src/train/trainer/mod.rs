@@ -18,6 +18,7 @@ mod loss;
 mod noising;
 mod output;
 mod parallel;
+mod precache;
 mod precision;
 mod run;
 mod samples;
@@ -46,6 +47,7 @@ pub use batch::Probe;
 use groups::Group;
 use noising::Noising;
 pub use parallel::{BUCKET, DataParallel, mean_in_buckets};
+pub use precache::Cached;
 pub use precision::LossScale;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,15 @@ pub enum Event {
     Saved(PathBuf),
     /// The run waits (true) or goes on (false), as [`Controls::pause`] asked.
     Paused(bool),
+    /// The caching pass before the first step: `done` of `total` latents or text states
+    /// (`what`) encoded and written.
+    Caching {
+        what: &'static str,
+        done: usize,
+        total: usize,
+    },
+    /// The caching pass ended: entries encoded, and those the cache already had.
+    Cached(Cached),
     /// Float16 gradients overflowed: optimizer step `step` was skipped and the loss scale
     /// lowered to `loss_scale`.
     Skipped {
@@ -534,6 +545,11 @@ impl Trainer {
     /// The backup this run continues from, when it does.
     pub fn resumed_from(&self) -> Option<&Path> {
         self.resumed_from.as_deref()
+    }
+
+    /// The run's scope: tensors made on the caller's thread outside `run` need it entered.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
     }
 
     /// (latents, text states) encoded in this run because the cache did not have them.

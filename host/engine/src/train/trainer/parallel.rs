@@ -386,6 +386,16 @@ impl Trainer {
         })
     }
 
+    /// Waits for every process to get here (`peer_timeout` at most once the first has).
+    pub(super) fn barrier(&mut self) -> Result<()> {
+        if self.parallel.is_none() {
+            return Ok(());
+        }
+        let t = Tensor::zeros(&[1], ferrite_plugin_api::DType::F32).map_err(err)?;
+        self.reduce(&t)?.to_vec().map_err(err)?;
+        Ok(())
+    }
+
     /// The mean of `t` over the processes, waiting `peer_timeout` at most.
     fn reduce(&mut self, t: &Tensor) -> Result<Tensor> {
         let Some(p) = &self.parallel else {

@@ -46,6 +46,10 @@ impl Trainer {
             problems: self.data.problems.clone(),
             steps: self.total_steps(),
         });
+        if self.config.latent_caching {
+            let cached = self.precache(on_event)?;
+            on_event(Event::Cached(cached));
+        }
         let accum = self.config.gradient_accumulation_steps;
         let mut acc: Vec<Vec<Option<Tensor>>> = Vec::new();
         let mut acc_loss: Option<Tensor> = None;

@@ -1,0 +1,221 @@
+//! The caches filled ahead of training, as OneTrainer's caching pass does: every image
+//! variation and caption the run will read that the cache lacks is encoded before the first
+//! step, images in batches of `batch_size` (decoded and augmented on a loader thread while the
+//! VAE encodes the previous batch), captions in batches of 16. Training then reads them all from
+//! the cache; the processes of a data-parallel run take turns over the entries. What the pass
+//! cannot foresee (another resolution drawn in a later epoch) is still encoded when a batch
+//! needs it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::mpsc::sync_channel;
+
+use ferrite_plugin_api::Tensor;
+
+use super::{Event, Result, TrainError, Trainer, err};
+use crate::data;
+
+/// Captions encoded together.
+const TEXT_BATCH: usize = 16;
+
+/// One image variation to encode.
+struct Todo {
+    item: usize,
+    bucket: (usize, usize),
+    entry: PathBuf,
+    seed: u64,
+}
+
+/// What the pass did: entries encoded now and entries the cache already had.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cached {
+    pub latents_encoded: usize,
+    pub latents_reused: usize,
+    pub texts_encoded: usize,
+    pub texts_reused: usize,
+}
+
+impl Trainer {
+    /// Epochs whose images or captions differ from an earlier epoch's (variations repeat).
+    fn distinct_epochs(&self) -> u64 {
+        let c = &self.config;
+        let most = c
+            .concepts
+            .iter()
+            .map(|k| k.image_variations.max(k.text_variations))
+            .max()
+            .unwrap_or(1);
+        most.clamp(1, c.epochs.max(1)) as u64
+    }
+
+    /// This process's share of `n` things (a data-parallel process takes every `nodes`-th).
+    fn mine(&self, k: usize) -> bool {
+        self.parallel
+            .as_ref()
+            .is_none_or(|p| k % p.nodes as usize == p.rank as usize)
+    }
+
+    /// Fills the latent and text caches for the run (see the module's comment), reporting
+    /// progress as [`Event::Caching`].
+    pub(super) fn precache(&mut self, on_event: &mut impl FnMut(Event)) -> Result<Cached> {
+        let mut done = Cached::default();
+        if !self.config.latent_caching {
+            return Ok(done);
+        }
+        let context = self.loader_context();
+        let mut seen = HashSet::new();
+        let mut todo: BTreeMap<(usize, usize), Vec<Todo>> = BTreeMap::new();
+        let mut prompts = Vec::new();
+        let mut prompt_seen = HashSet::new();
+        for epoch in 0..self.distinct_epochs() {
+            for plan in self.plan(epoch) {
+                for &i in &plan.items {
+                    let item = &self.data.items[i];
+                    let concept = &self.config.concepts[item.concept];
+                    let variation = epoch % concept.image_variations as u64;
+                    let (entry, seed) = self
+                        .caches
+                        .latent_entry(item, concept, plan.bucket, variation)
+                        .map_err(TrainError)?;
+                    if seen.insert(entry.clone()) {
+                        if entry.is_file() {
+                            done.latents_reused += 1;
+                        } else if self.mine(seen.len()) {
+                            todo.entry(plan.bucket).or_default().push(Todo {
+                                item: i,
+                                bucket: plan.bucket,
+                                entry,
+                                seed,
+                            });
+                        }
+                    }
+                    if self.text_cached {
+                        let text = context.cached_caption(i, epoch);
+                        if prompt_seen.insert(text.clone()) {
+                            prompts.push(text);
+                        }
+                    }
+                }
+            }
+        }
+        if self.text_cached && self.config.text_encoder.dropout_probability > 0.0 {
+            // A dropped caption is the empty prompt.
+            if prompt_seen.insert(String::new()) {
+                prompts.push(String::new());
+            }
+        }
+        let total = todo.values().map(Vec::len).sum::<usize>();
+        let batch = self.config.batch_size.max(1);
+        if total > 0 {
+            on_event(Event::Caching {
+                what: "latents",
+                done: 0,
+                total,
+            });
+        }
+        let jobs: Vec<Vec<Todo>> = todo
+            .into_values()
+            .flat_map(|mut v| {
+                let mut out = Vec::new();
+                while !v.is_empty() {
+                    let rest = v.split_off(batch.min(v.len()));
+                    out.push(std::mem::replace(&mut v, rest));
+                }
+                out
+            })
+            .collect();
+        // Images load on their own thread, a batch ahead of the VAE.
+        let (tx, rx) = sync_channel(1);
+        let (data, concepts) = (self.data.clone(), self.config.concepts.clone());
+        let loader = std::thread::Builder::new()
+            .name("precache-loader".into())
+            .spawn(move || {
+                for job in jobs {
+                    let prepared: std::result::Result<Vec<_>, String> = job
+                        .iter()
+                        .map(|t| {
+                            let item = &data.items[t.item];
+                            data::prepare(
+                                item,
+                                &concepts[item.concept],
+                                t.bucket,
+                                &mut data::rng(t.seed, 0, 0),
+                            )
+                        })
+                        .collect();
+                    if tx.send((job, prepared)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(err)?;
+        for (job, prepared) in rx {
+            if self.controls.cancel.is_cancelled() {
+                break;
+            }
+            let prepared = prepared.map_err(TrainError)?;
+            let (w, h) = job[0].bucket;
+            let pixels: Vec<f32> = prepared.iter().flat_map(|p| p.pixels.clone()).collect();
+            let images = Tensor::from_f32(&pixels, &[job.len(), 3, h, w]).map_err(err)?;
+            let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
+            for (k, (t, p)) in job.iter().zip(&prepared).enumerate() {
+                let row = |x: &Tensor| x.narrow(0, k, 1).and_then(|r| r.detach());
+                let (mean, logvar) = (row(&mean).map_err(err)?, row(&logvar).map_err(err)?);
+                self.write_latents(&t.entry, &mean, &logvar, &p.mask, &p.geometry, (w, h))?;
+            }
+            done.latents_encoded += job.len();
+            on_event(Event::Caching {
+                what: "latents",
+                done: done.latents_encoded,
+                total,
+            });
+        }
+        drop(loader.join());
+        if !prompts.is_empty() {
+            self.precache_texts(&prompts, &mut done, on_event)?;
+        }
+        // Each process of a data-parallel run cached its share: training starts once all are
+        // written (a process on another machine without a shared folder encodes the others'
+        // share when a batch needs it).
+        self.barrier()?;
+        Ok(done)
+    }
+
+    fn precache_texts(
+        &self,
+        prompts: &[String],
+        done: &mut Cached,
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<()> {
+        let missing: Vec<String> = prompts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !self.caches.text_entry(p).is_file())
+            .filter(|(k, _)| self.mine(*k))
+            .map(|(_, p)| p.clone())
+            .collect();
+        done.texts_reused = prompts.len() - missing.len();
+        let total = missing.len();
+        if total > 0 {
+            on_event(Event::Caching {
+                what: "text states",
+                done: 0,
+                total,
+            });
+        }
+        for chunk in missing.chunks(TEXT_BATCH) {
+            if self.controls.cancel.is_cancelled() {
+                break;
+            }
+            // Misses are encoded together and written.
+            self.text_states(chunk)?;
+            done.texts_encoded += chunk.len();
+            on_event(Event::Caching {
+                what: "text states",
+                done: done.texts_encoded,
+                total,
+            });
+        }
+        Ok(())
+    }
+}
