@@ -524,8 +524,9 @@ fn masked_training_only_learns_where_the_mask_is() {
 }
 
 /// The caching pass encodes every image variation (3 distinct images × 2 variations) and
-/// every caption before the first step, images in batches of `batch_size`; training then
-/// encodes nothing, and a second run finds everything cached.
+/// every caption (3, and the empty one caption dropout gives) before the first step, images in
+/// batches of `batch_size`; training then encodes nothing, and a second run finds everything
+/// cached.
 #[test]
 fn the_caches_are_filled_ahead_in_batches_before_the_first_step() {
     let root = setup();
@@ -535,6 +536,7 @@ fn the_caches_are_filled_ahead_in_batches_before_the_first_step() {
         c.backup_after_unit = TimeUnit::Never;
         c.cache_dir = "cache".into();
         c.concepts[0].image_variations = 2;
+        c.text_encoder.dropout_probability = 0.5;
         c
     };
     let events = |c: TrainConfig| {
@@ -558,17 +560,17 @@ fn the_caches_are_filled_ahead_in_batches_before_the_first_step() {
             "latents 2/6",
             "latents 4/6",
             "latents 6/6",
-            "text states 0/3",
-            "text states 3/3",
-            "Cached { latents_encoded: 6, latents_reused: 0, texts_encoded: 3, texts_reused: 0 }",
+            "text states 0/4",
+            "text states 4/4",
+            "Cached { latents_encoded: 6, latents_reused: 0, texts_encoded: 4, texts_reused: 0 }",
         ]
     );
     assert!(steps > 0);
-    assert_eq!(encoded, (6, 3), "nothing encoded after the pass");
+    assert_eq!(encoded, (6, 4), "nothing encoded after the pass");
     let (second, encoded) = events(cached());
     assert_eq!(
         second[0],
-        "Cached { latents_encoded: 0, latents_reused: 6, texts_encoded: 0, texts_reused: 3 }"
+        "Cached { latents_encoded: 0, latents_reused: 6, texts_encoded: 0, texts_reused: 4 }"
     );
     assert_eq!(encoded, (0, 0));
 }

@@ -209,3 +209,54 @@ fn sum_groups(parts: Vec<f32>, groups: usize, len: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 8) as f32 / (1 << 24) as f32 - 2.0
+            })
+            .collect()
+    }
+
+    /// Rows split into groups with their own dk and dv (as many as threads) sum to what one
+    /// group gives: one head of 700 rows (6 blocks) on 1, 3 and 8 threads.
+    #[test]
+    fn groups_of_rows_sum_to_one_group() {
+        let n = Dims {
+            bh: 1,
+            lq: 700,
+            lk: 50,
+            d: 8,
+            dv: 6,
+        };
+        let (q, k) = (values(700 * 8, 1), values(50 * 8, 2));
+        let (v, g) = (values(50 * 6, 3), values(700 * 6, 4));
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let (out, lse) = forward(&q, &k, &v, n, 0.3);
+                backward(&q, &k, &v, &out, &lse, &g, n, 0.3)
+            })
+        };
+        let one = on(1);
+        for threads in [3, 8] {
+            for (a, b) in on(threads).iter().zip(&one) {
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max);
+                assert!(worst < 1e-4, "{threads} threads: {worst}");
+            }
+        }
+    }
+}

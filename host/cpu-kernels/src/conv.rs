@@ -1,10 +1,13 @@
-//! 2-D convolution (NCHW, one group) as im2col and one gemm per band of output rows: the
+//! 2-D convolution (NCHW, one group): 3×3 at stride 1 by Winograd's transform
+//! ([`crate::winograd`]), any other as im2col and one gemm per band of output rows: the
 //! band's columns (`Cin·kh·kw × rows·Wo`) are laid out in parallel, then one multithreaded gemm
 //! multiplies the kernel by them. Bands keep the columns near [`COLUMNS_BUDGET`] floats so a
 //! VAE-sized image does not need gigabytes of them.
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
+
+use crate::winograd;
 
 /// Column floats per band (64 MiB).
 const COLUMNS_BUDGET: usize = 1 << 24;
@@ -37,8 +40,17 @@ impl Conv {
     }
 }
 
-/// `conv2d(x, weight) + bias`, `[n, cout, ho, wo]` row-major.
+/// `conv2d(x, weight) + bias`, `[n, cout, ho, wo]` row-major: Winograd's for a 3×3 kernel at
+/// stride 1 ([`crate::winograd`]), im2col's otherwise.
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, c: Conv) -> Vec<f32> {
+    if winograd::applies(&c) {
+        return winograd::conv2d(x, weight, bias, c);
+    }
+    im2col_conv2d(x, weight, bias, c)
+}
+
+/// [`conv2d`] as im2col and one gemm per band.
+pub(crate) fn im2col_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, c: Conv) -> Vec<f32> {
     let [ho, wo] = c.out_size();
     let plane = ho * wo;
     let k = c.cin * c.kh * c.kw;
@@ -202,6 +214,8 @@ mod tests {
             (1, 2, 6, 5, 2, 1, 1, [1, 1], [0, 0], [1, 1]),
             (1, 1, 9, 9, 2, 3, 2, [1, 2], [2, 0], [2, 1]),
             (1, 1, 2, 2, 1, 3, 3, [1, 1], [2, 2], [1, 1]),
+            (2, 5, 6, 11, 3, 3, 3, [1, 1], [0, 2], [1, 1]),
+            (1, 4, 10, 10, 6, 3, 3, [1, 1], [1, 1], [1, 1]),
         ];
         for (n, cin, h, w, cout, kh, kw, stride, padding, dilation) in cases {
             let c = Conv {
@@ -219,14 +233,22 @@ mod tests {
             let x = values(n * cin * h * w, 1);
             let wt = values(cout * cin * kh * kw, 2);
             let b = values(cout, 3);
-            let got = conv2d(&x, &wt, Some(&b), c);
             let want = naive(&x, &wt, Some(&b), c);
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            assert!(worst < 1e-5, "{c:?}: {worst}");
+            let mut ways = vec![("im2col", im2col_conv2d(&x, &wt, Some(&b), c))];
+            if winograd::applies(&c) {
+                ways.push(("winograd", winograd::conv2d(&x, &wt, Some(&b), c)));
+                // A band of one tile row at a time.
+                let banded = winograd::conv2d_in_bands(&x, &wt, Some(&b), c, 1);
+                ways.push(("winograd in bands", banded));
+            }
+            for (way, got) in ways {
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(worst < 1e-5, "{way} {c:?}: {worst}");
+            }
         }
     }
 }

@@ -644,9 +644,14 @@ fn run_training(
         println!("{}", trainer.joined().unwrap_or_default());
     }
     let bar = indicatif::ProgressBar::new(trainer.total_steps());
-    bar.set_style(indicatif::ProgressStyle::with_template(
+    let step_style = indicatif::ProgressStyle::with_template(
         "{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}, {per_sec}]",
-    )?);
+    )?;
+    // The caching pass shows on the same bar.
+    let caching_style =
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{eta} left]")?;
+    bar.set_style(step_style.clone());
+    let (total_steps, first_step) = (trainer.total_steps(), trainer.progress.step);
     // Without a terminal the bar draws nothing: then every line goes to stdout instead.
     let say = |m: String| {
         if bar.is_hidden() {
@@ -664,7 +669,6 @@ fn run_training(
         ));
         bar.set_position(trainer.progress.step);
     }
-    let mut caching: Option<indicatif::ProgressBar> = None;
     let result = trainer.run(|e| match e {
         Event::Started {
             items, problems, ..
@@ -712,26 +716,19 @@ fn run_training(
         )),
         Event::Caching { what, done, total } => {
             if done == 0 {
-                if let Some(b) = caching.take() {
-                    b.finish();
-                }
                 say(format!("caching {total} {what}"));
-                let b = progress_bar(what);
-                b.set_length(total as u64);
-                caching = Some(b);
+                bar.set_style(caching_style.clone());
+                bar.set_length(total as u64);
+                bar.set_message(format!("{what} cached"));
             }
-            if let Some(b) = &caching {
-                b.set_position(done as u64);
-            }
+            bar.set_position(done as u64);
         }
         Event::Cached(c) => {
-            if let Some(b) = caching.take() {
-                b.finish();
-            }
-            say(format!(
-                "caching pass: {} latents encoded, {} reused; {} text states encoded, {} reused",
-                c.latents_encoded, c.latents_reused, c.texts_encoded, c.texts_reused
-            ));
+            bar.set_style(step_style.clone());
+            bar.set_length(total_steps);
+            bar.set_position(first_step);
+            bar.set_message("");
+            say(c.to_string());
         }
         Event::Paused(_) => {}
     });

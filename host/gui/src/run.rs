@@ -229,11 +229,13 @@ impl RunView {
                 Msg::Note(line) => self.log(false, line),
                 Msg::Event(e) => self.on_event(ctx, e),
                 Msg::Done(Ok(())) => {
+                    self.caching = None;
                     self.phase = Phase::Finished;
                     self.log(false, "training finished");
                     self.controls = None;
                 }
                 Msg::Done(Err(e)) => {
+                    self.caching = None;
                     self.phase = Phase::Failed;
                     self.log(true, format!("training failed: {e}"));
                     self.controls = None;
@@ -320,13 +322,7 @@ impl RunView {
             }
             Event::Cached(c) => {
                 self.caching = None;
-                self.log(
-                    false,
-                    format!(
-                        "caching pass: {} latents encoded, {} reused; {} text states encoded, {} reused",
-                        c.latents_encoded, c.latents_reused, c.texts_encoded, c.texts_reused
-                    ),
-                );
+                self.log(false, c.to_string());
             }
             Event::Paused(true) => {
                 self.phase = Phase::Paused;

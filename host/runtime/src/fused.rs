@@ -112,7 +112,8 @@ fn tensor(v: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, Shape::from(shape)))
 }
 
-/// The geometry of `x` by `w` when flex's kernel computes it: f32, one group.
+/// The geometry of `x` by `w` when flex's kernel computes it: f32, one group, no empty
+/// dimension but the batch (burn's convolution handles the rest).
 fn conv_geometry(
     x: &FlexTensor,
     w: &FlexTensor,
@@ -124,7 +125,9 @@ fn conv_geometry(
         && w.dtype() == DType::F32
         && xs.len() == 4
         && ws.len() == 4
-        && xs[1] == ws[1];
+        && xs[1] == ws[1]
+        && !ws.contains(&0)
+        && xs[1..].iter().all(|&d| d > 0);
     plain.then(|| flex_conv::Conv {
         n: xs[0],
         cin: xs[1],
@@ -146,7 +149,9 @@ impl Fused for Flex {
         b: Option<FlexTensor>,
         options: ConvOptions<2>,
     ) -> FlexTensor {
-        let f32_bias = b.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+        let f32_bias = b
+            .as_ref()
+            .is_none_or(|b| b.dtype() == DType::F32 && b.shape().to_vec() == [w.shape()[0]]);
         match conv_geometry(&x, &w, &options).filter(|c| f32_bias && c.out_size()[0] > 0) {
             Some(c) => {
                 let bias = b.as_ref().map(values);

@@ -141,7 +141,13 @@ fn folder(b: &StepBench, work: &Path, n: usize) -> Result<tempfile::TempDir, Ben
     for i in 0..n {
         let res = b.resolution as u32;
         image::RgbImage::from_fn(res, res, |x, y| {
-            image::Rgb([(x % 256) as u8, (y % 256) as u8, (40 * i % 256) as u8])
+            // Distinct images (the cache is keyed by content).
+            let i = i as u32;
+            image::Rgb([
+                ((x + i) % 256) as u8,
+                ((y + i / 256) % 256) as u8,
+                (40 * i % 256) as u8,
+            ])
         })
         .save(images.join(format!("{i}.png")))
         .map_err(|e| BenchError::Setup(format!("writing the bench image: {e}")))?;
@@ -244,10 +250,12 @@ pub fn cache(
     let encode_images_per_s = (batches * batch) as f64 / started.elapsed().as_secs_f64();
     let cancel = t.controls().cancel.clone();
     let (started, mut pass) = (Instant::now(), None);
-    t.run(|e| match e {
-        Event::Cached(c) => pass = Some((c.latents_encoded, started.elapsed())),
-        Event::Step { .. } => cancel.cancel(),
-        _ => {}
+    t.run(|e| {
+        if let Event::Cached(c) = e {
+            pass = Some((c.latents_encoded, started.elapsed()));
+            // The run stops before its first step.
+            cancel.cancel();
+        }
     })?;
     let (encoded, took) = pass.ok_or_else(|| BenchError::Setup("no caching pass ran".into()))?;
     if encoded != n {

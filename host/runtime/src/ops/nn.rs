@@ -302,9 +302,12 @@ impl<B: Tracking> TensorTable<B> {
             .chain(bias.as_ref())
             .any(B::is_tracked);
         // The O(L) op takes q, k and v of one batch and head count (no broadcasting) and no
-        // empty dimension.
-        let plain =
-            qs[..2] == ks[..2] && ks[..2] == vs[..2] && !qs.contains(&0) && !ks.contains(&0);
+        // empty dimension (burn's handles those).
+        let plain = qs[..2] == ks[..2]
+            && ks[..2] == vs[..2]
+            && !qs.contains(&0)
+            && !ks.contains(&0)
+            && !vs.contains(&0);
         let dt = self.compute_dtype();
         if tracked && mask.is_none() && bias.is_none() && plain {
             let scale = a.scale.unwrap_or(1.0 / (qs[3] as f64).sqrt());

@@ -35,6 +35,16 @@ pub struct Cached {
     pub texts_reused: usize,
 }
 
+impl std::fmt::Display for Cached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "caching pass: {} latents encoded, {} reused; {} text states encoded, {} reused",
+            self.latents_encoded, self.latents_reused, self.texts_encoded, self.texts_reused
+        )
+    }
+}
+
 impl Trainer {
     /// Epochs whose images or captions differ from an earlier epoch's (variations repeat).
     fn distinct_epochs(&self) -> u64 {
@@ -48,7 +58,8 @@ impl Trainer {
         most.clamp(1, c.epochs.max(1)) as u64
     }
 
-    /// This process's share of `n` things (a data-parallel process takes every `nodes`-th).
+    /// Whether the `k`-th thing to cache is this process's (a data-parallel process takes every
+    /// `nodes`-th, counted over every entry, cached or not, so that all count alike).
     fn mine(&self, k: usize) -> bool {
         self.parallel
             .as_ref()
@@ -155,7 +166,10 @@ impl Trainer {
             }
             let prepared = prepared.map_err(TrainError)?;
             let (w, h) = job[0].bucket;
-            let pixels: Vec<f32> = prepared.iter().flat_map(|p| p.pixels.clone()).collect();
+            let pixels: Vec<f32> = prepared
+                .iter()
+                .flat_map(|p| p.pixels.iter().copied())
+                .collect();
             let images = Tensor::from_f32(&pixels, &[job.len(), 3, h, w]).map_err(err)?;
             let (mean, logvar) = self.arch.vae_encode(&images).map_err(err)?;
             for (k, (t, p)) in job.iter().zip(&prepared).enumerate() {
@@ -170,7 +184,9 @@ impl Trainer {
                 total,
             });
         }
-        drop(loader.join());
+        loader
+            .join()
+            .map_err(|_| TrainError("the caching pass's image loader panicked".into()))?;
         if !prompts.is_empty() {
             self.precache_texts(&prompts, &mut done, on_event)?;
         }
@@ -187,14 +203,18 @@ impl Trainer {
         done: &mut Cached,
         on_event: &mut impl FnMut(Event),
     ) -> Result<()> {
+        let cached: Vec<bool> = prompts
+            .iter()
+            .map(|p| self.caches.text_entry(p).is_file())
+            .collect();
+        done.texts_reused = cached.iter().filter(|&&c| c).count();
         let missing: Vec<String> = prompts
             .iter()
+            .zip(&cached)
             .enumerate()
-            .filter(|(_, p)| !self.caches.text_entry(p).is_file())
-            .filter(|(k, _)| self.mine(*k))
-            .map(|(_, p)| p.clone())
+            .filter(|&(k, (_, &c))| !c && self.mine(k))
+            .map(|(_, (p, _))| p.clone())
             .collect();
-        done.texts_reused = prompts.len() - missing.len();
         let total = missing.len();
         if total > 0 {
             on_event(Event::Caching {
