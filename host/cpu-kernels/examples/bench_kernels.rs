@@ -1,6 +1,6 @@
 //! The kernels at SD 1.5's 512² sizes: one self-attention (`[8 heads, 4096, 40]`), forward and
 //! forward+backward, and one 3×3 convolution of 320 channels at 64×64. Prints figures; asserts
-//! nothing. PyTorch's on the same shapes: `tests/bench/kernels.py`.
+//! nothing. PyTorch's on the same shapes: `tests/bench/cpu_kernels.py`.
 //!
 //!     cargo run -p ferrite-cpu-kernels --example bench_kernels [heads L D iters]
 

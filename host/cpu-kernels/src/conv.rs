@@ -216,6 +216,8 @@ mod tests {
             (1, 1, 2, 2, 1, 3, 3, [1, 1], [2, 2], [1, 1]),
             (2, 5, 6, 11, 3, 3, 3, [1, 1], [0, 2], [1, 1]),
             (1, 4, 10, 10, 6, 3, 3, [1, 1], [1, 1], [1, 1]),
+            // Past Winograd's threshold (33×33 outputs): conv2d takes it.
+            (1, 2, 33, 33, 3, 3, 3, [1, 1], [1, 1], [1, 1]),
         ];
         for (n, cin, h, w, cout, kh, kw, stride, padding, dilation) in cases {
             let c = Conv {
@@ -234,8 +236,11 @@ mod tests {
             let wt = values(cout * cin * kh * kw, 2);
             let b = values(cout, 3);
             let want = naive(&x, &wt, Some(&b), c);
-            let mut ways = vec![("im2col", im2col_conv2d(&x, &wt, Some(&b), c))];
-            if winograd::applies(&c) {
+            let mut ways = vec![
+                ("conv2d", conv2d(&x, &wt, Some(&b), c)),
+                ("im2col", im2col_conv2d(&x, &wt, Some(&b), c)),
+            ];
+            if winograd::computes(&c) {
                 ways.push(("winograd", winograd::conv2d(&x, &wt, Some(&b), c)));
                 // A band of one tile row at a time.
                 let banded = winograd::conv2d_in_bands(&x, &wt, Some(&b), c, 1);

@@ -1,6 +1,7 @@
 //! The tensor table: every live tensor of one runtime, keyed by the handles plugins hold.
 
-use std::collections::HashMap;
+// Handles are sequential integers: SipHash's resistance to chosen keys buys nothing per op.
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use burn_backend::{
@@ -338,12 +339,12 @@ impl<B: AutodiffBackend> TensorTable<B> {
             device,
             device_name,
             live: Mutex::new(Live {
-                handles: HashMap::new(),
-                slots: HashMap::new(),
+                handles: HashMap::default(),
+                slots: HashMap::default(),
                 next: first,
             }),
             rngs: Mutex::new(Rngs {
-                map: HashMap::new(),
+                map: HashMap::default(),
                 next: first,
             }),
             dropout: Mutex::new(ChaCha8Rng::seed_from_u64(0)),

@@ -1,6 +1,8 @@
 """PyTorch's side of `cargo run -p ferrite-cpu-kernels --example bench_kernels`: one SD 1.5
 self-attention at 512² ([1, 8, 4096, 40], scaled_dot_product_attention) forward and
-forward+backward, and one 3×3 convolution of 320 channels at 64×64, on this machine's CPU."""
+forward+backward, and one 3×3 convolution of 320 channels at 64×64, on this machine's CPU.
+(Not kernels.py: bitsandbytes imports a package of that name, and Python puts this folder first
+on the path of the scripts beside it.)"""
 import time
 
 import torch
