@@ -50,7 +50,18 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, c: Conv) -> Vec<f
 }
 
 /// [`conv2d`] as im2col and one gemm per band.
-pub(crate) fn im2col_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, c: Conv) -> Vec<f32> {
+fn im2col_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, c: Conv) -> Vec<f32> {
+    im2col_in_bands(x, weight, bias, c, COLUMNS_BUDGET)
+}
+
+/// [`im2col_conv2d`] in bands of about `budget` column floats.
+fn im2col_in_bands(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    c: Conv,
+    budget: usize,
+) -> Vec<f32> {
     let [ho, wo] = c.out_size();
     let plane = ho * wo;
     let k = c.cin * c.kh * c.kw;
@@ -58,7 +69,7 @@ pub(crate) fn im2col_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, c: 
     if plane == 0 || k == 0 {
         return out;
     }
-    let band_rows = (COLUMNS_BUDGET / (k * wo)).clamp(1, ho);
+    let band_rows = (budget / (k * wo)).clamp(1, ho);
     let mut cols = vec![0f32; k * band_rows * wo];
     for (img, out) in out.chunks_mut(c.cout * plane).enumerate() {
         let x = &x[img * c.cin * c.h * c.w..][..c.cin * c.h * c.w];
@@ -218,6 +229,8 @@ mod tests {
             (1, 4, 10, 10, 6, 3, 3, [1, 1], [1, 1], [1, 1]),
             // Past Winograd's threshold (33×33 outputs): conv2d takes it.
             (1, 2, 33, 33, 3, 3, 3, [1, 1], [1, 1], [1, 1]),
+            // More kernels (17 · 16) than one block of the kernel transform.
+            (1, 17, 8, 8, 16, 3, 3, [1, 1], [1, 1], [1, 1]),
         ];
         for (n, cin, h, w, cout, kh, kw, stride, padding, dilation) in cases {
             let c = Conv {
@@ -239,6 +252,8 @@ mod tests {
             let mut ways = vec![
                 ("conv2d", conv2d(&x, &wt, Some(&b), c)),
                 ("im2col", im2col_conv2d(&x, &wt, Some(&b), c)),
+                // A band of one output row at a time.
+                ("im2col in bands", im2col_in_bands(&x, &wt, Some(&b), c, 1)),
             ];
             if winograd::computes(&c) {
                 ways.push(("winograd", winograd::conv2d(&x, &wt, Some(&b), c)));

@@ -4,5 +4,5 @@
 
 pub mod attention;
 pub mod conv;
-pub mod rows;
-pub mod winograd;
+mod rows;
+mod winograd;

@@ -11,7 +11,8 @@ use rayon::prelude::*;
 
 use crate::conv::Conv;
 
-/// Transformed floats per band (16 · channels · tiles): 64 MiB.
+/// Transformed floats per band (16 · channels · tiles): 64 MiB for the input's and as much for
+/// the products'.
 const BUDGET: usize = 1 << 24;
 
 /// Output positions below which im2col is used: with few tiles the 16 products are too thin

@@ -152,7 +152,8 @@ impl Fused for Flex {
         let f32_bias = b
             .as_ref()
             .is_none_or(|b| b.dtype() == DType::F32 && b.shape().to_vec() == [w.shape()[0]]);
-        match conv_geometry(&x, &w, &options).filter(|c| f32_bias && c.out_size()[0] > 0) {
+        let has_output = |c: &flex_conv::Conv| !c.out_size().contains(&0);
+        match conv_geometry(&x, &w, &options).filter(|c| f32_bias && has_output(c)) {
             Some(c) => {
                 let bias = b.as_ref().map(values);
                 let y = flex_conv::conv2d(&values(&x), &values(&w), bias.as_deref(), c);

@@ -786,6 +786,12 @@ fn conv2d_matches_naive_loop() {
         ConvOptions::default(),
     );
     assert!(e.unwrap_err().to_string().contains("does not match weight"));
+    // A bias of the wrong length, and a kernel wider than the input: errors, not panics.
+    let (x, w) = (t(&[0.0; 5], &[1, 1, 5, 1]), t(&[0.0; 9], &[1, 1, 3, 3]));
+    let e = ops::conv2d(&x, &w, Some(&t(&[0.0; 2], &[2])), ConvOptions::padding(1));
+    assert!(e.unwrap_err().to_string().contains("output channels"));
+    let e = ops::conv2d(&x, &w, None, ConvOptions::default());
+    assert!(e.unwrap_err().to_string().contains("does not fit input"));
 }
 
 #[test]

@@ -97,11 +97,28 @@ impl<B: Tracking> TensorTable<B> {
                 "op {op}: input {ts:?} does not match weight {ws:?} (groups {groups})"
             ));
         }
+        let out_ch = if transposed { ws[1] * groups } else { ws[0] };
+        if let Some(bs) = b.as_ref().map(shape_of::<B>).filter(|s| *s != [out_ch]) {
+            return Err(format!(
+                "op {op}: bias {bs:?} does not match the {out_ch} output channels of weight {ws:?}"
+            ));
+        }
         Ok((t, w, b))
     }
 
     pub(super) fn conv2d(&self, ids: &[TensorId], a: &op::Conv) -> RtResult<Vec<Value<B>>> {
         let (t, w, b) = self.conv_inputs("conv2d", ids, a.stride, a.dilation, a.groups, false)?;
+        let (ts, ws) = (shape_of::<B>(&t), w.shape());
+        for i in 0..2 {
+            let span = a.dilation[i] * ws[2 + i].saturating_sub(1) + 1;
+            if ws[2 + i] == 0 || ts[2 + i] + 2 * a.padding[i] < span {
+                return Err(format!(
+                    "op conv2d: weight {ws:?} (dilation {:?}) does not fit input {ts:?} padded by \
+                     {:?}: the output would be empty",
+                    a.dilation, a.padding
+                ));
+            }
+        }
         let opts = ConvOptions::new(a.stride, a.padding, a.dilation, a.groups);
         let dt = self.compute_dtype();
         let w = match w {

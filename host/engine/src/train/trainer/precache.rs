@@ -2,9 +2,11 @@
 //! variation and caption the run will read that the cache lacks is encoded before the first
 //! step, images in batches of `batch_size` (decoded and augmented on a loader thread while the
 //! VAE encodes the previous batch), captions in batches of 16. Training then reads them all from
-//! the cache; the processes of a data-parallel run take turns over the entries. What the pass
-//! cannot foresee (another resolution drawn in a later epoch) is still encoded when a batch
-//! needs it.
+//! the cache. The entries come from planning every epoch left as training will (its buckets,
+//! resolutions and balancing draws). The processes of a data-parallel run take turns over the
+//! entries and wait for each other after the pass (`peer_timeout` at most: a process whose share
+//! takes longer than that after the others finished fails the run); on machines that share no
+//! cache folder each then encodes, when a batch needs it, what another process cached.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -46,18 +48,6 @@ impl std::fmt::Display for Cached {
 }
 
 impl Trainer {
-    /// Epochs whose images or captions differ from an earlier epoch's (variations repeat).
-    fn distinct_epochs(&self) -> u64 {
-        let c = &self.config;
-        let most = c
-            .concepts
-            .iter()
-            .map(|k| k.image_variations.max(k.text_variations))
-            .max()
-            .unwrap_or(1);
-        most.clamp(1, c.epochs.max(1)) as u64
-    }
-
     /// Whether the `k`-th thing to cache is this process's (a data-parallel process takes every
     /// `nodes`-th, counted over every entry, cached or not, so that all count alike).
     fn mine(&self, k: usize) -> bool {
@@ -78,7 +68,9 @@ impl Trainer {
         let mut todo: BTreeMap<(usize, usize), Vec<Todo>> = BTreeMap::new();
         let mut prompts = Vec::new();
         let mut prompt_seen = HashSet::new();
-        for epoch in 0..self.distinct_epochs() {
+        // Every epoch left: balancing by samples draws other images each epoch (entries are
+        // worked out once per run, so planning again costs little).
+        for epoch in self.progress.epoch..self.config.epochs as u64 {
             for plan in self.plan(epoch) {
                 for &i in &plan.items {
                     let item = &self.data.items[i];
