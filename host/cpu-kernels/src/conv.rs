@@ -113,6 +113,63 @@ fn im2col_in_bands(
     out
 }
 
+/// The kernel's gradient `[cout, cin, kh, kw]` of [`conv2d`] given the output's (`grad`,
+/// `[n, cout, ho, wo]`): per band of output rows, the gradient times the band's columns
+/// transposed, accumulated in one `cout × cin·kh·kw` gemm each (burn's default convolves the
+/// input by the gradient as a kernel: one thin product per input channel).
+pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], c: Conv) -> Vec<f32> {
+    weight_grad_in_bands(x, grad, c, COLUMNS_BUDGET)
+}
+
+fn weight_grad_in_bands(x: &[f32], grad: &[f32], c: Conv, budget: usize) -> Vec<f32> {
+    let [ho, wo] = c.out_size();
+    let plane = ho * wo;
+    let k = c.cin * c.kh * c.kw;
+    let mut dw = vec![0f32; c.cout * k];
+    if plane == 0 || k == 0 {
+        return dw;
+    }
+    let band_rows = (budget / (k * wo)).clamp(1, ho);
+    let mut cols = vec![0f32; k * band_rows * wo];
+    let mut first = true;
+    for (img, g) in grad.chunks(c.cout * plane).enumerate() {
+        let x = &x[img * c.cin * c.h * c.w..][..c.cin * c.h * c.w];
+        for oy0 in (0..ho).step_by(band_rows) {
+            let rows = band_rows.min(ho - oy0);
+            let len = rows * wo;
+            let cols = &mut cols[..k * len];
+            im2col(x, cols, &c, oy0, rows, wo);
+            // SAFETY: g holds cout rows of `plane` from offset oy0·wo (len each), cols is k × len
+            // (read transposed: len × k), dw cout × k, all row-major.
+            unsafe {
+                gemm(
+                    c.cout,
+                    k,
+                    len,
+                    dw.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    !first,
+                    g.as_ptr().add(oy0 * wo),
+                    1,
+                    plane as isize,
+                    cols.as_ptr(),
+                    len as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::Rayon(0),
+                )
+            }
+            first = false;
+        }
+    }
+    dw
+}
+
 /// Output rows `oy0..oy0 + rows` of image `x` as columns: row `(ci·kh + a)·kw + b` holds the
 /// input under kernel tap (a, b) for each output position (0 in the padding).
 fn im2col(x: &[f32], cols: &mut [f32], c: &Conv, oy0: usize, rows: usize, wo: usize) {
@@ -217,6 +274,31 @@ mod tests {
             .collect()
     }
 
+    /// The kernel's gradient of `Σ conv2d(x, w) · g` by its definition: Σ over outputs of
+    /// g · the input under each tap.
+    fn naive_weight_grad(x: &[f32], g: &[f32], c: Conv) -> Vec<f32> {
+        let [ho, wo] = c.out_size();
+        let mut dw = vec![0f32; c.cout * c.cin * c.kh * c.kw];
+        for (k, d) in dw.iter_mut().enumerate() {
+            let (co, ci, a, b) = (
+                k / (c.cin * c.kh * c.kw),
+                k / (c.kh * c.kw) % c.cin,
+                k / c.kw % c.kh,
+                k % c.kw,
+            );
+            // The gradient of one weight is the convolution with that tap alone set.
+            let mut unit = vec![0f32; c.cin * c.kh * c.kw];
+            unit[(ci * c.kh + a) * c.kw + b] = 1.0;
+            let one = Conv { cout: 1, ..c };
+            let y = naive(x, &unit, None, one);
+            *d = (0..c.n)
+                .flat_map(|n| (0..ho * wo).map(move |p| (n, p)))
+                .map(|(n, p)| y[n * ho * wo + p] * g[(n * c.cout + co) * ho * wo + p])
+                .sum();
+        }
+        dw
+    }
+
     #[test]
     fn equals_the_definition() {
         let cases = [
@@ -260,6 +342,19 @@ mod tests {
                 // A band of one tile row at a time.
                 let banded = winograd::conv2d_in_bands(&x, &wt, Some(&b), c, 1);
                 ways.push(("winograd in bands", banded));
+            }
+            let g = values(c.n * c.cout * c.out_size()[0] * c.out_size()[1], 4);
+            let dw_want = naive_weight_grad(&x, &g, c);
+            for (way, dw) in [
+                ("weight grad", conv2d_weight_grad(&x, &g, c)),
+                ("weight grad in bands", weight_grad_in_bands(&x, &g, c, 1)),
+            ] {
+                let worst = dw
+                    .iter()
+                    .zip(&dw_want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(worst < 1e-4, "{way} {c:?}: {worst}");
             }
             for (way, got) in ways {
                 let worst = got

@@ -1,8 +1,8 @@
 //! 2-D convolution as an autodiff op of the runtime's own, so that its forward and its input
 //! gradient run on the backend's own kernels where it has them ([`crate::fused::Fused`]: flex's
 //! im2col convolution, and the input gradient of a stride-1 convolution as a convolution by the
-//! rotated kernel, where burn's default runs a transposed convolution). The kernel's and the
-//! bias's gradients are burn's.
+//! rotated kernel, where burn's default runs a transposed convolution; the kernel's gradient as
+//! one gemm per band of im2col columns). The bias's gradient is burn's.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::{
@@ -34,7 +34,7 @@ impl<B: Fused> Backward<B, 3> for Conv2d {
             grads.register::<B>(node.id, B::conv2d_bias_backward(x.clone(), b, grad.clone()));
         }
         if let Some(node) = w_node {
-            let dw = B::conv2d_weight_backward(x.clone(), w.clone(), grad.clone(), options.clone());
+            let dw = B::conv_weight_grad(x.clone(), w.clone(), grad.clone(), options.clone());
             grads.register::<B>(node.id, dw);
         }
         if let Some(node) = x_node {

@@ -52,6 +52,16 @@ pub trait Fused: Backend {
         Self::conv2d(x, w, b, options)
     }
 
+    /// The gradient of [`Fused::conv`]'s kernel.
+    fn conv_weight_grad(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        Self::conv2d_weight_backward(x, w, grad, options)
+    }
+
     /// The gradient of [`Fused::conv`]'s input.
     fn conv_input_grad(
         x: FloatTensor<Self>,
@@ -161,6 +171,21 @@ impl Fused for Flex {
                 tensor(y, vec![c.n, c.cout, ho, wo])
             }
             None => Self::conv2d(x, w, b, options),
+        }
+    }
+
+    fn conv_weight_grad(
+        x: FlexTensor,
+        w: FlexTensor,
+        grad: FlexTensor,
+        options: ConvOptions<2>,
+    ) -> FlexTensor {
+        match conv_geometry(&x, &w, &options).filter(|_| grad.dtype() == DType::F32) {
+            Some(c) => {
+                let dw = flex_conv::conv2d_weight_grad(&values(&x), &values(&grad), c);
+                tensor(dw, w.shape().to_vec())
+            }
+            None => Self::conv2d_weight_backward(x, w, grad, options),
         }
     }
 
