@@ -10,7 +10,7 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
-use burn_backend::{AutodiffBackend, Shape, ops::ConvOptions, tensor::FloatTensor};
+use burn_backend::{ops::ConvOptions, tensor::FloatTensor};
 
 use crate::fused::Fused;
 
@@ -50,15 +50,7 @@ pub fn conv2d<B: Fused, C: CheckpointStrategy>(
     b: Option<FloatTensor<Autodiff<B, C>>>,
     options: ConvOptions<2>,
 ) -> FloatTensor<Autodiff<B, C>> {
-    // No bias: an untracked node takes its place, and no part in backward.
-    let absent = || {
-        Autodiff::<B, C>::from_inner(B::float_zeros(
-            Shape::from(vec![1]),
-            &B::float_device(&x.primitive),
-            burn_backend::FloatDType::F32,
-        ))
-        .node
-    };
+    let absent = || crate::group_norm_silu::placeholder::<B, C>(&x.primitive).node;
     let nodes = [
         x.node.clone(),
         w.node.clone(),

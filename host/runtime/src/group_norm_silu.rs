@@ -122,6 +122,18 @@ impl<B: Backend> Backward<B, 3> for GroupNormSilu {
     }
 }
 
+/// What stands for an absent weight or bias among an op's parents: an untracked tensor on
+/// `like`'s device (its node takes no part in backward).
+pub(crate) fn placeholder<B: Backend, C: CheckpointStrategy>(
+    like: &FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    Autodiff::<B, C>::from_inner(B::float_zeros(
+        Shape::from(vec![1]),
+        &B::float_device(like),
+        burn_backend::FloatDType::F32,
+    ))
+}
+
 /// [`forward`] as an autodiff op: `x` is `[N, C, ..]` with `groups` dividing `C`; `w` and `b`
 /// are `[C]` (the op table checks).
 pub fn group_norm_silu<B: Backend, C: CheckpointStrategy>(
@@ -131,15 +143,7 @@ pub fn group_norm_silu<B: Backend, C: CheckpointStrategy>(
     b: Option<FloatTensor<Autodiff<B, C>>>,
     eps: f64,
 ) -> FloatTensor<Autodiff<B, C>> {
-    // An absent weight or bias: an untracked node takes its place, and no part in backward.
-    let absent = || {
-        Autodiff::<B, C>::from_inner(B::float_zeros(
-            Shape::from(vec![1]),
-            &B::float_device(&x.primitive),
-            burn_backend::FloatDType::F32,
-        ))
-        .node
-    };
+    let absent = || placeholder::<B, C>(&x.primitive).node;
     let nodes = [
         x.node.clone(),
         w.as_ref().map_or_else(absent, |t| t.node.clone()),
