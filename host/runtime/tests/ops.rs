@@ -676,6 +676,13 @@ fn matmul_and_linear() {
         &[2, 3, 5],
         1e-5,
     );
+    // One row alone (a 1-D input): the first row's outputs.
+    close(
+        &ops::linear(&t(&a[..4], &[4]), &t(&w, &sw), Some(&t(&bias, &sbias))).unwrap(),
+        &want[..5],
+        &[5],
+        1e-5,
+    );
     assert!(
         ops::linear(&t(&a, &sa), &t(&b, &sb), None)
             .unwrap_err()

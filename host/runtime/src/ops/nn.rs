@@ -20,6 +20,23 @@ use super::{
 /// Input, weight (as kept) and optional bias.
 type ConvInputs<B> = (F<B>, Value<B>, Option<F<B>>);
 
+/// `x · w + b` for `w` `[in, out]` (the weight's transposed view) as one 2-D matmul over x's
+/// rows: burn's linear reshapes the weight to x's rank, and reshaping a transposed view copies
+/// the whole weight on every call (flex's 2-D matmul reads the view's strides as they are).
+fn linear_2d<B: Tracking>(x: F<B>, w: F<B>, b: Option<F<B>>) -> F<B> {
+    let (mut shape, ws) = (shape_of::<B>(&x), shape_of::<B>(&w));
+    let rows = shape[..shape.len() - 1].iter().product::<usize>();
+    let y = B::float_matmul(B::float_reshape(x, Shape::from(vec![rows, ws[0]])), w);
+    let y = match b {
+        Some(b) => B::float_add(y, B::float_reshape(b, Shape::from(vec![1, ws[1]]))),
+        None => y,
+    };
+    *shape
+        .last_mut()
+        .expect("checked: x has the weight's input width") = ws[1];
+    B::float_reshape(y, Shape::from(shape))
+}
+
 impl<B: Tracking> TensorTable<B> {
     pub(super) fn matmul(&self, ids: &[TensorId]) -> RtResult<Vec<Value<B>>> {
         let (l, r) = (self.f(ids, 0)?, self.f(ids, 1)?);
@@ -64,7 +81,7 @@ impl<B: Tracking> TensorTable<B> {
             _ => {
                 let w = B::float_swap_dims(self.f(ids, 1)?, 0, 1);
                 let dt = autocast::promoted::<B>(dt, [&t, &w].into_iter().chain(b.as_ref()));
-                let y = B::linear(to::<B>(t, dt), to::<B>(w, dt), b.map(|b| to::<B>(b, dt)));
+                let y = linear_2d::<B>(to::<B>(t, dt), to::<B>(w, dt), b.map(|b| to::<B>(b, dt)));
                 one(back::<B>(y, dt))
             }
         }
