@@ -215,13 +215,7 @@ mod tests {
     use super::*;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed;
-        (0..len)
-            .map(|_| {
-                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (x >> 8) as f32 / (1 << 24) as f32 - 2.0
-            })
-            .collect()
+        crate::uniform(len, seed, -2.0)
     }
 
     /// Rows split into groups with their own dk and dv (as many as threads) sum to what one

@@ -54,6 +54,27 @@ fn im2col_conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, c: Conv) -> Ve
     im2col_in_bands(x, weight, bias, c, COLUMNS_BUDGET)
 }
 
+/// Calls `f(image, first output row, columns)` for each band of about `budget` column floats
+/// of each image, the band's columns laid out by [`im2col`] (nothing when the output or the
+/// kernel is empty).
+fn for_each_band(x: &[f32], c: &Conv, budget: usize, mut f: impl FnMut(usize, usize, &[f32])) {
+    let [ho, wo] = c.out_size();
+    let k = c.cin * c.kh * c.kw;
+    if ho * wo == 0 || k == 0 {
+        return;
+    }
+    let band_rows = (budget / (k * wo)).clamp(1, ho);
+    let mut cols = vec![0f32; k * band_rows * wo];
+    for (img, x) in x.chunks(c.cin * c.h * c.w).take(c.n).enumerate() {
+        for oy0 in (0..ho).step_by(band_rows) {
+            let rows = band_rows.min(ho - oy0);
+            let cols = &mut cols[..k * rows * wo];
+            im2col(x, cols, c, oy0, rows, wo);
+            f(img, oy0, cols);
+        }
+    }
+}
+
 /// [`im2col_conv2d`] in bands of about `budget` column floats.
 fn im2col_in_bands(
     x: &[f32],
@@ -66,49 +87,39 @@ fn im2col_in_bands(
     let plane = ho * wo;
     let k = c.cin * c.kh * c.kw;
     let mut out = vec![0f32; c.n * c.cout * plane];
-    if plane == 0 || k == 0 {
-        return out;
-    }
-    let band_rows = (budget / (k * wo)).clamp(1, ho);
-    let mut cols = vec![0f32; k * band_rows * wo];
-    for (img, out) in out.chunks_mut(c.cout * plane).enumerate() {
-        let x = &x[img * c.cin * c.h * c.w..][..c.cin * c.h * c.w];
-        for oy0 in (0..ho).step_by(band_rows) {
-            let rows = band_rows.min(ho - oy0);
-            let len = rows * wo;
-            let cols = &mut cols[..k * len];
-            im2col(x, cols, &c, oy0, rows, wo);
-            // SAFETY: out holds cout rows of `plane` from offset oy0·wo (len each), weight is
-            // cout × k and cols k × len, all row-major.
-            unsafe {
-                gemm(
-                    c.cout,
-                    len,
-                    k,
-                    out.as_mut_ptr().add(oy0 * wo),
-                    1,
-                    plane as isize,
-                    false,
-                    weight.as_ptr(),
-                    1,
-                    k as isize,
-                    cols.as_ptr(),
-                    1,
-                    len as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::Rayon(0),
-                )
-            }
+    for_each_band(x, &c, budget, |img, oy0, cols| {
+        let len = cols.len() / k;
+        let out = &mut out[img * c.cout * plane..][..c.cout * plane];
+        // SAFETY: out holds cout rows of `plane` from offset oy0·wo (len each), weight is
+        // cout × k and cols k × len, all row-major.
+        unsafe {
+            gemm(
+                c.cout,
+                len,
+                k,
+                out.as_mut_ptr().add(oy0 * wo),
+                1,
+                plane as isize,
+                false,
+                weight.as_ptr(),
+                1,
+                k as isize,
+                cols.as_ptr(),
+                1,
+                len as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(0),
+            )
         }
-        if let Some(b) = bias {
-            out.par_chunks_mut(plane)
-                .zip(b)
-                .for_each(|(o, &b)| o.iter_mut().for_each(|v| *v += b));
-        }
+    });
+    if let (Some(b), true) = (bias, plane > 0) {
+        out.par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(p, o)| o.iter_mut().for_each(|v| *v += b[p % c.cout]));
     }
     out
 }
@@ -126,47 +137,37 @@ fn weight_grad_in_bands(x: &[f32], grad: &[f32], c: Conv, budget: usize) -> Vec<
     let plane = ho * wo;
     let k = c.cin * c.kh * c.kw;
     let mut dw = vec![0f32; c.cout * k];
-    if plane == 0 || k == 0 {
-        return dw;
-    }
-    let band_rows = (budget / (k * wo)).clamp(1, ho);
-    let mut cols = vec![0f32; k * band_rows * wo];
     let mut first = true;
-    for (img, g) in grad.chunks(c.cout * plane).enumerate() {
-        let x = &x[img * c.cin * c.h * c.w..][..c.cin * c.h * c.w];
-        for oy0 in (0..ho).step_by(band_rows) {
-            let rows = band_rows.min(ho - oy0);
-            let len = rows * wo;
-            let cols = &mut cols[..k * len];
-            im2col(x, cols, &c, oy0, rows, wo);
-            // SAFETY: g holds cout rows of `plane` from offset oy0·wo (len each), cols is k × len
-            // (read transposed: len × k), dw cout × k, all row-major.
-            unsafe {
-                gemm(
-                    c.cout,
-                    k,
-                    len,
-                    dw.as_mut_ptr(),
-                    1,
-                    k as isize,
-                    !first,
-                    g.as_ptr().add(oy0 * wo),
-                    1,
-                    plane as isize,
-                    cols.as_ptr(),
-                    len as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::Rayon(0),
-                )
-            }
-            first = false;
+    for_each_band(x, &c, budget, |img, oy0, cols| {
+        let len = cols.len() / k;
+        let g = &grad[img * c.cout * plane..][..c.cout * plane];
+        // SAFETY: g holds cout rows of `plane` from offset oy0·wo (len each), cols is k × len
+        // (read transposed: len × k), dw cout × k, all row-major.
+        unsafe {
+            gemm(
+                c.cout,
+                k,
+                len,
+                dw.as_mut_ptr(),
+                1,
+                k as isize,
+                !first,
+                g.as_ptr().add(oy0 * wo),
+                1,
+                plane as isize,
+                cols.as_ptr(),
+                len as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(0),
+            )
         }
-    }
+        first = false;
+    });
     dw
 }
 
@@ -265,13 +266,7 @@ mod tests {
     }
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed;
-        (0..len)
-            .map(|_| {
-                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (x >> 8) as f32 / (1 << 24) as f32 - 0.5
-            })
-            .collect()
+        crate::uniform(len, seed, -0.5)
     }
 
     /// The kernel's gradient of `Σ conv2d(x, w) · g` by its definition: Σ over outputs of

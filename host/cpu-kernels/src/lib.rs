@@ -6,3 +6,15 @@ pub mod attention;
 pub mod conv;
 mod rows;
 mod winograd;
+
+/// The tests' inputs: `len` values in `[low, low + 1)` from a linear congruential generator.
+#[cfg(test)]
+fn uniform(len: usize, seed: u32, low: f32) -> Vec<f32> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 8) as f32 / (1 << 24) as f32 + low
+        })
+        .collect()
+}
