@@ -141,6 +141,9 @@ pub(crate) fn conv2d_in_bands(
 }
 
 /// `V = Bᵀ d B` of each 4×4 input block of tile rows `ty0..ty0 + rows`, as `[16][cin][tiles]`.
+/// Each tile row is computed a row of tiles at a time: the block's four input rows are split
+/// into even and odd columns, so that every one of the 16 values is an elementwise pass over
+/// the row's tiles, which the compiler vectorises.
 fn transform_input(x: &[f32], v: &mut [f32], c: &Conv, ty0: usize, rows: usize, tw: usize) {
     let tiles = rows * tw;
     let [py, px] = c.padding;
@@ -151,50 +154,82 @@ fn transform_input(x: &[f32], v: &mut [f32], c: &Conv, ty0: usize, rows: usize, 
             per_channel[ci].push(chunk);
         }
     }
+    // Input columns a tile row reads: 2 per tile and the last tile's 2 more.
+    let width = 2 * tw + 2;
     per_channel
         .into_par_iter()
         .enumerate()
         .for_each(|(ci, mut planes)| {
             let src = &x[ci * c.h * c.w..][..c.h * c.w];
-            let at = |iy: usize, ix: usize| -> f32 {
-                // Coordinates shifted by the padding: below it wraps and reads as outside.
-                let (y, x) = (iy.wrapping_sub(py), ix.wrapping_sub(px));
-                if y < c.h && x < c.w {
-                    src[y * c.w + x]
-                } else {
-                    0.0
-                }
-            };
-            // (t indexes all 16 planes.)
-            #[allow(clippy::needless_range_loop)]
-            for t in 0..tiles {
-                let (oy, ox) = (2 * (ty0 + t / tw), 2 * (t % tw));
-                let mut d = [[0f32; 4]; 4];
-                for (i, row) in d.iter_mut().enumerate() {
-                    for (j, e) in row.iter_mut().enumerate() {
-                        *e = at(oy + i, ox + j);
+            let mut row = vec![0f32; width];
+            // Bᵀ d's rows, each as its even and odd columns (tw + 1 each).
+            let mut even = vec![vec![0f32; tw + 1]; 4];
+            let mut odd = vec![vec![0f32; tw + 1]; 4];
+            let mut d_even = vec![vec![0f32; tw + 1]; 4];
+            let mut d_odd = vec![vec![0f32; tw + 1]; 4];
+            for ry in 0..rows {
+                let oy = 2 * (ty0 + ry);
+                for i in 0..4 {
+                    // The padded input row, zeros outside the image.
+                    row.fill(0.0);
+                    let y = (oy + i).wrapping_sub(py);
+                    if y < c.h && px < width {
+                        let n = c.w.min(width - px);
+                        row[px..px + n].copy_from_slice(&src[y * c.w..][..n]);
+                    }
+                    for ((e, o), pair) in d_even[i]
+                        .iter_mut()
+                        .zip(&mut d_odd[i])
+                        .zip(row.chunks_exact(2))
+                    {
+                        (*e, *o) = (pair[0], pair[1]);
                     }
                 }
-                // Rows: Bᵀ d.
-                let mut r = [[0f32; 4]; 4];
-                for j in 0..4 {
-                    r[0][j] = d[0][j] - d[2][j];
-                    r[1][j] = d[1][j] + d[2][j];
-                    r[2][j] = d[2][j] - d[1][j];
-                    r[3][j] = d[1][j] - d[3][j];
-                }
-                // Columns: (Bᵀ d) B.
-                for (i, r) in r.iter().enumerate() {
-                    let row = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]];
-                    for (j, val) in row.into_iter().enumerate() {
-                        planes[i * 4 + j][t] = val;
+                // Rows: Bᵀ d, on the even and the odd columns alike.
+                rows_bt(&d_even, &mut even);
+                rows_bt(&d_odd, &mut odd);
+                // Columns: (Bᵀ d) B. Tile t's row is (e[t], o[t], e[t + 1], o[t + 1]).
+                for i in 0..4 {
+                    let (e, o) = (&even[i][..tw + 1], &odd[i][..tw + 1]);
+                    let [p0, p1, p2, p3] = &mut planes[4 * i..4 * i + 4] else {
+                        unreachable!("16 planes")
+                    };
+                    let at = ry * tw;
+                    let (p0, p1, p2, p3) = (
+                        &mut p0[at..at + tw],
+                        &mut p1[at..at + tw],
+                        &mut p2[at..at + tw],
+                        &mut p3[at..at + tw],
+                    );
+                    for t in 0..tw {
+                        p0[t] = e[t] - e[t + 1];
+                        p1[t] = o[t] + e[t + 1];
+                        p2[t] = e[t + 1] - o[t];
+                        p3[t] = o[t] - o[t + 1];
                     }
                 }
             }
         });
 }
 
-/// `Y = Aᵀ M A` of each tile, plus the bias, into the output rows it covers.
+/// `r = Bᵀ d` for four rows of `d`, column by column.
+fn rows_bt(d: &[Vec<f32>], r: &mut [Vec<f32>]) {
+    let n = d[0].len();
+    let (d0, d1, d2, d3) = (&d[0][..n], &d[1][..n], &d[2][..n], &d[3][..n]);
+    let [r0, r1, r2, r3] = r else {
+        unreachable!("four rows")
+    };
+    let (r0, r1, r2, r3) = (&mut r0[..n], &mut r1[..n], &mut r2[..n], &mut r3[..n]);
+    for k in 0..n {
+        r0[k] = d0[k] - d2[k];
+        r1[k] = d1[k] + d2[k];
+        r2[k] = d2[k] - d1[k];
+        r3[k] = d1[k] - d3[k];
+    }
+}
+
+/// `Y = Aᵀ M A` of each tile, plus the bias, into the output rows it covers: like the input's,
+/// a row of tiles at a time, each value an elementwise pass over the row's tiles.
 #[allow(clippy::too_many_arguments)]
 fn transform_output(
     m: &[f32],
@@ -211,27 +246,40 @@ fn transform_output(
         .enumerate()
         .for_each(|(co, plane)| {
             let b = bias.map_or(0.0, |b| b[co]);
-            let at = |p: usize, t: usize| m[(p * c.cout + co) * tiles + t];
-            for t in 0..tiles {
-                let (oy, ox) = (2 * (ty0 + t / tw), 2 * (t % tw));
-                // Rows: Aᵀ M (2×4).
-                let (mut r0, mut r1) = ([0f32; 4], [0f32; 4]);
-                for (j, (a, b)) in r0.iter_mut().zip(&mut r1).enumerate() {
-                    let (m0, m1, m2, m3) = (at(j, t), at(4 + j, t), at(8 + j, t), at(12 + j, t));
-                    *a = m0 + m1 + m2;
-                    *b = m1 - m2 - m3;
+            // Aᵀ M's two rows, by column of the tile.
+            let mut r = vec![vec![0f32; tw]; 8];
+            for ry in 0..rows {
+                let at = |p: usize| &m[(p * c.cout + co) * tiles + ry * tw..][..tw];
+                for j in 0..4 {
+                    let (m0, m1, m2, m3) = (at(j), at(4 + j), at(8 + j), at(12 + j));
+                    let [r0, r1] = r.get_disjoint_mut([j, 4 + j]).expect("distinct rows");
+                    let (r0, r1) = (&mut r0[..tw], &mut r1[..tw]);
+                    for t in 0..tw {
+                        r0[t] = m0[t] + m1[t] + m2[t];
+                        r1[t] = m1[t] - m2[t] - m3[t];
+                    }
                 }
-                let r = [r0, r1];
-                for (i, r) in r.iter().enumerate() {
-                    let y = oy + i;
+                for i in 0..2 {
+                    let y = 2 * (ty0 + ry) + i;
                     if y >= ho {
                         continue;
                     }
-                    let pair = [r[0] + r[1] + r[2], r[1] - r[2] - r[3]];
-                    for (j, val) in pair.into_iter().enumerate() {
-                        if ox + j < wo {
-                            plane[y * wo + ox + j] = val + b;
-                        }
+                    let (r0, r1, r2, r3) = (
+                        &r[4 * i][..tw],
+                        &r[4 * i + 1][..tw],
+                        &r[4 * i + 2][..tw],
+                        &r[4 * i + 3][..tw],
+                    );
+                    let line = &mut plane[y * wo..][..wo];
+                    let mut pairs = line.chunks_exact_mut(2);
+                    for (t, pair) in (&mut pairs).enumerate() {
+                        pair[0] = r0[t] + r1[t] + r2[t] + b;
+                        pair[1] = r1[t] - r2[t] - r3[t] + b;
+                    }
+                    // An odd width's last tile has only its first column inside.
+                    if let [last] = pairs.into_remainder() {
+                        let t = tw - 1;
+                        *last = r0[t] + r1[t] + r2[t] + b;
                     }
                 }
             }
