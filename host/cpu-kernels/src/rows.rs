@@ -1,5 +1,5 @@
-//! The elementwise passes over a block of attention scores, written as plain loops over lanes
-//! of 16 so that the compiler vectorises them, and run through pulp's dispatch so that they
+//! The elementwise passes over a block of attention scores and over GroupNorm's groups, written
+//! as plain loops over lanes of 16 so that the compiler vectorises them, and run through pulp's dispatch so that they
 //! compile for AVX-512 or AVX2 where the CPU has them (this crate builds for baseline x86-64).
 //! `exp` is a polynomial (Cephes' expf: within 2 ulp for the inputs here, all ≤ 0 up to
 //! rounding) because libm's is one call per element.
@@ -130,6 +130,155 @@ pub fn softmax_backward(ds: &mut [f32], p: &[f32], len: usize, d: &[f32], scale:
         len,
         d,
         scale,
+        _life,
+    });
+}
+
+/// `1 / (1 + e^−z)`.
+#[inline(always)]
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + exp(-z))
+}
+
+pass!(Sum { x: &'a [f32], out: &'a mut f32 } |x, out| {
+    *out = lane_sum(x);
+});
+
+/// `Σ x`.
+pub fn sum(x: &[f32]) -> f32 {
+    let (mut out, _life) = (0.0, std::marker::PhantomData);
+    pulp::Arch::new().dispatch(Sum {
+        x,
+        out: &mut out,
+        _life,
+    });
+    out
+}
+
+pass!(CentredSquares { x: &'a [f32], mean: f32, out: &'a mut f32 } |x, mean, out| {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += (v - mean) * (v - mean);
+        }
+    }
+    let rest: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+    *out = acc.iter().sum::<f32>() + rest;
+});
+
+/// `Σ (x − mean)²`.
+pub fn centred_squares(x: &[f32], mean: f32) -> f32 {
+    let (mut out, _life) = (0.0, std::marker::PhantomData);
+    pulp::Arch::new().dispatch(CentredSquares {
+        x,
+        mean,
+        out: &mut out,
+        _life,
+    });
+    out
+}
+
+pass!(NormaliseSilu {
+    x: &'a [f32], mean: f32, rstd: f32, scale: f32, shift: f32, y: &'a mut [f32],
+    out: &'a mut [f32]
+} |x, mean, rstd, scale, shift, y, out| {
+    for ((y, o), &v) in y.iter_mut().zip(out.iter_mut()).zip(x) {
+        *y = (v - mean) * rstd;
+        let z = *y * scale + shift;
+        *o = z * sigmoid(z);
+    }
+});
+
+/// `y ← (x − mean) · rstd` and `out ← silu(y · scale + shift)`.
+#[allow(clippy::too_many_arguments)]
+pub fn normalise_silu(
+    x: &[f32],
+    mean: f32,
+    rstd: f32,
+    scale: f32,
+    shift: f32,
+    y: &mut [f32],
+    out: &mut [f32],
+) {
+    let _life = std::marker::PhantomData;
+    pulp::Arch::new().dispatch(NormaliseSilu {
+        x,
+        mean,
+        rstd,
+        scale,
+        shift,
+        y,
+        out,
+        _life,
+    });
+}
+
+pass!(SiluGrad {
+    y: &'a [f32], dout: &'a [f32], scale: f32, shift: f32, dy: &'a mut [f32],
+    sums: &'a mut [f32; 2]
+} |y, dout, scale, shift, dy, sums| {
+    let (mut dzy, mut dzs) = ([0f32; LANES], [0f32; LANES]);
+    let n = y.len() / LANES * LANES;
+    let lanes = dy[..n]
+        .chunks_exact_mut(LANES)
+        .zip(y[..n].chunks_exact(LANES))
+        .zip(dout[..n].chunks_exact(LANES));
+    for ((dy, y), dout) in lanes {
+        for l in 0..LANES {
+            let z = y[l] * scale + shift;
+            let s = sigmoid(z);
+            let dz = dout[l] * s * (1.0 + z * (1.0 - s));
+            dzy[l] += dz * y[l];
+            dzs[l] += dz;
+            dy[l] = dz * scale;
+        }
+    }
+    let (mut ty, mut ts) = (0f32, 0f32);
+    for ((dy, &y), &d) in dy[n..].iter_mut().zip(&y[n..]).zip(&dout[n..]) {
+        let z = y * scale + shift;
+        let s = sigmoid(z);
+        let dz = d * s * (1.0 + z * (1.0 - s));
+        ty += dz * y;
+        ts += dz;
+        *dy = dz * scale;
+    }
+    *sums = [dzy.iter().sum::<f32>() + ty, dzs.iter().sum::<f32>() + ts];
+});
+
+/// SiLU's backward through `z = y · scale + shift`: `dy ← dz · scale` with
+/// `dz = dout · silu'(z)`; returns `[Σ dz · y, Σ dz]`.
+pub fn silu_grad(y: &[f32], dout: &[f32], scale: f32, shift: f32, dy: &mut [f32]) -> [f32; 2] {
+    let (mut sums, _life) = ([0f32; 2], std::marker::PhantomData);
+    pulp::Arch::new().dispatch(SiluGrad {
+        y,
+        dout,
+        scale,
+        shift,
+        dy,
+        sums: &mut sums,
+        _life,
+    });
+    sums
+}
+
+pass!(NormaliseGrad { dx: &'a mut [f32], y: &'a [f32], m1: f32, m2: f32, rstd: f32 }
+|dx, y, m1, m2, rstd| {
+    for (d, &y) in dx.iter_mut().zip(y) {
+        *d = rstd * (*d - m1 - y * m2);
+    }
+});
+
+/// The normalisation's backward: `dx ← rstd · (dy − m1 − y · m2)` (`dx` holds dy on entry;
+/// `m1` is dy's mean, `m2` dy · y's).
+pub fn normalise_grad(dx: &mut [f32], y: &[f32], m1: f32, m2: f32, rstd: f32) {
+    let _life = std::marker::PhantomData;
+    pulp::Arch::new().dispatch(NormaliseGrad {
+        dx,
+        y,
+        m1,
+        m2,
+        rstd,
         _life,
     });
 }

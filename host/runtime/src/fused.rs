@@ -10,8 +10,9 @@ use burn_backend::{
 use ferrite_cpu_kernels::conv as flex_conv;
 
 use ferrite_cpu_kernels::attention as flex_attention;
+use ferrite_cpu_kernels::group_norm as flex_group_norm;
 
-use crate::attention;
+use crate::{attention, group_norm_silu};
 
 pub trait Fused: Backend {
     /// [`attention::forward`]: the output and each query row's log-sum-exp.
@@ -70,6 +71,31 @@ pub trait Fused: Backend {
         options: ConvOptions<2>,
     ) -> FloatTensor<Self> {
         Self::conv2d_x_backward(x, w, grad, options)
+    }
+
+    /// [`group_norm_silu::forward`]: the normalised input, each group's reciprocal std and the
+    /// output.
+    fn group_norm_silu_forward(
+        x: FloatTensor<Self>,
+        groups: usize,
+        w: Option<&FloatTensor<Self>>,
+        b: Option<&FloatTensor<Self>>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        group_norm_silu::forward::<Self>(x, groups, w, b, eps)
+    }
+
+    /// [`group_norm_silu::backward`]: the gradients of the input, weight and bias `wanted`.
+    fn group_norm_silu_backward(
+        y: &FloatTensor<Self>,
+        rstd: &FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        w: Option<&FloatTensor<Self>>,
+        b: Option<&FloatTensor<Self>>,
+        groups: usize,
+        wanted: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        group_norm_silu::backward::<Self>(y, rstd, dout, w, b, groups, wanted)
     }
 
     /// f32 attention with no gradient where this backend's kernel beats its
@@ -149,6 +175,28 @@ fn conv_geometry(
         stride: options.stride,
         padding: options.padding,
         dilation: options.dilation,
+    })
+}
+
+/// The grouping of `x` (`[N, C, ..]`) when flex's GroupNorm kernel takes it: f32 throughout,
+/// with `[C]` parameters.
+fn norm_groups(
+    x: &FlexTensor,
+    groups: usize,
+    params: [Option<&FlexTensor>; 2],
+) -> Option<flex_group_norm::Groups> {
+    let s = x.shape().to_vec();
+    let c = *s.get(1)?;
+    let params_fit = params
+        .iter()
+        .flatten()
+        .all(|p| p.dtype() == DType::F32 && p.shape().to_vec() == [c]);
+    let fits = x.dtype() == DType::F32 && groups > 0 && c % groups == 0 && params_fit;
+    fits.then(|| flex_group_norm::Groups {
+        n: s[0],
+        c,
+        len: s[2..].iter().product(),
+        groups,
     })
 }
 
@@ -274,6 +322,57 @@ impl Fused for Flex {
         ]
     }
 
+    fn group_norm_silu_forward(
+        x: FlexTensor,
+        groups: usize,
+        w: Option<&FlexTensor>,
+        b: Option<&FlexTensor>,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let Some(g) = norm_groups(&x, groups, [w, b]) else {
+            return group_norm_silu::forward::<Flex>(x, groups, w, b, eps);
+        };
+        let (w, b) = (w.map(values), b.map(values));
+        let (y, rstd, out) =
+            flex_group_norm::forward(&values(&x), w.as_deref(), b.as_deref(), g, eps as f32);
+        let shape = x.shape().to_vec();
+        (
+            tensor(y, shape.clone()),
+            tensor(rstd, vec![g.n, groups, 1]),
+            tensor(out, shape),
+        )
+    }
+
+    fn group_norm_silu_backward(
+        y: &FlexTensor,
+        rstd: &FlexTensor,
+        dout: FlexTensor,
+        w: Option<&FlexTensor>,
+        b: Option<&FlexTensor>,
+        groups: usize,
+        wanted: [bool; 3],
+    ) -> [Option<FlexTensor>; 3] {
+        let f32_grad = dout.dtype() == DType::F32 && rstd.dtype() == DType::F32;
+        let Some(g) = norm_groups(y, groups, [w, b]).filter(|_| f32_grad) else {
+            return group_norm_silu::backward::<Flex>(y, rstd, dout, w, b, groups, wanted);
+        };
+        let (wv, bv) = (w.map(values), b.map(values));
+        let (dx, dw, db) = flex_group_norm::backward(
+            &values(y),
+            &values(rstd),
+            &values(&dout),
+            wv.as_deref(),
+            bv.as_deref(),
+            g,
+        );
+        let [want_x, want_w, want_b] = wanted;
+        [
+            want_x.then(|| tensor(dx, y.shape().to_vec())),
+            (want_w && w.is_some()).then(|| tensor(dw, vec![g.c])),
+            (want_b && b.is_some()).then(|| tensor(db, vec![g.c])),
+        ]
+    }
+
     fn attention_no_grad(
         q: &FlexTensor,
         k: &FlexTensor,
@@ -340,6 +439,57 @@ mod tests {
                 let e = worst(a, c);
                 assert!(e < 1e-4, "({b}, {h}, {lq}, {lk}) {name}: {e}");
             }
+        }
+    }
+
+    /// Flex's GroupNorm+SiLU kernel gives the composed op's output, kept values and gradients,
+    /// with and without a weight and bias, and leaves out the gradients not wanted.
+    #[test]
+    fn flex_group_norm_silu_equals_the_composed_op() {
+        let x = random(&[2, 6, 5, 7], 1);
+        let dout = random(&[2, 6, 5, 7], 2);
+        let (w, b) = (random(&[6], 3), random(&[6], 4));
+        for (w, b) in [(Some(&w), Some(&b)), (None, None), (Some(&w), None)] {
+            let kernel = Flex::group_norm_silu_forward(x.clone(), 3, w, b, 1e-5);
+            let composed = group_norm_silu::forward::<Flex>(x.clone(), 3, w, b, 1e-5);
+            for (name, (a, c)) in ["y", "rstd", "out"].iter().zip([
+                (&kernel.0, &composed.0),
+                (&kernel.1, &composed.1),
+                (&kernel.2, &composed.2),
+            ]) {
+                assert!(worst(a, c) < 1e-5, "{name}: {}", worst(a, c));
+            }
+            let all = [true; 3];
+            let grads =
+                Flex::group_norm_silu_backward(&kernel.0, &kernel.1, dout.clone(), w, b, 3, all);
+            let grads_c = group_norm_silu::backward::<Flex>(
+                &composed.0,
+                &composed.1,
+                dout.clone(),
+                w,
+                b,
+                3,
+                all,
+            );
+            for (name, (a, c)) in ["dx", "dw", "db"].iter().zip(grads.iter().zip(&grads_c)) {
+                match (a, c) {
+                    (Some(a), Some(c)) => assert!(worst(a, c) < 1e-4, "{name}: {}", worst(a, c)),
+                    (None, None) => {}
+                    _ => panic!("{name}: present in one and not the other"),
+                }
+            }
+            assert_eq!(grads[1].is_some(), w.is_some());
+            let some = Flex::group_norm_silu_backward(
+                &kernel.0,
+                &kernel.1,
+                dout.clone(),
+                w,
+                b,
+                3,
+                [false, true, false],
+            );
+            assert!(some[0].is_none() && some[2].is_none());
+            assert_eq!(some[1].is_some(), w.is_some());
         }
     }
 }

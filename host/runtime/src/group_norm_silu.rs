@@ -1,7 +1,8 @@
 //! `silu(group_norm(x))` (every resnet's norm and activation) as one autodiff op that keeps the
 //! normalised input and each group's reciprocal standard deviation for backward, recomputing
 //! the affine output there. burn-autodiff's chain of ops keeps SiLU's input besides: two
-//! activation-sized tensors per norm where this keeps one.
+//! activation-sized tensors per norm where this keeps one. Both directions run on the backend's
+//! kernel where it has one ([`Fused`]: flex's one pass per group).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::{
@@ -11,6 +12,7 @@ use burn::backend::autodiff::{
 };
 use burn_backend::{AutodiffBackend, Backend, Scalar, Shape, TensorMetadata, tensor::FloatTensor};
 
+use crate::fused::Fused;
 use crate::normalize;
 
 /// `[1, C, 1, ..]` for a per-channel vector of `x`'s channel dimension (1).
@@ -75,7 +77,7 @@ struct GroupNormSilu {
     groups: usize,
 }
 
-impl<B: Backend> Backward<B, 3> for GroupNormSilu {
+impl<B: Fused> Backward<B, 3> for GroupNormSilu {
     /// The normalised input, the reciprocal stds, the weight and the bias.
     type State = (
         FloatTensor<B>,
@@ -88,38 +90,53 @@ impl<B: Backend> Backward<B, 3> for GroupNormSilu {
         let dout = grads.consume::<B>(&ops.node);
         let (y, rstd, w, b) = ops.state;
         let [x_node, w_node, b_node] = ops.parents;
-        // silu'(z) = s · (1 + z · (1 − s)), s = sigmoid(z).
-        let z = affine::<B>(&y, w.as_ref(), b.as_ref());
-        let s = B::sigmoid(z.clone());
-        let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), Scalar::Float(1.0));
-        let slope = B::float_mul(
-            s,
-            B::float_add_scalar(B::float_mul(z, one_minus_s), Scalar::Float(1.0)),
-        );
-        let dz = B::float_mul(dout, slope);
-        if let Some(node) = b_node {
-            grads.register::<B>(node.id, channel_sum::<B>(dz.clone()));
-        }
-        if let Some(node) = w_node {
-            grads.register::<B>(
-                node.id,
-                channel_sum::<B>(B::float_mul(dz.clone(), y.clone())),
-            );
-        }
-        if let Some(node) = x_node {
-            let shape = Shape::from(y.shape().to_vec());
-            let dy = match &w {
-                Some(w) => B::float_mul(dz, per_channel::<B>(w.clone(), &shape)),
-                None => dz,
-            };
-            let dx = normalize::backward::<B>(
-                &grouped::<B>(y, self.groups),
-                &rstd,
-                grouped::<B>(dy, self.groups),
-            );
-            grads.register::<B>(node.id, B::float_reshape(dx, shape));
+        let wanted = [x_node.is_some(), w_node.is_some(), b_node.is_some()];
+        let (w, b) = (w.as_ref(), b.as_ref());
+        let grads_of = B::group_norm_silu_backward(&y, &rstd, dout, w, b, self.groups, wanted);
+        for (node, grad) in [x_node, w_node, b_node].into_iter().zip(grads_of) {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
         }
     }
+}
+
+/// The gradients of [`forward`]'s input, weight and bias (those `wanted`), from the output's
+/// gradient `dout` and what it kept.
+pub fn backward<B: Backend>(
+    y: &FloatTensor<B>,
+    rstd: &FloatTensor<B>,
+    dout: FloatTensor<B>,
+    w: Option<&FloatTensor<B>>,
+    b: Option<&FloatTensor<B>>,
+    groups: usize,
+    [want_x, want_w, want_b]: [bool; 3],
+) -> [Option<FloatTensor<B>>; 3] {
+    // silu'(z) = s · (1 + z · (1 − s)), s = sigmoid(z).
+    let z = affine::<B>(y, w, b);
+    let s = B::sigmoid(z.clone());
+    let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), Scalar::Float(1.0));
+    let slope = B::float_mul(
+        s,
+        B::float_add_scalar(B::float_mul(z, one_minus_s), Scalar::Float(1.0)),
+    );
+    let dz = B::float_mul(dout, slope);
+    let db = (want_b && b.is_some()).then(|| channel_sum::<B>(dz.clone()));
+    let dw = (want_w && w.is_some()).then(|| channel_sum::<B>(B::float_mul(dz.clone(), y.clone())));
+    if !want_x {
+        return [None, dw, db];
+    }
+    let shape = Shape::from(y.shape().to_vec());
+    let dy = match w {
+        Some(w) => B::float_mul(dz, per_channel::<B>(w.clone(), &shape)),
+        None => dz,
+    };
+    let dx = normalize::backward::<B>(
+        &grouped::<B>(y.clone(), groups),
+        rstd,
+        grouped::<B>(dy, groups),
+    );
+    [Some(B::float_reshape(dx, shape)), dw, db]
 }
 
 /// What stands for an absent weight or bias among an op's parents: an untracked tensor on
@@ -136,7 +153,7 @@ pub(crate) fn placeholder<B: Backend, C: CheckpointStrategy>(
 
 /// [`forward`] as an autodiff op: `x` is `[N, C, ..]` with `groups` dividing `C`; `w` and `b`
 /// are `[C]` (the op table checks).
-pub fn group_norm_silu<B: Backend, C: CheckpointStrategy>(
+pub fn group_norm_silu<B: Fused, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
     groups: usize,
     w: Option<FloatTensor<Autodiff<B, C>>>,
@@ -156,11 +173,14 @@ pub fn group_norm_silu<B: Backend, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (y, rstd, out) = forward::<B>(x.primitive, groups, wp.as_ref(), bp.as_ref(), eps);
+            let (y, rstd, out) =
+                B::group_norm_silu_forward(x.primitive, groups, wp.as_ref(), bp.as_ref(), eps);
             prep.finish((y, rstd, wp, bp), out)
         }
         OpsKind::UnTracked(prep) => {
-            prep.finish(forward::<B>(x.primitive, groups, wp.as_ref(), bp.as_ref(), eps).2)
+            let out =
+                B::group_norm_silu_forward(x.primitive, groups, wp.as_ref(), bp.as_ref(), eps);
+            prep.finish(out.2)
         }
     }
 }
