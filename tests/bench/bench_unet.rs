@@ -66,6 +66,10 @@ fn main() -> anyhow::Result<()> {
         ("frozen", &frozen),
         ("every-weight", &every_weight),
     ] {
+        // BENCH_ONLY=frozen (say) runs one of them, for a profiler.
+        if std::env::var("BENCH_ONLY").is_ok_and(|only| only != name) {
+            continue;
+        }
         f()?; // warm-up
         let start = Instant::now();
         for _ in 0..iters {

@@ -4,12 +4,13 @@
 
 use burn_backend::{
     Backend, DType, FloatDType, Shape, TensorData, TensorMetadata,
-    ops::{ConvOptions, ModuleOps},
+    ops::{ActivationOps, ConvOptions, ModuleOps},
     tensor::FloatTensor,
 };
 use ferrite_cpu_kernels::conv as flex_conv;
 
 use ferrite_cpu_kernels::attention as flex_attention;
+use ferrite_cpu_kernels::gelu as flex_gelu;
 use ferrite_cpu_kernels::group_norm as flex_group_norm;
 
 use crate::{attention, group_norm_silu};
@@ -96,6 +97,16 @@ pub trait Fused: Backend {
         wanted: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
         group_norm_silu::backward::<Self>(y, rstd, dout, w, b, groups, wanted)
+    }
+
+    /// `x · Φ(x)` (GELU, erf form).
+    fn erf_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::gelu(x)
+    }
+
+    /// [`Fused::erf_gelu`]'s backward: `dy · (Φ(x) + x · Φ'(x))`.
+    fn erf_gelu_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::gelu_backward(x, dy)
     }
 
     /// f32 attention with no gradient where this backend's kernel beats its
@@ -373,6 +384,23 @@ impl Fused for Flex {
         ]
     }
 
+    fn erf_gelu(x: FlexTensor) -> FlexTensor {
+        if x.dtype() != DType::F32 {
+            return Self::gelu(x);
+        }
+        tensor(flex_gelu::forward(&values(&x)), x.shape().to_vec())
+    }
+
+    fn erf_gelu_grad(x: FlexTensor, dy: FlexTensor) -> FlexTensor {
+        if x.dtype() != DType::F32 || dy.dtype() != DType::F32 || x.shape() != dy.shape() {
+            return Self::gelu_backward(x, dy);
+        }
+        tensor(
+            flex_gelu::backward(&values(&x), &values(&dy)),
+            x.shape().to_vec(),
+        )
+    }
+
     fn attention_no_grad(
         q: &FlexTensor,
         k: &FlexTensor,
@@ -491,5 +519,21 @@ mod tests {
             assert!(some[0].is_none() && some[2].is_none());
             assert_eq!(some[1].is_some(), w.is_some());
         }
+    }
+
+    /// Flex's GELU kernel gives burn's GELU and its gradient (flex's, through libm's erf).
+    #[test]
+    fn flex_gelu_equals_burns() {
+        let x = random(&[3, 1000], 1);
+        let dy = random(&[3, 1000], 2);
+        let (y, y_burn) = (Flex::erf_gelu(x.clone()), Flex::gelu(x.clone()));
+        assert!(worst(&y, &y_burn) < 1e-6, "gelu {}", worst(&y, &y_burn));
+        let dx = Flex::erf_gelu_grad(x.clone(), dy.clone());
+        let dx_burn = Flex::gelu_backward(x, dy);
+        assert!(
+            worst(&dx, &dx_burn) < 1e-6,
+            "gradient {}",
+            worst(&dx, &dx_burn)
+        );
     }
 }

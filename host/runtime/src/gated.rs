@@ -1,5 +1,6 @@
 //! `x · sigmoid(a·x)` (SiLU with a = 1, quick GELU with a = 1.702) as one autodiff op that keeps
-//! only its input for backward, where the decomposition keeps the sigmoid's output besides.
+//! only its input for backward, where the decomposition keeps the sigmoid's output besides; and
+//! `x · Φ(x)` (GELU), whose both directions run on the backend's kernels ([`Fused`]).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::{
@@ -8,6 +9,8 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind, unary},
 };
 use burn_backend::{Backend, Scalar, tensor::FloatTensor};
+
+use crate::fused::Fused;
 
 fn sigmoid_of<B: Backend>(x: &FloatTensor<B>, a: f64) -> FloatTensor<B> {
     B::sigmoid(B::float_mul_scalar(x.clone(), Scalar::Float(a)))
@@ -51,6 +54,35 @@ pub fn x_sigmoid<B: Backend, C: CheckpointStrategy>(
             prep.finish(x.primitive, y)
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(&x.primitive)),
+    }
+}
+
+#[derive(Debug)]
+struct Gelu;
+
+impl<B: Fused> Backward<B, 1> for Gelu {
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let x = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| B::erf_gelu_grad(x, dy));
+    }
+}
+
+/// `x · Φ(x)` (GELU, erf form), keeping `x` for backward.
+pub fn gelu<B: Fused, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match Gelu
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = B::erf_gelu(x.primitive.clone());
+            prep.finish(x.primitive, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::erf_gelu(x.primitive)),
     }
 }
 

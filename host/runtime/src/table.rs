@@ -99,6 +99,8 @@ pub trait Tracking: AutodiffBackend {
     fn normalize_last(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
     /// `x · sigmoid(a·x)` (SiLU, quick GELU), keeping only `x` for backward ([`crate::gated`]).
     fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self>;
+    /// `x · Φ(x)` (GELU, erf form) on the backend's kernels ([`crate::gated::gelu`]).
+    fn erf_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `silu(group_norm(x))`, keeping the normalised input for backward
     /// ([`crate::group_norm_silu`]).
     fn group_norm_silu(
@@ -179,6 +181,10 @@ impl<B: crate::fused::Fused> Tracking for burn::backend::Autodiff<B> {
 
     fn x_sigmoid(x: FloatTensor<Self>, a: f64) -> FloatTensor<Self> {
         crate::gated::x_sigmoid::<B, NoCheckpointing>(x, a)
+    }
+
+    fn erf_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::gated::gelu::<B, NoCheckpointing>(x)
     }
 
     fn group_norm_silu(

@@ -102,7 +102,7 @@ impl<B: Tracking> TensorTable<B> {
     pub(super) fn gelu(&self, id: TensorId, a: &op::Gelu) -> RtResult<Vec<Value<B>>> {
         let t = self.float(id)?;
         match a.approximation {
-            op::GeluApproximation::None => one(B::gelu(t)),
+            op::GeluApproximation::None => one(B::erf_gelu(t)),
             op::GeluApproximation::Tanh => {
                 // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
                 let cube = B::float_powf_scalar(t.clone(), Scalar::Float(3.0));
