@@ -15,6 +15,7 @@ pub mod gated;
 pub mod group_norm_silu;
 pub mod kept;
 pub mod kept_ops;
+mod malloc;
 pub mod normalize;
 mod ops;
 mod pickle;
@@ -397,6 +398,7 @@ fn new_runtime(device: &str, index: u16) -> Result<Arc<dyn Runtime>, DeviceError
 /// opened on first use and kept for the process; and where it computes (and why, for `auto`,
 /// which is resolved once per process).
 pub fn for_device(device: &str) -> Result<(Device, String), DeviceError> {
+    malloc::tune();
     // What `auto` resolved to the first time (the CUDA probe runs once), and what was said.
     static AUTO: OnceLock<(String, String)> = OnceLock::new();
     let mut shared = shared_devices();
