@@ -60,6 +60,11 @@ fn main() -> anyhow::Result<()> {
         }
         r
     };
+    let only = std::env::var("BENCH_ONLY").ok();
+    let names = ["forward", "frozen", "every-weight"];
+    if let Some(only) = only.as_deref().filter(|o| !names.contains(o)) {
+        anyhow::bail!("BENCH_ONLY={only}: use one of {names:?}");
+    }
     println!("device {}", runtime::device_name());
     for (name, f) in [
         ("forward", &forward as &dyn Fn() -> anyhow::Result<()>),
@@ -67,7 +72,7 @@ fn main() -> anyhow::Result<()> {
         ("every-weight", &every_weight),
     ] {
         // BENCH_ONLY=frozen (say) runs one of them, for a profiler.
-        if std::env::var("BENCH_ONLY").is_ok_and(|only| only != name) {
+        if only.as_deref().is_some_and(|only| only != name) {
             continue;
         }
         f()?; // warm-up

@@ -8,7 +8,8 @@ use rayon::prelude::*;
 use crate::rows;
 
 /// `x` as `[n, c, len]` (`len` the product of the spatial sizes), normalised in `groups`
-/// groups of `c / groups` channels.
+/// groups of `c / groups` channels. The kernels take `c` and `len` above 0 and `groups`
+/// dividing `c` (the runtime leaves other shapes to the composed op).
 #[derive(Clone, Copy, Debug)]
 pub struct Groups {
     pub n: usize,
@@ -62,8 +63,9 @@ pub fn forward(
     (y, rstd, out)
 }
 
-/// The gradients of the input and, where given, of the weight and the bias (`[c]` each),
-/// from the output's gradient `dout` and what [`forward`] kept.
+/// The gradients of the input (when `input_grad`) and of the weight and the bias (`[c]` each;
+/// an absent one's is that of a weight of ones, a bias of zeros), from the output's gradient
+/// `dout` and what [`forward`] kept.
 pub fn backward(
     y: &[f32],
     rstd: &[f32],
@@ -71,7 +73,8 @@ pub fn backward(
     w: Option<&[f32]>,
     b: Option<&[f32]>,
     g: Groups,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    input_grad: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let size = g.size();
     let cpg = g.c / g.groups;
     let mut dx = vec![0f32; y.len()];
@@ -101,15 +104,17 @@ pub fn backward(
                 m1 += scale * dz;
                 m2 += scale * dzy;
             }
-            let inv = 1.0 / size as f32;
-            rows::normalise_grad(dx, y, m1 * inv, m2 * inv, r);
+            if input_grad {
+                let inv = 1.0 / size as f32;
+                rows::normalise_grad(dx, y, m1 * inv, m2 * inv, r);
+            }
         });
     let total = |k: usize| -> Vec<f32> {
         (0..g.c)
             .map(|ch| (0..g.n).map(|img| sums[img * g.c + ch][k]).sum())
             .collect()
     };
-    (dx, total(0), total(1))
+    (input_grad.then_some(dx), total(0), total(1))
 }
 
 #[cfg(test)]
@@ -155,7 +160,8 @@ mod tests {
         for (o, w) in out.iter().zip(&want) {
             assert!((*o as f64 - w).abs() < 1e-5, "{o} against {w}");
         }
-        let (dx, dw, db) = backward(&y, &rstd, &dout, Some(&w), Some(&b), g);
+        let (dx, dw, db) = backward(&y, &rstd, &dout, Some(&w), Some(&b), g, true);
+        let dx = dx.expect("asked for");
         let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
             let out = naive(x, w, b, g, eps as f64);
             out.iter().zip(&dout).map(|(o, d)| o * *d as f64).sum()
@@ -189,6 +195,9 @@ mod tests {
                 db[ch]
             );
         }
+        let (none, dw_alone, _) = backward(&y, &rstd, &dout, Some(&w), Some(&b), g, false);
+        assert!(none.is_none());
+        assert_eq!(dw_alone, dw);
         // No weight or bias: the same as a weight of ones and a bias of zeros.
         let (ones, zeros) = (vec![1f32; g.c], vec![0f32; g.c]);
         let (_, _, bare) = forward(&x, None, None, g, eps);

@@ -104,7 +104,9 @@ pub trait Fused: Backend {
         Self::gelu(x)
     }
 
-    /// [`Fused::erf_gelu`]'s backward: `dy · (Φ(x) + x · Φ'(x))`.
+    /// [`Fused::erf_gelu`]'s backward, `dy · (Φ(x) + x · Φ'(x))` where the backend computes it
+    /// so: by default burn's GELU backward, which on backends that keep burn's own (CUDA's)
+    /// is the tanh approximation's derivative, as before this op existed.
     fn erf_gelu_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::gelu_backward(x, dy)
     }
@@ -202,7 +204,12 @@ fn norm_groups(
         .iter()
         .flatten()
         .all(|p| p.dtype() == DType::F32 && p.shape().to_vec() == [c]);
-    let fits = x.dtype() == DType::F32 && groups > 0 && c % groups == 0 && params_fit;
+    // Empty tensors are left to the composed op (the kernel's chunks would be empty).
+    let fits = x.dtype() == DType::F32
+        && groups > 0
+        && c.is_multiple_of(groups)
+        && s[1..].iter().all(|&d| d > 0)
+        && params_fit;
     fits.then(|| flex_group_norm::Groups {
         n: s[0],
         c,
@@ -368,6 +375,7 @@ impl Fused for Flex {
             return group_norm_silu::backward::<Flex>(y, rstd, dout, w, b, groups, wanted);
         };
         let (wv, bv) = (w.map(values), b.map(values));
+        let [want_x, want_w, want_b] = wanted;
         let (dx, dw, db) = flex_group_norm::backward(
             &values(y),
             &values(rstd),
@@ -375,10 +383,10 @@ impl Fused for Flex {
             wv.as_deref(),
             bv.as_deref(),
             g,
+            want_x,
         );
-        let [want_x, want_w, want_b] = wanted;
         [
-            want_x.then(|| tensor(dx, y.shape().to_vec())),
+            dx.map(|dx| tensor(dx, y.shape().to_vec())),
             (want_w && w.is_some()).then(|| tensor(dw, vec![g.c])),
             (want_b && b.is_some()).then(|| tensor(db, vec![g.c])),
         ]
@@ -471,7 +479,8 @@ mod tests {
     }
 
     /// Flex's GroupNorm+SiLU kernel gives the composed op's output, kept values and gradients,
-    /// with and without a weight and bias, and leaves out the gradients not wanted.
+    /// with and without a weight and bias, and leaves out the gradients not wanted; empty
+    /// inputs go to the composed op.
     #[test]
     fn flex_group_norm_silu_equals_the_composed_op() {
         let x = random(&[2, 6, 5, 7], 1);
@@ -535,5 +544,19 @@ mod tests {
             "gradient {}",
             worst(&dx, &dx_burn)
         );
+    }
+
+    #[test]
+    fn flex_group_norm_silu_leaves_empty_inputs_to_the_composed_op() {
+        for shape in [[1, 4, 0, 3], [0, 4, 2, 2]] {
+            let x = random(&shape, 1);
+            let (y, rstd, out) = Flex::group_norm_silu_forward(x.clone(), 2, None, None, 1e-5);
+            assert_eq!(out.shape().to_vec(), shape.to_vec());
+            let grads = Flex::group_norm_silu_backward(&y, &rstd, x, None, None, 2, [true; 3]);
+            assert_eq!(
+                grads[0].as_ref().map(|g| g.shape().to_vec()),
+                Some(shape.to_vec())
+            );
+        }
     }
 }

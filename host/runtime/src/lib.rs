@@ -398,7 +398,6 @@ fn new_runtime(device: &str, index: u16) -> Result<Arc<dyn Runtime>, DeviceError
 /// opened on first use and kept for the process; and where it computes (and why, for `auto`,
 /// which is resolved once per process).
 pub fn for_device(device: &str) -> Result<(Device, String), DeviceError> {
-    malloc::tune();
     // What `auto` resolved to the first time (the CUDA probe runs once), and what was said.
     static AUTO: OnceLock<(String, String)> = OnceLock::new();
     let mut shared = shared_devices();
@@ -420,6 +419,9 @@ pub fn for_device(device: &str) -> Result<(Device, String), DeviceError> {
         return Ok((d.clone(), said));
     }
     let (d, said) = Device::open(device)?;
+    if d.name() == "cpu" {
+        malloc::tune();
+    }
     if auto {
         let _ = AUTO.set((d.name().to_string(), said.clone()));
     }

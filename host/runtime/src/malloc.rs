@@ -3,8 +3,9 @@
 //! trims them off the heap's top when freed, so each step faults its activations in again page
 //! by page: in four frozen steps of the UNet benchmark, 1.9 M minor page faults and 3.5 s of
 //! system time. Serving blocks under 32 MiB from the heap and keeping up to 1 GiB of its free
-//! top brings that to 0.45 M and 1.0 s, at the same peak resident memory. Settings the user
-//! gave through glibc's environment variables stay.
+//! top brings that to 0.45 M and 1.0 s, at the same peak resident memory. Applied when a CPU
+//! runtime opens (a GPU's activations are not malloc's); settings the user gave through glibc's
+//! environment (`MALLOC_*_`, `GLIBC_TUNABLES`) stay.
 
 /// Applies the settings once per process (Linux with glibc; elsewhere nothing).
 pub(crate) fn tune() {
@@ -12,13 +13,16 @@ pub(crate) fn tune() {
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
-            let set = |var: &str| std::env::var_os(var).is_some();
+            let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+            let set = |var: &str, tunable: &str| {
+                std::env::var_os(var).is_some() || tunables.contains(tunable)
+            };
             // SAFETY: mallopt only changes allocator parameters; any value is valid.
             unsafe {
-                if !set("MALLOC_MMAP_THRESHOLD_") {
+                if !set("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold") {
                     libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
                 }
-                if !set("MALLOC_TRIM_THRESHOLD_") {
+                if !set("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold") {
                     libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
                 }
             }
