@@ -23,6 +23,19 @@ impl Groups {
     fn size(&self) -> usize {
         self.c / self.groups * self.len
     }
+
+    /// The weight and bias of group `i`'s channels in order (`i` counts groups across images);
+    /// an absent weight is 1, an absent bias 0.
+    fn affine<'a>(
+        &self,
+        i: usize,
+        w: Option<&'a [f32]>,
+        b: Option<&'a [f32]>,
+    ) -> impl Iterator<Item = (f32, f32)> + 'a {
+        let cpg = self.c / self.groups;
+        let c0 = i % self.groups * cpg;
+        (c0..c0 + cpg).map(move |c| (w.map_or(1.0, |w| w[c]), b.map_or(0.0, |b| b[c])))
+    }
 }
 
 /// The normalised input, each group's reciprocal standard deviation (`[n, groups]`) and the
@@ -35,7 +48,6 @@ pub fn forward(
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let size = g.size();
-    let cpg = g.c / g.groups;
     let mut y = vec![0f32; x.len()];
     let mut out = vec![0f32; x.len()];
     let mut rstd = vec![0f32; g.n * g.groups];
@@ -48,15 +60,12 @@ pub fn forward(
             let inv = 1.0 / size as f32;
             let mean = rows::sum(x) * inv;
             *r = 1.0 / (rows::centred_squares(x, mean) * inv + eps).sqrt();
-            let c0 = i % g.groups * cpg;
-            for (ch, ((y, out), x)) in y
+            let channels = y
                 .chunks_mut(g.len)
                 .zip(out.chunks_mut(g.len))
                 .zip(x.chunks(g.len))
-                .enumerate()
-            {
-                let scale = w.map_or(1.0, |w| w[c0 + ch]);
-                let shift = b.map_or(0.0, |b| b[c0 + ch]);
+                .zip(g.affine(i, w, b));
+            for (((y, out), x), (scale, shift)) in channels {
                 rows::normalise_silu(x, mean, *r, scale, shift, y, out);
             }
         });
@@ -76,7 +85,6 @@ pub fn backward(
     input_grad: bool,
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let size = g.size();
-    let cpg = g.c / g.groups;
     let mut dx = vec![0f32; y.len()];
     // Per image, each channel's Σ dz · y and Σ dz (the weight's and the bias's gradients).
     let mut sums = vec![[0f32; 2]; g.n * g.c];
@@ -84,22 +92,20 @@ pub fn backward(
         .zip(y.par_chunks(size))
         .zip(dout.par_chunks(size))
         .zip(rstd.par_iter())
-        .zip(sums.par_chunks_mut(cpg))
+        .zip(sums.par_chunks_mut(g.c / g.groups))
         .enumerate()
         .for_each(|(i, ((((dx, y), dout), &r), sums))| {
-            let c0 = i % g.groups * cpg;
             // dx first holds dy = dz · w, then the input's gradient.
             let (mut m1, mut m2) = (0f32, 0f32);
-            for (ch, ((dy, y), dout)) in dx
+            let channels = dx
                 .chunks_mut(g.len)
                 .zip(y.chunks(g.len))
                 .zip(dout.chunks(g.len))
-                .enumerate()
-            {
-                let scale = w.map_or(1.0, |w| w[c0 + ch]);
-                let shift = b.map_or(0.0, |b| b[c0 + ch]);
+                .zip(g.affine(i, w, b))
+                .zip(sums.iter_mut());
+            for ((((dy, y), dout), (scale, shift)), sum) in channels {
                 let [dzy, dz] = rows::silu_grad(y, dout, scale, shift, dy);
-                sums[ch] = [dzy, dz];
+                *sum = [dzy, dz];
                 // Σ dy = w · Σ dz and Σ dy · y = w · Σ dz · y.
                 m1 += scale * dz;
                 m2 += scale * dzy;
