@@ -244,11 +244,7 @@ mod tests {
         let one = on(1);
         for threads in [3, 8] {
             for (a, b) in on(threads).iter().zip(&one) {
-                let worst = a
-                    .iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0, f32::max);
+                let worst = crate::worst_diff(a, b);
                 assert!(worst < 1e-4, "{threads} threads: {worst}");
             }
         }

@@ -344,19 +344,11 @@ mod tests {
                 ("weight grad", conv2d_weight_grad(&x, &g, c)),
                 ("weight grad in bands", weight_grad_in_bands(&x, &g, c, 1)),
             ] {
-                let worst = dw
-                    .iter()
-                    .zip(&dw_want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
+                let worst = crate::worst_diff(&dw, &dw_want);
                 assert!(worst < 1e-4, "{way} {c:?}: {worst}");
             }
             for (way, got) in ways {
-                let worst = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
+                let worst = crate::worst_diff(&got, &want);
                 assert!(worst < 1e-5, "{way} {c:?}: {worst}");
             }
         }

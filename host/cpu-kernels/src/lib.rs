@@ -21,3 +21,12 @@ fn uniform(len: usize, seed: u32, low: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The tests' largest absolute difference between two results.
+#[cfg(test)]
+fn worst_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
